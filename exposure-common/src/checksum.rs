@@ -1,0 +1,168 @@
+//! Internet checksum (RFC 1071) and incremental updates (RFC 1624, eqn. 3: `HC' = ~(~HC + ~m + m')`).
+//!
+//! All values are 16-bit words as loaded from the packet in host order; the one's-complement sum is
+//! byte-order independent, so no swapping is needed as long as the checksum field is loaded the same way.
+
+/// Folds a 32-bit one's-complement accumulator into 16 bits.
+#[inline(always)]
+pub fn fold(mut sum: u32) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum as u16
+}
+
+/// Adds the two 16-bit halves of `v` to `sum`.
+#[inline(always)]
+fn add32(sum: u32, v: u32) -> u32 {
+    sum + (v & 0xffff) + (v >> 16)
+}
+
+/// New checksum after a 16-bit field changed from `old` to `new`.
+#[inline(always)]
+pub fn replace2(check: u16, old: u16, new: u16) -> u16 {
+    let sum = (!check as u32) + (!old as u32) + new as u32;
+    !fold(sum)
+}
+
+/// New checksum after a 32-bit field (e.g. an IPv4 address) changed from `old` to `new`.
+#[inline(always)]
+pub fn replace4(check: u16, old: u32, new: u32) -> u16 {
+    let sum = add32(add32(!check as u32, !old), new);
+    !fold(sum)
+}
+
+/// UDP uses 0 for "no checksum"; a computed 0 is sent as 0xffff (RFC 768).
+#[inline(always)]
+pub fn udp_replace4(check: u16, old: u32, new: u32) -> u16 {
+    if check == 0 {
+        return 0;
+    }
+    match replace4(check, old, new) {
+        0 => 0xffff,
+        c => c,
+    }
+}
+
+/// UDP variant of [`replace2`]: keeps a disabled checksum disabled.
+#[inline(always)]
+pub fn udp_replace2(check: u16, old: u16, new: u16) -> u16 {
+    if check == 0 {
+        return 0;
+    }
+    match replace2(check, old, new) {
+        0 => 0xffff,
+        c => c,
+    }
+}
+
+/// One's-complement sum of `data` (odd trailing byte padded with zero), not yet inverted.
+pub fn sum_bytes(data: &[u8], mut sum: u32) -> u32 {
+    let mut chunks = data.chunks_exact(2);
+    for c in &mut chunks {
+        sum = sum.wrapping_add(u16::from_ne_bytes([c[0], c[1]]) as u32);
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    if let [last] = chunks.remainder() {
+        sum = sum.wrapping_add(u16::from_ne_bytes([*last, 0]) as u32);
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum
+}
+
+/// Full checksum of `data` as it would be stored in the packet.
+pub fn checksum(data: &[u8]) -> u16 {
+    !fold(sum_bytes(data, 0))
+}
+
+/// TCP/UDP checksum over the IPv4 pseudo-header and `segment` (whose checksum field must be zero).
+pub fn l4_checksum(src: [u8; 4], dst: [u8; 4], proto: u8, segment: &[u8]) -> u16 {
+    let mut pseudo = [0u8; 12];
+    pseudo[0..4].copy_from_slice(&src);
+    pseudo[4..8].copy_from_slice(&dst);
+    pseudo[9] = proto;
+    pseudo[10..12].copy_from_slice(&(segment.len() as u16).to_be_bytes());
+    let sum = sum_bytes(segment, sum_bytes(&pseudo, 0));
+    !fold(sum)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header() -> [u8; 20] {
+        [
+            0x45, 0, 0, 0x3c, 0x1c, 0x46, 0x40, 0, 0x40, 6, 0, 0, 198, 18, 0, 1, 198, 18, 1, 2,
+        ]
+    }
+
+    fn set_check(h: &mut [u8; 20]) {
+        h[10] = 0;
+        h[11] = 0;
+        let c = checksum(h);
+        h[10..12].copy_from_slice(&c.to_ne_bytes());
+    }
+
+    #[test]
+    fn full_checksum_verifies_to_zero() {
+        let mut h = header();
+        set_check(&mut h);
+        assert_ne!(u16::from_ne_bytes([h[10], h[11]]), 0);
+        assert_eq!(checksum(&h), 0, "a correct header sums to 0xffff");
+    }
+
+    #[test]
+    fn known_vector() {
+        // RFC 1071 section 3 example: 00 01 f2 03 f4 f5 f6 f7 sums to 0xddf2 (in wire order).
+        let data = [0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7];
+        let sum = fold(sum_bytes(&data, 0));
+        assert_eq!(u16::from_be_bytes(sum.to_ne_bytes()), 0xddf2);
+    }
+
+    #[test]
+    fn incremental_address_change_matches_recompute() {
+        let mut h = header();
+        set_check(&mut h);
+        let old = u32::from_ne_bytes([h[16], h[17], h[18], h[19]]);
+        for new_addr in [[198, 18, 5, 9], [255, 255, 255, 255], [0, 0, 0, 0], [198, 19, 200, 1]] {
+            let mut n = h;
+            n[16..20].copy_from_slice(&new_addr);
+            let check = u16::from_ne_bytes([h[10], h[11]]);
+            let inc = replace4(check, old, u32::from_ne_bytes(new_addr));
+            let mut full = n;
+            set_check(&mut full);
+            assert_eq!(inc.to_ne_bytes(), [full[10], full[11]], "addr {new_addr:?}");
+        }
+    }
+
+    #[test]
+    fn incremental_port_change_matches_recompute() {
+        let src = [198, 18, 0, 1];
+        let dst = [198, 18, 1, 2];
+        let mut seg = [0u8; 12];
+        seg[0..2].copy_from_slice(&40000u16.to_be_bytes());
+        seg[2..4].copy_from_slice(&60000u16.to_be_bytes());
+        seg[4..6].copy_from_slice(&12u16.to_be_bytes());
+        seg[8..12].copy_from_slice(b"ping");
+        let c = l4_checksum(src, dst, 17, &seg);
+        let mut after = seg;
+        after[2..4].copy_from_slice(&50000u16.to_be_bytes());
+        let want = l4_checksum(src, dst, 17, &after);
+        let got = udp_replace2(
+            c,
+            u16::from_ne_bytes(60000u16.to_be_bytes()),
+            u16::from_ne_bytes(50000u16.to_be_bytes()),
+        );
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn udp_zero_checksum_stays_disabled() {
+        assert_eq!(udp_replace4(0, 1, 2), 0);
+        assert_eq!(udp_replace2(0, 1, 2), 0);
+    }
+
+    #[test]
+    fn odd_length_padding() {
+        assert_eq!(sum_bytes(&[0xab], 0), u16::from_ne_bytes([0xab, 0]) as u32);
+    }
+}

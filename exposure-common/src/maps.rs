@@ -1,0 +1,322 @@
+//! Map keys and values. Field order is large to small with explicit padding, so there is no implicit
+//! padding for the kernel to see as uninitialised memory.
+
+/// IP protocol numbers we translate.
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// Default capacities (overridable at load time).
+pub const MAX_FRONTENDS: u32 = 65_536;
+pub const MAX_SERVICES: u32 = 65_536;
+pub const MAX_BACKENDS: u32 = 262_144;
+pub const MAX_SLOTS: u32 = 1_048_576;
+pub const MAX_FLOWS: u32 = 262_144;
+/// Largest number of backends a single service can select from (slot index is a u16).
+pub const MAX_BACKENDS_PER_SERVICE: u32 = 65_535;
+
+/// SNAT source ports for flows to remote backends: above the kernel's default ephemeral range
+/// (32768-60999) so they never collide with the node's own connections.
+pub const SNAT_PORT_MIN: u16 = 61_000;
+pub const SNAT_PORT_MAX: u16 = 65_535;
+/// How many candidate ports a new remote flow tries before giving up (bounded loop in BPF).
+pub const SNAT_PORT_TRIES: u32 = 8;
+
+/// Connection-tracking lifetimes (Cilium's defaults).
+pub const CT_LIFETIME_TCP_NS: u64 = 21_600 * 1_000_000_000;
+pub const CT_LIFETIME_NONTCP_NS: u64 = 60 * 1_000_000_000;
+pub const CT_LIFETIME_CLOSING_NS: u64 = 10 * 1_000_000_000;
+/// `last_seen` is refreshed at most this often, so established flows rarely write to the map.
+pub const CT_REFRESH_NS: u64 = 1_000_000_000;
+
+/// Map names, as pinned under the agent's pin directory.
+pub mod names {
+    pub const FRONTENDS: &str = "FRONTENDS";
+    pub const SERVICES: &str = "SERVICES";
+    pub const BACKEND_SLOTS: &str = "BACKEND_SLOTS";
+    pub const BACKENDS: &str = "BACKENDS";
+    pub const FLOWS: &str = "FLOWS";
+    pub const REPLIES: &str = "REPLIES";
+    pub const NODE_ADDRS: &str = "NODE_ADDRS";
+    pub const STATS: &str = "STATS";
+    pub const ALL: [&str; 8] = [
+        FRONTENDS,
+        SERVICES,
+        BACKEND_SLOTS,
+        BACKENDS,
+        FLOWS,
+        REPLIES,
+        NODE_ADDRS,
+        STATS,
+    ];
+}
+
+/// A translated address: node IP:nodePort, LoadBalancer IP:port or external IP:port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FrontendKey {
+    pub addr: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+pub const FRONTEND_NODEPORT: u32 = 1;
+pub const FRONTEND_LOADBALANCER: u32 = 2;
+pub const FRONTEND_EXTERNAL_IP: u32 = 4;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Frontend {
+    /// Index into `SERVICES`: one per Service port.
+    pub service_id: u32,
+    /// `FRONTEND_*` kind.
+    pub flags: u32,
+}
+
+/// One Service port's current backend set. `bank` says which half of `BACKEND_SLOTS` is live: the
+/// agent writes the other half, then flips `bank` and `backend_count` in one map update.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Service {
+    pub backend_count: u32,
+    pub bank: u32,
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// `Service::flags`: with no backends, drop new flows instead of refusing them (kube-proxy's
+/// behaviour for `externalTrafficPolicy: Local` when only other nodes have endpoints).
+pub const SERVICE_DROP_WHEN_EMPTY: u32 = 1;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SlotKey {
+    pub service_id: u32,
+    pub bank: u16,
+    pub index: u16,
+}
+
+pub const BACKEND_LOCAL: u16 = 1;
+
+/// An endpoint address, indexed by backend id (0 is never used).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Backend {
+    pub addr: u32,
+    pub port: u16,
+    pub flags: u16,
+}
+
+/// A packet's 5-tuple as it arrives.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+pub const FLOW_CLOSING: u32 = 1;
+pub const FLOW_REMOTE: u32 = 2;
+
+/// Forward direction (client -> frontend), keyed by the client's [`FlowKey`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flow {
+    pub last_seen_ns: u64,
+    pub backend_addr: u32,
+    /// Node address the flow is SNATed to (remote backends), else 0.
+    pub snat_addr: u32,
+    pub backend_port: u16,
+    pub snat_port: u16,
+    pub backend_id: u32,
+    pub service_id: u32,
+    pub flags: u32,
+    /// Egress for remote backends, from the FIB lookup at flow start.
+    pub ifindex: u32,
+    pub dmac: [u8; 6],
+    pub smac: [u8; 6],
+}
+
+/// Reply direction (backend -> client or node), keyed by the reply's [`FlowKey`]: restores the
+/// frontend as source and the client as destination.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reply {
+    pub last_seen_ns: u64,
+    pub frontend_addr: u32,
+    pub client_addr: u32,
+    pub frontend_port: u16,
+    pub client_port: u16,
+    pub flags: u32,
+    /// Where the client's packets came in, and the MACs to send replies with (remote backends).
+    pub ifindex: u32,
+    pub client_mac: [u8; 6],
+    pub node_mac: [u8; 6],
+}
+
+/// Per-CPU counters in `STATS`, by index.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    FrontendPackets = 0,
+    NewFlows,
+    ToLocal,
+    ToRemote,
+    RepliesXdp,
+    RepliesTc,
+    NoBackend,
+    DroppedNoLocalBackend,
+    FibFailed,
+    SnatExhausted,
+    Fragments,
+    Malformed,
+}
+
+impl Counter {
+    pub const COUNT: u32 = 12;
+    pub const ALL: [Counter; Counter::COUNT as usize] = [
+        Counter::FrontendPackets,
+        Counter::NewFlows,
+        Counter::ToLocal,
+        Counter::ToRemote,
+        Counter::RepliesXdp,
+        Counter::RepliesTc,
+        Counter::NoBackend,
+        Counter::DroppedNoLocalBackend,
+        Counter::FibFailed,
+        Counter::SnatExhausted,
+        Counter::Fragments,
+        Counter::Malformed,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Counter::FrontendPackets => "frontend_packets",
+            Counter::NewFlows => "new_flows",
+            Counter::ToLocal => "to_local_backend",
+            Counter::ToRemote => "to_remote_backend",
+            Counter::RepliesXdp => "replies_xdp",
+            Counter::RepliesTc => "replies_tc",
+            Counter::NoBackend => "refused_no_backend",
+            Counter::DroppedNoLocalBackend => "dropped_no_local_backend",
+            Counter::FibFailed => "fib_lookup_failed",
+            Counter::SnatExhausted => "snat_ports_exhausted",
+            Counter::Fragments => "fragments_passed",
+            Counter::Malformed => "malformed",
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    unsafe impl aya::Pod for FrontendKey {}
+    unsafe impl aya::Pod for Frontend {}
+    unsafe impl aya::Pod for Service {}
+    unsafe impl aya::Pod for SlotKey {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for Flow {}
+    unsafe impl aya::Pod for Reply {}
+}
+
+/// Host-side conversions to the wire-order integers the maps hold.
+pub fn ipv4(addr: [u8; 4]) -> u32 {
+    u32::from_ne_bytes(addr)
+}
+
+pub fn ipv4_octets(raw: u32) -> [u8; 4] {
+    raw.to_ne_bytes()
+}
+
+pub fn port(p: u16) -> u16 {
+    p.to_be()
+}
+
+pub fn port_host(raw: u16) -> u16 {
+    u16::from_be(raw)
+}
+
+#[cfg(test)]
+mod tests {
+    use core::mem::size_of;
+
+    use super::*;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<FrontendKey>(), 8);
+        assert_eq!(size_of::<Frontend>(), 8);
+        assert_eq!(size_of::<Service>(), 16);
+        assert_eq!(size_of::<SlotKey>(), 8);
+        assert_eq!(size_of::<Backend>(), 8);
+        assert_eq!(size_of::<FlowKey>(), 16);
+        assert_eq!(size_of::<Flow>(), 8 + 4 + 4 + 2 + 2 + 4 + 4 + 4 + 4 + 6 + 6);
+        assert_eq!(size_of::<Reply>(), 8 + 4 + 4 + 2 + 2 + 4 + 4 + 6 + 6);
+    }
+
+    #[test]
+    fn wire_order_roundtrip() {
+        assert_eq!(ipv4_octets(ipv4([198, 18, 0, 1])), [198, 18, 0, 1]);
+        assert_eq!(port_host(port(60000)), 60000);
+        assert_eq!(port(60000).to_ne_bytes(), 60000u16.to_be_bytes());
+    }
+}
+
+/// Both directions have sent FIN (tracked separately, as Cilium does: a half-closed TCP stream may
+/// still carry data the other way).
+pub const FLOW_FIN_CLIENT: u32 = 4;
+pub const FLOW_FIN_BACKEND: u32 = 8;
+
+/// How long a flow lives after its last packet.
+#[inline(always)]
+pub fn flow_lifetime_ns(proto: u8, flags: u32) -> u64 {
+    let both_fin = FLOW_FIN_CLIENT | FLOW_FIN_BACKEND;
+    if flags & FLOW_CLOSING != 0 || flags & both_fin == both_fin {
+        CT_LIFETIME_CLOSING_NS
+    } else if proto == PROTO_TCP {
+        CT_LIFETIME_TCP_NS
+    } else {
+        CT_LIFETIME_NONTCP_NS
+    }
+}
+
+/// Whether an entry last seen at `last_seen_ns` still holds at `now_ns`.
+#[inline(always)]
+pub fn flow_alive(proto: u8, flags: u32, last_seen_ns: u64, now_ns: u64) -> bool {
+    now_ns.wrapping_sub(last_seen_ns) < flow_lifetime_ns(proto, flags)
+}
+
+/// A flow is closing once RST was seen or both sides sent FIN: a new SYN then starts a new flow.
+#[inline(always)]
+pub fn flow_closing(flags: u32) -> bool {
+    flow_lifetime_ns(PROTO_TCP, flags) == CT_LIFETIME_CLOSING_NS
+}
+
+#[cfg(test)]
+mod lifetime_tests {
+    use super::*;
+
+    #[test]
+    fn lifetimes_follow_protocol_and_close_state() {
+        assert_eq!(flow_lifetime_ns(PROTO_TCP, 0), CT_LIFETIME_TCP_NS);
+        assert_eq!(flow_lifetime_ns(PROTO_UDP, 0), CT_LIFETIME_NONTCP_NS);
+        assert_eq!(flow_lifetime_ns(PROTO_TCP, FLOW_FIN_CLIENT), CT_LIFETIME_TCP_NS, "half-closed stays");
+        assert_eq!(flow_lifetime_ns(PROTO_TCP, FLOW_FIN_CLIENT | FLOW_FIN_BACKEND), CT_LIFETIME_CLOSING_NS);
+        assert_eq!(flow_lifetime_ns(PROTO_TCP, FLOW_CLOSING | FLOW_REMOTE), CT_LIFETIME_CLOSING_NS);
+        assert!(flow_closing(FLOW_CLOSING));
+        assert!(!flow_closing(FLOW_REMOTE | FLOW_FIN_BACKEND));
+    }
+
+    #[test]
+    fn alive_until_lifetime_passes() {
+        let t0 = 5_000_000_000u64;
+        assert!(flow_alive(PROTO_UDP, 0, t0, t0 + CT_LIFETIME_NONTCP_NS - 1));
+        assert!(!flow_alive(PROTO_UDP, 0, t0, t0 + CT_LIFETIME_NONTCP_NS));
+        assert!(!flow_alive(PROTO_TCP, FLOW_CLOSING, t0, t0 + CT_LIFETIME_CLOSING_NS + 1));
+    }
+}

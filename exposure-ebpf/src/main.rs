@@ -1,0 +1,435 @@
+//! Exposure's datapath. One path per packet, as in Katran and Cilium:
+//! parse -> reply of a translated flow? -> look up frontend -> conntrack hit? -> select backend ->
+//! translate -> forward. Replies from local backends are translated back at tc egress.
+#![no_std]
+#![no_main]
+
+mod forward;
+mod maps;
+mod nat;
+mod parse;
+mod reject;
+
+use aya_ebpf::{
+    bindings::{xdp_action, TC_ACT_OK, TC_ACT_UNSPEC, BPF_ANY, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST},
+    helpers::bpf_ktime_get_ns,
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+use exposure_common::*;
+
+use crate::{
+    forward::{next_hop, transmit},
+    maps::*,
+    nat::{rewrite, set_macs, Tuple},
+    parse::*,
+};
+
+#[xdp]
+pub fn exposure_xdp(ctx: XdpContext) -> u32 {
+    match try_xdp(&ctx) {
+        Ok(action) => action,
+        // A frame we can't parse is the kernel's business, not ours: pass it, but count it.
+        Err(()) => {
+            count(Counter::Malformed);
+            xdp_action::XDP_PASS
+        }
+    }
+}
+
+#[inline(always)]
+fn try_xdp(ctx: &XdpContext) -> Result<u32, ()> {
+    let p = match parse(ctx)? {
+        Parsed::Other => return Ok(xdp_action::XDP_PASS),
+        Parsed::Fragment => {
+            count(Counter::Fragments);
+            return Ok(xdp_action::XDP_PASS);
+        }
+        Parsed::Packet(p) => p,
+    };
+    // Only SNATed flows have replies arriving here, and only on SNAT ports: other traffic skips this lookup.
+    if port_host(p.dport) >= SNAT_PORT_MIN {
+        if let Some(reply) = REPLIES.get_ptr_mut(&flow_key(&p)) {
+            return reply_to_client(ctx, &p, reply);
+        }
+    }
+    let frontend = FrontendKey {
+        addr: p.daddr,
+        port: p.dport,
+        proto: p.proto,
+        _pad: 0,
+    };
+    match unsafe { FRONTENDS.get(&frontend) } {
+        Some(fe) => to_backend(ctx, &p, fe.service_id),
+        None => Ok(xdp_action::XDP_PASS),
+    }
+}
+
+#[inline(always)]
+fn flow_key(p: &Packet) -> FlowKey {
+    FlowKey {
+        saddr: p.saddr,
+        daddr: p.daddr,
+        sport: p.sport,
+        dport: p.dport,
+        proto: p.proto,
+        _pad: [0; 3],
+    }
+}
+
+#[inline(always)]
+fn now_ns() -> u64 {
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// Close-state bits a TCP segment adds to its flow, seen from the client (`from_client`) or backend.
+#[inline(always)]
+fn close_bits(p: &Packet, from_client: bool) -> u32 {
+    if p.tcp_flags & TCP_RST != 0 {
+        FLOW_CLOSING
+    } else if p.tcp_flags & TCP_FIN != 0 {
+        if from_client {
+            FLOW_FIN_CLIENT
+        } else {
+            FLOW_FIN_BACKEND
+        }
+    } else {
+        0
+    }
+}
+
+/// The key under which a flow's replies arrive.
+#[inline(always)]
+fn reply_key(client: &FlowKey, flow: &Flow) -> FlowKey {
+    let (daddr, dport) = if flow.flags & FLOW_REMOTE != 0 {
+        (flow.snat_addr, flow.snat_port)
+    } else {
+        (client.saddr, client.sport)
+    };
+    FlowKey {
+        saddr: flow.backend_addr,
+        daddr,
+        sport: flow.backend_port,
+        dport,
+        proto: client.proto,
+        _pad: [0; 3],
+    }
+}
+
+/// Keeps both directions' state in step: close bits and an occasional `last_seen` refresh (not per
+/// packet, so established flows rarely write to the maps).
+#[inline(always)]
+fn touch(flow: *mut Flow, reply: *mut Reply, bits: u32, now: u64) {
+    unsafe {
+        let stale = now.wrapping_sub((*flow).last_seen_ns) > CT_REFRESH_NS;
+        if bits & !(*flow).flags != 0 || stale {
+            (*flow).flags |= bits;
+            (*flow).last_seen_ns = now;
+            if !reply.is_null() {
+                (*reply).flags |= bits;
+                (*reply).last_seen_ns = now;
+            }
+        }
+    }
+}
+
+enum Selected {
+    Flow(Flow),
+    NoBackend,
+    NoLocalBackend,
+    Drop,
+}
+
+/// A packet to a frontend: existing flow or a new one, then translate and send.
+#[inline(always)]
+fn to_backend(ctx: &XdpContext, p: &Packet, service_id: u32) -> Result<u32, ()> {
+    count(Counter::FrontendPackets);
+    let key = flow_key(p);
+    let now = now_ns();
+    let bits = close_bits(p, true);
+    let existing = FLOWS.get_ptr_mut(&key).filter(|&f| {
+        let f = unsafe { &*f };
+        let new_syn = p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN && flow_closing(f.flags);
+        flow_alive(p.proto, f.flags, f.last_seen_ns, now) && !new_syn
+    });
+    let flow = match existing {
+        Some(f) => {
+            let rk = reply_key(&key, unsafe { &*f });
+            let reply = REPLIES.get_ptr_mut(&rk).unwrap_or(core::ptr::null_mut());
+            touch(f, reply, bits, now);
+            unsafe { *f }
+        }
+        None => match new_flow(ctx, p, &key, service_id, bits, now) {
+            Selected::Flow(f) => f,
+            Selected::NoBackend => {
+                count(Counter::NoBackend);
+                return reject::port_unreachable(ctx, p).or(Ok(xdp_action::XDP_DROP));
+            }
+            Selected::NoLocalBackend => {
+                count(Counter::DroppedNoLocalBackend);
+                return Ok(xdp_action::XDP_DROP);
+            }
+            Selected::Drop => return Ok(xdp_action::XDP_DROP),
+        },
+    };
+    translate_to_backend(ctx, p, &flow)
+}
+
+/// Picks a backend for a new flow and records both directions.
+#[inline(always)]
+fn new_flow(ctx: &XdpContext, p: &Packet, key: &FlowKey, service_id: u32, bits: u32, now: u64) -> Selected {
+    let Some(service) = SERVICES.get(service_id).copied() else {
+        return Selected::NoBackend;
+    };
+    let Some(backend_id) = select_backend(p, service_id, &service) else {
+        return if service.flags & SERVICE_DROP_WHEN_EMPTY != 0 {
+            Selected::NoLocalBackend
+        } else {
+            Selected::NoBackend
+        };
+    };
+    let Some(backend) = BACKENDS.get(backend_id).copied() else {
+        return Selected::NoBackend;
+    };
+    if backend.addr == 0 {
+        return Selected::NoBackend;
+    }
+    let eth: Result<*mut [[u8; 6]; 2], ()> = ptr_at(ctx, 0);
+    let Ok(eth) = eth else { return Selected::Drop };
+    let [node_mac, client_mac] = unsafe { *eth };
+    let mut flow = Flow {
+        last_seen_ns: now,
+        backend_addr: backend.addr,
+        backend_port: backend.port,
+        backend_id,
+        service_id,
+        flags: bits,
+        ..Flow::default()
+    };
+    let mut reply = Reply {
+        last_seen_ns: now,
+        frontend_addr: p.daddr,
+        frontend_port: p.dport,
+        client_addr: p.saddr,
+        client_port: p.sport,
+        flags: bits,
+        ifindex: ctx.ingress_ifindex() as u32,
+        client_mac,
+        node_mac,
+    };
+    if backend.flags & BACKEND_LOCAL == 0 {
+        let tot_len: Result<*mut [u8; 2], ()> = ptr_at(ctx, ETH_LEN + IP_TOT_LEN);
+        let Ok(tot_len) = tot_len else { return Selected::Drop };
+        let Some(hop) = next_hop(ctx, backend.addr, p.proto, u16::from_be_bytes(unsafe { *tot_len })) else {
+            count(Counter::FibFailed);
+            return Selected::Drop;
+        };
+        let snat_addr = match unsafe { NODE_ADDRS.get(&hop.ifindex).or_else(|| NODE_ADDRS.get(&reply.ifindex)) } {
+            Some(a) => *a,
+            None => {
+                count(Counter::FibFailed);
+                return Selected::Drop;
+            }
+        };
+        flow.flags |= FLOW_REMOTE;
+        flow.snat_addr = snat_addr;
+        flow.ifindex = hop.ifindex;
+        flow.dmac = hop.dmac;
+        flow.smac = hop.smac;
+        reply.flags |= FLOW_REMOTE;
+        match claim_snat_port(key, &flow, &reply, now) {
+            Some(port) => flow.snat_port = port,
+            None => {
+                count(Counter::SnatExhausted);
+                return Selected::Drop;
+            }
+        }
+    } else if REPLIES.insert(&reply_key(key, &flow), &reply, BPF_ANY as u64).is_err() {
+        return Selected::Drop;
+    }
+    if FLOWS.insert(key, &flow, BPF_ANY as u64).is_err() {
+        return Selected::Drop;
+    }
+    count(Counter::NewFlows);
+    Selected::Flow(flow)
+}
+
+/// Hashes the flow onto the service's live slot table: O(1) whatever the number of backends.
+#[inline(always)]
+fn select_backend(p: &Packet, service_id: u32, service: &Service) -> Option<u32> {
+    if service.backend_count == 0 {
+        return None;
+    }
+    let hash = hash::flow_hash(p.saddr, p.daddr, p.sport, p.dport, p.proto);
+    let slot = SlotKey {
+        service_id,
+        bank: service.bank as u16,
+        index: (hash % service.backend_count) as u16,
+    };
+    unsafe { BACKEND_SLOTS.get(&slot).copied() }
+}
+
+/// Finds a free SNAT port for a remote flow and reserves it by inserting its reply entry.
+#[inline(always)]
+fn claim_snat_port(key: &FlowKey, flow: &Flow, reply: &Reply, now: u64) -> Option<u16> {
+    let range = (SNAT_PORT_MAX - SNAT_PORT_MIN) as u32 + 1;
+    let start = hash::flow_hash(key.saddr, key.daddr, key.sport, key.dport, key.proto);
+    for attempt in 0..SNAT_PORT_TRIES {
+        let candidate = port(SNAT_PORT_MIN + ((start.wrapping_add(attempt.wrapping_mul(7919))) % range) as u16);
+        let rk = FlowKey {
+            saddr: flow.backend_addr,
+            daddr: flow.snat_addr,
+            sport: flow.backend_port,
+            dport: candidate,
+            proto: key.proto,
+            _pad: [0; 3],
+        };
+        if REPLIES.insert(&rk, reply, BPF_NOEXIST as u64).is_ok() {
+            return Some(candidate);
+        }
+        // Taken: reuse it only if that flow is over.
+        if let Some(old) = unsafe { REPLIES.get(&rk) } {
+            if !flow_alive(key.proto, old.flags, old.last_seen_ns, now)
+                && REPLIES.insert(&rk, reply, BPF_ANY as u64).is_ok()
+            {
+                return Some(candidate);
+            }
+        }
+    }
+    None
+}
+
+#[inline(always)]
+fn translate_to_backend(ctx: &XdpContext, p: &Packet, flow: &Flow) -> Result<u32, ()> {
+    if flow.flags & FLOW_REMOTE != 0 {
+        let to = Tuple {
+            saddr: flow.snat_addr,
+            daddr: flow.backend_addr,
+            sport: flow.snat_port,
+            dport: flow.backend_port,
+        };
+        rewrite(ctx, p, &to)?;
+        set_macs(ctx, &flow.dmac, &flow.smac)?;
+        count(Counter::ToRemote);
+        Ok(transmit(ctx, flow.ifindex))
+    } else {
+        // DNAT only: the pod sees the client's address; the kernel routes it to the pod.
+        let to = Tuple {
+            saddr: p.saddr,
+            daddr: flow.backend_addr,
+            sport: p.sport,
+            dport: flow.backend_port,
+        };
+        rewrite(ctx, p, &to)?;
+        count(Counter::ToLocal);
+        Ok(xdp_action::XDP_PASS)
+    }
+}
+
+/// A remote backend's reply to a SNATed flow: restore frontend -> client and send it straight back.
+#[inline(always)]
+fn reply_to_client(ctx: &XdpContext, p: &Packet, reply: *mut Reply) -> Result<u32, ()> {
+    let r = unsafe { *reply };
+    if r.flags & FLOW_REMOTE == 0 {
+        return Ok(xdp_action::XDP_PASS);
+    }
+    let client = FlowKey {
+        saddr: r.client_addr,
+        daddr: r.frontend_addr,
+        sport: r.client_port,
+        dport: r.frontend_port,
+        proto: p.proto,
+        _pad: [0; 3],
+    };
+    if let Some(flow) = FLOWS.get_ptr_mut(&client) {
+        touch(flow, reply, close_bits(p, false), now_ns());
+    }
+    let to = Tuple {
+        saddr: r.frontend_addr,
+        daddr: r.client_addr,
+        sport: r.frontend_port,
+        dport: r.client_port,
+    };
+    rewrite(ctx, p, &to)?;
+    set_macs(ctx, &r.client_mac, &r.node_mac)?;
+    count(Counter::RepliesXdp);
+    Ok(transmit(ctx, r.ifindex))
+}
+
+/// Replies from local backends leave through the node's stack: restore the frontend as source.
+#[classifier]
+pub fn exposure_tc_egress(ctx: TcContext) -> i32 {
+    try_tc_egress(&ctx).unwrap_or(TC_ACT_UNSPEC)
+}
+
+#[inline(always)]
+fn try_tc_egress(ctx: &TcContext) -> Result<i32, ()> {
+    let ether_type: u16 = ctx.load(12).map_err(|_| ())?;
+    if u16::from_be(ether_type) != ETH_P_IP {
+        return Ok(TC_ACT_UNSPEC);
+    }
+    let ip: [u8; 20] = ctx.load(ETH_LEN).map_err(|_| ())?;
+    let proto = ip[IP_PROTO];
+    if (proto != PROTO_TCP && proto != PROTO_UDP)
+        || u16::from_be_bytes([ip[IP_FRAG_OFF], ip[IP_FRAG_OFF + 1]]) & 0x3fff != 0
+    {
+        return Ok(TC_ACT_UNSPEC);
+    }
+    let l4_off = ETH_LEN + ((ip[0] & 0x0f) as usize) * 4;
+    let ports: [u16; 2] = ctx.load(l4_off).map_err(|_| ())?;
+    let key = FlowKey {
+        saddr: u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]),
+        daddr: u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]),
+        sport: ports[0],
+        dport: ports[1],
+        proto,
+        _pad: [0; 3],
+    };
+    let Some(reply) = REPLIES.get_ptr_mut(&key) else {
+        return Ok(TC_ACT_UNSPEC);
+    };
+    let r = unsafe { *reply };
+    if r.flags & FLOW_REMOTE != 0 {
+        return Ok(TC_ACT_UNSPEC);
+    }
+    let (check_off, mangled) = if proto == PROTO_TCP {
+        (TCP_CHECK, 0)
+    } else {
+        (UDP_CHECK, BPF_F_MARK_MANGLED_0 as u64)
+    };
+    let tcp_flags: u8 = if proto == PROTO_TCP {
+        ctx.load(l4_off + TCP_FLAGS).map_err(|_| ())?
+    } else {
+        0
+    };
+    let client = FlowKey {
+        saddr: r.client_addr,
+        daddr: r.frontend_addr,
+        sport: r.client_port,
+        dport: r.frontend_port,
+        proto,
+        _pad: [0; 3],
+    };
+    if let Some(flow) = FLOWS.get_ptr_mut(&client) {
+        let p = Packet { l4_off, proto, saddr: key.saddr, daddr: key.daddr, sport: key.sport, dport: key.dport, tcp_flags };
+        touch(flow, reply, close_bits(&p, false), now_ns());
+    }
+    // The helpers also handle CHECKSUM_PARTIAL skbs, which a plain incremental update would corrupt.
+    let csum = (l4_off + check_off) as usize;
+    ctx.l4_csum_replace(csum, key.saddr as u64, r.frontend_addr as u64, BPF_F_PSEUDO_HDR as u64 | mangled | 4)
+        .map_err(|_| ())?;
+    ctx.l4_csum_replace(csum, key.sport as u64, r.frontend_port as u64, mangled | 2)
+        .map_err(|_| ())?;
+    ctx.l3_csum_replace(ETH_LEN + IP_CHECK, key.saddr as u64, r.frontend_addr as u64, 4)
+        .map_err(|_| ())?;
+    ctx.store(ETH_LEN + IP_SADDR, &r.frontend_addr, 0).map_err(|_| ())?;
+    ctx.store(l4_off, &r.frontend_port, 0).map_err(|_| ())?;
+    count(Counter::RepliesTc);
+    Ok(TC_ACT_OK)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

@@ -1,0 +1,33 @@
+//! The maps, named by what they hold. All pinned by name under the agent's pin directory, so a
+//! restarted agent finds the same state and established flows keep their backends.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use exposure_common::*;
+
+#[map]
+pub static FRONTENDS: HashMap<FrontendKey, Frontend> = HashMap::pinned(MAX_FRONTENDS, 0);
+#[map]
+pub static SERVICES: Array<Service> = Array::pinned(MAX_SERVICES, 0);
+#[map]
+pub static BACKEND_SLOTS: HashMap<SlotKey, u32> = HashMap::pinned(MAX_SLOTS, 0);
+#[map]
+pub static BACKENDS: Array<Backend> = Array::pinned(MAX_BACKENDS, 0);
+#[map]
+pub static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::pinned(MAX_FLOWS, 0);
+#[map]
+pub static REPLIES: LruHashMap<FlowKey, Reply> = LruHashMap::pinned(MAX_FLOWS, 0);
+/// ifindex -> the node IPv4 address used as SNAT source on that interface.
+#[map]
+pub static NODE_ADDRS: HashMap<u32, u32> = HashMap::pinned(256, 0);
+#[map]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(Counter::COUNT, 0);
+
+#[inline(always)]
+pub fn count(counter: Counter) {
+    if let Some(c) = STATS.get_ptr_mut(counter as u32) {
+        unsafe { *c += 1 };
+    }
+}

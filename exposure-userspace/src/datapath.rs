@@ -1,0 +1,310 @@
+//! Loading, pinning and attaching the eBPF programs, and typed access to their maps.
+//!
+//! Everything lives under one pin directory: the maps (so a restarted agent finds the same flows and
+//! services) and the XDP/tc links (so the programs stay attached while the agent restarts, and a new
+//! agent swaps its program in atomically with BPF_LINK_UPDATE).
+
+use std::{
+    io,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{bail, Context as _};
+use aya::{
+    maps::{Array, HashMap, Map, MapData, MapInfo, PerCpuArray},
+    programs::{
+        links::{FdLink, LinkError, PinnedLink},
+        tc, SchedClassifier, TcAttachType, Xdp, XdpMode,
+    },
+    sys::SyscallError,
+    Ebpf, EbpfLoader,
+};
+use exposure_common::{names, Backend, Counter, Flow, FlowKey, Frontend, FrontendKey, Reply, Service, SlotKey};
+
+use crate::sync::{DatapathMaps, Snapshot};
+
+/// The eBPF object built by build.rs.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/exposure"));
+
+pub const XDP_PROGRAM: &str = "exposure_xdp";
+pub const TC_PROGRAM: &str = "exposure_tc_egress";
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Mounts bpffs at /sys/fs/bpf when it is missing, as Cilium does.
+pub fn ensure_bpffs() -> anyhow::Result<()> {
+    let root = Path::new("/sys/fs/bpf");
+    let is_bpffs = nix::sys::statfs::statfs(root)
+        .map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+        .unwrap_or(false);
+    if is_bpffs {
+        return Ok(());
+    }
+    std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+    nix::mount::mount(Some("bpf"), root, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+        .with_context(|| format!("mounting bpffs at {}", root.display()))?;
+    tracing::info!("mounted bpffs at {}", root.display());
+    Ok(())
+}
+
+/// Kernels >= 5.11 account BPF memory to the cgroup; older ones need RLIMIT_MEMLOCK raised.
+pub fn raise_memlock() {
+    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        tracing::warn!(
+            "could not raise RLIMIT_MEMLOCK ({}); fine on kernels >= 5.11",
+            io::Error::last_os_error()
+        );
+    }
+}
+
+fn is_not_found(e: &LinkError) -> bool {
+    matches!(e, LinkError::SyscallError(SyscallError { io_error, .. }) if io_error.kind() == io::ErrorKind::NotFound)
+}
+
+/// The expected key/value sizes of each pinned map, to detect an incompatible pin from another version.
+fn expected_layout(name: &str) -> Option<(u32, u32)> {
+    use std::mem::size_of;
+    let sz = |k: usize, v: usize| Some((k as u32, v as u32));
+    match name {
+        names::FRONTENDS => sz(size_of::<FrontendKey>(), size_of::<Frontend>()),
+        names::SERVICES => sz(4, size_of::<Service>()),
+        names::BACKEND_SLOTS => sz(size_of::<SlotKey>(), 4),
+        names::BACKENDS => sz(4, size_of::<Backend>()),
+        names::FLOWS => sz(size_of::<FlowKey>(), size_of::<Flow>()),
+        names::REPLIES => sz(size_of::<FlowKey>(), size_of::<Reply>()),
+        names::NODE_ADDRS => sz(4, 4),
+        names::STATS => sz(4, 8),
+        _ => None,
+    }
+}
+
+pub struct Datapath {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+}
+
+impl Datapath {
+    /// Loads the programs, reusing maps already pinned under `pin_dir` (state survives restarts).
+    pub fn load(pin_dir: &Path) -> anyhow::Result<Self> {
+        ensure_bpffs()?;
+        raise_memlock();
+        std::fs::create_dir_all(pin_dir.join("links"))
+            .with_context(|| format!("creating pin directory {}", pin_dir.display()))?;
+        drop_incompatible_pins(pin_dir);
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pin_dir)
+            .load(EBPF_OBJECT)
+            .context("loading the eBPF object")?;
+        let xdp: &mut Xdp = program(&mut ebpf, XDP_PROGRAM)?.try_into()?;
+        xdp.load().context("verifying the XDP program")?;
+        let tc: &mut SchedClassifier = program(&mut ebpf, TC_PROGRAM)?.try_into()?;
+        tc.load().context("verifying the tc program")?;
+        Ok(Datapath { ebpf, pin_dir: pin_dir.to_path_buf() })
+    }
+
+    pub fn xdp(&mut self) -> anyhow::Result<&mut Xdp> {
+        Ok(program(&mut self.ebpf, XDP_PROGRAM)?.try_into()?)
+    }
+
+    pub fn tc(&mut self) -> anyhow::Result<&mut SchedClassifier> {
+        Ok(program(&mut self.ebpf, TC_PROGRAM)?.try_into()?)
+    }
+
+    /// XDP on ingress and tc on egress of `iface`; replaces our own earlier programs atomically.
+    pub fn attach(&mut self, iface: &str, mode: XdpMode) -> anyhow::Result<()> {
+        let xdp_pin = self.pin_dir.join("links").join(format!("xdp-{iface}"));
+        let tc_pin = self.pin_dir.join("links").join(format!("tc-{iface}"));
+        let xdp = self.xdp()?;
+        let replaced = match PinnedLink::from_pin(&xdp_pin) {
+            Ok(old) => match aya::programs::xdp::XdpLink::try_from(FdLink::from(old)) {
+                Ok(link) => xdp.attach_to_link(link).is_ok(),
+                Err(_) => false,
+            },
+            Err(e) if is_not_found(&e) => false,
+            Err(e) => return Err(e).context("opening the pinned XDP link"),
+        };
+        if !replaced {
+            // Missing, or left behind by an interface that no longer exists.
+            let _ = std::fs::remove_file(&xdp_pin);
+            let id = xdp.attach(iface, mode).with_context(|| format!("attaching XDP to {iface}"))?;
+            let link: FdLink = xdp.take_link(id)?.try_into().context("XDP link is not a bpf_link")?;
+            link.pin(&xdp_pin).with_context(|| format!("pinning {}", xdp_pin.display()))?;
+        }
+
+        let tc = self.tc()?;
+        let replaced = match PinnedLink::from_pin(&tc_pin) {
+            Ok(old) => match aya::programs::tc::SchedClassifierLink::try_from(FdLink::from(old)) {
+                Ok(link) => tc.attach_to_link(link).is_ok(),
+                Err(_) => false,
+            },
+            Err(e) if is_not_found(&e) => false,
+            Err(e) => return Err(e).context("opening the pinned tc link"),
+        };
+        if !replaced {
+            let _ = std::fs::remove_file(&tc_pin);
+            if aya::util::KernelVersion::current().is_ok_and(|v| v < aya::util::KernelVersion::new(6, 6, 0)) {
+                // Before TCX, tc programs hang off a clsact qdisc.
+                let _ = tc::qdisc_add_clsact(iface);
+            }
+            let id = tc.attach(iface, TcAttachType::Egress).with_context(|| format!("attaching tc egress to {iface}"))?;
+            let link = tc.take_link(id)?;
+            match FdLink::try_from(link) {
+                Ok(link) => {
+                    link.pin(&tc_pin).with_context(|| format!("pinning {}", tc_pin.display()))?;
+                }
+                // Netlink tc attachments (old kernels) live on the qdisc; nothing to pin.
+                Err(_) => tracing::debug!(iface, "tc attached via netlink; not pinned"),
+            }
+        }
+        tracing::info!(iface, "datapath attached (XDP ingress, tc egress)");
+        Ok(())
+    }
+}
+
+fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::programs::Program> {
+    ebpf.program_mut(name).with_context(|| format!("program {name} missing from the eBPF object"))
+}
+
+/// A pinned map from an older, incompatible build would be silently misread: unpin it (losing only
+/// that map's state) so a fresh one is created.
+fn drop_incompatible_pins(pin_dir: &Path) {
+    for name in names::ALL {
+        let path = pin_dir.join(name);
+        let Ok(info) = MapInfo::from_pin(&path) else { continue };
+        if let Some((k, v)) = expected_layout(name) {
+            if info.key_size() != k || info.value_size() != v {
+                tracing::warn!(map = name, "pinned map has an incompatible layout; recreating it");
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+}
+
+/// Removes everything pinned under `pin_dir`: detaches the programs and frees the maps.
+pub fn unpin_all(pin_dir: &Path) -> anyhow::Result<()> {
+    if pin_dir.exists() {
+        std::fs::remove_dir_all(pin_dir).with_context(|| format!("removing {}", pin_dir.display()))?;
+    }
+    Ok(())
+}
+
+fn open_map(pin_dir: &Path, name: &str) -> anyhow::Result<MapData> {
+    let path = pin_dir.join(name);
+    MapData::from_pin(&path).with_context(|| format!("opening pinned map {} (is the agent running with this --pin-dir?)", path.display()))
+}
+
+/// Typed handles on the pinned maps.
+pub struct KernelMaps {
+    pub frontends: HashMap<MapData, FrontendKey, Frontend>,
+    pub services: Array<MapData, Service>,
+    pub slots: HashMap<MapData, SlotKey, u32>,
+    pub backends: Array<MapData, Backend>,
+    pub flows: HashMap<MapData, FlowKey, Flow>,
+    pub replies: HashMap<MapData, FlowKey, Reply>,
+    pub node_addrs: HashMap<MapData, u32, u32>,
+    pub stats: PerCpuArray<MapData, u64>,
+}
+
+impl KernelMaps {
+    pub fn open(pin_dir: &Path) -> anyhow::Result<Self> {
+        let hash = |name| open_map(pin_dir, name).map(Map::HashMap);
+        let lru = |name| open_map(pin_dir, name).map(Map::LruHashMap);
+        let array = |name| open_map(pin_dir, name).map(Map::Array);
+        Ok(KernelMaps {
+            frontends: hash(names::FRONTENDS)?.try_into()?,
+            services: array(names::SERVICES)?.try_into()?,
+            slots: hash(names::BACKEND_SLOTS)?.try_into()?,
+            backends: array(names::BACKENDS)?.try_into()?,
+            flows: lru(names::FLOWS)?.try_into()?,
+            replies: lru(names::REPLIES)?.try_into()?,
+            node_addrs: hash(names::NODE_ADDRS)?.try_into()?,
+            stats: open_map(pin_dir, names::STATS).map(Map::PerCpuArray)?.try_into()?,
+        })
+    }
+
+    /// Sets the SNAT source address used for flows leaving through `ifindex`.
+    pub fn set_node_addr(&mut self, ifindex: u32, addr: std::net::Ipv4Addr) -> anyhow::Result<()> {
+        self.node_addrs.insert(ifindex, exposure_common::ipv4(addr.octets()), 0)?;
+        Ok(())
+    }
+
+    /// Counter totals over all CPUs.
+    pub fn counters(&self) -> anyhow::Result<Vec<(Counter, u64)>> {
+        Counter::ALL
+            .iter()
+            .map(|c| {
+                let per_cpu = self.stats.get(&(*c as u32), 0)?;
+                Ok((*c, per_cpu.iter().sum()))
+            })
+            .collect()
+    }
+
+    pub fn flow_count(&self) -> usize {
+        self.flows.keys().filter(Result::is_ok).count()
+    }
+}
+
+impl DatapathMaps for KernelMaps {
+    fn write_backend(&mut self, id: u32, backend: &Backend) -> anyhow::Result<()> {
+        self.backends.set(id, backend, 0).with_context(|| format!("BACKENDS[{id}]"))
+    }
+    fn clear_backend(&mut self, id: u32) -> anyhow::Result<()> {
+        self.backends.set(id, Backend::default(), 0).with_context(|| format!("BACKENDS[{id}]"))
+    }
+    fn write_slot(&mut self, key: &SlotKey, backend_id: u32) -> anyhow::Result<()> {
+        self.slots.insert(key, backend_id, 0).with_context(|| format!("BACKEND_SLOTS {key:?}"))
+    }
+    fn remove_slot(&mut self, key: &SlotKey) -> anyhow::Result<()> {
+        match self.slots.remove(key) {
+            Ok(()) => Ok(()),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("BACKEND_SLOTS {key:?}")),
+        }
+    }
+    fn write_service(&mut self, id: u32, service: &Service) -> anyhow::Result<()> {
+        self.services.set(id, service, 0).with_context(|| format!("SERVICES[{id}]"))
+    }
+    fn write_frontend(&mut self, key: &FrontendKey, frontend: &Frontend) -> anyhow::Result<()> {
+        self.frontends.insert(key, frontend, 0).with_context(|| format!("FRONTENDS {key:?}"))
+    }
+    fn remove_frontend(&mut self, key: &FrontendKey) -> anyhow::Result<()> {
+        match self.frontends.remove(key) {
+            Ok(()) => Ok(()),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("FRONTENDS {key:?}")),
+        }
+    }
+    fn snapshot(&self) -> anyhow::Result<Snapshot> {
+        let mut s = Snapshot::default();
+        for item in self.frontends.iter() {
+            let (k, v) = item?;
+            s.frontends.insert(k, v);
+        }
+        for item in self.slots.iter() {
+            let (k, v) = item?;
+            s.slots.insert(k, v);
+        }
+        // Arrays hold every index; only ids in use matter. Ids 0.. are dense, so scan the used prefix.
+        for (id, item) in self.services.iter().enumerate() {
+            let v = item?;
+            if v != Service::default() {
+                s.services.insert(id as u32, v);
+            }
+        }
+        for (id, item) in self.backends.iter().enumerate() {
+            let v = item?;
+            if v.addr != 0 {
+                s.backends.insert(id as u32, v);
+            }
+        }
+        Ok(s)
+    }
+}
+
+/// Fails early with a clear message when not root / no BPF capability.
+pub fn check_privileges() -> anyhow::Result<()> {
+    if nix::unistd::geteuid().is_root() {
+        return Ok(());
+    }
+    bail!("exposure needs root (or CAP_BPF + CAP_NET_ADMIN + CAP_PERFMON) to load and attach eBPF programs")
+}

@@ -1,0 +1,100 @@
+//! `/healthz` and `/livez` on the healthz address (kube-proxy's port 10256): 200 once the first full
+//! sync into the maps is done, 503 before.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+};
+
+use anyhow::Context as _;
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpListener,
+};
+
+#[derive(Clone, Default)]
+pub struct Health {
+    synced: Arc<AtomicBool>,
+}
+
+impl Health {
+    pub fn set_synced(&self) {
+        self.synced.store(true, Ordering::Release);
+    }
+    pub fn is_synced(&self) -> bool {
+        self.synced.load(Ordering::Acquire)
+    }
+}
+
+/// The response for a request line's path.
+pub fn respond(path: &str, health: &Health) -> (u16, &'static str) {
+    match path {
+        "/healthz" | "/livez" if health.is_synced() => (200, "ok\n"),
+        "/healthz" | "/livez" => (503, "not synced yet\n"),
+        _ => (404, "not found\n"),
+    }
+}
+
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.with_context(|| format!("binding healthz address {addr}"))
+}
+
+pub async fn serve(listener: TcpListener, health: Health) {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else { continue };
+        let health = health.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 2048];
+            let n = match tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut buf)).await {
+                Ok(Ok(n)) => n,
+                _ => return,
+            };
+            let head = String::from_utf8_lossy(&buf[..n]);
+            let path = head.split_whitespace().nth(1).unwrap_or("/");
+            let (code, body) = respond(path, &health);
+            let reason = match code {
+                200 => "OK",
+                503 => "Service Unavailable",
+                _ => "Not Found",
+            };
+            let reply = format!(
+                "HTTP/1.1 {code} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(reply.as_bytes()).await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn healthz_follows_sync_state() {
+        let h = Health::default();
+        assert_eq!(respond("/healthz", &h).0, 503);
+        h.set_synced();
+        assert_eq!(respond("/healthz", &h).0, 200);
+        assert_eq!(respond("/livez", &h).0, 200);
+        assert_eq!(respond("/other", &h).0, 404);
+    }
+
+    #[tokio::test]
+    async fn serves_http() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let h = Health::default();
+        h.set_synced();
+        tokio::spawn(serve(listener, h));
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
+        assert!(out.ends_with("ok\n"));
+    }
+}

@@ -1,0 +1,11 @@
+//! Exposure's agent: sources (manifest directory), the pure model, the map reconciler, the datapath
+//! loader, and the small HTTP endpoints. The `exposure` binary wires them together.
+
+pub mod agent;
+pub mod datapath;
+pub mod health;
+pub mod manifests;
+pub mod model;
+pub mod netdev;
+pub mod status;
+pub mod sync;

@@ -1,0 +1,118 @@
+//! `exposure`: the Kubernetes Service datapath agent and its tools.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use anyhow::Context as _;
+use aya::programs::XdpMode;
+use clap::{Parser, Subcommand, ValueEnum};
+use exposure::{agent, datapath, status};
+
+#[derive(Parser)]
+#[command(name = "exposure", version, about = "Kubernetes NodePort/LoadBalancer datapath in XDP")]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Mode {
+    /// Native (driver) XDP when the driver has it, else generic.
+    Auto,
+    Native,
+    Generic,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent: attach the datapath to the interfaces and keep the maps in sync.
+    Agent {
+        /// Interface(s) to serve NodePorts/LoadBalancer IPs on (repeatable).
+        #[arg(long = "iface", required = true)]
+        ifaces: Vec<String>,
+        /// Directory of Service and EndpointSlice manifests (YAML/JSON), watched for changes.
+        #[arg(long)]
+        manifests: Option<PathBuf>,
+        /// This node's name, which decides which endpoints are local (default: hostname).
+        #[arg(long)]
+        node_name: Option<String>,
+        /// Where maps and program links are pinned (bpffs).
+        #[arg(long, default_value = "/sys/fs/bpf/exposure")]
+        pin_dir: PathBuf,
+        #[arg(long, default_value = "0.0.0.0:10256")]
+        healthz_bind_address: SocketAddr,
+        #[arg(long, value_enum, default_value = "auto")]
+        xdp_mode: Mode,
+    },
+    /// Print services, frontends and backends from the pinned maps.
+    Status {
+        #[arg(long, default_value = "/sys/fs/bpf/exposure")]
+        pin_dir: PathBuf,
+    },
+    /// Detach the datapath and remove everything pinned under --pin-dir.
+    Cleanup {
+        #[arg(long, default_value = "/sys/fs/bpf/exposure")]
+        pin_dir: PathBuf,
+    },
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn hostname() -> anyhow::Result<String> {
+    Ok(nix::unistd::gethostname()
+        .context("reading hostname")?
+        .to_string_lossy()
+        .into_owned())
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match cli.command {
+        Command::Agent { ifaces, manifests, node_name, pin_dir, healthz_bind_address, xdp_mode } => {
+            let cfg = agent::AgentConfig {
+                ifaces,
+                manifests,
+                node_name: match node_name {
+                    Some(n) => n,
+                    None => hostname()?,
+                },
+                pin_dir,
+                healthz: healthz_bind_address,
+                xdp_mode: match xdp_mode {
+                    Mode::Auto => XdpMode::Default,
+                    Mode::Native => XdpMode::Driver,
+                    Mode::Generic => XdpMode::Skb,
+                },
+            };
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?
+                .block_on(agent::run(cfg))
+        }
+        Command::Status { pin_dir } => {
+            let maps = datapath::KernelMaps::open(&pin_dir)?;
+            let snapshot = exposure::sync::DatapathMaps::snapshot(&maps)?;
+            print!("{}", status::render(&snapshot, maps.flow_count(), &maps.counters()?));
+            Ok(())
+        }
+        Command::Cleanup { pin_dir } => datapath::unpin_all(&pin_dir),
+    }
+}

@@ -1,0 +1,628 @@
+//! The pure translation from Kubernetes objects to the datapath's desired state: which frontends exist
+//! and which backends each Service port selects from. No I/O here, so every rule is unit-tested.
+//!
+//! Semantics follow kube-proxy: only NodePort/LoadBalancer/externalIP frontends are exposed (never a
+//! ClusterIP), only ready endpoints take new flows, `externalTrafficPolicy: Local` keeps traffic on
+//! the node's own endpoints, and a Service without endpoints refuses (without *local* endpoints under
+//! Local policy, drops).
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+
+/// Label kube-proxy honours: another proxy owns Services that carry it.
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// Label that ties an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => exposure_common::PROTO_TCP,
+            Protocol::Udp => exposure_common::PROTO_UDP,
+        }
+    }
+
+    pub fn from_number(n: u8) -> Option<Self> {
+        match n {
+            exposure_common::PROTO_TCP => Some(Protocol::Tcp),
+            exposure_common::PROTO_UDP => Some(Protocol::Udp),
+            _ => None,
+        }
+    }
+
+    fn parse(s: Option<&str>) -> Result<Self, String> {
+        match s.unwrap_or("TCP") {
+            "TCP" => Ok(Protocol::Tcp),
+            "UDP" => Ok(Protocol::Udp),
+            other => Err(other.to_string()),
+        }
+    }
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+        })
+    }
+}
+
+/// Identity of one Service port: what a service id in the maps stands for.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServicePortName {
+    pub namespace: String,
+    pub name: String,
+    pub port: String,
+    pub protocol: Protocol,
+}
+
+impl std::fmt::Display for ServicePortName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)?;
+        if !self.port.is_empty() {
+            write!(f, ":{}", self.port)?;
+        }
+        write!(f, "/{}", self.protocol)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum FrontendKind {
+    NodePort,
+    LoadBalancer,
+    ExternalIp,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FrontendAddr {
+    pub ip: Ipv4Addr,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+impl std::fmt::Display for FrontendAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}/{}", self.ip, self.port, self.protocol)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BackendAddr {
+    pub ip: Ipv4Addr,
+    pub port: u16,
+    /// The endpoint runs on this node (no SNAT; replies come back through the node's stack).
+    pub local: bool,
+}
+
+/// What to do with a new flow when the backend set is empty.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum WhenEmpty {
+    /// No endpoints at all: ICMP port unreachable, like kube-proxy's REJECT.
+    #[default]
+    Reject,
+    /// `externalTrafficPolicy: Local` and endpoints exist only on other nodes: drop, like kube-proxy.
+    Drop,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct DesiredService {
+    pub frontends: BTreeMap<FrontendAddr, FrontendKind>,
+    /// Sorted and deduplicated, so the same inputs give the same slot table on every node.
+    pub backends: Vec<BackendAddr>,
+    pub when_empty: WhenEmpty,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct DesiredState {
+    pub services: BTreeMap<ServicePortName, DesiredService>,
+}
+
+impl DesiredState {
+    pub fn frontend_count(&self) -> usize {
+        self.services.values().map(|s| s.frontends.len()).sum()
+    }
+}
+
+/// What the node contributes: its name (for locality) and its NodePort addresses.
+#[derive(Clone, Debug, Default)]
+pub struct NodeContext {
+    pub node_name: String,
+    pub node_addrs: Vec<Ipv4Addr>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ModelError {
+    #[error("Service {0}: has no metadata.name")]
+    Unnamed(String),
+    #[error("Service {service}: port {port}: protocol {protocol} is not supported (TCP and UDP are)")]
+    UnsupportedProtocol { service: String, port: String, protocol: String },
+    #[error("Service {service}: port {port}: {field} {value} is not a valid port")]
+    InvalidPort { service: String, port: String, field: &'static str, value: i32 },
+    #[error("Service {service}: {field} {value:?} is not an IP address")]
+    InvalidAddress { service: String, field: &'static str, value: String },
+    #[error("Service {service}: frontend {frontend} is already used by {owner}; ignored here")]
+    FrontendConflict { service: String, frontend: FrontendAddr, owner: ServicePortName },
+}
+
+fn object_name(ns: &Option<String>, name: &str) -> String {
+    format!("{}/{}", ns.as_deref().unwrap_or("default"), name)
+}
+
+/// Does this Service get frontends from us at all? (kube-proxy's skip rules.)
+fn is_ours(svc: &Service) -> bool {
+    if svc
+        .metadata
+        .labels
+        .as_ref()
+        .is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL))
+    {
+        return false;
+    }
+    let Some(spec) = &svc.spec else { return false };
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return false;
+    }
+    // Headless: no virtual IP, so nothing for a proxy to do.
+    spec.cluster_ip.as_deref() != Some("None")
+}
+
+fn valid_port(service: &str, port: &str, field: &'static str, value: i32) -> Result<u16, ModelError> {
+    u16::try_from(value)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| ModelError::InvalidPort {
+            service: service.to_string(),
+            port: port.to_string(),
+            field,
+            value,
+        })
+}
+
+/// IPv4 addresses parsed from a list; IPv6 ones are left to dual-stack support, invalid ones reported.
+fn ipv4_list<'a>(
+    service: &str,
+    field: &'static str,
+    values: impl Iterator<Item = &'a str>,
+    errors: &mut Vec<ModelError>,
+) -> Vec<Ipv4Addr> {
+    let mut out = Vec::new();
+    for v in values {
+        match v.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V4(ip)) => out.push(ip),
+            Ok(std::net::IpAddr::V6(_)) => {}
+            Err(_) => errors.push(ModelError::InvalidAddress {
+                service: service.to_string(),
+                field,
+                value: v.to_string(),
+            }),
+        }
+    }
+    out
+}
+
+/// Ready IPv4 endpoints of one Service port, from all of the Service's slices, deduplicated.
+fn ready_endpoints(
+    slices: &[&EndpointSlice],
+    port_name: &str,
+    protocol: Protocol,
+    node_name: &str,
+) -> Vec<BackendAddr> {
+    let mut out = BTreeSet::new();
+    for slice in slices {
+        if slice.address_type != "IPv4" {
+            continue;
+        }
+        let Some(port) = slice.ports.iter().flatten().find(|p| {
+            p.name.as_deref().unwrap_or("") == port_name
+                && Protocol::parse(p.protocol.as_deref()).ok() == Some(protocol)
+        }) else {
+            continue;
+        };
+        let Some(port) = port.port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p != 0) else {
+            continue;
+        };
+        for ep in slice.endpoints.iter().flatten() {
+            // kube-proxy: an unset `ready` means ready.
+            let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+            if !ready {
+                continue;
+            }
+            let Some(ip) = ep.addresses.first().and_then(|a| a.parse::<Ipv4Addr>().ok()) else {
+                continue;
+            };
+            let local = ep.node_name.as_deref() == Some(node_name);
+            out.insert(BackendAddr { ip, port, local });
+        }
+    }
+    out.into_iter().collect()
+}
+
+/// Services and EndpointSlices -> desired state, plus every problem found on the way. A problem
+/// costs only the part of the object it concerns; everything else is still translated.
+pub fn desired_state(
+    services: &[Service],
+    slices: &[EndpointSlice],
+    node: &NodeContext,
+) -> (DesiredState, Vec<ModelError>) {
+    let mut errors = Vec::new();
+    let mut state = DesiredState::default();
+    let mut owners: BTreeMap<FrontendAddr, ServicePortName> = BTreeMap::new();
+
+    let mut slices_by_service: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
+    for slice in slices {
+        if let Some(svc) = slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) {
+            let ns = slice.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+            slices_by_service.entry((ns, svc.clone())).or_default().push(slice);
+        }
+    }
+
+    // Sorted, so which of two conflicting Services wins is the same on every node and every run.
+    let mut sorted: Vec<&Service> = services.iter().collect();
+    sorted.sort_by_key(|s| (s.metadata.namespace.clone(), s.metadata.name.clone()));
+
+    for svc in sorted {
+        let Some(name) = svc.metadata.name.clone() else {
+            errors.push(ModelError::Unnamed(object_name(&svc.metadata.namespace, "<unnamed>")));
+            continue;
+        };
+        if !is_ours(svc) {
+            continue;
+        }
+        let namespace = svc.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+        let display = format!("{namespace}/{name}");
+        let Some(spec) = &svc.spec else { continue };
+        let svc_type = spec.type_.as_deref().unwrap_or("ClusterIP");
+        let exposes_node_ports = matches!(svc_type, "NodePort" | "LoadBalancer");
+        let local_only = spec.external_traffic_policy.as_deref() == Some("Local");
+
+        let lb_ips = if svc_type == "LoadBalancer" {
+            let ingress = svc
+                .status
+                .as_ref()
+                .and_then(|s| s.load_balancer.as_ref())
+                .and_then(|lb| lb.ingress.as_ref());
+            let ips = ingress.into_iter().flatten().filter_map(|i| i.ip.as_deref());
+            ipv4_list(&display, "status.loadBalancer.ingress.ip", ips, &mut errors)
+        } else {
+            Vec::new()
+        };
+        let external_ips = ipv4_list(
+            &display,
+            "spec.externalIPs",
+            spec.external_ips.iter().flatten().map(String::as_str),
+            &mut errors,
+        );
+
+        let slices = slices_by_service
+            .get(&(namespace.clone(), name.clone()))
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
+
+        for sp in spec.ports.iter().flatten() {
+            let port_name = sp.name.clone().unwrap_or_default();
+            let protocol = match Protocol::parse(sp.protocol.as_deref()) {
+                Ok(p) => p,
+                Err(protocol) => {
+                    errors.push(ModelError::UnsupportedProtocol {
+                        service: display.clone(),
+                        port: port_name,
+                        protocol,
+                    });
+                    continue;
+                }
+            };
+            let port = match valid_port(&display, &port_name, "port", sp.port) {
+                Ok(p) => p,
+                Err(e) => {
+                    errors.push(e);
+                    continue;
+                }
+            };
+            let key = ServicePortName {
+                namespace: namespace.clone(),
+                name: name.clone(),
+                port: port_name.clone(),
+                protocol,
+            };
+
+            let mut frontends = Vec::new();
+            if exposes_node_ports {
+                match sp.node_port {
+                    None => {} // e.g. allocateLoadBalancerNodePorts: false
+                    Some(np) => match valid_port(&display, &port_name, "nodePort", np) {
+                        Ok(np) => frontends.extend(node.node_addrs.iter().map(|ip| {
+                            (FrontendAddr { ip: *ip, port: np, protocol }, FrontendKind::NodePort)
+                        })),
+                        Err(e) => errors.push(e),
+                    },
+                }
+            }
+            frontends.extend(
+                lb_ips
+                    .iter()
+                    .map(|ip| (FrontendAddr { ip: *ip, port, protocol }, FrontendKind::LoadBalancer)),
+            );
+            frontends.extend(
+                external_ips
+                    .iter()
+                    .map(|ip| (FrontendAddr { ip: *ip, port, protocol }, FrontendKind::ExternalIp)),
+            );
+            if frontends.is_empty() {
+                continue; // ClusterIP only: never exposed from the NIC.
+            }
+
+            let mut desired = DesiredService::default();
+            for (addr, kind) in frontends {
+                match owners.get(&addr) {
+                    Some(owner) if *owner != key => errors.push(ModelError::FrontendConflict {
+                        service: display.clone(),
+                        frontend: addr,
+                        owner: owner.clone(),
+                    }),
+                    _ => {
+                        owners.insert(addr, key.clone());
+                        desired.frontends.entry(addr).or_insert(kind);
+                    }
+                }
+            }
+            if desired.frontends.is_empty() {
+                continue;
+            }
+            let all = ready_endpoints(slices, &port_name, protocol, &node.node_name);
+            if local_only {
+                desired.when_empty = if all.is_empty() { WhenEmpty::Reject } else { WhenEmpty::Drop };
+                desired.backends = all.into_iter().filter(|b| b.local).collect();
+            } else {
+                desired.backends = all;
+            }
+            state.services.insert(key, desired);
+        }
+    }
+    (state, errors)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(yaml: &str) -> Service {
+        serde_yaml::from_str(yaml).expect("test Service parses")
+    }
+
+    fn slice(yaml: &str) -> EndpointSlice {
+        serde_yaml::from_str(yaml).expect("test EndpointSlice parses")
+    }
+
+    fn node() -> NodeContext {
+        NodeContext {
+            node_name: "node-a".into(),
+            node_addrs: vec![Ipv4Addr::new(198, 18, 0, 10), Ipv4Addr::new(198, 18, 0, 11)],
+        }
+    }
+
+    const HELLO: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: hello-world, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.10
+  selector: {greeting: hello, department: world}
+  ports:
+  - {protocol: TCP, port: 60000, targetPort: 50000, nodePort: 30600}
+"#;
+
+    const HELLO_SLICE: &str = r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: hello-world-abc
+  namespace: default
+  labels: {kubernetes.io/service-name: hello-world}
+addressType: IPv4
+ports: [{name: "", protocol: TCP, port: 50000}]
+endpoints:
+- addresses: [198.19.1.2]
+  conditions: {ready: true}
+  nodeName: node-a
+- addresses: [198.19.2.2]
+  conditions: {ready: true}
+  nodeName: node-b
+- addresses: [198.19.2.3]
+  conditions: {ready: false}
+  nodeName: node-b
+- addresses: [198.19.2.4]
+  nodeName: node-b
+"#;
+
+    fn key(name: &str, port: &str, protocol: Protocol) -> ServicePortName {
+        ServicePortName { namespace: "default".into(), name: name.into(), port: port.into(), protocol }
+    }
+
+    fn be(ip: [u8; 4], port: u16, local: bool) -> BackendAddr {
+        BackendAddr { ip: ip.into(), port, local }
+    }
+
+    #[test]
+    fn nodeport_on_every_node_address_with_ready_backends() {
+        let (state, errors) = desired_state(&[svc(HELLO)], &[slice(HELLO_SLICE)], &node());
+        assert!(errors.is_empty(), "{errors:?}");
+        let s = &state.services[&key("hello-world", "", Protocol::Tcp)];
+        let fronts: Vec<_> = s.frontends.keys().map(|f| f.to_string()).collect();
+        assert_eq!(fronts, ["198.18.0.10:30600/TCP", "198.18.0.11:30600/TCP"]);
+        // not-ready 198.19.2.3 excluded; unset `ready` (198.19.2.4) counts as ready.
+        assert_eq!(
+            s.backends,
+            [be([198, 19, 1, 2], 50000, true), be([198, 19, 2, 2], 50000, false), be([198, 19, 2, 4], 50000, false)]
+        );
+        assert_eq!(s.when_empty, WhenEmpty::Reject);
+    }
+
+    #[test]
+    fn cluster_ip_is_never_exposed() {
+        let cip = HELLO.replace("type: NodePort", "type: ClusterIP");
+        let (state, errors) = desired_state(&[svc(&cip)], &[slice(HELLO_SLICE)], &node());
+        assert!(errors.is_empty());
+        assert!(state.services.is_empty());
+    }
+
+    #[test]
+    fn external_ips_expose_even_cluster_ip_services() {
+        let cip = HELLO
+            .replace("type: NodePort", "type: ClusterIP\n  externalIPs: [198.18.7.7, 'fd00::1', bogus]");
+        let (state, errors) = desired_state(&[svc(&cip)], &[], &node());
+        let s = &state.services[&key("hello-world", "", Protocol::Tcp)];
+        let fronts: Vec<_> = s.frontends.iter().map(|(f, k)| (f.to_string(), *k)).collect();
+        assert_eq!(fronts, [("198.18.7.7:60000/TCP".to_string(), FrontendKind::ExternalIp)]);
+        assert!(s.backends.is_empty());
+        assert_eq!(errors.len(), 1, "only the unparsable address is an error: {errors:?}");
+        assert!(errors[0].to_string().contains("bogus"));
+    }
+
+    #[test]
+    fn load_balancer_ingress_ips_are_frontends() {
+        let lb = HELLO.replace("type: NodePort", "type: LoadBalancer")
+            + "status:\n  loadBalancer:\n    ingress: [{ip: 198.18.100.1}, {hostname: lb.example}]\n";
+        let (state, _) = desired_state(&[svc(&lb)], &[slice(HELLO_SLICE)], &node());
+        let s = &state.services[&key("hello-world", "", Protocol::Tcp)];
+        assert_eq!(s.frontends.len(), 3);
+        let lbf = FrontendAddr { ip: Ipv4Addr::new(198, 18, 100, 1), port: 60000, protocol: Protocol::Tcp };
+        assert_eq!(s.frontends[&lbf], FrontendKind::LoadBalancer);
+    }
+
+    #[test]
+    fn external_traffic_policy_local_keeps_only_local_endpoints() {
+        let local = HELLO.replace("type: NodePort", "type: NodePort\n  externalTrafficPolicy: Local");
+        let (state, _) = desired_state(&[svc(&local)], &[slice(HELLO_SLICE)], &node());
+        let s = &state.services[&key("hello-world", "", Protocol::Tcp)];
+        assert_eq!(s.backends, [be([198, 19, 1, 2], 50000, true)]);
+
+        let elsewhere = NodeContext { node_name: "node-c".into(), ..node() };
+        let (state, _) = desired_state(&[svc(&local)], &[slice(HELLO_SLICE)], &elsewhere);
+        let s = &state.services[&key("hello-world", "", Protocol::Tcp)];
+        assert!(s.backends.is_empty());
+        assert_eq!(s.when_empty, WhenEmpty::Drop, "endpoints elsewhere: drop, not reject");
+    }
+
+    #[test]
+    fn skips_what_kube_proxy_skips() {
+        let other_proxy = HELLO.replace(
+            "metadata: {name: hello-world, namespace: default}",
+            "metadata: {name: hello-world, namespace: default, labels: {service.kubernetes.io/service-proxy-name: other}}",
+        );
+        let headless = HELLO.replace("clusterIP: 10.96.0.10", "clusterIP: None");
+        let external_name = HELLO.replace("type: NodePort", "type: ExternalName\n  externalName: example.org");
+        for yaml in [other_proxy, headless, external_name] {
+            let (state, errors) = desired_state(&[svc(&yaml)], &[slice(HELLO_SLICE)], &node());
+            assert!(state.services.is_empty(), "{yaml}");
+            assert!(errors.is_empty());
+        }
+    }
+
+    #[test]
+    fn slices_are_merged_deduplicated_and_matched_by_port_name_and_protocol() {
+        let multi = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: dns, namespace: kube-system}
+spec:
+  type: NodePort
+  ports:
+  - {name: dns, protocol: UDP, port: 53, nodePort: 30053}
+  - {name: dns-tcp, protocol: TCP, port: 53, nodePort: 30053}
+"#;
+        let s1 = r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: dns-1, namespace: kube-system, labels: {kubernetes.io/service-name: dns}}
+addressType: IPv4
+ports: [{name: dns, protocol: UDP, port: 5353}, {name: dns-tcp, protocol: TCP, port: 5354}]
+endpoints: [{addresses: [198.19.1.5], nodeName: node-a}, {addresses: [198.19.1.6], nodeName: node-a}]
+"#;
+        let s2 = s1.replace("dns-1", "dns-2").replace("198.19.1.6", "198.19.1.7");
+        let wrong_ns = s1.replace("kube-system", "default");
+        let v6 = s1.replace("dns-1", "dns-v6").replace("IPv4", "IPv6").replace("198.19.1.5", "fd00::5");
+        let slices = [slice(s1), slice(&s2), slice(&wrong_ns), slice(&v6)];
+        let (state, errors) = desired_state(&[svc(multi)], &slices, &node());
+        assert!(errors.is_empty(), "{errors:?}");
+        let udp = &state.services[&ServicePortName {
+            namespace: "kube-system".into(),
+            name: "dns".into(),
+            port: "dns".into(),
+            protocol: Protocol::Udp,
+        }];
+        let ips: Vec<_> = udp.backends.iter().map(|b| (b.ip.to_string(), b.port)).collect();
+        assert_eq!(
+            ips,
+            [("198.19.1.5".into(), 5353), ("198.19.1.6".into(), 5353), ("198.19.1.7".into(), 5353)]
+        );
+        let tcp = &state.services[&ServicePortName {
+            namespace: "kube-system".into(),
+            name: "dns".into(),
+            port: "dns-tcp".into(),
+            protocol: Protocol::Tcp,
+        }];
+        assert!(tcp.backends.iter().all(|b| b.port == 5354));
+        assert_eq!(tcp.backends.len(), 3);
+    }
+
+    #[test]
+    fn bad_ports_and_protocols_cost_only_their_port() {
+        let bad = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: mixed}
+spec:
+  type: NodePort
+  ports:
+  - {name: a, protocol: SCTP, port: 80, nodePort: 30080}
+  - {name: b, protocol: TCP, port: 81, nodePort: 70000}
+  - {name: c, protocol: TCP, port: 82, nodePort: 30082}
+"#;
+        let (state, errors) = desired_state(&[svc(bad)], &[], &node());
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(matches!(errors[0], ModelError::UnsupportedProtocol { .. }));
+        assert!(matches!(errors[1], ModelError::InvalidPort { field: "nodePort", value: 70000, .. }));
+        assert_eq!(state.services.len(), 1);
+        assert!(state.services.contains_key(&key("mixed", "c", Protocol::Tcp)));
+    }
+
+    #[test]
+    fn frontend_conflicts_keep_the_first_service_by_name() {
+        let a = HELLO.replace("hello-world", "aaa");
+        let b = HELLO.replace("hello-world", "bbb");
+        let (state, errors) = desired_state(&[svc(&b), svc(&a)], &[], &node());
+        assert_eq!(state.services.len(), 1);
+        assert!(state.services.contains_key(&key("aaa", "", Protocol::Tcp)));
+        assert_eq!(errors.len(), 2, "one per node address: {errors:?}");
+        assert!(errors[0].to_string().contains("default/bbb"));
+    }
+
+    #[test]
+    fn same_port_number_on_tcp_and_udp_are_two_frontends() {
+        let both = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: both}
+spec:
+  type: NodePort
+  ports:
+  - {name: t, protocol: TCP, port: 53, nodePort: 30053}
+  - {name: u, protocol: UDP, port: 53, nodePort: 30053}
+"#;
+        let (state, errors) = desired_state(&[svc(both)], &[], &node());
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(state.frontend_count(), 4);
+    }
+}

@@ -1,0 +1,628 @@
+//! The reconciler: desired state -> the fewest map writes, in an order with no window where a frontend
+//! points at a missing or half-written backend set (Cilium's `bpf_reconciler` order: backends, then
+//! slots, then the service, then frontends; deletions last).
+//!
+//! Slot tables are double-buffered: a changed backend set is written into the idle bank and goes live
+//! when the service entry (count + bank) is replaced in one map update, so no packet sees a mix.
+//! IDs are stable and restored from the pinned maps at start, so a restarted agent rewrites nothing.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::Ipv4Addr,
+};
+
+use exposure_common::{
+    self as common, Backend, Frontend, FrontendKey, Service, SlotKey, BACKEND_LOCAL, FRONTEND_EXTERNAL_IP,
+    FRONTEND_LOADBALANCER, FRONTEND_NODEPORT, SERVICE_DROP_WHEN_EMPTY,
+};
+
+use crate::model::{BackendAddr, DesiredService, DesiredState, FrontendAddr, FrontendKind, ServicePortName, WhenEmpty};
+
+/// Everything the datapath maps hold that the reconciler owns.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub frontends: BTreeMap<FrontendKey, Frontend>,
+    /// Only ids in use (non-default entries).
+    pub services: BTreeMap<u32, Service>,
+    pub slots: BTreeMap<SlotKey, u32>,
+    /// Only ids in use (non-zero address).
+    pub backends: BTreeMap<u32, Backend>,
+}
+
+/// The writes the reconciler needs; the kernel maps implement it, and so does [`FakeMaps`] for tests.
+pub trait DatapathMaps {
+    fn write_backend(&mut self, id: u32, backend: &Backend) -> anyhow::Result<()>;
+    fn clear_backend(&mut self, id: u32) -> anyhow::Result<()>;
+    fn write_slot(&mut self, key: &SlotKey, backend_id: u32) -> anyhow::Result<()>;
+    fn remove_slot(&mut self, key: &SlotKey) -> anyhow::Result<()>;
+    fn write_service(&mut self, id: u32, service: &Service) -> anyhow::Result<()>;
+    fn write_frontend(&mut self, key: &FrontendKey, frontend: &Frontend) -> anyhow::Result<()>;
+    fn remove_frontend(&mut self, key: &FrontendKey) -> anyhow::Result<()>;
+    fn snapshot(&self) -> anyhow::Result<Snapshot>;
+}
+
+/// Capacity limits; exceeding one is an error for that object, never a corrupt map.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub services: u32,
+    pub backends: u32,
+    pub backends_per_service: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            services: common::MAX_SERVICES,
+            backends: common::MAX_BACKENDS,
+            backends_per_service: common::MAX_BACKENDS_PER_SERVICE,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("{service}: no free service id (limit {limit}); not programmed")]
+    ServiceLimit { service: ServicePortName, limit: u32 },
+    #[error("{service}: {count} backends exceed the per-service limit of {limit}; not programmed")]
+    BackendsPerServiceLimit { service: ServicePortName, count: usize, limit: u32 },
+    #[error("{service}: no free backend id (limit {limit}); not programmed")]
+    BackendLimit { service: ServicePortName, limit: u32 },
+    #[error("{service}: map write failed: {source:#}")]
+    Write { service: String, source: anyhow::Error },
+}
+
+#[derive(Debug, Default)]
+pub struct SyncReport {
+    pub writes: usize,
+    pub errors: Vec<SyncError>,
+}
+
+/// Hands out small dense ids, reusing freed ones.
+#[derive(Debug)]
+struct IdPool {
+    next: u32,
+    limit: u32,
+    free: Vec<u32>,
+}
+
+impl IdPool {
+    fn new(limit: u32) -> Self {
+        IdPool { next: 1, limit, free: Vec::new() }
+    }
+    fn alloc(&mut self, in_use: impl Fn(u32) -> bool) -> Option<u32> {
+        while let Some(id) = self.free.pop() {
+            if !in_use(id) {
+                return Some(id);
+            }
+        }
+        while self.next < self.limit {
+            let id = self.next;
+            self.next += 1;
+            if !in_use(id) {
+                return Some(id);
+            }
+        }
+        None
+    }
+    fn release(&mut self, id: u32) {
+        self.free.push(id);
+    }
+}
+
+/// What one service id currently holds in the maps.
+#[derive(Clone, Debug, Default)]
+struct ServiceSlots {
+    service: Service,
+    /// Backend ids of the live bank, in slot order.
+    live: Vec<u32>,
+}
+
+pub struct Reconciler {
+    limits: Limits,
+    service_ids: BTreeMap<ServicePortName, u32>,
+    backend_ids: HashMap<(Ipv4Addr, u16), u32>,
+    service_pool: IdPool,
+    backend_pool: IdPool,
+    // What the maps hold now (as written by us or restored at start).
+    frontends: BTreeMap<FrontendKey, Frontend>,
+    services: BTreeMap<u32, ServiceSlots>,
+    backends: BTreeMap<u32, Backend>,
+}
+
+fn frontend_key(f: &FrontendAddr) -> FrontendKey {
+    FrontendKey {
+        addr: common::ipv4(f.ip.octets()),
+        port: common::port(f.port),
+        proto: f.protocol.number(),
+        _pad: 0,
+    }
+}
+
+fn frontend_flags(kind: FrontendKind) -> u32 {
+    match kind {
+        FrontendKind::NodePort => FRONTEND_NODEPORT,
+        FrontendKind::LoadBalancer => FRONTEND_LOADBALANCER,
+        FrontendKind::ExternalIp => FRONTEND_EXTERNAL_IP,
+    }
+}
+
+fn backend_value(b: &BackendAddr) -> Backend {
+    Backend {
+        addr: common::ipv4(b.ip.octets()),
+        port: common::port(b.port),
+        flags: if b.local { BACKEND_LOCAL } else { 0 },
+    }
+}
+
+impl Reconciler {
+    /// Starts from what the (possibly pinned, possibly non-empty) maps already hold.
+    pub fn restore(snapshot: Snapshot, limits: Limits) -> Self {
+        let mut services: BTreeMap<u32, ServiceSlots> = snapshot
+            .services
+            .iter()
+            .map(|(id, s)| (*id, ServiceSlots { service: *s, live: Vec::new() }))
+            .collect();
+        for (id, s) in services.iter_mut() {
+            s.live = (0..s.service.backend_count)
+                .map(|i| {
+                    let key = SlotKey { service_id: *id, bank: s.service.bank as u16, index: i as u16 };
+                    snapshot.slots.get(&key).copied().unwrap_or(0)
+                })
+                .collect();
+        }
+        let backend_ids = snapshot
+            .backends
+            .iter()
+            .map(|(id, b)| ((Ipv4Addr::from(common::ipv4_octets(b.addr)), common::port_host(b.port)), *id))
+            .collect();
+        Reconciler {
+            limits,
+            service_ids: BTreeMap::new(),
+            backend_ids,
+            service_pool: IdPool::new(limits.services),
+            backend_pool: IdPool::new(limits.backends),
+            frontends: snapshot.frontends,
+            services,
+            backends: snapshot.backends,
+        }
+    }
+
+    pub fn service_id(&self, name: &ServicePortName) -> Option<u32> {
+        self.service_ids.get(name).copied()
+    }
+
+    /// Brings the maps to `desired` with the fewest writes.
+    pub fn reconcile(&mut self, desired: &DesiredState, maps: &mut dyn DatapathMaps) -> SyncReport {
+        let mut report = SyncReport::default();
+        let mut wanted_frontends: BTreeMap<FrontendKey, Frontend> = BTreeMap::new();
+        let mut live_services: BTreeMap<u32, ()> = BTreeMap::new();
+
+        for (name, want) in &desired.services {
+            match self.apply_service(name, want, maps, &mut report) {
+                Ok(Some(id)) => {
+                    live_services.insert(id, ());
+                    for (addr, kind) in &want.frontends {
+                        wanted_frontends.insert(frontend_key(addr), Frontend { service_id: id, flags: frontend_flags(*kind) });
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => report.errors.push(e),
+            }
+        }
+
+        // Frontends last on the way in: their service is complete by now.
+        for (key, fe) in &wanted_frontends {
+            if self.frontends.get(key) != Some(fe) {
+                match maps.write_frontend(key, fe) {
+                    Ok(()) => {
+                        self.frontends.insert(*key, *fe);
+                        report.writes += 1;
+                    }
+                    Err(e) => report.errors.push(SyncError::Write { service: format!("frontend {key:?}"), source: e }),
+                }
+            }
+        }
+        // Deletions after everything new is in place.
+        let stale: Vec<FrontendKey> = self.frontends.keys().filter(|k| !wanted_frontends.contains_key(k)).copied().collect();
+        for key in stale {
+            match maps.remove_frontend(&key) {
+                Ok(()) => {
+                    self.frontends.remove(&key);
+                    report.writes += 1;
+                }
+                Err(e) => report.errors.push(SyncError::Write { service: format!("frontend {key:?}"), source: e }),
+            }
+        }
+        let dropped: Vec<u32> = self.service_ids.values().filter(|id| !live_services.contains_key(id)).copied().collect();
+        self.service_ids.retain(|_, id| live_services.contains_key(id));
+        for id in dropped {
+            // Claimed but never written (its apply failed): hand the id back.
+            if !self.services.contains_key(&id) {
+                self.service_pool.release(id);
+            }
+        }
+        let referenced: std::collections::HashSet<u32> = self.frontends.values().map(|f| f.service_id).collect();
+        let unused: Vec<u32> = self
+            .services
+            .keys()
+            .filter(|id| !live_services.contains_key(id) && !referenced.contains(id))
+            .copied()
+            .collect();
+        for id in unused {
+            if let Err(e) = self.remove_service(id, maps, &mut report) {
+                report.errors.push(SyncError::Write { service: format!("service id {id}"), source: e });
+            }
+        }
+        let in_use: std::collections::HashSet<u32> = self.services.values().flat_map(|s| s.live.iter().copied()).collect();
+        let unused: Vec<u32> = self.backends.keys().filter(|id| !in_use.contains(id)).copied().collect();
+        for id in unused {
+            match maps.clear_backend(id) {
+                Ok(()) => {
+                    let b = self.backends.remove(&id).unwrap_or_default();
+                    self.backend_ids.remove(&(Ipv4Addr::from(common::ipv4_octets(b.addr)), common::port_host(b.port)));
+                    self.backend_pool.release(id);
+                    report.writes += 1;
+                }
+                Err(e) => report.errors.push(SyncError::Write { service: format!("backend id {id}"), source: e }),
+            }
+        }
+        // Ids handed out for backends whose write failed and that are no longer wanted.
+        let backends = &self.backends;
+        let pool = &mut self.backend_pool;
+        self.backend_ids.retain(|_, id| {
+            let keep = backends.contains_key(id) || in_use.contains(id);
+            if !keep {
+                pool.release(*id);
+            }
+            keep
+        });
+        report
+    }
+
+    /// Picks the id for a Service port: the one it had (found through its frontends in restored maps),
+    /// else a fresh one.
+    fn claim_service_id(&mut self, name: &ServicePortName, want: &DesiredService) -> Option<u32> {
+        if let Some(id) = self.service_ids.get(name) {
+            return Some(*id);
+        }
+        let claimed: std::collections::HashSet<u32> = self.service_ids.values().copied().collect();
+        let restored = want
+            .frontends
+            .keys()
+            .filter_map(|f| self.frontends.get(&frontend_key(f)).map(|fe| fe.service_id))
+            .find(|id| self.services.contains_key(id) && !claimed.contains(id));
+        let id = match restored {
+            Some(id) => id,
+            None => {
+                let services = &self.services;
+                self.service_pool.alloc(|id| services.contains_key(&id) || claimed.contains(&id))?
+            }
+        };
+        self.service_ids.insert(name.clone(), id);
+        Some(id)
+    }
+
+    fn backend_id(&mut self, b: &BackendAddr) -> Option<u32> {
+        if let Some(id) = self.backend_ids.get(&(b.ip, b.port)) {
+            return Some(*id);
+        }
+        let backends = &self.backends;
+        let id = self.backend_pool.alloc(|id| backends.contains_key(&id))?;
+        self.backend_ids.insert((b.ip, b.port), id);
+        Some(id)
+    }
+
+    fn apply_service(
+        &mut self,
+        name: &ServicePortName,
+        want: &DesiredService,
+        maps: &mut dyn DatapathMaps,
+        report: &mut SyncReport,
+    ) -> Result<Option<u32>, SyncError> {
+        if want.backends.len() > self.limits.backends_per_service as usize {
+            return Err(SyncError::BackendsPerServiceLimit {
+                service: name.clone(),
+                count: want.backends.len(),
+                limit: self.limits.backends_per_service,
+            });
+        }
+        let Some(id) = self.claim_service_id(name, want) else {
+            return Err(SyncError::ServiceLimit { service: name.clone(), limit: self.limits.services });
+        };
+        let write_err = |source| SyncError::Write { service: name.to_string(), source };
+
+        // 1. Backends.
+        let mut ids = Vec::with_capacity(want.backends.len());
+        for b in &want.backends {
+            let Some(bid) = self.backend_id(b) else {
+                return Err(SyncError::BackendLimit { service: name.clone(), limit: self.limits.backends });
+            };
+            let value = backend_value(b);
+            if self.backends.get(&bid) != Some(&value) {
+                maps.write_backend(bid, &value).map_err(write_err)?;
+                self.backends.insert(bid, value);
+                report.writes += 1;
+            }
+            ids.push(bid);
+        }
+
+        let flags = if want.when_empty == WhenEmpty::Drop { SERVICE_DROP_WHEN_EMPTY } else { 0 };
+        let current = self.services.get(&id).cloned().unwrap_or_default();
+        let known = self.services.contains_key(&id);
+        if known && current.live == ids && current.service.flags == flags {
+            return Ok(Some(id));
+        }
+
+        // 2. Slots into the idle bank, 3. one service update makes them live, 4. clear the old bank.
+        let (bank, live) = if current.live == ids && known {
+            (current.service.bank, current.live.clone())
+        } else {
+            let bank = current.service.bank ^ 1;
+            for (i, bid) in ids.iter().enumerate() {
+                let key = SlotKey { service_id: id, bank: bank as u16, index: i as u16 };
+                maps.write_slot(&key, *bid).map_err(write_err)?;
+                report.writes += 1;
+            }
+            (bank, ids)
+        };
+        let service = Service { backend_count: live.len() as u32, bank, flags, _pad: 0 };
+        maps.write_service(id, &service).map_err(write_err)?;
+        report.writes += 1;
+        if bank != current.service.bank {
+            for i in 0..current.live.len() {
+                let key = SlotKey { service_id: id, bank: current.service.bank as u16, index: i as u16 };
+                maps.remove_slot(&key).map_err(write_err)?;
+                report.writes += 1;
+            }
+        }
+        self.services.insert(id, ServiceSlots { service, live });
+        Ok(Some(id))
+    }
+
+    fn remove_service(&mut self, id: u32, maps: &mut dyn DatapathMaps, report: &mut SyncReport) -> anyhow::Result<()> {
+        let Some(s) = self.services.get(&id).cloned() else { return Ok(()) };
+        maps.write_service(id, &Service::default())?;
+        report.writes += 1;
+        for i in 0..s.live.len() {
+            maps.remove_slot(&SlotKey { service_id: id, bank: s.service.bank as u16, index: i as u16 })?;
+            report.writes += 1;
+        }
+        self.services.remove(&id);
+        self.service_pool.release(id);
+        Ok(())
+    }
+}
+
+/// In-memory maps for tests. With `check_every_write`, asserts after each single write that every
+/// frontend leads to a complete slot table of existing backends: the "no bad window" rule.
+#[derive(Debug, Default)]
+pub struct FakeMaps {
+    pub state: Snapshot,
+    pub writes: usize,
+    pub check_every_write: bool,
+    /// Fail the write with this number (1-based), to test partial failure.
+    pub fail_at_write: Option<usize>,
+}
+
+impl FakeMaps {
+    fn write(&mut self) -> anyhow::Result<()> {
+        self.writes += 1;
+        if self.fail_at_write == Some(self.writes) {
+            anyhow::bail!("injected failure at write {}", self.writes);
+        }
+        Ok(())
+    }
+
+    fn check(&self) {
+        if !self.check_every_write {
+            return;
+        }
+        for (key, fe) in &self.state.frontends {
+            let s = self.state.services.get(&fe.service_id).copied().unwrap_or_default();
+            for i in 0..s.backend_count {
+                let slot = SlotKey { service_id: fe.service_id, bank: s.bank as u16, index: i as u16 };
+                let bid = self.state.slots.get(&slot).unwrap_or_else(|| panic!("{key:?}: missing slot {slot:?}"));
+                assert!(self.state.backends.contains_key(bid), "{key:?}: slot {slot:?} -> missing backend {bid}");
+            }
+        }
+    }
+}
+
+impl DatapathMaps for FakeMaps {
+    fn write_backend(&mut self, id: u32, backend: &Backend) -> anyhow::Result<()> {
+        self.write()?;
+        self.state.backends.insert(id, *backend);
+        self.check();
+        Ok(())
+    }
+    fn clear_backend(&mut self, id: u32) -> anyhow::Result<()> {
+        self.write()?;
+        self.state.backends.remove(&id);
+        self.check();
+        Ok(())
+    }
+    fn write_slot(&mut self, key: &SlotKey, backend_id: u32) -> anyhow::Result<()> {
+        self.write()?;
+        self.state.slots.insert(*key, backend_id);
+        self.check();
+        Ok(())
+    }
+    fn remove_slot(&mut self, key: &SlotKey) -> anyhow::Result<()> {
+        self.write()?;
+        self.state.slots.remove(key);
+        self.check();
+        Ok(())
+    }
+    fn write_service(&mut self, id: u32, service: &Service) -> anyhow::Result<()> {
+        self.write()?;
+        if *service == Service::default() {
+            self.state.services.remove(&id);
+        } else {
+            self.state.services.insert(id, *service);
+        }
+        self.check();
+        Ok(())
+    }
+    fn write_frontend(&mut self, key: &FrontendKey, frontend: &Frontend) -> anyhow::Result<()> {
+        self.write()?;
+        self.state.frontends.insert(*key, *frontend);
+        self.check();
+        Ok(())
+    }
+    fn remove_frontend(&mut self, key: &FrontendKey) -> anyhow::Result<()> {
+        self.write()?;
+        self.state.frontends.remove(key);
+        self.check();
+        Ok(())
+    }
+    fn snapshot(&self) -> anyhow::Result<Snapshot> {
+        Ok(self.state.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Protocol;
+
+    fn name(n: &str) -> ServicePortName {
+        ServicePortName { namespace: "default".into(), name: n.into(), port: String::new(), protocol: Protocol::Tcp }
+    }
+
+    fn service(node_port: u16, backends: &[(u8, bool)]) -> DesiredService {
+        let mut s = DesiredService::default();
+        for node in [10u8, 11] {
+            s.frontends.insert(
+                FrontendAddr { ip: Ipv4Addr::new(198, 18, 0, node), port: node_port, protocol: Protocol::Tcp },
+                FrontendKind::NodePort,
+            );
+        }
+        s.backends = backends
+            .iter()
+            .map(|(last, local)| BackendAddr { ip: Ipv4Addr::new(198, 19, 1, *last), port: 8080, local: *local })
+            .collect();
+        s
+    }
+
+    fn state(services: &[(&str, DesiredService)]) -> DesiredState {
+        DesiredState { services: services.iter().map(|(n, s)| (name(n), s.clone())).collect() }
+    }
+
+    fn live_backends(maps: &FakeMaps, fe: &FrontendAddr) -> Vec<Ipv4Addr> {
+        let fe = maps.state.frontends[&frontend_key(fe)];
+        let s = maps.state.services[&fe.service_id];
+        (0..s.backend_count)
+            .map(|i| {
+                let bid = maps.state.slots[&SlotKey { service_id: fe.service_id, bank: s.bank as u16, index: i as u16 }];
+                Ipv4Addr::from(common::ipv4_octets(maps.state.backends[&bid].addr))
+            })
+            .collect()
+    }
+
+    fn fe(node: u8, port: u16) -> FrontendAddr {
+        FrontendAddr { ip: Ipv4Addr::new(198, 18, 0, node), port, protocol: Protocol::Tcp }
+    }
+
+    #[test]
+    fn programs_then_converges_with_no_writes() {
+        let mut maps = FakeMaps { check_every_write: true, ..Default::default() };
+        let mut r = Reconciler::restore(Snapshot::default(), Limits::default());
+        let want = state(&[("a", service(30001, &[(1, true), (2, false)])), ("b", service(30002, &[]))]);
+        let report = r.reconcile(&want, &mut maps);
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert_eq!(maps.state.frontends.len(), 4);
+        assert_eq!(live_backends(&maps, &fe(10, 30001)), [Ipv4Addr::new(198, 19, 1, 1), Ipv4Addr::new(198, 19, 1, 2)]);
+        assert!(live_backends(&maps, &fe(11, 30002)).is_empty());
+        let again = r.reconcile(&want, &mut maps);
+        assert_eq!(again.writes, 0, "idempotent");
+    }
+
+    #[test]
+    fn backend_changes_flip_banks_without_a_bad_window() {
+        let mut maps = FakeMaps { check_every_write: true, ..Default::default() };
+        let mut r = Reconciler::restore(Snapshot::default(), Limits::default());
+        r.reconcile(&state(&[("a", service(30001, &[(1, false), (2, false), (3, false)]))]), &mut maps);
+        let bank_before = maps.state.services.values().next().unwrap().bank;
+        let report = r.reconcile(&state(&[("a", service(30001, &[(1, false), (3, false), (4, true)]))]), &mut maps);
+        assert!(report.errors.is_empty());
+        assert_ne!(maps.state.services.values().next().unwrap().bank, bank_before);
+        assert_eq!(
+            live_backends(&maps, &fe(11, 30001)),
+            [Ipv4Addr::new(198, 19, 1, 1), Ipv4Addr::new(198, 19, 1, 3), Ipv4Addr::new(198, 19, 1, 4)]
+        );
+        assert_eq!(maps.state.slots.len(), 3, "old bank cleared");
+        assert_eq!(maps.state.backends.len(), 3, "removed backend cleared");
+    }
+
+    #[test]
+    fn removing_a_service_removes_everything_it_owned() {
+        let mut maps = FakeMaps { check_every_write: true, ..Default::default() };
+        let mut r = Reconciler::restore(Snapshot::default(), Limits::default());
+        r.reconcile(&state(&[("a", service(30001, &[(1, false)])), ("b", service(30002, &[(2, false)]))]), &mut maps);
+        r.reconcile(&state(&[("b", service(30002, &[(2, false)]))]), &mut maps);
+        assert_eq!(maps.state.frontends.len(), 2);
+        assert_eq!(maps.state.services.len(), 1);
+        assert_eq!(maps.state.slots.len(), 1);
+        assert_eq!(maps.state.backends.len(), 1);
+        r.reconcile(&DesiredState::default(), &mut maps);
+        assert_eq!(maps.state, Snapshot::default());
+    }
+
+    #[test]
+    fn restart_restores_ids_and_writes_nothing() {
+        let mut maps = FakeMaps::default();
+        let want = state(&[("a", service(30001, &[(1, true), (2, false)])), ("b", service(30002, &[(3, false)]))]);
+        Reconciler::restore(Snapshot::default(), Limits::default()).reconcile(&want, &mut maps);
+        let before = maps.state.clone();
+        let mut restarted = Reconciler::restore(maps.snapshot().unwrap(), Limits::default());
+        let report = restarted.reconcile(&want, &mut maps);
+        assert!(report.errors.is_empty());
+        assert_eq!(report.writes, 0, "a restart must not disturb the datapath");
+        assert_eq!(maps.state, before);
+    }
+
+    #[test]
+    fn restart_with_changes_cleans_up_stale_entries() {
+        let mut maps = FakeMaps { check_every_write: true, ..Default::default() };
+        let old = state(&[("a", service(30001, &[(1, true)])), ("gone", service(30009, &[(9, false)]))]);
+        Reconciler::restore(Snapshot::default(), Limits::default()).reconcile(&old, &mut maps);
+        let new = state(&[("a", service(30001, &[(1, true), (2, false)]))]);
+        let mut restarted = Reconciler::restore(maps.snapshot().unwrap(), Limits::default());
+        let report = restarted.reconcile(&new, &mut maps);
+        assert!(report.errors.is_empty());
+        assert_eq!(maps.state.frontends.len(), 2);
+        assert_eq!(maps.state.services.len(), 1);
+        assert_eq!(maps.state.backends.len(), 2);
+        assert_eq!(live_backends(&maps, &fe(10, 30001)).len(), 2);
+    }
+
+    #[test]
+    fn limits_are_errors_for_that_service_only() {
+        let mut maps = FakeMaps { check_every_write: true, ..Default::default() };
+        let limits = Limits { services: 2, backends: 100, backends_per_service: 2 };
+        let mut r = Reconciler::restore(Snapshot::default(), limits);
+        let want = state(&[
+            ("a", service(30001, &[(1, false)])),
+            ("b", service(30002, &[(1, false), (2, false), (3, false)])),
+            ("c", service(30003, &[(4, false)])),
+        ]);
+        let report = r.reconcile(&want, &mut maps);
+        assert_eq!(report.errors.len(), 2, "{:?}", report.errors);
+        assert!(matches!(report.errors[0], SyncError::BackendsPerServiceLimit { count: 3, .. }));
+        assert!(matches!(report.errors[1], SyncError::ServiceLimit { limit: 2, .. }));
+        assert_eq!(live_backends(&maps, &fe(10, 30001)), [Ipv4Addr::new(198, 19, 1, 1)]);
+        assert!(!maps.state.frontends.contains_key(&frontend_key(&fe(10, 30002))));
+    }
+
+    #[test]
+    fn failed_write_is_reported_and_retried_next_time() {
+        let mut maps = FakeMaps { check_every_write: true, fail_at_write: Some(2), ..Default::default() };
+        let mut r = Reconciler::restore(Snapshot::default(), Limits::default());
+        let want = state(&[("a", service(30001, &[(1, false), (2, false)]))]);
+        let first = r.reconcile(&want, &mut maps);
+        assert_eq!(first.errors.len(), 1);
+        let second = r.reconcile(&want, &mut maps);
+        assert!(second.errors.is_empty(), "{:?}", second.errors);
+        assert_eq!(live_backends(&maps, &fe(10, 30001)).len(), 2);
+    }
+}
