@@ -123,7 +123,12 @@ mod tests {
         let mut h = header();
         set_check(&mut h);
         let old = u32::from_ne_bytes([h[16], h[17], h[18], h[19]]);
-        for new_addr in [[198, 18, 5, 9], [255, 255, 255, 255], [0, 0, 0, 0], [198, 19, 200, 1]] {
+        for new_addr in [
+            [198, 18, 5, 9],
+            [255, 255, 255, 255],
+            [0, 0, 0, 0],
+            [198, 19, 200, 1],
+        ] {
             let mut n = h;
             n[16..20].copy_from_slice(&new_addr);
             let check = u16::from_ne_bytes([h[10], h[11]]);

@@ -45,11 +45,15 @@ mod tests {
         let buckets = 7u32;
         let mut counts = [0u32; 7];
         for sport in 30000u16..44000 {
-            counts[(flow_hash(0x0112_12c6, 0x0201_12c6, sport.to_be(), 60000u16.to_be(), 6) % buckets) as usize] += 1;
+            counts[(flow_hash(0x0112_12c6, 0x0201_12c6, sport.to_be(), 60000u16.to_be(), 6)
+                % buckets) as usize] += 1;
         }
         let expect = 14000 / buckets;
         for c in counts {
-            assert!(c > expect * 9 / 10 && c < expect * 11 / 10, "uneven: {counts:?}");
+            assert!(
+                c > expect * 9 / 10 && c < expect * 11 / 10,
+                "uneven: {counts:?}"
+            );
         }
     }
 }

@@ -305,9 +305,19 @@ mod lifetime_tests {
     fn lifetimes_follow_protocol_and_close_state() {
         assert_eq!(flow_lifetime_ns(PROTO_TCP, 0), CT_LIFETIME_TCP_NS);
         assert_eq!(flow_lifetime_ns(PROTO_UDP, 0), CT_LIFETIME_NONTCP_NS);
-        assert_eq!(flow_lifetime_ns(PROTO_TCP, FLOW_FIN_CLIENT), CT_LIFETIME_TCP_NS, "half-closed stays");
-        assert_eq!(flow_lifetime_ns(PROTO_TCP, FLOW_FIN_CLIENT | FLOW_FIN_BACKEND), CT_LIFETIME_CLOSING_NS);
-        assert_eq!(flow_lifetime_ns(PROTO_TCP, FLOW_CLOSING | FLOW_REMOTE), CT_LIFETIME_CLOSING_NS);
+        assert_eq!(
+            flow_lifetime_ns(PROTO_TCP, FLOW_FIN_CLIENT),
+            CT_LIFETIME_TCP_NS,
+            "half-closed stays"
+        );
+        assert_eq!(
+            flow_lifetime_ns(PROTO_TCP, FLOW_FIN_CLIENT | FLOW_FIN_BACKEND),
+            CT_LIFETIME_CLOSING_NS
+        );
+        assert_eq!(
+            flow_lifetime_ns(PROTO_TCP, FLOW_CLOSING | FLOW_REMOTE),
+            CT_LIFETIME_CLOSING_NS
+        );
         assert!(flow_closing(FLOW_CLOSING));
         assert!(!flow_closing(FLOW_REMOTE | FLOW_FIN_BACKEND));
     }
@@ -317,6 +327,11 @@ mod lifetime_tests {
         let t0 = 5_000_000_000u64;
         assert!(flow_alive(PROTO_UDP, 0, t0, t0 + CT_LIFETIME_NONTCP_NS - 1));
         assert!(!flow_alive(PROTO_UDP, 0, t0, t0 + CT_LIFETIME_NONTCP_NS));
-        assert!(!flow_alive(PROTO_TCP, FLOW_CLOSING, t0, t0 + CT_LIFETIME_CLOSING_NS + 1));
+        assert!(!flow_alive(
+            PROTO_TCP,
+            FLOW_CLOSING,
+            t0,
+            t0 + CT_LIFETIME_CLOSING_NS + 1
+        ));
     }
 }

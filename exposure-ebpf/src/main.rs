@@ -11,7 +11,10 @@ mod parse;
 mod reject;
 
 use aya_ebpf::{
-    bindings::{xdp_action, TC_ACT_OK, TC_ACT_UNSPEC, BPF_ANY, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST},
+    bindings::{
+        xdp_action, BPF_ANY, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST, TC_ACT_OK,
+        TC_ACT_UNSPEC,
+    },
     helpers::bpf_ktime_get_ns,
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
@@ -177,7 +180,14 @@ fn to_backend(ctx: &XdpContext, p: &Packet, service_id: u32) -> Result<u32, ()> 
 
 /// Picks a backend for a new flow and records both directions.
 #[inline(always)]
-fn new_flow(ctx: &XdpContext, p: &Packet, key: &FlowKey, service_id: u32, bits: u32, now: u64) -> Selected {
+fn new_flow(
+    ctx: &XdpContext,
+    p: &Packet,
+    key: &FlowKey,
+    service_id: u32,
+    bits: u32,
+    now: u64,
+) -> Selected {
     let Some(service) = SERVICES.get(service_id).copied() else {
         return Selected::NoBackend;
     };
@@ -219,12 +229,23 @@ fn new_flow(ctx: &XdpContext, p: &Packet, key: &FlowKey, service_id: u32, bits: 
     };
     if backend.flags & BACKEND_LOCAL == 0 {
         let tot_len: Result<*mut [u8; 2], ()> = ptr_at(ctx, ETH_LEN + IP_TOT_LEN);
-        let Ok(tot_len) = tot_len else { return Selected::Drop };
-        let Some(hop) = next_hop(ctx, backend.addr, p.proto, u16::from_be_bytes(unsafe { *tot_len })) else {
+        let Ok(tot_len) = tot_len else {
+            return Selected::Drop;
+        };
+        let Some(hop) = next_hop(
+            ctx,
+            backend.addr,
+            p.proto,
+            u16::from_be_bytes(unsafe { *tot_len }),
+        ) else {
             count(Counter::FibFailed);
             return Selected::Drop;
         };
-        let snat_addr = match unsafe { NODE_ADDRS.get(&hop.ifindex).or_else(|| NODE_ADDRS.get(&reply.ifindex)) } {
+        let snat_addr = match unsafe {
+            NODE_ADDRS
+                .get(&hop.ifindex)
+                .or_else(|| NODE_ADDRS.get(&reply.ifindex))
+        } {
             Some(a) => *a,
             None => {
                 count(Counter::FibFailed);
@@ -244,7 +265,10 @@ fn new_flow(ctx: &XdpContext, p: &Packet, key: &FlowKey, service_id: u32, bits: 
                 return Selected::Drop;
             }
         }
-    } else if REPLIES.insert(&reply_key(key, &flow), &reply, BPF_ANY as u64).is_err() {
+    } else if REPLIES
+        .insert(&reply_key(key, &flow), &reply, BPF_ANY as u64)
+        .is_err()
+    {
         return Selected::Drop;
     }
     if FLOWS.insert(key, &flow, BPF_ANY as u64).is_err() {
@@ -275,7 +299,8 @@ fn claim_snat_port(key: &FlowKey, flow: &Flow, reply: &Reply, now: u64) -> Optio
     let range = (SNAT_PORT_MAX - SNAT_PORT_MIN) as u32 + 1;
     let start = hash::flow_hash(key.saddr, key.daddr, key.sport, key.dport, key.proto);
     for attempt in 0..SNAT_PORT_TRIES {
-        let candidate = port(SNAT_PORT_MIN + ((start.wrapping_add(attempt.wrapping_mul(7919))) % range) as u16);
+        let candidate =
+            port(SNAT_PORT_MIN + ((start.wrapping_add(attempt.wrapping_mul(7919))) % range) as u16);
         let rk = FlowKey {
             saddr: flow.backend_addr,
             daddr: flow.snat_addr,
@@ -411,18 +436,37 @@ fn try_tc_egress(ctx: &TcContext) -> Result<i32, ()> {
         _pad: [0; 3],
     };
     if let Some(flow) = FLOWS.get_ptr_mut(&client) {
-        let p = Packet { l4_off, proto, saddr: key.saddr, daddr: key.daddr, sport: key.sport, dport: key.dport, tcp_flags };
+        let p = Packet {
+            l4_off,
+            proto,
+            saddr: key.saddr,
+            daddr: key.daddr,
+            sport: key.sport,
+            dport: key.dport,
+            tcp_flags,
+        };
         touch(flow, reply, close_bits(&p, false), now_ns());
     }
     // The helpers also handle CHECKSUM_PARTIAL skbs, which a plain incremental update would corrupt.
     let csum = (l4_off + check_off) as usize;
-    ctx.l4_csum_replace(csum, key.saddr as u64, r.frontend_addr as u64, BPF_F_PSEUDO_HDR as u64 | mangled | 4)
-        .map_err(|_| ())?;
+    ctx.l4_csum_replace(
+        csum,
+        key.saddr as u64,
+        r.frontend_addr as u64,
+        BPF_F_PSEUDO_HDR as u64 | mangled | 4,
+    )
+    .map_err(|_| ())?;
     ctx.l4_csum_replace(csum, key.sport as u64, r.frontend_port as u64, mangled | 2)
         .map_err(|_| ())?;
-    ctx.l3_csum_replace(ETH_LEN + IP_CHECK, key.saddr as u64, r.frontend_addr as u64, 4)
+    ctx.l3_csum_replace(
+        ETH_LEN + IP_CHECK,
+        key.saddr as u64,
+        r.frontend_addr as u64,
+        4,
+    )
+    .map_err(|_| ())?;
+    ctx.store(ETH_LEN + IP_SADDR, &r.frontend_addr, 0)
         .map_err(|_| ())?;
-    ctx.store(ETH_LEN + IP_SADDR, &r.frontend_addr, 0).map_err(|_| ())?;
     ctx.store(l4_off, &r.frontend_port, 0).map_err(|_| ())?;
     count(Counter::RepliesTc);
     Ok(TC_ACT_OK)

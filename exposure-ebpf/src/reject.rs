@@ -19,7 +19,7 @@ const MAX_ICMP_WORDS: usize = (8 + 60 + 8) / 2;
 #[inline(always)]
 pub fn port_unreachable(ctx: &XdpContext, p: &Packet) -> Result<u32, ()> {
     let eth: *const [[u8; 6]; 2] = ptr_at(ctx, 0)?;
-    let [client_mac, node_mac] = unsafe { *eth };
+    let [node_mac, client_mac] = unsafe { *eth };
     let quoted = p.l4_off - ETH_LEN + 8;
 
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(IP_ICMP_LEN as i32)) } != 0 {
@@ -44,8 +44,26 @@ pub fn port_unreachable(ctx: &XdpContext, p: &Packet) -> Result<u32, ()> {
     let s = p.daddr.to_ne_bytes();
     let d = p.saddr.to_ne_bytes();
     let mut ip: [u8; 20] = [
-        0x45, 0, tot_len[0], tot_len[1], 0, 0, 0, 0, 64, IPPROTO_ICMP, 0, 0, s[0], s[1], s[2], s[3],
-        d[0], d[1], d[2], d[3],
+        0x45,
+        0,
+        tot_len[0],
+        tot_len[1],
+        0,
+        0,
+        0,
+        0,
+        64,
+        IPPROTO_ICMP,
+        0,
+        0,
+        s[0],
+        s[1],
+        s[2],
+        s[3],
+        d[0],
+        d[1],
+        d[2],
+        d[3],
     ];
     let c = checksum::checksum(&ip).to_ne_bytes();
     ip[IP_CHECK] = c[0];

@@ -54,10 +54,16 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     for iface in &ifaces {
         match iface.ipv4.first() {
             Some(addr) => maps.set_node_addr(iface.index, *addr)?,
-            None => tracing::warn!(iface = iface.name, "no IPv4 address: no NodePorts and no SNAT source on it"),
+            None => tracing::warn!(
+                iface = iface.name,
+                "no IPv4 address: no NodePorts and no SNAT source on it"
+            ),
         }
     }
-    let mut reconciler = Reconciler::restore(maps.snapshot().context("reading pinned maps")?, Limits::default());
+    let mut reconciler = Reconciler::restore(
+        maps.snapshot().context("reading pinned maps")?,
+        Limits::default(),
+    );
     for iface in &ifaces {
         dp.attach(&iface.name, cfg.xdp_mode)?;
     }
@@ -79,7 +85,11 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         let node_addrs: Vec<_> = netdev::interfaces(&cfg.ifaces)
             .map(|ifs| ifs.into_iter().flat_map(|i| i.ipv4).collect())
             .unwrap_or_else(|_| last_node_addrs.clone());
-        if !retry && fingerprint.is_some() && fingerprint == last_fingerprint && node_addrs == last_node_addrs {
+        if !retry
+            && fingerprint.is_some()
+            && fingerprint == last_fingerprint
+            && node_addrs == last_node_addrs
+        {
             continue;
         }
         let started = Instant::now();
@@ -91,8 +101,12 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 continue;
             }
         };
-        let node = NodeContext { node_name: cfg.node_name.clone(), node_addrs: node_addrs.clone() };
-        let (desired, model_errors) = model::desired_state(&objects.services, &objects.endpoint_slices, &node);
+        let node = NodeContext {
+            node_name: cfg.node_name.clone(),
+            node_addrs: node_addrs.clone(),
+        };
+        let (desired, model_errors) =
+            model::desired_state(&objects.services, &objects.endpoint_slices, &node);
         let report = reconciler.reconcile(&desired, &mut maps);
 
         let now: BTreeSet<String> = file_errors
@@ -107,7 +121,10 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         for e in &report.errors {
             tracing::error!("sync: {e}");
         }
-        retry = report.errors.iter().any(|e| matches!(e, crate::sync::SyncError::Write { .. }));
+        retry = report
+            .errors
+            .iter()
+            .any(|e| matches!(e, crate::sync::SyncError::Write { .. }));
         last_fingerprint = fingerprint;
         last_node_addrs = node_addrs;
         tracing::info!(
@@ -129,7 +146,10 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
 
 fn warn_if_not_forwarding() {
     let path = Path::new("/proc/sys/net/ipv4/ip_forward");
-    if std::fs::read_to_string(path).map(|v| v.trim() != "1").unwrap_or(false) {
+    if std::fs::read_to_string(path)
+        .map(|v| v.trim() != "1")
+        .unwrap_or(false)
+    {
         tracing::warn!("net.ipv4.ip_forward is off: traffic to local backends is DNATed but the kernel will not route it to the pods");
     }
 }

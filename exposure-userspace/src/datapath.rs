@@ -19,7 +19,9 @@ use aya::{
     sys::SyscallError,
     Ebpf, EbpfLoader,
 };
-use exposure_common::{names, Backend, Counter, Flow, FlowKey, Frontend, FrontendKey, Reply, Service, SlotKey};
+use exposure_common::{
+    names, Backend, Counter, Flow, FlowKey, Frontend, FrontendKey, Reply, Service, SlotKey,
+};
 
 use crate::sync::{DatapathMaps, Snapshot};
 
@@ -40,15 +42,24 @@ pub fn ensure_bpffs() -> anyhow::Result<()> {
         return Ok(());
     }
     std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
-    nix::mount::mount(Some("bpf"), root, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
-        .with_context(|| format!("mounting bpffs at {}", root.display()))?;
+    nix::mount::mount(
+        Some("bpf"),
+        root,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .with_context(|| format!("mounting bpffs at {}", root.display()))?;
     tracing::info!("mounted bpffs at {}", root.display());
     Ok(())
 }
 
 /// Kernels >= 5.11 account BPF memory to the cgroup; older ones need RLIMIT_MEMLOCK raised.
 pub fn raise_memlock() {
-    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
         tracing::warn!(
             "could not raise RLIMIT_MEMLOCK ({}); fine on kernels >= 5.11",
@@ -99,7 +110,10 @@ impl Datapath {
         xdp.load().context("verifying the XDP program")?;
         let tc: &mut SchedClassifier = program(&mut ebpf, TC_PROGRAM)?.try_into()?;
         tc.load().context("verifying the tc program")?;
-        Ok(Datapath { ebpf, pin_dir: pin_dir.to_path_buf() })
+        Ok(Datapath {
+            ebpf,
+            pin_dir: pin_dir.to_path_buf(),
+        })
     }
 
     pub fn xdp(&mut self) -> anyhow::Result<&mut Xdp> {
@@ -126,9 +140,15 @@ impl Datapath {
         if !replaced {
             // Missing, or left behind by an interface that no longer exists.
             let _ = std::fs::remove_file(&xdp_pin);
-            let id = xdp.attach(iface, mode).with_context(|| format!("attaching XDP to {iface}"))?;
-            let link: FdLink = xdp.take_link(id)?.try_into().context("XDP link is not a bpf_link")?;
-            link.pin(&xdp_pin).with_context(|| format!("pinning {}", xdp_pin.display()))?;
+            let id = xdp
+                .attach(iface, mode)
+                .with_context(|| format!("attaching XDP to {iface}"))?;
+            let link: FdLink = xdp
+                .take_link(id)?
+                .try_into()
+                .context("XDP link is not a bpf_link")?;
+            link.pin(&xdp_pin)
+                .with_context(|| format!("pinning {}", xdp_pin.display()))?;
         }
 
         let tc = self.tc()?;
@@ -142,15 +162,20 @@ impl Datapath {
         };
         if !replaced {
             let _ = std::fs::remove_file(&tc_pin);
-            if aya::util::KernelVersion::current().is_ok_and(|v| v < aya::util::KernelVersion::new(6, 6, 0)) {
+            if aya::util::KernelVersion::current()
+                .is_ok_and(|v| v < aya::util::KernelVersion::new(6, 6, 0))
+            {
                 // Before TCX, tc programs hang off a clsact qdisc.
                 let _ = tc::qdisc_add_clsact(iface);
             }
-            let id = tc.attach(iface, TcAttachType::Egress).with_context(|| format!("attaching tc egress to {iface}"))?;
+            let id = tc
+                .attach(iface, TcAttachType::Egress)
+                .with_context(|| format!("attaching tc egress to {iface}"))?;
             let link = tc.take_link(id)?;
             match FdLink::try_from(link) {
                 Ok(link) => {
-                    link.pin(&tc_pin).with_context(|| format!("pinning {}", tc_pin.display()))?;
+                    link.pin(&tc_pin)
+                        .with_context(|| format!("pinning {}", tc_pin.display()))?;
                 }
                 // Netlink tc attachments (old kernels) live on the qdisc; nothing to pin.
                 Err(_) => tracing::debug!(iface, "tc attached via netlink; not pinned"),
@@ -162,7 +187,8 @@ impl Datapath {
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::programs::Program> {
-    ebpf.program_mut(name).with_context(|| format!("program {name} missing from the eBPF object"))
+    ebpf.program_mut(name)
+        .with_context(|| format!("program {name} missing from the eBPF object"))
 }
 
 /// A pinned map from an older, incompatible build would be silently misread: unpin it (losing only
@@ -170,10 +196,15 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::pr
 fn drop_incompatible_pins(pin_dir: &Path) {
     for name in names::ALL {
         let path = pin_dir.join(name);
-        let Ok(info) = MapInfo::from_pin(&path) else { continue };
+        let Ok(info) = MapInfo::from_pin(&path) else {
+            continue;
+        };
         if let Some((k, v)) = expected_layout(name) {
             if info.key_size() != k || info.value_size() != v {
-                tracing::warn!(map = name, "pinned map has an incompatible layout; recreating it");
+                tracing::warn!(
+                    map = name,
+                    "pinned map has an incompatible layout; recreating it"
+                );
                 let _ = std::fs::remove_file(&path);
             }
         }
@@ -183,14 +214,20 @@ fn drop_incompatible_pins(pin_dir: &Path) {
 /// Removes everything pinned under `pin_dir`: detaches the programs and frees the maps.
 pub fn unpin_all(pin_dir: &Path) -> anyhow::Result<()> {
     if pin_dir.exists() {
-        std::fs::remove_dir_all(pin_dir).with_context(|| format!("removing {}", pin_dir.display()))?;
+        std::fs::remove_dir_all(pin_dir)
+            .with_context(|| format!("removing {}", pin_dir.display()))?;
     }
     Ok(())
 }
 
 fn open_map(pin_dir: &Path, name: &str) -> anyhow::Result<MapData> {
     let path = pin_dir.join(name);
-    MapData::from_pin(&path).with_context(|| format!("opening pinned map {} (is the agent running with this --pin-dir?)", path.display()))
+    MapData::from_pin(&path).with_context(|| {
+        format!(
+            "opening pinned map {} (is the agent running with this --pin-dir?)",
+            path.display()
+        )
+    })
 }
 
 /// Typed handles on the pinned maps.
@@ -218,13 +255,16 @@ impl KernelMaps {
             flows: lru(names::FLOWS)?.try_into()?,
             replies: lru(names::REPLIES)?.try_into()?,
             node_addrs: hash(names::NODE_ADDRS)?.try_into()?,
-            stats: open_map(pin_dir, names::STATS).map(Map::PerCpuArray)?.try_into()?,
+            stats: open_map(pin_dir, names::STATS)
+                .map(Map::PerCpuArray)?
+                .try_into()?,
         })
     }
 
     /// Sets the SNAT source address used for flows leaving through `ifindex`.
     pub fn set_node_addr(&mut self, ifindex: u32, addr: std::net::Ipv4Addr) -> anyhow::Result<()> {
-        self.node_addrs.insert(ifindex, exposure_common::ipv4(addr.octets()), 0)?;
+        self.node_addrs
+            .insert(ifindex, exposure_common::ipv4(addr.octets()), 0)?;
         Ok(())
     }
 
@@ -246,13 +286,19 @@ impl KernelMaps {
 
 impl DatapathMaps for KernelMaps {
     fn write_backend(&mut self, id: u32, backend: &Backend) -> anyhow::Result<()> {
-        self.backends.set(id, backend, 0).with_context(|| format!("BACKENDS[{id}]"))
+        self.backends
+            .set(id, backend, 0)
+            .with_context(|| format!("BACKENDS[{id}]"))
     }
     fn clear_backend(&mut self, id: u32) -> anyhow::Result<()> {
-        self.backends.set(id, Backend::default(), 0).with_context(|| format!("BACKENDS[{id}]"))
+        self.backends
+            .set(id, Backend::default(), 0)
+            .with_context(|| format!("BACKENDS[{id}]"))
     }
     fn write_slot(&mut self, key: &SlotKey, backend_id: u32) -> anyhow::Result<()> {
-        self.slots.insert(key, backend_id, 0).with_context(|| format!("BACKEND_SLOTS {key:?}"))
+        self.slots
+            .insert(key, backend_id, 0)
+            .with_context(|| format!("BACKEND_SLOTS {key:?}"))
     }
     fn remove_slot(&mut self, key: &SlotKey) -> anyhow::Result<()> {
         match self.slots.remove(key) {
@@ -262,10 +308,14 @@ impl DatapathMaps for KernelMaps {
         }
     }
     fn write_service(&mut self, id: u32, service: &Service) -> anyhow::Result<()> {
-        self.services.set(id, service, 0).with_context(|| format!("SERVICES[{id}]"))
+        self.services
+            .set(id, service, 0)
+            .with_context(|| format!("SERVICES[{id}]"))
     }
     fn write_frontend(&mut self, key: &FrontendKey, frontend: &Frontend) -> anyhow::Result<()> {
-        self.frontends.insert(key, frontend, 0).with_context(|| format!("FRONTENDS {key:?}"))
+        self.frontends
+            .insert(key, frontend, 0)
+            .with_context(|| format!("FRONTENDS {key:?}"))
     }
     fn remove_frontend(&mut self, key: &FrontendKey) -> anyhow::Result<()> {
         match self.frontends.remove(key) {

@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use exposure::{agent, datapath, status};
 
 #[derive(Parser)]
-#[command(name = "exposure", version, about = "Kubernetes NodePort/LoadBalancer datapath in XDP")]
+#[command(
+    name = "exposure",
+    version,
+    about = "Kubernetes NodePort/LoadBalancer datapath in XDP"
+)]
 struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value = "text")]
@@ -67,7 +71,9 @@ enum Command {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -85,7 +91,14 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.command {
-        Command::Agent { ifaces, manifests, node_name, pin_dir, healthz_bind_address, xdp_mode } => {
+        Command::Agent {
+            ifaces,
+            manifests,
+            node_name,
+            pin_dir,
+            healthz_bind_address,
+            xdp_mode,
+        } => {
             let cfg = agent::AgentConfig {
                 ifaces,
                 manifests,
@@ -110,7 +123,10 @@ fn main() -> anyhow::Result<()> {
         Command::Status { pin_dir } => {
             let maps = datapath::KernelMaps::open(&pin_dir)?;
             let snapshot = exposure::sync::DatapathMaps::snapshot(&maps)?;
-            print!("{}", status::render(&snapshot, maps.flow_count(), &maps.counters()?));
+            print!(
+                "{}",
+                status::render(&snapshot, maps.flow_count(), &maps.counters()?)
+            );
             Ok(())
         }
         Command::Cleanup { pin_dir } => datapath::unpin_all(&pin_dir),

@@ -30,7 +30,13 @@ pub struct ManifestError {
 
 impl fmt::Display for ManifestError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}: {}", self.file.display(), self.object, self.reason)
+        write!(
+            f,
+            "{}: {}: {}",
+            self.file.display(),
+            self.object,
+            self.reason
+        )
     }
 }
 
@@ -87,18 +93,30 @@ pub fn load_dir(dir: &Path) -> Result<(Objects, Vec<ManifestError>), std::io::Er
 
 /// Parses one file's documents into `objects`, reporting what can't be used.
 pub fn parse_into(file: &Path, text: &str, objects: &mut Objects, errors: &mut Vec<ManifestError>) {
-    let err = |object: String, reason: String| ManifestError { file: file.to_path_buf(), object, reason };
+    let err = |object: String, reason: String| ManifestError {
+        file: file.to_path_buf(),
+        object,
+        reason,
+    };
     for (n, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let value = match serde_yaml::Value::deserialize(doc) {
             Ok(serde_yaml::Value::Null) => continue, // empty document, e.g. a trailing `---`
             Ok(v) => v,
             Err(e) => {
                 // A syntax error ends the stream: nothing after it in this file can be trusted.
-                errors.push(err(format!("document {}", n + 1), format!("not valid YAML: {e}")));
+                errors.push(err(
+                    format!("document {}", n + 1),
+                    format!("not valid YAML: {e}"),
+                ));
                 return;
             }
         };
-        add_object(value, &format!("document {}", n + 1), objects, &mut |o, r| errors.push(err(o, r)));
+        add_object(
+            value,
+            &format!("document {}", n + 1),
+            objects,
+            &mut |o, r| errors.push(err(o, r)),
+        );
     }
 }
 
@@ -115,7 +133,10 @@ fn add_object(
         return;
     };
     let meta = value.get("metadata");
-    let name = meta.and_then(|m| m.get("name")).and_then(|v| v.as_str()).map(str::to_owned);
+    let name = meta
+        .and_then(|m| m.get("name"))
+        .and_then(|v| v.as_str())
+        .map(str::to_owned);
     let namespace = meta
         .and_then(|m| m.get("namespace"))
         .and_then(|v| v.as_str())
@@ -129,9 +150,18 @@ fn add_object(
 
     match (api_version.as_str(), kind.as_str()) {
         ("v1", "List") => {
-            let items = value.get("items").and_then(|i| i.as_sequence()).cloned().unwrap_or_default();
+            let items = value
+                .get("items")
+                .and_then(|i| i.as_sequence())
+                .cloned()
+                .unwrap_or_default();
             for (i, item) in items.into_iter().enumerate() {
-                add_object(item, &format!("{position}, item {}", i + 1), objects, report);
+                add_object(
+                    item,
+                    &format!("{position}, item {}", i + 1),
+                    objects,
+                    report,
+                );
             }
         }
         ("v1", "Service") | ("discovery.k8s.io/v1", "EndpointSlice") if name.is_none() => {
@@ -141,12 +171,17 @@ fn add_object(
             Ok(s) => objects.services.push(with_namespace(s, namespace)),
             Err(e) => report(object, format!("invalid Service: {e}")),
         },
-        ("discovery.k8s.io/v1", "EndpointSlice") => match serde_yaml::from_value::<EndpointSlice>(value) {
-            Ok(s) => objects.endpoint_slices.push(with_namespace(s, namespace)),
-            Err(e) => report(object, format!("invalid EndpointSlice: {e}")),
-        },
+        ("discovery.k8s.io/v1", "EndpointSlice") => {
+            match serde_yaml::from_value::<EndpointSlice>(value) {
+                Ok(s) => objects.endpoint_slices.push(with_namespace(s, namespace)),
+                Err(e) => report(object, format!("invalid EndpointSlice: {e}")),
+            }
+        }
         (_, "Service" | "EndpointSlice") => {
-            report(object, format!("unsupported apiVersion {api_version:?} for {kind}"));
+            report(
+                object,
+                format!("unsupported apiVersion {api_version:?} for {kind}"),
+            );
         }
         // Deployments and the like often share a file with their Service: not ours, not an error.
         _ => tracing::debug!(%object, "ignoring object of a kind the datapath does not use"),
@@ -154,7 +189,9 @@ fn add_object(
 }
 
 /// `kubectl apply` puts namespaceless objects in `default`; do the same so slices find their Service.
-fn with_namespace<T: k8s_openapi::Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>>(
+fn with_namespace<
+    T: k8s_openapi::Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>,
+>(
     mut obj: T,
     namespace: &str,
 ) -> T {
@@ -164,7 +201,11 @@ fn with_namespace<T: k8s_openapi::Metadata<Ty = k8s_openapi::apimachinery::pkg::
 
 /// The same object defined twice: the first (by file order) wins, the rest are reported.
 fn dedupe(objects: &mut Objects, errors: &mut Vec<ManifestError>) {
-    fn keep_first<T>(items: &mut Vec<T>, id: impl Fn(&T) -> String, errors: &mut Vec<ManifestError>) {
+    fn keep_first<T>(
+        items: &mut Vec<T>,
+        id: impl Fn(&T) -> String,
+        errors: &mut Vec<ManifestError>,
+    ) {
         let mut seen = BTreeSet::new();
         items.retain(|o| {
             let id = id(o);
@@ -186,8 +227,16 @@ fn dedupe(objects: &mut Objects, errors: &mut Vec<ManifestError>) {
             m.name.as_deref().unwrap_or("")
         )
     };
-    keep_first(&mut objects.services, |s| id("Service", &s.metadata), errors);
-    keep_first(&mut objects.endpoint_slices, |s| id("EndpointSlice", &s.metadata), errors);
+    keep_first(
+        &mut objects.services,
+        |s| id("Service", &s.metadata),
+        errors,
+    );
+    keep_first(
+        &mut objects.endpoint_slices,
+        |s| id("EndpointSlice", &s.metadata),
+        errors,
+    );
 }
 
 /// Counts of what was loaded, for logs.
@@ -249,7 +298,9 @@ mod tests {
         let (o, e) = parse("apiVersion: v1\nkind: Service\nmetadata: {name: [unclosed\n");
         assert!(o.services.is_empty());
         assert!(e[0].reason.contains("not valid YAML"));
-        let (_, e) = parse("apiVersion: discovery.k8s.io/v1beta1\nkind: EndpointSlice\nmetadata: {name: old}\n");
+        let (_, e) = parse(
+            "apiVersion: discovery.k8s.io/v1beta1\nkind: EndpointSlice\nmetadata: {name: old}\n",
+        );
         assert!(e[0].reason.contains("unsupported apiVersion"));
         let (_, e) = parse("apiVersion: v1\nmetadata: {name: nokind}\n");
         assert!(e[0].reason.contains("kind"));
@@ -257,7 +308,9 @@ mod tests {
 
     #[test]
     fn json_is_yaml_too() {
-        let (o, e) = parse(r#"{"apiVersion":"v1","kind":"Service","metadata":{"name":"j"},"spec":{"ports":[{"port":1}]}}"#);
+        let (o, e) = parse(
+            r#"{"apiVersion":"v1","kind":"Service","metadata":{"name":"j"},"spec":{"ports":[{"port":1}]}}"#,
+        );
         assert!(e.is_empty());
         assert_eq!(o.services.len(), 1);
     }

@@ -145,14 +145,33 @@ pub struct NodeContext {
 pub enum ModelError {
     #[error("Service {0}: has no metadata.name")]
     Unnamed(String),
-    #[error("Service {service}: port {port}: protocol {protocol} is not supported (TCP and UDP are)")]
-    UnsupportedProtocol { service: String, port: String, protocol: String },
+    #[error(
+        "Service {service}: port {port}: protocol {protocol} is not supported (TCP and UDP are)"
+    )]
+    UnsupportedProtocol {
+        service: String,
+        port: String,
+        protocol: String,
+    },
     #[error("Service {service}: port {port}: {field} {value} is not a valid port")]
-    InvalidPort { service: String, port: String, field: &'static str, value: i32 },
+    InvalidPort {
+        service: String,
+        port: String,
+        field: &'static str,
+        value: i32,
+    },
     #[error("Service {service}: {field} {value:?} is not an IP address")]
-    InvalidAddress { service: String, field: &'static str, value: String },
+    InvalidAddress {
+        service: String,
+        field: &'static str,
+        value: String,
+    },
     #[error("Service {service}: frontend {frontend} is already used by {owner}; ignored here")]
-    FrontendConflict { service: String, frontend: FrontendAddr, owner: ServicePortName },
+    FrontendConflict {
+        service: String,
+        frontend: FrontendAddr,
+        owner: ServicePortName,
+    },
 }
 
 fn object_name(ns: &Option<String>, name: &str) -> String {
@@ -177,7 +196,12 @@ fn is_ours(svc: &Service) -> bool {
     spec.cluster_ip.as_deref() != Some("None")
 }
 
-fn valid_port(service: &str, port: &str, field: &'static str, value: i32) -> Result<u16, ModelError> {
+fn valid_port(
+    service: &str,
+    port: &str,
+    field: &'static str,
+    value: i32,
+) -> Result<u16, ModelError> {
     u16::try_from(value)
         .ok()
         .filter(|p| *p != 0)
@@ -229,7 +253,11 @@ fn ready_endpoints(
         }) else {
             continue;
         };
-        let Some(port) = port.port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p != 0) else {
+        let Some(port) = port
+            .port
+            .and_then(|p| u16::try_from(p).ok())
+            .filter(|p| *p != 0)
+        else {
             continue;
         };
         for ep in slice.endpoints.iter().flatten() {
@@ -238,7 +266,11 @@ fn ready_endpoints(
             if !ready {
                 continue;
             }
-            let Some(ip) = ep.addresses.first().and_then(|a| a.parse::<Ipv4Addr>().ok()) else {
+            let Some(ip) = ep
+                .addresses
+                .first()
+                .and_then(|a| a.parse::<Ipv4Addr>().ok())
+            else {
                 continue;
             };
             let local = ep.node_name.as_deref() == Some(node_name);
@@ -261,9 +293,21 @@ pub fn desired_state(
 
     let mut slices_by_service: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
     for slice in slices {
-        if let Some(svc) = slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) {
-            let ns = slice.metadata.namespace.clone().unwrap_or_else(|| "default".into());
-            slices_by_service.entry((ns, svc.clone())).or_default().push(slice);
+        if let Some(svc) = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME_LABEL))
+        {
+            let ns = slice
+                .metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".into());
+            slices_by_service
+                .entry((ns, svc.clone()))
+                .or_default()
+                .push(slice);
         }
     }
 
@@ -273,13 +317,20 @@ pub fn desired_state(
 
     for svc in sorted {
         let Some(name) = svc.metadata.name.clone() else {
-            errors.push(ModelError::Unnamed(object_name(&svc.metadata.namespace, "<unnamed>")));
+            errors.push(ModelError::Unnamed(object_name(
+                &svc.metadata.namespace,
+                "<unnamed>",
+            )));
             continue;
         };
         if !is_ours(svc) {
             continue;
         }
-        let namespace = svc.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+        let namespace = svc
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
         let display = format!("{namespace}/{name}");
         let Some(spec) = &svc.spec else { continue };
         let svc_type = spec.type_.as_deref().unwrap_or("ClusterIP");
@@ -292,7 +343,10 @@ pub fn desired_state(
                 .as_ref()
                 .and_then(|s| s.load_balancer.as_ref())
                 .and_then(|lb| lb.ingress.as_ref());
-            let ips = ingress.into_iter().flatten().filter_map(|i| i.ip.as_deref());
+            let ips = ingress
+                .into_iter()
+                .flatten()
+                .filter_map(|i| i.ip.as_deref());
             ipv4_list(&display, "status.loadBalancer.ingress.ip", ips, &mut errors)
         } else {
             Vec::new()
@@ -342,22 +396,39 @@ pub fn desired_state(
                     None => {} // e.g. allocateLoadBalancerNodePorts: false
                     Some(np) => match valid_port(&display, &port_name, "nodePort", np) {
                         Ok(np) => frontends.extend(node.node_addrs.iter().map(|ip| {
-                            (FrontendAddr { ip: *ip, port: np, protocol }, FrontendKind::NodePort)
+                            (
+                                FrontendAddr {
+                                    ip: *ip,
+                                    port: np,
+                                    protocol,
+                                },
+                                FrontendKind::NodePort,
+                            )
                         })),
                         Err(e) => errors.push(e),
                     },
                 }
             }
-            frontends.extend(
-                lb_ips
-                    .iter()
-                    .map(|ip| (FrontendAddr { ip: *ip, port, protocol }, FrontendKind::LoadBalancer)),
-            );
-            frontends.extend(
-                external_ips
-                    .iter()
-                    .map(|ip| (FrontendAddr { ip: *ip, port, protocol }, FrontendKind::ExternalIp)),
-            );
+            frontends.extend(lb_ips.iter().map(|ip| {
+                (
+                    FrontendAddr {
+                        ip: *ip,
+                        port,
+                        protocol,
+                    },
+                    FrontendKind::LoadBalancer,
+                )
+            }));
+            frontends.extend(external_ips.iter().map(|ip| {
+                (
+                    FrontendAddr {
+                        ip: *ip,
+                        port,
+                        protocol,
+                    },
+                    FrontendKind::ExternalIp,
+                )
+            }));
             if frontends.is_empty() {
                 continue; // ClusterIP only: never exposed from the NIC.
             }
@@ -381,7 +452,11 @@ pub fn desired_state(
             }
             let all = ready_endpoints(slices, &port_name, protocol, &node.node_name);
             if local_only {
-                desired.when_empty = if all.is_empty() { WhenEmpty::Reject } else { WhenEmpty::Drop };
+                desired.when_empty = if all.is_empty() {
+                    WhenEmpty::Reject
+                } else {
+                    WhenEmpty::Drop
+                };
                 desired.backends = all.into_iter().filter(|b| b.local).collect();
             } else {
                 desired.backends = all;
@@ -447,11 +522,20 @@ endpoints:
 "#;
 
     fn key(name: &str, port: &str, protocol: Protocol) -> ServicePortName {
-        ServicePortName { namespace: "default".into(), name: name.into(), port: port.into(), protocol }
+        ServicePortName {
+            namespace: "default".into(),
+            name: name.into(),
+            port: port.into(),
+            protocol,
+        }
     }
 
     fn be(ip: [u8; 4], port: u16, local: bool) -> BackendAddr {
-        BackendAddr { ip: ip.into(), port, local }
+        BackendAddr {
+            ip: ip.into(),
+            port,
+            local,
+        }
     }
 
     #[test]
@@ -464,7 +548,11 @@ endpoints:
         // not-ready 198.19.2.3 excluded; unset `ready` (198.19.2.4) counts as ready.
         assert_eq!(
             s.backends,
-            [be([198, 19, 1, 2], 50000, true), be([198, 19, 2, 2], 50000, false), be([198, 19, 2, 4], 50000, false)]
+            [
+                be([198, 19, 1, 2], 50000, true),
+                be([198, 19, 2, 2], 50000, false),
+                be([198, 19, 2, 4], 50000, false)
+            ]
         );
         assert_eq!(s.when_empty, WhenEmpty::Reject);
     }
@@ -479,14 +567,27 @@ endpoints:
 
     #[test]
     fn external_ips_expose_even_cluster_ip_services() {
-        let cip = HELLO
-            .replace("type: NodePort", "type: ClusterIP\n  externalIPs: [198.18.7.7, 'fd00::1', bogus]");
+        let cip = HELLO.replace(
+            "type: NodePort",
+            "type: ClusterIP\n  externalIPs: [198.18.7.7, 'fd00::1', bogus]",
+        );
         let (state, errors) = desired_state(&[svc(&cip)], &[], &node());
         let s = &state.services[&key("hello-world", "", Protocol::Tcp)];
-        let fronts: Vec<_> = s.frontends.iter().map(|(f, k)| (f.to_string(), *k)).collect();
-        assert_eq!(fronts, [("198.18.7.7:60000/TCP".to_string(), FrontendKind::ExternalIp)]);
+        let fronts: Vec<_> = s
+            .frontends
+            .iter()
+            .map(|(f, k)| (f.to_string(), *k))
+            .collect();
+        assert_eq!(
+            fronts,
+            [("198.18.7.7:60000/TCP".to_string(), FrontendKind::ExternalIp)]
+        );
         assert!(s.backends.is_empty());
-        assert_eq!(errors.len(), 1, "only the unparsable address is an error: {errors:?}");
+        assert_eq!(
+            errors.len(),
+            1,
+            "only the unparsable address is an error: {errors:?}"
+        );
         assert!(errors[0].to_string().contains("bogus"));
     }
 
@@ -497,22 +598,36 @@ endpoints:
         let (state, _) = desired_state(&[svc(&lb)], &[slice(HELLO_SLICE)], &node());
         let s = &state.services[&key("hello-world", "", Protocol::Tcp)];
         assert_eq!(s.frontends.len(), 3);
-        let lbf = FrontendAddr { ip: Ipv4Addr::new(198, 18, 100, 1), port: 60000, protocol: Protocol::Tcp };
+        let lbf = FrontendAddr {
+            ip: Ipv4Addr::new(198, 18, 100, 1),
+            port: 60000,
+            protocol: Protocol::Tcp,
+        };
         assert_eq!(s.frontends[&lbf], FrontendKind::LoadBalancer);
     }
 
     #[test]
     fn external_traffic_policy_local_keeps_only_local_endpoints() {
-        let local = HELLO.replace("type: NodePort", "type: NodePort\n  externalTrafficPolicy: Local");
+        let local = HELLO.replace(
+            "type: NodePort",
+            "type: NodePort\n  externalTrafficPolicy: Local",
+        );
         let (state, _) = desired_state(&[svc(&local)], &[slice(HELLO_SLICE)], &node());
         let s = &state.services[&key("hello-world", "", Protocol::Tcp)];
         assert_eq!(s.backends, [be([198, 19, 1, 2], 50000, true)]);
 
-        let elsewhere = NodeContext { node_name: "node-c".into(), ..node() };
+        let elsewhere = NodeContext {
+            node_name: "node-c".into(),
+            ..node()
+        };
         let (state, _) = desired_state(&[svc(&local)], &[slice(HELLO_SLICE)], &elsewhere);
         let s = &state.services[&key("hello-world", "", Protocol::Tcp)];
         assert!(s.backends.is_empty());
-        assert_eq!(s.when_empty, WhenEmpty::Drop, "endpoints elsewhere: drop, not reject");
+        assert_eq!(
+            s.when_empty,
+            WhenEmpty::Drop,
+            "endpoints elsewhere: drop, not reject"
+        );
     }
 
     #[test]
@@ -522,7 +637,10 @@ endpoints:
             "metadata: {name: hello-world, namespace: default, labels: {service.kubernetes.io/service-proxy-name: other}}",
         );
         let headless = HELLO.replace("clusterIP: 10.96.0.10", "clusterIP: None");
-        let external_name = HELLO.replace("type: NodePort", "type: ExternalName\n  externalName: example.org");
+        let external_name = HELLO.replace(
+            "type: NodePort",
+            "type: ExternalName\n  externalName: example.org",
+        );
         for yaml in [other_proxy, headless, external_name] {
             let (state, errors) = desired_state(&[svc(&yaml)], &[slice(HELLO_SLICE)], &node());
             assert!(state.services.is_empty(), "{yaml}");
@@ -550,9 +668,14 @@ addressType: IPv4
 ports: [{name: dns, protocol: UDP, port: 5353}, {name: dns-tcp, protocol: TCP, port: 5354}]
 endpoints: [{addresses: [198.19.1.5], nodeName: node-a}, {addresses: [198.19.1.6], nodeName: node-a}]
 "#;
-        let s2 = s1.replace("dns-1", "dns-2").replace("198.19.1.6", "198.19.1.7");
+        let s2 = s1
+            .replace("dns-1", "dns-2")
+            .replace("198.19.1.6", "198.19.1.7");
         let wrong_ns = s1.replace("kube-system", "default");
-        let v6 = s1.replace("dns-1", "dns-v6").replace("IPv4", "IPv6").replace("198.19.1.5", "fd00::5");
+        let v6 = s1
+            .replace("dns-1", "dns-v6")
+            .replace("IPv4", "IPv6")
+            .replace("198.19.1.5", "fd00::5");
         let slices = [slice(s1), slice(&s2), slice(&wrong_ns), slice(&v6)];
         let (state, errors) = desired_state(&[svc(multi)], &slices, &node());
         assert!(errors.is_empty(), "{errors:?}");
@@ -562,10 +685,18 @@ endpoints: [{addresses: [198.19.1.5], nodeName: node-a}, {addresses: [198.19.1.6
             port: "dns".into(),
             protocol: Protocol::Udp,
         }];
-        let ips: Vec<_> = udp.backends.iter().map(|b| (b.ip.to_string(), b.port)).collect();
+        let ips: Vec<_> = udp
+            .backends
+            .iter()
+            .map(|b| (b.ip.to_string(), b.port))
+            .collect();
         assert_eq!(
             ips,
-            [("198.19.1.5".into(), 5353), ("198.19.1.6".into(), 5353), ("198.19.1.7".into(), 5353)]
+            [
+                ("198.19.1.5".into(), 5353),
+                ("198.19.1.6".into(), 5353),
+                ("198.19.1.7".into(), 5353)
+            ]
         );
         let tcp = &state.services[&ServicePortName {
             namespace: "kube-system".into(),
@@ -593,9 +724,18 @@ spec:
         let (state, errors) = desired_state(&[svc(bad)], &[], &node());
         assert_eq!(errors.len(), 2, "{errors:?}");
         assert!(matches!(errors[0], ModelError::UnsupportedProtocol { .. }));
-        assert!(matches!(errors[1], ModelError::InvalidPort { field: "nodePort", value: 70000, .. }));
+        assert!(matches!(
+            errors[1],
+            ModelError::InvalidPort {
+                field: "nodePort",
+                value: 70000,
+                ..
+            }
+        ));
         assert_eq!(state.services.len(), 1);
-        assert!(state.services.contains_key(&key("mixed", "c", Protocol::Tcp)));
+        assert!(state
+            .services
+            .contains_key(&key("mixed", "c", Protocol::Tcp)));
     }
 
     #[test]

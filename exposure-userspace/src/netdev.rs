@@ -16,7 +16,10 @@ pub fn interfaces(names: &[String]) -> anyhow::Result<Vec<Interface>> {
     let mut addrs: BTreeMap<String, Vec<Ipv4Addr>> = BTreeMap::new();
     for ifa in nix::ifaddrs::getifaddrs().context("listing interface addresses")? {
         if let Some(sin) = ifa.address.as_ref().and_then(|a| a.as_sockaddr_in()) {
-            addrs.entry(ifa.interface_name.clone()).or_default().push(sin.ip());
+            addrs
+                .entry(ifa.interface_name.clone())
+                .or_default()
+                .push(sin.ip());
         }
     }
     names
@@ -27,7 +30,11 @@ pub fn interfaces(names: &[String]) -> anyhow::Result<Vec<Interface>> {
             let mut ipv4 = addrs.get(name).cloned().unwrap_or_default();
             ipv4.sort();
             ipv4.dedup();
-            Ok(Interface { name: name.clone(), index, ipv4 })
+            Ok(Interface {
+                name: name.clone(),
+                index,
+                ipv4,
+            })
         })
         .collect()
 }

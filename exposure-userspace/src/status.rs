@@ -3,8 +3,8 @@
 use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
 
 use exposure_common::{
-    ipv4_octets, port_host, Counter, SlotKey, BACKEND_LOCAL, FRONTEND_EXTERNAL_IP, FRONTEND_LOADBALANCER,
-    SERVICE_DROP_WHEN_EMPTY,
+    ipv4_octets, port_host, Counter, SlotKey, BACKEND_LOCAL, FRONTEND_EXTERNAL_IP,
+    FRONTEND_LOADBALANCER, SERVICE_DROP_WHEN_EMPTY,
 };
 
 use crate::{model::Protocol, sync::Snapshot};
@@ -23,23 +23,52 @@ fn kind(flags: u32) -> &'static str {
 pub fn render(s: &Snapshot, flows: usize, counters: &[(Counter, u64)]) -> String {
     let mut rows: Vec<[String; 4]> = Vec::new();
     for (key, fe) in &s.frontends {
-        let proto = Protocol::from_number(key.proto).map_or_else(|| key.proto.to_string(), |p| p.to_string());
-        let frontend = format!("{}:{}/{proto}", Ipv4Addr::from(ipv4_octets(key.addr)), port_host(key.port));
+        let proto = Protocol::from_number(key.proto)
+            .map_or_else(|| key.proto.to_string(), |p| p.to_string());
+        let frontend = format!(
+            "{}:{}/{proto}",
+            Ipv4Addr::from(ipv4_octets(key.addr)),
+            port_host(key.port)
+        );
         let svc = s.services.get(&fe.service_id).copied().unwrap_or_default();
         let backends: Vec<String> = (0..svc.backend_count)
-            .filter_map(|i| s.slots.get(&SlotKey { service_id: fe.service_id, bank: svc.bank as u16, index: i as u16 }))
+            .filter_map(|i| {
+                s.slots.get(&SlotKey {
+                    service_id: fe.service_id,
+                    bank: svc.bank as u16,
+                    index: i as u16,
+                })
+            })
             .filter_map(|id| s.backends.get(id))
             .map(|b| {
-                let local = if b.flags & BACKEND_LOCAL != 0 { " (local)" } else { "" };
-                format!("{}:{}{local}", Ipv4Addr::from(ipv4_octets(b.addr)), port_host(b.port))
+                let local = if b.flags & BACKEND_LOCAL != 0 {
+                    " (local)"
+                } else {
+                    ""
+                };
+                format!(
+                    "{}:{}{local}",
+                    Ipv4Addr::from(ipv4_octets(b.addr)),
+                    port_host(b.port)
+                )
             })
             .collect();
         let backends = if backends.is_empty() {
-            if svc.flags & SERVICE_DROP_WHEN_EMPTY != 0 { "(none on this node: drop)" } else { "(none: refuse)" }.to_string()
+            if svc.flags & SERVICE_DROP_WHEN_EMPTY != 0 {
+                "(none on this node: drop)"
+            } else {
+                "(none: refuse)"
+            }
+            .to_string()
         } else {
             backends.join(", ")
         };
-        rows.push([frontend, kind(fe.flags).to_string(), fe.service_id.to_string(), backends]);
+        rows.push([
+            frontend,
+            kind(fe.flags).to_string(),
+            fe.service_id.to_string(),
+            backends,
+        ]);
     }
     let header = ["FRONTEND", "KIND", "SERVICE", "BACKENDS"].map(String::from);
     let mut widths = [0usize; 3];
@@ -50,7 +79,17 @@ pub fn render(s: &Snapshot, flows: usize, counters: &[(Counter, u64)]) -> String
     }
     let mut out = String::new();
     for row in std::iter::once(&header).chain(&rows) {
-        let _ = writeln!(out, "{:w0$}  {:w1$}  {:w2$}  {}", row[0], row[1], row[2], row[3], w0 = widths[0], w1 = widths[1], w2 = widths[2]);
+        let _ = writeln!(
+            out,
+            "{:w0$}  {:w1$}  {:w2$}  {}",
+            row[0],
+            row[1],
+            row[2],
+            row[3],
+            w0 = widths[0],
+            w1 = widths[1],
+            w2 = widths[2]
+        );
     }
     let services: BTreeMap<u32, ()> = s.frontends.values().map(|f| (f.service_id, ())).collect();
     let _ = writeln!(
@@ -61,7 +100,11 @@ pub fn render(s: &Snapshot, flows: usize, counters: &[(Counter, u64)]) -> String
         s.backends.len(),
         flows
     );
-    let nonzero: Vec<String> = counters.iter().filter(|(_, v)| *v > 0).map(|(c, v)| format!("{}={v}", c.name())).collect();
+    let nonzero: Vec<String> = counters
+        .iter()
+        .filter(|(_, v)| *v > 0)
+        .map(|(c, v)| format!("{}={v}", c.name()))
+        .collect();
     if !nonzero.is_empty() {
         let _ = writeln!(out, "counters: {}", nonzero.join(" "));
     }
@@ -72,7 +115,9 @@ pub fn render(s: &Snapshot, flows: usize, counters: &[(Counter, u64)]) -> String
 mod tests {
     use super::*;
     use crate::{
-        model::{BackendAddr, DesiredService, DesiredState, FrontendAddr, FrontendKind, ServicePortName},
+        model::{
+            BackendAddr, DesiredService, DesiredState, FrontendAddr, FrontendKind, ServicePortName,
+        },
         sync::{FakeMaps, Limits, Reconciler},
     };
 
@@ -80,21 +125,48 @@ mod tests {
     fn table_lists_frontends_with_their_backends() {
         let mut svc = DesiredService::default();
         svc.frontends.insert(
-            FrontendAddr { ip: Ipv4Addr::new(198, 18, 0, 10), port: 30600, protocol: Protocol::Tcp },
+            FrontendAddr {
+                ip: Ipv4Addr::new(198, 18, 0, 10),
+                port: 30600,
+                protocol: Protocol::Tcp,
+            },
             FrontendKind::NodePort,
         );
         svc.backends = vec![
-            BackendAddr { ip: Ipv4Addr::new(198, 19, 1, 2), port: 50000, local: true },
-            BackendAddr { ip: Ipv4Addr::new(198, 19, 2, 2), port: 50000, local: false },
+            BackendAddr {
+                ip: Ipv4Addr::new(198, 19, 1, 2),
+                port: 50000,
+                local: true,
+            },
+            BackendAddr {
+                ip: Ipv4Addr::new(198, 19, 2, 2),
+                port: 50000,
+                local: false,
+            },
         ];
-        let name = ServicePortName { namespace: "default".into(), name: "hello-world".into(), port: String::new(), protocol: Protocol::Tcp };
+        let name = ServicePortName {
+            namespace: "default".into(),
+            name: "hello-world".into(),
+            port: String::new(),
+            protocol: Protocol::Tcp,
+        };
         let mut maps = FakeMaps::default();
-        Reconciler::restore(Snapshot::default(), Limits::default())
-            .reconcile(&DesiredState { services: [(name, svc)].into() }, &mut maps);
+        Reconciler::restore(Snapshot::default(), Limits::default()).reconcile(
+            &DesiredState {
+                services: [(name, svc)].into(),
+            },
+            &mut maps,
+        );
         let out = render(&maps.state, 3, &[(Counter::NewFlows, 3)]);
         assert!(out.contains("198.18.0.10:30600/TCP  NodePort"), "{out}");
-        assert!(out.contains("198.19.1.2:50000 (local), 198.19.2.2:50000"), "{out}");
-        assert!(out.contains("1 frontends, 1 service ports, 2 backends, 3 tracked flows"), "{out}");
+        assert!(
+            out.contains("198.19.1.2:50000 (local), 198.19.2.2:50000"),
+            "{out}"
+        );
+        assert!(
+            out.contains("1 frontends, 1 service ports, 2 backends, 3 tracked flows"),
+            "{out}"
+        );
         assert!(out.contains("new_flows=3"));
     }
 }

@@ -12,11 +12,14 @@ use std::{
 };
 
 use exposure_common::{
-    self as common, Backend, Frontend, FrontendKey, Service, SlotKey, BACKEND_LOCAL, FRONTEND_EXTERNAL_IP,
-    FRONTEND_LOADBALANCER, FRONTEND_NODEPORT, SERVICE_DROP_WHEN_EMPTY,
+    self as common, Backend, Frontend, FrontendKey, Service, SlotKey, BACKEND_LOCAL,
+    FRONTEND_EXTERNAL_IP, FRONTEND_LOADBALANCER, FRONTEND_NODEPORT, SERVICE_DROP_WHEN_EMPTY,
 };
 
-use crate::model::{BackendAddr, DesiredService, DesiredState, FrontendAddr, FrontendKind, ServicePortName, WhenEmpty};
+use crate::model::{
+    BackendAddr, DesiredService, DesiredState, FrontendAddr, FrontendKind, ServicePortName,
+    WhenEmpty,
+};
 
 /// Everything the datapath maps hold that the reconciler owns.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -62,13 +65,26 @@ impl Default for Limits {
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
     #[error("{service}: no free service id (limit {limit}); not programmed")]
-    ServiceLimit { service: ServicePortName, limit: u32 },
+    ServiceLimit {
+        service: ServicePortName,
+        limit: u32,
+    },
     #[error("{service}: {count} backends exceed the per-service limit of {limit}; not programmed")]
-    BackendsPerServiceLimit { service: ServicePortName, count: usize, limit: u32 },
+    BackendsPerServiceLimit {
+        service: ServicePortName,
+        count: usize,
+        limit: u32,
+    },
     #[error("{service}: no free backend id (limit {limit}); not programmed")]
-    BackendLimit { service: ServicePortName, limit: u32 },
+    BackendLimit {
+        service: ServicePortName,
+        limit: u32,
+    },
     #[error("{service}: map write failed: {source:#}")]
-    Write { service: String, source: anyhow::Error },
+    Write {
+        service: String,
+        source: anyhow::Error,
+    },
 }
 
 #[derive(Debug, Default)]
@@ -87,7 +103,11 @@ struct IdPool {
 
 impl IdPool {
     fn new(limit: u32) -> Self {
-        IdPool { next: 1, limit, free: Vec::new() }
+        IdPool {
+            next: 1,
+            limit,
+            free: Vec::new(),
+        }
     }
     fn alloc(&mut self, in_use: impl Fn(u32) -> bool) -> Option<u32> {
         while let Some(id) = self.free.pop() {
@@ -160,12 +180,24 @@ impl Reconciler {
         let mut services: BTreeMap<u32, ServiceSlots> = snapshot
             .services
             .iter()
-            .map(|(id, s)| (*id, ServiceSlots { service: *s, live: Vec::new() }))
+            .map(|(id, s)| {
+                (
+                    *id,
+                    ServiceSlots {
+                        service: *s,
+                        live: Vec::new(),
+                    },
+                )
+            })
             .collect();
         for (id, s) in services.iter_mut() {
             s.live = (0..s.service.backend_count)
                 .map(|i| {
-                    let key = SlotKey { service_id: *id, bank: s.service.bank as u16, index: i as u16 };
+                    let key = SlotKey {
+                        service_id: *id,
+                        bank: s.service.bank as u16,
+                        index: i as u16,
+                    };
                     snapshot.slots.get(&key).copied().unwrap_or(0)
                 })
                 .collect();
@@ -173,7 +205,15 @@ impl Reconciler {
         let backend_ids = snapshot
             .backends
             .iter()
-            .map(|(id, b)| ((Ipv4Addr::from(common::ipv4_octets(b.addr)), common::port_host(b.port)), *id))
+            .map(|(id, b)| {
+                (
+                    (
+                        Ipv4Addr::from(common::ipv4_octets(b.addr)),
+                        common::port_host(b.port),
+                    ),
+                    *id,
+                )
+            })
             .collect();
         Reconciler {
             limits,
@@ -202,7 +242,13 @@ impl Reconciler {
                 Ok(Some(id)) => {
                     live_services.insert(id, ());
                     for (addr, kind) in &want.frontends {
-                        wanted_frontends.insert(frontend_key(addr), Frontend { service_id: id, flags: frontend_flags(*kind) });
+                        wanted_frontends.insert(
+                            frontend_key(addr),
+                            Frontend {
+                                service_id: id,
+                                flags: frontend_flags(*kind),
+                            },
+                        );
                     }
                 }
                 Ok(None) => {}
@@ -218,30 +264,48 @@ impl Reconciler {
                         self.frontends.insert(*key, *fe);
                         report.writes += 1;
                     }
-                    Err(e) => report.errors.push(SyncError::Write { service: format!("frontend {key:?}"), source: e }),
+                    Err(e) => report.errors.push(SyncError::Write {
+                        service: format!("frontend {key:?}"),
+                        source: e,
+                    }),
                 }
             }
         }
         // Deletions after everything new is in place.
-        let stale: Vec<FrontendKey> = self.frontends.keys().filter(|k| !wanted_frontends.contains_key(k)).copied().collect();
+        let stale: Vec<FrontendKey> = self
+            .frontends
+            .keys()
+            .filter(|k| !wanted_frontends.contains_key(k))
+            .copied()
+            .collect();
         for key in stale {
             match maps.remove_frontend(&key) {
                 Ok(()) => {
                     self.frontends.remove(&key);
                     report.writes += 1;
                 }
-                Err(e) => report.errors.push(SyncError::Write { service: format!("frontend {key:?}"), source: e }),
+                Err(e) => report.errors.push(SyncError::Write {
+                    service: format!("frontend {key:?}"),
+                    source: e,
+                }),
             }
         }
-        let dropped: Vec<u32> = self.service_ids.values().filter(|id| !live_services.contains_key(id)).copied().collect();
-        self.service_ids.retain(|_, id| live_services.contains_key(id));
+        let dropped: Vec<u32> = self
+            .service_ids
+            .values()
+            .filter(|id| !live_services.contains_key(id))
+            .copied()
+            .collect();
+        self.service_ids
+            .retain(|_, id| live_services.contains_key(id));
         for id in dropped {
             // Claimed but never written (its apply failed): hand the id back.
             if !self.services.contains_key(&id) {
                 self.service_pool.release(id);
             }
         }
-        let referenced: std::collections::HashSet<u32> = self.frontends.values().map(|f| f.service_id).collect();
+        let referenced: std::collections::HashSet<u32> =
+            self.frontends.values().map(|f| f.service_id).collect();
         let unused: Vec<u32> = self
             .services
             .keys()
@@ -250,20 +314,38 @@ impl Reconciler {
             .collect();
         for id in unused {
             if let Err(e) = self.remove_service(id, maps, &mut report) {
-                report.errors.push(SyncError::Write { service: format!("service id {id}"), source: e });
+                report.errors.push(SyncError::Write {
+                    service: format!("service id {id}"),
+                    source: e,
+                });
             }
         }
-        let in_use: std::collections::HashSet<u32> = self.services.values().flat_map(|s| s.live.iter().copied()).collect();
-        let unused: Vec<u32> = self.backends.keys().filter(|id| !in_use.contains(id)).copied().collect();
+        let in_use: std::collections::HashSet<u32> = self
+            .services
+            .values()
+            .flat_map(|s| s.live.iter().copied())
+            .collect();
+        let unused: Vec<u32> = self
+            .backends
+            .keys()
+            .filter(|id| !in_use.contains(id))
+            .copied()
+            .collect();
         for id in unused {
             match maps.clear_backend(id) {
                 Ok(()) => {
                     let b = self.backends.remove(&id).unwrap_or_default();
-                    self.backend_ids.remove(&(Ipv4Addr::from(common::ipv4_octets(b.addr)), common::port_host(b.port)));
+                    self.backend_ids.remove(&(
+                        Ipv4Addr::from(common::ipv4_octets(b.addr)),
+                        common::port_host(b.port),
+                    ));
                     self.backend_pool.release(id);
                     report.writes += 1;
                 }
-                Err(e) => report.errors.push(SyncError::Write { service: format!("backend id {id}"), source: e }),
+                Err(e) => report.errors.push(SyncError::Write {
+                    service: format!("backend id {id}"),
+                    source: e,
+                }),
             }
         }
         // Ids handed out for backends whose write failed and that are no longer wanted.
@@ -295,7 +377,8 @@ impl Reconciler {
             Some(id) => id,
             None => {
                 let services = &self.services;
-                self.service_pool.alloc(|id| services.contains_key(&id) || claimed.contains(&id))?
+                self.service_pool
+                    .alloc(|id| services.contains_key(&id) || claimed.contains(&id))?
             }
         };
         self.service_ids.insert(name.clone(), id);
@@ -327,15 +410,24 @@ impl Reconciler {
             });
         }
         let Some(id) = self.claim_service_id(name, want) else {
-            return Err(SyncError::ServiceLimit { service: name.clone(), limit: self.limits.services });
+            return Err(SyncError::ServiceLimit {
+                service: name.clone(),
+                limit: self.limits.services,
+            });
         };
-        let write_err = |source| SyncError::Write { service: name.to_string(), source };
+        let write_err = |source| SyncError::Write {
+            service: name.to_string(),
+            source,
+        };
 
         // 1. Backends.
         let mut ids = Vec::with_capacity(want.backends.len());
         for b in &want.backends {
             let Some(bid) = self.backend_id(b) else {
-                return Err(SyncError::BackendLimit { service: name.clone(), limit: self.limits.backends });
+                return Err(SyncError::BackendLimit {
+                    service: name.clone(),
+                    limit: self.limits.backends,
+                });
             };
             let value = backend_value(b);
             if self.backends.get(&bid) != Some(&value) {
@@ -346,7 +438,11 @@ impl Reconciler {
             ids.push(bid);
         }
 
-        let flags = if want.when_empty == WhenEmpty::Drop { SERVICE_DROP_WHEN_EMPTY } else { 0 };
+        let flags = if want.when_empty == WhenEmpty::Drop {
+            SERVICE_DROP_WHEN_EMPTY
+        } else {
+            0
+        };
         let current = self.services.get(&id).cloned().unwrap_or_default();
         let known = self.services.contains_key(&id);
         if known && current.live == ids && current.service.flags == flags {
@@ -359,18 +455,31 @@ impl Reconciler {
         } else {
             let bank = current.service.bank ^ 1;
             for (i, bid) in ids.iter().enumerate() {
-                let key = SlotKey { service_id: id, bank: bank as u16, index: i as u16 };
+                let key = SlotKey {
+                    service_id: id,
+                    bank: bank as u16,
+                    index: i as u16,
+                };
                 maps.write_slot(&key, *bid).map_err(write_err)?;
                 report.writes += 1;
             }
             (bank, ids)
         };
-        let service = Service { backend_count: live.len() as u32, bank, flags, _pad: 0 };
+        let service = Service {
+            backend_count: live.len() as u32,
+            bank,
+            flags,
+            _pad: 0,
+        };
         maps.write_service(id, &service).map_err(write_err)?;
         report.writes += 1;
         if bank != current.service.bank {
             for i in 0..current.live.len() {
-                let key = SlotKey { service_id: id, bank: current.service.bank as u16, index: i as u16 };
+                let key = SlotKey {
+                    service_id: id,
+                    bank: current.service.bank as u16,
+                    index: i as u16,
+                };
                 maps.remove_slot(&key).map_err(write_err)?;
                 report.writes += 1;
             }
@@ -379,12 +488,23 @@ impl Reconciler {
         Ok(Some(id))
     }
 
-    fn remove_service(&mut self, id: u32, maps: &mut dyn DatapathMaps, report: &mut SyncReport) -> anyhow::Result<()> {
-        let Some(s) = self.services.get(&id).cloned() else { return Ok(()) };
+    fn remove_service(
+        &mut self,
+        id: u32,
+        maps: &mut dyn DatapathMaps,
+        report: &mut SyncReport,
+    ) -> anyhow::Result<()> {
+        let Some(s) = self.services.get(&id).cloned() else {
+            return Ok(());
+        };
         maps.write_service(id, &Service::default())?;
         report.writes += 1;
         for i in 0..s.live.len() {
-            maps.remove_slot(&SlotKey { service_id: id, bank: s.service.bank as u16, index: i as u16 })?;
+            maps.remove_slot(&SlotKey {
+                service_id: id,
+                bank: s.service.bank as u16,
+                index: i as u16,
+            })?;
             report.writes += 1;
         }
         self.services.remove(&id);
@@ -418,11 +538,27 @@ impl FakeMaps {
             return;
         }
         for (key, fe) in &self.state.frontends {
-            let s = self.state.services.get(&fe.service_id).copied().unwrap_or_default();
+            let s = self
+                .state
+                .services
+                .get(&fe.service_id)
+                .copied()
+                .unwrap_or_default();
             for i in 0..s.backend_count {
-                let slot = SlotKey { service_id: fe.service_id, bank: s.bank as u16, index: i as u16 };
-                let bid = self.state.slots.get(&slot).unwrap_or_else(|| panic!("{key:?}: missing slot {slot:?}"));
-                assert!(self.state.backends.contains_key(bid), "{key:?}: slot {slot:?} -> missing backend {bid}");
+                let slot = SlotKey {
+                    service_id: fe.service_id,
+                    bank: s.bank as u16,
+                    index: i as u16,
+                };
+                let bid = self
+                    .state
+                    .slots
+                    .get(&slot)
+                    .unwrap_or_else(|| panic!("{key:?}: missing slot {slot:?}"));
+                assert!(
+                    self.state.backends.contains_key(bid),
+                    "{key:?}: slot {slot:?} -> missing backend {bid}"
+                );
             }
         }
     }
@@ -486,26 +622,41 @@ mod tests {
     use crate::model::Protocol;
 
     fn name(n: &str) -> ServicePortName {
-        ServicePortName { namespace: "default".into(), name: n.into(), port: String::new(), protocol: Protocol::Tcp }
+        ServicePortName {
+            namespace: "default".into(),
+            name: n.into(),
+            port: String::new(),
+            protocol: Protocol::Tcp,
+        }
     }
 
     fn service(node_port: u16, backends: &[(u8, bool)]) -> DesiredService {
         let mut s = DesiredService::default();
         for node in [10u8, 11] {
             s.frontends.insert(
-                FrontendAddr { ip: Ipv4Addr::new(198, 18, 0, node), port: node_port, protocol: Protocol::Tcp },
+                FrontendAddr {
+                    ip: Ipv4Addr::new(198, 18, 0, node),
+                    port: node_port,
+                    protocol: Protocol::Tcp,
+                },
                 FrontendKind::NodePort,
             );
         }
         s.backends = backends
             .iter()
-            .map(|(last, local)| BackendAddr { ip: Ipv4Addr::new(198, 19, 1, *last), port: 8080, local: *local })
+            .map(|(last, local)| BackendAddr {
+                ip: Ipv4Addr::new(198, 19, 1, *last),
+                port: 8080,
+                local: *local,
+            })
             .collect();
         s
     }
 
     fn state(services: &[(&str, DesiredService)]) -> DesiredState {
-        DesiredState { services: services.iter().map(|(n, s)| (name(n), s.clone())).collect() }
+        DesiredState {
+            services: services.iter().map(|(n, s)| (name(n), s.clone())).collect(),
+        }
     }
 
     fn live_backends(maps: &FakeMaps, fe: &FrontendAddr) -> Vec<Ipv4Addr> {
@@ -513,25 +664,42 @@ mod tests {
         let s = maps.state.services[&fe.service_id];
         (0..s.backend_count)
             .map(|i| {
-                let bid = maps.state.slots[&SlotKey { service_id: fe.service_id, bank: s.bank as u16, index: i as u16 }];
+                let bid = maps.state.slots[&SlotKey {
+                    service_id: fe.service_id,
+                    bank: s.bank as u16,
+                    index: i as u16,
+                }];
                 Ipv4Addr::from(common::ipv4_octets(maps.state.backends[&bid].addr))
             })
             .collect()
     }
 
     fn fe(node: u8, port: u16) -> FrontendAddr {
-        FrontendAddr { ip: Ipv4Addr::new(198, 18, 0, node), port, protocol: Protocol::Tcp }
+        FrontendAddr {
+            ip: Ipv4Addr::new(198, 18, 0, node),
+            port,
+            protocol: Protocol::Tcp,
+        }
     }
 
     #[test]
     fn programs_then_converges_with_no_writes() {
-        let mut maps = FakeMaps { check_every_write: true, ..Default::default() };
+        let mut maps = FakeMaps {
+            check_every_write: true,
+            ..Default::default()
+        };
         let mut r = Reconciler::restore(Snapshot::default(), Limits::default());
-        let want = state(&[("a", service(30001, &[(1, true), (2, false)])), ("b", service(30002, &[]))]);
+        let want = state(&[
+            ("a", service(30001, &[(1, true), (2, false)])),
+            ("b", service(30002, &[])),
+        ]);
         let report = r.reconcile(&want, &mut maps);
         assert!(report.errors.is_empty(), "{:?}", report.errors);
         assert_eq!(maps.state.frontends.len(), 4);
-        assert_eq!(live_backends(&maps, &fe(10, 30001)), [Ipv4Addr::new(198, 19, 1, 1), Ipv4Addr::new(198, 19, 1, 2)]);
+        assert_eq!(
+            live_backends(&maps, &fe(10, 30001)),
+            [Ipv4Addr::new(198, 19, 1, 1), Ipv4Addr::new(198, 19, 1, 2)]
+        );
         assert!(live_backends(&maps, &fe(11, 30002)).is_empty());
         let again = r.reconcile(&want, &mut maps);
         assert_eq!(again.writes, 0, "idempotent");
@@ -539,16 +707,32 @@ mod tests {
 
     #[test]
     fn backend_changes_flip_banks_without_a_bad_window() {
-        let mut maps = FakeMaps { check_every_write: true, ..Default::default() };
+        let mut maps = FakeMaps {
+            check_every_write: true,
+            ..Default::default()
+        };
         let mut r = Reconciler::restore(Snapshot::default(), Limits::default());
-        r.reconcile(&state(&[("a", service(30001, &[(1, false), (2, false), (3, false)]))]), &mut maps);
+        r.reconcile(
+            &state(&[("a", service(30001, &[(1, false), (2, false), (3, false)]))]),
+            &mut maps,
+        );
         let bank_before = maps.state.services.values().next().unwrap().bank;
-        let report = r.reconcile(&state(&[("a", service(30001, &[(1, false), (3, false), (4, true)]))]), &mut maps);
+        let report = r.reconcile(
+            &state(&[("a", service(30001, &[(1, false), (3, false), (4, true)]))]),
+            &mut maps,
+        );
         assert!(report.errors.is_empty());
-        assert_ne!(maps.state.services.values().next().unwrap().bank, bank_before);
+        assert_ne!(
+            maps.state.services.values().next().unwrap().bank,
+            bank_before
+        );
         assert_eq!(
             live_backends(&maps, &fe(11, 30001)),
-            [Ipv4Addr::new(198, 19, 1, 1), Ipv4Addr::new(198, 19, 1, 3), Ipv4Addr::new(198, 19, 1, 4)]
+            [
+                Ipv4Addr::new(198, 19, 1, 1),
+                Ipv4Addr::new(198, 19, 1, 3),
+                Ipv4Addr::new(198, 19, 1, 4)
+            ]
         );
         assert_eq!(maps.state.slots.len(), 3, "old bank cleared");
         assert_eq!(maps.state.backends.len(), 3, "removed backend cleared");
@@ -556,9 +740,18 @@ mod tests {
 
     #[test]
     fn removing_a_service_removes_everything_it_owned() {
-        let mut maps = FakeMaps { check_every_write: true, ..Default::default() };
+        let mut maps = FakeMaps {
+            check_every_write: true,
+            ..Default::default()
+        };
         let mut r = Reconciler::restore(Snapshot::default(), Limits::default());
-        r.reconcile(&state(&[("a", service(30001, &[(1, false)])), ("b", service(30002, &[(2, false)]))]), &mut maps);
+        r.reconcile(
+            &state(&[
+                ("a", service(30001, &[(1, false)])),
+                ("b", service(30002, &[(2, false)])),
+            ]),
+            &mut maps,
+        );
         r.reconcile(&state(&[("b", service(30002, &[(2, false)]))]), &mut maps);
         assert_eq!(maps.state.frontends.len(), 2);
         assert_eq!(maps.state.services.len(), 1);
@@ -571,7 +764,10 @@ mod tests {
     #[test]
     fn restart_restores_ids_and_writes_nothing() {
         let mut maps = FakeMaps::default();
-        let want = state(&[("a", service(30001, &[(1, true), (2, false)])), ("b", service(30002, &[(3, false)]))]);
+        let want = state(&[
+            ("a", service(30001, &[(1, true), (2, false)])),
+            ("b", service(30002, &[(3, false)])),
+        ]);
         Reconciler::restore(Snapshot::default(), Limits::default()).reconcile(&want, &mut maps);
         let before = maps.state.clone();
         let mut restarted = Reconciler::restore(maps.snapshot().unwrap(), Limits::default());
@@ -583,8 +779,14 @@ mod tests {
 
     #[test]
     fn restart_with_changes_cleans_up_stale_entries() {
-        let mut maps = FakeMaps { check_every_write: true, ..Default::default() };
-        let old = state(&[("a", service(30001, &[(1, true)])), ("gone", service(30009, &[(9, false)]))]);
+        let mut maps = FakeMaps {
+            check_every_write: true,
+            ..Default::default()
+        };
+        let old = state(&[
+            ("a", service(30001, &[(1, true)])),
+            ("gone", service(30009, &[(9, false)])),
+        ]);
         Reconciler::restore(Snapshot::default(), Limits::default()).reconcile(&old, &mut maps);
         let new = state(&[("a", service(30001, &[(1, true), (2, false)]))]);
         let mut restarted = Reconciler::restore(maps.snapshot().unwrap(), Limits::default());
@@ -598,8 +800,15 @@ mod tests {
 
     #[test]
     fn limits_are_errors_for_that_service_only() {
-        let mut maps = FakeMaps { check_every_write: true, ..Default::default() };
-        let limits = Limits { services: 2, backends: 100, backends_per_service: 2 };
+        let mut maps = FakeMaps {
+            check_every_write: true,
+            ..Default::default()
+        };
+        let limits = Limits {
+            services: 2,
+            backends: 100,
+            backends_per_service: 2,
+        };
         let mut r = Reconciler::restore(Snapshot::default(), limits);
         let want = state(&[
             ("a", service(30001, &[(1, false)])),
@@ -608,15 +817,31 @@ mod tests {
         ]);
         let report = r.reconcile(&want, &mut maps);
         assert_eq!(report.errors.len(), 2, "{:?}", report.errors);
-        assert!(matches!(report.errors[0], SyncError::BackendsPerServiceLimit { count: 3, .. }));
-        assert!(matches!(report.errors[1], SyncError::ServiceLimit { limit: 2, .. }));
-        assert_eq!(live_backends(&maps, &fe(10, 30001)), [Ipv4Addr::new(198, 19, 1, 1)]);
-        assert!(!maps.state.frontends.contains_key(&frontend_key(&fe(10, 30002))));
+        assert!(matches!(
+            report.errors[0],
+            SyncError::BackendsPerServiceLimit { count: 3, .. }
+        ));
+        assert!(matches!(
+            report.errors[1],
+            SyncError::ServiceLimit { limit: 2, .. }
+        ));
+        assert_eq!(
+            live_backends(&maps, &fe(10, 30001)),
+            [Ipv4Addr::new(198, 19, 1, 1)]
+        );
+        assert!(!maps
+            .state
+            .frontends
+            .contains_key(&frontend_key(&fe(10, 30002))));
     }
 
     #[test]
     fn failed_write_is_reported_and_retried_next_time() {
-        let mut maps = FakeMaps { check_every_write: true, fail_at_write: Some(2), ..Default::default() };
+        let mut maps = FakeMaps {
+            check_every_write: true,
+            fail_at_write: Some(2),
+            ..Default::default()
+        };
         let mut r = Reconciler::restore(Snapshot::default(), Limits::default());
         let want = state(&[("a", service(30001, &[(1, false), (2, false)]))]);
         let first = r.reconcile(&want, &mut maps);

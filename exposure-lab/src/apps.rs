@@ -1,0 +1,159 @@
+//! Servers that answer with who they are and whom they see, and the clients that ask them. Servers
+//! and clients run on threads inside namespaces; every wait is bounded.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use anyhow::Context as _;
+
+use crate::netns::Netns;
+
+pub const IO_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Stops its server threads when dropped.
+pub struct Server {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The answer line: `<ident> <peer ip>:<peer port>`.
+fn answer(ident: &str, peer: SocketAddr) -> String {
+    format!("{ident} {peer}\n")
+}
+
+/// TCP and UDP servers on `port` in `ns`. TCP connections answer every line they get, so a held
+/// connection shows which pod it still talks to.
+pub fn serve(ns: &Netns, port: u16, ident: &str) -> anyhow::Result<Server> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tcp, udp) = ns.run(move || -> anyhow::Result<(TcpListener, UdpSocket)> {
+        let tcp = TcpListener::bind(("0.0.0.0", port)).context("bind tcp")?;
+        tcp.set_nonblocking(true)?;
+        let udp = UdpSocket::bind(("0.0.0.0", port)).context("bind udp")?;
+        udp.set_read_timeout(Some(Duration::from_millis(50)))?;
+        Ok((tcp, udp))
+    })??;
+    let mut threads = Vec::new();
+    let (s, id) = (stop.clone(), ident.to_string());
+    threads.push(std::thread::spawn(move || {
+        let mut conns = Vec::new();
+        while !s.load(Ordering::Relaxed) {
+            match tcp.accept() {
+                Ok((stream, peer)) => {
+                    let (s, id) = (s.clone(), id.clone());
+                    conns.push(std::thread::spawn(move || {
+                        serve_conn(stream, peer, &id, &s)
+                    }));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+        for c in conns {
+            let _ = c.join();
+        }
+    }));
+    let (s, id) = (stop.clone(), ident.to_string());
+    threads.push(std::thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        while !s.load(Ordering::Relaxed) {
+            if let Ok((_, peer)) = udp.recv_from(&mut buf) {
+                let _ = udp.send_to(answer(&id, peer).as_bytes(), peer);
+            }
+        }
+    }));
+    Ok(Server { stop, threads })
+}
+
+fn serve_conn(stream: TcpStream, peer: SocketAddr, ident: &str, stop: &AtomicBool) {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(100)));
+    let Ok(mut writer) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    while !stop.load(Ordering::Relaxed) {
+        match reader.read_line(&mut line) {
+            Ok(0) => return,
+            Ok(_) => {
+                if writer.write_all(answer(ident, peer).as_bytes()).is_err() {
+                    return;
+                }
+                line.clear();
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// An open TCP connection, made from inside a namespace.
+pub struct TcpSession {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl TcpSession {
+    pub fn connect(ns: &Netns, to: SocketAddr) -> anyhow::Result<Self> {
+        let stream = ns.run(move || TcpStream::connect_timeout(&to, IO_TIMEOUT))??;
+        stream.set_read_timeout(Some(IO_TIMEOUT))?;
+        stream.set_write_timeout(Some(IO_TIMEOUT))?;
+        Ok(TcpSession {
+            writer: stream.try_clone()?,
+            reader: BufReader::new(stream),
+        })
+    }
+
+    /// Sends a line and returns the answer line (trimmed).
+    pub fn ask(&mut self, line: &str) -> anyhow::Result<String> {
+        self.writer.write_all(format!("{line}\n").as_bytes())?;
+        let mut answer = String::new();
+        let n = self
+            .reader
+            .read_line(&mut answer)
+            .context("reading the answer")?;
+        anyhow::ensure!(n > 0, "connection closed by the other side");
+        Ok(answer.trim().to_string())
+    }
+}
+
+/// One TCP request on a fresh connection.
+pub fn tcp_ask(ns: &Netns, to: SocketAddr) -> anyhow::Result<String> {
+    TcpSession::connect(ns, to)?.ask("hello")
+}
+
+/// One UDP request from a fresh socket.
+pub fn udp_ask(ns: &Netns, to: SocketAddr) -> anyhow::Result<String> {
+    let sock = ns.run(|| UdpSocket::bind("0.0.0.0:0"))??;
+    sock.set_read_timeout(Some(IO_TIMEOUT))?;
+    sock.connect(to)?;
+    sock.send(b"hello")?;
+    let mut buf = [0u8; 1500];
+    let n = sock.recv(&mut buf).context("waiting for the UDP answer")?;
+    Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string())
+}
+
+/// Splits an answer into (pod ident, the client address the pod saw).
+pub fn parse_answer(answer: &str) -> Option<(&str, SocketAddr)> {
+    let (ident, peer) = answer.split_once(' ')?;
+    Some((ident, peer.parse().ok()?))
+}

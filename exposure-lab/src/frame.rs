@@ -1,0 +1,190 @@
+//! Frames for packet tests: built with correct checksums, parsed back with the checksums verified.
+
+use std::net::Ipv4Addr;
+
+use exposure_common::checksum;
+
+pub const TCP: u8 = 6;
+pub const UDP: u8 = 17;
+pub const ICMP: u8 = 1;
+pub const SYN: u8 = 0x02;
+pub const ACK: u8 = 0x10;
+pub const FIN: u8 = 0x01;
+pub const RST: u8 = 0x04;
+
+#[derive(Clone, Debug)]
+pub struct FrameSpec {
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub proto: u8,
+    pub sport: u16,
+    pub dport: u16,
+    pub tcp_flags: u8,
+    pub payload: Vec<u8>,
+    /// IPv4 options (padded to 4 bytes by the caller).
+    pub ip_options: Vec<u8>,
+    /// Flags + fragment offset field, host order (0x2000 = more fragments).
+    pub frag: u16,
+    /// UDP only: send a zero ("no checksum") checksum.
+    pub udp_no_checksum: bool,
+}
+
+impl FrameSpec {
+    pub fn tcp(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), flags: u8) -> Self {
+        FrameSpec {
+            src_mac: [0x02, 0, 0, 0, 0, 0x01],
+            dst_mac: [0x02, 0, 0, 0, 0, 0x10],
+            src: src.0,
+            dst: dst.0,
+            proto: TCP,
+            sport: src.1,
+            dport: dst.1,
+            tcp_flags: flags,
+            payload: b"hello".to_vec(),
+            ip_options: Vec::new(),
+            frag: 0,
+            udp_no_checksum: false,
+        }
+    }
+
+    pub fn udp(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Self {
+        FrameSpec {
+            proto: UDP,
+            tcp_flags: 0,
+            ..Self::tcp(src, dst, 0)
+        }
+    }
+
+    pub fn build(&self) -> Vec<u8> {
+        let l4_len = if self.proto == TCP { 20 } else { 8 } + self.payload.len();
+        let ihl = 20 + self.ip_options.len();
+        let mut f = Vec::with_capacity(14 + ihl + l4_len);
+        f.extend_from_slice(&self.dst_mac);
+        f.extend_from_slice(&self.src_mac);
+        f.extend_from_slice(&0x0800u16.to_be_bytes());
+        let mut ip = vec![0u8; ihl];
+        ip[0] = 0x40 | (ihl / 4) as u8;
+        ip[2..4].copy_from_slice(&((ihl + l4_len) as u16).to_be_bytes());
+        ip[4..6].copy_from_slice(&0x1234u16.to_be_bytes());
+        ip[6..8].copy_from_slice(&self.frag.to_be_bytes());
+        ip[8] = 64;
+        ip[9] = self.proto;
+        ip[12..16].copy_from_slice(&self.src.octets());
+        ip[16..20].copy_from_slice(&self.dst.octets());
+        ip[20..].copy_from_slice(&self.ip_options);
+        let c = checksum::checksum(&ip);
+        ip[10..12].copy_from_slice(&c.to_ne_bytes());
+        f.extend_from_slice(&ip);
+
+        let mut l4 = vec![0u8; l4_len];
+        l4[0..2].copy_from_slice(&self.sport.to_be_bytes());
+        l4[2..4].copy_from_slice(&self.dport.to_be_bytes());
+        if self.proto == TCP {
+            l4[4..8].copy_from_slice(&1000u32.to_be_bytes());
+            l4[12] = 5 << 4;
+            l4[13] = self.tcp_flags;
+            l4[14..16].copy_from_slice(&64240u16.to_be_bytes());
+            l4[20..].copy_from_slice(&self.payload);
+            let c = checksum::l4_checksum(self.src.octets(), self.dst.octets(), TCP, &l4);
+            l4[16..18].copy_from_slice(&c.to_ne_bytes());
+        } else {
+            l4[4..6].copy_from_slice(&(l4_len as u16).to_be_bytes());
+            l4[8..].copy_from_slice(&self.payload);
+            if !self.udp_no_checksum {
+                let c = match checksum::l4_checksum(self.src.octets(), self.dst.octets(), UDP, &l4)
+                {
+                    0 => 0xffff,
+                    c => c,
+                };
+                l4[6..8].copy_from_slice(&c.to_ne_bytes());
+            }
+        }
+        f.extend_from_slice(&l4);
+        f
+    }
+}
+
+/// A frame read back, with its checksums checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Parsed {
+    pub dst_mac: [u8; 6],
+    pub src_mac: [u8; 6],
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub proto: u8,
+    pub ttl: u8,
+    pub sport: u16,
+    pub dport: u16,
+    pub ip_checksum_ok: bool,
+    /// TCP/UDP/ICMP checksum verifies (a zero UDP checksum counts as ok).
+    pub l4_checksum_ok: bool,
+    pub udp_checksum_zero: bool,
+    pub l4: Vec<u8>,
+}
+
+pub fn parse(f: &[u8]) -> Option<Parsed> {
+    if f.len() < 34 || f[12..14] != [0x08, 0x00] {
+        return None;
+    }
+    let ip = &f[14..];
+    let ihl = ((ip[0] & 0x0f) as usize) * 4;
+    let total = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+    if ip.len() < total || total < ihl + 8 {
+        return None;
+    }
+    let l4 = &ip[ihl..total];
+    let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
+    let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
+    let proto = ip[9];
+    let udp_zero = proto == UDP && l4[6..8] == [0, 0];
+    let l4_ok = match proto {
+        TCP | UDP => udp_zero || checksum::l4_checksum(src.octets(), dst.octets(), proto, l4) == 0,
+        _ => checksum::checksum(l4) == 0,
+    };
+    let (sport, dport) = match proto {
+        TCP | UDP => (
+            u16::from_be_bytes([l4[0], l4[1]]),
+            u16::from_be_bytes([l4[2], l4[3]]),
+        ),
+        _ => (0, 0),
+    };
+    Some(Parsed {
+        dst_mac: f[0..6].try_into().ok()?,
+        src_mac: f[6..12].try_into().ok()?,
+        src,
+        dst,
+        proto,
+        ttl: ip[8],
+        sport,
+        dport,
+        ip_checksum_ok: checksum::checksum(&ip[..ihl]) == 0,
+        l4_checksum_ok: l4_ok,
+        udp_checksum_zero: udp_zero,
+        l4: l4.to_vec(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn built_frames_verify() {
+        let a = (Ipv4Addr::new(198, 18, 0, 1), 40000);
+        let b = (Ipv4Addr::new(198, 18, 0, 10), 30600);
+        for spec in [FrameSpec::tcp(a, b, SYN), FrameSpec::udp(a, b)] {
+            let p = parse(&spec.build()).unwrap();
+            assert!(p.ip_checksum_ok && p.l4_checksum_ok);
+            assert_eq!((p.src, p.sport, p.dst, p.dport), (a.0, a.1, b.0, b.1));
+        }
+        let mut bad = FrameSpec::udp(a, b).build();
+        let last = bad.len() - 1;
+        bad[last] ^= 0xff;
+        assert!(
+            !parse(&bad).unwrap().l4_checksum_ok,
+            "a corrupted payload must fail the check"
+        );
+    }
+}

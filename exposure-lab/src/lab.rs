@@ -1,0 +1,170 @@
+//! The namespace lab: an external client and nodes with pods on one bridged LAN.
+//!
+//! ```text
+//!  client 198.18.0.1 ─┐                 LAN 198.18.0.0/24 (bridge in its own namespace)
+//!  node-1 198.18.0.10 ┼─ pods 198.19.1.2, 198.19.1.3, ...
+//!  node-2 198.18.0.20 ┘─ pods 198.19.2.2, ...
+//! ```
+//! LoadBalancer VIPs (198.18.100.0/24) are routed by the client to node-1, as a BGP/L2 announcer
+//! would. The client has no route to pod addresses. No namespace has a default route.
+
+use std::net::Ipv4Addr;
+
+use anyhow::Context as _;
+
+use crate::netns::Netns;
+
+pub const LB_NET: &str = "198.18.100.0/24";
+pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+
+pub fn node_ip(node: usize) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 0, 10 * (node as u8 + 1))
+}
+
+pub fn pod_ip(node: usize, pod: usize) -> Ipv4Addr {
+    Ipv4Addr::new(198, 19, node as u8 + 1, pod as u8 + 2)
+}
+
+pub fn lb_ip(n: u8) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 100, n)
+}
+
+pub struct Pod {
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub ns: Netns,
+}
+
+pub struct Node {
+    /// The Kubernetes node name (EndpointSlice `nodeName`).
+    pub name: String,
+    pub ip: Ipv4Addr,
+    /// The node's LAN interface inside its namespace.
+    pub iface: &'static str,
+    pub ns: Netns,
+    pub pods: Vec<Pod>,
+}
+
+pub struct Lab {
+    pub prefix: String,
+    pub client: Netns,
+    pub nodes: Vec<Node>,
+    // Dropped last: the LAN namespace holds the bridge all others hang off.
+    pub lan: Netns,
+}
+
+/// veth pair with full checksums on the wire (as from a real NIC), so XDP sees what a NIC delivers.
+fn veth(a: &Netns, a_name: &str, b: &Netns, b_name: &str) -> anyhow::Result<()> {
+    a.ip(&format!(
+        "link add {a_name} type veth peer name {b_name} netns {}",
+        b.name()
+    ))?;
+    a.exec("ethtool", &["-K", a_name, "tx", "off"])?;
+    b.exec("ethtool", &["-K", b_name, "tx", "off"])?;
+    Ok(())
+}
+
+impl Lab {
+    /// Builds the lab with `pods[i]` pods on node i.
+    pub fn new(prefix: &str, pods: &[usize]) -> anyhow::Result<Self> {
+        let lan = Netns::create(&format!("{prefix}-lan"))?;
+        lan.ip("link add br0 type bridge")?;
+        lan.ip("link set br0 up")?;
+        let client = Netns::create(&format!("{prefix}-client"))?;
+        let mut lab = Lab {
+            prefix: prefix.to_string(),
+            client,
+            nodes: Vec::new(),
+            lan,
+        };
+
+        veth(&lab.client, "eth0", &lab.lan, "c0")?;
+        lab.lan.ip("link set c0 master br0 up")?;
+        lab.client
+            .ip(&format!("addr add {CLIENT_IP}/24 dev eth0"))?;
+        lab.client.ip("link set eth0 up")?;
+        lab.client
+            .ip(&format!("route add {LB_NET} via {}", node_ip(0)))?;
+
+        for (n, &pod_count) in pods.iter().enumerate() {
+            let ns = Netns::create(&format!("{prefix}-node{}", n + 1))?;
+            let port = format!("n{}", n + 1);
+            veth(&ns, "eth0", &lab.lan, &port)?;
+            lab.lan.ip(&format!("link set {port} master br0 up"))?;
+            // Frames our XDP program transmits (XDP_TX) reach the bridge only if the peer has GRO on.
+            lab.lan.exec("ethtool", &["-K", &port, "gro", "on"])?;
+            ns.ip(&format!("addr add {}/24 dev eth0", node_ip(n)))?;
+            ns.ip("link set eth0 up")?;
+            for key in ["net.ipv4.ip_forward"] {
+                ns.sysctl(key, "1")?;
+            }
+            for key in [
+                "net.ipv4.conf.all.rp_filter",
+                "net.ipv4.conf.default.rp_filter",
+            ] {
+                ns.sysctl(key, "0")?;
+            }
+            let mut node = Node {
+                name: format!("node-{}", n + 1),
+                ip: node_ip(n),
+                iface: "eth0",
+                ns,
+                pods: Vec::new(),
+            };
+            for p in 0..pod_count {
+                let pod_ns = Netns::create(&format!("{prefix}-n{}p{}", n + 1, p + 1))?;
+                let ip = pod_ip(n, p);
+                let gw = Ipv4Addr::new(198, 19, n as u8 + 1, 1);
+                let vp = format!("vp{}", p + 1);
+                veth(&node.ns, &vp, &pod_ns, "eth0")?;
+                node.ns.ip(&format!("addr add {gw}/32 dev {vp}"))?;
+                node.ns.ip(&format!("link set {vp} up"))?;
+                node.ns.ip(&format!("route add {ip}/32 dev {vp}"))?;
+                pod_ns.ip(&format!("addr add {ip}/32 dev eth0"))?;
+                pod_ns.ip("link set eth0 up")?;
+                pod_ns.ip(&format!("route add {gw} dev eth0 scope link"))?;
+                pod_ns.ip(&format!("route add 198.18.0.0/15 via {gw} dev eth0"))?;
+                node.pods.push(Pod {
+                    name: format!("pod-{}-{}", n + 1, p + 1),
+                    ip,
+                    ns: pod_ns,
+                });
+            }
+            lab.nodes.push(node);
+        }
+        // Each node reaches the other nodes' pods through them (host-gw style).
+        for (n, node) in lab.nodes.iter().enumerate() {
+            for m in 0..lab.nodes.len() {
+                if m != n {
+                    node.ns.ip(&format!(
+                        "route add 198.19.{}.0/24 via {}",
+                        m + 1,
+                        node_ip(m)
+                    ))?;
+                }
+            }
+        }
+        lab.warm_neighbours()?;
+        Ok(lab)
+    }
+
+    /// Resolves ARP between all LAN hosts up front: the XDP fast path uses the kernel's neighbour
+    /// table (bpf_fib_lookup) and does not resolve on its own.
+    pub fn warm_neighbours(&self) -> anyhow::Result<()> {
+        let mut hosts: Vec<(&Netns, Ipv4Addr)> = vec![(&self.client, CLIENT_IP)];
+        hosts.extend(self.nodes.iter().map(|n| (&n.ns, n.ip)));
+        for (ns, _) in &hosts {
+            for (_, ip) in &hosts {
+                ns.exec("ping", &["-c", "1", "-W", "1", &ip.to_string()])
+                    .with_context(|| format!("{} cannot reach {ip}", ns.name()))?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn pods(&self) -> impl Iterator<Item = (&Node, &Pod)> {
+        self.nodes
+            .iter()
+            .flat_map(|n| n.pods.iter().map(move |p| (n, p)))
+    }
+}

@@ -1,0 +1,11 @@
+//! Test and demo support for Exposure, shared by the packet tests, the end-to-end tests and
+//! `cargo xtask run`:
+//! - [`netns`]: named network namespaces removed on drop, running code and processes inside them;
+//! - [`lab`]: a client, two nodes with pods, on a bridged LAN, all in 198.18.0.0/15, no default routes;
+//! - [`apps`]: TCP/UDP servers that say which pod answered, and clients;
+//! - [`frame`]: Ethernet/IPv4/TCP/UDP frames with correct checksums, and a parser that checks them.
+
+pub mod apps;
+pub mod frame;
+pub mod lab;
+pub mod netns;

@@ -1,0 +1,133 @@
+//! Named network namespaces (`ip netns`), deleted on drop, so a failing test still cleans up.
+
+use std::{
+    fs::File,
+    os::fd::AsFd as _,
+    os::unix::process::CommandExt as _,
+    process::{Command, Output},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use anyhow::{bail, Context as _};
+use nix::sched::{setns, CloneFlags};
+
+/// A short prefix unique to this process and call, for namespace names.
+pub fn unique_prefix(tag: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "x{}{}{}",
+        tag,
+        std::process::id() % 100_000,
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Runs a command, failing with its stderr when it fails.
+pub fn run(cmd: &str, args: &[&str]) -> anyhow::Result<Output> {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {cmd}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(out)
+}
+
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    pub fn create(name: &str) -> anyhow::Result<Self> {
+        // A namespace left by a crashed run with the same name would make this fail: remove it first.
+        let _ = Command::new("ip").args(["netns", "del", name]).output();
+        run("ip", &["netns", "add", name])?;
+        let ns = Netns {
+            name: name.to_string(),
+        };
+        ns.ip("link set lo up")?;
+        Ok(ns)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `ip -n NAME ARGS...` (space-separated).
+    pub fn ip(&self, args: &str) -> anyhow::Result<Output> {
+        let mut all = vec!["-n", self.name.as_str()];
+        all.extend(args.split_whitespace());
+        run("ip", &all)
+    }
+
+    /// Runs a program inside the namespace (`ip netns exec`).
+    pub fn exec(&self, cmd: &str, args: &[&str]) -> anyhow::Result<Output> {
+        let mut all = vec!["netns", "exec", self.name.as_str(), cmd];
+        all.extend(args);
+        run("ip", &all)
+    }
+
+    pub fn sysctl(&self, key: &str, value: &str) -> anyhow::Result<()> {
+        let path = format!("/proc/sys/{}", key.replace('.', "/"));
+        self.exec("sh", &["-c", &format!("echo {value} > {path}")])?;
+        Ok(())
+    }
+
+    fn file(&self) -> anyhow::Result<File> {
+        File::open(format!("/run/netns/{}", self.name))
+            .with_context(|| format!("opening netns {}", self.name))
+    }
+
+    /// Runs `f` on a thread inside the namespace. Sockets made there stay in the namespace.
+    pub fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> anyhow::Result<T> {
+        let file = self.file()?;
+        std::thread::spawn(move || {
+            setns(file.as_fd(), CloneFlags::CLONE_NEWNET).context("setns")?;
+            Ok(f())
+        })
+        .join()
+        // A failed assertion inside the namespace fails the caller with the same message.
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    }
+
+    /// Like [`Netns::run`] but returns at once with the thread's handle.
+    pub fn spawn_thread<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> anyhow::Result<std::thread::JoinHandle<T>> {
+        let file = self.file()?;
+        Ok(std::thread::spawn(move || {
+            setns(file.as_fd(), CloneFlags::CLONE_NEWNET).expect("setns into the lab namespace");
+            f()
+        }))
+    }
+
+    /// Prepares `cmd` to start inside the namespace. Unlike `ip netns exec` this keeps the mount
+    /// namespace, so bpffs pins stay visible to other processes (and to a restarted agent).
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> anyhow::Result<Command> {
+        let file = self.file()?;
+        let mut cmd = Command::new(program);
+        unsafe {
+            cmd.pre_exec(move || {
+                setns(file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
+            });
+        }
+        Ok(cmd)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
