@@ -47,6 +47,8 @@ pub struct Node {
 
 pub struct Lab {
     pub prefix: String,
+    /// XDP_PASS links on the LAN-side peers of the nodes (see [`crate::xdp_pass`]).
+    _peer_xdp: Vec<std::os::fd::OwnedFd>,
     pub client: Netns,
     pub nodes: Vec<Node>,
     // Dropped last: the LAN namespace holds the bridge all others hang off.
@@ -73,6 +75,7 @@ impl Lab {
         let client = Netns::create(&format!("{prefix}-client"))?;
         let mut lab = Lab {
             prefix: prefix.to_string(),
+            _peer_xdp: Vec::new(),
             client,
             nodes: Vec::new(),
             lan,
@@ -91,8 +94,9 @@ impl Lab {
             let port = format!("n{}", n + 1);
             veth(&ns, "eth0", &lab.lan, &port)?;
             lab.lan.ip(&format!("link set {port} master br0 up"))?;
-            // Frames our XDP program transmits (XDP_TX) reach the bridge only if the peer has GRO on.
-            lab.lan.exec("ethtool", &["-K", &port, "gro", "on"])?;
+            // Frames the node's XDP program transmits (XDP_TX) need an XDP program on the peer.
+            lab._peer_xdp
+                .push(crate::xdp_pass::attach(&lab.lan, &port)?);
             ns.ip(&format!("addr add {}/24 dev eth0", node_ip(n)))?;
             ns.ip("link set eth0 up")?;
             for key in ["net.ipv4.ip_forward"] {

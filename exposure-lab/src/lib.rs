@@ -5,7 +5,9 @@
 //! - [`apps`]: TCP/UDP servers that say which pod answered, and clients;
 //! - [`frame`]: Ethernet/IPv4/TCP/UDP frames with correct checksums, and a parser that checks them.
 
+pub mod agent;
 pub mod apps;
 pub mod frame;
 pub mod lab;
 pub mod netns;
+pub mod xdp_pass;

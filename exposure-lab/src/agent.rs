@@ -1,0 +1,134 @@
+//! Running the real `exposure` binary on a lab node, and stopping it (also on panic, via Drop).
+
+use std::{
+    io::{Read as _, Write as _},
+    net::TcpStream,
+    path::{Path, PathBuf},
+    process::{Child, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _};
+use nix::{
+    sys::signal::{kill, Signal},
+    unistd::Pid,
+};
+
+use crate::lab::Node;
+
+pub struct Agent {
+    child: Option<Child>,
+    pub log: PathBuf,
+    pub pin_dir: PathBuf,
+}
+
+/// Where a node's agent pins its maps: unique per lab, so agents on one kernel never collide.
+pub fn pin_dir(lab_prefix: &str, node: &Node) -> PathBuf {
+    PathBuf::from(format!("/sys/fs/bpf/{lab_prefix}-{}", node.name))
+}
+
+impl Agent {
+    /// Starts `exposure agent` in the node's namespace and waits until /healthz says synced.
+    pub fn start(
+        bin: &Path,
+        lab_prefix: &str,
+        node: &Node,
+        manifests: &Path,
+        log_dir: &Path,
+    ) -> anyhow::Result<Self> {
+        let pin_dir = pin_dir(lab_prefix, node);
+        let log = log_dir.join(format!("agent-{}.log", node.name));
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
+        let child = node
+            .ns
+            .command(bin)?
+            .args(["agent", "--iface", node.iface, "--node-name", &node.name])
+            .arg("--manifests")
+            .arg(manifests)
+            .arg("--pin-dir")
+            .arg(&pin_dir)
+            .args(["--healthz-bind-address", "127.0.0.1:10256"])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let mut agent = Agent {
+            child: Some(child),
+            log,
+            pin_dir,
+        };
+        agent.wait_healthy(node)?;
+        Ok(agent)
+    }
+
+    fn wait_healthy(&mut self, node: &Node) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Some(child) = self.child.as_mut() {
+                if let Some(status) = child.try_wait()? {
+                    bail!("agent exited with {status}; log:\n{}", self.log_text());
+                }
+            }
+            if healthz(node).unwrap_or(0) == 200 {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!(
+            "agent on {} not healthy within 30 s; log:\n{}",
+            node.name,
+            self.log_text()
+        )
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, then SIGKILL after 5 s. Pins stay, as after a real agent restart.
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+    }
+}
+
+/// Status code of GET /healthz on the node's loopback.
+pub fn healthz(node: &Node) -> anyhow::Result<u16> {
+    node.ns.run(|| -> anyhow::Result<u16> {
+        let mut s =
+            TcpStream::connect_timeout(&"127.0.0.1:10256".parse()?, Duration::from_millis(500))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        let code = out
+            .split_whitespace()
+            .nth(1)
+            .context("no status")?
+            .parse()?;
+        Ok(code)
+    })?
+}

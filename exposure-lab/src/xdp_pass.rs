@@ -1,0 +1,60 @@
+//! A two-instruction `XDP_PASS` program attached to the LAN-side veth peers.
+//!
+//! Why: frames a node's XDP program transmits (XDP_TX) land in the peer veth's ring, but the kernel
+//! only schedules the peer's NAPI when the peer has an XDP program of its own (`veth_xdp_flush()`),
+//! so without one they sit there until unrelated traffic flushes them. A real NIC has no such quirk.
+
+use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+
+use anyhow::{bail, Context as _};
+
+use crate::netns::Netns;
+
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_PROG_TYPE_XDP: u32 = 6;
+const BPF_XDP: u32 = 37;
+
+fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> std::io::Result<OwnedFd> {
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(attr),
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Attaches `XDP_PASS` to `ifname` in `ns`; detached when the returned link fd is dropped.
+pub fn attach(ns: &Netns, ifname: &str) -> anyhow::Result<OwnedFd> {
+    let ifname = ifname.to_string();
+    ns.run(move || -> anyhow::Result<OwnedFd> {
+        // r0 = XDP_PASS (2); exit
+        let insns: [u64; 2] = [
+            u64::from_le_bytes([0xb7, 0, 0, 0, 2, 0, 0, 0]),
+            u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0]),
+        ];
+        let license = c"GPL";
+        let mut attr = [0u64; 16];
+        attr[0] = BPF_PROG_TYPE_XDP as u64 | (insns.len() as u64) << 32;
+        attr[1] = insns.as_ptr() as u64;
+        attr[2] = license.as_ptr() as u64;
+        // expected_attach_type sits at byte offset 68 (after prog_name[16] and prog_ifindex).
+        attr[8] = (BPF_XDP as u64) << 32;
+        let prog = bpf(BPF_PROG_LOAD, &mut attr).context("loading the XDP_PASS program")?;
+        let ifindex = nix::net::if_::if_nametoindex(ifname.as_str())
+            .with_context(|| format!("no interface {ifname}"))?;
+        let mut attr = [0u64; 16];
+        attr[0] = prog.as_raw_fd() as u64 | (ifindex as u64) << 32;
+        attr[1] = BPF_XDP as u64;
+        match bpf(BPF_LINK_CREATE, &mut attr) {
+            Ok(link) => Ok(link),
+            Err(e) => bail!("attaching XDP_PASS to {ifname}: {e}"),
+        }
+    })?
+}

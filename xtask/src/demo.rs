@@ -1,0 +1,140 @@
+//! `cargo xtask run`: the namespace lab with the real agent on two nodes and the `examples/` manifests.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::Path,
+    process::Command,
+};
+
+use anyhow::Context as _;
+use exposure_lab::{
+    agent::{pin_dir, Agent},
+    apps::{self, parse_answer},
+    lab::{lb_ip, Lab, CLIENT_IP},
+    netns::unique_prefix,
+};
+use nix::sys::signal::{SigSet, Signal};
+
+const REQUESTS: usize = 6;
+
+fn ask(lab: &Lab, label: &str, to: SocketAddr, udp: bool) {
+    println!("\n{label}  ->  {to} ({})", if udp { "UDP" } else { "TCP" });
+    for i in 1..=REQUESTS {
+        let answer = if udp {
+            apps::udp_ask(&lab.client, to)
+        } else {
+            apps::tcp_ask(&lab.client, to)
+        };
+        match answer {
+            Ok(a) => match parse_answer(&a) {
+                Some((pod, seen)) => {
+                    let who = if seen.ip() == std::net::IpAddr::V4(CLIENT_IP) {
+                        "client's own address"
+                    } else {
+                        "a node address (SNAT)"
+                    };
+                    println!("  request {i}: answered by {pod:<8}  (pod saw {seen}: {who})");
+                }
+                None => println!("  request {i}: unexpected answer {a:?}"),
+            },
+            Err(e) => println!("  request {i}: failed: {e:#}"),
+        }
+    }
+}
+
+pub fn run(bin: &Path, examples: &Path, once: bool) -> anyhow::Result<()> {
+    // Block Ctrl-C/TERM in every thread (they inherit this mask) so we can clean up on it.
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGINT);
+    signals.add(Signal::SIGTERM);
+    if !once {
+        signals.thread_block()?;
+    }
+
+    let prefix = unique_prefix("run");
+    println!(
+        "Building the lab {prefix}: an external client, node-1 and node-2 with two pods each ..."
+    );
+    let lab = Lab::new(&prefix, &[2, 2])?;
+    let _servers = lab
+        .pods()
+        .map(|(_, pod)| apps::serve(&pod.ns, 50000, &pod.name))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let log_dir = std::env::temp_dir().join(&prefix);
+    std::fs::create_dir_all(&log_dir)?;
+    let mut agents = Vec::new();
+    for node in &lab.nodes {
+        agents.push(
+            Agent::start(bin, &prefix, node, examples, &log_dir)
+                .with_context(|| format!("agent on {}", node.name))?,
+        );
+        println!(
+            "  agent up on {} ({}), iface {}, manifests {}",
+            node.name,
+            node.ip,
+            node.iface,
+            examples.display()
+        );
+    }
+    for (node, pod) in lab.pods() {
+        println!("  {:<8} {} on {}", pod.name, pod.ip, node.name);
+    }
+
+    ask(
+        &lab,
+        "hello-world (NodePort) via node-1",
+        SocketAddr::from((lab.nodes[0].ip, 30600)),
+        false,
+    );
+    ask(
+        &lab,
+        "hello-world (NodePort) via node-2",
+        SocketAddr::from((lab.nodes[1].ip, 30600)),
+        false,
+    );
+    ask(
+        &lab,
+        "echo (LoadBalancer)",
+        SocketAddr::from((lb_ip(1), 7)),
+        false,
+    );
+    ask(
+        &lab,
+        "echo (LoadBalancer)",
+        SocketAddr::from((lb_ip(1), 7)),
+        true,
+    );
+    ask(
+        &lab,
+        "hello-local (externalTrafficPolicy: Local) via node-2",
+        SocketAddr::from((lab.nodes[1].ip, 30601)),
+        false,
+    );
+    ask(
+        &lab,
+        "a port nothing serves (passes to node-1's own stack)",
+        SocketAddr::from((Ipv4Addr::from(lab.nodes[0].ip), 30999)),
+        false,
+    );
+
+    println!("\n`exposure status` on node-1:");
+    let _ = Command::new(bin)
+        .args(["status", "--pin-dir"])
+        .arg(pin_dir(&prefix, &lab.nodes[0]))
+        .status();
+
+    if !once {
+        println!(
+            "\nServing. From the client: `ip netns exec {prefix}-client curl ...` or nc; edit {}/*.yaml and \
+             the agents pick it up. Agent logs: {}. Ctrl-C to stop and clean up.",
+            examples.display(),
+            log_dir.display()
+        );
+        let _ = signals.wait();
+        println!("\nCleaning up ...");
+    }
+    drop(agents);
+    drop(lab);
+    let _ = std::fs::remove_dir_all(&log_dir);
+    Ok(())
+}
