@@ -1,0 +1,336 @@
+//! End to end: the namespace lab (client, node-1 and node-2 with pods), the real `exposure` binary on
+//! each node reading a manifest directory, real TCP/UDP servers in the pods and real clients.
+//! Addresses are all in 198.18.0.0/15; namespaces, pins and processes are removed even on failure.
+
+use std::{
+    collections::BTreeSet,
+    io::ErrorKind,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use exposure_lab::{
+    agent::{pin_dir, Agent},
+    apps::{self, parse_answer, Server, TcpSession},
+    lab::{lb_ip, Lab, CLIENT_IP},
+    netns::unique_prefix,
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_exposure");
+
+struct Cluster {
+    agents: Vec<Agent>,
+    _servers: Vec<Server>,
+    manifests: PathBuf,
+    log_dir: PathBuf,
+    lab: Lab,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.agents.clear();
+        let _ = std::fs::remove_dir_all(&self.manifests);
+        let _ = std::fs::remove_dir_all(&self.log_dir);
+    }
+}
+
+impl Cluster {
+    /// A lab with `pods[i]` pods on node i (each serving TCP+UDP on 50000), the given manifest files,
+    /// and an agent on every node.
+    fn start(pods: &[usize], files: &[(&str, String)]) -> Cluster {
+        let prefix = unique_prefix("e");
+        let lab = Lab::new(&prefix, pods).expect("lab");
+        let servers = lab.pods().map(|(_, p)| apps::serve(&p.ns, 50000, &p.name).expect("server")).collect();
+        let base = std::env::temp_dir().join(&prefix);
+        let manifests = base.join("manifests");
+        std::fs::create_dir_all(&manifests).unwrap();
+        for (name, text) in files {
+            std::fs::write(manifests.join(name), text).unwrap();
+        }
+        let mut cluster = Cluster { agents: Vec::new(), _servers: servers, manifests, log_dir: base, lab };
+        for n in 0..cluster.lab.nodes.len() {
+            cluster.start_agent(n);
+        }
+        cluster
+    }
+
+    fn start_agent(&mut self, n: usize) {
+        let agent = Agent::start(Path::new(BIN), &self.lab.prefix, &self.lab.nodes[n], &self.manifests, &self.log_dir)
+            .expect("agent starts and reports healthy");
+        if n < self.agents.len() {
+            self.agents[n] = agent;
+        } else {
+            self.agents.push(agent);
+        }
+    }
+
+    fn write(&self, name: &str, text: &str) {
+        // Write then rename, as editors and kubectl do, so the agent never reads half a file.
+        let tmp = self.manifests.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, self.manifests.join(name)).unwrap();
+    }
+
+    fn node(&self, n: usize, port: u16) -> SocketAddr {
+        SocketAddr::from((self.lab.nodes[n].ip, port))
+    }
+
+    /// Which pods answer `count` fresh TCP connections, and the client addresses they saw.
+    fn tcp_spread(&self, to: SocketAddr, count: usize) -> (BTreeSet<String>, BTreeSet<IpAddr>) {
+        let mut pods = BTreeSet::new();
+        let mut seen = BTreeSet::new();
+        for _ in 0..count {
+            let answer = apps::tcp_ask(&self.lab.client, to).unwrap_or_else(|e| panic!("TCP to {to}: {e:#}"));
+            let (pod, peer) = parse_answer(&answer).expect("answer format");
+            pods.insert(pod.to_string());
+            seen.insert(peer.ip());
+        }
+        (pods, seen)
+    }
+
+    fn udp_spread(&self, to: SocketAddr, count: usize) -> BTreeSet<String> {
+        (0..count)
+            .map(|_| {
+                let answer = apps::udp_ask(&self.lab.client, to).unwrap_or_else(|e| panic!("UDP to {to}: {e:#}"));
+                parse_answer(&answer).expect("answer format").0.to_string()
+            })
+            .collect()
+    }
+
+    /// Retries until `check` holds (bounded), for changes the agent applies asynchronously.
+    fn eventually(&self, what: &str, mut check: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if check() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("{what}: not true within 15 s; agent log:\n{}", self.agents[0].log_text());
+    }
+}
+
+fn pods_named(names: &[&str]) -> BTreeSet<String> {
+    names.iter().map(|s| s.to_string()).collect()
+}
+
+/// A Service manifest. `extra` is appended to the spec (indented two spaces).
+fn service(name: &str, svc_type: &str, ports: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  type: {svc_type}\n  clusterIP: 198.18.50.1\n  ports:\n{ports}{extra}"
+    )
+}
+
+/// An EndpointSlice for `svc` listing `endpoints` (ip, node) on target port 50000.
+fn slice(svc: &str, ports: &str, endpoints: &[(Ipv4Addr, &str)]) -> String {
+    let mut eps = String::new();
+    for (ip, node) in endpoints {
+        eps += &format!("- addresses: [{ip}]\n  conditions: {{ready: true}}\n  nodeName: {node}\n");
+    }
+    if endpoints.is_empty() {
+        eps = "[]\n".into();
+    }
+    format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {svc}-abcde\n  namespace: default\n  labels:\n    kubernetes.io/service-name: {svc}\naddressType: IPv4\nports:\n{ports}endpoints:\n{eps}"
+    )
+}
+
+fn all_pods(pods: &[usize]) -> Vec<(Ipv4Addr, String)> {
+    let mut out = Vec::new();
+    for (n, count) in pods.iter().enumerate() {
+        for p in 0..*count {
+            out.push((exposure_lab::lab::pod_ip(n, p), format!("node-{}", n + 1)));
+        }
+    }
+    out
+}
+
+fn hello_world(endpoints: &[(Ipv4Addr, String)]) -> String {
+    let eps: Vec<(Ipv4Addr, &str)> = endpoints.iter().map(|(ip, n)| (*ip, n.as_str())).collect();
+    service("hello-world", "NodePort", "  - {protocol: TCP, port: 60000, targetPort: 50000, nodePort: 30600}\n", "")
+        + "---\n"
+        + &slice("hello-world", "- {name: \"\", protocol: TCP, port: 50000}\n", &eps)
+}
+
+const CLIENT: IpAddr = IpAddr::V4(CLIENT_IP);
+
+#[test]
+fn nodeport_reaches_every_backend_through_both_nodes() {
+    let c = Cluster::start(&[2, 2], &[("hello.yaml", hello_world(&all_pods(&[2, 2])))]);
+    let everyone = pods_named(&["pod-1-1", "pod-1-2", "pod-2-1", "pod-2-2"]);
+    for n in 0..2 {
+        let (pods, seen) = c.tcp_spread(c.node(n, 30600), 60);
+        assert_eq!(pods, everyone, "via node-{}", n + 1);
+        // Local pods see the client, remote pods see the node that SNATed the flow.
+        assert_eq!(seen, BTreeSet::from([CLIENT, IpAddr::V4(c.lab.nodes[n].ip)]), "via node-{}", n + 1);
+    }
+}
+
+#[test]
+fn load_balancer_ip_on_tcp_and_udp() {
+    let ports = "  - {name: tcp, protocol: TCP, port: 7, targetPort: 50000, nodePort: 30700}\n  - {name: udp, protocol: UDP, port: 7, targetPort: 50000, nodePort: 30700}\n";
+    let svc = service("echo", "LoadBalancer", ports, "status:\n  loadBalancer:\n    ingress: [{ip: 198.18.100.1}]\n")
+        .replace("  ports:\n", "  ports:\n");
+    let eps = [(exposure_lab::lab::pod_ip(0, 0), "node-1"), (exposure_lab::lab::pod_ip(1, 0), "node-2")];
+    let manifest = svc + "---\n" + &slice("echo", "- {name: tcp, protocol: TCP, port: 50000}\n- {name: udp, protocol: UDP, port: 50000}\n", &eps);
+    let c = Cluster::start(&[1, 1], &[("echo.yaml", manifest)]);
+    let both = pods_named(&["pod-1-1", "pod-2-1"]);
+    let (tcp, _) = c.tcp_spread(SocketAddr::from((lb_ip(1), 7)), 40);
+    assert_eq!(tcp, both);
+    assert_eq!(c.udp_spread(SocketAddr::from((lb_ip(1), 7)), 40), both);
+    // The same Service over its NodePort, UDP, through node-2.
+    assert_eq!(c.udp_spread(c.node(1, 30700), 40), both);
+}
+
+#[test]
+fn external_traffic_policy_local_keeps_the_client_ip() {
+    let eps = all_pods(&[1, 1]);
+    let eps: Vec<(Ipv4Addr, &str)> = eps.iter().map(|(ip, n)| (*ip, n.as_str())).collect();
+    let manifest = service(
+        "hello-local",
+        "NodePort",
+        "  - {protocol: TCP, port: 60001, targetPort: 50000, nodePort: 30601}\n",
+        "  externalTrafficPolicy: Local\n",
+    ) + "---\n"
+        + &slice("hello-local", "- {name: \"\", protocol: TCP, port: 50000}\n", &eps);
+    let c = Cluster::start(&[1, 1], &[("local.yaml", manifest)]);
+    for n in 0..2 {
+        let (pods, seen) = c.tcp_spread(c.node(n, 30601), 20);
+        assert_eq!(pods, pods_named(&[&format!("pod-{}-1", n + 1)]), "only node-{}'s own pod", n + 1);
+        assert_eq!(seen, BTreeSet::from([CLIENT]), "the pod sees the real client address");
+    }
+}
+
+#[test]
+fn service_without_endpoints_is_refused_at_once() {
+    let manifest = service(
+        "empty",
+        "NodePort",
+        "  - {name: t, protocol: TCP, port: 80, targetPort: 50000, nodePort: 30800}\n  - {name: u, protocol: UDP, port: 80, targetPort: 50000, nodePort: 30800}\n",
+        "",
+    );
+    let c = Cluster::start(&[1, 0], &[("empty.yaml", manifest)]);
+    let started = Instant::now();
+    let tcp = apps::tcp_ask(&c.lab.client, c.node(0, 30800)).expect_err("must be refused");
+    let kind = tcp.downcast_ref::<std::io::Error>().map(|e| e.kind());
+    assert_eq!(kind, Some(ErrorKind::ConnectionRefused), "{tcp:#}");
+    let udp = apps::udp_ask(&c.lab.client, c.node(0, 30800)).expect_err("must be refused");
+    let kind = udp.root_cause().downcast_ref::<std::io::Error>().map(|e| e.kind());
+    assert_eq!(kind, Some(ErrorKind::ConnectionRefused), "{udp:#}");
+    // Refused, not timed out: both answers came long before the 3 s client timeout.
+    assert!(started.elapsed() < apps::IO_TIMEOUT, "took {:?}", started.elapsed());
+}
+
+#[test]
+fn traffic_that_is_not_for_a_service_is_untouched() {
+    let c = Cluster::start(&[1, 1], &[("hello.yaml", hello_world(&all_pods(&[1, 1])))]);
+    // A server on node-1 itself (like sshd or the kubelet), on TCP and UDP.
+    let _host = apps::serve(&c.lab.nodes[0].ns, 8080, "node-1-host").unwrap();
+    let answer = apps::tcp_ask(&c.lab.client, c.node(0, 8080)).unwrap();
+    assert_eq!(parse_answer(&answer).unwrap(), ("node-1-host", SocketAddr::from((CLIENT_IP, parse_answer(&answer).unwrap().1.port()))));
+    assert!(apps::udp_ask(&c.lab.client, c.node(0, 8080)).unwrap().starts_with("node-1-host "));
+    // ICMP and ARP (ping resolves the neighbour) pass too.
+    c.lab.client.exec("ping", &["-c", "2", "-W", "2", &c.lab.nodes[0].ip.to_string()]).expect("ping the node");
+    // A port no Service uses reaches the node's own stack, which refuses it.
+    let err = apps::tcp_ask(&c.lab.client, c.node(0, 31999)).expect_err("nothing listens");
+    assert_eq!(err.downcast_ref::<std::io::Error>().map(|e| e.kind()), Some(ErrorKind::ConnectionRefused));
+    // And the Service still works beside all that.
+    assert!(apps::tcp_ask(&c.lab.client, c.node(0, 30600)).is_ok());
+}
+
+#[test]
+fn held_connections_survive_endpoint_changes_and_agent_restarts() {
+    let pods = all_pods(&[2, 2]);
+    let mut c = Cluster::start(&[2, 2], &[("hello.yaml", hello_world(&pods))]);
+    // Hold connections until we have one to a local and one to a remote pod of node-1.
+    let mut held: Vec<(TcpSession, String)> = Vec::new();
+    for _ in 0..40 {
+        let mut s = TcpSession::connect(&c.lab.client, c.node(0, 30600)).unwrap();
+        let pod = parse_answer(&s.ask("hi").unwrap()).unwrap().0.to_string();
+        let local = pod.starts_with("pod-1-");
+        if !held.iter().any(|(_, p)| p.starts_with("pod-1-") == local) {
+            held.push((s, pod));
+        }
+        if held.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(held.len(), 2, "found a local and a remote backend");
+
+    // Remove both held pods' endpoints: their connections keep going, new ones avoid them.
+    let gone: Vec<String> = held.iter().map(|(_, p)| p.clone()).collect();
+    let remaining: Vec<(Ipv4Addr, String)> = pods
+        .iter()
+        .filter(|(ip, _)| !gone.iter().any(|g| *g == pod_name(*ip)))
+        .cloned()
+        .collect();
+    c.write("hello.yaml", &hello_world(&remaining));
+    c.eventually("removed endpoints get no new flows", || {
+        let (pods, _) = c.tcp_spread(c.node(0, 30600), 12);
+        pods.is_disjoint(&gone.iter().cloned().collect())
+    });
+    for (s, pod) in held.iter_mut() {
+        let again = s.ask("still there?").expect("held connection survives the endpoint change");
+        assert_eq!(parse_answer(&again).unwrap().0, pod);
+    }
+
+    // Restart node-1's agent: the datapath and its flows stay.
+    c.agents[0].stop();
+    for (s, pod) in held.iter_mut() {
+        let again = s.ask("agent is down").expect("held connection survives while the agent is away");
+        assert_eq!(parse_answer(&again).unwrap().0, pod);
+    }
+    c.start_agent(0);
+    for (s, pod) in held.iter_mut() {
+        let again = s.ask("agent is back").expect("held connection survives the restart");
+        assert_eq!(parse_answer(&again).unwrap().0, pod);
+    }
+    let (pods, _) = c.tcp_spread(c.node(0, 30600), 12);
+    assert!(pods.is_disjoint(&gone.iter().cloned().collect()), "restart resurrected removed endpoints: {pods:?}");
+}
+
+fn pod_name(ip: Ipv4Addr) -> String {
+    let o = ip.octets();
+    format!("pod-{}-{}", o[2], o[3] - 1)
+}
+
+#[test]
+fn broken_manifests_are_reported_and_do_not_disturb_the_rest() {
+    let broken_yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: [oops\n".to_string();
+    let invalid_object = service("bad-port", "NodePort", "  - {protocol: TCP, port: 80, nodePort: 99999}\n", "");
+    let mut c = Cluster::start(
+        &[1, 1],
+        &[("hello.yaml", hello_world(&all_pods(&[1, 1]))), ("broken.yaml", broken_yaml), ("bad.yaml", invalid_object)],
+    );
+    let (pods, _) = c.tcp_spread(c.node(0, 30600), 20);
+    assert_eq!(pods, pods_named(&["pod-1-1", "pod-2-1"]));
+    let log = c.agents[0].log_text();
+    assert!(log.contains("broken.yaml") && log.contains("not valid YAML"), "log names the file and reason:\n{log}");
+    assert!(log.contains("default/bad-port") && log.contains("99999"), "log names the object and reason:\n{log}");
+
+    // While running: a new broken file and a new good Service arrive together.
+    c.write("worse.yaml", "{{{{");
+    let eps = [(exposure_lab::lab::pod_ip(1, 0), "node-2")];
+    c.write(
+        "second.yaml",
+        &(service("second", "NodePort", "  - {protocol: TCP, port: 81, targetPort: 50000, nodePort: 30681}\n", "")
+            + "---\n"
+            + &slice("second", "- {name: \"\", protocol: TCP, port: 50000}\n", &eps)),
+    );
+    c.eventually("the new Service is served", || apps::tcp_ask(&c.lab.client, c.node(0, 30681)).is_ok());
+    let (pods, _) = c.tcp_spread(c.node(0, 30600), 20);
+    assert_eq!(pods, pods_named(&["pod-1-1", "pod-2-1"]), "the first Service is undisturbed");
+
+    // `exposure status` shows both from the pinned maps.
+    let out = std::process::Command::new(BIN)
+        .args(["status", "--pin-dir"])
+        .arg(pin_dir(&c.lab.prefix, &c.lab.nodes[0]))
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(table.contains("198.18.0.10:30600/TCP") && table.contains("198.18.0.10:30681/TCP"), "{table}");
+    assert!(table.contains("198.19.1.2:50000 (local)"), "{table}");
+    c.agents.truncate(0);
+}
