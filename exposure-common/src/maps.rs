@@ -38,7 +38,8 @@ pub mod names {
     pub const REPLIES: &str = "REPLIES";
     pub const NODE_ADDRS: &str = "NODE_ADDRS";
     pub const STATS: &str = "STATS";
-    pub const ALL: [&str; 8] = [
+    pub const NEIGH_MISSES: &str = "NEIGH_MISSES";
+    pub const ALL: [&str; 9] = [
         FRONTENDS,
         SERVICES,
         BACKEND_SLOTS,
@@ -47,6 +48,7 @@ pub mod names {
         REPLIES,
         NODE_ADDRS,
         STATS,
+        NEIGH_MISSES,
     ];
 }
 
@@ -171,13 +173,14 @@ pub enum Counter {
     NoBackend,
     DroppedNoLocalBackend,
     FibFailed,
+    NeighborMissing,
     SnatExhausted,
     Fragments,
     Malformed,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 12;
+    pub const COUNT: u32 = 13;
     pub const ALL: [Counter; Counter::COUNT as usize] = [
         Counter::FrontendPackets,
         Counter::NewFlows,
@@ -188,6 +191,7 @@ impl Counter {
         Counter::NoBackend,
         Counter::DroppedNoLocalBackend,
         Counter::FibFailed,
+        Counter::NeighborMissing,
         Counter::SnatExhausted,
         Counter::Fragments,
         Counter::Malformed,
@@ -204,6 +208,7 @@ impl Counter {
             Counter::NoBackend => "refused_no_backend",
             Counter::DroppedNoLocalBackend => "dropped_no_local_backend",
             Counter::FibFailed => "fib_lookup_failed",
+            Counter::NeighborMissing => "neighbor_missing",
             Counter::SnatExhausted => "snat_ports_exhausted",
             Counter::Fragments => "fragments_passed",
             Counter::Malformed => "malformed",

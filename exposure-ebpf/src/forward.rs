@@ -1,11 +1,17 @@
 //! Sending translated frames back out: FIB lookup for new remote flows, XDP_TX/redirect.
 
 use aya_ebpf::{
-    bindings::{bpf_fib_lookup, xdp_action, BPF_FIB_LKUP_RET_SUCCESS},
+    bindings::{
+        bpf_fib_lookup, xdp_action, BPF_ANY, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+    },
     helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect},
     programs::XdpContext,
     EbpfContext,
 };
+
+use exposure_common::Counter;
+
+use crate::maps::{count, NEIGH_MISSES};
 
 const AF_INET: u8 = 2;
 
@@ -32,7 +38,15 @@ pub fn next_hop(ctx: &XdpContext, daddr: u32, proto: u8, tot_len: u16) -> Option
             0,
         )
     };
+    if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
+        // The FIB filled in the next hop; leave it for the agent to resolve.
+        let gateway = unsafe { params.__bindgen_anon_4.ipv4_dst };
+        let _ = NEIGH_MISSES.insert(&gateway, &params.ifindex, BPF_ANY as u64);
+        count(Counter::NeighborMissing);
+        return None;
+    }
     if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        count(Counter::FibFailed);
         return None;
     }
     Some(NextHop {

@@ -238,7 +238,6 @@ fn new_flow(
             p.proto,
             u16::from_be_bytes(unsafe { *tot_len }),
         ) else {
-            count(Counter::FibFailed);
             return Selected::Drop;
         };
         let snat_addr = match unsafe {

@@ -22,6 +22,10 @@ pub static REPLIES: LruHashMap<FlowKey, Reply> = LruHashMap::pinned(MAX_FLOWS, 0
 /// ifindex -> the node IPv4 address used as SNAT source on that interface.
 #[map]
 pub static NODE_ADDRS: HashMap<u32, u32> = HashMap::pinned(256, 0);
+/// Next hops the FIB had no neighbour entry for (address -> ifindex): the agent asks the kernel to
+/// resolve them, since XDP cannot.
+#[map]
+pub static NEIGH_MISSES: HashMap<u32, u32> = HashMap::pinned(1024, 0);
 #[map]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(Counter::COUNT, 0);
 

@@ -81,6 +81,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             _ = &mut shutdown => break,
             _ = ticker.tick() => {}
         }
+        for hop in maps.take_neighbor_misses() {
+            resolve_neighbor(hop);
+        }
         let fingerprint = manifests::fingerprint(&manifest_dir).ok();
         let node_addrs: Vec<_> = netdev::interfaces(&cfg.ifaces)
             .map(|ifs| ifs.into_iter().flat_map(|i| i.ipv4).collect())
@@ -142,6 +145,15 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     // Pins stay: the programs keep forwarding established flows while the agent is away.
     tracing::info!("agent stopping; datapath stays attached (use `exposure cleanup` to remove it)");
     Ok(())
+}
+
+/// XDP cannot resolve ARP; the kernel does when it has something to send there. One datagram to the
+/// discard port makes it resolve the next hop, so the client's retransmit finds the neighbour.
+fn resolve_neighbor(hop: std::net::Ipv4Addr) {
+    tracing::debug!(%hop, "resolving next hop for the datapath");
+    if let Ok(sock) = std::net::UdpSocket::bind("0.0.0.0:0") {
+        let _ = sock.send_to(&[], (hop, 9));
+    }
 }
 
 fn warn_if_not_forwarding() {

@@ -85,6 +85,7 @@ fn expected_layout(name: &str) -> Option<(u32, u32)> {
         names::REPLIES => sz(size_of::<FlowKey>(), size_of::<Reply>()),
         names::NODE_ADDRS => sz(4, 4),
         names::STATS => sz(4, 8),
+        names::NEIGH_MISSES => sz(4, 4),
         _ => None,
     }
 }
@@ -240,6 +241,7 @@ pub struct KernelMaps {
     pub replies: HashMap<MapData, FlowKey, Reply>,
     pub node_addrs: HashMap<MapData, u32, u32>,
     pub stats: PerCpuArray<MapData, u64>,
+    pub neigh_misses: HashMap<MapData, u32, u32>,
 }
 
 impl KernelMaps {
@@ -258,6 +260,7 @@ impl KernelMaps {
             stats: open_map(pin_dir, names::STATS)
                 .map(Map::PerCpuArray)?
                 .try_into()?,
+            neigh_misses: hash(names::NEIGH_MISSES)?.try_into()?,
         })
     }
 
@@ -276,6 +279,18 @@ impl KernelMaps {
                 let per_cpu = self.stats.get(&(*c as u32), 0)?;
                 Ok((*c, per_cpu.iter().sum()))
             })
+            .collect()
+    }
+
+    /// Takes the next hops the datapath found no neighbour entry for.
+    pub fn take_neighbor_misses(&mut self) -> Vec<std::net::Ipv4Addr> {
+        let addrs: Vec<u32> = self.neigh_misses.keys().filter_map(Result::ok).collect();
+        for a in &addrs {
+            let _ = self.neigh_misses.remove(a);
+        }
+        addrs
+            .into_iter()
+            .map(|a| std::net::Ipv4Addr::from(exposure_common::ipv4_octets(a)))
             .collect()
     }
 

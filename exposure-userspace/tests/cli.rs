@@ -6,10 +6,22 @@ const BIN: &str = env!("CARGO_BIN_EXE_exposure");
 
 #[test]
 fn agent_without_manifests_says_what_is_missing() {
-    let out = Command::new(BIN).args(["agent", "--iface", "lo", "--pin-dir", "/sys/fs/bpf/exposure-cli-test"]).output().unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "agent",
+            "--iface",
+            "lo",
+            "--pin-dir",
+            "/sys/fs/bpf/exposure-cli-test",
+        ])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("--manifests") && err.contains("Kubernetes API"), "{err}");
+    assert!(
+        err.contains("--manifests") && err.contains("Kubernetes API"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -17,7 +29,14 @@ fn agent_with_unknown_interface_fails_clearly() {
     let dir = std::env::temp_dir().join(format!("exposure-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let out = Command::new(BIN)
-        .args(["agent", "--iface", "nosuchif0", "--pin-dir", "/sys/fs/bpf/exposure-cli-test2", "--manifests"])
+        .args([
+            "agent",
+            "--iface",
+            "nosuchif0",
+            "--pin-dir",
+            "/sys/fs/bpf/exposure-cli-test2",
+            "--manifests",
+        ])
         .arg(&dir)
         .output()
         .unwrap();
@@ -28,8 +47,14 @@ fn agent_with_unknown_interface_fails_clearly() {
 
 #[test]
 fn status_without_a_running_agent_points_at_the_pin_dir() {
-    let out = Command::new(BIN).args(["status", "--pin-dir", "/sys/fs/bpf/exposure-nothing-here"]).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["status", "--pin-dir", "/sys/fs/bpf/exposure-nothing-here"])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("exposure-nothing-here") && err.contains("--pin-dir"), "{err}");
+    assert!(
+        err.contains("exposure-nothing-here") && err.contains("--pin-dir"),
+        "{err}"
+    );
 }

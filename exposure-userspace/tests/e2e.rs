@@ -41,14 +41,23 @@ impl Cluster {
     fn start(pods: &[usize], files: &[(&str, String)]) -> Cluster {
         let prefix = unique_prefix("e");
         let lab = Lab::new(&prefix, pods).expect("lab");
-        let servers = lab.pods().map(|(_, p)| apps::serve(&p.ns, 50000, &p.name).expect("server")).collect();
+        let servers = lab
+            .pods()
+            .map(|(_, p)| apps::serve(&p.ns, 50000, &p.name).expect("server"))
+            .collect();
         let base = std::env::temp_dir().join(&prefix);
         let manifests = base.join("manifests");
         std::fs::create_dir_all(&manifests).unwrap();
         for (name, text) in files {
             std::fs::write(manifests.join(name), text).unwrap();
         }
-        let mut cluster = Cluster { agents: Vec::new(), _servers: servers, manifests, log_dir: base, lab };
+        let mut cluster = Cluster {
+            agents: Vec::new(),
+            _servers: servers,
+            manifests,
+            log_dir: base,
+            lab,
+        };
         for n in 0..cluster.lab.nodes.len() {
             cluster.start_agent(n);
         }
@@ -56,8 +65,14 @@ impl Cluster {
     }
 
     fn start_agent(&mut self, n: usize) {
-        let agent = Agent::start(Path::new(BIN), &self.lab.prefix, &self.lab.nodes[n], &self.manifests, &self.log_dir)
-            .expect("agent starts and reports healthy");
+        let agent = Agent::start(
+            Path::new(BIN),
+            &self.lab.prefix,
+            &self.lab.nodes[n],
+            &self.manifests,
+            &self.log_dir,
+        )
+        .expect("agent starts and reports healthy");
         if n < self.agents.len() {
             self.agents[n] = agent;
         } else {
@@ -81,7 +96,8 @@ impl Cluster {
         let mut pods = BTreeSet::new();
         let mut seen = BTreeSet::new();
         for _ in 0..count {
-            let answer = apps::tcp_ask(&self.lab.client, to).unwrap_or_else(|e| panic!("TCP to {to}: {e:#}"));
+            let answer = apps::tcp_ask(&self.lab.client, to)
+                .unwrap_or_else(|e| panic!("TCP to {to}: {e:#}"));
             let (pod, peer) = parse_answer(&answer).expect("answer format");
             pods.insert(pod.to_string());
             seen.insert(peer.ip());
@@ -92,7 +108,8 @@ impl Cluster {
     fn udp_spread(&self, to: SocketAddr, count: usize) -> BTreeSet<String> {
         (0..count)
             .map(|_| {
-                let answer = apps::udp_ask(&self.lab.client, to).unwrap_or_else(|e| panic!("UDP to {to}: {e:#}"));
+                let answer = apps::udp_ask(&self.lab.client, to)
+                    .unwrap_or_else(|e| panic!("UDP to {to}: {e:#}"));
                 parse_answer(&answer).expect("answer format").0.to_string()
             })
             .collect()
@@ -107,7 +124,10 @@ impl Cluster {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        panic!("{what}: not true within 15 s; agent log:\n{}", self.agents[0].log_text());
+        panic!(
+            "{what}: not true within 15 s; agent log:\n{}",
+            self.agents[0].log_text()
+        );
     }
 }
 
@@ -148,9 +168,17 @@ fn all_pods(pods: &[usize]) -> Vec<(Ipv4Addr, String)> {
 
 fn hello_world(endpoints: &[(Ipv4Addr, String)]) -> String {
     let eps: Vec<(Ipv4Addr, &str)> = endpoints.iter().map(|(ip, n)| (*ip, n.as_str())).collect();
-    service("hello-world", "NodePort", "  - {protocol: TCP, port: 60000, targetPort: 50000, nodePort: 30600}\n", "")
-        + "---\n"
-        + &slice("hello-world", "- {name: \"\", protocol: TCP, port: 50000}\n", &eps)
+    service(
+        "hello-world",
+        "NodePort",
+        "  - {protocol: TCP, port: 60000, targetPort: 50000, nodePort: 30600}\n",
+        "",
+    ) + "---\n"
+        + &slice(
+            "hello-world",
+            "- {name: \"\", protocol: TCP, port: 50000}\n",
+            &eps,
+        )
 }
 
 const CLIENT: IpAddr = IpAddr::V4(CLIENT_IP);
@@ -163,16 +191,29 @@ fn nodeport_reaches_every_backend_through_both_nodes() {
         let (pods, seen) = c.tcp_spread(c.node(n, 30600), 60);
         assert_eq!(pods, everyone, "via node-{}", n + 1);
         // Local pods see the client, remote pods see the node that SNATed the flow.
-        assert_eq!(seen, BTreeSet::from([CLIENT, IpAddr::V4(c.lab.nodes[n].ip)]), "via node-{}", n + 1);
+        assert_eq!(
+            seen,
+            BTreeSet::from([CLIENT, IpAddr::V4(c.lab.nodes[n].ip)]),
+            "via node-{}",
+            n + 1
+        );
     }
 }
 
 #[test]
 fn load_balancer_ip_on_tcp_and_udp() {
     let ports = "  - {name: tcp, protocol: TCP, port: 7, targetPort: 50000, nodePort: 30700}\n  - {name: udp, protocol: UDP, port: 7, targetPort: 50000, nodePort: 30700}\n";
-    let svc = service("echo", "LoadBalancer", ports, "status:\n  loadBalancer:\n    ingress: [{ip: 198.18.100.1}]\n")
-        .replace("  ports:\n", "  ports:\n");
-    let eps = [(exposure_lab::lab::pod_ip(0, 0), "node-1"), (exposure_lab::lab::pod_ip(1, 0), "node-2")];
+    let svc = service(
+        "echo",
+        "LoadBalancer",
+        ports,
+        "status:\n  loadBalancer:\n    ingress: [{ip: 198.18.100.1}]\n",
+    )
+    .replace("  ports:\n", "  ports:\n");
+    let eps = [
+        (exposure_lab::lab::pod_ip(0, 0), "node-1"),
+        (exposure_lab::lab::pod_ip(1, 0), "node-2"),
+    ];
     let manifest = svc + "---\n" + &slice("echo", "- {name: tcp, protocol: TCP, port: 50000}\n- {name: udp, protocol: UDP, port: 50000}\n", &eps);
     let c = Cluster::start(&[1, 1], &[("echo.yaml", manifest)]);
     let both = pods_named(&["pod-1-1", "pod-2-1"]);
@@ -193,12 +234,25 @@ fn external_traffic_policy_local_keeps_the_client_ip() {
         "  - {protocol: TCP, port: 60001, targetPort: 50000, nodePort: 30601}\n",
         "  externalTrafficPolicy: Local\n",
     ) + "---\n"
-        + &slice("hello-local", "- {name: \"\", protocol: TCP, port: 50000}\n", &eps);
+        + &slice(
+            "hello-local",
+            "- {name: \"\", protocol: TCP, port: 50000}\n",
+            &eps,
+        );
     let c = Cluster::start(&[1, 1], &[("local.yaml", manifest)]);
     for n in 0..2 {
         let (pods, seen) = c.tcp_spread(c.node(n, 30601), 20);
-        assert_eq!(pods, pods_named(&[&format!("pod-{}-1", n + 1)]), "only node-{}'s own pod", n + 1);
-        assert_eq!(seen, BTreeSet::from([CLIENT]), "the pod sees the real client address");
+        assert_eq!(
+            pods,
+            pods_named(&[&format!("pod-{}-1", n + 1)]),
+            "only node-{}'s own pod",
+            n + 1
+        );
+        assert_eq!(
+            seen,
+            BTreeSet::from([CLIENT]),
+            "the pod sees the real client address"
+        );
     }
 }
 
@@ -216,10 +270,17 @@ fn service_without_endpoints_is_refused_at_once() {
     let kind = tcp.downcast_ref::<std::io::Error>().map(|e| e.kind());
     assert_eq!(kind, Some(ErrorKind::ConnectionRefused), "{tcp:#}");
     let udp = apps::udp_ask(&c.lab.client, c.node(0, 30800)).expect_err("must be refused");
-    let kind = udp.root_cause().downcast_ref::<std::io::Error>().map(|e| e.kind());
+    let kind = udp
+        .root_cause()
+        .downcast_ref::<std::io::Error>()
+        .map(|e| e.kind());
     assert_eq!(kind, Some(ErrorKind::ConnectionRefused), "{udp:#}");
     // Refused, not timed out: both answers came long before the 3 s client timeout.
-    assert!(started.elapsed() < apps::IO_TIMEOUT, "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < apps::IO_TIMEOUT,
+        "took {:?}",
+        started.elapsed()
+    );
 }
 
 #[test]
@@ -228,13 +289,30 @@ fn traffic_that_is_not_for_a_service_is_untouched() {
     // A server on node-1 itself (like sshd or the kubelet), on TCP and UDP.
     let _host = apps::serve(&c.lab.nodes[0].ns, 8080, "node-1-host").unwrap();
     let answer = apps::tcp_ask(&c.lab.client, c.node(0, 8080)).unwrap();
-    assert_eq!(parse_answer(&answer).unwrap(), ("node-1-host", SocketAddr::from((CLIENT_IP, parse_answer(&answer).unwrap().1.port()))));
-    assert!(apps::udp_ask(&c.lab.client, c.node(0, 8080)).unwrap().starts_with("node-1-host "));
+    assert_eq!(
+        parse_answer(&answer).unwrap(),
+        (
+            "node-1-host",
+            SocketAddr::from((CLIENT_IP, parse_answer(&answer).unwrap().1.port()))
+        )
+    );
+    assert!(apps::udp_ask(&c.lab.client, c.node(0, 8080))
+        .unwrap()
+        .starts_with("node-1-host "));
     // ICMP and ARP (ping resolves the neighbour) pass too.
-    c.lab.client.exec("ping", &["-c", "2", "-W", "2", &c.lab.nodes[0].ip.to_string()]).expect("ping the node");
+    c.lab
+        .client
+        .exec(
+            "ping",
+            &["-c", "2", "-W", "2", &c.lab.nodes[0].ip.to_string()],
+        )
+        .expect("ping the node");
     // A port no Service uses reaches the node's own stack, which refuses it.
     let err = apps::tcp_ask(&c.lab.client, c.node(0, 31999)).expect_err("nothing listens");
-    assert_eq!(err.downcast_ref::<std::io::Error>().map(|e| e.kind()), Some(ErrorKind::ConnectionRefused));
+    assert_eq!(
+        err.downcast_ref::<std::io::Error>().map(|e| e.kind()),
+        Some(ErrorKind::ConnectionRefused)
+    );
     // And the Service still works beside all that.
     assert!(apps::tcp_ask(&c.lab.client, c.node(0, 30600)).is_ok());
 }
@@ -271,23 +349,32 @@ fn held_connections_survive_endpoint_changes_and_agent_restarts() {
         pods.is_disjoint(&gone.iter().cloned().collect())
     });
     for (s, pod) in held.iter_mut() {
-        let again = s.ask("still there?").expect("held connection survives the endpoint change");
+        let again = s
+            .ask("still there?")
+            .expect("held connection survives the endpoint change");
         assert_eq!(parse_answer(&again).unwrap().0, pod);
     }
 
     // Restart node-1's agent: the datapath and its flows stay.
     c.agents[0].stop();
     for (s, pod) in held.iter_mut() {
-        let again = s.ask("agent is down").expect("held connection survives while the agent is away");
+        let again = s
+            .ask("agent is down")
+            .expect("held connection survives while the agent is away");
         assert_eq!(parse_answer(&again).unwrap().0, pod);
     }
     c.start_agent(0);
     for (s, pod) in held.iter_mut() {
-        let again = s.ask("agent is back").expect("held connection survives the restart");
+        let again = s
+            .ask("agent is back")
+            .expect("held connection survives the restart");
         assert_eq!(parse_answer(&again).unwrap().0, pod);
     }
     let (pods, _) = c.tcp_spread(c.node(0, 30600), 12);
-    assert!(pods.is_disjoint(&gone.iter().cloned().collect()), "restart resurrected removed endpoints: {pods:?}");
+    assert!(
+        pods.is_disjoint(&gone.iter().cloned().collect()),
+        "restart resurrected removed endpoints: {pods:?}"
+    );
 }
 
 fn pod_name(ip: Ipv4Addr) -> String {
@@ -298,29 +385,58 @@ fn pod_name(ip: Ipv4Addr) -> String {
 #[test]
 fn broken_manifests_are_reported_and_do_not_disturb_the_rest() {
     let broken_yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: [oops\n".to_string();
-    let invalid_object = service("bad-port", "NodePort", "  - {protocol: TCP, port: 80, nodePort: 99999}\n", "");
+    let invalid_object = service(
+        "bad-port",
+        "NodePort",
+        "  - {protocol: TCP, port: 80, nodePort: 99999}\n",
+        "",
+    );
     let mut c = Cluster::start(
         &[1, 1],
-        &[("hello.yaml", hello_world(&all_pods(&[1, 1]))), ("broken.yaml", broken_yaml), ("bad.yaml", invalid_object)],
+        &[
+            ("hello.yaml", hello_world(&all_pods(&[1, 1]))),
+            ("broken.yaml", broken_yaml),
+            ("bad.yaml", invalid_object),
+        ],
     );
     let (pods, _) = c.tcp_spread(c.node(0, 30600), 20);
     assert_eq!(pods, pods_named(&["pod-1-1", "pod-2-1"]));
     let log = c.agents[0].log_text();
-    assert!(log.contains("broken.yaml") && log.contains("not valid YAML"), "log names the file and reason:\n{log}");
-    assert!(log.contains("default/bad-port") && log.contains("99999"), "log names the object and reason:\n{log}");
+    assert!(
+        log.contains("broken.yaml") && log.contains("not valid YAML"),
+        "log names the file and reason:\n{log}"
+    );
+    assert!(
+        log.contains("default/bad-port") && log.contains("99999"),
+        "log names the object and reason:\n{log}"
+    );
 
     // While running: a new broken file and a new good Service arrive together.
     c.write("worse.yaml", "{{{{");
     let eps = [(exposure_lab::lab::pod_ip(1, 0), "node-2")];
     c.write(
         "second.yaml",
-        &(service("second", "NodePort", "  - {protocol: TCP, port: 81, targetPort: 50000, nodePort: 30681}\n", "")
-            + "---\n"
-            + &slice("second", "- {name: \"\", protocol: TCP, port: 50000}\n", &eps)),
+        &(service(
+            "second",
+            "NodePort",
+            "  - {protocol: TCP, port: 81, targetPort: 50000, nodePort: 30681}\n",
+            "",
+        ) + "---\n"
+            + &slice(
+                "second",
+                "- {name: \"\", protocol: TCP, port: 50000}\n",
+                &eps,
+            )),
     );
-    c.eventually("the new Service is served", || apps::tcp_ask(&c.lab.client, c.node(0, 30681)).is_ok());
+    c.eventually("the new Service is served", || {
+        apps::tcp_ask(&c.lab.client, c.node(0, 30681)).is_ok()
+    });
     let (pods, _) = c.tcp_spread(c.node(0, 30600), 20);
-    assert_eq!(pods, pods_named(&["pod-1-1", "pod-2-1"]), "the first Service is undisturbed");
+    assert_eq!(
+        pods,
+        pods_named(&["pod-1-1", "pod-2-1"]),
+        "the first Service is undisturbed"
+    );
 
     // `exposure status` shows both from the pinned maps.
     let out = std::process::Command::new(BIN)
@@ -329,8 +445,27 @@ fn broken_manifests_are_reported_and_do_not_disturb_the_rest() {
         .output()
         .unwrap();
     let table = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(table.contains("198.18.0.10:30600/TCP") && table.contains("198.18.0.10:30681/TCP"), "{table}");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        table.contains("198.18.0.10:30600/TCP") && table.contains("198.18.0.10:30681/TCP"),
+        "{table}"
+    );
     assert!(table.contains("198.19.1.2:50000 (local)"), "{table}");
     c.agents.truncate(0);
+}
+
+#[test]
+fn remote_backends_work_when_the_node_has_not_resolved_its_neighbours_yet() {
+    let eps: Vec<(Ipv4Addr, String)> = all_pods(&[0, 2]);
+    let c = Cluster::start(&[0, 2], &[("hello.yaml", hello_world(&eps))]);
+    c.lab.nodes[0].ns.ip("neigh flush all").unwrap();
+    // The first SYN finds no neighbour for node-2; the agent has the kernel resolve it, and the
+    // client's retransmit (1 s later, inside the 3 s client timeout) gets through.
+    let (pods, seen) = c.tcp_spread(c.node(0, 30600), 10);
+    assert_eq!(pods, pods_named(&["pod-2-1", "pod-2-2"]));
+    assert_eq!(seen, BTreeSet::from([IpAddr::V4(c.lab.nodes[0].ip)]));
 }

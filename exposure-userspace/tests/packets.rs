@@ -561,3 +561,28 @@ fn cluster_traffic_to_snat_ports_without_state_passes() {
         assert_eq!((verdict, out), (XDP_PASS, stray));
     });
 }
+
+#[test]
+fn unresolved_next_hop_is_dropped_and_left_for_the_agent_to_resolve() {
+    with_datapath(|h| {
+        // 198.19.3.0/24 is routed via a next hop nobody has resolved (and nobody answers for).
+        std::process::Command::new("ip")
+            .args(["route", "add", "198.19.3.0/24", "via", "198.18.0.30"])
+            .status()
+            .unwrap();
+        let pod = Ipv4Addr::new(198, 19, 3, 2);
+        h.program(&hello(&[(pod, false)]));
+        let (verdict, _) = h.xdp(&FrameSpec::tcp((CLIENT, 40007), (NODE, NODE_PORT), SYN).build());
+        assert_eq!(verdict, XDP_DROP);
+        assert_eq!(h.counter(Counter::NeighborMissing), 1);
+        assert_eq!(
+            h.maps.take_neighbor_misses(),
+            [Ipv4Addr::new(198, 18, 0, 30)],
+            "the gateway, not the pod"
+        );
+        assert!(
+            h.flow((CLIENT, 40007), (NODE, NODE_PORT), TCP).is_none(),
+            "no half-made flow left behind"
+        );
+    });
+}
