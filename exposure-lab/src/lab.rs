@@ -99,9 +99,7 @@ impl Lab {
                 .push(crate::xdp_pass::attach(&lab.lan, &port)?);
             ns.ip(&format!("addr add {}/24 dev eth0", node_ip(n)))?;
             ns.ip("link set eth0 up")?;
-            for key in ["net.ipv4.ip_forward"] {
-                ns.sysctl(key, "1")?;
-            }
+            ns.sysctl("net.ipv4.ip_forward", "1")?;
             for key in [
                 "net.ipv4.conf.all.rp_filter",
                 "net.ipv4.conf.default.rp_filter",

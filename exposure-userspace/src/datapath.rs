@@ -36,7 +36,7 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 pub fn ensure_bpffs() -> anyhow::Result<()> {
     let root = Path::new("/sys/fs/bpf");
     let is_bpffs = nix::sys::statfs::statfs(root)
-        .map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+        .map(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
         .unwrap_or(false);
     if is_bpffs {
         return Ok(());

@@ -1,10 +1,6 @@
 //! `cargo xtask run`: the namespace lab with the real agent on two nodes and the `examples/` manifests.
 
-use std::{
-    net::{Ipv4Addr, SocketAddr},
-    path::Path,
-    process::Command,
-};
+use std::{net::SocketAddr, path::Path, process::Command};
 
 use anyhow::Context as _;
 use exposure_lab::{
@@ -113,7 +109,7 @@ pub fn run(bin: &Path, examples: &Path, once: bool) -> anyhow::Result<()> {
     ask(
         &lab,
         "a port nothing serves (passes to node-1's own stack)",
-        SocketAddr::from((Ipv4Addr::from(lab.nodes[0].ip), 30999)),
+        SocketAddr::from((lab.nodes[0].ip, 30999)),
         false,
     );
 

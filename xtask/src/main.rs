@@ -78,7 +78,11 @@ fn main() -> anyhow::Result<()> {
         "test" => {
             require_root("cargo xtask test")?;
             setup::ensure()?;
-            status(cargo().args(["test", "--workspace", "--exclude", "exposure-ebpf"]).args(rest))
+            status(
+                cargo()
+                    .args(["test", "--workspace", "--exclude", "exposure-ebpf"])
+                    .args(rest),
+            )
         }
         "run" => match rest {
             [] => {
