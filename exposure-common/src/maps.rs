@@ -39,7 +39,8 @@ pub mod names {
     pub const NODE_ADDRS: &str = "NODE_ADDRS";
     pub const STATS: &str = "STATS";
     pub const NEIGH_MISSES: &str = "NEIGH_MISSES";
-    pub const ALL: [&str; 9] = [
+    pub const FRONTEND_STATS: &str = "FRONTEND_STATS";
+    pub const ALL: [&str; 10] = [
         FRONTENDS,
         SERVICES,
         BACKEND_SLOTS,
@@ -49,6 +50,7 @@ pub mod names {
         NODE_ADDRS,
         STATS,
         NEIGH_MISSES,
+        FRONTEND_STATS,
     ];
 }
 
@@ -62,9 +64,9 @@ pub struct FrontendKey {
     pub _pad: u8,
 }
 
-pub const FRONTEND_NODEPORT: u32 = 1;
-pub const FRONTEND_LOADBALANCER: u32 = 2;
-pub const FRONTEND_EXTERNAL_IP: u32 = 4;
+pub const FRONTEND_NODEPORT: u16 = 1;
+pub const FRONTEND_LOADBALANCER: u16 = 2;
+pub const FRONTEND_EXTERNAL_IP: u16 = 4;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -72,7 +74,17 @@ pub struct Frontend {
     /// Index into `SERVICES`: one per Service port.
     pub service_id: u32,
     /// `FRONTEND_*` kind.
-    pub flags: u32,
+    pub flags: u16,
+    /// Index into `FRONTEND_STATS`.
+    pub id: u16,
+}
+
+/// Per-frontend traffic (per CPU), for metrics.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    pub packets: u64,
+    pub bytes: u64,
 }
 
 /// One Service port's current backend set. `bank` says which half of `BACKEND_SLOTS` is live: the
@@ -227,6 +239,7 @@ mod pod {
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for Flow {}
     unsafe impl aya::Pod for Reply {}
+    unsafe impl aya::Pod for Traffic {}
 }
 
 /// Host-side conversions to the wire-order integers the maps hold.

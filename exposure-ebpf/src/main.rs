@@ -63,7 +63,15 @@ fn try_xdp(ctx: &XdpContext) -> Result<u32, ()> {
         _pad: 0,
     };
     match unsafe { FRONTENDS.get(&frontend) } {
-        Some(fe) => to_backend(ctx, &p, fe.service_id),
+        Some(fe) => {
+            if let Some(t) = FRONTEND_STATS.get_ptr_mut(fe.id as u32) {
+                unsafe {
+                    (*t).packets += 1;
+                    (*t).bytes += (ctx.data_end() - ctx.data()) as u64;
+                }
+            }
+            to_backend(ctx, &p, fe.service_id)
+        }
         None => Ok(xdp_action::XDP_PASS),
     }
 }

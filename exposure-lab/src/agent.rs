@@ -16,6 +16,12 @@ use nix::{
 
 use crate::lab::Node;
 
+/// Where an agent reads the cluster from.
+pub enum Source<'a> {
+    Manifests(&'a Path),
+    Kubeconfig(&'a Path),
+}
+
 pub struct Agent {
     child: Option<Child>,
     pub log: PathBuf,
@@ -33,7 +39,20 @@ impl Agent {
         bin: &Path,
         lab_prefix: &str,
         node: &Node,
-        manifests: &Path,
+        source: &Source,
+        log_dir: &Path,
+    ) -> anyhow::Result<Self> {
+        let mut agent = Self::spawn(bin, lab_prefix, node, source, log_dir)?;
+        agent.wait_healthy(node)?;
+        Ok(agent)
+    }
+
+    /// Starts `exposure agent` without waiting for it to report healthy.
+    pub fn spawn(
+        bin: &Path,
+        lab_prefix: &str,
+        node: &Node,
+        source: &Source,
         log_dir: &Path,
     ) -> anyhow::Result<Self> {
         let pin_dir = pin_dir(lab_prefix, node);
@@ -46,8 +65,10 @@ impl Agent {
             .ns
             .command(bin)?
             .args(["agent", "--iface", node.iface, "--node-name", &node.name])
-            .arg("--manifests")
-            .arg(manifests)
+            .args(match source {
+                Source::Manifests(dir) => ["--manifests".as_ref(), dir.as_os_str()],
+                Source::Kubeconfig(file) => ["--kubeconfig".as_ref(), file.as_os_str()],
+            })
             .arg("--pin-dir")
             .arg(&pin_dir)
             .args(["--healthz-bind-address", "127.0.0.1:10256"])
@@ -57,16 +78,14 @@ impl Agent {
             .stderr(log_file)
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
-        let mut agent = Agent {
+        Ok(Agent {
             child: Some(child),
             log,
             pin_dir,
-        };
-        agent.wait_healthy(node)?;
-        Ok(agent)
+        })
     }
 
-    fn wait_healthy(&mut self, node: &Node) -> anyhow::Result<()> {
+    pub fn wait_healthy(&mut self, node: &Node) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if let Some(child) = self.child.as_mut() {
@@ -109,9 +128,10 @@ impl Agent {
 }
 
 impl Drop for Agent {
+    /// Stops the process only: its pins outlive it, as on a real node, so a replacement agent finds
+    /// them. The [`Lab`](crate::lab::Lab) removes them when it goes.
     fn drop(&mut self) {
         self.stop();
-        let _ = std::fs::remove_dir_all(&self.pin_dir);
     }
 }
 
@@ -130,5 +150,21 @@ pub fn healthz(node: &Node) -> anyhow::Result<u16> {
             .context("no status")?
             .parse()?;
         Ok(code)
+    })?
+}
+
+/// The agent's Prometheus text from `/metrics` on the node's loopback.
+pub fn metrics(node: &Node) -> anyhow::Result<String> {
+    node.ns.run(|| -> anyhow::Result<String> {
+        let mut s =
+            TcpStream::connect_timeout(&"127.0.0.1:10249".parse()?, Duration::from_millis(500))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default())
     })?
 }

@@ -16,6 +16,8 @@ use crate::netns::Netns;
 
 pub const LB_NET: &str = "198.18.100.0/24";
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+/// The LAN namespace's own address (on the bridge): where a test API server listens.
+pub const CONTROL_PLANE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 
 pub fn node_ip(node: usize) -> Ipv4Addr {
     Ipv4Addr::new(198, 18, 0, 10 * (node as u8 + 1))
@@ -72,6 +74,7 @@ impl Lab {
         let lan = Netns::create(&format!("{prefix}-lan"))?;
         lan.ip("link add br0 type bridge")?;
         lan.ip("link set br0 up")?;
+        lan.ip(&format!("addr add {CONTROL_PLANE_IP}/24 dev br0"))?;
         let client = Netns::create(&format!("{prefix}-client"))?;
         let mut lab = Lab {
             prefix: prefix.to_string(),
@@ -168,5 +171,14 @@ impl Lab {
         self.nodes
             .iter()
             .flat_map(|n| n.pods.iter().map(move |p| (n, p)))
+    }
+}
+
+impl Drop for Lab {
+    /// Removes what agents pinned for this lab's nodes (agents are stopped before the lab is dropped).
+    fn drop(&mut self) {
+        for node in &self.nodes {
+            let _ = std::fs::remove_dir_all(crate::agent::pin_dir(&self.prefix, node));
+        }
     }
 }

@@ -6,6 +6,7 @@
 //! - [`frame`]: Ethernet/IPv4/TCP/UDP frames with correct checksums, and a parser that checks them.
 
 pub mod agent;
+pub mod apiserver;
 pub mod apps;
 pub mod frame;
 pub mod lab;

@@ -1,9 +1,11 @@
-//! The agent loop: watch the source, translate (pure), reconcile into the maps, report.
+//! The agent loop: watch a source, translate (pure), reconcile into the maps, report.
+//! Both sources — a manifest directory and the Kubernetes API — go through the same model and sync.
 
 use std::{
     collections::BTreeSet,
-    net::SocketAddr,
+    net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
+    sync::{atomic::Ordering, Arc},
     time::{Duration, Instant},
 };
 
@@ -11,45 +13,103 @@ use anyhow::{bail, Context as _};
 use aya::programs::XdpMode;
 
 use crate::{
-    datapath::{self, Datapath, KernelMaps},
+    datapath::{self, Capacity, Datapath, KernelMaps},
     health::{self, Health},
-    manifests,
+    kube_source::{self, KubeSource},
+    manifests::{self, Objects},
+    metrics::{FrontendLabel, Metrics},
     model::{self, NodeContext},
     netdev,
-    sync::{DatapathMaps as _, Limits, Reconciler},
+    sync::{DatapathMaps as _, Limits, Reconciler, SyncError},
 };
 
 pub struct AgentConfig {
     pub ifaces: Vec<String>,
     pub manifests: Option<PathBuf>,
+    pub kubeconfig: Option<PathBuf>,
     pub node_name: String,
     pub pin_dir: PathBuf,
     pub healthz: SocketAddr,
+    pub metrics: SocketAddr,
     pub xdp_mode: XdpMode,
+    pub capacity: Capacity,
+    pub limits: Limits,
 }
 
-/// How often the manifest directory is checked for changes (well inside the 1 s promise).
-const POLL: Duration = Duration::from_millis(200);
+/// Housekeeping period: manifest directory checks, interface addresses, neighbour requests.
+const TICK: Duration = Duration::from_millis(200);
+/// Events closer together than this are applied as one sync.
+const COALESCE: Duration = Duration::from_millis(5);
+
+type Fingerprint = Vec<(PathBuf, u64, Option<std::time::SystemTime>)>;
+
+enum Source {
+    Dir {
+        dir: PathBuf,
+        seen: Option<Fingerprint>,
+    },
+    Kube(KubeSource),
+}
+
+impl Source {
+    /// Resolves when the API source has news; the directory is polled on the tick instead.
+    async fn changed(&self) {
+        match self {
+            Source::Dir { .. } => std::future::pending().await,
+            Source::Kube(k) => k.changed().await,
+        }
+    }
+
+    fn dir_changed(&self) -> bool {
+        match self {
+            Source::Dir { dir, seen } => manifests::fingerprint(dir).ok() != *seen,
+            Source::Kube(_) => false,
+        }
+    }
+
+    /// The objects now, problems found reading them, and extra node addresses (from the Node object).
+    fn load(&mut self) -> anyhow::Result<(Objects, Vec<String>, Vec<Ipv4Addr>)> {
+        match self {
+            Source::Dir { dir, seen } => {
+                let fingerprint = manifests::fingerprint(dir).ok();
+                let (objects, errors) = manifests::load_dir(dir)
+                    .with_context(|| format!("reading {}", dir.display()))?;
+                *seen = fingerprint;
+                Ok((
+                    objects,
+                    errors.iter().map(ToString::to_string).collect(),
+                    Vec::new(),
+                ))
+            }
+            Source::Kube(k) => Ok((k.objects(), Vec::new(), k.node_addrs())),
+        }
+    }
+}
 
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
-    let Some(manifest_dir) = cfg.manifests.clone() else {
-        bail!(
-            "no --manifests DIR given: watching the Kubernetes API is not implemented yet, so the agent \
-             needs a directory of Service and EndpointSlice manifests"
-        );
-    };
-    if !manifest_dir.is_dir() {
-        bail!("--manifests {}: not a directory", manifest_dir.display());
+    if let Some(dir) = &cfg.manifests {
+        if !dir.is_dir() {
+            bail!("--manifests {}: not a directory", dir.display());
+        }
     }
+    // Configuration errors first, before anything touches the datapath.
+    let client = match &cfg.manifests {
+        Some(_) => None,
+        None => Some(kube_source::client(cfg.kubeconfig.as_deref()).await?),
+    };
     datapath::check_privileges()?;
     let ifaces = netdev::interfaces(&cfg.ifaces)?;
     warn_if_not_forwarding();
 
-    let healthz = health::bind(cfg.healthz).await?;
     let health = Health::default();
-    tokio::spawn(health::serve(healthz, health.clone()));
+    let metrics = Arc::new(Metrics::default());
+    tokio::spawn(health::serve(
+        health::bind(cfg.healthz).await?,
+        health::healthz_routes(health.clone()),
+    ));
+    let metrics_listener = health::bind(cfg.metrics).await.context("metrics address")?;
 
-    let mut dp = Datapath::load(&cfg.pin_dir)?;
+    let mut dp = Datapath::load_with(&cfg.pin_dir, cfg.capacity)?;
     let mut maps = KernelMaps::open(&cfg.pin_dir)?;
     for iface in &ifaces {
         match iface.ipv4.first() {
@@ -60,63 +120,83 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             ),
         }
     }
-    let mut reconciler = Reconciler::restore(
-        maps.snapshot().context("reading pinned maps")?,
-        Limits::default(),
-    );
+    let mut reconciler =
+        Reconciler::restore(maps.snapshot().context("reading pinned maps")?, cfg.limits);
     for iface in &ifaces {
         dp.attach(&iface.name, cfg.xdp_mode)?;
     }
-    tracing::info!(node = cfg.node_name, pin_dir = %cfg.pin_dir.display(), manifests = %manifest_dir.display(), "agent started");
+    serve_metrics(metrics_listener, metrics.clone(), cfg.pin_dir.clone());
 
-    let mut last_fingerprint = None;
-    let mut last_node_addrs = Vec::new();
-    let mut reported: BTreeSet<String> = BTreeSet::new();
-    let mut retry = false;
-    let mut ticker = tokio::time::interval(POLL);
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
+    let mut source = match (client, &cfg.manifests) {
+        (None, Some(dir)) => Source::Dir {
+            dir: dir.clone(),
+            seen: None,
+        },
+        (client, _) => {
+            let client = client.context("no Kubernetes client")?;
+            let kube = KubeSource::start(client, &cfg.node_name);
+            *metrics.watch.lock().unwrap_or_else(|e| e.into_inner()) = Some(kube.stats.clone());
+            tracing::info!("waiting for the first full list from the API server; the pinned datapath keeps serving meanwhile");
+            tokio::select! {
+                _ = &mut shutdown => return Ok(()),
+                ready = kube.ready() => ready?,
+            }
+            Source::Kube(kube)
+        }
+    };
+    tracing::info!(node = cfg.node_name, pin_dir = %cfg.pin_dir.display(), "agent started");
+
+    let mut last_node_addrs: Option<Vec<Ipv4Addr>> = None;
+    let mut reported: BTreeSet<String> = BTreeSet::new();
+    let mut dirty = true;
+    let mut ticker = tokio::time::interval(TICK);
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
+            _ = source.changed() => {
+                dirty = true;
+                tokio::time::sleep(COALESCE).await;
+            }
             _ = ticker.tick() => {}
         }
         for hop in maps.take_neighbor_misses() {
             resolve_neighbor(hop);
         }
-        let fingerprint = manifests::fingerprint(&manifest_dir).ok();
-        let node_addrs: Vec<_> = netdev::interfaces(&cfg.ifaces)
-            .map(|ifs| ifs.into_iter().flat_map(|i| i.ipv4).collect())
-            .unwrap_or_else(|_| last_node_addrs.clone());
-        if !retry
-            && fingerprint.is_some()
-            && fingerprint == last_fingerprint
-            && node_addrs == last_node_addrs
-        {
+        let iface_addrs: Option<Vec<Ipv4Addr>> = netdev::interfaces(&cfg.ifaces)
+            .ok()
+            .map(|ifs| ifs.into_iter().flat_map(|i| i.ipv4).collect());
+        let iface_addrs = iface_addrs
+            .or_else(|| last_node_addrs.clone())
+            .unwrap_or_default();
+        if !dirty && !source.dir_changed() && Some(&iface_addrs) == last_node_addrs.as_ref() {
             continue;
         }
         let started = Instant::now();
-        let (objects, file_errors) = match manifests::load_dir(&manifest_dir) {
+        let (objects, mut problems, extra_addrs) = match source.load() {
             Ok(r) => r,
             Err(e) => {
                 // The directory vanished or is unreadable: keep serving what we have.
-                tracing::warn!(dir = %manifest_dir.display(), error = %e, "cannot read manifests; keeping the current state");
+                tracing::warn!(error = %format!("{e:#}"), "cannot read the source; keeping the current state");
                 continue;
             }
         };
+        let mut node_addrs = iface_addrs.clone();
+        node_addrs.extend(extra_addrs);
+        node_addrs.sort();
+        node_addrs.dedup();
         let node = NodeContext {
             node_name: cfg.node_name.clone(),
-            node_addrs: node_addrs.clone(),
+            node_addrs,
         };
         let (desired, model_errors) =
             model::desired_state(&objects.services, &objects.endpoint_slices, &node);
         let report = reconciler.reconcile(&desired, &mut maps);
+        let took = started.elapsed();
 
-        let now: BTreeSet<String> = file_errors
-            .iter()
-            .map(ToString::to_string)
-            .chain(model_errors.iter().map(ToString::to_string))
-            .collect();
+        problems.extend(model_errors.iter().map(ToString::to_string));
+        let now: BTreeSet<String> = problems.into_iter().collect();
         for e in now.difference(&reported) {
             tracing::warn!("skipped: {e}");
         }
@@ -124,18 +204,19 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         for e in &report.errors {
             tracing::error!("sync: {e}");
         }
-        retry = report
+        // Retry failed writes on the next tick; limits only change when the objects do.
+        dirty = report
             .errors
             .iter()
-            .any(|e| matches!(e, crate::sync::SyncError::Write { .. }));
-        last_fingerprint = fingerprint;
-        last_node_addrs = node_addrs;
+            .any(|e| matches!(e, SyncError::Write { .. }));
+        last_node_addrs = Some(iface_addrs);
+        record(&metrics, &reconciler, &report.errors, reported.len(), took);
         tracing::info!(
             services = desired.services.len(),
             frontends = desired.frontend_count(),
             writes = report.writes,
             skipped = reported.len(),
-            took_us = started.elapsed().as_micros() as u64,
+            took_us = took.as_micros() as u64,
             "synced"
         );
         if !health.is_synced() {
@@ -147,9 +228,59 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn record(
+    metrics: &Metrics,
+    reconciler: &Reconciler,
+    errors: &[SyncError],
+    skipped: usize,
+    took: Duration,
+) {
+    if let Ok(mut h) = metrics.sync_duration.lock() {
+        h.observe(took);
+    }
+    metrics
+        .sync_errors
+        .fetch_add(errors.len() as u64, Ordering::Relaxed);
+    metrics
+        .skipped_objects
+        .store(skipped as u64, Ordering::Relaxed);
+    let (services, backends) = reconciler.counts();
+    metrics.services.store(services as u64, Ordering::Relaxed);
+    metrics.backends.store(backends as u64, Ordering::Relaxed);
+    if let Ok(mut f) = metrics.frontends.lock() {
+        *f = reconciler
+            .frontend_labels()
+            .into_iter()
+            .map(|(id, frontend, service)| FrontendLabel {
+                id,
+                frontend,
+                service,
+            })
+            .collect();
+    }
+}
+
+/// `/metrics`, reading the datapath's counters from the pinned maps at scrape time.
+fn serve_metrics(listener: tokio::net::TcpListener, metrics: Arc<Metrics>, pin_dir: PathBuf) {
+    let maps = KernelMaps::open(&pin_dir).ok().map(std::sync::Mutex::new);
+    let route: Arc<dyn Fn(&str) -> health::Response + Send + Sync> =
+        Arc::new(move |path| match path {
+            "/metrics" => {
+                let guard = maps.as_ref().and_then(|m| m.lock().ok());
+                (
+                    200,
+                    "text/plain; version=0.0.4",
+                    metrics.render(guard.as_deref()),
+                )
+            }
+            _ => (404, "text/plain", "not found\n".into()),
+        });
+    tokio::spawn(health::serve(listener, route));
+}
+
 /// XDP cannot resolve ARP; the kernel does when it has something to send there. One datagram to the
 /// discard port makes it resolve the next hop, so the client's retransmit finds the neighbour.
-fn resolve_neighbor(hop: std::net::Ipv4Addr) {
+fn resolve_neighbor(hop: Ipv4Addr) {
     tracing::debug!(%hop, "resolving next hop for the datapath");
     if let Ok(sock) = std::net::UdpSocket::bind("0.0.0.0:0") {
         let _ = sock.send_to(&[], (hop, 9));

@@ -86,7 +86,42 @@ fn expected_layout(name: &str) -> Option<(u32, u32)> {
         names::NODE_ADDRS => sz(4, 4),
         names::STATS => sz(4, 8),
         names::NEIGH_MISSES => sz(4, 4),
+        names::FRONTEND_STATS => sz(4, std::mem::size_of::<exposure_common::Traffic>()),
         _ => None,
+    }
+}
+
+/// Map capacities, set at load time (the `--max-*` flags).
+#[derive(Clone, Copy, Debug)]
+pub struct Capacity {
+    pub frontends: u32,
+    pub services: u32,
+    pub backends: u32,
+    pub flows: u32,
+}
+
+impl Default for Capacity {
+    fn default() -> Self {
+        Capacity {
+            frontends: exposure_common::MAX_FRONTENDS,
+            services: exposure_common::MAX_SERVICES,
+            backends: exposure_common::MAX_BACKENDS,
+            flows: exposure_common::MAX_FLOWS,
+        }
+    }
+}
+
+impl Capacity {
+    /// `max_entries` per map; slots hold two banks of every service's backends.
+    fn of(&self, name: &str) -> Option<u32> {
+        match name {
+            names::FRONTENDS | names::FRONTEND_STATS => Some(self.frontends),
+            names::SERVICES => Some(self.services),
+            names::BACKENDS => Some(self.backends),
+            names::BACKEND_SLOTS => Some(self.backends.saturating_mul(4)),
+            names::FLOWS | names::REPLIES => Some(self.flows),
+            _ => None,
+        }
     }
 }
 
@@ -98,13 +133,23 @@ pub struct Datapath {
 impl Datapath {
     /// Loads the programs, reusing maps already pinned under `pin_dir` (state survives restarts).
     pub fn load(pin_dir: &Path) -> anyhow::Result<Self> {
+        Self::load_with(pin_dir, Capacity::default())
+    }
+
+    pub fn load_with(pin_dir: &Path, capacity: Capacity) -> anyhow::Result<Self> {
         ensure_bpffs()?;
         raise_memlock();
         std::fs::create_dir_all(pin_dir.join("links"))
             .with_context(|| format!("creating pin directory {}", pin_dir.display()))?;
-        drop_incompatible_pins(pin_dir);
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(pin_dir)
+        drop_incompatible_pins(pin_dir, &capacity);
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(pin_dir);
+        for name in names::ALL {
+            if let Some(n) = capacity.of(name) {
+                loader.map_max_entries(name, n);
+            }
+        }
+        let mut ebpf = loader
             .load(EBPF_OBJECT)
             .context("loading the eBPF object")?;
         let xdp: &mut Xdp = program(&mut ebpf, XDP_PROGRAM)?.try_into()?;
@@ -194,17 +239,18 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::pr
 
 /// A pinned map from an older, incompatible build would be silently misread: unpin it (losing only
 /// that map's state) so a fresh one is created.
-fn drop_incompatible_pins(pin_dir: &Path) {
+fn drop_incompatible_pins(pin_dir: &Path, capacity: &Capacity) {
     for name in names::ALL {
         let path = pin_dir.join(name);
         let Ok(info) = MapInfo::from_pin(&path) else {
             continue;
         };
         if let Some((k, v)) = expected_layout(name) {
-            if info.key_size() != k || info.value_size() != v {
+            let resized = capacity.of(name).is_some_and(|n| n != info.max_entries());
+            if info.key_size() != k || info.value_size() != v || resized {
                 tracing::warn!(
                     map = name,
-                    "pinned map has an incompatible layout; recreating it"
+                    "pinned map has another layout or capacity; recreating it (its state is lost)"
                 );
                 let _ = std::fs::remove_file(&path);
             }
@@ -242,6 +288,7 @@ pub struct KernelMaps {
     pub node_addrs: HashMap<MapData, u32, u32>,
     pub stats: PerCpuArray<MapData, u64>,
     pub neigh_misses: HashMap<MapData, u32, u32>,
+    pub frontend_stats: PerCpuArray<MapData, exposure_common::Traffic>,
 }
 
 impl KernelMaps {
@@ -261,6 +308,9 @@ impl KernelMaps {
                 .map(Map::PerCpuArray)?
                 .try_into()?,
             neigh_misses: hash(names::NEIGH_MISSES)?.try_into()?,
+            frontend_stats: open_map(pin_dir, names::FRONTEND_STATS)
+                .map(Map::PerCpuArray)?
+                .try_into()?,
         })
     }
 
@@ -338,6 +388,14 @@ impl DatapathMaps for KernelMaps {
             Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(e).with_context(|| format!("FRONTENDS {key:?}")),
         }
+    }
+    fn reset_frontend_stats(&mut self, id: u16) -> anyhow::Result<()> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+        let zeros =
+            aya::maps::PerCpuValues::try_from(vec![exposure_common::Traffic::default(); cpus])?;
+        self.frontend_stats
+            .set(id as u32, zeros, 0)
+            .with_context(|| format!("FRONTEND_STATS[{id}]"))
     }
     fn snapshot(&self) -> anyhow::Result<Snapshot> {
         let mut s = Snapshot::default();

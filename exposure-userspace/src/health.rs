@@ -44,12 +44,19 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("binding healthz address {addr}"))
 }
 
-pub async fn serve(listener: TcpListener, health: Health) {
+/// A response: status code, content type, body.
+pub type Response = (u16, &'static str, String);
+
+/// Serves GET requests with `route(path)`; one request per connection.
+pub async fn serve(
+    listener: TcpListener,
+    route: std::sync::Arc<dyn Fn(&str) -> Response + Send + Sync>,
+) {
     loop {
         let Ok((mut stream, _)) = listener.accept().await else {
             continue;
         };
-        let health = health.clone();
+        let route = route.clone();
         tokio::spawn(async move {
             let mut buf = [0u8; 2048];
             let n = match tokio::time::timeout(
@@ -63,19 +70,27 @@ pub async fn serve(listener: TcpListener, health: Health) {
             };
             let head = String::from_utf8_lossy(&buf[..n]);
             let path = head.split_whitespace().nth(1).unwrap_or("/");
-            let (code, body) = respond(path, &health);
+            let (code, content_type, body) = route(path);
             let reason = match code {
                 200 => "OK",
                 503 => "Service Unavailable",
                 _ => "Not Found",
             };
             let reply = format!(
-                "HTTP/1.1 {code} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                "HTTP/1.1 {code} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()
             );
             let _ = stream.write_all(reply.as_bytes()).await;
         });
     }
+}
+
+/// The healthz server's routes.
+pub fn healthz_routes(health: Health) -> std::sync::Arc<dyn Fn(&str) -> Response + Send + Sync> {
+    std::sync::Arc::new(move |path| {
+        let (code, body) = respond(path, &health);
+        (code, "text/plain", body.to_string())
+    })
 }
 
 #[cfg(test)]
@@ -98,7 +113,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let h = Health::default();
         h.set_synced();
-        tokio::spawn(serve(listener, h));
+        tokio::spawn(serve(listener, healthz_routes(h)));
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
         s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
             .await

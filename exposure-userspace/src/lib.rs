@@ -4,7 +4,9 @@
 pub mod agent;
 pub mod datapath;
 pub mod health;
+pub mod kube_source;
 pub mod manifests;
+pub mod metrics;
 pub mod model;
 pub mod netdev;
 pub mod status;

@@ -43,8 +43,12 @@ enum Command {
         #[arg(long = "iface", required = true)]
         ifaces: Vec<String>,
         /// Directory of Service and EndpointSlice manifests (YAML/JSON), watched for changes.
+        /// Without it the agent watches the Kubernetes API.
         #[arg(long)]
         manifests: Option<PathBuf>,
+        /// Kubeconfig for the API source (default: $KUBECONFIG, ~/.kube/config, or in-cluster).
+        #[arg(long, conflicts_with = "manifests")]
+        kubeconfig: Option<PathBuf>,
         /// This node's name, which decides which endpoints are local (default: hostname).
         #[arg(long)]
         node_name: Option<String>,
@@ -53,6 +57,24 @@ enum Command {
         pin_dir: PathBuf,
         #[arg(long, default_value = "0.0.0.0:10256")]
         healthz_bind_address: SocketAddr,
+        /// Prometheus metrics (`/metrics`), kube-proxy's default address.
+        #[arg(long, default_value = "127.0.0.1:10249")]
+        metrics_bind_address: SocketAddr,
+        /// Frontends (address:port/protocol) the maps can hold.
+        #[arg(long, default_value_t = exposure_common::MAX_FRONTENDS, value_parser = clap::value_parser!(u32).range(1..=65536))]
+        max_frontends: u32,
+        /// Service ports the maps can hold.
+        #[arg(long, default_value_t = exposure_common::MAX_SERVICES, value_parser = clap::value_parser!(u32).range(1..))]
+        max_services: u32,
+        /// Distinct backends (endpoint address:port) the maps can hold.
+        #[arg(long, default_value_t = exposure_common::MAX_BACKENDS, value_parser = clap::value_parser!(u32).range(1..))]
+        max_backends: u32,
+        /// Backends one Service port may have.
+        #[arg(long, default_value_t = exposure_common::MAX_BACKENDS_PER_SERVICE, value_parser = clap::value_parser!(u32).range(1..=65535))]
+        max_backends_per_service: u32,
+        /// Tracked flows (connection tracking entries; least recently used are evicted).
+        #[arg(long, default_value_t = exposure_common::MAX_FLOWS, value_parser = clap::value_parser!(u32).range(1024..))]
+        max_flows: u32,
         #[arg(long, value_enum, default_value = "auto")]
         xdp_mode: Mode,
     },
@@ -94,14 +116,35 @@ fn main() -> anyhow::Result<()> {
         Command::Agent {
             ifaces,
             manifests,
+            kubeconfig,
             node_name,
             pin_dir,
             healthz_bind_address,
+            metrics_bind_address,
             xdp_mode,
+            max_frontends,
+            max_services,
+            max_backends,
+            max_backends_per_service,
+            max_flows,
         } => {
             let cfg = agent::AgentConfig {
                 ifaces,
                 manifests,
+                kubeconfig,
+                metrics: metrics_bind_address,
+                capacity: datapath::Capacity {
+                    frontends: max_frontends,
+                    services: max_services,
+                    backends: max_backends,
+                    flows: max_flows,
+                },
+                limits: exposure::sync::Limits {
+                    frontends: max_frontends,
+                    services: max_services,
+                    backends: max_backends,
+                    backends_per_service: max_backends_per_service,
+                },
                 node_name: match node_name {
                     Some(n) => n,
                     None => hostname()?,

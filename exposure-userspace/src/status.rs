@@ -9,7 +9,7 @@ use exposure_common::{
 
 use crate::{model::Protocol, sync::Snapshot};
 
-fn kind(flags: u32) -> &'static str {
+fn kind(flags: u16) -> &'static str {
     if flags & FRONTEND_LOADBALANCER != 0 {
         "LoadBalancer"
     } else if flags & FRONTEND_EXTERNAL_IP != 0 {

@@ -41,12 +41,15 @@ pub trait DatapathMaps {
     fn write_service(&mut self, id: u32, service: &Service) -> anyhow::Result<()>;
     fn write_frontend(&mut self, key: &FrontendKey, frontend: &Frontend) -> anyhow::Result<()>;
     fn remove_frontend(&mut self, key: &FrontendKey) -> anyhow::Result<()>;
+    /// Zeroes a frontend id's traffic counters before the id is given to a new frontend.
+    fn reset_frontend_stats(&mut self, id: u16) -> anyhow::Result<()>;
     fn snapshot(&self) -> anyhow::Result<Snapshot>;
 }
 
 /// Capacity limits; exceeding one is an error for that object, never a corrupt map.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
+    pub frontends: u32,
     pub services: u32,
     pub backends: u32,
     pub backends_per_service: u32,
@@ -55,6 +58,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
+            frontends: common::MAX_FRONTENDS,
             services: common::MAX_SERVICES,
             backends: common::MAX_BACKENDS,
             backends_per_service: common::MAX_BACKENDS_PER_SERVICE,
@@ -80,11 +84,33 @@ pub enum SyncError {
         service: ServicePortName,
         limit: u32,
     },
+    #[error("frontend {frontend}: no free frontend id (limit {limit}); not programmed")]
+    FrontendLimit { frontend: String, limit: u32 },
     #[error("{service}: map write failed: {source:#}")]
     Write {
         service: String,
         source: anyhow::Error,
     },
+}
+
+trait FrontendIdError {
+    fn for_frontend(self, display: &str, limit: u32) -> SyncError;
+}
+
+impl FrontendIdError for Option<anyhow::Error> {
+    /// `None`: the pool is exhausted; `Some`: zeroing the counters failed.
+    fn for_frontend(self, display: &str, limit: u32) -> SyncError {
+        match self {
+            None => SyncError::FrontendLimit {
+                frontend: display.to_string(),
+                limit,
+            },
+            Some(source) => SyncError::Write {
+                service: format!("frontend {display}"),
+                source,
+            },
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -142,6 +168,7 @@ pub struct Reconciler {
     service_ids: BTreeMap<ServicePortName, u32>,
     backend_ids: HashMap<(Ipv4Addr, u16), u32>,
     service_pool: IdPool,
+    frontend_pool: IdPool,
     backend_pool: IdPool,
     // What the maps hold now (as written by us or restored at start).
     frontends: BTreeMap<FrontendKey, Frontend>,
@@ -158,7 +185,7 @@ fn frontend_key(f: &FrontendAddr) -> FrontendKey {
     }
 }
 
-fn frontend_flags(kind: FrontendKind) -> u32 {
+fn frontend_flags(kind: FrontendKind) -> u16 {
     match kind {
         FrontendKind::NodePort => FRONTEND_NODEPORT,
         FrontendKind::LoadBalancer => FRONTEND_LOADBALANCER,
@@ -221,10 +248,38 @@ impl Reconciler {
             backend_ids,
             service_pool: IdPool::new(limits.services),
             backend_pool: IdPool::new(limits.backends),
+            frontend_pool: IdPool::new(limits.frontends.min(u16::MAX as u32 + 1)),
             frontends: snapshot.frontends,
             services,
             backends: snapshot.backends,
         }
+    }
+
+    /// (frontend id, frontend, service port) for every programmed frontend, for metrics labels.
+    pub fn frontend_labels(&self) -> Vec<(u16, String, String)> {
+        let names: HashMap<u32, &ServicePortName> =
+            self.service_ids.iter().map(|(n, id)| (*id, n)).collect();
+        self.frontends
+            .iter()
+            .map(|(k, fe)| {
+                let proto = crate::model::Protocol::from_number(k.proto)
+                    .map_or_else(|| k.proto.to_string(), |p| p.to_string());
+                let frontend = format!(
+                    "{}:{}/{proto}",
+                    Ipv4Addr::from(common::ipv4_octets(k.addr)),
+                    common::port_host(k.port)
+                );
+                let service = names
+                    .get(&fe.service_id)
+                    .map_or_else(|| format!("id {}", fe.service_id), |n| n.to_string());
+                (fe.id, frontend, service)
+            })
+            .collect()
+    }
+
+    /// Service ports and backends currently programmed.
+    pub fn counts(&self) -> (usize, usize) {
+        (self.services.len(), self.backends.len())
     }
 
     pub fn service_id(&self, name: &ServicePortName) -> Option<u32> {
@@ -234,7 +289,8 @@ impl Reconciler {
     /// Brings the maps to `desired` with the fewest writes.
     pub fn reconcile(&mut self, desired: &DesiredState, maps: &mut dyn DatapathMaps) -> SyncReport {
         let mut report = SyncReport::default();
-        let mut wanted_frontends: BTreeMap<FrontendKey, Frontend> = BTreeMap::new();
+        // Frontend key -> (service id, kind flags, display name for errors).
+        let mut wanted_frontends: BTreeMap<FrontendKey, (u32, u16, String)> = BTreeMap::new();
         let mut live_services: BTreeMap<u32, ()> = BTreeMap::new();
 
         for (name, want) in &desired.services {
@@ -244,10 +300,7 @@ impl Reconciler {
                     for (addr, kind) in &want.frontends {
                         wanted_frontends.insert(
                             frontend_key(addr),
-                            Frontend {
-                                service_id: id,
-                                flags: frontend_flags(*kind),
-                            },
+                            (id, frontend_flags(*kind), addr.to_string()),
                         );
                     }
                 }
@@ -257,18 +310,34 @@ impl Reconciler {
         }
 
         // Frontends last on the way in: their service is complete by now.
-        for (key, fe) in &wanted_frontends {
-            if self.frontends.get(key) != Some(fe) {
-                match maps.write_frontend(key, fe) {
-                    Ok(()) => {
-                        self.frontends.insert(*key, *fe);
-                        report.writes += 1;
+        for (key, (service_id, flags, display)) in &wanted_frontends {
+            let id = match self.frontends.get(key) {
+                Some(fe) if fe.service_id == *service_id && fe.flags == *flags => continue,
+                Some(fe) => fe.id,
+                None => match self.new_frontend_id(maps) {
+                    Ok(id) => id,
+                    Err(e) => {
+                        report
+                            .errors
+                            .push(e.for_frontend(display, self.limits.frontends));
+                        continue;
                     }
-                    Err(e) => report.errors.push(SyncError::Write {
-                        service: format!("frontend {key:?}"),
-                        source: e,
-                    }),
+                },
+            };
+            let fe = Frontend {
+                service_id: *service_id,
+                flags: *flags,
+                id,
+            };
+            match maps.write_frontend(key, &fe) {
+                Ok(()) => {
+                    self.frontends.insert(*key, fe);
+                    report.writes += 1;
                 }
+                Err(e) => report.errors.push(SyncError::Write {
+                    service: format!("frontend {display}"),
+                    source: e,
+                }),
             }
         }
         // Deletions after everything new is in place.
@@ -281,7 +350,9 @@ impl Reconciler {
         for key in stale {
             match maps.remove_frontend(&key) {
                 Ok(()) => {
-                    self.frontends.remove(&key);
+                    if let Some(fe) = self.frontends.remove(&key) {
+                        self.frontend_pool.release(fe.id as u32);
+                    }
                     report.writes += 1;
                 }
                 Err(e) => report.errors.push(SyncError::Write {
@@ -383,6 +454,23 @@ impl Reconciler {
         };
         self.service_ids.insert(name.clone(), id);
         Some(id)
+    }
+
+    /// A frontend id not in use, with its counters zeroed.
+    fn new_frontend_id(
+        &mut self,
+        maps: &mut dyn DatapathMaps,
+    ) -> Result<u16, Option<anyhow::Error>> {
+        let frontends = &self.frontends;
+        let id = self
+            .frontend_pool
+            .alloc(|id| frontends.values().any(|f| f.id as u32 == id))
+            .ok_or(None)?;
+        if let Err(e) = maps.reset_frontend_stats(id as u16) {
+            self.frontend_pool.release(id);
+            return Err(Some(e));
+        }
+        Ok(id as u16)
     }
 
     fn backend_id(&mut self, b: &BackendAddr) -> Option<u32> {
@@ -522,6 +610,7 @@ pub struct FakeMaps {
     pub check_every_write: bool,
     /// Fail the write with this number (1-based), to test partial failure.
     pub fail_at_write: Option<usize>,
+    pub stats_resets: Vec<u16>,
 }
 
 impl FakeMaps {
@@ -609,6 +698,11 @@ impl DatapathMaps for FakeMaps {
         self.write()?;
         self.state.frontends.remove(key);
         self.check();
+        Ok(())
+    }
+    fn reset_frontend_stats(&mut self, id: u16) -> anyhow::Result<()> {
+        self.write()?;
+        self.stats_resets.push(id);
         Ok(())
     }
     fn snapshot(&self) -> anyhow::Result<Snapshot> {
@@ -805,6 +899,7 @@ mod tests {
             ..Default::default()
         };
         let limits = Limits {
+            frontends: 100,
             services: 2,
             backends: 100,
             backends_per_service: 2,
@@ -833,6 +928,71 @@ mod tests {
             .state
             .frontends
             .contains_key(&frontend_key(&fe(10, 30002))));
+    }
+
+    #[test]
+    fn frontend_ids_are_stable_unique_and_reused_with_fresh_counters() {
+        let mut maps = FakeMaps::default();
+        let mut r = Reconciler::restore(Snapshot::default(), Limits::default());
+        r.reconcile(
+            &state(&[
+                ("a", service(30001, &[(1, false)])),
+                ("b", service(30002, &[(2, false)])),
+            ]),
+            &mut maps,
+        );
+        let ids: std::collections::BTreeSet<u16> =
+            maps.state.frontends.values().map(|f| f.id).collect();
+        assert_eq!(ids.len(), 4, "unique per frontend");
+        assert_eq!(
+            maps.stats_resets.len(),
+            4,
+            "counters zeroed before first use"
+        );
+        let before = maps.state.frontends.clone();
+        // Changing a backend set keeps every frontend (and its counters) as it was.
+        r.reconcile(
+            &state(&[
+                ("a", service(30001, &[(3, false)])),
+                ("b", service(30002, &[(2, false)])),
+            ]),
+            &mut maps,
+        );
+        assert_eq!(maps.state.frontends, before);
+        // Removed frontends free their ids after the new ones are in (deletions last); the next new
+        // frontends get them, with counters reset again.
+        let ids_of = |maps: &FakeMaps, port: u16| -> Vec<u16> {
+            maps.state
+                .frontends
+                .iter()
+                .filter(|(k, _)| k.port == common::port(port))
+                .map(|(_, f)| f.id)
+                .collect()
+        };
+        let a_ids = ids_of(&maps, 30001);
+        let b = || ("b", service(30002, &[(2, false)]));
+        r.reconcile(
+            &state(&[b(), ("c", service(30003, &[(2, false)]))]),
+            &mut maps,
+        );
+        assert!(
+            ids_of(&maps, 30003).iter().all(|id| !ids.contains(id)),
+            "fresh while a's are still live"
+        );
+        r.reconcile(
+            &state(&[
+                b(),
+                ("c", service(30003, &[(2, false)])),
+                ("d", service(30004, &[(2, false)])),
+            ]),
+            &mut maps,
+        );
+        let mut d_ids = ids_of(&maps, 30004);
+        d_ids.sort();
+        let mut a_sorted = a_ids.clone();
+        a_sorted.sort();
+        assert_eq!(d_ids, a_sorted, "freed ids reused");
+        assert_eq!(maps.stats_resets.len(), 8);
     }
 
     #[test]

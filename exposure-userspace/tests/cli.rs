@@ -5,7 +5,8 @@ use std::process::Command;
 const BIN: &str = env!("CARGO_BIN_EXE_exposure");
 
 #[test]
-fn agent_without_manifests_says_what_is_missing() {
+fn agent_without_a_source_says_what_is_missing_before_touching_anything() {
+    // No --manifests, no kubeconfig anywhere, not in a cluster.
     let out = Command::new(BIN)
         .args([
             "agent",
@@ -14,13 +15,36 @@ fn agent_without_manifests_says_what_is_missing() {
             "--pin-dir",
             "/sys/fs/bpf/exposure-cli-test",
         ])
+        .env_remove("KUBECONFIG")
+        .env("HOME", "/nonexistent")
+        .env_remove("KUBERNETES_SERVICE_HOST")
         .output()
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("kubeconfig"), "{err}");
     assert!(
-        err.contains("--manifests") && err.contains("Kubernetes API"),
-        "{err}"
+        !std::path::Path::new("/sys/fs/bpf/exposure-cli-test").exists(),
+        "nothing pinned"
+    );
+
+    let out = Command::new(BIN)
+        .args([
+            "agent",
+            "--iface",
+            "lo",
+            "--kubeconfig",
+            "/nonexistent/config",
+            "--pin-dir",
+            "/sys/fs/bpf/exposure-cli-test",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/config"));
+    assert!(
+        !std::path::Path::new("/sys/fs/bpf/exposure-cli-test").exists(),
+        "nothing pinned"
     );
 }
 

@@ -11,7 +11,7 @@ use std::{
 };
 
 use exposure_lab::{
-    agent::{pin_dir, Agent},
+    agent::{pin_dir, Agent, Source},
     apps::{self, parse_answer, Server, TcpSession},
     lab::{lb_ip, Lab, CLIENT_IP},
     netns::unique_prefix,
@@ -65,11 +65,12 @@ impl Cluster {
     }
 
     fn start_agent(&mut self, n: usize) {
+        let source = Source::Manifests(&self.manifests);
         let agent = Agent::start(
             Path::new(BIN),
             &self.lab.prefix,
             &self.lab.nodes[n],
-            &self.manifests,
+            &source,
             &self.log_dir,
         )
         .expect("agent starts and reports healthy");

@@ -4,7 +4,7 @@ use std::{net::SocketAddr, path::Path, process::Command};
 
 use anyhow::Context as _;
 use exposure_lab::{
-    agent::{pin_dir, Agent},
+    agent::{pin_dir, Agent, Source},
     apps::{self, parse_answer},
     lab::{lb_ip, Lab, CLIENT_IP},
     netns::unique_prefix,
@@ -61,7 +61,7 @@ pub fn run(bin: &Path, examples: &Path, once: bool) -> anyhow::Result<()> {
     let mut agents = Vec::new();
     for node in &lab.nodes {
         agents.push(
-            Agent::start(bin, &prefix, node, examples, &log_dir)
+            Agent::start(bin, &prefix, node, &Source::Manifests(examples), &log_dir)
                 .with_context(|| format!("agent on {}", node.name))?,
         );
         println!(

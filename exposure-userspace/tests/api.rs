@@ -1,0 +1,386 @@
+//! The Kubernetes API source end to end: the namespace lab, the real `exposure` binary on each node
+//! watching a test API server (real list/watch protocol over HTTP, on the lab LAN), real traffic.
+//! Covers the API going away (traffic keeps flowing), objects changing meanwhile, 410 Gone, HTTP
+//! 500s, slow responses, dropped watches, and an agent restart while the API is down.
+
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use exposure_lab::{
+    agent::{self, Agent, Source},
+    apiserver::{ApiServer, Kind},
+    apps::{self, parse_answer, Server},
+    lab::{lb_ip, pod_ip, Lab, CLIENT_IP, CONTROL_PLANE_IP},
+    netns::unique_prefix,
+};
+use serde_json::{json, Value};
+
+const BIN: &str = env!("CARGO_BIN_EXE_exposure");
+
+struct Cluster {
+    agents: Vec<Agent>,
+    _servers: Vec<Server>,
+    api: ApiServer,
+    kubeconfig: PathBuf,
+    dir: PathBuf,
+    lab: Lab,
+    _rt: tokio::runtime::Runtime,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.agents.clear();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn node_json(name: &str, ip: Ipv4Addr) -> Value {
+    json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name},
+           "status": {"addresses": [{"type": "InternalIP", "address": ip.to_string()}, {"type": "Hostname", "address": name}]}})
+}
+
+fn service_json(name: &str, spec: Value) -> Value {
+    json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": "default"}, "spec": spec})
+}
+
+fn slice_json(svc: &str, ports: Value, endpoints: &[(Ipv4Addr, String)]) -> Value {
+    let eps: Vec<Value> = endpoints
+        .iter()
+        .map(|(ip, node)| json!({"addresses": [ip.to_string()], "conditions": {"ready": true}, "nodeName": node}))
+        .collect();
+    json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+           "metadata": {"name": format!("{svc}-x1"), "namespace": "default", "labels": {"kubernetes.io/service-name": svc}},
+           "addressType": "IPv4", "ports": ports, "endpoints": eps})
+}
+
+fn hello_world() -> Value {
+    service_json(
+        "hello-world",
+        json!({"type": "NodePort", "clusterIP": "198.18.50.10",
+        "ports": [{"protocol": "TCP", "port": 60000, "targetPort": 50000, "nodePort": 30600}]}),
+    )
+}
+
+fn hello_slice(endpoints: &[(Ipv4Addr, String)]) -> Value {
+    slice_json(
+        "hello-world",
+        json!([{"name": "", "protocol": "TCP", "port": 50000}]),
+        endpoints,
+    )
+}
+
+fn everyone(pods: &[usize]) -> Vec<(Ipv4Addr, String)> {
+    let mut out = Vec::new();
+    for (n, count) in pods.iter().enumerate() {
+        for p in 0..*count {
+            out.push((pod_ip(n, p), format!("node-{}", n + 1)));
+        }
+    }
+    out
+}
+
+impl Cluster {
+    fn start(pods: &[usize], objects: Vec<Value>) -> Cluster {
+        let prefix = unique_prefix("a");
+        let lab = Lab::new(&prefix, pods).expect("lab");
+        let servers = lab
+            .pods()
+            .map(|(_, p)| apps::serve(&p.ns, 50000, &p.name).expect("server"))
+            .collect();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let handle = rt.handle().clone();
+        let api = lab
+            .lan
+            .run(move || ApiServer::start(&handle, SocketAddr::from((CONTROL_PLANE_IP, 0))))
+            .unwrap()
+            .expect("API server");
+        for node in &lab.nodes {
+            api.apply(node_json(&node.name, node.ip));
+        }
+        for o in objects {
+            api.apply(o);
+        }
+        let dir = std::env::temp_dir().join(&prefix);
+        std::fs::create_dir_all(&dir).unwrap();
+        let kubeconfig = dir.join("kubeconfig");
+        std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+        let mut c = Cluster {
+            agents: Vec::new(),
+            _servers: servers,
+            api,
+            kubeconfig,
+            dir,
+            lab,
+            _rt: rt,
+        };
+        for n in 0..c.lab.nodes.len() {
+            let agent = c.agent(n, true);
+            c.agents.push(agent);
+        }
+        c
+    }
+
+    fn agent(&self, n: usize, wait: bool) -> Agent {
+        let source = Source::Kubeconfig(&self.kubeconfig);
+        let node = &self.lab.nodes[n];
+        let result = if wait {
+            Agent::start(Path::new(BIN), &self.lab.prefix, node, &source, &self.dir)
+        } else {
+            Agent::spawn(Path::new(BIN), &self.lab.prefix, node, &source, &self.dir)
+        };
+        result.expect("agent starts")
+    }
+
+    fn node(&self, n: usize, port: u16) -> SocketAddr {
+        SocketAddr::from((self.lab.nodes[n].ip, port))
+    }
+
+    fn pods_answering(&self, to: SocketAddr, count: usize) -> BTreeSet<String> {
+        (0..count)
+            .map(|_| {
+                let a = apps::tcp_ask(&self.lab.client, to)
+                    .unwrap_or_else(|e| panic!("TCP to {to}: {e:#}"));
+                parse_answer(&a).expect("answer").0.to_string()
+            })
+            .collect()
+    }
+
+    fn eventually(&self, what: &str, mut check: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(40);
+        while Instant::now() < deadline {
+            if check() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!(
+            "{what}: not true within 40 s; agent log:\n{}",
+            self.agents[0].log_text()
+        );
+    }
+}
+
+fn names(v: &[&str]) -> BTreeSet<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+fn metric(text: &str, prefix: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn objects_from_the_api_are_served_like_manifests() {
+    let pods = [2, 2];
+    let echo = service_json(
+        "echo",
+        json!({"type": "LoadBalancer", "clusterIP": "198.18.50.11",
+        "ports": [{"name": "udp", "protocol": "UDP", "port": 7, "targetPort": 50000, "nodePort": 30700}]}),
+    );
+    let mut echo = echo;
+    echo["status"] = json!({"loadBalancer": {"ingress": [{"ip": "198.18.100.1"}]}});
+    let echo_slice = slice_json(
+        "echo",
+        json!([{"name": "udp", "protocol": "UDP", "port": 50000}]),
+        &everyone(&pods),
+    );
+    let c = Cluster::start(
+        &pods,
+        vec![
+            hello_world(),
+            hello_slice(&everyone(&pods)),
+            echo,
+            echo_slice,
+        ],
+    );
+    let all = names(&["pod-1-1", "pod-1-2", "pod-2-1", "pod-2-2"]);
+    assert_eq!(c.pods_answering(c.node(0, 30600), 60), all);
+    assert_eq!(c.pods_answering(c.node(1, 30600), 60), all);
+    let udp: BTreeSet<String> = (0..60)
+        .map(|_| {
+            parse_answer(&apps::udp_ask(&c.lab.client, SocketAddr::from((lb_ip(1), 7))).unwrap())
+                .unwrap()
+                .0
+                .to_string()
+        })
+        .collect();
+    assert_eq!(udp, all);
+
+    // Metrics: per-frontend traffic and the gauges, in Prometheus text format.
+    let m = agent::metrics(&c.lab.nodes[0]).unwrap();
+    let packets = metric(&m, "exposure_frontend_packets_total{frontend=\"198.18.0.10:30600/TCP\",service=\"default/hello-world/TCP\"}");
+    assert!(packets.is_some_and(|p| p >= 60.0), "{m}");
+    assert!(
+        metric(
+            &m,
+            "exposure_frontend_bytes_total{frontend=\"198.18.0.10:30600/TCP\""
+        )
+        .is_some_and(|b| b > 0.0),
+        "{m}"
+    );
+    assert_eq!(metric(&m, "exposure_services "), Some(2.0), "{m}");
+    assert_eq!(metric(&m, "exposure_backends "), Some(4.0), "{m}");
+    assert!(
+        metric(&m, "exposure_conntrack_entries ").is_some_and(|n| n >= 60.0),
+        "{m}"
+    );
+    assert!(
+        metric(&m, "exposure_sync_duration_seconds_count ").is_some_and(|n| n >= 1.0),
+        "{m}"
+    );
+    assert_eq!(metric(&m, "exposure_sync_errors_total "), Some(0.0), "{m}");
+}
+
+#[test]
+fn an_api_outage_never_touches_traffic_and_changes_made_meanwhile_converge() {
+    let pods = [2, 1];
+    let c = Cluster::start(&pods, vec![hello_world(), hello_slice(&everyone(&pods))]);
+    assert_eq!(
+        c.pods_answering(c.node(0, 30600), 40),
+        names(&["pod-1-1", "pod-1-2", "pod-2-1"])
+    );
+
+    c.api.set_down(true);
+    // Changes while the agents cannot see them: one endpoint goes, a Service arrives.
+    let remaining = vec![
+        (pod_ip(0, 0), "node-1".to_string()),
+        (pod_ip(1, 0), "node-2".to_string()),
+    ];
+    c.api.apply(hello_slice(&remaining));
+    c.api.apply(service_json("late", json!({"type": "NodePort", "ports": [{"protocol": "TCP", "port": 80, "targetPort": 50000, "nodePort": 30680}]})));
+    c.api.apply(slice_json(
+        "late",
+        json!([{"name": "", "protocol": "TCP", "port": 50000}]),
+        &remaining,
+    ));
+    std::thread::sleep(Duration::from_secs(2));
+    // The last synced state keeps serving, through both nodes.
+    assert_eq!(
+        c.pods_answering(c.node(0, 30600), 40),
+        names(&["pod-1-1", "pod-1-2", "pod-2-1"])
+    );
+    assert_eq!(
+        c.pods_answering(c.node(1, 30600), 20),
+        names(&["pod-1-1", "pod-1-2", "pod-2-1"])
+    );
+    assert!(
+        apps::tcp_ask(&c.lab.client, c.node(0, 30680)).is_err(),
+        "not yet known to the agents"
+    );
+
+    c.api.set_down(false);
+    c.eventually("the Service created during the outage is served", || {
+        apps::tcp_ask(&c.lab.client, c.node(0, 30680)).is_ok()
+    });
+    c.eventually(
+        "the endpoint removed during the outage gets no new flows",
+        || c.pods_answering(c.node(0, 30600), 20) == names(&["pod-1-1", "pod-2-1"]),
+    );
+    let m = agent::metrics(&c.lab.nodes[0]).unwrap();
+    assert!(
+        metric(&m, "exposure_api_watch_errors_total ").is_some_and(|n| n >= 1.0),
+        "{m}"
+    );
+}
+
+#[test]
+fn watch_faults_410_gone_500s_slow_responses_and_dropped_streams_all_converge() {
+    let pods = [2, 0];
+    let one = vec![(pod_ip(0, 0), "node-1".to_string())];
+    let both = everyone(&pods);
+    let c = Cluster::start(&pods, vec![hello_world(), hello_slice(&one)]);
+    assert_eq!(c.pods_answering(c.node(0, 30600), 10), names(&["pod-1-1"]));
+
+    // 410 Gone: while the agents are cut off, objects change and history is compacted past the
+    // version they last saw, so their resumed watches are refused and they must re-list.
+    let watches = c.api.watches_started();
+    c.api.set_down(true);
+    c.api.apply(hello_slice(&both));
+    c.api.compact();
+    c.api.set_down(false);
+    c.eventually("re-list after 410 Gone picks up the change", || {
+        c.pods_answering(c.node(0, 30600), 20) == names(&["pod-1-1", "pod-1-2"])
+    });
+    assert!(c.api.watches_started() > watches);
+    c.eventually("the re-list is counted", || {
+        agent::metrics(&c.lab.nodes[0])
+            .ok()
+            .and_then(|m| metric(&m, "exposure_api_watch_restarts_total "))
+            .is_some_and(|n| n >= 1.0)
+    });
+
+    // HTTP 500s on the next requests after the streams drop.
+    c.api.fail_next(6);
+    c.api.drop_watches();
+    c.api.apply(hello_slice(&one));
+    c.eventually("converges through 500s", || {
+        c.pods_answering(c.node(0, 30600), 10) == names(&["pod-1-1"])
+    });
+
+    // Slow responses.
+    c.api.set_delay(Duration::from_millis(700));
+    c.api.drop_watches();
+    c.api.apply(hello_slice(&both));
+    c.eventually("converges through slow responses", || {
+        c.pods_answering(c.node(0, 30600), 20) == names(&["pod-1-1", "pod-1-2"])
+    });
+    c.api.set_delay(Duration::ZERO);
+}
+
+#[test]
+fn agent_restarted_while_the_api_is_down_keeps_serving_from_the_pinned_maps() {
+    let pods = [1, 1];
+    let mut c = Cluster::start(&pods, vec![hello_world(), hello_slice(&everyone(&pods))]);
+    let mut held = apps::TcpSession::connect(&c.lab.client, c.node(0, 30600)).unwrap();
+    let held_pod = parse_answer(&held.ask("hi").unwrap())
+        .unwrap()
+        .0
+        .to_string();
+
+    c.api.set_down(true);
+    c.agents[0].stop();
+    c.agents[0] = c.agent(0, false);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        agent::healthz(&c.lab.nodes[0]).unwrap_or(0),
+        503,
+        "not synced while the API is away"
+    );
+    assert_eq!(
+        parse_answer(&held.ask("still?").unwrap()).unwrap().0,
+        held_pod
+    );
+    assert_eq!(
+        c.pods_answering(c.node(0, 30600), 20),
+        names(&["pod-1-1", "pod-2-1"]),
+        "new flows served from pinned state"
+    );
+    let seen: BTreeSet<IpAddr> = (0..10)
+        .map(|_| {
+            parse_answer(&apps::tcp_ask(&c.lab.client, c.node(0, 30600)).unwrap())
+                .unwrap()
+                .1
+                .ip()
+        })
+        .collect();
+    assert!(seen.contains(&IpAddr::V4(CLIENT_IP)));
+
+    c.api.set_down(false);
+    c.agents[0]
+        .wait_healthy(&c.lab.nodes[0])
+        .expect("synced once the API is back");
+    assert_eq!(
+        parse_answer(&held.ask("and now?").unwrap()).unwrap().0,
+        held_pod
+    );
+}
