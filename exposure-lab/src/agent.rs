@@ -86,7 +86,11 @@ impl Agent {
     }
 
     pub fn wait_healthy(&mut self, node: &Node) -> anyhow::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        self.wait_healthy_within(node, Duration::from_secs(30))
+    }
+
+    pub fn wait_healthy_within(&mut self, node: &Node, limit: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + limit;
         while Instant::now() < deadline {
             if let Some(child) = self.child.as_mut() {
                 if let Some(status) = child.try_wait()? {
@@ -99,10 +103,14 @@ impl Agent {
             std::thread::sleep(Duration::from_millis(50));
         }
         bail!(
-            "agent on {} not healthy within 30 s; log:\n{}",
+            "agent on {} not healthy within {limit:?}; log:\n{}",
             node.name,
             self.log_text()
         )
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
     }
 
     pub fn log_text(&self) -> String {

@@ -11,4 +11,5 @@ pub mod apps;
 pub mod frame;
 pub mod lab;
 pub mod netns;
+pub mod scale;
 pub mod xdp_pass;

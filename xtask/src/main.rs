@@ -19,7 +19,8 @@ usage: cargo xtask <command>
   test [ARGS]           run every test (unit, packet, end-to-end); needs root. ARGS go to `cargo test`
   run [--once]          build, start the namespace lab with agents on two nodes, send requests and show
                         which pod answers; keeps serving until Ctrl-C (--once: exit after the requests)
-  run -- agent ARGS     build, then run the agent for real on this host: `exposure agent ARGS`
+    run -- agent ARGS     build, then run the agent for real on this host: `exposure agent ARGS`
+  bench [--quick]       measure (release build) and write bench/results/<date>.md; needs root
 ";
 
 fn workspace_root() -> PathBuf {
@@ -101,6 +102,22 @@ fn main() -> anyhow::Result<()> {
             }
             _ => bail!("unexpected arguments to run: {rest:?}\n{USAGE}"),
         },
+        "bench" => {
+            require_root("cargo xtask bench")?;
+            setup::ensure()?;
+            status(
+                cargo()
+                    .args([
+                        "bench",
+                        "--package",
+                        "exposure-userspace",
+                        "--bench",
+                        "exposure",
+                        "--",
+                    ])
+                    .args(rest),
+            )
+        }
         "help" | "-h" | "--help" => {
             print!("{USAGE}");
             Ok(())

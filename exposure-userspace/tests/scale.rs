@@ -1,0 +1,101 @@
+//! Scale: 10,000 Services with 100,000 endpoints from the test API server sync completely into the
+//! maps. (How long it takes, and the agent's peak memory, are measured by `cargo xtask bench`.)
+
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, SocketAddr},
+    path::Path,
+    time::Duration,
+};
+
+use exposure::{datapath::KernelMaps, sync::DatapathMaps as _};
+use exposure_common::{ipv4_octets, port_host, SlotKey};
+use exposure_lab::{
+    agent::{Agent, Source},
+    apiserver::ApiServer,
+    lab::{Lab, CONTROL_PLANE_IP},
+    netns::unique_prefix,
+    scale,
+};
+use serde_json::json;
+
+const BIN: &str = env!("CARGO_BIN_EXE_exposure");
+const SERVICES: usize = 10_000;
+const PER_SERVICE: usize = 10;
+
+#[test]
+fn ten_thousand_services_with_a_hundred_thousand_endpoints_sync_completely() {
+    let prefix = unique_prefix("s");
+    let lab = Lab::new(&prefix, &[0]).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let handle = rt.handle().clone();
+    let api = lab
+        .lan
+        .run(move || ApiServer::start(&handle, SocketAddr::from((CONTROL_PLANE_IP, 0))))
+        .unwrap()
+        .unwrap();
+    let node = &lab.nodes[0];
+    api.apply(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node.name}}));
+    for o in scale::objects(SERVICES, PER_SERVICE, &node.name) {
+        api.apply(o);
+    }
+    let dir = std::env::temp_dir().join(&prefix);
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+
+    let mut agent = Agent::spawn(
+        Path::new(BIN),
+        &prefix,
+        node,
+        &Source::Kubeconfig(&kubeconfig),
+        &dir,
+    )
+    .unwrap();
+    agent
+        .wait_healthy_within(node, Duration::from_secs(300))
+        .expect("first full sync");
+
+    let maps = KernelMaps::open(&agent.pin_dir).unwrap();
+    let s = maps.snapshot().unwrap();
+    assert_eq!(
+        s.frontends.len(),
+        SERVICES,
+        "one LoadBalancer frontend per Service"
+    );
+    assert_eq!(s.services.len(), SERVICES);
+    assert_eq!(s.backends.len(), SERVICES * PER_SERVICE);
+    // Every live slot table is complete and points at the right endpoints.
+    let mut seen = BTreeSet::new();
+    for fe in s.frontends.values() {
+        let svc = s.services[&fe.service_id];
+        assert_eq!(svc.backend_count as usize, PER_SERVICE);
+        for i in 0..svc.backend_count {
+            let bid = s.slots[&SlotKey {
+                service_id: fe.service_id,
+                bank: svc.bank as u16,
+                index: i as u16,
+            }];
+            let b = s.backends[&bid];
+            seen.insert((Ipv4Addr::from(ipv4_octets(b.addr)), port_host(b.port)));
+        }
+    }
+    assert_eq!(
+        seen.len(),
+        SERVICES * PER_SERVICE,
+        "every endpoint reachable from its Service"
+    );
+    let (ip, port) = scale::endpoint(SERVICES - 1, PER_SERVICE - 1, PER_SERVICE);
+    assert!(seen.contains(&(ip.parse().unwrap(), port)));
+    assert!(
+        !agent.log_text().contains("skipped:"),
+        "nothing was skipped"
+    );
+    drop(agent);
+    drop(lab);
+    let _ = std::fs::remove_dir_all(&dir);
+}
