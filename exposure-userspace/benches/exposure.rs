@@ -53,10 +53,10 @@ fn peak_rss_kib(pid: u32) -> u64 {
 fn first_sync_us(log: &str) -> u64 {
     log.lines()
         .filter(|l| l.contains("synced"))
-        .find_map(|l| l.split("took_us").nth(1))
+        .find_map(|l| l.split("took_us=").nth(1))
         .map(|rest| {
             rest.chars()
-                .filter(char::is_ascii_digit)
+                .take_while(char::is_ascii_digit)
                 .collect::<String>()
         })
         .and_then(|d| d.parse().ok())
