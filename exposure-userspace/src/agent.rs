@@ -150,6 +150,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
 
     let mut last_node_addrs: Option<Vec<Ipv4Addr>> = None;
     let mut reported: BTreeSet<String> = BTreeSet::new();
+    let mut translator = model::Translator::default();
     let mut dirty = true;
     let mut ticker = tokio::time::interval(TICK);
     loop {
@@ -182,6 +183,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 continue;
             }
         };
+        let loaded = started.elapsed();
         let mut node_addrs = iface_addrs.clone();
         node_addrs.extend(extra_addrs);
         node_addrs.sort();
@@ -191,7 +193,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             node_addrs,
         };
         let (desired, model_errors) =
-            model::desired_state(&objects.services, &objects.endpoint_slices, &node);
+            translator.desired_state(&objects.services, &objects.endpoint_slices, &node);
+        let translated = started.elapsed();
         let report = reconciler.reconcile(&desired, &mut maps);
         let took = started.elapsed();
 
@@ -210,13 +213,23 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             .iter()
             .any(|e| matches!(e, SyncError::Write { .. }));
         last_node_addrs = Some(iface_addrs);
-        record(&metrics, &reconciler, &report.errors, reported.len(), took);
+        record(
+            &metrics,
+            &reconciler,
+            &report,
+            reported.len(),
+            took,
+            !health.is_synced(),
+        );
         tracing::info!(
             services = desired.services.len(),
             frontends = desired.frontend_count(),
             writes = report.writes,
             skipped = reported.len(),
             took_us = took.as_micros() as u64,
+            load_us = loaded.as_micros() as u64,
+            model_us = (translated - loaded).as_micros() as u64,
+            retranslated = translator.retranslated,
             "synced"
         );
         if !health.is_synced() {
@@ -231,10 +244,12 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
 fn record(
     metrics: &Metrics,
     reconciler: &Reconciler,
-    errors: &[SyncError],
+    report: &crate::sync::SyncReport,
     skipped: usize,
     took: Duration,
+    first: bool,
 ) {
+    let (errors, writes) = (&report.errors, report.writes);
     if let Ok(mut h) = metrics.sync_duration.lock() {
         h.observe(took);
     }
@@ -247,7 +262,8 @@ fn record(
     let (services, backends) = reconciler.counts();
     metrics.services.store(services as u64, Ordering::Relaxed);
     metrics.backends.store(backends as u64, Ordering::Relaxed);
-    if let Ok(mut f) = metrics.frontends.lock() {
+    // Labels only change when frontends do.
+    if let (true, Ok(mut f)) = (writes > 0 || first, metrics.frontends.lock()) {
         *f = reconciler
             .frontend_labels()
             .into_iter()

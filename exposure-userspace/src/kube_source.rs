@@ -157,13 +157,8 @@ impl KubeSource {
 
     pub fn objects(&self) -> Objects {
         Objects {
-            services: self
-                .services
-                .state()
-                .iter()
-                .map(|s| (**s).clone())
-                .collect(),
-            endpoint_slices: self.slices.state().iter().map(|s| (**s).clone()).collect(),
+            services: self.services.state(),
+            endpoint_slices: self.slices.state(),
         }
     }
 

@@ -15,8 +15,9 @@ use serde::Deserialize;
 /// Everything the directory currently says.
 #[derive(Clone, Debug, Default)]
 pub struct Objects {
-    pub services: Vec<Service>,
-    pub endpoint_slices: Vec<EndpointSlice>,
+    /// Shared, so a sync never deep-copies the cluster (and unchanged objects keep their identity).
+    pub services: Vec<std::sync::Arc<Service>>,
+    pub endpoint_slices: Vec<std::sync::Arc<EndpointSlice>>,
 }
 
 /// A problem with one file or one object in it.
@@ -168,12 +169,16 @@ fn add_object(
             report(object, "has no metadata.name".into());
         }
         ("v1", "Service") => match serde_yaml::from_value::<Service>(value) {
-            Ok(s) => objects.services.push(with_namespace(s, namespace)),
+            Ok(s) => objects
+                .services
+                .push(std::sync::Arc::new(with_namespace(s, namespace))),
             Err(e) => report(object, format!("invalid Service: {e}")),
         },
         ("discovery.k8s.io/v1", "EndpointSlice") => {
             match serde_yaml::from_value::<EndpointSlice>(value) {
-                Ok(s) => objects.endpoint_slices.push(with_namespace(s, namespace)),
+                Ok(s) => objects
+                    .endpoint_slices
+                    .push(std::sync::Arc::new(with_namespace(s, namespace))),
                 Err(e) => report(object, format!("invalid EndpointSlice: {e}")),
             }
         }

@@ -7,8 +7,9 @@
 //! Local policy, drops).
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::Ipv4Addr,
+    sync::Arc,
 };
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
@@ -125,7 +126,8 @@ pub struct DesiredService {
 
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct DesiredState {
-    pub services: BTreeMap<ServicePortName, DesiredService>,
+    /// Shared with the translation cache: an unchanged Service costs a reference count per sync.
+    pub services: BTreeMap<ServicePortName, Arc<DesiredService>>,
 }
 
 impl DesiredState {
@@ -280,191 +282,325 @@ fn ready_endpoints(
     out.into_iter().collect()
 }
 
-/// Services and EndpointSlices -> desired state, plus every problem found on the way. A problem
-/// costs only the part of the object it concerns; everything else is still translated.
-pub fn desired_state(
-    services: &[Service],
-    slices: &[EndpointSlice],
+/// One Service translated on its own: its ports' frontends (before conflicts between Services are
+/// resolved) and backends, and the problems found.
+#[derive(Clone, Debug, Default)]
+pub struct Translated {
+    /// Display name (`namespace/name`) for conflict errors.
+    display: String,
+    ports: Vec<(ServicePortName, Arc<DesiredService>)>,
+    errors: Vec<ModelError>,
+}
+
+/// Translates one Service with its EndpointSlices.
+pub fn translate_service(
+    svc: &Service,
+    slices: &[&EndpointSlice],
     node: &NodeContext,
+) -> Translated {
+    let mut out = Translated::default();
+    let errors = &mut out.errors;
+    let Some(name) = svc.metadata.name.clone() else {
+        errors.push(ModelError::Unnamed(object_name(
+            &svc.metadata.namespace,
+            "<unnamed>",
+        )));
+        return out;
+    };
+    if !is_ours(svc) {
+        return out;
+    }
+    let namespace = svc
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    let display = format!("{namespace}/{name}");
+    let Some(spec) = &svc.spec else { return out };
+    let svc_type = spec.type_.as_deref().unwrap_or("ClusterIP");
+    let exposes_node_ports = matches!(svc_type, "NodePort" | "LoadBalancer");
+    let local_only = spec.external_traffic_policy.as_deref() == Some("Local");
+
+    let lb_ips = if svc_type == "LoadBalancer" {
+        let ingress = svc
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref());
+        let ips = ingress
+            .into_iter()
+            .flatten()
+            .filter_map(|i| i.ip.as_deref());
+        ipv4_list(&display, "status.loadBalancer.ingress.ip", ips, errors)
+    } else {
+        Vec::new()
+    };
+    let external_ips = ipv4_list(
+        &display,
+        "spec.externalIPs",
+        spec.external_ips.iter().flatten().map(String::as_str),
+        errors,
+    );
+
+    for sp in spec.ports.iter().flatten() {
+        let port_name = sp.name.clone().unwrap_or_default();
+        let protocol = match Protocol::parse(sp.protocol.as_deref()) {
+            Ok(p) => p,
+            Err(protocol) => {
+                errors.push(ModelError::UnsupportedProtocol {
+                    service: display.clone(),
+                    port: port_name,
+                    protocol,
+                });
+                continue;
+            }
+        };
+        let port = match valid_port(&display, &port_name, "port", sp.port) {
+            Ok(p) => p,
+            Err(e) => {
+                errors.push(e);
+                continue;
+            }
+        };
+        let mut frontends = Vec::new();
+        if exposes_node_ports {
+            match sp.node_port {
+                None => {} // e.g. allocateLoadBalancerNodePorts: false
+                Some(np) => match valid_port(&display, &port_name, "nodePort", np) {
+                    Ok(np) => frontends.extend(node.node_addrs.iter().map(|ip| {
+                        (
+                            FrontendAddr {
+                                ip: *ip,
+                                port: np,
+                                protocol,
+                            },
+                            FrontendKind::NodePort,
+                        )
+                    })),
+                    Err(e) => errors.push(e),
+                },
+            }
+        }
+        frontends.extend(lb_ips.iter().map(|ip| {
+            (
+                FrontendAddr {
+                    ip: *ip,
+                    port,
+                    protocol,
+                },
+                FrontendKind::LoadBalancer,
+            )
+        }));
+        frontends.extend(external_ips.iter().map(|ip| {
+            (
+                FrontendAddr {
+                    ip: *ip,
+                    port,
+                    protocol,
+                },
+                FrontendKind::ExternalIp,
+            )
+        }));
+        if frontends.is_empty() {
+            continue; // ClusterIP only: never exposed from the NIC.
+        }
+        let all = ready_endpoints(slices, &port_name, protocol, &node.node_name);
+        let (backends, when_empty) = if local_only {
+            let when_empty = if all.is_empty() {
+                WhenEmpty::Reject
+            } else {
+                WhenEmpty::Drop
+            };
+            (all.into_iter().filter(|b| b.local).collect(), when_empty)
+        } else {
+            (all, WhenEmpty::Reject)
+        };
+        let key = ServicePortName {
+            namespace: namespace.clone(),
+            name: name.clone(),
+            port: port_name,
+            protocol,
+        };
+        let mut desired = DesiredService {
+            backends,
+            when_empty,
+            ..Default::default()
+        };
+        for (addr, kind) in frontends {
+            desired.frontends.entry(addr).or_insert(kind);
+        }
+        out.ports.push((key, Arc::new(desired)));
+    }
+    out.display = display;
+    out
+}
+
+fn slice_owner(slice: &EndpointSlice) -> Option<(&str, &str)> {
+    let svc = slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
+    Some((
+        slice.metadata.namespace.as_deref().unwrap_or("default"),
+        svc.as_str(),
+    ))
+}
+
+fn service_id(svc: &Service) -> (&str, &str) {
+    (
+        svc.metadata.namespace.as_deref().unwrap_or("default"),
+        svc.metadata.name.as_deref().unwrap_or(""),
+    )
+}
+
+/// Puts translated Services together. Sorted by namespace/name, so which of two Services claiming
+/// the same frontend wins is the same on every node and every run.
+fn assemble<'a>(
+    translated: impl Iterator<Item = &'a Translated>,
 ) -> (DesiredState, Vec<ModelError>) {
     let mut errors = Vec::new();
     let mut state = DesiredState::default();
-    let mut owners: BTreeMap<FrontendAddr, ServicePortName> = BTreeMap::new();
-
-    let mut slices_by_service: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
-    for slice in slices {
-        if let Some(svc) = slice
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(SERVICE_NAME_LABEL))
-        {
-            let ns = slice
-                .metadata
-                .namespace
-                .clone()
-                .unwrap_or_else(|| "default".into());
-            slices_by_service
-                .entry((ns, svc.clone()))
-                .or_default()
-                .push(slice);
-        }
-    }
-
-    // Sorted, so which of two conflicting Services wins is the same on every node and every run.
-    let mut sorted: Vec<&Service> = services.iter().collect();
-    sorted.sort_by_key(|s| (s.metadata.namespace.clone(), s.metadata.name.clone()));
-
-    for svc in sorted {
-        let Some(name) = svc.metadata.name.clone() else {
-            errors.push(ModelError::Unnamed(object_name(
-                &svc.metadata.namespace,
-                "<unnamed>",
-            )));
-            continue;
-        };
-        if !is_ours(svc) {
-            continue;
-        }
-        let namespace = svc
-            .metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".into());
-        let display = format!("{namespace}/{name}");
-        let Some(spec) = &svc.spec else { continue };
-        let svc_type = spec.type_.as_deref().unwrap_or("ClusterIP");
-        let exposes_node_ports = matches!(svc_type, "NodePort" | "LoadBalancer");
-        let local_only = spec.external_traffic_policy.as_deref() == Some("Local");
-
-        let lb_ips = if svc_type == "LoadBalancer" {
-            let ingress = svc
-                .status
-                .as_ref()
-                .and_then(|s| s.load_balancer.as_ref())
-                .and_then(|lb| lb.ingress.as_ref());
-            let ips = ingress
-                .into_iter()
-                .flatten()
-                .filter_map(|i| i.ip.as_deref());
-            ipv4_list(&display, "status.loadBalancer.ingress.ip", ips, &mut errors)
-        } else {
-            Vec::new()
-        };
-        let external_ips = ipv4_list(
-            &display,
-            "spec.externalIPs",
-            spec.external_ips.iter().flatten().map(String::as_str),
-            &mut errors,
-        );
-
-        let slices = slices_by_service
-            .get(&(namespace.clone(), name.clone()))
-            .map(Vec::as_slice)
-            .unwrap_or(&[]);
-
-        for sp in spec.ports.iter().flatten() {
-            let port_name = sp.name.clone().unwrap_or_default();
-            let protocol = match Protocol::parse(sp.protocol.as_deref()) {
-                Ok(p) => p,
-                Err(protocol) => {
-                    errors.push(ModelError::UnsupportedProtocol {
-                        service: display.clone(),
-                        port: port_name,
-                        protocol,
-                    });
-                    continue;
-                }
-            };
-            let port = match valid_port(&display, &port_name, "port", sp.port) {
-                Ok(p) => p,
-                Err(e) => {
-                    errors.push(e);
-                    continue;
-                }
-            };
-            let key = ServicePortName {
-                namespace: namespace.clone(),
-                name: name.clone(),
-                port: port_name.clone(),
-                protocol,
-            };
-
-            let mut frontends = Vec::new();
-            if exposes_node_ports {
-                match sp.node_port {
-                    None => {} // e.g. allocateLoadBalancerNodePorts: false
-                    Some(np) => match valid_port(&display, &port_name, "nodePort", np) {
-                        Ok(np) => frontends.extend(node.node_addrs.iter().map(|ip| {
-                            (
-                                FrontendAddr {
-                                    ip: *ip,
-                                    port: np,
-                                    protocol,
-                                },
-                                FrontendKind::NodePort,
-                            )
-                        })),
-                        Err(e) => errors.push(e),
-                    },
-                }
-            }
-            frontends.extend(lb_ips.iter().map(|ip| {
-                (
-                    FrontendAddr {
-                        ip: *ip,
-                        port,
-                        protocol,
-                    },
-                    FrontendKind::LoadBalancer,
-                )
-            }));
-            frontends.extend(external_ips.iter().map(|ip| {
-                (
-                    FrontendAddr {
-                        ip: *ip,
-                        port,
-                        protocol,
-                    },
-                    FrontendKind::ExternalIp,
-                )
-            }));
-            if frontends.is_empty() {
-                continue; // ClusterIP only: never exposed from the NIC.
-            }
-
-            let mut desired = DesiredService::default();
-            for (addr, kind) in frontends {
-                match owners.get(&addr) {
-                    Some(owner) if *owner != key => errors.push(ModelError::FrontendConflict {
-                        service: display.clone(),
-                        frontend: addr,
-                        owner: owner.clone(),
-                    }),
-                    _ => {
-                        owners.insert(addr, key.clone());
-                        desired.frontends.entry(addr).or_insert(kind);
+    let mut owners: BTreeMap<FrontendAddr, &ServicePortName> = BTreeMap::new();
+    for t in translated {
+        errors.extend(t.errors.iter().cloned());
+        for (key, want) in &t.ports {
+            let taken = |addr: &FrontendAddr| owners.get(addr).is_some_and(|owner| *owner != key);
+            let desired = if want.frontends.keys().any(taken) {
+                // Some frontends belong to an earlier Service: keep the rest (rare, so copy here).
+                let mut mine = (**want).clone();
+                mine.frontends.retain(|addr, _| {
+                    let free = !taken(addr);
+                    if !free {
+                        errors.push(ModelError::FrontendConflict {
+                            service: t.display.clone(),
+                            frontend: *addr,
+                            owner: owners[addr].clone(),
+                        });
                     }
-                }
-            }
+                    free
+                });
+                Arc::new(mine)
+            } else {
+                Arc::clone(want)
+            };
             if desired.frontends.is_empty() {
                 continue;
             }
-            let all = ready_endpoints(slices, &port_name, protocol, &node.node_name);
-            if local_only {
-                desired.when_empty = if all.is_empty() {
-                    WhenEmpty::Reject
-                } else {
-                    WhenEmpty::Drop
-                };
-                desired.backends = all.into_iter().filter(|b| b.local).collect();
-            } else {
-                desired.backends = all;
+            for addr in desired.frontends.keys() {
+                owners.insert(*addr, key);
             }
-            state.services.insert(key, desired);
+            state.services.insert(key.clone(), desired);
         }
     }
     (state, errors)
+}
+
+fn group_slices<E: std::borrow::Borrow<EndpointSlice>>(
+    slices: &[E],
+) -> HashMap<(&str, &str), Vec<&E>> {
+    let mut by_service: HashMap<(&str, &str), Vec<&E>> = HashMap::new();
+    for slice in slices {
+        if let Some(owner) = slice_owner(slice.borrow()) {
+            by_service.entry(owner).or_default().push(slice);
+        }
+    }
+    by_service
+}
+
+/// Services and EndpointSlices -> desired state, plus every problem found on the way. A problem
+/// costs only the part of the object it concerns; everything else is still translated.
+pub fn desired_state<S: std::borrow::Borrow<Service>, E: std::borrow::Borrow<EndpointSlice>>(
+    services: &[S],
+    slices: &[E],
+    node: &NodeContext,
+) -> (DesiredState, Vec<ModelError>) {
+    let by_service = group_slices(slices);
+    let mut sorted: Vec<&Service> = services.iter().map(|s| s.borrow()).collect();
+    sorted.sort_by_key(|s| service_id(s));
+    let translated: Vec<Translated> = sorted
+        .iter()
+        .map(|svc| {
+            let slices: Vec<&EndpointSlice> = by_service
+                .get(&service_id(svc))
+                .into_iter()
+                .flatten()
+                .map(|s| (*s).borrow())
+                .collect();
+            translate_service(svc, &slices, node)
+        })
+        .collect();
+    assemble(translated.iter())
+}
+
+/// [`desired_state`] that re-translates only Services whose inputs changed since the last call: the
+/// API source's stores keep an unchanged object's `Arc`, so identity tells what changed, and a sync
+/// after one EndpointSlice update costs one Service's translation, not the cluster's.
+#[derive(Default)]
+pub struct Translator {
+    memo: HashMap<usize, Memo>,
+    node: Option<(String, Vec<Ipv4Addr>)>,
+    /// How many Services the last call translated afresh (the rest came from the memo).
+    pub retranslated: usize,
+}
+
+struct Memo {
+    /// Held, not read: keeps the object (and so the address the memo is keyed by) alive.
+    _service: Arc<Service>,
+    slices: Vec<Arc<EndpointSlice>>,
+    out: Arc<Translated>,
+}
+
+impl Translator {
+    pub fn desired_state(
+        &mut self,
+        services: &[Arc<Service>],
+        slices: &[Arc<EndpointSlice>],
+        node: &NodeContext,
+    ) -> (DesiredState, Vec<ModelError>) {
+        let node_key = (node.node_name.clone(), node.node_addrs.clone());
+        if self.node.as_ref() != Some(&node_key) {
+            self.memo.clear();
+            self.node = Some(node_key);
+        }
+        let by_service = group_slices(slices);
+        let mut sorted: Vec<&Arc<Service>> = services.iter().collect();
+        sorted.sort_by_key(|s| service_id(s));
+        let mut next = HashMap::with_capacity(sorted.len());
+        let mut outs = Vec::with_capacity(sorted.len());
+        self.retranslated = 0;
+        for svc in &sorted {
+            let (ns, name) = service_id(svc);
+            let mut mine: Vec<Arc<EndpointSlice>> = by_service
+                .get(&(ns, name))
+                .into_iter()
+                .flatten()
+                .map(|s| Arc::clone(s))
+                .collect();
+            // The store's iteration order is not stable; identity order is.
+            mine.sort_by_key(|s| Arc::as_ptr(s) as usize);
+            // Keyed by the Service object's identity: the memo holds the Arc, so the address
+            // cannot be reused by another object while the entry exists.
+            let key = Arc::as_ptr(svc) as usize;
+            let memo = match self.memo.remove(&key) {
+                Some(m)
+                    if m.slices.len() == mine.len()
+                        && m.slices.iter().zip(&mine).all(|(a, b)| Arc::ptr_eq(a, b)) =>
+                {
+                    m
+                }
+                _ => {
+                    self.retranslated += 1;
+                    let refs: Vec<&EndpointSlice> = mine.iter().map(|s| s.as_ref()).collect();
+                    Memo {
+                        _service: Arc::clone(svc),
+                        out: Arc::new(translate_service(svc, &refs, node)),
+                        slices: mine,
+                    }
+                }
+            };
+            outs.push(Arc::clone(&memo.out));
+            next.insert(key, memo);
+        }
+        self.memo = next;
+        assemble(outs.iter().map(|t| t.as_ref()))
+    }
 }
 
 #[cfg(test)]
@@ -478,6 +614,8 @@ mod tests {
     fn slice(yaml: &str) -> EndpointSlice {
         serde_yaml::from_str(yaml).expect("test EndpointSlice parses")
     }
+
+    const NO_SLICES: &[EndpointSlice] = &[];
 
     fn node() -> NodeContext {
         NodeContext {
@@ -571,7 +709,7 @@ endpoints:
             "type: NodePort",
             "type: ClusterIP\n  externalIPs: [198.18.7.7, 'fd00::1', bogus]",
         );
-        let (state, errors) = desired_state(&[svc(&cip)], &[], &node());
+        let (state, errors) = desired_state(&[svc(&cip)], NO_SLICES, &node());
         let s = &state.services[&key("hello-world", "", Protocol::Tcp)];
         let fronts: Vec<_> = s
             .frontends
@@ -721,7 +859,7 @@ spec:
   - {name: b, protocol: TCP, port: 81, nodePort: 70000}
   - {name: c, protocol: TCP, port: 82, nodePort: 30082}
 "#;
-        let (state, errors) = desired_state(&[svc(bad)], &[], &node());
+        let (state, errors) = desired_state(&[svc(bad)], NO_SLICES, &node());
         assert_eq!(errors.len(), 2, "{errors:?}");
         assert!(matches!(errors[0], ModelError::UnsupportedProtocol { .. }));
         assert!(matches!(
@@ -742,7 +880,7 @@ spec:
     fn frontend_conflicts_keep_the_first_service_by_name() {
         let a = HELLO.replace("hello-world", "aaa");
         let b = HELLO.replace("hello-world", "bbb");
-        let (state, errors) = desired_state(&[svc(&b), svc(&a)], &[], &node());
+        let (state, errors) = desired_state(&[svc(&b), svc(&a)], NO_SLICES, &node());
         assert_eq!(state.services.len(), 1);
         assert!(state.services.contains_key(&key("aaa", "", Protocol::Tcp)));
         assert_eq!(errors.len(), 2, "one per node address: {errors:?}");
@@ -761,8 +899,52 @@ spec:
   - {name: t, protocol: TCP, port: 53, nodePort: 30053}
   - {name: u, protocol: UDP, port: 53, nodePort: 30053}
 "#;
-        let (state, errors) = desired_state(&[svc(both)], &[], &node());
+        let (state, errors) = desired_state(&[svc(both)], NO_SLICES, &node());
         assert!(errors.is_empty(), "{errors:?}");
         assert_eq!(state.frontend_count(), 4);
+    }
+
+    #[test]
+    fn translator_matches_the_plain_model_and_follows_changes() {
+        let hello = Arc::new(svc(HELLO));
+        let other = Arc::new(svc(&HELLO
+            .replace("hello-world", "other")
+            .replace("30600", "30601")));
+        let slice1 = Arc::new(slice(HELLO_SLICE));
+        let mut t = Translator::default();
+        let services = vec![hello.clone(), other.clone()];
+        let slices = vec![slice1.clone()];
+        let plain = desired_state(&services, &slices, &node());
+        let memo = t.desired_state(&services, &slices, &node());
+        assert_eq!(plain.0, memo.0);
+        assert_eq!(
+            t.desired_state(&services, &slices, &node()).0,
+            plain.0,
+            "unchanged inputs, same output"
+        );
+
+        // A new slice object (as the store makes on an update) is picked up.
+        let fewer = Arc::new(slice(&HELLO_SLICE.replace(
+            "- addresses: [198.19.2.2]\n  conditions: {ready: true}\n  nodeName: node-b\n",
+            "",
+        )));
+        let (state, _) = t.desired_state(&services, std::slice::from_ref(&fewer), &node());
+        let s = &state.services[&key("hello-world", "", Protocol::Tcp)];
+        assert!(!s
+            .backends
+            .iter()
+            .any(|b| b.ip == Ipv4Addr::new(198, 19, 2, 2)));
+        assert_eq!(state, desired_state(&services, &[fewer], &node()).0);
+
+        // Node addresses change: everything is re-translated.
+        let moved = NodeContext {
+            node_addrs: vec![Ipv4Addr::new(198, 18, 0, 99)],
+            ..node()
+        };
+        let (state, _) = t.desired_state(&services, &slices, &moved);
+        assert_eq!(state, desired_state(&services, &slices, &moved).0);
+        // A removed Service disappears.
+        let (state, _) = t.desired_state(&[other], &slices, &moved);
+        assert_eq!(state.services.len(), 1);
     }
 }

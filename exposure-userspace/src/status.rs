@@ -153,7 +153,7 @@ mod tests {
         let mut maps = FakeMaps::default();
         Reconciler::restore(Snapshot::default(), Limits::default()).reconcile(
             &DesiredState {
-                services: [(name, svc)].into(),
+                services: [(name, std::sync::Arc::new(svc))].into(),
             },
             &mut maps,
         );

@@ -7,8 +7,9 @@
 //! IDs are stable and restored from the pinned maps at start, so a restarted agent rewrites nothing.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     net::Ipv4Addr,
+    sync::Arc,
 };
 
 use exposure_common::{
@@ -169,6 +170,10 @@ pub struct Reconciler {
     backend_ids: HashMap<(Ipv4Addr, u16), u32>,
     service_pool: IdPool,
     frontend_pool: IdPool,
+    /// The ids in `service_ids`, for O(1) "is this id taken".
+    claimed: HashSet<u32>,
+    /// What each Service port was last successfully programmed with.
+    applied: HashMap<ServicePortName, Arc<DesiredService>>,
     backend_pool: IdPool,
     // What the maps hold now (as written by us or restored at start).
     frontends: BTreeMap<FrontendKey, Frontend>,
@@ -183,6 +188,16 @@ fn frontend_key(f: &FrontendAddr) -> FrontendKey {
         proto: f.protocol.number(),
         _pad: 0,
     }
+}
+
+fn frontend_display(key: &FrontendKey) -> String {
+    let proto = crate::model::Protocol::from_number(key.proto)
+        .map_or_else(|| key.proto.to_string(), |p| p.to_string());
+    format!(
+        "{}:{}/{proto}",
+        Ipv4Addr::from(common::ipv4_octets(key.addr)),
+        common::port_host(key.port)
+    )
 }
 
 fn frontend_flags(kind: FrontendKind) -> u16 {
@@ -248,6 +263,8 @@ impl Reconciler {
             backend_ids,
             service_pool: IdPool::new(limits.services),
             backend_pool: IdPool::new(limits.backends),
+            claimed: HashSet::new(),
+            applied: HashMap::new(),
             frontend_pool: IdPool::new(limits.frontends.min(u16::MAX as u32 + 1)),
             frontends: snapshot.frontends,
             services,
@@ -262,13 +279,7 @@ impl Reconciler {
         self.frontends
             .iter()
             .map(|(k, fe)| {
-                let proto = crate::model::Protocol::from_number(k.proto)
-                    .map_or_else(|| k.proto.to_string(), |p| p.to_string());
-                let frontend = format!(
-                    "{}:{}/{proto}",
-                    Ipv4Addr::from(common::ipv4_octets(k.addr)),
-                    common::port_host(k.port)
-                );
+                let frontend = frontend_display(k);
                 let service = names
                     .get(&fe.service_id)
                     .map_or_else(|| format!("id {}", fe.service_id), |n| n.to_string());
@@ -289,28 +300,51 @@ impl Reconciler {
     /// Brings the maps to `desired` with the fewest writes.
     pub fn reconcile(&mut self, desired: &DesiredState, maps: &mut dyn DatapathMaps) -> SyncReport {
         let mut report = SyncReport::default();
-        // Frontend key -> (service id, kind flags, display name for errors).
-        let mut wanted_frontends: BTreeMap<FrontendKey, (u32, u16, String)> = BTreeMap::new();
-        let mut live_services: BTreeMap<u32, ()> = BTreeMap::new();
+        // Frontend key -> (service id, kind flags).
+        let mut wanted_frontends: BTreeMap<FrontendKey, (u32, u16)> = BTreeMap::new();
+        let mut live_services: HashSet<u32> = HashSet::with_capacity(desired.services.len());
+        let mut changed = false;
 
         for (name, want) in &desired.services {
-            match self.apply_service(name, want, maps, &mut report) {
-                Ok(Some(id)) => {
-                    live_services.insert(id, ());
-                    for (addr, kind) in &want.frontends {
-                        wanted_frontends.insert(
-                            frontend_key(addr),
-                            (id, frontend_flags(*kind), addr.to_string()),
-                        );
+            // Unchanged since it was last applied: nothing to write (the common case per event).
+            let unchanged = match (self.service_ids.get(name), self.applied.get(name)) {
+                (Some(id), Some(prev))
+                    if (Arc::ptr_eq(prev, want) || prev == want)
+                        && self.services.contains_key(id) =>
+                {
+                    Some(*id)
+                }
+                _ => None,
+            };
+            let id = match unchanged {
+                Some(id) => id,
+                None => {
+                    changed = true;
+                    match self.apply_service(name, want, maps, &mut report) {
+                        Ok(Some(id)) => {
+                            self.applied.insert(name.clone(), want.clone());
+                            id
+                        }
+                        Ok(None) => continue,
+                        Err(e) => {
+                            self.applied.remove(name);
+                            report.errors.push(e);
+                            continue;
+                        }
                     }
                 }
-                Ok(None) => {}
-                Err(e) => report.errors.push(e),
+            };
+            live_services.insert(id);
+            for (addr, kind) in &want.frontends {
+                wanted_frontends.insert(frontend_key(addr), (id, frontend_flags(*kind)));
             }
         }
+        self.applied
+            .retain(|name, _| desired.services.contains_key(name));
 
         // Frontends last on the way in: their service is complete by now.
-        for (key, (service_id, flags, display)) in &wanted_frontends {
+        for (key, (service_id, flags)) in &wanted_frontends {
+            let display = || frontend_display(key);
             let id = match self.frontends.get(key) {
                 Some(fe) if fe.service_id == *service_id && fe.flags == *flags => continue,
                 Some(fe) => fe.id,
@@ -319,7 +353,7 @@ impl Reconciler {
                     Err(e) => {
                         report
                             .errors
-                            .push(e.for_frontend(display, self.limits.frontends));
+                            .push(e.for_frontend(&display(), self.limits.frontends));
                         continue;
                     }
                 },
@@ -335,7 +369,7 @@ impl Reconciler {
                     report.writes += 1;
                 }
                 Err(e) => report.errors.push(SyncError::Write {
-                    service: format!("frontend {display}"),
+                    service: format!("frontend {}", display()),
                     source: e,
                 }),
             }
@@ -347,6 +381,7 @@ impl Reconciler {
             .filter(|k| !wanted_frontends.contains_key(k))
             .copied()
             .collect();
+        changed |= !stale.is_empty();
         for key in stale {
             match maps.remove_frontend(&key) {
                 Ok(()) => {
@@ -364,12 +399,13 @@ impl Reconciler {
         let dropped: Vec<u32> = self
             .service_ids
             .values()
-            .filter(|id| !live_services.contains_key(id))
+            .filter(|id| !live_services.contains(id))
             .copied()
             .collect();
-        self.service_ids
-            .retain(|_, id| live_services.contains_key(id));
+        self.service_ids.retain(|_, id| live_services.contains(id));
+        changed |= !dropped.is_empty();
         for id in dropped {
+            self.claimed.remove(&id);
             // Claimed but never written (its apply failed): hand the id back.
             if !self.services.contains_key(&id) {
                 self.service_pool.release(id);
@@ -380,7 +416,7 @@ impl Reconciler {
         let unused: Vec<u32> = self
             .services
             .keys()
-            .filter(|id| !live_services.contains_key(id) && !referenced.contains(id))
+            .filter(|id| !live_services.contains(id) && !referenced.contains(id))
             .copied()
             .collect();
         for id in unused {
@@ -390,6 +426,9 @@ impl Reconciler {
                     source: e,
                 });
             }
+        }
+        if !changed {
+            return report; // nothing was added, changed or removed: no backend can have become unused
         }
         let in_use: std::collections::HashSet<u32> = self
             .services
@@ -438,7 +477,7 @@ impl Reconciler {
         if let Some(id) = self.service_ids.get(name) {
             return Some(*id);
         }
-        let claimed: std::collections::HashSet<u32> = self.service_ids.values().copied().collect();
+        let claimed = &self.claimed;
         let restored = want
             .frontends
             .keys()
@@ -453,6 +492,7 @@ impl Reconciler {
             }
         };
         self.service_ids.insert(name.clone(), id);
+        self.claimed.insert(id);
         Some(id)
     }
 
@@ -749,7 +789,10 @@ mod tests {
 
     fn state(services: &[(&str, DesiredService)]) -> DesiredState {
         DesiredState {
-            services: services.iter().map(|(n, s)| (name(n), s.clone())).collect(),
+            services: services
+                .iter()
+                .map(|(n, s)| (name(n), Arc::new(s.clone())))
+                .collect(),
         }
     }
 
@@ -993,6 +1036,33 @@ mod tests {
         a_sorted.sort();
         assert_eq!(d_ids, a_sorted, "freed ids reused");
         assert_eq!(maps.stats_resets.len(), 8);
+    }
+
+    #[test]
+    fn a_change_to_one_service_writes_only_that_service() {
+        let mut maps = FakeMaps {
+            check_every_write: true,
+            ..Default::default()
+        };
+        let mut r = Reconciler::restore(Snapshot::default(), Limits::default());
+        let many: Vec<(String, DesiredService)> = (0..50u16)
+            .map(|i| (format!("s{i}"), service(30000 + i, &[(1 + i as u8, false)])))
+            .collect();
+        let as_state = |v: &[(String, DesiredService)]| DesiredState {
+            services: v
+                .iter()
+                .map(|(n, s)| (name(n), Arc::new(s.clone())))
+                .collect(),
+        };
+        r.reconcile(&as_state(&many), &mut maps);
+        let before = maps.writes;
+        let mut changed = many.clone();
+        changed[7].1 = service(30007, &[(200, false)]);
+        let report = r.reconcile(&as_state(&changed), &mut maps);
+        assert!(report.errors.is_empty());
+        // New backend, its slot, the service flip, the old slot, the old backend.
+        assert_eq!(report.writes, 5, "only s7's entries");
+        assert_eq!(maps.writes - before, 5);
     }
 
     #[test]

@@ -152,7 +152,7 @@ fn hello(backends: &[(Ipv4Addr, bool)]) -> DesiredState {
                 protocol,
                 ..name("hello-world")
             },
-            s,
+            std::sync::Arc::new(s),
         );
     }
     state
@@ -486,7 +486,7 @@ fn local_policy_without_local_endpoints_drops() {
     with_datapath(|h| {
         let mut state = hello(&[]);
         for s in state.services.values_mut() {
-            s.when_empty = WhenEmpty::Drop;
+            std::sync::Arc::make_mut(s).when_empty = WhenEmpty::Drop;
         }
         h.program(&state);
         let (verdict, _) = h.xdp(&FrameSpec::udp((CLIENT, 40005), (NODE, NODE_PORT)).build());

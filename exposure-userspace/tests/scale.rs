@@ -95,6 +95,12 @@ fn ten_thousand_services_with_a_hundred_thousand_endpoints_sync_completely() {
         !agent.log_text().contains("skipped:"),
         "nothing was skipped"
     );
+    if std::env::var_os("EXPOSURE_SCALE_PROBE").is_some() {
+        // Manual profiling aid: touch one slice and print the agent's sync breakdown.
+        api.apply(scale::objects(1, PER_SERVICE, &node.name).pop().unwrap());
+        std::thread::sleep(Duration::from_secs(2));
+        eprintln!("{}", agent.log_text());
+    }
     drop(agent);
     drop(lab);
     let _ = std::fs::remove_dir_all(&dir);
