@@ -43,10 +43,21 @@ pub fn next_hop(ctx: &XdpContext, daddr: u32, proto: u8, tot_len: u16) -> Option
         let gateway = unsafe { params.__bindgen_anon_4.ipv4_dst };
         let _ = NEIGH_MISSES.insert(&gateway, &params.ifindex, BPF_ANY as u64);
         count(Counter::NeighborMissing);
+        aya_log_ebpf::warn!(
+            ctx,
+            "no neighbour entry for next hop {:i}; asking the agent",
+            u32::from_be(gateway)
+        );
         return None;
     }
     if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
         count(Counter::FibFailed);
+        aya_log_ebpf::warn!(
+            ctx,
+            "no route to backend {:i} (fib lookup {})",
+            u32::from_be(daddr),
+            rc
+        );
         return None;
     }
     Some(NextHop {

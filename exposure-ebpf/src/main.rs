@@ -19,6 +19,7 @@ use aya_ebpf::{
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
+use aya_log_ebpf::{debug, warn};
 use exposure_common::*;
 
 use crate::{
@@ -27,6 +28,12 @@ use crate::{
     nat::{rewrite, set_macs, Tuple},
     parse::*,
 };
+
+/// Addresses are kept in wire order; aya-log's `{:i}` wants the numeric value.
+#[inline(always)]
+fn host(addr: u32) -> u32 {
+    u32::from_be(addr)
+}
 
 #[xdp]
 pub fn exposure_xdp(ctx: XdpContext) -> u32 {
@@ -174,10 +181,25 @@ fn to_backend(ctx: &XdpContext, p: &Packet, service_id: u32) -> Result<u32, ()> 
             Selected::Flow(f) => f,
             Selected::NoBackend => {
                 count(Counter::NoBackend);
+                debug!(
+                    ctx,
+                    "refused {:i}:{} -> {:i}:{}: no endpoints",
+                    host(p.saddr),
+                    port_host(p.sport),
+                    host(p.daddr),
+                    port_host(p.dport)
+                );
                 return reject::port_unreachable(ctx, p).or(Ok(xdp_action::XDP_DROP));
             }
             Selected::NoLocalBackend => {
                 count(Counter::DroppedNoLocalBackend);
+                debug!(
+                    ctx,
+                    "dropped {:i} -> {:i}:{}: no local endpoints",
+                    host(p.saddr),
+                    host(p.daddr),
+                    port_host(p.dport)
+                );
                 return Ok(xdp_action::XDP_DROP);
             }
             Selected::Drop => return Ok(xdp_action::XDP_DROP),
@@ -269,6 +291,12 @@ fn new_flow(
             Some(port) => flow.snat_port = port,
             None => {
                 count(Counter::SnatExhausted);
+                warn!(
+                    ctx,
+                    "no free SNAT port towards {:i}:{}",
+                    host(backend.addr),
+                    port_host(backend.port)
+                );
                 return Selected::Drop;
             }
         }
@@ -282,6 +310,14 @@ fn new_flow(
         return Selected::Drop;
     }
     count(Counter::NewFlows);
+    debug!(
+        ctx,
+        "new flow {:i}:{} -> backend {:i}:{}",
+        host(p.saddr),
+        port_host(p.sport),
+        host(backend.addr),
+        port_host(backend.port)
+    );
     Selected::Flow(flow)
 }
 

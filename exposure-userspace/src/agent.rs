@@ -126,6 +126,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         dp.attach(&iface.name, cfg.xdp_mode)?;
     }
     serve_metrics(metrics_listener, metrics.clone(), cfg.pin_dir.clone());
+    if cfg.capacity.bpf_log_level > 0 {
+        forward_bpf_logs(dp.bpf_logger(log::logger())?)?;
+    }
 
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
@@ -325,4 +328,20 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
+}
+
+/// Drains the programs' log ring into the agent's own log (through the `log` -> `tracing` bridge).
+fn forward_bpf_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) -> anyhow::Result<()> {
+    let mut ring = tokio::io::unix::AsyncFd::with_interest(logger, tokio::io::Interest::READABLE)
+        .context("watching the programs' log ring")?;
+    tokio::spawn(async move {
+        loop {
+            let Ok(mut guard) = ring.readable_mut().await else {
+                return;
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+    Ok(())
 }

@@ -94,6 +94,8 @@ fn expected_layout(name: &str) -> Option<(u32, u32)> {
 /// Map capacities, set at load time (the `--max-*` flags).
 #[derive(Clone, Copy, Debug)]
 pub struct Capacity {
+    /// aya-log level for the programs' own log lines: 0 off, 1 error ... 4 debug.
+    pub bpf_log_level: u8,
     pub frontends: u32,
     pub services: u32,
     pub backends: u32,
@@ -103,6 +105,7 @@ pub struct Capacity {
 impl Default for Capacity {
     fn default() -> Self {
         Capacity {
+            bpf_log_level: 0,
             frontends: exposure_common::MAX_FRONTENDS,
             services: exposure_common::MAX_SERVICES,
             backends: exposure_common::MAX_BACKENDS,
@@ -144,6 +147,8 @@ impl Datapath {
         drop_incompatible_pins(pin_dir, &capacity);
         let mut loader = EbpfLoader::new();
         loader.default_map_pin_directory(pin_dir);
+        // Off by default: a log statement then costs one load and compare.
+        loader.set_global(aya_log::LEVEL, &capacity.bpf_log_level, true);
         for name in names::ALL {
             if let Some(n) = capacity.of(name) {
                 loader.map_max_entries(name, n);
@@ -160,6 +165,12 @@ impl Datapath {
             ebpf,
             pin_dir: pin_dir.to_path_buf(),
         })
+    }
+
+    /// Forwards the programs' aya-log records to `logger`; poll the returned value's fd and `flush`.
+    pub fn bpf_logger<T: log::Log>(&mut self, logger: T) -> anyhow::Result<aya_log::EbpfLogger<T>> {
+        aya_log::EbpfLogger::init_with_logger(&mut self.ebpf, logger)
+            .context("opening the programs' log ring")
     }
 
     pub fn xdp(&mut self) -> anyhow::Result<&mut Xdp> {

@@ -28,6 +28,15 @@ enum LogFormat {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum BpfLogLevel {
+    Off = 0,
+    Error = 1,
+    Warn = 2,
+    Info = 3,
+    Debug = 4,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum Mode {
     /// Native (driver) XDP when the driver has it, else generic.
     Auto,
@@ -72,6 +81,10 @@ enum Command {
         /// Backends one Service port may have.
         #[arg(long, default_value_t = exposure_common::MAX_BACKENDS_PER_SERVICE, value_parser = clap::value_parser!(u32).range(1..=65535))]
         max_backends_per_service: u32,
+        /// Log lines from the XDP/tc programs themselves (refusals, drops, missing neighbours;
+        /// new flows at debug), into the agent's log. Off costs nothing measurable.
+        #[arg(long, value_enum, default_value = "off")]
+        bpf_log_level: BpfLogLevel,
         /// Tracked flows (connection tracking entries; least recently used are evicted).
         #[arg(long, default_value_t = exposure_common::MAX_FLOWS, value_parser = clap::value_parser!(u32).range(1024..))]
         max_flows: u32,
@@ -130,6 +143,7 @@ fn main() -> anyhow::Result<()> {
             max_backends,
             max_backends_per_service,
             max_flows,
+            bpf_log_level,
         } => {
             let cfg = agent::AgentConfig {
                 ifaces,
@@ -137,6 +151,7 @@ fn main() -> anyhow::Result<()> {
                 kubeconfig,
                 metrics: metrics_bind_address,
                 capacity: datapath::Capacity {
+                    bpf_log_level: bpf_log_level as u8,
                     frontends: max_frontends,
                     services: max_services,
                     backends: max_backends,

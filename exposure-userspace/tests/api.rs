@@ -12,7 +12,7 @@ use std::{
 
 use exposure_lab::{
     agent::{self, Agent, Source},
-    apiserver::{ApiServer, Kind},
+    apiserver::ApiServer,
     apps::{self, parse_answer, Server},
     lab::{lb_ip, pod_ip, Lab, CLIENT_IP, CONTROL_PLANE_IP},
     netns::unique_prefix,

@@ -66,6 +66,10 @@ fn mac_of(ns: &Netns, dev: &str) -> [u8; 6] {
 
 /// Runs `test` inside a fresh node namespace with a loaded datapath.
 fn with_datapath(test: impl FnOnce(&mut Harness) + Send + 'static) {
+    with_datapath_logging(0, test)
+}
+
+fn with_datapath_logging(bpf_log_level: u8, test: impl FnOnce(&mut Harness) + Send + 'static) {
     let prefix = unique_prefix("p");
     let node = Netns::create(&format!("{prefix}-node")).unwrap();
     let peer = Netns::create(&format!("{prefix}-peer")).unwrap();
@@ -89,7 +93,8 @@ fn with_datapath(test: impl FnOnce(&mut Harness) + Send + 'static) {
     let peer_mac = mac_of(&peer, "eth0");
     let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{prefix}"));
     node.run(move || {
-        let dp = Datapath::load(&pin_dir).expect("load datapath");
+        let capacity = exposure::datapath::Capacity { bpf_log_level, ..Default::default() };
+        let dp = Datapath::load_with(&pin_dir, capacity).expect("load datapath");
         let mut maps = KernelMaps::open(&pin_dir).expect("open maps");
         let ifindex = nix::net::if_::if_nametoindex("eth0").expect("eth0");
         maps.set_node_addr(ifindex, NODE).unwrap();
@@ -585,4 +590,37 @@ fn unresolved_next_hop_is_dropped_and_left_for_the_agent_to_resolve() {
             "no half-made flow left behind"
         );
     });
+}
+
+/// Collects the programs' log lines.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl log::Log for Captured {
+    fn enabled(&self, _: &log::Metadata) -> bool {
+        true
+    }
+    fn log(&self, record: &log::Record) {
+        self.0.lock().unwrap().push(format!("{} {}", record.level(), record.args()));
+    }
+    fn flush(&self) {}
+}
+
+#[test]
+fn kernel_log_lines_reach_the_agent_only_when_enabled() {
+    for level in [4u8, 0] {
+        with_datapath_logging(level, move |h| {
+            let captured = Captured::default();
+            let mut logger = h.dp.bpf_logger(captured.clone()).unwrap();
+            h.program(&hello(&[]));
+            h.xdp(&FrameSpec::tcp((CLIENT, 40010), (NODE, NODE_PORT), SYN).build());
+            logger.flush();
+            let lines = captured.0.lock().unwrap().clone();
+            if level == 0 {
+                assert!(lines.is_empty(), "logging is off: {lines:?}");
+            } else {
+                assert_eq!(lines, ["DEBUG refused 198.18.0.1:40010 -> 198.18.0.10:30600: no endpoints"]);
+            }
+        });
+    }
 }
