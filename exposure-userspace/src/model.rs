@@ -238,13 +238,41 @@ fn ipv4_list<'a>(
 }
 
 /// Ready IPv4 endpoints of one Service port, from all of the Service's slices, deduplicated.
-fn ready_endpoints(
+/// A Service port's usable IPv4 endpoints from all its slices, deduplicated: the ready ones, and
+/// the serving-but-terminating ones that take new flows only when none is ready (KEP-1669, as
+/// kube-proxy does). `ready` unset means ready; `serving` unset means `ready`.
+#[derive(Default)]
+struct Endpoints {
+    ready: Vec<BackendAddr>,
+    terminating: Vec<BackendAddr>,
+}
+
+impl Endpoints {
+    /// kube-proxy's choice for one scope (all endpoints, or only this node's).
+    fn pick(&self, local_only: bool) -> Vec<BackendAddr> {
+        let scope = |v: &[BackendAddr]| -> Vec<BackendAddr> {
+            v.iter()
+                .filter(|b| !local_only || b.local)
+                .copied()
+                .collect()
+        };
+        let ready = scope(&self.ready);
+        if ready.is_empty() {
+            scope(&self.terminating)
+        } else {
+            ready
+        }
+    }
+}
+
+fn usable_endpoints(
     slices: &[&EndpointSlice],
     port_name: &str,
     protocol: Protocol,
     node_name: &str,
-) -> Vec<BackendAddr> {
-    let mut out = BTreeSet::new();
+) -> Endpoints {
+    let mut ready = BTreeSet::new();
+    let mut terminating = BTreeSet::new();
     for slice in slices {
         if slice.address_type != "IPv4" {
             continue;
@@ -263,11 +291,6 @@ fn ready_endpoints(
             continue;
         };
         for ep in slice.endpoints.iter().flatten() {
-            // kube-proxy: an unset `ready` means ready.
-            let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
-            if !ready {
-                continue;
-            }
             let Some(ip) = ep
                 .addresses
                 .first()
@@ -275,11 +298,26 @@ fn ready_endpoints(
             else {
                 continue;
             };
-            let local = ep.node_name.as_deref() == Some(node_name);
-            out.insert(BackendAddr { ip, port, local });
+            let backend = BackendAddr {
+                ip,
+                port,
+                local: ep.node_name.as_deref() == Some(node_name),
+            };
+            let c = ep.conditions.as_ref();
+            let is_ready = c.and_then(|c| c.ready).unwrap_or(true);
+            let serving = c.and_then(|c| c.serving).unwrap_or(is_ready);
+            let is_terminating = c.and_then(|c| c.terminating).unwrap_or(false);
+            if is_ready {
+                ready.insert(backend);
+            } else if serving && is_terminating {
+                terminating.insert(backend);
+            }
         }
     }
-    out.into_iter().collect()
+    Endpoints {
+        ready: ready.into_iter().collect(),
+        terminating: terminating.into_iter().collect(),
+    }
 }
 
 /// One Service translated on its own: its ports' frontends (before conflicts between Services are
@@ -404,14 +442,16 @@ pub fn translate_service(
         if frontends.is_empty() {
             continue; // ClusterIP only: never exposed from the NIC.
         }
-        let all = ready_endpoints(slices, &port_name, protocol, &node.node_name);
+        let endpoints = usable_endpoints(slices, &port_name, protocol, &node.node_name);
+        let all = endpoints.pick(false);
         let (backends, when_empty) = if local_only {
+            // Endpoints elsewhere but none here: drop (kube-proxy); none anywhere: refuse.
             let when_empty = if all.is_empty() {
                 WhenEmpty::Reject
             } else {
                 WhenEmpty::Drop
             };
-            (all.into_iter().filter(|b| b.local).collect(), when_empty)
+            (endpoints.pick(true), when_empty)
         } else {
             (all, WhenEmpty::Reject)
         };
@@ -946,5 +986,55 @@ spec:
         // A removed Service disappears.
         let (state, _) = t.desired_state(&[other], &slices, &moved);
         assert_eq!(state.services.len(), 1);
+    }
+
+    #[test]
+    fn terminating_endpoints_take_new_flows_only_when_none_is_ready() {
+        let with = |conds: &[(&str, &str)]| {
+            let mut eps = String::new();
+            for (ip, c) in conds {
+                eps += &format!("- addresses: [{ip}]\n  conditions: {c}\n  nodeName: node-a\n");
+            }
+            slice(&format!(
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: h, namespace: default, labels: {{kubernetes.io/service-name: hello-world}}}}\naddressType: IPv4\nports: [{{name: \"\", protocol: TCP, port: 50000}}]\nendpoints:\n{eps}"
+            ))
+        };
+        let ips = |state: &DesiredState| -> Vec<String> {
+            state.services[&key("hello-world", "", Protocol::Tcp)]
+                .backends
+                .iter()
+                .map(|b| b.ip.to_string())
+                .collect()
+        };
+        let term = "{ready: false, serving: true, terminating: true}";
+        let gone = "{ready: false, serving: false, terminating: true}";
+        let ready = "{ready: true}";
+        // A ready endpoint exists: terminating ones get no new flows.
+        let (s, _) = desired_state(
+            &[svc(HELLO)],
+            &[with(&[("198.19.1.2", ready), ("198.19.1.3", term)])],
+            &node(),
+        );
+        assert_eq!(ips(&s), ["198.19.1.2"]);
+        // None ready: serving terminating endpoints take them; non-serving ones never do.
+        let (s, _) = desired_state(
+            &[svc(HELLO)],
+            &[with(&[("198.19.1.3", term), ("198.19.1.4", gone)])],
+            &node(),
+        );
+        assert_eq!(ips(&s), ["198.19.1.3"]);
+        // Local policy applies the rule to this node's endpoints.
+        let local = HELLO.replace(
+            "type: NodePort",
+            "type: NodePort\n  externalTrafficPolicy: Local",
+        );
+        let elsewhere = slice(&HELLO_SLICE.replace("nodeName: node-a", "nodeName: node-z"));
+        let mine = with(&[("198.19.1.3", term)]);
+        let (s, _) = desired_state(&[svc(&local)], &[elsewhere, mine], &node());
+        assert_eq!(
+            ips(&s),
+            ["198.19.1.3"],
+            "the local terminating endpoint, not remote ready ones"
+        );
     }
 }

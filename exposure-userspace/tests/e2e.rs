@@ -468,3 +468,70 @@ fn remote_backends_work_when_the_node_has_not_resolved_its_neighbours_yet() {
     assert_eq!(pods, pods_named(&["pod-2-1", "pod-2-2"]));
     assert_eq!(seen, BTreeSet::from([IpAddr::V4(c.lab.nodes[0].ip)]));
 }
+
+fn hello_with_conditions(endpoints: &[(Ipv4Addr, &str, &str)]) -> String {
+    let mut eps = String::new();
+    for (ip, node, conditions) in endpoints {
+        eps += &format!("- addresses: [{ip}]\n  conditions: {conditions}\n  nodeName: {node}\n");
+    }
+    service("hello-world", "NodePort", "  - {protocol: TCP, port: 60000, targetPort: 50000, nodePort: 30600}\n", "")
+        + "---\n"
+        + &format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: hello-world-abcde\n  namespace: default\n  labels:\n    kubernetes.io/service-name: hello-world\naddressType: IPv4\nports:\n- {{name: \"\", protocol: TCP, port: 50000}}\nendpoints:\n{eps}"
+        )
+}
+
+#[test]
+fn terminating_endpoints_keep_their_flows_and_serve_only_when_nothing_is_ready() {
+    const READY: &str = "{ready: true, serving: true, terminating: false}";
+    const TERMINATING: &str = "{ready: false, serving: true, terminating: true}";
+    const GONE: &str = "{ready: false, serving: false, terminating: true}";
+    let (a, b) = (
+        exposure_lab::lab::pod_ip(0, 0),
+        exposure_lab::lab::pod_ip(0, 1),
+    );
+    let mut c = Cluster::start(
+        &[2, 0],
+        &[(
+            "hello.yaml",
+            hello_with_conditions(&[(a, "node-1", READY), (b, "node-1", READY)]),
+        )],
+    );
+    let mut held = TcpSession::connect(&c.lab.client, c.node(0, 30600)).unwrap();
+    let held_pod = parse_answer(&held.ask("hi").unwrap())
+        .unwrap()
+        .0
+        .to_string();
+    let (term_ip, other_pod) = if held_pod == "pod-1-1" {
+        (a, "pod-1-2")
+    } else {
+        (b, "pod-1-1")
+    };
+    let other_ip = if term_ip == a { b } else { a };
+
+    // The held connection's pod starts terminating: its flow goes on, new flows go elsewhere.
+    c.write(
+        "hello.yaml",
+        &hello_with_conditions(&[
+            (term_ip, "node-1", TERMINATING),
+            (other_ip, "node-1", READY),
+        ]),
+    );
+    c.eventually("new flows avoid the terminating endpoint", || {
+        c.tcp_spread(c.node(0, 30600), 12).0 == pods_named(&[other_pod])
+    });
+    assert_eq!(
+        parse_answer(&held.ask("still?").unwrap()).unwrap().0,
+        held_pod
+    );
+
+    // Nothing ready any more: the serving terminating endpoint takes new flows (kube-proxy's rule).
+    c.write(
+        "hello.yaml",
+        &hello_with_conditions(&[(term_ip, "node-1", TERMINATING), (other_ip, "node-1", GONE)]),
+    );
+    c.eventually("falls back to serving terminating endpoints", || {
+        c.tcp_spread(c.node(0, 30600), 12).0 == pods_named(&[held_pod.as_str()])
+    });
+    c.agents.truncate(0);
+}

@@ -93,7 +93,10 @@ fn with_datapath_logging(bpf_log_level: u8, test: impl FnOnce(&mut Harness) + Se
     let peer_mac = mac_of(&peer, "eth0");
     let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{prefix}"));
     node.run(move || {
-        let capacity = exposure::datapath::Capacity { bpf_log_level, ..Default::default() };
+        let capacity = exposure::datapath::Capacity {
+            bpf_log_level,
+            ..Default::default()
+        };
         let dp = Datapath::load_with(&pin_dir, capacity).expect("load datapath");
         let mut maps = KernelMaps::open(&pin_dir).expect("open maps");
         let ifindex = nix::net::if_::if_nametoindex("eth0").expect("eth0");
@@ -601,7 +604,10 @@ impl log::Log for Captured {
         true
     }
     fn log(&self, record: &log::Record) {
-        self.0.lock().unwrap().push(format!("{} {}", record.level(), record.args()));
+        self.0
+            .lock()
+            .unwrap()
+            .push(format!("{} {}", record.level(), record.args()));
     }
     fn flush(&self) {}
 }
@@ -619,7 +625,10 @@ fn kernel_log_lines_reach_the_agent_only_when_enabled() {
             if level == 0 {
                 assert!(lines.is_empty(), "logging is off: {lines:?}");
             } else {
-                assert_eq!(lines, ["DEBUG refused 198.18.0.1:40010 -> 198.18.0.10:30600: no endpoints"]);
+                assert_eq!(
+                    lines,
+                    ["DEBUG refused 198.18.0.1:40010 -> 198.18.0.10:30600: no endpoints"]
+                );
             }
         });
     }
