@@ -154,6 +154,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let mut last_node_addrs: Option<Vec<Ipv4Addr>> = None;
     let mut reported: BTreeSet<String> = BTreeSet::new();
     let mut translator = model::Translator::default();
+    let mut health_checks = crate::health_check::HealthCheckServers::default();
     let mut dirty = true;
     let mut ticker = tokio::time::interval(TICK);
     loop {
@@ -199,6 +200,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             translator.desired_state(&objects.services, &objects.endpoint_slices, &node);
         let translated = started.elapsed();
         let report = reconciler.reconcile(&desired, &mut maps);
+        for e in health_checks.apply(&desired.health_checks).await {
+            tracing::warn!("{e}");
+        }
         let took = started.elapsed();
 
         problems.extend(model_errors.iter().map(ToString::to_string));
@@ -286,13 +290,13 @@ fn serve_metrics(listener: tokio::net::TcpListener, metrics: Arc<Metrics>, pin_d
         Arc::new(move |path| match path {
             "/metrics" => {
                 let guard = maps.as_ref().and_then(|m| m.lock().ok());
-                (
+                health::Response::new(
                     200,
                     "text/plain; version=0.0.4",
                     metrics.render(guard.as_deref()),
                 )
             }
-            _ => (404, "text/plain", "not found\n".into()),
+            _ => health::Response::new(404, "text/plain", "not found\n"),
         });
     tokio::spawn(health::serve(listener, route));
 }

@@ -44,8 +44,24 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("binding healthz address {addr}"))
 }
 
-/// A response: status code, content type, body.
-pub type Response = (u16, &'static str, String);
+/// An HTTP response.
+pub struct Response {
+    pub code: u16,
+    pub content_type: &'static str,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: String,
+}
+
+impl Response {
+    pub fn new(code: u16, content_type: &'static str, body: impl Into<String>) -> Self {
+        Response {
+            code,
+            content_type,
+            headers: Vec::new(),
+            body: body.into(),
+        }
+    }
+}
 
 /// Serves GET requests with `route(path)`; one request per connection.
 pub async fn serve(
@@ -70,14 +86,23 @@ pub async fn serve(
             };
             let head = String::from_utf8_lossy(&buf[..n]);
             let path = head.split_whitespace().nth(1).unwrap_or("/");
-            let (code, content_type, body) = route(path);
+            let Response {
+                code,
+                content_type,
+                headers,
+                body,
+            } = route(path);
             let reason = match code {
                 200 => "OK",
                 503 => "Service Unavailable",
                 _ => "Not Found",
             };
+            let extra: String = headers
+                .iter()
+                .map(|(k, v)| format!("{k}: {v}\r\n"))
+                .collect();
             let reply = format!(
-                "HTTP/1.1 {code} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                "HTTP/1.1 {code} {reason}\r\nContent-Type: {content_type}\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()
             );
             let _ = stream.write_all(reply.as_bytes()).await;
@@ -89,7 +114,7 @@ pub async fn serve(
 pub fn healthz_routes(health: Health) -> std::sync::Arc<dyn Fn(&str) -> Response + Send + Sync> {
     std::sync::Arc::new(move |path| {
         let (code, body) = respond(path, &health);
-        (code, "text/plain", body.to_string())
+        Response::new(code, "text/plain", body)
     })
 }
 

@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod datapath;
 pub mod health;
+pub mod health_check;
 pub mod kube_source;
 pub mod manifests;
 pub mod metrics;

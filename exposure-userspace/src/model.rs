@@ -128,6 +128,17 @@ pub struct DesiredService {
 pub struct DesiredState {
     /// Shared with the translation cache: an unchanged Service costs a reference count per sync.
     pub services: BTreeMap<ServicePortName, Arc<DesiredService>>,
+    /// `healthCheckNodePort` -> what its HTTP server reports (`externalTrafficPolicy: Local`).
+    pub health_checks: BTreeMap<u16, HealthCheck>,
+}
+
+/// A `healthCheckNodePort`'s answer: load balancers send traffic only to nodes that have local
+/// endpoints for the Service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub namespace: String,
+    pub name: String,
+    pub local_endpoints: usize,
 }
 
 impl DesiredState {
@@ -167,6 +178,14 @@ pub enum ModelError {
         service: String,
         field: &'static str,
         value: String,
+    },
+    #[error(
+        "Service {service}: healthCheckNodePort {port} is already used by {owner}; ignored here"
+    )]
+    HealthCheckConflict {
+        service: String,
+        port: u16,
+        owner: String,
     },
     #[error("Service {service}: frontend {frontend} is already used by {owner}; ignored here")]
     FrontendConflict {
@@ -327,6 +346,7 @@ pub struct Translated {
     /// Display name (`namespace/name`) for conflict errors.
     display: String,
     ports: Vec<(ServicePortName, Arc<DesiredService>)>,
+    health_check: Option<(u16, HealthCheck)>,
     errors: Vec<ModelError>,
 }
 
@@ -380,6 +400,7 @@ pub fn translate_service(
         errors,
     );
 
+    let mut local_endpoints = BTreeSet::new();
     for sp in spec.ports.iter().flatten() {
         let port_name = sp.name.clone().unwrap_or_default();
         let protocol = match Protocol::parse(sp.protocol.as_deref()) {
@@ -443,6 +464,7 @@ pub fn translate_service(
             continue; // ClusterIP only: never exposed from the NIC.
         }
         let endpoints = usable_endpoints(slices, &port_name, protocol, &node.node_name);
+        local_endpoints.extend(endpoints.pick(true).iter().map(|b| b.ip));
         let all = endpoints.pick(false);
         let (backends, when_empty) = if local_only {
             // Endpoints elsewhere but none here: drop (kube-proxy); none anywhere: refuse.
@@ -470,6 +492,21 @@ pub fn translate_service(
             desired.frontends.entry(addr).or_insert(kind);
         }
         out.ports.push((key, Arc::new(desired)));
+    }
+    if local_only {
+        if let Some(port) = spec.health_check_node_port {
+            match valid_port(&display, "", "healthCheckNodePort", port) {
+                Ok(port) => {
+                    let hc = HealthCheck {
+                        namespace,
+                        name,
+                        local_endpoints: local_endpoints.len(),
+                    };
+                    out.health_check = Some((port, hc));
+                }
+                Err(e) => out.errors.push(e),
+            }
+        }
     }
     out.display = display;
     out
@@ -500,6 +537,18 @@ fn assemble<'a>(
     let mut owners: BTreeMap<FrontendAddr, &ServicePortName> = BTreeMap::new();
     for t in translated {
         errors.extend(t.errors.iter().cloned());
+        if let Some((port, hc)) = &t.health_check {
+            match state.health_checks.get(port) {
+                Some(owner) => errors.push(ModelError::HealthCheckConflict {
+                    service: t.display.clone(),
+                    port: *port,
+                    owner: format!("{}/{}", owner.namespace, owner.name),
+                }),
+                None => {
+                    state.health_checks.insert(*port, hc.clone());
+                }
+            }
+        }
         for (key, want) in &t.ports {
             let taken = |addr: &FrontendAddr| owners.get(addr).is_some_and(|owner| *owner != key);
             let desired = if want.frontends.keys().any(taken) {
@@ -1035,6 +1084,48 @@ spec:
             ips(&s),
             ["198.19.1.3"],
             "the local terminating endpoint, not remote ready ones"
+        );
+    }
+
+    #[test]
+    fn health_check_node_port_reports_local_endpoints() {
+        let lb = HELLO.replace(
+            "type: NodePort",
+            "type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000",
+        );
+        let (state, errors) = desired_state(&[svc(&lb)], &[slice(HELLO_SLICE)], &node());
+        assert!(errors.is_empty(), "{errors:?}");
+        let hc = &state.health_checks[&32000];
+        assert_eq!(
+            (hc.namespace.as_str(), hc.name.as_str(), hc.local_endpoints),
+            ("default", "hello-world", 1)
+        );
+        let elsewhere = NodeContext {
+            node_name: "node-c".into(),
+            ..node()
+        };
+        let (state, _) = desired_state(&[svc(&lb)], &[slice(HELLO_SLICE)], &elsewhere);
+        assert_eq!(state.health_checks[&32000].local_endpoints, 0);
+        // Cluster policy has no health check node port to serve.
+        let cluster = HELLO.replace(
+            "type: NodePort",
+            "type: LoadBalancer\n  healthCheckNodePort: 32000",
+        );
+        assert!(
+            desired_state(&[svc(&cluster)], &[slice(HELLO_SLICE)], &node())
+                .0
+                .health_checks
+                .is_empty()
+        );
+        // Two Services on one port: the first keeps it.
+        let other = lb.replace("hello-world", "zzz");
+        let (state, errors) = desired_state(&[svc(&other), svc(&lb)], NO_SLICES, &node());
+        assert_eq!(state.health_checks[&32000].name, "hello-world");
+        assert!(
+            errors
+                .iter()
+                .any(|e| matches!(e, ModelError::HealthCheckConflict { port: 32000, .. })),
+            "{errors:?}"
         );
     }
 }

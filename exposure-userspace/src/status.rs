@@ -154,6 +154,7 @@ mod tests {
         Reconciler::restore(Snapshot::default(), Limits::default()).reconcile(
             &DesiredState {
                 services: [(name, std::sync::Arc::new(svc))].into(),
+                ..Default::default()
             },
             &mut maps,
         );

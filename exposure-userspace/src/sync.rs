@@ -793,6 +793,7 @@ mod tests {
                 .iter()
                 .map(|(n, s)| (name(n), Arc::new(s.clone())))
                 .collect(),
+            ..Default::default()
         }
     }
 
@@ -1053,6 +1054,7 @@ mod tests {
                 .iter()
                 .map(|(n, s)| (name(n), Arc::new(s.clone())))
                 .collect(),
+            ..Default::default()
         };
         r.reconcile(&as_state(&many), &mut maps);
         let before = maps.writes;

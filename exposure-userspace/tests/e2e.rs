@@ -535,3 +535,59 @@ fn terminating_endpoints_keep_their_flows_and_serve_only_when_nothing_is_ready()
     });
     c.agents.truncate(0);
 }
+
+/// GET `path` from inside the client namespace: (status, body).
+fn http_get(c: &Cluster, to: SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read as _, Write as _};
+    let path = path.to_string();
+    c.lab
+        .client
+        .run(move || {
+            let mut s =
+                std::net::TcpStream::connect_timeout(&to, apps::IO_TIMEOUT).expect("connect");
+            s.set_read_timeout(Some(apps::IO_TIMEOUT)).unwrap();
+            s.write_all(format!("GET {path} HTTP/1.1\r\nHost: lb\r\n\r\n").as_bytes())
+                .unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).unwrap();
+            let code = out
+                .split_whitespace()
+                .nth(1)
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(0);
+            (
+                code,
+                out.split_once("\r\n\r\n")
+                    .map(|(_, b)| b.to_string())
+                    .unwrap_or_default(),
+            )
+        })
+        .unwrap()
+}
+
+#[test]
+fn health_check_node_port_tells_load_balancers_which_nodes_have_local_endpoints() {
+    let manifest = service(
+        "web",
+        "LoadBalancer",
+        "  - {protocol: TCP, port: 80, targetPort: 50000, nodePort: 30080}\n",
+        "  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000\nstatus:\n  loadBalancer:\n    ingress: [{ip: 198.18.100.1}]\n",
+    ) + "---\n"
+        + &slice("web", "- {name: \"\", protocol: TCP, port: 50000}\n", &[(exposure_lab::lab::pod_ip(0, 0), "node-1")]);
+    let c = Cluster::start(&[1, 1], &[("web.yaml", manifest)]);
+    let (code, body) = http_get(&c, c.node(0, 32000), "/healthz");
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        body.contains("\"localEndpoints\": 1") && body.contains("\"name\": \"web\""),
+        "{body}"
+    );
+    let (code, body) = http_get(&c, c.node(1, 32000), "/healthz");
+    assert_eq!(code, 503, "node-2 has no local endpoint: {body}");
+    assert!(body.contains("\"localEndpoints\": 0"), "{body}");
+    // And the Service itself, through the node that has the endpoint, keeps the client address.
+    let (pods, seen) = c.tcp_spread(c.node(0, 30080), 5);
+    assert_eq!(
+        (pods, seen),
+        (pods_named(&["pod-1-1"]), BTreeSet::from([CLIENT]))
+    );
+}
