@@ -40,7 +40,8 @@ pub mod names {
     pub const STATS: &str = "STATS";
     pub const NEIGH_MISSES: &str = "NEIGH_MISSES";
     pub const FRONTEND_STATS: &str = "FRONTEND_STATS";
-    pub const ALL: [&str; 10] = [
+    pub const AFFINITY: &str = "AFFINITY";
+    pub const ALL: [&str; 11] = [
         FRONTENDS,
         SERVICES,
         BACKEND_SLOTS,
@@ -51,6 +52,7 @@ pub mod names {
         STATS,
         NEIGH_MISSES,
         FRONTEND_STATS,
+        AFFINITY,
     ];
 }
 
@@ -95,6 +97,24 @@ pub struct Service {
     pub backend_count: u32,
     pub bank: u32,
     pub flags: u32,
+    /// `sessionAffinity: ClientIP` timeout; 0: no affinity.
+    pub affinity_timeout_s: u32,
+}
+
+/// Session affinity: which backend a client of a service last got.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    pub service_id: u32,
+    pub client: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Affinity {
+    /// Refreshed on each new flow, as kube-proxy's `recent` match does.
+    pub last_seen_ns: u64,
+    pub backend_id: u32,
     pub _pad: u32,
 }
 
@@ -240,6 +260,8 @@ mod pod {
     unsafe impl aya::Pod for Flow {}
     unsafe impl aya::Pod for Reply {}
     unsafe impl aya::Pod for Traffic {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for Affinity {}
 }
 
 /// Host-side conversions to the wire-order integers the maps hold.

@@ -221,7 +221,12 @@ fn new_flow(
     let Some(service) = SERVICES.get(service_id).copied() else {
         return Selected::NoBackend;
     };
-    let Some(backend_id) = select_backend(p, service_id, &service) else {
+    let selected = if service.affinity_timeout_s != 0 {
+        sticky_backend(p, service_id, &service, now)
+    } else {
+        select_backend(p, service_id, &service)
+    };
+    let Some(backend_id) = selected else {
         return if service.flags & SERVICE_DROP_WHEN_EMPTY != 0 {
             Selected::NoLocalBackend
         } else {
@@ -334,6 +339,38 @@ fn select_backend(p: &Packet, service_id: u32, service: &Service) -> Option<u32>
         index: (hash % service.backend_count) as u16,
     };
     unsafe { BACKEND_SLOTS.get(&slot).copied() }
+}
+
+/// `sessionAffinity: ClientIP`: the backend this client last got, while it is fresh; else a new one,
+/// remembered. (The agent forgets entries of backends that leave the service.)
+#[inline(always)]
+fn sticky_backend(p: &Packet, service_id: u32, service: &Service, now: u64) -> Option<u32> {
+    if service.backend_count == 0 {
+        return None;
+    }
+    let key = AffinityKey {
+        service_id,
+        client: p.saddr,
+    };
+    let timeout = service.affinity_timeout_s as u64 * 1_000_000_000;
+    if let Some(a) = AFFINITY.get_ptr_mut(&key) {
+        let a = unsafe { &mut *a };
+        if now.wrapping_sub(a.last_seen_ns) < timeout {
+            a.last_seen_ns = now;
+            return Some(a.backend_id);
+        }
+    }
+    let backend_id = select_backend(p, service_id, service)?;
+    let _ = AFFINITY.insert(
+        &key,
+        &Affinity {
+            last_seen_ns: now,
+            backend_id,
+            _pad: 0,
+        },
+        BPF_ANY as u64,
+    );
+    Some(backend_id)
 }
 
 /// Finds a free SNAT port for a remote flow and reserves it by inserting its reply entry.

@@ -27,6 +27,8 @@ pub static NODE_ADDRS: HashMap<u32, u32> = HashMap::pinned(256, 0);
 #[map]
 pub static NEIGH_MISSES: HashMap<u32, u32> = HashMap::pinned(1024, 0);
 #[map]
+pub static AFFINITY: LruHashMap<AffinityKey, Affinity> = LruHashMap::pinned(MAX_FLOWS, 0);
+#[map]
 pub static FRONTEND_STATS: PerCpuArray<Traffic> = PerCpuArray::pinned(MAX_FRONTENDS, 0);
 #[map]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(Counter::COUNT, 0);

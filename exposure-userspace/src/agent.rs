@@ -336,8 +336,11 @@ async fn shutdown_signal() {
 
 /// Drains the programs' log ring into the agent's own log (through the `log` -> `tracing` bridge).
 fn forward_bpf_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) -> anyhow::Result<()> {
-    let mut ring = tokio::io::unix::AsyncFd::with_interest(logger, tokio::io::Interest::READABLE)
-        .context("watching the programs' log ring")?;
+    // SAFETY: the logger owns its ring buffer's fd for as long as the AsyncFd owns the logger.
+    let mut ring = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| anyhow::anyhow!("watching the programs' log ring: {e}"))?;
     tokio::spawn(async move {
         loop {
             let Ok(mut guard) = ring.readable_mut().await else {

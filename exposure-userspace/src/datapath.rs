@@ -86,6 +86,10 @@ fn expected_layout(name: &str) -> Option<(u32, u32)> {
         names::NODE_ADDRS => sz(4, 4),
         names::STATS => sz(4, 8),
         names::NEIGH_MISSES => sz(4, 4),
+        names::AFFINITY => sz(
+            size_of::<exposure_common::AffinityKey>(),
+            size_of::<exposure_common::Affinity>(),
+        ),
         names::FRONTEND_STATS => sz(4, std::mem::size_of::<exposure_common::Traffic>()),
         _ => None,
     }
@@ -122,7 +126,7 @@ impl Capacity {
             names::SERVICES => Some(self.services),
             names::BACKENDS => Some(self.backends),
             names::BACKEND_SLOTS => Some(self.backends.saturating_mul(4)),
-            names::FLOWS | names::REPLIES => Some(self.flows),
+            names::FLOWS | names::REPLIES | names::AFFINITY => Some(self.flows),
             _ => None,
         }
     }
@@ -148,7 +152,7 @@ impl Datapath {
         let mut loader = EbpfLoader::new();
         loader.default_map_pin_directory(pin_dir);
         // Off by default: a log statement then costs one load and compare.
-        loader.set_global(aya_log::LEVEL, &capacity.bpf_log_level, true);
+        loader.override_global(aya_log::LEVEL, &capacity.bpf_log_level, true);
         for name in names::ALL {
             if let Some(n) = capacity.of(name) {
                 loader.map_max_entries(name, n);
@@ -300,6 +304,7 @@ pub struct KernelMaps {
     pub stats: PerCpuArray<MapData, u64>,
     pub neigh_misses: HashMap<MapData, u32, u32>,
     pub frontend_stats: PerCpuArray<MapData, exposure_common::Traffic>,
+    pub affinity: HashMap<MapData, exposure_common::AffinityKey, exposure_common::Affinity>,
 }
 
 impl KernelMaps {
@@ -322,6 +327,7 @@ impl KernelMaps {
             frontend_stats: open_map(pin_dir, names::FRONTEND_STATS)
                 .map(Map::PerCpuArray)?
                 .try_into()?,
+            affinity: lru(names::AFFINITY)?.try_into()?,
         })
     }
 
@@ -399,6 +405,21 @@ impl DatapathMaps for KernelMaps {
             Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(e).with_context(|| format!("FRONTENDS {key:?}")),
         }
+    }
+    fn purge_affinity(&mut self, service_id: u32, backends: Option<&[u32]>) -> anyhow::Result<()> {
+        let stale: Vec<exposure_common::AffinityKey> = self
+            .affinity
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, a)| {
+                k.service_id == service_id && backends.is_none_or(|b| b.contains(&a.backend_id))
+            })
+            .map(|(k, _)| k)
+            .collect();
+        for k in stale {
+            let _ = self.affinity.remove(&k); // an LRU may have evicted it meanwhile
+        }
+        Ok(())
     }
     fn reset_frontend_stats(&mut self, id: u16) -> anyhow::Result<()> {
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;

@@ -16,6 +16,8 @@ use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
 /// Label kube-proxy honours: another proxy owns Services that carry it.
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// Kubernetes' default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours).
+pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 /// Label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
@@ -118,6 +120,8 @@ pub enum WhenEmpty {
 
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct DesiredService {
+    /// `sessionAffinity: ClientIP` timeout in seconds; 0: none.
+    pub affinity_timeout_s: u32,
     pub frontends: BTreeMap<FrontendAddr, FrontendKind>,
     /// Sorted and deduplicated, so the same inputs give the same slot table on every node.
     pub backends: Vec<BackendAddr>,
@@ -179,6 +183,8 @@ pub enum ModelError {
         field: &'static str,
         value: String,
     },
+    #[error("Service {service}: sessionAffinityConfig.clientIP.timeoutSeconds {value} is outside 1..=86400; using 10800")]
+    InvalidAffinityTimeout { service: String, value: i32 },
     #[error(
         "Service {service}: healthCheckNodePort {port} is already used by {owner}; ignored here"
     )]
@@ -400,6 +406,27 @@ pub fn translate_service(
         errors,
     );
 
+    let affinity_timeout_s = match spec.session_affinity.as_deref() {
+        Some("ClientIP") => {
+            let configured = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds);
+            match configured {
+                None => DEFAULT_AFFINITY_TIMEOUT_S,
+                Some(t) if (1..=86_400).contains(&t) => t as u32,
+                Some(t) => {
+                    errors.push(ModelError::InvalidAffinityTimeout {
+                        service: display.clone(),
+                        value: t,
+                    });
+                    DEFAULT_AFFINITY_TIMEOUT_S
+                }
+            }
+        }
+        _ => 0,
+    };
     let mut local_endpoints = BTreeSet::new();
     for sp in spec.ports.iter().flatten() {
         let port_name = sp.name.clone().unwrap_or_default();
@@ -486,6 +513,7 @@ pub fn translate_service(
         let mut desired = DesiredService {
             backends,
             when_empty,
+            affinity_timeout_s,
             ..Default::default()
         };
         for (addr, kind) in frontends {
@@ -1126,6 +1154,27 @@ spec:
                 .iter()
                 .any(|e| matches!(e, ModelError::HealthCheckConflict { port: 32000, .. })),
             "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn client_ip_session_affinity_and_its_timeout() {
+        let timeout = |extra: &str| {
+            let yaml = HELLO.replace("type: NodePort", &format!("type: NodePort\n{extra}"));
+            let (state, errors) = desired_state(&[svc(&yaml)], NO_SLICES, &node());
+            (
+                state.services[&key("hello-world", "", Protocol::Tcp)].affinity_timeout_s,
+                errors.len(),
+            )
+        };
+        assert_eq!(timeout(""), (0, 0));
+        assert_eq!(timeout("  sessionAffinity: None"), (0, 0));
+        assert_eq!(timeout("  sessionAffinity: ClientIP"), (10_800, 0));
+        assert_eq!(timeout("  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}"), (60, 0));
+        assert_eq!(
+            timeout("  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}"),
+            (10_800, 1),
+            "invalid timeout: reported, default used"
         );
     }
 }

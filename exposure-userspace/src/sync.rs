@@ -42,6 +42,8 @@ pub trait DatapathMaps {
     fn write_service(&mut self, id: u32, service: &Service) -> anyhow::Result<()>;
     fn write_frontend(&mut self, key: &FrontendKey, frontend: &Frontend) -> anyhow::Result<()>;
     fn remove_frontend(&mut self, key: &FrontendKey) -> anyhow::Result<()>;
+    /// Forgets session affinity of a service's clients to `backends` (all of them with `None`).
+    fn purge_affinity(&mut self, service_id: u32, backends: Option<&[u32]>) -> anyhow::Result<()>;
     /// Zeroes a frontend id's traffic counters before the id is given to a new frontend.
     fn reset_frontend_stats(&mut self, id: u16) -> anyhow::Result<()>;
     fn snapshot(&self) -> anyhow::Result<Snapshot>;
@@ -573,7 +575,12 @@ impl Reconciler {
         };
         let current = self.services.get(&id).cloned().unwrap_or_default();
         let known = self.services.contains_key(&id);
-        if known && current.live == ids && current.service.flags == flags {
+        let affinity = want.affinity_timeout_s;
+        if known
+            && current.live == ids
+            && current.service.flags == flags
+            && current.service.affinity_timeout_s == affinity
+        {
             return Ok(Some(id));
         }
 
@@ -597,10 +604,23 @@ impl Reconciler {
             backend_count: live.len() as u32,
             bank,
             flags,
-            _pad: 0,
+            affinity_timeout_s: affinity,
         };
         maps.write_service(id, &service).map_err(write_err)?;
         report.writes += 1;
+        // Clients stuck to a backend that left must get a new one on their next flow.
+        if current.service.affinity_timeout_s != 0 || affinity != 0 {
+            let gone: Vec<u32> = current
+                .live
+                .iter()
+                .filter(|b| !live.contains(*b))
+                .copied()
+                .collect();
+            if !gone.is_empty() {
+                maps.purge_affinity(id, Some(&gone)).map_err(write_err)?;
+                report.writes += 1;
+            }
+        }
         if bank != current.service.bank {
             for i in 0..current.live.len() {
                 let key = SlotKey {
@@ -627,6 +647,11 @@ impl Reconciler {
         };
         maps.write_service(id, &Service::default())?;
         report.writes += 1;
+        if s.service.affinity_timeout_s != 0 {
+            // The id will be reused by another Service: no stale stickiness may carry over.
+            maps.purge_affinity(id, None)?;
+            report.writes += 1;
+        }
         for i in 0..s.live.len() {
             maps.remove_slot(&SlotKey {
                 service_id: id,
@@ -651,6 +676,7 @@ pub struct FakeMaps {
     /// Fail the write with this number (1-based), to test partial failure.
     pub fail_at_write: Option<usize>,
     pub stats_resets: Vec<u16>,
+    pub affinity_purges: Vec<(u32, Option<Vec<u32>>)>,
 }
 
 impl FakeMaps {
@@ -743,6 +769,12 @@ impl DatapathMaps for FakeMaps {
     fn reset_frontend_stats(&mut self, id: u16) -> anyhow::Result<()> {
         self.write()?;
         self.stats_resets.push(id);
+        Ok(())
+    }
+    fn purge_affinity(&mut self, service_id: u32, backends: Option<&[u32]>) -> anyhow::Result<()> {
+        self.write()?;
+        self.affinity_purges
+            .push((service_id, backends.map(<[u32]>::to_vec)));
         Ok(())
     }
     fn snapshot(&self) -> anyhow::Result<Snapshot> {
@@ -1065,6 +1097,39 @@ mod tests {
         // New backend, its slot, the service flip, the old slot, the old backend.
         assert_eq!(report.writes, 5, "only s7's entries");
         assert_eq!(maps.writes - before, 5);
+    }
+
+    #[test]
+    fn affinity_is_forgotten_for_backends_that_leave_and_for_removed_services() {
+        let mut maps = FakeMaps {
+            check_every_write: true,
+            ..Default::default()
+        };
+        let mut r = Reconciler::restore(Snapshot::default(), Limits::default());
+        let sticky = |backends: &[(u8, bool)]| DesiredService {
+            affinity_timeout_s: 60,
+            ..service(30001, backends)
+        };
+        r.reconcile(
+            &state(&[("a", sticky(&[(1, false), (2, false)]))]),
+            &mut maps,
+        );
+        assert_eq!(
+            maps.state
+                .services
+                .values()
+                .next()
+                .unwrap()
+                .affinity_timeout_s,
+            60
+        );
+        assert!(maps.affinity_purges.is_empty());
+        let gone = r.backend_ids[&(Ipv4Addr::new(198, 19, 1, 1), 8080)];
+        r.reconcile(&state(&[("a", sticky(&[(2, false)]))]), &mut maps);
+        let id = maps.state.frontends.values().next().unwrap().service_id;
+        assert_eq!(maps.affinity_purges, [(id, Some(vec![gone]))]);
+        r.reconcile(&DesiredState::default(), &mut maps);
+        assert_eq!(maps.affinity_purges.last(), Some(&(id, None)));
     }
 
     #[test]

@@ -591,3 +591,30 @@ fn health_check_node_port_tells_load_balancers_which_nodes_have_local_endpoints(
         (pods_named(&["pod-1-1"]), BTreeSet::from([CLIENT]))
     );
 }
+
+#[test]
+fn client_ip_session_affinity_keeps_a_client_on_one_pod() {
+    let eps = all_pods(&[2, 2]);
+    let eps: Vec<(Ipv4Addr, &str)> = eps.iter().map(|(ip, n)| (*ip, n.as_str())).collect();
+    let manifest = service(
+        "sticky",
+        "NodePort",
+        "  - {protocol: TCP, port: 80, targetPort: 50000, nodePort: 30090}\n",
+        "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 600}}\n",
+    ) + "---\n"
+        + &slice(
+            "sticky",
+            "- {name: \"\", protocol: TCP, port: 50000}\n",
+            &eps,
+        );
+    let c = Cluster::start(&[2, 2], &[("sticky.yaml", manifest)]);
+    for n in 0..2 {
+        let (pods, _) = c.tcp_spread(c.node(n, 30090), 20);
+        assert_eq!(
+            pods.len(),
+            1,
+            "via node-{}: one client, one pod: {pods:?}",
+            n + 1
+        );
+    }
+}

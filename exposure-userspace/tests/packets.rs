@@ -633,3 +633,41 @@ fn kernel_log_lines_reach_the_agent_only_when_enabled() {
         });
     }
 }
+
+#[test]
+fn client_ip_affinity_sticks_across_flows_until_the_backend_leaves() {
+    with_datapath(|h| {
+        let pods: Vec<Ipv4Addr> = (2..6).map(|i| Ipv4Addr::new(198, 19, 1, i)).collect();
+        let sticky = |pods: &[Ipv4Addr]| {
+            let mut state = hello(&pods.iter().map(|p| (*p, true)).collect::<Vec<_>>());
+            for s in state.services.values_mut() {
+                std::sync::Arc::make_mut(s).affinity_timeout_s = 60;
+            }
+            state
+        };
+        h.program(&sticky(&pods));
+        let dst_of = |h: &mut Harness, client: Ipv4Addr, sport: u16| {
+            let (_, out) = h.xdp(&FrameSpec::tcp((client, sport), (NODE, NODE_PORT), SYN).build());
+            frame::parse(&out).unwrap().dst
+        };
+        let first = dst_of(h, CLIENT, 43000);
+        for sport in 43001..43040 {
+            assert_eq!(
+                dst_of(h, CLIENT, sport),
+                first,
+                "new flow {sport} left its affinity"
+            );
+        }
+        // Other clients still spread over all backends.
+        let others: std::collections::BTreeSet<Ipv4Addr> = (10..60)
+            .map(|i| dst_of(h, Ipv4Addr::new(198, 18, 0, i), 43000))
+            .collect();
+        assert_eq!(others.len(), pods.len());
+        // The backend leaves: the client's next flow goes to one that is still there, and sticks.
+        let remaining: Vec<Ipv4Addr> = pods.iter().copied().filter(|p| *p != first).collect();
+        h.program(&sticky(&remaining));
+        let next = dst_of(h, CLIENT, 43100);
+        assert_ne!(next, first);
+        assert_eq!(dst_of(h, CLIENT, 43101), next);
+    });
+}
