@@ -41,7 +41,8 @@ pub mod names {
     pub const NEIGH_MISSES: &str = "NEIGH_MISSES";
     pub const FRONTEND_STATS: &str = "FRONTEND_STATS";
     pub const AFFINITY: &str = "AFFINITY";
-    pub const ALL: [&str; 11] = [
+    pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
+    pub const ALL: [&str; 12] = [
         FRONTENDS,
         SERVICES,
         BACKEND_SLOTS,
@@ -53,6 +54,7 @@ pub mod names {
         NEIGH_MISSES,
         FRONTEND_STATS,
         AFFINITY,
+        SOURCE_RANGES,
     ];
 }
 
@@ -99,6 +101,19 @@ pub struct Service {
     pub flags: u32,
     /// `sessionAffinity: ClientIP` timeout; 0: no affinity.
     pub affinity_timeout_s: u32,
+}
+
+/// `Service::flags`: new flows to its LoadBalancer frontends need a source in `SOURCE_RANGES`.
+pub const SERVICE_SOURCE_RANGES: u32 = 2;
+pub const MAX_SOURCE_RANGES: u32 = 65_536;
+
+/// `loadBalancerSourceRanges` entry data, after the LPM prefix length: the service id (always wholly
+/// inside the prefix) then the source address in wire order, so a prefix is a network prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceRange {
+    pub service_id: u32,
+    pub addr: u32,
 }
 
 /// Session affinity: which backend a client of a service last got.
@@ -204,6 +219,7 @@ pub enum Counter {
     RepliesTc,
     NoBackend,
     DroppedNoLocalBackend,
+    SourceRangeDenied,
     FibFailed,
     NeighborMissing,
     SnatExhausted,
@@ -212,7 +228,7 @@ pub enum Counter {
 }
 
 impl Counter {
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 14;
     pub const ALL: [Counter; Counter::COUNT as usize] = [
         Counter::FrontendPackets,
         Counter::NewFlows,
@@ -222,6 +238,7 @@ impl Counter {
         Counter::RepliesTc,
         Counter::NoBackend,
         Counter::DroppedNoLocalBackend,
+        Counter::SourceRangeDenied,
         Counter::FibFailed,
         Counter::NeighborMissing,
         Counter::SnatExhausted,
@@ -239,6 +256,7 @@ impl Counter {
             Counter::RepliesTc => "replies_tc",
             Counter::NoBackend => "refused_no_backend",
             Counter::DroppedNoLocalBackend => "dropped_no_local_backend",
+            Counter::SourceRangeDenied => "dropped_source_range",
             Counter::FibFailed => "fib_lookup_failed",
             Counter::NeighborMissing => "neighbor_missing",
             Counter::SnatExhausted => "snat_ports_exhausted",
@@ -261,6 +279,7 @@ mod pod {
     unsafe impl aya::Pod for Reply {}
     unsafe impl aya::Pod for Traffic {}
     unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for SourceRange {}
     unsafe impl aya::Pod for Affinity {}
 }
 

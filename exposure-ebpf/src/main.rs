@@ -10,6 +10,7 @@ mod nat;
 mod parse;
 mod reject;
 
+use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::{
     bindings::{
         xdp_action, BPF_ANY, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST, TC_ACT_OK,
@@ -77,7 +78,12 @@ fn try_xdp(ctx: &XdpContext) -> Result<u32, ()> {
                     (*t).bytes += (ctx.data_end() - ctx.data()) as u64;
                 }
             }
-            to_backend(ctx, &p, fe.service_id)
+            to_backend(
+                ctx,
+                &p,
+                fe.service_id,
+                fe.flags & FRONTEND_LOADBALANCER != 0,
+            )
         }
         None => Ok(xdp_action::XDP_PASS),
     }
@@ -155,12 +161,13 @@ enum Selected {
     Flow(Flow),
     NoBackend,
     NoLocalBackend,
+    SourceDenied,
     Drop,
 }
 
 /// A packet to a frontend: existing flow or a new one, then translate and send.
 #[inline(always)]
-fn to_backend(ctx: &XdpContext, p: &Packet, service_id: u32) -> Result<u32, ()> {
+fn to_backend(ctx: &XdpContext, p: &Packet, service_id: u32, via_lb: bool) -> Result<u32, ()> {
     count(Counter::FrontendPackets);
     let key = flow_key(p);
     let now = now_ns();
@@ -177,7 +184,7 @@ fn to_backend(ctx: &XdpContext, p: &Packet, service_id: u32) -> Result<u32, ()> 
             touch(f, reply, bits, now);
             unsafe { *f }
         }
-        None => match new_flow(ctx, p, &key, service_id, bits, now) {
+        None => match new_flow(ctx, p, &key, service_id, via_lb, bits, now) {
             Selected::Flow(f) => f,
             Selected::NoBackend => {
                 count(Counter::NoBackend);
@@ -190,6 +197,17 @@ fn to_backend(ctx: &XdpContext, p: &Packet, service_id: u32) -> Result<u32, ()> 
                     port_host(p.dport)
                 );
                 return reject::port_unreachable(ctx, p).or(Ok(xdp_action::XDP_DROP));
+            }
+            Selected::SourceDenied => {
+                count(Counter::SourceRangeDenied);
+                debug!(
+                    ctx,
+                    "dropped {:i}: not in loadBalancerSourceRanges of {:i}:{}",
+                    host(p.saddr),
+                    host(p.daddr),
+                    port_host(p.dport)
+                );
+                return Ok(xdp_action::XDP_DROP);
             }
             Selected::NoLocalBackend => {
                 count(Counter::DroppedNoLocalBackend);
@@ -215,12 +233,26 @@ fn new_flow(
     p: &Packet,
     key: &FlowKey,
     service_id: u32,
+    via_lb: bool,
     bits: u32,
     now: u64,
 ) -> Selected {
     let Some(service) = SERVICES.get(service_id).copied() else {
         return Selected::NoBackend;
     };
+    // loadBalancerSourceRanges restrict the LoadBalancer address only, as in kube-proxy.
+    if via_lb && service.flags & SERVICE_SOURCE_RANGES != 0 {
+        let key = Key::new(
+            64,
+            SourceRange {
+                service_id,
+                addr: p.saddr,
+            },
+        );
+        if SOURCE_RANGES.get(&key).is_none() {
+            return Selected::SourceDenied;
+        }
+    }
     let selected = if service.affinity_timeout_s != 0 {
         sticky_backend(p, service_id, &service, now)
     } else {

@@ -3,7 +3,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, PerCpuArray},
 };
 use exposure_common::*;
 
@@ -28,6 +28,9 @@ pub static NODE_ADDRS: HashMap<u32, u32> = HashMap::pinned(256, 0);
 pub static NEIGH_MISSES: HashMap<u32, u32> = HashMap::pinned(1024, 0);
 #[map]
 pub static AFFINITY: LruHashMap<AffinityKey, Affinity> = LruHashMap::pinned(MAX_FLOWS, 0);
+/// `loadBalancerSourceRanges`, per service.
+#[map]
+pub static SOURCE_RANGES: LpmTrie<SourceRange, u32> = LpmTrie::pinned(MAX_SOURCE_RANGES, 0);
 #[map]
 pub static FRONTEND_STATS: PerCpuArray<Traffic> = PerCpuArray::pinned(MAX_FRONTENDS, 0);
 #[map]

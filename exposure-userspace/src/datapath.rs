@@ -86,6 +86,7 @@ fn expected_layout(name: &str) -> Option<(u32, u32)> {
         names::NODE_ADDRS => sz(4, 4),
         names::STATS => sz(4, 8),
         names::NEIGH_MISSES => sz(4, 4),
+        names::SOURCE_RANGES => sz(4 + size_of::<exposure_common::SourceRange>(), 4),
         names::AFFINITY => sz(
             size_of::<exposure_common::AffinityKey>(),
             size_of::<exposure_common::Affinity>(),
@@ -305,6 +306,7 @@ pub struct KernelMaps {
     pub neigh_misses: HashMap<MapData, u32, u32>,
     pub frontend_stats: PerCpuArray<MapData, exposure_common::Traffic>,
     pub affinity: HashMap<MapData, exposure_common::AffinityKey, exposure_common::Affinity>,
+    pub source_ranges: aya::maps::LpmTrie<MapData, exposure_common::SourceRange, u32>,
 }
 
 impl KernelMaps {
@@ -328,6 +330,9 @@ impl KernelMaps {
                 .map(Map::PerCpuArray)?
                 .try_into()?,
             affinity: lru(names::AFFINITY)?.try_into()?,
+            source_ranges: open_map(pin_dir, names::SOURCE_RANGES)
+                .map(Map::LpmTrie)?
+                .try_into()?,
         })
     }
 
@@ -406,6 +411,31 @@ impl DatapathMaps for KernelMaps {
             Err(e) => Err(e).with_context(|| format!("FRONTENDS {key:?}")),
         }
     }
+    fn add_source_range(
+        &mut self,
+        service_id: u32,
+        addr: u32,
+        prefix_len: u8,
+    ) -> anyhow::Result<()> {
+        let key = range_key(service_id, addr, prefix_len);
+        self.source_ranges
+            .insert(&key, 1, 0)
+            .with_context(|| format!("SOURCE_RANGES service {service_id}"))
+    }
+    fn remove_source_range(
+        &mut self,
+        service_id: u32,
+        addr: u32,
+        prefix_len: u8,
+    ) -> anyhow::Result<()> {
+        match self
+            .source_ranges
+            .remove(&range_key(service_id, addr, prefix_len))
+        {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("SOURCE_RANGES service {service_id}")),
+        }
+    }
     fn purge_affinity(&mut self, service_id: u32, backends: Option<&[u32]>) -> anyhow::Result<()> {
         let stale: Vec<exposure_common::AffinityKey> = self
             .affinity
@@ -431,6 +461,15 @@ impl DatapathMaps for KernelMaps {
     }
     fn snapshot(&self) -> anyhow::Result<Snapshot> {
         let mut s = Snapshot::default();
+        for key in self.source_ranges.keys() {
+            let key = key?;
+            let r = key.data();
+            s.source_ranges.insert((
+                r.service_id,
+                r.addr,
+                key.prefix_len().saturating_sub(32) as u8,
+            ));
+        }
         for item in self.frontends.iter() {
             let (k, v) = item?;
             s.frontends.insert(k, v);
@@ -454,6 +493,18 @@ impl DatapathMaps for KernelMaps {
         }
         Ok(s)
     }
+}
+
+/// LPM key: the service id's 32 bits are always in the prefix, then the network's.
+fn range_key(
+    service_id: u32,
+    addr: u32,
+    prefix_len: u8,
+) -> aya::maps::lpm_trie::Key<exposure_common::SourceRange> {
+    aya::maps::lpm_trie::Key::new(
+        32 + prefix_len as u32,
+        exposure_common::SourceRange { service_id, addr },
+    )
 }
 
 /// Fails early with a clear message when not root / no BPF capability.

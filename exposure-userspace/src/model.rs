@@ -120,6 +120,8 @@ pub enum WhenEmpty {
 
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct DesiredService {
+    /// `loadBalancerSourceRanges` (IPv4 networks) for the LoadBalancer frontends; `None`: anyone.
+    pub source_ranges: Option<Vec<(Ipv4Addr, u8)>>,
     /// `sessionAffinity: ClientIP` timeout in seconds; 0: none.
     pub affinity_timeout_s: u32,
     pub frontends: BTreeMap<FrontendAddr, FrontendKind>,
@@ -185,6 +187,8 @@ pub enum ModelError {
     },
     #[error("Service {service}: sessionAffinityConfig.clientIP.timeoutSeconds {value} is outside 1..=86400; using 10800")]
     InvalidAffinityTimeout { service: String, value: i32 },
+    #[error("Service {service}: loadBalancerSourceRanges entry {value:?} is not a CIDR; ignored")]
+    InvalidSourceRange { service: String, value: String },
     #[error(
         "Service {service}: healthCheckNodePort {port} is already used by {owner}; ignored here"
     )]
@@ -263,6 +267,42 @@ fn ipv4_list<'a>(
 }
 
 /// Ready IPv4 endpoints of one Service port, from all of the Service's slices, deduplicated.
+/// IPv4 networks of `loadBalancerSourceRanges`. A non-empty list restricts even when it has no IPv4
+/// entry (then no IPv4 source is allowed); IPv6 entries are for IPv6 frontends; invalid ones are
+/// reported and ignored.
+fn source_ranges(
+    service: &str,
+    values: &[String],
+    errors: &mut Vec<ModelError>,
+) -> Option<Vec<(Ipv4Addr, u8)>> {
+    if values.is_empty() {
+        return None;
+    }
+    let mut out = Vec::new();
+    for v in values {
+        let parsed = v.trim().split_once('/').and_then(|(ip, len)| {
+            Some((
+                ip.parse::<std::net::IpAddr>().ok()?,
+                len.parse::<u8>().ok()?,
+            ))
+        });
+        match parsed {
+            Some((std::net::IpAddr::V4(ip), len)) if len <= 32 => {
+                let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+                out.push((Ipv4Addr::from(u32::from(ip) & mask), len));
+            }
+            Some((std::net::IpAddr::V6(_), len)) if len <= 128 => {}
+            _ => errors.push(ModelError::InvalidSourceRange {
+                service: service.to_string(),
+                value: v.clone(),
+            }),
+        }
+    }
+    out.sort();
+    out.dedup();
+    Some(out)
+}
+
 /// A Service port's usable IPv4 endpoints from all its slices, deduplicated: the ready ones, and
 /// the serving-but-terminating ones that take new flows only when none is ready (KEP-1669, as
 /// kube-proxy does). `ready` unset means ready; `serving` unset means `ready`.
@@ -427,6 +467,15 @@ pub fn translate_service(
         }
         _ => 0,
     };
+    let source_ranges = if svc_type == "LoadBalancer" {
+        source_ranges(
+            &display,
+            spec.load_balancer_source_ranges.as_deref().unwrap_or(&[]),
+            errors,
+        )
+    } else {
+        None
+    };
     let mut local_endpoints = BTreeSet::new();
     for sp in spec.ports.iter().flatten() {
         let port_name = sp.name.clone().unwrap_or_default();
@@ -514,6 +563,7 @@ pub fn translate_service(
             backends,
             when_empty,
             affinity_timeout_s,
+            source_ranges: source_ranges.clone(),
             ..Default::default()
         };
         for (addr, kind) in frontends {
@@ -1175,6 +1225,46 @@ spec:
             timeout("  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}"),
             (10_800, 1),
             "invalid timeout: reported, default used"
+        );
+    }
+
+    #[test]
+    fn load_balancer_source_ranges_parse_to_networks() {
+        let ranges = |list: &str, svc_type: &str| {
+            let yaml = HELLO.replace(
+                "type: NodePort",
+                &format!("type: {svc_type}\n  loadBalancerSourceRanges: {list}"),
+            );
+            let (state, errors) = desired_state(&[svc(&yaml)], NO_SLICES, &node());
+            (
+                state.services[&key("hello-world", "", Protocol::Tcp)]
+                    .source_ranges
+                    .clone(),
+                errors.len(),
+            )
+        };
+        let net = |a: [u8; 4], l: u8| (Ipv4Addr::from(a), l);
+        assert_eq!(
+            ranges(
+                "[198.18.0.7/24, 10.0.0.1/32, 'fd00::/8', nonsense]",
+                "LoadBalancer"
+            ),
+            (
+                Some(vec![net([10, 0, 0, 1], 32), net([198, 18, 0, 0], 24)]),
+                1
+            ),
+            "host bits cleared, IPv6 left to IPv6, the invalid one reported"
+        );
+        assert_eq!(
+            ranges("['fd00::/8']", "LoadBalancer"),
+            (Some(vec![]), 0),
+            "restricted, but no IPv4 source allowed"
+        );
+        assert_eq!(ranges("[]", "LoadBalancer"), (None, 0));
+        assert_eq!(
+            ranges("[198.18.0.0/24]", "NodePort"),
+            (None, 0),
+            "only LoadBalancer Services"
         );
     }
 }

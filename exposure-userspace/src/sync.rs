@@ -7,7 +7,7 @@
 //! IDs are stable and restored from the pinned maps at start, so a restarted agent rewrites nothing.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::Ipv4Addr,
     sync::Arc,
 };
@@ -15,6 +15,7 @@ use std::{
 use exposure_common::{
     self as common, Backend, Frontend, FrontendKey, Service, SlotKey, BACKEND_LOCAL,
     FRONTEND_EXTERNAL_IP, FRONTEND_LOADBALANCER, FRONTEND_NODEPORT, SERVICE_DROP_WHEN_EMPTY,
+    SERVICE_SOURCE_RANGES,
 };
 
 use crate::model::{
@@ -31,6 +32,8 @@ pub struct Snapshot {
     pub slots: BTreeMap<SlotKey, u32>,
     /// Only ids in use (non-zero address).
     pub backends: BTreeMap<u32, Backend>,
+    /// `loadBalancerSourceRanges` entries: (service id, network address, prefix length).
+    pub source_ranges: BTreeSet<(u32, u32, u8)>,
 }
 
 /// The writes the reconciler needs; the kernel maps implement it, and so does [`FakeMaps`] for tests.
@@ -42,6 +45,18 @@ pub trait DatapathMaps {
     fn write_service(&mut self, id: u32, service: &Service) -> anyhow::Result<()>;
     fn write_frontend(&mut self, key: &FrontendKey, frontend: &Frontend) -> anyhow::Result<()>;
     fn remove_frontend(&mut self, key: &FrontendKey) -> anyhow::Result<()>;
+    fn add_source_range(
+        &mut self,
+        service_id: u32,
+        addr: u32,
+        prefix_len: u8,
+    ) -> anyhow::Result<()>;
+    fn remove_source_range(
+        &mut self,
+        service_id: u32,
+        addr: u32,
+        prefix_len: u8,
+    ) -> anyhow::Result<()>;
     /// Forgets session affinity of a service's clients to `backends` (all of them with `None`).
     fn purge_affinity(&mut self, service_id: u32, backends: Option<&[u32]>) -> anyhow::Result<()>;
     /// Zeroes a frontend id's traffic counters before the id is given to a new frontend.
@@ -164,6 +179,8 @@ struct ServiceSlots {
     service: Service,
     /// Backend ids of the live bank, in slot order.
     live: Vec<u32>,
+    /// Its `loadBalancerSourceRanges` entries: (network address, prefix length).
+    ranges: BTreeSet<(u32, u8)>,
 }
 
 pub struct Reconciler {
@@ -230,6 +247,12 @@ impl Reconciler {
                     ServiceSlots {
                         service: *s,
                         live: Vec::new(),
+                        ranges: snapshot
+                            .source_ranges
+                            .iter()
+                            .filter(|(sid, _, _)| sid == id)
+                            .map(|(_, a, p)| (*a, *p))
+                            .collect(),
                     },
                 )
             })
@@ -568,11 +591,20 @@ impl Reconciler {
             ids.push(bid);
         }
 
-        let flags = if want.when_empty == WhenEmpty::Drop {
+        let mut flags = if want.when_empty == WhenEmpty::Drop {
             SERVICE_DROP_WHEN_EMPTY
         } else {
             0
         };
+        if want.source_ranges.is_some() {
+            flags |= SERVICE_SOURCE_RANGES;
+        }
+        let ranges: BTreeSet<(u32, u8)> = want
+            .source_ranges
+            .iter()
+            .flatten()
+            .map(|(net, len)| (common::ipv4(net.octets()), *len))
+            .collect();
         let current = self.services.get(&id).cloned().unwrap_or_default();
         let known = self.services.contains_key(&id);
         let affinity = want.affinity_timeout_s;
@@ -580,8 +612,14 @@ impl Reconciler {
             && current.live == ids
             && current.service.flags == flags
             && current.service.affinity_timeout_s == affinity
+            && current.ranges == ranges
         {
             return Ok(Some(id));
+        }
+        // Allowed sources go in before the flag that makes them required; stale ones leave after.
+        for (addr, len) in ranges.difference(&current.ranges) {
+            maps.add_source_range(id, *addr, *len).map_err(write_err)?;
+            report.writes += 1;
         }
 
         // 2. Slots into the idle bank, 3. one service update makes them live, 4. clear the old bank.
@@ -632,7 +670,19 @@ impl Reconciler {
                 report.writes += 1;
             }
         }
-        self.services.insert(id, ServiceSlots { service, live });
+        for (addr, len) in current.ranges.difference(&ranges) {
+            maps.remove_source_range(id, *addr, *len)
+                .map_err(write_err)?;
+            report.writes += 1;
+        }
+        self.services.insert(
+            id,
+            ServiceSlots {
+                service,
+                live,
+                ranges,
+            },
+        );
         Ok(Some(id))
     }
 
@@ -650,6 +700,10 @@ impl Reconciler {
         if s.service.affinity_timeout_s != 0 {
             // The id will be reused by another Service: no stale stickiness may carry over.
             maps.purge_affinity(id, None)?;
+            report.writes += 1;
+        }
+        for (addr, len) in &s.ranges {
+            maps.remove_source_range(id, *addr, *len)?;
             report.writes += 1;
         }
         for i in 0..s.live.len() {
@@ -769,6 +823,32 @@ impl DatapathMaps for FakeMaps {
     fn reset_frontend_stats(&mut self, id: u16) -> anyhow::Result<()> {
         self.write()?;
         self.stats_resets.push(id);
+        Ok(())
+    }
+    fn add_source_range(
+        &mut self,
+        service_id: u32,
+        addr: u32,
+        prefix_len: u8,
+    ) -> anyhow::Result<()> {
+        self.write()?;
+        self.state
+            .source_ranges
+            .insert((service_id, addr, prefix_len));
+        self.check();
+        Ok(())
+    }
+    fn remove_source_range(
+        &mut self,
+        service_id: u32,
+        addr: u32,
+        prefix_len: u8,
+    ) -> anyhow::Result<()> {
+        self.write()?;
+        self.state
+            .source_ranges
+            .remove(&(service_id, addr, prefix_len));
+        self.check();
         Ok(())
     }
     fn purge_affinity(&mut self, service_id: u32, backends: Option<&[u32]>) -> anyhow::Result<()> {

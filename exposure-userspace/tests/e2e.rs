@@ -618,3 +618,79 @@ fn client_ip_session_affinity_keeps_a_client_on_one_pod() {
         );
     }
 }
+
+#[test]
+fn shared_lb_ip_multi_port_external_ips_and_source_ranges() {
+    let eps = [
+        (exposure_lab::lab::pod_ip(0, 0), "node-1"),
+        (exposure_lab::lab::pod_ip(1, 0), "node-2"),
+    ];
+    let both_ports =
+        "- {name: t, protocol: TCP, port: 50000}\n- {name: u, protocol: UDP, port: 50000}\n";
+    let lb = "status:\n  loadBalancer:\n    ingress: [{ip: 198.18.100.1}]\n";
+    // Two Services on one LB address: `open` (TCP and UDP on port 80) admits the lab's LAN, `closed`
+    // (port 81) admits only a network the client is not in.
+    let open = service(
+        "open",
+        "LoadBalancer",
+        "  - {name: t, protocol: TCP, port: 80, targetPort: 50000, nodePort: 30081}\n  - {name: u, protocol: UDP, port: 80, targetPort: 50000, nodePort: 30081}\n",
+        &format!("  loadBalancerSourceRanges: [198.18.0.0/28]\n{lb}"),
+    ) + "---\n"
+        + &slice("open", both_ports, &eps);
+    let closed = service(
+        "closed",
+        "LoadBalancer",
+        "  - {name: t, protocol: TCP, port: 81, targetPort: 50000, nodePort: 30082}\n",
+        &format!("  loadBalancerSourceRanges: [198.18.5.0/24]\n{lb}"),
+    ) + "---\n"
+        + &slice("closed", "- {name: t, protocol: TCP, port: 50000}\n", &eps);
+    let external = service(
+        "external",
+        "ClusterIP",
+        "  - {name: t, protocol: TCP, port: 82, targetPort: 50000}\n",
+        "  externalIPs: [198.18.100.2]\n",
+    ) + "---\n"
+        + &slice(
+            "external",
+            "- {name: t, protocol: TCP, port: 50000}\n",
+            &eps,
+        );
+    let c = Cluster::start(
+        &[1, 1],
+        &[
+            ("open.yaml", open),
+            ("closed.yaml", closed),
+            ("external.yaml", external),
+        ],
+    );
+    let both = pods_named(&["pod-1-1", "pod-2-1"]);
+    let lb1 = |port| SocketAddr::from((lb_ip(1), port));
+    assert_eq!(
+        c.tcp_spread(lb1(80), 30).0,
+        both,
+        "TCP on the shared LB address"
+    );
+    assert_eq!(c.udp_spread(lb1(80), 30), both, "UDP on the same port");
+    assert!(
+        apps::tcp_ask(&c.lab.client, lb1(81)).is_err(),
+        "source not in the other Service's ranges"
+    );
+    assert!(agent_counter(&c, "dropped_source_range") >= 1.0);
+    // The restricted Service's NodePort is open to anyone, as with kube-proxy.
+    assert_eq!(c.tcp_spread(c.node(0, 30082), 20).0, both);
+    assert_eq!(
+        c.tcp_spread(SocketAddr::from((Ipv4Addr::new(198, 18, 100, 2), 82)), 30)
+            .0,
+        both,
+        "externalIP"
+    );
+}
+
+fn agent_counter(c: &Cluster, event: &str) -> f64 {
+    let m = exposure_lab::agent::metrics(&c.lab.nodes[0]).unwrap_or_default();
+    let prefix = format!("exposure_datapath_events_total{{event=\"{event}\"}} ");
+    m.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}

@@ -671,3 +671,39 @@ fn client_ip_affinity_sticks_across_flows_until_the_backend_leaves() {
         assert_eq!(dst_of(h, CLIENT, 43101), next);
     });
 }
+
+#[test]
+fn load_balancer_source_ranges_admit_only_listed_sources_on_the_lb_address() {
+    with_datapath(|h| {
+        let mut state = hello(&[(LOCAL_POD, true)]);
+        for s in state.services.values_mut() {
+            std::sync::Arc::make_mut(s).source_ranges =
+                Some(vec![(Ipv4Addr::new(198, 18, 0, 0), 28)]);
+        }
+        h.program(&state);
+        let to_lb = |src: Ipv4Addr, sport| FrameSpec::tcp((src, sport), (LB, 60000), SYN).build();
+        let (verdict, out) = h.xdp(&to_lb(CLIENT, 44000));
+        assert_eq!(
+            (verdict, frame::parse(&out).unwrap().dst),
+            (XDP_PASS, LOCAL_POD),
+            "198.18.0.1 is in 198.18.0.0/28"
+        );
+        let outsider = Ipv4Addr::new(198, 18, 0, 77);
+        assert_eq!(h.xdp(&to_lb(outsider, 44001)).0, XDP_DROP);
+        assert_eq!(h.counter(Counter::SourceRangeDenied), 1);
+        // The NodePort is not restricted (kube-proxy applies the ranges to the LB address only).
+        let (verdict, out) =
+            h.xdp(&FrameSpec::tcp((outsider, 44002), (NODE, NODE_PORT), SYN).build());
+        assert_eq!(
+            (verdict, frame::parse(&out).unwrap().dst),
+            (XDP_PASS, LOCAL_POD)
+        );
+        // Lifting the restriction admits everyone.
+        h.program(&hello(&[(LOCAL_POD, true)]));
+        assert_eq!(h.xdp(&to_lb(outsider, 44003)).0, XDP_PASS);
+        assert!(
+            h.maps.snapshot().unwrap().source_ranges.is_empty(),
+            "entries removed with the restriction"
+        );
+    });
+}
