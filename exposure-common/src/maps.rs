@@ -9,7 +9,10 @@ pub const PROTO_UDP: u8 = 17;
 pub const MAX_FRONTENDS: u32 = 65_536;
 pub const MAX_SERVICES: u32 = 65_536;
 pub const MAX_BACKENDS: u32 = 262_144;
-pub const MAX_SLOTS: u32 = 1_048_576;
+/// Entries of the shared Maglev array holding every service's table (8 bytes each in the kernel).
+pub const MAX_MAGLEV_ENTRIES: u32 = 4 * 1024 * 1024;
+/// `BPF_F_MMAPABLE`: the agent writes Maglev tables as memory, not one syscall per entry.
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 pub const MAX_FLOWS: u32 = 262_144;
 /// Largest number of backends a single service can select from (slot index is a u16).
 pub const MAX_BACKENDS_PER_SERVICE: u32 = 65_535;
@@ -32,7 +35,7 @@ pub const CT_REFRESH_NS: u64 = 1_000_000_000;
 pub mod names {
     pub const FRONTENDS: &str = "FRONTENDS";
     pub const SERVICES: &str = "SERVICES";
-    pub const BACKEND_SLOTS: &str = "BACKEND_SLOTS";
+    pub const MAGLEV: &str = "MAGLEV";
     pub const BACKENDS: &str = "BACKENDS";
     pub const FLOWS: &str = "FLOWS";
     pub const REPLIES: &str = "REPLIES";
@@ -45,7 +48,7 @@ pub mod names {
     pub const ALL: [&str; 12] = [
         FRONTENDS,
         SERVICES,
-        BACKEND_SLOTS,
+        MAGLEV,
         BACKENDS,
         FLOWS,
         REPLIES,
@@ -91,20 +94,26 @@ pub struct Traffic {
     pub bytes: u64,
 }
 
-/// One Service port's current backend set. `bank` says which half of `BACKEND_SLOTS` is live: the
-/// agent writes the other half, then flips `bank` and `backend_count` in one map update.
+/// One Service port's current backend set: its Maglev table is `MAGLEV[table_offset ..
+/// table_offset + table_size]`. The agent writes a new table into free space, then points the
+/// service at it in one map update, so no packet sees a half-written table.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Service {
+    pub table_offset: u32,
+    pub table_size: u32,
     pub backend_count: u32,
-    pub bank: u32,
     pub flags: u32,
     /// `sessionAffinity: ClientIP` timeout; 0: no affinity.
     pub affinity_timeout_s: u32,
+    pub _pad: u32,
 }
 
 /// `Service::flags`: new flows to its LoadBalancer frontends need a source in `SOURCE_RANGES`.
 pub const SERVICE_SOURCE_RANGES: u32 = 2;
+/// `Service::flags`: the entry is in use (so a Service without backends is not an all-zero entry,
+/// which the agent reads back as free after a restart).
+pub const SERVICE_IN_USE: u32 = 1 << 31;
 pub const MAX_SOURCE_RANGES: u32 = 65_536;
 
 /// `loadBalancerSourceRanges` entry data, after the LPM prefix length: the service id (always wholly
@@ -136,14 +145,6 @@ pub struct Affinity {
 /// `Service::flags`: with no backends, drop new flows instead of refusing them (kube-proxy's
 /// behaviour for `externalTrafficPolicy: Local` when only other nodes have endpoints).
 pub const SERVICE_DROP_WHEN_EMPTY: u32 = 1;
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SlotKey {
-    pub service_id: u32,
-    pub bank: u16,
-    pub index: u16,
-}
 
 pub const BACKEND_LOCAL: u16 = 1;
 
@@ -272,7 +273,6 @@ mod pod {
     unsafe impl aya::Pod for FrontendKey {}
     unsafe impl aya::Pod for Frontend {}
     unsafe impl aya::Pod for Service {}
-    unsafe impl aya::Pod for SlotKey {}
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for Flow {}
@@ -310,8 +310,7 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<FrontendKey>(), 8);
         assert_eq!(size_of::<Frontend>(), 8);
-        assert_eq!(size_of::<Service>(), 16);
-        assert_eq!(size_of::<SlotKey>(), 8);
+        assert_eq!(size_of::<Service>(), 24);
         assert_eq!(size_of::<Backend>(), 8);
         assert_eq!(size_of::<FlowKey>(), 16);
         assert_eq!(size_of::<Flow>(), 8 + 4 + 4 + 2 + 2 + 4 + 4 + 4 + 4 + 6 + 6);

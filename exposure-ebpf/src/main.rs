@@ -358,19 +358,18 @@ fn new_flow(
     Selected::Flow(flow)
 }
 
-/// Hashes the flow onto the service's live slot table: O(1) whatever the number of backends.
+/// Maglev: the flow hash picks an entry of the service's table; one array lookup, whatever the
+/// number of services and backends, and the same backend on every node.
 #[inline(always)]
-fn select_backend(p: &Packet, service_id: u32, service: &Service) -> Option<u32> {
-    if service.backend_count == 0 {
+fn select_backend(p: &Packet, _service_id: u32, service: &Service) -> Option<u32> {
+    if service.backend_count == 0 || service.table_size == 0 {
         return None;
     }
     let hash = hash::flow_hash(p.saddr, p.daddr, p.sport, p.dport, p.proto);
-    let slot = SlotKey {
-        service_id,
-        bank: service.bank as u16,
-        index: (hash % service.backend_count) as u16,
-    };
-    unsafe { BACKEND_SLOTS.get(&slot).copied() }
+    let id = MAGLEV
+        .get(service.table_offset.wrapping_add(hash % service.table_size))
+        .copied()?;
+    (id != 0).then_some(id)
 }
 
 /// `sessionAffinity: ClientIP`: the backend this client last got, while it is fresh; else a new one,

@@ -11,8 +11,9 @@ use exposure_common::*;
 pub static FRONTENDS: HashMap<FrontendKey, Frontend> = HashMap::pinned(MAX_FRONTENDS, 0);
 #[map]
 pub static SERVICES: Array<Service> = Array::pinned(MAX_SERVICES, 0);
+/// Every service's Maglev table (backend ids), in regions the agent allocates.
 #[map]
-pub static BACKEND_SLOTS: HashMap<SlotKey, u32> = HashMap::pinned(MAX_SLOTS, 0);
+pub static MAGLEV: Array<u32> = Array::pinned(MAX_MAGLEV_ENTRIES, BPF_F_MMAPABLE);
 #[map]
 pub static BACKENDS: Array<Backend> = Array::pinned(MAX_BACKENDS, 0);
 #[map]

@@ -55,6 +55,18 @@ impl Agent {
         source: &Source,
         log_dir: &Path,
     ) -> anyhow::Result<Self> {
+        Self::spawn_with(bin, lab_prefix, node, source, log_dir, &[])
+    }
+
+    /// [`Agent::spawn`] with extra agent flags.
+    pub fn spawn_with(
+        bin: &Path,
+        lab_prefix: &str,
+        node: &Node,
+        source: &Source,
+        log_dir: &Path,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
         let pin_dir = pin_dir(lab_prefix, node);
         let log = log_dir.join(format!("agent-{}.log", node.name));
         let log_file = std::fs::OpenOptions::new()
@@ -72,6 +84,7 @@ impl Agent {
             .arg("--pin-dir")
             .arg(&pin_dir)
             .args(["--healthz-bind-address", "127.0.0.1:10256"])
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)

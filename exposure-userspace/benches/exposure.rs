@@ -15,7 +15,7 @@ use std::{
 };
 
 use exposure::datapath::KernelMaps;
-use exposure_common::{ipv4, port, FrontendKey, SlotKey, PROTO_TCP};
+use exposure_common::{ipv4, port, FrontendKey, PROTO_TCP};
 use exposure_lab::{
     agent::{Agent, Source},
     apiserver::ApiServer,
@@ -78,19 +78,11 @@ fn live_backends(maps: &KernelMaps, i: usize) -> Vec<(u32, u16)> {
     let Ok(svc) = maps.services.get(&fe.service_id, 0) else {
         return Vec::new();
     };
-    (0..svc.backend_count)
-        .filter_map(|n| {
-            maps.slots
-                .get(
-                    &SlotKey {
-                        service_id: fe.service_id,
-                        bank: svc.bank as u16,
-                        index: n as u16,
-                    },
-                    0,
-                )
-                .ok()
-        })
+    let Ok(table) = maps.maglev.read(svc.table_offset, svc.table_size) else {
+        return Vec::new();
+    };
+    let ids: std::collections::BTreeSet<u32> = table.into_iter().collect();
+    ids.into_iter()
         .filter_map(|bid| maps.backends.get(&bid, 0).ok())
         .map(|b| (b.addr, b.port))
         .collect()
@@ -122,12 +114,13 @@ fn control_plane(services: usize) -> ControlPlane {
     std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
 
     let started = Instant::now();
-    let mut agent = Agent::spawn(
+    let mut agent = Agent::spawn_with(
         Path::new(BIN),
         &prefix,
         node,
         &Source::Kubeconfig(&kubeconfig),
         &dir,
+        &["--max-maglev-entries", "12000000"],
     )
     .unwrap();
     agent

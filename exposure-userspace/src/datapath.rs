@@ -20,7 +20,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use exposure_common::{
-    names, Backend, Counter, Flow, FlowKey, Frontend, FrontendKey, Reply, Service, SlotKey,
+    names, Backend, Counter, Flow, FlowKey, Frontend, FrontendKey, Reply, Service,
 };
 
 use crate::sync::{DatapathMaps, Snapshot};
@@ -79,7 +79,7 @@ fn expected_layout(name: &str) -> Option<(u32, u32)> {
     match name {
         names::FRONTENDS => sz(size_of::<FrontendKey>(), size_of::<Frontend>()),
         names::SERVICES => sz(4, size_of::<Service>()),
-        names::BACKEND_SLOTS => sz(size_of::<SlotKey>(), 4),
+        names::MAGLEV => sz(4, 4),
         names::BACKENDS => sz(4, size_of::<Backend>()),
         names::FLOWS => sz(size_of::<FlowKey>(), size_of::<Flow>()),
         names::REPLIES => sz(size_of::<FlowKey>(), size_of::<Reply>()),
@@ -105,12 +105,15 @@ pub struct Capacity {
     pub services: u32,
     pub backends: u32,
     pub flows: u32,
+    /// Entries of the shared Maglev array (every service's table).
+    pub maglev_entries: u32,
 }
 
 impl Default for Capacity {
     fn default() -> Self {
         Capacity {
             bpf_log_level: 0,
+            maglev_entries: exposure_common::MAX_MAGLEV_ENTRIES,
             frontends: exposure_common::MAX_FRONTENDS,
             services: exposure_common::MAX_SERVICES,
             backends: exposure_common::MAX_BACKENDS,
@@ -120,13 +123,13 @@ impl Default for Capacity {
 }
 
 impl Capacity {
-    /// `max_entries` per map; slots hold two banks of every service's backends.
+    /// `max_entries` per map.
     fn of(&self, name: &str) -> Option<u32> {
         match name {
             names::FRONTENDS | names::FRONTEND_STATS => Some(self.frontends),
             names::SERVICES => Some(self.services),
             names::BACKENDS => Some(self.backends),
-            names::BACKEND_SLOTS => Some(self.backends.saturating_mul(4)),
+            names::MAGLEV => Some(self.maglev_entries),
             names::FLOWS | names::REPLIES | names::AFFINITY => Some(self.flows),
             _ => None,
         }
@@ -297,7 +300,7 @@ fn open_map(pin_dir: &Path, name: &str) -> anyhow::Result<MapData> {
 pub struct KernelMaps {
     pub frontends: HashMap<MapData, FrontendKey, Frontend>,
     pub services: Array<MapData, Service>,
-    pub slots: HashMap<MapData, SlotKey, u32>,
+    pub maglev: MaglevArray,
     pub backends: Array<MapData, Backend>,
     pub flows: HashMap<MapData, FlowKey, Flow>,
     pub replies: HashMap<MapData, FlowKey, Reply>,
@@ -317,7 +320,7 @@ impl KernelMaps {
         Ok(KernelMaps {
             frontends: hash(names::FRONTENDS)?.try_into()?,
             services: array(names::SERVICES)?.try_into()?,
-            slots: hash(names::BACKEND_SLOTS)?.try_into()?,
+            maglev: MaglevArray::open(open_map(pin_dir, names::MAGLEV)?)?,
             backends: array(names::BACKENDS)?.try_into()?,
             flows: lru(names::FLOWS)?.try_into()?,
             replies: lru(names::REPLIES)?.try_into()?,
@@ -382,17 +385,8 @@ impl DatapathMaps for KernelMaps {
             .set(id, Backend::default(), 0)
             .with_context(|| format!("BACKENDS[{id}]"))
     }
-    fn write_slot(&mut self, key: &SlotKey, backend_id: u32) -> anyhow::Result<()> {
-        self.slots
-            .insert(key, backend_id, 0)
-            .with_context(|| format!("BACKEND_SLOTS {key:?}"))
-    }
-    fn remove_slot(&mut self, key: &SlotKey) -> anyhow::Result<()> {
-        match self.slots.remove(key) {
-            Ok(()) => Ok(()),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(e).with_context(|| format!("BACKEND_SLOTS {key:?}")),
-        }
+    fn write_table(&mut self, offset: u32, entries: &[u32]) -> anyhow::Result<()> {
+        self.maglev.write(offset, entries)
     }
     fn write_service(&mut self, id: u32, service: &Service) -> anyhow::Result<()> {
         self.services
@@ -474,15 +468,13 @@ impl DatapathMaps for KernelMaps {
             let (k, v) = item?;
             s.frontends.insert(k, v);
         }
-        for item in self.slots.iter() {
-            let (k, v) = item?;
-            s.slots.insert(k, v);
-        }
         // Arrays hold every index; only ids in use matter. Ids 0.. are dense, so scan the used prefix.
         for (id, item) in self.services.iter().enumerate() {
             let v = item?;
             if v != Service::default() {
                 s.services.insert(id as u32, v);
+                s.tables
+                    .insert(id as u32, self.maglev.read(v.table_offset, v.table_size)?);
             }
         }
         for (id, item) in self.backends.iter().enumerate() {
@@ -492,6 +484,93 @@ impl DatapathMaps for KernelMaps {
             }
         }
         Ok(s)
+    }
+}
+
+/// The `MAGLEV` array mapped into memory (`BPF_F_MMAPABLE`): a service's whole table is written with
+/// plain stores, not one syscall per entry, before the service entry points at it.
+pub struct MaglevArray {
+    _map: MapData,
+    ptr: *mut u32,
+    entries: u32,
+    bytes: usize,
+}
+
+// SAFETY: the mapping is owned by this value and only accessed through &self/&mut self.
+unsafe impl Send for MaglevArray {}
+unsafe impl Sync for MaglevArray {}
+
+/// Bytes per array element (`value_size` 4 rounded up to 8), and u32 words per element.
+const ELEM_BYTES: usize = 8;
+const ELEM_WORDS: usize = ELEM_BYTES / 4;
+
+impl MaglevArray {
+    fn open(map: MapData) -> anyhow::Result<Self> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let entries = map.info().context("MAGLEV map info")?.max_entries();
+        let page = 4096usize;
+        let bytes = (entries as usize * ELEM_BYTES).div_ceil(page) * page;
+        let fd = map.fd().as_fd().as_raw_fd();
+        // SAFETY: a shared mapping of the map's own memory, sized to the map.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            bail!("mapping the MAGLEV array: {}", io::Error::last_os_error());
+        }
+        Ok(MaglevArray {
+            _map: map,
+            ptr: ptr.cast(),
+            entries,
+            bytes,
+        })
+    }
+
+    fn range(&self, offset: u32, len: usize) -> anyhow::Result<std::ops::Range<usize>> {
+        let start = offset as usize;
+        let end = start
+            .checked_add(len)
+            .filter(|e| *e <= self.entries as usize);
+        end.map(|end| start..end).with_context(|| {
+            format!(
+                "MAGLEV[{start}..+{len}] is outside its {} entries",
+                self.entries
+            )
+        })
+    }
+
+    pub fn write(&mut self, offset: u32, entries: &[u32]) -> anyhow::Result<()> {
+        let r = self.range(offset, entries.len())?;
+        for (i, id) in r.zip(entries) {
+            // SAFETY: element i is inside the mapping (range checked above).
+            unsafe { self.ptr.add(i * ELEM_WORDS).write_volatile(*id) };
+        }
+        // Orders the table before the service-entry update (a syscall) that makes it live.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+
+    pub fn read(&self, offset: u32, len: u32) -> anyhow::Result<Vec<u32>> {
+        let r = self.range(offset, len as usize)?;
+        // SAFETY: every element in range is inside the mapping.
+        Ok(
+            r.map(|i| unsafe { self.ptr.add(i * ELEM_WORDS).read_volatile() })
+                .collect(),
+        )
+    }
+}
+
+impl Drop for MaglevArray {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly what `open` mapped.
+        unsafe { libc::munmap(self.ptr.cast(), self.bytes) };
     }
 }
 

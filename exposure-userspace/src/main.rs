@@ -85,6 +85,13 @@ enum Command {
         /// new flows at debug), into the agent's log. Off costs nothing measurable.
         #[arg(long, value_enum, default_value = "off")]
         bpf_log_level: BpfLogLevel,
+        /// Entries of the array holding every Service's Maglev table (4 bytes each). A Service with N
+        /// backends takes the smallest prime >= 100 x N of 251 .. --maglev-max-table-size.
+        #[arg(long, default_value_t = exposure_common::MAX_MAGLEV_ENTRIES, value_parser = clap::value_parser!(u32).range(65521..))]
+        max_maglev_entries: u32,
+        /// Largest Maglev table for one Service (251, 509, 1021, 2039, 4093, 8191, 16381, 32749 or 65521).
+        #[arg(long, default_value_t = 65521, value_parser = maglev_table_size)]
+        maglev_max_table_size: u32,
         /// Tracked flows (connection tracking entries; least recently used are evicted).
         #[arg(long, default_value_t = exposure_common::MAX_FLOWS, value_parser = clap::value_parser!(u32).range(1024..))]
         max_flows: u32,
@@ -144,6 +151,8 @@ fn main() -> anyhow::Result<()> {
             max_backends_per_service,
             max_flows,
             bpf_log_level,
+            max_maglev_entries,
+            maglev_max_table_size,
         } => {
             let cfg = agent::AgentConfig {
                 ifaces,
@@ -156,12 +165,15 @@ fn main() -> anyhow::Result<()> {
                     services: max_services,
                     backends: max_backends,
                     flows: max_flows,
+                    maglev_entries: max_maglev_entries,
                 },
                 limits: exposure::sync::Limits {
                     frontends: max_frontends,
                     services: max_services,
                     backends: max_backends,
                     backends_per_service: max_backends_per_service,
+                    maglev_entries: max_maglev_entries,
+                    maglev_table_max: maglev_max_table_size,
                 },
                 node_name: match node_name {
                     Some(n) => n,
@@ -191,5 +203,17 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Cleanup { pin_dir } => datapath::unpin_all(&pin_dir),
+    }
+}
+
+fn maglev_table_size(s: &str) -> Result<u32, String> {
+    let n: u32 = s.parse().map_err(|e| format!("{e}"))?;
+    if exposure::maglev::TABLE_SIZES.contains(&n) {
+        Ok(n)
+    } else {
+        Err(format!(
+            "must be one of {:?}",
+            exposure::maglev::TABLE_SIZES
+        ))
     }
 }

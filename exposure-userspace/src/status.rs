@@ -3,8 +3,8 @@
 use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
 
 use exposure_common::{
-    ipv4_octets, port_host, Counter, SlotKey, BACKEND_LOCAL, FRONTEND_EXTERNAL_IP,
-    FRONTEND_LOADBALANCER, SERVICE_DROP_WHEN_EMPTY,
+    ipv4_octets, port_host, Counter, BACKEND_LOCAL, FRONTEND_EXTERNAL_IP, FRONTEND_LOADBALANCER,
+    SERVICE_DROP_WHEN_EMPTY,
 };
 
 use crate::{model::Protocol, sync::Snapshot};
@@ -31,15 +31,17 @@ pub fn render(s: &Snapshot, flows: usize, counters: &[(Counter, u64)]) -> String
             port_host(key.port)
         );
         let svc = s.services.get(&fe.service_id).copied().unwrap_or_default();
-        let backends: Vec<String> = (0..svc.backend_count)
-            .filter_map(|i| {
-                s.slots.get(&SlotKey {
-                    service_id: fe.service_id,
-                    bank: svc.bank as u16,
-                    index: i as u16,
-                })
-            })
-            .filter_map(|id| s.backends.get(id))
+        let ids: std::collections::BTreeSet<u32> = s
+            .tables
+            .get(&fe.service_id)
+            .into_iter()
+            .flatten()
+            .copied()
+            .collect();
+        let mut found: Vec<_> = ids.iter().filter_map(|id| s.backends.get(id)).collect();
+        found.sort_by_key(|b| (ipv4_octets(b.addr), port_host(b.port)));
+        let backends: Vec<String> = found
+            .into_iter()
             .map(|b| {
                 let local = if b.flags & BACKEND_LOCAL != 0 {
                     " (local)"
@@ -118,7 +120,7 @@ mod tests {
         model::{
             BackendAddr, DesiredService, DesiredState, FrontendAddr, FrontendKind, ServicePortName,
         },
-        sync::{FakeMaps, Limits, Reconciler},
+        sync::{DatapathMaps as _, FakeMaps, Limits, Reconciler},
     };
 
     #[test]
@@ -158,7 +160,7 @@ mod tests {
             },
             &mut maps,
         );
-        let out = render(&maps.state, 3, &[(Counter::NewFlows, 3)]);
+        let out = render(&maps.snapshot().unwrap(), 3, &[(Counter::NewFlows, 3)]);
         assert!(out.contains("198.18.0.10:30600/TCP  NodePort"), "{out}");
         assert!(
             out.contains("198.19.1.2:50000 (local), 198.19.2.2:50000"),

@@ -1,9 +1,10 @@
 //! The reconciler: desired state -> the fewest map writes, in an order with no window where a frontend
 //! points at a missing or half-written backend set (Cilium's `bpf_reconciler` order: backends, then
-//! slots, then the service, then frontends; deletions last).
+//! the Maglev table, then the service, then frontends; deletions last).
 //!
-//! Slot tables are double-buffered: a changed backend set is written into the idle bank and goes live
-//! when the service entry (count + bank) is replaced in one map update, so no packet sees a mix.
+//! A changed backend set gets a new Maglev table written into free space of the `MAGLEV` array; it
+//! goes live when the service entry (offset + size) is replaced in one map update, so no packet sees a
+//! mix. The old region is reused only a sync later, long after any packet that read the old entry.
 //! IDs are stable and restored from the pinned maps at start, so a restarted agent rewrites nothing.
 
 use std::{
@@ -13,11 +14,12 @@ use std::{
 };
 
 use exposure_common::{
-    self as common, Backend, Frontend, FrontendKey, Service, SlotKey, BACKEND_LOCAL,
-    FRONTEND_EXTERNAL_IP, FRONTEND_LOADBALANCER, FRONTEND_NODEPORT, SERVICE_DROP_WHEN_EMPTY,
+    self as common, Backend, Frontend, FrontendKey, Service, BACKEND_LOCAL, FRONTEND_EXTERNAL_IP,
+    FRONTEND_LOADBALANCER, FRONTEND_NODEPORT, SERVICE_DROP_WHEN_EMPTY, SERVICE_IN_USE,
     SERVICE_SOURCE_RANGES,
 };
 
+use crate::maglev;
 use crate::model::{
     BackendAddr, DesiredService, DesiredState, FrontendAddr, FrontendKind, ServicePortName,
     WhenEmpty,
@@ -29,7 +31,8 @@ pub struct Snapshot {
     pub frontends: BTreeMap<FrontendKey, Frontend>,
     /// Only ids in use (non-default entries).
     pub services: BTreeMap<u32, Service>,
-    pub slots: BTreeMap<SlotKey, u32>,
+    /// Each service's Maglev table (backend ids), read from its region.
+    pub tables: BTreeMap<u32, Vec<u32>>,
     /// Only ids in use (non-zero address).
     pub backends: BTreeMap<u32, Backend>,
     /// `loadBalancerSourceRanges` entries: (service id, network address, prefix length).
@@ -40,8 +43,8 @@ pub struct Snapshot {
 pub trait DatapathMaps {
     fn write_backend(&mut self, id: u32, backend: &Backend) -> anyhow::Result<()>;
     fn clear_backend(&mut self, id: u32) -> anyhow::Result<()>;
-    fn write_slot(&mut self, key: &SlotKey, backend_id: u32) -> anyhow::Result<()>;
-    fn remove_slot(&mut self, key: &SlotKey) -> anyhow::Result<()>;
+    /// Writes `entries` at `MAGLEV[offset..]`, before anything points there.
+    fn write_table(&mut self, offset: u32, entries: &[u32]) -> anyhow::Result<()>;
     fn write_service(&mut self, id: u32, service: &Service) -> anyhow::Result<()>;
     fn write_frontend(&mut self, key: &FrontendKey, frontend: &Frontend) -> anyhow::Result<()>;
     fn remove_frontend(&mut self, key: &FrontendKey) -> anyhow::Result<()>;
@@ -67,6 +70,10 @@ pub trait DatapathMaps {
 /// Capacity limits; exceeding one is an error for that object, never a corrupt map.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
+    /// Entries of the `MAGLEV` array (all services' tables together).
+    pub maglev_entries: u32,
+    /// Largest Maglev table for one service (a prime from `maglev::TABLE_SIZES`).
+    pub maglev_table_max: u32,
     pub frontends: u32,
     pub services: u32,
     pub backends: u32,
@@ -76,6 +83,8 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
+            maglev_entries: common::MAX_MAGLEV_ENTRIES,
+            maglev_table_max: 65_521,
             frontends: common::MAX_FRONTENDS,
             services: common::MAX_SERVICES,
             backends: common::MAX_BACKENDS,
@@ -101,6 +110,12 @@ pub enum SyncError {
     BackendLimit {
         service: ServicePortName,
         limit: u32,
+    },
+    #[error("{service}: its Maglev table ({entries} entries) does not fit the free space of {capacity}; not programmed (raise --max-maglev-entries)")]
+    MaglevCapacity {
+        service: ServicePortName,
+        entries: u32,
+        capacity: u32,
     },
     #[error("frontend {frontend}: no free frontend id (limit {limit}); not programmed")]
     FrontendLimit { frontend: String, limit: u32 },
@@ -135,6 +150,82 @@ impl FrontendIdError for Option<anyhow::Error> {
 pub struct SyncReport {
     pub writes: usize,
     pub errors: Vec<SyncError>,
+}
+
+/// Free space in the `MAGLEV` array: first fit over free regions, then the untouched tail. Freed
+/// regions wait one sync in quarantine before reuse.
+#[derive(Debug)]
+struct Regions {
+    capacity: u32,
+    end: u32,
+    free: BTreeMap<u32, u32>,
+    quarantine: Vec<(u32, u32)>,
+}
+
+impl Regions {
+    fn new(capacity: u32) -> Self {
+        Regions {
+            capacity,
+            end: 0,
+            free: BTreeMap::new(),
+            quarantine: Vec::new(),
+        }
+    }
+
+    /// Marks a restored table's region as used; gaps before it become free.
+    fn reserve(&mut self, offset: u32, size: u32) {
+        if size == 0 {
+            return;
+        }
+        if offset > self.end {
+            self.free.insert(self.end, offset - self.end);
+        }
+        self.end = self.end.max(offset + size);
+    }
+
+    fn alloc(&mut self, size: u32) -> Option<u32> {
+        if let Some((&offset, &len)) = self.free.iter().find(|(_, len)| **len >= size) {
+            self.free.remove(&offset);
+            if len > size {
+                self.free.insert(offset + size, len - size);
+            }
+            return Some(offset);
+        }
+        (self.end.checked_add(size)? <= self.capacity).then(|| {
+            self.end += size;
+            self.end - size
+        })
+    }
+
+    fn free_now(&mut self, offset: u32, size: u32) {
+        if size == 0 {
+            return;
+        }
+        self.free.insert(offset, size);
+        // Coalesce with neighbours so large tables find room again.
+        let merged: Vec<(u32, u32)> = self.free.iter().map(|(o, l)| (*o, *l)).collect();
+        self.free.clear();
+        for (o, l) in merged {
+            match self.free.iter_mut().next_back() {
+                Some((po, pl)) if *po + *pl == o => *pl += l,
+                _ => {
+                    self.free.insert(o, l);
+                }
+            }
+        }
+    }
+
+    fn free_later(&mut self, offset: u32, size: u32) {
+        if size > 0 {
+            self.quarantine.push((offset, size));
+        }
+    }
+
+    fn release_quarantine(&mut self) {
+        for (o, l) in std::mem::take(&mut self.quarantine) {
+            self.free_now(o, l);
+        }
+    }
 }
 
 /// Hands out small dense ids, reusing freed ones.
@@ -177,8 +268,10 @@ impl IdPool {
 #[derive(Clone, Debug, Default)]
 struct ServiceSlots {
     service: Service,
-    /// Backend ids of the live bank, in slot order.
+    /// Its backend ids, in address order (the order the Maglev table indexes).
     live: Vec<u32>,
+    /// Its Maglev table as written.
+    table: Vec<u32>,
     /// Its `loadBalancerSourceRanges` entries: (network address, prefix length).
     ranges: BTreeSet<(u32, u8)>,
 }
@@ -194,6 +287,8 @@ pub struct Reconciler {
     /// What each Service port was last successfully programmed with.
     applied: HashMap<ServicePortName, Arc<DesiredService>>,
     backend_pool: IdPool,
+    /// Free space in the `MAGLEV` array.
+    regions: Regions,
     // What the maps hold now (as written by us or restored at start).
     frontends: BTreeMap<FrontendKey, Frontend>,
     services: BTreeMap<u32, ServiceSlots>,
@@ -247,6 +342,7 @@ impl Reconciler {
                     ServiceSlots {
                         service: *s,
                         live: Vec::new(),
+                        table: snapshot.tables.get(id).cloned().unwrap_or_default(),
                         ranges: snapshot
                             .source_ranges
                             .iter()
@@ -257,17 +353,25 @@ impl Reconciler {
                 )
             })
             .collect();
-        for (id, s) in services.iter_mut() {
-            s.live = (0..s.service.backend_count)
-                .map(|i| {
-                    let key = SlotKey {
-                        service_id: *id,
-                        bank: s.service.bank as u16,
-                        index: i as u16,
-                    };
-                    snapshot.slots.get(&key).copied().unwrap_or(0)
-                })
+        for s in services.values_mut() {
+            let mut live: Vec<u32> = s
+                .table
+                .iter()
+                .copied()
+                .collect::<BTreeSet<u32>>()
+                .into_iter()
                 .collect();
+            live.sort_by_key(|id| {
+                snapshot
+                    .backends
+                    .get(id)
+                    .map(|b| (common::ipv4_octets(b.addr), common::port_host(b.port)))
+            });
+            s.live = live;
+        }
+        let mut regions = Regions::new(limits.maglev_entries);
+        for s in services.values() {
+            regions.reserve(s.service.table_offset, s.service.table_size);
         }
         let backend_ids = snapshot
             .backends
@@ -292,6 +396,7 @@ impl Reconciler {
             applied: HashMap::new(),
             frontend_pool: IdPool::new(limits.frontends.min(u16::MAX as u32 + 1)),
             frontends: snapshot.frontends,
+            regions,
             services,
             backends: snapshot.backends,
         }
@@ -325,6 +430,8 @@ impl Reconciler {
     /// Brings the maps to `desired` with the fewest writes.
     pub fn reconcile(&mut self, desired: &DesiredState, maps: &mut dyn DatapathMaps) -> SyncReport {
         let mut report = SyncReport::default();
+        // Regions retired by the previous sync: no packet can still be reading them.
+        self.regions.release_quarantine();
         // Frontend key -> (service id, kind flags).
         let mut wanted_frontends: BTreeMap<FrontendKey, (u32, u16)> = BTreeMap::new();
         let mut live_services: HashSet<u32> = HashSet::with_capacity(desired.services.len());
@@ -591,11 +698,10 @@ impl Reconciler {
             ids.push(bid);
         }
 
-        let mut flags = if want.when_empty == WhenEmpty::Drop {
-            SERVICE_DROP_WHEN_EMPTY
-        } else {
-            0
-        };
+        let mut flags = SERVICE_IN_USE;
+        if want.when_empty == WhenEmpty::Drop {
+            flags |= SERVICE_DROP_WHEN_EMPTY;
+        }
         if want.source_ranges.is_some() {
             flags |= SERVICE_SOURCE_RANGES;
         }
@@ -605,11 +711,33 @@ impl Reconciler {
             .flatten()
             .map(|(net, len)| (common::ipv4(net.octets()), *len))
             .collect();
+        // Ids in address order: the order the Maglev table indexes, whatever order they came in.
+        let mut addrs: Vec<(Ipv4Addr, u16)> =
+            want.backends.iter().map(|b| (b.ip, b.port)).collect();
+        let mut by_addr: Vec<((Ipv4Addr, u16), u32)> =
+            addrs.iter().copied().zip(ids.iter().copied()).collect();
+        by_addr.sort();
+        by_addr.dedup();
+        let ids: Vec<u32> = by_addr.iter().map(|(_, id)| *id).collect();
+        addrs.sort();
+        addrs.dedup();
         let current = self.services.get(&id).cloned().unwrap_or_default();
         let known = self.services.contains_key(&id);
         let affinity = want.affinity_timeout_s;
+        // The Maglev table: a function of the backends' addresses only, so every node agrees.
+        let table: Vec<u32> = if ids.is_empty() {
+            Vec::new()
+        } else if current.live == ids && known {
+            current.table.clone()
+        } else {
+            let m = maglev::table_size(ids.len(), self.limits.maglev_table_max);
+            maglev::build(&addrs, m)
+                .into_iter()
+                .map(|i| ids[i as usize])
+                .collect()
+        };
         if known
-            && current.live == ids
+            && current.table == table
             && current.service.flags == flags
             && current.service.affinity_timeout_s == affinity
             && current.ranges == ranges
@@ -622,51 +750,58 @@ impl Reconciler {
             report.writes += 1;
         }
 
-        // 2. Slots into the idle bank, 3. one service update makes them live, 4. clear the old bank.
-        let (bank, live) = if current.live == ids && known {
-            (current.service.bank, current.live.clone())
+        // 2. The table into free space, 3. one service update makes it live.
+        let (offset, size) = if known && table == current.table {
+            (current.service.table_offset, current.service.table_size)
+        } else if table.is_empty() {
+            (0, 0)
         } else {
-            let bank = current.service.bank ^ 1;
-            for (i, bid) in ids.iter().enumerate() {
-                let key = SlotKey {
-                    service_id: id,
-                    bank: bank as u16,
-                    index: i as u16,
-                };
-                maps.write_slot(&key, *bid).map_err(write_err)?;
-                report.writes += 1;
+            let size = table.len() as u32;
+            let Some(offset) = self.regions.alloc(size) else {
+                return Err(SyncError::MaglevCapacity {
+                    service: name.clone(),
+                    entries: size,
+                    capacity: self.limits.maglev_entries,
+                });
+            };
+            if let Err(e) = maps.write_table(offset, &table) {
+                self.regions.free_now(offset, size);
+                return Err(write_err(e));
             }
-            (bank, ids)
+            report.writes += 1;
+            (offset, size)
         };
         let service = Service {
-            backend_count: live.len() as u32,
-            bank,
+            table_offset: offset,
+            table_size: size,
+            backend_count: ids.len() as u32,
             flags,
             affinity_timeout_s: affinity,
+            _pad: 0,
         };
-        maps.write_service(id, &service).map_err(write_err)?;
+        if let Err(e) = maps.write_service(id, &service) {
+            if (offset, size) != (current.service.table_offset, current.service.table_size)
+                && size > 0
+            {
+                self.regions.free_now(offset, size);
+            }
+            return Err(write_err(e));
+        }
         report.writes += 1;
+        if (offset, size) != (current.service.table_offset, current.service.table_size) {
+            self.regions
+                .free_later(current.service.table_offset, current.service.table_size);
+        }
         // Clients stuck to a backend that left must get a new one on their next flow.
         if current.service.affinity_timeout_s != 0 || affinity != 0 {
             let gone: Vec<u32> = current
                 .live
                 .iter()
-                .filter(|b| !live.contains(*b))
+                .filter(|b| !ids.contains(*b))
                 .copied()
                 .collect();
             if !gone.is_empty() {
                 maps.purge_affinity(id, Some(&gone)).map_err(write_err)?;
-                report.writes += 1;
-            }
-        }
-        if bank != current.service.bank {
-            for i in 0..current.live.len() {
-                let key = SlotKey {
-                    service_id: id,
-                    bank: current.service.bank as u16,
-                    index: i as u16,
-                };
-                maps.remove_slot(&key).map_err(write_err)?;
                 report.writes += 1;
             }
         }
@@ -679,7 +814,8 @@ impl Reconciler {
             id,
             ServiceSlots {
                 service,
-                live,
+                live: ids,
+                table,
                 ranges,
             },
         );
@@ -706,14 +842,8 @@ impl Reconciler {
             maps.remove_source_range(id, *addr, *len)?;
             report.writes += 1;
         }
-        for i in 0..s.live.len() {
-            maps.remove_slot(&SlotKey {
-                service_id: id,
-                bank: s.service.bank as u16,
-                index: i as u16,
-            })?;
-            report.writes += 1;
-        }
+        self.regions
+            .free_later(s.service.table_offset, s.service.table_size);
         self.services.remove(&id);
         self.service_pool.release(id);
         Ok(())
@@ -731,6 +861,8 @@ pub struct FakeMaps {
     pub fail_at_write: Option<usize>,
     pub stats_resets: Vec<u16>,
     pub affinity_purges: Vec<(u32, Option<Vec<u32>>)>,
+    /// The `MAGLEV` array, sparse.
+    pub maglev: BTreeMap<u32, u32>,
 }
 
 impl FakeMaps {
@@ -753,20 +885,19 @@ impl FakeMaps {
                 .get(&fe.service_id)
                 .copied()
                 .unwrap_or_default();
-            for i in 0..s.backend_count {
-                let slot = SlotKey {
-                    service_id: fe.service_id,
-                    bank: s.bank as u16,
-                    index: i as u16,
-                };
+            assert_eq!(
+                s.backend_count == 0,
+                s.table_size == 0,
+                "{key:?}: table size vs backends"
+            );
+            for i in 0..s.table_size {
                 let bid = self
-                    .state
-                    .slots
-                    .get(&slot)
-                    .unwrap_or_else(|| panic!("{key:?}: missing slot {slot:?}"));
+                    .maglev
+                    .get(&(s.table_offset + i))
+                    .unwrap_or_else(|| panic!("{key:?}: table entry {i} of {s:?} not written"));
                 assert!(
                     self.state.backends.contains_key(bid),
-                    "{key:?}: slot {slot:?} -> missing backend {bid}"
+                    "{key:?}: table entry {i} -> missing backend {bid}"
                 );
             }
         }
@@ -786,15 +917,11 @@ impl DatapathMaps for FakeMaps {
         self.check();
         Ok(())
     }
-    fn write_slot(&mut self, key: &SlotKey, backend_id: u32) -> anyhow::Result<()> {
+    fn write_table(&mut self, offset: u32, entries: &[u32]) -> anyhow::Result<()> {
         self.write()?;
-        self.state.slots.insert(*key, backend_id);
-        self.check();
-        Ok(())
-    }
-    fn remove_slot(&mut self, key: &SlotKey) -> anyhow::Result<()> {
-        self.write()?;
-        self.state.slots.remove(key);
+        for (i, id) in entries.iter().enumerate() {
+            self.maglev.insert(offset + i as u32, *id);
+        }
         self.check();
         Ok(())
     }
@@ -858,7 +985,20 @@ impl DatapathMaps for FakeMaps {
         Ok(())
     }
     fn snapshot(&self) -> anyhow::Result<Snapshot> {
-        Ok(self.state.clone())
+        let mut s = self.state.clone();
+        s.tables = s
+            .services
+            .iter()
+            .map(|(id, svc)| {
+                (
+                    *id,
+                    (0..svc.table_size)
+                        .map(|i| self.maglev[&(svc.table_offset + i)])
+                        .collect(),
+                )
+            })
+            .collect();
+        Ok(s)
     }
 }
 
@@ -909,19 +1049,19 @@ mod tests {
         }
     }
 
+    /// The distinct backends a frontend's Maglev table selects from, by address.
     fn live_backends(maps: &FakeMaps, fe: &FrontendAddr) -> Vec<Ipv4Addr> {
         let fe = maps.state.frontends[&frontend_key(fe)];
         let s = maps.state.services[&fe.service_id];
-        (0..s.backend_count)
-            .map(|i| {
-                let bid = maps.state.slots[&SlotKey {
-                    service_id: fe.service_id,
-                    bank: s.bank as u16,
-                    index: i as u16,
-                }];
-                Ipv4Addr::from(common::ipv4_octets(maps.state.backends[&bid].addr))
-            })
-            .collect()
+        let ids: BTreeSet<u32> = (0..s.table_size)
+            .map(|i| maps.maglev[&(s.table_offset + i)])
+            .collect();
+        let mut ips: Vec<Ipv4Addr> = ids
+            .iter()
+            .map(|id| Ipv4Addr::from(common::ipv4_octets(maps.state.backends[id].addr)))
+            .collect();
+        ips.sort();
+        ips
     }
 
     fn fe(node: u8, port: u16) -> FrontendAddr {
@@ -956,7 +1096,7 @@ mod tests {
     }
 
     #[test]
-    fn backend_changes_flip_banks_without_a_bad_window() {
+    fn backend_changes_swap_tables_without_a_bad_window() {
         let mut maps = FakeMaps {
             check_every_write: true,
             ..Default::default()
@@ -966,15 +1106,17 @@ mod tests {
             &state(&[("a", service(30001, &[(1, false), (2, false), (3, false)]))]),
             &mut maps,
         );
-        let bank_before = maps.state.services.values().next().unwrap().bank;
+        let before = *maps.state.services.values().next().unwrap();
+        assert_eq!(before.table_size, 509, "prime >= 100 x 3 backends");
         let report = r.reconcile(
             &state(&[("a", service(30001, &[(1, false), (3, false), (4, true)]))]),
             &mut maps,
         );
         assert!(report.errors.is_empty());
+        let after = *maps.state.services.values().next().unwrap();
         assert_ne!(
-            maps.state.services.values().next().unwrap().bank,
-            bank_before
+            after.table_offset, before.table_offset,
+            "a new table, not an overwrite of the live one"
         );
         assert_eq!(
             live_backends(&maps, &fe(11, 30001)),
@@ -984,8 +1126,25 @@ mod tests {
                 Ipv4Addr::new(198, 19, 1, 4)
             ]
         );
-        assert_eq!(maps.state.slots.len(), 3, "old bank cleared");
         assert_eq!(maps.state.backends.len(), 3, "removed backend cleared");
+        // The old region is reused only after a sync in quarantine.
+        r.reconcile(
+            &state(&[
+                ("a", service(30001, &[(1, false), (3, false), (4, true)])),
+                ("b", service(30002, &[(9, false)])),
+            ]),
+            &mut maps,
+        );
+        let b = maps
+            .state
+            .services
+            .values()
+            .find(|s| s.backend_count == 1)
+            .unwrap();
+        assert_eq!(
+            b.table_offset, before.table_offset,
+            "freed region reused once quarantine passed"
+        );
     }
 
     #[test]
@@ -1005,7 +1164,15 @@ mod tests {
         r.reconcile(&state(&[("b", service(30002, &[(2, false)]))]), &mut maps);
         assert_eq!(maps.state.frontends.len(), 2);
         assert_eq!(maps.state.services.len(), 1);
-        assert_eq!(maps.state.slots.len(), 1);
+        assert_eq!(
+            maps.state
+                .services
+                .values()
+                .map(|s| s.table_size)
+                .sum::<u32>(),
+            251,
+            "only b's table is live"
+        );
         assert_eq!(maps.state.backends.len(), 1);
         r.reconcile(&DesiredState::default(), &mut maps);
         assert_eq!(maps.state, Snapshot::default());
@@ -1059,6 +1226,7 @@ mod tests {
             services: 2,
             backends: 100,
             backends_per_service: 2,
+            ..Default::default()
         };
         let mut r = Reconciler::restore(Snapshot::default(), limits);
         let want = state(&[
@@ -1174,9 +1342,9 @@ mod tests {
         changed[7].1 = service(30007, &[(200, false)]);
         let report = r.reconcile(&as_state(&changed), &mut maps);
         assert!(report.errors.is_empty());
-        // New backend, its slot, the service flip, the old slot, the old backend.
-        assert_eq!(report.writes, 5, "only s7's entries");
-        assert_eq!(maps.writes - before, 5);
+        // The new backend, s7's new table, the service flip, the old backend.
+        assert_eq!(report.writes, 4, "only s7's entries");
+        assert_eq!(maps.writes - before, 4);
     }
 
     #[test]

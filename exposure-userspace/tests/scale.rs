@@ -9,7 +9,7 @@ use std::{
 };
 
 use exposure::{datapath::KernelMaps, sync::DatapathMaps as _};
-use exposure_common::{ipv4_octets, port_host, SlotKey};
+use exposure_common::{ipv4_octets, port_host};
 use exposure_lab::{
     agent::{Agent, Source},
     apiserver::ApiServer,
@@ -48,12 +48,13 @@ fn ten_thousand_services_with_a_hundred_thousand_endpoints_sync_completely() {
     let kubeconfig = dir.join("kubeconfig");
     std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
 
-    let mut agent = Agent::spawn(
+    let mut agent = Agent::spawn_with(
         Path::new(BIN),
         &prefix,
         node,
         &Source::Kubeconfig(&kubeconfig),
         &dir,
+        &["--max-maglev-entries", "12000000"],
     )
     .unwrap();
     agent
@@ -69,17 +70,16 @@ fn ten_thousand_services_with_a_hundred_thousand_endpoints_sync_completely() {
     );
     assert_eq!(s.services.len(), SERVICES);
     assert_eq!(s.backends.len(), SERVICES * PER_SERVICE);
-    // Every live slot table is complete and points at the right endpoints.
+    // Every Maglev table is complete and points at the right endpoints.
     let mut seen = BTreeSet::new();
     for fe in s.frontends.values() {
         let svc = s.services[&fe.service_id];
         assert_eq!(svc.backend_count as usize, PER_SERVICE);
-        for i in 0..svc.backend_count {
-            let bid = s.slots[&SlotKey {
-                service_id: fe.service_id,
-                bank: svc.bank as u16,
-                index: i as u16,
-            }];
+        let table = &s.tables[&fe.service_id];
+        assert_eq!(table.len(), 1021, "Maglev: a prime >= 100 x backends");
+        let distinct: BTreeSet<u32> = table.iter().copied().collect();
+        assert_eq!(distinct.len(), PER_SERVICE, "every backend owns entries");
+        for bid in distinct {
             let b = s.backends[&bid];
             seen.insert((Ipv4Addr::from(ipv4_octets(b.addr)), port_host(b.port)));
         }
