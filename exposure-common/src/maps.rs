@@ -221,6 +221,7 @@ pub enum Counter {
     NoBackend,
     DroppedNoLocalBackend,
     SourceRangeDenied,
+    IcmpErrorsTranslated,
     FibFailed,
     NeighborMissing,
     SnatExhausted,
@@ -229,7 +230,7 @@ pub enum Counter {
 }
 
 impl Counter {
-    pub const COUNT: u32 = 14;
+    pub const COUNT: u32 = 15;
     pub const ALL: [Counter; Counter::COUNT as usize] = [
         Counter::FrontendPackets,
         Counter::NewFlows,
@@ -240,6 +241,7 @@ impl Counter {
         Counter::NoBackend,
         Counter::DroppedNoLocalBackend,
         Counter::SourceRangeDenied,
+        Counter::IcmpErrorsTranslated,
         Counter::FibFailed,
         Counter::NeighborMissing,
         Counter::SnatExhausted,
@@ -258,6 +260,7 @@ impl Counter {
             Counter::NoBackend => "refused_no_backend",
             Counter::DroppedNoLocalBackend => "dropped_no_local_backend",
             Counter::SourceRangeDenied => "dropped_source_range",
+            Counter::IcmpErrorsTranslated => "icmp_errors_translated",
             Counter::FibFailed => "fib_lookup_failed",
             Counter::NeighborMissing => "neighbor_missing",
             Counter::SnatExhausted => "snat_ports_exhausted",

@@ -5,6 +5,7 @@
 #![no_main]
 
 mod forward;
+mod icmp;
 mod maps;
 mod nat;
 mod parse;
@@ -52,6 +53,9 @@ pub fn exposure_xdp(ctx: XdpContext) -> u32 {
 fn try_xdp(ctx: &XdpContext) -> Result<u32, ()> {
     let p = match parse(ctx)? {
         Parsed::Other => return Ok(xdp_action::XDP_PASS),
+        Parsed::Icmp(off) => {
+            return Ok(icmp_error_to_client(ctx, off).unwrap_or(xdp_action::XDP_PASS))
+        }
         Parsed::Fragment => {
             count(Counter::Fragments);
             return Ok(xdp_action::XDP_PASS);
@@ -492,6 +496,73 @@ fn reply_to_client(ctx: &XdpContext, p: &Packet, reply: *mut Reply) -> Result<u3
     Ok(transmit(ctx, r.ifindex))
 }
 
+/// An ICMP error about a SNATed flow (from its backend, or a router on the way): translate it like the
+/// flow's replies and send it to the client. Anything else ICMP is the kernel's.
+#[inline(always)]
+fn icmp_error_to_client(ctx: &XdpContext, off: usize) -> Result<u32, ()> {
+    let msg: *mut [u8; icmp::SPAN] = ptr_at(ctx, off)?;
+    let mut b = unsafe { *msg };
+    if !icmp::is_error(b[0]) {
+        return Err(());
+    }
+    let key = icmp::quoted_flow(&b).ok_or(())?;
+    if port_host(key.dport) < SNAT_PORT_MIN {
+        return Err(());
+    }
+    let r = unsafe { REPLIES.get(&key) }.copied().ok_or(())?;
+    if r.flags & FLOW_REMOTE == 0 {
+        return Err(());
+    }
+    icmp::translate_quote(&mut b, &r);
+    unsafe { msg.write_unaligned(b) };
+    let check: *mut u16 = ptr_at(ctx, ETH_LEN + IP_CHECK)?;
+    let saddr: *mut u32 = ptr_at(ctx, ETH_LEN + IP_SADDR)?;
+    let daddr: *mut u32 = ptr_at(ctx, ETH_LEN + IP_DADDR)?;
+    unsafe {
+        let mut c = check.read_unaligned();
+        c = checksum::replace4(c, saddr.read_unaligned(), r.frontend_addr);
+        c = checksum::replace4(c, daddr.read_unaligned(), r.client_addr);
+        check.write_unaligned(c);
+        saddr.write_unaligned(r.frontend_addr);
+        daddr.write_unaligned(r.client_addr);
+    }
+    set_macs(ctx, &r.client_mac, &r.node_mac)?;
+    count(Counter::IcmpErrorsTranslated);
+    Ok(transmit(ctx, r.ifindex))
+}
+
+/// An ICMP error a local backend sends about its flow: quote and source as the client expects.
+#[inline(always)]
+fn tc_icmp_error(ctx: &TcContext, l4_off: usize) -> Result<i32, ()> {
+    let mut b: [u8; icmp::SPAN] = ctx.load(l4_off).map_err(|_| ())?;
+    if !icmp::is_error(b[0]) {
+        return Ok(TC_ACT_UNSPEC);
+    }
+    let Some(key) = icmp::quoted_flow(&b) else {
+        return Ok(TC_ACT_UNSPEC);
+    };
+    let Some(r) = (unsafe { REPLIES.get(&key) }).copied() else {
+        return Ok(TC_ACT_UNSPEC);
+    };
+    if r.flags & FLOW_REMOTE != 0 {
+        return Ok(TC_ACT_UNSPEC);
+    }
+    icmp::translate_quote(&mut b, &r);
+    let old_src: u32 = ctx.load(ETH_LEN + IP_SADDR).map_err(|_| ())?;
+    ctx.store(l4_off, &b, 0).map_err(|_| ())?;
+    ctx.l3_csum_replace(
+        ETH_LEN + IP_CHECK,
+        old_src as u64,
+        r.frontend_addr as u64,
+        4,
+    )
+    .map_err(|_| ())?;
+    ctx.store(ETH_LEN + IP_SADDR, &r.frontend_addr, 0)
+        .map_err(|_| ())?;
+    count(Counter::IcmpErrorsTranslated);
+    Ok(TC_ACT_OK)
+}
+
 /// Replies from local backends leave through the node's stack: restore the frontend as source.
 #[classifier]
 pub fn exposure_tc_egress(ctx: TcContext) -> i32 {
@@ -506,6 +577,11 @@ fn try_tc_egress(ctx: &TcContext) -> Result<i32, ()> {
     }
     let ip: [u8; 20] = ctx.load(ETH_LEN).map_err(|_| ())?;
     let proto = ip[IP_PROTO];
+    if proto == IPPROTO_ICMP
+        && u16::from_be_bytes([ip[IP_FRAG_OFF], ip[IP_FRAG_OFF + 1]]) & 0x3fff == 0
+    {
+        return tc_icmp_error(ctx, ETH_LEN + ((ip[0] & 0x0f) as usize) * 4);
+    }
     if (proto != PROTO_TCP && proto != PROTO_UDP)
         || u16::from_be_bytes([ip[IP_FRAG_OFF], ip[IP_FRAG_OFF + 1]]) & 0x3fff != 0
     {

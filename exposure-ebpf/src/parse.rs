@@ -47,8 +47,10 @@ pub struct Packet {
 }
 
 pub enum Parsed {
-    /// Not IPv4 TCP/UDP: not ours.
+    /// Not IPv4 TCP/UDP/ICMP: not ours.
     Other,
+    /// An ICMP message; its header starts at this offset.
+    Icmp(usize),
     /// A non-first or more-fragments IPv4 packet: passed to the kernel untouched.
     Fragment,
     Packet(Packet),
@@ -71,6 +73,11 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, ()> {
         return Err(());
     }
     let proto = ip[IP_PROTO];
+    if proto == IPPROTO_ICMP
+        && u16::from_be_bytes([ip[IP_FRAG_OFF], ip[IP_FRAG_OFF + 1]]) & 0x3fff == 0
+    {
+        return Ok(Parsed::Icmp(ETH_LEN + ihl));
+    }
     if proto != exposure_common::PROTO_TCP && proto != exposure_common::PROTO_UDP {
         return Ok(Parsed::Other);
     }

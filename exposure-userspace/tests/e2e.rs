@@ -694,3 +694,39 @@ fn agent_counter(c: &Cluster, event: &str) -> f64 {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0)
 }
+
+#[test]
+fn icmp_errors_from_backends_reach_the_client() {
+    // The pod is ready but nothing listens on the target port: it answers ICMP port unreachable,
+    // which must reach the client translated (via node-1 the pod is local, via node-2 remote).
+    let manifest = service(
+        "nolisten",
+        "NodePort",
+        "  - {name: u, protocol: UDP, port: 53, targetPort: 50001, nodePort: 30053}\n",
+        "",
+    ) + "---\n"
+        + &slice(
+            "nolisten",
+            "- {name: u, protocol: UDP, port: 50001}\n",
+            &[(exposure_lab::lab::pod_ip(0, 0), "node-1")],
+        );
+    let c = Cluster::start(&[1, 0], &[("nolisten.yaml", manifest)]);
+    for n in 0..2 {
+        let started = Instant::now();
+        let err = apps::udp_ask(&c.lab.client, c.node(n, 30053)).expect_err("nothing listens");
+        let kind = err
+            .root_cause()
+            .downcast_ref::<std::io::Error>()
+            .map(|e| e.kind());
+        assert_eq!(
+            kind,
+            Some(ErrorKind::ConnectionRefused),
+            "via node-{}: {err:#}",
+            n + 1
+        );
+        assert!(
+            started.elapsed() < apps::IO_TIMEOUT,
+            "refused, not timed out"
+        );
+    }
+}

@@ -828,3 +828,98 @@ fn independent_nodes_pick_the_same_backend_for_a_flow() {
         }
     });
 }
+
+/// An ICMP error from `from` to `to` quoting `quoted` (its IP header and first 8 L4 bytes).
+fn icmp_error(from: Ipv4Addr, to: Ipv4Addr, icmp_type: u8, code: u8, quoted: &[u8]) -> Vec<u8> {
+    let quote = &quoted[14..14 + 28];
+    let mut icmp = vec![icmp_type, code, 0, 0, 0, 0, 0x05, 0xdc]; // next-hop MTU 1500 for code 4
+    icmp.extend_from_slice(quote);
+    let c = exposure_common::checksum::checksum(&icmp);
+    icmp[2..4].copy_from_slice(&c.to_ne_bytes());
+    let mut spec = FrameSpec::udp((from, 0), (to, 0));
+    spec.payload = Vec::new();
+    let mut f = spec.build();
+    f.truncate(14 + 20);
+    f[14 + 9] = frame::ICMP;
+    let total = (20 + icmp.len()) as u16;
+    f[16..18].copy_from_slice(&total.to_be_bytes());
+    f[24..26].copy_from_slice(&[0, 0]);
+    let c = exposure_common::checksum::checksum(&f[14..34]);
+    f[24..26].copy_from_slice(&c.to_ne_bytes());
+    f.extend_from_slice(&icmp);
+    f
+}
+
+/// Checks an ICMP error's outer and quoted headers after translation.
+fn assert_icmp_quote(
+    out: &[u8],
+    outer: (Ipv4Addr, Ipv4Addr),
+    quote_src: (Ipv4Addr, u16),
+    quote_dst: (Ipv4Addr, u16),
+) {
+    let p = frame::parse(out).unwrap();
+    assert_eq!(p.proto, frame::ICMP);
+    assert_eq!((p.src, p.dst), outer);
+    assert!(
+        p.ip_checksum_ok && p.l4_checksum_ok,
+        "outer IP / ICMP checksum"
+    );
+    let q = &p.l4[8..];
+    assert_eq!(
+        exposure_common::checksum::checksum(&q[..20]),
+        0,
+        "quoted IP header checksum"
+    );
+    let ip = |o: usize| Ipv4Addr::new(q[o], q[o + 1], q[o + 2], q[o + 3]);
+    let port = |o: usize| u16::from_be_bytes([q[o], q[o + 1]]);
+    assert_eq!((ip(12), port(20)), quote_src);
+    assert_eq!((ip(16), port(22)), quote_dst);
+}
+
+#[test]
+fn icmp_errors_about_snated_flows_reach_the_client_translated() {
+    with_datapath(|h| {
+        h.program(&hello(&[(REMOTE_POD, false)]));
+        for (proto, from, icmp_type, code) in [
+            (UDP, REMOTE_POD, 3, 3),
+            (TCP, Ipv4Addr::new(198, 18, 0, 20), 3, 4),
+        ] {
+            let client = (CLIENT, 45000 + proto as u16);
+            let mut first = if proto == UDP {
+                FrameSpec::udp(client, (NODE, NODE_PORT))
+            } else {
+                FrameSpec::tcp(client, (NODE, NODE_PORT), SYN)
+            };
+            first.dst_mac = h.node_mac;
+            let first = first.build();
+            let (verdict, sent) = h.xdp(&first);
+            assert_eq!(verdict, XDP_TX);
+            // The backend (port unreachable) or a router on the way (fragmentation needed) answers.
+            let (verdict, out) = h.xdp(&icmp_error(from, NODE, icmp_type, code, &sent));
+            assert_eq!(verdict, XDP_TX, "type {icmp_type} code {code}");
+            assert_icmp_quote(&out, (NODE, CLIENT), client, (NODE, NODE_PORT));
+            assert_eq!(out[..6], first[6..12], "to the client's MAC");
+        }
+        assert_eq!(h.counter(Counter::IcmpErrorsTranslated), 2);
+        // Not about any flow of ours, or not an error: untouched.
+        let unrelated = FrameSpec::udp((REMOTE_POD, 50000), (NODE, 61999)).build();
+        let stray = icmp_error(REMOTE_POD, NODE, 3, 3, &unrelated);
+        assert_eq!(h.xdp(&stray), (XDP_PASS, stray.clone()));
+        let mut echo = icmp_error(CLIENT, NODE, 8, 0, &unrelated);
+        echo[34] = 8;
+        assert_eq!(h.xdp(&echo).0, XDP_PASS);
+    });
+}
+
+#[test]
+fn icmp_errors_from_local_backends_are_translated_at_tc() {
+    with_datapath(|h| {
+        h.program(&hello(&[(LOCAL_POD, true)]));
+        let client = (CLIENT, 45100);
+        let (_, delivered) = h.xdp(&FrameSpec::udp(client, (NODE, NODE_PORT)).build());
+        // The pod has nothing on that port and says so, to the client, quoting what it got.
+        let (verdict, out) = h.tc(&icmp_error(LOCAL_POD, CLIENT, 3, 3, &delivered));
+        assert_eq!(verdict, TC_ACT_OK);
+        assert_icmp_quote(&out, (NODE, CLIENT), client, (NODE, NODE_PORT));
+    });
+}
