@@ -126,6 +126,19 @@ fn close_bits(p: &Packet, from_client: bool) -> u32 {
     }
 }
 
+/// The key of the flow (client -> frontend) a reply entry belongs to.
+#[inline(always)]
+fn client_key(r: &Reply, proto: u8) -> FlowKey {
+    FlowKey {
+        saddr: r.client_addr,
+        daddr: r.frontend_addr,
+        sport: r.client_port,
+        dport: r.frontend_port,
+        proto,
+        _pad: [0; 3],
+    }
+}
+
 /// The key under which a flow's replies arrive.
 #[inline(always)]
 fn reply_key(client: &FlowKey, flow: &Flow) -> FlowKey {
@@ -473,14 +486,7 @@ fn reply_to_client(ctx: &XdpContext, p: &Packet, reply: *mut Reply) -> Result<u3
     if r.flags & FLOW_REMOTE == 0 {
         return Ok(xdp_action::XDP_PASS);
     }
-    let client = FlowKey {
-        saddr: r.client_addr,
-        daddr: r.frontend_addr,
-        sport: r.client_port,
-        dport: r.frontend_port,
-        proto: p.proto,
-        _pad: [0; 3],
-    };
+    let client = client_key(&r, p.proto);
     if let Some(flow) = FLOWS.get_ptr_mut(&client) {
         touch(flow, reply, close_bits(p, false), now_ns());
     }
@@ -614,14 +620,7 @@ fn try_tc_egress(ctx: &TcContext) -> Result<i32, ()> {
     } else {
         0
     };
-    let client = FlowKey {
-        saddr: r.client_addr,
-        daddr: r.frontend_addr,
-        sport: r.client_port,
-        dport: r.frontend_port,
-        proto,
-        _pad: [0; 3],
-    };
+    let client = client_key(&r, proto);
     if let Some(flow) = FLOWS.get_ptr_mut(&client) {
         let p = Packet {
             l4_off,

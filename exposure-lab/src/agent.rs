@@ -156,13 +156,14 @@ impl Drop for Agent {
     }
 }
 
-/// Status code of GET /healthz on the node's loopback.
-pub fn healthz(node: &Node) -> anyhow::Result<u16> {
-    node.ns.run(|| -> anyhow::Result<u16> {
+/// GET `path` from `port` on the node's loopback: (status code, body).
+fn get(node: &Node, port: u16, path: &str) -> anyhow::Result<(u16, String)> {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    node.ns.run(move || -> anyhow::Result<(u16, String)> {
         let mut s =
-            TcpStream::connect_timeout(&"127.0.0.1:10256".parse()?, Duration::from_millis(500))?;
-        s.set_read_timeout(Some(Duration::from_secs(2)))?;
-        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")?;
+            TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(500))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(request.as_bytes())?;
         let mut out = String::new();
         s.read_to_string(&mut out)?;
         let code = out
@@ -170,22 +171,21 @@ pub fn healthz(node: &Node) -> anyhow::Result<u16> {
             .nth(1)
             .context("no status")?
             .parse()?;
-        Ok(code)
+        Ok((
+            code,
+            out.split_once("\r\n\r\n")
+                .map(|(_, b)| b.to_string())
+                .unwrap_or_default(),
+        ))
     })?
+}
+
+/// Status code of GET /healthz on the node's loopback.
+pub fn healthz(node: &Node) -> anyhow::Result<u16> {
+    Ok(get(node, 10256, "/healthz")?.0)
 }
 
 /// The agent's Prometheus text from `/metrics` on the node's loopback.
 pub fn metrics(node: &Node) -> anyhow::Result<String> {
-    node.ns.run(|| -> anyhow::Result<String> {
-        let mut s =
-            TcpStream::connect_timeout(&"127.0.0.1:10249".parse()?, Duration::from_millis(500))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")?;
-        let mut out = String::new();
-        s.read_to_string(&mut out)?;
-        Ok(out
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default())
-    })?
+    Ok(get(node, 10249, "/metrics")?.1)
 }

@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod apiserver;
 pub mod apps;
+pub mod control_plane;
 pub mod frame;
 pub mod lab;
 pub mod netns;

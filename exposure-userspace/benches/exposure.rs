@@ -9,7 +9,7 @@
 
 use std::{
     fmt::Write as _,
-    net::{Ipv4Addr, SocketAddr},
+    net::Ipv4Addr,
     path::Path,
     time::{Duration, Instant},
 };
@@ -18,8 +18,8 @@ use exposure::datapath::KernelMaps;
 use exposure_common::{ipv4, port, FrontendKey, PROTO_TCP};
 use exposure_lab::{
     agent::{Agent, Source},
-    apiserver::ApiServer,
-    lab::{Lab, CONTROL_PLANE_IP},
+    control_plane::ControlPlane,
+    lab::Lab,
     netns::unique_prefix,
     scale,
 };
@@ -29,7 +29,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_exposure");
 const PER_SERVICE: usize = 10;
 const CHANGES: usize = 25;
 
-struct ControlPlane {
+struct ControlPlaneResult {
     services: usize,
     full_sync: Duration,
     reconcile: Duration,
@@ -88,30 +88,15 @@ fn live_backends(maps: &KernelMaps, i: usize) -> Vec<(u32, u16)> {
         .collect()
 }
 
-fn control_plane(services: usize) -> ControlPlane {
+fn control_plane(services: usize) -> ControlPlaneResult {
     let prefix = unique_prefix("b");
     let lab = Lab::new(&prefix, &[0]).expect("lab");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let handle = rt.handle().clone();
-    let api = lab
-        .lan
-        .run(move || ApiServer::start(&handle, SocketAddr::from((CONTROL_PLANE_IP, 0))))
-        .unwrap()
-        .unwrap();
     let node = &lab.nodes[0];
-    api.apply(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node.name}}));
-    let objects: Vec<Value> = scale::objects(services, PER_SERVICE, &node.name);
-    for o in objects.iter().cloned() {
-        api.apply(o);
-    }
     let dir = std::env::temp_dir().join(&prefix);
-    std::fs::create_dir_all(&dir).unwrap();
-    let kubeconfig = dir.join("kubeconfig");
-    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+    let cp = ControlPlane::start(&lab, &dir).unwrap();
+    let objects: Vec<Value> = scale::objects(services, PER_SERVICE, &node.name);
+    cp.apply_all(objects.iter().cloned());
+    let (api, kubeconfig) = (&cp.api, cp.kubeconfig.clone());
 
     let started = Instant::now();
     let mut agent = Agent::spawn_with(
@@ -167,7 +152,7 @@ fn control_plane(services: usize) -> ControlPlane {
     drop(lab);
     let _ = std::fs::remove_dir_all(&dir);
     change_latency.sort();
-    ControlPlane {
+    ControlPlaneResult {
         services,
         full_sync,
         reconcile,

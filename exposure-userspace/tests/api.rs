@@ -12,9 +12,9 @@ use std::{
 
 use exposure_lab::{
     agent::{self, Agent, Source},
-    apiserver::ApiServer,
     apps::{self, parse_answer, Server},
-    lab::{lb_ip, pod_ip, Lab, CLIENT_IP, CONTROL_PLANE_IP},
+    control_plane::ControlPlane,
+    lab::{lb_ip, pod_ip, Lab, CLIENT_IP},
     netns::unique_prefix,
 };
 use serde_json::{json, Value};
@@ -24,11 +24,9 @@ const BIN: &str = env!("CARGO_BIN_EXE_exposure");
 struct Cluster {
     agents: Vec<Agent>,
     _servers: Vec<Server>,
-    api: ApiServer,
-    kubeconfig: PathBuf,
+    cp: ControlPlane,
     dir: PathBuf,
     lab: Lab,
-    _rt: tokio::runtime::Runtime,
 }
 
 impl Drop for Cluster {
@@ -36,11 +34,6 @@ impl Drop for Cluster {
         self.agents.clear();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-fn node_json(name: &str, ip: Ipv4Addr) -> Value {
-    json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name},
-           "status": {"addresses": [{"type": "InternalIP", "address": ip.to_string()}, {"type": "Hostname", "address": name}]}})
 }
 
 fn service_json(name: &str, spec: Value) -> Value {
@@ -91,35 +84,15 @@ impl Cluster {
             .pods()
             .map(|(_, p)| apps::serve(&p.ns, 50000, &p.name).expect("server"))
             .collect();
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let handle = rt.handle().clone();
-        let api = lab
-            .lan
-            .run(move || ApiServer::start(&handle, SocketAddr::from((CONTROL_PLANE_IP, 0))))
-            .unwrap()
-            .expect("API server");
-        for node in &lab.nodes {
-            api.apply(node_json(&node.name, node.ip));
-        }
-        for o in objects {
-            api.apply(o);
-        }
         let dir = std::env::temp_dir().join(&prefix);
-        std::fs::create_dir_all(&dir).unwrap();
-        let kubeconfig = dir.join("kubeconfig");
-        std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+        let cp = ControlPlane::start(&lab, &dir).expect("API server");
+        cp.apply_all(objects);
         let mut c = Cluster {
             agents: Vec::new(),
             _servers: servers,
-            api,
-            kubeconfig,
+            cp,
             dir,
             lab,
-            _rt: rt,
         };
         for n in 0..c.lab.nodes.len() {
             let agent = c.agent(n, true);
@@ -129,7 +102,7 @@ impl Cluster {
     }
 
     fn agent(&self, n: usize, wait: bool) -> Agent {
-        let source = Source::Kubeconfig(&self.kubeconfig);
+        let source = Source::Kubeconfig(&self.cp.kubeconfig);
         let node = &self.lab.nodes[n];
         let result = if wait {
             Agent::start(Path::new(BIN), &self.lab.prefix, node, &source, &self.dir)
@@ -250,15 +223,15 @@ fn an_api_outage_never_touches_traffic_and_changes_made_meanwhile_converge() {
         names(&["pod-1-1", "pod-1-2", "pod-2-1"])
     );
 
-    c.api.set_down(true);
+    c.cp.api.set_down(true);
     // Changes while the agents cannot see them: one endpoint goes, a Service arrives.
     let remaining = vec![
         (pod_ip(0, 0), "node-1".to_string()),
         (pod_ip(1, 0), "node-2".to_string()),
     ];
-    c.api.apply(hello_slice(&remaining));
-    c.api.apply(service_json("late", json!({"type": "NodePort", "ports": [{"protocol": "TCP", "port": 80, "targetPort": 50000, "nodePort": 30680}]})));
-    c.api.apply(slice_json(
+    c.cp.api.apply(hello_slice(&remaining));
+    c.cp.api.apply(service_json("late", json!({"type": "NodePort", "ports": [{"protocol": "TCP", "port": 80, "targetPort": 50000, "nodePort": 30680}]})));
+    c.cp.api.apply(slice_json(
         "late",
         json!([{"name": "", "protocol": "TCP", "port": 50000}]),
         &remaining,
@@ -278,7 +251,7 @@ fn an_api_outage_never_touches_traffic_and_changes_made_meanwhile_converge() {
         "not yet known to the agents"
     );
 
-    c.api.set_down(false);
+    c.cp.api.set_down(false);
     c.eventually("the Service created during the outage is served", || {
         apps::tcp_ask(&c.lab.client, c.node(0, 30680)).is_ok()
     });
@@ -303,15 +276,15 @@ fn watch_faults_410_gone_500s_slow_responses_and_dropped_streams_all_converge() 
 
     // 410 Gone: while the agents are cut off, objects change and history is compacted past the
     // version they last saw, so their resumed watches are refused and they must re-list.
-    let watches = c.api.watches_started();
-    c.api.set_down(true);
-    c.api.apply(hello_slice(&both));
-    c.api.compact();
-    c.api.set_down(false);
+    let watches = c.cp.api.watches_started();
+    c.cp.api.set_down(true);
+    c.cp.api.apply(hello_slice(&both));
+    c.cp.api.compact();
+    c.cp.api.set_down(false);
     c.eventually("re-list after 410 Gone picks up the change", || {
         c.pods_answering(c.node(0, 30600), 20) == names(&["pod-1-1", "pod-1-2"])
     });
-    assert!(c.api.watches_started() > watches);
+    assert!(c.cp.api.watches_started() > watches);
     c.eventually("the re-list is counted", || {
         agent::metrics(&c.lab.nodes[0])
             .ok()
@@ -320,21 +293,21 @@ fn watch_faults_410_gone_500s_slow_responses_and_dropped_streams_all_converge() 
     });
 
     // HTTP 500s on the next requests after the streams drop.
-    c.api.fail_next(6);
-    c.api.drop_watches();
-    c.api.apply(hello_slice(&one));
+    c.cp.api.fail_next(6);
+    c.cp.api.drop_watches();
+    c.cp.api.apply(hello_slice(&one));
     c.eventually("converges through 500s", || {
         c.pods_answering(c.node(0, 30600), 10) == names(&["pod-1-1"])
     });
 
     // Slow responses.
-    c.api.set_delay(Duration::from_millis(700));
-    c.api.drop_watches();
-    c.api.apply(hello_slice(&both));
+    c.cp.api.set_delay(Duration::from_millis(700));
+    c.cp.api.drop_watches();
+    c.cp.api.apply(hello_slice(&both));
     c.eventually("converges through slow responses", || {
         c.pods_answering(c.node(0, 30600), 20) == names(&["pod-1-1", "pod-1-2"])
     });
-    c.api.set_delay(Duration::ZERO);
+    c.cp.api.set_delay(Duration::ZERO);
 }
 
 #[test]
@@ -347,7 +320,7 @@ fn agent_restarted_while_the_api_is_down_keeps_serving_from_the_pinned_maps() {
         .0
         .to_string();
 
-    c.api.set_down(true);
+    c.cp.api.set_down(true);
     c.agents[0].stop();
     c.agents[0] = c.agent(0, false);
     std::thread::sleep(Duration::from_secs(2));
@@ -375,7 +348,7 @@ fn agent_restarted_while_the_api_is_down_keeps_serving_from_the_pinned_maps() {
         .collect();
     assert!(seen.contains(&IpAddr::V4(CLIENT_IP)));
 
-    c.api.set_down(false);
+    c.cp.api.set_down(false);
     c.agents[0]
         .wait_healthy(&c.lab.nodes[0])
         .expect("synced once the API is back");

@@ -1,23 +1,17 @@
 //! Scale: 10,000 Services with 100,000 endpoints from the test API server sync completely into the
 //! maps. (How long it takes, and the agent's peak memory, are measured by `cargo xtask bench`.)
 
-use std::{
-    collections::BTreeSet,
-    net::{Ipv4Addr, SocketAddr},
-    path::Path,
-    time::Duration,
-};
+use std::{collections::BTreeSet, net::Ipv4Addr, path::Path, time::Duration};
 
 use exposure::{datapath::KernelMaps, sync::DatapathMaps as _};
 use exposure_common::{ipv4_octets, port_host};
 use exposure_lab::{
     agent::{Agent, Source},
-    apiserver::ApiServer,
-    lab::{Lab, CONTROL_PLANE_IP},
+    control_plane::ControlPlane,
+    lab::Lab,
     netns::unique_prefix,
     scale,
 };
-use serde_json::json;
 
 const BIN: &str = env!("CARGO_BIN_EXE_exposure");
 const SERVICES: usize = 10_000;
@@ -27,26 +21,11 @@ const PER_SERVICE: usize = 10;
 fn ten_thousand_services_with_a_hundred_thousand_endpoints_sync_completely() {
     let prefix = unique_prefix("s");
     let lab = Lab::new(&prefix, &[0]).unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let handle = rt.handle().clone();
-    let api = lab
-        .lan
-        .run(move || ApiServer::start(&handle, SocketAddr::from((CONTROL_PLANE_IP, 0))))
-        .unwrap()
-        .unwrap();
     let node = &lab.nodes[0];
-    api.apply(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node.name}}));
-    for o in scale::objects(SERVICES, PER_SERVICE, &node.name) {
-        api.apply(o);
-    }
     let dir = std::env::temp_dir().join(&prefix);
-    std::fs::create_dir_all(&dir).unwrap();
-    let kubeconfig = dir.join("kubeconfig");
-    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+    let cp = ControlPlane::start(&lab, &dir).unwrap();
+    cp.apply_all(scale::objects(SERVICES, PER_SERVICE, &node.name));
+    let kubeconfig = cp.kubeconfig.clone();
 
     let mut agent = Agent::spawn_with(
         Path::new(BIN),
@@ -97,7 +76,8 @@ fn ten_thousand_services_with_a_hundred_thousand_endpoints_sync_completely() {
     );
     if std::env::var_os("EXPOSURE_SCALE_PROBE").is_some() {
         // Manual profiling aid: touch one slice and print the agent's sync breakdown.
-        api.apply(scale::objects(1, PER_SERVICE, &node.name).pop().unwrap());
+        cp.api
+            .apply(scale::objects(1, PER_SERVICE, &node.name).pop().unwrap());
         std::thread::sleep(Duration::from_secs(2));
         eprintln!("{}", agent.log_text());
     }
