@@ -160,12 +160,14 @@ fn reply_key(client: &FlowKey, flow: &Flow) -> FlowKey {
 /// Keeps both directions' state in step: close bits and an occasional `last_seen` refresh (not per
 /// packet, so established flows rarely write to the maps).
 #[inline(always)]
-fn touch(flow: *mut Flow, reply: *mut Reply, bits: u32, now: u64) {
+fn touch(flow: *mut Flow, reply: impl FnOnce() -> *mut Reply, bits: u32, now: u64) {
     unsafe {
         let stale = now.wrapping_sub((*flow).last_seen_ns) > CT_REFRESH_NS;
         if bits & !(*flow).flags != 0 || stale {
             (*flow).flags |= bits;
             (*flow).last_seen_ns = now;
+            // The reply entry is looked up only here: most packets of a flow never need it.
+            let reply = reply();
             if !reply.is_null() {
                 (*reply).flags |= bits;
                 (*reply).last_seen_ns = now;
@@ -196,8 +198,10 @@ fn to_backend(ctx: &XdpContext, p: &Packet, service_id: u32, via_lb: bool) -> Re
     });
     let flow = match existing {
         Some(f) => {
-            let rk = reply_key(&key, unsafe { &*f });
-            let reply = REPLIES.get_ptr_mut(&rk).unwrap_or(core::ptr::null_mut());
+            let reply = || {
+                let rk = reply_key(&key, unsafe { &*f });
+                REPLIES.get_ptr_mut(&rk).unwrap_or(core::ptr::null_mut())
+            };
             touch(f, reply, bits, now);
             unsafe { *f }
         }
@@ -488,7 +492,7 @@ fn reply_to_client(ctx: &XdpContext, p: &Packet, reply: *mut Reply) -> Result<u3
     }
     let client = client_key(&r, p.proto);
     if let Some(flow) = FLOWS.get_ptr_mut(&client) {
-        touch(flow, reply, close_bits(p, false), now_ns());
+        touch(flow, || reply, close_bits(p, false), now_ns());
     }
     let to = Tuple {
         saddr: r.frontend_addr,
@@ -631,7 +635,7 @@ fn try_tc_egress(ctx: &TcContext) -> Result<i32, ()> {
             dport: key.dport,
             tcp_flags,
         };
-        touch(flow, reply, close_bits(&p, false), now_ns());
+        touch(flow, || reply, close_bits(&p, false), now_ns());
     }
     // The helpers also handle CHECKSUM_PARTIAL skbs, which a plain incremental update would corrupt.
     let csum = (l4_off + check_off) as usize;

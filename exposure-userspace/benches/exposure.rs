@@ -161,6 +161,153 @@ fn control_plane(services: usize) -> ControlPlaneResult {
     }
 }
 
+/// Mean ns per run of each scenario at one Service count.
+struct PacketCosts {
+    services: usize,
+    floor: f64,
+    non_service: f64,
+    established: f64,
+    floor_single: f64,
+    new_flow: f64,
+}
+
+fn xdp_ns(dp: &mut exposure::datapath::Datapath, frame: &[u8], repeat: u32) -> (u32, f64) {
+    use aya::programs::{TestRun, TestRunOptions};
+    let mut out = vec![0u8; frame.len() + 256];
+    let opts = TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        repeat,
+        ..Default::default()
+    };
+    let r = dp.xdp().unwrap().test_run(opts).expect("BPF_PROG_TEST_RUN");
+    (r.return_value, r.duration.as_nanos() as f64)
+}
+
+fn frame(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Vec<u8> {
+    exposure_lab::frame::FrameSpec::tcp(src, dst, exposure_lab::frame::ACK).build()
+}
+
+/// Per-packet cost through BPF_PROG_TEST_RUN, in a private network namespace.
+fn packet_costs(services: usize, repeat: u32) -> PacketCosts {
+    use std::sync::Arc;
+
+    use exposure::{
+        datapath::{Capacity, Datapath},
+        model::{
+            BackendAddr, DesiredService, DesiredState, FrontendAddr, FrontendKind, Protocol,
+            ServicePortName,
+        },
+        sync::{DatapathMaps as _, Limits, Reconciler},
+    };
+    let prefix = unique_prefix("d");
+    let ns = exposure_lab::netns::Netns::create(&format!("{prefix}-dp")).unwrap();
+    ns.run(move || {
+        let pin_dir = std::path::PathBuf::from(format!("/sys/fs/bpf/{prefix}"));
+        let capacity = Capacity {
+            services: 131_072,
+            maglev_entries: 16 * 1024 * 1024,
+            ..Default::default()
+        };
+        let mut dp = Datapath::load_with(&pin_dir, capacity).unwrap();
+        let mut maps = KernelMaps::open(&pin_dir).unwrap();
+        let limits = Limits {
+            services: 131_072,
+            maglev_entries: 16 * 1024 * 1024,
+            ..Default::default()
+        };
+        let mut reconciler = Reconciler::restore(maps.snapshot().unwrap(), limits);
+        let svc = |name: String, front: Ipv4Addr, back: Ipv4Addr| {
+            let mut d = DesiredService::default();
+            d.frontends.insert(
+                FrontendAddr {
+                    ip: front,
+                    port: 80,
+                    protocol: Protocol::Tcp,
+                },
+                FrontendKind::LoadBalancer,
+            );
+            d.backends = vec![BackendAddr {
+                ip: back,
+                port: 80,
+                local: true,
+            }];
+            (
+                ServicePortName {
+                    namespace: "bench".into(),
+                    name,
+                    port: String::new(),
+                    protocol: Protocol::Tcp,
+                },
+                Arc::new(d),
+            )
+        };
+        let mut state = DesiredState::default();
+        for i in 0..services {
+            let (n, d) = svc(
+                format!("s{i}"),
+                scale::vip(i).parse().unwrap(),
+                Ipv4Addr::new(198, 19, (i / 256) as u8, (i % 256) as u8),
+            );
+            state.services.insert(n, d);
+        }
+        // Two frontends whose backends are each other: every run of the same buffer translates an
+        // established flow, alternating between the two, with no state created after the first two.
+        let (p, q) = (
+            Ipv4Addr::new(198, 19, 255, 1),
+            Ipv4Addr::new(198, 19, 255, 2),
+        );
+        state
+            .services
+            .extend([svc("ping".into(), p, q), svc("pong".into(), q, p)]);
+        let report = reconciler.reconcile(&state, &mut maps);
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+
+        let floor_prog = exposure_lab::xdp_pass::load().unwrap();
+        let client = Ipv4Addr::new(198, 18, 0, 1);
+        let other = frame((client, 40000), (Ipv4Addr::new(198, 18, 0, 10), 22));
+        let floor = exposure_lab::xdp_pass::test_run(&floor_prog, &other, repeat)
+            .unwrap()
+            .1 as f64;
+        let non_service = xdp_ns(&mut dp, &other, repeat).1;
+        let ping = frame((client, 40000), (p, 80));
+        xdp_ns(&mut dp, &ping, 1);
+        xdp_ns(&mut dp, &frame((client, 40000), (q, 80)), 1);
+        let (verdict, established) = xdp_ns(&mut dp, &ping, repeat);
+        assert_eq!(verdict, 2, "XDP_PASS after DNAT to a local backend");
+        // New flows: one run each (so each is new); the floor measured the same way alongside.
+        let n = (repeat / 50).clamp(1_000, 20_000) as u16;
+        let target: Ipv4Addr = scale::vip(services / 2).parse().unwrap();
+        let mut new_total = 0.0;
+        let mut floor_total = 0.0;
+        for k in 0..n {
+            let f = frame(
+                (
+                    Ipv4Addr::new(198, 18, 1 + (k / 250) as u8 % 200, (k % 250) as u8 + 1),
+                    1024 + k,
+                ),
+                (target, 80),
+            );
+            new_total += xdp_ns(&mut dp, &f, 1).1;
+            floor_total += exposure_lab::xdp_pass::test_run(&floor_prog, &f, 1)
+                .unwrap()
+                .1 as f64;
+        }
+        drop(maps);
+        drop(dp);
+        let _ = std::fs::remove_dir_all(&pin_dir);
+        PacketCosts {
+            services,
+            floor,
+            non_service,
+            established,
+            floor_single: floor_total / n as f64,
+            new_flow: new_total / n as f64,
+        }
+    })
+    .unwrap()
+}
+
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -239,6 +386,43 @@ fn main() {
         );
     }
     let _ = writeln!(report, "\nChange latency includes the API server's watch delivery and the agent's 5 ms burst coalescing.");
+
+    let repeat = if quick { 200_000 } else { 1_000_000 };
+    let _ = writeln!(
+        report,
+        "\n## Datapath: per-packet cost (BPF_PROG_TEST_RUN)\n"
+    );
+    let _ = writeln!(report, "Mean ns per packet as the kernel measures it, {repeat} repeats, beside a two-instruction XDP_PASS");
+    let _ = writeln!(report, "program measured in the same run (the floor: what any XDP program costs). \"Established\" runs one");
+    let _ = writeln!(report, "buffer through two frontends that DNAT into each other, so every run is a full established-flow");
+    let _ = writeln!(report, "translation (parse, frontend, conntrack hit, rewrite, checksums, counters). New flows are single");
+    let _ = writeln!(
+        report,
+        "runs (each one new), reported beside the floor measured the same way.\n"
+    );
+    let _ = writeln!(report, "| Services | floor | non-service packet | established flow | established / floor | new flow (floor, single runs) |");
+    let _ = writeln!(report, "| ---: | ---: | ---: | ---: | ---: | ---: |");
+    // 60,000: frontend counter ids are 16-bit, so 65,536 frontends is today's ceiling.
+    let service_counts: &[usize] = if quick {
+        &[1, 1_000]
+    } else {
+        &[1, 1_000, 60_000]
+    };
+    for &n in service_counts {
+        eprintln!("datapath: {n} Services ...");
+        let c = packet_costs(n, repeat);
+        let _ = writeln!(
+            report,
+            "| {} | {:.0} ns | {:.0} ns | {:.0} ns | {:.2}x | {:.0} ns ({:.0} ns) |",
+            c.services,
+            c.floor,
+            c.non_service,
+            c.established,
+            c.established / c.floor.max(1.0),
+            c.new_flow,
+            c.floor_single
+        );
+    }
     print!("{report}");
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/results");
     let _ = std::fs::create_dir_all(&dir);
