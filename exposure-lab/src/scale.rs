@@ -4,9 +4,11 @@
 
 use serde_json::{json, Value};
 
-/// VIP of service `i` (198.18.128.0/17: room for 32k).
+/// VIP of service `i`: 198.18.128.0 onwards (room for 65,536, up to 198.19.127.255). Backends use
+/// ports other than the VIPs' port 80, so a VIP never doubles as a backend address:port.
 pub fn vip(i: usize) -> String {
-    format!("198.18.{}.{}", 128 + i / 256, i % 256)
+    let base = u32::from(std::net::Ipv4Addr::new(198, 18, 128, 0));
+    std::net::Ipv4Addr::from(base + i as u32).to_string()
 }
 
 /// Endpoint `j` of service `i`: 198.19.0.0/16 addresses, the port making wrap-arounds distinct.

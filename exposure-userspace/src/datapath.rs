@@ -490,15 +490,20 @@ impl DatapathMaps for KernelMaps {
 /// The `MAGLEV` array mapped into memory (`BPF_F_MMAPABLE`): a service's whole table is written with
 /// plain stores, not one syscall per entry, before the service entry points at it.
 pub struct MaglevArray {
-    _map: MapData,
-    ptr: *mut u32,
+    map: MapData,
     entries: u32,
+    /// Mapped on first use: readers of other maps (e.g. `/metrics`) never map it.
+    mapping: std::sync::OnceLock<Mapping>,
+}
+
+struct Mapping {
+    ptr: *mut u32,
     bytes: usize,
 }
 
 // SAFETY: the mapping is owned by this value and only accessed through &self/&mut self.
-unsafe impl Send for MaglevArray {}
-unsafe impl Sync for MaglevArray {}
+unsafe impl Send for Mapping {}
+unsafe impl Sync for Mapping {}
 
 /// Bytes per array element (`value_size` 4 rounded up to 8), and u32 words per element.
 const ELEM_BYTES: usize = 8;
@@ -506,11 +511,21 @@ const ELEM_WORDS: usize = ELEM_BYTES / 4;
 
 impl MaglevArray {
     fn open(map: MapData) -> anyhow::Result<Self> {
-        use std::os::fd::{AsFd as _, AsRawFd as _};
         let entries = map.info().context("MAGLEV map info")?.max_entries();
-        let page = 4096usize;
-        let bytes = (entries as usize * ELEM_BYTES).div_ceil(page) * page;
-        let fd = map.fd().as_fd().as_raw_fd();
+        Ok(MaglevArray {
+            map,
+            entries,
+            mapping: std::sync::OnceLock::new(),
+        })
+    }
+
+    fn mapped(&self) -> anyhow::Result<*mut u32> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        if let Some(m) = self.mapping.get() {
+            return Ok(m.ptr);
+        }
+        let bytes = (self.entries as usize * ELEM_BYTES).div_ceil(4096) * 4096;
+        let fd = self.map.fd().as_fd().as_raw_fd();
         // SAFETY: a shared mapping of the map's own memory, sized to the map.
         let ptr = unsafe {
             libc::mmap(
@@ -525,12 +540,19 @@ impl MaglevArray {
         if ptr == libc::MAP_FAILED {
             bail!("mapping the MAGLEV array: {}", io::Error::last_os_error());
         }
-        Ok(MaglevArray {
-            _map: map,
+        let mapping = Mapping {
             ptr: ptr.cast(),
-            entries,
             bytes,
-        })
+        };
+        if let Err(unused) = self.mapping.set(mapping) {
+            // SAFETY: unmaps the mapping just made, which nobody else saw.
+            unsafe { libc::munmap(unused.ptr.cast(), unused.bytes) };
+        }
+        Ok(self
+            .mapping
+            .get()
+            .map(|m| m.ptr)
+            .unwrap_or(std::ptr::null_mut()))
     }
 
     fn range(&self, offset: u32, len: usize) -> anyhow::Result<std::ops::Range<usize>> {
@@ -548,9 +570,10 @@ impl MaglevArray {
 
     pub fn write(&mut self, offset: u32, entries: &[u32]) -> anyhow::Result<()> {
         let r = self.range(offset, entries.len())?;
+        let base = self.mapped()?;
         for (i, id) in r.zip(entries) {
             // SAFETY: element i is inside the mapping (range checked above).
-            unsafe { self.ptr.add(i * ELEM_WORDS).write_volatile(*id) };
+            unsafe { base.add(i * ELEM_WORDS).write_volatile(*id) };
         }
         // Orders the table before the service-entry update (a syscall) that makes it live.
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
@@ -559,9 +582,10 @@ impl MaglevArray {
 
     pub fn read(&self, offset: u32, len: u32) -> anyhow::Result<Vec<u32>> {
         let r = self.range(offset, len as usize)?;
+        let base = self.mapped()?;
         // SAFETY: every element in range is inside the mapping.
         Ok(
-            r.map(|i| unsafe { self.ptr.add(i * ELEM_WORDS).read_volatile() })
+            r.map(|i| unsafe { base.add(i * ELEM_WORDS).read_volatile() })
                 .collect(),
         )
     }
@@ -569,8 +593,10 @@ impl MaglevArray {
 
 impl Drop for MaglevArray {
     fn drop(&mut self) {
-        // SAFETY: unmaps exactly what `open` mapped.
-        unsafe { libc::munmap(self.ptr.cast(), self.bytes) };
+        if let Some(m) = self.mapping.get() {
+            // SAFETY: unmaps exactly what `mapped` mapped.
+            unsafe { libc::munmap(m.ptr.cast(), m.bytes) };
+        }
     }
 }
 
