@@ -17,9 +17,9 @@ pub static MAGLEV: Array<u32> = Array::pinned(MAX_MAGLEV_ENTRIES, BPF_F_MMAPABLE
 #[map]
 pub static BACKENDS: Array<Backend> = Array::pinned(MAX_BACKENDS, 0);
 #[map]
-pub static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::pinned(MAX_FLOWS, 0);
+pub static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::pinned(MAX_FLOWS, BPF_F_NO_COMMON_LRU);
 #[map]
-pub static REPLIES: LruHashMap<FlowKey, Reply> = LruHashMap::pinned(MAX_FLOWS, 0);
+pub static REPLIES: LruHashMap<FlowKey, Reply> = LruHashMap::pinned(MAX_FLOWS, BPF_F_NO_COMMON_LRU);
 /// ifindex -> the node IPv4 address used as SNAT source on that interface.
 #[map]
 pub static NODE_ADDRS: HashMap<u32, u32> = HashMap::pinned(256, 0);
