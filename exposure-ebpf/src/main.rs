@@ -279,7 +279,7 @@ fn new_flow(
     let selected = if service.affinity_timeout_s != 0 {
         sticky_backend(p, service_id, &service, now)
     } else {
-        select_backend(p, service_id, &service)
+        select_backend(p, &service)
     };
     let Some(backend_id) = selected else {
         return if service.flags & SERVICE_DROP_WHEN_EMPTY != 0 {
@@ -384,7 +384,7 @@ fn new_flow(
 /// Maglev: the flow hash picks an entry of the service's table; one array lookup, whatever the
 /// number of services and backends, and the same backend on every node.
 #[inline(always)]
-fn select_backend(p: &Packet, _service_id: u32, service: &Service) -> Option<u32> {
+fn select_backend(p: &Packet, service: &Service) -> Option<u32> {
     if service.backend_count == 0 || service.table_size == 0 {
         return None;
     }
@@ -414,7 +414,7 @@ fn sticky_backend(p: &Packet, service_id: u32, service: &Service, now: u64) -> O
             return Some(a.backend_id);
         }
     }
-    let backend_id = select_backend(p, service_id, service)?;
+    let backend_id = select_backend(p, service)?;
     let _ = AFFINITY.insert(
         &key,
         &Affinity {

@@ -81,7 +81,6 @@ struct State {
     down: bool,
     fail_next: u32,
     delay: Duration,
-    requests: u64,
     watches_started: u64,
 }
 
@@ -218,10 +217,6 @@ impl ApiServer {
         self.state.lock().unwrap().delay = delay;
     }
 
-    pub fn requests(&self) -> u64 {
-        self.state.lock().unwrap().requests
-    }
-
     pub fn watches_started(&self) -> u64 {
         self.state.lock().unwrap().watches_started
     }
@@ -249,7 +244,6 @@ impl ApiServer {
 
         let (down, fail, delay) = {
             let mut st = self.state.lock().unwrap();
-            st.requests += 1;
             let fail = st.fail_next > 0;
             if fail {
                 st.fail_next -= 1;

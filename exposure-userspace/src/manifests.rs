@@ -3,7 +3,7 @@
 //! skipped; everything else keeps working.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeSet,
     fmt,
     path::{Path, PathBuf},
     time::SystemTime,
@@ -242,14 +242,6 @@ fn dedupe(objects: &mut Objects, errors: &mut Vec<ManifestError>) {
         |s| id("EndpointSlice", &s.metadata),
         errors,
     );
-}
-
-/// Counts of what was loaded, for logs.
-pub fn summary(objects: &Objects) -> BTreeMap<&'static str, usize> {
-    BTreeMap::from([
-        ("services", objects.services.len()),
-        ("endpointslices", objects.endpoint_slices.len()),
-    ])
 }
 
 #[cfg(test)]

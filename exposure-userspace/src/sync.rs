@@ -423,10 +423,6 @@ impl Reconciler {
         (self.services.len(), self.backends.len())
     }
 
-    pub fn service_id(&self, name: &ServicePortName) -> Option<u32> {
-        self.service_ids.get(name).copied()
-    }
-
     /// Brings the maps to `desired` with the fewest writes.
     pub fn reconcile(&mut self, desired: &DesiredState, maps: &mut dyn DatapathMaps) -> SyncReport {
         let mut report = SyncReport::default();
