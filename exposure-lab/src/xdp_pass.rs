@@ -43,6 +43,8 @@ pub fn load() -> anyhow::Result<OwnedFd> {
     attr[0] = BPF_PROG_TYPE_XDP as u64 | (insns.len() as u64) << 32;
     attr[1] = insns.as_ptr() as u64;
     attr[2] = license.as_ptr() as u64;
+    // r0 = XDP_PASS (2); exit. expected_attach_type sits at byte offset 68 (after prog_name[16]
+    // and prog_ifindex).
     attr[8] = (BPF_XDP as u64) << 32;
     bpf(BPF_PROG_LOAD, &mut attr).context("loading the XDP_PASS program")
 }
@@ -76,19 +78,7 @@ pub fn test_run(prog: &OwnedFd, frame: &[u8], repeat: u32) -> anyhow::Result<(u3
 pub fn attach(ns: &Netns, ifname: &str) -> anyhow::Result<OwnedFd> {
     let ifname = ifname.to_string();
     ns.run(move || -> anyhow::Result<OwnedFd> {
-        // r0 = XDP_PASS (2); exit
-        let insns: [u64; 2] = [
-            u64::from_le_bytes([0xb7, 0, 0, 0, 2, 0, 0, 0]),
-            u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0]),
-        ];
-        let license = c"GPL";
-        let mut attr = [0u64; 16];
-        attr[0] = BPF_PROG_TYPE_XDP as u64 | (insns.len() as u64) << 32;
-        attr[1] = insns.as_ptr() as u64;
-        attr[2] = license.as_ptr() as u64;
-        // expected_attach_type sits at byte offset 68 (after prog_name[16] and prog_ifindex).
-        attr[8] = (BPF_XDP as u64) << 32;
-        let prog = bpf(BPF_PROG_LOAD, &mut attr).context("loading the XDP_PASS program")?;
+        let prog = load()?;
         let ifindex = nix::net::if_::if_nametoindex(ifname.as_str())
             .with_context(|| format!("no interface {ifname}"))?;
         let mut attr = [0u64; 16];
