@@ -399,11 +399,7 @@ impl DatapathMaps for KernelMaps {
             .with_context(|| format!("FRONTENDS {key:?}"))
     }
     fn remove_frontend(&mut self, key: &FrontendKey) -> anyhow::Result<()> {
-        match self.frontends.remove(key) {
-            Ok(()) => Ok(()),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(e).with_context(|| format!("FRONTENDS {key:?}")),
-        }
+        already_gone(self.frontends.remove(key)).with_context(|| format!("FRONTENDS {key:?}"))
     }
     fn add_source_range(
         &mut self,
@@ -422,13 +418,11 @@ impl DatapathMaps for KernelMaps {
         addr: u32,
         prefix_len: u8,
     ) -> anyhow::Result<()> {
-        match self
-            .source_ranges
-            .remove(&range_key(service_id, addr, prefix_len))
-        {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(e).with_context(|| format!("SOURCE_RANGES service {service_id}")),
-        }
+        already_gone(
+            self.source_ranges
+                .remove(&range_key(service_id, addr, prefix_len)),
+        )
+        .with_context(|| format!("SOURCE_RANGES service {service_id}"))
     }
     fn purge_affinity(&mut self, service_id: u32, backends: Option<&[u32]>) -> anyhow::Result<()> {
         let stale: Vec<exposure_common::AffinityKey> = self
@@ -597,6 +591,14 @@ impl Drop for MaglevArray {
             // SAFETY: unmaps exactly what `mapped` mapped.
             unsafe { libc::munmap(m.ptr.cast(), m.bytes) };
         }
+    }
+}
+
+/// A removal whose key is already gone (e.g. evicted, or removed by an earlier failed sync) is done.
+fn already_gone(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
+    match r {
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        other => other,
     }
 }
 

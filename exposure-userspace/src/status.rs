@@ -7,7 +7,7 @@ use exposure_common::{
     SERVICE_DROP_WHEN_EMPTY,
 };
 
-use crate::{model::Protocol, sync::Snapshot};
+use crate::sync::{frontend_display, Snapshot};
 
 fn kind(flags: u16) -> &'static str {
     if flags & FRONTEND_LOADBALANCER != 0 {
@@ -23,13 +23,7 @@ fn kind(flags: u16) -> &'static str {
 pub fn render(s: &Snapshot, flows: usize, counters: &[(Counter, u64)]) -> String {
     let mut rows: Vec<[String; 4]> = Vec::new();
     for (key, fe) in &s.frontends {
-        let proto = Protocol::from_number(key.proto)
-            .map_or_else(|| key.proto.to_string(), |p| p.to_string());
-        let frontend = format!(
-            "{}:{}/{proto}",
-            Ipv4Addr::from(ipv4_octets(key.addr)),
-            port_host(key.port)
-        );
+        let frontend = frontend_display(key);
         let svc = s.services.get(&fe.service_id).copied().unwrap_or_default();
         let ids: std::collections::BTreeSet<u32> = s
             .tables
@@ -118,7 +112,8 @@ mod tests {
     use super::*;
     use crate::{
         model::{
-            BackendAddr, DesiredService, DesiredState, FrontendAddr, FrontendKind, ServicePortName,
+            BackendAddr, DesiredService, DesiredState, FrontendAddr, FrontendKind, Protocol,
+            ServicePortName,
         },
         sync::{DatapathMaps as _, FakeMaps, Limits, Reconciler},
     };

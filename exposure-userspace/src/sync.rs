@@ -304,7 +304,8 @@ fn frontend_key(f: &FrontendAddr) -> FrontendKey {
     }
 }
 
-fn frontend_display(key: &FrontendKey) -> String {
+/// `address:port/PROTOCOL`, as status and metrics show a frontend.
+pub fn frontend_display(key: &FrontendKey) -> String {
     let proto = crate::model::Protocol::from_number(key.proto)
         .map_or_else(|| key.proto.to_string(), |p| p.to_string());
     format!(
