@@ -55,6 +55,30 @@ pub fn udp_replace2(check: u16, old: u16, new: u16) -> u16 {
     }
 }
 
+/// New checksum after a 16-byte field (an IPv6 address, or IPv4-mapped: then only the last word
+/// differs, and the others cancel out) changed from `old` to `new`.
+#[inline(always)]
+pub fn replace16(check: u16, old: &[u32; 4], new: &[u32; 4]) -> u16 {
+    let mut sum = !check as u32;
+    for i in 0..4 {
+        sum = add32(add32(sum, !old[i]), new[i]);
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !fold(sum)
+}
+
+/// UDP variant of [`replace16`].
+#[inline(always)]
+pub fn udp_replace16(check: u16, old: &[u32; 4], new: &[u32; 4]) -> u16 {
+    if check == 0 {
+        return 0;
+    }
+    match replace16(check, old, new) {
+        0 => 0xffff,
+        c => c,
+    }
+}
+
 /// One's-complement sum of `data` (odd trailing byte padded with zero), not yet inverted.
 pub fn sum_bytes(data: &[u8], mut sum: u32) -> u32 {
     let mut chunks = data.chunks_exact(2);
@@ -81,6 +105,17 @@ pub fn l4_checksum(src: [u8; 4], dst: [u8; 4], proto: u8, segment: &[u8]) -> u16
     pseudo[4..8].copy_from_slice(&dst);
     pseudo[9] = proto;
     pseudo[10..12].copy_from_slice(&(segment.len() as u16).to_be_bytes());
+    let sum = sum_bytes(segment, sum_bytes(&pseudo, 0));
+    !fold(sum)
+}
+
+/// TCP/UDP/ICMPv6 checksum over the IPv6 pseudo-header and `segment` (checksum field zero).
+pub fn l4_checksum6(src: [u8; 16], dst: [u8; 16], next_header: u8, segment: &[u8]) -> u16 {
+    let mut pseudo = [0u8; 40];
+    pseudo[0..16].copy_from_slice(&src);
+    pseudo[16..32].copy_from_slice(&dst);
+    pseudo[32..36].copy_from_slice(&(segment.len() as u32).to_be_bytes());
+    pseudo[39] = next_header;
     let sum = sum_bytes(segment, sum_bytes(&pseudo, 0));
     !fold(sum)
 }
@@ -158,6 +193,32 @@ mod tests {
             u16::from_ne_bytes(50000u16.to_be_bytes()),
         );
         assert_eq!(got, want);
+    }
+
+    #[test]
+    fn incremental_ipv6_address_change_matches_recompute() {
+        let src: [u8; 16] = "2001:2::1".parse::<core::net::Ipv6Addr>().unwrap().octets();
+        let dst: [u8; 16] = "2001:2::10"
+            .parse::<core::net::Ipv6Addr>()
+            .unwrap()
+            .octets();
+        let words = |o: [u8; 16]| {
+            core::array::from_fn::<u32, 4, _>(|i| {
+                u32::from_ne_bytes([o[i * 4], o[i * 4 + 1], o[i * 4 + 2], o[i * 4 + 3]])
+            })
+        };
+        let mut seg = [0u8; 13];
+        seg[0..2].copy_from_slice(&40000u16.to_be_bytes());
+        seg[2..4].copy_from_slice(&30600u16.to_be_bytes());
+        seg[4..6].copy_from_slice(&13u16.to_be_bytes());
+        seg[8..13].copy_from_slice(b"hello");
+        let c = l4_checksum6(src, dst, 17, &seg);
+        for new in ["2001:2:0:1::2", "ffff:ffff::", "::", "2001:2::10"] {
+            let new = new.parse::<core::net::Ipv6Addr>().unwrap().octets();
+            let want = l4_checksum6(src, new, 17, &seg);
+            assert_eq!(udp_replace16(c, &words(dst), &words(new)), want);
+            assert_eq!(replace16(c, &words(dst), &words(new)), want);
+        }
     }
 
     #[test]

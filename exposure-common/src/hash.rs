@@ -1,6 +1,8 @@
 //! Flow hashing for backend selection and SNAT port choice. Deterministic and identical on every node,
 //! so independent nodes pick the same backend for the same flow and table.
 
+use crate::addr::Addr;
+
 /// murmur3's 32-bit finaliser: full avalanche in a few multiplies, cheap in BPF.
 #[inline(always)]
 pub fn mix(mut x: u32) -> u32 {
@@ -14,10 +16,10 @@ pub fn mix(mut x: u32) -> u32 {
 
 /// Hash of a flow's 5-tuple as it arrives (values in wire order, loaded natively).
 #[inline(always)]
-pub fn flow_hash(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> u32 {
+pub fn flow_hash(saddr: &Addr, daddr: &Addr, sport: u16, dport: u16, proto: u8) -> u32 {
     let mut h = mix(0x9e37_79b9 ^ proto as u32);
-    h = mix(h ^ saddr);
-    h = mix(h ^ daddr);
+    h = mix(h ^ saddr.fold());
+    h = mix(h ^ daddr.fold());
     mix(h ^ (((sport as u32) << 16) | dport as u32))
 }
 
@@ -25,16 +27,23 @@ pub fn flow_hash(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> u
 mod tests {
     use super::*;
 
+    fn v4(raw: u32) -> Addr {
+        Addr::v4(raw)
+    }
+
     #[test]
     fn deterministic_and_sensitive_to_every_field() {
-        let base = flow_hash(1, 2, 3, 4, 6);
-        assert_eq!(base, flow_hash(1, 2, 3, 4, 6));
+        let base = flow_hash(&v4(1), &v4(2), 3, 4, 6);
+        assert_eq!(base, flow_hash(&v4(1), &v4(2), 3, 4, 6));
+        let v6 = Addr([0x0220_0120, 0, 0, 1]);
         for other in [
-            flow_hash(9, 2, 3, 4, 6),
-            flow_hash(1, 9, 3, 4, 6),
-            flow_hash(1, 2, 9, 4, 6),
-            flow_hash(1, 2, 3, 9, 6),
-            flow_hash(1, 2, 3, 4, 17),
+            flow_hash(&v4(9), &v4(2), 3, 4, 6),
+            flow_hash(&v4(1), &v4(9), 3, 4, 6),
+            flow_hash(&v4(1), &v4(2), 9, 4, 6),
+            flow_hash(&v4(1), &v4(2), 3, 9, 6),
+            flow_hash(&v4(1), &v4(2), 3, 4, 17),
+            flow_hash(&v6, &v4(2), 3, 4, 6),
+            flow_hash(&Addr([0x0220_0120, 0, 0, 2]), &v4(2), 3, 4, 6),
         ] {
             assert_ne!(base, other);
         }
@@ -45,8 +54,13 @@ mod tests {
         let buckets = 7u32;
         let mut counts = [0u32; 7];
         for sport in 30000u16..44000 {
-            counts[(flow_hash(0x0112_12c6, 0x0201_12c6, sport.to_be(), 60000u16.to_be(), 6)
-                % buckets) as usize] += 1;
+            counts[(flow_hash(
+                &v4(0x0112_12c6),
+                &v4(0x0201_12c6),
+                sport.to_be(),
+                60000u16.to_be(),
+                6,
+            ) % buckets) as usize] += 1;
         }
         let expect = 14000 / buckets;
         for c in counts {

@@ -1,6 +1,8 @@
 //! Map keys and values. Field order is large to small with explicit padding, so there is no implicit
 //! padding for the kernel to see as uninitialised memory.
 
+use crate::addr::Addr;
+
 /// IP protocol numbers we translate.
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
@@ -68,7 +70,7 @@ pub mod names {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FrontendKey {
-    pub addr: u32,
+    pub addr: Addr,
     pub port: u16,
     pub proto: u8,
     pub _pad: u8,
@@ -125,7 +127,20 @@ pub const MAX_SOURCE_RANGES: u32 = 65_536;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SourceRange {
     pub service_id: u32,
-    pub addr: u32,
+    pub addr: Addr,
+}
+
+/// LPM prefix length of a `loadBalancerSourceRanges` network: the service id, then the network in
+/// [`Addr`] form (an IPv4 network also matches the IPv4-mapped prefix, so only IPv4 sources).
+pub fn source_range_prefix(addr: &Addr, len: u8) -> u32 {
+    let family_bits = if addr.is_v4() { 96 } else { 0 };
+    32 + family_bits + len as u32
+}
+
+/// The network's own prefix length back from an LPM prefix length ([`source_range_prefix`]).
+pub fn source_range_len(addr: &Addr, prefix: u32) -> u8 {
+    let family_bits = if addr.is_v4() { 96 } else { 0 };
+    prefix.saturating_sub(32 + family_bits) as u8
 }
 
 /// Session affinity: which backend a client of a service last got.
@@ -133,7 +148,7 @@ pub struct SourceRange {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct AffinityKey {
     pub service_id: u32,
-    pub client: u32,
+    pub client: Addr,
 }
 
 #[repr(C)]
@@ -151,11 +166,20 @@ pub const SERVICE_DROP_WHEN_EMPTY: u32 = 1;
 
 pub const BACKEND_LOCAL: u16 = 1;
 
+/// `NODE_ADDRS` key: the node's address of a family on an interface (the SNAT source there).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NodeAddrKey {
+    pub ifindex: u32,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u32,
+}
+
 /// An endpoint address, indexed by backend id (0 is never used).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Backend {
-    pub addr: u32,
+    pub addr: Addr,
     pub port: u16,
     pub flags: u16,
 }
@@ -164,8 +188,8 @@ pub struct Backend {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey {
-    pub saddr: u32,
-    pub daddr: u32,
+    pub saddr: Addr,
+    pub daddr: Addr,
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
@@ -180,9 +204,9 @@ pub const FLOW_REMOTE: u32 = 2;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Flow {
     pub last_seen_ns: u64,
-    pub backend_addr: u32,
-    /// Node address the flow is SNATed to (remote backends), else 0.
-    pub snat_addr: u32,
+    pub backend_addr: Addr,
+    /// Node address the flow is SNATed to (remote backends), else unspecified.
+    pub snat_addr: Addr,
     pub backend_port: u16,
     pub snat_port: u16,
     pub backend_id: u32,
@@ -200,8 +224,8 @@ pub struct Flow {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Reply {
     pub last_seen_ns: u64,
-    pub frontend_addr: u32,
-    pub client_addr: u32,
+    pub frontend_addr: Addr,
+    pub client_addr: Addr,
     pub frontend_port: u16,
     pub client_port: u16,
     pub flags: u32,
@@ -276,6 +300,8 @@ impl Counter {
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
+    unsafe impl aya::Pod for Addr {}
+    unsafe impl aya::Pod for NodeAddrKey {}
     unsafe impl aya::Pod for FrontendKey {}
     unsafe impl aya::Pod for Frontend {}
     unsafe impl aya::Pod for Service {}
@@ -290,14 +316,6 @@ mod pod {
 }
 
 /// Host-side conversions to the wire-order integers the maps hold.
-pub fn ipv4(addr: [u8; 4]) -> u32 {
-    u32::from_ne_bytes(addr)
-}
-
-pub fn ipv4_octets(raw: u32) -> [u8; 4] {
-    raw.to_ne_bytes()
-}
-
 pub fn port(p: u16) -> u16 {
     p.to_be()
 }
@@ -314,18 +332,24 @@ mod tests {
 
     #[test]
     fn layouts_have_no_implicit_padding() {
-        assert_eq!(size_of::<FrontendKey>(), 8);
+        assert_eq!(size_of::<Addr>(), 16);
+        assert_eq!(size_of::<FrontendKey>(), 16 + 4);
         assert_eq!(size_of::<Frontend>(), 8);
         assert_eq!(size_of::<Service>(), 24);
-        assert_eq!(size_of::<Backend>(), 8);
-        assert_eq!(size_of::<FlowKey>(), 16);
-        assert_eq!(size_of::<Flow>(), 8 + 4 + 4 + 2 + 2 + 4 + 4 + 4 + 4 + 6 + 6);
-        assert_eq!(size_of::<Reply>(), 8 + 4 + 4 + 2 + 2 + 4 + 4 + 6 + 6);
+        assert_eq!(size_of::<Backend>(), 16 + 4);
+        assert_eq!(size_of::<FlowKey>(), 16 + 16 + 8);
+        assert_eq!(
+            size_of::<Flow>(),
+            8 + 16 + 16 + 2 + 2 + 4 + 4 + 4 + 4 + 6 + 6
+        );
+        assert_eq!(size_of::<Reply>(), 8 + 16 + 16 + 2 + 2 + 4 + 4 + 6 + 6);
+        assert_eq!(size_of::<AffinityKey>(), 4 + 16);
+        assert_eq!(size_of::<SourceRange>(), 4 + 16);
+        assert_eq!(size_of::<NodeAddrKey>(), 8);
     }
 
     #[test]
     fn wire_order_roundtrip() {
-        assert_eq!(ipv4_octets(ipv4([198, 18, 0, 1])), [198, 18, 0, 1]);
         assert_eq!(port_host(port(60000)), 60000);
         assert_eq!(port(60000).to_ne_bytes(), 60000u16.to_be_bytes());
     }

@@ -9,11 +9,12 @@ use aya_ebpf::{
     EbpfContext,
 };
 
-use exposure_common::Counter;
+use exposure_common::{Addr, Counter};
 
 use crate::maps::{count, NEIGH_MISSES};
 
 const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
 
 pub struct NextHop {
     pub ifindex: u32,
@@ -23,41 +24,48 @@ pub struct NextHop {
 
 /// Where the kernel's routing table would send a packet to `daddr` (needs a resolved neighbour).
 #[inline(always)]
-pub fn next_hop(ctx: &XdpContext, daddr: u32, proto: u8, tot_len: u16) -> Option<NextHop> {
-    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    params.family = AF_INET;
+pub fn next_hop(
+    ctx: &XdpContext,
+    params: &mut bpf_fib_lookup,
+    daddr: &Addr,
+    proto: u8,
+    tot_len: u16,
+) -> Option<NextHop> {
+    *params = unsafe { core::mem::zeroed() };
+    let v4 = daddr.is_v4();
     params.l4_protocol = proto;
     params.__bindgen_anon_1.tot_len = tot_len;
     params.ifindex = ctx.ingress_ifindex() as u32;
-    params.__bindgen_anon_4.ipv4_dst = daddr;
+    if v4 {
+        params.family = AF_INET;
+        params.__bindgen_anon_4.ipv4_dst = daddr.v4_raw();
+    } else {
+        params.family = AF_INET6;
+        params.__bindgen_anon_4.ipv6_dst = daddr.0;
+    }
     let rc = unsafe {
         fib_lookup(
             ctx.as_ptr(),
-            &mut params,
+            params,
             core::mem::size_of::<bpf_fib_lookup>() as i32,
             0,
         )
     };
     if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
         // The FIB filled in the next hop; leave it for the agent to resolve.
-        let gateway = unsafe { params.__bindgen_anon_4.ipv4_dst };
+        let gateway = if v4 {
+            Addr::v4(unsafe { params.__bindgen_anon_4.ipv4_dst })
+        } else {
+            Addr(unsafe { params.__bindgen_anon_4.ipv6_dst })
+        };
         let _ = NEIGH_MISSES.insert(&gateway, &params.ifindex, BPF_ANY as u64);
         count(Counter::NeighborMissing);
-        aya_log_ebpf::warn!(
-            ctx,
-            "no neighbour entry for next hop {:i}; asking the agent",
-            u32::from_be(gateway)
-        );
+        aya_log_ebpf::warn!(ctx, "no neighbour entry for a next hop; asking the agent");
         return None;
     }
     if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
         count(Counter::FibFailed);
-        aya_log_ebpf::warn!(
-            ctx,
-            "no route to backend {:i} (fib lookup {})",
-            u32::from_be(daddr),
-            rc
-        );
+        aya_log_ebpf::warn!(ctx, "no route to a backend (fib lookup {})", rc);
         return None;
     }
     Some(NextHop {

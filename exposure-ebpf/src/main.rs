@@ -31,10 +31,30 @@ use crate::{
     parse::*,
 };
 
-/// Addresses are kept in wire order; aya-log's `{:i}` wants the numeric value.
-#[inline(always)]
-fn host(addr: u32) -> u32 {
-    u32::from_be(addr)
+/// Logs a line about two `address:port` endpoints. aya-log's `{:i}` shows a `u32` as IPv4 and 16
+/// bytes as IPv6, so the family picks the argument type (IPv4 would read `::ffff:a.b.c.d` otherwise).
+macro_rules! log_endpoints {
+    ($level:ident, $ctx:expr, $fmt:literal, $a:expr, $a_port:expr, $b:expr, $b_port:expr) => {
+        if $a.is_v4() {
+            $level!(
+                $ctx,
+                $fmt,
+                u32::from_be($a.v4_raw()),
+                port_host($a_port),
+                u32::from_be($b.v4_raw()),
+                port_host($b_port)
+            )
+        } else {
+            $level!(
+                $ctx,
+                $fmt,
+                $a.octets(),
+                port_host($a_port),
+                $b.octets(),
+                port_host($b_port)
+            )
+        }
+    };
 }
 
 #[xdp]
@@ -55,6 +75,9 @@ fn try_xdp(ctx: &XdpContext) -> Result<u32, ()> {
         Parsed::Other => return Ok(xdp_action::XDP_PASS),
         Parsed::Icmp(off) => {
             return Ok(icmp_error_to_client(ctx, off).unwrap_or(xdp_action::XDP_PASS))
+        }
+        Parsed::Icmp6(off) => {
+            return Ok(icmp6_error_to_client(ctx, off).unwrap_or(xdp_action::XDP_PASS))
         }
         Parsed::Fragment => {
             count(Counter::Fragments);
@@ -82,12 +105,7 @@ fn try_xdp(ctx: &XdpContext) -> Result<u32, ()> {
                     (*t).bytes += (ctx.data_end() - ctx.data()) as u64;
                 }
             }
-            to_backend(
-                ctx,
-                &p,
-                fe.service_id,
-                fe.flags & FRONTEND_LOADBALANCER != 0,
-            )
+            to_backend(ctx, &p, fe)
         }
         None => Ok(xdp_action::XDP_PASS),
     }
@@ -114,10 +132,10 @@ fn now_ns() -> u64 {
 
 /// Close-state bits a TCP segment adds to its flow, seen from the client (`from_client`) or backend.
 #[inline(always)]
-fn close_bits(p: &Packet, from_client: bool) -> u32 {
-    if p.tcp_flags & TCP_RST != 0 {
+fn close_bits(tcp_flags: u8, from_client: bool) -> u32 {
+    if tcp_flags & TCP_RST != 0 {
         FLOW_CLOSING
-    } else if p.tcp_flags & TCP_FIN != 0 {
+    } else if tcp_flags & TCP_FIN != 0 {
         if from_client {
             FLOW_FIN_CLIENT
         } else {
@@ -179,7 +197,7 @@ fn touch(flow: *mut Flow, reply: impl FnOnce() -> *mut Reply, bits: u32, now: u6
 }
 
 enum Selected {
-    Flow(Flow),
+    Flow,
     NoBackend,
     NoLocalBackend,
     SourceDenied,
@@ -188,11 +206,11 @@ enum Selected {
 
 /// A packet to a frontend: existing flow or a new one, then translate and send.
 #[inline(always)]
-fn to_backend(ctx: &XdpContext, p: &Packet, service_id: u32, via_lb: bool) -> Result<u32, ()> {
+fn to_backend(ctx: &XdpContext, p: &Packet, fe: &Frontend) -> Result<u32, ()> {
     count(Counter::FrontendPackets);
     let key = flow_key(p);
     let now = now_ns();
-    let bits = close_bits(p, true);
+    let bits = close_bits(p.tcp_flags, true);
     let existing = FLOWS.get_ptr_mut(&key).filter(|&f| {
         let f = unsafe { &*f };
         let new_syn = p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN && flow_closing(f.flags);
@@ -205,68 +223,86 @@ fn to_backend(ctx: &XdpContext, p: &Packet, service_id: u32, via_lb: bool) -> Re
                 REPLIES.get_ptr_mut(&rk).unwrap_or(core::ptr::null_mut())
             };
             touch(f, reply, bits, now);
-            unsafe { *f }
+            f
         }
-        None => match new_flow(ctx, p, &key, service_id, via_lb, bits, now) {
-            Selected::Flow(f) => f,
-            Selected::NoBackend => {
-                count(Counter::NoBackend);
-                debug!(
-                    ctx,
-                    "refused {:i}:{} -> {:i}:{}: no endpoints",
-                    host(p.saddr),
-                    port_host(p.sport),
-                    host(p.daddr),
-                    port_host(p.dport)
-                );
-                return reject::port_unreachable(ctx, p).or(Ok(xdp_action::XDP_DROP));
-            }
-            Selected::SourceDenied => {
-                count(Counter::SourceRangeDenied);
-                debug!(
-                    ctx,
-                    "dropped {:i}: not in loadBalancerSourceRanges of {:i}:{}",
-                    host(p.saddr),
-                    host(p.daddr),
-                    port_host(p.dport)
-                );
-                return Ok(xdp_action::XDP_DROP);
-            }
-            Selected::NoLocalBackend => {
-                count(Counter::DroppedNoLocalBackend);
-                debug!(
-                    ctx,
-                    "dropped {:i} -> {:i}:{}: no local endpoints",
-                    host(p.saddr),
-                    host(p.daddr),
-                    port_host(p.dport)
-                );
-                return Ok(xdp_action::XDP_DROP);
-            }
-            Selected::Drop => return Ok(xdp_action::XDP_DROP),
+        None => match new_flow(ctx, p, fe, now) {
+            Selected::Flow => match FLOWS.get_ptr_mut(&key) {
+                Some(f) => f,
+                None => return Ok(xdp_action::XDP_DROP),
+            },
+            refused => return refuse(ctx, p, refused),
         },
     };
-    translate_to_backend(ctx, p, &flow)
+    translate_to_backend(ctx, p, unsafe { &*flow })
 }
 
-/// Picks a backend for a new flow and records both directions.
-#[inline(always)]
-fn new_flow(
-    ctx: &XdpContext,
-    p: &Packet,
-    key: &FlowKey,
-    service_id: u32,
-    via_lb: bool,
-    bits: u32,
-    now: u64,
-) -> Selected {
+/// A new flow that gets no backend: refused (ICMP port unreachable) or dropped, counted and logged.
+/// Not inlined: a rare path whose locals needn't weigh on every packet's stack.
+#[inline(never)]
+fn refuse(ctx: &XdpContext, p: &Packet, why: Selected) -> Result<u32, ()> {
+    let ctx = &own_ctx(ctx);
+    match why {
+        Selected::NoBackend => {
+            count(Counter::NoBackend);
+            log_endpoints!(
+                debug,
+                ctx,
+                "refused {:i}:{} -> {:i}:{}: no endpoints",
+                p.saddr,
+                p.sport,
+                p.daddr,
+                p.dport
+            );
+            let refused = if p.v6 {
+                reject::port_unreachable6(ctx, p)
+            } else {
+                reject::port_unreachable(ctx, p)
+            };
+            refused.or(Ok(xdp_action::XDP_DROP))
+        }
+        Selected::SourceDenied => {
+            count(Counter::SourceRangeDenied);
+            log_endpoints!(
+                debug,
+                ctx,
+                "dropped {:i}:{} -> {:i}:{}: source not in loadBalancerSourceRanges",
+                p.saddr,
+                p.sport,
+                p.daddr,
+                p.dport
+            );
+            Ok(xdp_action::XDP_DROP)
+        }
+        Selected::NoLocalBackend => {
+            count(Counter::DroppedNoLocalBackend);
+            log_endpoints!(
+                debug,
+                ctx,
+                "dropped {:i}:{} -> {:i}:{}: no local endpoints",
+                p.saddr,
+                p.sport,
+                p.daddr,
+                p.dport
+            );
+            Ok(xdp_action::XDP_DROP)
+        }
+        Selected::Flow | Selected::Drop => Ok(xdp_action::XDP_DROP),
+    }
+}
+
+/// Picks a backend for a new flow and records both directions in the maps. Not inlined: its locals
+/// would push the one-function stack past BPF's 512 bytes.
+#[inline(never)]
+fn new_flow(ctx: &XdpContext, p: &Packet, fe: &Frontend, now: u64) -> Selected {
+    let ctx = &own_ctx(ctx);
+    let service_id = fe.service_id;
     let Some(service) = SERVICES.get(service_id).copied() else {
         return Selected::NoBackend;
     };
     // loadBalancerSourceRanges restrict the LoadBalancer address only, as in kube-proxy.
-    if via_lb && service.flags & SERVICE_SOURCE_RANGES != 0 {
+    if fe.flags & FRONTEND_LOADBALANCER != 0 && service.flags & SERVICE_SOURCE_RANGES != 0 {
         let key = Key::new(
-            64,
+            (core::mem::size_of::<SourceRange>() * 8) as u32,
             SourceRange {
                 service_id,
                 addr: p.saddr,
@@ -288,97 +324,106 @@ fn new_flow(
             Selected::NoBackend
         };
     };
-    let Some(backend) = BACKENDS.get(backend_id).copied() else {
+    let Some(backend) = BACKENDS.get(backend_id) else {
         return Selected::NoBackend;
     };
-    if backend.addr == 0 {
+    if backend.addr.is_unspecified() {
         return Selected::NoBackend;
     }
+    let Some(s) = SCRATCH.get_ptr_mut(0) else {
+        return Selected::Drop;
+    };
+    let s = unsafe { &mut *s };
     let eth: Result<*mut [[u8; 6]; 2], ()> = ptr_at(ctx, 0);
     let Ok(eth) = eth else { return Selected::Drop };
     let [node_mac, client_mac] = unsafe { *eth };
-    let mut flow = Flow {
-        last_seen_ns: now,
-        backend_addr: backend.addr,
-        backend_port: backend.port,
-        backend_id,
-        service_id,
-        flags: bits,
-        ..Flow::default()
-    };
-    let mut reply = Reply {
-        last_seen_ns: now,
-        frontend_addr: p.daddr,
-        frontend_port: p.dport,
-        client_addr: p.saddr,
-        client_port: p.sport,
-        flags: bits,
-        ifindex: ctx.ingress_ifindex() as u32,
-        client_mac,
-        node_mac,
-    };
+    let bits = close_bits(p.tcp_flags, true);
+    s.key = flow_key(p);
+    let flow = &mut s.flow;
+    flow.last_seen_ns = now;
+    flow.backend_addr = backend.addr;
+    flow.backend_port = backend.port;
+    flow.backend_id = backend_id;
+    flow.service_id = service_id;
+    flow.flags = bits;
+    flow.snat_addr = Addr::default();
+    flow.snat_port = 0;
+    flow.ifindex = 0;
+    flow.dmac = [0; 6];
+    flow.smac = [0; 6];
+    let reply = &mut s.reply;
+    reply.last_seen_ns = now;
+    reply.frontend_addr = p.daddr;
+    reply.frontend_port = p.dport;
+    reply.client_addr = p.saddr;
+    reply.client_port = p.sport;
+    reply.flags = bits;
+    reply.ifindex = ctx.ingress_ifindex() as u32;
+    reply.client_mac = client_mac;
+    reply.node_mac = node_mac;
     if backend.flags & BACKEND_LOCAL == 0 {
-        let tot_len: Result<*mut [u8; 2], ()> = ptr_at(ctx, ETH_LEN + IP_TOT_LEN);
-        let Ok(tot_len) = tot_len else {
+        let Some(hop) = next_hop(ctx, &mut s.fib, &backend.addr, p.proto, p.ip_len) else {
             return Selected::Drop;
         };
-        let Some(hop) = next_hop(
-            ctx,
-            backend.addr,
-            p.proto,
-            u16::from_be_bytes(unsafe { *tot_len }),
-        ) else {
-            return Selected::Drop;
-        };
+        let family = if p.v6 { FAMILY_V6 } else { FAMILY_V4 };
+        let on = |ifindex| NodeAddrKey { ifindex, family };
         let snat_addr = match unsafe {
             NODE_ADDRS
-                .get(&hop.ifindex)
-                .or_else(|| NODE_ADDRS.get(&reply.ifindex))
+                .get(&on(hop.ifindex))
+                .or_else(|| NODE_ADDRS.get(&on(s.reply.ifindex)))
         } {
-            Some(a) => *a,
+            Some(a) => a,
             None => {
                 count(Counter::FibFailed);
                 return Selected::Drop;
             }
         };
+        let flow = &mut s.flow;
         flow.flags |= FLOW_REMOTE;
-        flow.snat_addr = snat_addr;
+        flow.snat_addr = *snat_addr;
         flow.ifindex = hop.ifindex;
         flow.dmac = hop.dmac;
         flow.smac = hop.smac;
-        reply.flags |= FLOW_REMOTE;
-        match claim_snat_port(key, &flow, &reply, now) {
-            Some(port) => flow.snat_port = port,
+        s.reply.flags |= FLOW_REMOTE;
+        match claim_snat_port(s, now) {
+            Some(port) => s.flow.snat_port = port,
             None => {
                 count(Counter::SnatExhausted);
-                warn!(
+                log_endpoints!(
+                    warn,
                     ctx,
-                    "no free SNAT port towards {:i}:{}",
-                    host(backend.addr),
-                    port_host(backend.port)
+                    "no free SNAT port for {:i}:{} towards {:i}:{}",
+                    p.saddr,
+                    p.sport,
+                    backend.addr,
+                    backend.port
                 );
                 return Selected::Drop;
             }
         }
-    } else if REPLIES
-        .insert(&reply_key(key, &flow), &reply, BPF_ANY as u64)
-        .is_err()
-    {
-        return Selected::Drop;
+    } else {
+        s.reply_key = reply_key(&s.key, &s.flow);
+        if REPLIES
+            .insert(&s.reply_key, &s.reply, BPF_ANY as u64)
+            .is_err()
+        {
+            return Selected::Drop;
+        }
     }
-    if FLOWS.insert(key, &flow, BPF_ANY as u64).is_err() {
+    if FLOWS.insert(&s.key, &s.flow, BPF_ANY as u64).is_err() {
         return Selected::Drop;
     }
     count(Counter::NewFlows);
-    debug!(
+    log_endpoints!(
+        debug,
         ctx,
         "new flow {:i}:{} -> backend {:i}:{}",
-        host(p.saddr),
-        port_host(p.sport),
-        host(backend.addr),
-        port_host(backend.port)
+        p.saddr,
+        p.sport,
+        backend.addr,
+        backend.port
     );
-    Selected::Flow(flow)
+    Selected::Flow
 }
 
 /// Maglev: the flow hash picks an entry of the service's table; one array lookup, whatever the
@@ -388,7 +433,7 @@ fn select_backend(p: &Packet, service: &Service) -> Option<u32> {
     if service.backend_count == 0 || service.table_size == 0 {
         return None;
     }
-    let hash = hash::flow_hash(p.saddr, p.daddr, p.sport, p.dport, p.proto);
+    let hash = hash::flow_hash(&p.saddr, &p.daddr, p.sport, p.dport, p.proto);
     let id = MAGLEV
         .get(service.table_offset.wrapping_add(hash % service.table_size))
         .copied()?;
@@ -427,29 +472,38 @@ fn sticky_backend(p: &Packet, service_id: u32, service: &Service, now: u64) -> O
     Some(backend_id)
 }
 
-/// Finds a free SNAT port for a remote flow and reserves it by inserting its reply entry.
+/// Finds a free SNAT port for the remote flow being set up in `s` and reserves it by inserting its
+/// reply entry.
 #[inline(always)]
-fn claim_snat_port(key: &FlowKey, flow: &Flow, reply: &Reply, now: u64) -> Option<u16> {
+fn claim_snat_port(s: &mut Scratch, now: u64) -> Option<u16> {
     let range = (SNAT_PORT_MAX - SNAT_PORT_MIN) as u32 + 1;
-    let start = hash::flow_hash(key.saddr, key.daddr, key.sport, key.dport, key.proto);
+    let key = &s.key;
+    let start = hash::flow_hash(&key.saddr, &key.daddr, key.sport, key.dport, key.proto);
+    let proto = key.proto;
+    s.reply_key = FlowKey {
+        saddr: s.flow.backend_addr,
+        daddr: s.flow.snat_addr,
+        sport: s.flow.backend_port,
+        dport: 0,
+        proto,
+        _pad: [0; 3],
+    };
     for attempt in 0..SNAT_PORT_TRIES {
         let candidate =
             port(SNAT_PORT_MIN + ((start.wrapping_add(attempt.wrapping_mul(7919))) % range) as u16);
-        let rk = FlowKey {
-            saddr: flow.backend_addr,
-            daddr: flow.snat_addr,
-            sport: flow.backend_port,
-            dport: candidate,
-            proto: key.proto,
-            _pad: [0; 3],
-        };
-        if REPLIES.insert(&rk, reply, BPF_NOEXIST as u64).is_ok() {
+        s.reply_key.dport = candidate;
+        if REPLIES
+            .insert(&s.reply_key, &s.reply, BPF_NOEXIST as u64)
+            .is_ok()
+        {
             return Some(candidate);
         }
         // Taken: reuse it only if that flow is over.
-        if let Some(old) = unsafe { REPLIES.get(&rk) } {
-            if !flow_alive(key.proto, old.flags, old.last_seen_ns, now)
-                && REPLIES.insert(&rk, reply, BPF_ANY as u64).is_ok()
+        if let Some(old) = unsafe { REPLIES.get(&s.reply_key) } {
+            if !flow_alive(proto, old.flags, old.last_seen_ns, now)
+                && REPLIES
+                    .insert(&s.reply_key, &s.reply, BPF_ANY as u64)
+                    .is_ok()
             {
                 return Some(candidate);
             }
@@ -462,8 +516,8 @@ fn claim_snat_port(key: &FlowKey, flow: &Flow, reply: &Reply, now: u64) -> Optio
 fn translate_to_backend(ctx: &XdpContext, p: &Packet, flow: &Flow) -> Result<u32, ()> {
     if flow.flags & FLOW_REMOTE != 0 {
         let to = Tuple {
-            saddr: flow.snat_addr,
-            daddr: flow.backend_addr,
+            saddr: &flow.snat_addr,
+            daddr: &flow.backend_addr,
             sport: flow.snat_port,
             dport: flow.backend_port,
         };
@@ -474,8 +528,8 @@ fn translate_to_backend(ctx: &XdpContext, p: &Packet, flow: &Flow) -> Result<u32
     } else {
         // DNAT only: the pod sees the client's address; the kernel routes it to the pod.
         let to = Tuple {
-            saddr: p.saddr,
-            daddr: flow.backend_addr,
+            saddr: &p.saddr,
+            daddr: &flow.backend_addr,
             sport: p.sport,
             dport: flow.backend_port,
         };
@@ -488,17 +542,17 @@ fn translate_to_backend(ctx: &XdpContext, p: &Packet, flow: &Flow) -> Result<u32
 /// A remote backend's reply to a SNATed flow: restore frontend -> client and send it straight back.
 #[inline(always)]
 fn reply_to_client(ctx: &XdpContext, p: &Packet, reply: *mut Reply) -> Result<u32, ()> {
-    let r = unsafe { *reply };
+    let r = unsafe { &*reply };
     if r.flags & FLOW_REMOTE == 0 {
         return Ok(xdp_action::XDP_PASS);
     }
-    let client = client_key(&r, p.proto);
+    let client = client_key(r, p.proto);
     if let Some(flow) = FLOWS.get_ptr_mut(&client) {
-        touch(flow, || reply, close_bits(p, false), now_ns());
+        touch(flow, || reply, close_bits(p.tcp_flags, false), now_ns());
     }
     let to = Tuple {
-        saddr: r.frontend_addr,
-        daddr: r.client_addr,
+        saddr: &r.frontend_addr,
+        daddr: &r.client_addr,
         sport: r.frontend_port,
         dport: r.client_port,
     };
@@ -510,37 +564,76 @@ fn reply_to_client(ctx: &XdpContext, p: &Packet, reply: *mut Reply) -> Result<u3
 
 /// An ICMP error about a SNATed flow (from its backend, or a router on the way): translate it like the
 /// flow's replies and send it to the client. Anything else ICMP is the kernel's.
-#[inline(always)]
+#[inline(never)]
 fn icmp_error_to_client(ctx: &XdpContext, off: usize) -> Result<u32, ()> {
+    let ctx = &own_ctx(ctx);
+    // Rewritten in place: copies of the message would cost stack.
     let msg: *mut [u8; icmp::SPAN] = ptr_at(ctx, off)?;
-    let mut b = unsafe { *msg };
+    let b = unsafe { &mut *msg };
     if !icmp::is_error(b[0]) {
         return Err(());
     }
-    let key = icmp::quoted_flow(&b).ok_or(())?;
+    let key = icmp::quoted_flow(b).ok_or(())?;
     if port_host(key.dport) < SNAT_PORT_MIN {
         return Err(());
     }
-    let r = unsafe { REPLIES.get(&key) }.copied().ok_or(())?;
+    let r = unsafe { REPLIES.get(&key) }.ok_or(())?;
     if r.flags & FLOW_REMOTE == 0 {
         return Err(());
     }
-    icmp::translate_quote(&mut b, &r);
-    unsafe { msg.write_unaligned(b) };
+    icmp::translate_quote(b, r);
     let check: *mut u16 = ptr_at(ctx, ETH_LEN + IP_CHECK)?;
     let saddr: *mut u32 = ptr_at(ctx, ETH_LEN + IP_SADDR)?;
     let daddr: *mut u32 = ptr_at(ctx, ETH_LEN + IP_DADDR)?;
     unsafe {
         let mut c = check.read_unaligned();
-        c = checksum::replace4(c, saddr.read_unaligned(), r.frontend_addr);
-        c = checksum::replace4(c, daddr.read_unaligned(), r.client_addr);
+        c = checksum::replace4(c, saddr.read_unaligned(), r.frontend_addr.v4_raw());
+        c = checksum::replace4(c, daddr.read_unaligned(), r.client_addr.v4_raw());
         check.write_unaligned(c);
-        saddr.write_unaligned(r.frontend_addr);
-        daddr.write_unaligned(r.client_addr);
+        saddr.write_unaligned(r.frontend_addr.v4_raw());
+        daddr.write_unaligned(r.client_addr.v4_raw());
     }
     set_macs(ctx, &r.client_mac, &r.node_mac)?;
     count(Counter::IcmpErrorsTranslated);
     Ok(transmit(ctx, r.ifindex))
+}
+
+/// [`icmp_error_to_client`] for ICMPv6; neighbour discovery and echo are never touched.
+#[inline(never)]
+fn icmp6_error_to_client(ctx: &XdpContext, off: usize) -> Result<u32, ()> {
+    let ctx = &own_ctx(ctx);
+    let msg: *mut [u8; icmp::SPAN6] = ptr_at(ctx, off)?;
+    let b = unsafe { &mut *msg };
+    if !icmp::is_error6(b[0]) {
+        return Err(());
+    }
+    let key = icmp::quoted_flow6(b).ok_or(())?;
+    if port_host(key.dport) < SNAT_PORT_MIN {
+        return Err(());
+    }
+    let r = unsafe { REPLIES.get(&key) }.ok_or(())?;
+    if r.flags & FLOW_REMOTE == 0 {
+        return Err(());
+    }
+    icmp::translate_quote6(b, r);
+    let saddr: *mut Addr = ptr_at(ctx, ETH_LEN + IP6_SADDR)?;
+    let daddr: *mut Addr = ptr_at(ctx, ETH_LEN + IP6_DADDR)?;
+    unsafe {
+        icmp::outer_address_changed6(b, &*saddr, &r.frontend_addr);
+        icmp::outer_address_changed6(b, &*daddr, &r.client_addr);
+        *saddr = r.frontend_addr;
+        *daddr = r.client_addr;
+    }
+    set_macs(ctx, &r.client_mac, &r.node_mac)?;
+    count(Counter::IcmpErrorsTranslated);
+    Ok(transmit(ctx, r.ifindex))
+}
+
+/// The `REPLIES` entry of a local backend's flow that a quoted packet belongs to.
+#[inline(always)]
+fn local_reply(key: &FlowKey) -> Option<Reply> {
+    let r = unsafe { REPLIES.get(key) }.copied()?;
+    (r.flags & FLOW_REMOTE == 0).then_some(r)
 }
 
 /// An ICMP error a local backend sends about its flow: quote and source as the client expects.
@@ -550,26 +643,36 @@ fn tc_icmp_error(ctx: &TcContext, l4_off: usize) -> Result<i32, ()> {
     if !icmp::is_error(b[0]) {
         return Ok(TC_ACT_UNSPEC);
     }
-    let Some(key) = icmp::quoted_flow(&b) else {
+    let Some(r) = icmp::quoted_flow(&b).and_then(|k| local_reply(&k)) else {
         return Ok(TC_ACT_UNSPEC);
     };
-    let Some(r) = (unsafe { REPLIES.get(&key) }).copied() else {
-        return Ok(TC_ACT_UNSPEC);
-    };
-    if r.flags & FLOW_REMOTE != 0 {
-        return Ok(TC_ACT_UNSPEC);
-    }
     icmp::translate_quote(&mut b, &r);
+    let frontend = r.frontend_addr.v4_raw();
     let old_src: u32 = ctx.load(ETH_LEN + IP_SADDR).map_err(|_| ())?;
     ctx.store(l4_off, &b, 0).map_err(|_| ())?;
-    ctx.l3_csum_replace(
-        ETH_LEN + IP_CHECK,
-        old_src as u64,
-        r.frontend_addr as u64,
-        4,
-    )
-    .map_err(|_| ())?;
-    ctx.store(ETH_LEN + IP_SADDR, &r.frontend_addr, 0)
+    ctx.l3_csum_replace(ETH_LEN + IP_CHECK, old_src as u64, frontend as u64, 4)
+        .map_err(|_| ())?;
+    ctx.store(ETH_LEN + IP_SADDR, &frontend, 0)
+        .map_err(|_| ())?;
+    count(Counter::IcmpErrorsTranslated);
+    Ok(TC_ACT_OK)
+}
+
+/// [`tc_icmp_error`] for ICMPv6 (no IP checksum; the ICMPv6 one covers the outer source).
+#[inline(always)]
+fn tc_icmp6_error(ctx: &TcContext, l4_off: usize) -> Result<i32, ()> {
+    let mut b: [u8; icmp::SPAN6] = ctx.load(l4_off).map_err(|_| ())?;
+    if !icmp::is_error6(b[0]) {
+        return Ok(TC_ACT_UNSPEC);
+    }
+    let Some(r) = icmp::quoted_flow6(&b).and_then(|k| local_reply(&k)) else {
+        return Ok(TC_ACT_UNSPEC);
+    };
+    icmp::translate_quote6(&mut b, &r);
+    let old_src: [u32; 4] = ctx.load(ETH_LEN + IP6_SADDR).map_err(|_| ())?;
+    icmp::outer_address_changed6(&mut b, &Addr(old_src), &r.frontend_addr);
+    ctx.store(l4_off, &b, 0).map_err(|_| ())?;
+    ctx.store(ETH_LEN + IP6_SADDR, &r.frontend_addr.0, 0)
         .map_err(|_| ())?;
     count(Counter::IcmpErrorsTranslated);
     Ok(TC_ACT_OK)
@@ -584,26 +687,59 @@ pub fn exposure_tc_egress(ctx: TcContext) -> i32 {
 #[inline(always)]
 fn try_tc_egress(ctx: &TcContext) -> Result<i32, ()> {
     let ether_type: u16 = ctx.load(12).map_err(|_| ())?;
-    if u16::from_be(ether_type) != ETH_P_IP {
-        return Ok(TC_ACT_UNSPEC);
+    match u16::from_be(ether_type) {
+        ETH_P_IP => tc_egress_v4(ctx),
+        ETH_P_IPV6 => tc_egress_v6(ctx),
+        _ => Ok(TC_ACT_UNSPEC),
     }
+}
+
+#[inline(always)]
+fn tc_egress_v4(ctx: &TcContext) -> Result<i32, ()> {
     let ip: [u8; 20] = ctx.load(ETH_LEN).map_err(|_| ())?;
     let proto = ip[IP_PROTO];
-    if proto == IPPROTO_ICMP
-        && u16::from_be_bytes([ip[IP_FRAG_OFF], ip[IP_FRAG_OFF + 1]]) & 0x3fff == 0
-    {
-        return tc_icmp_error(ctx, ETH_LEN + ((ip[0] & 0x0f) as usize) * 4);
+    let not_fragment = u16::from_be_bytes([ip[IP_FRAG_OFF], ip[IP_FRAG_OFF + 1]]) & 0x3fff == 0;
+    let l4_off = ETH_LEN + ((ip[0] & 0x0f) as usize) * 4;
+    if proto == IPPROTO_ICMP && not_fragment {
+        return tc_icmp_error(ctx, l4_off);
     }
-    if (proto != PROTO_TCP && proto != PROTO_UDP)
-        || u16::from_be_bytes([ip[IP_FRAG_OFF], ip[IP_FRAG_OFF + 1]]) & 0x3fff != 0
-    {
+    if (proto != PROTO_TCP && proto != PROTO_UDP) || !not_fragment {
         return Ok(TC_ACT_UNSPEC);
     }
-    let l4_off = ETH_LEN + ((ip[0] & 0x0f) as usize) * 4;
+    let saddr = Addr::v4(u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]));
+    let daddr = Addr::v4(u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]));
+    tc_reply(ctx, l4_off, proto, saddr, daddr)
+}
+
+#[inline(always)]
+fn tc_egress_v6(ctx: &TcContext) -> Result<i32, ()> {
+    let ip: [u32; IPV6_LEN / 4] = ctx.load(ETH_LEN).map_err(|_| ())?;
+    let proto = ip[1].to_ne_bytes()[2];
+    let l4_off = ETH_LEN + IPV6_LEN;
+    if proto == IPPROTO_ICMPV6 {
+        return tc_icmp6_error(ctx, l4_off);
+    }
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return Ok(TC_ACT_UNSPEC);
+    }
+    let saddr = Addr([ip[2], ip[3], ip[4], ip[5]]);
+    let daddr = Addr([ip[6], ip[7], ip[8], ip[9]]);
+    tc_reply(ctx, l4_off, proto, saddr, daddr)
+}
+
+/// A local backend's reply on its way out: frontend address and port as source again.
+#[inline(always)]
+fn tc_reply(
+    ctx: &TcContext,
+    l4_off: usize,
+    proto: u8,
+    saddr: Addr,
+    daddr: Addr,
+) -> Result<i32, ()> {
     let ports: [u16; 2] = ctx.load(l4_off).map_err(|_| ())?;
     let key = FlowKey {
-        saddr: u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]),
-        daddr: u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]),
+        saddr,
+        daddr,
         sport: ports[0],
         dport: ports[1],
         proto,
@@ -628,36 +764,30 @@ fn try_tc_egress(ctx: &TcContext) -> Result<i32, ()> {
     };
     let client = client_key(&r, proto);
     if let Some(flow) = FLOWS.get_ptr_mut(&client) {
-        let p = Packet {
-            l4_off,
-            proto,
-            saddr: key.saddr,
-            daddr: key.daddr,
-            sport: key.sport,
-            dport: key.dport,
-            tcp_flags,
-        };
-        touch(flow, || reply, close_bits(&p, false), now_ns());
+        touch(flow, || reply, close_bits(tcp_flags, false), now_ns());
     }
     // The helpers also handle CHECKSUM_PARTIAL skbs, which a plain incremental update would corrupt.
-    let csum = (l4_off + check_off) as usize;
-    ctx.l4_csum_replace(
-        csum,
-        key.saddr as u64,
-        r.frontend_addr as u64,
-        BPF_F_PSEUDO_HDR as u64 | mangled | 4,
-    )
-    .map_err(|_| ())?;
+    let csum = l4_off + check_off;
+    let pseudo = BPF_F_PSEUDO_HDR as u64 | mangled | 4;
+    if saddr.is_v4() {
+        let (old, new) = (saddr.v4_raw(), r.frontend_addr.v4_raw());
+        ctx.l4_csum_replace(csum, old as u64, new as u64, pseudo)
+            .map_err(|_| ())?;
+        ctx.l3_csum_replace(ETH_LEN + IP_CHECK, old as u64, new as u64, 4)
+            .map_err(|_| ())?;
+        ctx.store(ETH_LEN + IP_SADDR, &new, 0).map_err(|_| ())?;
+    } else {
+        for i in 0..4 {
+            let (old, new) = (saddr.0[i], r.frontend_addr.0[i]);
+            if old != new {
+                ctx.l4_csum_replace(csum, old as u64, new as u64, pseudo)
+                    .map_err(|_| ())?;
+            }
+        }
+        ctx.store(ETH_LEN + IP6_SADDR, &r.frontend_addr.0, 0)
+            .map_err(|_| ())?;
+    }
     ctx.l4_csum_replace(csum, key.sport as u64, r.frontend_port as u64, mangled | 2)
-        .map_err(|_| ())?;
-    ctx.l3_csum_replace(
-        ETH_LEN + IP_CHECK,
-        key.saddr as u64,
-        r.frontend_addr as u64,
-        4,
-    )
-    .map_err(|_| ())?;
-    ctx.store(ETH_LEN + IP_SADDR, &r.frontend_addr, 0)
         .map_err(|_| ())?;
     ctx.store(l4_off, &r.frontend_port, 0).map_err(|_| ())?;
     count(Counter::RepliesTc);

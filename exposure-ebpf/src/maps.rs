@@ -2,6 +2,7 @@
 //! restarted agent finds the same state and established flows keep their backends.
 
 use aya_ebpf::{
+    bindings::bpf_fib_lookup,
     macros::map,
     maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, PerCpuArray},
 };
@@ -20,13 +21,13 @@ pub static BACKENDS: Array<Backend> = Array::pinned(MAX_BACKENDS, 0);
 pub static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::pinned(MAX_FLOWS, BPF_F_NO_COMMON_LRU);
 #[map]
 pub static REPLIES: LruHashMap<FlowKey, Reply> = LruHashMap::pinned(MAX_FLOWS, BPF_F_NO_COMMON_LRU);
-/// ifindex -> the node IPv4 address used as SNAT source on that interface.
+/// (ifindex, family) -> the node address used as SNAT source on that interface.
 #[map]
-pub static NODE_ADDRS: HashMap<u32, u32> = HashMap::pinned(256, 0);
+pub static NODE_ADDRS: HashMap<NodeAddrKey, Addr> = HashMap::pinned(256, 0);
 /// Next hops the FIB had no neighbour entry for (address -> ifindex): the agent asks the kernel to
 /// resolve them, since XDP cannot.
 #[map]
-pub static NEIGH_MISSES: HashMap<u32, u32> = HashMap::pinned(1024, 0);
+pub static NEIGH_MISSES: HashMap<Addr, u32> = HashMap::pinned(1024, 0);
 #[map]
 pub static AFFINITY: LruHashMap<AffinityKey, Affinity> = LruHashMap::pinned(MAX_FLOWS, 0);
 /// `loadBalancerSourceRanges`, per service.
@@ -36,6 +37,22 @@ pub static SOURCE_RANGES: LpmTrie<SourceRange, u32> = LpmTrie::pinned(MAX_SOURCE
 pub static FRONTEND_STATS: PerCpuArray<Traffic> = PerCpuArray::pinned(MAX_FRONTENDS, 0);
 #[map]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(Counter::COUNT, 0);
+
+/// Working space for setting up a new flow: the entries being built and the FIB query. BPF gives a
+/// program 512 bytes of stack for its whole call chain, and IPv6-sized entries don't fit there
+/// beside the per-packet path (Cilium keeps such buffers in per-CPU maps too). One packet runs at a
+/// time per CPU, so one entry per CPU is enough.
+#[repr(C)]
+pub struct Scratch {
+    pub key: FlowKey,
+    pub reply_key: FlowKey,
+    pub flow: Flow,
+    pub reply: Reply,
+    pub fib: bpf_fib_lookup,
+}
+
+#[map]
+pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 
 #[inline(always)]
 pub fn count(counter: Counter) {

@@ -1,15 +1,16 @@
-//! Address/port translation with incremental IPv4 and TCP/UDP checksum updates.
+//! Address/port translation with incremental IPv4/IPv6 and TCP/UDP checksum updates.
 
 use aya_ebpf::programs::XdpContext;
-use exposure_common::{checksum, PROTO_TCP};
+use exposure_common::{checksum, Addr, PROTO_TCP};
 
 use crate::parse::*;
 
-/// The 4-tuple a packet should carry after translation.
+/// The 4-tuple a packet should carry after translation (same family as the packet). Addresses by
+/// reference, usually into a map value: copies would cost stack, of which BPF has 512 bytes.
 #[derive(Clone, Copy)]
-pub struct Tuple {
-    pub saddr: u32,
-    pub daddr: u32,
+pub struct Tuple<'a> {
+    pub saddr: &'a Addr,
+    pub daddr: &'a Addr,
     pub sport: u16,
     pub dport: u16,
 }
@@ -24,40 +25,60 @@ fn store<T>(p: *mut T, v: T) {
     unsafe { p.write_unaligned(v) }
 }
 
-/// Rewrites the packet's addresses and ports to `to`; fields that don't change cost nothing.
-#[inline(always)]
-pub fn rewrite(ctx: &XdpContext, p: &Packet, to: &Tuple) -> Result<(), ()> {
-    let ip_check: *mut u16 = ptr_at(ctx, ETH_LEN + IP_CHECK)?;
-    let saddr: *mut u32 = ptr_at(ctx, ETH_LEN + IP_SADDR)?;
-    let daddr: *mut u32 = ptr_at(ctx, ETH_LEN + IP_DADDR)?;
+/// Rewrites the packet's addresses and ports to `to`, updating checksums incrementally. Not inlined:
+/// the checksum arithmetic keeps many values live, and its spills would otherwise sit in the frame
+/// of every caller, beside whatever else that caller calls.
+#[inline(never)]
+pub fn rewrite(ctx: &XdpContext, p: &Packet, to: &Tuple<'_>) -> Result<(), ()> {
+    let ctx = &own_ctx(ctx);
     let ports: *mut [u16; 2] = ptr_at(ctx, p.l4_off)?;
     let l4_check: *mut u16 = if p.proto == PROTO_TCP {
         ptr_at(ctx, p.l4_off + TCP_CHECK)?
     } else {
         ptr_at(ctx, p.l4_off + UDP_CHECK)?
     };
-
-    let mut c = load(ip_check);
-    c = checksum::replace4(c, p.saddr, to.saddr);
-    c = checksum::replace4(c, p.daddr, to.daddr);
-    store(ip_check, c);
-
     let mut c = load(l4_check);
+    if p.v6 {
+        // No IP header checksum in IPv6; the pseudo-header's addresses are in the L4 checksum.
+        let saddr: *mut [u32; 4] = ptr_at(ctx, ETH_LEN + IP6_SADDR)?;
+        let daddr: *mut [u32; 4] = ptr_at(ctx, ETH_LEN + IP6_DADDR)?;
+        if p.proto == PROTO_TCP {
+            c = checksum::replace16(c, &p.saddr.0, &to.saddr.0);
+            c = checksum::replace16(c, &p.daddr.0, &to.daddr.0);
+        } else {
+            c = checksum::udp_replace16(c, &p.saddr.0, &to.saddr.0);
+            c = checksum::udp_replace16(c, &p.daddr.0, &to.daddr.0);
+        }
+        store(saddr, to.saddr.0);
+        store(daddr, to.daddr.0);
+    } else {
+        let ip_check: *mut u16 = ptr_at(ctx, ETH_LEN + IP_CHECK)?;
+        let saddr: *mut u32 = ptr_at(ctx, ETH_LEN + IP_SADDR)?;
+        let daddr: *mut u32 = ptr_at(ctx, ETH_LEN + IP_DADDR)?;
+        let (old_s, old_d) = (p.saddr.v4_raw(), p.daddr.v4_raw());
+        let (new_s, new_d) = (to.saddr.v4_raw(), to.daddr.v4_raw());
+        let mut ic = load(ip_check);
+        ic = checksum::replace4(ic, old_s, new_s);
+        ic = checksum::replace4(ic, old_d, new_d);
+        store(ip_check, ic);
+        if p.proto == PROTO_TCP {
+            c = checksum::replace4(c, old_s, new_s);
+            c = checksum::replace4(c, old_d, new_d);
+        } else {
+            c = checksum::udp_replace4(c, old_s, new_s);
+            c = checksum::udp_replace4(c, old_d, new_d);
+        }
+        store(saddr, new_s);
+        store(daddr, new_d);
+    }
     if p.proto == PROTO_TCP {
-        c = checksum::replace4(c, p.saddr, to.saddr);
-        c = checksum::replace4(c, p.daddr, to.daddr);
         c = checksum::replace2(c, p.sport, to.sport);
         c = checksum::replace2(c, p.dport, to.dport);
     } else {
-        c = checksum::udp_replace4(c, p.saddr, to.saddr);
-        c = checksum::udp_replace4(c, p.daddr, to.daddr);
         c = checksum::udp_replace2(c, p.sport, to.sport);
         c = checksum::udp_replace2(c, p.dport, to.dport);
     }
     store(l4_check, c);
-
-    store(saddr, to.saddr);
-    store(daddr, to.daddr);
     store(ports, [to.sport, to.dport]);
     Ok(())
 }

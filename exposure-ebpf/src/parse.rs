@@ -1,9 +1,17 @@
 //! Bounds-checked packet access and the header offsets we use.
 
 use aya_ebpf::programs::XdpContext;
+use exposure_common::{Addr, PROTO_TCP, PROTO_UDP};
 
 pub const ETH_LEN: usize = 14;
 pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86DD;
+pub const IPV6_LEN: usize = 40;
+pub const IPPROTO_ICMPV6: u8 = 58;
+pub const IPPROTO_FRAGMENT: u8 = 44;
+/// Byte offsets inside the IPv6 header.
+pub const IP6_SADDR: usize = 8;
+pub const IP6_DADDR: usize = 24;
 pub const IPV4_MIN_LEN: usize = 20;
 pub const IPPROTO_ICMP: u8 = 1;
 /// Byte offsets inside the IPv4 header.
@@ -22,6 +30,14 @@ pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
+/// The context as a non-inlined function must see it. LLVM would otherwise pass such a function
+/// the loaded `data`/`data_end` values instead of the context, and zero-extend them there: pointer
+/// arithmetic the verifier rejects. A volatile read of the context pointer keeps it an argument.
+#[inline(always)]
+pub fn own_ctx(ctx: &XdpContext) -> XdpContext {
+    XdpContext::new(unsafe { core::ptr::read_volatile(&ctx.ctx) })
+}
+
 /// A pointer to a `T` at `offset`, if the whole `T` lies inside the frame.
 #[inline(always)]
 pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, ()> {
@@ -33,36 +49,47 @@ pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, ()> {
     Ok((start + offset) as *mut T)
 }
 
-/// What the datapath needs from an IPv4 TCP/UDP packet.
+/// What the datapath needs from an IPv4 or IPv6 TCP/UDP packet.
 #[derive(Clone, Copy)]
 pub struct Packet {
     pub l4_off: usize,
+    pub v6: bool,
     pub proto: u8,
-    pub saddr: u32,
-    pub daddr: u32,
-    pub sport: u16,
-    pub dport: u16,
     /// TCP flags byte (0 for UDP).
     pub tcp_flags: u8,
+    /// IP total length (IPv6: payload + fixed header), for the FIB's MTU check.
+    pub ip_len: u16,
+    pub saddr: Addr,
+    pub daddr: Addr,
+    pub sport: u16,
+    pub dport: u16,
 }
 
 pub enum Parsed {
-    /// Not IPv4 TCP/UDP/ICMP: not ours.
+    /// Not TCP/UDP/ICMP over IPv4 or IPv6: not ours.
     Other,
     /// An ICMP message; its header starts at this offset.
     Icmp(usize),
-    /// A non-first or more-fragments IPv4 packet: passed to the kernel untouched.
+    /// An ICMPv6 message; its header starts at this offset.
+    Icmp6(usize),
+    /// A non-first or more-fragments packet: passed to the kernel untouched.
     Fragment,
     Packet(Packet),
 }
 
-/// Parses Ethernet + IPv4 (with options) + the TCP/UDP ports.
+/// Parses Ethernet + IPv4 (with options) or IPv6 + the TCP/UDP ports.
 #[inline(always)]
 pub fn parse(ctx: &XdpContext) -> Result<Parsed, ()> {
     let ether_type: *const u16 = ptr_at(ctx, 12)?;
-    if u16::from_be(unsafe { *ether_type }) != ETH_P_IP {
-        return Ok(Parsed::Other);
+    match u16::from_be(unsafe { *ether_type }) {
+        ETH_P_IP => parse_v4(ctx),
+        ETH_P_IPV6 => parse_v6(ctx),
+        _ => Ok(Parsed::Other),
     }
+}
+
+#[inline(always)]
+fn parse_v4(ctx: &XdpContext) -> Result<Parsed, ()> {
     let ip: *const [u8; IPV4_MIN_LEN] = ptr_at(ctx, ETH_LEN)?;
     let ip = unsafe { &*ip };
     if ip[0] >> 4 != 4 {
@@ -78,30 +105,71 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, ()> {
     {
         return Ok(Parsed::Icmp(ETH_LEN + ihl));
     }
-    if proto != exposure_common::PROTO_TCP && proto != exposure_common::PROTO_UDP {
+    if proto != PROTO_TCP && proto != PROTO_UDP {
         return Ok(Parsed::Other);
     }
     // MF set or a fragment offset: only the first fragment has ports, so don't guess.
     if u16::from_be_bytes([ip[IP_FRAG_OFF], ip[IP_FRAG_OFF + 1]]) & 0x3fff != 0 {
         return Ok(Parsed::Fragment);
     }
-    let l4_off = ETH_LEN + ihl;
+    let (sport, dport, tcp_flags) = ports(ctx, ETH_LEN + ihl, proto)?;
+    Ok(Parsed::Packet(Packet {
+        l4_off: ETH_LEN + ihl,
+        v6: false,
+        proto,
+        tcp_flags,
+        ip_len: u16::from_be_bytes([ip[IP_TOT_LEN], ip[IP_TOT_LEN + 1]]),
+        saddr: Addr::v4(u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]])),
+        daddr: Addr::v4(u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]])),
+        sport,
+        dport,
+    }))
+}
+
+/// IPv6 with TCP, UDP or ICMPv6 right after the fixed header. Extension headers (rare on the
+/// Internet, and Cilium's NodePort path parses only a few) leave the packet to the kernel.
+#[inline(always)]
+fn parse_v6(ctx: &XdpContext) -> Result<Parsed, ()> {
+    let ip: *const [u32; IPV6_LEN / 4] = ptr_at(ctx, ETH_LEN)?;
+    let ip = unsafe { &*ip };
+    let head = ip[0].to_ne_bytes();
+    if head[0] >> 4 != 6 {
+        return Err(());
+    }
+    let lens = ip[1].to_ne_bytes();
+    let proto = lens[2];
+    let l4_off = ETH_LEN + IPV6_LEN;
+    match proto {
+        IPPROTO_ICMPV6 => return Ok(Parsed::Icmp6(l4_off)),
+        IPPROTO_FRAGMENT => return Ok(Parsed::Fragment),
+        PROTO_TCP | PROTO_UDP => {}
+        _ => return Ok(Parsed::Other),
+    }
+    let (sport, dport, tcp_flags) = ports(ctx, l4_off, proto)?;
+    Ok(Parsed::Packet(Packet {
+        l4_off,
+        v6: true,
+        proto,
+        tcp_flags,
+        ip_len: u16::from_be_bytes([lens[0], lens[1]]).wrapping_add(IPV6_LEN as u16),
+        saddr: Addr([ip[2], ip[3], ip[4], ip[5]]),
+        daddr: Addr([ip[6], ip[7], ip[8], ip[9]]),
+        sport,
+        dport,
+    }))
+}
+
+/// Ports (wire order) and TCP flags, once the whole L4 header is known to be in the frame.
+#[inline(always)]
+fn ports(ctx: &XdpContext, l4_off: usize, proto: u8) -> Result<(u16, u16, u8), ()> {
     let ports: *const [u16; 2] = ptr_at(ctx, l4_off)?;
     let ports = unsafe { *ports };
-    let tcp_flags = if proto == exposure_common::PROTO_TCP {
+    let tcp_flags = if proto == PROTO_TCP {
         let hdr: *const [u8; 20] = ptr_at(ctx, l4_off)?;
         unsafe { (*hdr)[TCP_FLAGS] }
     } else {
         let _hdr: *const [u8; 8] = ptr_at(ctx, l4_off)?;
         0
     };
-    Ok(Parsed::Packet(Packet {
-        l4_off,
-        proto,
-        saddr: u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]),
-        daddr: u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]),
-        sport: ports[0],
-        dport: ports[1],
-        tcp_flags,
-    }))
+    Ok((ports[0], ports[1], tcp_flags))
 }

@@ -1,5 +1,5 @@
-//! Refusing flows to a Service without endpoints: ICMP port unreachable, as kube-proxy's REJECT does
-//! (Linux turns it into ECONNREFUSED for TCP and UDP sockets alike).
+//! Refusing flows to a Service without endpoints: ICMP (ICMPv6) port unreachable, as kube-proxy's
+//! REJECT does (Linux turns it into ECONNREFUSED for TCP and UDP sockets alike).
 
 use aya_ebpf::{
     bindings::xdp_action,
@@ -16,8 +16,9 @@ const ICMP_OFF: usize = ETH_LEN + IPV4_MIN_LEN;
 const MAX_ICMP_WORDS: usize = (8 + 60 + 8) / 2;
 
 /// Turns the frame into an ICMP port unreachable quoting it, addressed back to its sender.
-#[inline(always)]
+#[inline(never)]
 pub fn port_unreachable(ctx: &XdpContext, p: &Packet) -> Result<u32, ()> {
+    let ctx = &own_ctx(ctx);
     let eth: *const [[u8; 6]; 2] = ptr_at(ctx, 0)?;
     let [node_mac, client_mac] = unsafe { *eth };
     let quoted = p.l4_off - ETH_LEN + 8;
@@ -41,8 +42,8 @@ pub fn port_unreachable(ctx: &XdpContext, p: &Packet) -> Result<u32, ()> {
     unsafe { ether_type.write_unaligned(ETH_P_IP.to_be_bytes()) };
 
     let tot_len = ((IPV4_MIN_LEN + 8 + quoted) as u16).to_be_bytes();
-    let s = p.daddr.to_ne_bytes();
-    let d = p.saddr.to_ne_bytes();
+    let s = p.daddr.v4_raw().to_ne_bytes();
+    let d = p.saddr.v4_raw().to_ne_bytes();
     let mut ip: [u8; 20] = [
         0x45,
         0,
@@ -84,6 +85,77 @@ pub fn port_unreachable(ctx: &XdpContext, p: &Packet) -> Result<u32, ()> {
         sum += unsafe { w.read_unaligned() } as u32;
     }
     let check: *mut u16 = ptr_at(ctx, ICMP_OFF + 2)?;
+    unsafe { check.write_unaligned(!checksum::fold(sum)) };
+    Ok(xdp_action::XDP_TX)
+}
+
+/// IPv6 header + ICMPv6 header, and what we quote: the fixed IPv6 header + 8 bytes.
+const IP6_ICMP6_LEN: usize = IPV6_LEN + 8;
+const QUOTE6_LEN: usize = IPV6_LEN + 8;
+const ICMP6_OFF: usize = ETH_LEN + IPV6_LEN;
+
+/// [`port_unreachable`] for IPv6: ICMPv6 destination unreachable, code 4 (port unreachable).
+#[inline(never)]
+pub fn port_unreachable6(ctx: &XdpContext, p: &Packet) -> Result<u32, ()> {
+    let ctx = &own_ctx(ctx);
+    let eth: *const [[u8; 6]; 2] = ptr_at(ctx, 0)?;
+    let [node_mac, client_mac] = unsafe { *eth };
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(IP6_ICMP6_LEN as i32)) } != 0 {
+        return Err(());
+    }
+    // Layout now: [48 free][old Ethernet][old IPv6 header + L4...]: the quote is in place.
+    let want = ICMP6_OFF + 8 + QUOTE6_LEN;
+    let have = ctx.data_end() - ctx.data();
+    if have < want {
+        return Err(());
+    }
+    if unsafe { bpf_xdp_adjust_tail(ctx.ctx, want as i32 - have as i32) } != 0 {
+        return Err(());
+    }
+
+    let eth: *mut [[u8; 6]; 2] = ptr_at(ctx, 0)?;
+    unsafe { eth.write_unaligned([client_mac, node_mac]) };
+    let ether_type: *mut [u8; 2] = ptr_at(ctx, 12)?;
+    unsafe { ether_type.write_unaligned(ETH_P_IPV6.to_be_bytes()) };
+
+    let payload_len = ((8 + QUOTE6_LEN) as u16).to_be_bytes();
+    let head: *mut [u8; 8] = ptr_at(ctx, ETH_LEN)?;
+    unsafe {
+        head.write_unaligned([
+            0x60,
+            0,
+            0,
+            0,
+            payload_len[0],
+            payload_len[1],
+            IPPROTO_ICMPV6,
+            64,
+        ])
+    };
+    let saddr: *mut [u32; 4] = ptr_at(ctx, ETH_LEN + IP6_SADDR)?;
+    let daddr: *mut [u32; 4] = ptr_at(ctx, ETH_LEN + IP6_DADDR)?;
+    unsafe {
+        saddr.write_unaligned(p.daddr.0);
+        daddr.write_unaligned(p.saddr.0);
+    }
+
+    // Type 1 (destination unreachable), code 4 (port unreachable), checksum 0 while summing.
+    let icmp: *mut [u8; 8] = ptr_at(ctx, ICMP6_OFF)?;
+    unsafe { icmp.write_unaligned([1, 4, 0, 0, 0, 0, 0, 0]) };
+    // Pseudo-header (both addresses, the ICMPv6 length and next header), then the message.
+    let mut sum = 0u32;
+    for i in 0..4 {
+        for w in [p.saddr.0[i], p.daddr.0[i]] {
+            sum += (w & 0xffff) + (w >> 16);
+        }
+    }
+    sum += u16::from_ne_bytes(payload_len) as u32;
+    sum += u16::from_ne_bytes([0, IPPROTO_ICMPV6]) as u32;
+    let msg: *const [u16; (8 + QUOTE6_LEN) / 2] = ptr_at(ctx, ICMP6_OFF)?;
+    for i in 0..(8 + QUOTE6_LEN) / 2 {
+        sum += unsafe { (*msg)[i] } as u32;
+    }
+    let check: *mut u16 = ptr_at(ctx, ICMP6_OFF + 2)?;
     unsafe { check.write_unaligned(!checksum::fold(sum)) };
     Ok(xdp_action::XDP_TX)
 }

@@ -1,6 +1,6 @@
 //! Frames for packet tests: built with correct checksums, parsed back with the checksums verified.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use exposure_common::checksum;
 
@@ -166,6 +166,167 @@ pub fn parse(f: &[u8]) -> Option<Parsed> {
     })
 }
 
+/// An IPv6 TCP/UDP frame (no extension headers), built with a correct checksum.
+#[derive(Clone, Debug)]
+pub struct FrameSpec6 {
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+    pub src: Ipv6Addr,
+    pub dst: Ipv6Addr,
+    pub proto: u8,
+    pub sport: u16,
+    pub dport: u16,
+    pub tcp_flags: u8,
+    pub payload: Vec<u8>,
+}
+
+impl FrameSpec6 {
+    pub fn tcp(src: (Ipv6Addr, u16), dst: (Ipv6Addr, u16), flags: u8) -> Self {
+        FrameSpec6 {
+            src_mac: [0x02, 0, 0, 0, 0, 0x01],
+            dst_mac: [0x02, 0, 0, 0, 0, 0x10],
+            src: src.0,
+            dst: dst.0,
+            proto: TCP,
+            sport: src.1,
+            dport: dst.1,
+            tcp_flags: flags,
+            payload: b"hello".to_vec(),
+        }
+    }
+
+    pub fn udp(src: (Ipv6Addr, u16), dst: (Ipv6Addr, u16)) -> Self {
+        FrameSpec6 {
+            proto: UDP,
+            tcp_flags: 0,
+            ..Self::tcp(src, dst, 0)
+        }
+    }
+
+    pub fn build(&self) -> Vec<u8> {
+        let mut l4 = vec![0u8; if self.proto == TCP { 20 } else { 8 } + self.payload.len()];
+        l4[0..2].copy_from_slice(&self.sport.to_be_bytes());
+        l4[2..4].copy_from_slice(&self.dport.to_be_bytes());
+        if self.proto == TCP {
+            l4[4..8].copy_from_slice(&1000u32.to_be_bytes());
+            l4[12] = 5 << 4;
+            l4[13] = self.tcp_flags;
+            l4[14..16].copy_from_slice(&64240u16.to_be_bytes());
+            l4[20..].copy_from_slice(&self.payload);
+        } else {
+            let len = l4.len() as u16;
+            l4[4..6].copy_from_slice(&len.to_be_bytes());
+            l4[8..].copy_from_slice(&self.payload);
+        }
+        let check_at = if self.proto == TCP { 16 } else { 6 };
+        let c = match checksum::l4_checksum6(self.src.octets(), self.dst.octets(), self.proto, &l4)
+        {
+            0 if self.proto == UDP => 0xffff,
+            c => c,
+        };
+        l4[check_at..check_at + 2].copy_from_slice(&c.to_ne_bytes());
+        ipv6_frame(
+            self.dst_mac,
+            self.src_mac,
+            self.src,
+            self.dst,
+            self.proto,
+            &l4,
+        )
+    }
+}
+
+/// Ethernet + IPv6 header (hop limit 64) around `payload`.
+pub fn ipv6_frame(
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    next_header: u8,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut f = Vec::with_capacity(54 + payload.len());
+    f.extend_from_slice(&dst_mac);
+    f.extend_from_slice(&src_mac);
+    f.extend_from_slice(&0x86ddu16.to_be_bytes());
+    f.extend_from_slice(&[0x60, 0, 0, 0]);
+    f.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    f.push(next_header);
+    f.push(64);
+    f.extend_from_slice(&src.octets());
+    f.extend_from_slice(&dst.octets());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// An ICMPv6 message (`body` after the 4-byte type/code/checksum header) with its checksum.
+pub fn icmp6(src: Ipv6Addr, dst: Ipv6Addr, icmp_type: u8, code: u8, body: &[u8]) -> Vec<u8> {
+    let mut msg = vec![icmp_type, code, 0, 0];
+    msg.extend_from_slice(body);
+    let c = checksum::l4_checksum6(src.octets(), dst.octets(), ICMPV6, &msg);
+    msg[2..4].copy_from_slice(&c.to_ne_bytes());
+    ipv6_frame(
+        [0x02, 0, 0, 0, 0, 0x10],
+        [0x02, 0, 0, 0, 0, 0x01],
+        src,
+        dst,
+        ICMPV6,
+        &msg,
+    )
+}
+
+pub const ICMPV6: u8 = 58;
+
+/// An IPv6 frame read back, with its L4 checksum checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Parsed6 {
+    pub dst_mac: [u8; 6],
+    pub src_mac: [u8; 6],
+    pub src: Ipv6Addr,
+    pub dst: Ipv6Addr,
+    pub next_header: u8,
+    pub hop_limit: u8,
+    pub sport: u16,
+    pub dport: u16,
+    /// TCP/UDP/ICMPv6 checksum (all over the IPv6 pseudo-header) verifies.
+    pub l4_checksum_ok: bool,
+    pub l4: Vec<u8>,
+}
+
+pub fn parse6(f: &[u8]) -> Option<Parsed6> {
+    if f.len() < 54 || f[12..14] != [0x86, 0xdd] {
+        return None;
+    }
+    let ip = &f[14..];
+    let len = u16::from_be_bytes([ip[4], ip[5]]) as usize;
+    if ip.len() < 40 + len {
+        return None;
+    }
+    let l4 = &ip[40..40 + len];
+    let src = Ipv6Addr::from(<[u8; 16]>::try_from(&ip[8..24]).ok()?);
+    let dst = Ipv6Addr::from(<[u8; 16]>::try_from(&ip[24..40]).ok()?);
+    let next_header = ip[6];
+    let (sport, dport) = match next_header {
+        TCP | UDP if l4.len() >= 4 => (
+            u16::from_be_bytes([l4[0], l4[1]]),
+            u16::from_be_bytes([l4[2], l4[3]]),
+        ),
+        _ => (0, 0),
+    };
+    Some(Parsed6 {
+        dst_mac: f[0..6].try_into().ok()?,
+        src_mac: f[6..12].try_into().ok()?,
+        src,
+        dst,
+        next_header,
+        hop_limit: ip[7],
+        sport,
+        dport,
+        l4_checksum_ok: checksum::l4_checksum6(src.octets(), dst.octets(), next_header, l4) == 0,
+        l4: l4.to_vec(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -186,5 +347,22 @@ mod tests {
             !parse(&bad).unwrap().l4_checksum_ok,
             "a corrupted payload must fail the check"
         );
+    }
+
+    #[test]
+    fn built_ipv6_frames_verify() {
+        let a = ("2001:2::1".parse().unwrap(), 40000);
+        let b = ("2001:2::10".parse().unwrap(), 30600);
+        for spec in [FrameSpec6::tcp(a, b, SYN), FrameSpec6::udp(a, b)] {
+            let p = parse6(&spec.build()).unwrap();
+            assert!(p.l4_checksum_ok);
+            assert_eq!((p.src, p.sport, p.dst, p.dport), (a.0, a.1, b.0, b.1));
+        }
+        let echo = parse6(&icmp6(a.0, b.0, 128, 0, &[0, 1, 0, 1, 9, 9])).unwrap();
+        assert!(echo.l4_checksum_ok);
+        let mut bad = FrameSpec6::udp(a, b).build();
+        let last = bad.len() - 1;
+        bad[last] ^= 0xff;
+        assert!(!parse6(&bad).unwrap().l4_checksum_ok);
     }
 }

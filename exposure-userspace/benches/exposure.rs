@@ -15,7 +15,7 @@ use std::{
 };
 
 use exposure::datapath::KernelMaps;
-use exposure_common::{ipv4, port, FrontendKey, PROTO_TCP};
+use exposure_common::{port, Addr, FrontendKey, PROTO_TCP};
 use exposure_lab::{
     agent::{Agent, Source},
     control_plane::ControlPlane,
@@ -64,10 +64,10 @@ fn first_sync_us(log: &str) -> u64 {
 }
 
 /// Backend addresses the datapath currently selects from for Service `i`.
-fn live_backends(maps: &KernelMaps, i: usize) -> Vec<(u32, u16)> {
+fn live_backends(maps: &KernelMaps, i: usize) -> Vec<(Addr, u16)> {
     let vip: Ipv4Addr = scale::vip(i).parse().unwrap();
     let key = FrontendKey {
-        addr: ipv4(vip.octets()),
+        addr: Addr::from(vip),
         port: port(80),
         proto: PROTO_TCP,
         _pad: 0,
@@ -132,7 +132,7 @@ fn control_plane(services: usize) -> ControlPlaneResult {
         let mut changed = slice.clone();
         changed["endpoints"][0]["addresses"] = json!([new_ip.to_string()]);
         let want = (
-            ipv4(new_ip.octets()),
+            Addr::from(new_ip),
             port(changed["ports"][0]["port"].as_u64().unwrap() as u16),
         );
         let t = Instant::now();
@@ -229,7 +229,7 @@ fn packet_costs(services: usize, repeat: u32) -> PacketCosts {
             let mut d = DesiredService::default();
             d.frontends.insert(
                 FrontendAddr {
-                    ip: front,
+                    ip: front.into(),
                     port: 80,
                     protocol: Protocol::Tcp,
                 },
@@ -238,7 +238,7 @@ fn packet_costs(services: usize, repeat: u32) -> PacketCosts {
             // The ping-pong pair's backends are each other's frontends (port 80); the rest use 8080.
             let port = if back.octets()[2] == 255 { 80 } else { 8080 };
             d.backends = vec![BackendAddr {
-                ip: back,
+                ip: back.into(),
                 port,
                 local: true,
             }];
@@ -248,6 +248,7 @@ fn packet_costs(services: usize, repeat: u32) -> PacketCosts {
                     name,
                     port: String::new(),
                     protocol: Protocol::Tcp,
+                    family: exposure::model::IpFamily::V4,
                 },
                 Arc::new(d),
             )

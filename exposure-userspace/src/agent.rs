@@ -3,7 +3,7 @@
 
 use std::{
     collections::BTreeSet,
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     sync::{atomic::Ordering, Arc},
     time::{Duration, Instant},
@@ -68,7 +68,7 @@ impl Source {
     }
 
     /// The objects now, problems found reading them, and extra node addresses (from the Node object).
-    fn load(&mut self) -> anyhow::Result<(Objects, Vec<String>, Vec<Ipv4Addr>)> {
+    fn load(&mut self) -> anyhow::Result<(Objects, Vec<String>, Vec<IpAddr>)> {
         match self {
             Source::Dir { dir, seen } => {
                 let fingerprint = manifests::fingerprint(dir).ok();
@@ -99,7 +99,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     };
     datapath::check_privileges()?;
     let ifaces = netdev::interfaces(&cfg.ifaces)?;
-    warn_if_not_forwarding();
+    warn_if_not_forwarding(&ifaces);
 
     let health = Health::default();
     let metrics = Arc::new(Metrics::default());
@@ -112,12 +112,15 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let mut dp = Datapath::load_with(&cfg.pin_dir, cfg.capacity)?;
     let mut maps = KernelMaps::open(&cfg.pin_dir)?;
     for iface in &ifaces {
-        match iface.ipv4.first() {
-            Some(addr) => maps.set_node_addr(iface.index, *addr)?,
+        match iface.first_of(false) {
+            Some(addr) => maps.set_node_addr(iface.index, addr)?,
             None => tracing::warn!(
                 iface = iface.name,
-                "no IPv4 address: no NodePorts and no SNAT source on it"
+                "no IPv4 address: no IPv4 NodePorts and no IPv4 SNAT source on it"
             ),
+        }
+        if let Some(addr) = iface.first_of(true) {
+            maps.set_node_addr(iface.index, addr)?;
         }
     }
     let mut reconciler =
@@ -151,7 +154,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     };
     tracing::info!(node = cfg.node_name, pin_dir = %cfg.pin_dir.display(), "agent started");
 
-    let mut last_node_addrs: Option<Vec<Ipv4Addr>> = None;
+    let mut last_node_addrs: Option<Vec<IpAddr>> = None;
     let mut reported: BTreeSet<String> = BTreeSet::new();
     let mut translator = model::Translator::default();
     let mut health_checks = crate::health_check::HealthCheckServers::default();
@@ -166,12 +169,12 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             }
             _ = ticker.tick() => {}
         }
-        for hop in maps.take_neighbor_misses() {
-            resolve_neighbor(hop);
+        for (hop, ifindex) in maps.take_neighbor_misses() {
+            resolve_neighbor(hop, ifindex);
         }
-        let iface_addrs: Option<Vec<Ipv4Addr>> = netdev::interfaces(&cfg.ifaces)
+        let iface_addrs: Option<Vec<IpAddr>> = netdev::interfaces(&cfg.ifaces)
             .ok()
-            .map(|ifs| ifs.into_iter().flat_map(|i| i.ipv4).collect());
+            .map(|ifs| ifs.into_iter().flat_map(|i| i.addrs).collect());
         let iface_addrs = iface_addrs
             .or_else(|| last_node_addrs.clone())
             .unwrap_or_default();
@@ -301,22 +304,35 @@ fn serve_metrics(listener: tokio::net::TcpListener, metrics: Arc<Metrics>, pin_d
     tokio::spawn(health::serve(listener, route));
 }
 
-/// XDP cannot resolve ARP; the kernel does when it has something to send there. One datagram to the
-/// discard port makes it resolve the next hop, so the client's retransmit finds the neighbour.
-fn resolve_neighbor(hop: Ipv4Addr) {
+/// XDP cannot resolve ARP or neighbour discovery; the kernel does when it has something to send
+/// there. One datagram to the discard port makes it resolve the next hop, so the client's retransmit
+/// finds the neighbour. (`ifindex` scopes a link-local IPv6 next hop.)
+fn resolve_neighbor(hop: IpAddr, ifindex: u32) {
     tracing::debug!(%hop, "resolving next hop for the datapath");
-    if let Ok(sock) = std::net::UdpSocket::bind("0.0.0.0:0") {
-        let _ = sock.send_to(&[], (hop, 9));
+    let (bind, to) = match hop {
+        IpAddr::V4(v4) => ("0.0.0.0:0", SocketAddr::from((v4, 9))),
+        IpAddr::V6(v6) => (
+            "[::]:0",
+            SocketAddr::V6(std::net::SocketAddrV6::new(v6, 9, 0, ifindex)),
+        ),
+    };
+    if let Ok(sock) = std::net::UdpSocket::bind(bind) {
+        let _ = sock.send_to(&[], to);
     }
 }
 
-fn warn_if_not_forwarding() {
-    let path = Path::new("/proc/sys/net/ipv4/ip_forward");
-    if std::fs::read_to_string(path)
-        .map(|v| v.trim() != "1")
-        .unwrap_or(false)
-    {
+fn warn_if_not_forwarding(ifaces: &[netdev::Interface]) {
+    let off = |path: &str| {
+        std::fs::read_to_string(Path::new(path))
+            .map(|v| v.trim() != "1")
+            .unwrap_or(false)
+    };
+    if off("/proc/sys/net/ipv4/ip_forward") {
         tracing::warn!("net.ipv4.ip_forward is off: traffic to local backends is DNATed but the kernel will not route it to the pods");
+    }
+    let has_v6 = ifaces.iter().any(|i| i.first_of(true).is_some());
+    if has_v6 && off("/proc/sys/net/ipv6/conf/all/forwarding") {
+        tracing::warn!("net.ipv6.conf.all.forwarding is off: IPv6 traffic to local backends is DNATed but the kernel will not route it to the pods");
     }
 }
 

@@ -20,7 +20,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use exposure_common::{
-    names, Backend, Counter, Flow, FlowKey, Frontend, FrontendKey, Reply, Service,
+    names, Addr, Backend, Counter, Flow, FlowKey, Frontend, FrontendKey, NodeAddrKey, Reply,
+    Service,
 };
 
 use crate::sync::{DatapathMaps, Snapshot};
@@ -304,9 +305,9 @@ pub struct KernelMaps {
     pub backends: Array<MapData, Backend>,
     pub flows: HashMap<MapData, FlowKey, Flow>,
     pub replies: HashMap<MapData, FlowKey, Reply>,
-    pub node_addrs: HashMap<MapData, u32, u32>,
+    pub node_addrs: HashMap<MapData, NodeAddrKey, Addr>,
     pub stats: PerCpuArray<MapData, u64>,
-    pub neigh_misses: HashMap<MapData, u32, u32>,
+    pub neigh_misses: HashMap<MapData, Addr, u32>,
     pub frontend_stats: PerCpuArray<MapData, exposure_common::Traffic>,
     pub affinity: HashMap<MapData, exposure_common::AffinityKey, exposure_common::Affinity>,
     pub source_ranges: aya::maps::LpmTrie<MapData, exposure_common::SourceRange, u32>,
@@ -339,10 +340,14 @@ impl KernelMaps {
         })
     }
 
-    /// Sets the SNAT source address used for flows leaving through `ifindex`.
-    pub fn set_node_addr(&mut self, ifindex: u32, addr: std::net::Ipv4Addr) -> anyhow::Result<()> {
-        self.node_addrs
-            .insert(ifindex, exposure_common::ipv4(addr.octets()), 0)?;
+    /// Sets the SNAT source address of `addr`'s family for flows leaving through `ifindex`.
+    pub fn set_node_addr(&mut self, ifindex: u32, addr: std::net::IpAddr) -> anyhow::Result<()> {
+        let addr = Addr::from(addr);
+        let key = NodeAddrKey {
+            ifindex,
+            family: addr.family(),
+        };
+        self.node_addrs.insert(key, addr, 0)?;
         Ok(())
     }
 
@@ -357,15 +362,15 @@ impl KernelMaps {
             .collect()
     }
 
-    /// Takes the next hops the datapath found no neighbour entry for.
-    pub fn take_neighbor_misses(&mut self) -> Vec<std::net::Ipv4Addr> {
-        let addrs: Vec<u32> = self.neigh_misses.keys().filter_map(Result::ok).collect();
-        for a in &addrs {
+    /// Takes the next hops (and their interface) the datapath found no neighbour entry for.
+    pub fn take_neighbor_misses(&mut self) -> Vec<(std::net::IpAddr, u32)> {
+        let misses: Vec<(Addr, u32)> = self.neigh_misses.iter().filter_map(Result::ok).collect();
+        for (a, _) in &misses {
             let _ = self.neigh_misses.remove(a);
         }
-        addrs
+        misses
             .into_iter()
-            .map(|a| std::net::Ipv4Addr::from(exposure_common::ipv4_octets(a)))
+            .map(|(a, ifindex)| (std::net::IpAddr::from(a), ifindex))
             .collect()
     }
 
@@ -404,7 +409,7 @@ impl DatapathMaps for KernelMaps {
     fn add_source_range(
         &mut self,
         service_id: u32,
-        addr: u32,
+        addr: Addr,
         prefix_len: u8,
     ) -> anyhow::Result<()> {
         let key = range_key(service_id, addr, prefix_len);
@@ -415,7 +420,7 @@ impl DatapathMaps for KernelMaps {
     fn remove_source_range(
         &mut self,
         service_id: u32,
-        addr: u32,
+        addr: Addr,
         prefix_len: u8,
     ) -> anyhow::Result<()> {
         already_gone(
@@ -455,7 +460,7 @@ impl DatapathMaps for KernelMaps {
             s.source_ranges.insert((
                 r.service_id,
                 r.addr,
-                key.prefix_len().saturating_sub(32) as u8,
+                exposure_common::source_range_len(&r.addr, key.prefix_len()),
             ));
         }
         for item in self.frontends.iter() {
@@ -473,7 +478,7 @@ impl DatapathMaps for KernelMaps {
         }
         for (id, item) in self.backends.iter().enumerate() {
             let v = item?;
-            if v.addr != 0 {
+            if v.addr != Addr::default() {
                 s.backends.insert(id as u32, v);
             }
         }
@@ -605,11 +610,11 @@ fn already_gone(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::Map
 /// LPM key: the service id's 32 bits are always in the prefix, then the network's.
 fn range_key(
     service_id: u32,
-    addr: u32,
+    addr: Addr,
     prefix_len: u8,
 ) -> aya::maps::lpm_trie::Key<exposure_common::SourceRange> {
     aya::maps::lpm_trie::Key::new(
-        32 + prefix_len as u32,
+        exposure_common::source_range_prefix(&addr, prefix_len),
         exposure_common::SourceRange { service_id, addr },
     )
 }

@@ -6,7 +6,7 @@
 //! atomically when it completes, so the model never sees a half-listed cluster.
 
 use std::{
-    net::Ipv4Addr,
+    net::IpAddr,
     path::Path,
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -162,9 +162,9 @@ impl KubeSource {
         }
     }
 
-    /// This node's IPv4 InternalIP/ExternalIP addresses from its Node object.
-    pub fn node_addrs(&self) -> Vec<Ipv4Addr> {
-        let mut out: Vec<Ipv4Addr> = self
+    /// This node's InternalIP/ExternalIP addresses (both families) from its Node object.
+    pub fn node_addrs(&self) -> Vec<IpAddr> {
+        let mut out: Vec<IpAddr> = self
             .nodes
             .state()
             .iter()

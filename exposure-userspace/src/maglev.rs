@@ -3,7 +3,7 @@
 //! The table depends only on the backends' addresses, so every node builds the same one and a flow
 //! without a conntrack entry goes to the same backend whichever node it reaches.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 /// Table sizes (primes, as Cilium offers); the smallest at least 100 × backends is used.
 pub const TABLE_SIZES: [u32; 9] = [251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521];
@@ -42,8 +42,8 @@ fn fnv(seed: u64, bytes: &[u8]) -> u64 {
 
 /// The Maglev table for `backends` (any order: they are sorted here): entry i is an index into the
 /// sorted backend list.
-pub fn build(backends: &[(Ipv4Addr, u16)], m: u32) -> Vec<u32> {
-    let mut sorted: Vec<(Ipv4Addr, u16)> = backends.to_vec();
+pub fn build(backends: &[(IpAddr, u16)], m: u32) -> Vec<u32> {
+    let mut sorted: Vec<(IpAddr, u16)> = backends.to_vec();
     sorted.sort();
     sorted.dedup();
     let n = sorted.len();
@@ -54,9 +54,11 @@ pub fn build(backends: &[(Ipv4Addr, u16)], m: u32) -> Vec<u32> {
     let perms: Vec<(usize, usize)> = sorted
         .iter()
         .map(|(ip, port)| {
-            let mut id = [0u8; 6];
-            id[..4].copy_from_slice(&ip.octets());
-            id[4..].copy_from_slice(&port.to_be_bytes());
+            let mut id = match ip {
+                IpAddr::V4(v4) => v4.octets().to_vec(),
+                IpAddr::V6(v6) => v6.octets().to_vec(),
+            };
+            id.extend_from_slice(&port.to_be_bytes());
             let offset = (fnv(0x6d61_676c, &id) % m as u64) as usize;
             let skip = (fnv(0x6576_2121, &id) % (m as u64 - 1)) as usize + 1;
             (offset, skip)
@@ -85,7 +87,7 @@ pub fn build(backends: &[(Ipv4Addr, u16)], m: u32) -> Vec<u32> {
 }
 
 /// Backends in the order `build` indexes them.
-pub fn order(backends: &[(Ipv4Addr, u16)]) -> Vec<(Ipv4Addr, u16)> {
+pub fn order(backends: &[(IpAddr, u16)]) -> Vec<(IpAddr, u16)> {
     let mut sorted = backends.to_vec();
     sorted.sort();
     sorted.dedup();
@@ -96,14 +98,19 @@ pub fn order(backends: &[(Ipv4Addr, u16)]) -> Vec<(Ipv4Addr, u16)> {
 mod tests {
     use super::*;
 
-    fn backends(n: u32) -> Vec<(Ipv4Addr, u16)> {
+    fn backends(n: u32) -> Vec<(IpAddr, u16)> {
         (0..n)
-            .map(|i| (Ipv4Addr::from(0xc613_0100 + i), 8080))
+            .map(|i| {
+                (
+                    IpAddr::from(std::net::Ipv4Addr::from(0xc613_0100 + i)),
+                    8080,
+                )
+            })
             .collect()
     }
 
     /// The backend each entry maps to, by address.
-    fn owners(b: &[(Ipv4Addr, u16)], m: u32) -> Vec<(Ipv4Addr, u16)> {
+    fn owners(b: &[(IpAddr, u16)], m: u32) -> Vec<(IpAddr, u16)> {
         let sorted = order(b);
         build(b, m)
             .into_iter()

@@ -8,7 +8,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    net::Ipv4Addr,
+    net::IpAddr,
     sync::Arc,
 };
 
@@ -61,13 +61,55 @@ impl std::fmt::Display for Protocol {
     }
 }
 
-/// Identity of one Service port: what a service id in the maps stands for.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+/// An IP family, as `spec.ipFamilies` and `EndpointSlice.addressType` name them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum IpFamily {
+    #[default]
+    V4,
+    V6,
+}
+
+impl IpFamily {
+    pub fn of(ip: &IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(_) => IpFamily::V4,
+            IpAddr::V6(_) => IpFamily::V6,
+        }
+    }
+
+    /// The Kubernetes spelling (`IPv4`/`IPv6`).
+    pub fn name(self) -> &'static str {
+        match self {
+            IpFamily::V4 => "IPv4",
+            IpFamily::V6 => "IPv6",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "IPv4" => Some(IpFamily::V4),
+            "IPv6" => Some(IpFamily::V6),
+            _ => None,
+        }
+    }
+}
+
+/// Identity of one Service port of one IP family: what a service id in the maps stands for. A
+/// dual-stack Service has one per family, each with its own frontends and endpoints (as kube-proxy
+/// runs one proxier per family).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct ServicePortName {
     pub namespace: String,
     pub name: String,
     pub port: String,
     pub protocol: Protocol,
+    pub family: IpFamily,
+}
+
+impl Default for Protocol {
+    fn default() -> Self {
+        Protocol::Tcp
+    }
 }
 
 impl std::fmt::Display for ServicePortName {
@@ -76,7 +118,11 @@ impl std::fmt::Display for ServicePortName {
         if !self.port.is_empty() {
             write!(f, ":{}", self.port)?;
         }
-        write!(f, "/{}", self.protocol)
+        write!(f, "/{}", self.protocol)?;
+        if self.family == IpFamily::V6 {
+            write!(f, "/IPv6")?;
+        }
+        Ok(())
     }
 }
 
@@ -89,20 +135,21 @@ pub enum FrontendKind {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct FrontendAddr {
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
 }
 
 impl std::fmt::Display for FrontendAddr {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}/{}", self.ip, self.port, self.protocol)
+        let at = std::net::SocketAddr::new(self.ip, self.port);
+        write!(f, "{at}/{}", self.protocol)
     }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct BackendAddr {
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub port: u16,
     /// The endpoint runs on this node (no SNAT; replies come back through the node's stack).
     pub local: bool,
@@ -120,8 +167,9 @@ pub enum WhenEmpty {
 
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct DesiredService {
-    /// `loadBalancerSourceRanges` (IPv4 networks) for the LoadBalancer frontends; `None`: anyone.
-    pub source_ranges: Option<Vec<(Ipv4Addr, u8)>>,
+    /// `loadBalancerSourceRanges` (networks of this port's family) for the LoadBalancer frontends;
+    /// `None`: anyone.
+    pub source_ranges: Option<Vec<(IpAddr, u8)>>,
     /// `sessionAffinity: ClientIP` timeout in seconds; 0: none.
     pub affinity_timeout_s: u32,
     pub frontends: BTreeMap<FrontendAddr, FrontendKind>,
@@ -153,11 +201,11 @@ impl DesiredState {
     }
 }
 
-/// What the node contributes: its name (for locality) and its NodePort addresses.
+/// What the node contributes: its name (for locality) and its NodePort addresses (both families).
 #[derive(Clone, Debug, Default)]
 pub struct NodeContext {
     pub node_name: String,
-    pub node_addrs: Vec<Ipv4Addr>,
+    pub node_addrs: Vec<IpAddr>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -244,18 +292,17 @@ fn valid_port(
         })
 }
 
-/// IPv4 addresses parsed from a list; IPv6 ones are left to dual-stack support, invalid ones reported.
-fn ipv4_list<'a>(
+/// Addresses parsed from a list (both families); invalid ones reported.
+fn ip_list<'a>(
     service: &str,
     field: &'static str,
     values: impl Iterator<Item = &'a str>,
     errors: &mut Vec<ModelError>,
-) -> Vec<Ipv4Addr> {
+) -> Vec<IpAddr> {
     let mut out = Vec::new();
     for v in values {
-        match v.parse::<std::net::IpAddr>() {
-            Ok(std::net::IpAddr::V4(ip)) => out.push(ip),
-            Ok(std::net::IpAddr::V6(_)) => {}
+        match v.trim().parse::<IpAddr>() {
+            Ok(ip) => out.push(ip),
             Err(_) => errors.push(ModelError::InvalidAddress {
                 service: service.to_string(),
                 field,
@@ -266,15 +313,14 @@ fn ipv4_list<'a>(
     out
 }
 
-/// Ready IPv4 endpoints of one Service port, from all of the Service's slices, deduplicated.
-/// IPv4 networks of `loadBalancerSourceRanges`. A non-empty list restricts even when it has no IPv4
-/// entry (then no IPv4 source is allowed); IPv6 entries are for IPv6 frontends; invalid ones are
-/// reported and ignored.
+/// The networks of `loadBalancerSourceRanges` (both families; each port family uses its own). A
+/// non-empty list restricts even a family it has no entry for (then no source of that family is
+/// allowed); invalid entries are reported and ignored.
 fn source_ranges(
     service: &str,
     values: &[String],
     errors: &mut Vec<ModelError>,
-) -> Option<Vec<(Ipv4Addr, u8)>> {
+) -> Option<Vec<(IpAddr, u8)>> {
     if values.is_empty() {
         return None;
     }
@@ -287,11 +333,14 @@ fn source_ranges(
             ))
         });
         match parsed {
-            Some((std::net::IpAddr::V4(ip), len)) if len <= 32 => {
-                let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
-                out.push((Ipv4Addr::from(u32::from(ip) & mask), len));
+            Some((IpAddr::V4(ip), len)) if len <= 32 => {
+                let mask = u32::MAX.checked_shl(32 - len as u32).unwrap_or(0);
+                out.push((IpAddr::V4((u32::from(ip) & mask).into()), len));
             }
-            Some((std::net::IpAddr::V6(_), len)) if len <= 128 => {}
+            Some((IpAddr::V6(ip), len)) if len <= 128 => {
+                let mask = u128::MAX.checked_shl(128 - len as u32).unwrap_or(0);
+                out.push((IpAddr::V6((u128::from(ip) & mask).into()), len));
+            }
             _ => errors.push(ModelError::InvalidSourceRange {
                 service: service.to_string(),
                 value: v.clone(),
@@ -303,7 +352,7 @@ fn source_ranges(
     Some(out)
 }
 
-/// A Service port's usable IPv4 endpoints from all its slices, deduplicated: the ready ones, and
+/// A Service port's usable endpoints of one family from all its slices, deduplicated: the ready ones, and
 /// the serving-but-terminating ones that take new flows only when none is ready (KEP-1669, as
 /// kube-proxy does). `ready` unset means ready; `serving` unset means `ready`.
 #[derive(Default)]
@@ -334,12 +383,13 @@ fn usable_endpoints(
     slices: &[&EndpointSlice],
     port_name: &str,
     protocol: Protocol,
+    family: IpFamily,
     node_name: &str,
 ) -> Endpoints {
     let mut ready = BTreeSet::new();
     let mut terminating = BTreeSet::new();
     for slice in slices {
-        if slice.address_type != "IPv4" {
+        if IpFamily::parse(&slice.address_type) != Some(family) {
             continue;
         }
         let Some(port) = slice.ports.iter().flatten().find(|p| {
@@ -359,7 +409,8 @@ fn usable_endpoints(
             let Some(ip) = ep
                 .addresses
                 .first()
-                .and_then(|a| a.parse::<Ipv4Addr>().ok())
+                .and_then(|a| a.parse::<IpAddr>().ok())
+                .filter(|ip| IpFamily::of(ip) == family)
             else {
                 continue;
             };
@@ -435,11 +486,11 @@ pub fn translate_service(
             .into_iter()
             .flatten()
             .filter_map(|i| i.ip.as_deref());
-        ipv4_list(&display, "status.loadBalancer.ingress.ip", ips, errors)
+        ip_list(&display, "status.loadBalancer.ingress.ip", ips, errors)
     } else {
         Vec::new()
     };
-    let external_ips = ipv4_list(
+    let external_ips = ip_list(
         &display,
         "spec.externalIPs",
         spec.external_ips.iter().flatten().map(String::as_str),
@@ -476,8 +527,15 @@ pub fn translate_service(
     } else {
         None
     };
+    let families = service_families(spec);
     let mut local_endpoints = BTreeSet::new();
-    for sp in spec.ports.iter().flatten() {
+    for (sp, family) in spec
+        .ports
+        .iter()
+        .flatten()
+        .flat_map(|sp| families.iter().map(move |f| (sp, *f)))
+    {
+        let of_family = |ip: &&IpAddr| IpFamily::of(ip) == family;
         let port_name = sp.name.clone().unwrap_or_default();
         let protocol = match Protocol::parse(sp.protocol.as_deref()) {
             Ok(p) => p,
@@ -502,21 +560,23 @@ pub fn translate_service(
             match sp.node_port {
                 None => {} // e.g. allocateLoadBalancerNodePorts: false
                 Some(np) => match valid_port(&display, &port_name, "nodePort", np) {
-                    Ok(np) => frontends.extend(node.node_addrs.iter().map(|ip| {
-                        (
-                            FrontendAddr {
-                                ip: *ip,
-                                port: np,
-                                protocol,
-                            },
-                            FrontendKind::NodePort,
-                        )
-                    })),
+                    Ok(np) => {
+                        frontends.extend(node.node_addrs.iter().filter(of_family).map(|ip| {
+                            (
+                                FrontendAddr {
+                                    ip: *ip,
+                                    port: np,
+                                    protocol,
+                                },
+                                FrontendKind::NodePort,
+                            )
+                        }))
+                    }
                     Err(e) => errors.push(e),
                 },
             }
         }
-        frontends.extend(lb_ips.iter().map(|ip| {
+        frontends.extend(lb_ips.iter().filter(of_family).map(|ip| {
             (
                 FrontendAddr {
                     ip: *ip,
@@ -526,7 +586,7 @@ pub fn translate_service(
                 FrontendKind::LoadBalancer,
             )
         }));
-        frontends.extend(external_ips.iter().map(|ip| {
+        frontends.extend(external_ips.iter().filter(of_family).map(|ip| {
             (
                 FrontendAddr {
                     ip: *ip,
@@ -539,8 +599,11 @@ pub fn translate_service(
         if frontends.is_empty() {
             continue; // ClusterIP only: never exposed from the NIC.
         }
-        let endpoints = usable_endpoints(slices, &port_name, protocol, &node.node_name);
-        local_endpoints.extend(endpoints.pick(true).iter().map(|b| b.ip));
+        let endpoints = usable_endpoints(slices, &port_name, protocol, family, &node.node_name);
+        // The health check counts the primary family's endpoints (a dual-stack pod has two IPs).
+        if Some(&family) == families.first() {
+            local_endpoints.extend(endpoints.pick(true).iter().map(|b| b.ip));
+        }
         let all = endpoints.pick(false);
         let (backends, when_empty) = if local_only {
             // Endpoints elsewhere but none here: drop (kube-proxy); none anywhere: refuse.
@@ -558,12 +621,15 @@ pub fn translate_service(
             name: name.clone(),
             port: port_name,
             protocol,
+            family,
         };
         let mut desired = DesiredService {
             backends,
             when_empty,
             affinity_timeout_s,
-            source_ranges: source_ranges.clone(),
+            source_ranges: source_ranges
+                .as_ref()
+                .map(|r| r.iter().filter(|(ip, _)| of_family(&ip)).copied().collect()),
             ..Default::default()
         };
         for (addr, kind) in frontends {
@@ -586,8 +652,38 @@ pub fn translate_service(
             }
         }
     }
+    // A port's problem shows once, not once per family.
+    out.errors.dedup();
     out.display = display;
     out
+}
+
+/// The families a Service is served in: `spec.ipFamilies`, else its cluster IPs' families (objects
+/// written before dual-stack), else IPv4. kube-proxy likewise serves a Service in each family it
+/// has a cluster IP of.
+fn service_families(spec: &k8s_openapi::api::core::v1::ServiceSpec) -> Vec<IpFamily> {
+    let mut families: Vec<IpFamily> = spec
+        .ip_families
+        .iter()
+        .flatten()
+        .filter_map(|f| IpFamily::parse(f))
+        .collect();
+    if families.is_empty() {
+        families = spec
+            .cluster_ips
+            .iter()
+            .flatten()
+            .chain(spec.cluster_ip.iter())
+            .filter_map(|ip| ip.parse::<IpAddr>().ok())
+            .map(|ip| IpFamily::of(&ip))
+            .collect();
+    }
+    let mut seen = BTreeSet::new();
+    families.retain(|f| seen.insert(*f));
+    if families.is_empty() {
+        families.push(IpFamily::V4);
+    }
+    families
 }
 
 fn slice_owner(slice: &EndpointSlice) -> Option<(&str, &str)> {
@@ -702,7 +798,7 @@ pub fn desired_state<S: std::borrow::Borrow<Service>, E: std::borrow::Borrow<End
 #[derive(Default)]
 pub struct Translator {
     memo: HashMap<usize, Memo>,
-    node: Option<(String, Vec<Ipv4Addr>)>,
+    node: Option<(String, Vec<IpAddr>)>,
     /// How many Services the last call translated afresh (the rest came from the memo).
     pub retranslated: usize,
 }
@@ -787,7 +883,10 @@ mod tests {
     fn node() -> NodeContext {
         NodeContext {
             node_name: "node-a".into(),
-            node_addrs: vec![Ipv4Addr::new(198, 18, 0, 10), Ipv4Addr::new(198, 18, 0, 11)],
+            node_addrs: vec![
+                IpAddr::from([198, 18, 0, 10]),
+                IpAddr::from([198, 18, 0, 11]),
+            ],
         }
     }
 
@@ -832,6 +931,7 @@ endpoints:
             name: name.into(),
             port: port.into(),
             protocol,
+            family: IpFamily::V4,
         }
     }
 
@@ -904,7 +1004,7 @@ endpoints:
         let s = &state.services[&key("hello-world", "", Protocol::Tcp)];
         assert_eq!(s.frontends.len(), 3);
         let lbf = FrontendAddr {
-            ip: Ipv4Addr::new(198, 18, 100, 1),
+            ip: IpAddr::from([198, 18, 100, 1]),
             port: 60000,
             protocol: Protocol::Tcp,
         };
@@ -989,6 +1089,7 @@ endpoints: [{addresses: [198.19.1.5], nodeName: node-a}, {addresses: [198.19.1.6
             name: "dns".into(),
             port: "dns".into(),
             protocol: Protocol::Udp,
+            family: IpFamily::V4,
         }];
         let ips: Vec<_> = udp
             .backends
@@ -1008,6 +1109,7 @@ endpoints: [{addresses: [198.19.1.5], nodeName: node-a}, {addresses: [198.19.1.6
             name: "dns".into(),
             port: "dns-tcp".into(),
             protocol: Protocol::Tcp,
+            family: IpFamily::V4,
         }];
         assert!(tcp.backends.iter().all(|b| b.port == 5354));
         assert_eq!(tcp.backends.len(), 3);
@@ -1100,12 +1202,12 @@ spec:
         assert!(!s
             .backends
             .iter()
-            .any(|b| b.ip == Ipv4Addr::new(198, 19, 2, 2)));
+            .any(|b| b.ip == IpAddr::from([198, 19, 2, 2])));
         assert_eq!(state, desired_state(&services, &[fewer], &node()).0);
 
         // Node addresses change: everything is re-translated.
         let moved = NodeContext {
-            node_addrs: vec![Ipv4Addr::new(198, 18, 0, 99)],
+            node_addrs: vec![IpAddr::from([198, 18, 0, 99])],
             ..node()
         };
         let (state, _) = t.desired_state(&services, &slices, &moved);
@@ -1243,7 +1345,7 @@ spec:
                 errors.len(),
             )
         };
-        let net = |a: [u8; 4], l: u8| (Ipv4Addr::from(a), l);
+        let net = |a: [u8; 4], l: u8| (IpAddr::from(a), l);
         assert_eq!(
             ranges(
                 "[198.18.0.7/24, 10.0.0.1/32, 'fd00::/8', nonsense]",

@@ -1,6 +1,6 @@
-//! The node's interfaces: index and IPv4 addresses (the NodePort addresses).
+//! The node's interfaces: index and addresses (the NodePort addresses; IPv6 link-local ones excluded).
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{collections::BTreeMap, net::IpAddr};
 
 use anyhow::Context as _;
 
@@ -8,32 +8,53 @@ use anyhow::Context as _;
 pub struct Interface {
     pub name: String,
     pub index: u32,
-    pub ipv4: Vec<Ipv4Addr>,
+    /// Sorted: IPv4 first, then IPv6.
+    pub addrs: Vec<IpAddr>,
+}
+
+impl Interface {
+    /// The address used as SNAT source for `family`'s flows leaving here: the first one.
+    pub fn first_of(&self, v6: bool) -> Option<IpAddr> {
+        self.addrs.iter().copied().find(|a| a.is_ipv6() == v6)
+    }
 }
 
 /// Looks up each named interface; a missing one is an error (a typo should not silently expose nothing).
 pub fn interfaces(names: &[String]) -> anyhow::Result<Vec<Interface>> {
-    let mut addrs: BTreeMap<String, Vec<Ipv4Addr>> = BTreeMap::new();
+    let mut addrs: BTreeMap<String, Vec<IpAddr>> = BTreeMap::new();
     for ifa in nix::ifaddrs::getifaddrs().context("listing interface addresses")? {
-        if let Some(sin) = ifa.address.as_ref().and_then(|a| a.as_sockaddr_in()) {
-            addrs
-                .entry(ifa.interface_name.clone())
-                .or_default()
-                .push(sin.ip());
-        }
+        let Some(a) = ifa.address.as_ref() else {
+            continue;
+        };
+        let ip = if let Some(sin) = a.as_sockaddr_in() {
+            IpAddr::V4(sin.ip())
+        } else if let Some(sin6) = a.as_sockaddr_in6() {
+            let ip = sin6.ip();
+            // Link-local addresses are per link, not a node's address for clients.
+            if ip.segments()[0] & 0xffc0 == 0xfe80 {
+                continue;
+            }
+            IpAddr::V6(ip)
+        } else {
+            continue;
+        };
+        addrs
+            .entry(ifa.interface_name.clone())
+            .or_default()
+            .push(ip);
     }
     names
         .iter()
         .map(|name| {
             let index = nix::net::if_::if_nametoindex(name.as_str())
                 .with_context(|| format!("interface {name} not found"))?;
-            let mut ipv4 = addrs.get(name).cloned().unwrap_or_default();
-            ipv4.sort();
-            ipv4.dedup();
+            let mut found = addrs.get(name).cloned().unwrap_or_default();
+            found.sort();
+            found.dedup();
             Ok(Interface {
                 name: name.clone(),
                 index,
-                ipv4,
+                addrs: found,
             })
         })
         .collect()
@@ -41,12 +62,14 @@ pub fn interfaces(names: &[String]) -> anyhow::Result<Vec<Interface>> {
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
 
     #[test]
     fn loopback_has_its_address_and_missing_interfaces_are_errors() {
         let lo = interfaces(&["lo".to_string()]).expect("lo exists");
-        assert_eq!(lo[0].ipv4, [Ipv4Addr::LOCALHOST]);
+        assert_eq!(lo[0].first_of(false), Some(IpAddr::V4(Ipv4Addr::LOCALHOST)));
         assert!(lo[0].index > 0);
         let err = interfaces(&["no-such-if0".to_string()]).unwrap_err();
         assert!(format!("{err:#}").contains("no-such-if0"));

@@ -1,9 +1,9 @@
 //! `exposure status`: what the pinned maps say, as a table.
 
-use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
+use std::{collections::BTreeMap, fmt::Write as _, net::IpAddr};
 
 use exposure_common::{
-    ipv4_octets, port_host, Counter, BACKEND_LOCAL, FRONTEND_EXTERNAL_IP, FRONTEND_LOADBALANCER,
+    port_host, Counter, BACKEND_LOCAL, FRONTEND_EXTERNAL_IP, FRONTEND_LOADBALANCER,
     SERVICE_DROP_WHEN_EMPTY,
 };
 
@@ -33,7 +33,7 @@ pub fn render(s: &Snapshot, flows: usize, counters: &[(Counter, u64)]) -> String
             .copied()
             .collect();
         let mut found: Vec<_> = ids.iter().filter_map(|id| s.backends.get(id)).collect();
-        found.sort_by_key(|b| (ipv4_octets(b.addr), port_host(b.port)));
+        found.sort_by_key(|b| (IpAddr::from(b.addr), port_host(b.port)));
         let backends: Vec<String> = found
             .into_iter()
             .map(|b| {
@@ -42,11 +42,8 @@ pub fn render(s: &Snapshot, flows: usize, counters: &[(Counter, u64)]) -> String
                 } else {
                     ""
                 };
-                format!(
-                    "{}:{}{local}",
-                    Ipv4Addr::from(ipv4_octets(b.addr)),
-                    port_host(b.port)
-                )
+                let at = std::net::SocketAddr::new(IpAddr::from(b.addr), port_host(b.port));
+                format!("{at}{local}")
             })
             .collect();
         let backends = if backends.is_empty() {
@@ -123,7 +120,7 @@ mod tests {
         let mut svc = DesiredService::default();
         svc.frontends.insert(
             FrontendAddr {
-                ip: Ipv4Addr::new(198, 18, 0, 10),
+                ip: IpAddr::from([198, 18, 0, 10]),
                 port: 30600,
                 protocol: Protocol::Tcp,
             },
@@ -131,12 +128,12 @@ mod tests {
         );
         svc.backends = vec![
             BackendAddr {
-                ip: Ipv4Addr::new(198, 19, 1, 2),
+                ip: IpAddr::from([198, 19, 1, 2]),
                 port: 50000,
                 local: true,
             },
             BackendAddr {
-                ip: Ipv4Addr::new(198, 19, 2, 2),
+                ip: IpAddr::from([198, 19, 2, 2]),
                 port: 50000,
                 local: false,
             },
@@ -146,6 +143,7 @@ mod tests {
             name: "hello-world".into(),
             port: String::new(),
             protocol: Protocol::Tcp,
+            family: crate::model::IpFamily::V4,
         };
         let mut maps = FakeMaps::default();
         Reconciler::restore(Snapshot::default(), Limits::default()).reconcile(

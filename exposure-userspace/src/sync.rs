@@ -9,14 +9,14 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
-    net::Ipv4Addr,
+    net::IpAddr,
     sync::Arc,
 };
 
 use exposure_common::{
-    self as common, Backend, Frontend, FrontendKey, Service, BACKEND_LOCAL, FRONTEND_EXTERNAL_IP,
-    FRONTEND_LOADBALANCER, FRONTEND_NODEPORT, SERVICE_DROP_WHEN_EMPTY, SERVICE_IN_USE,
-    SERVICE_SOURCE_RANGES,
+    self as common, Addr, Backend, Frontend, FrontendKey, Service, BACKEND_LOCAL,
+    FRONTEND_EXTERNAL_IP, FRONTEND_LOADBALANCER, FRONTEND_NODEPORT, SERVICE_DROP_WHEN_EMPTY,
+    SERVICE_IN_USE, SERVICE_SOURCE_RANGES,
 };
 
 use crate::maglev;
@@ -36,7 +36,7 @@ pub struct Snapshot {
     /// Only ids in use (non-zero address).
     pub backends: BTreeMap<u32, Backend>,
     /// `loadBalancerSourceRanges` entries: (service id, network address, prefix length).
-    pub source_ranges: BTreeSet<(u32, u32, u8)>,
+    pub source_ranges: BTreeSet<(u32, Addr, u8)>,
 }
 
 /// The writes the reconciler needs; the kernel maps implement it, and so does [`FakeMaps`] for tests.
@@ -51,13 +51,13 @@ pub trait DatapathMaps {
     fn add_source_range(
         &mut self,
         service_id: u32,
-        addr: u32,
+        addr: Addr,
         prefix_len: u8,
     ) -> anyhow::Result<()>;
     fn remove_source_range(
         &mut self,
         service_id: u32,
-        addr: u32,
+        addr: Addr,
         prefix_len: u8,
     ) -> anyhow::Result<()>;
     /// Forgets session affinity of a service's clients to `backends` (all of them with `None`).
@@ -273,13 +273,13 @@ struct ServiceSlots {
     /// Its Maglev table as written.
     table: Vec<u32>,
     /// Its `loadBalancerSourceRanges` entries: (network address, prefix length).
-    ranges: BTreeSet<(u32, u8)>,
+    ranges: BTreeSet<(Addr, u8)>,
 }
 
 pub struct Reconciler {
     limits: Limits,
     service_ids: BTreeMap<ServicePortName, u32>,
-    backend_ids: HashMap<(Ipv4Addr, u16), u32>,
+    backend_ids: HashMap<(IpAddr, u16), u32>,
     service_pool: IdPool,
     frontend_pool: IdPool,
     /// The ids in `service_ids`, for O(1) "is this id taken".
@@ -297,7 +297,7 @@ pub struct Reconciler {
 
 fn frontend_key(f: &FrontendAddr) -> FrontendKey {
     FrontendKey {
-        addr: common::ipv4(f.ip.octets()),
+        addr: Addr::from(f.ip),
         port: common::port(f.port),
         proto: f.protocol.number(),
         _pad: 0,
@@ -308,11 +308,8 @@ fn frontend_key(f: &FrontendAddr) -> FrontendKey {
 pub fn frontend_display(key: &FrontendKey) -> String {
     let proto = crate::model::Protocol::from_number(key.proto)
         .map_or_else(|| key.proto.to_string(), |p| p.to_string());
-    format!(
-        "{}:{}/{proto}",
-        Ipv4Addr::from(common::ipv4_octets(key.addr)),
-        common::port_host(key.port)
-    )
+    let at = std::net::SocketAddr::new(IpAddr::from(key.addr), common::port_host(key.port));
+    format!("{at}/{proto}")
 }
 
 fn frontend_flags(kind: FrontendKind) -> u16 {
@@ -325,7 +322,7 @@ fn frontend_flags(kind: FrontendKind) -> u16 {
 
 fn backend_value(b: &BackendAddr) -> Backend {
     Backend {
-        addr: common::ipv4(b.ip.octets()),
+        addr: Addr::from(b.ip),
         port: common::port(b.port),
         flags: if b.local { BACKEND_LOCAL } else { 0 },
     }
@@ -366,7 +363,7 @@ impl Reconciler {
                 snapshot
                     .backends
                     .get(id)
-                    .map(|b| (common::ipv4_octets(b.addr), common::port_host(b.port)))
+                    .map(|b| (IpAddr::from(b.addr), common::port_host(b.port)))
             });
             s.live = live;
         }
@@ -377,15 +374,7 @@ impl Reconciler {
         let backend_ids = snapshot
             .backends
             .iter()
-            .map(|(id, b)| {
-                (
-                    (
-                        Ipv4Addr::from(common::ipv4_octets(b.addr)),
-                        common::port_host(b.port),
-                    ),
-                    *id,
-                )
-            })
+            .map(|(id, b)| ((IpAddr::from(b.addr), common::port_host(b.port)), *id))
             .collect();
         Reconciler {
             limits,
@@ -574,10 +563,8 @@ impl Reconciler {
             match maps.clear_backend(id) {
                 Ok(()) => {
                     let b = self.backends.remove(&id).unwrap_or_default();
-                    self.backend_ids.remove(&(
-                        Ipv4Addr::from(common::ipv4_octets(b.addr)),
-                        common::port_host(b.port),
-                    ));
+                    self.backend_ids
+                        .remove(&(IpAddr::from(b.addr), common::port_host(b.port)));
                     self.backend_pool.release(id);
                     report.writes += 1;
                 }
@@ -702,16 +689,15 @@ impl Reconciler {
         if want.source_ranges.is_some() {
             flags |= SERVICE_SOURCE_RANGES;
         }
-        let ranges: BTreeSet<(u32, u8)> = want
+        let ranges: BTreeSet<(Addr, u8)> = want
             .source_ranges
             .iter()
             .flatten()
-            .map(|(net, len)| (common::ipv4(net.octets()), *len))
+            .map(|(net, len)| (Addr::from(*net), *len))
             .collect();
         // Ids in address order: the order the Maglev table indexes, whatever order they came in.
-        let mut addrs: Vec<(Ipv4Addr, u16)> =
-            want.backends.iter().map(|b| (b.ip, b.port)).collect();
-        let mut by_addr: Vec<((Ipv4Addr, u16), u32)> =
+        let mut addrs: Vec<(IpAddr, u16)> = want.backends.iter().map(|b| (b.ip, b.port)).collect();
+        let mut by_addr: Vec<((IpAddr, u16), u32)> =
             addrs.iter().copied().zip(ids.iter().copied()).collect();
         by_addr.sort();
         by_addr.dedup();
@@ -952,7 +938,7 @@ impl DatapathMaps for FakeMaps {
     fn add_source_range(
         &mut self,
         service_id: u32,
-        addr: u32,
+        addr: Addr,
         prefix_len: u8,
     ) -> anyhow::Result<()> {
         self.write()?;
@@ -965,7 +951,7 @@ impl DatapathMaps for FakeMaps {
     fn remove_source_range(
         &mut self,
         service_id: u32,
-        addr: u32,
+        addr: Addr,
         prefix_len: u8,
     ) -> anyhow::Result<()> {
         self.write()?;
@@ -1010,6 +996,7 @@ mod tests {
             name: n.into(),
             port: String::new(),
             protocol: Protocol::Tcp,
+            family: crate::model::IpFamily::V4,
         }
     }
 
@@ -1018,7 +1005,7 @@ mod tests {
         for node in [10u8, 11] {
             s.frontends.insert(
                 FrontendAddr {
-                    ip: Ipv4Addr::new(198, 18, 0, node),
+                    ip: IpAddr::from([198, 18, 0, node]),
                     port: node_port,
                     protocol: Protocol::Tcp,
                 },
@@ -1028,7 +1015,7 @@ mod tests {
         s.backends = backends
             .iter()
             .map(|(last, local)| BackendAddr {
-                ip: Ipv4Addr::new(198, 19, 1, *last),
+                ip: IpAddr::from([198, 19, 1, *last]),
                 port: 8080,
                 local: *local,
             })
@@ -1047,15 +1034,15 @@ mod tests {
     }
 
     /// The distinct backends a frontend's Maglev table selects from, by address.
-    fn live_backends(maps: &FakeMaps, fe: &FrontendAddr) -> Vec<Ipv4Addr> {
+    fn live_backends(maps: &FakeMaps, fe: &FrontendAddr) -> Vec<IpAddr> {
         let fe = maps.state.frontends[&frontend_key(fe)];
         let s = maps.state.services[&fe.service_id];
         let ids: BTreeSet<u32> = (0..s.table_size)
             .map(|i| maps.maglev[&(s.table_offset + i)])
             .collect();
-        let mut ips: Vec<Ipv4Addr> = ids
+        let mut ips: Vec<IpAddr> = ids
             .iter()
-            .map(|id| Ipv4Addr::from(common::ipv4_octets(maps.state.backends[id].addr)))
+            .map(|id| IpAddr::from(maps.state.backends[id].addr))
             .collect();
         ips.sort();
         ips
@@ -1063,7 +1050,7 @@ mod tests {
 
     fn fe(node: u8, port: u16) -> FrontendAddr {
         FrontendAddr {
-            ip: Ipv4Addr::new(198, 18, 0, node),
+            ip: IpAddr::from([198, 18, 0, node]),
             port,
             protocol: Protocol::Tcp,
         }
@@ -1085,7 +1072,7 @@ mod tests {
         assert_eq!(maps.state.frontends.len(), 4);
         assert_eq!(
             live_backends(&maps, &fe(10, 30001)),
-            [Ipv4Addr::new(198, 19, 1, 1), Ipv4Addr::new(198, 19, 1, 2)]
+            [IpAddr::from([198, 19, 1, 1]), IpAddr::from([198, 19, 1, 2])]
         );
         assert!(live_backends(&maps, &fe(11, 30002)).is_empty());
         let again = r.reconcile(&want, &mut maps);
@@ -1118,9 +1105,9 @@ mod tests {
         assert_eq!(
             live_backends(&maps, &fe(11, 30001)),
             [
-                Ipv4Addr::new(198, 19, 1, 1),
-                Ipv4Addr::new(198, 19, 1, 3),
-                Ipv4Addr::new(198, 19, 1, 4)
+                IpAddr::from([198, 19, 1, 1]),
+                IpAddr::from([198, 19, 1, 3]),
+                IpAddr::from([198, 19, 1, 4])
             ]
         );
         assert_eq!(maps.state.backends.len(), 3, "removed backend cleared");
@@ -1243,7 +1230,7 @@ mod tests {
         ));
         assert_eq!(
             live_backends(&maps, &fe(10, 30001)),
-            [Ipv4Addr::new(198, 19, 1, 1)]
+            [IpAddr::from([198, 19, 1, 1])]
         );
         assert!(!maps
             .state
@@ -1369,7 +1356,7 @@ mod tests {
             60
         );
         assert!(maps.affinity_purges.is_empty());
-        let gone = r.backend_ids[&(Ipv4Addr::new(198, 19, 1, 1), 8080)];
+        let gone = r.backend_ids[&(IpAddr::from([198, 19, 1, 1]), 8080)];
         r.reconcile(&state(&[("a", sticky(&[(2, false)]))]), &mut maps);
         let id = maps.state.frontends.values().next().unwrap().service_id;
         assert_eq!(maps.affinity_purges, [(id, Some(vec![gone]))]);

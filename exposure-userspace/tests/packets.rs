@@ -100,7 +100,7 @@ fn with_datapath_logging(bpf_log_level: u8, test: impl FnOnce(&mut Harness) + Se
         let dp = Datapath::load_with(&pin_dir, capacity).expect("load datapath");
         let mut maps = KernelMaps::open(&pin_dir).expect("open maps");
         let ifindex = nix::net::if_::if_nametoindex("eth0").expect("eth0");
-        maps.set_node_addr(ifindex, NODE).unwrap();
+        maps.set_node_addr(ifindex, NODE.into()).unwrap();
         let reconciler = Reconciler::restore(maps.snapshot().unwrap(), Limits::default());
         let mut h = Harness {
             dp,
@@ -123,6 +123,7 @@ fn name(n: &str) -> ServicePortName {
         name: n.into(),
         port: String::new(),
         protocol: Protocol::Tcp,
+        family: exposure::model::IpFamily::V4,
     }
 }
 
@@ -133,7 +134,7 @@ fn hello(backends: &[(Ipv4Addr, bool)]) -> DesiredState {
         let mut s = DesiredService::default();
         s.frontends.insert(
             FrontendAddr {
-                ip: NODE,
+                ip: NODE.into(),
                 port: NODE_PORT,
                 protocol,
             },
@@ -141,7 +142,7 @@ fn hello(backends: &[(Ipv4Addr, bool)]) -> DesiredState {
         );
         s.frontends.insert(
             FrontendAddr {
-                ip: LB,
+                ip: LB.into(),
                 port: 60000,
                 protocol,
             },
@@ -150,7 +151,7 @@ fn hello(backends: &[(Ipv4Addr, bool)]) -> DesiredState {
         s.backends = backends
             .iter()
             .map(|(ip, local)| BackendAddr {
-                ip: *ip,
+                ip: (*ip).into(),
                 port: 50000,
                 local: *local,
             })
@@ -158,6 +159,7 @@ fn hello(backends: &[(Ipv4Addr, bool)]) -> DesiredState {
         state.services.insert(
             ServicePortName {
                 protocol,
+                family: exposure::model::IpFamily::V4,
                 ..name("hello-world")
             },
             std::sync::Arc::new(s),
@@ -227,8 +229,8 @@ impl Harness {
         proto: u8,
     ) -> Option<exposure_common::Flow> {
         let key = FlowKey {
-            saddr: exposure_common::ipv4(client.0.octets()),
-            daddr: exposure_common::ipv4(frontend.0.octets()),
+            saddr: exposure_common::Addr::from(client.0),
+            daddr: exposure_common::Addr::from(frontend.0),
             sport: exposure_common::port(client.1),
             dport: exposure_common::port(frontend.1),
             proto,
@@ -585,7 +587,7 @@ fn unresolved_next_hop_is_dropped_and_left_for_the_agent_to_resolve() {
         assert_eq!(h.counter(Counter::NeighborMissing), 1);
         assert_eq!(
             h.maps.take_neighbor_misses(),
-            [Ipv4Addr::new(198, 18, 0, 30)],
+            [(Ipv4Addr::new(198, 18, 0, 30).into(), h.ifindex)],
             "the gateway, not the pod"
         );
         assert!(
@@ -678,7 +680,7 @@ fn load_balancer_source_ranges_admit_only_listed_sources_on_the_lb_address() {
         let mut state = hello(&[(LOCAL_POD, true)]);
         for s in state.services.values_mut() {
             std::sync::Arc::make_mut(s).source_ranges =
-                Some(vec![(Ipv4Addr::new(198, 18, 0, 0), 28)]);
+                Some(vec![(Ipv4Addr::new(198, 18, 0, 0).into(), 28)]);
         }
         h.program(&state);
         let to_lb = |src: Ipv4Addr, sport| FrameSpec::tcp((src, sport), (LB, 60000), SYN).build();
@@ -773,7 +775,7 @@ fn independent_nodes_pick_the_same_backend_for_a_flow() {
         let pin_dir = PathBuf::from(format!("{}-other", h.pin_dir.display()));
         let dp = Datapath::load(&pin_dir).unwrap();
         let mut maps = KernelMaps::open(&pin_dir).unwrap();
-        maps.set_node_addr(h.ifindex, NODE).unwrap();
+        maps.set_node_addr(h.ifindex, NODE.into()).unwrap();
         // Ids differ between nodes: give the other one a backend the first never sees, first.
         let mut reconciler = Reconciler::restore(maps.snapshot().unwrap(), Limits::default());
         let mut warmup = hello(&[(Ipv4Addr::new(198, 19, 9, 9), true)]);
@@ -789,7 +791,7 @@ fn independent_nodes_pick_the_same_backend_for_a_flow() {
             std::sync::Arc::new(DesiredService {
                 frontends: [(
                     FrontendAddr {
-                        ip: NODE,
+                        ip: NODE.into(),
                         port: 31999,
                         protocol: Protocol::Tcp,
                     },
