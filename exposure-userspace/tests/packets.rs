@@ -4,7 +4,10 @@
 //! Each test gets its own network namespace (a node with a LAN peer acting as the other node, so the
 //! FIB lookup for remote backends is real) and its own bpffs pin directory.
 
-use std::{net::Ipv4Addr, path::PathBuf};
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+};
 
 use aya::programs::{TestRun, TestRunOptions};
 use exposure::{
@@ -33,6 +36,13 @@ const LB: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 1);
 const LOCAL_POD: Ipv4Addr = Ipv4Addr::new(198, 19, 1, 2);
 const REMOTE_POD: Ipv4Addr = Ipv4Addr::new(198, 19, 2, 2);
 const NODE_PORT: u16 = 30600;
+// IPv6 (the 2001:2::/48 benchmarking range): the same roles.
+const NODE6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 0x10);
+const PEER_NODE6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 0x20);
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 1);
+const LB6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0x100, 0, 0, 0, 1);
+const LOCAL_POD6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 1, 0, 0, 0, 2);
+const REMOTE_POD6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 2, 0, 0, 0, 2);
 
 /// A node namespace whose eth0 faces a peer node namespace; the datapath loaded but not attached.
 struct Harness {
@@ -85,10 +95,19 @@ fn with_datapath_logging(bpf_log_level: u8, test: impl FnOnce(&mut Harness) + Se
     peer.ip("link set eth0 up").unwrap();
     node.ip(&format!("route add 198.19.2.0/24 via {PEER_NODE}"))
         .unwrap();
+    node.ip(&format!("addr add {NODE6}/64 dev eth0 nodad"))
+        .unwrap();
+    peer.ip(&format!("addr add {PEER_NODE6}/64 dev eth0 nodad"))
+        .unwrap();
+    node.ip(&format!("-6 route add 2001:2:0:2::/64 via {PEER_NODE6}"))
+        .unwrap();
     // bpf_fib_lookup answers "forwarding disabled" otherwise, as the kernel would for routing.
     node.sysctl("net.ipv4.ip_forward", "1").unwrap();
-    node.exec("ping", &["-c", "1", "-W", "2", &PEER_NODE.to_string()])
-        .unwrap();
+    node.sysctl("net.ipv6.conf.all.forwarding", "1").unwrap();
+    for peer_ip in [PEER_NODE.to_string(), PEER_NODE6.to_string()] {
+        node.exec("ping", &["-c", "1", "-W", "2", &peer_ip])
+            .unwrap();
+    }
     let node_mac = mac_of(&node, "eth0");
     let peer_mac = mac_of(&peer, "eth0");
     let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{prefix}"));
@@ -101,6 +120,7 @@ fn with_datapath_logging(bpf_log_level: u8, test: impl FnOnce(&mut Harness) + Se
         let mut maps = KernelMaps::open(&pin_dir).expect("open maps");
         let ifindex = nix::net::if_::if_nametoindex("eth0").expect("eth0");
         maps.set_node_addr(ifindex, NODE.into()).unwrap();
+        maps.set_node_addr(ifindex, NODE6.into()).unwrap();
         let reconciler = Reconciler::restore(maps.snapshot().unwrap(), Limits::default());
         let mut h = Harness {
             dp,
@@ -923,5 +943,261 @@ fn icmp_errors_from_local_backends_are_translated_at_tc() {
         let (verdict, out) = h.tc(&icmp_error(LOCAL_POD, CLIENT, 3, 3, &delivered));
         assert_eq!(verdict, TC_ACT_OK);
         assert_icmp_quote(&out, (NODE, CLIENT), client, (NODE, NODE_PORT));
+    });
+}
+
+/// hello-world's IPv6 half: NodePort 30600 on the node's IPv6 address and an IPv6 LB address.
+fn hello6(backends: &[(Ipv6Addr, bool)]) -> DesiredState {
+    let mut state = DesiredState::default();
+    for protocol in [Protocol::Tcp, Protocol::Udp] {
+        let mut s = DesiredService::default();
+        for (ip, port, kind) in [
+            (NODE6, NODE_PORT, FrontendKind::NodePort),
+            (LB6, 60000, FrontendKind::LoadBalancer),
+        ] {
+            let addr = FrontendAddr {
+                ip: ip.into(),
+                port,
+                protocol,
+            };
+            s.frontends.insert(addr, kind);
+        }
+        s.backends = backends
+            .iter()
+            .map(|(ip, local)| BackendAddr {
+                ip: (*ip).into(),
+                port: 50000,
+                local: *local,
+            })
+            .collect();
+        let key = ServicePortName {
+            protocol,
+            family: exposure::model::IpFamily::V6,
+            ..name("hello-world")
+        };
+        state.services.insert(key, std::sync::Arc::new(s));
+    }
+    state
+}
+
+fn parse6_ok(out: &[u8]) -> frame::Parsed6 {
+    let p = frame::parse6(out).expect("an IPv6 frame");
+    assert!(p.l4_checksum_ok, "L4 checksum wrong: {p:?}");
+    p
+}
+
+#[test]
+fn ipv6_to_local_backend_is_dnated_and_the_reply_reversed_at_tc() {
+    with_datapath(|h| {
+        h.program(&hello6(&[(LOCAL_POD6, true)]));
+        for (proto, sport) in [(TCP, 40000), (UDP, 40001)] {
+            let spec = if proto == TCP {
+                frame::FrameSpec6::tcp((CLIENT6, sport), (NODE6, NODE_PORT), SYN)
+            } else {
+                frame::FrameSpec6::udp((CLIENT6, sport), (NODE6, NODE_PORT))
+            };
+            let (verdict, out) = h.xdp(&spec.build());
+            assert_eq!(verdict, XDP_PASS, "local backend: up to the kernel");
+            let p = parse6_ok(&out);
+            assert_eq!((p.src, p.sport), (CLIENT6, sport), "client preserved");
+            assert_eq!((p.dst, p.dport), (LOCAL_POD6, 50000));
+            assert_eq!(p.next_header, proto);
+
+            let reply = if proto == TCP {
+                frame::FrameSpec6::tcp((LOCAL_POD6, 50000), (CLIENT6, sport), SYN | ACK)
+            } else {
+                frame::FrameSpec6::udp((LOCAL_POD6, 50000), (CLIENT6, sport))
+            };
+            let (verdict, out) = h.tc(&reply.build());
+            assert_eq!(verdict, TC_ACT_OK);
+            let r = parse6_ok(&out);
+            assert_eq!((r.src, r.sport), (NODE6, NODE_PORT), "frontend restored");
+            assert_eq!((r.dst, r.dport), (CLIENT6, sport));
+        }
+        assert_eq!(h.counter(Counter::ToLocal), 2);
+        assert_eq!(h.counter(Counter::RepliesTc), 2);
+    });
+}
+
+#[test]
+fn ipv6_remote_backend_gets_snat_and_the_reply_is_reversed_at_xdp() {
+    with_datapath(|h| {
+        h.program(&hello6(&[(REMOTE_POD6, false)]));
+        let mut input = frame::FrameSpec6::tcp((CLIENT6, 40002), (LB6, 60000), SYN);
+        input.dst_mac = h.node_mac;
+        let input = input.build();
+        let (verdict, out) = h.xdp(&input);
+        assert_eq!(verdict, XDP_TX);
+        let p = parse6_ok(&out);
+        assert_eq!((p.dst, p.dport), (REMOTE_POD6, 50000));
+        assert_eq!(p.src, NODE6, "SNAT to the node's IPv6 address");
+        assert!(p.sport >= SNAT_PORT_MIN);
+        assert_eq!(p.dst_mac, h.peer_mac, "next hop from the IPv6 FIB");
+        assert_eq!(p.src_mac, h.node_mac);
+
+        let mut reply = frame::FrameSpec6::tcp((REMOTE_POD6, 50000), (NODE6, p.sport), SYN | ACK);
+        reply.src_mac = h.peer_mac;
+        reply.dst_mac = h.node_mac;
+        let (verdict, out) = h.xdp(&reply.build());
+        assert_eq!(verdict, XDP_TX);
+        let r = parse6_ok(&out);
+        assert_eq!((r.src, r.sport), (LB6, 60000), "client sees the LB address");
+        assert_eq!((r.dst, r.dport), (CLIENT6, 40002));
+        assert_eq!(r.dst_mac, input[6..12]);
+        assert_eq!(h.counter(Counter::ToRemote), 1);
+        assert_eq!(h.counter(Counter::RepliesXdp), 1);
+    });
+}
+
+#[test]
+fn ipv6_without_endpoints_is_refused_with_icmpv6_port_unreachable() {
+    with_datapath(|h| {
+        h.program(&hello6(&[]));
+        let input = frame::FrameSpec6::udp((CLIENT6, 40003), (NODE6, NODE_PORT)).build();
+        let (verdict, out) = h.xdp(&input);
+        assert_eq!(verdict, XDP_TX);
+        let p = parse6_ok(&out);
+        assert_eq!(p.next_header, frame::ICMPV6);
+        assert_eq!((p.src, p.dst), (NODE6, CLIENT6));
+        assert_eq!((p.l4[0], p.l4[1]), (1, 4), "destination unreachable: port");
+        assert_eq!(
+            &p.l4[8..56],
+            &input[14..62],
+            "quotes the IPv6 header and 8 bytes"
+        );
+        assert_eq!(p.dst_mac, input[6..12]);
+        assert_eq!(h.counter(Counter::NoBackend), 1);
+    });
+}
+
+#[test]
+fn icmpv6_and_neighbour_discovery_pass_untouched() {
+    with_datapath(|h| {
+        h.program(&hello6(&[(REMOTE_POD6, false)]));
+        let solicited: Ipv6Addr = "ff02::1:ff00:10".parse().unwrap();
+        let mut ns_body = vec![0u8; 4];
+        ns_body.extend_from_slice(&NODE6.octets());
+        ns_body.extend_from_slice(&[1, 1, 2, 0, 0, 0, 0, 1]);
+        let mut ra_body = vec![64, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        ra_body.truncate(12);
+        for f in [
+            frame::icmp6(CLIENT6, solicited, 135, 0, &ns_body), // neighbour solicitation
+            frame::icmp6(NODE6, CLIENT6, 136, 0, &ns_body),     // neighbour advertisement
+            frame::icmp6(PEER_NODE6, "ff02::1".parse().unwrap(), 134, 0, &ra_body),
+            frame::icmp6(CLIENT6, NODE6, 128, 0, &[0, 1, 0, 1, 1, 2, 3, 4]), // echo request
+            // An error about a flow we don't have.
+            frame::icmp6(REMOTE_POD6, NODE6, 1, 4, &[0u8; 52]),
+        ] {
+            assert_eq!(h.xdp(&f), (XDP_PASS, f.clone()));
+        }
+        // Not a frontend port, and a frontend behind an extension header: the kernel's.
+        let other = frame::FrameSpec6::tcp((CLIENT6, 40004), (NODE6, 22), SYN).build();
+        assert_eq!(h.xdp(&other), (XDP_PASS, other.clone()));
+        let mut hop_by_hop = frame::FrameSpec6::udp((CLIENT6, 40005), (NODE6, NODE_PORT)).build();
+        hop_by_hop[14 + 6] = 0;
+        assert_eq!(h.xdp(&hop_by_hop), (XDP_PASS, hop_by_hop.clone()));
+        let mut fragment = frame::FrameSpec6::udp((CLIENT6, 40006), (NODE6, NODE_PORT)).build();
+        fragment[14 + 6] = 44;
+        assert_eq!(h.xdp(&fragment), (XDP_PASS, fragment.clone()));
+        assert_eq!(h.counter(Counter::Fragments), 1);
+        assert_eq!(h.counter(Counter::NewFlows), 0);
+    });
+}
+
+/// An ICMPv6 error from `from` to `to` quoting the first 48 bytes of the IPv6 packet in `sent`.
+fn icmp6_error(from: Ipv6Addr, to: Ipv6Addr, icmp_type: u8, code: u8, sent: &[u8]) -> Vec<u8> {
+    let mut body = vec![0, 0, 0x05, 0x00]; // MTU 1280 for packet too big
+    body.extend_from_slice(&sent[14..14 + 48]);
+    frame::icmp6(from, to, icmp_type, code, &body)
+}
+
+fn assert_icmp6_quote(
+    out: &[u8],
+    outer: (Ipv6Addr, Ipv6Addr),
+    src: (Ipv6Addr, u16),
+    dst: (Ipv6Addr, u16),
+) {
+    let p = parse6_ok(out);
+    assert_eq!(p.next_header, frame::ICMPV6);
+    assert_eq!((p.src, p.dst), outer);
+    let q = &p.l4[8..];
+    let ip = |o: usize| Ipv6Addr::from(<[u8; 16]>::try_from(&q[o..o + 16]).unwrap());
+    let port = |o: usize| u16::from_be_bytes([q[o], q[o + 1]]);
+    assert_eq!((ip(8), port(40)), src);
+    assert_eq!((ip(24), port(42)), dst);
+}
+
+#[test]
+fn icmpv6_errors_about_translated_flows_reach_the_client_translated() {
+    with_datapath(|h| {
+        h.program(&hello6(&[(REMOTE_POD6, false)]));
+        // Packet too big from a router on the way to a remote backend: path MTU discovery.
+        let client = (CLIENT6, 45000);
+        let mut first = frame::FrameSpec6::tcp(client, (NODE6, NODE_PORT), SYN);
+        first.dst_mac = h.node_mac;
+        let first = first.build();
+        let (verdict, sent) = h.xdp(&first);
+        assert_eq!(verdict, XDP_TX);
+        let (verdict, out) = h.xdp(&icmp6_error(PEER_NODE6, NODE6, 2, 0, &sent));
+        assert_eq!(verdict, XDP_TX);
+        assert_icmp6_quote(&out, (NODE6, CLIENT6), client, (NODE6, NODE_PORT));
+        assert_eq!(out[..6], first[6..12], "to the client's MAC");
+
+        // Port unreachable from a local backend, leaving through tc.
+        h.program(&hello6(&[(LOCAL_POD6, true)]));
+        let client = (CLIENT6, 45001);
+        let (_, delivered) = h.xdp(&frame::FrameSpec6::udp(client, (NODE6, NODE_PORT)).build());
+        let (verdict, out) = h.tc(&icmp6_error(LOCAL_POD6, CLIENT6, 1, 4, &delivered));
+        assert_eq!(verdict, TC_ACT_OK);
+        assert_icmp6_quote(&out, (NODE6, CLIENT6), client, (NODE6, NODE_PORT));
+        // The quoted UDP checksum was translated too: the quote is the client's original datagram.
+        let quoted_udp = &parse6_ok(&out).l4[48..56];
+        let sent_udp = &frame::FrameSpec6::udp(client, (NODE6, NODE_PORT)).build()[54..62];
+        assert_eq!(quoted_udp, sent_udp);
+        assert_eq!(h.counter(Counter::IcmpErrorsTranslated), 2);
+    });
+}
+
+#[test]
+fn ipv6_source_ranges_and_affinity_use_ipv6_networks() {
+    with_datapath(|h| {
+        let mut state = hello6(&[(LOCAL_POD6, true), (REMOTE_POD6, false)]);
+        for s in state.services.values_mut() {
+            let s = std::sync::Arc::make_mut(s);
+            s.source_ranges = Some(vec![("2001:2::".parse::<Ipv6Addr>().unwrap().into(), 64)]);
+            s.affinity_timeout_s = 60;
+        }
+        h.program(&state);
+        let inside = (CLIENT6, 46000);
+        let outside = ("2001:2:0:5::1".parse().unwrap(), 46001);
+        let lb = (LB6, 60000);
+        let (verdict, _) = h.xdp(&frame::FrameSpec6::udp(outside, lb).build());
+        assert_eq!(verdict, XDP_DROP, "outside the range on the LB address");
+        assert_eq!(h.counter(Counter::SourceRangeDenied), 1);
+        let (verdict, first) = h.xdp(&frame::FrameSpec6::udp(inside, lb).build());
+        assert_ne!(verdict, XDP_DROP, "inside the range");
+        let backend = parse6_ok(&first).dst;
+        // ClientIP affinity: every new flow of this client goes to the same backend.
+        for sport in 46002..46012 {
+            let (_, out) = h.xdp(&frame::FrameSpec6::udp((CLIENT6, sport), lb).build());
+            assert_eq!(parse6_ok(&out).dst, backend, "sport {sport}");
+        }
+    });
+}
+
+#[test]
+fn dual_stack_service_serves_each_family_from_its_own_endpoints() {
+    with_datapath(|h| {
+        let mut state = hello(&[(LOCAL_POD, true)]);
+        state
+            .services
+            .extend(hello6(&[(LOCAL_POD6, true)]).services);
+        h.program(&state);
+        let (_, out4) = h.xdp(&FrameSpec::tcp((CLIENT, 47000), (NODE, NODE_PORT), SYN).build());
+        assert_eq!(frame::parse(&out4).unwrap().dst, LOCAL_POD);
+        let (_, out6) =
+            h.xdp(&frame::FrameSpec6::tcp((CLIENT6, 47000), (NODE6, NODE_PORT), SYN).build());
+        assert_eq!(parse6_ok(&out6).dst, LOCAL_POD6);
+        assert_eq!(h.counter(Counter::NewFlows), 2);
     });
 }
