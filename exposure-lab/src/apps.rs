@@ -37,18 +37,50 @@ fn answer(ident: &str, peer: SocketAddr) -> String {
     format!("{ident} {peer}\n")
 }
 
-/// TCP and UDP servers on `port` in `ns`. TCP connections answer every line they get, so a held
-/// connection shows which pod it still talks to.
+/// A socket bound to `addr`; an IPv6 one takes IPv6 only, so IPv4 peers keep their plain addresses
+/// on the IPv4 socket beside it.
+fn bound(addr: SocketAddr, ty: socket2::Type) -> anyhow::Result<socket2::Socket> {
+    let domain = socket2::Domain::for_address(addr);
+    let sock = socket2::Socket::new(domain, ty, None)?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(true)?;
+    }
+    sock.set_reuse_address(true)?;
+    sock.bind(&addr.into())
+        .with_context(|| format!("bind {addr}"))?;
+    Ok(sock)
+}
+
+/// TCP and UDP servers on `port` in `ns`, on IPv4 and IPv6. TCP connections answer every line they
+/// get, so a held connection shows which pod it still talks to.
 pub fn serve(ns: &Netns, port: u16, ident: &str) -> anyhow::Result<Server> {
     let stop = Arc::new(AtomicBool::new(false));
-    let (tcp, udp) = ns.run(move || -> anyhow::Result<(TcpListener, UdpSocket)> {
-        let tcp = TcpListener::bind(("0.0.0.0", port)).context("bind tcp")?;
-        tcp.set_nonblocking(true)?;
-        let udp = UdpSocket::bind(("0.0.0.0", port)).context("bind udp")?;
-        udp.set_read_timeout(Some(Duration::from_millis(50)))?;
-        Ok((tcp, udp))
-    })??;
     let mut threads = Vec::new();
+    for any in [
+        SocketAddr::from(([0u8; 4], port)),
+        SocketAddr::from(([0u16; 8], port)),
+    ] {
+        let (tcp, udp) = ns.run(move || -> anyhow::Result<(TcpListener, UdpSocket)> {
+            let tcp = bound(any, socket2::Type::STREAM)?;
+            tcp.listen(128)?;
+            let tcp = TcpListener::from(tcp);
+            tcp.set_nonblocking(true)?;
+            let udp = UdpSocket::from(bound(any, socket2::Type::DGRAM)?);
+            udp.set_read_timeout(Some(Duration::from_millis(50)))?;
+            Ok((tcp, udp))
+        })??;
+        serve_on(tcp, udp, ident, &stop, &mut threads);
+    }
+    Ok(Server { stop, threads })
+}
+
+fn serve_on(
+    tcp: TcpListener,
+    udp: UdpSocket,
+    ident: &str,
+    stop: &Arc<AtomicBool>,
+    threads: &mut Vec<std::thread::JoinHandle<()>>,
+) {
     let (s, id) = (stop.clone(), ident.to_string());
     threads.push(std::thread::spawn(move || {
         let mut conns = Vec::new();
@@ -76,7 +108,6 @@ pub fn serve(ns: &Netns, port: u16, ident: &str) -> anyhow::Result<Server> {
             }
         }
     }));
-    Ok(Server { stop, threads })
 }
 
 fn serve_conn(stream: TcpStream, peer: SocketAddr, ident: &str, stop: &AtomicBool) {
@@ -143,7 +174,8 @@ pub fn tcp_ask(ns: &Netns, to: SocketAddr) -> anyhow::Result<String> {
 
 /// One UDP request from a fresh socket.
 pub fn udp_ask(ns: &Netns, to: SocketAddr) -> anyhow::Result<String> {
-    let sock = ns.run(|| UdpSocket::bind("0.0.0.0:0"))??;
+    let any = if to.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" };
+    let sock = ns.run(move || UdpSocket::bind(any))??;
     sock.set_read_timeout(Some(IO_TIMEOUT))?;
     sock.connect(to)?;
     sock.send(b"hello")?;

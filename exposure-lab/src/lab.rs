@@ -7,8 +7,12 @@
 //! ```
 //! LoadBalancer VIPs (198.18.100.0/24) are routed by the client to node-1, as a BGP/L2 announcer
 //! would. The client has no route to pod addresses. No namespace has a default route.
+//!
+//! The lab is dual-stack: the same layout in 2001:2::/48 (RFC 5180's benchmarking range). LAN
+//! 2001:2::/64 (client ::1, control plane ::2, node-N ::N0), pods 2001:2:0:N::P+2, LoadBalancer
+//! addresses 2001:2:0:100::/64.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::Context as _;
 
@@ -18,6 +22,23 @@ pub const LB_NET: &str = "198.18.100.0/24";
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 /// The LAN namespace's own address (on the bridge): where a test API server listens.
 pub const CONTROL_PLANE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+
+pub const LB_NET6: &str = "2001:2:0:100::/64";
+pub const CLIENT_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 1);
+pub const CONTROL_PLANE_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 2);
+
+/// node-1 is 2001:2::10, node-2 2001:2::20 (read as hex, like the IPv4 .10 and .20).
+pub fn node_ip6(node: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 0x10 * (node as u16 + 1))
+}
+
+pub fn pod_ip6(node: usize, pod: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 2, 0, node as u16 + 1, 0, 0, 0, pod as u16 + 2)
+}
+
+pub fn lb_ip6(n: u16) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 2, 0, 0x100, 0, 0, 0, n)
+}
 
 pub fn node_ip(node: usize) -> Ipv4Addr {
     Ipv4Addr::new(198, 18, 0, 10 * (node as u8 + 1))
@@ -34,6 +55,7 @@ pub fn lb_ip(n: u8) -> Ipv4Addr {
 pub struct Pod {
     pub name: String,
     pub ip: Ipv4Addr,
+    pub ip6: Ipv6Addr,
     pub ns: Netns,
 }
 
@@ -41,6 +63,7 @@ pub struct Node {
     /// The Kubernetes node name (EndpointSlice `nodeName`).
     pub name: String,
     pub ip: Ipv4Addr,
+    pub ip6: Ipv6Addr,
     /// The node's LAN interface inside its namespace.
     pub iface: &'static str,
     pub ns: Netns,
@@ -75,6 +98,8 @@ impl Lab {
         lan.ip("link add br0 type bridge")?;
         lan.ip("link set br0 up")?;
         lan.ip(&format!("addr add {CONTROL_PLANE_IP}/24 dev br0"))?;
+        // nodad: addresses usable at once (duplicate detection would hold them for a second).
+        lan.ip(&format!("addr add {CONTROL_PLANE_IP6}/64 dev br0 nodad"))?;
         let client = Netns::create(&format!("{prefix}-client"))?;
         let mut lab = Lab {
             prefix: prefix.to_string(),
@@ -91,6 +116,10 @@ impl Lab {
         lab.client.ip("link set eth0 up")?;
         lab.client
             .ip(&format!("route add {LB_NET} via {}", node_ip(0)))?;
+        lab.client
+            .ip(&format!("addr add {CLIENT_IP6}/64 dev eth0 nodad"))?;
+        lab.client
+            .ip(&format!("-6 route add {LB_NET6} via {}", node_ip6(0)))?;
 
         for (n, &pod_count) in pods.iter().enumerate() {
             let ns = Netns::create(&format!("{prefix}-node{}", n + 1))?;
@@ -101,8 +130,10 @@ impl Lab {
             lab._peer_xdp
                 .push(crate::xdp_pass::attach(&lab.lan, &port)?);
             ns.ip(&format!("addr add {}/24 dev eth0", node_ip(n)))?;
+            ns.ip(&format!("addr add {}/64 dev eth0 nodad", node_ip6(n)))?;
             ns.ip("link set eth0 up")?;
             ns.sysctl("net.ipv4.ip_forward", "1")?;
+            ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
             for key in [
                 "net.ipv4.conf.all.rp_filter",
                 "net.ipv4.conf.default.rp_filter",
@@ -112,6 +143,7 @@ impl Lab {
             let mut node = Node {
                 name: format!("node-{}", n + 1),
                 ip: node_ip(n),
+                ip6: node_ip6(n),
                 iface: "eth0",
                 ns,
                 pods: Vec::new(),
@@ -129,9 +161,17 @@ impl Lab {
                 pod_ns.ip("link set eth0 up")?;
                 pod_ns.ip(&format!("route add {gw} dev eth0 scope link"))?;
                 pod_ns.ip(&format!("route add 198.18.0.0/15 via {gw} dev eth0"))?;
+                let ip6 = pod_ip6(n, p);
+                let gw6 = Ipv6Addr::new(0x2001, 2, 0, n as u16 + 1, 0, 0, 0, 1);
+                node.ns.ip(&format!("addr add {gw6}/128 dev {vp} nodad"))?;
+                node.ns.ip(&format!("-6 route add {ip6}/128 dev {vp}"))?;
+                pod_ns.ip(&format!("addr add {ip6}/128 dev eth0 nodad"))?;
+                pod_ns.ip(&format!("-6 route add {gw6} dev eth0"))?;
+                pod_ns.ip(&format!("-6 route add 2001:2::/48 via {gw6} dev eth0"))?;
                 node.pods.push(Pod {
                     name: format!("pod-{}-{}", n + 1, p + 1),
                     ip,
+                    ip6,
                     ns: pod_ns,
                 });
             }
@@ -146,6 +186,11 @@ impl Lab {
                         m + 1,
                         node_ip(m)
                     ))?;
+                    node.ns.ip(&format!(
+                        "-6 route add 2001:2:0:{}::/64 via {}",
+                        m + 1,
+                        node_ip6(m)
+                    ))?;
                 }
             }
         }
@@ -153,11 +198,15 @@ impl Lab {
         Ok(lab)
     }
 
-    /// Resolves ARP between all LAN hosts up front: the XDP fast path uses the kernel's neighbour
-    /// table (bpf_fib_lookup) and does not resolve on its own.
+    /// Resolves ARP and IPv6 neighbours between all LAN hosts up front: the XDP fast path uses the
+    /// kernel's neighbour table (bpf_fib_lookup) and does not resolve on its own.
     pub fn warm_neighbours(&self) -> anyhow::Result<()> {
-        let mut hosts: Vec<(&Netns, Ipv4Addr)> = vec![(&self.client, CLIENT_IP)];
-        hosts.extend(self.nodes.iter().map(|n| (&n.ns, n.ip)));
+        let mut hosts: Vec<(&Netns, std::net::IpAddr)> = vec![
+            (&self.client, CLIENT_IP.into()),
+            (&self.client, CLIENT_IP6.into()),
+        ];
+        hosts.extend(self.nodes.iter().map(|n| (&n.ns, n.ip.into())));
+        hosts.extend(self.nodes.iter().map(|n| (&n.ns, n.ip6.into())));
         for (ns, _) in &hosts {
             for (_, ip) in &hosts {
                 ns.exec("ping", &["-c", "1", "-W", "1", &ip.to_string()])

@@ -730,3 +730,75 @@ fn icmp_errors_from_backends_reach_the_client() {
         );
     }
 }
+
+/// hello-world as a dual-stack LoadBalancer Service: cluster IPs, LoadBalancer addresses and one
+/// EndpointSlice per family, as a dual-stack cluster writes them.
+fn hello_dual_stack(pods: &[usize]) -> String {
+    let svc = "apiVersion: v1\nkind: Service\nmetadata:\n  name: hello-world\n  namespace: default\nspec:\n  type: LoadBalancer\n  ipFamilyPolicy: RequireDualStack\n  ipFamilies: [IPv6, IPv4]\n  clusterIP: 2001:2:0:50::1\n  clusterIPs: [2001:2:0:50::1, 198.18.50.1]\n  ports:\n  - {protocol: TCP, port: 60000, targetPort: 50000, nodePort: 30600}\n  - {name: dns, protocol: UDP, port: 60000, targetPort: 50000, nodePort: 30600}\nstatus:\n  loadBalancer:\n    ingress: [{ip: \"2001:2:0:100::1\"}, {ip: 198.18.100.1}]\n";
+    let ports =
+        "- {name: \"\", protocol: TCP, port: 50000}\n- {name: dns, protocol: UDP, port: 50000}\n";
+    let mut out = svc.to_string();
+    for (family, suffix) in [("IPv4", "v4"), ("IPv6", "v6")] {
+        let mut eps = String::new();
+        for (n, count) in pods.iter().enumerate() {
+            for p in 0..*count {
+                let ip = if family == "IPv4" {
+                    exposure_lab::lab::pod_ip(n, p).to_string()
+                } else {
+                    format!("\"{}\"", exposure_lab::lab::pod_ip6(n, p))
+                };
+                eps += &format!(
+                    "- addresses: [{ip}]\n  conditions: {{ready: true}}\n  nodeName: node-{}\n",
+                    n + 1
+                );
+            }
+        }
+        out += &format!(
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: hello-world-{suffix}\n  namespace: default\n  labels:\n    kubernetes.io/service-name: hello-world\naddressType: {family}\nports:\n{ports}endpoints:\n{eps}"
+        );
+    }
+    out
+}
+
+#[test]
+fn dual_stack_service_is_reachable_over_ipv6_and_ipv4_and_neighbour_discovery_still_works() {
+    use exposure_lab::lab::{lb_ip6, CLIENT_IP6};
+    let c = Cluster::start(&[2, 2], &[("hello.yaml", hello_dual_stack(&[2, 2]))]);
+    let everyone = pods_named(&["pod-1-1", "pod-1-2", "pod-2-1", "pod-2-2"]);
+    for n in 0..2 {
+        let node6 = SocketAddr::from((c.lab.nodes[n].ip6, 30600));
+        let (pods, seen) = c.tcp_spread(node6, 60);
+        assert_eq!(pods, everyone, "IPv6 via node-{}", n + 1);
+        // Local pods see the client, remote pods the node's IPv6 address it was SNATed to.
+        assert_eq!(
+            seen,
+            BTreeSet::from([IpAddr::V6(CLIENT_IP6), IpAddr::V6(c.lab.nodes[n].ip6)]),
+            "IPv6 via node-{}",
+            n + 1
+        );
+        let (pods, _) = c.tcp_spread(c.node(n, 30600), 40);
+        assert_eq!(pods, everyone, "IPv4 via node-{}", n + 1);
+    }
+    let lb6 = SocketAddr::from((lb_ip6(1), 60000));
+    assert_eq!(
+        c.udp_spread(lb6, 40),
+        everyone,
+        "UDP to the IPv6 LB address"
+    );
+    let (pods, _) = c.tcp_spread(SocketAddr::from((lb_ip(1), 60000)), 40);
+    assert_eq!(pods, everyone, "TCP to the IPv4 LB address");
+
+    // Neighbour discovery and ICMPv6 pass the XDP program: forget the neighbours, then ping.
+    c.lab.client.ip("-6 neigh flush all").unwrap();
+    for node in &c.lab.nodes {
+        node.ns.ip("-6 neigh flush all").unwrap();
+        let ping = c
+            .lab
+            .client
+            .exec("ping", &["-c", "1", "-W", "2", &node.ip6.to_string()]);
+        assert!(ping.is_ok(), "ping {}: {ping:?}", node.ip6);
+    }
+    // And the datapath still works after the node re-learned its neighbours through it.
+    let (pods, _) = c.tcp_spread(SocketAddr::from((c.lab.nodes[0].ip6, 30600)), 40);
+    assert_eq!(pods, everyone);
+}
