@@ -349,6 +349,23 @@ mod tests {
     }
 
     #[test]
+    fn source_range_prefixes_cover_the_family_and_round_trip() {
+        let v4 = Addr::v4(u32::from_ne_bytes([198, 18, 0, 0]));
+        let v6 = Addr::from_octets([0x20, 0x01, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        // An IPv4 /24 also fixes the 96 bits of the IPv4-mapped prefix: no IPv6 source matches it.
+        assert_eq!(source_range_prefix(&v4, 24), 32 + 96 + 24);
+        assert_eq!(source_range_prefix(&v6, 48), 32 + 48);
+        assert_eq!(
+            source_range_prefix(&v4, 0),
+            32 + 96,
+            "0.0.0.0/0 is every IPv4 source"
+        );
+        for (a, len) in [(v4, 24), (v4, 0), (v6, 48), (v6, 128)] {
+            assert_eq!(source_range_len(&a, source_range_prefix(&a, len)), len);
+        }
+    }
+
+    #[test]
     fn wire_order_roundtrip() {
         assert_eq!(port_host(port(60000)), 60000);
         assert_eq!(port(60000).to_ne_bytes(), 60000u16.to_be_bytes());

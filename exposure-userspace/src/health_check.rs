@@ -57,7 +57,12 @@ impl HealthCheckServers {
             if self.running.contains_key(port) {
                 continue;
             }
-            match health::bind(std::net::SocketAddr::from(([0, 0, 0, 0], *port))).await {
+            // Both families on one socket (`[::]` takes IPv4 too); IPv4 alone where IPv6 is off.
+            let bound = match health::bind(std::net::SocketAddr::from(([0u16; 8], *port))).await {
+                Ok(listener) => Ok(listener),
+                Err(_) => health::bind(std::net::SocketAddr::from(([0, 0, 0, 0], *port))).await,
+            };
+            match bound {
                 Ok(listener) => {
                     let current = self.current.clone();
                     let port_no = *port;

@@ -1369,4 +1369,137 @@ spec:
             "only LoadBalancer Services"
         );
     }
+
+    const DUAL: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: dual, namespace: default}
+spec:
+  type: LoadBalancer
+  ipFamilyPolicy: PreferDualStack
+  ipFamilies: [IPv4, IPv6]
+  clusterIPs: [10.96.0.20, "fd00::20"]
+  externalIPs: [198.18.200.1, "2001:2:0:200::1"]
+  loadBalancerSourceRanges: ["2001:2::/64"]
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 32000
+  ports:
+  - {protocol: TCP, port: 80, targetPort: 8080, nodePort: 30080}
+  - {name: bad, protocol: SCTP, port: 81}
+status:
+  loadBalancer:
+    ingress: [{ip: 198.18.100.9}, {ip: "2001:2:0:100::9"}]
+"#;
+
+    fn dual_slice(family: &str, addrs: &[&str]) -> EndpointSlice {
+        let eps: String = addrs
+            .iter()
+            .map(|a| format!("- addresses: [\"{a}\"]\n  nodeName: node-a\n"))
+            .collect();
+        slice(&format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: dual-{family}\n  namespace: default\n  labels: {{kubernetes.io/service-name: dual}}\naddressType: {family}\nports: [{{name: \"\", protocol: TCP, port: 8080}}]\nendpoints:\n{eps}"
+        ))
+    }
+
+    fn dual_node() -> NodeContext {
+        NodeContext {
+            node_name: "node-a".into(),
+            node_addrs: vec![
+                "198.18.0.10".parse().unwrap(),
+                "2001:2::10".parse().unwrap(),
+            ],
+        }
+    }
+
+    #[test]
+    fn dual_stack_service_gets_one_service_port_per_family_with_its_own_addresses() {
+        let slices = [
+            dual_slice("IPv4", &["198.19.1.2"]),
+            dual_slice("IPv6", &["2001:2:0:1::2", "2001:2:0:1::3"]),
+        ];
+        let (state, errors) = desired_state(&[svc(DUAL)], &slices, &dual_node());
+        assert_eq!(
+            errors.len(),
+            1,
+            "the SCTP port, once (not per family): {errors:?}"
+        );
+        let v4 = &state.services[&key("dual", "", Protocol::Tcp)];
+        let v6 = &state.services[&ServicePortName {
+            family: IpFamily::V6,
+            ..key("dual", "", Protocol::Tcp)
+        }];
+        let ips = |s: &DesiredService| -> Vec<String> {
+            s.frontends.keys().map(|f| f.to_string()).collect()
+        };
+        assert_eq!(
+            ips(v4),
+            [
+                "198.18.0.10:30080/TCP",
+                "198.18.100.9:80/TCP",
+                "198.18.200.1:80/TCP"
+            ]
+        );
+        assert_eq!(
+            ips(v6),
+            [
+                "[2001:2::10]:30080/TCP",
+                "[2001:2:0:100::9]:80/TCP",
+                "[2001:2:0:200::1]:80/TCP"
+            ]
+        );
+        assert_eq!(v4.backends.len(), 1);
+        assert!(v6.backends.iter().all(|b| b.ip.is_ipv6() && b.local));
+        assert_eq!(v6.backends.len(), 2);
+        // An IPv6-only range list admits no IPv4 source (kube-proxy: the list restricts the family).
+        assert_eq!(v4.source_ranges, Some(vec![]));
+        assert_eq!(
+            v6.source_ranges,
+            Some(vec![("2001:2::".parse().unwrap(), 64)])
+        );
+        // The health check counts the primary (first) family's local endpoints.
+        assert_eq!(state.health_checks[&32000].local_endpoints, 1);
+        assert_eq!(
+            v6.frontends.keys().next().map(|_| ServicePortName {
+                family: IpFamily::V6,
+                ..key("dual", "", Protocol::Tcp)
+            }
+            .to_string()),
+            Some("default/dual/TCP/IPv6".to_string())
+        );
+    }
+
+    #[test]
+    fn families_come_from_ip_families_then_cluster_ips_then_default_to_ipv4() {
+        let families = |extra: &str| {
+            let s = svc(&format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: f}}\nspec:\n  type: NodePort\n{extra}  ports: [{{port: 80, nodePort: 30080}}]\n"
+            ));
+            service_families(s.spec.as_ref().unwrap())
+        };
+        assert_eq!(families(""), [IpFamily::V4]);
+        assert_eq!(families("  clusterIP: fd00::1\n"), [IpFamily::V6]);
+        assert_eq!(
+            families("  clusterIPs: [\"fd00::1\", 10.0.0.1]\n"),
+            [IpFamily::V6, IpFamily::V4]
+        );
+        assert_eq!(
+            families("  ipFamilies: [IPv6]\n  clusterIP: 10.0.0.1\n"),
+            [IpFamily::V6],
+            "ipFamilies wins"
+        );
+        // An IPv6-only Service gets no IPv4 NodePort, and IPv4 endpoints are not its backends.
+        let (state, _) = desired_state(
+            &[svc(&DUAL.replace(
+                "ipFamilies: [IPv4, IPv6]",
+                "ipFamilies: [IPv6]",
+            ))],
+            &[dual_slice("IPv4", &["198.19.1.2"])],
+            &dual_node(),
+        );
+        assert_eq!(state.services.len(), 1);
+        let (name, only) = state.services.iter().next().unwrap();
+        assert_eq!(name.family, IpFamily::V6);
+        assert!(only.backends.is_empty());
+        assert!(only.frontends.keys().all(|f| f.ip.is_ipv6()));
+    }
 }

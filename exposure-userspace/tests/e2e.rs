@@ -584,6 +584,16 @@ fn health_check_node_port_tells_load_balancers_which_nodes_have_local_endpoints(
     let (code, body) = http_get(&c, c.node(1, 32000), "/healthz");
     assert_eq!(code, 503, "node-2 has no local endpoint: {body}");
     assert!(body.contains("\"localEndpoints\": 0"), "{body}");
+    // Load balancers in front of a dual-stack cluster may check over IPv6: same answers.
+    let over_v6 = |n: usize| {
+        http_get(
+            &c,
+            SocketAddr::from((c.lab.nodes[n].ip6, 32000)),
+            "/healthz",
+        )
+        .0
+    };
+    assert_eq!((over_v6(0), over_v6(1)), (200, 503));
     // And the Service itself, through the node that has the endpoint, keeps the client address.
     let (pods, seen) = c.tcp_spread(c.node(0, 30080), 5);
     assert_eq!(
