@@ -6,7 +6,7 @@ use anyhow::Context as _;
 use exposure_lab::{
     agent::{pin_dir, Agent, Source},
     apps::{self, parse_answer},
-    lab::{lb_ip, Lab, CLIENT_IP},
+    lab::{lb_ip, lb_ip6, Lab, CLIENT_IP, CLIENT_IP6},
     netns::unique_prefix,
 };
 use nix::sys::signal::{SigSet, Signal};
@@ -24,7 +24,8 @@ fn ask(lab: &Lab, label: &str, to: SocketAddr, udp: bool) {
         match answer {
             Ok(a) => match parse_answer(&a) {
                 Some((pod, seen)) => {
-                    let who = if seen.ip() == std::net::IpAddr::V4(CLIENT_IP) {
+                    let client = [CLIENT_IP.into(), CLIENT_IP6.into()];
+                    let who = if client.contains(&seen.ip()) {
                         "client's own address"
                     } else {
                         "a node address (SNAT)"
@@ -65,15 +66,16 @@ pub fn run(bin: &Path, examples: &Path, once: bool) -> anyhow::Result<()> {
                 .with_context(|| format!("agent on {}", node.name))?,
         );
         println!(
-            "  agent up on {} ({}), iface {}, manifests {}",
+            "  agent up on {} ({}, {}), iface {}, manifests {}",
             node.name,
             node.ip,
+            node.ip6,
             node.iface,
             examples.display()
         );
     }
     for (node, pod) in lab.pods() {
-        println!("  {:<8} {} on {}", pod.name, pod.ip, node.name);
+        println!("  {:<8} {} {} on {}", pod.name, pod.ip, pod.ip6, node.name);
     }
 
     ask(
@@ -98,6 +100,18 @@ pub fn run(bin: &Path, examples: &Path, once: bool) -> anyhow::Result<()> {
         &lab,
         "echo (LoadBalancer)",
         SocketAddr::from((lb_ip(1), 7)),
+        true,
+    );
+    ask(
+        &lab,
+        "echo (LoadBalancer, IPv6)",
+        SocketAddr::from((lb_ip6(1), 7)),
+        false,
+    );
+    ask(
+        &lab,
+        "echo (NodePort, IPv6) via node-2",
+        SocketAddr::from((lab.nodes[1].ip6, 30700)),
         true,
     );
     ask(
