@@ -55,9 +55,12 @@ struct Harness {
     pin_dir: PathBuf,
 }
 
-impl Drop for Harness {
+/// Removes a test's pins, also when loading failed before there was a harness.
+struct PinDir(PathBuf);
+
+impl Drop for PinDir {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.pin_dir);
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -110,7 +113,8 @@ fn with_datapath_logging(bpf_log_level: u8, test: impl FnOnce(&mut Harness) + Se
     }
     let node_mac = mac_of(&node, "eth0");
     let peer_mac = mac_of(&peer, "eth0");
-    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{prefix}"));
+    let pins = PinDir(PathBuf::from(format!("/sys/fs/bpf/{prefix}")));
+    let pin_dir = pins.0.clone();
     node.run(move || {
         let capacity = exposure::datapath::Capacity {
             bpf_log_level,
@@ -793,6 +797,7 @@ fn independent_nodes_pick_the_same_backend_for_a_flow() {
     with_datapath(|h| {
         // A second, independently loaded datapath (its own maps and ids) as another node would have.
         let pin_dir = PathBuf::from(format!("{}-other", h.pin_dir.display()));
+        let _pins = PinDir(pin_dir.clone());
         let dp = Datapath::load(&pin_dir).unwrap();
         let mut maps = KernelMaps::open(&pin_dir).unwrap();
         maps.set_node_addr(h.ifindex, NODE.into()).unwrap();
