@@ -15,7 +15,7 @@ const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_PROG_TYPE_XDP: u32 = 6;
 const BPF_XDP: u32 = 37;
 
-fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> std::io::Result<OwnedFd> {
+pub(crate) fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> std::io::Result<OwnedFd> {
     let fd = unsafe {
         libc::syscall(
             libc::SYS_bpf,
@@ -30,14 +30,27 @@ fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
-const BPF_PROG_TEST_RUN: libc::c_long = 10;
+pub(crate) const BPF_PROG_TEST_RUN: libc::c_long = 10;
 
 /// Loads the two-instruction `XDP_PASS` program (the benchmarks' floor: what any XDP program costs).
 pub fn load() -> anyhow::Result<OwnedFd> {
-    let insns: [u64; 2] = [
-        u64::from_le_bytes([0xb7, 0, 0, 0, 2, 0, 0, 0]),
+    load_returning(XDP_PASS).context("loading the XDP_PASS program")
+}
+
+pub const XDP_DROP: u8 = 1;
+pub const XDP_PASS: u8 = 2;
+pub const XDP_TX: u8 = 3;
+
+/// `r0 = action; exit`.
+pub fn load_returning(action: u8) -> anyhow::Result<OwnedFd> {
+    load_insns(&[
+        u64::from_le_bytes([0xb7, 0, 0, 0, action, 0, 0, 0]),
         u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0]),
-    ];
+    ])
+}
+
+/// Loads raw BPF instructions as an XDP program.
+pub fn load_insns(insns: &[u64]) -> anyhow::Result<OwnedFd> {
     let license = c"GPL";
     let mut attr = [0u64; 16];
     attr[0] = BPF_PROG_TYPE_XDP as u64 | (insns.len() as u64) << 32;
@@ -46,7 +59,7 @@ pub fn load() -> anyhow::Result<OwnedFd> {
     // r0 = XDP_PASS (2); exit. expected_attach_type sits at byte offset 68 (after prog_name[16]
     // and prog_ifindex).
     attr[8] = (BPF_XDP as u64) << 32;
-    bpf(BPF_PROG_LOAD, &mut attr).context("loading the XDP_PASS program")
+    Ok(bpf(BPF_PROG_LOAD, &mut attr)?)
 }
 
 /// BPF_PROG_TEST_RUN of any program fd: (return value, mean ns per run as the kernel measured it).
@@ -76,9 +89,14 @@ pub fn test_run(prog: &OwnedFd, frame: &[u8], repeat: u32) -> anyhow::Result<(u3
 
 /// Attaches `XDP_PASS` to `ifname` in `ns`; detached when the returned link fd is dropped.
 pub fn attach(ns: &Netns, ifname: &str) -> anyhow::Result<OwnedFd> {
+    attach_returning(ns, ifname, XDP_PASS)
+}
+
+/// Attaches `r0 = action; exit` to `ifname` in `ns` (XDP_DROP: a sink that costs next to nothing).
+pub fn attach_returning(ns: &Netns, ifname: &str, action: u8) -> anyhow::Result<OwnedFd> {
     let ifname = ifname.to_string();
     ns.run(move || -> anyhow::Result<OwnedFd> {
-        let prog = load()?;
+        let prog = load_returning(action)?;
         let ifindex = nix::net::if_::if_nametoindex(ifname.as_str())
             .with_context(|| format!("no interface {ifname}"))?;
         let mut attr = [0u64; 16];
@@ -86,7 +104,7 @@ pub fn attach(ns: &Netns, ifname: &str) -> anyhow::Result<OwnedFd> {
         attr[1] = BPF_XDP as u64;
         match bpf(BPF_LINK_CREATE, &mut attr) {
             Ok(link) => Ok(link),
-            Err(e) => bail!("attaching XDP_PASS to {ifname}: {e}"),
+            Err(e) => bail!("attaching XDP (action {action}) to {ifname}: {e}"),
         }
     })?
 }

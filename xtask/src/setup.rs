@@ -8,10 +8,13 @@ use anyhow::{bail, Context as _};
 use crate::status;
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
-const DEBIAN_TOOLS: [(&str, &str); 3] = [
+const DEBIAN_TOOLS: [(&str, &str); 5] = [
     ("ip", "iproute2"),
     ("ethtool", "ethtool"),
     ("ping", "iputils-ping"),
+    // kube-proxy's rule layouts, for the bench's comparison and the tests that check them.
+    ("iptables-restore", "iptables"),
+    ("nft", "nftables"),
 ];
 
 fn on_path(program: &str) -> bool {
