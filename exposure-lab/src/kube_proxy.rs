@@ -200,6 +200,47 @@ pub fn nft_rules(services: &[ServicePort], node_ips: &[Ipv4Addr]) -> String {
     )
 }
 
+/// The same Services as Kubernetes objects (a manifest directory's YAML), for Exposure.
+/// `node_of` names the node an endpoint runs on.
+pub fn manifests(services: &[ServicePort], node_of: impl Fn(Ipv4Addr) -> String) -> String {
+    use serde_json::json;
+    let mut docs = Vec::new();
+    for (k, s) in services.iter().enumerate() {
+        let svc_type = match (s.node_port, s.load_balancer_ip) {
+            (_, Some(_)) => "LoadBalancer",
+            (Some(_), None) => "NodePort",
+            (None, None) => "ClusterIP",
+        };
+        let mut port = json!({"name": "p", "protocol": s.protocol.to_uppercase(), "port": s.port});
+        if let Some(np) = s.node_port {
+            port["nodePort"] = json!(np);
+        }
+        let mut svc = json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": s.name, "namespace": s.namespace},
+            "spec": {"type": svc_type, "clusterIP": s.cluster_ip.to_string(), "ports": [port],
+                     "allocateLoadBalancerNodePorts": s.node_port.is_some()}});
+        if let Some(lb) = s.load_balancer_ip {
+            svc["status"] = json!({"loadBalancer": {"ingress": [{"ip": lb.to_string()}]}});
+        }
+        docs.push(svc);
+        for (j, (ip, port)) in s.endpoints.iter().enumerate() {
+            docs.push(
+                json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                "metadata": {"name": format!("{}-{k}-{j}", s.name), "namespace": s.namespace,
+                             "labels": {"kubernetes.io/service-name": s.name}},
+                "addressType": "IPv4",
+                "ports": [{"name": "p", "protocol": s.protocol.to_uppercase(), "port": port}],
+                "endpoints": [{"addresses": [ip.to_string()], "conditions": {"ready": true},
+                               "nodeName": node_of(*ip)}]}),
+            );
+        }
+    }
+    docs.iter()
+        .map(|d| d.to_string())
+        .collect::<Vec<_>>()
+        .join("\n---\n")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -236,7 +277,7 @@ mod tests {
         let last_nat_rule = rules
             .lines()
             .filter(|l| l.starts_with("-A KUBE-SERVICES"))
-            .last()
+            .next_back()
             .unwrap();
         assert!(last_nat_rule.contains("--dst-type LOCAL -j KUBE-NODEPORTS"));
         // Chains are stable and distinct.

@@ -25,6 +25,11 @@ use exposure_lab::{
 };
 use serde_json::{json, Value};
 
+#[path = "exposure/chart.rs"]
+mod chart;
+#[path = "exposure/forwarding.rs"]
+mod forwarding;
+
 const BIN: &str = env!("CARGO_BIN_EXE_exposure");
 const PER_SERVICE: usize = 10;
 const CHANGES: usize = 25;
@@ -356,6 +361,14 @@ fn main() {
         return; // `cargo bench -- --list` and friends
     }
     let quick = args.iter().any(|a| a == "--quick");
+    if let Ok(v) = std::env::var("EXPOSURE_BENCH_E2E_ONLY") {
+        // For working on the end-to-end part alone: `EXPOSURE_BENCH_E2E_ONLY=<variant number>`.
+        let variant = forwarding::Variant::ALL[v.parse::<usize>().unwrap_or(1) % 4];
+        for r in forwarding::measure(variant, 10, 300_000, Path::new(BIN)) {
+            eprintln!("{r:?}");
+        }
+        return;
+    }
     let sizes: &[usize] = if quick { &[1_000] } else { &[1_000, 10_000] };
     let date = std::process::Command::new("date")
         .arg("+%Y-%m-%d")
@@ -433,10 +446,100 @@ fn main() {
             c.floor_single
         );
     }
-    print!("{report}");
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/results");
     let _ = std::fs::create_dir_all(&dir);
-    let file = dir.join(format!("{date}{}.md", if quick { "-quick" } else { "" }));
+    let stem = format!("{date}{}", if quick { "-quick" } else { "" });
+    end_to_end(&mut report, quick, &dir, &stem);
+    print!("{report}");
+    let file = dir.join(format!("{stem}.md"));
     std::fs::write(&file, &report).expect("write the report");
     eprintln!("wrote {}", file.display());
+}
+
+/// The end-to-end comparison: every variant at every Service count, a table and a chart.
+fn end_to_end(report: &mut String, quick: bool, dir: &Path, stem: &str) {
+    use exposure_lab::traffic::Flows;
+    use forwarding::{Target, Variant};
+    let sizes: &[usize] = if quick {
+        &[10, 1_000]
+    } else {
+        &[10, 1_000, 10_000]
+    };
+    let packets: u32 = if quick { 300_000 } else { 1_000_000 };
+    let mut runs = Vec::new();
+    for &n in sizes {
+        for v in Variant::ALL {
+            eprintln!("end to end: {} with {n} Services ...", v.name());
+            runs.extend(forwarding::measure(v, n, packets, Path::new(BIN)));
+        }
+    }
+    let _ = writeln!(report, "\n## End to end: packets/s through a node\n");
+    let _ = writeln!(report, "64-byte UDP packets from the lab's client to a NodePort on node-1, by an XDP live-frames generator");
+    let _ = writeln!(report, "(BPF_PROG_TEST_RUN, {packets} packets per run), to node-1's own pod (local) or node-2's pod (remote).");
+    let _ = writeln!(report, "The N Services are the two targets plus LoadBalancer fillers with one endpoint each. *One flow*: every");
+    let _ = writeln!(report, "packet the same (an established flow); *new flows*: a random source address and port per packet.");
+    let _ = writeln!(report, "kube-proxy's rules are generated in its own layouts (`exposure-lab/src/kube_proxy.rs`); plain");
+    let _ = writeln!(report, "forwarding sends to the pod address with no Service at all. The whole path runs on one CPU in");
+    let _ = writeln!(report, "softirq, so 1/(packets/s) is its cost per packet, and the difference to plain forwarding is the");
+    let _ = writeln!(
+        report,
+        "Service translation's. Thousands of packets/s; below 99% delivered the share is shown.\n"
+    );
+    let _ = writeln!(report, "| Services | backend | flows | plain forwarding | Exposure | kube-proxy iptables | kube-proxy nftables | Exposure ÷ iptables | Exposure ÷ nftables |");
+    let _ = writeln!(
+        report,
+        "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
+    let find = |v: Variant, n: usize, t: Target, f: Flows| {
+        runs.iter()
+            .find(|r| r.variant == v && r.services == n && r.target == t && r.flows == f)
+    };
+    let cell = |r: Option<&forwarding::Run>| match r {
+        Some(r) if r.delivered * 100 >= r.sent * 99 => format!("{:.0}", r.pps / 1e3),
+        Some(r) => format!(
+            "{:.0} ({:.0}% delivered)",
+            r.pps / 1e3,
+            r.delivered as f64 * 100.0 / r.sent as f64
+        ),
+        None => "-".into(),
+    };
+    for &n in sizes {
+        for t in [Target::Local, Target::Remote] {
+            for f in [Flows::One, Flows::New] {
+                let pps = |v| find(v, n, t, f).map_or(0.0, |r| r.pps);
+                let ratio = |v| {
+                    let other = pps(v);
+                    if other > 0.0 {
+                        format!("{:.2}x", pps(Variant::Exposure) / other)
+                    } else {
+                        "-".into()
+                    }
+                };
+                let _ = writeln!(
+                    report,
+                    "| {n} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    if t == Target::Local {
+                        "local"
+                    } else {
+                        "remote"
+                    },
+                    if f == Flows::One {
+                        "one flow"
+                    } else {
+                        "new flows"
+                    },
+                    cell(find(Variant::Plain, n, t, f)),
+                    cell(find(Variant::Exposure, n, t, f)),
+                    cell(find(Variant::Iptables, n, t, f)),
+                    cell(find(Variant::Nftables, n, t, f)),
+                    ratio(Variant::Iptables),
+                    ratio(Variant::Nftables),
+                );
+            }
+        }
+    }
+    let svg = chart::forwarding(&runs, sizes);
+    let name = format!("{stem}-end-to-end.svg");
+    let _ = std::fs::write(dir.join(&name), svg);
+    let _ = writeln!(report, "\n![packets/s by variant]({name})");
 }

@@ -1,0 +1,301 @@
+//! End to end packets/s through a node: Exposure, kube-proxy's iptables rules, kube-proxy's nftables
+//! rules, and plain forwarding (no load balancing: the topology's limit), in the same lab with the
+//! same generator and the same Services.
+//!
+//! The lab: the client, node-1 with one pod, node-2 with one pod. Two target Services (NodePort
+//! 30600 to node-1's pod, 30601 to node-2's pod) among N-2 filler LoadBalancer Services. The
+//! generator ([`exposure_lab::traffic`]) sends 64-byte UDP frames from the client to node-1; the
+//! pods drop them in XDP (a sink that costs next to nothing), and the node-side veth counters say
+//! how many arrived. The whole path runs on the generator's CPU in softirq, so packets/s is the
+//! inverse of the path's cost per packet: the node's cost is the difference to plain forwarding.
+
+use std::{net::Ipv4Addr, path::Path};
+
+use exposure_lab::{
+    agent::{Agent, Source},
+    frame::FrameSpec,
+    kube_proxy::{self, ServicePort},
+    lab::{Lab, CLIENT_IP},
+    netns::{unique_prefix, Netns},
+    traffic::{counters, Flows, Generator},
+    xdp_pass,
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Variant {
+    Plain,
+    Exposure,
+    Iptables,
+    Nftables,
+}
+
+impl Variant {
+    pub const ALL: [Variant; 4] = [
+        Variant::Plain,
+        Variant::Exposure,
+        Variant::Iptables,
+        Variant::Nftables,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Variant::Plain => "plain forwarding",
+            Variant::Exposure => "Exposure",
+            Variant::Iptables => "kube-proxy iptables",
+            Variant::Nftables => "kube-proxy nftables",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    Local,
+    Remote,
+}
+
+#[derive(Clone, Debug)]
+pub struct Run {
+    pub variant: Variant,
+    pub services: usize,
+    pub target: Target,
+    pub flows: Flows,
+    pub sent: u64,
+    pub delivered: u64,
+    pub pps: f64,
+}
+
+fn mac_of(ns: &Netns, dev: &str) -> [u8; 6] {
+    let out = ns
+        .exec("cat", &[&format!("/sys/class/net/{dev}/address")])
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: Vec<u8> = text
+        .trim()
+        .split(':')
+        .map(|h| u8::from_str_radix(h, 16).unwrap())
+        .collect();
+    v.try_into().unwrap()
+}
+
+fn mac_text(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+fn load(ns: &Netns, program: &str, args: &[&str], input: &str) {
+    use std::io::Write as _;
+    let mut child = ns
+        .command(program)
+        .unwrap()
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{program}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The targets (NodePort 30600 → node-1's pod, 30601 → node-2's pod) and fillers up to `n`.
+fn services(lab: &Lab, n: usize) -> Vec<ServicePort> {
+    let local = (lab.nodes[0].pods[0].ip, 50000);
+    let remote = (lab.nodes[1].pods[0].ip, 50000);
+    let target = |name: &str, ip: [u8; 4], node_port: u16, ep| ServicePort {
+        namespace: "bench".into(),
+        name: name.into(),
+        protocol: "udp",
+        cluster_ip: Ipv4Addr::from(ip),
+        port: 80,
+        load_balancer_ip: None,
+        node_port: Some(node_port),
+        endpoints: vec![ep],
+    };
+    let mut out = vec![
+        target("target-local", [198, 18, 50, 1], 30600, local),
+        target("target-remote", [198, 18, 50, 2], 30601, remote),
+    ];
+    for i in 0..n.saturating_sub(2) {
+        out.push(ServicePort {
+            name: format!("filler-{i:05}"),
+            cluster_ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 64, 0)) + i as u32),
+            load_balancer_ip: exposure_lab::scale::vip(i).parse().ok(),
+            node_port: None,
+            endpoints: vec![if i % 2 == 0 { local } else { remote }],
+            ..out[0].clone()
+        });
+    }
+    out
+}
+
+/// Everything a variant needs running, kept alive for its runs.
+struct Setup {
+    _agents: Vec<Agent>,
+    _links: Vec<std::os::fd::OwnedFd>,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        self._agents.clear();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn set_up(lab: &Lab, variant: Variant, svcs: &[ServicePort], bin: &Path) -> Setup {
+    let dir = std::env::temp_dir().join(format!("{}-fwd", lab.prefix));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut setup = Setup {
+        _agents: Vec::new(),
+        _links: Vec::new(),
+        dir: dir.clone(),
+    };
+    // XDP_TX from the client's veth needs an XDP program on its peer; the pods drop in XDP.
+    setup._links.push(xdp_pass::attach(&lab.lan, "c0").unwrap());
+    for node in &lab.nodes {
+        let pod = &node.pods[0];
+        setup
+            ._links
+            .push(xdp_pass::attach_returning(&pod.ns, "eth0", xdp_pass::XDP_DROP).unwrap());
+        // The sink drops ARP replies too: the node learns the pod's MAC up front.
+        node.ns
+            .ip(&format!(
+                "neigh replace {} lladdr {} dev vp1 nud permanent",
+                pod.ip,
+                mac_text(mac_of(&pod.ns, "eth0"))
+            ))
+            .unwrap();
+    }
+    let node_of = |ip: Ipv4Addr| {
+        lab.pods()
+            .find(|(_, p)| p.ip == ip)
+            .map_or_else(String::new, |(n, _)| n.name.clone())
+    };
+    match variant {
+        Variant::Plain => {
+            lab.client
+                .ip(&format!("route add 198.19.0.0/16 via {}", lab.nodes[0].ip))
+                .unwrap();
+        }
+        Variant::Exposure => {
+            let manifests = dir.join("manifests");
+            std::fs::create_dir_all(&manifests).unwrap();
+            std::fs::write(
+                manifests.join("services.yaml"),
+                kube_proxy::manifests(svcs, node_of),
+            )
+            .unwrap();
+            for node in &lab.nodes {
+                setup._agents.push(
+                    Agent::start(bin, &lab.prefix, node, &Source::Manifests(&manifests), &dir)
+                        .unwrap(),
+                );
+            }
+        }
+        Variant::Iptables => {
+            for node in &lab.nodes {
+                load(
+                    &node.ns,
+                    "iptables-restore",
+                    &[],
+                    &kube_proxy::iptables_rules(svcs),
+                );
+            }
+        }
+        Variant::Nftables => {
+            for node in &lab.nodes {
+                load(
+                    &node.ns,
+                    "nft",
+                    &["-f", "-"],
+                    &kube_proxy::nft_rules(svcs, &[node.ip]),
+                );
+            }
+        }
+    }
+    setup
+}
+
+/// Runs every (target, flows) scenario of one variant at one Service count, in a fresh lab.
+pub fn measure(variant: Variant, n: usize, packets: u32, bin: &Path) -> Vec<Run> {
+    // The previous lab's namespaces are torn down by kernel workers after the fact; that work
+    // competing for the CPU pushes softirqs to ksoftirqd and the generator overruns rings.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let prefix = unique_prefix("f");
+    let lab = Lab::new(&prefix, &[1, 1]).expect("lab");
+    let svcs = services(&lab, n);
+    let setup = set_up(&lab, variant, &svcs, bin);
+    let client_mac = mac_of(&lab.client, "eth0");
+    let node_mac = mac_of(&lab.nodes[0].ns, "eth0");
+    let ifindex = lab
+        .client
+        .run(|| nix::net::if_::if_nametoindex("eth0"))
+        .unwrap()
+        .unwrap();
+    let mut runs = Vec::new();
+    for target in [Target::Local, Target::Remote] {
+        let (node, to) = match (target, variant) {
+            (Target::Local, Variant::Plain) => (0, (lab.nodes[0].pods[0].ip, 50000)),
+            (Target::Remote, Variant::Plain) => (1, (lab.nodes[1].pods[0].ip, 50000)),
+            (Target::Local, _) => (0, (lab.nodes[0].ip, 30600)),
+            (Target::Remote, _) => (1, (lab.nodes[0].ip, 30601)),
+        };
+        for flows in [Flows::One, Flows::New] {
+            let mut spec = FrameSpec::udp((CLIENT_IP, 40000), to);
+            spec.src_mac = client_mac;
+            spec.dst_mac = node_mac;
+            spec.payload = vec![0; 18]; // 64-byte frames
+            let gen = std::sync::Arc::new(Generator::new(flows, &spec.build()).unwrap());
+            // A short warm-up (neighbours, first flows), then the measured run.
+            let sink = &lab.nodes[node].ns;
+            let send = |count: u32| {
+                let g = gen.clone();
+                let before = sink.run(|| counters("vp1")).unwrap().unwrap();
+                let took = lab
+                    .client
+                    .run(move || g.send(ifindex, count))
+                    .unwrap()
+                    .unwrap();
+                let after = sink.run(|| counters("vp1")).unwrap().unwrap();
+                (after.tx_packets - before.tx_packets, took)
+            };
+            // New flows leave state behind (conntrack entries, NAT ports, Exposure's SNAT ports:
+            // 4,536 per backend), so those runs are short enough to stay far from any table's end.
+            let (warm_up, count) = match flows {
+                Flows::One => (1_000, packets),
+                Flows::New => (100, 700),
+            };
+            send(warm_up);
+            let mut samples: Vec<(u64, std::time::Duration)> =
+                (0..3).map(|_| send(count)).collect();
+            samples.sort_by(|a, b| {
+                let rate = |s: &(u64, std::time::Duration)| s.0 as f64 / s.1.as_secs_f64();
+                rate(a).total_cmp(&rate(b))
+            });
+            let (delivered, took) = samples[1];
+            let packets = count;
+            runs.push(Run {
+                variant,
+                services: n,
+                target,
+                flows,
+                sent: packets as u64,
+                delivered,
+                pps: delivered as f64 / took.as_secs_f64(),
+            });
+        }
+    }
+    drop(setup);
+    runs
+}
