@@ -276,8 +276,7 @@ mod tests {
         assert!(rules.contains("-A KUBE-NODEPORTS -p udp"));
         let last_nat_rule = rules
             .lines()
-            .filter(|l| l.starts_with("-A KUBE-SERVICES"))
-            .next_back()
+            .rfind(|l| l.starts_with("-A KUBE-SERVICES"))
             .unwrap();
         assert!(last_nat_rule.contains("--dst-type LOCAL -j KUBE-NODEPORTS"));
         // Chains are stable and distinct.

@@ -21,8 +21,9 @@ pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 /// Label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Protocol {
+    #[default]
     Tcp,
     Udp,
 }
@@ -104,12 +105,6 @@ pub struct ServicePortName {
     pub port: String,
     pub protocol: Protocol,
     pub family: IpFamily,
-}
-
-impl Default for Protocol {
-    fn default() -> Self {
-        Protocol::Tcp
-    }
 }
 
 impl std::fmt::Display for ServicePortName {
