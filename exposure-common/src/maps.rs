@@ -85,10 +85,11 @@ pub const FRONTEND_EXTERNAL_IP: u16 = 4;
 pub struct Frontend {
     /// Index into `SERVICES`: one per Service port.
     pub service_id: u32,
+    /// Index into `FRONTEND_STATS`.
+    pub id: u32,
     /// `FRONTEND_*` kind.
     pub flags: u16,
-    /// Index into `FRONTEND_STATS`.
-    pub id: u16,
+    pub _pad: u16,
 }
 
 /// Per-frontend traffic (per CPU), for metrics.
@@ -334,7 +335,7 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<Addr>(), 16);
         assert_eq!(size_of::<FrontendKey>(), 16 + 4);
-        assert_eq!(size_of::<Frontend>(), 8);
+        assert_eq!(size_of::<Frontend>(), 12);
         assert_eq!(size_of::<Service>(), 24);
         assert_eq!(size_of::<Backend>(), 16 + 4);
         assert_eq!(size_of::<FlowKey>(), 16 + 16 + 8);

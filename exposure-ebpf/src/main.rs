@@ -99,7 +99,7 @@ fn try_xdp(ctx: &XdpContext) -> Result<u32, ()> {
     };
     match unsafe { FRONTENDS.get(&frontend) } {
         Some(fe) => {
-            if let Some(t) = FRONTEND_STATS.get_ptr_mut(fe.id as u32) {
+            if let Some(t) = FRONTEND_STATS.get_ptr_mut(fe.id) {
                 unsafe {
                     (*t).packets += 1;
                     (*t).bytes += (ctx.data_end() - ctx.data()) as u64;

@@ -444,7 +444,7 @@ impl DatapathMaps for KernelMaps {
         }
         Ok(())
     }
-    fn reset_frontend_stats(&mut self, id: u16) -> anyhow::Result<()> {
+    fn reset_frontend_stats(&mut self, id: u32) -> anyhow::Result<()> {
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
         let zeros =
             aya::maps::PerCpuValues::try_from(vec![exposure_common::Traffic::default(); cpus])?;

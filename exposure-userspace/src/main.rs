@@ -70,7 +70,7 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:10249")]
         metrics_bind_address: SocketAddr,
         /// Frontends (address:port/protocol) the maps can hold.
-        #[arg(long, default_value_t = exposure_common::MAX_FRONTENDS, value_parser = clap::value_parser!(u32).range(1..=65536))]
+        #[arg(long, default_value_t = exposure_common::MAX_FRONTENDS, value_parser = clap::value_parser!(u32).range(1..))]
         max_frontends: u32,
         /// Service ports the maps can hold.
         #[arg(long, default_value_t = exposure_common::MAX_SERVICES, value_parser = clap::value_parser!(u32).range(1..))]

@@ -41,7 +41,7 @@ impl Histogram {
 /// A frontend's labels, by its counter index.
 #[derive(Clone, Debug)]
 pub struct FrontendLabel {
-    pub id: u16,
+    pub id: u32,
     pub frontend: String,
     pub service: String,
 }
@@ -134,7 +134,7 @@ impl Metrics {
         let _ = writeln!(out, "# HELP exposure_frontend_packets_total Packets received for a frontend.\n# TYPE exposure_frontend_packets_total counter");
         let mut bytes = String::new();
         for f in &frontends {
-            let Ok(per_cpu) = maps.frontend_stats.get(&(f.id as u32), 0) else {
+            let Ok(per_cpu) = maps.frontend_stats.get(&f.id, 0) else {
                 continue;
             };
             let (p, b) = per_cpu

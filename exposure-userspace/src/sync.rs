@@ -63,7 +63,7 @@ pub trait DatapathMaps {
     /// Forgets session affinity of a service's clients to `backends` (all of them with `None`).
     fn purge_affinity(&mut self, service_id: u32, backends: Option<&[u32]>) -> anyhow::Result<()>;
     /// Zeroes a frontend id's traffic counters before the id is given to a new frontend.
-    fn reset_frontend_stats(&mut self, id: u16) -> anyhow::Result<()>;
+    fn reset_frontend_stats(&mut self, id: u32) -> anyhow::Result<()>;
     fn snapshot(&self) -> anyhow::Result<Snapshot>;
 }
 
@@ -384,7 +384,7 @@ impl Reconciler {
             backend_pool: IdPool::new(limits.backends),
             claimed: HashSet::new(),
             applied: HashMap::new(),
-            frontend_pool: IdPool::new(limits.frontends.min(u16::MAX as u32 + 1)),
+            frontend_pool: IdPool::new(limits.frontends),
             frontends: snapshot.frontends,
             regions,
             services,
@@ -393,7 +393,7 @@ impl Reconciler {
     }
 
     /// (frontend id, frontend, service port) for every programmed frontend, for metrics labels.
-    pub fn frontend_labels(&self) -> Vec<(u16, String, String)> {
+    pub fn frontend_labels(&self) -> Vec<(u32, String, String)> {
         let names: HashMap<u32, &ServicePortName> =
             self.service_ids.iter().map(|(n, id)| (*id, n)).collect();
         self.frontends
@@ -480,6 +480,7 @@ impl Reconciler {
                 service_id: *service_id,
                 flags: *flags,
                 id,
+                _pad: 0,
             };
             match maps.write_frontend(key, &fe) {
                 Ok(()) => {
@@ -504,7 +505,7 @@ impl Reconciler {
             match maps.remove_frontend(&key) {
                 Ok(()) => {
                     if let Some(fe) = self.frontends.remove(&key) {
-                        self.frontend_pool.release(fe.id as u32);
+                        self.frontend_pool.release(fe.id);
                     }
                     report.writes += 1;
                 }
@@ -616,17 +617,17 @@ impl Reconciler {
     fn new_frontend_id(
         &mut self,
         maps: &mut dyn DatapathMaps,
-    ) -> Result<u16, Option<anyhow::Error>> {
+    ) -> Result<u32, Option<anyhow::Error>> {
         let frontends = &self.frontends;
         let id = self
             .frontend_pool
-            .alloc(|id| frontends.values().any(|f| f.id as u32 == id))
+            .alloc(|id| frontends.values().any(|f| f.id == id))
             .ok_or(None)?;
-        if let Err(e) = maps.reset_frontend_stats(id as u16) {
+        if let Err(e) = maps.reset_frontend_stats(id) {
             self.frontend_pool.release(id);
             return Err(Some(e));
         }
-        Ok(id as u16)
+        Ok(id)
     }
 
     fn backend_id(&mut self, b: &BackendAddr) -> Option<u32> {
@@ -842,7 +843,7 @@ pub struct FakeMaps {
     pub check_every_write: bool,
     /// Fail the write with this number (1-based), to test partial failure.
     pub fail_at_write: Option<usize>,
-    pub stats_resets: Vec<u16>,
+    pub stats_resets: Vec<u32>,
     pub affinity_purges: Vec<(u32, Option<Vec<u32>>)>,
     /// The `MAGLEV` array, sparse.
     pub maglev: BTreeMap<u32, u32>,
@@ -930,7 +931,7 @@ impl DatapathMaps for FakeMaps {
         self.check();
         Ok(())
     }
-    fn reset_frontend_stats(&mut self, id: u16) -> anyhow::Result<()> {
+    fn reset_frontend_stats(&mut self, id: u32) -> anyhow::Result<()> {
         self.write()?;
         self.stats_resets.push(id);
         Ok(())
@@ -1249,7 +1250,7 @@ mod tests {
             ]),
             &mut maps,
         );
-        let ids: std::collections::BTreeSet<u16> =
+        let ids: std::collections::BTreeSet<u32> =
             maps.state.frontends.values().map(|f| f.id).collect();
         assert_eq!(ids.len(), 4, "unique per frontend");
         assert_eq!(
@@ -1269,7 +1270,7 @@ mod tests {
         assert_eq!(maps.state.frontends, before);
         // Removed frontends free their ids after the new ones are in (deletions last); the next new
         // frontends get them, with counters reset again.
-        let ids_of = |maps: &FakeMaps, port: u16| -> Vec<u16> {
+        let ids_of = |maps: &FakeMaps, port: u16| -> Vec<u32> {
             maps.state
                 .frontends
                 .iter()
