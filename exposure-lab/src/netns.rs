@@ -72,6 +72,42 @@ impl Netns {
         run("ip", &all)
     }
 
+    /// Runs a program inside the namespace with `input` on its standard input (e.g. `nft -f -`).
+    pub fn exec_with_input(&self, cmd: &str, args: &[&str], input: &str) -> anyhow::Result<()> {
+        use std::io::Write as _;
+        let mut child = self
+            .command(cmd)?
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {cmd}"))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(input.as_bytes())?;
+        }
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            anyhow::bail!("{cmd}: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(())
+    }
+
+    /// The MAC address of `dev` in this namespace.
+    pub fn mac(&self, dev: &str) -> anyhow::Result<[u8; 6]> {
+        let out = self.exec("cat", &[&format!("/sys/class/net/{dev}/address")])?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let bytes = text
+            .trim()
+            .split(':')
+            .map(|h| u8::from_str_radix(h, 16))
+            .collect::<Result<Vec<u8>, _>>()
+            .with_context(|| format!("MAC of {dev}: {text:?}"))?;
+        bytes
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("MAC of {dev}: {text:?}"))
+    }
+
     pub fn sysctl(&self, key: &str, value: &str) -> anyhow::Result<()> {
         let path = format!("/proc/sys/{}", key.replace('.', "/"));
         self.exec("sh", &["-c", &format!("echo {value} > {path}")])?;

@@ -8,32 +8,8 @@ use exposure_lab::{
     apps::{self, parse_answer},
     kube_proxy::{iptables_rules, nft_rules, ServicePort},
     lab::{lb_ip, Lab, CLIENT_IP, LB_NET},
-    netns::{unique_prefix, Netns},
+    netns::unique_prefix,
 };
-
-fn load(ns: &Netns, program: &str, args: &[&str], input: &str) {
-    use std::io::Write as _;
-    let mut child = ns
-        .command(program)
-        .unwrap()
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{program}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 fn services(lab: &Lab, fillers: usize) -> Vec<ServicePort> {
     let pods: Vec<_> = lab.pods().map(|(_, p)| (p.ip, 50000)).collect();
@@ -103,26 +79,16 @@ fn iptables_and_nftables_layouts_carry_service_traffic() {
     let node = &lab.nodes[0].ns;
     let svcs = services(&lab, 2000);
 
-    load(node, "iptables-restore", &[], &iptables_rules(&svcs));
+    node.exec_with_input("iptables-restore", &[], &iptables_rules(&svcs))
+        .unwrap();
     check_traffic(&lab, "iptables");
-    // Flush (conntrack entries would otherwise keep old flows on the old rules).
-    load(
-        node,
-        "iptables-restore",
-        &[],
-        "*nat\nCOMMIT\n*filter\nCOMMIT\n",
-    );
-    node.exec(
-        "sh",
-        &["-c", "echo f > /proc/net/nf_conntrack 2>/dev/null; true"],
-    )
-    .unwrap();
+    // Flush the iptables tables; new connections (fresh client ports) then meet only nft's.
+    node.exec_with_input("iptables-restore", &[], "*nat\nCOMMIT\n*filter\nCOMMIT\n")
+        .unwrap();
+    let left = node.exec("iptables-save", &[]).unwrap();
+    assert!(!String::from_utf8_lossy(&left.stdout).contains("KUBE-"));
 
-    load(
-        node,
-        "nft",
-        &["-f", "-"],
-        &nft_rules(&svcs, &[lab.nodes[0].ip]),
-    );
+    node.exec_with_input("nft", &["-f", "-"], &nft_rules(&svcs, &[lab.nodes[0].ip]))
+        .unwrap();
     check_traffic(&lab, "nftables");
 }

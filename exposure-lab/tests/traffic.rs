@@ -9,19 +9,6 @@ use exposure_lab::{
     xdp_pass,
 };
 
-fn mac_of(ns: &Netns, dev: &str) -> [u8; 6] {
-    let out = ns
-        .exec("cat", &[&format!("/sys/class/net/{dev}/address")])
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let v: Vec<u8> = text
-        .trim()
-        .split(':')
-        .map(|h| u8::from_str_radix(h, 16).unwrap())
-        .collect();
-    v.try_into().unwrap()
-}
-
 /// Connections the node's conntrack holds (a counting nft rule makes it track them).
 fn connections(node: &Netns) -> u64 {
     let out = node
@@ -40,7 +27,10 @@ fn live_frames_reach_a_pod_through_a_forwarding_node() {
     let _c0 = xdp_pass::attach(&lab.lan, "c0").unwrap();
     let _sink = xdp_pass::attach_returning(&pod.ns, "eth0", xdp_pass::XDP_DROP).unwrap();
     // The sink drops ARP replies too: the node gets the pod's MAC up front.
-    let mac: Vec<String> = mac_of(&pod.ns, "eth0")
+    let mac: Vec<String> = pod
+        .ns
+        .mac("eth0")
+        .unwrap()
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
@@ -61,8 +51,8 @@ fn live_frames_reach_a_pod_through_a_forwarding_node() {
         .ip(&format!("route add 198.19.0.0/16 via {}", lab.nodes[0].ip))
         .unwrap();
     let mut spec = FrameSpec::udp((CLIENT_IP, 40000), (pod.ip, 50000));
-    spec.src_mac = mac_of(&lab.client, "eth0");
-    spec.dst_mac = mac_of(node, "eth0");
+    spec.src_mac = lab.client.mac("eth0").unwrap();
+    spec.dst_mac = node.mac("eth0").unwrap();
     spec.payload = vec![0; 18]; // 64-byte frames
     let ifindex = lab
         .client

@@ -64,19 +64,6 @@ impl Drop for PinDir {
     }
 }
 
-fn mac_of(ns: &Netns, dev: &str) -> [u8; 6] {
-    let out = ns
-        .exec("cat", &[&format!("/sys/class/net/{dev}/address")])
-        .expect("read MAC");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let bytes: Vec<u8> = text
-        .trim()
-        .split(':')
-        .map(|h| u8::from_str_radix(h, 16).expect("hex"))
-        .collect();
-    bytes.try_into().expect("6 bytes")
-}
-
 /// Runs `test` inside a fresh node namespace with a loaded datapath.
 fn with_datapath(test: impl FnOnce(&mut Harness) + Send + 'static) {
     with_datapath_logging(0, test)
@@ -111,8 +98,8 @@ fn with_datapath_logging(bpf_log_level: u8, test: impl FnOnce(&mut Harness) + Se
         node.exec("ping", &["-c", "1", "-W", "2", &peer_ip])
             .unwrap();
     }
-    let node_mac = mac_of(&node, "eth0");
-    let peer_mac = mac_of(&peer, "eth0");
+    let node_mac = node.mac("eth0").unwrap();
+    let peer_mac = peer.mac("eth0").unwrap();
     let pins = PinDir(PathBuf::from(format!("/sys/fs/bpf/{prefix}")));
     let pin_dir = pins.0.clone();
     node.run(move || {

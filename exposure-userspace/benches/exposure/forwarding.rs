@@ -16,7 +16,7 @@ use exposure_lab::{
     frame::FrameSpec,
     kube_proxy::{self, ServicePort},
     lab::{Lab, CLIENT_IP},
-    netns::{unique_prefix, Netns},
+    netns::unique_prefix,
     traffic::{counters, Flows, Generator},
     xdp_pass,
 };
@@ -62,19 +62,8 @@ pub struct Run {
     pub sent: u64,
     pub delivered: u64,
     pub pps: f64,
-}
-
-fn mac_of(ns: &Netns, dev: &str) -> [u8; 6] {
-    let out = ns
-        .exec("cat", &[&format!("/sys/class/net/{dev}/address")])
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let v: Vec<u8> = text
-        .trim()
-        .split(':')
-        .map(|h| u8::from_str_radix(h, 16).unwrap())
-        .collect();
-    v.try_into().unwrap()
+    /// See [`Setup::programming`].
+    pub programming: std::time::Duration,
 }
 
 fn mac_text(mac: [u8; 6]) -> String {
@@ -82,30 +71,6 @@ fn mac_text(mac: [u8; 6]) -> String {
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
         .join(":")
-}
-
-fn load(ns: &Netns, program: &str, args: &[&str], input: &str) {
-    use std::io::Write as _;
-    let mut child = ns
-        .command(program)
-        .unwrap()
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{program}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// The targets (NodePort 30600 → node-1's pod, 30601 → node-2's pod) and fillers up to `n`.
@@ -141,6 +106,10 @@ fn services(lab: &Lab, n: usize) -> Vec<ServicePort> {
 
 /// Everything a variant needs running, kept alive for its runs.
 struct Setup {
+    /// How long node-1 took to get the Services into its datapath: `iptables-restore` / `nft -f`
+    /// of the whole ruleset (what a full kube-proxy sync hands the kernel), or the agent's start
+    /// until healthy (first full sync: process start, BPF load, manifests, translation, maps).
+    programming: std::time::Duration,
     _agents: Vec<Agent>,
     _links: Vec<std::os::fd::OwnedFd>,
     dir: std::path::PathBuf,
@@ -157,6 +126,7 @@ fn set_up(lab: &Lab, variant: Variant, svcs: &[ServicePort], bin: &Path) -> Setu
     let dir = std::env::temp_dir().join(format!("{}-fwd", lab.prefix));
     std::fs::create_dir_all(&dir).unwrap();
     let mut setup = Setup {
+        programming: std::time::Duration::ZERO,
         _agents: Vec::new(),
         _links: Vec::new(),
         dir: dir.clone(),
@@ -173,7 +143,7 @@ fn set_up(lab: &Lab, variant: Variant, svcs: &[ServicePort], bin: &Path) -> Setu
             .ip(&format!(
                 "neigh replace {} lladdr {} dev vp1 nud permanent",
                 pod.ip,
-                mac_text(mac_of(&pod.ns, "eth0"))
+                mac_text(pod.ns.mac("eth0").unwrap())
             ))
             .unwrap();
     }
@@ -197,30 +167,38 @@ fn set_up(lab: &Lab, variant: Variant, svcs: &[ServicePort], bin: &Path) -> Setu
             )
             .unwrap();
             for node in &lab.nodes {
+                let started = std::time::Instant::now();
                 setup._agents.push(
                     Agent::start(bin, &lab.prefix, node, &Source::Manifests(&manifests), &dir)
                         .unwrap(),
                 );
+                if setup.programming.is_zero() {
+                    setup.programming = started.elapsed();
+                }
             }
         }
         Variant::Iptables => {
+            let rules = kube_proxy::iptables_rules(svcs);
             for node in &lab.nodes {
-                load(
-                    &node.ns,
-                    "iptables-restore",
-                    &[],
-                    &kube_proxy::iptables_rules(svcs),
-                );
+                let started = std::time::Instant::now();
+                node.ns
+                    .exec_with_input("iptables-restore", &[], &rules)
+                    .unwrap();
+                if setup.programming.is_zero() {
+                    setup.programming = started.elapsed();
+                }
             }
         }
         Variant::Nftables => {
             for node in &lab.nodes {
-                load(
-                    &node.ns,
-                    "nft",
-                    &["-f", "-"],
-                    &kube_proxy::nft_rules(svcs, &[node.ip]),
-                );
+                let rules = kube_proxy::nft_rules(svcs, &[node.ip]);
+                let started = std::time::Instant::now();
+                node.ns
+                    .exec_with_input("nft", &["-f", "-"], &rules)
+                    .unwrap();
+                if setup.programming.is_zero() {
+                    setup.programming = started.elapsed();
+                }
             }
         }
     }
@@ -236,8 +214,8 @@ pub fn measure(variant: Variant, n: usize, packets: u32, bin: &Path) -> Vec<Run>
     let lab = Lab::new(&prefix, &[1, 1]).expect("lab");
     let svcs = services(&lab, n);
     let setup = set_up(&lab, variant, &svcs, bin);
-    let client_mac = mac_of(&lab.client, "eth0");
-    let node_mac = mac_of(&lab.nodes[0].ns, "eth0");
+    let client_mac = lab.client.mac("eth0").unwrap();
+    let node_mac = lab.nodes[0].ns.mac("eth0").unwrap();
     let ifindex = lab
         .client
         .run(|| nix::net::if_::if_nametoindex("eth0"))
@@ -293,6 +271,7 @@ pub fn measure(variant: Variant, n: usize, packets: u32, bin: &Path) -> Vec<Run>
                 sent: packets as u64,
                 delivered,
                 pps: delivered as f64 / took.as_secs_f64(),
+                programming: setup.programming,
             });
         }
     }
