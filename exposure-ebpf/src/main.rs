@@ -498,9 +498,13 @@ fn claim_snat_port(s: &mut Scratch, now: u64) -> Option<u16> {
         {
             return Some(candidate);
         }
-        // Taken: reuse it only if that flow is over.
+        // Taken: reuse it if that flow is over, or is a TCP connection already closed by RST or
+        // FIN both ways (as the kernel's NAT lets a new SYN take a closing connection's tuple):
+        // waiting out the closing lifetime would cap new connections to one backend at a few
+        // hundred per second.
         if let Some(old) = unsafe { REPLIES.get(&s.reply_key) } {
-            if !flow_alive(proto, old.flags, old.last_seen_ns, now)
+            let closed = proto == PROTO_TCP && flow_closing(old.flags);
+            if (closed || !flow_alive(proto, old.flags, old.last_seen_ns, now))
                 && REPLIES
                     .insert(&s.reply_key, &s.reply, BPF_ANY as u64)
                     .is_ok()

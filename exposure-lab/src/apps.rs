@@ -189,3 +189,95 @@ pub fn parse_answer(answer: &str) -> Option<(&str, SocketAddr)> {
     let (ident, peer) = answer.split_once(' ')?;
     Some((ident, peer.parse().ok()?))
 }
+
+/// A TCP server on `port` in `ns` that reads and discards whatever each connection sends (for
+/// connection-rate and throughput runs). One thread polls the listener and every connection
+/// without blocking: a thread per connection would not keep up with a fast connecting client.
+pub fn discard(ns: &Netns, port: u16) -> anyhow::Result<Server> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let listener = ns.run(move || -> anyhow::Result<TcpListener> {
+        let sock = bound(SocketAddr::from(([0u8; 4], port)), socket2::Type::STREAM)?;
+        // A deep accept queue: a burst of connections must not overflow it between polls.
+        sock.listen(4096)?;
+        let l = TcpListener::from(sock);
+        l.set_nonblocking(true)?;
+        Ok(l)
+    })??;
+    let s = stop.clone();
+    let thread = std::thread::spawn(move || {
+        let mut conns: Vec<TcpStream> = Vec::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        while !s.load(Ordering::Relaxed) {
+            let mut busy = false;
+            while let Ok((stream, _)) = listener.accept() {
+                if stream.set_nonblocking(true).is_ok() {
+                    conns.push(stream);
+                }
+                busy = true;
+            }
+            conns.retain_mut(|c| match std::io::Read::read(c, &mut buf) {
+                Ok(0) => false,
+                Ok(_) => {
+                    busy = true;
+                    true
+                }
+                Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
+            });
+            if !busy {
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        }
+    });
+    Ok(Server {
+        stop,
+        threads: vec![thread],
+    })
+}
+
+/// TCP connections per second from `ns` to `to`: `threads` clients each connecting and closing
+/// (with RST, so no TIME_WAIT piles up) for `duration`. A connect that times out counts as none.
+pub fn tcp_connect_rate(
+    ns: &Netns,
+    to: SocketAddr,
+    threads: usize,
+    duration: Duration,
+) -> anyhow::Result<f64> {
+    let start = std::time::Instant::now();
+    let handles = (0..threads)
+        .map(|_| {
+            ns.spawn_thread(move || {
+                let deadline = std::time::Instant::now() + duration;
+                let mut done = 0u64;
+                while std::time::Instant::now() < deadline {
+                    if let Ok(s) = TcpStream::connect_timeout(&to, IO_TIMEOUT) {
+                        let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+                        done += 1;
+                    }
+                }
+                done
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut total = 0;
+    for h in handles {
+        total += h
+            .join()
+            .map_err(|_| anyhow::anyhow!("client thread panicked"))?;
+    }
+    Ok(total as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Bytes per second one TCP connection from `ns` to `to` carries for `duration`.
+pub fn tcp_throughput(ns: &Netns, to: SocketAddr, duration: Duration) -> anyhow::Result<f64> {
+    ns.run(move || -> anyhow::Result<f64> {
+        let mut s = TcpStream::connect_timeout(&to, IO_TIMEOUT)?;
+        s.set_write_timeout(Some(IO_TIMEOUT))?;
+        let buf = vec![0u8; 256 * 1024];
+        let start = std::time::Instant::now();
+        let mut sent = 0u64;
+        while start.elapsed() < duration {
+            sent += s.write(&buf)? as u64;
+        }
+        Ok(sent as f64 / start.elapsed().as_secs_f64())
+    })?
+}

@@ -441,7 +441,11 @@ fn main() {
     if let Ok(v) = std::env::var("EXPOSURE_BENCH_E2E_ONLY") {
         // For working on the end-to-end part alone: `EXPOSURE_BENCH_E2E_ONLY=<variant number>`.
         let variant = forwarding::Variant::ALL[v.parse::<usize>().unwrap_or(1) % 4];
-        for r in forwarding::measure(variant, 10, 300_000, Path::new(BIN)) {
+        let (runs, tcp) = forwarding::measure(variant, 10, 300_000, Path::new(BIN));
+        for r in runs {
+            eprintln!("{r:?}");
+        }
+        for r in tcp {
             eprintln!("{r:?}");
         }
         return;
@@ -549,10 +553,13 @@ fn end_to_end(report: &mut String, quick: bool, dir: &Path, stem: &str) {
     };
     let packets: u32 = if quick { 300_000 } else { 1_000_000 };
     let mut runs = Vec::new();
+    let mut tcp = Vec::new();
     for &n in sizes {
         for v in Variant::ALL {
             eprintln!("end to end: {} with {n} Services ...", v.name());
-            runs.extend(forwarding::measure(v, n, packets, Path::new(BIN)));
+            let (r, t) = forwarding::measure(v, n, packets, Path::new(BIN));
+            runs.extend(r);
+            tcp.extend(t);
         }
     }
     let _ = writeln!(report, "\n## End to end: packets/s through a node\n");
@@ -690,6 +697,45 @@ fn end_to_end(report: &mut String, quick: bool, dir: &Path, stem: &str) {
                     },
                 );
             }
+        }
+    }
+    let _ = writeln!(report, "\nTCP through the same node, after the UDP runs (pods now answering): new connections per second");
+    let _ = writeln!(report, "(one client connecting and closing with RST, 1 s) and one connection's throughput (1 s of 256 KiB");
+    let _ = writeln!(
+        report,
+        "writes; segmentation offload makes this insensitive to per-packet cost).\n"
+    );
+    let _ = writeln!(report, "| Services | backend | plain forwarding | Exposure | kube-proxy iptables | kube-proxy nftables |");
+    let _ = writeln!(report, "| ---: | --- | ---: | ---: | ---: | ---: |");
+    for &n in sizes {
+        for t in [Target::Local, Target::Remote] {
+            let cell = |v: Variant| {
+                tcp.iter()
+                    .find(|r| r.variant == v && r.services == n && r.target == t)
+                    .map_or_else(
+                        || "-".to_string(),
+                        |r| {
+                            format!(
+                                "{:.0} conn/s, {:.1} Gbit/s",
+                                r.connections_per_s,
+                                r.bytes_per_s * 8.0 / 1e9
+                            )
+                        },
+                    )
+            };
+            let _ = writeln!(
+                report,
+                "| {n} | {} | {} | {} | {} | {} |",
+                if t == Target::Local {
+                    "local"
+                } else {
+                    "remote"
+                },
+                cell(Variant::Plain),
+                cell(Variant::Exposure),
+                cell(Variant::Iptables),
+                cell(Variant::Nftables),
+            );
         }
     }
     let svg = chart::forwarding(&runs, sizes);

@@ -18,7 +18,7 @@ use exposure::{
     },
     sync::{DatapathMaps as _, Limits, Reconciler},
 };
-use exposure_common::{Counter, FlowKey, FLOW_CLOSING, FLOW_REMOTE, SNAT_PORT_MIN};
+use exposure_common::{Counter, FlowKey, FLOW_CLOSING, FLOW_REMOTE, SNAT_PORT_MAX, SNAT_PORT_MIN};
 use exposure_lab::{
     frame::{self, FrameSpec, ACK, RST, SYN, TCP, UDP},
     netns::{unique_prefix, Netns},
@@ -570,6 +570,41 @@ fn rst_closes_the_flow_and_a_new_syn_reselects() {
             h.flow(client, (NODE, NODE_PORT), TCP).unwrap().flags & FLOW_CLOSING,
             0
         );
+    });
+}
+
+#[test]
+fn snat_ports_of_closed_connections_are_reused_at_once() {
+    with_datapath(|h| {
+        h.program(&hello(&[(REMOTE_POD, false)]));
+        // More connections to one remote backend than there are SNAT ports (4,536), one after
+        // another, each reset by the client: every one gets a port.
+        let total = (SNAT_PORT_MAX - SNAT_PORT_MIN) as u32 + 1 + 1_500;
+        for i in 0..total {
+            let client = (
+                Ipv4Addr::new(198, 18, 1 + (i / 250) as u8 % 200, (i % 250) as u8 + 1),
+                10_000 + (i % 50_000) as u16,
+            );
+            let mut syn = FrameSpec::tcp(client, (NODE, NODE_PORT), SYN);
+            syn.dst_mac = h.node_mac;
+            assert_eq!(h.xdp(&syn.build()).0, XDP_TX, "connection {i}");
+            let mut rst = FrameSpec::tcp(client, (NODE, NODE_PORT), RST);
+            rst.dst_mac = h.node_mac;
+            assert_eq!(h.xdp(&rst.build()).0, XDP_TX, "reset {i}");
+        }
+        assert_eq!(h.counter(Counter::SnatExhausted), 0);
+        // Open connections keep theirs: with the ports all held, new ones are refused (dropped,
+        // counted) rather than given a port in use.
+        for i in 0..total {
+            let client = (
+                Ipv4Addr::new(198, 18, 210 + (i / 250) as u8 % 40, (i % 250) as u8 + 1),
+                20_000,
+            );
+            let mut syn = FrameSpec::tcp(client, (NODE, NODE_PORT), SYN);
+            syn.dst_mac = h.node_mac;
+            h.xdp(&syn.build());
+        }
+        assert!(h.counter(Counter::SnatExhausted) > 0);
     });
 }
 

@@ -13,6 +13,7 @@ use std::{net::Ipv4Addr, path::Path};
 
 use exposure_lab::{
     agent::{Agent, Source},
+    apps,
     frame::FrameSpec,
     kube_proxy::{self, ServicePort},
     lab::{Lab, CLIENT_IP},
@@ -91,7 +92,17 @@ fn services(lab: &Lab, n: usize) -> Vec<ServicePort> {
         target("target-local", [198, 18, 50, 1], 30600, local),
         target("target-remote", [198, 18, 50, 2], 30601, remote),
     ];
-    for i in 0..n.saturating_sub(2) {
+    // The same targets on TCP, for the connection and throughput runs.
+    for (name, ip, np, ep) in [
+        ("target-local-tcp", [198, 18, 50, 3], 30600, local),
+        ("target-remote-tcp", [198, 18, 50, 4], 30601, remote),
+    ] {
+        out.push(ServicePort {
+            protocol: "tcp",
+            ..target(name, ip, np, ep)
+        });
+    }
+    for i in 0..n.saturating_sub(4) {
         out.push(ServicePort {
             name: format!("filler-{i:05}"),
             cluster_ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 64, 0)) + i as u32),
@@ -112,6 +123,8 @@ struct Setup {
     programming: std::time::Duration,
     _agents: Vec<Agent>,
     _links: Vec<std::os::fd::OwnedFd>,
+    /// The pods' XDP_DROP programs (removed for the TCP runs, which need the pods' stacks).
+    sinks: Vec<std::os::fd::OwnedFd>,
     dir: std::path::PathBuf,
 }
 
@@ -129,6 +142,7 @@ fn set_up(lab: &Lab, variant: Variant, svcs: &[ServicePort], bin: &Path) -> Setu
         programming: std::time::Duration::ZERO,
         _agents: Vec::new(),
         _links: Vec::new(),
+        sinks: Vec::new(),
         dir: dir.clone(),
     };
     // XDP_TX from the client's veth needs an XDP program on its peer; the pods drop in XDP.
@@ -136,7 +150,7 @@ fn set_up(lab: &Lab, variant: Variant, svcs: &[ServicePort], bin: &Path) -> Setu
     for node in &lab.nodes {
         let pod = &node.pods[0];
         setup
-            ._links
+            .sinks
             .push(xdp_pass::attach_returning(&pod.ns, "eth0", xdp_pass::XDP_DROP).unwrap());
         // The sink drops ARP replies too: the node learns the pod's MAC up front.
         node.ns
@@ -205,8 +219,20 @@ fn set_up(lab: &Lab, variant: Variant, svcs: &[ServicePort], bin: &Path) -> Setu
     setup
 }
 
-/// Runs every (target, flows) scenario of one variant at one Service count, in a fresh lab.
-pub fn measure(variant: Variant, n: usize, packets: u32, bin: &Path) -> Vec<Run> {
+/// TCP through the same node: new connections per second (a client connecting and resetting)
+/// and one connection's throughput.
+#[derive(Clone, Debug)]
+pub struct TcpRun {
+    pub variant: Variant,
+    pub services: usize,
+    pub target: Target,
+    pub connections_per_s: f64,
+    pub bytes_per_s: f64,
+}
+
+/// Runs every (target, flows) scenario of one variant at one Service count, in a fresh lab, then
+/// the TCP runs.
+pub fn measure(variant: Variant, n: usize, packets: u32, bin: &Path) -> (Vec<Run>, Vec<TcpRun>) {
     // The previous lab's namespaces are torn down by kernel workers after the fact; that work
     // competing for the CPU pushes softirqs to ksoftirqd and the generator overruns rings.
     std::thread::sleep(std::time::Duration::from_secs(3));
@@ -275,6 +301,30 @@ pub fn measure(variant: Variant, n: usize, packets: u32, bin: &Path) -> Vec<Run>
             });
         }
     }
+    let mut setup = setup;
+    setup.sinks.clear();
+    let _servers: Vec<_> = lab
+        .nodes
+        .iter()
+        .map(|nd| apps::discard(&nd.pods[0].ns, 50000).unwrap())
+        .collect();
+    let mut tcp = Vec::new();
+    for target in [Target::Local, Target::Remote] {
+        let to = std::net::SocketAddr::from(match (target, variant) {
+            (Target::Local, Variant::Plain) => (lab.nodes[0].pods[0].ip, 50000),
+            (Target::Remote, Variant::Plain) => (lab.nodes[1].pods[0].ip, 50000),
+            (Target::Local, _) => (lab.nodes[0].ip, 30600),
+            (Target::Remote, _) => (lab.nodes[0].ip, 30601),
+        });
+        let second = std::time::Duration::from_secs(1);
+        tcp.push(TcpRun {
+            variant,
+            services: n,
+            target,
+            connections_per_s: apps::tcp_connect_rate(&lab.client, to, 1, second).unwrap(),
+            bytes_per_s: apps::tcp_throughput(&lab.client, to, second).unwrap(),
+        });
+    }
     drop(setup);
-    runs
+    (runs, tcp)
 }
