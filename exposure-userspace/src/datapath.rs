@@ -449,7 +449,7 @@ impl DatapathMaps for KernelMaps {
         let zeros =
             aya::maps::PerCpuValues::try_from(vec![exposure_common::Traffic::default(); cpus])?;
         self.frontend_stats
-            .set(id as u32, zeros, 0)
+            .set(id, zeros, 0)
             .with_context(|| format!("FRONTEND_STATS[{id}]"))
     }
     fn snapshot(&self) -> anyhow::Result<Snapshot> {
