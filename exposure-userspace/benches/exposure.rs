@@ -515,9 +515,20 @@ fn main() {
     } else {
         &[1, 1_000, 100_000]
     };
+    let mut per_packet = Vec::new();
     for &n in service_counts {
         eprintln!("datapath: {n} Services ...");
         let c = packet_costs(n, repeat);
+        per_packet.push((
+            format!("{n} Services"),
+            vec![
+                c.floor,
+                c.non_service,
+                c.established,
+                c.reply_xdp,
+                c.reply_tc,
+            ],
+        ));
         let _ = writeln!(
             report,
             "| {} | {:.0} ns | {:.0} ns | {:.0} ns | {:.2}x | {:.0} ns | {:.0} ns | {:.0} ns ({:.0} ns) |",
@@ -535,6 +546,23 @@ fn main() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/results");
     let _ = std::fs::create_dir_all(&dir);
     let stem = format!("{date}{}", if quick { "-quick" } else { "" });
+    let name = format!("{stem}-per-packet.svg");
+    let _ = std::fs::write(
+        dir.join(&name),
+        chart::grouped(
+            "Datapath ns per packet (BPF_PROG_TEST_RUN), lower is better",
+            "ns",
+            &[
+                "no-op floor",
+                "non-Service",
+                "established",
+                "reply at XDP",
+                "reply at tc",
+            ],
+            &per_packet,
+        ),
+    );
+    let _ = writeln!(report, "\n![ns per packet]({name})");
     end_to_end(&mut report, quick, &dir, &stem);
     print!("{report}");
     let file = dir.join(format!("{stem}.md"));
@@ -738,6 +766,39 @@ fn end_to_end(report: &mut String, quick: bool, dir: &Path, stem: &str) {
             );
         }
     }
+    let mut groups = Vec::new();
+    for &n in sizes {
+        for t in [Target::Local, Target::Remote] {
+            let rate = |v: Variant| {
+                tcp.iter()
+                    .find(|r| r.variant == v && r.services == n && r.target == t)
+                    .map_or(0.0, |r| r.connections_per_s / 1e3)
+            };
+            groups.push((
+                format!(
+                    "{n} {}",
+                    if t == Target::Local {
+                        "local"
+                    } else {
+                        "remote"
+                    }
+                ),
+                Variant::ALL.iter().map(|v| rate(*v)).collect(),
+            ));
+        }
+    }
+    let names: Vec<&str> = Variant::ALL.iter().map(|v| v.name()).collect();
+    let tcp_name = format!("{stem}-tcp-connections.svg");
+    let _ = std::fs::write(
+        dir.join(&tcp_name),
+        chart::grouped(
+            "Thousand new TCP connections/s through a node (Services, backend), higher is better",
+            "k conn/s",
+            &names,
+            &groups,
+        ),
+    );
+    let _ = writeln!(report, "\n![TCP connections/s]({tcp_name})");
     let svg = chart::forwarding(&runs, sizes);
     let name = format!("{stem}-end-to-end.svg");
     let _ = std::fs::write(dir.join(&name), svg);

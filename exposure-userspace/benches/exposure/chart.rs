@@ -89,3 +89,68 @@ pub fn forwarding(runs: &[Run], sizes: &[usize]) -> String {
     svg.push_str("</svg>\n");
     svg
 }
+
+/// One bar group per label, one bar per series: a generic grouped bar chart.
+pub fn grouped(title: &str, unit: &str, series: &[&str], groups: &[(String, Vec<f64>)]) -> String {
+    let max = groups
+        .iter()
+        .flat_map(|(_, v)| v.iter().copied())
+        .fold(1.0, f64::max);
+    let (top, left, plot_h, bar_w) = (60.0, 60.0, 260.0, 18.0);
+    let group_w = bar_w * series.len() as f64 + 30.0;
+    let width = left + group_w * groups.len() as f64 + 40.0;
+    let height = top + plot_h + 60.0;
+    let base = top + plot_h;
+    let mut svg = String::new();
+    let _ = writeln!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0}" height="{height:.0}" font-family="sans-serif" font-size="11">"#
+    );
+    let _ = writeln!(
+        svg,
+        r#"<text x="{left}" y="20" font-size="14">{title}</text>"#
+    );
+    for (k, name) in series.iter().enumerate() {
+        let x = left + k as f64 * 150.0;
+        let _ = writeln!(
+            svg,
+            r#"<rect x="{x}" y="32" width="10" height="10" fill="{}"/><text x="{}" y="41">{name}</text>"#,
+            COLORS[k % COLORS.len()],
+            x + 14.0
+        );
+    }
+    let _ = writeln!(
+        svg,
+        r##"<line x1="{left}" y1="{base}" x2="{:.0}" y2="{base}" stroke="#333"/>"##,
+        width - 20.0
+    );
+    for (g, (label, values)) in groups.iter().enumerate() {
+        let gx = left + 10.0 + g as f64 * group_w;
+        for (k, v) in values.iter().enumerate() {
+            let h = v / max * (plot_h - 20.0);
+            let x = gx + k as f64 * bar_w;
+            let _ = writeln!(
+                svg,
+                r#"<rect x="{x:.1}" y="{:.1}" width="{}" height="{h:.1}" fill="{}"><title>{label} {}: {v:.0} {unit}</title></rect>"#,
+                base - h,
+                bar_w - 2.0,
+                COLORS[k % COLORS.len()],
+                series[k]
+            );
+            let _ = writeln!(
+                svg,
+                r#"<text x="{:.1}" y="{:.1}" font-size="8" text-anchor="middle">{v:.0}</text>"#,
+                x + bar_w / 2.0 - 1.0,
+                base - h - 3.0
+            );
+        }
+        let _ = writeln!(
+            svg,
+            r#"<text x="{:.1}" y="{}" text-anchor="middle">{label}</text>"#,
+            gx + group_w / 2.0 - 15.0,
+            base + 14.0
+        );
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
