@@ -438,6 +438,15 @@ fn main() {
         return; // `cargo bench -- --list` and friends
     }
     let quick = args.iter().any(|a| a == "--quick");
+    if std::env::var_os("EXPOSURE_BENCH_DATAPATH_ONLY").is_some() {
+        // For working on the datapath: the per-packet costs at 1,000 Services alone.
+        let c = packet_costs(1_000, 200_000);
+        eprintln!(
+            "floor {:.0} non-service {:.0} established {:.0} reply xdp {:.0} reply tc {:.0} new flow {:.0} ns",
+            c.floor, c.non_service, c.established, c.reply_xdp, c.reply_tc, c.new_flow
+        );
+        return;
+    }
     if let Ok(v) = std::env::var("EXPOSURE_BENCH_E2E_ONLY") {
         // For working on the end-to-end part alone: `EXPOSURE_BENCH_E2E_ONLY=<variant number>`.
         let variant = forwarding::Variant::ALL[v.parse::<usize>().unwrap_or(1) % 4];
