@@ -5,7 +5,13 @@
 //! (process start, BPF load, list, translate, map writes), the reconcile step alone, the agent's peak
 //! RSS, and how long an EndpointSlice change takes to reach the datapath's maps.
 //!
-//! Writes `bench/results/<date>.md` and prints it. `--quick` runs the small size only.
+//! Datapath: per-packet cost through BPF_PROG_TEST_RUN beside a no-op floor. End to end
+//! (`exposure/forwarding.rs`): packets/s, TCP connections/s and throughput through a lab node for
+//! Exposure, kube-proxy's iptables and nftables layouts and plain forwarding.
+//!
+//! Writes `bench/results/<date>.md` with SVG charts beside it and prints it. `--quick` runs the
+//! small sizes only. While working on one part: `EXPOSURE_BENCH_DATAPATH_ONLY=1` (per-packet costs
+//! at 1,000 Services) or `EXPOSURE_BENCH_E2E_ONLY=<0..3>` (one end-to-end variant at 10 Services).
 
 use std::{
     fmt::Write as _,
