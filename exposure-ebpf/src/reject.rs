@@ -15,31 +15,37 @@ const ICMP_OFF: usize = ETH_LEN + IPV4_MIN_LEN;
 /// ICMP header + the largest quote (60-byte IP header + 8 bytes), in 16-bit words.
 const MAX_ICMP_WORDS: usize = (8 + 60 + 8) / 2;
 
+/// Makes room for a new IP + ICMP header in front of the received packet's own IP header (which
+/// becomes the quote, already in place), trims the frame to `len` bytes, and addresses the Ethernet
+/// header back to the sender: `[headroom][old Ethernet][old IP + L4]` becomes
+/// `[Ethernet][new IP][ICMP][quote]`.
+#[inline(always)]
+fn reshape(ctx: &XdpContext, headroom: usize, len: usize, ether_type: u16) -> Result<(), ()> {
+    let eth: *const [[u8; 6]; 2] = ptr_at(ctx, 0)?;
+    let [node_mac, client_mac] = unsafe { *eth };
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(headroom as i32)) } != 0 {
+        return Err(());
+    }
+    let have = ctx.data_end() - ctx.data();
+    if have < len {
+        return Err(());
+    }
+    if unsafe { bpf_xdp_adjust_tail(ctx.ctx, len as i32 - have as i32) } != 0 {
+        return Err(());
+    }
+    let eth: *mut [[u8; 6]; 2] = ptr_at(ctx, 0)?;
+    unsafe { eth.write_unaligned([client_mac, node_mac]) };
+    let ty: *mut [u8; 2] = ptr_at(ctx, 12)?;
+    unsafe { ty.write_unaligned(ether_type.to_be_bytes()) };
+    Ok(())
+}
+
 /// Turns the frame into an ICMP port unreachable quoting it, addressed back to its sender.
 #[inline(never)]
 pub fn port_unreachable(ctx: &XdpContext, p: &Packet) -> Result<u32, ()> {
     let ctx = &own_ctx(ctx);
-    let eth: *const [[u8; 6]; 2] = ptr_at(ctx, 0)?;
-    let [node_mac, client_mac] = unsafe { *eth };
     let quoted = p.l4_off - ETH_LEN + 8;
-
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(IP_ICMP_LEN as i32)) } != 0 {
-        return Err(());
-    }
-    // Layout now: [28 free][old Ethernet][old IP header + L4...]: the quote is already in place.
-    let want = ICMP_OFF + 8 + quoted;
-    let have = ctx.data_end() - ctx.data();
-    if have < want {
-        return Err(());
-    }
-    if unsafe { bpf_xdp_adjust_tail(ctx.ctx, want as i32 - have as i32) } != 0 {
-        return Err(());
-    }
-
-    let eth: *mut [[u8; 6]; 2] = ptr_at(ctx, 0)?;
-    unsafe { eth.write_unaligned([client_mac, node_mac]) };
-    let ether_type: *mut [u8; 2] = ptr_at(ctx, 12)?;
-    unsafe { ether_type.write_unaligned(ETH_P_IP.to_be_bytes()) };
+    reshape(ctx, IP_ICMP_LEN, ICMP_OFF + 8 + quoted, ETH_P_IP)?;
 
     let tot_len = ((IPV4_MIN_LEN + 8 + quoted) as u16).to_be_bytes();
     let s = p.daddr.v4_raw().to_ne_bytes();
@@ -98,25 +104,7 @@ const ICMP6_OFF: usize = ETH_LEN + IPV6_LEN;
 #[inline(never)]
 pub fn port_unreachable6(ctx: &XdpContext, p: &Packet) -> Result<u32, ()> {
     let ctx = &own_ctx(ctx);
-    let eth: *const [[u8; 6]; 2] = ptr_at(ctx, 0)?;
-    let [node_mac, client_mac] = unsafe { *eth };
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(IP6_ICMP6_LEN as i32)) } != 0 {
-        return Err(());
-    }
-    // Layout now: [48 free][old Ethernet][old IPv6 header + L4...]: the quote is in place.
-    let want = ICMP6_OFF + 8 + QUOTE6_LEN;
-    let have = ctx.data_end() - ctx.data();
-    if have < want {
-        return Err(());
-    }
-    if unsafe { bpf_xdp_adjust_tail(ctx.ctx, want as i32 - have as i32) } != 0 {
-        return Err(());
-    }
-
-    let eth: *mut [[u8; 6]; 2] = ptr_at(ctx, 0)?;
-    unsafe { eth.write_unaligned([client_mac, node_mac]) };
-    let ether_type: *mut [u8; 2] = ptr_at(ctx, 12)?;
-    unsafe { ether_type.write_unaligned(ETH_P_IPV6.to_be_bytes()) };
+    reshape(ctx, IP6_ICMP6_LEN, ICMP6_OFF + 8 + QUOTE6_LEN, ETH_P_IPV6)?;
 
     let payload_len = ((8 + QUOTE6_LEN) as u16).to_be_bytes();
     let head: *mut [u8; 8] = ptr_at(ctx, ETH_LEN)?;

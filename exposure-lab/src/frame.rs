@@ -78,32 +78,49 @@ impl FrameSpec {
         ip[10..12].copy_from_slice(&c.to_ne_bytes());
         f.extend_from_slice(&ip);
 
-        let mut l4 = vec![0u8; l4_len];
-        l4[0..2].copy_from_slice(&self.sport.to_be_bytes());
-        l4[2..4].copy_from_slice(&self.dport.to_be_bytes());
-        if self.proto == TCP {
-            l4[4..8].copy_from_slice(&1000u32.to_be_bytes());
-            l4[12] = 5 << 4;
-            l4[13] = self.tcp_flags;
-            l4[14..16].copy_from_slice(&64240u16.to_be_bytes());
-            l4[20..].copy_from_slice(&self.payload);
-            let c = checksum::l4_checksum(self.src.octets(), self.dst.octets(), TCP, &l4);
-            l4[16..18].copy_from_slice(&c.to_ne_bytes());
-        } else {
-            l4[4..6].copy_from_slice(&(l4_len as u16).to_be_bytes());
-            l4[8..].copy_from_slice(&self.payload);
-            if !self.udp_no_checksum {
-                let c = match checksum::l4_checksum(self.src.octets(), self.dst.octets(), UDP, &l4)
-                {
-                    0 => 0xffff,
-                    c => c,
-                };
-                l4[6..8].copy_from_slice(&c.to_ne_bytes());
-            }
+        let mut l4 = segment(
+            self.proto,
+            self.sport,
+            self.dport,
+            self.tcp_flags,
+            &self.payload,
+        );
+        if self.proto == TCP || !self.udp_no_checksum {
+            let c = checksum::l4_checksum(self.src.octets(), self.dst.octets(), self.proto, &l4);
+            set_l4_checksum(&mut l4, self.proto, c);
         }
         f.extend_from_slice(&l4);
         f
     }
+}
+
+/// A TCP (header with `tcp_flags`) or UDP segment carrying `payload`, checksum zero.
+fn segment(proto: u8, sport: u16, dport: u16, tcp_flags: u8, payload: &[u8]) -> Vec<u8> {
+    let mut l4 = vec![0u8; if proto == TCP { 20 } else { 8 } + payload.len()];
+    l4[0..2].copy_from_slice(&sport.to_be_bytes());
+    l4[2..4].copy_from_slice(&dport.to_be_bytes());
+    if proto == TCP {
+        l4[4..8].copy_from_slice(&1000u32.to_be_bytes());
+        l4[12] = 5 << 4;
+        l4[13] = tcp_flags;
+        l4[14..16].copy_from_slice(&64240u16.to_be_bytes());
+        l4[20..].copy_from_slice(payload);
+    } else {
+        let len = l4.len() as u16;
+        l4[4..6].copy_from_slice(&len.to_be_bytes());
+        l4[8..].copy_from_slice(payload);
+    }
+    l4
+}
+
+/// Stores a computed checksum in its field; UDP sends a computed 0 as 0xffff (0 means none).
+fn set_l4_checksum(l4: &mut [u8], proto: u8, c: u16) {
+    let (at, c) = match proto {
+        TCP => (16, c),
+        _ if c == 0 => (6, 0xffff),
+        _ => (6, c),
+    };
+    l4[at..at + 2].copy_from_slice(&c.to_ne_bytes());
 }
 
 /// A frame read back, with its checksums checked.
@@ -204,27 +221,15 @@ impl FrameSpec6 {
     }
 
     pub fn build(&self) -> Vec<u8> {
-        let mut l4 = vec![0u8; if self.proto == TCP { 20 } else { 8 } + self.payload.len()];
-        l4[0..2].copy_from_slice(&self.sport.to_be_bytes());
-        l4[2..4].copy_from_slice(&self.dport.to_be_bytes());
-        if self.proto == TCP {
-            l4[4..8].copy_from_slice(&1000u32.to_be_bytes());
-            l4[12] = 5 << 4;
-            l4[13] = self.tcp_flags;
-            l4[14..16].copy_from_slice(&64240u16.to_be_bytes());
-            l4[20..].copy_from_slice(&self.payload);
-        } else {
-            let len = l4.len() as u16;
-            l4[4..6].copy_from_slice(&len.to_be_bytes());
-            l4[8..].copy_from_slice(&self.payload);
-        }
-        let check_at = if self.proto == TCP { 16 } else { 6 };
-        let c = match checksum::l4_checksum6(self.src.octets(), self.dst.octets(), self.proto, &l4)
-        {
-            0 if self.proto == UDP => 0xffff,
-            c => c,
-        };
-        l4[check_at..check_at + 2].copy_from_slice(&c.to_ne_bytes());
+        let mut l4 = segment(
+            self.proto,
+            self.sport,
+            self.dport,
+            self.tcp_flags,
+            &self.payload,
+        );
+        let c = checksum::l4_checksum6(self.src.octets(), self.dst.octets(), self.proto, &l4);
+        set_l4_checksum(&mut l4, self.proto, c);
         ipv6_frame(
             self.dst_mac,
             self.src_mac,

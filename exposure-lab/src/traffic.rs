@@ -12,9 +12,9 @@ use std::{
     time::Duration,
 };
 
-use anyhow::bail;
+use anyhow::{bail, Context as _};
 
-use crate::xdp_pass::{load_insns, BPF_PROG_TEST_RUN};
+use crate::xdp_pass::{load_insns, prog_test_run};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Flows {
@@ -127,20 +127,7 @@ impl Generator {
         // handled in the softirq that runs when the batch ends; past netdev_budget (300) the kernel
         // defers to ksoftirqd, the generator runs ahead and the first ring on the path overflows.
         attr[9] = 16;
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_PROG_TEST_RUN,
-                attr.as_mut_ptr(),
-                std::mem::size_of_val(&attr),
-            )
-        };
-        if rc < 0 {
-            bail!(
-                "BPF_PROG_TEST_RUN (live frames): {}",
-                std::io::Error::last_os_error()
-            );
-        }
+        prog_test_run(&mut attr).context("live frames")?;
         // `duration` (the high half of the word holding `repeat`): mean ns per packet.
         let ns_per_packet = attr[4] >> 32;
         Ok(Duration::from_nanos(ns_per_packet * count as u64))

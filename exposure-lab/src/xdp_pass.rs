@@ -30,7 +30,7 @@ pub(crate) fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> std::io::Result<Ow
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
-pub(crate) const BPF_PROG_TEST_RUN: libc::c_long = 10;
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
 
 /// Loads the two-instruction `XDP_PASS` program (the benchmarks' floor: what any XDP program costs).
 pub fn load() -> anyhow::Result<OwnedFd> {
@@ -73,18 +73,25 @@ pub fn test_run(prog: &OwnedFd, frame: &[u8], repeat: u32) -> anyhow::Result<(u3
     attr[2] = frame.as_ptr() as u64;
     attr[3] = out.as_mut_ptr() as u64;
     attr[4] = repeat as u64;
+    prog_test_run(&mut attr)?;
+    Ok(((attr[0] >> 32) as u32, (attr[4] >> 32) as u32))
+}
+
+/// The BPF_PROG_TEST_RUN command with a prepared `union bpf_attr`; the kernel writes the results
+/// (return value, duration) back into it.
+pub(crate) fn prog_test_run(attr: &mut [u64; 16]) -> anyhow::Result<()> {
     let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,
             BPF_PROG_TEST_RUN,
             attr.as_mut_ptr(),
-            std::mem::size_of_val(&attr),
+            std::mem::size_of_val(attr),
         )
     };
     if rc < 0 {
         bail!("BPF_PROG_TEST_RUN: {}", std::io::Error::last_os_error());
     }
-    Ok(((attr[0] >> 32) as u32, (attr[4] >> 32) as u32))
+    Ok(())
 }
 
 /// Attaches `XDP_PASS` to `ifname` in `ns`; detached when the returned link fd is dropped.
