@@ -184,6 +184,8 @@ struct PacketCosts {
     reply_xdp: f64,
     /// A local backend's reply, translated at tc egress.
     reply_tc: f64,
+    /// An established IPv6 flow.
+    established6: f64,
 }
 
 fn xdp_ns(dp: &mut exposure::datapath::Datapath, frame: &[u8], repeat: u32) -> (u32, f64) {
@@ -312,6 +314,33 @@ fn packet_costs(services: usize, repeat: u32) -> PacketCosts {
             svc("ping".into(), (p, 80), q),
             svc("pong".into(), (q, 80), p),
         ]);
+        // The same pair in IPv6.
+        let (p6, q6): (std::net::Ipv6Addr, std::net::Ipv6Addr) = (
+            "2001:2:0:ff::1".parse().unwrap(),
+            "2001:2:0:ff::2".parse().unwrap(),
+        );
+        for (name, front, back) in [("ping6", p6, q6), ("pong6", q6, p6)] {
+            let mut d = DesiredService::default();
+            let addr = FrontendAddr {
+                ip: front.into(),
+                port: 80,
+                protocol: Protocol::Tcp,
+            };
+            d.frontends.insert(addr, FrontendKind::LoadBalancer);
+            d.backends = vec![BackendAddr {
+                ip: back.into(),
+                port: 80,
+                local: true,
+            }];
+            let key = ServicePortName {
+                namespace: "bench".into(),
+                name: name.into(),
+                port: String::new(),
+                protocol: Protocol::Tcp,
+                family: exposure::model::IpFamily::V6,
+            };
+            state.services.insert(key, Arc::new(d));
+        }
         let report = reconciler.reconcile(&state, &mut maps);
         assert!(
             report.errors.is_empty(),
@@ -332,6 +361,19 @@ fn packet_costs(services: usize, repeat: u32) -> PacketCosts {
         xdp_ns(&mut dp, &frame((client, 40000), (q, 80)), 1);
         let (verdict, established) = xdp_ns(&mut dp, &ping, repeat);
         assert_eq!(verdict, 2, "XDP_PASS after DNAT to a local backend");
+        let frame6 = |dst| {
+            exposure_lab::frame::FrameSpec6::tcp(
+                ("2001:2::1".parse().unwrap(), 40000),
+                (dst, 80),
+                exposure_lab::frame::ACK,
+            )
+            .build()
+        };
+        let ping6 = frame6(p6);
+        xdp_ns(&mut dp, &ping6, 1);
+        xdp_ns(&mut dp, &frame6(q6), 1);
+        let (verdict, established6) = xdp_ns(&mut dp, &ping6, repeat);
+        assert_eq!(verdict, 2, "XDP_PASS after DNAT to a local IPv6 backend");
         // Replies. An entry whose translation is the identity keeps the buffer a reply on every
         // repeat, so each run is a full reply translation (lookup, rewrite, checksums, send).
         let (backend, node) = (
@@ -401,6 +443,7 @@ fn packet_costs(services: usize, repeat: u32) -> PacketCosts {
             new_flow: new_total / n as f64,
             reply_xdp,
             reply_tc,
+            established6,
         }
     })
     .unwrap()
@@ -448,8 +491,8 @@ fn main() {
         // For working on the datapath: the per-packet costs at 1,000 Services alone.
         let c = packet_costs(1_000, 200_000);
         eprintln!(
-            "floor {:.0} non-service {:.0} established {:.0} reply xdp {:.0} reply tc {:.0} new flow {:.0} ns",
-            c.floor, c.non_service, c.established, c.reply_xdp, c.reply_tc, c.new_flow
+            "floor {:.0} non-service {:.0} established {:.0} (IPv6 {:.0}) reply xdp {:.0} reply tc {:.0} new flow {:.0} ns",
+            c.floor, c.non_service, c.established, c.established6, c.reply_xdp, c.reply_tc, c.new_flow
         );
         return;
     }
@@ -520,10 +563,10 @@ fn main() {
         "runs (each one new), reported beside the floor measured the same way. Replies run a reply whose"
     );
     let _ = writeln!(report, "translation is the identity, so every repeat is a full reply translation (tc has no floor here).\n");
-    let _ = writeln!(report, "| Services | floor | non-service packet | established flow | established / floor | reply at XDP (remote backend) | reply at tc (local backend) | new flow (floor, single runs) |");
+    let _ = writeln!(report, "| Services | floor | non-service packet | established flow | established / floor | established IPv6 flow | reply at XDP (remote backend) | reply at tc (local backend) | new flow (floor, single runs) |");
     let _ = writeln!(
         report,
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     let service_counts: &[usize] = if quick {
         &[1, 1_000]
@@ -546,12 +589,13 @@ fn main() {
         ));
         let _ = writeln!(
             report,
-            "| {} | {:.0} ns | {:.0} ns | {:.0} ns | {:.2}x | {:.0} ns | {:.0} ns | {:.0} ns ({:.0} ns) |",
+            "| {} | {:.0} ns | {:.0} ns | {:.0} ns | {:.2}x | {:.0} ns | {:.0} ns | {:.0} ns | {:.0} ns ({:.0} ns) |",
             c.services,
             c.floor,
             c.non_service,
             c.established,
             c.established / c.floor.max(1.0),
+            c.established6,
             c.reply_xdp,
             c.reply_tc,
             c.new_flow,
