@@ -220,7 +220,13 @@ fn to_backend(ctx: &XdpContext, p: &Packet, fe: &Frontend) -> Result<u32, ()> {
         Some(f) => {
             let reply = || {
                 let rk = reply_key(&key, unsafe { &*f });
-                REPLIES.get_ptr_mut(&rk).unwrap_or(core::ptr::null_mut())
+                // Only this flow's own entry: a closed flow's SNAT port may serve a new flow now.
+                REPLIES
+                    .get_ptr_mut(&rk)
+                    .filter(|&r| unsafe {
+                        (*r).client_port == key.sport && (*r).client_addr == key.saddr
+                    })
+                    .unwrap_or(core::ptr::null_mut())
             };
             touch(f, reply, bits, now);
             f

@@ -593,6 +593,42 @@ fn snat_ports_of_closed_connections_are_reused_at_once() {
             assert_eq!(h.xdp(&rst.build()).0, XDP_TX, "reset {i}");
         }
         assert_eq!(h.counter(Counter::SnatExhausted), 0);
+        // An open connection on a port taken over from a closed one: a stray RST from the old
+        // client must not close the new connection's entry.
+        let fresh = (Ipv4Addr::new(198, 18, 250, 1), 33_333);
+        let mut syn = FrameSpec::tcp(fresh, (NODE, NODE_PORT), SYN);
+        syn.dst_mac = h.node_mac;
+        let (_, out) = h.xdp(&syn.build());
+        let snat_port = exposure_common::port(frame::parse(&out).unwrap().sport);
+        let old = h
+            .maps
+            .flows
+            .iter()
+            .filter_map(Result::ok)
+            .find(|(k, f)| f.snat_port == snat_port && k.sport != exposure_common::port(fresh.1))
+            .map(|(k, _)| k)
+            .expect("the port was a closed connection's");
+        let old_client = (
+            std::net::IpAddr::from(old.saddr),
+            exposure_common::port_host(old.sport),
+        );
+        let std::net::IpAddr::V4(old_ip) = old_client.0 else {
+            panic!("IPv4 client expected");
+        };
+        // Past the refresh interval, so the old flow's RST would write through to a reply entry.
+        std::thread::sleep(std::time::Duration::from_millis(1_100));
+        let mut stray = FrameSpec::tcp((old_ip, old_client.1), (NODE, NODE_PORT), RST);
+        stray.dst_mac = h.node_mac;
+        h.xdp(&stray.build());
+        let reply_of_fresh = h
+            .maps
+            .replies
+            .iter()
+            .filter_map(Result::ok)
+            .find(|(_, r)| r.client_port == exposure_common::port(fresh.1))
+            .map(|(_, r)| r)
+            .expect("the new connection's reply entry");
+        assert_eq!(reply_of_fresh.flags & FLOW_CLOSING, 0);
         // Open connections keep theirs: with the ports all held, new ones are refused (dropped,
         // counted) rather than given a port in use.
         for i in 0..total {
