@@ -679,40 +679,28 @@ fn end_to_end(report: &mut String, quick: bool, dir: &Path, stem: &str) {
         ),
         None => "-".into(),
     };
-    for &n in sizes {
-        for t in [Target::Local, Target::Remote] {
-            for f in [Flows::One, Flows::New] {
-                let pps = |v| find(v, n, t, f).map_or(0.0, |r| r.pps);
-                let ratio = |v| {
-                    let other = pps(v);
-                    if other > 0.0 {
-                        format!("{:.2}x", pps(Variant::Exposure) / other)
-                    } else {
-                        "-".into()
-                    }
-                };
-                let _ = writeln!(
-                    report,
-                    "| {n} | {} | {} | {} | {} | {} | {} | {} | {} |",
-                    if t == Target::Local {
-                        "local"
-                    } else {
-                        "remote"
-                    },
-                    if f == Flows::One {
-                        "one flow"
-                    } else {
-                        "new flows"
-                    },
-                    cell(find(Variant::Plain, n, t, f)),
-                    cell(find(Variant::Exposure, n, t, f)),
-                    cell(find(Variant::Iptables, n, t, f)),
-                    cell(find(Variant::Nftables, n, t, f)),
-                    ratio(Variant::Iptables),
-                    ratio(Variant::Nftables),
-                );
+    for (n, t, f) in scenarios(sizes) {
+        let pps = |v| find(v, n, t, f).map_or(0.0, |r| r.pps);
+        let ratio = |v| {
+            let other = pps(v);
+            if other > 0.0 {
+                format!("{:.2}x", pps(Variant::Exposure) / other)
+            } else {
+                "-".into()
             }
-        }
+        };
+        let _ = writeln!(
+            report,
+            "| {n} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            t.label(),
+            flows_label(f),
+            cell(find(Variant::Plain, n, t, f)),
+            cell(find(Variant::Exposure, n, t, f)),
+            cell(find(Variant::Iptables, n, t, f)),
+            cell(find(Variant::Nftables, n, t, f)),
+            ratio(Variant::Iptables),
+            ratio(Variant::Nftables),
+        );
     }
     let _ = writeln!(report, "\nGetting the Services into node-1's datapath, in the same runs: `iptables-restore` / `nft -f` of");
     let _ = writeln!(report, "the whole generated ruleset (what a full kube-proxy sync hands the kernel; kube-proxy's own");
@@ -746,45 +734,33 @@ fn end_to_end(report: &mut String, quick: bool, dir: &Path, stem: &str) {
     let _ = writeln!(report, "(Exposure sends remote-backend traffic straight back out with XDP_TX, skipping the stack).\n");
     let _ = writeln!(report, "| Services | backend | flows | Exposure | kube-proxy iptables | kube-proxy nftables | iptables ÷ Exposure |");
     let _ = writeln!(report, "| ---: | --- | --- | ---: | ---: | ---: | ---: |");
-    for &n in sizes {
-        for t in [Target::Local, Target::Remote] {
-            for f in [Flows::One, Flows::New] {
-                let pps = |v| find(v, n, t, f).map_or(0.0, |r| r.pps);
-                let plain = pps(Variant::Plain);
-                let extra = |v| {
-                    let p = pps(v);
-                    if p > 0.0 && plain > 0.0 {
-                        1e9 / p - 1e9 / plain
-                    } else {
-                        f64::NAN
-                    }
-                };
-                let (e, i, nf) = (
-                    extra(Variant::Exposure),
-                    extra(Variant::Iptables),
-                    extra(Variant::Nftables),
-                );
-                let ratio = if e > 0.0 {
-                    format!("{:.1}x", i / e)
-                } else {
-                    "Exposure below forwarding".into()
-                };
-                let _ = writeln!(
-                    report,
-                    "| {n} | {} | {} | {e:.0} ns | {i:.0} ns | {nf:.0} ns | {ratio} |",
-                    if t == Target::Local {
-                        "local"
-                    } else {
-                        "remote"
-                    },
-                    if f == Flows::One {
-                        "one flow"
-                    } else {
-                        "new flows"
-                    },
-                );
+    for (n, t, f) in scenarios(sizes) {
+        let pps = |v| find(v, n, t, f).map_or(0.0, |r| r.pps);
+        let plain = pps(Variant::Plain);
+        let extra = |v| {
+            let p = pps(v);
+            if p > 0.0 && plain > 0.0 {
+                1e9 / p - 1e9 / plain
+            } else {
+                f64::NAN
             }
-        }
+        };
+        let (e, i, nf) = (
+            extra(Variant::Exposure),
+            extra(Variant::Iptables),
+            extra(Variant::Nftables),
+        );
+        let ratio = if e > 0.0 {
+            format!("{:.1}x", i / e)
+        } else {
+            "Exposure below forwarding".into()
+        };
+        let _ = writeln!(
+            report,
+            "| {n} | {} | {} | {e:.0} ns | {i:.0} ns | {nf:.0} ns | {ratio} |",
+            t.label(),
+            flows_label(f),
+        );
     }
     let _ = writeln!(report, "\nTCP through the same node, after the UDP runs (pods now answering): new connections per second");
     let _ = writeln!(report, "(one client connecting and closing with RST, 1 s) and one connection's throughput (1 s of 256 KiB");
@@ -813,11 +789,7 @@ fn end_to_end(report: &mut String, quick: bool, dir: &Path, stem: &str) {
             let _ = writeln!(
                 report,
                 "| {n} | {} | {} | {} | {} | {} |",
-                if t == Target::Local {
-                    "local"
-                } else {
-                    "remote"
-                },
+                t.label(),
                 cell(Variant::Plain),
                 cell(Variant::Exposure),
                 cell(Variant::Iptables),
@@ -834,14 +806,7 @@ fn end_to_end(report: &mut String, quick: bool, dir: &Path, stem: &str) {
                     .map_or(0.0, |r| r.connections_per_s / 1e3)
             };
             groups.push((
-                format!(
-                    "{n} {}",
-                    if t == Target::Local {
-                        "local"
-                    } else {
-                        "remote"
-                    }
-                ),
+                format!("{n} {}", t.label()),
                 Variant::ALL.iter().map(|v| rate(*v)).collect(),
             ));
         }
@@ -862,4 +827,24 @@ fn end_to_end(report: &mut String, quick: bool, dir: &Path, stem: &str) {
     let name = format!("{stem}-end-to-end.svg");
     let _ = std::fs::write(dir.join(&name), svg);
     let _ = writeln!(report, "\n![packets/s by variant]({name})");
+}
+
+/// Every (Service count, backend, flows) the end-to-end runs cover, in report order.
+fn scenarios(
+    sizes: &[usize],
+) -> impl Iterator<Item = (usize, forwarding::Target, exposure_lab::traffic::Flows)> + '_ {
+    use exposure_lab::traffic::Flows;
+    use forwarding::Target;
+    sizes.iter().flat_map(|&n| {
+        [Target::Local, Target::Remote]
+            .into_iter()
+            .flat_map(move |t| [Flows::One, Flows::New].into_iter().map(move |f| (n, t, f)))
+    })
+}
+
+fn flows_label(f: exposure_lab::traffic::Flows) -> &'static str {
+    match f {
+        exposure_lab::traffic::Flows::One => "one flow",
+        exposure_lab::traffic::Flows::New => "new flows",
+    }
 }

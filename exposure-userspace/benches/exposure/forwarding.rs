@@ -54,6 +54,15 @@ pub enum Target {
     Remote,
 }
 
+impl Target {
+    pub fn label(self) -> &'static str {
+        match self {
+            Target::Local => "local",
+            Target::Remote => "remote",
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Run {
     pub variant: Variant,
