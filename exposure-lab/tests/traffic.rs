@@ -61,21 +61,33 @@ fn live_frames_reach_a_pod_through_a_forwarding_node() {
         .unwrap();
     let count = 100_000;
     for flows in [Flows::One, Flows::New] {
-        let gen = Generator::new(flows, &spec.build()).unwrap();
-        let before = node.run(|| counters("vp1")).unwrap().unwrap();
-        let new_before = connections(node);
-        lab.client
-            .run(move || gen.send(ifindex, count))
-            .unwrap()
-            .unwrap();
-        let after = node.run(|| counters("vp1")).unwrap().unwrap();
-        let delivered = after.tx_packets - before.tx_packets;
-        // Every packet arrives, though recycled frames come back rewritten by the node.
+        let gen = std::sync::Arc::new(Generator::new(flows, &spec.build()).unwrap());
+        // Every packet arrives, though recycled frames come back rewritten by the node. A CPU
+        // busy elsewhere (e.g. the kernel still tearing down an earlier test's namespaces) can
+        // push the path's softirqs to ksoftirqd and let the generator overrun a ring, so up to
+        // three attempts.
+        let mut results = Vec::new();
+        for _ in 0..3 {
+            let before = node.run(|| counters("vp1")).unwrap().unwrap();
+            let new_before = connections(node);
+            let g = gen.clone();
+            lab.client
+                .run(move || g.send(ifindex, count))
+                .unwrap()
+                .unwrap();
+            let after = node.run(|| counters("vp1")).unwrap().unwrap();
+            let delivered = after.tx_packets - before.tx_packets;
+            let new = connections(node) - new_before;
+            results.push((delivered, new));
+            if delivered >= count as u64 * 99 / 100 {
+                break;
+            }
+        }
+        let &(delivered, new) = results.last().unwrap();
         assert!(
             delivered >= count as u64 * 99 / 100,
-            "{flows:?}: only {delivered} of {count} reached the pod"
+            "{flows:?}: only {results:?} (delivered, new connections) of {count} reached the pod"
         );
-        let new = connections(node) - new_before;
         match flows {
             Flows::One => assert!(new <= 1, "one flow, {new} new connections"),
             Flows::New => assert!(new >= count as u64 * 9 / 10, "only {new} new connections"),
