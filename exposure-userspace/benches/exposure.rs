@@ -10,8 +10,9 @@
 //! Exposure, kube-proxy's iptables and nftables layouts and plain forwarding.
 //!
 //! Writes `bench/results/<date>.md` with SVG charts beside it and prints it. `--quick` runs the
-//! small sizes only. While working on one part: `EXPOSURE_BENCH_DATAPATH_ONLY=1` (per-packet costs
-//! at 1,000 Services) or `EXPOSURE_BENCH_E2E_ONLY=<0..3>` (one end-to-end variant at 10 Services).
+//! small sizes only. While working on one part: `EXPOSURE_BENCH_CONTROL_PLANE_ONLY=<Services>`,
+//! `EXPOSURE_BENCH_DATAPATH_ONLY=1` (per-packet costs at 1,000 Services) or
+//! `EXPOSURE_BENCH_E2E_ONLY=<0..3>` (one end-to-end variant at 10 Services).
 
 use std::{
     fmt::Write as _,
@@ -487,6 +488,18 @@ fn main() {
         return; // `cargo bench -- --list` and friends
     }
     let quick = args.iter().any(|a| a == "--quick");
+    if let Ok(n) = std::env::var("EXPOSURE_BENCH_CONTROL_PLANE_ONLY") {
+        // For working on the agent: one control-plane size alone.
+        let r = control_plane(n.parse().unwrap_or(10_000));
+        eprintln!(
+            "{} Services: synced in {}, reconcile {}, change median {}",
+            r.services,
+            ms(r.full_sync),
+            ms(r.reconcile),
+            ms(r.change_latency[r.change_latency.len() / 2])
+        );
+        return;
+    }
     if std::env::var_os("EXPOSURE_BENCH_DATAPATH_ONLY").is_some() {
         // For working on the datapath: the per-packet costs at 1,000 Services alone.
         let c = packet_costs(1_000, 200_000);
