@@ -50,7 +50,8 @@ pub mod names {
     pub const FRONTEND_STATS: &str = "FRONTEND_STATS";
     pub const AFFINITY: &str = "AFFINITY";
     pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
-    pub const ALL: [&str; 12] = [
+    pub const POD_IFACES: &str = "POD_IFACES";
+    pub const ALL: [&str; 13] = [
         FRONTENDS,
         SERVICES,
         MAGLEV,
@@ -63,6 +64,7 @@ pub mod names {
         FRONTEND_STATS,
         AFFINITY,
         SOURCE_RANGES,
+        POD_IFACES,
     ];
 }
 
@@ -121,6 +123,8 @@ pub const SERVICE_SOURCE_RANGES: u32 = 2;
 /// which the agent reads back as free after a restart).
 pub const SERVICE_IN_USE: u32 = 1 << 31;
 pub const MAX_SOURCE_RANGES: u32 = 65_536;
+/// Pod interfaces XDP may redirect to (`POD_IFACES`).
+pub const MAX_POD_IFACES: u32 = 4_096;
 
 /// `loadBalancerSourceRanges` entry data, after the LPM prefix length: the service id (always wholly
 /// inside the prefix) then the source address in wire order, so a prefix is a network prefix.
@@ -199,6 +203,9 @@ pub struct FlowKey {
 
 pub const FLOW_CLOSING: u32 = 1;
 pub const FLOW_REMOTE: u32 = 2;
+/// A local flow sent from XDP straight to the pod's interface (`ifindex`, MACs from the FIB), not
+/// through the node's stack (`--xdp-redirect-to-pods`).
+pub const FLOW_TO_POD: u32 = 16;
 
 /// Forward direction (client -> frontend), keyed by the client's [`FlowKey`].
 #[repr(C)]
@@ -255,10 +262,11 @@ pub enum Counter {
     SnatExhausted,
     Fragments,
     Malformed,
+    RedirectedToPod,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 16;
     pub const ALL: [Counter; Counter::COUNT as usize] = [
         Counter::FrontendPackets,
         Counter::NewFlows,
@@ -275,6 +283,7 @@ impl Counter {
         Counter::SnatExhausted,
         Counter::Fragments,
         Counter::Malformed,
+        Counter::RedirectedToPod,
     ];
 
     pub fn name(self) -> &'static str {
@@ -294,6 +303,7 @@ impl Counter {
             Counter::SnatExhausted => "snat_ports_exhausted",
             Counter::Fragments => "fragments_passed",
             Counter::Malformed => "malformed",
+            Counter::RedirectedToPod => "to_local_backend_redirected",
         }
     }
 }

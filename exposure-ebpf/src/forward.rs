@@ -22,6 +22,37 @@ pub struct NextHop {
     pub dmac: [u8; 6],
 }
 
+/// Asks the kernel's FIB where a packet to `daddr` goes (the answer lands in `params`); the
+/// `BPF_FIB_LKUP_RET_*` code.
+#[inline(always)]
+pub fn fib_query(
+    ctx: &XdpContext,
+    params: &mut bpf_fib_lookup,
+    daddr: &Addr,
+    proto: u8,
+    tot_len: u16,
+) -> i64 {
+    *params = unsafe { core::mem::zeroed() };
+    params.l4_protocol = proto;
+    params.__bindgen_anon_1.tot_len = tot_len;
+    params.ifindex = ctx.ingress_ifindex() as u32;
+    if daddr.is_v4() {
+        params.family = AF_INET;
+        params.__bindgen_anon_4.ipv4_dst = daddr.v4_raw();
+    } else {
+        params.family = AF_INET6;
+        params.__bindgen_anon_4.ipv6_dst = daddr.0;
+    }
+    unsafe {
+        fib_lookup(
+            ctx.as_ptr(),
+            params,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    }
+}
+
 /// Where the kernel's routing table would send a packet to `daddr` (needs a resolved neighbour).
 #[inline(always)]
 pub fn next_hop(
@@ -31,26 +62,8 @@ pub fn next_hop(
     proto: u8,
     tot_len: u16,
 ) -> Option<NextHop> {
-    *params = unsafe { core::mem::zeroed() };
     let v4 = daddr.is_v4();
-    params.l4_protocol = proto;
-    params.__bindgen_anon_1.tot_len = tot_len;
-    params.ifindex = ctx.ingress_ifindex() as u32;
-    if v4 {
-        params.family = AF_INET;
-        params.__bindgen_anon_4.ipv4_dst = daddr.v4_raw();
-    } else {
-        params.family = AF_INET6;
-        params.__bindgen_anon_4.ipv6_dst = daddr.0;
-    }
-    let rc = unsafe {
-        fib_lookup(
-            ctx.as_ptr(),
-            params,
-            core::mem::size_of::<bpf_fib_lookup>() as i32,
-            0,
-        )
-    };
+    let rc = fib_query(ctx, params, daddr, proto, tot_len);
     if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
         // The FIB filled in the next hop; leave it for the agent to resolve.
         let gateway = if v4 {

@@ -14,8 +14,8 @@ mod reject;
 use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::{
     bindings::{
-        xdp_action, BPF_ANY, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST, TC_ACT_OK,
-        TC_ACT_UNSPEC,
+        xdp_action, BPF_ANY, BPF_FIB_LKUP_RET_SUCCESS, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR,
+        BPF_NOEXIST, TC_ACT_OK, TC_ACT_UNSPEC,
     },
     helpers::bpf_ktime_get_coarse_ns,
     macros::{classifier, xdp},
@@ -25,7 +25,7 @@ use aya_log_ebpf::{debug, warn};
 use exposure_common::*;
 
 use crate::{
-    forward::{next_hop, transmit},
+    forward::{fib_query, next_hop, transmit},
     maps::*,
     nat::{rewrite, set_macs, Tuple},
     parse::*,
@@ -233,7 +233,12 @@ fn to_backend(ctx: &XdpContext, p: &Packet, fe: &Frontend) -> Result<u32, ()> {
         }
         None => match new_flow(ctx, p, fe, now) {
             Selected::Flow => match FLOWS.get_ptr_mut(&key) {
-                Some(f) => f,
+                Some(f) => {
+                    if redirect_to_pods() && unsafe { (*f).flags } & FLOW_REMOTE == 0 {
+                        to_pod(ctx, p, f);
+                    }
+                    f
+                }
                 None => return Ok(xdp_action::XDP_DROP),
             },
             refused => return refuse(ctx, p, refused),
@@ -432,6 +437,33 @@ fn new_flow(ctx: &XdpContext, p: &Packet, fe: &Frontend, now: u64) -> Selected {
     Selected::Flow
 }
 
+/// A new local flow whose pod sits behind one of `POD_IFACES`: record that interface and the MACs
+/// the FIB gives, so this and later packets skip the node's stack (as the FIB would route them, but
+/// without a second pass through the stack). Otherwise the flow stays with the kernel's routing.
+/// Not inlined, and a sibling of `new_flow` rather than its callee: the stack budget.
+#[inline(never)]
+fn to_pod(ctx: &XdpContext, p: &Packet, flow: *mut Flow) {
+    let ctx = &own_ctx(ctx);
+    let Some(s) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    let flow = unsafe { &mut *flow };
+    let fib = unsafe { &mut (*s).fib };
+    // No neighbour entry yet: the stack resolves it while it forwards this flow.
+    if fib_query(ctx, fib, &flow.backend_addr, p.proto, p.ip_len) != BPF_FIB_LKUP_RET_SUCCESS as i64
+    {
+        return;
+    }
+    // The agent never lists the node's own interfaces, so this is a pod's.
+    if POD_IFACES.get_ifindex(fib.ifindex).is_none() {
+        return;
+    }
+    flow.ifindex = fib.ifindex;
+    flow.dmac = fib.dmac;
+    flow.smac = fib.smac;
+    flow.flags |= FLOW_TO_POD;
+}
+
 /// Maglev: the flow hash picks an entry of the service's table; one array lookup, whatever the
 /// number of services and backends, and the same backend on every node.
 #[inline(always)]
@@ -545,6 +577,14 @@ fn translate_to_backend(ctx: &XdpContext, p: &Packet, flow: &Flow) -> Result<u32
         };
         rewrite(ctx, p, &to)?;
         count(Counter::ToLocal);
+        if flow.flags & FLOW_TO_POD != 0 {
+            // Falls back to the stack if the agent has since taken the interface out.
+            if let Ok(action) = POD_IFACES.redirect(flow.ifindex, xdp_action::XDP_PASS as u64) {
+                set_macs(ctx, &flow.dmac, &flow.smac)?;
+                count(Counter::RedirectedToPod);
+                return Ok(action);
+            }
+        }
         Ok(xdp_action::XDP_PASS)
     }
 }

@@ -4,7 +4,7 @@
 use aya_ebpf::{
     bindings::bpf_fib_lookup,
     macros::map,
-    maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{lpm_trie::LpmTrie, Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
 use exposure_common::*;
 
@@ -37,6 +37,20 @@ pub static SOURCE_RANGES: LpmTrie<SourceRange, u32> = LpmTrie::pinned(MAX_SOURCE
 pub static FRONTEND_STATS: PerCpuArray<Traffic> = PerCpuArray::pinned(MAX_FRONTENDS, 0);
 #[map]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(Counter::COUNT, 0);
+/// Pods' interfaces (ifindex -> ifindex) that local flows may be redirected to from XDP: filled by
+/// the agent from `--xdp-redirect-to-pods` name prefixes, else empty.
+#[map]
+pub static POD_IFACES: DevMapHash = DevMapHash::pinned(MAX_POD_IFACES, 0);
+
+/// Set at load time (`--xdp-redirect-to-pods`): new local flows ask the FIB for the pod's
+/// interface. Off, a local flow costs no FIB lookup.
+#[no_mangle]
+static REDIRECT_TO_PODS: u8 = 0;
+
+#[inline(always)]
+pub fn redirect_to_pods() -> bool {
+    unsafe { core::ptr::read_volatile(&REDIRECT_TO_PODS) != 0 }
+}
 
 /// Working space for setting up a new flow: the entries being built and the FIB query. BPF gives a
 /// program 512 bytes of stack for its whole call chain, and IPv6-sized entries don't fit there

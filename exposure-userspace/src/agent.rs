@@ -34,6 +34,8 @@ pub struct AgentConfig {
     pub xdp_mode: XdpMode,
     pub capacity: Capacity,
     pub limits: Limits,
+    /// `--xdp-redirect-to-pods`: name prefixes of pod interfaces XDP may redirect to.
+    pub pod_iface_prefixes: Vec<String>,
 }
 
 /// Housekeeping period: manifest directory checks, interface addresses, neighbour requests.
@@ -171,6 +173,19 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         }
         for (hop, ifindex) in maps.take_neighbor_misses() {
             resolve_neighbor(hop, ifindex);
+        }
+        if !cfg.pod_iface_prefixes.is_empty() {
+            // Pods come and go: their interfaces are looked up again on every tick.
+            let pod_ifaces = netdev::indexes_with_prefix(&cfg.pod_iface_prefixes, &cfg.ifaces);
+            match maps.set_pod_ifaces(&pod_ifaces) {
+                Ok(0) => {}
+                Ok(_) => {
+                    tracing::info!(count = pod_ifaces.len(), "pod interfaces for XDP redirect")
+                }
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "cannot update the pod interfaces")
+                }
+            }
         }
         let iface_addrs: Option<Vec<IpAddr>> = netdev::interfaces(&cfg.ifaces)
             .ok()

@@ -93,6 +93,8 @@ fn expected_layout(name: &str) -> Option<(u32, u32)> {
             size_of::<exposure_common::Affinity>(),
         ),
         names::FRONTEND_STATS => sz(4, std::mem::size_of::<exposure_common::Traffic>()),
+        // Key and `struct bpf_devmap_val` (ifindex, program).
+        names::POD_IFACES => sz(4, 8),
         _ => None,
     }
 }
@@ -108,6 +110,8 @@ pub struct Capacity {
     pub flows: u32,
     /// Entries of the shared Maglev array (every service's table).
     pub maglev_entries: u32,
+    /// New local flows are sent from XDP straight to the pod's interface when it is in `POD_IFACES`.
+    pub redirect_to_pods: bool,
 }
 
 impl Default for Capacity {
@@ -119,6 +123,7 @@ impl Default for Capacity {
             services: exposure_common::MAX_SERVICES,
             backends: exposure_common::MAX_BACKENDS,
             flows: exposure_common::MAX_FLOWS,
+            redirect_to_pods: false,
         }
     }
 }
@@ -132,6 +137,8 @@ impl Capacity {
             names::BACKENDS => Some(self.backends),
             names::MAGLEV => Some(self.maglev_entries),
             names::FLOWS | names::REPLIES | names::AFFINITY => Some(self.flows),
+            // Fixed by this build, but a pin from a build with fewer counters must be recreated.
+            names::STATS => Some(Counter::COUNT),
             _ => None,
         }
     }
@@ -158,6 +165,8 @@ impl Datapath {
         loader.default_map_pin_directory(pin_dir);
         // Off by default: a log statement then costs one load and compare.
         loader.override_global(aya_log::LEVEL, &capacity.bpf_log_level, true);
+        let redirect_to_pods = u8::from(capacity.redirect_to_pods);
+        loader.override_global("REDIRECT_TO_PODS", &redirect_to_pods, true);
         for name in names::ALL {
             if let Some(n) = capacity.of(name) {
                 loader.map_max_entries(name, n);
@@ -311,6 +320,7 @@ pub struct KernelMaps {
     pub frontend_stats: PerCpuArray<MapData, exposure_common::Traffic>,
     pub affinity: HashMap<MapData, exposure_common::AffinityKey, exposure_common::Affinity>,
     pub source_ranges: aya::maps::LpmTrie<MapData, exposure_common::SourceRange, u32>,
+    pub pod_ifaces: aya::maps::DevMapHash<MapData>,
 }
 
 impl KernelMaps {
@@ -336,6 +346,9 @@ impl KernelMaps {
             affinity: lru(names::AFFINITY)?.try_into()?,
             source_ranges: open_map(pin_dir, names::SOURCE_RANGES)
                 .map(Map::LpmTrie)?
+                .try_into()?,
+            pod_ifaces: open_map(pin_dir, names::POD_IFACES)
+                .map(Map::DevMapHash)?
                 .try_into()?,
         })
     }
@@ -372,6 +385,28 @@ impl KernelMaps {
             .into_iter()
             .map(|(a, ifindex)| (std::net::IpAddr::from(a), ifindex))
             .collect()
+    }
+
+    /// Makes `POD_IFACES` hold exactly `ifindexes`; returns how many entries changed.
+    pub fn set_pod_ifaces(
+        &mut self,
+        ifindexes: &std::collections::BTreeSet<u32>,
+    ) -> anyhow::Result<usize> {
+        let current: std::collections::BTreeSet<u32> =
+            self.pod_ifaces.keys().filter_map(Result::ok).collect();
+        let mut changed = 0;
+        for gone in current.difference(ifindexes) {
+            // An interface that vanished may be gone from the map already.
+            let _ = self.pod_ifaces.remove(*gone);
+            changed += 1;
+        }
+        for new in ifindexes.difference(&current) {
+            self.pod_ifaces
+                .insert(*new, *new, None, 0)
+                .with_context(|| format!("POD_IFACES[{new}]"))?;
+            changed += 1;
+        }
+        Ok(changed)
     }
 
     pub fn flow_count(&self) -> usize {

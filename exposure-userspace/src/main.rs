@@ -45,6 +45,8 @@ enum Mode {
 }
 
 #[derive(Subcommand)]
+// Parsed once at start: the agent's many flags needn't be boxed.
+#[allow(clippy::large_enum_variant)]
 enum Command {
     /// Run the agent: attach the datapath to the interfaces and keep the maps in sync.
     Agent {
@@ -97,6 +99,12 @@ enum Command {
         max_flows: u32,
         #[arg(long, value_enum, default_value = "auto")]
         xdp_mode: Mode,
+        /// Send local pods' traffic from XDP straight to the pod's interface, skipping the node's
+        /// stack, when the route to the pod leaves through an interface whose name starts with
+        /// PREFIX (repeatable; e.g. `lxc`, `cali`). The pod side of each such veth must run NAPI (GRO
+        /// on, or an XDP program), or the kernel drops the redirected frames. Off by default.
+        #[arg(long = "xdp-redirect-to-pods", value_name = "PREFIX")]
+        pod_iface_prefixes: Vec<String>,
     },
     /// Print services, frontends and backends from the pinned maps.
     Status {
@@ -153,6 +161,7 @@ fn main() -> anyhow::Result<()> {
             bpf_log_level,
             max_maglev_entries,
             maglev_max_table_size,
+            pod_iface_prefixes,
         } => {
             let cfg = agent::AgentConfig {
                 ifaces,
@@ -166,7 +175,9 @@ fn main() -> anyhow::Result<()> {
                     backends: max_backends,
                     flows: max_flows,
                     maglev_entries: max_maglev_entries,
+                    redirect_to_pods: !pod_iface_prefixes.is_empty(),
                 },
+                pod_iface_prefixes,
                 limits: exposure::sync::Limits {
                     frontends: max_frontends,
                     services: max_services,

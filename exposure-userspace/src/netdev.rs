@@ -60,6 +60,25 @@ pub fn interfaces(names: &[String]) -> anyhow::Result<Vec<Interface>> {
         .collect()
 }
 
+/// Indexes of the interfaces whose names start with one of `prefixes`, except those in `exclude`
+/// (the node's own, where the XDP program runs).
+pub fn indexes_with_prefix(
+    prefixes: &[String],
+    exclude: &[String],
+) -> std::collections::BTreeSet<u32> {
+    let Ok(all) = nix::net::if_::if_nameindex() else {
+        return Default::default();
+    };
+    all.iter()
+        .filter_map(|i| {
+            let name = i.name().to_str().ok()?;
+            let wanted = prefixes.iter().any(|p| name.starts_with(p.as_str()))
+                && !exclude.iter().any(|e| e == name);
+            wanted.then_some(i.index())
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::Ipv4Addr;
@@ -73,5 +92,14 @@ mod tests {
         assert!(lo[0].index > 0);
         let err = interfaces(&["no-such-if0".to_string()]).unwrap_err();
         assert!(format!("{err:#}").contains("no-such-if0"));
+    }
+
+    #[test]
+    fn pod_interfaces_by_prefix_leave_out_the_nodes_own() {
+        let lo = nix::net::if_::if_nametoindex("lo").expect("lo exists");
+        let prefixes = ["l".to_string()];
+        assert!(indexes_with_prefix(&prefixes, &[]).contains(&lo));
+        assert!(!indexes_with_prefix(&prefixes, &["lo".to_string()]).contains(&lo));
+        assert!(!indexes_with_prefix(&["no-such-".to_string()], &[]).contains(&lo));
     }
 }

@@ -21,6 +21,8 @@ const BIN: &str = env!("CARGO_BIN_EXE_exposure");
 
 struct Cluster {
     agents: Vec<Agent>,
+    /// Extra flags for every agent.
+    agent_flags: Vec<String>,
     _servers: Vec<Server>,
     manifests: PathBuf,
     log_dir: PathBuf,
@@ -39,6 +41,11 @@ impl Cluster {
     /// A lab with `pods[i]` pods on node i (each serving TCP+UDP on 50000), the given manifest files,
     /// and an agent on every node.
     fn start(pods: &[usize], files: &[(&str, String)]) -> Cluster {
+        Self::start_with(pods, files, &[])
+    }
+
+    /// [`Cluster::start`] with extra flags for every agent.
+    fn start_with(pods: &[usize], files: &[(&str, String)], agent_flags: &[&str]) -> Cluster {
         let prefix = unique_prefix("e");
         let lab = Lab::new(&prefix, pods).expect("lab");
         let servers = lab
@@ -53,6 +60,7 @@ impl Cluster {
         }
         let mut cluster = Cluster {
             agents: Vec::new(),
+            agent_flags: agent_flags.iter().map(|f| f.to_string()).collect(),
             _servers: servers,
             manifests,
             log_dir: base,
@@ -66,14 +74,20 @@ impl Cluster {
 
     fn start_agent(&mut self, n: usize) {
         let source = Source::Manifests(&self.manifests);
-        let agent = Agent::start(
+        let flags: Vec<&str> = self.agent_flags.iter().map(String::as_str).collect();
+        let node = &self.lab.nodes[n];
+        let mut agent = Agent::spawn_with(
             Path::new(BIN),
             &self.lab.prefix,
-            &self.lab.nodes[n],
+            node,
             &source,
             &self.log_dir,
+            &flags,
         )
-        .expect("agent starts and reports healthy");
+        .expect("agent starts");
+        agent
+            .wait_healthy(node)
+            .expect("agent starts and reports healthy");
         if n < self.agents.len() {
             self.agents[n] = agent;
         } else {
@@ -703,6 +717,49 @@ fn agent_counter(c: &Cluster, event: &str) -> f64 {
         .find_map(|l| l.strip_prefix(&prefix))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0)
+}
+
+#[test]
+fn xdp_redirect_to_pods_serves_local_pods_past_the_nodes_stack() {
+    let pods = all_pods(&[2, 1]);
+    let eps: Vec<(Ipv4Addr, &str)> = pods.iter().map(|(ip, n)| (*ip, n.as_str())).collect();
+    let ports = "  - {name: tcp, protocol: TCP, port: 7, targetPort: 50000, nodePort: 30700}\n  - {name: udp, protocol: UDP, port: 7, targetPort: 50000, nodePort: 30700}\n";
+    let manifest = service("echo", "NodePort", ports, "")
+        + "---\n"
+        + &slice(
+            "echo",
+            "- {name: tcp, protocol: TCP, port: 50000}\n- {name: udp, protocol: UDP, port: 50000}\n",
+            &eps,
+        );
+    let c = Cluster::start_with(
+        &[2, 1],
+        &[("echo.yaml", manifest)],
+        &["--xdp-redirect-to-pods", "vp"],
+    );
+    // Redirected frames need the pod side of the veth to run NAPI (here: GRO on).
+    for (_, pod) in c.lab.pods() {
+        pod.ns
+            .exec("ethtool", &["-K", "eth0", "gro", "on"])
+            .expect("ethtool");
+    }
+    let everyone = pods_named(&["pod-1-1", "pod-1-2", "pod-2-1"]);
+    let (tcp, seen) = c.tcp_spread(c.node(0, 30700), 60);
+    assert_eq!(tcp, everyone);
+    assert_eq!(
+        seen,
+        BTreeSet::from([CLIENT, IpAddr::V4(c.lab.nodes[0].ip)]),
+        "local pods still see the client"
+    );
+    assert_eq!(c.udp_spread(c.node(0, 30700), 40), everyone);
+    // The first flows may go through the stack while the node learns the pods' neighbours; later
+    // ones are sent straight to the pods' interfaces.
+    c.eventually("local flows redirected to the pods' interfaces", || {
+        c.udp_spread(c.node(0, 30700), 10);
+        agent_counter(&c, "to_local_backend_redirected") >= 1.0
+    });
+    assert!(c.agents[0]
+        .log_text()
+        .contains("pod interfaces for XDP redirect"));
 }
 
 #[test]

@@ -18,7 +18,9 @@ use exposure::{
     },
     sync::{DatapathMaps as _, Limits, Reconciler},
 };
-use exposure_common::{Counter, FlowKey, FLOW_CLOSING, FLOW_REMOTE, SNAT_PORT_MAX, SNAT_PORT_MIN};
+use exposure_common::{
+    Counter, FlowKey, FLOW_CLOSING, FLOW_REMOTE, FLOW_TO_POD, SNAT_PORT_MAX, SNAT_PORT_MIN,
+};
 use exposure_lab::{
     frame::{self, FrameSpec, ACK, RST, SYN, TCP, UDP},
     netns::{unique_prefix, Netns},
@@ -27,6 +29,7 @@ use exposure_lab::{
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
+const XDP_REDIRECT: u32 = 4;
 const TC_ACT_OK: u32 = 0;
 
 const NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
@@ -36,6 +39,8 @@ const LB: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 1);
 const LOCAL_POD: Ipv4Addr = Ipv4Addr::new(198, 19, 1, 2);
 const REMOTE_POD: Ipv4Addr = Ipv4Addr::new(198, 19, 2, 2);
 const NODE_PORT: u16 = 30600;
+/// The local pod's MAC, as the node's neighbour table has it (on the pod's interface `lxc1`).
+const LOCAL_POD_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x42];
 // IPv6 (the 2001:2::/48 benchmarking range): the same roles.
 const NODE6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 0x10);
 const PEER_NODE6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 0x20);
@@ -53,6 +58,9 @@ struct Harness {
     node_mac: [u8; 6],
     peer_mac: [u8; 6],
     pin_dir: PathBuf,
+    /// The node side of the local pod's veth (`lxc1`), the route to LOCAL_POD.
+    pod_ifindex: u32,
+    pod_iface_mac: [u8; 6],
 }
 
 /// Removes a test's pins, also when loading failed before there was a harness.
@@ -70,6 +78,19 @@ fn with_datapath(test: impl FnOnce(&mut Harness) + Send + 'static) {
 }
 
 fn with_datapath_logging(bpf_log_level: u8, test: impl FnOnce(&mut Harness) + Send + 'static) {
+    with_datapath_config(
+        exposure::datapath::Capacity {
+            bpf_log_level,
+            ..Default::default()
+        },
+        test,
+    )
+}
+
+fn with_datapath_config(
+    capacity: exposure::datapath::Capacity,
+    test: impl FnOnce(&mut Harness) + Send + 'static,
+) {
     let prefix = unique_prefix("p");
     let node = Netns::create(&format!("{prefix}-node")).unwrap();
     let peer = Netns::create(&format!("{prefix}-peer")).unwrap();
@@ -98,18 +119,31 @@ fn with_datapath_logging(bpf_log_level: u8, test: impl FnOnce(&mut Harness) + Se
         node.exec("ping", &["-c", "1", "-W", "2", &peer_ip])
             .unwrap();
     }
+    // The local pod's interface: routed and with a known neighbour, as a CNI sets it up.
+    node.ip("link add lxc1 type veth peer name lxc1p").unwrap();
+    node.ip("link set lxc1 up").unwrap();
+    node.ip("link set lxc1p up").unwrap();
+    node.ip(&format!("route add {LOCAL_POD}/32 dev lxc1"))
+        .unwrap();
+    let pod_mac = LOCAL_POD_MAC
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    node.ip(&format!(
+        "neigh add {LOCAL_POD} lladdr {pod_mac} dev lxc1 nud permanent"
+    ))
+    .unwrap();
+    let pod_iface_mac = node.mac("lxc1").unwrap();
     let node_mac = node.mac("eth0").unwrap();
     let peer_mac = peer.mac("eth0").unwrap();
     let pins = PinDir(PathBuf::from(format!("/sys/fs/bpf/{prefix}")));
     let pin_dir = pins.0.clone();
     node.run(move || {
-        let capacity = exposure::datapath::Capacity {
-            bpf_log_level,
-            ..Default::default()
-        };
         let dp = Datapath::load_with(&pin_dir, capacity).expect("load datapath");
         let mut maps = KernelMaps::open(&pin_dir).expect("open maps");
         let ifindex = nix::net::if_::if_nametoindex("eth0").expect("eth0");
+        let pod_ifindex = nix::net::if_::if_nametoindex("lxc1").expect("lxc1");
         maps.set_node_addr(ifindex, NODE.into()).unwrap();
         maps.set_node_addr(ifindex, NODE6.into()).unwrap();
         let reconciler = Reconciler::restore(maps.snapshot().unwrap(), Limits::default());
@@ -121,6 +155,8 @@ fn with_datapath_logging(bpf_log_level: u8, test: impl FnOnce(&mut Harness) + Se
             node_mac,
             peer_mac,
             pin_dir,
+            pod_ifindex,
+            pod_iface_mac,
         };
         test(&mut h);
     })
@@ -260,6 +296,8 @@ fn assert_checksums(p: &frame::Parsed) {
 fn tcp_to_local_backend_is_dnated_and_passed_up() {
     with_datapath(|h| {
         h.program(&hello(&[(LOCAL_POD, true)]));
+        // Without --xdp-redirect-to-pods a listed pod interface changes nothing.
+        h.maps.set_pod_ifaces(&[h.pod_ifindex].into()).unwrap();
         let input = FrameSpec::tcp((CLIENT, 40000), (NODE, NODE_PORT), SYN).build();
         let (verdict, out) = h.xdp(&input);
         assert_eq!(verdict, XDP_PASS);
@@ -281,6 +319,59 @@ fn tcp_to_local_backend_is_dnated_and_passed_up() {
             .expect("flow tracked");
         assert_eq!(flow.flags & FLOW_REMOTE, 0);
         assert_eq!(h.counter(Counter::ToLocal), 1);
+    });
+}
+
+#[test]
+fn local_flows_go_straight_to_a_listed_pod_interface() {
+    let capacity = exposure::datapath::Capacity {
+        redirect_to_pods: true,
+        ..Default::default()
+    };
+    with_datapath_config(capacity, |h| {
+        h.program(&hello(&[(LOCAL_POD, true)]));
+        // lxc1 not listed yet: the kernel routes the flow, as without the option.
+        let stack = FrameSpec::tcp((CLIENT, 40000), (NODE, NODE_PORT), SYN).build();
+        let (verdict, out) = h.xdp(&stack);
+        assert_eq!(verdict, XDP_PASS);
+        assert_eq!(out[..12], stack[..12], "MACs untouched");
+
+        assert_eq!(h.maps.set_pod_ifaces(&[h.pod_ifindex].into()).unwrap(), 1);
+        for flags in [SYN, ACK] {
+            let input = FrameSpec::tcp((CLIENT, 40001), (NODE, NODE_PORT), flags).build();
+            let (verdict, out) = h.xdp(&input);
+            assert_eq!(verdict, XDP_REDIRECT, "flags {flags:#x}");
+            let p = frame::parse(&out).unwrap();
+            assert_eq!(
+                (p.src, p.sport),
+                (CLIENT, 40001),
+                "client address preserved"
+            );
+            assert_eq!((p.dst, p.dport), (LOCAL_POD, 50000));
+            assert_checksums(&p);
+            assert_eq!(out[..6], LOCAL_POD_MAC, "to the pod's MAC");
+            assert_eq!(out[6..12], h.pod_iface_mac, "from the pod interface's MAC");
+        }
+        let flow = h
+            .flow((CLIENT, 40001), (NODE, NODE_PORT), TCP)
+            .expect("flow tracked");
+        assert_ne!(flow.flags & FLOW_TO_POD, 0);
+        assert_eq!(flow.ifindex, h.pod_ifindex);
+        assert_eq!(h.counter(Counter::RedirectedToPod), 2);
+        assert_eq!(h.counter(Counter::ToLocal), 3);
+
+        // The flow that started before lxc1 was listed stays with the kernel's routing.
+        let input = FrameSpec::tcp((CLIENT, 40000), (NODE, NODE_PORT), ACK).build();
+        assert_eq!(h.xdp(&input).0, XDP_PASS);
+
+        // Interface taken out (the pod is gone): its flows fall back to the stack, MACs untouched.
+        assert_eq!(h.maps.set_pod_ifaces(&Default::default()).unwrap(), 1);
+        let input = FrameSpec::tcp((CLIENT, 40001), (NODE, NODE_PORT), ACK).build();
+        let (verdict, out) = h.xdp(&input);
+        assert_eq!(verdict, XDP_PASS);
+        assert_eq!(out[..12], input[..12]);
+        assert_eq!(frame::parse(&out).unwrap().dst, LOCAL_POD);
+        assert_eq!(h.counter(Counter::RedirectedToPod), 2);
     });
 }
 
@@ -893,6 +984,8 @@ fn independent_nodes_pick_the_same_backend_for_a_flow() {
             node_mac: h.node_mac,
             peer_mac: h.peer_mac,
             pin_dir,
+            pod_ifindex: h.pod_ifindex,
+            pod_iface_mac: h.pod_iface_mac,
         };
         let pods: Vec<(Ipv4Addr, bool)> = (2..9)
             .map(|i| (Ipv4Addr::new(198, 19, 1, i), true))
