@@ -115,3 +115,75 @@ pub fn attach_returning(ns: &Netns, ifname: &str, action: u8) -> anyhow::Result<
         }
     })?
 }
+
+/// One BPF instruction: opcode, registers, offset, immediate.
+fn insn(op: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
+    let [o0, o1] = off.to_le_bytes();
+    let [i0, i1, i2, i3] = imm.to_le_bytes();
+    u64::from_le_bytes([op, dst | src << 4, o0, o1, i0, i1, i2, i3])
+}
+
+/// An L2 switch in XDP: a frame whose destination MAC is one of `ports`' sends it to that
+/// interface with `bpf_redirect` (as XDP frames: no skb); anything else (broadcast, unknown) passes
+/// to the stack, i.e. the bridge.
+pub fn load_switch(ports: &[([u8; 6], u32)]) -> anyhow::Result<OwnedFd> {
+    const LDXW: u8 = 0x61;
+    const LDXH: u8 = 0x69;
+    const MOV_REG: u8 = 0xbf;
+    const MOV_IMM: u8 = 0xb7;
+    const ADD_IMM: u8 = 0x07;
+    const JGT_REG: u8 = 0x2d;
+    const JNE32_IMM: u8 = 0x56;
+    const CALL: u8 = 0x85;
+    const EXIT: u8 = 0x95;
+    const BPF_FUNC_REDIRECT: i32 = 23;
+    // Each rule: two compares, three moves/call, exit.
+    const RULE: i16 = 6;
+    let rules = ports.len() as i16;
+    let mut p = vec![
+        insn(LDXW, 2, 1, 0, 0), // r2 = data
+        insn(LDXW, 3, 1, 4, 0), // r3 = data_end
+        insn(MOV_REG, 4, 2, 0, 0),
+        insn(ADD_IMM, 4, 0, 0, 6),
+        insn(JGT_REG, 4, 3, 2 + rules * RULE, 0), // shorter than a MAC: pass
+        insn(LDXW, 5, 2, 0, 0),                   // r5 = dst MAC bytes 0..4
+        insn(LDXH, 6, 2, 4, 0),                   // r6 = dst MAC bytes 4..6
+    ];
+    for (mac, ifindex) in ports {
+        let head = i32::from_le_bytes([mac[0], mac[1], mac[2], mac[3]]);
+        let tail = u16::from_le_bytes([mac[4], mac[5]]) as i32;
+        p.extend([
+            insn(JNE32_IMM, 5, 0, RULE - 1, head),
+            insn(JNE32_IMM, 6, 0, RULE - 2, tail),
+            insn(MOV_IMM, 1, 0, 0, *ifindex as i32),
+            insn(MOV_IMM, 2, 0, 0, 0),
+            insn(CALL, 0, 0, 0, BPF_FUNC_REDIRECT),
+            insn(EXIT, 0, 0, 0, 0),
+        ]);
+    }
+    p.extend([
+        insn(MOV_IMM, 0, 0, 0, XDP_PASS as i32),
+        insn(EXIT, 0, 0, 0, 0),
+    ]);
+    load_insns(&p).context("loading the XDP switch")
+}
+
+/// Attaches [`load_switch`]`(ports)` to `ifname` in `ns`; detached when the link fd is dropped.
+pub fn attach_switch(
+    ns: &Netns,
+    ifname: &str,
+    ports: &[([u8; 6], u32)],
+) -> anyhow::Result<OwnedFd> {
+    let ifname = ifname.to_string();
+    let ports = ports.to_vec();
+    ns.run(move || -> anyhow::Result<OwnedFd> {
+        let prog = load_switch(&ports)?;
+        let ifindex = nix::net::if_::if_nametoindex(ifname.as_str())
+            .with_context(|| format!("no interface {ifname}"))?;
+        let mut attr = [0u64; 16];
+        attr[0] = prog.as_raw_fd() as u64 | (ifindex as u64) << 32;
+        attr[1] = BPF_XDP as u64;
+        bpf(BPF_LINK_CREATE, &mut attr)
+            .with_context(|| format!("attaching the XDP switch to {ifname}"))
+    })?
+}

@@ -546,7 +546,8 @@ fn main() {
     }
     if let Ok(v) = std::env::var("EXPOSURE_BENCH_E2E_ONLY") {
         // For working on the end-to-end part alone: `EXPOSURE_BENCH_E2E_ONLY=<variant number>`.
-        let variant = forwarding::Variant::ALL[v.parse::<usize>().unwrap_or(1) % 4];
+        let variant = forwarding::Variant::ALL
+            [v.parse::<usize>().unwrap_or(1) % forwarding::Variant::ALL.len()];
         let (runs, tcp) = forwarding::measure(variant, 10, 300_000, Path::new(BIN));
         for r in runs {
             eprintln!("{r:?}");
@@ -750,16 +751,20 @@ fn end_to_end(report: &mut String, quick: bool, dir: &Path, stem: &str) {
     let _ = writeln!(report, "The N Services are the two targets plus LoadBalancer fillers with one endpoint each. *One flow*: every");
     let _ = writeln!(report, "packet the same (an established flow); *new flows*: a random source address and port per packet.");
     let _ = writeln!(report, "kube-proxy's rules are generated in its own layouts (`exposure-lab/src/kube_proxy.rs`); plain");
-    let _ = writeln!(report, "forwarding sends to the pod address with no Service at all. The whole path runs on one CPU in");
-    let _ = writeln!(report, "softirq, so 1/(packets/s) is its cost per packet, and the difference to plain forwarding is the");
+    let _ = writeln!(report, "forwarding sends to the pod address with no Service at all. *Exposure, redirect* runs the agent");
+    let _ = writeln!(report, "with `--xdp-redirect-to-pods vp`: local pods' packets go from XDP straight to the pod's veth (its");
+    let _ = writeln!(report, "pod side runs NAPI, as that mode requires), skipping node-1's stack. The LAN switches frames in");
+    let _ = writeln!(report, "XDP (`Lab::fast_lan`), so they reach the nodes as from a NIC, before any skb exists, and the");
+    let _ = writeln!(report, "nodes' ends have GRO on. The whole path runs on one CPU in softirq, so 1/(packets/s) is its cost");
+    let _ = writeln!(report, "per packet, and the difference to plain forwarding is the Service translation's. Thousands of");
     let _ = writeln!(
         report,
-        "Service translation's. Thousands of packets/s; below 99% delivered the share is shown.\n"
+        "packets/s; below 99% delivered the share is shown.\n"
     );
-    let _ = writeln!(report, "| Services | backend | flows | plain forwarding | Exposure | kube-proxy iptables | kube-proxy nftables | Exposure ÷ iptables | Exposure ÷ nftables |");
+    let _ = writeln!(report, "| Services | backend | flows | plain forwarding | Exposure | Exposure, redirect | kube-proxy iptables | kube-proxy nftables | Exposure ÷ iptables | Exposure, redirect ÷ iptables | Exposure ÷ nftables |");
     let _ = writeln!(
         report,
-        "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     let find = |v: Variant, n: usize, t: Target, f: Flows| {
         runs.iter()
@@ -776,25 +781,27 @@ fn end_to_end(report: &mut String, quick: bool, dir: &Path, stem: &str) {
     };
     for (n, t, f) in scenarios(sizes) {
         let pps = |v| find(v, n, t, f).map_or(0.0, |r| r.pps);
-        let ratio = |v| {
+        let ratio = |ours, v| {
             let other = pps(v);
             if other > 0.0 {
-                format!("{:.2}x", pps(Variant::Exposure) / other)
+                format!("{:.2}x", pps(ours) / other)
             } else {
                 "-".into()
             }
         };
         let _ = writeln!(
             report,
-            "| {n} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {n} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             t.label(),
             flows_label(f),
             cell(find(Variant::Plain, n, t, f)),
             cell(find(Variant::Exposure, n, t, f)),
+            cell(find(Variant::ExposureRedirect, n, t, f)),
             cell(find(Variant::Iptables, n, t, f)),
             cell(find(Variant::Nftables, n, t, f)),
-            ratio(Variant::Iptables),
-            ratio(Variant::Nftables),
+            ratio(Variant::Exposure, Variant::Iptables),
+            ratio(Variant::ExposureRedirect, Variant::Iptables),
+            ratio(Variant::Exposure, Variant::Nftables),
         );
     }
     let _ = writeln!(report, "\nGetting the Services into node-1's datapath, in the same runs: `iptables-restore` / `nft -f` of");
@@ -826,9 +833,16 @@ fn end_to_end(report: &mut String, quick: bool, dir: &Path, stem: &str) {
     // What the node adds per packet over plain forwarding: the translation's own cost.
     let _ = writeln!(report, "\nThe same runs as nanoseconds per packet above plain forwarding (1/rate − 1/plain rate): what the");
     let _ = writeln!(report, "Service translation costs the node. Negative: faster than the kernel forwarding the packet itself");
-    let _ = writeln!(report, "(Exposure sends remote-backend traffic straight back out with XDP_TX, skipping the stack).\n");
-    let _ = writeln!(report, "| Services | backend | flows | Exposure | kube-proxy iptables | kube-proxy nftables | iptables ÷ Exposure |");
-    let _ = writeln!(report, "| ---: | --- | --- | ---: | ---: | ---: | ---: |");
+    let _ = writeln!(report, "(Exposure sends remote-backend traffic straight back out with XDP_TX, and with redirect local");
+    let _ = writeln!(
+        report,
+        "pods' traffic straight to the pod, skipping the stack).\n"
+    );
+    let _ = writeln!(report, "| Services | backend | flows | Exposure | Exposure, redirect | kube-proxy iptables | kube-proxy nftables | iptables ÷ Exposure |");
+    let _ = writeln!(
+        report,
+        "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |"
+    );
     for (n, t, f) in scenarios(sizes) {
         let pps = |v| find(v, n, t, f).map_or(0.0, |r| r.pps);
         let plain = pps(Variant::Plain);
@@ -840,8 +854,9 @@ fn end_to_end(report: &mut String, quick: bool, dir: &Path, stem: &str) {
                 f64::NAN
             }
         };
-        let (e, i, nf) = (
+        let (e, er, i, nf) = (
             extra(Variant::Exposure),
+            extra(Variant::ExposureRedirect),
             extra(Variant::Iptables),
             extra(Variant::Nftables),
         );
@@ -852,7 +867,7 @@ fn end_to_end(report: &mut String, quick: bool, dir: &Path, stem: &str) {
         };
         let _ = writeln!(
             report,
-            "| {n} | {} | {} | {e:.0} ns | {i:.0} ns | {nf:.0} ns | {ratio} |",
+            "| {n} | {} | {} | {e:.0} ns | {er:.0} ns | {i:.0} ns | {nf:.0} ns | {ratio} |",
             t.label(),
             flows_label(f),
         );
@@ -863,8 +878,8 @@ fn end_to_end(report: &mut String, quick: bool, dir: &Path, stem: &str) {
         report,
         "writes; segmentation offload makes this insensitive to per-packet cost).\n"
     );
-    let _ = writeln!(report, "| Services | backend | plain forwarding | Exposure | kube-proxy iptables | kube-proxy nftables |");
-    let _ = writeln!(report, "| ---: | --- | ---: | ---: | ---: | ---: |");
+    let _ = writeln!(report, "| Services | backend | plain forwarding | Exposure | Exposure, redirect | kube-proxy iptables | kube-proxy nftables |");
+    let _ = writeln!(report, "| ---: | --- | ---: | ---: | ---: | ---: | ---: |");
     for &n in sizes {
         for t in [Target::Local, Target::Remote] {
             let cell = |v: Variant| {
@@ -883,10 +898,11 @@ fn end_to_end(report: &mut String, quick: bool, dir: &Path, stem: &str) {
             };
             let _ = writeln!(
                 report,
-                "| {n} | {} | {} | {} | {} | {} |",
+                "| {n} | {} | {} | {} | {} | {} | {} |",
                 t.label(),
                 cell(Variant::Plain),
                 cell(Variant::Exposure),
+                cell(Variant::ExposureRedirect),
                 cell(Variant::Iptables),
                 cell(Variant::Nftables),
             );

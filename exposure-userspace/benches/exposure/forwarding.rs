@@ -26,14 +26,17 @@ use exposure_lab::{
 pub enum Variant {
     Plain,
     Exposure,
+    /// Exposure with `--xdp-redirect-to-pods`: local pods' traffic skips node-1's stack.
+    ExposureRedirect,
     Iptables,
     Nftables,
 }
 
 impl Variant {
-    pub const ALL: [Variant; 4] = [
+    pub const ALL: [Variant; 5] = [
         Variant::Plain,
         Variant::Exposure,
+        Variant::ExposureRedirect,
         Variant::Iptables,
         Variant::Nftables,
     ];
@@ -42,6 +45,7 @@ impl Variant {
         match self {
             Variant::Plain => "plain forwarding",
             Variant::Exposure => "Exposure",
+            Variant::ExposureRedirect => "Exposure, XDP redirect to pods",
             Variant::Iptables => "kube-proxy iptables",
             Variant::Nftables => "kube-proxy nftables",
         }
@@ -154,8 +158,8 @@ fn set_up(lab: &Lab, variant: Variant, svcs: &[ServicePort], bin: &Path) -> Setu
         sinks: Vec::new(),
         dir: dir.clone(),
     };
-    // XDP_TX from the client's veth needs an XDP program on its peer; the pods drop in XDP.
-    setup._links.push(xdp_pass::attach(&lab.lan, "c0").unwrap());
+    // The pods drop in XDP. (XDP_TX from the client's veth needs an XDP program on its peer: the
+    // LAN's switch, see `Lab::fast_lan`.)
     for node in &lab.nodes {
         let pod = &node.pods[0];
         setup
@@ -181,7 +185,20 @@ fn set_up(lab: &Lab, variant: Variant, svcs: &[ServicePort], bin: &Path) -> Setu
                 .ip(&format!("route add 198.19.0.0/16 via {}", lab.nodes[0].ip))
                 .unwrap();
         }
-        Variant::Exposure => {
+        Variant::Exposure | Variant::ExposureRedirect => {
+            let redirect = variant == Variant::ExposureRedirect;
+            let flags: &[&str] = if redirect {
+                // The mode's requirement: the pod side runs NAPI also once the sinks are gone.
+                for node in &lab.nodes {
+                    node.pods[0]
+                        .ns
+                        .exec("ethtool", &["-K", "eth0", "gro", "on"])
+                        .unwrap();
+                }
+                &["--xdp-redirect-to-pods", "vp"]
+            } else {
+                &[]
+            };
             let manifests = dir.join("manifests");
             std::fs::create_dir_all(&manifests).unwrap();
             std::fs::write(
@@ -191,13 +208,22 @@ fn set_up(lab: &Lab, variant: Variant, svcs: &[ServicePort], bin: &Path) -> Setu
             .unwrap();
             for node in &lab.nodes {
                 let started = std::time::Instant::now();
-                setup._agents.push(
-                    Agent::start(bin, &lab.prefix, node, &Source::Manifests(&manifests), &dir)
-                        .unwrap(),
-                );
+                let source = Source::Manifests(&manifests);
+                let mut agent =
+                    Agent::spawn_with(bin, &lab.prefix, node, &source, &dir, flags).unwrap();
+                agent.wait_healthy(node).unwrap();
                 if setup.programming.is_zero() {
                     setup.programming = started.elapsed();
                 }
+                // Flows started before the agent lists the pods' interfaces stay with the stack.
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+                while redirect
+                    && !agent.log_text().contains("pod interfaces for XDP redirect")
+                    && std::time::Instant::now() < deadline
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                setup._agents.push(agent);
             }
         }
         Variant::Iptables => {
@@ -246,7 +272,8 @@ pub fn measure(variant: Variant, n: usize, packets: u32, bin: &Path) -> (Vec<Run
     // competing for the CPU pushes softirqs to ksoftirqd and the generator overruns rings.
     std::thread::sleep(std::time::Duration::from_secs(3));
     let prefix = unique_prefix("f");
-    let lab = Lab::new(&prefix, &[1, 1]).expect("lab");
+    let mut lab = Lab::new(&prefix, &[1, 1]).expect("lab");
+    lab.fast_lan().expect("XDP switching on the LAN");
     let svcs = services(&lab, n);
     let setup = set_up(&lab, variant, &svcs, bin);
     let client_mac = lab.client.mac("eth0").unwrap();
