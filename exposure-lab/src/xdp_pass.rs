@@ -187,3 +187,67 @@ pub fn attach_switch(
             .with_context(|| format!("attaching the XDP switch to {ifname}"))
     })?
 }
+
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
+
+/// What one connection-tracking lookup costs at least: an XDP program that looks up a 40-byte key
+/// (the size of a flow key with IPv6-sized addresses) in a one-entry LRU hash map and returns
+/// XDP_PASS when found, XDP_DROP when not. Returns the program and its map.
+pub fn load_one_lookup() -> anyhow::Result<(OwnedFd, OwnedFd)> {
+    const KEY: usize = 40;
+    let mut attr = [0u64; 16];
+    attr[0] = BPF_MAP_TYPE_LRU_HASH as u64 | (KEY as u64) << 32; // map_type, key_size
+    attr[1] = 8 | 1 << 32; // value_size, max_entries
+    let map = bpf(BPF_MAP_CREATE, &mut attr).context("creating the lookup map")?;
+    let (key, value) = ([0u8; KEY], [0u8; 8]);
+    let mut attr = [0u64; 16];
+    attr[0] = map.as_raw_fd() as u64;
+    attr[1] = key.as_ptr() as u64;
+    attr[2] = value.as_ptr() as u64;
+    bpf_cmd(BPF_MAP_UPDATE_ELEM, &mut attr).context("filling the lookup map")?;
+    const ST_DW: u8 = 0x7a;
+    const MOV_REG: u8 = 0xbf;
+    const MOV_IMM: u8 = 0xb7;
+    const ADD_IMM: u8 = 0x07;
+    const LD_IMM64: u8 = 0x18;
+    const PSEUDO_MAP_FD: u8 = 1;
+    const JEQ_IMM: u8 = 0x15;
+    const CALL: u8 = 0x85;
+    const EXIT: u8 = 0x95;
+    const BPF_FUNC_MAP_LOOKUP_ELEM: i32 = 1;
+    let mut p: Vec<u64> = (1..=KEY as i16 / 8)
+        .map(|i| insn(ST_DW, 10, 0, -8 * i, 0)) // the key: zeros on the stack
+        .collect();
+    p.extend([
+        insn(MOV_REG, 2, 10, 0, 0),
+        insn(ADD_IMM, 2, 0, 0, -(KEY as i32)),
+        insn(LD_IMM64, 1, PSEUDO_MAP_FD, 0, map.as_raw_fd()),
+        0,
+        insn(CALL, 0, 0, 0, BPF_FUNC_MAP_LOOKUP_ELEM),
+        insn(JEQ_IMM, 0, 0, 2, 0),
+        insn(MOV_IMM, 0, 0, 0, XDP_PASS as i32),
+        insn(EXIT, 0, 0, 0, 0),
+        insn(MOV_IMM, 0, 0, 0, XDP_DROP as i32),
+        insn(EXIT, 0, 0, 0, 0),
+    ]);
+    let prog = load_insns(&p).context("loading the one-lookup program")?;
+    Ok((prog, map))
+}
+
+/// A `bpf()` command that returns 0 rather than a file descriptor.
+fn bpf_cmd(cmd: libc::c_long, attr: &mut [u64; 16]) -> std::io::Result<()> {
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(attr),
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}

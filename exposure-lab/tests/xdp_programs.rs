@@ -1,7 +1,8 @@
-//! The benchmarks' XDP-switched LAN: unicast frames between the client and the nodes are switched
-//! by the XDP program on each LAN port (not by the bridge), and still arrive.
+//! The lab's hand-assembled XDP programs: the LAN switch (unicast frames between the client and
+//! the nodes are switched by XDP on each LAN port, not by the bridge, and still arrive) and the
+//! one-lookup reference the per-packet bench measures beside the floor.
 
-use exposure_lab::{lab::Lab, netns::unique_prefix};
+use exposure_lab::{frame::FrameSpec, lab::Lab, netns::unique_prefix, xdp_pass};
 
 /// How many frames XDP on the LAN port `port` redirected (veth's per-queue XDP counter).
 fn redirected(lab: &Lab, port: &str) -> u64 {
@@ -35,4 +36,17 @@ fn unicast_crosses_the_lan_through_the_xdp_switch() {
     // The client's pings left through c0, node-1's through n1, each switched in XDP.
     assert!(redirected(&lab, "c0") >= c0 + 6);
     assert!(redirected(&lab, "n1") >= n1 + 3 + 3);
+}
+
+#[test]
+fn one_lookup_program_finds_its_entry() {
+    let (prog, _map) = xdp_pass::load_one_lookup().unwrap();
+    let frame = FrameSpec::udp(
+        (std::net::Ipv4Addr::new(198, 18, 0, 1), 40000),
+        (std::net::Ipv4Addr::new(198, 18, 0, 10), 53),
+    )
+    .build();
+    // XDP_PASS only when the lookup hits (XDP_DROP on a miss): the bench measures the hit.
+    let (verdict, _) = xdp_pass::test_run(&prog, &frame, 1000).unwrap();
+    assert_eq!(verdict, xdp_pass::XDP_PASS as u32);
 }
