@@ -102,7 +102,8 @@ enum Command {
         /// Send local pods' traffic from XDP straight to the pod's interface, skipping the node's
         /// stack, when the route to the pod leaves through an interface whose name starts with
         /// PREFIX (repeatable; e.g. `lxc`, `cali`). The pod side of each such veth must run NAPI (GRO
-        /// on, or an XDP program), or the kernel drops the redirected frames. Off by default.
+        /// on, or an XDP program), or the kernel drops the redirected frames; the packets skip the
+        /// node's netfilter (and NetworkPolicy enforced there). Off by default.
         #[arg(long = "xdp-redirect-to-pods", value_name = "PREFIX")]
         pod_iface_prefixes: Vec<String>,
     },

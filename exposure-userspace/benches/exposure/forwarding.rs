@@ -87,11 +87,16 @@ fn mac_text(mac: [u8; 6]) -> String {
         .join(":")
 }
 
+/// Backend ports of each UDP target Service (all on its one pod).
+const UDP_BACKEND_PORTS: u16 = 16;
+/// Packets per new-flows run (three runs, after a warm-up of 100): every packet a new flow.
+const NEW_FLOWS_PER_RUN: u32 = 10_000;
+
 /// The targets (NodePort 30600 → node-1's pod, 30601 → node-2's pod) and fillers up to `n`.
 fn services(lab: &Lab, n: usize) -> Vec<ServicePort> {
     let local = (lab.nodes[0].pods[0].ip, 50000);
     let remote = (lab.nodes[1].pods[0].ip, 50000);
-    let target = |name: &str, ip: [u8; 4], node_port: u16, ep| ServicePort {
+    let target = |name: &str, ip: [u8; 4], node_port: u16, endpoints| ServicePort {
         namespace: "bench".into(),
         name: name.into(),
         protocol: "udp",
@@ -99,11 +104,18 @@ fn services(lab: &Lab, n: usize) -> Vec<ServicePort> {
         port: 80,
         load_balancer_ip: None,
         node_port: Some(node_port),
-        endpoints: vec![ep],
+        endpoints,
+    };
+    // The UDP targets: the pod on UDP_BACKEND_PORTS ports (its XDP sink takes any), so new-flow runs
+    // can be long without running out of SNAT ports (4,536 per remote backend address and port).
+    let ports = |(ip, port): (Ipv4Addr, u16)| {
+        (0..UDP_BACKEND_PORTS)
+            .map(|k| (ip, port + k))
+            .collect::<Vec<_>>()
     };
     let mut out = vec![
-        target("target-local", [198, 18, 50, 1], 30600, local),
-        target("target-remote", [198, 18, 50, 2], 30601, remote),
+        target("target-local", [198, 18, 50, 1], 30600, ports(local)),
+        target("target-remote", [198, 18, 50, 2], 30601, ports(remote)),
     ];
     // The same targets on TCP, for the connection and throughput runs.
     for (name, ip, np, ep) in [
@@ -112,7 +124,7 @@ fn services(lab: &Lab, n: usize) -> Vec<ServicePort> {
     ] {
         out.push(ServicePort {
             protocol: "tcp",
-            ..target(name, ip, np, ep)
+            ..target(name, ip, np, vec![ep])
         });
     }
     for i in 0..n.saturating_sub(4) {
@@ -311,10 +323,11 @@ pub fn measure(variant: Variant, n: usize, packets: u32, bin: &Path) -> (Vec<Run
                 (after.tx_packets - before.tx_packets, took)
             };
             // New flows leave state behind (conntrack entries, NAT ports, Exposure's SNAT ports:
-            // 4,536 per backend), so those runs are short enough to stay far from any table's end.
+            // 4,536 per backend address and port, 16 backend ports here), so those runs stay well
+            // inside every table.
             let (warm_up, count) = match flows {
                 Flows::One => (1_000, packets),
-                Flows::New => (100, 700),
+                Flows::New => (100, NEW_FLOWS_PER_RUN),
             };
             send(warm_up);
             let mut samples: Vec<(u64, std::time::Duration)> =
