@@ -125,6 +125,11 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             maps.set_node_addr(iface.index, addr)?;
         }
     }
+    if cfg.pod_iface_prefixes.is_empty() {
+        // Without --xdp-redirect-to-pods, flows an earlier run redirected go back to the stack.
+        maps.set_pod_ifaces(&Default::default())
+            .context("clearing the pod interfaces")?;
+    }
     let mut reconciler =
         Reconciler::restore(maps.snapshot().context("reading pinned maps")?, cfg.limits);
     for iface in &ifaces {

@@ -760,6 +760,30 @@ fn xdp_redirect_to_pods_serves_local_pods_past_the_nodes_stack() {
     assert!(c.agents[0]
         .log_text()
         .contains("pod interfaces for XDP redirect"));
+
+    // A connection to a local pod, redirected while the option is on ...
+    let mut held = (0..40)
+        .find_map(|_| {
+            let mut s = TcpSession::connect(&c.lab.client, c.node(0, 30700)).ok()?;
+            let pod = parse_answer(&s.ask("hi").ok()?)?.0.to_string();
+            pod.starts_with("pod-1-").then_some((s, pod))
+        })
+        .expect("a connection to a local pod");
+    let before = agent_counter(&c, "to_local_backend_redirected");
+    held.0.ask("redirected").expect("held connection answers");
+    assert!(agent_counter(&c, "to_local_backend_redirected") > before);
+
+    // ... keeps working, through the stack, once the agent runs without it; so does everything else.
+    let mut c = c;
+    c.agents[0].stop();
+    c.agent_flags.clear();
+    c.start_agent(0);
+    let before = agent_counter(&c, "to_local_backend_redirected");
+    let again = held.0.ask("after").expect("held connection survives");
+    assert_eq!(parse_answer(&again).unwrap().0, held.1);
+    assert_eq!(c.udp_spread(c.node(0, 30700), 40), everyone);
+    assert_eq!(c.tcp_spread(c.node(0, 30700), 30).0, everyone);
+    assert_eq!(agent_counter(&c, "to_local_backend_redirected"), before);
 }
 
 #[test]
