@@ -6,7 +6,7 @@
 
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 
-use anyhow::{bail, Context as _};
+use anyhow::Context as _;
 
 use crate::netns::Netns;
 
@@ -15,8 +15,10 @@ const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_PROG_TYPE_XDP: u32 = 6;
 const BPF_XDP: u32 = 37;
 
-pub(crate) fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> std::io::Result<OwnedFd> {
-    let fd = unsafe {
+/// The `bpf()` system call with a prepared `union bpf_attr` (which the kernel may write results
+/// back into); its non-negative return value.
+fn sys_bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> std::io::Result<libc::c_long> {
+    let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,
             cmd,
@@ -24,9 +26,15 @@ pub(crate) fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> std::io::Result<Ow
             std::mem::size_of_val(attr),
         )
     };
-    if fd < 0 {
+    if rc < 0 {
         return Err(std::io::Error::last_os_error());
     }
+    Ok(rc)
+}
+
+/// A `bpf()` command that returns a file descriptor.
+pub(crate) fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> std::io::Result<OwnedFd> {
+    let fd = sys_bpf(cmd, attr)?;
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
@@ -80,17 +88,7 @@ pub fn test_run(prog: &OwnedFd, frame: &[u8], repeat: u32) -> anyhow::Result<(u3
 /// The BPF_PROG_TEST_RUN command with a prepared `union bpf_attr`; the kernel writes the results
 /// (return value, duration) back into it.
 pub(crate) fn prog_test_run(attr: &mut [u64; 16]) -> anyhow::Result<()> {
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_TEST_RUN,
-            attr.as_mut_ptr(),
-            std::mem::size_of_val(attr),
-        )
-    };
-    if rc < 0 {
-        bail!("BPF_PROG_TEST_RUN: {}", std::io::Error::last_os_error());
-    }
+    sys_bpf(BPF_PROG_TEST_RUN, attr).context("BPF_PROG_TEST_RUN")?;
     Ok(())
 }
 
@@ -101,18 +99,26 @@ pub fn attach(ns: &Netns, ifname: &str) -> anyhow::Result<OwnedFd> {
 
 /// Attaches `r0 = action; exit` to `ifname` in `ns` (XDP_DROP: a sink that costs next to nothing).
 pub fn attach_returning(ns: &Netns, ifname: &str, action: u8) -> anyhow::Result<OwnedFd> {
+    attach_loaded(ns, ifname, move || load_returning(action))
+        .with_context(|| format!("XDP returning {action}"))
+}
+
+/// Loads a program with `load` inside `ns` and links it to `ifname` there; detached when the
+/// returned link fd is dropped.
+fn attach_loaded(
+    ns: &Netns,
+    ifname: &str,
+    load: impl FnOnce() -> anyhow::Result<OwnedFd> + Send + 'static,
+) -> anyhow::Result<OwnedFd> {
     let ifname = ifname.to_string();
     ns.run(move || -> anyhow::Result<OwnedFd> {
-        let prog = load_returning(action)?;
+        let prog = load()?;
         let ifindex = nix::net::if_::if_nametoindex(ifname.as_str())
             .with_context(|| format!("no interface {ifname}"))?;
         let mut attr = [0u64; 16];
         attr[0] = prog.as_raw_fd() as u64 | (ifindex as u64) << 32;
         attr[1] = BPF_XDP as u64;
-        match bpf(BPF_LINK_CREATE, &mut attr) {
-            Ok(link) => Ok(link),
-            Err(e) => bail!("attaching XDP (action {action}) to {ifname}: {e}"),
-        }
+        bpf(BPF_LINK_CREATE, &mut attr).with_context(|| format!("attaching XDP to {ifname}"))
     })?
 }
 
@@ -174,18 +180,8 @@ pub fn attach_switch(
     ifname: &str,
     ports: &[([u8; 6], u32)],
 ) -> anyhow::Result<OwnedFd> {
-    let ifname = ifname.to_string();
     let ports = ports.to_vec();
-    ns.run(move || -> anyhow::Result<OwnedFd> {
-        let prog = load_switch(&ports)?;
-        let ifindex = nix::net::if_::if_nametoindex(ifname.as_str())
-            .with_context(|| format!("no interface {ifname}"))?;
-        let mut attr = [0u64; 16];
-        attr[0] = prog.as_raw_fd() as u64 | (ifindex as u64) << 32;
-        attr[1] = BPF_XDP as u64;
-        bpf(BPF_LINK_CREATE, &mut attr)
-            .with_context(|| format!("attaching the XDP switch to {ifname}"))
-    })?
+    attach_loaded(ns, ifname, move || load_switch(&ports))
 }
 
 const BPF_MAP_CREATE: libc::c_long = 0;
@@ -206,7 +202,7 @@ pub fn load_one_lookup() -> anyhow::Result<(OwnedFd, OwnedFd)> {
     attr[0] = map.as_raw_fd() as u64;
     attr[1] = key.as_ptr() as u64;
     attr[2] = value.as_ptr() as u64;
-    bpf_cmd(BPF_MAP_UPDATE_ELEM, &mut attr).context("filling the lookup map")?;
+    sys_bpf(BPF_MAP_UPDATE_ELEM, &mut attr).context("filling the lookup map")?;
     const ST_DW: u8 = 0x7a;
     const MOV_REG: u8 = 0xbf;
     const MOV_IMM: u8 = 0xb7;
@@ -234,20 +230,4 @@ pub fn load_one_lookup() -> anyhow::Result<(OwnedFd, OwnedFd)> {
     ]);
     let prog = load_insns(&p).context("loading the one-lookup program")?;
     Ok((prog, map))
-}
-
-/// A `bpf()` command that returns 0 rather than a file descriptor.
-fn bpf_cmd(cmd: libc::c_long, attr: &mut [u64; 16]) -> std::io::Result<()> {
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr.as_mut_ptr(),
-            std::mem::size_of_val(attr),
-        )
-    };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
 }
