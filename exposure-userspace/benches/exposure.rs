@@ -5,14 +5,16 @@
 //! (process start, BPF load, list, translate, map writes), the reconcile step alone, the agent's peak
 //! RSS, and how long an EndpointSlice change takes to reach the datapath's maps.
 //!
-//! Datapath: per-packet cost through BPF_PROG_TEST_RUN beside a no-op floor. End to end
-//! (`exposure/forwarding.rs`): packets/s, TCP connections/s and throughput through a lab node for
-//! Exposure, kube-proxy's iptables and nftables layouts and plain forwarding.
+//! Datapath: per-packet cost through BPF_PROG_TEST_RUN beside a no-op floor and a one-lookup
+//! reference. End to end (`exposure/forwarding.rs`): packets/s, TCP connections/s and throughput
+//! through a lab node for Exposure (also with `--xdp-redirect-to-pods`), kube-proxy's iptables and
+//! nftables layouts and plain forwarding.
 //!
 //! Writes `bench/results/<date>.md` with SVG charts beside it and prints it. `--quick` runs the
 //! small sizes only. While working on one part: `EXPOSURE_BENCH_CONTROL_PLANE_ONLY=<Services>`,
-//! `EXPOSURE_BENCH_DATAPATH_ONLY=1` (per-packet costs at 1,000 Services) or
-//! `EXPOSURE_BENCH_E2E_ONLY=<0..3>` (one end-to-end variant at 10 Services).
+//! `EXPOSURE_BENCH_DATAPATH_ONLY=<backends>` (per-packet costs at 1,000 Services, or
+//! `EXPOSURE_BENCH_SERVICES`) or `EXPOSURE_BENCH_E2E_ONLY=<0..4>` (one end-to-end variant at 10
+//! Services).
 
 use std::{
     fmt::Write as _,
@@ -458,8 +460,8 @@ fn packet_costs(services: usize, backends: usize, repeat: u32) -> PacketCosts {
         let n = (repeat / 50).clamp(1_000, 20_000) as u16;
         // To ping: with one backend it is like any other Service; with more, the Maglev pick.
         let target = p;
-        let mut new_total = 0.0;
-        let mut floor_total = 0.0;
+        let mut new_runs = Vec::with_capacity(n as usize);
+        let mut floor_runs = Vec::with_capacity(n as usize);
         for k in 0..n {
             let f = frame(
                 (
@@ -468,11 +470,19 @@ fn packet_costs(services: usize, backends: usize, repeat: u32) -> PacketCosts {
                 ),
                 (target, 80),
             );
-            new_total += xdp_ns(&mut dp, &f, 1).1;
-            floor_total += exposure_lab::xdp_pass::test_run(&floor_prog, &f, 1)
-                .unwrap()
-                .1 as f64;
+            new_runs.push(xdp_ns(&mut dp, &f, 1).1);
+            floor_runs.push(
+                exposure_lab::xdp_pass::test_run(&floor_prog, &f, 1)
+                    .unwrap()
+                    .1 as f64,
+            );
         }
+        // The median: a single run that an interrupt or the kernel's background work lands on
+        // would otherwise weigh on the mean.
+        let median = |mut runs: Vec<f64>| {
+            runs.sort_by(f64::total_cmp);
+            runs[runs.len() / 2]
+        };
         drop(maps);
         drop(dp);
         PacketCosts {
@@ -482,8 +492,8 @@ fn packet_costs(services: usize, backends: usize, repeat: u32) -> PacketCosts {
             one_lookup: one_lookup as f64,
             non_service,
             established,
-            floor_single: floor_total / n as f64,
-            new_flow: new_total / n as f64,
+            floor_single: median(floor_runs),
+            new_flow: median(new_runs),
             reply_xdp,
             reply_tc,
             established6,
@@ -543,9 +553,14 @@ fn main() {
         return;
     }
     if let Ok(b) = std::env::var("EXPOSURE_BENCH_DATAPATH_ONLY") {
-        // For working on the datapath: the per-packet costs at 1,000 Services alone, the target
-        // Service with `EXPOSURE_BENCH_DATAPATH_ONLY=<backends>` backends (default 1).
-        let c = packet_costs(1_000, b.parse().unwrap_or(1).max(1), 200_000);
+        // For working on the datapath: the per-packet costs alone, the target Service with
+        // `EXPOSURE_BENCH_DATAPATH_ONLY=<backends>` backends (default 1), among
+        // `EXPOSURE_BENCH_SERVICES` Services (default 1,000).
+        let services = std::env::var("EXPOSURE_BENCH_SERVICES")
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(1_000);
+        let c = packet_costs(services, b.parse().unwrap_or(1).max(1), 200_000);
         eprintln!(
             "floor {:.0} one lookup {:.0} non-service {:.0} established {:.0} (IPv6 {:.0}) reply xdp {:.0} reply tc {:.0} new flow {:.0} ns",
             c.floor, c.one_lookup, c.non_service, c.established, c.established6, c.reply_xdp, c.reply_tc, c.new_flow
@@ -619,7 +634,7 @@ fn main() {
     let _ = writeln!(report, "translation (parse, frontend, conntrack hit, rewrite, checksums, counters). New flows are single");
     let _ = writeln!(
         report,
-        "runs (each one new), reported beside the floor measured the same way. Replies run a reply whose"
+        "runs (each one new; the median), beside the floor measured the same way. Replies run a reply whose"
     );
     let _ = writeln!(report, "translation is the identity, so every repeat is a full reply translation (tc has no floor here).");
     let _ = writeln!(report, "*One lookup*: a program that only looks up a 40-byte key in a one-entry LRU hash map (a hit),");
