@@ -104,7 +104,7 @@ enum Command {
         /// PREFIX (repeatable; e.g. `lxc`, `cali`). The pod side of each such veth must run NAPI (GRO
         /// on, or an XDP program), or the kernel drops the redirected frames; the packets skip the
         /// node's netfilter (and NetworkPolicy enforced there). Off by default.
-        #[arg(long = "xdp-redirect-to-pods", value_name = "PREFIX")]
+        #[arg(long = "xdp-redirect-to-pods", value_name = "PREFIX", value_parser = clap::builder::NonEmptyStringValueParser::new())]
         pod_iface_prefixes: Vec<String>,
     },
     /// Print services, frontends and backends from the pinned maps.

@@ -82,3 +82,25 @@ fn status_without_a_running_agent_points_at_the_pin_dir() {
         "{err}"
     );
 }
+
+#[test]
+fn an_empty_pod_interface_prefix_is_refused_before_touching_anything() {
+    // An empty prefix would match every interface: a mistake, not a request.
+    let out = Command::new(BIN)
+        .args([
+            "agent",
+            "--iface",
+            "lo",
+            "--manifests",
+            "/nonexistent",
+            "--pin-dir",
+            "/sys/fs/bpf/exposure-cli-test3",
+            "--xdp-redirect-to-pods",
+            "",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--xdp-redirect-to-pods"));
+    assert!(!std::path::Path::new("/sys/fs/bpf/exposure-cli-test3").exists());
+}
