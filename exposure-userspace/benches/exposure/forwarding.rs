@@ -147,7 +147,6 @@ struct Setup {
     /// until healthy (first full sync: process start, BPF load, manifests, translation, maps).
     programming: std::time::Duration,
     _agents: Vec<Agent>,
-    _links: Vec<std::os::fd::OwnedFd>,
     /// The pods' XDP_DROP programs (removed for the TCP runs, which need the pods' stacks).
     sinks: Vec<std::os::fd::OwnedFd>,
     dir: std::path::PathBuf,
@@ -166,7 +165,6 @@ fn set_up(lab: &Lab, variant: Variant, svcs: &[ServicePort], bin: &Path) -> Setu
     let mut setup = Setup {
         programming: std::time::Duration::ZERO,
         _agents: Vec::new(),
-        _links: Vec::new(),
         sinks: Vec::new(),
         dir: dir.clone(),
     };
