@@ -23,6 +23,14 @@ pub fn unique_prefix(tag: &str) -> String {
 }
 
 /// Runs a command, failing with its stderr when it fails.
+/// A MAC address as `ip` writes and reads it (`02:00:00:00:00:42`).
+pub fn mac_text(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
 pub fn run(cmd: &str, args: &[&str]) -> anyhow::Result<Output> {
     let out = Command::new(cmd)
         .args(args)
@@ -93,7 +101,7 @@ impl Netns {
         Ok(())
     }
 
-    /// The MAC address of `dev` in this namespace.
+    /// The MAC address of `dev` in this namespace (see [`mac_text`] for `ip`'s notation).
     pub fn mac(&self, dev: &str) -> anyhow::Result<[u8; 6]> {
         let out = self.exec("cat", &[&format!("/sys/class/net/{dev}/address")])?;
         let text = String::from_utf8_lossy(&out.stdout);

@@ -4,7 +4,7 @@
 use exposure_lab::{
     frame::FrameSpec,
     lab::{Lab, CLIENT_IP},
-    netns::{unique_prefix, Netns},
+    netns::{mac_text, unique_prefix, Netns},
     traffic::{counters, Flows, Generator},
     xdp_pass,
 };
@@ -27,17 +27,10 @@ fn live_frames_reach_a_pod_through_a_forwarding_node() {
     let _c0 = xdp_pass::attach(&lab.lan, "c0").unwrap();
     let _sink = xdp_pass::attach_returning(&pod.ns, "eth0", xdp_pass::XDP_DROP).unwrap();
     // The sink drops ARP replies too: the node gets the pod's MAC up front.
-    let mac: Vec<String> = pod
-        .ns
-        .mac("eth0")
-        .unwrap()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
     node.ip(&format!(
         "neigh replace {} lladdr {} dev vp1 nud permanent",
         pod.ip,
-        mac.join(":")
+        mac_text(pod.ns.mac("eth0").unwrap())
     ))
     .unwrap();
     node.exec(

@@ -23,7 +23,7 @@ use exposure_common::{
 };
 use exposure_lab::{
     frame::{self, FrameSpec, ACK, RST, SYN, TCP, UDP},
-    netns::{unique_prefix, Netns},
+    netns::{mac_text, unique_prefix, Netns},
 };
 
 const XDP_DROP: u32 = 1;
@@ -125,13 +125,9 @@ fn with_datapath_config(
     node.ip("link set lxc1p up").unwrap();
     node.ip(&format!("route add {LOCAL_POD}/32 dev lxc1"))
         .unwrap();
-    let pod_mac = LOCAL_POD_MAC
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":");
     node.ip(&format!(
-        "neigh add {LOCAL_POD} lladdr {pod_mac} dev lxc1 nud permanent"
+        "neigh add {LOCAL_POD} lladdr {} dev lxc1 nud permanent",
+        mac_text(LOCAL_POD_MAC)
     ))
     .unwrap();
     let pod_iface_mac = node.mac("lxc1").unwrap();

@@ -17,7 +17,7 @@ use exposure_lab::{
     frame::FrameSpec,
     kube_proxy::{self, ServicePort},
     lab::{Lab, CLIENT_IP},
-    netns::unique_prefix,
+    netns::{mac_text, unique_prefix},
     traffic::{counters, Flows, Generator},
     xdp_pass,
 };
@@ -78,13 +78,6 @@ pub struct Run {
     pub pps: f64,
     /// See [`Setup::programming`].
     pub programming: std::time::Duration,
-}
-
-fn mac_text(mac: [u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
 }
 
 /// Backend ports of each UDP target Service (all on its one pod).
