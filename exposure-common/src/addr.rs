@@ -1,6 +1,7 @@
 //! One address type for both families, as Katran keys its maps: 16 bytes in wire order, IPv4 held as
-//! the IPv4-mapped IPv6 address `::ffff:a.b.c.d`. A key never matches across families, and every map
-//! serves IPv4 and IPv6 alike.
+//! the IPv4-mapped IPv6 address `::ffff:a.b.c.d`. A key never matches across families. The maps
+//! looked up on every packet (frontends, flows) keep IPv4 keys in a compact form of their own
+//! ([`crate::FlowKey4`], [`crate::FrontendKey4`]): the kernel hashes every key byte per lookup.
 
 /// The third word of an IPv4-mapped address (`0000:ffff`), as loaded natively from the packet.
 pub const V4_MAPPED: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);

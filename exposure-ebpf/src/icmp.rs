@@ -3,7 +3,7 @@
 //! conntrack does for RELATED packets: path MTU discovery and port-unreachable reach the client.
 //!
 //! The quoted packet is the one the backend side saw (our translated one), so its reversed 5-tuple
-//! is the key of the flow's `REPLIES` entry.
+//! is the key of the flow's `REPLIES4`/`REPLIES6` entry.
 
 use exposure_common::{checksum, Addr, FlowKey, Reply, PROTO_TCP, PROTO_UDP};
 

@@ -11,7 +11,7 @@ mod nat;
 mod parse;
 mod reject;
 
-use aya_ebpf::maps::lpm_trie::Key;
+use aya_ebpf::maps::{lpm_trie::Key, LruHashMap};
 use aya_ebpf::{
     bindings::{
         xdp_action, BPF_ANY, BPF_FIB_LKUP_RET_SUCCESS, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR,
@@ -87,17 +87,20 @@ fn try_xdp(ctx: &XdpContext) -> Result<u32, ()> {
     };
     // Only SNATed flows have replies arriving here, and only on SNAT ports: other traffic skips this lookup.
     if port_host(p.dport) >= SNAT_PORT_MIN {
-        if let Some(reply) = REPLIES.get_ptr_mut(&flow_key(&p)) {
+        if let Some(reply) = packet_entry(&p, &REPLIES4, &REPLIES6) {
             return reply_to_client(ctx, &p, reply);
         }
     }
-    let frontend = FrontendKey {
-        addr: p.daddr,
-        port: p.dport,
-        proto: p.proto,
-        _pad: 0,
+    let frontend = if p.v6 {
+        let key = key_words::frontend6(&p.daddr, p.dport, p.proto);
+        unsafe { FRONTENDS6.get(as_key(&key)) }
+    } else {
+        let key = key_words::frontend4(p.daddr.v4_raw(), p.dport, p.proto);
+        let found = unsafe { FRONTENDS4.get(as_key(&key)) };
+        own_call_site();
+        found
     };
-    match unsafe { FRONTENDS.get(&frontend) } {
+    match frontend {
         Some(fe) => {
             if let Some(t) = FRONTEND_STATS.get_ptr_mut(fe.id) {
                 unsafe {
@@ -108,6 +111,26 @@ fn try_xdp(ctx: &XdpContext) -> Result<u32, ()> {
             to_backend(ctx, &p, fe)
         }
         None => Ok(xdp_action::XDP_PASS),
+    }
+}
+
+/// The entry keyed by the packet's own 5-tuple in a per-family pair of maps. Each family's key
+/// is built in its own branch only: the stack is tight.
+#[inline(always)]
+fn packet_entry<T>(
+    p: &Packet,
+    v4: &LruHashMap<FlowKey4, T>,
+    v6: &LruHashMap<FlowKey, T>,
+) -> Option<*mut T> {
+    if p.v6 {
+        let key = key_words::flow6(&p.saddr, &p.daddr, p.sport, p.dport, p.proto);
+        v6.get_ptr_mut(as_key(&key))
+    } else {
+        let (saddr, daddr) = (p.saddr.v4_raw(), p.daddr.v4_raw());
+        let key = key_words::flow4(saddr, daddr, p.sport, p.dport, p.proto);
+        let found = v4.get_ptr_mut(as_key(&key));
+        own_call_site();
+        found
     }
 }
 
@@ -159,20 +182,20 @@ fn client_key(r: &Reply, proto: u8) -> FlowKey {
     }
 }
 
-/// The key under which a flow's replies arrive.
+/// The key under which the replies of a client's (`addr:port`) flow arrive.
 #[inline(always)]
-fn reply_key(client: &FlowKey, flow: &Flow) -> FlowKey {
+fn reply_key(client_addr: &Addr, client_port: u16, proto: u8, flow: &Flow) -> FlowKey {
     let (daddr, dport) = if flow.flags & FLOW_REMOTE != 0 {
         (flow.snat_addr, flow.snat_port)
     } else {
-        (client.saddr, client.sport)
+        (*client_addr, client_port)
     };
     FlowKey {
         saddr: flow.backend_addr,
         daddr,
         sport: flow.backend_port,
         dport,
-        proto: client.proto,
+        proto,
         _pad: [0; 3],
     }
 }
@@ -208,10 +231,9 @@ enum Selected {
 #[inline(always)]
 fn to_backend(ctx: &XdpContext, p: &Packet, fe: &Frontend) -> Result<u32, ()> {
     count(Counter::FrontendPackets);
-    let key = flow_key(p);
     let now = now_ns();
     let bits = close_bits(p.tcp_flags, true);
-    let existing = FLOWS.get_ptr_mut(&key).filter(|&f| {
+    let existing = packet_entry(p, &FLOWS4, &FLOWS6).filter(|&f| {
         let f = unsafe { &*f };
         let new_syn = p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN && flow_closing(f.flags);
         flow_alive(p.proto, f.flags, f.last_seen_ns, now) && !new_syn
@@ -219,12 +241,11 @@ fn to_backend(ctx: &XdpContext, p: &Packet, fe: &Frontend) -> Result<u32, ()> {
     let flow = match existing {
         Some(f) => {
             let reply = || {
-                let rk = reply_key(&key, unsafe { &*f });
+                let rk = reply_key(&p.saddr, p.sport, p.proto, unsafe { &*f });
                 // Only this flow's own entry: a closed flow's SNAT port may serve a new flow now.
-                REPLIES
-                    .get_ptr_mut(&rk)
+                lookup_reply(&rk)
                     .filter(|&r| unsafe {
-                        (*r).client_port == key.sport && (*r).client_addr == key.saddr
+                        (*r).client_port == p.sport && (*r).client_addr == p.saddr
                     })
                     .unwrap_or(core::ptr::null_mut())
             };
@@ -232,7 +253,7 @@ fn to_backend(ctx: &XdpContext, p: &Packet, fe: &Frontend) -> Result<u32, ()> {
             f
         }
         None => match new_flow(ctx, p, fe, now) {
-            Selected::Flow => match FLOWS.get_ptr_mut(&key) {
+            Selected::Flow => match packet_entry(p, &FLOWS4, &FLOWS6) {
                 Some(f) => {
                     if redirect_to_pods() && unsafe { (*f).flags } & FLOW_REMOTE == 0 {
                         to_pod(ctx, p, f);
@@ -413,15 +434,12 @@ fn new_flow(ctx: &XdpContext, p: &Packet, fe: &Frontend, now: u64) -> Selected {
             }
         }
     } else {
-        s.reply_key = reply_key(&s.key, &s.flow);
-        if REPLIES
-            .insert(&s.reply_key, &s.reply, BPF_ANY as u64)
-            .is_err()
-        {
+        s.reply_key = reply_key(&s.key.saddr, s.key.sport, s.key.proto, &s.flow);
+        if insert_reply(&s.reply_key, &s.reply, BPF_ANY as u64).is_err() {
             return Selected::Drop;
         }
     }
-    if FLOWS.insert(&s.key, &s.flow, BPF_ANY as u64).is_err() {
+    if insert_flow(&s.key, &s.flow, BPF_ANY as u64).is_err() {
         return Selected::Drop;
     }
     count(Counter::NewFlows);
@@ -530,22 +548,17 @@ fn claim_snat_port(s: &mut Scratch, now: u64) -> Option<u16> {
         let candidate =
             port(SNAT_PORT_MIN + ((start.wrapping_add(attempt.wrapping_mul(7919))) % range) as u16);
         s.reply_key.dport = candidate;
-        if REPLIES
-            .insert(&s.reply_key, &s.reply, BPF_NOEXIST as u64)
-            .is_ok()
-        {
+        if insert_reply(&s.reply_key, &s.reply, BPF_NOEXIST as u64).is_ok() {
             return Some(candidate);
         }
         // Taken: reuse it if that flow is over, or is a TCP connection already closed by RST or
         // FIN both ways (as the kernel's NAT lets a new SYN take a closing connection's tuple):
         // waiting out the closing lifetime would cap new connections to one backend at a few
         // hundred per second.
-        if let Some(old) = unsafe { REPLIES.get(&s.reply_key) } {
+        if let Some(old) = lookup_reply(&s.reply_key).map(|r| unsafe { &*r }) {
             let closed = proto == PROTO_TCP && flow_closing(old.flags);
             if (closed || !flow_alive(proto, old.flags, old.last_seen_ns, now))
-                && REPLIES
-                    .insert(&s.reply_key, &s.reply, BPF_ANY as u64)
-                    .is_ok()
+                && insert_reply(&s.reply_key, &s.reply, BPF_ANY as u64).is_ok()
             {
                 return Some(candidate);
             }
@@ -597,7 +610,7 @@ fn reply_to_client(ctx: &XdpContext, p: &Packet, reply: *mut Reply) -> Result<u3
         return Ok(xdp_action::XDP_PASS);
     }
     let client = client_key(r, p.proto);
-    if let Some(flow) = FLOWS.get_ptr_mut(&client) {
+    if let Some(flow) = lookup_flow(&client) {
         touch(flow, || reply, close_bits(p.tcp_flags, false), now_ns());
     }
     let to = Tuple {
@@ -627,7 +640,7 @@ fn icmp_error_to_client(ctx: &XdpContext, off: usize) -> Result<u32, ()> {
     if port_host(key.dport) < SNAT_PORT_MIN {
         return Err(());
     }
-    let r = unsafe { REPLIES.get(&key) }.ok_or(())?;
+    let r = unsafe { REPLIES4.get(&key.v4()) }.ok_or(())?;
     if r.flags & FLOW_REMOTE == 0 {
         return Err(());
     }
@@ -661,7 +674,7 @@ fn icmp6_error_to_client(ctx: &XdpContext, off: usize) -> Result<u32, ()> {
     if port_host(key.dport) < SNAT_PORT_MIN {
         return Err(());
     }
-    let r = unsafe { REPLIES.get(&key) }.ok_or(())?;
+    let r = unsafe { REPLIES6.get(&key) }.ok_or(())?;
     if r.flags & FLOW_REMOTE == 0 {
         return Err(());
     }
@@ -679,10 +692,10 @@ fn icmp6_error_to_client(ctx: &XdpContext, off: usize) -> Result<u32, ()> {
     Ok(transmit(ctx, r.ifindex))
 }
 
-/// The `REPLIES` entry of a local backend's flow that a quoted packet belongs to.
+/// The `REPLIES4`/`REPLIES6` entry of a local backend's flow that a quoted packet belongs to.
 #[inline(always)]
 fn local_reply(key: &FlowKey) -> Option<Reply> {
-    let r = unsafe { REPLIES.get(key) }.copied()?;
+    let r = unsafe { *lookup_reply(key)? };
     (r.flags & FLOW_REMOTE == 0).then_some(r)
 }
 
@@ -795,7 +808,7 @@ fn tc_reply(
         proto,
         _pad: [0; 3],
     };
-    let Some(reply) = REPLIES.get_ptr_mut(&key) else {
+    let Some(reply) = lookup_reply(&key) else {
         return Ok(TC_ACT_UNSPEC);
     };
     let r = unsafe { *reply };
@@ -813,7 +826,7 @@ fn tc_reply(
         0
     };
     let client = client_key(&r, proto);
-    if let Some(flow) = FLOWS.get_ptr_mut(&client) {
+    if let Some(flow) = lookup_flow(&client) {
         touch(flow, || reply, close_bits(tcp_flags, false), now_ns());
     }
     // The helpers also handle CHECKSUM_PARTIAL skbs, which a plain incremental update would corrupt.

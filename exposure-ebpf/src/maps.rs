@@ -9,7 +9,9 @@ use aya_ebpf::{
 use exposure_common::*;
 
 #[map]
-pub static FRONTENDS: HashMap<FrontendKey, Frontend> = HashMap::pinned(MAX_FRONTENDS, 0);
+pub static FRONTENDS4: HashMap<FrontendKey4, Frontend> = HashMap::pinned(MAX_FRONTENDS, 0);
+#[map]
+pub static FRONTENDS6: HashMap<FrontendKey, Frontend> = HashMap::pinned(MAX_FRONTENDS, 0);
 #[map]
 pub static SERVICES: Array<Service> = Array::pinned(MAX_SERVICES, 0);
 /// Every service's Maglev table (backend ids), in regions the agent allocates.
@@ -17,10 +19,18 @@ pub static SERVICES: Array<Service> = Array::pinned(MAX_SERVICES, 0);
 pub static MAGLEV: Array<u32> = Array::pinned(MAX_MAGLEV_ENTRIES, BPF_F_MMAPABLE);
 #[map]
 pub static BACKENDS: Array<Backend> = Array::pinned(MAX_BACKENDS, 0);
+/// Flows by the client's 5-tuple ([`lookup_flow`], [`insert_flow`] pick the family's map).
 #[map]
-pub static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::pinned(MAX_FLOWS, BPF_F_NO_COMMON_LRU);
+pub static FLOWS4: LruHashMap<FlowKey4, Flow> = LruHashMap::pinned(MAX_FLOWS, BPF_F_NO_COMMON_LRU);
 #[map]
-pub static REPLIES: LruHashMap<FlowKey, Reply> = LruHashMap::pinned(MAX_FLOWS, BPF_F_NO_COMMON_LRU);
+pub static FLOWS6: LruHashMap<FlowKey, Flow> = LruHashMap::pinned(MAX_FLOWS, BPF_F_NO_COMMON_LRU);
+/// Replies' translations by the reply's 5-tuple ([`lookup_reply`], [`insert_reply`]).
+#[map]
+pub static REPLIES4: LruHashMap<FlowKey4, Reply> =
+    LruHashMap::pinned(MAX_FLOWS, BPF_F_NO_COMMON_LRU);
+#[map]
+pub static REPLIES6: LruHashMap<FlowKey, Reply> =
+    LruHashMap::pinned(MAX_FLOWS, BPF_F_NO_COMMON_LRU);
 /// (ifindex, family) -> the node address used as SNAT source on that interface.
 #[map]
 pub static NODE_ADDRS: HashMap<NodeAddrKey, Addr> = HashMap::pinned(256, 0);
@@ -73,4 +83,90 @@ pub fn count(counter: Counter) {
     if let Some(c) = STATS.get_ptr_mut(counter as u32) {
         unsafe { *c += 1 };
     }
+}
+
+/// Keeps a lookup in one family's map a call of its own. LLVM would merge the two branches'
+/// calls into one call taking either map, and the verifier inlines a lookup only at a call that
+/// sees a single map: elsewhere it becomes an indirect call (measured: ~10 ns per packet more).
+#[inline(always)]
+pub fn own_call_site() {
+    core::hint::black_box(());
+}
+
+/// A key struct over its words ([`key_words`]); the sizes must match.
+#[inline(always)]
+pub fn as_key<K, W>(words: &W) -> &K {
+    const { assert!(core::mem::size_of::<W>() == core::mem::size_of::<K>()) };
+    // SAFETY: plain-old-data of the same size; the words' alignment (4 or 8) is at least the key's.
+    unsafe { &*(words as *const W as *const K) }
+}
+
+/// The entry for a 5-tuple in a per-family pair of flow maps.
+#[inline(always)]
+pub fn flow_entry<V>(
+    v4: &LruHashMap<FlowKey4, V>,
+    v6: &LruHashMap<FlowKey, V>,
+    k: &FlowKey,
+) -> Option<*mut V> {
+    if k.is_v4() {
+        let w = key_words::flow4(
+            k.saddr.v4_raw(),
+            k.daddr.v4_raw(),
+            k.sport,
+            k.dport,
+            k.proto,
+        );
+        let found = v4.get_ptr_mut(as_key(&w));
+        own_call_site();
+        found
+    } else {
+        let w = key_words::flow6(&k.saddr, &k.daddr, k.sport, k.dport, k.proto);
+        v6.get_ptr_mut(as_key(&w))
+    }
+}
+
+#[inline(always)]
+fn insert_entry<V>(
+    v4: &LruHashMap<FlowKey4, V>,
+    v6: &LruHashMap<FlowKey, V>,
+    k: &FlowKey,
+    value: &V,
+    flags: u64,
+) -> Result<(), ()> {
+    let inserted = if k.is_v4() {
+        let w = key_words::flow4(
+            k.saddr.v4_raw(),
+            k.daddr.v4_raw(),
+            k.sport,
+            k.dport,
+            k.proto,
+        );
+        let inserted = v4.insert(as_key(&w), value, flags);
+        own_call_site();
+        inserted
+    } else {
+        let w = key_words::flow6(&k.saddr, &k.daddr, k.sport, k.dport, k.proto);
+        v6.insert(as_key(&w), value, flags)
+    };
+    inserted.map_err(|_| ())
+}
+
+#[inline(always)]
+pub fn lookup_flow(key: &FlowKey) -> Option<*mut Flow> {
+    flow_entry(&FLOWS4, &FLOWS6, key)
+}
+
+#[inline(always)]
+pub fn insert_flow(key: &FlowKey, flow: &Flow, flags: u64) -> Result<(), ()> {
+    insert_entry(&FLOWS4, &FLOWS6, key, flow, flags)
+}
+
+#[inline(always)]
+pub fn lookup_reply(key: &FlowKey) -> Option<*mut Reply> {
+    flow_entry(&REPLIES4, &REPLIES6, key)
+}
+
+#[inline(always)]
+pub fn insert_reply(key: &FlowKey, reply: &Reply, flags: u64) -> Result<(), ()> {
+    insert_entry(&REPLIES4, &REPLIES6, key, reply, flags)
 }

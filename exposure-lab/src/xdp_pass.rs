@@ -188,11 +188,11 @@ const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
 
-/// What one connection-tracking lookup costs at least: an XDP program that looks up a 40-byte key
-/// (the size of a flow key with IPv6-sized addresses) in a one-entry LRU hash map and returns
-/// XDP_PASS when found, XDP_DROP when not. Returns the program and its map.
+/// What one connection-tracking lookup costs at least: an XDP program that looks up a 16-byte key
+/// (an IPv4 5-tuple's, stored as whole words) in a one-entry LRU hash map and returns XDP_PASS when
+/// found, XDP_DROP when not. Returns the program and its map.
 pub fn load_one_lookup() -> anyhow::Result<(OwnedFd, OwnedFd)> {
-    const KEY: usize = 40;
+    const KEY: usize = 16;
     let mut attr = [0u64; 16];
     attr[0] = BPF_MAP_TYPE_LRU_HASH as u64 | (KEY as u64) << 32; // map_type, key_size
     attr[1] = 8 | 1 << 32; // value_size, max_entries

@@ -20,8 +20,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use exposure_common::{
-    names, Addr, Backend, Counter, Flow, FlowKey, Frontend, FrontendKey, NodeAddrKey, Reply,
-    Service,
+    names, Addr, Backend, Counter, Flow, FlowKey, FlowKey4, Frontend, FrontendKey, FrontendKey4,
+    NodeAddrKey, Reply, Service,
 };
 
 use crate::sync::{DatapathMaps, Snapshot};
@@ -78,12 +78,15 @@ fn expected_layout(name: &str) -> Option<(u32, u32)> {
     use std::mem::size_of;
     let sz = |k: usize, v: usize| Some((k as u32, v as u32));
     match name {
-        names::FRONTENDS => sz(size_of::<FrontendKey>(), size_of::<Frontend>()),
+        names::FRONTENDS4 => sz(size_of::<FrontendKey4>(), size_of::<Frontend>()),
+        names::FRONTENDS6 => sz(size_of::<FrontendKey>(), size_of::<Frontend>()),
         names::SERVICES => sz(4, size_of::<Service>()),
         names::MAGLEV => sz(4, 4),
         names::BACKENDS => sz(4, size_of::<Backend>()),
-        names::FLOWS => sz(size_of::<FlowKey>(), size_of::<Flow>()),
-        names::REPLIES => sz(size_of::<FlowKey>(), size_of::<Reply>()),
+        names::FLOWS4 => sz(size_of::<FlowKey4>(), size_of::<Flow>()),
+        names::FLOWS6 => sz(size_of::<FlowKey>(), size_of::<Flow>()),
+        names::REPLIES4 => sz(size_of::<FlowKey4>(), size_of::<Reply>()),
+        names::REPLIES6 => sz(size_of::<FlowKey>(), size_of::<Reply>()),
         names::NODE_ADDRS => sz(4, 4),
         names::STATS => sz(4, 8),
         names::NEIGH_MISSES => sz(4, 4),
@@ -132,11 +135,13 @@ impl Capacity {
     /// `max_entries` per map.
     fn of(&self, name: &str) -> Option<u32> {
         match name {
-            names::FRONTENDS | names::FRONTEND_STATS => Some(self.frontends),
+            names::FRONTENDS4 | names::FRONTENDS6 | names::FRONTEND_STATS => Some(self.frontends),
             names::SERVICES => Some(self.services),
             names::BACKENDS => Some(self.backends),
             names::MAGLEV => Some(self.maglev_entries),
-            names::FLOWS | names::REPLIES | names::AFFINITY => Some(self.flows),
+            names::FLOWS4 | names::FLOWS6 | names::REPLIES4 | names::REPLIES6 | names::AFFINITY => {
+                Some(self.flows)
+            }
             // Fixed by this build, but a pin from a build with fewer counters must be recreated.
             names::STATS => Some(Counter::COUNT),
             _ => None,
@@ -269,6 +274,13 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::pr
 /// A pinned map from an older, incompatible build would be silently misread: unpin it (losing only
 /// that map's state) so a fresh one is created.
 fn drop_incompatible_pins(pin_dir: &Path, capacity: &Capacity) {
+    for name in names::RETIRED {
+        let path = pin_dir.join(name);
+        if path.exists() {
+            tracing::warn!(map = name, "unpinning a map this build no longer uses");
+            let _ = std::fs::remove_file(&path);
+        }
+    }
     for name in names::ALL {
         let path = pin_dir.join(name);
         let Ok(info) = MapInfo::from_pin(&path) else {
@@ -308,12 +320,15 @@ fn open_map(pin_dir: &Path, name: &str) -> anyhow::Result<MapData> {
 
 /// Typed handles on the pinned maps.
 pub struct KernelMaps {
-    pub frontends: HashMap<MapData, FrontendKey, Frontend>,
+    pub frontends4: HashMap<MapData, FrontendKey4, Frontend>,
+    pub frontends6: HashMap<MapData, FrontendKey, Frontend>,
     pub services: Array<MapData, Service>,
     pub maglev: MaglevArray,
     pub backends: Array<MapData, Backend>,
-    pub flows: HashMap<MapData, FlowKey, Flow>,
-    pub replies: HashMap<MapData, FlowKey, Reply>,
+    pub flows4: HashMap<MapData, FlowKey4, Flow>,
+    pub flows6: HashMap<MapData, FlowKey, Flow>,
+    pub replies4: HashMap<MapData, FlowKey4, Reply>,
+    pub replies6: HashMap<MapData, FlowKey, Reply>,
     pub node_addrs: HashMap<MapData, NodeAddrKey, Addr>,
     pub stats: PerCpuArray<MapData, u64>,
     pub neigh_misses: HashMap<MapData, Addr, u32>,
@@ -329,12 +344,15 @@ impl KernelMaps {
         let lru = |name| open_map(pin_dir, name).map(Map::LruHashMap);
         let array = |name| open_map(pin_dir, name).map(Map::Array);
         Ok(KernelMaps {
-            frontends: hash(names::FRONTENDS)?.try_into()?,
+            frontends4: hash(names::FRONTENDS4)?.try_into()?,
+            frontends6: hash(names::FRONTENDS6)?.try_into()?,
             services: array(names::SERVICES)?.try_into()?,
             maglev: MaglevArray::open(open_map(pin_dir, names::MAGLEV)?)?,
             backends: array(names::BACKENDS)?.try_into()?,
-            flows: lru(names::FLOWS)?.try_into()?,
-            replies: lru(names::REPLIES)?.try_into()?,
+            flows4: lru(names::FLOWS4)?.try_into()?,
+            flows6: lru(names::FLOWS6)?.try_into()?,
+            replies4: lru(names::REPLIES4)?.try_into()?,
+            replies6: lru(names::REPLIES6)?.try_into()?,
             node_addrs: hash(names::NODE_ADDRS)?.try_into()?,
             stats: open_map(pin_dir, names::STATS)
                 .map(Map::PerCpuArray)?
@@ -410,7 +428,57 @@ impl KernelMaps {
     }
 
     pub fn flow_count(&self) -> usize {
-        self.flows.keys().filter(Result::is_ok).count()
+        self.flows4.keys().filter(Result::is_ok).count()
+            + self.flows6.keys().filter(Result::is_ok).count()
+    }
+
+    /// Every tracked flow's key, both families.
+    pub fn flow_keys(&self) -> Vec<FlowKey> {
+        let v4 = self.flows4.keys().filter_map(Result::ok).map(FlowKey::from);
+        v4.chain(self.flows6.keys().filter_map(Result::ok))
+            .collect()
+    }
+
+    pub fn flow(&self, key: &FlowKey) -> Option<Flow> {
+        if key.is_v4() {
+            self.flows4.get(&key.v4(), 0).ok()
+        } else {
+            self.flows6.get(key, 0).ok()
+        }
+    }
+
+    pub fn remove_flow(&mut self, key: &FlowKey) -> anyhow::Result<()> {
+        let removed = if key.is_v4() {
+            self.flows4.remove(&key.v4())
+        } else {
+            self.flows6.remove(key)
+        };
+        already_gone(removed).with_context(|| format!("FLOWS {key:?}"))
+    }
+
+    pub fn reply(&self, key: &FlowKey) -> Option<Reply> {
+        if key.is_v4() {
+            self.replies4.get(&key.v4(), 0).ok()
+        } else {
+            self.replies6.get(key, 0).ok()
+        }
+    }
+
+    pub fn insert_reply(&mut self, key: &FlowKey, reply: &Reply) -> anyhow::Result<()> {
+        let inserted = if key.is_v4() {
+            self.replies4.insert(key.v4(), reply, 0)
+        } else {
+            self.replies6.insert(key, reply, 0)
+        };
+        inserted.with_context(|| format!("REPLIES {key:?}"))
+    }
+
+    pub fn frontend(&self, key: &FrontendKey) -> Option<Frontend> {
+        if key.addr.is_v4() {
+            self.frontends4.get(&key.v4(), 0).ok()
+        } else {
+            self.frontends6.get(key, 0).ok()
+        }
     }
 }
 
@@ -434,12 +502,20 @@ impl DatapathMaps for KernelMaps {
             .with_context(|| format!("SERVICES[{id}]"))
     }
     fn write_frontend(&mut self, key: &FrontendKey, frontend: &Frontend) -> anyhow::Result<()> {
-        self.frontends
-            .insert(key, frontend, 0)
-            .with_context(|| format!("FRONTENDS {key:?}"))
+        let written = if key.addr.is_v4() {
+            self.frontends4.insert(key.v4(), frontend, 0)
+        } else {
+            self.frontends6.insert(key, frontend, 0)
+        };
+        written.with_context(|| format!("FRONTENDS {key:?}"))
     }
     fn remove_frontend(&mut self, key: &FrontendKey) -> anyhow::Result<()> {
-        already_gone(self.frontends.remove(key)).with_context(|| format!("FRONTENDS {key:?}"))
+        let removed = if key.addr.is_v4() {
+            self.frontends4.remove(&key.v4())
+        } else {
+            self.frontends6.remove(key)
+        };
+        already_gone(removed).with_context(|| format!("FRONTENDS {key:?}"))
     }
     fn add_source_range(
         &mut self,
@@ -498,7 +574,11 @@ impl DatapathMaps for KernelMaps {
                 exposure_common::source_range_len(&r.addr, key.prefix_len()),
             ));
         }
-        for item in self.frontends.iter() {
+        for item in self.frontends4.iter() {
+            let (k, v) = item?;
+            s.frontends.insert(k.into(), v);
+        }
+        for item in self.frontends6.iter() {
             let (k, v) = item?;
             s.frontends.insert(k, v);
         }

@@ -94,7 +94,8 @@ enum Command {
         /// Largest Maglev table for one Service (251, 509, 1021, 2039, 4093, 8191, 16381, 32749 or 65521).
         #[arg(long, default_value_t = 65521, value_parser = maglev_table_size)]
         maglev_max_table_size: u32,
-        /// Tracked flows (connection tracking entries; least recently used are evicted).
+        /// Tracked flows per address family (connection tracking entries; least recently used are
+        /// evicted).
         #[arg(long, default_value_t = exposure_common::MAX_FLOWS, value_parser = clap::value_parser!(u32).range(1024..))]
         max_flows: u32,
         #[arg(long, value_enum, default_value = "auto")]

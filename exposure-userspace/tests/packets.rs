@@ -279,7 +279,7 @@ impl Harness {
             proto,
             _pad: [0; 3],
         };
-        self.maps.flows.get(&key, 0).ok()
+        self.maps.flow(&key)
     }
 }
 
@@ -689,11 +689,11 @@ fn snat_ports_of_closed_connections_are_reused_at_once() {
         let snat_port = exposure_common::port(frame::parse(&out).unwrap().sport);
         let old = h
             .maps
-            .flows
+            .flows4
             .iter()
             .filter_map(Result::ok)
             .find(|(k, f)| f.snat_port == snat_port && k.sport != exposure_common::port(fresh.1))
-            .map(|(k, _)| k)
+            .map(|(k, _)| FlowKey::from(k))
             .expect("the port was a closed connection's");
         let old_client = (
             std::net::IpAddr::from(old.saddr),
@@ -709,7 +709,7 @@ fn snat_ports_of_closed_connections_are_reused_at_once() {
         h.xdp(&stray.build());
         let reply_of_fresh = h
             .maps
-            .replies
+            .replies4
             .iter()
             .filter_map(Result::ok)
             .find(|(_, r)| r.client_port == exposure_common::port(fresh.1))
@@ -882,9 +882,8 @@ fn load_balancer_source_ranges_admit_only_listed_sources_on_the_lb_address() {
 impl Harness {
     /// Forgets every tracked flow, so the next packet of each is selected afresh.
     fn forget_flows(&mut self) {
-        let keys: Vec<FlowKey> = self.maps.flows.keys().filter_map(Result::ok).collect();
-        for k in keys {
-            let _ = self.maps.flows.remove(&k);
+        for k in self.maps.flow_keys() {
+            self.maps.remove_flow(&k).unwrap();
         }
     }
 
@@ -934,6 +933,18 @@ fn maglev_moves_only_the_flows_of_a_removed_backend() {
             "{moved_needlessly} of {} flows moved needlessly",
             clients.len()
         );
+    });
+}
+
+#[test]
+fn maps_of_earlier_builds_are_unpinned_at_load() {
+    with_datapath(|h| {
+        // An earlier build's flow table for both families, as an upgrade finds it.
+        let (old, current) = (h.pin_dir.join("FLOWS"), h.pin_dir.join("FLOWS6"));
+        std::fs::rename(&current, &old).unwrap();
+        let _again = Datapath::load(&h.pin_dir).unwrap();
+        assert!(!old.exists(), "the retired pin is gone");
+        assert!(current.exists(), "this build's map is pinned again");
     });
 }
 
