@@ -101,6 +101,22 @@ pub fn as_key<K, W>(words: &W) -> &K {
     unsafe { &*(words as *const W as *const K) }
 }
 
+/// Calls `v4` or `v6` with the 5-tuple's key for its family's map, built as whole words, each
+/// branch its own call site.
+#[inline(always)]
+fn with_key<R>(k: &FlowKey, v4: impl FnOnce(&FlowKey4) -> R, v6: impl FnOnce(&FlowKey) -> R) -> R {
+    if k.is_v4() {
+        let (saddr, daddr) = (k.saddr.v4_raw(), k.daddr.v4_raw());
+        let w = key_words::flow4(saddr, daddr, k.sport, k.dport, k.proto);
+        let result = v4(as_key(&w));
+        own_call_site();
+        result
+    } else {
+        let w = key_words::flow6(&k.saddr, &k.daddr, k.sport, k.dport, k.proto);
+        v6(as_key(&w))
+    }
+}
+
 /// The entry for a 5-tuple in a per-family pair of flow maps.
 #[inline(always)]
 pub fn flow_entry<V>(
@@ -108,21 +124,7 @@ pub fn flow_entry<V>(
     v6: &LruHashMap<FlowKey, V>,
     k: &FlowKey,
 ) -> Option<*mut V> {
-    if k.is_v4() {
-        let w = key_words::flow4(
-            k.saddr.v4_raw(),
-            k.daddr.v4_raw(),
-            k.sport,
-            k.dport,
-            k.proto,
-        );
-        let found = v4.get_ptr_mut(as_key(&w));
-        own_call_site();
-        found
-    } else {
-        let w = key_words::flow6(&k.saddr, &k.daddr, k.sport, k.dport, k.proto);
-        v6.get_ptr_mut(as_key(&w))
-    }
+    with_key(k, |k| v4.get_ptr_mut(k), |k| v6.get_ptr_mut(k))
 }
 
 #[inline(always)]
@@ -133,22 +135,12 @@ fn insert_entry<V>(
     value: &V,
     flags: u64,
 ) -> Result<(), ()> {
-    let inserted = if k.is_v4() {
-        let w = key_words::flow4(
-            k.saddr.v4_raw(),
-            k.daddr.v4_raw(),
-            k.sport,
-            k.dport,
-            k.proto,
-        );
-        let inserted = v4.insert(as_key(&w), value, flags);
-        own_call_site();
-        inserted
-    } else {
-        let w = key_words::flow6(&k.saddr, &k.daddr, k.sport, k.dport, k.proto);
-        v6.insert(as_key(&w), value, flags)
-    };
-    inserted.map_err(|_| ())
+    with_key(
+        k,
+        |k| v4.insert(k, value, flags),
+        |k| v6.insert(k, value, flags),
+    )
+    .map_err(|_| ())
 }
 
 #[inline(always)]
