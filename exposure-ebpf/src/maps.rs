@@ -119,7 +119,7 @@ fn with_key<R>(k: &FlowKey, v4: impl FnOnce(&FlowKey4) -> R, v6: impl FnOnce(&Fl
 
 /// The entry for a 5-tuple in a per-family pair of flow maps.
 #[inline(always)]
-pub fn flow_entry<V>(
+fn flow_entry<V>(
     v4: &LruHashMap<FlowKey4, V>,
     v6: &LruHashMap<FlowKey, V>,
     k: &FlowKey,

@@ -456,14 +456,6 @@ impl KernelMaps {
         already_gone(removed).with_context(|| format!("FLOWS {key:?}"))
     }
 
-    pub fn reply(&self, key: &FlowKey) -> Option<Reply> {
-        if key.is_v4() {
-            self.replies4.get(&key.v4(), 0).ok()
-        } else {
-            self.replies6.get(key, 0).ok()
-        }
-    }
-
     pub fn insert_reply(&mut self, key: &FlowKey, reply: &Reply) -> anyhow::Result<()> {
         let inserted = if key.is_v4() {
             self.replies4.insert(key.v4(), reply, 0)
