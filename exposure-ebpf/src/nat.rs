@@ -1,7 +1,7 @@
 //! Address/port translation with incremental IPv4/IPv6 and TCP/UDP checksum updates.
 
 use aya_ebpf::programs::XdpContext;
-use exposure_common::{checksum, Addr, PROTO_TCP};
+use exposure_common::{checksum::Delta, Addr, PROTO_TCP};
 
 use crate::parse::*;
 
@@ -37,47 +37,36 @@ pub fn rewrite(ctx: &XdpContext, p: &Packet, to: &Tuple<'_>) -> Result<(), ()> {
     } else {
         ptr_at(ctx, p.l4_off + UDP_CHECK)?
     };
-    let mut c = load(l4_check);
-    if p.v6 {
+    // Every field's change is summed first and folded once per checksum.
+    let addrs = if p.v6 {
         // No IP header checksum in IPv6; the pseudo-header's addresses are in the L4 checksum.
         let saddr: *mut [u32; 4] = ptr_at(ctx, ETH_LEN + IP6_SADDR)?;
         let daddr: *mut [u32; 4] = ptr_at(ctx, ETH_LEN + IP6_DADDR)?;
-        if p.proto == PROTO_TCP {
-            c = checksum::replace16(c, &p.saddr.0, &to.saddr.0);
-            c = checksum::replace16(c, &p.daddr.0, &to.daddr.0);
-        } else {
-            c = checksum::udp_replace16(c, &p.saddr.0, &to.saddr.0);
-            c = checksum::udp_replace16(c, &p.daddr.0, &to.daddr.0);
-        }
         store(saddr, to.saddr.0);
         store(daddr, to.daddr.0);
+        Delta::default()
+            .words(&p.saddr.0, &to.saddr.0)
+            .words(&p.daddr.0, &to.daddr.0)
     } else {
         let ip_check: *mut u16 = ptr_at(ctx, ETH_LEN + IP_CHECK)?;
         let saddr: *mut u32 = ptr_at(ctx, ETH_LEN + IP_SADDR)?;
         let daddr: *mut u32 = ptr_at(ctx, ETH_LEN + IP_DADDR)?;
-        let (old_s, old_d) = (p.saddr.v4_raw(), p.daddr.v4_raw());
         let (new_s, new_d) = (to.saddr.v4_raw(), to.daddr.v4_raw());
-        let mut ic = load(ip_check);
-        ic = checksum::replace4(ic, old_s, new_s);
-        ic = checksum::replace4(ic, old_d, new_d);
-        store(ip_check, ic);
-        if p.proto == PROTO_TCP {
-            c = checksum::replace4(c, old_s, new_s);
-            c = checksum::replace4(c, old_d, new_d);
-        } else {
-            c = checksum::udp_replace4(c, old_s, new_s);
-            c = checksum::udp_replace4(c, old_d, new_d);
-        }
+        let addrs = Delta::default()
+            .word(p.saddr.v4_raw(), new_s)
+            .word(p.daddr.v4_raw(), new_d);
+        store(ip_check, addrs.apply(load(ip_check)));
         store(saddr, new_s);
         store(daddr, new_d);
-    }
-    if p.proto == PROTO_TCP {
-        c = checksum::replace2(c, p.sport, to.sport);
-        c = checksum::replace2(c, p.dport, to.dport);
+        addrs
+    };
+    let l4 = addrs.port(p.sport, to.sport).port(p.dport, to.dport);
+    let c = load(l4_check);
+    let c = if p.proto == PROTO_TCP {
+        l4.apply(c)
     } else {
-        c = checksum::udp_replace2(c, p.sport, to.sport);
-        c = checksum::udp_replace2(c, p.dport, to.dport);
-    }
+        l4.apply_udp(c)
+    };
     store(l4_check, c);
     store(ports, [to.sport, to.dport]);
     Ok(())

@@ -13,7 +13,8 @@
 //! Writes `bench/results/<date>.md` with SVG charts beside it and prints it. `--quick` runs the
 //! small sizes only. While working on one part: `EXPOSURE_BENCH_CONTROL_PLANE_ONLY=<Services>`,
 //! `EXPOSURE_BENCH_DATAPATH_ONLY=<backends>` (per-packet costs at 1,000 Services, or
-//! `EXPOSURE_BENCH_SERVICES`) or `EXPOSURE_BENCH_E2E_ONLY=<0..4>` (one end-to-end variant at 10
+//! `EXPOSURE_BENCH_SERVICES`; `EXPOSURE_BENCH_REPEAT` runs per measurement, long enough for
+//! `perf record`) or `EXPOSURE_BENCH_E2E_ONLY=<0..4>` (one end-to-end variant at 10
 //! Services).
 
 use std::{
@@ -560,7 +561,11 @@ fn main() {
             .ok()
             .and_then(|n| n.parse().ok())
             .unwrap_or(1_000);
-        let c = packet_costs(services, b.parse().unwrap_or(1).max(1), 200_000);
+        let repeat = std::env::var("EXPOSURE_BENCH_REPEAT")
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(200_000);
+        let c = packet_costs(services, b.parse().unwrap_or(1).max(1), repeat);
         eprintln!(
             "floor {:.0} one lookup {:.0} non-service {:.0} established {:.0} (IPv6 {:.0}) reply xdp {:.0} reply tc {:.0} new flow {:.0} ns",
             c.floor, c.one_lookup, c.non_service, c.established, c.established6, c.reply_xdp, c.reply_tc, c.new_flow
