@@ -236,7 +236,9 @@ fn to_backend(ctx: &XdpContext, p: &Packet, fe: &Frontend) -> Result<u32, ()> {
     let existing = packet_entry(p, &FLOWS4, &FLOWS6).filter(|&f| {
         let f = unsafe { &*f };
         let new_syn = p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN && flow_closing(f.flags);
-        flow_alive(p.proto, f.flags, f.last_seen_ns, now) && !new_syn
+        flow_alive(p.proto, f.flags, f.last_seen_ns, now)
+            && !new_syn
+            && (p.proto == PROTO_TCP || backend_still_there(f))
     });
     let flow = match existing {
         Some(f) => {
@@ -266,6 +268,17 @@ fn to_backend(ctx: &XdpContext, p: &Packet, fe: &Frontend) -> Result<u32, ()> {
         },
     };
     translate_to_backend(ctx, p, unsafe { &*flow })
+}
+
+/// Whether a UDP flow's backend is still an endpoint: when it leaves (its pod is gone), the flow
+/// picks a new backend, as kube-proxy deletes the conntrack entries of removed UDP endpoints. UDP
+/// has no end of its own: a client that keeps sending would otherwise keep sending into the void
+/// (a DNS client and a replaced DNS pod). TCP flows keep their backend; its RST or a timeout ends them.
+#[inline(always)]
+fn backend_still_there(f: &Flow) -> bool {
+    BACKENDS
+        .get(f.backend_id)
+        .is_some_and(|b| b.addr == f.backend_addr && b.port == f.backend_port)
 }
 
 /// A new flow that gets no backend: refused (ICMP port unreachable) or dropped, counted and logged.

@@ -172,16 +172,36 @@ pub fn tcp_ask(ns: &Netns, to: SocketAddr) -> anyhow::Result<String> {
     TcpSession::connect(ns, to)?.ask("hello")
 }
 
+/// A connected UDP socket made inside a namespace: every datagram from the same source port, one
+/// flow to the datapath.
+pub struct UdpSession {
+    sock: UdpSocket,
+}
+
+impl UdpSession {
+    pub fn connect(ns: &Netns, to: SocketAddr) -> anyhow::Result<Self> {
+        let any = if to.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" };
+        let sock = ns.run(move || UdpSocket::bind(any))??;
+        sock.set_read_timeout(Some(IO_TIMEOUT))?;
+        sock.connect(to)?;
+        Ok(UdpSession { sock })
+    }
+
+    /// Sends a datagram and returns the answer (trimmed).
+    pub fn ask(&mut self, text: &str) -> anyhow::Result<String> {
+        self.sock.send(text.as_bytes())?;
+        let mut buf = [0u8; 1500];
+        let n = self
+            .sock
+            .recv(&mut buf)
+            .context("waiting for the UDP answer")?;
+        Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string())
+    }
+}
+
 /// One UDP request from a fresh socket.
 pub fn udp_ask(ns: &Netns, to: SocketAddr) -> anyhow::Result<String> {
-    let any = if to.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" };
-    let sock = ns.run(move || UdpSocket::bind(any))??;
-    sock.set_read_timeout(Some(IO_TIMEOUT))?;
-    sock.connect(to)?;
-    sock.send(b"hello")?;
-    let mut buf = [0u8; 1500];
-    let n = sock.recv(&mut buf).context("waiting for the UDP answer")?;
-    Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string())
+    UdpSession::connect(ns, to)?.ask("hello")
 }
 
 /// Splits an answer into (pod ident, the client address the pod saw).

@@ -12,7 +12,7 @@ use std::{
 
 use exposure_lab::{
     agent::{pin_dir, Agent, Source},
-    apps::{self, parse_answer, Server, TcpSession},
+    apps::{self, parse_answer, Server, TcpSession, UdpSession},
     lab::{lb_ip, Lab, CLIENT_IP},
     netns::unique_prefix,
 };
@@ -388,6 +388,56 @@ fn held_connections_survive_endpoint_changes_and_agent_restarts() {
         pods.is_disjoint(&gone.iter().cloned().collect()),
         "restart resurrected removed endpoints: {pods:?}"
     );
+}
+
+#[test]
+fn udp_clients_move_on_when_their_endpoint_is_removed() {
+    let ports = "  - {name: udp, protocol: UDP, port: 53, targetPort: 50000, nodePort: 30053}\n";
+    let echo = |endpoints: &[(Ipv4Addr, String)]| {
+        let eps: Vec<(Ipv4Addr, &str)> =
+            endpoints.iter().map(|(ip, n)| (*ip, n.as_str())).collect();
+        service("dns", "NodePort", ports, "")
+            + "---\n"
+            + &slice("dns", "- {name: udp, protocol: UDP, port: 50000}\n", &eps)
+    };
+    let pods = all_pods(&[2, 2]);
+    let c = Cluster::start(&[2, 2], &[("dns.yaml", echo(&pods))]);
+    // Keep one socket whose datagrams reach a local pod of node-1 and one for a remote pod.
+    let mut held: Vec<(UdpSession, String)> = Vec::new();
+    for _ in 0..40 {
+        let mut s = UdpSession::connect(&c.lab.client, c.node(0, 30053)).unwrap();
+        let pod = parse_answer(&s.ask("hi").unwrap()).unwrap().0.to_string();
+        let local = pod.starts_with("pod-1-");
+        if !held.iter().any(|(_, p)| p.starts_with("pod-1-") == local) {
+            held.push((s, pod));
+        }
+        if held.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(held.len(), 2, "found a local and a remote backend");
+
+    // Their endpoints go (the pods themselves keep answering, so only the datapath can tell).
+    let gone: Vec<String> = held.iter().map(|(_, p)| p.clone()).collect();
+    let remaining: Vec<(Ipv4Addr, String)> = pods
+        .iter()
+        .filter(|(ip, _)| !gone.contains(&pod_name(*ip)))
+        .cloned()
+        .collect();
+    c.write("dns.yaml", &echo(&remaining));
+    c.eventually("removed endpoints get no new flows", || {
+        c.udp_spread(c.node(0, 30053), 12)
+            .is_disjoint(&gone.iter().cloned().collect())
+    });
+    // The same sockets, same flows: answered by the endpoints that remain, from the Service.
+    for (s, pod) in held.iter_mut() {
+        let answer = s.ask("still there?").expect("the flow is answered");
+        let (now, _) = parse_answer(&answer).unwrap();
+        assert!(
+            !gone.iter().any(|g| g == now),
+            "datagrams of {pod}'s flow still go to a removed endpoint: {answer}"
+        );
+    }
 }
 
 fn pod_name(ip: Ipv4Addr) -> String {

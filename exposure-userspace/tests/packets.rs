@@ -640,6 +640,47 @@ fn flows_stick_to_their_backend_and_new_flows_avoid_removed_ones() {
 }
 
 #[test]
+fn udp_flows_leave_a_removed_endpoint_and_the_others_stay() {
+    with_datapath(|h| {
+        let pods: Vec<Ipv4Addr> = (2..5).map(|i| Ipv4Addr::new(198, 19, 1, i)).collect();
+        h.program(&hello(&pods.iter().map(|p| (*p, true)).collect::<Vec<_>>()));
+        let send = |h: &mut Harness, sport| {
+            let (_, out) = h.xdp(&FrameSpec::udp((CLIENT, sport), (NODE, NODE_PORT)).build());
+            frame::parse(&out).unwrap().dst
+        };
+        let first: Vec<Ipv4Addr> = (41000..41060u16).map(|sport| send(h, sport)).collect();
+        let removed = pods[0];
+        assert!(
+            first.contains(&removed),
+            "no flow on the endpoint to remove"
+        );
+        h.program(&hello(
+            &pods[1..].iter().map(|p| (*p, true)).collect::<Vec<_>>(),
+        ));
+        // As kube-proxy clears a removed UDP endpoint's conntrack entries: the same datagram flow
+        // goes on to a remaining endpoint instead of into the void; the other flows stay put.
+        for (i, sport) in (41000..41060u16).enumerate() {
+            let now = send(h, sport);
+            if first[i] == removed {
+                assert_ne!(
+                    now, removed,
+                    "flow {sport} still sent to the removed endpoint"
+                );
+                assert_eq!(
+                    h.flow((CLIENT, sport), (NODE, NODE_PORT), UDP)
+                        .unwrap()
+                        .backend_addr,
+                    exposure_common::Addr::from(now),
+                    "flow {sport} does not record its new backend"
+                );
+            } else {
+                assert_eq!(now, first[i], "flow {sport} moved");
+            }
+        }
+    });
+}
+
+#[test]
 fn rst_closes_the_flow_and_a_new_syn_reselects() {
     with_datapath(|h| {
         h.program(&hello(&[(LOCAL_POD, true)]));
