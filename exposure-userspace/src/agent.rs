@@ -218,6 +218,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         let node = NodeContext {
             node_name: cfg.node_name.clone(),
             node_addrs,
+            zone: objects.zone_of(&cfg.node_name),
         };
         let (desired, model_errors) =
             translator.desired_state(&objects.services, &objects.endpoint_slices, &node);

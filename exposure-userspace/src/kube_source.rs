@@ -159,6 +159,7 @@ impl KubeSource {
         Objects {
             services: self.services.state(),
             endpoint_slices: self.slices.state(),
+            nodes: self.nodes.state(),
         }
     }
 

@@ -53,8 +53,8 @@ enum Command {
         /// Interface(s) to serve NodePorts/LoadBalancer IPs on (repeatable).
         #[arg(long = "iface", required = true)]
         ifaces: Vec<String>,
-        /// Directory of Service and EndpointSlice manifests (YAML/JSON), watched for changes.
-        /// Without it the agent watches the Kubernetes API.
+        /// Directory of Service and EndpointSlice manifests (YAML/JSON), watched for changes; a
+        /// Node named like this node gives its zone. Without it the agent watches the Kubernetes API.
         #[arg(long)]
         manifests: Option<PathBuf>,
         /// Kubeconfig for the API source (default: $KUBECONFIG, ~/.kube/config, or in-cluster).

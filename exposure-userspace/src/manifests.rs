@@ -9,7 +9,10 @@ use std::{
     time::SystemTime,
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
 use serde::Deserialize;
 
 /// Everything the directory currently says.
@@ -18,6 +21,25 @@ pub struct Objects {
     /// Shared, so a sync never deep-copies the cluster (and unchanged objects keep their identity).
     pub services: Vec<std::sync::Arc<Service>>,
     pub endpoint_slices: Vec<std::sync::Arc<EndpointSlice>>,
+    /// Nodes: only the agent's own is used (its zone label, for topology hints).
+    pub nodes: Vec<std::sync::Arc<Node>>,
+}
+
+impl Objects {
+    /// The zone of the node named `node_name`, from its `topology.kubernetes.io/zone` label.
+    pub fn zone_of(&self, node_name: &str) -> Option<String> {
+        self.nodes
+            .iter()
+            .find(|n| n.metadata.name.as_deref() == Some(node_name))
+            .and_then(|n| {
+                n.metadata
+                    .labels
+                    .as_ref()?
+                    .get(crate::model::ZONE_LABEL)
+                    .cloned()
+            })
+            .filter(|zone| !zone.is_empty())
+    }
 }
 
 /// A problem with one file or one object in it.
@@ -145,6 +167,8 @@ fn add_object(
         .to_owned();
     let namespace = namespace.as_str();
     let object = match &name {
+        // Nodes have no namespace.
+        Some(name) if kind == "Node" => format!("{kind} {name}"),
         Some(name) => format!("{kind} {namespace}/{name}"),
         None => format!("{kind} ({position})"),
     };
@@ -165,7 +189,7 @@ fn add_object(
                 );
             }
         }
-        ("v1", "Service") | ("discovery.k8s.io/v1", "EndpointSlice") if name.is_none() => {
+        ("v1", "Service" | "Node") | ("discovery.k8s.io/v1", "EndpointSlice") if name.is_none() => {
             report(object, "has no metadata.name".into());
         }
         ("v1", "Service") => match serde_yaml::from_value::<Service>(value) {
@@ -182,7 +206,11 @@ fn add_object(
                 Err(e) => report(object, format!("invalid EndpointSlice: {e}")),
             }
         }
-        (_, "Service" | "EndpointSlice") => {
+        ("v1", "Node") => match serde_yaml::from_value::<Node>(value) {
+            Ok(n) => objects.nodes.push(std::sync::Arc::new(n)),
+            Err(e) => report(object, format!("invalid Node: {e}")),
+        },
+        (_, "Service" | "EndpointSlice" | "Node") => {
             report(
                 object,
                 format!("unsupported apiVersion {api_version:?} for {kind}"),
@@ -257,6 +285,22 @@ mod tests {
 
     const SVC: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  type: NodePort\n  ports: [{port: 80, nodePort: 30080}]\n";
     const SLICE: &str = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-1, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nendpoints: []\n";
+
+    #[test]
+    fn nodes_give_the_zone_of_the_named_node() {
+        let text = "apiVersion: v1\nkind: Node\nmetadata: {name: node-a, labels: {topology.kubernetes.io/zone: zone-1}}\n---\napiVersion: v1\nkind: Node\nmetadata: {name: node-b}\n---\napiVersion: v1\nkind: Node\nmetadata: {name: node-c, labels: {topology.kubernetes.io/zone: \"\"}}\n---\napiVersion: v1\nkind: Node\nmetadata: {name: bad}\nspec: {unschedulable: maybe}\n";
+        let (o, e) = parse(text);
+        assert_eq!(o.nodes.len(), 3);
+        assert_eq!(o.zone_of("node-a").as_deref(), Some("zone-1"));
+        assert_eq!(o.zone_of("node-b"), None, "no label");
+        assert_eq!(o.zone_of("node-c"), None, "an empty label is no zone");
+        assert_eq!(o.zone_of("node-z"), None, "no such node");
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].to_string().contains("Node bad") && e[0].reason.contains("invalid Node"),
+            "{e:?}"
+        );
+    }
 
     #[test]
     fn multi_document_files_and_other_kinds() {

@@ -196,12 +196,17 @@ impl DesiredState {
     }
 }
 
-/// What the node contributes: its name (for locality) and its NodePort addresses (both families).
-#[derive(Clone, Debug, Default)]
+/// What the node contributes: its name (for locality), its NodePort addresses (both families) and
+/// its zone (the `topology.kubernetes.io/zone` label, for topology hints).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeContext {
     pub node_name: String,
     pub node_addrs: Vec<IpAddr>,
+    pub zone: Option<String>,
 }
+
+/// The label that names a node's zone.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ModelError {
@@ -354,23 +359,82 @@ fn source_ranges(
 struct Endpoints {
     ready: Vec<BackendAddr>,
     terminating: Vec<BackendAddr>,
+    /// The ready endpoints' topology hints (`hints.forNodes`, `hints.forZones`), by endpoint.
+    hints: BTreeMap<BackendAddr, Hints>,
+}
+
+#[derive(Clone, Debug, Default)]
+struct Hints {
+    nodes: BTreeSet<String>,
+    zones: BTreeSet<String>,
+}
+
+/// Which ready endpoints topology hints leave to this node (kube-proxy's rules): those hinted for
+/// this node if every ready endpoint has node hints and one names this node; else those hinted for
+/// its zone if every ready endpoint has zone hints and one names its zone; else all. Hints are
+/// missing on some endpoint while the EndpointSlice controller switches modes, and a node whose
+/// zone no endpoint serves would otherwise get none: both fall back to all endpoints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Topology<'a> {
+    Node(&'a str),
+    Zone(&'a str),
+    Any,
 }
 
 impl Endpoints {
-    /// kube-proxy's choice for one scope (all endpoints, or only this node's).
-    fn pick(&self, local_only: bool) -> Vec<BackendAddr> {
-        let scope = |v: &[BackendAddr]| -> Vec<BackendAddr> {
-            v.iter()
-                .filter(|b| !local_only || b.local)
-                .copied()
-                .collect()
+    fn topology<'a>(&self, node: &'a NodeContext) -> Topology<'a> {
+        let hints: Vec<&Hints> = self
+            .ready
+            .iter()
+            .filter_map(|b| self.hints.get(b))
+            .collect();
+        let all_have = |f: fn(&Hints) -> &BTreeSet<String>| {
+            hints.len() == self.ready.len() && hints.iter().all(|h| !f(h).is_empty())
         };
-        let ready = scope(&self.ready);
-        if ready.is_empty() {
-            scope(&self.terminating)
-        } else {
-            ready
+        let any_names = |f: fn(&Hints) -> &BTreeSet<String>, name: &str| {
+            hints.iter().any(|h| f(h).contains(name))
+        };
+        if all_have(|h| &h.nodes) && any_names(|h| &h.nodes, &node.node_name) {
+            return Topology::Node(&node.node_name);
         }
+        match node.zone.as_deref() {
+            Some(zone) if all_have(|h| &h.zones) && any_names(|h| &h.zones, zone) => {
+                Topology::Zone(zone)
+            }
+            _ => Topology::Any,
+        }
+    }
+
+    /// kube-proxy's choice for one scope: only this node's endpoints (`externalTrafficPolicy:
+    /// Local`, where hints don't apply), or the cluster's as topology hints narrow them.
+    fn pick(&self, local_only: bool, node: &NodeContext) -> Vec<BackendAddr> {
+        let topology = if local_only {
+            Topology::Any
+        } else {
+            self.topology(node)
+        };
+        let hinted = |b: &BackendAddr| {
+            let hints = self.hints.get(b);
+            match topology {
+                Topology::Node(name) => hints.is_some_and(|h| h.nodes.contains(name)),
+                Topology::Zone(zone) => hints.is_some_and(|h| h.zones.contains(zone)),
+                Topology::Any => true,
+            }
+        };
+        let ready: Vec<BackendAddr> = self
+            .ready
+            .iter()
+            .filter(|b| (!local_only || b.local) && hinted(b))
+            .copied()
+            .collect();
+        if !ready.is_empty() {
+            return ready;
+        }
+        self.terminating
+            .iter()
+            .filter(|b| !local_only || b.local)
+            .copied()
+            .collect()
     }
 }
 
@@ -383,6 +447,7 @@ fn usable_endpoints(
 ) -> Endpoints {
     let mut ready = BTreeSet::new();
     let mut terminating = BTreeSet::new();
+    let mut hints: BTreeMap<BackendAddr, Hints> = BTreeMap::new();
     for slice in slices {
         if IpFamily::parse(&slice.address_type) != Some(family) {
             continue;
@@ -420,6 +485,13 @@ fn usable_endpoints(
             let is_terminating = c.and_then(|c| c.terminating).unwrap_or(false);
             if is_ready {
                 ready.insert(backend);
+                if let Some(h) = &ep.hints {
+                    let entry = hints.entry(backend).or_default();
+                    let names = h.for_nodes.iter().flatten().map(|n| n.name.clone());
+                    entry.nodes.extend(names);
+                    let names = h.for_zones.iter().flatten().map(|z| z.name.clone());
+                    entry.zones.extend(names);
+                }
             } else if serving && is_terminating {
                 terminating.insert(backend);
             }
@@ -428,6 +500,7 @@ fn usable_endpoints(
     Endpoints {
         ready: ready.into_iter().collect(),
         terminating: terminating.into_iter().collect(),
+        hints,
     }
 }
 
@@ -597,9 +670,9 @@ pub fn translate_service(
         let endpoints = usable_endpoints(slices, &port_name, protocol, family, &node.node_name);
         // The health check counts the primary family's endpoints (a dual-stack pod has two IPs).
         if Some(&family) == families.first() {
-            local_endpoints.extend(endpoints.pick(true).iter().map(|b| b.ip));
+            local_endpoints.extend(endpoints.pick(true, node).iter().map(|b| b.ip));
         }
-        let all = endpoints.pick(false);
+        let all = endpoints.pick(false, node);
         let (backends, when_empty) = if local_only {
             // Endpoints elsewhere but none here: drop (kube-proxy); none anywhere: refuse.
             let when_empty = if all.is_empty() {
@@ -607,7 +680,7 @@ pub fn translate_service(
             } else {
                 WhenEmpty::Drop
             };
-            (endpoints.pick(true), when_empty)
+            (endpoints.pick(true, node), when_empty)
         } else {
             (all, WhenEmpty::Reject)
         };
@@ -793,7 +866,7 @@ pub fn desired_state<S: std::borrow::Borrow<Service>, E: std::borrow::Borrow<End
 #[derive(Default)]
 pub struct Translator {
     memo: HashMap<usize, Memo>,
-    node: Option<(String, Vec<IpAddr>)>,
+    node: Option<NodeContext>,
     /// How many Services the last call translated afresh (the rest came from the memo).
     pub retranslated: usize,
 }
@@ -812,10 +885,9 @@ impl Translator {
         slices: &[Arc<EndpointSlice>],
         node: &NodeContext,
     ) -> (DesiredState, Vec<ModelError>) {
-        let node_key = (node.node_name.clone(), node.node_addrs.clone());
-        if self.node.as_ref() != Some(&node_key) {
+        if self.node.as_ref() != Some(node) {
             self.memo.clear();
-            self.node = Some(node_key);
+            self.node = Some(node.clone());
         }
         let by_service = group_slices(slices);
         let mut sorted: Vec<&Arc<Service>> = services.iter().collect();
@@ -882,6 +954,7 @@ mod tests {
                 IpAddr::from([198, 18, 0, 10]),
                 IpAddr::from([198, 18, 0, 11]),
             ],
+            zone: None,
         }
     }
 
@@ -1263,6 +1336,103 @@ spec:
     }
 
     #[test]
+    fn topology_hints_narrow_cluster_endpoints_as_kube_proxy_does() {
+        // Endpoints as (ip, zone hints, node hints, ready).
+        let with = |eps: &[(&str, &[&str], &[&str], bool)]| {
+            let mut text = String::new();
+            for (ip, zones, nodes, ready) in eps {
+                text += &format!("- addresses: [{ip}]\n  conditions: {{ready: {ready}, serving: true, terminating: {}}}\n  nodeName: node-z\n", !ready);
+                if !zones.is_empty() || !nodes.is_empty() {
+                    let names = |v: &[&str]| {
+                        v.iter()
+                            .map(|n| format!("{{name: {n}}}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    };
+                    text += &format!(
+                        "  hints: {{forZones: [{}], forNodes: [{}]}}\n",
+                        names(zones),
+                        names(nodes)
+                    );
+                }
+            }
+            slice(&format!(
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: h, namespace: default, labels: {{kubernetes.io/service-name: hello-world}}}}\naddressType: IPv4\nports: [{{name: \"\", protocol: TCP, port: 50000}}]\nendpoints:\n{text}"
+            ))
+        };
+        let in_zone = |zone: Option<&str>| NodeContext {
+            zone: zone.map(str::to_owned),
+            ..node()
+        };
+        let ips = |svc_yaml: &str, eps: &EndpointSlice, node: &NodeContext| -> Vec<String> {
+            let (state, errors) = desired_state(&[svc(svc_yaml)], std::slice::from_ref(eps), node);
+            assert!(errors.is_empty(), "{errors:?}");
+            state.services[&key("hello-world", "", Protocol::Tcp)]
+                .backends
+                .iter()
+                .map(|b| b.ip.to_string())
+                .collect()
+        };
+        let hinted = with(&[
+            ("198.19.1.2", &["zone-1"], &[], true),
+            ("198.19.1.3", &["zone-2"], &[], true),
+            ("198.19.1.4", &["zone-1", "zone-2"], &[], true),
+        ]);
+        let (a, b) = (in_zone(Some("zone-1")), in_zone(Some("zone-2")));
+        assert_eq!(ips(HELLO, &hinted, &a), ["198.19.1.2", "198.19.1.4"]);
+        assert_eq!(ips(HELLO, &hinted, &b), ["198.19.1.3", "198.19.1.4"]);
+        // Safeguards, all falling back to every endpoint: a node without a zone, a zone no hint
+        // names, a ready endpoint without hints (the controller is switching modes).
+        let everyone = ["198.19.1.2", "198.19.1.3", "198.19.1.4"];
+        assert_eq!(ips(HELLO, &hinted, &in_zone(None)), everyone);
+        assert_eq!(ips(HELLO, &hinted, &in_zone(Some("zone-9"))), everyone);
+        let partly = with(&[
+            ("198.19.1.2", &["zone-1"], &[], true),
+            ("198.19.1.3", &[], &[], true),
+        ]);
+        assert_eq!(ips(HELLO, &partly, &a), ["198.19.1.2", "198.19.1.3"]);
+        // An unready endpoint's missing hints don't count; hints don't apply to the terminating
+        // fallback.
+        let unready = with(&[
+            ("198.19.1.2", &["zone-1"], &[], true),
+            ("198.19.1.3", &["zone-2"], &[], true),
+            ("198.19.1.5", &[], &[], false),
+        ]);
+        assert_eq!(ips(HELLO, &unready, &a), ["198.19.1.2"]);
+        let draining = with(&[("198.19.1.5", &["zone-2"], &[], false)]);
+        assert_eq!(ips(HELLO, &draining, &a), ["198.19.1.5"]);
+        // Node hints (trafficDistribution: PreferSameNode) come before zone hints.
+        let same_node = with(&[
+            ("198.19.1.2", &["zone-1"], &["node-a"], true),
+            ("198.19.1.3", &["zone-1"], &["node-b"], true),
+            ("198.19.1.4", &["zone-2"], &["node-c"], true),
+        ]);
+        assert_eq!(ips(HELLO, &same_node, &a), ["198.19.1.2"]);
+        let other_node = NodeContext {
+            node_name: "node-x".into(),
+            ..a.clone()
+        };
+        assert_eq!(
+            ips(HELLO, &same_node, &other_node),
+            ["198.19.1.2", "198.19.1.3"],
+            "no endpoint for this node: its zone's"
+        );
+        // externalTrafficPolicy: Local is about this node's endpoints; hints play no part.
+        let local = HELLO.replace(
+            "type: NodePort",
+            "type: NodePort\n  externalTrafficPolicy: Local",
+        );
+        let here = |z: &str| {
+            let text = HELLO_SLICE.replace(
+                "nodeName: node-a",
+                &format!("nodeName: node-a\n  hints: {{forZones: [{{name: {z}}}]}}"),
+            );
+            slice(&text)
+        };
+        assert_eq!(ips(&local, &here("zone-2"), &a), ["198.19.1.2"]);
+    }
+
+    #[test]
     fn health_check_node_port_reports_local_endpoints() {
         let lb = HELLO.replace(
             "type: NodePort",
@@ -1403,6 +1573,7 @@ status:
                 "198.18.0.10".parse().unwrap(),
                 "2001:2::10".parse().unwrap(),
             ],
+            zone: None,
         }
     }
 

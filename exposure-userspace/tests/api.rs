@@ -153,6 +153,51 @@ fn metric(text: &str, prefix: &str) -> Option<f64> {
 }
 
 #[test]
+fn topology_hints_keep_traffic_in_the_node_zone() {
+    let pods = [2, 2];
+    // Every endpoint hinted for its own node's zone, as the EndpointSlice controller does for
+    // `trafficDistribution: PreferClose`.
+    let hinted = |unhinted: Option<Ipv4Addr>| {
+        let mut slice = hello_slice(&everyone(&pods));
+        for ep in slice["endpoints"].as_array_mut().unwrap() {
+            let zone = if ep["nodeName"] == "node-1" {
+                "zone-a"
+            } else {
+                "zone-b"
+            };
+            if ep["addresses"][0] != unhinted.map(|ip| ip.to_string()).unwrap_or_default() {
+                ep["hints"] = json!({"forZones": [{"name": zone}]});
+            }
+        }
+        slice
+    };
+    let c = Cluster::start(&pods, vec![hello_world(), hinted(None)]);
+    let all = names(&["pod-1-1", "pod-1-2", "pod-2-1", "pod-2-2"]);
+    // The Nodes have no zone yet: hints are not used.
+    assert_eq!(c.pods_answering(c.node(0, 30600), 60), all);
+    // The Nodes get their zones through the watch: each node keeps to its zone's endpoints.
+    for (n, zone) in [(1, "zone-a"), (2, "zone-b")] {
+        let ip = c.lab.nodes[n - 1].ip.to_string();
+        c.cp.api.apply(json!({"apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": format!("node-{n}"), "labels": {"topology.kubernetes.io/zone": zone}},
+            "status": {"addresses": [{"type": "InternalIP", "address": ip}]}}));
+    }
+    let zone_a = names(&["pod-1-1", "pod-1-2"]);
+    let zone_b = names(&["pod-2-1", "pod-2-2"]);
+    c.eventually("node-1 serves from zone-a only", || {
+        c.pods_answering(c.node(0, 30600), 30) == zone_a
+    });
+    c.eventually("node-2 serves from zone-b only", || {
+        c.pods_answering(c.node(1, 30600), 30) == zone_b
+    });
+    // One ready endpoint without hints (the controller changing modes): all endpoints again.
+    c.cp.api.apply(hinted(Some(pod_ip(1, 0))));
+    c.eventually("hints are ignored while one is missing", || {
+        c.pods_answering(c.node(0, 30600), 60) == all
+    });
+}
+
+#[test]
 fn objects_from_the_api_are_served_like_manifests() {
     let pods = [2, 2];
     let echo = service_json(
