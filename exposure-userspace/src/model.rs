@@ -550,9 +550,12 @@ pub fn translate_service(
             .as_ref()
             .and_then(|s| s.load_balancer.as_ref())
             .and_then(|lb| lb.ingress.as_ref());
+        // `ipMode: Proxy` (KEP-1860): the load balancer delivers to the node's own address and
+        // port, not to the LB address; like kube-proxy, leave that address alone.
         let ips = ingress
             .into_iter()
             .flatten()
+            .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
             .filter_map(|i| i.ip.as_deref());
         ip_list(&display, "status.loadBalancer.ingress.ip", ips, errors)
     } else {
@@ -1077,6 +1080,21 @@ endpoints:
             protocol: Protocol::Tcp,
         };
         assert_eq!(s.frontends[&lbf], FrontendKind::LoadBalancer);
+
+        // `ipMode: Proxy`: the LB sends to node addresses; its own address is not ours to take.
+        let proxied = HELLO.replace("type: NodePort", "type: LoadBalancer")
+            + "status:\n  loadBalancer:\n    ingress: [{ip: 198.18.100.1, ipMode: VIP}, {ip: 198.18.100.2, ipMode: Proxy}]\n";
+        let (state, errors) = desired_state(&[svc(&proxied)], &[slice(HELLO_SLICE)], &node());
+        assert!(errors.is_empty(), "{errors:?}");
+        let s = &state.services[&key("hello-world", "", Protocol::Tcp)];
+        let lb_addrs: Vec<IpAddr> = s
+            .frontends
+            .iter()
+            .filter(|(_, kind)| **kind == FrontendKind::LoadBalancer)
+            .map(|(f, _)| f.ip)
+            .collect();
+        assert_eq!(lb_addrs, [IpAddr::from([198, 18, 100, 1])]);
+        assert_eq!(s.frontends.len(), 3, "both NodePorts stay");
     }
 
     #[test]
