@@ -293,6 +293,12 @@ pub struct Reconciler {
     frontends: BTreeMap<FrontendKey, Frontend>,
     services: BTreeMap<u32, ServiceSlots>,
     backends: BTreeMap<u32, Backend>,
+    /// How many services' live sets hold each backend id (ids held by none are absent): a change
+    /// then finds the backends it freed without walking every backend.
+    backend_refs: HashMap<u32, u32>,
+    /// Ids that may have lost their last service, or were handed out and perhaps never written
+    /// (with the address they were handed out for): settled at the end of a reconcile.
+    maybe_unused: BTreeMap<u32, (IpAddr, u16)>,
 }
 
 fn frontend_key(f: &FrontendAddr) -> FrontendKey {
@@ -376,6 +382,17 @@ impl Reconciler {
             .iter()
             .map(|(id, b)| ((IpAddr::from(b.addr), common::port_host(b.port)), *id))
             .collect();
+        let mut backend_refs: HashMap<u32, u32> = HashMap::new();
+        for id in services.values().flat_map(|s| s.live.iter()) {
+            *backend_refs.entry(*id).or_default() += 1;
+        }
+        // Backends no restored service uses go at the first reconcile that changes anything.
+        let maybe_unused = snapshot
+            .backends
+            .iter()
+            .filter(|(id, _)| !backend_refs.contains_key(id))
+            .map(|(id, b)| (*id, (IpAddr::from(b.addr), common::port_host(b.port))))
+            .collect();
         Reconciler {
             limits,
             service_ids: BTreeMap::new(),
@@ -389,6 +406,8 @@ impl Reconciler {
             regions,
             services,
             backends: snapshot.backends,
+            backend_refs,
+            maybe_unused,
         }
     }
 
@@ -421,7 +440,6 @@ impl Reconciler {
         // Frontend key -> (service id, kind flags).
         let mut wanted_frontends: BTreeMap<FrontendKey, (u32, u16)> = BTreeMap::new();
         let mut live_services: HashSet<u32> = HashSet::with_capacity(desired.services.len());
-        let mut changed = false;
 
         for (name, want) in &desired.services {
             // Unchanged since it was last applied: nothing to write (the common case per event).
@@ -436,21 +454,18 @@ impl Reconciler {
             };
             let id = match unchanged {
                 Some(id) => id,
-                None => {
-                    changed = true;
-                    match self.apply_service(name, want, maps, &mut report) {
-                        Ok(Some(id)) => {
-                            self.applied.insert(name.clone(), want.clone());
-                            id
-                        }
-                        Ok(None) => continue,
-                        Err(e) => {
-                            self.applied.remove(name);
-                            report.errors.push(e);
-                            continue;
-                        }
+                None => match self.apply_service(name, want, maps, &mut report) {
+                    Ok(Some(id)) => {
+                        self.applied.insert(name.clone(), want.clone());
+                        id
                     }
-                }
+                    Ok(None) => continue,
+                    Err(e) => {
+                        self.applied.remove(name);
+                        report.errors.push(e);
+                        continue;
+                    }
+                },
             };
             live_services.insert(id);
             for (addr, kind) in &want.frontends {
@@ -500,7 +515,6 @@ impl Reconciler {
             .filter(|k| !wanted_frontends.contains_key(k))
             .copied()
             .collect();
-        changed |= !stale.is_empty();
         for key in stale {
             match maps.remove_frontend(&key) {
                 Ok(()) => {
@@ -522,7 +536,6 @@ impl Reconciler {
             .copied()
             .collect();
         self.service_ids.retain(|_, id| live_services.contains(id));
-        changed |= !dropped.is_empty();
         for id in dropped {
             self.claimed.remove(&id);
             // Claimed but never written (its apply failed): hand the id back.
@@ -546,46 +559,59 @@ impl Reconciler {
                 });
             }
         }
-        if !changed {
-            return report; // nothing was added, changed or removed: no backend can have become unused
-        }
-        let in_use: std::collections::HashSet<u32> = self
-            .services
-            .values()
-            .flat_map(|s| s.live.iter().copied())
-            .collect();
-        let unused: Vec<u32> = self
-            .backends
-            .keys()
-            .filter(|id| !in_use.contains(id))
-            .copied()
-            .collect();
-        for id in unused {
-            match maps.clear_backend(id) {
-                Ok(()) => {
-                    let b = self.backends.remove(&id).unwrap_or_default();
-                    self.backend_ids
-                        .remove(&(IpAddr::from(b.addr), common::port_host(b.port)));
-                    self.backend_pool.release(id);
-                    report.writes += 1;
-                }
-                Err(e) => report.errors.push(SyncError::Write {
-                    service: format!("backend id {id}"),
-                    source: e,
-                }),
-            }
-        }
-        // Ids handed out for backends whose write failed and that are no longer wanted.
-        let backends = &self.backends;
-        let pool = &mut self.backend_pool;
-        self.backend_ids.retain(|_, id| {
-            let keep = backends.contains_key(id) || in_use.contains(id);
-            if !keep {
-                pool.release(*id);
-            }
-            keep
-        });
+        self.settle_unused_backends(maps, &mut report);
         report
+    }
+
+    /// Clears the backends no service uses any more, and hands back ids given out for backends
+    /// whose write failed. Only the candidates a change produced are looked at.
+    fn settle_unused_backends(&mut self, maps: &mut dyn DatapathMaps, report: &mut SyncReport) {
+        for (id, addr) in std::mem::take(&mut self.maybe_unused) {
+            if self.backend_refs.contains_key(&id) {
+                continue;
+            }
+            if self.backends.contains_key(&id) {
+                if let Err(e) = maps.clear_backend(id) {
+                    self.maybe_unused.insert(id, addr);
+                    report.errors.push(SyncError::Write {
+                        service: format!("backend id {id}"),
+                        source: e,
+                    });
+                    continue;
+                }
+                self.backends.remove(&id);
+                report.writes += 1;
+            }
+            if self.backend_ids.get(&addr) == Some(&id) {
+                self.backend_ids.remove(&addr);
+            }
+            self.backend_pool.release(id);
+        }
+    }
+
+    /// Records a service's slots (or their removal), keeping the backends' reference counts.
+    fn set_slots(&mut self, id: u32, slots: Option<ServiceSlots>) {
+        let new_live = slots.as_ref().map(|s| s.live.clone()).unwrap_or_default();
+        let old = match slots {
+            Some(slots) => self.services.insert(id, slots),
+            None => self.services.remove(&id),
+        };
+        for bid in new_live {
+            *self.backend_refs.entry(bid).or_default() += 1;
+        }
+        for bid in old.map(|s| s.live).unwrap_or_default() {
+            let Some(n) = self.backend_refs.get_mut(&bid) else {
+                continue;
+            };
+            *n -= 1;
+            if *n == 0 {
+                self.backend_refs.remove(&bid);
+                if let Some(b) = self.backends.get(&bid) {
+                    let addr = (IpAddr::from(b.addr), common::port_host(b.port));
+                    self.maybe_unused.insert(bid, addr);
+                }
+            }
+        }
     }
 
     /// Picks the id for a Service port: the one it had (found through its frontends in restored maps),
@@ -637,6 +663,8 @@ impl Reconciler {
         let backends = &self.backends;
         let id = self.backend_pool.alloc(|id| backends.contains_key(&id))?;
         self.backend_ids.insert((b.ip, b.port), id);
+        // Unused until a service's slots take it (its write may yet fail).
+        self.maybe_unused.insert(id, (b.ip, b.port));
         Some(id)
     }
 
@@ -794,14 +822,14 @@ impl Reconciler {
                 .map_err(write_err)?;
             report.writes += 1;
         }
-        self.services.insert(
+        self.set_slots(
             id,
-            ServiceSlots {
+            Some(ServiceSlots {
                 service,
                 live: ids,
                 table,
                 ranges,
-            },
+            }),
         );
         Ok(Some(id))
     }
@@ -828,7 +856,7 @@ impl Reconciler {
         }
         self.regions
             .free_later(s.service.table_offset, s.service.table_size);
-        self.services.remove(&id);
+        self.set_slots(id, None);
         self.service_pool.release(id);
         Ok(())
     }
@@ -1363,6 +1391,68 @@ mod tests {
         assert_eq!(maps.affinity_purges, [(id, Some(vec![gone]))]);
         r.reconcile(&DesiredState::default(), &mut maps);
         assert_eq!(maps.affinity_purges.last(), Some(&(id, None)));
+    }
+
+    #[test]
+    fn backends_go_with_their_last_service_and_only_then() {
+        let mut maps = FakeMaps {
+            check_every_write: true,
+            ..Default::default()
+        };
+        let mut r = Reconciler::restore(Snapshot::default(), Limits::default());
+        // Backend 2 is shared; 1 and 3 belong to one service each.
+        r.reconcile(
+            &state(&[
+                ("a", service(30001, &[(1, false), (2, false)])),
+                ("b", service(30002, &[(2, false), (3, false)])),
+            ]),
+            &mut maps,
+        );
+        assert_eq!(maps.state.backends.len(), 3);
+        r.reconcile(
+            &state(&[("b", service(30002, &[(2, false), (3, false)]))]),
+            &mut maps,
+        );
+        assert_eq!(
+            maps.state.backends.len(),
+            2,
+            "a's own backend went, the shared one stayed"
+        );
+        r.reconcile(&state(&[("b", service(30002, &[(3, false)]))]), &mut maps);
+        assert_eq!(maps.state.backends.len(), 1);
+        assert_eq!(r.backend_ids.len(), 1);
+        assert!(r.maybe_unused.is_empty());
+
+        // A backend left in the maps that no service uses (an earlier run's) goes at the first
+        // reconcile after a restart, even one that changes nothing else.
+        let orphan = Backend {
+            addr: Addr::from(IpAddr::from([198, 19, 9, 9])),
+            port: common::port(8080),
+            ..Default::default()
+        };
+        maps.state.backends.insert(77, orphan);
+        let mut restarted = Reconciler::restore(maps.snapshot().unwrap(), Limits::default());
+        let report =
+            restarted.reconcile(&state(&[("b", service(30002, &[(3, false)]))]), &mut maps);
+        assert_eq!(report.writes, 1, "only the orphan's removal");
+        assert!(!maps.state.backends.contains_key(&77));
+    }
+
+    #[test]
+    fn an_id_handed_out_for_a_failed_backend_write_is_given_back() {
+        let mut maps = FakeMaps {
+            fail_at_write: Some(1),
+            ..Default::default()
+        };
+        let mut r = Reconciler::restore(Snapshot::default(), Limits::default());
+        let first = r.reconcile(&state(&[("a", service(30001, &[(1, false)]))]), &mut maps);
+        assert_eq!(first.errors.len(), 1);
+        // The backend is no longer wanted: its id and address are forgotten.
+        let second = r.reconcile(&state(&[("a", service(30001, &[(2, false)]))]), &mut maps);
+        assert!(second.errors.is_empty(), "{:?}", second.errors);
+        assert_eq!(r.backend_ids.len(), 1, "{:?}", r.backend_ids);
+        assert!(r.maybe_unused.is_empty());
+        assert_eq!(maps.state.backends.len(), 1);
     }
 
     #[test]
