@@ -280,7 +280,7 @@ fn record(
     took: Duration,
     first: bool,
 ) {
-    let (errors, writes) = (&report.errors, report.writes);
+    let errors = &report.errors;
     if let Ok(mut h) = metrics.sync_duration.lock() {
         h.observe(took);
     }
@@ -293,8 +293,9 @@ fn record(
     let (services, backends) = reconciler.counts();
     metrics.services.store(services as u64, Ordering::Relaxed);
     metrics.backends.store(backends as u64, Ordering::Relaxed);
-    // Labels only change when frontends do.
-    if let (true, Ok(mut f)) = (writes > 0 || first, metrics.frontends.lock()) {
+    // Labels only change when frontends do (formatting them is linear in their number).
+    let relabel = report.frontends_changed || first;
+    if let (true, Ok(mut f)) = (relabel, metrics.frontends.lock()) {
         *f = reconciler
             .frontend_labels()
             .into_iter()

@@ -150,6 +150,8 @@ impl FrontendIdError for Option<anyhow::Error> {
 pub struct SyncReport {
     pub writes: usize,
     pub errors: Vec<SyncError>,
+    /// A frontend was added, changed or removed (what per-frontend metrics labels depend on).
+    pub frontends_changed: bool,
 }
 
 /// Free space in the `MAGLEV` array: first fit over free regions, then the untouched tail. Freed
@@ -501,6 +503,7 @@ impl Reconciler {
                 Ok(()) => {
                     self.frontends.insert(*key, fe);
                     report.writes += 1;
+                    report.frontends_changed = true;
                 }
                 Err(e) => report.errors.push(SyncError::Write {
                     service: format!("frontend {}", display()),
@@ -522,6 +525,7 @@ impl Reconciler {
                         self.frontend_pool.release(fe.id);
                     }
                     report.writes += 1;
+                    report.frontends_changed = true;
                 }
                 Err(e) => report.errors.push(SyncError::Write {
                     service: format!("frontend {key:?}"),
@@ -1358,6 +1362,10 @@ mod tests {
         // The new backend, s7's new table, the service flip, the old backend.
         assert_eq!(report.writes, 4, "only s7's entries");
         assert_eq!(maps.writes - before, 4);
+        assert!(!report.frontends_changed, "metrics labels need no rebuild");
+        changed.pop();
+        let report = r.reconcile(&as_state(&changed), &mut maps);
+        assert!(report.frontends_changed, "a Service's frontends went");
     }
 
     #[test]
