@@ -334,29 +334,15 @@ fn traffic_that_is_not_for_a_service_is_untouched() {
 fn held_connections_survive_endpoint_changes_and_agent_restarts() {
     let pods = all_pods(&[2, 2]);
     let mut c = Cluster::start(&[2, 2], &[("hello.yaml", hello_world(&pods))]);
-    // Hold connections until we have one to a local and one to a remote pod of node-1.
-    let mut held: Vec<(TcpSession, String)> = Vec::new();
-    for _ in 0..40 {
+    let mut held = local_and_remote(|| {
         let mut s = TcpSession::connect(&c.lab.client, c.node(0, 30600)).unwrap();
         let pod = parse_answer(&s.ask("hi").unwrap()).unwrap().0.to_string();
-        let local = pod.starts_with("pod-1-");
-        if !held.iter().any(|(_, p)| p.starts_with("pod-1-") == local) {
-            held.push((s, pod));
-        }
-        if held.len() == 2 {
-            break;
-        }
-    }
-    assert_eq!(held.len(), 2, "found a local and a remote backend");
+        (s, pod)
+    });
 
     // Remove both held pods' endpoints: their connections keep going, new ones avoid them.
     let gone: Vec<String> = held.iter().map(|(_, p)| p.clone()).collect();
-    let remaining: Vec<(Ipv4Addr, String)> = pods
-        .iter()
-        .filter(|(ip, _)| !gone.iter().any(|g| *g == pod_name(*ip)))
-        .cloned()
-        .collect();
-    c.write("hello.yaml", &hello_world(&remaining));
+    c.write("hello.yaml", &hello_world(&without(&pods, &gone)));
     c.eventually("removed endpoints get no new flows", || {
         let (pods, _) = c.tcp_spread(c.node(0, 30600), 12);
         pods.is_disjoint(&gone.iter().cloned().collect())
@@ -402,29 +388,15 @@ fn udp_clients_move_on_when_their_endpoint_is_removed() {
     };
     let pods = all_pods(&[2, 2]);
     let c = Cluster::start(&[2, 2], &[("dns.yaml", echo(&pods))]);
-    // Keep one socket whose datagrams reach a local pod of node-1 and one for a remote pod.
-    let mut held: Vec<(UdpSession, String)> = Vec::new();
-    for _ in 0..40 {
+    let mut held = local_and_remote(|| {
         let mut s = UdpSession::connect(&c.lab.client, c.node(0, 30053)).unwrap();
         let pod = parse_answer(&s.ask("hi").unwrap()).unwrap().0.to_string();
-        let local = pod.starts_with("pod-1-");
-        if !held.iter().any(|(_, p)| p.starts_with("pod-1-") == local) {
-            held.push((s, pod));
-        }
-        if held.len() == 2 {
-            break;
-        }
-    }
-    assert_eq!(held.len(), 2, "found a local and a remote backend");
+        (s, pod)
+    });
 
     // Their endpoints go (the pods themselves keep answering, so only the datapath can tell).
     let gone: Vec<String> = held.iter().map(|(_, p)| p.clone()).collect();
-    let remaining: Vec<(Ipv4Addr, String)> = pods
-        .iter()
-        .filter(|(ip, _)| !gone.contains(&pod_name(*ip)))
-        .cloned()
-        .collect();
-    c.write("dns.yaml", &echo(&remaining));
+    c.write("dns.yaml", &echo(&without(&pods, &gone)));
     c.eventually("removed endpoints get no new flows", || {
         c.udp_spread(c.node(0, 30053), 12)
             .is_disjoint(&gone.iter().cloned().collect())
@@ -438,6 +410,32 @@ fn udp_clients_move_on_when_their_endpoint_is_removed() {
             "datagrams of {pod}'s flow still go to a removed endpoint: {answer}"
         );
     }
+}
+
+/// Sessions opened through node-1 (`open` gives one and the pod that answered it) until one is
+/// with a pod of node-1 (local) and one with a pod of node-2 (remote).
+fn local_and_remote<S>(mut open: impl FnMut() -> (S, String)) -> Vec<(S, String)> {
+    let mut held: Vec<(S, String)> = Vec::new();
+    for _ in 0..40 {
+        let (s, pod) = open();
+        let local = pod.starts_with("pod-1-");
+        if !held.iter().any(|(_, p)| p.starts_with("pod-1-") == local) {
+            held.push((s, pod));
+        }
+        if held.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(held.len(), 2, "found a local and a remote backend");
+    held
+}
+
+/// `pods` without the ones named in `gone`.
+fn without(pods: &[(Ipv4Addr, String)], gone: &[String]) -> Vec<(Ipv4Addr, String)> {
+    pods.iter()
+        .filter(|(ip, _)| !gone.contains(&pod_name(*ip)))
+        .cloned()
+        .collect()
 }
 
 fn pod_name(ip: Ipv4Addr) -> String {
