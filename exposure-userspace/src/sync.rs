@@ -388,7 +388,7 @@ impl Reconciler {
         for id in services.values().flat_map(|s| s.live.iter()) {
             *backend_refs.entry(*id).or_default() += 1;
         }
-        // Backends no restored service uses go at the first reconcile that changes anything.
+        // Backends no restored service uses go at the first reconcile.
         let maybe_unused = snapshot
             .backends
             .iter()
