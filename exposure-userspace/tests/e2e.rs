@@ -412,6 +412,40 @@ fn udp_clients_move_on_when_their_endpoint_is_removed() {
     }
 }
 
+#[test]
+fn node_manifests_give_zones_and_hinted_endpoints_stay_in_them() {
+    let pods = all_pods(&[2, 2]);
+    // Each endpoint hinted for its own node's zone (PreferClose), and a Node per zone.
+    let zone = |node: &str| if node == "node-1" { "zone-a" } else { "zone-b" };
+    let hinted: String = hello_world(&pods)
+        .lines()
+        .map(|l| match l.strip_prefix("  nodeName: ") {
+            Some(node) => format!("{l}\n  hints: {{forZones: [{{name: {}}}]}}\n", zone(node)),
+            None => format!("{l}\n"),
+        })
+        .collect();
+    let nodes: String = ["node-1", "node-2"]
+        .iter()
+        .map(|n| {
+            format!(
+                "---\napiVersion: v1\nkind: Node\nmetadata: {{name: {n}, labels: {{topology.kubernetes.io/zone: {}}}}}\n",
+                zone(n)
+            )
+        })
+        .collect();
+    let c = Cluster::start(&[2, 2], &[("hello.yaml", hinted), ("nodes.yaml", nodes)]);
+    let (via_1, _) = c.tcp_spread(c.node(0, 30600), 30);
+    assert_eq!(via_1, pods_named(&["pod-1-1", "pod-1-2"]));
+    let (via_2, _) = c.tcp_spread(c.node(1, 30600), 30);
+    assert_eq!(via_2, pods_named(&["pod-2-1", "pod-2-2"]));
+    // Without the Nodes, no zones: hints are not used.
+    c.write("nodes.yaml", "");
+    c.eventually("every pod again without zones", || {
+        c.tcp_spread(c.node(0, 30600), 40).0
+            == pods_named(&["pod-1-1", "pod-1-2", "pod-2-1", "pod-2-2"])
+    });
+}
+
 /// Sessions opened through node-1 (`open` gives one and the pod that answered it) until one is
 /// with a pod of node-1 (local) and one with a pod of node-2 (remote).
 fn local_and_remote<S>(mut open: impl FnMut() -> (S, String)) -> Vec<(S, String)> {
