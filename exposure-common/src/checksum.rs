@@ -298,6 +298,36 @@ mod tests {
         ]
     }
 
+    /// A TCP (6) or UDP (17) header with payload, random but for the zeroed checksum field.
+    fn random_segment(seed: &mut u64, proto: u8) -> [u8; 24] {
+        let mut seg = [0u8; 24];
+        for chunk in seg.chunks_mut(4) {
+            chunk.copy_from_slice(&random_words(seed).to_ne_bytes());
+        }
+        let check_at = if proto == 6 { 16 } else { 6 };
+        seg[check_at..check_at + 2].fill(0);
+        seg
+    }
+
+    /// A computed checksum as a packet carries it: UDP sends 0 as 0xffff (0 means "none").
+    fn as_sent(proto: u8, check: u16) -> u16 {
+        if proto == 17 && check == 0 {
+            0xffff
+        } else {
+            check
+        }
+    }
+
+    /// An incremental checksum against a recomputed one. A recomputed checksum is never 0xffff's
+    /// twin 0x0000 unless everything sums to zero; the incremental one may give either form of
+    /// zero, which receivers accept alike.
+    fn assert_same_checksum(got: u16, want: u16, round: usize) {
+        assert!(
+            got == want || (got ^ want == 0xffff && (got == 0 || want == 0)),
+            "round {round}: {got:#x} vs {want:#x}"
+        );
+    }
+
     #[test]
     fn delta_over_a_whole_ipv4_nat_matches_recompute() {
         let mut seed = 0x9e37_79b9_7f4a_7c15;
@@ -311,14 +341,9 @@ mod tests {
                     .concat(),
             );
             set_check(&mut h);
-            let mut seg = [0u8; 24];
-            for chunk in seg.chunks_mut(4) {
-                chunk.copy_from_slice(&random_words(&mut seed).to_ne_bytes());
-            }
-            let check_at = if proto == 6 { 16 } else { 6 };
-            seg[check_at..check_at + 2].fill(0);
+            let seg = random_segment(&mut seed, proto);
             let (src, dst) = (h[12..16].try_into().unwrap(), h[16..20].try_into().unwrap());
-            let c = l4_checksum(src, dst, proto, &seg);
+            let c = as_sent(proto, l4_checksum(src, dst, proto, &seg));
             let new: [u32; 3] = core::array::from_fn(|_| random_words(&mut seed));
 
             let old: [u32; 2] = ne_words(&h[12..20]);
@@ -341,21 +366,13 @@ mod tests {
             assert_eq!(ip_check.to_ne_bytes(), [nh[10], nh[11]], "round {round}");
             let mut nseg = seg;
             nseg[0..4].copy_from_slice(&new[2].to_ne_bytes());
-            let mut want = l4_checksum(
+            let want = l4_checksum(
                 nh[12..16].try_into().unwrap(),
                 nh[16..20].try_into().unwrap(),
                 proto,
                 &nseg,
             );
-            if proto == 17 && want == 0 {
-                want = 0xffff;
-            }
-            // A recomputed checksum is never 0xffff's twin 0x0000 unless everything sums to zero;
-            // the incremental one may give either form of zero, which receivers accept alike.
-            assert!(
-                l4_check == want || (l4_check ^ want == 0xffff && (l4_check == 0 || want == 0)),
-                "round {round}: {l4_check:#x} vs {want:#x}"
-            );
+            assert_same_checksum(l4_check, as_sent(proto, want), round);
         }
     }
 
@@ -374,13 +391,8 @@ mod tests {
                 addr(&mut seed),
                 addr(&mut seed),
             );
-            let mut seg = [0u8; 24];
-            for chunk in seg.chunks_mut(4) {
-                chunk.copy_from_slice(&random_words(&mut seed).to_ne_bytes());
-            }
-            let check_at = if proto == 6 { 16 } else { 6 };
-            seg[check_at..check_at + 2].fill(0);
-            let c = l4_checksum6(bytes(src), bytes(dst), proto, &seg);
+            let seg = random_segment(&mut seed, proto);
+            let c = as_sent(proto, l4_checksum6(bytes(src), bytes(dst), proto, &seg));
             let ports = random_words(&mut seed);
             let (old_ports, new_ports) = (halves(&seg[0..4]), halves(&ports.to_ne_bytes()));
             let d = Delta::default()
@@ -395,14 +407,8 @@ mod tests {
             };
             let mut nseg = seg;
             nseg[0..4].copy_from_slice(&ports.to_ne_bytes());
-            let mut want = l4_checksum6(bytes(new_src), bytes(new_dst), proto, &nseg);
-            if proto == 17 && want == 0 {
-                want = 0xffff;
-            }
-            assert!(
-                got == want || (got ^ want == 0xffff && (got == 0 || want == 0)),
-                "round {round}: {got:#x} vs {want:#x}"
-            );
+            let want = l4_checksum6(bytes(new_src), bytes(new_dst), proto, &nseg);
+            assert_same_checksum(got, as_sent(proto, want), round);
         }
     }
 
