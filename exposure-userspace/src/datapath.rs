@@ -547,6 +547,35 @@ impl DatapathMaps for KernelMaps {
         }
         Ok(())
     }
+    fn purge_udp_flows(&mut self, service_id: u32, backends: &[u32]) -> anyhow::Result<()> {
+        let stale = |k: &FlowKey, f: &Flow| {
+            k.proto == exposure_common::PROTO_UDP
+                && f.service_id == service_id
+                && backends.contains(&f.backend_id)
+        };
+        let stale4: Vec<FlowKey4> = self
+            .flows4
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, f)| stale(&FlowKey::from(*k), f))
+            .map(|(k, _)| k)
+            .collect();
+        let stale6: Vec<FlowKey> = self
+            .flows6
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, f)| stale(k, f))
+            .map(|(k, _)| k)
+            .collect();
+        // An LRU may have evicted one meanwhile.
+        for k in stale4 {
+            let _ = self.flows4.remove(&k);
+        }
+        for k in stale6 {
+            let _ = self.flows6.remove(&k);
+        }
+        Ok(())
+    }
     fn reset_frontend_stats(&mut self, id: u32) -> anyhow::Result<()> {
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
         let zeros =

@@ -62,6 +62,9 @@ pub trait DatapathMaps {
     ) -> anyhow::Result<()>;
     /// Forgets session affinity of a service's clients to `backends` (all of them with `None`).
     fn purge_affinity(&mut self, service_id: u32, backends: Option<&[u32]>) -> anyhow::Result<()>;
+    /// Forgets a UDP service's flows to `backends`, which left it but serve another service (the
+    /// datapath itself moves flows whose backend is gone altogether).
+    fn purge_udp_flows(&mut self, service_id: u32, backends: &[u32]) -> anyhow::Result<()>;
     /// Zeroes a frontend id's traffic counters before the id is given to a new frontend.
     fn reset_frontend_stats(&mut self, id: u32) -> anyhow::Result<()>;
     fn snapshot(&self) -> anyhow::Result<Snapshot>;
@@ -808,18 +811,16 @@ impl Reconciler {
             self.regions
                 .free_later(current.service.table_offset, current.service.table_size);
         }
+        let gone: Vec<u32> = current
+            .live
+            .iter()
+            .filter(|b| !ids.contains(*b))
+            .copied()
+            .collect();
         // Clients stuck to a backend that left must get a new one on their next flow.
-        if current.service.affinity_timeout_s != 0 || affinity != 0 {
-            let gone: Vec<u32> = current
-                .live
-                .iter()
-                .filter(|b| !ids.contains(*b))
-                .copied()
-                .collect();
-            if !gone.is_empty() {
-                maps.purge_affinity(id, Some(&gone)).map_err(write_err)?;
-                report.writes += 1;
-            }
+        if (current.service.affinity_timeout_s != 0 || affinity != 0) && !gone.is_empty() {
+            maps.purge_affinity(id, Some(&gone)).map_err(write_err)?;
+            report.writes += 1;
         }
         for (addr, len) in current.ranges.difference(&ranges) {
             maps.remove_source_range(id, *addr, *len)
@@ -835,6 +836,20 @@ impl Reconciler {
                 ranges,
             }),
         );
+        // UDP flows follow their endpoint out of the service (as kube-proxy clears their
+        // conntrack entries). The datapath sees a backend that is gone altogether; one that
+        // another service still has is only gone from this one, which the maps must say.
+        let still_elsewhere: Vec<u32> = gone
+            .into_iter()
+            .filter(|b| self.backend_refs.contains_key(b))
+            .collect();
+        if name.protocol == crate::model::Protocol::Udp && !still_elsewhere.is_empty() {
+            match maps.purge_udp_flows(id, &still_elsewhere) {
+                Ok(()) => report.writes += 1,
+                // Best effort, like an LRU: the flows then end when they go quiet.
+                Err(e) => report.errors.push(write_err(e)),
+            }
+        }
         Ok(Some(id))
     }
 
@@ -877,6 +892,7 @@ pub struct FakeMaps {
     pub fail_at_write: Option<usize>,
     pub stats_resets: Vec<u32>,
     pub affinity_purges: Vec<(u32, Option<Vec<u32>>)>,
+    pub udp_flow_purges: Vec<(u32, Vec<u32>)>,
     /// The `MAGLEV` array, sparse.
     pub maglev: BTreeMap<u32, u32>,
 }
@@ -998,6 +1014,11 @@ impl DatapathMaps for FakeMaps {
         self.write()?;
         self.affinity_purges
             .push((service_id, backends.map(<[u32]>::to_vec)));
+        Ok(())
+    }
+    fn purge_udp_flows(&mut self, service_id: u32, backends: &[u32]) -> anyhow::Result<()> {
+        self.write()?;
+        self.udp_flow_purges.push((service_id, backends.to_vec()));
         Ok(())
     }
     fn snapshot(&self) -> anyhow::Result<Snapshot> {
@@ -1444,6 +1465,103 @@ mod tests {
             restarted.reconcile(&state(&[("b", service(30002, &[(3, false)]))]), &mut maps);
         assert_eq!(report.writes, 1, "only the orphan's removal");
         assert!(!maps.state.backends.contains_key(&77));
+    }
+
+    #[test]
+    fn udp_flows_are_purged_for_a_backend_only_another_service_keeps() {
+        let mut maps = FakeMaps::default();
+        let mut r = Reconciler::restore(Snapshot::default(), Limits::default());
+        let udp = |n: &str, node_port: u16, backends: &[(u8, bool)]| {
+            let mut s = service(node_port, backends);
+            s.frontends = s
+                .frontends
+                .into_iter()
+                .map(|(f, kind)| {
+                    (
+                        FrontendAddr {
+                            protocol: Protocol::Udp,
+                            ..f
+                        },
+                        kind,
+                    )
+                })
+                .collect();
+            let name = ServicePortName {
+                protocol: Protocol::Udp,
+                ..name(n)
+            };
+            (name, Arc::new(s))
+        };
+        let state = |services: Vec<(ServicePortName, Arc<DesiredService>)>| DesiredState {
+            services: services.into_iter().collect(),
+            ..Default::default()
+        };
+        // Backend 2 serves both a and b; 1 and 3 one each.
+        r.reconcile(
+            &state(vec![
+                udp("a", 30001, &[(1, false), (2, false)]),
+                udp("b", 30002, &[(2, false), (3, false)]),
+            ]),
+            &mut maps,
+        );
+        let id_of = |maps: &FakeMaps, port: u16| {
+            let key = frontend_key(&FrontendAddr {
+                protocol: Protocol::Udp,
+                ..fe(10, port)
+            });
+            maps.state.frontends[&key].service_id
+        };
+        let (a, shared) = (
+            id_of(&maps, 30001),
+            r.backend_ids[&(IpAddr::from([198, 19, 1, 2]), 8080)],
+        );
+        // 2 leaves a (b keeps it): a's flows to it must go; the datapath can't tell on its own.
+        r.reconcile(
+            &state(vec![
+                udp("a", 30001, &[(1, false)]),
+                udp("b", 30002, &[(2, false), (3, false)]),
+            ]),
+            &mut maps,
+        );
+        assert_eq!(maps.udp_flow_purges, [(a, vec![shared])]);
+        // 3 leaves b and every service: the datapath sees that itself, nothing to purge.
+        r.reconcile(
+            &state(vec![
+                udp("a", 30001, &[(1, false)]),
+                udp("b", 30002, &[(2, false)]),
+            ]),
+            &mut maps,
+        );
+        assert_eq!(maps.udp_flow_purges.len(), 1);
+        // TCP flows keep their backend: no purge for a TCP service either.
+        r.reconcile(
+            &DesiredState {
+                services: [
+                    (
+                        name("t1"),
+                        Arc::new(service(30003, &[(5, false), (6, false)])),
+                    ),
+                    (name("t2"), Arc::new(service(30004, &[(5, false)]))),
+                ]
+                .into_iter()
+                .collect(),
+                ..Default::default()
+            },
+            &mut maps,
+        );
+        r.reconcile(
+            &DesiredState {
+                services: [
+                    (name("t1"), Arc::new(service(30003, &[(6, false)]))),
+                    (name("t2"), Arc::new(service(30004, &[(5, false)]))),
+                ]
+                .into_iter()
+                .collect(),
+                ..Default::default()
+            },
+            &mut maps,
+        );
+        assert_eq!(maps.udp_flow_purges.len(), 1);
     }
 
     #[test]

@@ -681,6 +681,74 @@ fn udp_flows_leave_a_removed_endpoint_and_the_others_stay() {
 }
 
 #[test]
+fn udp_flows_leave_an_endpoint_that_only_another_service_keeps() {
+    with_datapath(|h| {
+        let pods: Vec<Ipv4Addr> = (2..5).map(|i| Ipv4Addr::new(198, 19, 1, i)).collect();
+        // "a" on the NodePort with all three pods; "b" on the LB address with the first only.
+        let state = |a_pods: &[Ipv4Addr]| {
+            let svc = |front: (Ipv4Addr, u16), backends: &[Ipv4Addr]| {
+                let mut s = DesiredService::default();
+                let addr = FrontendAddr {
+                    ip: front.0.into(),
+                    port: front.1,
+                    protocol: Protocol::Udp,
+                };
+                s.frontends.insert(addr, FrontendKind::NodePort);
+                s.backends = backends
+                    .iter()
+                    .map(|ip| BackendAddr {
+                        ip: (*ip).into(),
+                        port: 50000,
+                        local: true,
+                    })
+                    .collect();
+                std::sync::Arc::new(s)
+            };
+            let udp = |n: &str| ServicePortName {
+                protocol: Protocol::Udp,
+                ..name(n)
+            };
+            let mut state = DesiredState::default();
+            state
+                .services
+                .insert(udp("a"), svc((NODE, NODE_PORT), a_pods));
+            state
+                .services
+                .insert(udp("b"), svc((LB, 60000), &pods[..1]));
+            state
+        };
+        h.program(&state(&pods));
+        let send = |h: &mut Harness, sport, to: (Ipv4Addr, u16)| {
+            let (_, out) = h.xdp(&FrameSpec::udp((CLIENT, sport), to).build());
+            frame::parse(&out).unwrap().dst
+        };
+        let first: Vec<Ipv4Addr> = (41000..41060u16)
+            .map(|sport| send(h, sport, (NODE, NODE_PORT)))
+            .collect();
+        let shared = pods[0];
+        assert!(first.contains(&shared), "no flow on the shared endpoint");
+        assert_eq!(send(h, 42000, (LB, 60000)), shared);
+        h.program(&state(&pods[1..]));
+        for (i, sport) in (41000..41060u16).enumerate() {
+            let now = send(h, sport, (NODE, NODE_PORT));
+            if first[i] == shared {
+                assert_ne!(
+                    now, shared,
+                    "flow {sport} still sent to the endpoint that left"
+                );
+            } else {
+                assert_eq!(now, first[i], "flow {sport} moved");
+            }
+        }
+        assert_eq!(
+            send(h, 42000, (LB, 60000)),
+            shared,
+            "b's flow keeps its endpoint"
+        );
+    });
+}
+
+#[test]
 fn rst_closes_the_flow_and_a_new_syn_reselects() {
     with_datapath(|h| {
         h.program(&hello(&[(LOCAL_POD, true)]));
