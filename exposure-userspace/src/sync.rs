@@ -598,14 +598,13 @@ impl Reconciler {
 
     /// Records a service's slots (or their removal), keeping the backends' reference counts.
     fn set_slots(&mut self, id: u32, slots: Option<ServiceSlots>) {
-        let new_live = slots.as_ref().map(|s| s.live.clone()).unwrap_or_default();
+        for bid in slots.iter().flat_map(|s| &s.live) {
+            *self.backend_refs.entry(*bid).or_default() += 1;
+        }
         let old = match slots {
             Some(slots) => self.services.insert(id, slots),
             None => self.services.remove(&id),
         };
-        for bid in new_live {
-            *self.backend_refs.entry(bid).or_default() += 1;
-        }
         for bid in old.map(|s| s.live).unwrap_or_default() {
             let Some(n) = self.backend_refs.get_mut(&bid) else {
                 continue;
@@ -1492,13 +1491,13 @@ mod tests {
             };
             (name, Arc::new(s))
         };
-        let state = |services: Vec<(ServicePortName, Arc<DesiredService>)>| DesiredState {
+        let udp_state = |services: Vec<(ServicePortName, Arc<DesiredService>)>| DesiredState {
             services: services.into_iter().collect(),
             ..Default::default()
         };
         // Backend 2 serves both a and b; 1 and 3 one each.
         r.reconcile(
-            &state(vec![
+            &udp_state(vec![
                 udp("a", 30001, &[(1, false), (2, false)]),
                 udp("b", 30002, &[(2, false), (3, false)]),
             ]),
@@ -1517,7 +1516,7 @@ mod tests {
         );
         // 2 leaves a (b keeps it): a's flows to it must go; the datapath can't tell on its own.
         r.reconcile(
-            &state(vec![
+            &udp_state(vec![
                 udp("a", 30001, &[(1, false)]),
                 udp("b", 30002, &[(2, false), (3, false)]),
             ]),
@@ -1526,7 +1525,7 @@ mod tests {
         assert_eq!(maps.udp_flow_purges, [(a, vec![shared])]);
         // 3 leaves b and every service: the datapath sees that itself, nothing to purge.
         r.reconcile(
-            &state(vec![
+            &udp_state(vec![
                 udp("a", 30001, &[(1, false)]),
                 udp("b", 30002, &[(2, false)]),
             ]),
@@ -1535,30 +1534,17 @@ mod tests {
         assert_eq!(maps.udp_flow_purges.len(), 1);
         // TCP flows keep their backend: no purge for a TCP service either.
         r.reconcile(
-            &DesiredState {
-                services: [
-                    (
-                        name("t1"),
-                        Arc::new(service(30003, &[(5, false), (6, false)])),
-                    ),
-                    (name("t2"), Arc::new(service(30004, &[(5, false)]))),
-                ]
-                .into_iter()
-                .collect(),
-                ..Default::default()
-            },
+            &state(&[
+                ("t1", service(30003, &[(5, false), (6, false)])),
+                ("t2", service(30004, &[(5, false)])),
+            ]),
             &mut maps,
         );
         r.reconcile(
-            &DesiredState {
-                services: [
-                    (name("t1"), Arc::new(service(30003, &[(6, false)]))),
-                    (name("t2"), Arc::new(service(30004, &[(5, false)]))),
-                ]
-                .into_iter()
-                .collect(),
-                ..Default::default()
-            },
+            &state(&[
+                ("t1", service(30003, &[(6, false)])),
+                ("t2", service(30004, &[(5, false)])),
+            ]),
             &mut maps,
         );
         assert_eq!(maps.udp_flow_purges.len(), 1);

@@ -265,6 +265,39 @@ impl Harness {
             .map_or(0, |(_, v)| v)
     }
 
+    /// The backend a UDP datagram from the client's `sport` to `to` is translated to.
+    fn udp_backend(&mut self, sport: u16, to: (Ipv4Addr, u16)) -> Ipv4Addr {
+        let (_, out) = self.xdp(&FrameSpec::udp((CLIENT, sport), to).build());
+        frame::parse(&out).unwrap().dst
+    }
+
+    /// UDP flows from `sports` to `to` once `gone` left the Service: those that went to it go on
+    /// to another backend (and their flow records it), the rest stay where `first` says.
+    fn assert_udp_flows_left(
+        &mut self,
+        sports: std::ops::Range<u16>,
+        to: (Ipv4Addr, u16),
+        first: &[Ipv4Addr],
+        gone: Ipv4Addr,
+    ) {
+        for (i, sport) in sports.enumerate() {
+            let now = self.udp_backend(sport, to);
+            if first[i] == gone {
+                assert_ne!(
+                    now, gone,
+                    "flow {sport} still sent to the endpoint that left"
+                );
+                assert_eq!(
+                    self.flow((CLIENT, sport), to, UDP).unwrap().backend_addr,
+                    exposure_common::Addr::from(now),
+                    "flow {sport} does not record its new backend"
+                );
+            } else {
+                assert_eq!(now, first[i], "flow {sport} moved");
+            }
+        }
+    }
+
     fn flow(
         &self,
         client: (Ipv4Addr, u16),
@@ -644,11 +677,9 @@ fn udp_flows_leave_a_removed_endpoint_and_the_others_stay() {
     with_datapath(|h| {
         let pods: Vec<Ipv4Addr> = (2..5).map(|i| Ipv4Addr::new(198, 19, 1, i)).collect();
         h.program(&hello(&pods.iter().map(|p| (*p, true)).collect::<Vec<_>>()));
-        let send = |h: &mut Harness, sport| {
-            let (_, out) = h.xdp(&FrameSpec::udp((CLIENT, sport), (NODE, NODE_PORT)).build());
-            frame::parse(&out).unwrap().dst
-        };
-        let first: Vec<Ipv4Addr> = (41000..41060u16).map(|sport| send(h, sport)).collect();
+        let first: Vec<Ipv4Addr> = (41000..41060u16)
+            .map(|sport| h.udp_backend(sport, (NODE, NODE_PORT)))
+            .collect();
         let removed = pods[0];
         assert!(
             first.contains(&removed),
@@ -659,24 +690,7 @@ fn udp_flows_leave_a_removed_endpoint_and_the_others_stay() {
         ));
         // As kube-proxy clears a removed UDP endpoint's conntrack entries: the same datagram flow
         // goes on to a remaining endpoint instead of into the void; the other flows stay put.
-        for (i, sport) in (41000..41060u16).enumerate() {
-            let now = send(h, sport);
-            if first[i] == removed {
-                assert_ne!(
-                    now, removed,
-                    "flow {sport} still sent to the removed endpoint"
-                );
-                assert_eq!(
-                    h.flow((CLIENT, sport), (NODE, NODE_PORT), UDP)
-                        .unwrap()
-                        .backend_addr,
-                    exposure_common::Addr::from(now),
-                    "flow {sport} does not record its new backend"
-                );
-            } else {
-                assert_eq!(now, first[i], "flow {sport} moved");
-            }
-        }
+        h.assert_udp_flows_left(41000..41060, (NODE, NODE_PORT), &first, removed);
     });
 }
 
@@ -718,30 +732,16 @@ fn udp_flows_leave_an_endpoint_that_only_another_service_keeps() {
             state
         };
         h.program(&state(&pods));
-        let send = |h: &mut Harness, sport, to: (Ipv4Addr, u16)| {
-            let (_, out) = h.xdp(&FrameSpec::udp((CLIENT, sport), to).build());
-            frame::parse(&out).unwrap().dst
-        };
         let first: Vec<Ipv4Addr> = (41000..41060u16)
-            .map(|sport| send(h, sport, (NODE, NODE_PORT)))
+            .map(|sport| h.udp_backend(sport, (NODE, NODE_PORT)))
             .collect();
         let shared = pods[0];
         assert!(first.contains(&shared), "no flow on the shared endpoint");
-        assert_eq!(send(h, 42000, (LB, 60000)), shared);
+        assert_eq!(h.udp_backend(42000, (LB, 60000)), shared);
         h.program(&state(&pods[1..]));
-        for (i, sport) in (41000..41060u16).enumerate() {
-            let now = send(h, sport, (NODE, NODE_PORT));
-            if first[i] == shared {
-                assert_ne!(
-                    now, shared,
-                    "flow {sport} still sent to the endpoint that left"
-                );
-            } else {
-                assert_eq!(now, first[i], "flow {sport} moved");
-            }
-        }
+        h.assert_udp_flows_left(41000..41060, (NODE, NODE_PORT), &first, shared);
         assert_eq!(
-            send(h, 42000, (LB, 60000)),
+            h.udp_backend(42000, (LB, 60000)),
             shared,
             "b's flow keeps its endpoint"
         );
