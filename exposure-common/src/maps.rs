@@ -13,9 +13,6 @@ pub const MAX_SERVICES: u32 = 65_536;
 pub const MAX_BACKENDS: u32 = 262_144;
 /// Entries of the shared Maglev array holding every service's table (8 bytes each in the kernel).
 pub const MAX_MAGLEV_ENTRIES: u32 = 4 * 1024 * 1024;
-/// `BPF_F_NO_COMMON_LRU`: per-CPU LRU lists over one shared table, so CPUs don't contend on
-/// the LRU bookkeeping of the flow tables.
-pub const BPF_F_NO_COMMON_LRU: u32 = 2;
 /// `BPF_F_MMAPABLE`: the agent writes Maglev tables as memory, not one syscall per entry.
 pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 pub const MAX_FLOWS: u32 = 262_144;

@@ -255,15 +255,23 @@ fn to_backend(ctx: &XdpContext, p: &Packet, fe: &Frontend) -> Result<u32, ()> {
             f
         }
         None => match new_flow(ctx, p, fe, now) {
-            Selected::Flow => match packet_entry(p, &FLOWS4, &FLOWS6) {
-                Some(f) => {
-                    if redirect_to_pods() && unsafe { (*f).flags } & FLOW_REMOTE == 0 {
-                        to_pod(ctx, p, f);
-                    }
-                    f
+            Selected::Flow => {
+                let Some(s) = SCRATCH.get_ptr_mut(0) else {
+                    return Ok(xdp_action::XDP_DROP);
+                };
+                let flow = unsafe { &mut (*s).flow };
+                if redirect_to_pods() && flow.flags & FLOW_REMOTE == 0 {
+                    to_pod(ctx, p, flow);
                 }
-                None => return Ok(xdp_action::XDP_DROP),
-            },
+                // The first packet is translated from the entry as built, not looked up again:
+                // a lookup would also mark the entry used, and flows that never see a second
+                // packet (scans, floods) should be the first the LRU evicts.
+                if insert_flow(unsafe { &(*s).key }, flow, BPF_ANY as u64).is_err() {
+                    return Ok(xdp_action::XDP_DROP);
+                }
+                count(Counter::NewFlows);
+                flow as *mut Flow
+            }
             refused => return refuse(ctx, p, refused),
         },
     };
@@ -335,8 +343,9 @@ fn refuse(ctx: &XdpContext, p: &Packet, why: Selected) -> Result<u32, ()> {
     }
 }
 
-/// Picks a backend for a new flow and records both directions in the maps. Not inlined: its locals
-/// would push the one-function stack past BPF's 512 bytes.
+/// Picks a backend for a new flow, builds both directions' entries in `SCRATCH` and records the
+/// reply's (for a remote backend, that claims the SNAT port); the caller records the flow's. Not
+/// inlined: its locals would push the one-function stack past BPF's 512 bytes.
 #[inline(never)]
 fn new_flow(ctx: &XdpContext, p: &Packet, fe: &Frontend, now: u64) -> Selected {
     let ctx = &own_ctx(ctx);
@@ -452,10 +461,6 @@ fn new_flow(ctx: &XdpContext, p: &Packet, fe: &Frontend, now: u64) -> Selected {
             return Selected::Drop;
         }
     }
-    if insert_flow(&s.key, &s.flow, BPF_ANY as u64).is_err() {
-        return Selected::Drop;
-    }
-    count(Counter::NewFlows);
     log_endpoints!(
         debug,
         ctx,
@@ -468,17 +473,17 @@ fn new_flow(ctx: &XdpContext, p: &Packet, fe: &Frontend, now: u64) -> Selected {
     Selected::Flow
 }
 
-/// A new local flow whose pod sits behind one of `POD_IFACES`: record that interface and the MACs
-/// the FIB gives, so this and later packets skip the node's stack (as the FIB would route them, but
-/// without a second pass through the stack). Otherwise the flow stays with the kernel's routing.
-/// Not inlined, and a sibling of `new_flow` rather than its callee: the stack budget.
+/// A new local flow (being built in `SCRATCH`) whose pod sits behind one of `POD_IFACES`: record
+/// that interface and the MACs the FIB gives, so this and later packets skip the node's stack (as
+/// the FIB would route them, but without a second pass through the stack). Otherwise the flow
+/// stays with the kernel's routing. Not inlined, and a sibling of `new_flow` rather than its
+/// callee: the stack budget.
 #[inline(never)]
-fn to_pod(ctx: &XdpContext, p: &Packet, flow: *mut Flow) {
+fn to_pod(ctx: &XdpContext, p: &Packet, flow: &mut Flow) {
     let ctx = &own_ctx(ctx);
     let Some(s) = SCRATCH.get_ptr_mut(0) else {
         return;
     };
-    let flow = unsafe { &mut *flow };
     let fib = unsafe { &mut (*s).fib };
     // No neighbour entry yet: the stack resolves it while it forwards this flow.
     if fib_query(ctx, fib, &flow.backend_addr, p.proto, p.ip_len) != BPF_FIB_LKUP_RET_SUCCESS as i64

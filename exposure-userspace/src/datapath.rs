@@ -271,6 +271,15 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::pr
         .with_context(|| format!("program {name} missing from the eBPF object"))
 }
 
+/// Map flags a pinned map must have where they changed between builds: the flow tables' LRU lists
+/// were once per CPU (`BPF_F_NO_COMMON_LRU`), which split their capacity among the CPUs.
+fn expected_flags(name: &str) -> Option<u32> {
+    match name {
+        names::FLOWS4 | names::FLOWS6 | names::REPLIES4 | names::REPLIES6 => Some(0),
+        _ => None,
+    }
+}
+
 /// A pinned map from an older, incompatible build would be silently misread: unpin it (losing only
 /// that map's state) so a fresh one is created.
 fn drop_incompatible_pins(pin_dir: &Path, capacity: &Capacity) {
@@ -288,10 +297,11 @@ fn drop_incompatible_pins(pin_dir: &Path, capacity: &Capacity) {
         };
         if let Some((k, v)) = expected_layout(name) {
             let resized = capacity.of(name).is_some_and(|n| n != info.max_entries());
-            if info.key_size() != k || info.value_size() != v || resized {
+            let flags_differ = expected_flags(name).is_some_and(|f| f != info.map_flags());
+            if info.key_size() != k || info.value_size() != v || resized || flags_differ {
                 tracing::warn!(
                     map = name,
-                    "pinned map has another layout or capacity; recreating it (its state is lost)"
+                    "pinned map has another layout, capacity or flags; recreating it (its state is lost)"
                 );
                 let _ = std::fs::remove_file(&path);
             }

@@ -1046,15 +1046,128 @@ fn maglev_moves_only_the_flows_of_a_removed_backend() {
 }
 
 #[test]
+fn one_cpu_can_fill_the_whole_flow_table() {
+    // Flows reach CPUs as the NIC spreads them, often unevenly (one queue on many VMs' NICs):
+    // the CPU that sees them all can still keep as many as --max-flows, none evicted before.
+    let capacity = exposure::datapath::Capacity {
+        flows: 4096,
+        ..Default::default()
+    };
+    with_datapath_config(capacity, |h| {
+        let mut cpu = nix::sched::CpuSet::new();
+        cpu.set(0).unwrap();
+        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpu).unwrap();
+        h.program(&hello(&[(LOCAL_POD, true)]));
+        let flows = 3000u16;
+        for i in 0..flows {
+            let client = (
+                Ipv4Addr::new(198, 18, 1 + (i / 250) as u8, (i % 250) as u8 + 1),
+                40000 + i,
+            );
+            let input = FrameSpec::tcp(client, (NODE, NODE_PORT), SYN).build();
+            assert_eq!(h.xdp(&input).0, XDP_PASS);
+        }
+        assert_eq!(h.maps.flow_count(), flows as usize, "flows kept");
+        assert_eq!(h.counter(Counter::NewFlows), flows as u64);
+    });
+}
+
+#[test]
+fn a_flood_of_one_packet_flows_evicts_them_and_not_a_connection() {
+    let capacity = exposure::datapath::Capacity {
+        flows: 4096,
+        ..Default::default()
+    };
+    with_datapath_config(capacity, |h| {
+        h.program(&hello(&[(LOCAL_POD, true)]));
+        let client = (CLIENT, 40000);
+        h.xdp(&FrameSpec::tcp(client, (NODE, NODE_PORT), SYN).build());
+        let syn_ack = FrameSpec::tcp((LOCAL_POD, 50000), client, SYN | ACK).build();
+        assert_eq!(h.tc(&syn_ack).0, TC_ACT_OK);
+        h.xdp(&FrameSpec::tcp(client, (NODE, NODE_PORT), ACK).build());
+        // Twice the table in SYNs that never go further, as a scan or a SYN flood sends them.
+        for i in 0..8192u16 {
+            let from = (
+                Ipv4Addr::new(198, 18, 2 + (i / 250) as u8, (i % 250) as u8 + 1),
+                1024 + i,
+            );
+            h.xdp(&FrameSpec::tcp(from, (NODE, NODE_PORT), SYN).build());
+        }
+        assert!(h.maps.flow_count() <= 4096, "the flood filled the table");
+        assert!(
+            h.flow(client, (NODE, NODE_PORT), TCP).is_some(),
+            "the connection's flow is kept"
+        );
+        let (verdict, out) = h.tc(&FrameSpec::tcp((LOCAL_POD, 50000), client, ACK).build());
+        assert_eq!(verdict, TC_ACT_OK, "and its reply entry");
+        let p = frame::parse(&out).unwrap();
+        assert_eq!((p.src, p.sport), (NODE, NODE_PORT));
+    });
+}
+
+#[test]
 fn maps_of_earlier_builds_are_unpinned_at_load() {
     with_datapath(|h| {
         // An earlier build's flow table for both families, as an upgrade finds it.
         let (old, current) = (h.pin_dir.join("FLOWS"), h.pin_dir.join("FLOWS6"));
         std::fs::rename(&current, &old).unwrap();
+        // And an IPv4 flow table with per-CPU LRU lists, as earlier builds made it.
+        let flows4 = h.pin_dir.join("FLOWS4");
+        let info = aya::maps::MapInfo::from_pin(&flows4).unwrap();
+        std::fs::remove_file(&flows4).unwrap();
+        pin_lru_hash(&flows4, &info, BPF_F_NO_COMMON_LRU);
         let _again = Datapath::load(&h.pin_dir).unwrap();
         assert!(!old.exists(), "the retired pin is gone");
         assert!(current.exists(), "this build's map is pinned again");
+        let info = aya::maps::MapInfo::from_pin(&flows4).unwrap();
+        assert_eq!(info.map_flags(), 0, "one LRU list shared by all CPUs");
     });
+}
+
+const BPF_F_NO_COMMON_LRU: u32 = 2;
+
+/// Creates an LRU hash map shaped as `like` but with `flags`, and pins it at `path`.
+fn pin_lru_hash(path: &std::path::Path, like: &aya::maps::MapInfo, flags: u32) {
+    const BPF_MAP_CREATE: i64 = 0;
+    const BPF_OBJ_PIN: i64 = 6;
+    const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
+    // `union bpf_attr` for map creation: type, key size, value size, max entries, flags.
+    let mut create = [0u32; 32];
+    create[..5].copy_from_slice(&[
+        BPF_MAP_TYPE_LRU_HASH,
+        like.key_size(),
+        like.value_size(),
+        like.max_entries(),
+        flags,
+    ]);
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_CREATE,
+            create.as_ptr(),
+            std::mem::size_of_val(&create),
+        )
+    };
+    assert!(
+        fd >= 0,
+        "BPF_MAP_CREATE: {}",
+        std::io::Error::last_os_error()
+    );
+    let path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // For pinning: the path's address, then the map's fd.
+    let mut pin = [0u64; 4];
+    pin[0] = path.as_ptr() as u64;
+    pin[1] = fd as u64;
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_PIN,
+            pin.as_ptr(),
+            std::mem::size_of_val(&pin),
+        )
+    };
+    assert_eq!(rc, 0, "BPF_OBJ_PIN: {}", std::io::Error::last_os_error());
+    unsafe { libc::close(fd as i32) };
 }
 
 #[test]
