@@ -219,6 +219,23 @@ fn touch(flow: *mut Flow, reply: impl FnOnce() -> *mut Reply, bits: u32, now: u6
     }
 }
 
+/// [`touch`] from the reply side: the flow entry is looked up only when something is to be
+/// written, as most replies need not.
+#[inline(always)]
+fn touch_from_reply(reply: *mut Reply, proto: u8, bits: u32, now: u64) {
+    unsafe {
+        let stale = now.wrapping_sub((*reply).last_seen_ns) > CT_REFRESH_NS;
+        if bits & !(*reply).flags != 0 || stale {
+            (*reply).flags |= bits;
+            (*reply).last_seen_ns = now;
+            if let Some(flow) = lookup_flow(&client_key(&*reply, proto)) {
+                (*flow).flags |= bits;
+                (*flow).last_seen_ns = now;
+            }
+        }
+    }
+}
+
 enum Selected {
     Flow,
     NoBackend,
@@ -627,10 +644,7 @@ fn reply_to_client(ctx: &XdpContext, p: &Packet, reply: *mut Reply) -> Result<u3
     if r.flags & FLOW_REMOTE == 0 {
         return Ok(xdp_action::XDP_PASS);
     }
-    let client = client_key(r, p.proto);
-    if let Some(flow) = lookup_flow(&client) {
-        touch(flow, || reply, close_bits(p.tcp_flags, false), now_ns());
-    }
+    touch_from_reply(reply, p.proto, close_bits(p.tcp_flags, false), now_ns());
     let to = Tuple {
         saddr: &r.frontend_addr,
         daddr: &r.client_addr,
@@ -843,10 +857,7 @@ fn tc_reply(
     } else {
         0
     };
-    let client = client_key(&r, proto);
-    if let Some(flow) = lookup_flow(&client) {
-        touch(flow, || reply, close_bits(tcp_flags, false), now_ns());
-    }
+    touch_from_reply(reply, proto, close_bits(tcp_flags, false), now_ns());
     // The helpers also handle CHECKSUM_PARTIAL skbs, which a plain incremental update would corrupt.
     let csum = l4_off + check_off;
     let pseudo = BPF_F_PSEUDO_HDR as u64 | mangled | 4;

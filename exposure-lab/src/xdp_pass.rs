@@ -59,14 +59,28 @@ pub fn load_returning(action: u8) -> anyhow::Result<OwnedFd> {
 
 /// Loads raw BPF instructions as an XDP program.
 pub fn load_insns(insns: &[u64]) -> anyhow::Result<OwnedFd> {
+    load_program(BPF_PROG_TYPE_XDP, BPF_XDP, insns)
+}
+
+/// The floor of a tc program (`TC_ACT_OK`): what any tc classifier costs per packet.
+pub fn load_tc_ok() -> anyhow::Result<OwnedFd> {
+    const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+    const TC_ACT_OK: i32 = 0;
+    let insns = [
+        insn(0xb7, 0, 0, 0, TC_ACT_OK), // r0 = TC_ACT_OK
+        insn(0x95, 0, 0, 0, 0),         // exit
+    ];
+    load_program(BPF_PROG_TYPE_SCHED_CLS, 0, &insns).context("loading the tc floor program")
+}
+
+fn load_program(prog_type: u32, attach_type: u32, insns: &[u64]) -> anyhow::Result<OwnedFd> {
     let license = c"GPL";
     let mut attr = [0u64; 16];
-    attr[0] = BPF_PROG_TYPE_XDP as u64 | (insns.len() as u64) << 32;
+    attr[0] = prog_type as u64 | (insns.len() as u64) << 32;
     attr[1] = insns.as_ptr() as u64;
     attr[2] = license.as_ptr() as u64;
-    // r0 = XDP_PASS (2); exit. expected_attach_type sits at byte offset 68 (after prog_name[16]
-    // and prog_ifindex).
-    attr[8] = (BPF_XDP as u64) << 32;
+    // expected_attach_type sits at byte offset 68 (after prog_name[16] and prog_ifindex).
+    attr[8] = (attach_type as u64) << 32;
     Ok(bpf(BPF_PROG_LOAD, &mut attr)?)
 }
 

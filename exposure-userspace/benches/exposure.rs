@@ -193,6 +193,8 @@ struct PacketCosts {
     reply_xdp: f64,
     /// A local backend's reply, translated at tc egress.
     reply_tc: f64,
+    /// A tc program that returns `TC_ACT_OK`, on the same reply (tc's own floor: an skb per run).
+    tc_floor: f64,
     /// An established IPv6 flow.
     established6: f64,
 }
@@ -457,6 +459,10 @@ fn packet_costs(services: usize, backends: usize, repeat: u32) -> PacketCosts {
         let local_reply = frame((backend, 8080), (client, 40001));
         let (verdict, reply_tc) = tc_ns(&mut dp, &local_reply, repeat);
         assert_eq!(verdict, 0, "TC_ACT_OK after restoring the frontend");
+        let tc_floor_prog = exposure_lab::xdp_pass::load_tc_ok().unwrap();
+        let (verdict, tc_floor) =
+            exposure_lab::xdp_pass::test_run(&tc_floor_prog, &local_reply, repeat).unwrap();
+        assert_eq!(verdict, 0, "the tc floor returns TC_ACT_OK");
         // New flows: one run each (so each is new); the floor measured the same way alongside.
         let n = (repeat / 50).clamp(1_000, 20_000) as u16;
         // To ping: with one backend it is like any other Service; with more, the Maglev pick.
@@ -497,6 +503,7 @@ fn packet_costs(services: usize, backends: usize, repeat: u32) -> PacketCosts {
             new_flow: median(new_runs),
             reply_xdp,
             reply_tc,
+            tc_floor: tc_floor as f64,
             established6,
         }
     })
@@ -567,8 +574,8 @@ fn main() {
             .unwrap_or(200_000);
         let c = packet_costs(services, b.parse().unwrap_or(1).max(1), repeat);
         eprintln!(
-            "floor {:.0} one lookup {:.0} non-service {:.0} established {:.0} (IPv6 {:.0}) reply xdp {:.0} reply tc {:.0} new flow {:.0} ns",
-            c.floor, c.one_lookup, c.non_service, c.established, c.established6, c.reply_xdp, c.reply_tc, c.new_flow
+            "floor {:.0} one lookup {:.0} non-service {:.0} established {:.0} (IPv6 {:.0}) reply xdp {:.0} reply tc {:.0} (tc floor {:.0}) new flow {:.0} ns",
+            c.floor, c.one_lookup, c.non_service, c.established, c.established6, c.reply_xdp, c.reply_tc, c.tc_floor, c.new_flow
         );
         return;
     }
@@ -641,13 +648,14 @@ fn main() {
         report,
         "runs (each one new; the median), beside the floor measured the same way. Replies run a reply whose"
     );
-    let _ = writeln!(report, "translation is the identity, so every repeat is a full reply translation (tc has no floor here).");
+    let _ = writeln!(report, "translation is the identity, so every repeat is a full reply translation; tc's floor is a program that");
+    let _ = writeln!(report, "only returns TC_ACT_OK, run the same way (a tc test run builds an skb, hence its higher floor).");
     let _ = writeln!(report, "*One lookup*: a program that only looks up a 16-byte key (an IPv4 5-tuple) in a one-entry LRU hash map (a hit),");
     let _ = writeln!(
         report,
         "the least any datapath that keeps per-flow state pays per packet.\n"
     );
-    let _ = writeln!(report, "| Services | floor | one lookup | non-service packet | established flow | established / floor | established IPv6 flow | reply at XDP (remote backend) | reply at tc (local backend) | new flow (floor, single runs) |");
+    let _ = writeln!(report, "| Services | floor | one lookup | non-service packet | established flow | established / floor | established IPv6 flow | reply at XDP (remote backend) | reply at tc (local backend; tc floor) | new flow (floor, single runs) |");
     let _ = writeln!(
         report,
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
@@ -679,7 +687,7 @@ fn main() {
         ));
         let _ = writeln!(
             report,
-            "| {} | {:.0} ns | {:.0} ns | {:.0} ns | {:.0} ns | {:.2}x | {:.0} ns | {:.0} ns | {:.0} ns | {:.0} ns ({:.0} ns) |",
+            "| {} | {:.0} ns | {:.0} ns | {:.0} ns | {:.0} ns | {:.2}x | {:.0} ns | {:.0} ns | {:.0} ns ({:.0} ns) | {:.0} ns ({:.0} ns) |",
             c.services,
             c.floor,
             c.one_lookup,
@@ -689,6 +697,7 @@ fn main() {
             c.established6,
             c.reply_xdp,
             c.reply_tc,
+            c.tc_floor,
             c.new_flow,
             c.floor_single
         );

@@ -770,6 +770,43 @@ fn rst_closes_the_flow_and_a_new_syn_reselects() {
 }
 
 #[test]
+fn a_reset_from_the_backend_closes_the_flow() {
+    with_datapath(|h| {
+        // A local backend: its RST is seen at tc egress.
+        h.program(&hello(&[(LOCAL_POD, true)]));
+        let client = (CLIENT, 40007);
+        h.xdp(&FrameSpec::tcp(client, (NODE, NODE_PORT), SYN).build());
+        let rst = FrameSpec::tcp((LOCAL_POD, 50000), client, RST | ACK).build();
+        assert_eq!(h.tc(&rst).0, TC_ACT_OK);
+        let flow = h.flow(client, (NODE, NODE_PORT), TCP).unwrap();
+        assert_ne!(flow.flags & FLOW_CLOSING, 0, "local flow closed by the pod");
+
+        // A remote backend: its RST comes back to the SNAT port, at XDP.
+        h.program(&hello(&[(REMOTE_POD, false)]));
+        let client = (CLIENT, 40008);
+        let mut syn = FrameSpec::tcp(client, (NODE, NODE_PORT), SYN);
+        syn.dst_mac = h.node_mac;
+        let (_, out) = h.xdp(&syn.build());
+        let snat_port = frame::parse(&out).unwrap().sport;
+        let mut rst = FrameSpec::tcp((REMOTE_POD, 50000), (NODE, snat_port), RST | ACK);
+        rst.src_mac = h.peer_mac;
+        rst.dst_mac = h.node_mac;
+        assert_eq!(h.xdp(&rst.build()).0, XDP_TX);
+        let flow = h.flow(client, (NODE, NODE_PORT), TCP).unwrap();
+        assert_ne!(
+            flow.flags & FLOW_CLOSING,
+            0,
+            "remote flow closed by the pod"
+        );
+        // So the client's next SYN from that port is a new flow at once.
+        let (_, out) = h.xdp(&syn.build());
+        assert_eq!(frame::parse(&out).unwrap().dst, REMOTE_POD);
+        let flow = h.flow(client, (NODE, NODE_PORT), TCP).unwrap();
+        assert_eq!(flow.flags & FLOW_CLOSING, 0, "a new flow");
+    });
+}
+
+#[test]
 fn snat_ports_of_closed_connections_are_reused_at_once() {
     with_datapath(|h| {
         h.program(&hello(&[(REMOTE_POD, false)]));
