@@ -200,38 +200,43 @@ fn reply_key(client_addr: &Addr, client_port: u16, proto: u8, flow: &Flow) -> Fl
     }
 }
 
-/// Keeps both directions' state in step: close bits and an occasional `last_seen` refresh (not per
-/// packet, so established flows rarely write to the maps).
-#[inline(always)]
-fn touch(flow: *mut Flow, reply: impl FnOnce() -> *mut Reply, bits: u32, now: u64) {
-    unsafe {
-        let stale = now.wrapping_sub((*flow).last_seen_ns) > CT_REFRESH_NS;
-        if bits & !(*flow).flags != 0 || stale {
-            (*flow).flags |= bits;
-            (*flow).last_seen_ns = now;
-            // The reply entry is looked up only here: most packets of a flow never need it.
-            let reply = reply();
-            if !reply.is_null() {
-                (*reply).flags |= bits;
-                (*reply).last_seen_ns = now;
-            }
-        }
+/// The connection state both directions' entries carry.
+trait ConnState {
+    fn state(&mut self) -> (&mut u32, &mut u64);
+}
+
+impl ConnState for Flow {
+    #[inline(always)]
+    fn state(&mut self) -> (&mut u32, &mut u64) {
+        (&mut self.flags, &mut self.last_seen_ns)
     }
 }
 
-/// [`touch`] from the reply side: the flow entry is looked up only when something is to be
-/// written, as most replies need not.
+impl ConnState for Reply {
+    #[inline(always)]
+    fn state(&mut self) -> (&mut u32, &mut u64) {
+        (&mut self.flags, &mut self.last_seen_ns)
+    }
+}
+
+/// Keeps both directions' state in step: close bits and an occasional `last_seen` refresh (not per
+/// packet, so established flows rarely write to the maps). `seen` is the entry the packet hit; the
+/// other direction's is looked up only when something is to be written: most packets never need it.
 #[inline(always)]
-fn touch_from_reply(reply: *mut Reply, proto: u8, bits: u32, now: u64) {
-    unsafe {
-        let stale = now.wrapping_sub((*reply).last_seen_ns) > CT_REFRESH_NS;
-        if bits & !(*reply).flags != 0 || stale {
-            (*reply).flags |= bits;
-            (*reply).last_seen_ns = now;
-            if let Some(flow) = lookup_flow(&client_key(&*reply, proto)) {
-                (*flow).flags |= bits;
-                (*flow).last_seen_ns = now;
-            }
+fn touch<A: ConnState, B: ConnState>(
+    seen: *mut A,
+    other: impl FnOnce() -> Option<*mut B>,
+    bits: u32,
+    now: u64,
+) {
+    let (flags, last_seen) = unsafe { (*seen).state() };
+    if bits & !*flags != 0 || now.wrapping_sub(*last_seen) > CT_REFRESH_NS {
+        *flags |= bits;
+        *last_seen = now;
+        if let Some(other) = other() {
+            let (flags, last_seen) = unsafe { (*other).state() };
+            *flags |= bits;
+            *last_seen = now;
         }
     }
 }
@@ -262,11 +267,9 @@ fn to_backend(ctx: &XdpContext, p: &Packet, fe: &Frontend) -> Result<u32, ()> {
             let reply = || {
                 let rk = reply_key(&p.saddr, p.sport, p.proto, unsafe { &*f });
                 // Only this flow's own entry: a closed flow's SNAT port may serve a new flow now.
-                lookup_reply(&rk)
-                    .filter(|&r| unsafe {
-                        (*r).client_port == p.sport && (*r).client_addr == p.saddr
-                    })
-                    .unwrap_or(core::ptr::null_mut())
+                lookup_reply(&rk).filter(|&r| unsafe {
+                    (*r).client_port == p.sport && (*r).client_addr == p.saddr
+                })
             };
             touch(f, reply, bits, now);
             f
@@ -644,7 +647,8 @@ fn reply_to_client(ctx: &XdpContext, p: &Packet, reply: *mut Reply) -> Result<u3
     if r.flags & FLOW_REMOTE == 0 {
         return Ok(xdp_action::XDP_PASS);
     }
-    touch_from_reply(reply, p.proto, close_bits(p.tcp_flags, false), now_ns());
+    let flow = || lookup_flow(&client_key(unsafe { &*reply }, p.proto));
+    touch(reply, flow, close_bits(p.tcp_flags, false), now_ns());
     let to = Tuple {
         saddr: &r.frontend_addr,
         daddr: &r.client_addr,
@@ -857,7 +861,8 @@ fn tc_reply(
     } else {
         0
     };
-    touch_from_reply(reply, proto, close_bits(tcp_flags, false), now_ns());
+    let flow = || lookup_flow(&client_key(unsafe { &*reply }, proto));
+    touch(reply, flow, close_bits(tcp_flags, false), now_ns());
     // The helpers also handle CHECKSUM_PARTIAL skbs, which a plain incremental update would corrupt.
     let csum = l4_off + check_off;
     let pseudo = BPF_F_PSEUDO_HDR as u64 | mangled | 4;

@@ -200,17 +200,39 @@ pub fn attach_switch(
 
 const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
+
+/// Creates an LRU hash map with these sizes and map flags.
+pub fn create_lru_hash(
+    key: u32,
+    value: u32,
+    max_entries: u32,
+    flags: u32,
+) -> anyhow::Result<OwnedFd> {
+    let mut attr = [0u64; 16];
+    attr[0] = BPF_MAP_TYPE_LRU_HASH as u64 | (key as u64) << 32; // map_type, key_size
+    attr[1] = value as u64 | (max_entries as u64) << 32;
+    attr[2] = flags as u64;
+    Ok(bpf(BPF_MAP_CREATE, &mut attr).context("creating an LRU hash map")?)
+}
+
+/// Pins a map or program at `path` (on a bpffs).
+pub fn pin(fd: &OwnedFd, path: &std::path::Path) -> anyhow::Result<()> {
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
+    let mut attr = [0u64; 16];
+    attr[0] = c_path.as_ptr() as u64; // pathname
+    attr[1] = fd.as_raw_fd() as u64; // bpf_fd
+    sys_bpf(BPF_OBJ_PIN, &mut attr).with_context(|| format!("pinning at {}", path.display()))?;
+    Ok(())
+}
 
 /// What one connection-tracking lookup costs at least: an XDP program that looks up a 16-byte key
 /// (an IPv4 5-tuple's, stored as whole words) in a one-entry LRU hash map and returns XDP_PASS when
 /// found, XDP_DROP when not. Returns the program and its map.
 pub fn load_one_lookup() -> anyhow::Result<(OwnedFd, OwnedFd)> {
     const KEY: usize = 16;
-    let mut attr = [0u64; 16];
-    attr[0] = BPF_MAP_TYPE_LRU_HASH as u64 | (KEY as u64) << 32; // map_type, key_size
-    attr[1] = 8 | 1 << 32; // value_size, max_entries
-    let map = bpf(BPF_MAP_CREATE, &mut attr).context("creating the lookup map")?;
+    let map = create_lru_hash(KEY as u32, 8, 1, 0).context("the lookup map")?;
     let (key, value) = ([0u8; KEY], [0u8; 8]);
     let mut attr = [0u64; 16];
     attr[0] = map.as_raw_fd() as u64;

@@ -1165,46 +1165,9 @@ const BPF_F_NO_COMMON_LRU: u32 = 2;
 
 /// Creates an LRU hash map shaped as `like` but with `flags`, and pins it at `path`.
 fn pin_lru_hash(path: &std::path::Path, like: &aya::maps::MapInfo, flags: u32) {
-    const BPF_MAP_CREATE: i64 = 0;
-    const BPF_OBJ_PIN: i64 = 6;
-    const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
-    // `union bpf_attr` for map creation: type, key size, value size, max entries, flags.
-    let mut create = [0u32; 32];
-    create[..5].copy_from_slice(&[
-        BPF_MAP_TYPE_LRU_HASH,
-        like.key_size(),
-        like.value_size(),
-        like.max_entries(),
-        flags,
-    ]);
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_CREATE,
-            create.as_ptr(),
-            std::mem::size_of_val(&create),
-        )
-    };
-    assert!(
-        fd >= 0,
-        "BPF_MAP_CREATE: {}",
-        std::io::Error::last_os_error()
-    );
-    let path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
-    // For pinning: the path's address, then the map's fd.
-    let mut pin = [0u64; 4];
-    pin[0] = path.as_ptr() as u64;
-    pin[1] = fd as u64;
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_PIN,
-            pin.as_ptr(),
-            std::mem::size_of_val(&pin),
-        )
-    };
-    assert_eq!(rc, 0, "BPF_OBJ_PIN: {}", std::io::Error::last_os_error());
-    unsafe { libc::close(fd as i32) };
+    let (key, value) = (like.key_size(), like.value_size());
+    let map = exposure_lab::xdp_pass::create_lru_hash(key, value, like.max_entries(), flags);
+    exposure_lab::xdp_pass::pin(&map.unwrap(), path).unwrap();
 }
 
 #[test]
