@@ -214,7 +214,7 @@ pub fn create_lru_hash(
     attr[0] = BPF_MAP_TYPE_LRU_HASH as u64 | (key as u64) << 32; // map_type, key_size
     attr[1] = value as u64 | (max_entries as u64) << 32;
     attr[2] = flags as u64;
-    Ok(bpf(BPF_MAP_CREATE, &mut attr).context("creating an LRU hash map")?)
+    bpf(BPF_MAP_CREATE, &mut attr).context("creating an LRU hash map")
 }
 
 /// Pins a map or program at `path` (on a bpffs).
