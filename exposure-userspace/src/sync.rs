@@ -897,6 +897,14 @@ pub struct FakeMaps {
 }
 
 impl FakeMaps {
+    /// Maps that check the "no bad window" rule after every write.
+    pub fn checked() -> Self {
+        FakeMaps {
+            check_every_write: true,
+            ..Default::default()
+        }
+    }
+
     fn write(&mut self) -> anyhow::Result<()> {
         self.writes += 1;
         if self.fail_at_write == Some(self.writes) {
@@ -1076,6 +1084,12 @@ mod tests {
         s
     }
 
+    /// Empty checked maps and a reconciler with nothing restored.
+    fn checked_from_scratch() -> (FakeMaps, Reconciler) {
+        let r = Reconciler::restore(Snapshot::default(), Limits::default());
+        (FakeMaps::checked(), r)
+    }
+
     fn state(services: &[(&str, DesiredService)]) -> DesiredState {
         DesiredState {
             services: services
@@ -1111,11 +1125,7 @@ mod tests {
 
     #[test]
     fn programs_then_converges_with_no_writes() {
-        let mut maps = FakeMaps {
-            check_every_write: true,
-            ..Default::default()
-        };
-        let mut r = Reconciler::restore(Snapshot::default(), Limits::default());
+        let (mut maps, mut r) = checked_from_scratch();
         let want = state(&[
             ("a", service(30001, &[(1, true), (2, false)])),
             ("b", service(30002, &[])),
@@ -1134,11 +1144,7 @@ mod tests {
 
     #[test]
     fn backend_changes_swap_tables_without_a_bad_window() {
-        let mut maps = FakeMaps {
-            check_every_write: true,
-            ..Default::default()
-        };
-        let mut r = Reconciler::restore(Snapshot::default(), Limits::default());
+        let (mut maps, mut r) = checked_from_scratch();
         r.reconcile(
             &state(&[("a", service(30001, &[(1, false), (2, false), (3, false)]))]),
             &mut maps,
@@ -1186,11 +1192,7 @@ mod tests {
 
     #[test]
     fn removing_a_service_removes_everything_it_owned() {
-        let mut maps = FakeMaps {
-            check_every_write: true,
-            ..Default::default()
-        };
-        let mut r = Reconciler::restore(Snapshot::default(), Limits::default());
+        let (mut maps, mut r) = checked_from_scratch();
         r.reconcile(
             &state(&[
                 ("a", service(30001, &[(1, false)])),
@@ -1233,10 +1235,7 @@ mod tests {
 
     #[test]
     fn restart_with_changes_cleans_up_stale_entries() {
-        let mut maps = FakeMaps {
-            check_every_write: true,
-            ..Default::default()
-        };
+        let mut maps = FakeMaps::checked();
         let old = state(&[
             ("a", service(30001, &[(1, true)])),
             ("gone", service(30009, &[(9, false)])),
@@ -1254,10 +1253,7 @@ mod tests {
 
     #[test]
     fn limits_are_errors_for_that_service_only() {
-        let mut maps = FakeMaps {
-            check_every_write: true,
-            ..Default::default()
-        };
+        let mut maps = FakeMaps::checked();
         let limits = Limits {
             frontends: 100,
             services: 2,
@@ -1358,11 +1354,7 @@ mod tests {
 
     #[test]
     fn a_change_to_one_service_writes_only_that_service() {
-        let mut maps = FakeMaps {
-            check_every_write: true,
-            ..Default::default()
-        };
-        let mut r = Reconciler::restore(Snapshot::default(), Limits::default());
+        let (mut maps, mut r) = checked_from_scratch();
         let many: Vec<(String, DesiredService)> = (0..50u16)
             .map(|i| (format!("s{i}"), service(30000 + i, &[(1 + i as u8, false)])))
             .collect();
@@ -1390,11 +1382,7 @@ mod tests {
 
     #[test]
     fn affinity_is_forgotten_for_backends_that_leave_and_for_removed_services() {
-        let mut maps = FakeMaps {
-            check_every_write: true,
-            ..Default::default()
-        };
-        let mut r = Reconciler::restore(Snapshot::default(), Limits::default());
+        let (mut maps, mut r) = checked_from_scratch();
         let sticky = |backends: &[(u8, bool)]| DesiredService {
             affinity_timeout_s: 60,
             ..service(30001, backends)
@@ -1423,11 +1411,7 @@ mod tests {
 
     #[test]
     fn backends_go_with_their_last_service_and_only_then() {
-        let mut maps = FakeMaps {
-            check_every_write: true,
-            ..Default::default()
-        };
-        let mut r = Reconciler::restore(Snapshot::default(), Limits::default());
+        let (mut maps, mut r) = checked_from_scratch();
         // Backend 2 is shared; 1 and 3 belong to one service each.
         r.reconcile(
             &state(&[
@@ -1570,9 +1554,8 @@ mod tests {
     #[test]
     fn failed_write_is_reported_and_retried_next_time() {
         let mut maps = FakeMaps {
-            check_every_write: true,
             fail_at_write: Some(2),
-            ..Default::default()
+            ..FakeMaps::checked()
         };
         let mut r = Reconciler::restore(Snapshot::default(), Limits::default());
         let want = state(&[("a", service(30001, &[(1, false), (2, false)]))]);
