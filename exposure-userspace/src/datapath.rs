@@ -73,31 +73,36 @@ fn is_not_found(e: &LinkError) -> bool {
     matches!(e, LinkError::SyscallError(SyscallError { io_error, .. }) if io_error.kind() == io::ErrorKind::NotFound)
 }
 
-/// The expected key/value sizes of each pinned map, to detect an incompatible pin from another version.
-fn expected_layout(name: &str) -> Option<(u32, u32)> {
+/// The expected key size, value size and map flags of each pinned map (as the eBPF object
+/// declares them; aya-ebpf adds `BPF_F_NO_PREALLOC` to LPM tries and `BPF_F_RDONLY_PROG` to
+/// devmaps), to detect an incompatible pin from another version.
+fn expected_layout(name: &str) -> Option<(u32, u32, u32)> {
+    use exposure_common::{Affinity, AffinityKey, NodeAddrKey, SourceRange, Traffic};
     use std::mem::size_of;
-    let sz = |k: usize, v: usize| Some((k as u32, v as u32));
+    const BPF_F_NO_PREALLOC: u32 = 1;
+    const BPF_F_RDONLY_PROG: u32 = 1 << 7;
+    let with_flags = |k: usize, v: usize, flags: u32| Some((k as u32, v as u32, flags));
+    let sz = |k: usize, v: usize| with_flags(k, v, 0);
     match name {
         names::FRONTENDS4 => sz(size_of::<FrontendKey4>(), size_of::<Frontend>()),
         names::FRONTENDS6 => sz(size_of::<FrontendKey>(), size_of::<Frontend>()),
         names::SERVICES => sz(4, size_of::<Service>()),
-        names::MAGLEV => sz(4, 4),
+        names::MAGLEV => with_flags(4, 4, exposure_common::BPF_F_MMAPABLE),
         names::BACKENDS => sz(4, size_of::<Backend>()),
+        // One LRU list for all CPUs: earlier builds' per-CPU lists (`BPF_F_NO_COMMON_LRU`) split
+        // the capacity among the CPUs.
         names::FLOWS4 => sz(size_of::<FlowKey4>(), size_of::<Flow>()),
         names::FLOWS6 => sz(size_of::<FlowKey>(), size_of::<Flow>()),
         names::REPLIES4 => sz(size_of::<FlowKey4>(), size_of::<Reply>()),
         names::REPLIES6 => sz(size_of::<FlowKey>(), size_of::<Reply>()),
-        names::NODE_ADDRS => sz(4, 4),
+        names::NODE_ADDRS => sz(size_of::<NodeAddrKey>(), size_of::<Addr>()),
         names::STATS => sz(4, 8),
-        names::NEIGH_MISSES => sz(4, 4),
-        names::SOURCE_RANGES => sz(4 + size_of::<exposure_common::SourceRange>(), 4),
-        names::AFFINITY => sz(
-            size_of::<exposure_common::AffinityKey>(),
-            size_of::<exposure_common::Affinity>(),
-        ),
-        names::FRONTEND_STATS => sz(4, std::mem::size_of::<exposure_common::Traffic>()),
+        names::NEIGH_MISSES => sz(size_of::<Addr>(), 4),
+        names::SOURCE_RANGES => with_flags(4 + size_of::<SourceRange>(), 4, BPF_F_NO_PREALLOC),
+        names::AFFINITY => sz(size_of::<AffinityKey>(), size_of::<Affinity>()),
+        names::FRONTEND_STATS => sz(4, size_of::<Traffic>()),
         // Key and `struct bpf_devmap_val` (ifindex, program).
-        names::POD_IFACES => sz(4, 8),
+        names::POD_IFACES => with_flags(4, 8, BPF_F_RDONLY_PROG),
         _ => None,
     }
 }
@@ -271,15 +276,6 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::pr
         .with_context(|| format!("program {name} missing from the eBPF object"))
 }
 
-/// Map flags a pinned map must have where they changed between builds: the flow tables' LRU lists
-/// were once per CPU (`BPF_F_NO_COMMON_LRU`), which split their capacity among the CPUs.
-fn expected_flags(name: &str) -> Option<u32> {
-    match name {
-        names::FLOWS4 | names::FLOWS6 | names::REPLIES4 | names::REPLIES6 => Some(0),
-        _ => None,
-    }
-}
-
 /// A pinned map from an older, incompatible build would be silently misread: unpin it (losing only
 /// that map's state) so a fresh one is created.
 fn drop_incompatible_pins(pin_dir: &Path, capacity: &Capacity) {
@@ -295,10 +291,10 @@ fn drop_incompatible_pins(pin_dir: &Path, capacity: &Capacity) {
         let Ok(info) = MapInfo::from_pin(&path) else {
             continue;
         };
-        if let Some((k, v)) = expected_layout(name) {
+        if let Some((k, v, flags)) = expected_layout(name) {
             let resized = capacity.of(name).is_some_and(|n| n != info.max_entries());
-            let flags_differ = expected_flags(name).is_some_and(|f| f != info.map_flags());
-            if info.key_size() != k || info.value_size() != v || resized || flags_differ {
+            let layout = (info.key_size(), info.value_size(), info.map_flags());
+            if layout != (k, v, flags) || resized {
                 tracing::warn!(
                     map = name,
                     "pinned map has another layout, capacity or flags; recreating it (its state is lost)"

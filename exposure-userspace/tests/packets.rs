@@ -1153,11 +1153,23 @@ fn maps_of_earlier_builds_are_unpinned_at_load() {
         let info = aya::maps::MapInfo::from_pin(&flows4).unwrap();
         std::fs::remove_file(&flows4).unwrap();
         pin_lru_hash(&flows4, &info, BPF_F_NO_COMMON_LRU);
+        let map_id = |name: &str| {
+            let info = aya::maps::MapInfo::from_pin(h.pin_dir.join(name));
+            info.map(|i| i.id()).ok()
+        };
+        let others = exposure_common::names::ALL
+            .into_iter()
+            .filter(|name| !["FLOWS4", "FLOWS6"].contains(name));
+        let before: Vec<_> = others.map(|name| (name, map_id(name))).collect();
         let _again = Datapath::load(&h.pin_dir).unwrap();
         assert!(!old.exists(), "the retired pin is gone");
         assert!(current.exists(), "this build's map is pinned again");
         let info = aya::maps::MapInfo::from_pin(&flows4).unwrap();
         assert_eq!(info.map_flags(), 0, "one LRU list shared by all CPUs");
+        for (name, id) in before {
+            assert!(id.is_some(), "{name} pinned");
+            assert_eq!(map_id(name), id, "{name} kept as it was");
+        }
     });
 }
 
