@@ -160,6 +160,11 @@ fn with_datapath_config(
     drop(peer);
 }
 
+/// The `i`th of many client addresses, 250 to a /24 from 198.18.`subnet`.0 on.
+fn nth_client(subnet: u8, i: u16) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, subnet + (i / 250) as u8, (i % 250) as u8 + 1)
+}
+
 fn name(n: &str) -> ServicePortName {
     ServicePortName {
         namespace: "default".into(),
@@ -1047,12 +1052,7 @@ fn maglev_moves_only_the_flows_of_a_removed_backend() {
             .collect();
         h.program(&hello(&pods));
         let clients: Vec<(Ipv4Addr, u16)> = (0..2000u16)
-            .map(|i| {
-                (
-                    Ipv4Addr::new(198, 18, 1 + (i / 250) as u8, (i % 250) as u8 + 1),
-                    40000 + i,
-                )
-            })
+            .map(|i| (nth_client(1, i), 40000 + i))
             .collect();
         let before: Vec<Ipv4Addr> = clients.iter().map(|c| h.backend_of(*c)).collect();
         let removed = pods[3].0;
@@ -1097,10 +1097,7 @@ fn one_cpu_can_fill_the_whole_flow_table() {
         h.program(&hello(&[(LOCAL_POD, true)]));
         let flows = 3000u16;
         for i in 0..flows {
-            let client = (
-                Ipv4Addr::new(198, 18, 1 + (i / 250) as u8, (i % 250) as u8 + 1),
-                40000 + i,
-            );
+            let client = (nth_client(1, i), 40000 + i);
             let input = FrameSpec::tcp(client, (NODE, NODE_PORT), SYN).build();
             assert_eq!(h.xdp(&input).0, XDP_PASS);
         }
@@ -1124,10 +1121,7 @@ fn a_flood_of_one_packet_flows_evicts_them_and_not_a_connection() {
         h.xdp(&FrameSpec::tcp(client, (NODE, NODE_PORT), ACK).build());
         // Twice the table in SYNs that never go further, as a scan or a SYN flood sends them.
         for i in 0..8192u16 {
-            let from = (
-                Ipv4Addr::new(198, 18, 2 + (i / 250) as u8, (i % 250) as u8 + 1),
-                1024 + i,
-            );
+            let from = (nth_client(2, i), 1024 + i);
             h.xdp(&FrameSpec::tcp(from, (NODE, NODE_PORT), SYN).build());
         }
         assert!(h.maps.flow_count() <= 4096, "the flood filled the table");
