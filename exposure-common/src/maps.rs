@@ -336,9 +336,30 @@ impl From<FlowKey4> for FlowKey {
 
 pub const FLOW_CLOSING: u32 = 1;
 pub const FLOW_REMOTE: u32 = 2;
-/// A local flow sent from XDP straight to the pod's interface (`ifindex`, MACs from the FIB), not
-/// through the node's stack (`--xdp-redirect-to-pods`).
+/// A local flow sent straight to the pod's interface (`ifindex`, MACs from the FIB), not through
+/// the node's stack (`--redirect-to-pods`, `--xdp-redirect-to-pods`).
 pub const FLOW_TO_POD: u32 = 16;
+
+/// How local flows reach pods (`REDIRECT_TO_PODS`, set at load time): through the node's stack;
+/// from tc ingress into the pod's namespace (`bpf_redirect_peer`, `--redirect-to-pods`); or from
+/// XDP to the pod's veth (`--xdp-redirect-to-pods`).
+pub const REDIRECT_OFF: u8 = 0;
+pub const REDIRECT_AT_TC: u8 = 1;
+pub const REDIRECT_AT_XDP: u8 = 2;
+
+/// What XDP leaves in a packet's metadata for tc ingress (`--redirect-to-pods`): the packet is
+/// translated, addressed to the pod's MAC, and goes to the pod behind `ifindex` (a host-side veth).
+/// XDP cannot move a packet into another namespace and tc runs only once the skb exists, so the
+/// work is split between them as Cilium splits it between its XDP and tc programs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodHandoff {
+    /// [`POD_HANDOFF_MAGIC`]: metadata some other program left is not ours.
+    pub magic: u32,
+    pub ifindex: u32,
+}
+
+pub const POD_HANDOFF_MAGIC: u32 = 0x6578_706f;
 
 /// Forward direction (client -> frontend), keyed by the client's [`FlowKey`].
 #[repr(C)]

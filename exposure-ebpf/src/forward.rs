@@ -4,12 +4,12 @@ use aya_ebpf::{
     bindings::{
         bpf_fib_lookup, xdp_action, BPF_ANY, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
     },
-    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect},
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_xdp_adjust_meta},
     programs::XdpContext,
     EbpfContext,
 };
 
-use exposure_common::{Addr, Counter};
+use exposure_common::{Addr, Counter, Flow, PodHandoff, POD_HANDOFF_MAGIC};
 
 use crate::maps::{count, NEIGH_MISSES};
 
@@ -96,4 +96,26 @@ pub fn transmit(ctx: &XdpContext, ifindex: u32) -> u32 {
     } else {
         unsafe { bpf_redirect(ifindex, 0) as u32 }
     }
+}
+
+/// Leaves `flow`'s pod interface in the frame's metadata for tc ingress to act on
+/// (`--redirect-to-pods`). Err: no room for metadata (the frame then goes through the stack).
+#[inline(always)]
+pub fn hand_to_tc(ctx: &XdpContext, flow: &Flow) -> Result<(), ()> {
+    const LEN: usize = core::mem::size_of::<PodHandoff>();
+    if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -(LEN as i32)) } != 0 {
+        return Err(());
+    }
+    let meta = ctx.metadata();
+    if meta + LEN > ctx.data() {
+        return Err(());
+    }
+    let handoff = meta as *mut PodHandoff;
+    unsafe {
+        handoff.write_unaligned(PodHandoff {
+            magic: POD_HANDOFF_MAGIC,
+            ifindex: flow.ifindex,
+        })
+    };
+    Ok(())
 }

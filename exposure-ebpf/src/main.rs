@@ -17,7 +17,7 @@ use aya_ebpf::{
         xdp_action, BPF_ANY, BPF_FIB_LKUP_RET_SUCCESS, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR,
         BPF_NOEXIST, TC_ACT_OK, TC_ACT_UNSPEC,
     },
-    helpers::bpf_ktime_get_coarse_ns,
+    helpers::{bpf_ktime_get_coarse_ns, bpf_redirect_peer},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
@@ -25,7 +25,7 @@ use aya_log_ebpf::{debug, warn};
 use exposure_common::*;
 
 use crate::{
-    forward::{fib_query, next_hop, transmit},
+    forward::{fib_query, hand_to_tc, next_hop, transmit},
     maps::*,
     nat::{rewrite, set_macs, Tuple},
     parse::*,
@@ -629,7 +629,14 @@ fn translate_to_backend(ctx: &XdpContext, p: &Packet, flow: &Flow) -> Result<u32
         rewrite(ctx, p, &to)?;
         count(Counter::ToLocal);
         if flow.flags & FLOW_TO_POD != 0 {
-            // Falls back to the stack if the agent has since taken the interface out.
+            // Both fall back to the stack if the agent has since taken the interface out.
+            if redirect_at_tc() {
+                // The pod's MAC only once the hand-off is sure: the stack drops frames to others.
+                if POD_IFACES.get_ifindex(flow.ifindex).is_some() && hand_to_tc(ctx, flow).is_ok() {
+                    set_macs(ctx, &flow.dmac, &flow.smac)?;
+                }
+                return Ok(xdp_action::XDP_PASS);
+            }
             if let Ok(action) = POD_IFACES.redirect(flow.ifindex, xdp_action::XDP_PASS as u64) {
                 set_macs(ctx, &flow.dmac, &flow.smac)?;
                 count(Counter::RedirectedToPod);
@@ -775,6 +782,29 @@ fn tc_icmp6_error(ctx: &TcContext, l4_off: usize) -> Result<i32, ()> {
         .map_err(|_| ())?;
     count(Counter::IcmpErrorsTranslated);
     Ok(TC_ACT_OK)
+}
+
+/// `--redirect-to-pods`: a local flow's packet, translated at XDP, goes from here into its pod's
+/// namespace (`bpf_redirect_peer`: no second pass through the node's stack, and the pod's veth
+/// needs nothing special, unlike XDP redirect). Everything else goes on untouched.
+#[classifier]
+pub fn exposure_tc_ingress(ctx: TcContext) -> i32 {
+    try_tc_ingress(&ctx).unwrap_or(TC_ACT_UNSPEC)
+}
+
+#[inline(always)]
+fn try_tc_ingress(ctx: &TcContext) -> Result<i32, ()> {
+    const LEN: usize = core::mem::size_of::<PodHandoff>();
+    let meta = unsafe { (*ctx.skb.skb).data_meta } as usize;
+    if meta + LEN > ctx.data() {
+        return Ok(TC_ACT_UNSPEC);
+    }
+    let handoff = unsafe { (meta as *const PodHandoff).read_unaligned() };
+    if handoff.magic != POD_HANDOFF_MAGIC {
+        return Ok(TC_ACT_UNSPEC);
+    }
+    count(Counter::RedirectedToPod);
+    Ok(unsafe { bpf_redirect_peer(handoff.ifindex, 0) } as i32)
 }
 
 /// Replies from local backends leave through the node's stack: restore the frontend as source.

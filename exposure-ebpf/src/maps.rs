@@ -48,19 +48,30 @@ pub static SOURCE_RANGES: LpmTrie<SourceRange, u32> = LpmTrie::pinned(MAX_SOURCE
 pub static FRONTEND_STATS: PerCpuArray<Traffic> = PerCpuArray::pinned(MAX_FRONTENDS, 0);
 #[map]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(Counter::COUNT, 0);
-/// Pods' interfaces (ifindex -> ifindex) that local flows may be redirected to from XDP: filled by
-/// the agent from `--xdp-redirect-to-pods` name prefixes, else empty.
+/// Pods' interfaces (ifindex -> ifindex) that local flows may be sent to past the node's stack:
+/// filled by the agent from `--redirect-to-pods` / `--xdp-redirect-to-pods` name prefixes, else empty.
 #[map]
 pub static POD_IFACES: DevMapHash = DevMapHash::pinned(MAX_POD_IFACES, 0);
 
-/// Set at load time (`--xdp-redirect-to-pods`): new local flows ask the FIB for the pod's
-/// interface. Off, a local flow costs no FIB lookup.
+/// Set at load time: how local flows reach pods (`REDIRECT_*`). Off, a local flow costs no FIB lookup.
 #[no_mangle]
-static REDIRECT_TO_PODS: u8 = 0;
+static REDIRECT_TO_PODS: u8 = REDIRECT_OFF;
 
 #[inline(always)]
+fn redirect_mode() -> u8 {
+    unsafe { core::ptr::read_volatile(&REDIRECT_TO_PODS) }
+}
+
+/// New local flows ask the FIB for the pod's interface.
+#[inline(always)]
 pub fn redirect_to_pods() -> bool {
-    unsafe { core::ptr::read_volatile(&REDIRECT_TO_PODS) != 0 }
+    redirect_mode() != REDIRECT_OFF
+}
+
+/// Local flows to pods are handed to tc ingress, which moves them into the pod's namespace.
+#[inline(always)]
+pub fn redirect_at_tc() -> bool {
+    redirect_mode() == REDIRECT_AT_TC
 }
 
 /// Working space for setting up a new flow: the entries being built and the FIB query. BPF gives a

@@ -136,6 +136,31 @@ fn attach_loaded(
     })?
 }
 
+/// Attaches a tc program returning `action` (e.g. `TC_ACT_SHOT`: a sink for packets that never
+/// meet XDP, as those `bpf_redirect_peer` moves into a namespace) to `ifname`'s ingress in `ns`
+/// (TCX); detached when the returned link fd is dropped.
+pub fn attach_tc_ingress_returning(
+    ns: &Netns,
+    ifname: &str,
+    action: i32,
+) -> anyhow::Result<OwnedFd> {
+    const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+    const BPF_TCX_INGRESS: u64 = 46;
+    let ifname = ifname.to_string();
+    ns.run(move || -> anyhow::Result<OwnedFd> {
+        let insns = [insn(0xb7, 0, 0, 0, action), insn(0x95, 0, 0, 0, 0)];
+        let prog = load_program(BPF_PROG_TYPE_SCHED_CLS, 0, &insns)?;
+        let ifindex = nix::net::if_::if_nametoindex(ifname.as_str())
+            .with_context(|| format!("no interface {ifname}"))?;
+        let mut attr = [0u64; 16];
+        attr[0] = prog.as_raw_fd() as u64 | (ifindex as u64) << 32;
+        attr[1] = BPF_TCX_INGRESS;
+        bpf(BPF_LINK_CREATE, &mut attr).with_context(|| format!("attaching tc to {ifname}"))
+    })?
+}
+
+pub const TC_ACT_SHOT: i32 = 2;
+
 /// One BPF instruction: opcode, registers, offset, immediate.
 fn insn(op: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
     let [o0, o1] = off.to_le_bytes();

@@ -7,8 +7,8 @@
 //!
 //! Datapath: per-packet cost through BPF_PROG_TEST_RUN beside a no-op floor and a one-lookup
 //! reference. End to end (`exposure/forwarding.rs`): packets/s, TCP connections/s and throughput
-//! through a lab node for Exposure (also with `--xdp-redirect-to-pods`), kube-proxy's iptables and
-//! nftables layouts and plain forwarding.
+//! through a lab node for Exposure (also with `--redirect-to-pods` and `--xdp-redirect-to-pods`),
+//! kube-proxy's iptables and nftables layouts and plain forwarding.
 //!
 //! Writes `bench/results/<date>.md` with SVG charts beside it and prints it. `--quick` runs the
 //! small sizes only. While working on one part: `EXPOSURE_BENCH_CONTROL_PLANE_ONLY=<Services>`,
@@ -815,8 +815,10 @@ fn end_to_end(report: &mut String, quick: bool, dir: &Path, stem: &str) {
     let _ = writeln!(report, "packet the same (an established flow); *new flows*: a random source address and port per packet.");
     let _ = writeln!(report, "kube-proxy's rules are generated in its own layouts (`exposure-lab/src/kube_proxy.rs`); plain");
     let _ = writeln!(report, "forwarding sends to the pod address with no Service at all. *Exposure, redirect* runs the agent");
-    let _ = writeln!(report, "with `--xdp-redirect-to-pods vp`: local pods' packets go from XDP straight to the pod's veth (its");
-    let _ = writeln!(report, "pod side runs NAPI, as that mode requires), skipping node-1's stack. The LAN switches frames in");
+    let _ = writeln!(report, "with `--redirect-to-pods vp`: local pods' packets, translated at XDP, go from tc ingress into the");
+    let _ = writeln!(report, "pod's namespace (`bpf_redirect_peer`), skipping node-1's second pass through its stack; *XDP");
+    let _ = writeln!(report, "redirect* with `--xdp-redirect-to-pods vp`: from XDP straight to the pod's veth (its pod side");
+    let _ = writeln!(report, "runs NAPI, as that mode requires), before any skb exists on node-1. The LAN switches frames in");
     let _ = writeln!(report, "XDP (`Lab::fast_lan`), so they reach the nodes as from a NIC, before any skb exists, and the");
     let _ = writeln!(report, "nodes' ends have GRO on. The whole path runs on one CPU in softirq, so 1/(packets/s) is its cost");
     let _ = writeln!(report, "per packet, and the difference to plain forwarding is the Service translation's. Thousands of");
@@ -824,10 +826,10 @@ fn end_to_end(report: &mut String, quick: bool, dir: &Path, stem: &str) {
         report,
         "packets/s; below 99% delivered the share is shown.\n"
     );
-    let _ = writeln!(report, "| Services | backend | flows | plain forwarding | Exposure | Exposure, redirect | kube-proxy iptables | kube-proxy nftables | Exposure ÷ iptables | Exposure, redirect ÷ iptables | Exposure ÷ nftables |");
+    let _ = writeln!(report, "| Services | backend | flows | plain forwarding | Exposure | Exposure, redirect | Exposure, XDP redirect | kube-proxy iptables | kube-proxy nftables | Exposure ÷ iptables | redirect ÷ iptables | XDP redirect ÷ iptables | Exposure ÷ nftables |");
     let _ = writeln!(
         report,
-        "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     let find = |v: Variant, n: usize, t: Target, f: Flows| {
         runs.iter()
@@ -854,15 +856,17 @@ fn end_to_end(report: &mut String, quick: bool, dir: &Path, stem: &str) {
         };
         let _ = writeln!(
             report,
-            "| {n} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {n} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             t.label(),
             flows_label(f),
             cell(find(Variant::Plain, n, t, f)),
             cell(find(Variant::Exposure, n, t, f)),
+            cell(find(Variant::ExposureTcRedirect, n, t, f)),
             cell(find(Variant::ExposureRedirect, n, t, f)),
             cell(find(Variant::Iptables, n, t, f)),
             cell(find(Variant::Nftables, n, t, f)),
             ratio(Variant::Exposure, Variant::Iptables),
+            ratio(Variant::ExposureTcRedirect, Variant::Iptables),
             ratio(Variant::ExposureRedirect, Variant::Iptables),
             ratio(Variant::Exposure, Variant::Nftables),
         );
@@ -899,12 +903,12 @@ fn end_to_end(report: &mut String, quick: bool, dir: &Path, stem: &str) {
     let _ = writeln!(report, "(Exposure sends remote-backend traffic straight back out with XDP_TX, and with redirect local");
     let _ = writeln!(
         report,
-        "pods' traffic straight to the pod, skipping the stack).\n"
+        "pods' traffic into the pod, skipping the node's routing and netfilter).\n"
     );
-    let _ = writeln!(report, "| Services | backend | flows | Exposure | Exposure, redirect | kube-proxy iptables | kube-proxy nftables | iptables ÷ Exposure |");
+    let _ = writeln!(report, "| Services | backend | flows | Exposure | Exposure, redirect | Exposure, XDP redirect | kube-proxy iptables | kube-proxy nftables | iptables ÷ Exposure |");
     let _ = writeln!(
         report,
-        "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |"
+        "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     for (n, t, f) in scenarios(sizes) {
         let pps = |v| find(v, n, t, f).map_or(0.0, |r| r.pps);
@@ -917,8 +921,9 @@ fn end_to_end(report: &mut String, quick: bool, dir: &Path, stem: &str) {
                 f64::NAN
             }
         };
-        let (e, er, i, nf) = (
+        let (e, et, er, i, nf) = (
             extra(Variant::Exposure),
+            extra(Variant::ExposureTcRedirect),
             extra(Variant::ExposureRedirect),
             extra(Variant::Iptables),
             extra(Variant::Nftables),
@@ -930,7 +935,7 @@ fn end_to_end(report: &mut String, quick: bool, dir: &Path, stem: &str) {
         };
         let _ = writeln!(
             report,
-            "| {n} | {} | {} | {e:.0} ns | {er:.0} ns | {i:.0} ns | {nf:.0} ns | {ratio} |",
+            "| {n} | {} | {} | {e:.0} ns | {et:.0} ns | {er:.0} ns | {i:.0} ns | {nf:.0} ns | {ratio} |",
             t.label(),
             flows_label(f),
         );
@@ -941,8 +946,11 @@ fn end_to_end(report: &mut String, quick: bool, dir: &Path, stem: &str) {
         report,
         "writes; segmentation offload makes this insensitive to per-packet cost).\n"
     );
-    let _ = writeln!(report, "| Services | backend | plain forwarding | Exposure | Exposure, redirect | kube-proxy iptables | kube-proxy nftables |");
-    let _ = writeln!(report, "| ---: | --- | ---: | ---: | ---: | ---: | ---: |");
+    let _ = writeln!(report, "| Services | backend | plain forwarding | Exposure | Exposure, redirect | Exposure, XDP redirect | kube-proxy iptables | kube-proxy nftables |");
+    let _ = writeln!(
+        report,
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
     for &n in sizes {
         for t in [Target::Local, Target::Remote] {
             let cell = |v: Variant| {
@@ -961,10 +969,11 @@ fn end_to_end(report: &mut String, quick: bool, dir: &Path, stem: &str) {
             };
             let _ = writeln!(
                 report,
-                "| {n} | {} | {} | {} | {} | {} | {} |",
+                "| {n} | {} | {} | {} | {} | {} | {} | {} |",
                 t.label(),
                 cell(Variant::Plain),
                 cell(Variant::Exposure),
+                cell(Variant::ExposureTcRedirect),
                 cell(Variant::ExposureRedirect),
                 cell(Variant::Iptables),
                 cell(Variant::Nftables),

@@ -34,7 +34,7 @@ pub struct AgentConfig {
     pub xdp_mode: XdpMode,
     pub capacity: Capacity,
     pub limits: Limits,
-    /// `--xdp-redirect-to-pods`: name prefixes of pod interfaces XDP may redirect to.
+    /// `--redirect-to-pods` / `--xdp-redirect-to-pods`: name prefixes of pod interfaces.
     pub pod_iface_prefixes: Vec<String>,
 }
 
@@ -126,7 +126,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         }
     }
     if cfg.pod_iface_prefixes.is_empty() {
-        // Without --xdp-redirect-to-pods, flows an earlier run redirected go back to the stack.
+        // Without a redirect flag, flows an earlier run redirected go back to the stack.
         maps.set_pod_ifaces(&Default::default())
             .context("clearing the pod interfaces")?;
     }
@@ -185,7 +185,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             match maps.set_pod_ifaces(&pod_ifaces) {
                 Ok(0) => {}
                 Ok(_) => {
-                    tracing::info!(count = pod_ifaces.len(), "pod interfaces for XDP redirect")
+                    tracing::info!(count = pod_ifaces.len(), "pod interfaces for redirect")
                 }
                 Err(e) => {
                     tracing::warn!(error = %format!("{e:#}"), "cannot update the pod interfaces")

@@ -31,6 +31,7 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 
 pub const XDP_PROGRAM: &str = "exposure_xdp";
 pub const TC_PROGRAM: &str = "exposure_tc_egress";
+pub const TC_INGRESS_PROGRAM: &str = "exposure_tc_ingress";
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// Mounts bpffs at /sys/fs/bpf when it is missing, as Cilium does.
@@ -118,8 +119,32 @@ pub struct Capacity {
     pub flows: u32,
     /// Entries of the shared Maglev array (every service's table).
     pub maglev_entries: u32,
-    /// New local flows are sent from XDP straight to the pod's interface when it is in `POD_IFACES`.
-    pub redirect_to_pods: bool,
+    /// Whether, and from where, local flows are sent straight to the pod's interface when it is in
+    /// `POD_IFACES`.
+    pub redirect_to_pods: RedirectToPods,
+}
+
+/// How local flows reach pods whose interfaces are in `POD_IFACES`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RedirectToPods {
+    /// Through the node's stack, as any routed packet.
+    #[default]
+    Off,
+    /// `--redirect-to-pods`: from tc ingress into the pod's namespace (`bpf_redirect_peer`).
+    AtTc,
+    /// `--xdp-redirect-to-pods`: from XDP to the pod's veth (needs NAPI on the pod side).
+    AtXdp,
+}
+
+impl RedirectToPods {
+    /// The `REDIRECT_TO_PODS` value the programs read.
+    fn global(self) -> u8 {
+        match self {
+            RedirectToPods::Off => exposure_common::REDIRECT_OFF,
+            RedirectToPods::AtTc => exposure_common::REDIRECT_AT_TC,
+            RedirectToPods::AtXdp => exposure_common::REDIRECT_AT_XDP,
+        }
+    }
 }
 
 impl Default for Capacity {
@@ -131,7 +156,7 @@ impl Default for Capacity {
             services: exposure_common::MAX_SERVICES,
             backends: exposure_common::MAX_BACKENDS,
             flows: exposure_common::MAX_FLOWS,
-            redirect_to_pods: false,
+            redirect_to_pods: RedirectToPods::Off,
         }
     }
 }
@@ -157,6 +182,7 @@ impl Capacity {
 pub struct Datapath {
     ebpf: Ebpf,
     pin_dir: PathBuf,
+    redirect_to_pods: RedirectToPods,
 }
 
 impl Datapath {
@@ -175,7 +201,7 @@ impl Datapath {
         loader.default_map_pin_directory(pin_dir);
         // Off by default: a log statement then costs one load and compare.
         loader.override_global(aya_log::LEVEL, &capacity.bpf_log_level, true);
-        let redirect_to_pods = u8::from(capacity.redirect_to_pods);
+        let redirect_to_pods = capacity.redirect_to_pods.global();
         loader.override_global("REDIRECT_TO_PODS", &redirect_to_pods, true);
         for name in names::ALL {
             if let Some(n) = capacity.of(name) {
@@ -187,11 +213,15 @@ impl Datapath {
             .context("loading the eBPF object")?;
         let xdp: &mut Xdp = program(&mut ebpf, XDP_PROGRAM)?.try_into()?;
         xdp.load().context("verifying the XDP program")?;
-        let tc: &mut SchedClassifier = program(&mut ebpf, TC_PROGRAM)?.try_into()?;
-        tc.load().context("verifying the tc program")?;
+        for name in [TC_PROGRAM, TC_INGRESS_PROGRAM] {
+            let tc: &mut SchedClassifier = program(&mut ebpf, name)?.try_into()?;
+            tc.load()
+                .with_context(|| format!("verifying the tc program {name}"))?;
+        }
         Ok(Datapath {
             ebpf,
             pin_dir: pin_dir.to_path_buf(),
+            redirect_to_pods: capacity.redirect_to_pods,
         })
     }
 
@@ -206,13 +236,22 @@ impl Datapath {
     }
 
     pub fn tc(&mut self) -> anyhow::Result<&mut SchedClassifier> {
-        Ok(program(&mut self.ebpf, TC_PROGRAM)?.try_into()?)
+        self.tc_program(TC_PROGRAM)
     }
 
-    /// XDP on ingress and tc on egress of `iface`; replaces our own earlier programs atomically.
+    pub fn tc_program(&mut self, name: &str) -> anyhow::Result<&mut SchedClassifier> {
+        Ok(program(&mut self.ebpf, name)?.try_into()?)
+    }
+
+    /// XDP on ingress and tc on egress of `iface` (and tc on ingress with `--redirect-to-pods`);
+    /// replaces our own earlier programs atomically.
     pub fn attach(&mut self, iface: &str, mode: XdpMode) -> anyhow::Result<()> {
+        let ingress_pin = tc_pin(&self.pin_dir, iface, TcAttachType::Ingress);
+        if self.redirect_to_pods == RedirectToPods::AtTc {
+            // Before XDP starts handing packets over: without it they would be lost.
+            self.attach_tc(iface, TC_INGRESS_PROGRAM, TcAttachType::Ingress)?;
+        }
         let xdp_pin = self.pin_dir.join("links").join(format!("xdp-{iface}"));
-        let tc_pin = self.pin_dir.join("links").join(format!("tc-{iface}"));
         let xdp = self.xdp()?;
         let replaced = match PinnedLink::from_pin(&xdp_pin) {
             Ok(old) => match aya::programs::xdp::XdpLink::try_from(FdLink::from(old)) {
@@ -235,18 +274,31 @@ impl Datapath {
             link.pin(&xdp_pin)
                 .with_context(|| format!("pinning {}", xdp_pin.display()))?;
         }
+        self.attach_tc(iface, TC_PROGRAM, TcAttachType::Egress)?;
+        if self.redirect_to_pods != RedirectToPods::AtTc {
+            if let Ok(link) = PinnedLink::from_pin(&ingress_pin) {
+                // An earlier run's --redirect-to-pods, now that XDP no longer hands packets over:
+                // its program would cost every packet for nothing.
+                drop(link.unpin());
+            }
+        }
+        tracing::info!(iface, "datapath attached (XDP ingress, tc egress)");
+        Ok(())
+    }
 
-        let tc = self.tc()?;
-        let replaced = match PinnedLink::from_pin(&tc_pin) {
+    fn attach_tc(&mut self, iface: &str, name: &str, at: TcAttachType) -> anyhow::Result<()> {
+        let pin = tc_pin(&self.pin_dir, iface, at);
+        let tc = self.tc_program(name)?;
+        let replaced = match PinnedLink::from_pin(&pin) {
             Ok(old) => match aya::programs::tc::SchedClassifierLink::try_from(FdLink::from(old)) {
                 Ok(link) => tc.attach_to_link(link).is_ok(),
                 Err(_) => false,
             },
             Err(e) if is_not_found(&e) => false,
-            Err(e) => return Err(e).context("opening the pinned tc link"),
+            Err(e) => return Err(e).with_context(|| format!("opening {}", pin.display())),
         };
         if !replaced {
-            let _ = std::fs::remove_file(&tc_pin);
+            let _ = std::fs::remove_file(&pin);
             if aya::util::KernelVersion::current()
                 .is_ok_and(|v| v < aya::util::KernelVersion::new(6, 6, 0))
             {
@@ -254,21 +306,29 @@ impl Datapath {
                 let _ = tc::qdisc_add_clsact(iface);
             }
             let id = tc
-                .attach(iface, TcAttachType::Egress)
-                .with_context(|| format!("attaching tc egress to {iface}"))?;
+                .attach(iface, at)
+                .with_context(|| format!("attaching tc {at:?} to {iface}"))?;
             let link = tc.take_link(id)?;
             match FdLink::try_from(link) {
                 Ok(link) => {
-                    link.pin(&tc_pin)
-                        .with_context(|| format!("pinning {}", tc_pin.display()))?;
+                    link.pin(&pin)
+                        .with_context(|| format!("pinning {}", pin.display()))?;
                 }
                 // Netlink tc attachments (old kernels) live on the qdisc; nothing to pin.
                 Err(_) => tracing::debug!(iface, "tc attached via netlink; not pinned"),
             }
         }
-        tracing::info!(iface, "datapath attached (XDP ingress, tc egress)");
         Ok(())
     }
+}
+
+/// Where the link of a tc program on `iface` is pinned (egress keeps its original name).
+fn tc_pin(pin_dir: &Path, iface: &str, at: TcAttachType) -> PathBuf {
+    let name = match at {
+        TcAttachType::Ingress => format!("tc-ingress-{iface}"),
+        _ => format!("tc-{iface}"),
+    };
+    pin_dir.join("links").join(name)
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::programs::Program> {

@@ -100,13 +100,18 @@ enum Command {
         max_flows: u32,
         #[arg(long, value_enum, default_value = "auto")]
         xdp_mode: Mode,
-        /// Send local pods' traffic from XDP straight to the pod's interface, skipping the node's
-        /// stack, when the route to the pod leaves through an interface whose name starts with
-        /// PREFIX (repeatable; e.g. `lxc`, `cali`). The pod side of each such veth must run NAPI (GRO
-        /// on, or an XDP program), or the kernel drops the redirected frames; the packets skip the
-        /// node's netfilter (and NetworkPolicy enforced there). Off by default.
-        #[arg(long = "xdp-redirect-to-pods", value_name = "PREFIX", value_parser = clap::builder::NonEmptyStringValueParser::new())]
+        /// Send local pods' traffic straight into the pod's namespace (from tc ingress, with
+        /// `bpf_redirect_peer`), skipping the node's second pass through its stack, when the route
+        /// to the pod leaves through a veth whose name starts with PREFIX (repeatable; e.g. `lxc`,
+        /// `cali`: the CNI's host-side veths). The packets skip the node's netfilter (and
+        /// NetworkPolicy enforced there). Off by default.
+        #[arg(long = "redirect-to-pods", value_name = "PREFIX", value_parser = clap::builder::NonEmptyStringValueParser::new(), conflicts_with = "xdp_pod_iface_prefixes")]
         pod_iface_prefixes: Vec<String>,
+        /// As --redirect-to-pods, but from XDP to the pod's veth: faster still, but the pod side of
+        /// each such veth must run NAPI (GRO on, or an XDP program), or the kernel drops the
+        /// redirected frames.
+        #[arg(long = "xdp-redirect-to-pods", value_name = "PREFIX", value_parser = clap::builder::NonEmptyStringValueParser::new())]
+        xdp_pod_iface_prefixes: Vec<String>,
     },
     /// Print services, frontends and backends from the pinned maps.
     Status {
@@ -164,7 +169,14 @@ fn main() -> anyhow::Result<()> {
             max_maglev_entries,
             maglev_max_table_size,
             pod_iface_prefixes,
+            xdp_pod_iface_prefixes,
         } => {
+            let (redirect_to_pods, pod_iface_prefixes) =
+                match (pod_iface_prefixes, xdp_pod_iface_prefixes) {
+                    (tc, _) if !tc.is_empty() => (datapath::RedirectToPods::AtTc, tc),
+                    (_, xdp) if !xdp.is_empty() => (datapath::RedirectToPods::AtXdp, xdp),
+                    _ => (datapath::RedirectToPods::Off, Vec::new()),
+                };
             let cfg = agent::AgentConfig {
                 ifaces,
                 manifests,
@@ -177,7 +189,7 @@ fn main() -> anyhow::Result<()> {
                     backends: max_backends,
                     flows: max_flows,
                     maglev_entries: max_maglev_entries,
-                    redirect_to_pods: !pod_iface_prefixes.is_empty(),
+                    redirect_to_pods,
                 },
                 pod_iface_prefixes,
                 limits: exposure::sync::Limits {

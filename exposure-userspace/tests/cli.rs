@@ -65,8 +65,21 @@ fn status_without_a_running_agent_points_at_the_pin_dir() {
 fn an_empty_pod_interface_prefix_is_refused_before_touching_anything() {
     let pin_dir = "/sys/fs/bpf/exposure-cli-test3";
     // An empty prefix would match every interface: a mistake, not a request.
+    for flag in ["--redirect-to-pods", "--xdp-redirect-to-pods"] {
+        let mut agent = exposure(&["agent", "--iface", "lo", "--manifests", "/nonexistent"]);
+        agent.args(["--pin-dir", pin_dir, flag, ""]);
+        fails_saying(&mut agent, flag);
+        assert_nothing_pinned(pin_dir);
+    }
+}
+
+#[test]
+fn both_ways_of_redirecting_to_pods_at_once_are_refused() {
+    let pin_dir = "/sys/fs/bpf/exposure-cli-test4";
     let mut agent = exposure(&["agent", "--iface", "lo", "--manifests", "/nonexistent"]);
-    agent.args(["--pin-dir", pin_dir, "--xdp-redirect-to-pods", ""]);
-    fails_saying(&mut agent, "--xdp-redirect-to-pods");
+    agent.args(["--pin-dir", pin_dir, "--redirect-to-pods", "lxc"]);
+    agent.args(["--xdp-redirect-to-pods", "lxc"]);
+    let err = fails_saying(&mut agent, "--redirect-to-pods");
+    assert!(err.contains("--xdp-redirect-to-pods"), "{err}");
     assert_nothing_pinned(pin_dir);
 }

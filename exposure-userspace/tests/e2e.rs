@@ -801,8 +801,33 @@ fn agent_counter(c: &Cluster, event: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Packets node-1's netfilter forwarded to its pods' veths so far (a counting rule in FORWARD).
+fn forwarded_to_pods(c: &Cluster) -> u64 {
+    let out = c.lab.nodes[0]
+        .ns
+        .exec("iptables", &["-w", "-L", "FORWARD", "-v", "-x", "-n"])
+        .expect("iptables -L");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("vp+"))
+        .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[test]
+fn redirect_to_pods_serves_local_pods_past_the_nodes_stack() {
+    // From tc ingress into the pod's namespace: the pod's side of the veth needs nothing (GRO off,
+    // no XDP), where an XDP redirect would lose every frame.
+    redirect_to_pods_serves_local_pods(&["--redirect-to-pods", "vp"], false);
+}
+
 #[test]
 fn xdp_redirect_to_pods_serves_local_pods_past_the_nodes_stack() {
+    // Redirected frames need the pod side of the veth to run NAPI (here: GRO on).
+    redirect_to_pods_serves_local_pods(&["--xdp-redirect-to-pods", "vp"], true);
+}
+
+fn redirect_to_pods_serves_local_pods(flags: &[&str], pod_gro: bool) {
     let pods = all_pods(&[2, 1]);
     let eps: Vec<(Ipv4Addr, &str)> = pods.iter().map(|(ip, n)| (*ip, n.as_str())).collect();
     let ports = "  - {name: tcp, protocol: TCP, port: 7, targetPort: 50000, nodePort: 30700}\n  - {name: udp, protocol: UDP, port: 7, targetPort: 50000, nodePort: 30700}\n";
@@ -813,17 +838,17 @@ fn xdp_redirect_to_pods_serves_local_pods_past_the_nodes_stack() {
             "- {name: tcp, protocol: TCP, port: 50000}\n- {name: udp, protocol: UDP, port: 50000}\n",
             &eps,
         );
-    let c = Cluster::start_with(
-        &[2, 1],
-        &[("echo.yaml", manifest)],
-        &["--xdp-redirect-to-pods", "vp"],
-    );
-    // Redirected frames need the pod side of the veth to run NAPI (here: GRO on).
+    let c = Cluster::start_with(&[2, 1], &[("echo.yaml", manifest)], flags);
     for (_, pod) in c.lab.pods() {
+        let gro = if pod_gro { "on" } else { "off" };
         pod.ns
-            .exec("ethtool", &["-K", "eth0", "gro", "on"])
+            .exec("ethtool", &["-K", "eth0", "gro", gro])
             .expect("ethtool");
     }
+    c.lab.nodes[0]
+        .ns
+        .exec("iptables", &["-w", "-A", "FORWARD", "-o", "vp+"])
+        .expect("a counting rule");
     let everyone = pods_named(&["pod-1-1", "pod-1-2", "pod-2-1"]);
     let (tcp, seen) = c.tcp_spread(c.node(0, 30700), 60);
     assert_eq!(tcp, everyone);
@@ -841,9 +866,13 @@ fn xdp_redirect_to_pods_serves_local_pods_past_the_nodes_stack() {
     });
     assert!(c.agents[0]
         .log_text()
-        .contains("pod interfaces for XDP redirect"));
+        .contains("pod interfaces for redirect"));
+    // tc ingress has a program only when XDP hands packets over to it.
+    let ingress_link = c.agents[0].pin_dir.join("links/tc-ingress-eth0");
+    assert_eq!(ingress_link.exists(), flags[0] == "--redirect-to-pods");
 
-    // A connection to a local pod, redirected while the option is on ...
+    // A connection to a local pod, redirected while the option is on: its packets pass neither
+    // the node's routing nor its netfilter ...
     let mut held = (0..40)
         .find_map(|_| {
             let mut s = TcpSession::connect(&c.lab.client, c.node(0, 30700)).ok()?;
@@ -852,20 +881,32 @@ fn xdp_redirect_to_pods_serves_local_pods_past_the_nodes_stack() {
         })
         .expect("a connection to a local pod");
     let before = agent_counter(&c, "to_local_backend_redirected");
-    held.0.ask("redirected").expect("held connection answers");
-    assert!(agent_counter(&c, "to_local_backend_redirected") > before);
+    let forwarded = forwarded_to_pods(&c);
+    for _ in 0..5 {
+        held.0.ask("redirected").expect("held connection answers");
+    }
+    assert!(agent_counter(&c, "to_local_backend_redirected") >= before + 5.0);
+    assert_eq!(
+        forwarded_to_pods(&c),
+        forwarded,
+        "redirected packets went through FORWARD"
+    );
 
-    // ... keeps working, through the stack, once the agent runs without it; so does everything else.
+    // ... and it keeps working, through the stack, once the agent runs without it; so does
+    // everything else.
     let mut c = c;
     c.agents[0].stop();
     c.agent_flags.clear();
     c.start_agent(0);
     let before = agent_counter(&c, "to_local_backend_redirected");
+    let forwarded = forwarded_to_pods(&c);
     let again = held.0.ask("after").expect("held connection survives");
     assert_eq!(parse_answer(&again).unwrap().0, held.1);
+    assert!(forwarded_to_pods(&c) > forwarded, "back through the stack");
     assert_eq!(c.udp_spread(c.node(0, 30700), 40), everyone);
     assert_eq!(c.tcp_spread(c.node(0, 30700), 30).0, everyone);
     assert_eq!(agent_counter(&c, "to_local_backend_redirected"), before);
+    assert!(!ingress_link.exists(), "tc ingress detached again");
 }
 
 #[test]

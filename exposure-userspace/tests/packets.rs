@@ -11,7 +11,7 @@ use std::{
 
 use aya::programs::{TestRun, TestRunOptions};
 use exposure::{
-    datapath::{Datapath, KernelMaps},
+    datapath::{Datapath, KernelMaps, RedirectToPods, TC_INGRESS_PROGRAM, TC_PROGRAM},
     model::{
         BackendAddr, DesiredService, DesiredState, FrontendAddr, FrontendKind, Protocol,
         ServicePortName, WhenEmpty,
@@ -19,7 +19,8 @@ use exposure::{
     sync::{DatapathMaps as _, Limits, Reconciler},
 };
 use exposure_common::{
-    Counter, FlowKey, FLOW_CLOSING, FLOW_REMOTE, FLOW_TO_POD, SNAT_PORT_MAX, SNAT_PORT_MIN,
+    Counter, FlowKey, PodHandoff, FLOW_CLOSING, FLOW_REMOTE, FLOW_TO_POD, POD_HANDOFF_MAGIC,
+    SNAT_PORT_MAX, SNAT_PORT_MIN,
 };
 use exposure_lab::{
     frame::{self, FrameSpec, ACK, RST, SYN, TCP, UDP},
@@ -31,6 +32,7 @@ const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
 const XDP_REDIRECT: u32 = 4;
 const TC_ACT_OK: u32 = 0;
+const TC_ACT_UNSPEC: i32 = -1;
 
 const NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
 const PEER_NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 20);
@@ -245,6 +247,14 @@ impl Harness {
     }
 
     fn tc(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        self.tc_run(TC_PROGRAM, frame)
+    }
+
+    fn tc_ingress(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        self.tc_run(TC_INGRESS_PROGRAM, frame)
+    }
+
+    fn tc_run(&mut self, program: &str, frame: &[u8]) -> (u32, Vec<u8>) {
         let mut out = vec![0u8; frame.len() + 512];
         let opts = TestRunOptions {
             data_in: Some(frame),
@@ -253,7 +263,7 @@ impl Harness {
         };
         let r = self
             .dp
-            .tc()
+            .tc_program(program)
             .unwrap()
             .test_run(opts)
             .expect("BPF_PROG_TEST_RUN (tc)");
@@ -359,7 +369,7 @@ fn tcp_to_local_backend_is_dnated_and_passed_up() {
 #[test]
 fn local_flows_go_straight_to_a_listed_pod_interface() {
     let capacity = exposure::datapath::Capacity {
-        redirect_to_pods: true,
+        redirect_to_pods: RedirectToPods::AtXdp,
         ..Default::default()
     };
     with_datapath_config(capacity, |h| {
@@ -406,6 +416,80 @@ fn local_flows_go_straight_to_a_listed_pod_interface() {
         assert_eq!(out[..12], input[..12]);
         assert_eq!(frame::parse(&out).unwrap().dst, LOCAL_POD);
         assert_eq!(h.counter(Counter::RedirectedToPod), 2);
+    });
+}
+
+#[test]
+fn local_flows_to_a_listed_pod_interface_are_handed_to_tc() {
+    let capacity = exposure::datapath::Capacity {
+        redirect_to_pods: RedirectToPods::AtTc,
+        ..Default::default()
+    };
+    const META: usize = std::mem::size_of::<PodHandoff>();
+    with_datapath_config(capacity, |h| {
+        h.program(&hello(&[(LOCAL_POD, true)]));
+        // lxc1 not listed yet: the kernel routes the flow, as without the option (no metadata).
+        let stack = FrameSpec::tcp((CLIENT, 40000), (NODE, NODE_PORT), SYN).build();
+        let (verdict, out) = h.xdp(&stack);
+        assert_eq!(verdict, XDP_PASS);
+        assert_eq!(out.len(), stack.len(), "no metadata");
+        assert_eq!(out[..12], stack[..12], "MACs untouched");
+
+        assert_eq!(h.maps.set_pod_ifaces(&[h.pod_ifindex].into()).unwrap(), 1);
+        for flags in [SYN, ACK] {
+            let input = FrameSpec::tcp((CLIENT, 40001), (NODE, NODE_PORT), flags).build();
+            let (verdict, out) = h.xdp(&input);
+            // Passed up with the pod's interface in the metadata, for tc ingress to redirect.
+            assert_eq!(verdict, XDP_PASS, "flags {flags:#x}");
+            assert_eq!(out.len(), META + input.len());
+            let word = |i: usize| u32::from_ne_bytes(out[i..i + 4].try_into().unwrap());
+            assert_eq!((word(0), word(4)), (POD_HANDOFF_MAGIC, h.pod_ifindex));
+            let out = &out[META..];
+            let p = frame::parse(out).unwrap();
+            assert_eq!(
+                (p.src, p.sport),
+                (CLIENT, 40001),
+                "client address preserved"
+            );
+            assert_eq!((p.dst, p.dport), (LOCAL_POD, 50000));
+            assert_checksums(&p);
+            assert_eq!(out[..6], LOCAL_POD_MAC, "to the pod's MAC");
+            assert_eq!(out[6..12], h.pod_iface_mac, "from the pod interface's MAC");
+        }
+        let flow = h
+            .flow((CLIENT, 40001), (NODE, NODE_PORT), TCP)
+            .expect("flow tracked");
+        assert_ne!(flow.flags & FLOW_TO_POD, 0);
+        assert_eq!(flow.ifindex, h.pod_ifindex);
+        // tc counts what it redirects; XDP only translated these.
+        assert_eq!(h.counter(Counter::RedirectedToPod), 0);
+        assert_eq!(h.counter(Counter::ToLocal), 3);
+
+        // Interface taken out (the pod is gone): its flows go back to the stack, as they were.
+        assert_eq!(h.maps.set_pod_ifaces(&Default::default()).unwrap(), 1);
+        let input = FrameSpec::tcp((CLIENT, 40001), (NODE, NODE_PORT), ACK).build();
+        let (verdict, out) = h.xdp(&input);
+        assert_eq!(verdict, XDP_PASS);
+        assert_eq!(out.len(), input.len(), "no metadata");
+        assert_eq!(out[..12], input[..12]);
+        assert_eq!(frame::parse(&out).unwrap().dst, LOCAL_POD);
+    });
+}
+
+#[test]
+fn tc_ingress_leaves_packets_without_a_hand_off_alone() {
+    with_datapath(|h| {
+        h.program(&hello(&[(LOCAL_POD, true)]));
+        // A test run's skb has no XDP metadata: whatever the packet, tc ingress lets it be.
+        for input in [
+            FrameSpec::tcp((CLIENT, 40000), (LOCAL_POD, 50000), ACK).build(),
+            FrameSpec::udp((CLIENT, 40000), (NODE, NODE_PORT)).build(),
+        ] {
+            let (verdict, out) = h.tc_ingress(&input);
+            assert_eq!(verdict as i32, TC_ACT_UNSPEC);
+            assert_eq!(out, input);
+        }
+        assert_eq!(h.counter(Counter::RedirectedToPod), 0);
     });
 }
 

@@ -6,7 +6,9 @@ use exposure_lab::traffic::Flows;
 
 use crate::forwarding::{Run, Target, Variant};
 
-const COLORS: [&str; 4] = ["#9e9e9e", "#1f77b4", "#d62728", "#ff7f0e"];
+const COLORS: [&str; 6] = [
+    "#9e9e9e", "#1f77b4", "#17becf", "#2ca02c", "#d62728", "#ff7f0e",
+];
 
 /// Grouped bars: one panel per (backend, flows), a group per Service count, a bar per variant.
 pub fn forwarding(runs: &[Run], sizes: &[usize]) -> String {

@@ -5,8 +5,8 @@
 //! The lab: the client, node-1 with one pod, node-2 with one pod. Two target Services (NodePort
 //! 30600 to node-1's pod, 30601 to node-2's pod) among N-2 filler LoadBalancer Services. The
 //! generator ([`exposure_lab::traffic`]) sends 64-byte UDP frames from the client to node-1; the
-//! pods drop them in XDP (a sink that costs next to nothing), and the node-side veth counters say
-//! how many arrived. The whole path runs on the generator's CPU in softirq, so packets/s is the
+//! pods drop them in XDP, or at tc ingress when moved into the pod's namespace from tc (sinks that
+//! cost next to nothing), and the pods' interface counters say how many arrived. The whole path runs on the generator's CPU in softirq, so packets/s is the
 //! inverse of the path's cost per packet: the node's cost is the difference to plain forwarding.
 
 use std::{net::Ipv4Addr, path::Path};
@@ -26,6 +26,8 @@ use exposure_lab::{
 pub enum Variant {
     Plain,
     Exposure,
+    /// Exposure with `--redirect-to-pods`: local pods' traffic goes from tc ingress into the pod.
+    ExposureTcRedirect,
     /// Exposure with `--xdp-redirect-to-pods`: local pods' traffic skips node-1's stack.
     ExposureRedirect,
     Iptables,
@@ -33,9 +35,10 @@ pub enum Variant {
 }
 
 impl Variant {
-    pub const ALL: [Variant; 5] = [
+    pub const ALL: [Variant; 6] = [
         Variant::Plain,
         Variant::Exposure,
+        Variant::ExposureTcRedirect,
         Variant::ExposureRedirect,
         Variant::Iptables,
         Variant::Nftables,
@@ -45,6 +48,7 @@ impl Variant {
         match self {
             Variant::Plain => "plain forwarding",
             Variant::Exposure => "Exposure",
+            Variant::ExposureTcRedirect => "Exposure, redirect to pods",
             Variant::ExposureRedirect => "Exposure, XDP redirect to pods",
             Variant::Iptables => "kube-proxy iptables",
             Variant::Nftables => "kube-proxy nftables",
@@ -168,6 +172,10 @@ fn set_up(lab: &Lab, variant: Variant, svcs: &[ServicePort], bin: &Path) -> Setu
         setup
             .sinks
             .push(xdp_pass::attach_returning(&pod.ns, "eth0", xdp_pass::XDP_DROP).unwrap());
+        // Packets redirected into the pod's namespace from tc never meet its XDP.
+        setup.sinks.push(
+            xdp_pass::attach_tc_ingress_returning(&pod.ns, "eth0", xdp_pass::TC_ACT_SHOT).unwrap(),
+        );
         // The sink drops ARP replies too: the node learns the pod's MAC up front.
         node.ns
             .ip(&format!(
@@ -188,9 +196,11 @@ fn set_up(lab: &Lab, variant: Variant, svcs: &[ServicePort], bin: &Path) -> Setu
                 .ip(&format!("route add 198.19.0.0/16 via {}", lab.nodes[0].ip))
                 .unwrap();
         }
-        Variant::Exposure | Variant::ExposureRedirect => {
-            let redirect = variant == Variant::ExposureRedirect;
-            let flags: &[&str] = if redirect {
+        Variant::Exposure | Variant::ExposureTcRedirect | Variant::ExposureRedirect => {
+            let redirect = variant != Variant::Exposure;
+            let flags: &[&str] = if variant == Variant::ExposureTcRedirect {
+                &["--redirect-to-pods", "vp"]
+            } else if redirect {
                 // The mode's requirement: the pod side runs NAPI also once the sinks are gone.
                 for node in &lab.nodes {
                     node.pods[0]
@@ -221,7 +231,7 @@ fn set_up(lab: &Lab, variant: Variant, svcs: &[ServicePort], bin: &Path) -> Setu
                 // Flows started before the agent lists the pods' interfaces stay with the stack.
                 let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
                 while redirect
-                    && !agent.log_text().contains("pod interfaces for XDP redirect")
+                    && !agent.log_text().contains("pod interfaces for redirect")
                     && std::time::Instant::now() < deadline
                 {
                     std::thread::sleep(std::time::Duration::from_millis(50));
@@ -301,17 +311,18 @@ pub fn measure(variant: Variant, n: usize, packets: u32, bin: &Path) -> (Vec<Run
             spec.payload = vec![0; 18]; // 64-byte frames
             let gen = std::sync::Arc::new(Generator::new(flows, &spec.build()).unwrap());
             // A short warm-up (neighbours, first flows), then the measured run.
-            let sink = &lab.nodes[node].ns;
+            // What reaches the pod, whichever way: through its veth or moved into its namespace.
+            let pod = &lab.nodes[node].pods[0].ns;
             let send = |count: u32| {
                 let g = gen.clone();
-                let before = sink.run(|| counters("vp1")).unwrap().unwrap();
+                let before = pod.run(|| counters("eth0")).unwrap().unwrap();
                 let took = lab
                     .client
                     .run(move || g.send(ifindex, count))
                     .unwrap()
                     .unwrap();
-                let after = sink.run(|| counters("vp1")).unwrap().unwrap();
-                (after.tx_packets - before.tx_packets, took)
+                let after = pod.run(|| counters("eth0")).unwrap().unwrap();
+                (after.rx_packets - before.rx_packets, took)
             };
             // New flows leave state behind (conntrack entries, NAT ports, Exposure's SNAT ports:
             // 4,536 per backend address and port, 16 backend ports here), so those runs stay well
