@@ -166,6 +166,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let mut translator = model::Translator::default();
     let mut health_checks = crate::health_check::HealthCheckServers::default();
     let mut dirty = true;
+    // Interfaces already reported as not veths (each is reported once).
+    let mut not_veth: BTreeSet<String> = BTreeSet::new();
     let mut ticker = tokio::time::interval(TICK);
     loop {
         tokio::select! {
@@ -181,11 +183,19 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         }
         if !cfg.pod_iface_prefixes.is_empty() {
             // Pods come and go: their interfaces are looked up again on every tick.
-            let pod_ifaces = netdev::indexes_with_prefix(&cfg.pod_iface_prefixes, &cfg.ifaces);
-            match maps.set_pod_ifaces(&pod_ifaces) {
+            let pods = netdev::pod_interfaces(&cfg.pod_iface_prefixes, &cfg.ifaces);
+            for name in &pods.not_veth {
+                if not_veth.insert(name.clone()) {
+                    tracing::warn!(
+                        iface = name,
+                        "matches a pod interface prefix but is not a veth: its pods' flows stay with the stack"
+                    );
+                }
+            }
+            match maps.set_pod_ifaces(&pods.indexes) {
                 Ok(0) => {}
                 Ok(_) => {
-                    tracing::info!(count = pod_ifaces.len(), "pod interfaces for redirect")
+                    tracing::info!(count = pods.indexes.len(), "pod interfaces for redirect")
                 }
                 Err(e) => {
                     tracing::warn!(error = %format!("{e:#}"), "cannot update the pod interfaces")

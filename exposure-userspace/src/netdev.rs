@@ -60,23 +60,69 @@ pub fn interfaces(names: &[String]) -> anyhow::Result<Vec<Interface>> {
         .collect()
 }
 
-/// Indexes of the interfaces whose names start with one of `prefixes`, except those in `exclude`
-/// (the node's own, where the XDP program runs).
-pub fn indexes_with_prefix(
-    prefixes: &[String],
-    exclude: &[String],
-) -> std::collections::BTreeSet<u32> {
+/// Pods' interfaces: the ones `--redirect-to-pods` / `--xdp-redirect-to-pods` name by prefix.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PodInterfaces {
+    pub indexes: std::collections::BTreeSet<u32>,
+    /// Named by a prefix but not a veth (or netkit): a bridge, say, which neither redirect can
+    /// deliver through. Left out, so their pods' flows stay with the stack.
+    pub not_veth: Vec<String>,
+}
+
+/// Drivers whose devices have a peer in the pod's namespace: what both redirects need.
+const POD_DRIVERS: [&str; 2] = ["veth", "netkit"];
+
+/// The interfaces whose names start with one of `prefixes`, except those in `exclude` (the node's
+/// own, where the XDP program runs).
+pub fn pod_interfaces(prefixes: &[String], exclude: &[String]) -> PodInterfaces {
+    let mut found = PodInterfaces::default();
     let Ok(all) = nix::net::if_::if_nameindex() else {
-        return Default::default();
+        return found;
     };
-    all.iter()
-        .filter_map(|i| {
-            let name = i.name().to_str().ok()?;
-            let wanted = prefixes.iter().any(|p| name.starts_with(p.as_str()))
-                && !exclude.iter().any(|e| e == name);
-            wanted.then_some(i.index())
-        })
-        .collect()
+    for i in all.iter() {
+        let Ok(name) = i.name().to_str() else {
+            continue;
+        };
+        if !prefixes.iter().any(|p| name.starts_with(p.as_str()))
+            || exclude.iter().any(|e| e == name)
+        {
+            continue;
+        }
+        if driver(name).is_some_and(|d| POD_DRIVERS.contains(&d.as_str())) {
+            found.indexes.insert(i.index());
+        } else {
+            found.not_veth.push(name.to_string());
+        }
+    }
+    found
+}
+
+/// The interface's driver name, as `ethtool -i` shows it (`ETHTOOL_GDRVINFO`).
+pub fn driver(name: &str) -> Option<String> {
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    const ETHTOOL_GDRVINFO: u32 = 0x3;
+    // struct ethtool_drvinfo: cmd, then driver[32] and the rest (196 bytes in all).
+    let mut info = [0u8; 196];
+    info[..4].copy_from_slice(&ETHTOOL_GDRVINFO.to_ne_bytes());
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    let bytes = name.as_bytes();
+    if bytes.len() >= req.ifr_name.len() {
+        return None;
+    }
+    for (dst, src) in req.ifr_name.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    req.ifr_ifru.ifru_data = info.as_mut_ptr().cast();
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0")
+        .or_else(|_| std::net::UdpSocket::bind("[::]:0"))
+        .ok()?;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&sock);
+    if unsafe { libc::ioctl(fd, SIOCETHTOOL as _, &mut req) } != 0 {
+        return None;
+    }
+    let driver = &info[4..36];
+    let len = driver.iter().position(|&b| b == 0).unwrap_or(driver.len());
+    Some(String::from_utf8_lossy(&driver[..len]).into_owned())
 }
 
 #[cfg(test)]
@@ -95,11 +141,35 @@ mod tests {
     }
 
     #[test]
-    fn pod_interfaces_by_prefix_leave_out_the_nodes_own() {
-        let lo = nix::net::if_::if_nametoindex("lo").expect("lo exists");
-        let prefixes = ["l".to_string()];
-        assert!(indexes_with_prefix(&prefixes, &[]).contains(&lo));
-        assert!(!indexes_with_prefix(&prefixes, &["lo".to_string()]).contains(&lo));
-        assert!(!indexes_with_prefix(&["no-such-".to_string()], &[]).contains(&lo));
+    fn pod_interfaces_are_the_veths_a_prefix_names_except_the_nodes_own() {
+        use exposure_lab::netns::{unique_prefix, Netns};
+        let prefix = unique_prefix("pi");
+        let node = Netns::create(&format!("{prefix}-node")).unwrap();
+        let pod = Netns::create(&format!("{prefix}-pod")).unwrap();
+        node.ip(&format!(
+            "link add vp1 type veth peer name eth0 netns {}",
+            pod.name()
+        ))
+        .unwrap();
+        // A bridge the prefix also names: neither redirect can deliver through it.
+        node.ip("link add vpbr0 type bridge").unwrap();
+        node.ip("link add other0 type bridge").unwrap();
+        let in_node = |exclude: &'static [&'static str]| {
+            node.run(move || {
+                let exclude: Vec<String> = exclude.iter().map(|e| e.to_string()).collect();
+                let vp1 = nix::net::if_::if_nametoindex("vp1").unwrap();
+                (vp1, pod_interfaces(&["vp".to_string()], &exclude))
+            })
+            .unwrap()
+        };
+        let (vp1, found) = in_node(&[]);
+        assert_eq!(found.indexes, [vp1].into());
+        assert_eq!(found.not_veth, ["vpbr0"]);
+        let (_, found) = in_node(&["vp1"]);
+        assert!(found.indexes.is_empty(), "{found:?}");
+        let driver_of = |name: &'static str| node.run(move || driver(name)).unwrap();
+        assert_eq!(driver_of("vp1").as_deref(), Some("veth"));
+        assert_eq!(driver_of("vpbr0").as_deref(), Some("bridge"));
+        assert_eq!(driver_of("no-such-if0"), None);
     }
 }

@@ -867,6 +867,12 @@ fn redirect_to_pods_serves_local_pods(flags: &[&str], pod_gro: bool) {
     assert!(c.agents[0]
         .log_text()
         .contains("pod interfaces for redirect"));
+    // A bridge the prefix also names is left out, and said so: no redirect delivers through one.
+    c.lab.nodes[0].ns.ip("link add vpbr0 type bridge").unwrap();
+    c.eventually("a bridge named like a pod interface reported", || {
+        let log = c.agents[0].log_text();
+        log.contains("not a veth") && log.contains("vpbr0")
+    });
     // tc ingress has a program only when XDP hands packets over to it.
     let ingress_link = c.agents[0].pin_dir.join("links/tc-ingress-eth0");
     assert_eq!(ingress_link.exists(), flags[0] == "--redirect-to-pods");
