@@ -64,13 +64,17 @@ pub fn load_insns(insns: &[u64]) -> anyhow::Result<OwnedFd> {
 
 /// The floor of a tc program (`TC_ACT_OK`): what any tc classifier costs per packet.
 pub fn load_tc_ok() -> anyhow::Result<OwnedFd> {
-    const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
     const TC_ACT_OK: i32 = 0;
-    let insns = [
-        insn(0xb7, 0, 0, 0, TC_ACT_OK), // r0 = TC_ACT_OK
-        insn(0x95, 0, 0, 0, 0),         // exit
-    ];
-    load_program(BPF_PROG_TYPE_SCHED_CLS, 0, &insns).context("loading the tc floor program")
+    load_tc_returning(TC_ACT_OK).context("loading the tc floor program")
+}
+
+pub const TC_ACT_SHOT: i32 = 2;
+
+/// A tc classifier doing `r0 = action; exit`.
+fn load_tc_returning(action: i32) -> anyhow::Result<OwnedFd> {
+    const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+    let insns = [insn(0xb7, 0, 0, 0, action), insn(0x95, 0, 0, 0, 0)];
+    load_program(BPF_PROG_TYPE_SCHED_CLS, 0, &insns)
 }
 
 fn load_program(prog_type: u32, attach_type: u32, insns: &[u64]) -> anyhow::Result<OwnedFd> {
@@ -113,27 +117,8 @@ pub fn attach(ns: &Netns, ifname: &str) -> anyhow::Result<OwnedFd> {
 
 /// Attaches `r0 = action; exit` to `ifname` in `ns` (XDP_DROP: a sink that costs next to nothing).
 pub fn attach_returning(ns: &Netns, ifname: &str, action: u8) -> anyhow::Result<OwnedFd> {
-    attach_loaded(ns, ifname, move || load_returning(action))
+    attach_loaded(ns, ifname, BPF_XDP, move || load_returning(action))
         .with_context(|| format!("XDP returning {action}"))
-}
-
-/// Loads a program with `load` inside `ns` and links it to `ifname` there; detached when the
-/// returned link fd is dropped.
-fn attach_loaded(
-    ns: &Netns,
-    ifname: &str,
-    load: impl FnOnce() -> anyhow::Result<OwnedFd> + Send + 'static,
-) -> anyhow::Result<OwnedFd> {
-    let ifname = ifname.to_string();
-    ns.run(move || -> anyhow::Result<OwnedFd> {
-        let prog = load()?;
-        let ifindex = nix::net::if_::if_nametoindex(ifname.as_str())
-            .with_context(|| format!("no interface {ifname}"))?;
-        let mut attr = [0u64; 16];
-        attr[0] = prog.as_raw_fd() as u64 | (ifindex as u64) << 32;
-        attr[1] = BPF_XDP as u64;
-        bpf(BPF_LINK_CREATE, &mut attr).with_context(|| format!("attaching XDP to {ifname}"))
-    })?
 }
 
 /// Attaches a tc program returning `action` (e.g. `TC_ACT_SHOT`: a sink for packets that never
@@ -144,22 +129,32 @@ pub fn attach_tc_ingress_returning(
     ifname: &str,
     action: i32,
 ) -> anyhow::Result<OwnedFd> {
-    const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
-    const BPF_TCX_INGRESS: u64 = 46;
+    const BPF_TCX_INGRESS: u32 = 46;
+    attach_loaded(ns, ifname, BPF_TCX_INGRESS, move || {
+        load_tc_returning(action)
+    })
+    .with_context(|| format!("tc returning {action}"))
+}
+
+/// Loads a program with `load` inside `ns` and links it to `ifname` there as `attach_type`;
+/// detached when the returned link fd is dropped.
+fn attach_loaded(
+    ns: &Netns,
+    ifname: &str,
+    attach_type: u32,
+    load: impl FnOnce() -> anyhow::Result<OwnedFd> + Send + 'static,
+) -> anyhow::Result<OwnedFd> {
     let ifname = ifname.to_string();
     ns.run(move || -> anyhow::Result<OwnedFd> {
-        let insns = [insn(0xb7, 0, 0, 0, action), insn(0x95, 0, 0, 0, 0)];
-        let prog = load_program(BPF_PROG_TYPE_SCHED_CLS, 0, &insns)?;
+        let prog = load()?;
         let ifindex = nix::net::if_::if_nametoindex(ifname.as_str())
             .with_context(|| format!("no interface {ifname}"))?;
         let mut attr = [0u64; 16];
         attr[0] = prog.as_raw_fd() as u64 | (ifindex as u64) << 32;
-        attr[1] = BPF_TCX_INGRESS;
-        bpf(BPF_LINK_CREATE, &mut attr).with_context(|| format!("attaching tc to {ifname}"))
+        attr[1] = attach_type as u64;
+        bpf(BPF_LINK_CREATE, &mut attr).with_context(|| format!("attaching to {ifname}"))
     })?
 }
-
-pub const TC_ACT_SHOT: i32 = 2;
 
 /// One BPF instruction: opcode, registers, offset, immediate.
 fn insn(op: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
@@ -220,7 +215,7 @@ pub fn attach_switch(
     ports: &[([u8; 6], u32)],
 ) -> anyhow::Result<OwnedFd> {
     let ports = ports.to_vec();
-    attach_loaded(ns, ifname, move || load_switch(&ports))
+    attach_loaded(ns, ifname, BPF_XDP, move || load_switch(&ports))
 }
 
 const BPF_MAP_CREATE: libc::c_long = 0;

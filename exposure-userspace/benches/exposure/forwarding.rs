@@ -6,8 +6,9 @@
 //! 30600 to node-1's pod, 30601 to node-2's pod) among N-2 filler LoadBalancer Services. The
 //! generator ([`exposure_lab::traffic`]) sends 64-byte UDP frames from the client to node-1; the
 //! pods drop them in XDP, or at tc ingress when moved into the pod's namespace from tc (sinks that
-//! cost next to nothing), and the pods' interface counters say how many arrived. The whole path runs on the generator's CPU in softirq, so packets/s is the
-//! inverse of the path's cost per packet: the node's cost is the difference to plain forwarding.
+//! cost next to nothing), and the pods' interface counters say how many arrived. The whole path
+//! runs on the generator's CPU in softirq, so packets/s is the inverse of the path's cost per
+//! packet: the node's cost is the difference to plain forwarding.
 
 use std::{net::Ipv4Addr, path::Path};
 
