@@ -813,65 +813,38 @@ pub fn exposure_tc_egress(ctx: TcContext) -> i32 {
     try_tc_egress(&ctx).unwrap_or(TC_ACT_UNSPEC)
 }
 
+/// The most of an egress packet's headers the reply path reads: Ethernet, IPv4 with options, TCP.
+const TC_HEADERS: u32 = (ETH_LEN + 60 + 20) as u32;
+
 #[inline(always)]
 fn try_tc_egress(ctx: &TcContext) -> Result<i32, ()> {
-    let ether_type: u16 = ctx.load(12).map_err(|_| ())?;
-    match u16::from_be(ether_type) {
-        ETH_P_IP => tc_egress_v4(ctx),
-        ETH_P_IPV6 => tc_egress_v6(ctx),
-        _ => Ok(TC_ACT_UNSPEC),
+    // Headers are read and written in place, as at XDP (helper calls per field cost more than
+    // the translation). An skb whose headers are not all in its linear part gets them pulled in
+    // (a malformed one is pulled for nothing, and still fails).
+    let parsed = match parse(ctx) {
+        Ok(parsed) => parsed,
+        Err(()) => {
+            ctx.pull_data(ctx.len().min(TC_HEADERS)).map_err(|_| ())?;
+            parse(ctx)?
+        }
+    };
+    match parsed {
+        Parsed::Packet(p) => tc_reply(ctx, &p),
+        Parsed::Icmp(l4_off) => tc_icmp_error(ctx, l4_off),
+        Parsed::Icmp6(l4_off) => tc_icmp6_error(ctx, l4_off),
+        Parsed::Fragment | Parsed::Other => Ok(TC_ACT_UNSPEC),
     }
-}
-
-#[inline(always)]
-fn tc_egress_v4(ctx: &TcContext) -> Result<i32, ()> {
-    let ip: [u8; 20] = ctx.load(ETH_LEN).map_err(|_| ())?;
-    let proto = ip[IP_PROTO];
-    let not_fragment = u16::from_be_bytes([ip[IP_FRAG_OFF], ip[IP_FRAG_OFF + 1]]) & 0x3fff == 0;
-    let l4_off = ETH_LEN + ((ip[0] & 0x0f) as usize) * 4;
-    if proto == IPPROTO_ICMP && not_fragment {
-        return tc_icmp_error(ctx, l4_off);
-    }
-    if (proto != PROTO_TCP && proto != PROTO_UDP) || !not_fragment {
-        return Ok(TC_ACT_UNSPEC);
-    }
-    let saddr = Addr::v4(u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]));
-    let daddr = Addr::v4(u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]));
-    tc_reply(ctx, l4_off, proto, saddr, daddr)
-}
-
-#[inline(always)]
-fn tc_egress_v6(ctx: &TcContext) -> Result<i32, ()> {
-    let ip: [u32; IPV6_LEN / 4] = ctx.load(ETH_LEN).map_err(|_| ())?;
-    let proto = ip[1].to_ne_bytes()[2];
-    let l4_off = ETH_LEN + IPV6_LEN;
-    if proto == IPPROTO_ICMPV6 {
-        return tc_icmp6_error(ctx, l4_off);
-    }
-    if proto != PROTO_TCP && proto != PROTO_UDP {
-        return Ok(TC_ACT_UNSPEC);
-    }
-    let saddr = Addr([ip[2], ip[3], ip[4], ip[5]]);
-    let daddr = Addr([ip[6], ip[7], ip[8], ip[9]]);
-    tc_reply(ctx, l4_off, proto, saddr, daddr)
 }
 
 /// A local backend's reply on its way out: frontend address and port as source again.
 #[inline(always)]
-fn tc_reply(
-    ctx: &TcContext,
-    l4_off: usize,
-    proto: u8,
-    saddr: Addr,
-    daddr: Addr,
-) -> Result<i32, ()> {
-    let ports: [u16; 2] = ctx.load(l4_off).map_err(|_| ())?;
+fn tc_reply(ctx: &TcContext, p: &Packet) -> Result<i32, ()> {
     let key = FlowKey {
-        saddr,
-        daddr,
-        sport: ports[0],
-        dport: ports[1],
-        proto,
+        saddr: p.saddr,
+        daddr: p.daddr,
+        sport: p.sport,
+        dport: p.dport,
+        proto: p.proto,
         _pad: [0; 3],
     };
     let Some(reply) = lookup_reply(&key) else {
@@ -881,42 +854,42 @@ fn tc_reply(
     if r.flags & FLOW_REMOTE != 0 {
         return Ok(TC_ACT_UNSPEC);
     }
-    let (check_off, mangled) = if proto == PROTO_TCP {
+    let flow = || lookup_flow(&client_key(unsafe { &*reply }, p.proto));
+    touch(reply, flow, close_bits(p.tcp_flags, false), now_ns());
+    // The L4 checksum through the helpers: they also handle CHECKSUM_PARTIAL skbs (a local
+    // sender's, with offload), which a plain incremental update would corrupt.
+    let (check_off, mangled) = if p.proto == PROTO_TCP {
         (TCP_CHECK, 0)
     } else {
         (UDP_CHECK, BPF_F_MARK_MANGLED_0 as u64)
     };
-    let tcp_flags: u8 = if proto == PROTO_TCP {
-        ctx.load(l4_off + TCP_FLAGS).map_err(|_| ())?
-    } else {
-        0
-    };
-    let flow = || lookup_flow(&client_key(unsafe { &*reply }, proto));
-    touch(reply, flow, close_bits(tcp_flags, false), now_ns());
-    // The helpers also handle CHECKSUM_PARTIAL skbs, which a plain incremental update would corrupt.
-    let csum = l4_off + check_off;
+    let csum = p.l4_off + check_off;
     let pseudo = BPF_F_PSEUDO_HDR as u64 | mangled | 4;
-    if saddr.is_v4() {
-        let (old, new) = (saddr.v4_raw(), r.frontend_addr.v4_raw());
-        ctx.l4_csum_replace(csum, old as u64, new as u64, pseudo)
-            .map_err(|_| ())?;
-        ctx.l3_csum_replace(ETH_LEN + IP_CHECK, old as u64, new as u64, 4)
-            .map_err(|_| ())?;
-        ctx.store(ETH_LEN + IP_SADDR, &new, 0).map_err(|_| ())?;
-    } else {
-        for i in 0..4 {
-            let (old, new) = (saddr.0[i], r.frontend_addr.0[i]);
-            if old != new {
-                ctx.l4_csum_replace(csum, old as u64, new as u64, pseudo)
-                    .map_err(|_| ())?;
-            }
+    // An IPv4 address is the last word of its `Addr`: the others are equal.
+    for i in if p.v6 { 0 } else { 3 }..4 {
+        let (old, new) = (p.saddr.0[i], r.frontend_addr.0[i]);
+        if old != new {
+            ctx.l4_csum_replace(csum, old as u64, new as u64, pseudo)
+                .map_err(|_| ())?;
         }
-        ctx.store(ETH_LEN + IP6_SADDR, &r.frontend_addr.0, 0)
-            .map_err(|_| ())?;
     }
-    ctx.l4_csum_replace(csum, key.sport as u64, r.frontend_port as u64, mangled | 2)
+    ctx.l4_csum_replace(csum, p.sport as u64, r.frontend_port as u64, mangled | 2)
         .map_err(|_| ())?;
-    ctx.store(l4_off, &r.frontend_port, 0).map_err(|_| ())?;
+    // The helpers moved the packet's pointers: find the fields again.
+    let port: *mut u16 = ptr_at(ctx, p.l4_off)?;
+    unsafe { port.write_unaligned(r.frontend_port) };
+    if p.v6 {
+        let saddr: *mut [u32; 4] = ptr_at(ctx, ETH_LEN + IP6_SADDR)?;
+        unsafe { saddr.write_unaligned(r.frontend_addr.0) };
+    } else {
+        let (old, new) = (p.saddr.v4_raw(), r.frontend_addr.v4_raw());
+        let check: *mut u16 = ptr_at(ctx, ETH_LEN + IP_CHECK)?;
+        let saddr: *mut u32 = ptr_at(ctx, ETH_LEN + IP_SADDR)?;
+        unsafe {
+            check.write_unaligned(checksum::replace4(check.read_unaligned(), old, new));
+            saddr.write_unaligned(new);
+        }
+    }
     count(Counter::RepliesTc);
     Ok(TC_ACT_OK)
 }

@@ -1,6 +1,6 @@
 //! Bounds-checked packet access and the header offsets we use.
 
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::programs::{TcContext, XdpContext};
 use exposure_common::{Addr, PROTO_TCP, PROTO_UDP};
 
 pub const ETH_LEN: usize = 14;
@@ -38,9 +38,37 @@ pub fn own_ctx(ctx: &XdpContext) -> XdpContext {
     XdpContext::new(unsafe { core::ptr::read_volatile(&ctx.ctx) })
 }
 
+/// A packet the program reads in place: an XDP frame, or the linear part of a tc program's skb.
+pub trait Frame {
+    fn data(&self) -> usize;
+    fn data_end(&self) -> usize;
+}
+
+impl Frame for XdpContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        XdpContext::data(self)
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        XdpContext::data_end(self)
+    }
+}
+
+impl Frame for TcContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        TcContext::data(self)
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        TcContext::data_end(self)
+    }
+}
+
 /// A pointer to a `T` at `offset`, if the whole `T` lies inside the frame.
 #[inline(always)]
-pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, ()> {
+pub fn ptr_at<T, C: Frame>(ctx: &C, offset: usize) -> Result<*mut T, ()> {
     let start = ctx.data();
     let end = ctx.data_end();
     if start + offset + core::mem::size_of::<T>() > end {
@@ -79,7 +107,7 @@ pub enum Parsed {
 
 /// Parses Ethernet + IPv4 (with options) or IPv6 + the TCP/UDP ports.
 #[inline(always)]
-pub fn parse(ctx: &XdpContext) -> Result<Parsed, ()> {
+pub fn parse<C: Frame>(ctx: &C) -> Result<Parsed, ()> {
     let ether_type: *const u16 = ptr_at(ctx, 12)?;
     match u16::from_be(unsafe { *ether_type }) {
         ETH_P_IP => parse_v4(ctx),
@@ -89,7 +117,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, ()> {
 }
 
 #[inline(always)]
-fn parse_v4(ctx: &XdpContext) -> Result<Parsed, ()> {
+fn parse_v4<C: Frame>(ctx: &C) -> Result<Parsed, ()> {
     let ip: *const [u8; IPV4_MIN_LEN] = ptr_at(ctx, ETH_LEN)?;
     let ip = unsafe { &*ip };
     if ip[0] >> 4 != 4 {
@@ -129,7 +157,7 @@ fn parse_v4(ctx: &XdpContext) -> Result<Parsed, ()> {
 /// IPv6 with TCP, UDP or ICMPv6 right after the fixed header. Extension headers (rare on the
 /// Internet, and Cilium's NodePort path parses only a few) leave the packet to the kernel.
 #[inline(always)]
-fn parse_v6(ctx: &XdpContext) -> Result<Parsed, ()> {
+fn parse_v6<C: Frame>(ctx: &C) -> Result<Parsed, ()> {
     let ip: *const [u32; IPV6_LEN / 4] = ptr_at(ctx, ETH_LEN)?;
     let ip = unsafe { &*ip };
     let head = ip[0].to_ne_bytes();
@@ -161,7 +189,7 @@ fn parse_v6(ctx: &XdpContext) -> Result<Parsed, ()> {
 
 /// Ports (wire order) and TCP flags, once the whole L4 header is known to be in the frame.
 #[inline(always)]
-fn ports(ctx: &XdpContext, l4_off: usize, proto: u8) -> Result<(u16, u16, u8), ()> {
+fn ports<C: Frame>(ctx: &C, l4_off: usize, proto: u8) -> Result<(u16, u16, u8), ()> {
     let ports: *const [u16; 2] = ptr_at(ctx, l4_off)?;
     let ports = unsafe { *ports };
     let tcp_flags = if proto == PROTO_TCP {

@@ -14,8 +14,8 @@
 //! small sizes only. While working on one part: `EXPOSURE_BENCH_CONTROL_PLANE_ONLY=<Services>`,
 //! `EXPOSURE_BENCH_DATAPATH_ONLY=<backends>` (per-packet costs at 1,000 Services, or
 //! `EXPOSURE_BENCH_SERVICES`; `EXPOSURE_BENCH_REPEAT` runs per measurement, long enough for
-//! `perf record`) or `EXPOSURE_BENCH_E2E_ONLY=<0..4>` (one end-to-end variant at 10
-//! Services).
+//! `perf record`) or `EXPOSURE_BENCH_E2E_ONLY=<0..5>` (one end-to-end variant at 10 Services, in
+//! the order of `forwarding::Variant::ALL`; `EXPOSURE_BENCH_PACKETS` per run, 300,000 by default).
 
 use std::{
     fmt::Write as _,
@@ -193,6 +193,8 @@ struct PacketCosts {
     reply_xdp: f64,
     /// A local backend's reply, translated at tc egress.
     reply_tc: f64,
+    /// Any other packet leaving through tc egress (not a reply): what every packet the node sends costs.
+    other_egress_tc: f64,
     /// A tc program that returns `TC_ACT_OK`, on the same reply (tc's own floor: an skb per run).
     tc_floor: f64,
     /// An established IPv6 flow.
@@ -459,6 +461,9 @@ fn packet_costs(services: usize, backends: usize, repeat: u32) -> PacketCosts {
         let local_reply = frame((backend, 8080), (client, 40001));
         let (verdict, reply_tc) = tc_ns(&mut dp, &local_reply, repeat);
         assert_eq!(verdict, 0, "TC_ACT_OK after restoring the frontend");
+        let other_egress = frame((node, 22), (client, 40009));
+        let (verdict, other_egress_tc) = tc_ns(&mut dp, &other_egress, repeat);
+        assert_eq!(verdict as i32, -1, "TC_ACT_UNSPEC: not a reply");
         let tc_floor_prog = exposure_lab::xdp_pass::load_tc_ok().unwrap();
         let (verdict, tc_floor) =
             exposure_lab::xdp_pass::test_run(&tc_floor_prog, &local_reply, repeat).unwrap();
@@ -503,6 +508,7 @@ fn packet_costs(services: usize, backends: usize, repeat: u32) -> PacketCosts {
             new_flow: median(new_runs),
             reply_xdp,
             reply_tc,
+            other_egress_tc,
             tc_floor: tc_floor as f64,
             established6,
         }
@@ -574,8 +580,8 @@ fn main() {
             .unwrap_or(200_000);
         let c = packet_costs(services, b.parse().unwrap_or(1).max(1), repeat);
         eprintln!(
-            "floor {:.0} one lookup {:.0} non-service {:.0} established {:.0} (IPv6 {:.0}) reply xdp {:.0} reply tc {:.0} (tc floor {:.0}) new flow {:.0} ns",
-            c.floor, c.one_lookup, c.non_service, c.established, c.established6, c.reply_xdp, c.reply_tc, c.tc_floor, c.new_flow
+            "floor {:.0} one lookup {:.0} non-service {:.0} established {:.0} (IPv6 {:.0}) reply xdp {:.0} reply tc {:.0} (other egress {:.0}, tc floor {:.0}) new flow {:.0} ns",
+            c.floor, c.one_lookup, c.non_service, c.established, c.established6, c.reply_xdp, c.reply_tc, c.other_egress_tc, c.tc_floor, c.new_flow
         );
         return;
     }
@@ -583,7 +589,11 @@ fn main() {
         // For working on the end-to-end part alone: `EXPOSURE_BENCH_E2E_ONLY=<variant number>`.
         let variant = forwarding::Variant::ALL
             [v.parse::<usize>().unwrap_or(1) % forwarding::Variant::ALL.len()];
-        let (runs, tcp) = forwarding::measure(variant, 10, 300_000, Path::new(BIN));
+        let packets = std::env::var("EXPOSURE_BENCH_PACKETS")
+            .ok()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(300_000);
+        let (runs, tcp) = forwarding::measure(variant, 10, packets, Path::new(BIN));
         for r in runs {
             eprintln!("{r:?}");
         }
@@ -649,13 +659,14 @@ fn main() {
         "runs (each one new; the median), beside the floor measured the same way. Replies run a reply whose"
     );
     let _ = writeln!(report, "translation is the identity, so every repeat is a full reply translation; tc's floor is a program that");
-    let _ = writeln!(report, "only returns TC_ACT_OK, run the same way (a tc test run builds an skb, hence its higher floor).");
+    let _ = writeln!(report, "only returns TC_ACT_OK, run the same way (a tc test run builds an skb, hence its higher floor); *other");
+    let _ = writeln!(report, "egress*: a packet that is no reply through the same tc program (what every other packet the node sends pays).");
     let _ = writeln!(report, "*One lookup*: a program that only looks up a 16-byte key (an IPv4 5-tuple) in a one-entry LRU hash map (a hit),");
     let _ = writeln!(
         report,
         "the least any datapath that keeps per-flow state pays per packet.\n"
     );
-    let _ = writeln!(report, "| Services | floor | one lookup | non-service packet | established flow | established / floor | established IPv6 flow | reply at XDP (remote backend) | reply at tc (local backend; tc floor) | new flow (floor, single runs) |");
+    let _ = writeln!(report, "| Services | floor | one lookup | non-service packet | established flow | established / floor | established IPv6 flow | reply at XDP (remote backend) | reply at tc (local backend; other egress; tc floor) | new flow (floor, single runs) |");
     let _ = writeln!(
         report,
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
@@ -687,7 +698,7 @@ fn main() {
         ));
         let _ = writeln!(
             report,
-            "| {} | {:.0} ns | {:.0} ns | {:.0} ns | {:.0} ns | {:.2}x | {:.0} ns | {:.0} ns | {:.0} ns ({:.0} ns) | {:.0} ns ({:.0} ns) |",
+            "| {} | {:.0} ns | {:.0} ns | {:.0} ns | {:.0} ns | {:.2}x | {:.0} ns | {:.0} ns | {:.0} ns ({:.0} ns; {:.0} ns) | {:.0} ns ({:.0} ns) |",
             c.services,
             c.floor,
             c.one_lookup,
@@ -697,6 +708,7 @@ fn main() {
             c.established6,
             c.reply_xdp,
             c.reply_tc,
+            c.other_egress_tc,
             c.tc_floor,
             c.new_flow,
             c.floor_single

@@ -63,6 +63,8 @@ struct Harness {
     /// The node side of the local pod's veth (`lxc1`), the route to LOCAL_POD.
     pod_ifindex: u32,
     pod_iface_mac: [u8; 6],
+    /// The namespace at the other end of `eth0`.
+    peer_netns: String,
 }
 
 /// Removes a test's pins, also when loading failed before there was a harness.
@@ -137,6 +139,7 @@ fn with_datapath_config(
     let peer_mac = peer.mac("eth0").unwrap();
     let pins = PinDir(PathBuf::from(format!("/sys/fs/bpf/{prefix}")));
     let pin_dir = pins.0.clone();
+    let peer_netns = peer.name().to_string();
     node.run(move || {
         let dp = Datapath::load_with(&pin_dir, capacity).expect("load datapath");
         let mut maps = KernelMaps::open(&pin_dir).expect("open maps");
@@ -155,6 +158,7 @@ fn with_datapath_config(
             pin_dir,
             pod_ifindex,
             pod_iface_mac,
+            peer_netns,
         };
         test(&mut h);
     })
@@ -566,6 +570,110 @@ fn local_backend_reply_is_reversed_at_tc_egress() {
     });
 }
 
+/// Egress skbs may carry their headers outside the linear part (a large frame from a packet
+/// socket has only its Ethernet header there): tc reads headers in place, so it pulls them first.
+#[test]
+fn a_reply_with_headers_outside_the_linear_part_is_reversed_at_tc_egress() {
+    with_datapath(|h| {
+        h.program(&hello(&[(LOCAL_POD, true)]));
+        h.xdp(&FrameSpec::udp((CLIENT, 40003), (NODE, NODE_PORT)).build());
+        h.dp.attach("eth0", aya::programs::XdpMode::Skb).unwrap();
+        // Frames above a page are paged by the packet socket; the veth takes them with a larger MTU.
+        for netns in ["", &h.peer_netns] {
+            let ns = if netns.is_empty() {
+                vec![]
+            } else {
+                vec!["-n", netns]
+            };
+            let mtu = std::process::Command::new("ip")
+                .args(ns)
+                .args(["link", "set", "eth0", "mtu", "9000"])
+                .status()
+                .unwrap();
+            assert!(mtu.success());
+        }
+        let mut reply = FrameSpec::udp((LOCAL_POD, 50000), (CLIENT, 40003));
+        reply.payload = vec![7; 6000];
+        let reply = reply.build();
+        let tap = PacketSocket::bound(h.ifindex);
+        PacketSocket::bound(h.ifindex).send(&reply);
+        // What left eth0 after tc egress: the tap sees frames as the device sends them.
+        let sent = (0..100)
+            .filter_map(|_| tap.recv())
+            .filter_map(|f| frame::parse(&f))
+            .find(|p| p.dport == 40003)
+            .expect("the reply left eth0");
+        assert_eq!((sent.src, sent.sport), (NODE, NODE_PORT));
+        assert_eq!(sent.l4.len(), 8 + 6000);
+        assert_checksums(&sent);
+        assert_eq!(h.counter(Counter::RepliesTc), 1);
+    });
+}
+
+/// An `AF_PACKET` socket on one interface of the calling thread's namespace: sends frames as
+/// they are and receives every frame the interface sends or receives (200 ms timeout).
+struct PacketSocket(std::os::fd::OwnedFd);
+
+impl PacketSocket {
+    fn bound(ifindex: u32) -> Self {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        let all = (libc::ETH_P_ALL as u16).to_be();
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, all as i32) };
+        assert!(fd >= 0, "AF_PACKET: {}", std::io::Error::last_os_error());
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        let mut at: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        at.sll_family = libc::AF_PACKET as u16;
+        at.sll_protocol = all;
+        at.sll_ifindex = ifindex as i32;
+        let len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+        let r = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                &at as *const _ as *const libc::sockaddr,
+                len,
+            )
+        };
+        assert_eq!(r, 0, "bind: {}", std::io::Error::last_os_error());
+        let timeout = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 200_000,
+        };
+        let len = std::mem::size_of::<libc::timeval>() as libc::socklen_t;
+        let r = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                &timeout as *const _ as *const libc::c_void,
+                len,
+            )
+        };
+        assert_eq!(r, 0, "SO_RCVTIMEO: {}", std::io::Error::last_os_error());
+        PacketSocket(fd)
+    }
+
+    fn send(&self, frame: &[u8]) {
+        use std::os::fd::AsRawFd;
+        let n = unsafe { libc::send(self.0.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+        assert_eq!(
+            n,
+            frame.len() as isize,
+            "send: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+
+    fn recv(&self) -> Option<Vec<u8>> {
+        use std::os::fd::AsRawFd;
+        let mut buf = vec![0u8; 16384];
+        let n = unsafe { libc::recv(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        (n > 0).then(|| {
+            buf.truncate(n as usize);
+            buf
+        })
+    }
+}
+
 #[test]
 fn non_service_traffic_passes_untouched() {
     with_datapath(|h| {
@@ -609,6 +717,13 @@ fn truncated_and_garbage_frames_pass_safely() {
             let (verdict, out) = h.xdp(frame);
             assert_eq!(verdict, XDP_PASS, "len {len}");
             assert_eq!(out, frame, "len {len}");
+            // tc egress, which pulls headers it can't see in place, leaves them alone too (its
+            // test runs need the whole IPv4 header).
+            if len >= 34 {
+                let (verdict, out) = h.tc(frame);
+                assert_eq!(verdict as i32, TC_ACT_UNSPEC, "len {len}");
+                assert_eq!(out, frame, "len {len}");
+            }
         }
         let mut bad_ihl = good.clone();
         bad_ihl[14] = 0x43; // IHL 3 < 5
@@ -624,6 +739,9 @@ fn truncated_and_garbage_frames_pass_safely() {
         for frame in [bad_ihl, bad_version, garbage] {
             let (verdict, out) = h.xdp(&frame);
             assert_eq!(verdict, XDP_PASS);
+            assert_eq!(out, frame);
+            let (verdict, out) = h.tc(&frame);
+            assert_eq!(verdict as i32, TC_ACT_UNSPEC);
             assert_eq!(out, frame);
         }
         assert!(h.counter(Counter::Malformed) >= 2);
@@ -1277,6 +1395,7 @@ fn independent_nodes_pick_the_same_backend_for_a_flow() {
             pin_dir,
             pod_ifindex: h.pod_ifindex,
             pod_iface_mac: h.pod_iface_mac,
+            peer_netns: h.peer_netns.clone(),
         };
         let pods: Vec<(Ipv4Addr, bool)> = (2..9)
             .map(|i| (Ipv4Addr::new(198, 19, 1, i), true))
