@@ -2,7 +2,7 @@
 //! and clients run on threads inside namespaces; every wait is bounded.
 
 use std::{
-    io::{BufRead as _, BufReader, Write as _},
+    io::{BufRead as _, BufReader, Read as _, Write},
     net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -122,7 +122,14 @@ fn serve_conn(stream: TcpStream, peer: SocketAddr, ident: &str, stop: &AtomicBoo
         match reader.read_line(&mut line) {
             Ok(0) => return,
             Ok(_) => {
-                if writer.write_all(answer(ident, peer).as_bytes()).is_err() {
+                let written = match line.trim().strip_prefix("bulk ") {
+                    Some(n) => match n.parse::<usize>() {
+                        Ok(n) if n <= BULK_MAX => write_bulk(&mut writer, n),
+                        _ => return,
+                    },
+                    None => writer.write_all(answer(ident, peer).as_bytes()),
+                };
+                if written.is_err() {
                     return;
                 }
                 line.clear();
@@ -135,6 +142,54 @@ fn serve_conn(stream: TcpStream, peer: SocketAddr, ident: &str, stop: &AtomicBoo
             Err(_) => return,
         }
     }
+}
+
+/// The most a `bulk N` request may ask for.
+pub const BULK_MAX: usize = 64 << 20;
+
+/// Byte `i` of every bulk answer: a pattern with no short period, so a lost, repeated or
+/// misplaced segment shows.
+fn bulk_byte(i: usize) -> u8 {
+    (i % 251) as u8 ^ (i / 251) as u8
+}
+
+fn write_bulk(w: &mut impl Write, n: usize) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 64 << 10];
+    let mut sent = 0;
+    while sent < n {
+        let len = buf.len().min(n - sent);
+        for (j, b) in buf[..len].iter_mut().enumerate() {
+            *b = bulk_byte(sent + j);
+        }
+        w.write_all(&buf[..len])?;
+        sent += len;
+    }
+    Ok(())
+}
+
+/// Asks a [`serve`] server for `bytes` bytes on a fresh connection and checks every one of them:
+/// large replies leave the pod as offloaded (GSO, checksum-partial) packets.
+pub fn tcp_fetch_bulk(ns: &Netns, to: SocketAddr, bytes: usize) -> anyhow::Result<()> {
+    anyhow::ensure!(bytes <= BULK_MAX, "at most {BULK_MAX} bytes");
+    let mut session = TcpSession::connect(ns, to)?;
+    session
+        .writer
+        .write_all(format!("bulk {bytes}\n").as_bytes())?;
+    let mut buf = vec![0u8; 64 << 10];
+    let mut got = 0;
+    while got < bytes {
+        let want = buf.len().min(bytes - got);
+        let n = session
+            .reader
+            .read(&mut buf[..want])
+            .with_context(|| format!("reading byte {got} of {bytes}"))?;
+        anyhow::ensure!(n > 0, "connection closed after {got} of {bytes} bytes");
+        if let Some(j) = (0..n).find(|&j| buf[j] != bulk_byte(got + j)) {
+            anyhow::bail!("byte {} of {bytes} is wrong", got + j);
+        }
+        got += n;
+    }
+    Ok(())
 }
 
 /// An open TCP connection, made from inside a namespace.

@@ -951,6 +951,36 @@ fn icmp_errors_from_backends_reach_the_client() {
     }
 }
 
+/// Large answers leave a pod as offloaded packets (GSO, checksum-partial): at tc egress the reply
+/// rewrite must keep them intact, as must XDP for a remote pod's replies, in both families.
+#[test]
+fn bulk_answers_arrive_intact_from_local_and_remote_pods() {
+    let c = Cluster::start(&[1, 0], &[("hello.yaml", hello_dual_stack(&[1, 0]))]);
+    // The lab's veths send full checksums, as from a NIC. The pod here offloads instead, as pods
+    // do: its answers leave as GSO packets with partial checksums, and node-1's interface (no
+    // offload) segments them and completes the checksums after tc, from the partial sums in the
+    // packets, as a NIC would. The client checks every segment.
+    c.lab.nodes[0].pods[0]
+        .ns
+        .exec(
+            "ethtool",
+            &["-K", "eth0", "tx", "on", "tso", "on", "gso", "on"],
+        )
+        .expect("ethtool: offload on in the pod");
+    for n in 0..2 {
+        let path = if n == 0 { "local" } else { "remote" };
+        for to in [
+            c.node(n, 30600),
+            SocketAddr::from((c.lab.nodes[n].ip6, 30600)),
+        ] {
+            apps::tcp_fetch_bulk(&c.lab.client, to, 8 << 20)
+                .unwrap_or_else(|e| panic!("8 MiB from a {path} pod via {to}: {e:#}"));
+        }
+    }
+    // Big answers from the local pod went through tc egress, not around it.
+    assert!(agent_counter(&c, "replies_tc") > 100.0);
+}
+
 /// hello-world as a dual-stack LoadBalancer Service: cluster IPs, LoadBalancer addresses and one
 /// EndpointSlice per family, as a dual-stack cluster writes them.
 fn hello_dual_stack(pods: &[usize]) -> String {
