@@ -107,6 +107,16 @@ impl Delta {
             .word(old[3], new[3])
     }
 
+    /// The changes as one 32-bit one's-complement sum, as the kernel's `csum_diff` gives them: for
+    /// `bpf_l4_csum_replace` with a precomputed difference (size 0), which also knows how to
+    /// update a checksum-offloaded packet's partial sum.
+    #[inline(always)]
+    pub fn wsum(self) -> u32 {
+        let sum = (self.0 & 0xffff_ffff) + (self.0 >> 32);
+        let sum = (sum & 0xffff_ffff) + (sum >> 32);
+        sum as u32
+    }
+
     /// The checksum after all the changes.
     #[inline(always)]
     pub fn apply(self, check: u16) -> u16 {
@@ -409,6 +419,51 @@ mod tests {
             nseg[0..4].copy_from_slice(&ports.to_ne_bytes());
             let want = l4_checksum6(bytes(new_src), bytes(new_dst), proto, &nseg);
             assert_same_checksum(got, as_sent(proto, want), round);
+        }
+    }
+
+    /// The kernel's 32-bit one's-complement add (`csum_add`).
+    fn csum_add(a: u32, b: u32) -> u32 {
+        let (sum, carry) = a.overflowing_add(b);
+        sum + carry as u32
+    }
+
+    /// What `bpf_l4_csum_replace` does with a precomputed difference and `BPF_F_PSEUDO_HDR`
+    /// (`inet_proto_csum_replace_by_diff`): to a full checksum, or to an offloaded packet's
+    /// partial sum of the pseudo-header (`CHECKSUM_PARTIAL`).
+    fn kernel_replace_by_diff(check: u16, diff: u32, partial: bool) -> u16 {
+        if partial {
+            fold(csum_add(diff, check as u32))
+        } else {
+            !fold(csum_add(diff, !(check as u32)))
+        }
+    }
+
+    #[test]
+    fn wsum_through_the_kernels_diff_update_matches_recompute() {
+        let mut seed = 0x51_7cc1_b727_220a;
+        for round in 0..2_000 {
+            let proto = if round % 2 == 0 { 6 } else { 17 };
+            let addr =
+                |seed: &mut u64| -> [u32; 4] { core::array::from_fn(|_| random_words(seed)) };
+            let bytes =
+                |w: [u32; 4]| -> [u8; 16] { w.map(u32::to_ne_bytes).concat().try_into().unwrap() };
+            // Every other round an IPv4 address (IPv4-mapped), as `Addr` holds it.
+            let (src, dst, new_src) = if round % 4 < 2 {
+                (addr(&mut seed), addr(&mut seed), addr(&mut seed))
+            } else {
+                let v4 = |seed: &mut u64| [0, 0, 0xffffu32.to_be(), random_words(seed)];
+                (v4(&mut seed), v4(&mut seed), v4(&mut seed))
+            };
+            let diff = Delta::default().words(&src, &new_src).wsum();
+            let seg = random_segment(&mut seed, proto);
+            let full = l4_checksum6(bytes(src), bytes(dst), proto, &seg);
+            let want = l4_checksum6(bytes(new_src), bytes(dst), proto, &seg);
+            assert_same_checksum(kernel_replace_by_diff(full, diff, false), want, round);
+            // A partial sum is the pseudo-header's sum alone, not inverted.
+            let pseudo = |s: [u32; 4]| !l4_checksum6(bytes(s), bytes(dst), proto, &[]);
+            let got = kernel_replace_by_diff(pseudo(src), diff, true);
+            assert_same_checksum(got, pseudo(new_src), round);
         }
     }
 

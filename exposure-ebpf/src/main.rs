@@ -864,15 +864,21 @@ fn tc_reply(ctx: &TcContext, p: &Packet) -> Result<i32, ()> {
         (UDP_CHECK, BPF_F_MARK_MANGLED_0 as u64)
     };
     let csum = p.l4_off + check_off;
-    let pseudo = BPF_F_PSEUDO_HDR as u64 | mangled | 4;
-    // An IPv4 address is the last word of its `Addr`: the others are equal.
-    for i in if p.v6 { 0 } else { 3 }..4 {
-        let (old, new) = (p.saddr.0[i], r.frontend_addr.0[i]);
-        if old != new {
-            ctx.l4_csum_replace(csum, old as u64, new as u64, pseudo)
-                .map_err(|_| ())?;
-        }
-    }
+    // The source address (in the pseudo-header) as one difference, whatever the family (size 0:
+    // a precomputed difference); the port separately, as it is not in the partial sum.
+    let addr = checksum::Delta::default();
+    let addr = if p.v6 {
+        addr.words(&p.saddr.0, &r.frontend_addr.0)
+    } else {
+        addr.word(p.saddr.v4_raw(), r.frontend_addr.v4_raw())
+    };
+    ctx.l4_csum_replace(
+        csum,
+        0,
+        addr.wsum() as u64,
+        BPF_F_PSEUDO_HDR as u64 | mangled,
+    )
+    .map_err(|_| ())?;
     ctx.l4_csum_replace(csum, p.sport as u64, r.frontend_port as u64, mangled | 2)
         .map_err(|_| ())?;
     // The helpers moved the packet's pointers: find the fields again.
@@ -882,12 +888,12 @@ fn tc_reply(ctx: &TcContext, p: &Packet) -> Result<i32, ()> {
         let saddr: *mut [u32; 4] = ptr_at(ctx, ETH_LEN + IP6_SADDR)?;
         unsafe { saddr.write_unaligned(r.frontend_addr.0) };
     } else {
-        let (old, new) = (p.saddr.v4_raw(), r.frontend_addr.v4_raw());
+        // The IPv4 header's checksum is never offloaded: the same difference, applied here.
         let check: *mut u16 = ptr_at(ctx, ETH_LEN + IP_CHECK)?;
         let saddr: *mut u32 = ptr_at(ctx, ETH_LEN + IP_SADDR)?;
         unsafe {
-            check.write_unaligned(checksum::replace4(check.read_unaligned(), old, new));
-            saddr.write_unaligned(new);
+            check.write_unaligned(addr.apply(check.read_unaligned()));
+            saddr.write_unaligned(r.frontend_addr.v4_raw());
         }
     }
     count(Counter::RepliesTc);
