@@ -168,6 +168,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let mut dirty = true;
     // Interfaces already reported as not veths (each is reported once).
     let mut not_veth: BTreeSet<String> = BTreeSet::new();
+    // healthCheckNodePorts that could not be bound, reported once while that lasts (kube-proxy,
+    // when kept for ClusterIPs, serves the same ports with the same answers).
+    let mut unbound: BTreeSet<String> = BTreeSet::new();
     let mut ticker = tokio::time::interval(TICK);
     loop {
         tokio::select! {
@@ -234,9 +237,15 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             translator.desired_state(&objects.services, &objects.endpoint_slices, &node);
         let translated = started.elapsed();
         let report = reconciler.reconcile(&desired, &mut maps);
-        for e in health_checks.apply(&desired.health_checks).await {
-            tracing::warn!("{e}");
+        let now_unbound: BTreeSet<String> = health_checks
+            .apply(&desired.health_checks)
+            .await
+            .into_iter()
+            .collect();
+        for e in now_unbound.difference(&unbound) {
+            tracing::warn!("{e} (retried at every sync; reported once)");
         }
+        unbound = now_unbound;
         let took = started.elapsed();
 
         problems.extend(model_errors.iter().map(ToString::to_string));

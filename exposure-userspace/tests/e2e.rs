@@ -951,6 +951,77 @@ fn icmp_errors_from_backends_reach_the_client() {
     }
 }
 
+/// Packets kube-proxy's NodePort rules on node-1 have matched so far.
+fn kube_proxy_nodeport_packets(c: &Cluster) -> u64 {
+    let out = c.lab.nodes[0]
+        .ns
+        .exec(
+            "iptables",
+            &["-w", "-t", "nat", "-L", "KUBE-NODEPORTS", "-v", "-x", "-n"],
+        )
+        .expect("iptables -L KUBE-NODEPORTS");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("dpt:30600"))
+        .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// With kube-proxy kept for ClusterIPs (its iptables rules on node-1, as it lays them out), traffic
+/// from outside is served in XDP before the rules see it, and what starts on the node (a host
+/// process to the node's own NodePort, a pod to the ClusterIP) is kube-proxy's and still works.
+#[test]
+fn alongside_kube_proxy_outside_traffic_is_served_first_and_the_nodes_own_is_left_to_it() {
+    let pods = all_pods(&[1, 1]);
+    let c = Cluster::start(&[1, 1], &[("hello.yaml", hello_world(&pods))]);
+    let hello = exposure_lab::kube_proxy::ServicePort {
+        namespace: "default".into(),
+        name: "hello-world".into(),
+        protocol: "tcp",
+        cluster_ip: Ipv4Addr::new(198, 18, 50, 1),
+        port: 60000,
+        load_balancer_ip: None,
+        node_port: Some(30600),
+        endpoints: pods.iter().map(|(ip, _)| (*ip, 50000)).collect(),
+    };
+    let node = &c.lab.nodes[0];
+    node.ns
+        .exec_with_input(
+            "iptables-restore",
+            &[],
+            &exposure_lab::kube_proxy::iptables_rules(&[hello]),
+        )
+        .expect("kube-proxy's rules load");
+    let everyone = pods_named(&["pod-1-1", "pod-2-1"]);
+
+    let (answered, seen) = c.tcp_spread(c.node(0, 30600), 40);
+    assert_eq!(answered, everyone, "from outside");
+    assert!(
+        seen.contains(&CLIENT),
+        "the local pod saw the client, not a masquerade"
+    );
+    assert_eq!(
+        kube_proxy_nodeport_packets(&c),
+        0,
+        "kube-proxy's rules saw outside traffic"
+    );
+    assert!(agent_counter(&c, "frontend_packets") > 0.0);
+
+    let mut from_node = BTreeSet::new();
+    for _ in 0..20 {
+        let answer = apps::tcp_ask(&node.ns, c.node(0, 30600)).expect("the node to its NodePort");
+        from_node.insert(parse_answer(&answer).expect("answer format").0.to_string());
+    }
+    assert_eq!(
+        from_node, everyone,
+        "from the node itself, through kube-proxy's rules"
+    );
+    assert!(kube_proxy_nodeport_packets(&c) > 0);
+    let cluster_ip = SocketAddr::from((Ipv4Addr::new(198, 18, 50, 1), 60000));
+    let answer = apps::tcp_ask(&node.pods[0].ns, cluster_ip).expect("a pod to the ClusterIP");
+    assert!(everyone.contains(parse_answer(&answer).expect("answer format").0));
+}
+
 /// Large answers leave a pod as offloaded packets (GSO, checksum-partial): at tc egress the reply
 /// rewrite must keep them intact, as must XDP for a remote pod's replies, in both families.
 #[test]
