@@ -670,7 +670,7 @@ fn health_check_node_port_tells_load_balancers_which_nodes_have_local_endpoints(
         "  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000\nstatus:\n  loadBalancer:\n    ingress: [{ip: 198.18.100.1}]\n",
     ) + "---\n"
         + &slice("web", "- {name: \"\", protocol: TCP, port: 50000}\n", &[(exposure_lab::lab::pod_ip(0, 0), "node-1")]);
-    let c = Cluster::start(&[1, 1], &[("web.yaml", manifest)]);
+    let c = Cluster::start(&[1, 1], &[("web.yaml", manifest.clone())]);
     let (code, body) = http_get(&c, c.node(0, 32000), "/healthz");
     assert_eq!(code, 200, "{body}");
     assert!(
@@ -696,6 +696,33 @@ fn health_check_node_port_tells_load_balancers_which_nodes_have_local_endpoints(
         (pods, seen),
         (pods_named(&["pod-1-1"]), BTreeSet::from([CLIENT]))
     );
+
+    // A port another process holds (kube-proxy's, when it runs beside): retried at every sync,
+    // reported once.
+    let held = c.lab.nodes[0]
+        .ns
+        .run(|| std::net::TcpListener::bind("[::]:32001"))
+        .unwrap()
+        .unwrap();
+    let log = || c.agents[0].log_text();
+    for round in 0..3 {
+        let synced = log().matches("synced").count();
+        let moved = manifest.replacen("32000", "32001", 1).replacen(
+            "namespace: default\n",
+            &format!("namespace: default\n  annotations: {{round: \"{round}\"}}\n"),
+            1,
+        );
+        c.write("web.yaml", &moved);
+        c.eventually("a sync", || log().matches("synced").count() > synced);
+    }
+    let warnings = log().matches("healthCheckNodePort 32001").count();
+    assert_eq!(warnings, 1, "{}", log());
+    assert_eq!(
+        http_get(&c, c.node(1, 32001), "/healthz").0,
+        503,
+        "node-2 took the port"
+    );
+    drop(held);
 }
 
 #[test]
