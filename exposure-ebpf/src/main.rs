@@ -820,7 +820,9 @@ const TC_HEADERS: u32 = (ETH_LEN + 60 + 20) as u32;
 fn try_tc_egress(ctx: &TcContext) -> Result<i32, ()> {
     // Headers are read and written in place, as at XDP (helper calls per field cost more than
     // the translation). An skb whose headers are not all in its linear part gets them pulled in
-    // (a malformed one is pulled for nothing, and still fails).
+    // (a malformed one is pulled for nothing, and still fails). Writing in place makes the
+    // verifier un-share a cloned skb's linear part on entry: nothing to copy for TCP's clones when
+    // the payload is in pages (devices with scatter-gather), a copy of the linear part otherwise.
     let parsed = match parse(ctx) {
         Ok(parsed) => parsed,
         Err(()) => {
