@@ -296,6 +296,15 @@ mod tests {
         }
     }
 
+    fn addr(seed: &mut u64) -> [u32; 4] {
+        core::array::from_fn(|_| random_words(seed))
+    }
+
+    /// An address's words as the packet carries them.
+    fn bytes(w: [u32; 4]) -> [u8; 16] {
+        w.map(u32::to_ne_bytes).concat().try_into().unwrap()
+    }
+
     fn ne_words<const N: usize>(bytes: &[u8]) -> [u32; N] {
         core::array::from_fn(|i| u32::from_ne_bytes(bytes[i * 4..i * 4 + 4].try_into().unwrap()))
     }
@@ -391,10 +400,6 @@ mod tests {
         let mut seed = 0x2545_f491_4f6c_dd1d;
         for round in 0..2_000 {
             let proto = if round % 2 == 0 { 6 } else { 17 };
-            let addr =
-                |seed: &mut u64| -> [u32; 4] { core::array::from_fn(|_| random_words(seed)) };
-            let bytes =
-                |w: [u32; 4]| -> [u8; 16] { w.map(u32::to_ne_bytes).concat().try_into().unwrap() };
             let (src, dst, new_src, new_dst) = (
                 addr(&mut seed),
                 addr(&mut seed),
@@ -444,10 +449,6 @@ mod tests {
         let mut seed = 0x51_7cc1_b727_220a;
         for round in 0..2_000 {
             let proto = if round % 2 == 0 { 6 } else { 17 };
-            let addr =
-                |seed: &mut u64| -> [u32; 4] { core::array::from_fn(|_| random_words(seed)) };
-            let bytes =
-                |w: [u32; 4]| -> [u8; 16] { w.map(u32::to_ne_bytes).concat().try_into().unwrap() };
             // Every other round an IPv4 address (IPv4-mapped), as `Addr` holds it.
             let (src, dst, new_src) = if round % 4 < 2 {
                 (addr(&mut seed), addr(&mut seed), addr(&mut seed))
