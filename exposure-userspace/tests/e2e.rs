@@ -828,17 +828,26 @@ fn agent_counter(c: &Cluster, event: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Packets node-1's netfilter forwarded to its pods' veths so far (a counting rule in FORWARD).
-fn forwarded_to_pods(c: &Cluster) -> u64 {
+/// Packets that node-1's rules in `table`/`chain` whose listing line contains `matching` have
+/// counted so far.
+fn rule_packets(c: &Cluster, table: &str, chain: &str, matching: &str) -> u64 {
     let out = c.lab.nodes[0]
         .ns
-        .exec("iptables", &["-w", "-L", "FORWARD", "-v", "-x", "-n"])
+        .exec(
+            "iptables",
+            &["-w", "-t", table, "-L", chain, "-v", "-x", "-n"],
+        )
         .expect("iptables -L");
     String::from_utf8_lossy(&out.stdout)
         .lines()
-        .filter(|l| l.contains("vp+"))
+        .filter(|l| l.contains(matching))
         .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
         .sum()
+}
+
+/// Packets node-1's netfilter forwarded to its pods' veths so far (a counting rule in FORWARD).
+fn forwarded_to_pods(c: &Cluster) -> u64 {
+    rule_packets(c, "filter", "FORWARD", "vp+")
 }
 
 #[test]
@@ -980,18 +989,7 @@ fn icmp_errors_from_backends_reach_the_client() {
 
 /// Packets kube-proxy's NodePort rules on node-1 have matched so far.
 fn kube_proxy_nodeport_packets(c: &Cluster) -> u64 {
-    let out = c.lab.nodes[0]
-        .ns
-        .exec(
-            "iptables",
-            &["-w", "-t", "nat", "-L", "KUBE-NODEPORTS", "-v", "-x", "-n"],
-        )
-        .expect("iptables -L KUBE-NODEPORTS");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.contains("dpt:30600"))
-        .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
-        .sum()
+    rule_packets(c, "nat", "KUBE-NODEPORTS", "dpt:30600")
 }
 
 /// With kube-proxy kept for ClusterIPs (its iptables rules on node-1, as it lays them out), traffic
