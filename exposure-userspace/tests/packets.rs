@@ -579,14 +579,10 @@ fn a_reply_with_headers_outside_the_linear_part_is_reversed_at_tc_egress() {
         h.xdp(&FrameSpec::udp((CLIENT, 40003), (NODE, NODE_PORT)).build());
         h.dp.attach("eth0", aya::programs::XdpMode::Skb).unwrap();
         // Frames above a page are paged by the packet socket; the veth takes them with a larger MTU.
-        for netns in ["", &h.peer_netns] {
-            let ns = if netns.is_empty() {
-                vec![]
-            } else {
-                vec!["-n", netns]
-            };
+        // This namespace's end, then the peer's.
+        for netns in [&[][..], &["-n", h.peer_netns.as_str()][..]] {
             let mtu = std::process::Command::new("ip")
-                .args(ns)
+                .args(netns)
                 .args(["link", "set", "eth0", "mtu", "9000"])
                 .status()
                 .unwrap();
