@@ -8,13 +8,14 @@
 //! Datapath: per-packet cost through BPF_PROG_TEST_RUN beside a no-op floor and a one-lookup
 //! reference. End to end (`exposure/forwarding.rs`): packets/s, TCP connections/s and throughput
 //! through a lab node for Exposure (also with `--redirect-to-pods` and `--xdp-redirect-to-pods`),
-//! kube-proxy's iptables and nftables layouts and plain forwarding.
+//! kube-proxy's iptables and nftables layouts, and plain forwarding without and with a no-op XDP
+//! program on the nodes (the end-to-end floor).
 //!
 //! Writes `bench/results/<date>.md` with SVG charts beside it and prints it. `--quick` runs the
 //! small sizes only. While working on one part: `EXPOSURE_BENCH_CONTROL_PLANE_ONLY=<Services>`,
 //! `EXPOSURE_BENCH_DATAPATH_ONLY=<backends>` (per-packet costs at 1,000 Services, or
 //! `EXPOSURE_BENCH_SERVICES`; `EXPOSURE_BENCH_REPEAT` runs per measurement, long enough for
-//! `perf record`) or `EXPOSURE_BENCH_E2E_ONLY=<0..5>` (one end-to-end variant at 10 Services, in
+//! `perf record`) or `EXPOSURE_BENCH_E2E_ONLY=<0..6>` (one end-to-end variant at 10 Services, in
 //! the order of `forwarding::Variant::ALL`; `EXPOSURE_BENCH_PACKETS` per run, 300,000 by default).
 
 use std::{
@@ -822,7 +823,13 @@ fn end_to_end(report: &mut String, quick: bool, dir: &Path, stem: &str) {
     }
     let _ = writeln!(report, "\n## End to end: packets/s through a node\n");
     let _ = writeln!(report, "64-byte UDP packets from the lab's client to a NodePort on node-1, by an XDP live-frames generator");
-    let _ = writeln!(report, "(BPF_PROG_TEST_RUN, {packets} packets per run), to node-1's own pod (local) or node-2's pod (remote).");
+    let _ = writeln!(
+        report,
+        "(BPF_PROG_TEST_RUN, {packets} packets per run, {} for new flows; the median of {} runs), to",
+        forwarding::NEW_FLOWS_PER_RUN,
+        forwarding::RUNS
+    );
+    let _ = writeln!(report, "node-1's own pod (local) or node-2's pod (remote), each variant in a fresh lab once the CPUs are idle.");
     let _ = writeln!(report, "The N Services are the two targets plus LoadBalancer fillers with one endpoint each. *One flow*: every");
     let _ = writeln!(report, "packet the same (an established flow); *new flows*: a random source address and port per packet.");
     let _ = writeln!(report, "kube-proxy's rules are generated in its own layouts (`exposure-lab/src/kube_proxy.rs`); plain");
@@ -838,10 +845,10 @@ fn end_to_end(report: &mut String, quick: bool, dir: &Path, stem: &str) {
         report,
         "packets/s; below 99% delivered the share is shown.\n"
     );
-    let _ = writeln!(report, "| Services | backend | flows | plain forwarding | Exposure | Exposure, redirect | Exposure, XDP redirect | kube-proxy iptables | kube-proxy nftables | Exposure ÷ iptables | redirect ÷ iptables | XDP redirect ÷ iptables | Exposure ÷ nftables |");
+    let _ = writeln!(report, "| Services | backend | flows | plain forwarding | with no-op XDP | Exposure | Exposure, redirect | Exposure, XDP redirect | kube-proxy iptables | kube-proxy nftables | Exposure ÷ iptables | redirect ÷ iptables | XDP redirect ÷ iptables | Exposure ÷ nftables |");
     let _ = writeln!(
         report,
-        "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     let find = |v: Variant, n: usize, t: Target, f: Flows| {
         runs.iter()
@@ -868,10 +875,11 @@ fn end_to_end(report: &mut String, quick: bool, dir: &Path, stem: &str) {
         };
         let _ = writeln!(
             report,
-            "| {n} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {n} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             t.label(),
             flows_label(f),
             cell(find(Variant::Plain, n, t, f)),
+            cell(find(Variant::NoopXdp, n, t, f)),
             cell(find(Variant::Exposure, n, t, f)),
             cell(find(Variant::ExposureTcRedirect, n, t, f)),
             cell(find(Variant::ExposureRedirect, n, t, f)),
@@ -952,16 +960,51 @@ fn end_to_end(report: &mut String, quick: bool, dir: &Path, stem: &str) {
             flows_label(f),
         );
     }
+    // The floor (a no-op XDP program) read end to end: the same program on the nodes'
+    // NICs in front of plain forwarding, against Exposure's established flow in its place.
+    let _ = writeln!(report, "\nEstablished flows against the floor end to end: cost per packet (1/packets/s) of each Exposure");
+    let _ = writeln!(report, "mode ÷ that of plain forwarding with a two-instruction XDP_PASS program on the nodes' NICs (the");
+    let _ = writeln!(report, "per-packet floor program, in the place Exposure's program runs). Below 1: cheaper than the");
+    let _ = writeln!(
+        report,
+        "kernel forwarding the packet behind the no-op program.\n"
+    );
+    let _ = writeln!(
+        report,
+        "| Services | backend | floor (no-op XDP) | Exposure ÷ floor | redirect ÷ floor | XDP redirect ÷ floor |"
+    );
+    let _ = writeln!(report, "| ---: | --- | ---: | ---: | ---: | ---: |");
+    for (n, t, f) in scenarios(sizes).filter(|s| s.2 == Flows::One) {
+        let pps = |v| find(v, n, t, f).map_or(0.0, |r| r.pps);
+        let floor = pps(Variant::NoopXdp);
+        let cost = |v| {
+            let p = pps(v);
+            if p > 0.0 && floor > 0.0 {
+                format!("{:.2}x", floor / p)
+            } else {
+                "-".into()
+            }
+        };
+        let _ = writeln!(
+            report,
+            "| {n} | {} | {} | {} | {} | {} |",
+            t.label(),
+            cell(find(Variant::NoopXdp, n, t, f)),
+            cost(Variant::Exposure),
+            cost(Variant::ExposureTcRedirect),
+            cost(Variant::ExposureRedirect),
+        );
+    }
     let _ = writeln!(report, "\nTCP through the same node, after the UDP runs (pods now answering): new connections per second");
     let _ = writeln!(report, "(one client connecting and closing with RST, 1 s) and one connection's throughput (1 s of 256 KiB");
     let _ = writeln!(
         report,
         "writes; segmentation offload makes this insensitive to per-packet cost).\n"
     );
-    let _ = writeln!(report, "| Services | backend | plain forwarding | Exposure | Exposure, redirect | Exposure, XDP redirect | kube-proxy iptables | kube-proxy nftables |");
+    let _ = writeln!(report, "| Services | backend | plain forwarding | with no-op XDP | Exposure | Exposure, redirect | Exposure, XDP redirect | kube-proxy iptables | kube-proxy nftables |");
     let _ = writeln!(
         report,
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     for &n in sizes {
         for t in [Target::Local, Target::Remote] {
@@ -981,9 +1024,10 @@ fn end_to_end(report: &mut String, quick: bool, dir: &Path, stem: &str) {
             };
             let _ = writeln!(
                 report,
-                "| {n} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {n} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 t.label(),
                 cell(Variant::Plain),
+                cell(Variant::NoopXdp),
                 cell(Variant::Exposure),
                 cell(Variant::ExposureTcRedirect),
                 cell(Variant::ExposureRedirect),

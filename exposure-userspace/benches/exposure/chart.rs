@@ -6,8 +6,8 @@ use exposure_lab::traffic::Flows;
 
 use crate::forwarding::{Run, Target, Variant};
 
-const COLORS: [&str; 6] = [
-    "#9e9e9e", "#1f77b4", "#17becf", "#2ca02c", "#d62728", "#ff7f0e",
+const COLORS: [&str; 7] = [
+    "#9e9e9e", "#d0d0d0", "#1f77b4", "#17becf", "#2ca02c", "#d62728", "#ff7f0e",
 ];
 
 /// Grouped bars: one panel per (backend, flows), a group per Service count, a bar per variant.
@@ -67,6 +67,8 @@ pub fn forwarding(runs: &[Run], sizes: &[usize]) -> String {
 const TOP: f64 = 60.0;
 const LEFT: f64 = 60.0;
 const BAR_W: f64 = 16.0;
+/// Room for one legend entry (the longest name is about 30 characters).
+const LEGEND_W: f64 = 200.0;
 
 /// The document start, title and legend.
 fn header(width: f64, height: f64, title: &str, series: &[&str]) -> String {
@@ -79,13 +81,17 @@ fn header(width: f64, height: f64, title: &str, series: &[&str]) -> String {
         svg,
         r#"<text x="{LEFT}" y="20" font-size="14">{title}</text>"#
     );
+    // The legend in rows of as many entries as fit (two rows fit above TOP).
+    let per_row = (((width - LEFT) / LEGEND_W) as usize).max(1);
     for (k, name) in series.iter().enumerate() {
-        let x = LEFT + k as f64 * 150.0;
+        let x = LEFT + (k % per_row) as f64 * LEGEND_W;
+        let y = 32.0 + (k / per_row) as f64 * 14.0;
         let _ = writeln!(
             svg,
-            r#"<rect x="{x}" y="32" width="10" height="10" fill="{}"/><text x="{}" y="41">{name}</text>"#,
+            r#"<rect x="{x}" y="{y}" width="10" height="10" fill="{}"/><text x="{}" y="{}">{name}</text>"#,
             COLORS[k % COLORS.len()],
-            x + 14.0
+            x + 14.0,
+            y + 9.0
         );
     }
     svg
@@ -147,6 +153,8 @@ pub fn grouped(title: &str, unit: &str, series: &[&str], groups: &[(String, Vec<
         .fold(1.0, f64::max);
     let plot_h = 260.0;
     let width = LEFT + (BAR_W * series.len() as f64 + 24.0) * groups.len() as f64 + 40.0;
+    // Wide enough for the legend in two rows.
+    let width = width.max(LEFT + LEGEND_W * series.len().div_ceil(2) as f64 + 20.0);
     let mut svg = header(width, TOP + plot_h + 60.0, title, series);
     bars(
         &mut svg,

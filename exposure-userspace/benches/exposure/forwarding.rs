@@ -26,6 +26,9 @@ use exposure_lab::{
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Variant {
     Plain,
+    /// Plain forwarding with a two-instruction XDP_PASS program on the nodes' NICs: the end-to-end
+    /// reading of the per-packet floor (what any XDP program in that place costs the path).
+    NoopXdp,
     Exposure,
     /// Exposure with `--redirect-to-pods`: local pods' traffic goes from tc ingress into the pod.
     ExposureTcRedirect,
@@ -36,8 +39,9 @@ pub enum Variant {
 }
 
 impl Variant {
-    pub const ALL: [Variant; 6] = [
+    pub const ALL: [Variant; 7] = [
         Variant::Plain,
+        Variant::NoopXdp,
         Variant::Exposure,
         Variant::ExposureTcRedirect,
         Variant::ExposureRedirect,
@@ -48,6 +52,7 @@ impl Variant {
     pub fn name(self) -> &'static str {
         match self {
             Variant::Plain => "plain forwarding",
+            Variant::NoopXdp => "plain forwarding, no-op XDP",
             Variant::Exposure => "Exposure",
             Variant::ExposureTcRedirect => "Exposure, redirect to pods",
             Variant::ExposureRedirect => "Exposure, XDP redirect to pods",
@@ -87,8 +92,11 @@ pub struct Run {
 
 /// Backend ports of each UDP target Service (all on its one pod).
 const UDP_BACKEND_PORTS: u16 = 16;
-/// Packets per new-flows run (three runs, after a warm-up of 100): every packet a new flow.
-const NEW_FLOWS_PER_RUN: u32 = 10_000;
+/// Packets per new-flows run (after a warm-up of 100): every packet a new flow.
+pub const NEW_FLOWS_PER_RUN: u32 = 10_000;
+/// Measured runs per scenario; the median is reported. New flows stay well inside the SNAT
+/// ports: 100 + 5 × 10,000 of the 16 × 4,536 a remote target has.
+pub const RUNS: usize = 5;
 
 /// The targets (NodePort 30600 → node-1's pod, 30601 → node-2's pod) and fillers up to `n`.
 fn services(lab: &Lab, n: usize) -> Vec<ServicePort> {
@@ -147,6 +155,8 @@ struct Setup {
     _agents: Vec<Agent>,
     /// The pods' XDP_DROP programs (removed for the TCP runs, which need the pods' stacks).
     sinks: Vec<std::os::fd::OwnedFd>,
+    /// The nodes' no-op XDP programs ([`Variant::NoopXdp`]), kept for the TCP runs too.
+    node_programs: Vec<std::os::fd::OwnedFd>,
     dir: std::path::PathBuf,
 }
 
@@ -164,6 +174,7 @@ fn set_up(lab: &Lab, variant: Variant, svcs: &[ServicePort], bin: &Path) -> Setu
         programming: std::time::Duration::ZERO,
         _agents: Vec::new(),
         sinks: Vec::new(),
+        node_programs: Vec::new(),
         dir: dir.clone(),
     };
     // The pods drop in XDP. (XDP_TX from the client's veth needs an XDP program on its peer: the
@@ -192,10 +203,16 @@ fn set_up(lab: &Lab, variant: Variant, svcs: &[ServicePort], bin: &Path) -> Setu
             .map_or_else(String::new, |(n, _)| n.name.clone())
     };
     match variant {
-        Variant::Plain => {
+        Variant::Plain | Variant::NoopXdp => {
             lab.client
                 .ip(&format!("route add 198.19.0.0/16 via {}", lab.nodes[0].ip))
                 .unwrap();
+            if variant == Variant::NoopXdp {
+                for node in &lab.nodes {
+                    let prog = xdp_pass::attach_returning(&node.ns, "eth0", xdp_pass::XDP_PASS);
+                    setup.node_programs.push(prog.unwrap());
+                }
+            }
         }
         Variant::Exposure | Variant::ExposureTcRedirect | Variant::ExposureRedirect => {
             let redirect = variant != Variant::Exposure;
@@ -279,12 +296,45 @@ pub struct TcpRun {
     pub bytes_per_s: f64,
 }
 
+/// Waits (up to 30 s) until the CPUs have been at least 90% idle for a quarter second: the
+/// previous lab's teardown, or anything else the machine was doing, done before measuring.
+fn wait_for_quiet() {
+    // Busy and total jiffies of all CPUs (/proc/stat's first line).
+    let times = || -> Option<(u64, u64)> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let v: Vec<u64> = stat
+            .lines()
+            .next()?
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        let total: u64 = v.iter().take(8).sum();
+        let idle = v.get(3)? + v.get(4)?;
+        Some((total - idle, total))
+    };
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::time::Instant::now() < deadline {
+        let Some((busy0, total0)) = times() else {
+            return;
+        };
+        std::thread::sleep(std::time::Duration::from_millis(250));
+        let Some((busy1, total1)) = times() else {
+            return;
+        };
+        if (busy1 - busy0) * 10 <= total1 - total0 {
+            return;
+        }
+    }
+}
+
 /// Runs every (target, flows) scenario of one variant at one Service count, in a fresh lab, then
 /// the TCP runs.
 pub fn measure(variant: Variant, n: usize, packets: u32, bin: &Path) -> (Vec<Run>, Vec<TcpRun>) {
     // The previous lab's namespaces are torn down by kernel workers after the fact; that work
     // competing for the CPU pushes softirqs to ksoftirqd and the generator overruns rings.
-    std::thread::sleep(std::time::Duration::from_secs(3));
+    wait_for_quiet();
     let prefix = unique_prefix("f");
     let mut lab = Lab::new(&prefix, &[1, 1]).expect("lab");
     lab.fast_lan().expect("XDP switching on the LAN");
@@ -300,8 +350,12 @@ pub fn measure(variant: Variant, n: usize, packets: u32, bin: &Path) -> (Vec<Run
     let mut runs = Vec::new();
     for target in [Target::Local, Target::Remote] {
         let (node, to) = match (target, variant) {
-            (Target::Local, Variant::Plain) => (0, (lab.nodes[0].pods[0].ip, 50000)),
-            (Target::Remote, Variant::Plain) => (1, (lab.nodes[1].pods[0].ip, 50000)),
+            (Target::Local, Variant::Plain | Variant::NoopXdp) => {
+                (0, (lab.nodes[0].pods[0].ip, 50000))
+            }
+            (Target::Remote, Variant::Plain | Variant::NoopXdp) => {
+                (1, (lab.nodes[1].pods[0].ip, 50000))
+            }
             (Target::Local, _) => (0, (lab.nodes[0].ip, 30600)),
             (Target::Remote, _) => (1, (lab.nodes[0].ip, 30601)),
         };
@@ -334,12 +388,12 @@ pub fn measure(variant: Variant, n: usize, packets: u32, bin: &Path) -> (Vec<Run
             };
             send(warm_up);
             let mut samples: Vec<(u64, std::time::Duration)> =
-                (0..3).map(|_| send(count)).collect();
+                (0..RUNS).map(|_| send(count)).collect();
             samples.sort_by(|a, b| {
                 let rate = |s: &(u64, std::time::Duration)| s.0 as f64 / s.1.as_secs_f64();
                 rate(a).total_cmp(&rate(b))
             });
-            let (delivered, took) = samples[1];
+            let (delivered, took) = samples[RUNS / 2];
             let packets = count;
             runs.push(Run {
                 variant,
@@ -363,8 +417,8 @@ pub fn measure(variant: Variant, n: usize, packets: u32, bin: &Path) -> (Vec<Run
     let mut tcp = Vec::new();
     for target in [Target::Local, Target::Remote] {
         let to = std::net::SocketAddr::from(match (target, variant) {
-            (Target::Local, Variant::Plain) => (lab.nodes[0].pods[0].ip, 50000),
-            (Target::Remote, Variant::Plain) => (lab.nodes[1].pods[0].ip, 50000),
+            (Target::Local, Variant::Plain | Variant::NoopXdp) => (lab.nodes[0].pods[0].ip, 50000),
+            (Target::Remote, Variant::Plain | Variant::NoopXdp) => (lab.nodes[1].pods[0].ip, 50000),
             (Target::Local, _) => (lab.nodes[0].ip, 30600),
             (Target::Remote, _) => (lab.nodes[0].ip, 30601),
         });
