@@ -833,7 +833,14 @@ fn end_to_end(report: &mut String, quick: bool, dir: &Path, stem: &str) {
     let _ = writeln!(report, "The N Services are the two targets plus LoadBalancer fillers with one endpoint each. *One flow*: every");
     let _ = writeln!(report, "packet the same (an established flow); *new flows*: a random source address and port per packet.");
     let _ = writeln!(report, "kube-proxy's rules are generated in its own layouts (`exposure-lab/src/kube_proxy.rs`); plain");
-    let _ = writeln!(report, "forwarding sends to the pod address with no Service at all. *Exposure, redirect* runs the agent");
+    let _ = writeln!(
+        report,
+        "forwarding sends to the pod address with no Service at all (*with no-op XDP*: behind a"
+    );
+    let _ = writeln!(
+        report,
+        "two-instruction XDP_PASS program on the nodes' NICs). *Exposure, redirect* runs the agent"
+    );
     let _ = writeln!(report, "with `--redirect-to-pods vp`: local pods' packets, translated at XDP, go from tc ingress into the");
     let _ = writeln!(report, "pod's namespace (`bpf_redirect_peer`), skipping node-1's second pass through its stack; *XDP");
     let _ = writeln!(report, "redirect* with `--xdp-redirect-to-pods vp`: from XDP straight to the pod's veth (its pod side");
