@@ -296,6 +296,20 @@ pub struct TcpRun {
     pub bytes_per_s: f64,
 }
 
+/// The node whose pod a target is, and where the client sends: the pod itself when forwarding
+/// plainly, else the target's NodePort on node-1.
+fn destination(lab: &Lab, variant: Variant, target: Target) -> (usize, (Ipv4Addr, u16)) {
+    let node = match target {
+        Target::Local => 0,
+        Target::Remote => 1,
+    };
+    let to = match variant {
+        Variant::Plain | Variant::NoopXdp => (lab.nodes[node].pods[0].ip, 50000),
+        _ => (lab.nodes[0].ip, 30600 + node as u16),
+    };
+    (node, to)
+}
+
 /// Waits (up to 30 s) until the CPUs have been at least 90% idle for a quarter second: the
 /// previous lab's teardown, or anything else the machine was doing, done before measuring.
 fn wait_for_quiet() {
@@ -349,16 +363,7 @@ pub fn measure(variant: Variant, n: usize, packets: u32, bin: &Path) -> (Vec<Run
         .unwrap();
     let mut runs = Vec::new();
     for target in [Target::Local, Target::Remote] {
-        let (node, to) = match (target, variant) {
-            (Target::Local, Variant::Plain | Variant::NoopXdp) => {
-                (0, (lab.nodes[0].pods[0].ip, 50000))
-            }
-            (Target::Remote, Variant::Plain | Variant::NoopXdp) => {
-                (1, (lab.nodes[1].pods[0].ip, 50000))
-            }
-            (Target::Local, _) => (0, (lab.nodes[0].ip, 30600)),
-            (Target::Remote, _) => (1, (lab.nodes[0].ip, 30601)),
-        };
+        let (node, to) = destination(&lab, variant, target);
         for flows in [Flows::One, Flows::New] {
             let mut spec = FrameSpec::udp((CLIENT_IP, 40000), to);
             spec.src_mac = client_mac;
@@ -416,12 +421,7 @@ pub fn measure(variant: Variant, n: usize, packets: u32, bin: &Path) -> (Vec<Run
         .collect();
     let mut tcp = Vec::new();
     for target in [Target::Local, Target::Remote] {
-        let to = std::net::SocketAddr::from(match (target, variant) {
-            (Target::Local, Variant::Plain | Variant::NoopXdp) => (lab.nodes[0].pods[0].ip, 50000),
-            (Target::Remote, Variant::Plain | Variant::NoopXdp) => (lab.nodes[1].pods[0].ip, 50000),
-            (Target::Local, _) => (lab.nodes[0].ip, 30600),
-            (Target::Remote, _) => (lab.nodes[0].ip, 30601),
-        });
+        let to = std::net::SocketAddr::from(destination(&lab, variant, target).1);
         let second = std::time::Duration::from_secs(1);
         tcp.push(TcpRun {
             variant,
