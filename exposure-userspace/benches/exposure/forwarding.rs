@@ -337,7 +337,8 @@ fn wait_for_quiet() {
         let Some((busy1, total1)) = times() else {
             return;
         };
-        if (busy1 - busy0) * 10 <= total1 - total0 {
+        // Saturating: iowait, part of the total, may step back.
+        if busy1.saturating_sub(busy0) * 10 <= total1.saturating_sub(total0) {
             return;
         }
     }
