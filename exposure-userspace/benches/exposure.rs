@@ -872,14 +872,7 @@ fn end_to_end(report: &mut String, quick: bool, dir: &Path, stem: &str) {
     };
     for (n, t, f) in scenarios(sizes) {
         let pps = |v| find(v, n, t, f).map_or(0.0, |r| r.pps);
-        let ratio = |ours, v| {
-            let other = pps(v);
-            if other > 0.0 {
-                format!("{:.2}x", pps(ours) / other)
-            } else {
-                "-".into()
-            }
-        };
+        let ratio = |ours, v| times(pps(ours), pps(v));
         let _ = writeln!(
             report,
             "| {n} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
@@ -985,9 +978,8 @@ fn end_to_end(report: &mut String, quick: bool, dir: &Path, stem: &str) {
         let pps = |v| find(v, n, t, f).map_or(0.0, |r| r.pps);
         let floor = pps(Variant::NoopXdp);
         let cost = |v| {
-            let p = pps(v);
-            if p > 0.0 && floor > 0.0 {
-                format!("{:.2}x", floor / p)
+            if floor > 0.0 {
+                times(floor, pps(v))
             } else {
                 "-".into()
             }
@@ -1073,6 +1065,15 @@ fn end_to_end(report: &mut String, quick: bool, dir: &Path, stem: &str) {
     let name = format!("{stem}-end-to-end.svg");
     let _ = std::fs::write(dir.join(&name), svg);
     let _ = writeln!(report, "\n![packets/s by variant]({name})");
+}
+
+/// `num ÷ den` as a table cell ("1.23x"), or "-" without a denominator.
+fn times(num: f64, den: f64) -> String {
+    if den > 0.0 {
+        format!("{:.2}x", num / den)
+    } else {
+        "-".into()
+    }
 }
 
 /// Every (Service count, backend, flows) the end-to-end runs cover, in report order.
