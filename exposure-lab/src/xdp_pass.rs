@@ -99,8 +99,18 @@ pub fn test_run(prog: &OwnedFd, frame: &[u8], repeat: u32) -> anyhow::Result<(u3
     attr[2] = frame.as_ptr() as u64;
     attr[3] = out.as_mut_ptr() as u64;
     attr[4] = repeat as u64;
-    prog_test_run(&mut attr)?;
-    Ok(((attr[0] >> 32) as u32, (attr[4] >> 32) as u32))
+    // A signal for the process (a child exiting, in a test that runs commands) stops a repeated
+    // run with EINTR and no results: run it again (bounded).
+    for _ in 0..100 {
+        match sys_bpf(BPF_PROG_TEST_RUN, &mut attr) {
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+            rc => {
+                rc.context("BPF_PROG_TEST_RUN")?;
+                return Ok(((attr[0] >> 32) as u32, (attr[4] >> 32) as u32));
+            }
+        }
+    }
+    anyhow::bail!("BPF_PROG_TEST_RUN: interrupted 100 times in a row")
 }
 
 /// The BPF_PROG_TEST_RUN command with a prepared `union bpf_attr`; the kernel writes the results
