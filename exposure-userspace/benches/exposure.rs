@@ -825,10 +825,12 @@ fn end_to_end(report: &mut String, quick: bool, dir: &Path, stem: &str) {
     let _ = writeln!(report, "64-byte UDP packets from the lab's client to a NodePort on node-1, by an XDP live-frames generator");
     let _ = writeln!(
         report,
-        "(BPF_PROG_TEST_RUN, {packets} packets per run, {} for new flows; the median of {} runs), to",
+        "(BPF_PROG_TEST_RUN, {packets} packets per run, {} for new flows; the median of {} runs, a run that",
         forwarding::NEW_FLOWS_PER_RUN,
         forwarding::RUNS
     );
+    let _ = writeln!(report, "loses over 1% of one flow's packets run again up to {} more times: generator and node share a CPU,", forwarding::RUNS);
+    let _ = writeln!(report, "so such a loss means the node's work was deferred to ksoftirqd and the run timed that, not the node), to");
     let _ = writeln!(report, "node-1's own pod (local) or node-2's pod (remote), each variant in a fresh lab once the CPUs are idle.");
     let _ = writeln!(report, "The N Services are the two targets plus LoadBalancer fillers with one endpoint each. *One flow*: every");
     let _ = writeln!(report, "packet the same (an established flow); *new flows*: a random source address and port per packet.");

@@ -19,7 +19,7 @@ use exposure_lab::{
     kube_proxy::{self, ServicePort},
     lab::{Lab, CLIENT_IP},
     netns::{mac_text, unique_prefix},
-    traffic::{counters, Flows, Generator},
+    traffic::{counters, median_run, Flows, Generator},
     xdp_pass,
 };
 
@@ -387,19 +387,13 @@ pub fn measure(variant: Variant, n: usize, packets: u32, bin: &Path) -> (Vec<Run
             };
             // New flows leave state behind (conntrack entries, NAT ports, Exposure's SNAT ports:
             // 4,536 per backend address and port, 16 backend ports here), so those runs stay well
-            // inside every table.
-            let (warm_up, count) = match flows {
-                Flows::One => (1_000, packets),
-                Flows::New => (100, NEW_FLOWS_PER_RUN),
+            // inside every table: no run again after a loss.
+            let (warm_up, count, again) = match flows {
+                Flows::One => (1_000, packets, RUNS),
+                Flows::New => (100, NEW_FLOWS_PER_RUN, 0),
             };
             send(warm_up);
-            let mut samples: Vec<(u64, std::time::Duration)> =
-                (0..RUNS).map(|_| send(count)).collect();
-            samples.sort_by(|a, b| {
-                let rate = |s: &(u64, std::time::Duration)| s.0 as f64 / s.1.as_secs_f64();
-                rate(a).total_cmp(&rate(b))
-            });
-            let (delivered, took) = samples[RUNS / 2];
+            let (delivered, took) = median_run(RUNS, again, count, || send(count));
             let packets = count;
             runs.push(Run {
                 variant,
