@@ -594,7 +594,13 @@ fn main() {
             .ok()
             .and_then(|p| p.parse().ok())
             .unwrap_or(300_000);
-        let (runs, tcp) = forwarding::measure(variant, 10, packets, Path::new(BIN));
+        // `EXPOSURE_BENCH_NODE_CONNTRACK=1`: with a NAT rule on the nodes (connection tracking on).
+        let netfilter = if std::env::var("EXPOSURE_BENCH_NODE_CONNTRACK").is_ok_and(|v| v == "1") {
+            forwarding::NodeNetfilter::Conntrack
+        } else {
+            forwarding::NodeNetfilter::Bare
+        };
+        let (runs, tcp) = forwarding::measure(variant, netfilter, 10, packets, Path::new(BIN));
         for r in runs {
             eprintln!("{r:?}");
         }
@@ -804,7 +810,7 @@ fn backends_per_service(report: &mut String, quick: bool, repeat: u32) {
 /// The end-to-end comparison: every variant at every Service count, a table and a chart.
 fn end_to_end(report: &mut String, quick: bool, dir: &Path, stem: &str) {
     use exposure_lab::traffic::Flows;
-    use forwarding::{Target, Variant};
+    use forwarding::{NodeNetfilter, Target, Variant};
     let sizes: &[usize] = if quick {
         &[10, 1_000]
     } else {
@@ -816,10 +822,33 @@ fn end_to_end(report: &mut String, quick: bool, dir: &Path, stem: &str) {
     for &n in sizes {
         for v in Variant::ALL {
             eprintln!("end to end: {} with {n} Services ...", v.name());
-            let (r, t) = forwarding::measure(v, n, packets, Path::new(BIN));
+            let (r, t) = forwarding::measure(v, NodeNetfilter::Bare, n, packets, Path::new(BIN));
             runs.extend(r);
             tcp.extend(t);
         }
+    }
+    // The Exposure modes again on nodes that track connections (one NAT rule), at one size.
+    let conntrack_size = 1_000;
+    let conntrack_variants = [
+        Variant::Plain,
+        Variant::Exposure,
+        Variant::ExposureTcRedirect,
+        Variant::ExposureRedirect,
+    ];
+    let mut conntrack_runs = Vec::new();
+    for v in conntrack_variants {
+        eprintln!(
+            "end to end: {} with {conntrack_size} Services, conntrack on the nodes ...",
+            v.name()
+        );
+        let (r, _) = forwarding::measure(
+            v,
+            NodeNetfilter::Conntrack,
+            conntrack_size,
+            packets,
+            Path::new(BIN),
+        );
+        conntrack_runs.extend(r);
     }
     let _ = writeln!(report, "\n## End to end: packets/s through a node\n");
     let _ = writeln!(report, "64-byte UDP packets from the lab's client to a NodePort on node-1, by an XDP live-frames generator");
@@ -994,6 +1023,49 @@ fn end_to_end(report: &mut String, quick: bool, dir: &Path, stem: &str) {
             cost(Variant::Exposure),
             cost(Variant::ExposureTcRedirect),
             cost(Variant::ExposureRedirect),
+        );
+    }
+    // The Exposure nodes above track no connections; many real nodes do (any NAT rule), and then
+    // every packet the default mode hands the kernel pays for it, as kube-proxy's always do.
+    let _ = writeln!(report, "\nOn nodes that track connections. The Exposure runs above are on nodes without netfilter rules, so");
+    let _ = writeln!(report, "the packets the default mode hands the kernel skip connection tracking (kube-proxy's rules need it");
+    let _ = writeln!(report, "and bring it). Many nodes track connections anyway: any NAT rule turns it on for all traffic");
+    let _ = writeln!(report, "through the node (a CNI's masquerade for pod egress, kube-proxy kept for ClusterIPs). The same");
+    let _ = writeln!(report, "runs at {conntrack_size} Services with one such rule on each node (`iptables -t nat -A POSTROUTING -s");
+    let _ = writeln!(
+        report,
+        "198.18.250.0/24 -j MASQUERADE`, matching nothing), against kube-proxy's runs above (which"
+    );
+    let _ = writeln!(
+        report,
+        "track connections either way). Thousands of packets/s.\n"
+    );
+    let _ = writeln!(report, "| backend | flows | plain forwarding | Exposure | Exposure, redirect | Exposure, XDP redirect | kube-proxy iptables (above) | Exposure ÷ iptables | redirect ÷ iptables | XDP redirect ÷ iptables |");
+    let _ = writeln!(
+        report,
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
+    for (n, t, f) in scenarios(&[conntrack_size]) {
+        let tracked = |v: Variant| {
+            conntrack_runs
+                .iter()
+                .find(|r| r.variant == v && r.target == t && r.flows == f)
+        };
+        let iptables = find(Variant::Iptables, n, t, f).map_or(0.0, |r| r.pps);
+        let ratio = |v| times(tracked(v).map_or(0.0, |r| r.pps), iptables);
+        let _ = writeln!(
+            report,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            t.label(),
+            flows_label(f),
+            cell(tracked(Variant::Plain)),
+            cell(tracked(Variant::Exposure)),
+            cell(tracked(Variant::ExposureTcRedirect)),
+            cell(tracked(Variant::ExposureRedirect)),
+            cell(find(Variant::Iptables, n, t, f)),
+            ratio(Variant::Exposure),
+            ratio(Variant::ExposureTcRedirect),
+            ratio(Variant::ExposureRedirect),
         );
     }
     let _ = writeln!(report, "\nTCP through the same node, after the UDP runs (pods now answering): new connections per second");

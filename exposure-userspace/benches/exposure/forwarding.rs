@@ -62,6 +62,17 @@ impl Variant {
     }
 }
 
+/// The nodes' own netfilter, besides the variant's rules.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeNetfilter {
+    /// No rules: what a variant hands the kernel skips connection tracking (kube-proxy's rules
+    /// bring their own).
+    Bare,
+    /// One NAT rule that matches nothing (a source no lab address has), as a CNI's masquerade for
+    /// pod egress would be: the kernel now tracks every connection through the node.
+    Conntrack,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Target {
     Local,
@@ -167,7 +178,13 @@ impl Drop for Setup {
     }
 }
 
-fn set_up(lab: &Lab, variant: Variant, svcs: &[ServicePort], bin: &Path) -> Setup {
+fn set_up(
+    lab: &Lab,
+    variant: Variant,
+    netfilter: NodeNetfilter,
+    svcs: &[ServicePort],
+    bin: &Path,
+) -> Setup {
     let dir = std::env::temp_dir().join(format!("{}-fwd", lab.prefix));
     std::fs::create_dir_all(&dir).unwrap();
     let mut setup = Setup {
@@ -196,6 +213,25 @@ fn set_up(lab: &Lab, variant: Variant, svcs: &[ServicePort], bin: &Path) -> Setu
                 mac_text(pod.ns.mac("eth0").unwrap())
             ))
             .unwrap();
+    }
+    if netfilter == NodeNetfilter::Conntrack {
+        for node in &lab.nodes {
+            node.ns
+                .exec(
+                    "iptables",
+                    &[
+                        "-t",
+                        "nat",
+                        "-A",
+                        "POSTROUTING",
+                        "-s",
+                        "198.18.250.0/24",
+                        "-j",
+                        "MASQUERADE",
+                    ],
+                )
+                .unwrap();
+        }
     }
     let node_of = |ip: Ipv4Addr| {
         lab.pods()
@@ -346,7 +382,13 @@ fn wait_for_quiet() {
 
 /// Runs every (target, flows) scenario of one variant at one Service count, in a fresh lab, then
 /// the TCP runs.
-pub fn measure(variant: Variant, n: usize, packets: u32, bin: &Path) -> (Vec<Run>, Vec<TcpRun>) {
+pub fn measure(
+    variant: Variant,
+    netfilter: NodeNetfilter,
+    n: usize,
+    packets: u32,
+    bin: &Path,
+) -> (Vec<Run>, Vec<TcpRun>) {
     // The previous lab's namespaces are torn down by kernel workers after the fact; that work
     // competing for the CPU pushes softirqs to ksoftirqd and the generator overruns rings.
     wait_for_quiet();
@@ -354,7 +396,7 @@ pub fn measure(variant: Variant, n: usize, packets: u32, bin: &Path) -> (Vec<Run
     let mut lab = Lab::new(&prefix, &[1, 1]).expect("lab");
     lab.fast_lan().expect("XDP switching on the LAN");
     let svcs = services(&lab, n);
-    let setup = set_up(&lab, variant, &svcs, bin);
+    let setup = set_up(&lab, variant, netfilter, &svcs, bin);
     let client_mac = lab.client.mac("eth0").unwrap();
     let node_mac = lab.nodes[0].ns.mac("eth0").unwrap();
     let ifindex = lab
