@@ -16,7 +16,8 @@
 //! `EXPOSURE_BENCH_DATAPATH_ONLY=<backends>` (per-packet costs at 1,000 Services, or
 //! `EXPOSURE_BENCH_SERVICES`; `EXPOSURE_BENCH_REPEAT` runs per measurement, long enough for
 //! `perf record`) or `EXPOSURE_BENCH_E2E_ONLY=<0..6>` (one end-to-end variant at 10 Services, in
-//! the order of `forwarding::Variant::ALL`; `EXPOSURE_BENCH_PACKETS` per run, 300,000 by default).
+//! the order of `forwarding::Variant::ALL`; `EXPOSURE_BENCH_PACKETS` per run, 300,000 by default;
+//! `EXPOSURE_BENCH_NODE_CONNTRACK=1` with a NAT rule on the nodes, so they track connections).
 
 use std::{
     fmt::Write as _,
