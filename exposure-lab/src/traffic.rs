@@ -200,68 +200,55 @@ pub fn median_run(
 mod tests {
     use super::*;
 
-    fn runs_of(
-        results: &[(u64, u64)],
-    ) -> (
-        impl FnMut() -> (u64, Duration) + '_,
-        std::rc::Rc<std::cell::Cell<usize>>,
-    ) {
-        let taken = std::rc::Rc::new(std::cell::Cell::new(0));
-        let t = taken.clone();
-        let run = move || {
-            let (delivered, ms) = results[t.get()];
-            t.set(t.get() + 1);
+    /// `median_run` over scripted (delivered, ms) results: what it picks, and how many it ran.
+    fn median_of(runs: usize, again: usize, results: &[(u64, u64)]) -> ((u64, Duration), usize) {
+        let mut taken = 0;
+        let picked = median_run(runs, again, 1000, || {
+            let (delivered, ms) = results[taken];
+            taken += 1;
             (delivered, Duration::from_millis(ms))
-        };
-        (run, taken)
+        });
+        (picked, taken)
     }
 
     #[test]
     fn whole_runs_give_their_median() {
-        let (run, taken) = runs_of(&[(1000, 10), (1000, 30), (1000, 20)]);
-        assert_eq!(
-            median_run(3, 3, 1000, run),
-            (1000, Duration::from_millis(20))
-        );
-        assert_eq!(taken.get(), 3, "no run again when none lost packets");
+        let (picked, taken) = median_of(3, 3, &[(1000, 10), (1000, 30), (1000, 20)]);
+        assert_eq!(picked, (1000, Duration::from_millis(20)));
+        assert_eq!(taken, 3, "no run again when none lost packets");
     }
 
     #[test]
     fn a_lossy_run_is_run_again_and_left_out() {
         // The lossy run (400 of 1000) is also the fastest by packets/s: it must not count.
-        let (run, taken) = runs_of(&[(1000, 40), (400, 1), (1000, 10), (990, 20)]);
-        assert_eq!(
-            median_run(3, 3, 1000, run),
-            (990, Duration::from_millis(20))
-        );
-        assert_eq!(taken.get(), 4);
+        let (picked, taken) = median_of(3, 3, &[(1000, 40), (400, 1), (1000, 10), (990, 20)]);
+        assert_eq!(picked, (990, Duration::from_millis(20)));
+        assert_eq!(taken, 4);
     }
 
     #[test]
     fn without_runs_again_losses_count() {
-        let (run, taken) = runs_of(&[(400, 1), (1000, 10), (1000, 20)]);
-        assert_eq!(
-            median_run(3, 0, 1000, run),
-            (1000, Duration::from_millis(10))
-        );
-        assert_eq!(taken.get(), 3);
+        let (picked, taken) = median_of(3, 0, &[(400, 1), (1000, 10), (1000, 20)]);
+        assert_eq!(picked, (1000, Duration::from_millis(10)));
+        assert_eq!(taken, 3);
     }
 
     #[test]
     fn persistent_losses_count_after_the_runs_again() {
-        let (run, taken) = runs_of(&[
-            (900, 10),
-            (900, 20),
-            (1000, 30),
-            (900, 40),
-            (900, 50),
-            (900, 60),
-        ]);
         // All six count: by packets/s the runs of 60, 50, 40, 30 (1000 packets), 20, 10 ms.
-        assert_eq!(
-            median_run(3, 3, 1000, run),
-            (1000, Duration::from_millis(30))
+        let (picked, taken) = median_of(
+            3,
+            3,
+            &[
+                (900, 10),
+                (900, 20),
+                (1000, 30),
+                (900, 40),
+                (900, 50),
+                (900, 60),
+            ],
         );
-        assert_eq!(taken.get(), 6, "at most `again` more");
+        assert_eq!(picked, (1000, Duration::from_millis(30)));
+        assert_eq!(taken, 6, "at most `again` more");
     }
 }

@@ -889,10 +889,7 @@ fn end_to_end(report: &mut String, quick: bool, dir: &Path, stem: &str) {
         report,
         "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
-    let find = |v: Variant, n: usize, t: Target, f: Flows| {
-        runs.iter()
-            .find(|r| r.variant == v && r.services == n && r.target == t && r.flows == f)
-    };
+    let find = |v: Variant, n: usize, t: Target, f: Flows| find_run(&runs, v, n, t, f);
     let cell = |r: Option<&forwarding::Run>| match r {
         Some(r) if r.delivered * 100 >= r.sent * 99 => format!("{:.0}", r.pps / 1e3),
         Some(r) => format!(
@@ -1047,11 +1044,7 @@ fn end_to_end(report: &mut String, quick: bool, dir: &Path, stem: &str) {
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     for (n, t, f) in scenarios(&[conntrack_size]) {
-        let tracked = |v: Variant| {
-            conntrack_runs
-                .iter()
-                .find(|r| r.variant == v && r.target == t && r.flows == f)
-        };
+        let tracked = |v: Variant| find_run(&conntrack_runs, v, n, t, f);
         let iptables = find(Variant::Iptables, n, t, f).map_or(0.0, |r| r.pps);
         let ratio = |v| times(tracked(v).map_or(0.0, |r| r.pps), iptables);
         let _ = writeln!(
@@ -1149,6 +1142,18 @@ fn times(num: f64, den: f64) -> String {
     } else {
         "-".into()
     }
+}
+
+/// The run of one variant in one scenario.
+fn find_run(
+    runs: &[forwarding::Run],
+    v: forwarding::Variant,
+    n: usize,
+    t: forwarding::Target,
+    f: exposure_lab::traffic::Flows,
+) -> Option<&forwarding::Run> {
+    runs.iter()
+        .find(|r| r.variant == v && r.services == n && r.target == t && r.flows == f)
 }
 
 /// Every (Service count, backend, flows) the end-to-end runs cover, in report order.
