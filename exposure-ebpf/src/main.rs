@@ -570,7 +570,6 @@ fn sticky_backend(p: &Packet, service_id: u32, service: &Service, now: u64) -> O
 /// reply entry.
 #[inline(always)]
 fn claim_snat_port(s: &mut Scratch, now: u64) -> Option<u16> {
-    let range = (SNAT_PORT_MAX - SNAT_PORT_MIN) as u32 + 1;
     let key = &s.key;
     let start = hash::flow_hash(&key.saddr, &key.daddr, key.sport, key.dport, key.proto);
     let proto = key.proto;
@@ -583,23 +582,25 @@ fn claim_snat_port(s: &mut Scratch, now: u64) -> Option<u16> {
         _pad: [0; 3],
     };
     for attempt in 0..SNAT_PORT_TRIES {
-        let candidate =
-            port(SNAT_PORT_MIN + ((start.wrapping_add(attempt.wrapping_mul(7919))) % range) as u16);
+        let candidate = port(hash::snat_port_candidate(start, attempt));
         s.reply_key.dport = candidate;
-        if insert_reply(&s.reply_key, &s.reply, BPF_NOEXIST as u64).is_ok() {
-            return Some(candidate);
-        }
+        // Looked up before inserting: a failed insert costs the kernel an LRU entry taken and
+        // given back, and most tries fail once the range fills up.
+        let Some(old) = lookup_reply(&s.reply_key).map(|r| unsafe { &*r }) else {
+            if insert_reply(&s.reply_key, &s.reply, BPF_NOEXIST as u64).is_ok() {
+                return Some(candidate);
+            }
+            continue; // Taken since the lookup, by another CPU.
+        };
         // Taken: reuse it if that flow is over, or is a TCP connection already closed by RST or
         // FIN both ways (as the kernel's NAT lets a new SYN take a closing connection's tuple):
         // waiting out the closing lifetime would cap new connections to one backend at a few
         // hundred per second.
-        if let Some(old) = lookup_reply(&s.reply_key).map(|r| unsafe { &*r }) {
-            let closed = proto == PROTO_TCP && flow_closing(old.flags);
-            if (closed || !flow_alive(proto, old.flags, old.last_seen_ns, now))
-                && insert_reply(&s.reply_key, &s.reply, BPF_ANY as u64).is_ok()
-            {
-                return Some(candidate);
-            }
+        let closed = proto == PROTO_TCP && flow_closing(old.flags);
+        if (closed || !flow_alive(proto, old.flags, old.last_seen_ns, now))
+            && insert_reply(&s.reply_key, &s.reply, BPF_ANY as u64).is_ok()
+        {
+            return Some(candidate);
         }
     }
     None

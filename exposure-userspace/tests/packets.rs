@@ -1053,6 +1053,33 @@ fn snat_ports_of_closed_connections_are_reused_at_once() {
 }
 
 #[test]
+fn open_connections_get_snat_ports_until_the_range_is_nearly_full() {
+    with_datapath(|h| {
+        h.program(&hello(&[(REMOTE_POD, false)]));
+        // Connections that stay open, to one remote backend, until 90% of its SNAT ports are
+        // held: each new one still finds a free port (with a few tries only, about half of the
+        // range was usable before some new connections found none).
+        let range = (SNAT_PORT_MAX - SNAT_PORT_MIN) as u32 + 1;
+        let open = range * 9 / 10;
+        let mut ports = std::collections::BTreeSet::new();
+        for i in 0..open {
+            let client = (
+                Ipv4Addr::new(198, 18, 1 + (i / 250) as u8 % 200, (i % 250) as u8 + 1),
+                10_000 + (i % 50_000) as u16,
+            );
+            let mut syn = FrameSpec::tcp(client, (NODE, NODE_PORT), SYN);
+            syn.dst_mac = h.node_mac;
+            let (verdict, out) = h.xdp(&syn.build());
+            assert_eq!(verdict, XDP_TX, "connection {i} of {open}");
+            let sport = frame::parse(&out).unwrap().sport;
+            assert!((SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&sport));
+            assert!(ports.insert(sport), "port {sport} given twice");
+        }
+        assert_eq!(h.counter(Counter::SnatExhausted), 0);
+    });
+}
+
+#[test]
 fn cluster_traffic_to_snat_ports_without_state_passes() {
     with_datapath(|h| {
         h.program(&hello(&[(REMOTE_POD, false)]));
