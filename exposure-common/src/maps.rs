@@ -32,6 +32,10 @@ pub const SNAT_PORT_TRIES: u32 = 64;
 pub const CT_LIFETIME_TCP_NS: u64 = 21_600 * 1_000_000_000;
 pub const CT_LIFETIME_NONTCP_NS: u64 = 60 * 1_000_000_000;
 pub const CT_LIFETIME_CLOSING_NS: u64 = 10 * 1_000_000_000;
+/// A TCP flow whose handshake has not completed (Cilium's `CT_SYN_TIMEOUT`; netfilter keeps
+/// SYN_RECV 60 s): SYNs that are never answered, or answered but never acknowledged (a SYN flood),
+/// must not hold flow entries and SNAT ports for the established lifetime.
+pub const CT_LIFETIME_SYN_NS: u64 = 60 * 1_000_000_000;
 /// `last_seen` is refreshed at most this often, so established flows rarely write to the map.
 pub const CT_REFRESH_NS: u64 = 1_000_000_000;
 
@@ -631,15 +635,61 @@ mod tests {
 /// still carry data the other way).
 pub const FLOW_FIN_CLIENT: u32 = 4;
 pub const FLOW_FIN_BACKEND: u32 = 8;
+/// A TCP flow whose first packet made its entries (every flow since these bits exist): it lives
+/// `CT_LIFETIME_SYN_NS` until `FLOW_ESTABLISHED`. Entries from builds without the bits have none
+/// of them and keep the established lifetime, so an agent upgrade shortens no open connection.
+pub const FLOW_OPENING: u32 = 32;
+/// The backend has answered.
+pub const FLOW_REPLIED: u32 = 64;
+/// The client went on without SYN after the backend answered: the handshake is done.
+pub const FLOW_ESTABLISHED: u32 = 128;
+
+/// TCP header flags.
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// The state bits a packet of a flow adds to both directions' entries (`flags`: what they hold
+/// now), seen from the client (`from_client`) or the backend: close bits for RST and FIN, and for
+/// TCP the handshake's progress.
+#[inline(always)]
+pub fn conn_bits(proto: u8, tcp_flags: u8, from_client: bool, flags: u32) -> u32 {
+    if proto != PROTO_TCP {
+        return 0;
+    }
+    let close = if tcp_flags & TCP_RST != 0 {
+        FLOW_CLOSING
+    } else if tcp_flags & TCP_FIN != 0 {
+        if from_client {
+            FLOW_FIN_CLIENT
+        } else {
+            FLOW_FIN_BACKEND
+        }
+    } else {
+        0
+    };
+    let handshake = if !from_client {
+        FLOW_REPLIED
+    } else if tcp_flags & TCP_SYN == 0 && flags & FLOW_REPLIED != 0 {
+        FLOW_ESTABLISHED
+    } else {
+        0
+    };
+    close | handshake
+}
 
 /// How long a flow lives after its last packet.
 #[inline(always)]
 pub fn flow_lifetime_ns(proto: u8, flags: u32) -> u64 {
-    let both_fin = FLOW_FIN_CLIENT | FLOW_FIN_BACKEND;
-    if flags & FLOW_CLOSING != 0 || flags & both_fin == both_fin {
+    if flow_closing(flags) {
         CT_LIFETIME_CLOSING_NS
     } else if proto == PROTO_TCP {
-        CT_LIFETIME_TCP_NS
+        if flags & (FLOW_OPENING | FLOW_ESTABLISHED) == FLOW_OPENING {
+            CT_LIFETIME_SYN_NS
+        } else {
+            CT_LIFETIME_TCP_NS
+        }
     } else {
         CT_LIFETIME_NONTCP_NS
     }
@@ -654,7 +704,8 @@ pub fn flow_alive(proto: u8, flags: u32, last_seen_ns: u64, now_ns: u64) -> bool
 /// A flow is closing once RST was seen or both sides sent FIN: a new SYN then starts a new flow.
 #[inline(always)]
 pub fn flow_closing(flags: u32) -> bool {
-    flow_lifetime_ns(PROTO_TCP, flags) == CT_LIFETIME_CLOSING_NS
+    let both_fin = FLOW_FIN_CLIENT | FLOW_FIN_BACKEND;
+    flags & FLOW_CLOSING != 0 || flags & both_fin == both_fin
 }
 
 #[cfg(test)]
@@ -680,6 +731,79 @@ mod lifetime_tests {
         );
         assert!(flow_closing(FLOW_CLOSING));
         assert!(!flow_closing(FLOW_REMOTE | FLOW_FIN_BACKEND));
+        // The handshake: short until done; entries without the bits (older builds') keep the
+        // established lifetime.
+        assert_eq!(
+            flow_lifetime_ns(PROTO_TCP, FLOW_OPENING),
+            CT_LIFETIME_SYN_NS
+        );
+        assert_eq!(
+            flow_lifetime_ns(PROTO_TCP, FLOW_OPENING | FLOW_REPLIED),
+            CT_LIFETIME_SYN_NS
+        );
+        assert_eq!(
+            flow_lifetime_ns(PROTO_TCP, FLOW_OPENING | FLOW_REPLIED | FLOW_ESTABLISHED),
+            CT_LIFETIME_TCP_NS
+        );
+        assert_eq!(
+            flow_lifetime_ns(PROTO_TCP, FLOW_OPENING | FLOW_CLOSING),
+            CT_LIFETIME_CLOSING_NS
+        );
+        assert_eq!(
+            flow_lifetime_ns(PROTO_UDP, FLOW_OPENING),
+            CT_LIFETIME_NONTCP_NS
+        );
+    }
+
+    /// The bits the packets of one TCP connection add, in order, as both entries accumulate them.
+    fn replay(packets: &[(u8, bool)]) -> u32 {
+        packets
+            .iter()
+            .fold(FLOW_OPENING, |flags, &(tcp, from_client)| {
+                flags | conn_bits(PROTO_TCP, tcp, from_client, flags)
+            })
+    }
+
+    #[test]
+    fn handshake_and_close_bits_follow_the_connection() {
+        const C: bool = true;
+        const B: bool = false;
+        let syn_ack = TCP_SYN | TCP_ACK;
+        assert_eq!(
+            replay(&[(TCP_SYN, C), (TCP_SYN, C)]),
+            FLOW_OPENING,
+            "unanswered"
+        );
+        assert_eq!(
+            replay(&[(TCP_SYN, C), (syn_ack, B), (TCP_SYN, C)]),
+            FLOW_OPENING | FLOW_REPLIED,
+            "answered, never acknowledged: a SYN flood's"
+        );
+        let open = replay(&[(TCP_SYN, C), (syn_ack, B), (TCP_ACK, C)]);
+        assert_eq!(open, FLOW_OPENING | FLOW_REPLIED | FLOW_ESTABLISHED);
+        assert_eq!(flow_lifetime_ns(PROTO_TCP, open), CT_LIFETIME_TCP_NS);
+        // A client going on without SYN before any answer is not established yet.
+        assert_eq!(replay(&[(TCP_ACK, C)]), FLOW_OPENING);
+        // A stray ACK the backend answers with RST: closing.
+        let reset = replay(&[(TCP_ACK, C), (TCP_RST, B)]);
+        assert!(flow_closing(reset));
+        let closed = replay(&[
+            (TCP_SYN, C),
+            (syn_ack, B),
+            (TCP_ACK, C),
+            (TCP_FIN | TCP_ACK, C),
+            (TCP_FIN | TCP_ACK, B),
+        ]);
+        assert_eq!(
+            closed & (FLOW_FIN_CLIENT | FLOW_FIN_BACKEND),
+            FLOW_FIN_CLIENT | FLOW_FIN_BACKEND
+        );
+        assert_eq!(flow_lifetime_ns(PROTO_TCP, closed), CT_LIFETIME_CLOSING_NS);
+        assert_eq!(
+            conn_bits(PROTO_UDP, 0xff, true, FLOW_REPLIED),
+            0,
+            "UDP has no state"
+        );
     }
 
     #[test]

@@ -153,22 +153,6 @@ fn now_ns() -> u64 {
     unsafe { bpf_ktime_get_coarse_ns() }
 }
 
-/// Close-state bits a TCP segment adds to its flow, seen from the client (`from_client`) or backend.
-#[inline(always)]
-fn close_bits(tcp_flags: u8, from_client: bool) -> u32 {
-    if tcp_flags & TCP_RST != 0 {
-        FLOW_CLOSING
-    } else if tcp_flags & TCP_FIN != 0 {
-        if from_client {
-            FLOW_FIN_CLIENT
-        } else {
-            FLOW_FIN_BACKEND
-        }
-    } else {
-        0
-    }
-}
-
 /// The key of the flow (client -> frontend) a reply entry belongs to.
 #[inline(always)]
 fn client_key(r: &Reply, proto: u8) -> FlowKey {
@@ -254,7 +238,6 @@ enum Selected {
 fn to_backend(ctx: &XdpContext, p: &Packet, fe: &Frontend) -> Result<u32, ()> {
     count(Counter::FrontendPackets);
     let now = now_ns();
-    let bits = close_bits(p.tcp_flags, true);
     let existing = packet_entry(p, &FLOWS4, &FLOWS6).filter(|&f| {
         let f = unsafe { &*f };
         let new_syn = p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN && flow_closing(f.flags);
@@ -271,6 +254,7 @@ fn to_backend(ctx: &XdpContext, p: &Packet, fe: &Frontend) -> Result<u32, ()> {
                     (*r).client_port == p.sport && (*r).client_addr == p.saddr
                 })
             };
+            let bits = conn_bits(p.proto, p.tcp_flags, true, unsafe { (*f).flags });
             touch(f, reply, bits, now);
             f
         }
@@ -411,7 +395,12 @@ fn new_flow(ctx: &XdpContext, p: &Packet, fe: &Frontend, now: u64) -> Selected {
     let eth: Result<*mut [[u8; 6]; 2], ()> = ptr_at(ctx, 0);
     let Ok(eth) = eth else { return Selected::Drop };
     let [node_mac, client_mac] = unsafe { *eth };
-    let bits = close_bits(p.tcp_flags, true);
+    let opening = if p.proto == PROTO_TCP {
+        FLOW_OPENING
+    } else {
+        0
+    };
+    let bits = opening | conn_bits(p.proto, p.tcp_flags, true, 0);
     s.key = flow_key(p);
     let flow = &mut s.flow;
     flow.last_seen_ns = now;
@@ -656,7 +645,8 @@ fn reply_to_client(ctx: &XdpContext, p: &Packet, reply: *mut Reply) -> Result<u3
         return Ok(xdp_action::XDP_PASS);
     }
     let flow = || lookup_flow(&client_key(unsafe { &*reply }, p.proto));
-    touch(reply, flow, close_bits(p.tcp_flags, false), now_ns());
+    let bits = conn_bits(p.proto, p.tcp_flags, false, unsafe { (*reply).flags });
+    touch(reply, flow, bits, now_ns());
     let to = Tuple {
         saddr: &r.frontend_addr,
         daddr: &r.client_addr,
@@ -858,7 +848,8 @@ fn tc_reply(ctx: &TcContext, p: &Packet) -> Result<i32, ()> {
         return Ok(TC_ACT_UNSPEC);
     }
     let flow = || lookup_flow(&client_key(unsafe { &*reply }, p.proto));
-    touch(reply, flow, close_bits(p.tcp_flags, false), now_ns());
+    let bits = conn_bits(p.proto, p.tcp_flags, false, unsafe { (*reply).flags });
+    touch(reply, flow, bits, now_ns());
     // The L4 checksum through the helpers: they also handle CHECKSUM_PARTIAL skbs (a local
     // sender's, with offload), which a plain incremental update would corrupt.
     let (check_off, mangled) = if p.proto == PROTO_TCP {

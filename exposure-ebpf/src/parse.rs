@@ -25,10 +25,6 @@ pub const IP_DADDR: usize = 16;
 pub const TCP_FLAGS: usize = 13;
 pub const TCP_CHECK: usize = 16;
 pub const UDP_CHECK: usize = 6;
-pub const TCP_FIN: u8 = 0x01;
-pub const TCP_SYN: u8 = 0x02;
-pub const TCP_RST: u8 = 0x04;
-pub const TCP_ACK: u8 = 0x10;
 
 /// The context as a non-inlined function must see it. LLVM would otherwise pass such a function
 /// the loaded `data`/`data_end` values instead of the context, and zero-extend them there: pointer

@@ -19,8 +19,8 @@ use exposure::{
     sync::{DatapathMaps as _, Limits, Reconciler},
 };
 use exposure_common::{
-    Counter, FlowKey, PodHandoff, FLOW_CLOSING, FLOW_REMOTE, FLOW_TO_POD, POD_HANDOFF_MAGIC,
-    SNAT_PORT_MAX, SNAT_PORT_MIN,
+    Counter, FlowKey, PodHandoff, FLOW_CLOSING, FLOW_ESTABLISHED, FLOW_OPENING, FLOW_REMOTE,
+    FLOW_REPLIED, FLOW_TO_POD, POD_HANDOFF_MAGIC, SNAT_PORT_MAX, SNAT_PORT_MIN,
 };
 use exposure_lab::{
     frame::{self, FrameSpec, ACK, RST, SYN, TCP, UDP},
@@ -1076,6 +1076,102 @@ fn open_connections_get_snat_ports_until_the_range_is_nearly_full() {
             assert!(ports.insert(sport), "port {sport} given twice");
         }
         assert_eq!(h.counter(Counter::SnatExhausted), 0);
+    });
+}
+
+/// Every flow entry, both directions and families, made `secs` older.
+fn age_flows(h: &mut Harness, secs: u64) {
+    let back = |t: u64| t.wrapping_sub(secs * 1_000_000_000);
+    let flows: Vec<_> = h.maps.flows4.iter().filter_map(Result::ok).collect();
+    for (k, mut f) in flows {
+        f.last_seen_ns = back(f.last_seen_ns);
+        h.maps.flows4.insert(k, f, 0).unwrap();
+    }
+    let replies: Vec<_> = h.maps.replies4.iter().filter_map(Result::ok).collect();
+    for (k, mut r) in replies {
+        r.last_seen_ns = back(r.last_seen_ns);
+        h.maps.replies4.insert(k, r, 0).unwrap();
+    }
+}
+
+#[test]
+fn connections_that_never_complete_their_handshake_give_up_their_snat_ports_after_a_minute() {
+    with_datapath(|h| {
+        // A local backend's answer is seen at tc egress: the handshake completes there too.
+        h.program(&hello(&[(LOCAL_POD, true)]));
+        let client = (CLIENT, 40009);
+        h.xdp(&FrameSpec::tcp(client, (NODE, NODE_PORT), SYN).build());
+        let handshake = FLOW_OPENING | FLOW_REPLIED | FLOW_ESTABLISHED;
+        let state = |h: &Harness| h.flow(client, (NODE, NODE_PORT), TCP).unwrap().flags & handshake;
+        assert_eq!(state(h), FLOW_OPENING);
+        let syn_ack = FrameSpec::tcp((LOCAL_POD, 50000), client, SYN | ACK).build();
+        assert_eq!(h.tc(&syn_ack).0, TC_ACT_OK);
+        assert_eq!(state(h), FLOW_OPENING | FLOW_REPLIED);
+        h.xdp(&FrameSpec::tcp(client, (NODE, NODE_PORT), ACK).build());
+        assert_eq!(state(h), handshake);
+
+        h.program(&hello(&[(REMOTE_POD, false)]));
+        let syn_to = |h: &Harness, client: (Ipv4Addr, u16), flags| {
+            let mut f = FrameSpec::tcp(client, (NODE, NODE_PORT), flags);
+            f.dst_mac = h.node_mac;
+            f.build()
+        };
+        let answer = |h: &Harness, snat_port: u16, flags| {
+            let mut f = FrameSpec::tcp((REMOTE_POD, 50000), (NODE, snat_port), flags);
+            f.src_mac = h.peer_mac;
+            f.dst_mac = h.node_mac;
+            f.build()
+        };
+        // Unanswered SYNs (a backend that hangs, or a SYN flood the backend answers but no client
+        // acknowledges) from more clients than there are SNAT ports: the ports run out.
+        let range = (SNAT_PORT_MAX - SNAT_PORT_MIN) as u32 + 1;
+        let mut answered = 0;
+        for i in 0..range + 500 {
+            let client = (
+                Ipv4Addr::new(198, 18, 1 + (i / 250) as u8 % 200, (i % 250) as u8 + 1),
+                20_000,
+            );
+            let (verdict, out) = h.xdp(&syn_to(h, client, SYN));
+            if verdict == XDP_TX && i % 2 == 0 {
+                let snat_port = frame::parse(&out).unwrap().sport;
+                assert_eq!(h.xdp(&answer(h, snat_port, SYN | ACK)).0, XDP_TX);
+                answered += 1;
+            }
+        }
+        assert!(answered > 2_000);
+        let exhausted = h.counter(Counter::SnatExhausted);
+        assert!(exhausted > 0, "the range is full");
+        // A minute on, the half-open connections' ports are free: a new client gets one, and
+        // completes its handshake.
+        age_flows(h, 61);
+        let done = (Ipv4Addr::new(198, 18, 250, 9), 40_000);
+        let (verdict, out) = h.xdp(&syn_to(h, done, SYN));
+        assert_eq!(verdict, XDP_TX, "a port freed by a half-open connection");
+        assert_eq!(h.counter(Counter::SnatExhausted), exhausted);
+        let snat_port = frame::parse(&out).unwrap().sport;
+        assert_eq!(h.xdp(&answer(h, snat_port, SYN | ACK)).0, XDP_TX);
+        assert_eq!(h.xdp(&syn_to(h, done, ACK)).0, XDP_TX);
+        let flow = h.flow(done, (NODE, NODE_PORT), TCP).unwrap();
+        assert_eq!(
+            flow.flags & (FLOW_OPENING | FLOW_REPLIED | FLOW_ESTABLISHED),
+            FLOW_OPENING | FLOW_REPLIED | FLOW_ESTABLISHED
+        );
+        // A minute on, the established connection holds on to its port and backend; the
+        // half-open ones are gone, so every new client gets a port again.
+        age_flows(h, 61);
+        let new_flows = h.counter(Counter::NewFlows);
+        let (verdict, out) = h.xdp(&syn_to(h, done, ACK));
+        assert_eq!(verdict, XDP_TX);
+        assert_eq!(frame::parse(&out).unwrap().sport, snat_port);
+        assert_eq!(h.counter(Counter::NewFlows), new_flows, "the same flow");
+        for i in 0..500 {
+            let client = (
+                Ipv4Addr::new(198, 18, 210 + (i / 250) as u8, (i % 250) as u8 + 1),
+                30_000,
+            );
+            assert_eq!(h.xdp(&syn_to(h, client, SYN)).0, XDP_TX, "new client {i}");
+        }
+        assert_eq!(h.counter(Counter::SnatExhausted), exhausted);
     });
 }
 
