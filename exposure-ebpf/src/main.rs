@@ -203,8 +203,9 @@ impl ConnState for Reply {
     }
 }
 
-/// Keeps both directions' state in step: close bits and an occasional `last_seen` refresh (not per
-/// packet, so established flows rarely write to the maps). `seen` is the entry the packet hit; the
+/// Keeps both directions' state in step: close and handshake bits (`conn_bits`: each is new once
+/// per connection) and an occasional `last_seen` refresh (not per packet, so established flows
+/// rarely write to the maps). `seen` is the entry the packet hit; the
 /// other direction's is looked up only when something is to be written: most packets never need it.
 #[inline(always)]
 fn touch<A: ConnState, B: ConnState>(
