@@ -16,6 +16,7 @@ use crate::{
     datapath::{self, Capacity, Datapath, KernelMaps},
     health::{self, Health},
     kube_source::{self, KubeSource},
+    local_ports::{self, PortSet, Reservation},
     manifests::{self, Objects},
     metrics::{FrontendLabel, Metrics},
     model::{self, NodeContext},
@@ -36,6 +37,9 @@ pub struct AgentConfig {
     pub limits: Limits,
     /// `--redirect-to-pods` / `--xdp-redirect-to-pods`: name prefixes of pod interfaces.
     pub pod_iface_prefixes: Vec<String>,
+    /// Ports to keep the node's own connections off (NodePorts and SNAT ports); `None`: leave the
+    /// node's reserved ports alone.
+    pub reserve_local_ports: Option<PortSet>,
 }
 
 /// Housekeeping period: manifest directory checks, interface addresses, neighbour requests.
@@ -102,6 +106,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     datapath::check_privileges()?;
     let ifaces = netdev::interfaces(&cfg.ifaces)?;
     warn_if_not_forwarding(&ifaces);
+    if let Some(ports) = &cfg.reserve_local_ports {
+        reserve_local_ports(ports);
+    }
 
     let health = Health::default();
     let metrics = Arc::new(Metrics::default());
@@ -374,6 +381,33 @@ fn warn_if_not_forwarding(ifaces: &[netdev::Interface]) {
     let has_v6 = ifaces.iter().any(|i| i.first_of(true).is_some());
     if has_v6 && off("/proc/sys/net/ipv6/conf/all/forwarding") {
         tracing::warn!("net.ipv6.conf.all.forwarding is off: IPv6 traffic to local backends is DNATed but the kernel will not route it to the pods");
+    }
+}
+
+/// Keeps the node's own connections off the ports the datapath translates by (`local_ports`). A
+/// failure only warns: the datapath works without it, and a node that never opens connections
+/// from those ports loses nothing.
+fn reserve_local_ports(ports: &PortSet) {
+    match local_ports::reserve(ports) {
+        Ok(Reservation::AlreadyReserved) => {
+            tracing::info!(ports = %ports, "local ports already reserved")
+        }
+        Ok(Reservation::Reserve(list)) => tracing::info!(
+            ports = %ports,
+            "reserved from the node's ephemeral ports (net.ipv4.ip_local_reserved_ports = {list})"
+        ),
+        Ok(Reservation::WouldStarve { left, ephemeral }) => tracing::warn!(
+            ports = %ports,
+            "not reserving these ports: the node's ephemeral range {}-{} would keep only {left}; \
+             its own connections from them may have replies translated by the datapath",
+            ephemeral.start(),
+            ephemeral.end()
+        ),
+        Err(e) => tracing::warn!(
+            ports = %ports,
+            "could not reserve these ports from the node's ephemeral ports: {e:#}; its own \
+             connections from them may have replies translated by the datapath"
+        ),
     }
 }
 

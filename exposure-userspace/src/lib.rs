@@ -6,6 +6,7 @@ pub mod datapath;
 pub mod health;
 pub mod health_check;
 pub mod kube_source;
+pub mod local_ports;
 pub mod maglev;
 pub mod manifests;
 pub mod metrics;

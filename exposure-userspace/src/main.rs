@@ -112,6 +112,16 @@ enum Command {
         /// redirected frames.
         #[arg(long = "xdp-redirect-to-pods", value_name = "PREFIX", value_parser = clap::builder::NonEmptyStringValueParser::new())]
         xdp_pod_iface_prefixes: Vec<String>,
+        /// The ports NodePorts are allocated from (kube-apiserver's --service-node-port-range), as
+        /// `MIN-MAX` (or a list: `30000-32767,40000`). Reserved with the SNAT ports (61000-65535)
+        /// from the node's ephemeral ports, see --reserve-local-ports.
+        #[arg(long, default_value = "30000-32767", value_parser = port_set)]
+        node_port_range: exposure::local_ports::PortSet,
+        /// Add the NodePort and SNAT ranges to net.ipv4.ip_local_reserved_ports, so the node's
+        /// own connections never take a port whose replies the datapath would translate (skipped,
+        /// with a warning, if it would leave the node fewer than 1,024 ephemeral ports).
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        reserve_local_ports: bool,
     },
     /// Print services, frontends and backends from the pinned maps.
     Status {
@@ -170,6 +180,8 @@ fn main() -> anyhow::Result<()> {
             maglev_max_table_size,
             pod_iface_prefixes,
             xdp_pod_iface_prefixes,
+            node_port_range,
+            reserve_local_ports,
         } => {
             let (redirect_to_pods, pod_iface_prefixes) =
                 match (pod_iface_prefixes, xdp_pod_iface_prefixes) {
@@ -192,6 +204,11 @@ fn main() -> anyhow::Result<()> {
                     redirect_to_pods,
                 },
                 pod_iface_prefixes,
+                reserve_local_ports: reserve_local_ports.then(|| {
+                    node_port_range.union(&exposure::local_ports::PortSet::new([
+                        exposure_common::SNAT_PORT_MIN..=exposure_common::SNAT_PORT_MAX,
+                    ]))
+                }),
                 limits: exposure::sync::Limits {
                     frontends: max_frontends,
                     services: max_services,
@@ -229,6 +246,14 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Cleanup { pin_dir } => datapath::unpin_all(&pin_dir),
     }
+}
+
+fn port_set(s: &str) -> Result<exposure::local_ports::PortSet, String> {
+    let set = exposure::local_ports::PortSet::parse(s).map_err(|e| e.to_string())?;
+    if set == exposure::local_ports::PortSet::default() {
+        return Err("no ports".into());
+    }
+    Ok(set)
 }
 
 fn maglev_table_size(s: &str) -> Result<u32, String> {

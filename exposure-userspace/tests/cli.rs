@@ -83,3 +83,19 @@ fn both_ways_of_redirecting_to_pods_at_once_are_refused() {
     assert!(err.contains("--xdp-redirect-to-pods"), "{err}");
     assert_nothing_pinned(pin_dir);
 }
+
+#[test]
+fn a_bad_node_port_range_is_refused_before_touching_anything() {
+    let pin_dir = "/sys/fs/bpf/exposure-cli-test5";
+    for (range, says) in [
+        ("32767-30000", "ends before it starts"),
+        ("30000-70000", "not a port number"),
+        ("", "no ports"),
+    ] {
+        let mut agent = exposure(&["agent", "--iface", "lo", "--manifests", "/nonexistent"]);
+        agent.args(["--pin-dir", pin_dir, "--node-port-range", range]);
+        let err = fails_saying(&mut agent, "--node-port-range");
+        assert!(err.contains(says), "{range:?}: {err}");
+        assert_nothing_pinned(pin_dir);
+    }
+}

@@ -297,6 +297,60 @@ fn service_without_endpoints_is_refused_at_once() {
     );
 }
 
+/// Reads a sysctl file in a namespace.
+fn sysctl(ns: &exposure_lab::netns::Netns, path: &'static str) -> String {
+    ns.run(move || std::fs::read_to_string(path))
+        .unwrap()
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn the_nodes_own_connections_stay_off_nodeports_and_snat_ports() {
+    let mut c = Cluster::start(&[1, 1], &[("svc.yaml", hello_world(&all_pods(&[0, 1])))]);
+    let node = &c.lab.nodes[0];
+    assert_eq!(
+        sysctl(&node.ns, "/proc/sys/net/ipv4/ip_local_reserved_ports"),
+        "30000-32767,61000-65535",
+        "the agent reserves the NodePort and SNAT ranges"
+    );
+    // A node tuned to a wide ephemeral range (here 32752-32799, half of it NodePorts): its own
+    // connections get only ports outside the reserved ranges. Without the reservation a third of
+    // them would start from a NodePort, and their replies would be taken for the Service.
+    node.ns
+        .run(|| std::fs::write("/proc/sys/net/ipv4/ip_local_port_range", "32752 32799"))
+        .unwrap()
+        .unwrap();
+    let pod = SocketAddr::from((node.pods[0].ip, 50000));
+    for i in 0..24 {
+        let answer =
+            apps::tcp_ask(&node.ns, pod).unwrap_or_else(|e| panic!("connection {i}: {e:#}"));
+        let (_, peer) = parse_answer(&answer).expect("answer format");
+        assert!(
+            (32768..=32799).contains(&peer.port()),
+            "connection {i} from port {}",
+            peer.port()
+        );
+    }
+    // A restarted agent finds them reserved, and keeps a list the node had of its own.
+    c.agents[0].stop();
+    let reserved = "9100,30000-32767,61000-65535";
+    node.ns
+        .run(move || std::fs::write("/proc/sys/net/ipv4/ip_local_reserved_ports", reserved))
+        .unwrap()
+        .unwrap();
+    c.start_agent(0);
+    assert_eq!(
+        sysctl(
+            &c.lab.nodes[0].ns,
+            "/proc/sys/net/ipv4/ip_local_reserved_ports"
+        ),
+        reserved
+    );
+    assert!(c.agents[0].log_text().contains("already reserved"));
+}
+
 #[test]
 fn traffic_that_is_not_for_a_service_is_untouched() {
     let c = Cluster::start(&[1, 1], &[("hello.yaml", hello_world(&all_pods(&[1, 1])))]);
