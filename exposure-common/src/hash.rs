@@ -23,20 +23,20 @@ pub fn flow_hash(saddr: &Addr, daddr: &Addr, sport: u16, dport: u16, proto: u8) 
     mix(h ^ (((sport as u32) << 16) | dport as u32))
 }
 
-/// The `attempt`th SNAT port (host order, in `SNAT_PORT_MIN..=SNAT_PORT_MAX`) a flow whose hash is
-/// `flow` tries. Each attempt is an independent pick, not the next port: flows that all stepped
-/// through ports in one order would crowd into runs of taken ports, and a new flow starting in a
-/// run would need many tries (linear probing's clustering). Independent picks find a free port in
-/// 1 / (share free) tries on average, however the taken ones lie.
+/// The `attempt`th SNAT port (host order, in `first..=last`) a flow whose hash is `flow` tries.
+/// Each attempt is an independent pick, not the next port: flows that all stepped through ports in
+/// one order would crowd into runs of taken ports, and a new flow starting in a run would need many
+/// tries (linear probing's clustering). Independent picks find a free port in 1 / (share free)
+/// tries on average, however the taken ones lie.
 #[inline(always)]
-pub fn snat_port_candidate(flow: u32, attempt: u32) -> u16 {
-    let range = (crate::SNAT_PORT_MAX - crate::SNAT_PORT_MIN) as u32 + 1;
+pub fn snat_port_candidate(flow: u32, attempt: u32, first: u16, last: u16) -> u16 {
+    let range = last.saturating_sub(first) as u32 + 1;
     let pick = if attempt == 0 {
         flow
     } else {
         mix(flow ^ attempt.wrapping_mul(0x9e37_79b9))
     };
-    crate::SNAT_PORT_MIN + (pick % range) as u16
+    first + (pick % range) as u16
 }
 
 #[cfg(test)]
@@ -92,7 +92,7 @@ mod tests {
     fn snat_candidates_stay_in_range_and_differ_per_attempt() {
         for flow in [0, 1, 0xffff_ffff, 0x1234_5678] {
             let ports: std::collections::BTreeSet<u16> = (0..SNAT_PORT_TRIES)
-                .map(|a| snat_port_candidate(flow, a))
+                .map(|a| snat_port_candidate(flow, a, SNAT_PORT_MIN, SNAT_PORT_MAX))
                 .collect();
             assert!(ports
                 .iter()
@@ -104,7 +104,15 @@ mod tests {
                 ports.len()
             );
         }
-        assert_eq!(snat_port_candidate(7, 0), SNAT_PORT_MIN + 7);
+        assert_eq!(
+            snat_port_candidate(7, 0, SNAT_PORT_MIN, SNAT_PORT_MAX),
+            SNAT_PORT_MIN + 7
+        );
+        // A configured range, down to one port.
+        for a in 0..SNAT_PORT_TRIES {
+            assert!((40000..=40099).contains(&snat_port_candidate(0xdead_beef, a, 40000, 40099)));
+            assert_eq!(snat_port_candidate(0xdead_beef, a, 40000, 40000), 40000);
+        }
     }
 
     /// Ports taken by flows that claimed them with these candidates, as the datapath does, until
@@ -114,7 +122,10 @@ mod tests {
         let mut taken = vec![false; range];
         let claim = |taken: &mut Vec<bool>, flow: u32| {
             (0..SNAT_PORT_TRIES)
-                .map(|a| (snat_port_candidate(flow, a) - SNAT_PORT_MIN) as usize)
+                .map(|a| {
+                    (snat_port_candidate(flow, a, SNAT_PORT_MIN, SNAT_PORT_MAX) - SNAT_PORT_MIN)
+                        as usize
+                })
                 .find(|&i| !taken[i])
                 .map(|i| taken[i] = true)
         };

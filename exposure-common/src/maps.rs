@@ -19,8 +19,9 @@ pub const MAX_FLOWS: u32 = 262_144;
 /// Largest number of backends a single service can select from (slot index is a u16).
 pub const MAX_BACKENDS_PER_SERVICE: u32 = 65_535;
 
-/// SNAT source ports for flows to remote backends: above the kernel's default ephemeral range
-/// (32768-60999) so they never collide with the node's own connections.
+/// The default SNAT source ports for flows to remote backends (`--snat-port-range`): above the
+/// kernel's default ephemeral range (32768-60999), and reserved from it by the agent, so they never
+/// collide with the node's own connections.
 pub const SNAT_PORT_MIN: u16 = 61_000;
 pub const SNAT_PORT_MAX: u16 = 65_535;
 /// How many candidate ports a new remote flow tries before giving up (bounded loop in BPF). With

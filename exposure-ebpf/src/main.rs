@@ -86,7 +86,7 @@ fn try_xdp(ctx: &XdpContext) -> Result<u32, ()> {
         Parsed::Packet(p) => p,
     };
     // Only SNATed flows have replies arriving here, and only on SNAT ports: other traffic skips this lookup.
-    if port_host(p.dport) >= SNAT_PORT_MIN {
+    if is_snat_port(port_host(p.dport)) {
         if let Some(reply) = packet_entry(&p, &REPLIES4, &REPLIES6) {
             return reply_to_client(ctx, &p, reply);
         }
@@ -571,8 +571,9 @@ fn claim_snat_port(s: &mut Scratch, now: u64) -> Option<u16> {
         proto,
         _pad: [0; 3],
     };
+    let (first, last) = snat_ports();
     for attempt in 0..SNAT_PORT_TRIES {
-        let candidate = port(hash::snat_port_candidate(start, attempt));
+        let candidate = port(hash::snat_port_candidate(start, attempt, first, last));
         s.reply_key.dport = candidate;
         // Looked up before inserting: a failed insert costs the kernel an LRU entry taken and
         // given back, and most tries fail once the range fills up.
@@ -672,7 +673,7 @@ fn icmp_error_to_client(ctx: &XdpContext, off: usize) -> Result<u32, ()> {
         return Err(());
     }
     let key = icmp::quoted_flow(b).ok_or(())?;
-    if port_host(key.dport) < SNAT_PORT_MIN {
+    if !is_snat_port(port_host(key.dport)) {
         return Err(());
     }
     let r = unsafe { REPLIES4.get(&key.v4()) }.ok_or(())?;
@@ -706,7 +707,7 @@ fn icmp6_error_to_client(ctx: &XdpContext, off: usize) -> Result<u32, ()> {
         return Err(());
     }
     let key = icmp::quoted_flow6(b).ok_or(())?;
-    if port_host(key.dport) < SNAT_PORT_MIN {
+    if !is_snat_port(port_host(key.dport)) {
         return Err(());
     }
     let r = unsafe { REPLIES6.get(&key) }.ok_or(())?;

@@ -62,6 +62,29 @@ fn redirect_mode() -> u8 {
     unsafe { core::ptr::read_volatile(&REDIRECT_TO_PODS) }
 }
 
+/// Set at load time (`--snat-port-range`): the source ports flows to remote backends are SNATed to.
+#[no_mangle]
+static SNAT_PORT_FIRST: u16 = SNAT_PORT_MIN;
+#[no_mangle]
+static SNAT_PORT_LAST: u16 = SNAT_PORT_MAX;
+
+#[inline(always)]
+pub fn snat_ports() -> (u16, u16) {
+    unsafe {
+        (
+            core::ptr::read_volatile(&SNAT_PORT_FIRST),
+            core::ptr::read_volatile(&SNAT_PORT_LAST),
+        )
+    }
+}
+
+/// Whether a destination port (host order) is one replies of SNATed flows arrive on.
+#[inline(always)]
+pub fn is_snat_port(port: u16) -> bool {
+    let (first, last) = snat_ports();
+    first <= port && port <= last
+}
+
 /// New local flows ask the FIB for the pod's interface.
 #[inline(always)]
 pub fn redirect_to_pods() -> bool {

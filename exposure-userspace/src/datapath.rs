@@ -122,6 +122,24 @@ pub struct Capacity {
     /// Whether, and from where, local flows are sent straight to the pod's interface when it is in
     /// `POD_IFACES`.
     pub redirect_to_pods: RedirectToPods,
+    /// The source ports flows to remote backends are SNATed to (`--snat-port-range`).
+    pub snat_ports: SnatPorts,
+}
+
+/// An inclusive range of SNAT source ports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SnatPorts {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl Default for SnatPorts {
+    fn default() -> Self {
+        SnatPorts {
+            first: exposure_common::SNAT_PORT_MIN,
+            last: exposure_common::SNAT_PORT_MAX,
+        }
+    }
 }
 
 /// How local flows reach pods whose interfaces are in `POD_IFACES`.
@@ -157,6 +175,7 @@ impl Default for Capacity {
             backends: exposure_common::MAX_BACKENDS,
             flows: exposure_common::MAX_FLOWS,
             redirect_to_pods: RedirectToPods::Off,
+            snat_ports: SnatPorts::default(),
         }
     }
 }
@@ -203,6 +222,8 @@ impl Datapath {
         loader.override_global(aya_log::LEVEL, &capacity.bpf_log_level, true);
         let redirect_to_pods = capacity.redirect_to_pods.global();
         loader.override_global("REDIRECT_TO_PODS", &redirect_to_pods, true);
+        loader.override_global("SNAT_PORT_FIRST", &capacity.snat_ports.first, true);
+        loader.override_global("SNAT_PORT_LAST", &capacity.snat_ports.last, true);
         for name in names::ALL {
             if let Some(n) = capacity.of(name) {
                 loader.map_max_entries(name, n);

@@ -76,6 +76,15 @@ impl PortSet {
         self.union(other) == *self
     }
 
+    pub fn overlaps(&self, other: &PortSet) -> bool {
+        self.0.iter().any(|a| {
+            other
+                .0
+                .iter()
+                .any(|b| a.start() <= b.end() && b.start() <= a.end())
+        })
+    }
+
     /// How many ports of `range` are not in the set.
     pub fn free_in(&self, range: &RangeInclusive<u16>) -> u32 {
         let len = |r: &RangeInclusive<u16>| {
@@ -191,6 +200,16 @@ mod tests {
         assert!(parse_ephemeral("60999 32768").is_err());
         assert!(parse_ephemeral("1024").is_err());
         assert_eq!(parse_ephemeral("32768\t60999\n"), Ok(32768..=60999));
+    }
+
+    #[test]
+    fn overlaps_when_a_port_is_in_both() {
+        let node_ports = set("30000-32767");
+        assert!(!node_ports.overlaps(&set("61000-65535")));
+        assert!(!node_ports.overlaps(&set("29999,32768")));
+        assert!(node_ports.overlaps(&set("32767-40000")));
+        assert!(node_ports.overlaps(&set("1,31000")));
+        assert!(!node_ports.overlaps(&set("")));
     }
 
     #[test]

@@ -112,12 +112,17 @@ enum Command {
         /// redirected frames.
         #[arg(long = "xdp-redirect-to-pods", value_name = "PREFIX", value_parser = clap::builder::NonEmptyStringValueParser::new())]
         xdp_pod_iface_prefixes: Vec<String>,
+        /// The source ports flows to remote backends are SNATed to, `MIN-MAX` (at least 1024):
+        /// as many concurrent flows from this node to one backend. Reserved from the node's
+        /// ephemeral ports (--reserve-local-ports). Changing it cuts remote flows in progress.
+        #[arg(long, default_value = "61000-65535", value_parser = snat_port_range)]
+        snat_port_range: datapath::SnatPorts,
         /// The ports NodePorts are allocated from (kube-apiserver's --service-node-port-range), as
-        /// `MIN-MAX` (or a list: `30000-32767,40000`). Reserved with the SNAT ports (61000-65535)
-        /// from the node's ephemeral ports, see --reserve-local-ports.
+        /// `MIN-MAX` (or a list: `30000-32767,40000`). Reserved with the SNAT ports from the
+        /// node's ephemeral ports, see --reserve-local-ports.
         #[arg(long, default_value = "30000-32767", value_parser = port_set)]
         node_port_range: exposure::local_ports::PortSet,
-        /// Add the NodePort and SNAT ranges to net.ipv4.ip_local_reserved_ports, so the node's
+        /// Add the NodePort and SNAT port ranges to net.ipv4.ip_local_reserved_ports, so the node's
         /// own connections never take a port whose replies the datapath would translate (skipped,
         /// with a warning, if it would leave the node fewer than 1,024 ephemeral ports).
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
@@ -180,9 +185,18 @@ fn main() -> anyhow::Result<()> {
             maglev_max_table_size,
             pod_iface_prefixes,
             xdp_pod_iface_prefixes,
+            snat_port_range,
             node_port_range,
             reserve_local_ports,
         } => {
+            let snat_ports =
+                exposure::local_ports::PortSet::new([snat_port_range.first..=snat_port_range.last]);
+            // Replies to a SNAT port are taken before any frontend: the ranges must not meet.
+            if snat_ports.overlaps(&node_port_range) {
+                anyhow::bail!(
+                    "--snat-port-range {snat_ports} overlaps --node-port-range {node_port_range}"
+                );
+            }
             let (redirect_to_pods, pod_iface_prefixes) =
                 match (pod_iface_prefixes, xdp_pod_iface_prefixes) {
                     (tc, _) if !tc.is_empty() => (datapath::RedirectToPods::AtTc, tc),
@@ -202,13 +216,11 @@ fn main() -> anyhow::Result<()> {
                     flows: max_flows,
                     maglev_entries: max_maglev_entries,
                     redirect_to_pods,
+                    snat_ports: snat_port_range,
                 },
                 pod_iface_prefixes,
-                reserve_local_ports: reserve_local_ports.then(|| {
-                    node_port_range.union(&exposure::local_ports::PortSet::new([
-                        exposure_common::SNAT_PORT_MIN..=exposure_common::SNAT_PORT_MAX,
-                    ]))
-                }),
+                reserve_local_ports: reserve_local_ports
+                    .then(|| node_port_range.union(&snat_ports)),
                 limits: exposure::sync::Limits {
                     frontends: max_frontends,
                     services: max_services,
@@ -245,6 +257,19 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Cleanup { pin_dir } => datapath::unpin_all(&pin_dir),
+    }
+}
+
+fn snat_port_range(s: &str) -> Result<datapath::SnatPorts, String> {
+    let range = s
+        .split_once('-')
+        .and_then(|(a, b)| Some((a.trim().parse::<u16>().ok()?, b.trim().parse::<u16>().ok()?)));
+    match range {
+        Some((first, last)) if 1024 <= first && first <= last => {
+            Ok(datapath::SnatPorts { first, last })
+        }
+        Some(_) => Err("must be MIN-MAX with 1024 <= MIN <= MAX".into()),
+        None => Err("must be MIN-MAX, two port numbers".into()),
     }
 }
 

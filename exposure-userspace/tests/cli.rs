@@ -99,3 +99,34 @@ fn a_bad_node_port_range_is_refused_before_touching_anything() {
         assert_nothing_pinned(pin_dir);
     }
 }
+
+#[test]
+fn a_bad_snat_port_range_is_refused_before_touching_anything() {
+    let pin_dir = "/sys/fs/bpf/exposure-cli-test6";
+    for (flags, says) in [
+        (
+            &["--snat-port-range", "500-65535"][..],
+            "1024 <= MIN <= MAX",
+        ),
+        (
+            &["--snat-port-range", "65535-61000"][..],
+            "1024 <= MIN <= MAX",
+        ),
+        (&["--snat-port-range", "61000"][..], "two port numbers"),
+        (
+            &[
+                "--snat-port-range",
+                "30000-40000",
+                "--node-port-range",
+                "30000-32767",
+            ][..],
+            "overlaps --node-port-range",
+        ),
+    ] {
+        let mut agent = exposure(&["agent", "--iface", "lo", "--manifests", "/nonexistent"]);
+        agent.args(["--pin-dir", pin_dir]).args(flags);
+        let err = fails_saying(&mut agent, "--snat-port-range");
+        assert!(err.contains(says), "{flags:?}: {err}");
+        assert_nothing_pinned(pin_dir);
+    }
+}

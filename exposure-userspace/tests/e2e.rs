@@ -308,13 +308,29 @@ fn sysctl(ns: &exposure_lab::netns::Netns, path: &'static str) -> String {
 
 #[test]
 fn the_nodes_own_connections_stay_off_nodeports_and_snat_ports() {
-    let mut c = Cluster::start(&[1, 1], &[("svc.yaml", hello_world(&all_pods(&[0, 1])))]);
+    // The Service's only endpoint is on node-2, so node-1 SNATs, from a configured range.
+    let mut c = Cluster::start_with(
+        &[1, 1],
+        &[("svc.yaml", hello_world(&all_pods(&[0, 1])))],
+        &["--snat-port-range", "40000-40999"],
+    );
     let node = &c.lab.nodes[0];
     assert_eq!(
         sysctl(&node.ns, "/proc/sys/net/ipv4/ip_local_reserved_ports"),
-        "30000-32767,61000-65535",
+        "30000-32767,40000-40999",
         "the agent reserves the NodePort and SNAT ranges"
     );
+    for i in 0..5 {
+        let answer = apps::tcp_ask(&c.lab.client, c.node(0, 30600))
+            .unwrap_or_else(|e| panic!("NodePort connection {i}: {e:#}"));
+        let (_, peer) = parse_answer(&answer).expect("answer format");
+        assert_eq!(peer.ip(), IpAddr::V4(node.ip), "SNAT to node-1");
+        assert!(
+            (40000..=40999).contains(&peer.port()),
+            "SNAT port {}",
+            peer.port()
+        );
+    }
     // A node tuned to a wide ephemeral range (here 32752-32799, half of it NodePorts): its own
     // connections get only ports outside the reserved ranges. Without the reservation a third of
     // them would start from a NodePort, and their replies would be taken for the Service.
@@ -335,7 +351,7 @@ fn the_nodes_own_connections_stay_off_nodeports_and_snat_ports() {
     }
     // A restarted agent finds them reserved, and keeps a list the node had of its own.
     c.agents[0].stop();
-    let reserved = "9100,30000-32767,61000-65535";
+    let reserved = "9100,30000-32767,40000-40999";
     node.ns
         .run(move || std::fs::write("/proc/sys/net/ipv4/ip_local_reserved_ports", reserved))
         .unwrap()

@@ -1176,6 +1176,54 @@ fn connections_that_never_complete_their_handshake_give_up_their_snat_ports_afte
 }
 
 #[test]
+fn a_configured_snat_port_range_is_the_one_flows_take_and_replies_come_back_on() {
+    let capacity = exposure::datapath::Capacity {
+        snat_ports: exposure::datapath::SnatPorts {
+            first: 40_000,
+            last: 40_099,
+        },
+        ..Default::default()
+    };
+    with_datapath_config(capacity, |h| {
+        h.program(&hello(&[(REMOTE_POD, false)]));
+        let mut ports = std::collections::BTreeSet::new();
+        for i in 0..90u16 {
+            let mut syn = FrameSpec::tcp((CLIENT, 20_000 + i), (NODE, NODE_PORT), SYN);
+            syn.dst_mac = h.node_mac;
+            let (verdict, out) = h.xdp(&syn.build());
+            assert_eq!(verdict, XDP_TX, "connection {i}");
+            ports.insert(frame::parse(&out).unwrap().sport);
+        }
+        assert_eq!(ports.len(), 90);
+        assert!(
+            ports.iter().all(|p| (40_000..=40_099).contains(p)),
+            "{ports:?}"
+        );
+        // A reply on one of them is translated back to its client.
+        let snat_port = *ports.first().unwrap();
+        let mut reply = FrameSpec::tcp((REMOTE_POD, 50000), (NODE, snat_port), SYN | ACK);
+        reply.src_mac = h.peer_mac;
+        reply.dst_mac = h.node_mac;
+        let (verdict, out) = h.xdp(&reply.build());
+        assert_eq!(verdict, XDP_TX);
+        let back = frame::parse(&out).unwrap();
+        assert_eq!((back.src, back.sport), (NODE, NODE_PORT));
+        assert_eq!(back.dst, CLIENT);
+        // A port of the default range is no SNAT port here: such a packet is the kernel's.
+        let mut stray = FrameSpec::tcp((REMOTE_POD, 50000), (NODE, SNAT_PORT_MIN), ACK);
+        stray.dst_mac = h.node_mac;
+        assert_eq!(h.xdp(&stray.build()).0, XDP_PASS);
+        // 100 ports: the 101st open connection finds none.
+        for i in 90..120u16 {
+            let mut syn = FrameSpec::tcp((CLIENT, 20_000 + i), (NODE, NODE_PORT), SYN);
+            syn.dst_mac = h.node_mac;
+            h.xdp(&syn.build());
+        }
+        assert!(h.counter(Counter::SnatExhausted) >= 20);
+    });
+}
+
+#[test]
 fn cluster_traffic_to_snat_ports_without_state_passes() {
     with_datapath(|h| {
         h.program(&hello(&[(REMOTE_POD, false)]));
