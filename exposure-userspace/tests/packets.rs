@@ -223,6 +223,22 @@ fn hello(backends: &[(Ipv4Addr, bool)]) -> DesiredState {
 }
 
 impl Harness {
+    /// A TCP segment from `client` to the NodePort, addressed to the node's MAC (as XDP_TX and
+    /// the FIB lookup of a remote flow need it).
+    fn to_node_port(&self, client: (Ipv4Addr, u16), flags: u8) -> Vec<u8> {
+        let mut f = FrameSpec::tcp(client, (NODE, NODE_PORT), flags);
+        f.dst_mac = self.node_mac;
+        f.build()
+    }
+
+    /// A TCP segment from the remote pod to the node's SNAT `port`, as the peer node sends it.
+    fn from_remote_pod(&self, port: u16, flags: u8) -> Vec<u8> {
+        let mut f = FrameSpec::tcp((REMOTE_POD, 50000), (NODE, port), flags);
+        f.src_mac = self.peer_mac;
+        f.dst_mac = self.node_mac;
+        f.build()
+    }
+
     fn program(&mut self, state: &DesiredState) {
         let report = self.reconciler.reconcile(state, &mut self.maps);
         assert!(report.errors.is_empty(), "{:?}", report.errors);
@@ -959,14 +975,10 @@ fn a_reset_from_the_backend_closes_the_flow() {
         // A remote backend: its RST comes back to the SNAT port, at XDP.
         h.program(&hello(&[(REMOTE_POD, false)]));
         let client = (CLIENT, 40008);
-        let mut syn = FrameSpec::tcp(client, (NODE, NODE_PORT), SYN);
-        syn.dst_mac = h.node_mac;
-        let (_, out) = h.xdp(&syn.build());
+        let syn = h.to_node_port(client, SYN);
+        let (_, out) = h.xdp(&syn);
         let snat_port = frame::parse(&out).unwrap().sport;
-        let mut rst = FrameSpec::tcp((REMOTE_POD, 50000), (NODE, snat_port), RST | ACK);
-        rst.src_mac = h.peer_mac;
-        rst.dst_mac = h.node_mac;
-        assert_eq!(h.xdp(&rst.build()).0, XDP_TX);
+        assert_eq!(h.xdp(&h.from_remote_pod(snat_port, RST | ACK)).0, XDP_TX);
         let flow = h.flow(client, (NODE, NODE_PORT), TCP).unwrap();
         assert_ne!(
             flow.flags & FLOW_CLOSING,
@@ -974,7 +986,7 @@ fn a_reset_from_the_backend_closes_the_flow() {
             "remote flow closed by the pod"
         );
         // So the client's next SYN from that port is a new flow at once.
-        let (_, out) = h.xdp(&syn.build());
+        let (_, out) = h.xdp(&syn);
         assert_eq!(frame::parse(&out).unwrap().dst, REMOTE_POD);
         let flow = h.flow(client, (NODE, NODE_PORT), TCP).unwrap();
         assert_eq!(flow.flags & FLOW_CLOSING, 0, "a new flow");
@@ -987,26 +999,21 @@ fn snat_ports_of_closed_connections_are_reused_at_once() {
         h.program(&hello(&[(REMOTE_POD, false)]));
         // More connections to one remote backend than there are SNAT ports (4,536), one after
         // another, each reset by the client: every one gets a port.
-        let total = (SNAT_PORT_MAX - SNAT_PORT_MIN) as u32 + 1 + 1_500;
+        let total = SNAT_PORT_MAX - SNAT_PORT_MIN + 1 + 1_500;
         for i in 0..total {
-            let client = (
-                Ipv4Addr::new(198, 18, 1 + (i / 250) as u8 % 200, (i % 250) as u8 + 1),
-                10_000 + (i % 50_000) as u16,
+            let client = (nth_client(1, i), 10_000 + i);
+            assert_eq!(
+                h.xdp(&h.to_node_port(client, SYN)).0,
+                XDP_TX,
+                "connection {i}"
             );
-            let mut syn = FrameSpec::tcp(client, (NODE, NODE_PORT), SYN);
-            syn.dst_mac = h.node_mac;
-            assert_eq!(h.xdp(&syn.build()).0, XDP_TX, "connection {i}");
-            let mut rst = FrameSpec::tcp(client, (NODE, NODE_PORT), RST);
-            rst.dst_mac = h.node_mac;
-            assert_eq!(h.xdp(&rst.build()).0, XDP_TX, "reset {i}");
+            assert_eq!(h.xdp(&h.to_node_port(client, RST)).0, XDP_TX, "reset {i}");
         }
         assert_eq!(h.counter(Counter::SnatExhausted), 0);
         // An open connection on a port taken over from a closed one: a stray RST from the old
         // client must not close the new connection's entry.
         let fresh = (Ipv4Addr::new(198, 18, 250, 1), 33_333);
-        let mut syn = FrameSpec::tcp(fresh, (NODE, NODE_PORT), SYN);
-        syn.dst_mac = h.node_mac;
-        let (_, out) = h.xdp(&syn.build());
+        let (_, out) = h.xdp(&h.to_node_port(fresh, SYN));
         let snat_port = exposure_common::port(frame::parse(&out).unwrap().sport);
         let old = h
             .maps
@@ -1025,9 +1032,7 @@ fn snat_ports_of_closed_connections_are_reused_at_once() {
         };
         // Past the refresh interval, so the old flow's RST would write through to a reply entry.
         std::thread::sleep(std::time::Duration::from_millis(1_100));
-        let mut stray = FrameSpec::tcp((old_ip, old_client.1), (NODE, NODE_PORT), RST);
-        stray.dst_mac = h.node_mac;
-        h.xdp(&stray.build());
+        h.xdp(&h.to_node_port((old_ip, old_client.1), RST));
         let reply_of_fresh = h
             .maps
             .replies4
@@ -1040,13 +1045,7 @@ fn snat_ports_of_closed_connections_are_reused_at_once() {
         // Open connections keep theirs: with the ports all held, new ones are refused (dropped,
         // counted) rather than given a port in use.
         for i in 0..total {
-            let client = (
-                Ipv4Addr::new(198, 18, 210 + (i / 250) as u8 % 40, (i % 250) as u8 + 1),
-                20_000,
-            );
-            let mut syn = FrameSpec::tcp(client, (NODE, NODE_PORT), SYN);
-            syn.dst_mac = h.node_mac;
-            h.xdp(&syn.build());
+            h.xdp(&h.to_node_port((nth_client(210, i), 20_000), SYN));
         }
         assert!(h.counter(Counter::SnatExhausted) > 0);
     });
@@ -1059,17 +1058,11 @@ fn open_connections_get_snat_ports_until_the_range_is_nearly_full() {
         // Connections that stay open, to one remote backend, until 90% of its SNAT ports are
         // held: each new one still finds a free port (with a few tries only, about half of the
         // range was usable before some new connections found none).
-        let range = (SNAT_PORT_MAX - SNAT_PORT_MIN) as u32 + 1;
+        let range = SNAT_PORT_MAX - SNAT_PORT_MIN + 1;
         let open = range * 9 / 10;
         let mut ports = std::collections::BTreeSet::new();
         for i in 0..open {
-            let client = (
-                Ipv4Addr::new(198, 18, 1 + (i / 250) as u8 % 200, (i % 250) as u8 + 1),
-                10_000 + (i % 50_000) as u16,
-            );
-            let mut syn = FrameSpec::tcp(client, (NODE, NODE_PORT), SYN);
-            syn.dst_mac = h.node_mac;
-            let (verdict, out) = h.xdp(&syn.build());
+            let (verdict, out) = h.xdp(&h.to_node_port((nth_client(1, i), 10_000 + i), SYN));
             assert_eq!(verdict, XDP_TX, "connection {i} of {open}");
             let sport = frame::parse(&out).unwrap().sport;
             assert!((SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&sport));
@@ -1111,30 +1104,15 @@ fn connections_that_never_complete_their_handshake_give_up_their_snat_ports_afte
         assert_eq!(state(h), handshake);
 
         h.program(&hello(&[(REMOTE_POD, false)]));
-        let syn_to = |h: &Harness, client: (Ipv4Addr, u16), flags| {
-            let mut f = FrameSpec::tcp(client, (NODE, NODE_PORT), flags);
-            f.dst_mac = h.node_mac;
-            f.build()
-        };
-        let answer = |h: &Harness, snat_port: u16, flags| {
-            let mut f = FrameSpec::tcp((REMOTE_POD, 50000), (NODE, snat_port), flags);
-            f.src_mac = h.peer_mac;
-            f.dst_mac = h.node_mac;
-            f.build()
-        };
         // Unanswered SYNs (a backend that hangs, or a SYN flood the backend answers but no client
         // acknowledges) from more clients than there are SNAT ports: the ports run out.
-        let range = (SNAT_PORT_MAX - SNAT_PORT_MIN) as u32 + 1;
+        let range = SNAT_PORT_MAX - SNAT_PORT_MIN + 1;
         let mut answered = 0;
         for i in 0..range + 500 {
-            let client = (
-                Ipv4Addr::new(198, 18, 1 + (i / 250) as u8 % 200, (i % 250) as u8 + 1),
-                20_000,
-            );
-            let (verdict, out) = h.xdp(&syn_to(h, client, SYN));
+            let (verdict, out) = h.xdp(&h.to_node_port((nth_client(1, i), 20_000), SYN));
             if verdict == XDP_TX && i % 2 == 0 {
                 let snat_port = frame::parse(&out).unwrap().sport;
-                assert_eq!(h.xdp(&answer(h, snat_port, SYN | ACK)).0, XDP_TX);
+                assert_eq!(h.xdp(&h.from_remote_pod(snat_port, SYN | ACK)).0, XDP_TX);
                 answered += 1;
             }
         }
@@ -1145,12 +1123,12 @@ fn connections_that_never_complete_their_handshake_give_up_their_snat_ports_afte
         // completes its handshake.
         age_flows(h, 61);
         let done = (Ipv4Addr::new(198, 18, 250, 9), 40_000);
-        let (verdict, out) = h.xdp(&syn_to(h, done, SYN));
+        let (verdict, out) = h.xdp(&h.to_node_port(done, SYN));
         assert_eq!(verdict, XDP_TX, "a port freed by a half-open connection");
         assert_eq!(h.counter(Counter::SnatExhausted), exhausted);
         let snat_port = frame::parse(&out).unwrap().sport;
-        assert_eq!(h.xdp(&answer(h, snat_port, SYN | ACK)).0, XDP_TX);
-        assert_eq!(h.xdp(&syn_to(h, done, ACK)).0, XDP_TX);
+        assert_eq!(h.xdp(&h.from_remote_pod(snat_port, SYN | ACK)).0, XDP_TX);
+        assert_eq!(h.xdp(&h.to_node_port(done, ACK)).0, XDP_TX);
         let flow = h.flow(done, (NODE, NODE_PORT), TCP).unwrap();
         assert_eq!(
             flow.flags & (FLOW_OPENING | FLOW_REPLIED | FLOW_ESTABLISHED),
@@ -1160,16 +1138,17 @@ fn connections_that_never_complete_their_handshake_give_up_their_snat_ports_afte
         // half-open ones are gone, so every new client gets a port again.
         age_flows(h, 61);
         let new_flows = h.counter(Counter::NewFlows);
-        let (verdict, out) = h.xdp(&syn_to(h, done, ACK));
+        let (verdict, out) = h.xdp(&h.to_node_port(done, ACK));
         assert_eq!(verdict, XDP_TX);
         assert_eq!(frame::parse(&out).unwrap().sport, snat_port);
         assert_eq!(h.counter(Counter::NewFlows), new_flows, "the same flow");
         for i in 0..500 {
-            let client = (
-                Ipv4Addr::new(198, 18, 210 + (i / 250) as u8, (i % 250) as u8 + 1),
-                30_000,
+            let client = (nth_client(210, i), 30_000);
+            assert_eq!(
+                h.xdp(&h.to_node_port(client, SYN)).0,
+                XDP_TX,
+                "new client {i}"
             );
-            assert_eq!(h.xdp(&syn_to(h, client, SYN)).0, XDP_TX, "new client {i}");
         }
         assert_eq!(h.counter(Counter::SnatExhausted), exhausted);
     });
@@ -1188,9 +1167,7 @@ fn a_configured_snat_port_range_is_the_one_flows_take_and_replies_come_back_on()
         h.program(&hello(&[(REMOTE_POD, false)]));
         let mut ports = std::collections::BTreeSet::new();
         for i in 0..90u16 {
-            let mut syn = FrameSpec::tcp((CLIENT, 20_000 + i), (NODE, NODE_PORT), SYN);
-            syn.dst_mac = h.node_mac;
-            let (verdict, out) = h.xdp(&syn.build());
+            let (verdict, out) = h.xdp(&h.to_node_port((CLIENT, 20_000 + i), SYN));
             assert_eq!(verdict, XDP_TX, "connection {i}");
             ports.insert(frame::parse(&out).unwrap().sport);
         }
@@ -1201,23 +1178,16 @@ fn a_configured_snat_port_range_is_the_one_flows_take_and_replies_come_back_on()
         );
         // A reply on one of them is translated back to its client.
         let snat_port = *ports.first().unwrap();
-        let mut reply = FrameSpec::tcp((REMOTE_POD, 50000), (NODE, snat_port), SYN | ACK);
-        reply.src_mac = h.peer_mac;
-        reply.dst_mac = h.node_mac;
-        let (verdict, out) = h.xdp(&reply.build());
+        let (verdict, out) = h.xdp(&h.from_remote_pod(snat_port, SYN | ACK));
         assert_eq!(verdict, XDP_TX);
         let back = frame::parse(&out).unwrap();
         assert_eq!((back.src, back.sport), (NODE, NODE_PORT));
         assert_eq!(back.dst, CLIENT);
         // A port of the default range is no SNAT port here: such a packet is the kernel's.
-        let mut stray = FrameSpec::tcp((REMOTE_POD, 50000), (NODE, SNAT_PORT_MIN), ACK);
-        stray.dst_mac = h.node_mac;
-        assert_eq!(h.xdp(&stray.build()).0, XDP_PASS);
+        assert_eq!(h.xdp(&h.from_remote_pod(SNAT_PORT_MIN, ACK)).0, XDP_PASS);
         // 100 ports: the 101st open connection finds none.
         for i in 90..120u16 {
-            let mut syn = FrameSpec::tcp((CLIENT, 20_000 + i), (NODE, NODE_PORT), SYN);
-            syn.dst_mac = h.node_mac;
-            h.xdp(&syn.build());
+            h.xdp(&h.to_node_port((CLIENT, 20_000 + i), SYN));
         }
         assert!(h.counter(Counter::SnatExhausted) >= 20);
     });
