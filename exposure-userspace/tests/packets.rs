@@ -225,14 +225,14 @@ fn hello(backends: &[(Ipv4Addr, bool)]) -> DesiredState {
 impl Harness {
     /// A TCP segment from `client` to the NodePort, addressed to the node's MAC (as XDP_TX and
     /// the FIB lookup of a remote flow need it).
-    fn to_node_port(&self, client: (Ipv4Addr, u16), flags: u8) -> Vec<u8> {
+    fn tcp_to_node_port(&self, client: (Ipv4Addr, u16), flags: u8) -> Vec<u8> {
         let mut f = FrameSpec::tcp(client, (NODE, NODE_PORT), flags);
         f.dst_mac = self.node_mac;
         f.build()
     }
 
     /// A TCP segment from the remote pod to the node's SNAT `port`, as the peer node sends it.
-    fn from_remote_pod(&self, port: u16, flags: u8) -> Vec<u8> {
+    fn tcp_from_remote_pod(&self, port: u16, flags: u8) -> Vec<u8> {
         let mut f = FrameSpec::tcp((REMOTE_POD, 50000), (NODE, port), flags);
         f.src_mac = self.peer_mac;
         f.dst_mac = self.node_mac;
@@ -975,10 +975,13 @@ fn a_reset_from_the_backend_closes_the_flow() {
         // A remote backend: its RST comes back to the SNAT port, at XDP.
         h.program(&hello(&[(REMOTE_POD, false)]));
         let client = (CLIENT, 40008);
-        let syn = h.to_node_port(client, SYN);
+        let syn = h.tcp_to_node_port(client, SYN);
         let (_, out) = h.xdp(&syn);
         let snat_port = frame::parse(&out).unwrap().sport;
-        assert_eq!(h.xdp(&h.from_remote_pod(snat_port, RST | ACK)).0, XDP_TX);
+        assert_eq!(
+            h.xdp(&h.tcp_from_remote_pod(snat_port, RST | ACK)).0,
+            XDP_TX
+        );
         let flow = h.flow(client, (NODE, NODE_PORT), TCP).unwrap();
         assert_ne!(
             flow.flags & FLOW_CLOSING,
@@ -1003,17 +1006,21 @@ fn snat_ports_of_closed_connections_are_reused_at_once() {
         for i in 0..total {
             let client = (nth_client(1, i), 10_000 + i);
             assert_eq!(
-                h.xdp(&h.to_node_port(client, SYN)).0,
+                h.xdp(&h.tcp_to_node_port(client, SYN)).0,
                 XDP_TX,
                 "connection {i}"
             );
-            assert_eq!(h.xdp(&h.to_node_port(client, RST)).0, XDP_TX, "reset {i}");
+            assert_eq!(
+                h.xdp(&h.tcp_to_node_port(client, RST)).0,
+                XDP_TX,
+                "reset {i}"
+            );
         }
         assert_eq!(h.counter(Counter::SnatExhausted), 0);
         // An open connection on a port taken over from a closed one: a stray RST from the old
         // client must not close the new connection's entry.
         let fresh = (Ipv4Addr::new(198, 18, 250, 1), 33_333);
-        let (_, out) = h.xdp(&h.to_node_port(fresh, SYN));
+        let (_, out) = h.xdp(&h.tcp_to_node_port(fresh, SYN));
         let snat_port = exposure_common::port(frame::parse(&out).unwrap().sport);
         let old = h
             .maps
@@ -1032,7 +1039,7 @@ fn snat_ports_of_closed_connections_are_reused_at_once() {
         };
         // Past the refresh interval, so the old flow's RST would write through to a reply entry.
         std::thread::sleep(std::time::Duration::from_millis(1_100));
-        h.xdp(&h.to_node_port((old_ip, old_client.1), RST));
+        h.xdp(&h.tcp_to_node_port((old_ip, old_client.1), RST));
         let reply_of_fresh = h
             .maps
             .replies4
@@ -1045,7 +1052,7 @@ fn snat_ports_of_closed_connections_are_reused_at_once() {
         // Open connections keep theirs: with the ports all held, new ones are refused (dropped,
         // counted) rather than given a port in use.
         for i in 0..total {
-            h.xdp(&h.to_node_port((nth_client(210, i), 20_000), SYN));
+            h.xdp(&h.tcp_to_node_port((nth_client(210, i), 20_000), SYN));
         }
         assert!(h.counter(Counter::SnatExhausted) > 0);
     });
@@ -1062,7 +1069,7 @@ fn open_connections_get_snat_ports_until_the_range_is_nearly_full() {
         let open = range * 9 / 10;
         let mut ports = std::collections::BTreeSet::new();
         for i in 0..open {
-            let (verdict, out) = h.xdp(&h.to_node_port((nth_client(1, i), 10_000 + i), SYN));
+            let (verdict, out) = h.xdp(&h.tcp_to_node_port((nth_client(1, i), 10_000 + i), SYN));
             assert_eq!(verdict, XDP_TX, "connection {i} of {open}");
             let sport = frame::parse(&out).unwrap().sport;
             assert!((SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&sport));
@@ -1109,10 +1116,13 @@ fn connections_that_never_complete_their_handshake_give_up_their_snat_ports_afte
         let range = SNAT_PORT_MAX - SNAT_PORT_MIN + 1;
         let mut answered = 0;
         for i in 0..range + 500 {
-            let (verdict, out) = h.xdp(&h.to_node_port((nth_client(1, i), 20_000), SYN));
+            let (verdict, out) = h.xdp(&h.tcp_to_node_port((nth_client(1, i), 20_000), SYN));
             if verdict == XDP_TX && i % 2 == 0 {
                 let snat_port = frame::parse(&out).unwrap().sport;
-                assert_eq!(h.xdp(&h.from_remote_pod(snat_port, SYN | ACK)).0, XDP_TX);
+                assert_eq!(
+                    h.xdp(&h.tcp_from_remote_pod(snat_port, SYN | ACK)).0,
+                    XDP_TX
+                );
                 answered += 1;
             }
         }
@@ -1123,12 +1133,15 @@ fn connections_that_never_complete_their_handshake_give_up_their_snat_ports_afte
         // completes its handshake.
         age_flows(h, 61);
         let done = (Ipv4Addr::new(198, 18, 250, 9), 40_000);
-        let (verdict, out) = h.xdp(&h.to_node_port(done, SYN));
+        let (verdict, out) = h.xdp(&h.tcp_to_node_port(done, SYN));
         assert_eq!(verdict, XDP_TX, "a port freed by a half-open connection");
         assert_eq!(h.counter(Counter::SnatExhausted), exhausted);
         let snat_port = frame::parse(&out).unwrap().sport;
-        assert_eq!(h.xdp(&h.from_remote_pod(snat_port, SYN | ACK)).0, XDP_TX);
-        assert_eq!(h.xdp(&h.to_node_port(done, ACK)).0, XDP_TX);
+        assert_eq!(
+            h.xdp(&h.tcp_from_remote_pod(snat_port, SYN | ACK)).0,
+            XDP_TX
+        );
+        assert_eq!(h.xdp(&h.tcp_to_node_port(done, ACK)).0, XDP_TX);
         let flow = h.flow(done, (NODE, NODE_PORT), TCP).unwrap();
         assert_eq!(
             flow.flags & (FLOW_OPENING | FLOW_REPLIED | FLOW_ESTABLISHED),
@@ -1138,14 +1151,14 @@ fn connections_that_never_complete_their_handshake_give_up_their_snat_ports_afte
         // half-open ones are gone, so every new client gets a port again.
         age_flows(h, 61);
         let new_flows = h.counter(Counter::NewFlows);
-        let (verdict, out) = h.xdp(&h.to_node_port(done, ACK));
+        let (verdict, out) = h.xdp(&h.tcp_to_node_port(done, ACK));
         assert_eq!(verdict, XDP_TX);
         assert_eq!(frame::parse(&out).unwrap().sport, snat_port);
         assert_eq!(h.counter(Counter::NewFlows), new_flows, "the same flow");
         for i in 0..500 {
             let client = (nth_client(210, i), 30_000);
             assert_eq!(
-                h.xdp(&h.to_node_port(client, SYN)).0,
+                h.xdp(&h.tcp_to_node_port(client, SYN)).0,
                 XDP_TX,
                 "new client {i}"
             );
@@ -1167,7 +1180,7 @@ fn a_configured_snat_port_range_is_the_one_flows_take_and_replies_come_back_on()
         h.program(&hello(&[(REMOTE_POD, false)]));
         let mut ports = std::collections::BTreeSet::new();
         for i in 0..90u16 {
-            let (verdict, out) = h.xdp(&h.to_node_port((CLIENT, 20_000 + i), SYN));
+            let (verdict, out) = h.xdp(&h.tcp_to_node_port((CLIENT, 20_000 + i), SYN));
             assert_eq!(verdict, XDP_TX, "connection {i}");
             ports.insert(frame::parse(&out).unwrap().sport);
         }
@@ -1178,16 +1191,19 @@ fn a_configured_snat_port_range_is_the_one_flows_take_and_replies_come_back_on()
         );
         // A reply on one of them is translated back to its client.
         let snat_port = *ports.first().unwrap();
-        let (verdict, out) = h.xdp(&h.from_remote_pod(snat_port, SYN | ACK));
+        let (verdict, out) = h.xdp(&h.tcp_from_remote_pod(snat_port, SYN | ACK));
         assert_eq!(verdict, XDP_TX);
         let back = frame::parse(&out).unwrap();
         assert_eq!((back.src, back.sport), (NODE, NODE_PORT));
         assert_eq!(back.dst, CLIENT);
         // A port of the default range is no SNAT port here: such a packet is the kernel's.
-        assert_eq!(h.xdp(&h.from_remote_pod(SNAT_PORT_MIN, ACK)).0, XDP_PASS);
+        assert_eq!(
+            h.xdp(&h.tcp_from_remote_pod(SNAT_PORT_MIN, ACK)).0,
+            XDP_PASS
+        );
         // 100 ports: the 101st open connection finds none.
         for i in 90..120u16 {
-            h.xdp(&h.to_node_port((CLIENT, 20_000 + i), SYN));
+            h.xdp(&h.tcp_to_node_port((CLIENT, 20_000 + i), SYN));
         }
         assert!(h.counter(Counter::SnatExhausted) >= 20);
     });
