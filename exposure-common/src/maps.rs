@@ -29,9 +29,17 @@ pub const SNAT_PORT_MAX: u16 = 65_535;
 /// 1 in 850 (netfilter's NAT gives up after a few hundred tries, in runs of 128 down to 16).
 pub const SNAT_PORT_TRIES: u32 = 64;
 
-/// Connection-tracking lifetimes (Cilium's defaults).
+/// Connection-tracking lifetimes (Cilium's defaults for TCP).
 pub const CT_LIFETIME_TCP_NS: u64 = 21_600 * 1_000_000_000;
+/// A UDP flow of entries made before the exchange bits existed (Cilium's non-TCP lifetime).
 pub const CT_LIFETIME_NONTCP_NS: u64 = 60 * 1_000_000_000;
+/// A UDP flow that is a single exchange so far, a query and its answers (netfilter's
+/// `nf_conntrack_udp_timeout`, what kube-proxy's users have): DNS-style flows free their entries
+/// and SNAT ports after 30 s.
+pub const CT_LIFETIME_UDP_NS: u64 = 30 * 1_000_000_000;
+/// A UDP flow whose client went on after an answer, a stream (netfilter's
+/// `nf_conntrack_udp_timeout_stream`).
+pub const CT_LIFETIME_UDP_STREAM_NS: u64 = 120 * 1_000_000_000;
 pub const CT_LIFETIME_CLOSING_NS: u64 = 10 * 1_000_000_000;
 /// A TCP flow whose handshake has not completed (Cilium's `CT_SYN_TIMEOUT`; netfilter keeps
 /// SYN_RECV 60 s): SYNs that are never answered, or answered but never acknowledged (a SYN flood),
@@ -636,13 +644,15 @@ mod tests {
 /// still carry data the other way).
 pub const FLOW_FIN_CLIENT: u32 = 4;
 pub const FLOW_FIN_BACKEND: u32 = 8;
-/// A TCP flow whose first packet made its entries (every flow since these bits exist): it lives
-/// `CT_LIFETIME_SYN_NS` until `FLOW_ESTABLISHED`. Entries from builds without the bits have none
-/// of them and keep the established lifetime, so an agent upgrade shortens no open connection.
+/// A flow whose first packet made its entries (every flow since these bits exist): a TCP flow lives
+/// `CT_LIFETIME_SYN_NS` until `FLOW_ESTABLISHED`, a UDP flow `CT_LIFETIME_UDP_NS` until then.
+/// Entries from builds without the bits have none of them and keep the lifetimes they had, so an
+/// agent upgrade shortens no open connection.
 pub const FLOW_OPENING: u32 = 32;
 /// The backend has answered.
 pub const FLOW_REPLIED: u32 = 64;
-/// The client went on without SYN after the backend answered: the handshake is done.
+/// The client went on after the backend answered (for TCP without SYN): the handshake is done, or
+/// a UDP flow is a stream rather than one query.
 pub const FLOW_ESTABLISHED: u32 = 128;
 
 /// TCP header flags.
@@ -652,14 +662,14 @@ pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
 /// The state bits a packet of a flow adds to both directions' entries (`flags`: what they hold
-/// now), seen from the client (`from_client`) or the backend: close bits for RST and FIN, and for
-/// TCP the handshake's progress.
+/// now), seen from the client (`from_client`) or the backend: close bits for TCP's RST and FIN,
+/// and the exchange's progress (answered, then gone on).
 #[inline(always)]
 pub fn conn_bits(proto: u8, tcp_flags: u8, from_client: bool, flags: u32) -> u32 {
-    if proto != PROTO_TCP {
-        return 0;
-    }
-    let close = if tcp_flags & TCP_RST != 0 {
+    let tcp = proto == PROTO_TCP;
+    let close = if !tcp {
+        0
+    } else if tcp_flags & TCP_RST != 0 {
         FLOW_CLOSING
     } else if tcp_flags & TCP_FIN != 0 {
         if from_client {
@@ -670,14 +680,14 @@ pub fn conn_bits(proto: u8, tcp_flags: u8, from_client: bool, flags: u32) -> u32
     } else {
         0
     };
-    let handshake = if !from_client {
+    let exchange = if !from_client {
         FLOW_REPLIED
-    } else if tcp_flags & TCP_SYN == 0 && flags & FLOW_REPLIED != 0 {
+    } else if (!tcp || tcp_flags & TCP_SYN == 0) && flags & FLOW_REPLIED != 0 {
         FLOW_ESTABLISHED
     } else {
         0
     };
-    close | handshake
+    close | exchange
 }
 
 /// How long a flow lives after its last packet.
@@ -691,8 +701,12 @@ pub fn flow_lifetime_ns(proto: u8, flags: u32) -> u64 {
         } else {
             CT_LIFETIME_TCP_NS
         }
-    } else {
+    } else if flags & FLOW_OPENING == 0 {
         CT_LIFETIME_NONTCP_NS
+    } else if flags & FLOW_ESTABLISHED != 0 {
+        CT_LIFETIME_UDP_STREAM_NS
+    } else {
+        CT_LIFETIME_UDP_NS
     }
 }
 
@@ -750,9 +764,18 @@ mod lifetime_tests {
             flow_lifetime_ns(PROTO_TCP, FLOW_OPENING | FLOW_CLOSING),
             CT_LIFETIME_CLOSING_NS
         );
+        // UDP: one exchange, then a stream.
         assert_eq!(
             flow_lifetime_ns(PROTO_UDP, FLOW_OPENING),
-            CT_LIFETIME_NONTCP_NS
+            CT_LIFETIME_UDP_NS
+        );
+        assert_eq!(
+            flow_lifetime_ns(PROTO_UDP, FLOW_OPENING | FLOW_REPLIED),
+            CT_LIFETIME_UDP_NS
+        );
+        assert_eq!(
+            flow_lifetime_ns(PROTO_UDP, FLOW_OPENING | FLOW_REPLIED | FLOW_ESTABLISHED),
+            CT_LIFETIME_UDP_STREAM_NS
         );
     }
 
@@ -800,11 +823,32 @@ mod lifetime_tests {
             FLOW_FIN_CLIENT | FLOW_FIN_BACKEND
         );
         assert_eq!(flow_lifetime_ns(PROTO_TCP, closed), CT_LIFETIME_CLOSING_NS);
+    }
+
+    #[test]
+    fn udp_flows_are_one_exchange_until_the_client_goes_on() {
+        let udp = |packets: &[bool]| {
+            packets.iter().fold(FLOW_OPENING, |flags, &from_client| {
+                flags | conn_bits(PROTO_UDP, 0, from_client, flags)
+            })
+        };
+        // A DNS query and its answer; two queries before any answer (A and AAAA from one socket).
+        let query = udp(&[true, false]);
+        assert_eq!(query, FLOW_OPENING | FLOW_REPLIED);
+        assert_eq!(flow_lifetime_ns(PROTO_UDP, query), CT_LIFETIME_UDP_NS);
         assert_eq!(
-            conn_bits(PROTO_UDP, 0xff, true, FLOW_REPLIED),
-            0,
-            "UDP has no state"
+            udp(&[true, true, false, false]),
+            FLOW_OPENING | FLOW_REPLIED
         );
+        // The client goes on after an answer: a stream.
+        let stream = udp(&[true, false, true]);
+        assert_eq!(
+            flow_lifetime_ns(PROTO_UDP, stream),
+            CT_LIFETIME_UDP_STREAM_NS
+        );
+        // No close bits, whatever the byte where TCP keeps its flags holds.
+        assert_eq!(conn_bits(PROTO_UDP, 0xff, false, 0), FLOW_REPLIED);
+        assert!(!flow_closing(udp(&[true, false, true, false])));
     }
 
     #[test]

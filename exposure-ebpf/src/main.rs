@@ -396,12 +396,7 @@ fn new_flow(ctx: &XdpContext, p: &Packet, fe: &Frontend, now: u64) -> Selected {
     let eth: Result<*mut [[u8; 6]; 2], ()> = ptr_at(ctx, 0);
     let Ok(eth) = eth else { return Selected::Drop };
     let [node_mac, client_mac] = unsafe { *eth };
-    let opening = if p.proto == PROTO_TCP {
-        FLOW_OPENING
-    } else {
-        0
-    };
-    let bits = opening | conn_bits(p.proto, p.tcp_flags, true, 0);
+    let bits = FLOW_OPENING | conn_bits(p.proto, p.tcp_flags, true, 0);
     s.key = flow_key(p);
     let flow = &mut s.flow;
     flow.last_seen_ns = now;

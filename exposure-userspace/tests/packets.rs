@@ -223,20 +223,28 @@ fn hello(backends: &[(Ipv4Addr, bool)]) -> DesiredState {
 }
 
 impl Harness {
-    /// A TCP segment from `client` to the NodePort, addressed to the node's MAC (as XDP_TX and
-    /// the FIB lookup of a remote flow need it).
-    fn tcp_to_node_port(&self, client: (Ipv4Addr, u16), flags: u8) -> Vec<u8> {
-        let mut f = FrameSpec::tcp(client, (NODE, NODE_PORT), flags);
-        f.dst_mac = self.node_mac;
-        f.build()
+    /// A frame from a client, addressed to the node's MAC (as XDP_TX and the FIB lookup of a
+    /// remote flow need it).
+    fn client_frame(&self, mut frame: FrameSpec) -> Vec<u8> {
+        frame.dst_mac = self.node_mac;
+        frame.build()
     }
 
-    /// A TCP segment from the remote pod to the node's SNAT `port`, as the peer node sends it.
+    /// A frame from the peer node (the remote pod's), to the node's MAC.
+    fn peer_frame(&self, mut frame: FrameSpec) -> Vec<u8> {
+        frame.src_mac = self.peer_mac;
+        frame.dst_mac = self.node_mac;
+        frame.build()
+    }
+
+    /// A TCP segment from `client` to the NodePort.
+    fn tcp_to_node_port(&self, client: (Ipv4Addr, u16), flags: u8) -> Vec<u8> {
+        self.client_frame(FrameSpec::tcp(client, (NODE, NODE_PORT), flags))
+    }
+
+    /// A TCP segment from the remote pod to the node's SNAT `port`.
     fn tcp_from_remote_pod(&self, port: u16, flags: u8) -> Vec<u8> {
-        let mut f = FrameSpec::tcp((REMOTE_POD, 50000), (NODE, port), flags);
-        f.src_mac = self.peer_mac;
-        f.dst_mac = self.node_mac;
-        f.build()
+        self.peer_frame(FrameSpec::tcp((REMOTE_POD, 50000), (NODE, port), flags))
     }
 
     fn program(&mut self, state: &DesiredState) {
@@ -1164,6 +1172,49 @@ fn connections_that_never_complete_their_handshake_give_up_their_snat_ports_afte
             );
         }
         assert_eq!(h.counter(Counter::SnatExhausted), exhausted);
+    });
+}
+
+#[test]
+fn udp_queries_end_after_30_s_and_streams_after_2_minutes() {
+    with_datapath(|h| {
+        h.program(&hello(&[(REMOTE_POD, false)]));
+        let datagram = |h: &mut Harness, sport: u16| {
+            let (verdict, out) =
+                h.xdp(&h.client_frame(FrameSpec::udp((CLIENT, sport), (NODE, NODE_PORT))));
+            assert_eq!(verdict, XDP_TX);
+            frame::parse(&out).unwrap().sport
+        };
+        let answer = |h: &mut Harness, snat_port: u16| {
+            let frame = h.peer_frame(FrameSpec::udp((REMOTE_POD, 50000), (NODE, snat_port)));
+            assert_eq!(h.xdp(&frame).0, XDP_TX);
+        };
+        // A query and its answer; a stream (the client goes on after the answer).
+        let query = datagram(h, 5301);
+        answer(h, query);
+        let stream = datagram(h, 5302);
+        answer(h, stream);
+        assert_eq!(datagram(h, 5302), stream);
+        let state = |h: &Harness, sport| {
+            h.flow((CLIENT, sport), (NODE, NODE_PORT), UDP)
+                .unwrap()
+                .flags
+                & (FLOW_REPLIED | FLOW_ESTABLISHED)
+        };
+        assert_eq!(state(h, 5301), FLOW_REPLIED);
+        assert_eq!(state(h, 5302), FLOW_REPLIED | FLOW_ESTABLISHED);
+        // Half a minute on, the query's flow is over (its next datagram starts a new one); the
+        // stream's holds, with its SNAT port.
+        age_flows(h, 31);
+        let new_flows = h.counter(Counter::NewFlows);
+        assert_eq!(datagram(h, 5302), stream);
+        assert_eq!(h.counter(Counter::NewFlows), new_flows, "the stream's flow");
+        datagram(h, 5301);
+        assert_eq!(h.counter(Counter::NewFlows), new_flows + 1, "a new flow");
+        // Two minutes after its last datagram, the stream's is over too.
+        age_flows(h, 121);
+        datagram(h, 5302);
+        assert_eq!(h.counter(Counter::NewFlows), new_flows + 2);
     });
 }
 
