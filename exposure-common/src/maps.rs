@@ -349,11 +349,26 @@ impl From<FlowKey4> for FlowKey {
     }
 }
 
+/// The state bits of a flow's entries (both directions carry them).
 pub const FLOW_CLOSING: u32 = 1;
 pub const FLOW_REMOTE: u32 = 2;
+/// Both directions have sent FIN (tracked separately, as Cilium does: a half-closed TCP stream may
+/// still carry data the other way).
+pub const FLOW_FIN_CLIENT: u32 = 4;
+pub const FLOW_FIN_BACKEND: u32 = 8;
 /// A local flow sent straight to the pod's interface (`ifindex`, MACs from the FIB), not through
 /// the node's stack (`--redirect-to-pods`, `--xdp-redirect-to-pods`).
 pub const FLOW_TO_POD: u32 = 16;
+/// A flow whose first packet made its entries (every flow since these bits exist): a TCP flow lives
+/// `CT_LIFETIME_SYN_NS` until `FLOW_ESTABLISHED`, a UDP flow `CT_LIFETIME_UDP_NS` until then.
+/// Entries from builds without the bits have none of them and keep the lifetimes they had, so an
+/// agent upgrade shortens no open connection.
+pub const FLOW_OPENING: u32 = 32;
+/// The backend has answered.
+pub const FLOW_REPLIED: u32 = 64;
+/// The client went on after the backend answered (for TCP without SYN): the handshake is done, or
+/// a UDP flow is a stream rather than one query.
+pub const FLOW_ESTABLISHED: u32 = 128;
 
 /// How local flows reach pods (`REDIRECT_TO_PODS`, set at load time): through the node's stack;
 /// from tc ingress into the pod's namespace (`bpf_redirect_peer`, `--redirect-to-pods`); or from
@@ -639,21 +654,6 @@ mod tests {
         assert_eq!(port(60000).to_ne_bytes(), 60000u16.to_be_bytes());
     }
 }
-
-/// Both directions have sent FIN (tracked separately, as Cilium does: a half-closed TCP stream may
-/// still carry data the other way).
-pub const FLOW_FIN_CLIENT: u32 = 4;
-pub const FLOW_FIN_BACKEND: u32 = 8;
-/// A flow whose first packet made its entries (every flow since these bits exist): a TCP flow lives
-/// `CT_LIFETIME_SYN_NS` until `FLOW_ESTABLISHED`, a UDP flow `CT_LIFETIME_UDP_NS` until then.
-/// Entries from builds without the bits have none of them and keep the lifetimes they had, so an
-/// agent upgrade shortens no open connection.
-pub const FLOW_OPENING: u32 = 32;
-/// The backend has answered.
-pub const FLOW_REPLIED: u32 = 64;
-/// The client went on after the backend answered (for TCP without SYN): the handshake is done, or
-/// a UDP flow is a stream rather than one query.
-pub const FLOW_ESTABLISHED: u32 = 128;
 
 /// TCP header flags.
 pub const TCP_FIN: u8 = 0x01;
