@@ -728,55 +728,72 @@ mod lifetime_tests {
     use super::*;
 
     #[test]
-    fn lifetimes_follow_protocol_and_close_state() {
-        assert_eq!(flow_lifetime_ns(PROTO_TCP, 0), CT_LIFETIME_TCP_NS);
-        assert_eq!(flow_lifetime_ns(PROTO_UDP, 0), CT_LIFETIME_NONTCP_NS);
-        assert_eq!(
-            flow_lifetime_ns(PROTO_TCP, FLOW_FIN_CLIENT),
-            CT_LIFETIME_TCP_NS,
-            "half-closed stays"
-        );
-        assert_eq!(
-            flow_lifetime_ns(PROTO_TCP, FLOW_FIN_CLIENT | FLOW_FIN_BACKEND),
-            CT_LIFETIME_CLOSING_NS
-        );
-        assert_eq!(
-            flow_lifetime_ns(PROTO_TCP, FLOW_CLOSING | FLOW_REMOTE),
-            CT_LIFETIME_CLOSING_NS
-        );
+    fn lifetimes_follow_protocol_and_state() {
+        let (opening, replied, established) = (FLOW_OPENING, FLOW_REPLIED, FLOW_ESTABLISHED);
+        let both_fin = FLOW_FIN_CLIENT | FLOW_FIN_BACKEND;
+        for (proto, flags, lifetime, why) in [
+            (PROTO_TCP, 0, CT_LIFETIME_TCP_NS, "an older build's entry"),
+            (
+                PROTO_UDP,
+                0,
+                CT_LIFETIME_NONTCP_NS,
+                "an older build's entry",
+            ),
+            (
+                PROTO_TCP,
+                FLOW_FIN_CLIENT,
+                CT_LIFETIME_TCP_NS,
+                "half-closed stays",
+            ),
+            (
+                PROTO_TCP,
+                both_fin,
+                CT_LIFETIME_CLOSING_NS,
+                "closed both ways",
+            ),
+            (
+                PROTO_TCP,
+                FLOW_CLOSING | FLOW_REMOTE,
+                CT_LIFETIME_CLOSING_NS,
+                "reset",
+            ),
+            (PROTO_TCP, opening, CT_LIFETIME_SYN_NS, "unanswered"),
+            (
+                PROTO_TCP,
+                opening | replied,
+                CT_LIFETIME_SYN_NS,
+                "answered only",
+            ),
+            (
+                PROTO_TCP,
+                opening | replied | established,
+                CT_LIFETIME_TCP_NS,
+                "handshake done",
+            ),
+            (
+                PROTO_TCP,
+                opening | FLOW_CLOSING,
+                CT_LIFETIME_CLOSING_NS,
+                "reset while opening",
+            ),
+            (PROTO_UDP, opening, CT_LIFETIME_UDP_NS, "a query"),
+            (
+                PROTO_UDP,
+                opening | replied,
+                CT_LIFETIME_UDP_NS,
+                "a query and its answer",
+            ),
+            (
+                PROTO_UDP,
+                opening | replied | established,
+                CT_LIFETIME_UDP_STREAM_NS,
+                "a stream",
+            ),
+        ] {
+            assert_eq!(flow_lifetime_ns(proto, flags), lifetime, "{why}");
+        }
         assert!(flow_closing(FLOW_CLOSING));
         assert!(!flow_closing(FLOW_REMOTE | FLOW_FIN_BACKEND));
-        // The handshake: short until done; entries without the bits (older builds') keep the
-        // established lifetime.
-        assert_eq!(
-            flow_lifetime_ns(PROTO_TCP, FLOW_OPENING),
-            CT_LIFETIME_SYN_NS
-        );
-        assert_eq!(
-            flow_lifetime_ns(PROTO_TCP, FLOW_OPENING | FLOW_REPLIED),
-            CT_LIFETIME_SYN_NS
-        );
-        assert_eq!(
-            flow_lifetime_ns(PROTO_TCP, FLOW_OPENING | FLOW_REPLIED | FLOW_ESTABLISHED),
-            CT_LIFETIME_TCP_NS
-        );
-        assert_eq!(
-            flow_lifetime_ns(PROTO_TCP, FLOW_OPENING | FLOW_CLOSING),
-            CT_LIFETIME_CLOSING_NS
-        );
-        // UDP: one exchange, then a stream.
-        assert_eq!(
-            flow_lifetime_ns(PROTO_UDP, FLOW_OPENING),
-            CT_LIFETIME_UDP_NS
-        );
-        assert_eq!(
-            flow_lifetime_ns(PROTO_UDP, FLOW_OPENING | FLOW_REPLIED),
-            CT_LIFETIME_UDP_NS
-        );
-        assert_eq!(
-            flow_lifetime_ns(PROTO_UDP, FLOW_OPENING | FLOW_REPLIED | FLOW_ESTABLISHED),
-            CT_LIFETIME_UDP_STREAM_NS
-        );
     }
 
     /// The bits the packets of one TCP connection add, in order, as both entries accumulate them.
