@@ -203,18 +203,21 @@ impl ConnState for Reply {
     }
 }
 
-/// Keeps both directions' state in step: close and handshake bits (`conn_bits`: each is new once
-/// per connection) and an occasional `last_seen` refresh (not per packet, so established flows
-/// rarely write to the maps). `seen` is the entry the packet hit; the
-/// other direction's is looked up only when something is to be written: most packets never need it.
+/// Keeps both directions' state in step with packet `p` (from the client or the backend): the
+/// state bits it adds (`conn_bits`: each is new once per connection) and an occasional `last_seen`
+/// refresh (not per packet, so established flows rarely write to the maps). `seen` is the entry
+/// the packet hit; the other direction's is looked up only when something is to be written: most
+/// packets never need it.
 #[inline(always)]
 fn touch<A: ConnState, B: ConnState>(
     seen: *mut A,
     other: impl FnOnce() -> Option<*mut B>,
-    bits: u32,
+    p: &Packet,
+    from_client: bool,
     now: u64,
 ) {
     let (flags, last_seen) = unsafe { (*seen).state() };
+    let bits = conn_bits(p.proto, p.tcp_flags, from_client, *flags);
     if bits & !*flags != 0 || now.wrapping_sub(*last_seen) > CT_REFRESH_NS {
         *flags |= bits;
         *last_seen = now;
@@ -255,8 +258,7 @@ fn to_backend(ctx: &XdpContext, p: &Packet, fe: &Frontend) -> Result<u32, ()> {
                     (*r).client_port == p.sport && (*r).client_addr == p.saddr
                 })
             };
-            let bits = conn_bits(p.proto, p.tcp_flags, true, unsafe { (*f).flags });
-            touch(f, reply, bits, now);
+            touch(f, reply, p, true, now);
             f
         }
         None => match new_flow(ctx, p, fe, now) {
@@ -642,8 +644,7 @@ fn reply_to_client(ctx: &XdpContext, p: &Packet, reply: *mut Reply) -> Result<u3
         return Ok(xdp_action::XDP_PASS);
     }
     let flow = || lookup_flow(&client_key(unsafe { &*reply }, p.proto));
-    let bits = conn_bits(p.proto, p.tcp_flags, false, unsafe { (*reply).flags });
-    touch(reply, flow, bits, now_ns());
+    touch(reply, flow, p, false, now_ns());
     let to = Tuple {
         saddr: &r.frontend_addr,
         daddr: &r.client_addr,
@@ -845,8 +846,7 @@ fn tc_reply(ctx: &TcContext, p: &Packet) -> Result<i32, ()> {
         return Ok(TC_ACT_UNSPEC);
     }
     let flow = || lookup_flow(&client_key(unsafe { &*reply }, p.proto));
-    let bits = conn_bits(p.proto, p.tcp_flags, false, unsafe { (*reply).flags });
-    touch(reply, flow, bits, now_ns());
+    touch(reply, flow, p, false, now_ns());
     // The L4 checksum through the helpers: they also handle CHECKSUM_PARTIAL skbs (a local
     // sender's, with offload), which a plain incremental update would corrupt.
     let (check_off, mangled) = if p.proto == PROTO_TCP {
