@@ -1,6 +1,6 @@
 //! Ports the node's own connections must not take. The datapath translates, by destination port
-//! alone, packets to NodePorts and replies to SNAT ports (61000-65535). A connection the node
-//! itself opens from such a port (its ephemeral range is a sysctl; `1024 65535` is a common
+//! alone, packets to NodePorts and replies to SNAT ports (`--snat-port-range`). A connection the
+//! node itself opens from such a port (its ephemeral range is a sysctl; `1024 65535` is a common
 //! tuning) would have its replies taken for a Service's or a client's. So the agent reserves both
 //! ranges in `net.ipv4.ip_local_reserved_ports` (for IPv6 too), as Cilium protects its NodePort
 //! range: the kernel then never picks them for an unbound socket, and explicit `bind()`s still work.
@@ -27,6 +27,15 @@ pub struct PortListError {
     why: &'static str,
 }
 
+impl PortListError {
+    fn new(text: &str, why: &'static str) -> PortListError {
+        PortListError {
+            text: text.trim().to_string(),
+            why,
+        }
+    }
+}
+
 impl PortSet {
     pub fn new(ranges: impl IntoIterator<Item = RangeInclusive<u16>>) -> PortSet {
         let mut ranges: Vec<_> = ranges.into_iter().filter(|r| !r.is_empty()).collect();
@@ -45,10 +54,7 @@ impl PortSet {
 
     /// The kernel's list form: `1,3-5` (empty for none), as `ip_local_reserved_ports` shows it.
     pub fn parse(text: &str) -> Result<PortSet, PortListError> {
-        let err = |why| PortListError {
-            text: text.trim().to_string(),
-            why,
-        };
+        let err = |why| PortListError::new(text, why);
         let port = |s: &str| {
             s.trim()
                 .parse::<u16>()
@@ -115,14 +121,10 @@ impl fmt::Display for PortSet {
 
 /// The node's ephemeral range as `ip_local_port_range` shows it (`32768\t60999`).
 pub fn parse_ephemeral(text: &str) -> Result<RangeInclusive<u16>, PortListError> {
-    let err = |why| PortListError {
-        text: text.trim().to_string(),
-        why,
-    };
     let mut ports = text.split_whitespace().map(str::parse::<u16>);
     match (ports.next(), ports.next(), ports.next()) {
         (Some(Ok(low)), Some(Ok(high)), None) if low <= high => Ok(low..=high),
-        _ => Err(err("not two ports, low then high")),
+        _ => Err(PortListError::new(text, "not two ports, low then high")),
     }
 }
 
