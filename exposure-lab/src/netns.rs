@@ -122,6 +122,15 @@ impl Netns {
         Ok(())
     }
 
+    /// A sysctl's value as this namespace sees it (`net.ipv4.ip_forward`), trimmed.
+    pub fn sysctl_value(&self, key: &str) -> anyhow::Result<String> {
+        let path = format!("/proc/sys/{}", key.replace('.', "/"));
+        let value = self
+            .run(move || std::fs::read_to_string(&path))?
+            .with_context(|| format!("reading {key} in netns {}", self.name))?;
+        Ok(value.trim().to_string())
+    }
+
     fn file(&self) -> anyhow::Result<File> {
         File::open(format!("/run/netns/{}", self.name))
             .with_context(|| format!("opening netns {}", self.name))

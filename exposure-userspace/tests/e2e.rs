@@ -297,14 +297,7 @@ fn service_without_endpoints_is_refused_at_once() {
     );
 }
 
-/// Reads a sysctl file in a namespace.
-fn sysctl(ns: &exposure_lab::netns::Netns, path: &'static str) -> String {
-    ns.run(move || std::fs::read_to_string(path))
-        .unwrap()
-        .unwrap()
-        .trim()
-        .to_string()
-}
+const RESERVED_PORTS: &str = "net.ipv4.ip_local_reserved_ports";
 
 #[test]
 fn the_nodes_own_connections_stay_off_nodeports_and_snat_ports() {
@@ -316,7 +309,7 @@ fn the_nodes_own_connections_stay_off_nodeports_and_snat_ports() {
     );
     let node = &c.lab.nodes[0];
     assert_eq!(
-        sysctl(&node.ns, "/proc/sys/net/ipv4/ip_local_reserved_ports"),
+        node.ns.sysctl_value(RESERVED_PORTS).unwrap(),
         "30000-32767,40000-40999",
         "the agent reserves the NodePort and SNAT ranges"
     );
@@ -335,8 +328,7 @@ fn the_nodes_own_connections_stay_off_nodeports_and_snat_ports() {
     // connections get only ports outside the reserved ranges. Without the reservation a third of
     // them would start from a NodePort, and their replies would be taken for the Service.
     node.ns
-        .run(|| std::fs::write("/proc/sys/net/ipv4/ip_local_port_range", "32752 32799"))
-        .unwrap()
+        .sysctl("net.ipv4.ip_local_port_range", "32752 32799")
         .unwrap();
     let pod = SocketAddr::from((node.pods[0].ip, 50000));
     for i in 0..24 {
@@ -352,16 +344,10 @@ fn the_nodes_own_connections_stay_off_nodeports_and_snat_ports() {
     // A restarted agent finds them reserved, and keeps a list the node had of its own.
     c.agents[0].stop();
     let reserved = "9100,30000-32767,40000-40999";
-    node.ns
-        .run(move || std::fs::write("/proc/sys/net/ipv4/ip_local_reserved_ports", reserved))
-        .unwrap()
-        .unwrap();
+    node.ns.sysctl(RESERVED_PORTS, reserved).unwrap();
     c.start_agent(0);
     assert_eq!(
-        sysctl(
-            &c.lab.nodes[0].ns,
-            "/proc/sys/net/ipv4/ip_local_reserved_ports"
-        ),
+        c.lab.nodes[0].ns.sysctl_value(RESERVED_PORTS).unwrap(),
         reserved
     );
     assert!(c.agents[0].log_text().contains("already reserved"));
