@@ -369,6 +369,10 @@ pub const FLOW_REPLIED: u32 = 64;
 /// The client went on after the backend answered (for TCP without SYN): the handshake is done, or
 /// a UDP flow is a stream rather than one query.
 pub const FLOW_ESTABLISHED: u32 = 128;
+/// A reply entry the node's own connection holds (or one the kernel NATed to the node's address,
+/// as kube-proxy's masquerade does): it leaves a SNAT port towards the entry's backend, so its
+/// replies are the kernel's at XDP, and SNAT picks no port it holds while it lives.
+pub const FLOW_HOST: u32 = 256;
 
 /// How local flows reach pods (`REDIRECT_TO_PODS`, set at load time): through the node's stack;
 /// from tc ingress into the pod's namespace (`bpf_redirect_peer`, `--redirect-to-pods`); or from
@@ -447,10 +451,11 @@ pub enum Counter {
     Fragments,
     Malformed,
     RedirectedToPod,
+    SnatCollision,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 17;
     pub const ALL: [Counter; Counter::COUNT as usize] = [
         Counter::FrontendPackets,
         Counter::NewFlows,
@@ -468,6 +473,7 @@ impl Counter {
         Counter::Fragments,
         Counter::Malformed,
         Counter::RedirectedToPod,
+        Counter::SnatCollision,
     ];
 
     pub fn name(self) -> &'static str {
@@ -488,6 +494,7 @@ impl Counter {
             Counter::Fragments => "fragments_passed",
             Counter::Malformed => "malformed",
             Counter::RedirectedToPod => "to_local_backend_redirected",
+            Counter::SnatCollision => "dropped_snat_collision",
         }
     }
 }
@@ -721,6 +728,118 @@ pub fn flow_alive(proto: u8, flags: u32, last_seen_ns: u64, now_ns: u64) -> bool
 pub fn flow_closing(flags: u32) -> bool {
     let both_fin = FLOW_FIN_CLIENT | FLOW_FIN_BACKEND;
     flags & FLOW_CLOSING != 0 || flags & both_fin == both_fin
+}
+
+/// What a packet of the node's own connection, leaving from a SNAT port, does with the reply entry
+/// on its reverse tuple (`held`: that entry's flags and last sighting), where XDP looks for the
+/// replies of a SNATed flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HostClaim {
+    /// Nothing holds the tuple, or only a flow that is over or closing (as the kernel's NAT lets a
+    /// new SYN take a closing connection's tuple): a host entry takes it.
+    Claim,
+    /// The connection's own host entry: its state goes on.
+    Refresh,
+    /// An open SNATed flow holds the tuple (the kernel picked the port without knowing): the
+    /// packet is dropped, as the kernel's NAT drops a connection it cannot make unique, rather
+    /// than the replies of both going to one.
+    Collision,
+}
+
+#[inline(always)]
+pub fn host_claim(proto: u8, tcp_flags: u8, held: Option<(u32, u64)>, now_ns: u64) -> HostClaim {
+    let Some((flags, last_seen_ns)) = held else {
+        return HostClaim::Claim;
+    };
+    let alive = flow_alive(proto, flags, last_seen_ns, now_ns);
+    let closed = proto == PROTO_TCP && flow_closing(flags);
+    let new_syn = tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    if flags & FLOW_HOST != 0 {
+        if alive && !(closed && new_syn) {
+            HostClaim::Refresh
+        } else {
+            HostClaim::Claim
+        }
+    } else if alive && !closed {
+        HostClaim::Collision
+    } else {
+        HostClaim::Claim
+    }
+}
+
+#[cfg(test)]
+mod host_claim_tests {
+    use super::*;
+
+    #[test]
+    fn host_connections_take_free_over_and_closed_tuples_and_never_open_flows() {
+        const S: u64 = 1_000_000_000;
+        let now = 100_000 * S;
+        let open = FLOW_REMOTE | FLOW_OPENING | FLOW_REPLIED | FLOW_ESTABLISHED;
+        let both_fin = FLOW_FIN_CLIENT | FLOW_FIN_BACKEND;
+        let host = FLOW_HOST | FLOW_OPENING;
+        for (proto, tcp_flags, held, claim, why) in [
+            (PROTO_TCP, TCP_SYN, None, HostClaim::Claim, "free"),
+            (
+                PROTO_TCP,
+                TCP_SYN,
+                Some((open, now - S)),
+                HostClaim::Collision,
+                "an open SNATed flow",
+            ),
+            (
+                PROTO_UDP,
+                0,
+                Some((FLOW_REMOTE | FLOW_OPENING, now - S)),
+                HostClaim::Collision,
+                "an open SNATed UDP flow",
+            ),
+            (
+                PROTO_TCP,
+                TCP_SYN,
+                Some((open | both_fin, now - S)),
+                HostClaim::Claim,
+                "a SNATed flow closed both ways",
+            ),
+            (
+                PROTO_TCP,
+                TCP_SYN,
+                Some((open | FLOW_CLOSING, now - S)),
+                HostClaim::Claim,
+                "a reset SNATed flow",
+            ),
+            (
+                PROTO_UDP,
+                0,
+                Some((FLOW_REMOTE | FLOW_OPENING, now - 31 * S)),
+                HostClaim::Claim,
+                "a SNATed UDP query that is over",
+            ),
+            (
+                PROTO_TCP,
+                TCP_ACK,
+                Some((host | FLOW_REPLIED, now - S)),
+                HostClaim::Refresh,
+                "its own entry",
+            ),
+            (
+                PROTO_TCP,
+                TCP_SYN,
+                Some((host | both_fin, now - S)),
+                HostClaim::Claim,
+                "a new connection on a closed one's tuple",
+            ),
+            (
+                PROTO_TCP,
+                TCP_ACK,
+                Some((host, now - 61 * S)),
+                HostClaim::Claim,
+                "its own entry, over",
+            ),
+        ] {
+            assert_eq!(host_claim(proto, tcp_flags, held, now), claim, "{why}");
+        }
+    }
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use aya_ebpf::maps::{lpm_trie::Key, LruHashMap};
 use aya_ebpf::{
     bindings::{
         xdp_action, BPF_ANY, BPF_FIB_LKUP_RET_SUCCESS, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR,
-        BPF_NOEXIST, TC_ACT_OK, TC_ACT_UNSPEC,
+        BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC,
     },
     helpers::{bpf_ktime_get_coarse_ns, bpf_redirect_peer},
     macros::{classifier, xdp},
@@ -640,11 +640,21 @@ fn translate_to_backend(ctx: &XdpContext, p: &Packet, flow: &Flow) -> Result<u32
 #[inline(always)]
 fn reply_to_client(ctx: &XdpContext, p: &Packet, reply: *mut Reply) -> Result<u32, ()> {
     let r = unsafe { &*reply };
+    let now = now_ns();
     if r.flags & FLOW_REMOTE == 0 {
+        if r.flags & FLOW_HOST != 0 {
+            // The node's own connection: its state goes on (answered, closed), then the kernel's.
+            touch(reply, || None::<*mut Flow>, p, false, now);
+        }
+        return Ok(xdp_action::XDP_PASS);
+    }
+    // A SNATed flow that is over owns its tuple no more: what arrives on it is the kernel's (a
+    // connection of the node's that took the port, as its NAT does not know ours).
+    if !flow_alive(p.proto, r.flags, r.last_seen_ns, now) {
         return Ok(xdp_action::XDP_PASS);
     }
     let flow = || lookup_flow(&client_key(unsafe { &*reply }, p.proto));
-    touch(reply, flow, p, false, now_ns());
+    touch(reply, flow, p, false, now);
     let to = Tuple {
         saddr: &r.frontend_addr,
         daddr: &r.client_addr,
@@ -827,6 +837,51 @@ fn try_tc_egress(ctx: &TcContext) -> Result<i32, ()> {
     }
 }
 
+/// A packet of the node's own connection leaving from one of its addresses and a SNAT port (a
+/// socket bound there, or a connection the kernel NATed there: kube-proxy's masquerade picks
+/// ports at random). Its tuple back is one SNAT could give a flow to this peer too: it is held for
+/// the connection, so XDP leaves its replies to the kernel and new flows pick other ports.
+#[inline(always)]
+fn host_connection(ctx: &TcContext, p: &Packet) -> Result<i32, ()> {
+    if !is_snat_port(port_host(p.sport))
+        || !is_node_addr(unsafe { (*ctx.skb.skb).ifindex }, &p.saddr)
+    {
+        return Ok(TC_ACT_UNSPEC);
+    }
+    let key = FlowKey {
+        saddr: p.daddr,
+        daddr: p.saddr,
+        sport: p.dport,
+        dport: p.sport,
+        proto: p.proto,
+        _pad: [0; 3],
+    };
+    let now = now_ns();
+    let held = lookup_reply(&key);
+    let state = held.map(|r| unsafe { ((*r).flags, (*r).last_seen_ns) });
+    match (host_claim(p.proto, p.tcp_flags, state, now), held) {
+        (HostClaim::Refresh, Some(entry)) => touch(entry, || None::<*mut Flow>, p, true, now),
+        (HostClaim::Collision, _) => {
+            count(Counter::SnatCollision);
+            return Ok(TC_ACT_SHOT);
+        }
+        (_, held) => {
+            // A SNATed flow that was closing loses its tuple: its client's stragglers start a
+            // new flow rather than reach the peer as part of this connection.
+            if let Some(old) = held.filter(|&r| unsafe { (*r).flags } & FLOW_REMOTE != 0) {
+                remove_flow(&client_key(unsafe { &*old }, p.proto));
+            }
+            let entry = Reply {
+                last_seen_ns: now,
+                flags: FLOW_HOST | FLOW_OPENING | conn_bits(p.proto, p.tcp_flags, true, 0),
+                ..Reply::default()
+            };
+            let _ = insert_reply(&key, &entry, BPF_ANY as u64);
+        }
+    }
+    Ok(TC_ACT_UNSPEC)
+}
+
 /// A local backend's reply on its way out: frontend address and port as source again.
 #[inline(always)]
 fn tc_reply(ctx: &TcContext, p: &Packet) -> Result<i32, ()> {
@@ -839,10 +894,10 @@ fn tc_reply(ctx: &TcContext, p: &Packet) -> Result<i32, ()> {
         _pad: [0; 3],
     };
     let Some(reply) = lookup_reply(&key) else {
-        return Ok(TC_ACT_UNSPEC);
+        return host_connection(ctx, p);
     };
     let r = unsafe { *reply };
-    if r.flags & FLOW_REMOTE != 0 {
+    if r.flags & (FLOW_REMOTE | FLOW_HOST) != 0 {
         return Ok(TC_ACT_UNSPEC);
     }
     let flow = || lookup_flow(&client_key(unsafe { &*reply }, p.proto));

@@ -85,6 +85,17 @@ pub fn is_snat_port(port: u16) -> bool {
     first <= port && port <= last
 }
 
+/// Whether `addr` is the node's address on interface `ifindex`: the one flows leaving there are
+/// SNATed to.
+#[inline(always)]
+pub fn is_node_addr(ifindex: u32, addr: &Addr) -> bool {
+    let key = NodeAddrKey {
+        ifindex,
+        family: addr.family(),
+    };
+    unsafe { NODE_ADDRS.get(&key) }.is_some_and(|a| a == addr)
+}
+
 /// New local flows ask the FIB for the pod's interface.
 #[inline(always)]
 pub fn redirect_to_pods() -> bool {
@@ -186,6 +197,19 @@ pub fn lookup_flow(key: &FlowKey) -> Option<*mut Flow> {
 #[inline(always)]
 pub fn insert_flow(key: &FlowKey, flow: &Flow, flags: u64) -> Result<(), ()> {
     insert_entry(&FLOWS4, &FLOWS6, key, flow, flags)
+}
+
+#[inline(always)]
+pub fn remove_flow(key: &FlowKey) {
+    with_key(
+        key,
+        |k| {
+            let _ = FLOWS4.remove(k);
+        },
+        |k| {
+            let _ = FLOWS6.remove(k);
+        },
+    )
 }
 
 #[inline(always)]

@@ -201,6 +201,21 @@ pub struct TcpSession {
 impl TcpSession {
     pub fn connect(ns: &Netns, to: SocketAddr) -> anyhow::Result<Self> {
         let stream = ns.run(move || TcpStream::connect_timeout(&to, IO_TIMEOUT))??;
+        Self::over(stream)
+    }
+
+    /// A connection from a chosen local address and port (bound first, as some clients do).
+    pub fn connect_from(ns: &Netns, from: SocketAddr, to: SocketAddr) -> anyhow::Result<Self> {
+        let stream = ns.run(move || -> anyhow::Result<TcpStream> {
+            let sock = bound(from, socket2::Type::STREAM)?;
+            sock.connect_timeout(&to.into(), IO_TIMEOUT)
+                .with_context(|| format!("connect {from} -> {to}"))?;
+            Ok(sock.into())
+        })??;
+        Self::over(stream)
+    }
+
+    fn over(stream: TcpStream) -> anyhow::Result<Self> {
         stream.set_read_timeout(Some(IO_TIMEOUT))?;
         stream.set_write_timeout(Some(IO_TIMEOUT))?;
         Ok(TcpSession {

@@ -353,6 +353,48 @@ fn the_nodes_own_connections_stay_off_nodeports_and_snat_ports() {
     assert!(c.agents[0].log_text().contains("already reserved"));
 }
 
+/// The node's own connections may leave from SNAT ports all the same (a socket bound there;
+/// kube-proxy's masquerade picks source ports at random, reservations or not): one from the port a
+/// closed flow to the same pod had gets its own answers, and flows leave the port to it while it
+/// is open.
+#[test]
+fn a_node_connection_from_a_snat_port_gets_its_own_answers() {
+    // The Service's only endpoint is on node-2, and node-1 has four SNAT ports to reuse.
+    let c = Cluster::start_with(
+        &[1, 1],
+        &[("svc.yaml", hello_world(&all_pods(&[0, 1])))],
+        &["--snat-port-range", "40000-40003"],
+    );
+    let node = &c.lab.nodes[0];
+    let flow_port = |i: usize| {
+        let answer = apps::tcp_ask(&c.lab.client, c.node(0, 30600))
+            .unwrap_or_else(|e| panic!("NodePort connection {i}: {e:#}"));
+        parse_answer(&answer).expect("answer format").1.port()
+    };
+    let port = flow_port(0);
+    let pod = SocketAddr::from((c.lab.nodes[1].pods[0].ip, 50000));
+    let from = SocketAddr::from((node.ip, port));
+    let mut own = apps::TcpSession::connect_from(&node.ns, from, pod)
+        .unwrap_or_else(|e| panic!("the node's connection from {from}: {e:#}"));
+    let answer = own.ask("hello").expect("the node's connection answered");
+    assert_eq!(
+        parse_answer(&answer).expect("answer format"),
+        ("pod-2-1", from)
+    );
+    for i in 1..13 {
+        assert_ne!(flow_port(i), port, "flow {i} took the node's port");
+    }
+    let answer = own
+        .ask("hello again")
+        .expect("the node's connection still answered");
+    assert_eq!(parse_answer(&answer).expect("answer format").0, "pod-2-1");
+    let metrics = exposure_lab::agent::metrics(node).expect("metrics");
+    assert!(
+        metrics.contains("exposure_datapath_events_total{event=\"dropped_snat_collision\"} 0"),
+        "no collision, and the counter is exported"
+    );
+}
+
 #[test]
 fn traffic_that_is_not_for_a_service_is_untouched() {
     let c = Cluster::start(&[1, 1], &[("hello.yaml", hello_world(&all_pods(&[1, 1])))]);

@@ -23,7 +23,7 @@ use exposure_common::{
     FLOW_REPLIED, FLOW_TO_POD, POD_HANDOFF_MAGIC, SNAT_PORT_MAX, SNAT_PORT_MIN,
 };
 use exposure_lab::{
-    frame::{self, FrameSpec, ACK, RST, SYN, TCP, UDP},
+    frame::{self, FrameSpec, ACK, FIN, RST, SYN, TCP, UDP},
     netns::{mac_text, unique_prefix, Netns},
 };
 
@@ -32,6 +32,7 @@ const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
 const XDP_REDIRECT: u32 = 4;
 const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_UNSPEC: i32 = -1;
 
 const NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
@@ -283,10 +284,15 @@ impl Harness {
     }
 
     fn tc_run(&mut self, program: &str, frame: &[u8]) -> (u32, Vec<u8>) {
+        // struct __sk_buff up to `cb`, with the device the packet is on: eth0, where tc is.
+        let mut ctx = [0u32; 12];
+        ctx[10] = self.ifindex; // ifindex
+        let ctx: Vec<u8> = ctx.iter().flat_map(|w| w.to_ne_bytes()).collect();
         let mut out = vec![0u8; frame.len() + 512];
         let opts = TestRunOptions {
             data_in: Some(frame),
             data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
             ..Default::default()
         };
         let r = self
@@ -1270,6 +1276,147 @@ fn cluster_traffic_to_snat_ports_without_state_passes() {
     });
 }
 
+/// A segment of the node's own connection from `port` to the remote pod, as it leaves at tc egress
+/// (from a socket bound there, or NATed there by the kernel: kube-proxy's masquerade picks source
+/// ports at random).
+fn own_to_remote_pod(port: u16, flags: u8) -> Vec<u8> {
+    FrameSpec::tcp((NODE, port), (REMOTE_POD, 50000), flags).build()
+}
+
+#[test]
+fn a_node_connection_on_a_closed_flows_snat_port_gets_its_own_replies() {
+    with_datapath(|h| {
+        h.program(&hello(&[(REMOTE_POD, false)]));
+        let client = (CLIENT, 40100);
+        let (_, out) = h.xdp(&h.tcp_to_node_port(client, SYN));
+        let snat_port = frame::parse(&out).unwrap().sport;
+        h.xdp(&h.tcp_to_node_port(client, FIN | ACK));
+        assert_eq!(
+            h.xdp(&h.tcp_from_remote_pod(snat_port, FIN | ACK)).0,
+            XDP_TX
+        );
+        // The node's own connection leaves from that port to the same pod: it goes out as it is,
+        // and the pod's answer is the kernel's, not sent to the old client.
+        let own = own_to_remote_pod(snat_port, SYN);
+        let (verdict, out) = h.tc(&own);
+        assert_eq!((verdict as i32, out), (TC_ACT_UNSPEC, own));
+        let answer = h.tcp_from_remote_pod(snat_port, SYN | ACK);
+        assert_eq!(h.xdp(&answer), (XDP_PASS, answer.clone()));
+        assert_eq!(
+            h.tc(&own_to_remote_pod(snat_port, ACK)).0 as i32,
+            TC_ACT_UNSPEC
+        );
+        // A straggler of the old client's (its last ACK) is a new flow, on another port.
+        let (verdict, out) = h.xdp(&h.tcp_to_node_port(client, ACK));
+        assert_eq!(verdict, XDP_TX);
+        assert_ne!(frame::parse(&out).unwrap().sport, snat_port);
+        assert_eq!(h.xdp(&answer), (XDP_PASS, answer));
+    });
+}
+
+#[test]
+fn new_flows_take_no_snat_port_a_node_connection_holds_until_it_closes() {
+    let capacity = exposure::datapath::Capacity {
+        snat_ports: exposure::datapath::SnatPorts {
+            first: 40_000,
+            last: 40_003,
+        },
+        ..Default::default()
+    };
+    with_datapath_config(capacity, |h| {
+        h.program(&hello(&[(REMOTE_POD, false)]));
+        // The node's connections to the remote pod hold three of the four ports; one is answered.
+        for port in 40_000..40_003 {
+            assert_eq!(h.tc(&own_to_remote_pod(port, SYN)).0 as i32, TC_ACT_UNSPEC);
+        }
+        let answer = h.tcp_from_remote_pod(40_001, SYN | ACK);
+        assert_eq!(h.xdp(&answer), (XDP_PASS, answer));
+        h.tc(&own_to_remote_pod(40_001, ACK));
+        // A new flow gets the fourth; the next finds none.
+        let (verdict, out) = h.xdp(&h.tcp_to_node_port((CLIENT, 20_000), SYN));
+        assert_eq!(verdict, XDP_TX);
+        assert_eq!(frame::parse(&out).unwrap().sport, 40_003);
+        assert_eq!(
+            h.xdp(&h.tcp_to_node_port((CLIENT, 20_001), SYN)).0,
+            XDP_DROP
+        );
+        assert_eq!(h.counter(Counter::SnatExhausted), 1);
+        // The answered connection closes (FIN both ways): its port serves the next flow.
+        h.tc(&own_to_remote_pod(40_001, FIN | ACK));
+        assert_eq!(h.xdp(&h.tcp_from_remote_pod(40_001, FIN | ACK)).0, XDP_PASS);
+        let (verdict, out) = h.xdp(&h.tcp_to_node_port((CLIENT, 20_002), SYN));
+        assert_eq!(verdict, XDP_TX);
+        assert_eq!(frame::parse(&out).unwrap().sport, 40_001);
+        // A minute on, the unanswered ones have given theirs up (as have the flows, unanswered
+        // too): four new flows take the four ports.
+        age_flows(h, 61);
+        let ports: std::collections::BTreeSet<u16> = (0..4)
+            .map(|i| {
+                let (verdict, out) = h.xdp(&h.tcp_to_node_port((CLIENT, 20_010 + i), SYN));
+                assert_eq!(verdict, XDP_TX, "flow {i}");
+                frame::parse(&out).unwrap().sport
+            })
+            .collect();
+        assert_eq!(ports, (40_000..=40_003).collect());
+    });
+}
+
+#[test]
+fn a_node_connection_colliding_with_an_open_flow_is_dropped_and_counted() {
+    with_datapath(|h| {
+        h.program(&hello(&[(REMOTE_POD, false)]));
+        let client = (CLIENT, 40200);
+        let (_, out) = h.xdp(&h.tcp_to_node_port(client, SYN));
+        let snat_port = frame::parse(&out).unwrap().sport;
+        assert_eq!(
+            h.xdp(&h.tcp_from_remote_pod(snat_port, SYN | ACK)).0,
+            XDP_TX
+        );
+        h.xdp(&h.tcp_to_node_port(client, ACK));
+        // The kernel's NAT picked the port an open flow to the same pod has: its SYN would make the
+        // pod answer to the flow's client. It is dropped, and counted.
+        assert_eq!(h.tc(&own_to_remote_pod(snat_port, SYN)).0, TC_ACT_SHOT);
+        assert_eq!(h.counter(Counter::SnatCollision), 1);
+        let (verdict, out) = h.xdp(&h.tcp_from_remote_pod(snat_port, ACK));
+        assert_eq!(verdict, XDP_TX, "the open flow keeps its replies");
+        assert_eq!(frame::parse(&out).unwrap().dst, CLIENT);
+        // To another peer the same source port is no collision.
+        let elsewhere = FrameSpec::tcp((NODE, snat_port), (PEER_NODE, 50000), SYN).build();
+        assert_eq!(h.tc(&elsewhere).0 as i32, TC_ACT_UNSPEC);
+        assert_eq!(h.counter(Counter::SnatCollision), 1);
+    });
+}
+
+#[test]
+fn replies_on_the_snat_port_of_a_flow_that_is_over_are_the_kernels() {
+    with_datapath(|h| {
+        h.program(&hello(&[(REMOTE_POD, false)]));
+        let (_, out) = h.xdp(&h.tcp_to_node_port((CLIENT, 40300), SYN));
+        let snat_port = frame::parse(&out).unwrap().sport;
+        // Never answered, the flow is over after a minute: a connection of the node's made before
+        // the agent ran (so never seen at tc) may have the tuple, and gets its packets.
+        age_flows(h, 61);
+        let answer = h.tcp_from_remote_pod(snat_port, SYN | ACK);
+        assert_eq!(h.xdp(&answer), (XDP_PASS, answer));
+    });
+}
+
+#[test]
+fn only_the_nodes_own_connections_from_snat_ports_hold_a_tuple() {
+    with_datapath(|h| {
+        h.program(&hello(&[(REMOTE_POD, false)]));
+        for (from, why) in [
+            ((LOCAL_POD, 62_000), "a pod's, forwarded"),
+            ((NODE, 45_000), "from an ephemeral port"),
+        ] {
+            let segment = FrameSpec::tcp(from, (REMOTE_POD, 50000), SYN).build();
+            let (verdict, out) = h.tc(&segment);
+            assert_eq!((verdict as i32, out), (TC_ACT_UNSPEC, segment), "{why}");
+        }
+        assert_eq!(h.maps.replies4.iter().count(), 0);
+    });
+}
+
 #[test]
 fn unresolved_next_hop_is_dropped_and_left_for_the_agent_to_resolve() {
     with_datapath(|h| {
@@ -1816,6 +1963,30 @@ fn ipv6_remote_backend_gets_snat_and_the_reply_is_reversed_at_xdp() {
         assert_eq!(r.dst_mac, input[6..12]);
         assert_eq!(h.counter(Counter::ToRemote), 1);
         assert_eq!(h.counter(Counter::RepliesXdp), 1);
+    });
+}
+
+#[test]
+fn ipv6_node_connections_on_a_reset_flows_snat_port_get_their_own_replies() {
+    with_datapath(|h| {
+        h.program(&hello6(&[(REMOTE_POD6, false)]));
+        let client = |h: &Harness, flags| {
+            let mut f = frame::FrameSpec6::tcp((CLIENT6, 40003), (LB6, 60000), flags);
+            f.dst_mac = h.node_mac;
+            f.build()
+        };
+        let (_, out) = h.xdp(&client(h, SYN));
+        let snat_port = parse6_ok(&out).sport;
+        assert_eq!(h.xdp(&client(h, RST)).0, XDP_TX);
+        let own = frame::FrameSpec6::tcp((NODE6, snat_port), (REMOTE_POD6, 50000), SYN).build();
+        let (verdict, out) = h.tc(&own);
+        assert_eq!((verdict as i32, out), (TC_ACT_UNSPEC, own));
+        let mut answer =
+            frame::FrameSpec6::tcp((REMOTE_POD6, 50000), (NODE6, snat_port), SYN | ACK);
+        answer.src_mac = h.peer_mac;
+        answer.dst_mac = h.node_mac;
+        let answer = answer.build();
+        assert_eq!(h.xdp(&answer), (XDP_PASS, answer));
     });
 }
 
