@@ -20,10 +20,13 @@ pub const MAX_FLOWS: u32 = 262_144;
 pub const MAX_BACKENDS_PER_SERVICE: u32 = 65_535;
 
 /// The default SNAT source ports for flows to remote backends (`--snat-port-range`): above the
-/// kernel's default ephemeral range (32768-60999), and reserved from it by the agent, so they never
-/// collide with the node's own connections.
+/// kernel's default ephemeral range (32768-60999), and reserved from it by the agent, so the node's
+/// own sockets never pick them.
 pub const SNAT_PORT_MIN: u16 = 61_000;
 pub const SNAT_PORT_MAX: u16 = 65_535;
+/// The default NodePort range (kube-apiserver's `--service-node-port-range`, `--node-port-range`).
+pub const NODE_PORT_MIN: u16 = 30_000;
+pub const NODE_PORT_MAX: u16 = 32_767;
 /// How many candidate ports a new remote flow tries before giving up (bounded loop in BPF). With
 /// independent picks a flow finds none with probability (share taken)^tries: at 90% taken about
 /// 1 in 850 (netfilter's NAT gives up after a few hundred tries, in runs of 128 down to 16).
@@ -369,9 +372,11 @@ pub const FLOW_REPLIED: u32 = 64;
 /// The client went on after the backend answered (for TCP without SYN): the handshake is done, or
 /// a UDP flow is a stream rather than one query.
 pub const FLOW_ESTABLISHED: u32 = 128;
-/// A reply entry the node's own connection holds (or one the kernel NATed to the node's address,
-/// as kube-proxy's masquerade does): it leaves a SNAT port towards the entry's backend, so its
-/// replies are the kernel's at XDP, and SNAT picks no port it holds while it lives.
+/// An entry the node's own connection holds (or one the kernel NATed to the node's address, as
+/// kube-proxy's masquerade does), on the tuple its replies arrive with, where they would be taken
+/// for a flow's: it leaves from a SNAT port (a reply entry: SNAT picks no port it holds), or from a
+/// frontend's port on the node's address (a flow entry: its replies are not a new flow). Its
+/// packets are the kernel's at XDP while it lives.
 pub const FLOW_HOST: u32 = 256;
 
 /// How local flows reach pods (`REDIRECT_TO_PODS`, set at load time): through the node's stack;
@@ -451,7 +456,7 @@ pub enum Counter {
     Fragments,
     Malformed,
     RedirectedToPod,
-    SnatCollision,
+    HostCollision,
 }
 
 impl Counter {
@@ -473,7 +478,7 @@ impl Counter {
         Counter::Fragments,
         Counter::Malformed,
         Counter::RedirectedToPod,
-        Counter::SnatCollision,
+        Counter::HostCollision,
     ];
 
     pub fn name(self) -> &'static str {
@@ -494,7 +499,7 @@ impl Counter {
             Counter::Fragments => "fragments_passed",
             Counter::Malformed => "malformed",
             Counter::RedirectedToPod => "to_local_backend_redirected",
-            Counter::SnatCollision => "dropped_snat_collision",
+            Counter::HostCollision => "dropped_host_collision",
         }
     }
 }
@@ -730,9 +735,9 @@ pub fn flow_closing(flags: u32) -> bool {
     flags & FLOW_CLOSING != 0 || flags & both_fin == both_fin
 }
 
-/// What a packet of the node's own connection, leaving from a SNAT port, does with the reply entry
-/// on its reverse tuple (`held`: that entry's flags and last sighting), where XDP looks for the
-/// replies of a SNATed flow.
+/// What a packet of the node's own connection, leaving from a SNAT port or a frontend's, does with
+/// the entry on its reverse tuple (`held`: that entry's flags and last sighting), where XDP looks
+/// for a flow's packets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HostClaim {
     /// Nothing holds the tuple, or only a flow that is over or closing (as the kernel's NAT lets a
@@ -740,9 +745,9 @@ pub enum HostClaim {
     Claim,
     /// The connection's own host entry: its state goes on.
     Refresh,
-    /// An open SNATed flow holds the tuple (the kernel picked the port without knowing): the
+    /// An open flow holds the tuple (the kernel's NAT picked the port without knowing): the
     /// packet is dropped, as the kernel's NAT drops a connection it cannot make unique, rather
-    /// than the replies of both going to one.
+    /// than the packets of both going to one.
     Collision,
 }
 

@@ -247,9 +247,14 @@ fn to_backend(ctx: &XdpContext, p: &Packet, fe: &Frontend) -> Result<u32, ()> {
         let new_syn = p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN && flow_closing(f.flags);
         flow_alive(p.proto, f.flags, f.last_seen_ns, now)
             && !new_syn
-            && (p.proto == PROTO_TCP || backend_still_there(f))
+            && (p.proto == PROTO_TCP || f.flags & FLOW_HOST != 0 || backend_still_there(f))
     });
     let flow = match existing {
+        // The node's own connection from the frontend's port: its replies are the kernel's.
+        Some(f) if unsafe { (*f).flags } & FLOW_HOST != 0 => {
+            touch(f, || None::<*mut Reply>, p, false, now);
+            return Ok(xdp_action::XDP_PASS);
+        }
         Some(f) => {
             let reply = || {
                 let rk = reply_key(&p.saddr, p.sport, p.proto, unsafe { &*f });
@@ -837,15 +842,19 @@ fn try_tc_egress(ctx: &TcContext) -> Result<i32, ()> {
     }
 }
 
-/// A packet of the node's own connection leaving from one of its addresses and a SNAT port (a
-/// socket bound there, or a connection the kernel NATed there: kube-proxy's masquerade picks
-/// ports at random). Its tuple back is one SNAT could give a flow to this peer too: it is held for
-/// the connection, so XDP leaves its replies to the kernel and new flows pick other ports.
+/// A packet of the node's own connection leaving from one of its addresses (a socket bound there,
+/// or a connection the kernel NATed there: kube-proxy's masquerade picks source ports at random),
+/// on a port whose packets XDP takes: a SNAT port (its replies would go to a SNATed flow's client)
+/// or a frontend's (they would be a new flow to a backend). Its tuple back is held for the
+/// connection, so XDP leaves its packets to the kernel, and SNAT gives no flow that tuple.
 #[inline(always)]
 fn host_connection(ctx: &TcContext, p: &Packet) -> Result<i32, ()> {
-    if !is_snat_port(port_host(p.sport))
-        || !is_node_addr(unsafe { (*ctx.skb.skb).ifindex }, &p.saddr)
-    {
+    let sport = port_host(p.sport);
+    let snat = is_snat_port(sport);
+    if !snat && !is_node_port(sport) {
+        return Ok(TC_ACT_UNSPEC);
+    }
+    if !is_node_addr(unsafe { (*ctx.skb.skb).ifindex }, &p.saddr) {
         return Ok(TC_ACT_UNSPEC);
     }
     let key = FlowKey {
@@ -857,29 +866,81 @@ fn host_connection(ctx: &TcContext, p: &Packet) -> Result<i32, ()> {
         _pad: [0; 3],
     };
     let now = now_ns();
-    let held = lookup_reply(&key);
-    let state = held.map(|r| unsafe { ((*r).flags, (*r).last_seen_ns) });
+    let held = if snat {
+        hold_for_host(p, lookup_reply(&key), now, |taken| {
+            // The flow whose reply entry this was: its client's stragglers start a new flow
+            // rather than reach the peer as part of this connection.
+            if let Some(reply) = taken {
+                remove_flow(&client_key(reply, p.proto));
+            }
+            insert_reply(&key, &host_entry::<Reply>(p, now), BPF_ANY as u64)
+        })
+    } else if serves_frontend(&p.saddr, p.sport, p.proto) {
+        hold_for_host(p, lookup_flow(&key), now, |taken| {
+            if let Some(flow) = taken {
+                remove_reply(&reply_key(&key.saddr, key.sport, p.proto, flow));
+            }
+            insert_flow(&key, &host_entry::<Flow>(p, now), BPF_ANY as u64)
+        })
+    } else {
+        true
+    };
+    if held {
+        Ok(TC_ACT_UNSPEC)
+    } else {
+        count(Counter::HostCollision);
+        Ok(TC_ACT_SHOT)
+    }
+}
+
+/// Holds the tuple of `held` (the entry there, if any) for the node's connection that `p` is a
+/// packet of; `take` writes the host's entry, given the flow's entry it replaces, if any. False
+/// when an open flow holds the tuple.
+#[inline(always)]
+fn hold_for_host<E: ConnState + Default>(
+    p: &Packet,
+    held: Option<*mut E>,
+    now: u64,
+    take: impl FnOnce(Option<&E>) -> Result<(), ()>,
+) -> bool {
+    let state = held.map(|e| {
+        let (flags, last_seen) = unsafe { (*e).state() };
+        (*flags, *last_seen)
+    });
     match (host_claim(p.proto, p.tcp_flags, state, now), held) {
-        (HostClaim::Refresh, Some(entry)) => touch(entry, || None::<*mut Flow>, p, true, now),
-        (HostClaim::Collision, _) => {
-            count(Counter::SnatCollision);
-            return Ok(TC_ACT_SHOT);
+        (HostClaim::Collision, _) => false,
+        (HostClaim::Refresh, Some(entry)) => {
+            touch(entry, || None::<*mut E>, p, true, now);
+            true
         }
         (_, held) => {
-            // A SNATed flow that was closing loses its tuple: its client's stragglers start a
-            // new flow rather than reach the peer as part of this connection.
-            if let Some(old) = held.filter(|&r| unsafe { (*r).flags } & FLOW_REMOTE != 0) {
-                remove_flow(&client_key(unsafe { &*old }, p.proto));
-            }
-            let entry = Reply {
-                last_seen_ns: now,
-                flags: FLOW_HOST | FLOW_OPENING | conn_bits(p.proto, p.tcp_flags, true, 0),
-                ..Reply::default()
-            };
-            let _ = insert_reply(&key, &entry, BPF_ANY as u64);
+            let flows = state.is_some_and(|(flags, _)| flags & FLOW_HOST == 0);
+            let _ = take(held.filter(|_| flows).map(|e| unsafe { &*e }));
+            true
         }
     }
-    Ok(TC_ACT_UNSPEC)
+}
+
+/// A new entry held for the node's connection `p` is a packet of.
+#[inline(always)]
+fn host_entry<E: ConnState + Default>(p: &Packet, now: u64) -> E {
+    let mut entry = E::default();
+    let (flags, last_seen) = entry.state();
+    *flags = FLOW_HOST | FLOW_OPENING | conn_bits(p.proto, p.tcp_flags, true, 0);
+    *last_seen = now;
+    entry
+}
+
+/// Whether a frontend is on `addr:port`.
+#[inline(always)]
+fn serves_frontend(addr: &Addr, port: u16, proto: u8) -> bool {
+    if addr.is_v4() {
+        let key = key_words::frontend4(addr.v4_raw(), port, proto);
+        unsafe { FRONTENDS4.get(as_key(&key)) }.is_some()
+    } else {
+        let key = key_words::frontend6(addr, port, proto);
+        unsafe { FRONTENDS6.get(as_key(&key)) }.is_some()
+    }
 }
 
 /// A local backend's reply on its way out: frontend address and port as source again.

@@ -78,6 +78,25 @@ pub fn snat_ports() -> (u16, u16) {
     }
 }
 
+/// Set at load time (the span of `--node-port-range`): the node's own connections from these
+/// ports are looked for among the frontends at tc egress.
+#[no_mangle]
+static NODE_PORT_FIRST: u16 = NODE_PORT_MIN;
+#[no_mangle]
+static NODE_PORT_LAST: u16 = NODE_PORT_MAX;
+
+/// Whether a port (host order) is in the NodePort range.
+#[inline(always)]
+pub fn is_node_port(port: u16) -> bool {
+    let (first, last) = unsafe {
+        (
+            core::ptr::read_volatile(&NODE_PORT_FIRST),
+            core::ptr::read_volatile(&NODE_PORT_LAST),
+        )
+    };
+    first <= port && port <= last
+}
+
 /// Whether a destination port (host order) is one replies of SNATed flows arrive on.
 #[inline(always)]
 pub fn is_snat_port(port: u16) -> bool {
@@ -208,6 +227,19 @@ pub fn remove_flow(key: &FlowKey) {
         },
         |k| {
             let _ = FLOWS6.remove(k);
+        },
+    )
+}
+
+#[inline(always)]
+pub fn remove_reply(key: &FlowKey) {
+    with_key(
+        key,
+        |k| {
+            let _ = REPLIES4.remove(k);
+        },
+        |k| {
+            let _ = REPLIES6.remove(k);
         },
     )
 }

@@ -123,23 +123,28 @@ pub struct Capacity {
     /// `POD_IFACES`.
     pub redirect_to_pods: RedirectToPods,
     /// The source ports flows to remote backends are SNATed to (`--snat-port-range`).
-    pub snat_ports: SnatPorts,
+    pub snat_ports: PortRange,
+    /// The span of `--node-port-range`: the node's own connections from these ports are checked
+    /// against the frontends at tc egress.
+    pub node_ports: PortRange,
 }
 
-/// An inclusive range of SNAT source ports.
+/// An inclusive range of ports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SnatPorts {
+pub struct PortRange {
     pub first: u16,
     pub last: u16,
 }
 
-impl Default for SnatPorts {
-    fn default() -> Self {
-        SnatPorts {
-            first: exposure_common::SNAT_PORT_MIN,
-            last: exposure_common::SNAT_PORT_MAX,
-        }
-    }
+impl PortRange {
+    pub const SNAT_DEFAULT: PortRange = PortRange {
+        first: exposure_common::SNAT_PORT_MIN,
+        last: exposure_common::SNAT_PORT_MAX,
+    };
+    pub const NODE_PORT_DEFAULT: PortRange = PortRange {
+        first: exposure_common::NODE_PORT_MIN,
+        last: exposure_common::NODE_PORT_MAX,
+    };
 }
 
 /// How local flows reach pods whose interfaces are in `POD_IFACES`.
@@ -175,7 +180,8 @@ impl Default for Capacity {
             backends: exposure_common::MAX_BACKENDS,
             flows: exposure_common::MAX_FLOWS,
             redirect_to_pods: RedirectToPods::Off,
-            snat_ports: SnatPorts::default(),
+            snat_ports: PortRange::SNAT_DEFAULT,
+            node_ports: PortRange::NODE_PORT_DEFAULT,
         }
     }
 }
@@ -224,6 +230,8 @@ impl Datapath {
         loader.override_global("REDIRECT_TO_PODS", &redirect_to_pods, true);
         loader.override_global("SNAT_PORT_FIRST", &capacity.snat_ports.first, true);
         loader.override_global("SNAT_PORT_LAST", &capacity.snat_ports.last, true);
+        loader.override_global("NODE_PORT_FIRST", &capacity.node_ports.first, true);
+        loader.override_global("NODE_PORT_LAST", &capacity.node_ports.last, true);
         for name in names::ALL {
             if let Some(n) = capacity.of(name) {
                 loader.map_max_entries(name, n);

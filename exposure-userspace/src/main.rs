@@ -116,10 +116,11 @@ enum Command {
         /// as many concurrent flows from this node to one backend. Reserved from the node's
         /// ephemeral ports (--reserve-local-ports). Changing it cuts remote flows in progress.
         #[arg(long, default_value = "61000-65535", value_parser = snat_port_range)]
-        snat_port_range: datapath::SnatPorts,
+        snat_port_range: datapath::PortRange,
         /// The ports NodePorts are allocated from (kube-apiserver's --service-node-port-range), as
         /// `MIN-MAX` (or a list: `30000-32767,40000`). Reserved with the SNAT ports from the
-        /// node's ephemeral ports, see --reserve-local-ports.
+        /// node's ephemeral ports, see --reserve-local-ports; the node's own connections from
+        /// these ports keep their replies from the datapath.
         #[arg(long, default_value = "30000-32767", value_parser = port_set)]
         node_port_range: exposure::local_ports::PortSet,
         /// Add the NodePort and SNAT port ranges to net.ipv4.ip_local_reserved_ports, so the node's
@@ -217,6 +218,13 @@ fn main() -> anyhow::Result<()> {
                     maglev_entries: max_maglev_entries,
                     redirect_to_pods,
                     snat_ports: snat_port_range,
+                    node_ports: node_port_range.span().map_or(
+                        datapath::PortRange::NODE_PORT_DEFAULT,
+                        |span| datapath::PortRange {
+                            first: *span.start(),
+                            last: *span.end(),
+                        },
+                    ),
                 },
                 pod_iface_prefixes,
                 reserve_local_ports: reserve_local_ports
@@ -260,13 +268,13 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-fn snat_port_range(s: &str) -> Result<datapath::SnatPorts, String> {
+fn snat_port_range(s: &str) -> Result<datapath::PortRange, String> {
     let range = s
         .split_once('-')
         .and_then(|(a, b)| Some((a.trim().parse::<u16>().ok()?, b.trim().parse::<u16>().ok()?)));
     match range {
         Some((first, last)) if 1024 <= first && first <= last => {
-            Ok(datapath::SnatPorts { first, last })
+            Ok(datapath::PortRange { first, last })
         }
         Some(_) => Err("must be MIN-MAX with 1024 <= MIN <= MAX".into()),
         None => Err("must be MIN-MAX, two port numbers".into()),

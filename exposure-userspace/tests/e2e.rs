@@ -353,12 +353,12 @@ fn the_nodes_own_connections_stay_off_nodeports_and_snat_ports() {
     assert!(c.agents[0].log_text().contains("already reserved"));
 }
 
-/// The node's own connections may leave from SNAT ports all the same (a socket bound there;
-/// kube-proxy's masquerade picks source ports at random, reservations or not): one from the port a
-/// closed flow to the same pod had gets its own answers, and flows leave the port to it while it
-/// is open.
+/// The node's own connections may leave from ports whose packets XDP takes all the same (a socket
+/// bound there; kube-proxy's masquerade picks source ports at random, reservations or not): one
+/// from the SNAT port a closed flow to the same pod had gets its own answers, and flows leave the
+/// port to it while it is open; one from a NodePort's port gets its answers, not the Service.
 #[test]
-fn a_node_connection_from_a_snat_port_gets_its_own_answers() {
+fn the_nodes_own_connections_from_snat_ports_and_node_ports_get_their_own_answers() {
     // The Service's only endpoint is on node-2, and node-1 has four SNAT ports to reuse.
     let c = Cluster::start_with(
         &[1, 1],
@@ -388,9 +388,21 @@ fn a_node_connection_from_a_snat_port_gets_its_own_answers() {
         .ask("hello again")
         .expect("the node's connection still answered");
     assert_eq!(parse_answer(&answer).expect("answer format").0, "pod-2-1");
+
+    // A server outside, reached from the NodePort's port.
+    let _outside = apps::serve(&c.lab.client, 50000, "outside").expect("server");
+    let from = SocketAddr::from((node.ip, 30600));
+    let to = SocketAddr::from((CLIENT_IP, 50000));
+    let answer = apps::TcpSession::connect_from(&node.ns, from, to)
+        .and_then(|mut s| s.ask("hello"))
+        .unwrap_or_else(|e| panic!("the node's connection from {from}: {e:#}"));
+    assert_eq!(
+        parse_answer(&answer).expect("answer format"),
+        ("outside", from)
+    );
     let metrics = exposure_lab::agent::metrics(node).expect("metrics");
     assert!(
-        metrics.contains("exposure_datapath_events_total{event=\"dropped_snat_collision\"} 0"),
+        metrics.contains("exposure_datapath_events_total{event=\"dropped_host_collision\"} 0"),
         "no collision, and the counter is exported"
     );
 }

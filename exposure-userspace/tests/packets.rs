@@ -1227,7 +1227,7 @@ fn udp_queries_end_after_30_s_and_streams_after_2_minutes() {
 #[test]
 fn a_configured_snat_port_range_is_the_one_flows_take_and_replies_come_back_on() {
     let capacity = exposure::datapath::Capacity {
-        snat_ports: exposure::datapath::SnatPorts {
+        snat_ports: exposure::datapath::PortRange {
             first: 40_000,
             last: 40_099,
         },
@@ -1317,7 +1317,7 @@ fn a_node_connection_on_a_closed_flows_snat_port_gets_its_own_replies() {
 #[test]
 fn new_flows_take_no_snat_port_a_node_connection_holds_until_it_closes() {
     let capacity = exposure::datapath::Capacity {
-        snat_ports: exposure::datapath::SnatPorts {
+        snat_ports: exposure::datapath::PortRange {
             first: 40_000,
             last: 40_003,
         },
@@ -1376,14 +1376,62 @@ fn a_node_connection_colliding_with_an_open_flow_is_dropped_and_counted() {
         // The kernel's NAT picked the port an open flow to the same pod has: its SYN would make the
         // pod answer to the flow's client. It is dropped, and counted.
         assert_eq!(h.tc(&own_to_remote_pod(snat_port, SYN)).0, TC_ACT_SHOT);
-        assert_eq!(h.counter(Counter::SnatCollision), 1);
+        assert_eq!(h.counter(Counter::HostCollision), 1);
         let (verdict, out) = h.xdp(&h.tcp_from_remote_pod(snat_port, ACK));
         assert_eq!(verdict, XDP_TX, "the open flow keeps its replies");
         assert_eq!(frame::parse(&out).unwrap().dst, CLIENT);
         // To another peer the same source port is no collision.
         let elsewhere = FrameSpec::tcp((NODE, snat_port), (PEER_NODE, 50000), SYN).build();
         assert_eq!(h.tc(&elsewhere).0 as i32, TC_ACT_UNSPEC);
-        assert_eq!(h.counter(Counter::SnatCollision), 1);
+        assert_eq!(h.counter(Counter::HostCollision), 1);
+        // Nor from the NodePort's port to the open flow's client (its peer would answer to the
+        // flow's backend).
+        let to_client = FrameSpec::tcp((NODE, NODE_PORT), client, SYN).build();
+        assert_eq!(h.tc(&to_client).0, TC_ACT_SHOT);
+        assert_eq!(h.counter(Counter::HostCollision), 2);
+        assert_eq!(h.xdp(&h.tcp_to_node_port(client, ACK)).0, XDP_TX);
+    });
+}
+
+#[test]
+fn a_node_connection_from_a_node_port_gets_its_own_replies() {
+    with_datapath(|h| {
+        h.program(&hello(&[(LOCAL_POD, true)]));
+        // The kernel's NAT gave the node's connections to a peer the NodePort as source port.
+        let peer = (PEER_NODE, 443);
+        let tcp_own = |flags| FrameSpec::tcp((NODE, NODE_PORT), peer, flags).build();
+        let tcp_answer =
+            |h: &Harness, flags| h.peer_frame(FrameSpec::tcp(peer, (NODE, NODE_PORT), flags));
+        let own = tcp_own(SYN);
+        let (verdict, out) = h.tc(&own);
+        assert_eq!((verdict as i32, out), (TC_ACT_UNSPEC, own));
+        let answer = tcp_answer(h, SYN | ACK);
+        assert_eq!(
+            h.xdp(&answer),
+            (XDP_PASS, answer),
+            "not a flow to the Service"
+        );
+        let own = FrameSpec::udp((NODE, NODE_PORT), peer).build();
+        assert_eq!(h.tc(&own).0 as i32, TC_ACT_UNSPEC);
+        let answer = h.peer_frame(FrameSpec::udp(peer, (NODE, NODE_PORT)));
+        assert_eq!(h.xdp(&answer), (XDP_PASS, answer));
+        assert_eq!(h.counter(Counter::NewFlows), 0);
+        // A port no frontend is on holds nothing.
+        let elsewhere = FrameSpec::tcp((NODE, NODE_PORT + 1), peer, SYN).build();
+        assert_eq!(h.tc(&elsewhere).0 as i32, TC_ACT_UNSPEC);
+        assert_eq!(
+            h.maps.flows4.iter().count(),
+            2,
+            "the TCP and UDP connections'"
+        );
+        // Once the TCP connection has closed, the peer connecting from that port is a client
+        // of the Service.
+        h.tc(&tcp_own(FIN | ACK));
+        assert_eq!(h.xdp(&tcp_answer(h, FIN | ACK)).0, XDP_PASS);
+        let (verdict, out) = h.xdp(&tcp_answer(h, SYN));
+        assert_eq!(verdict, XDP_PASS);
+        assert_eq!(frame::parse(&out).unwrap().dst, LOCAL_POD);
+        assert_eq!(h.counter(Counter::NewFlows), 1);
     });
 }
 
