@@ -439,6 +439,8 @@ fn packet_costs(services: usize, backends: usize, repeat: u32) -> PacketCosts {
                 _pad: [0; 3],
             };
             let reply = exposure_common::Reply {
+                // Seen now, on the programs' clock: a reply of a flow that is over is passed.
+                last_seen_ns: monotonic_ns(),
                 frontend_addr: key.saddr,
                 frontend_port: key.sport,
                 client_addr: key.daddr,
@@ -1174,4 +1176,16 @@ fn flows_label(f: exposure_lab::traffic::Flows) -> &'static str {
         exposure_lab::traffic::Flows::One => "one flow",
         exposure_lab::traffic::Flows::New => "new flows",
     }
+}
+
+/// `CLOCK_MONOTONIC`, the clock `bpf_ktime_get_coarse_ns` reads.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid out-pointer for clock_gettime.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime");
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
