@@ -868,17 +868,27 @@ fn host_connection(ctx: &TcContext, p: &Packet) -> Result<i32, ()> {
     let now = now_ns();
     let held = if snat {
         hold_for_host(p, lookup_reply(&key), now, |taken| {
-            // The flow whose reply entry this was: its client's stragglers start a new flow
-            // rather than reach the peer as part of this connection.
+            // The closing flow whose reply entry this was goes too (unless its client has
+            // started another since): its client's stragglers start a new flow rather than reach
+            // the peer as part of this connection.
             if let Some(reply) = taken {
-                remove_flow(&client_key(reply, p.proto));
+                let client = client_key(reply, p.proto);
+                let same = |f: &Flow| f.snat_port == p.sport && f.snat_addr == p.saddr;
+                if lookup_flow(&client).is_some_and(|f| same(unsafe { &*f })) {
+                    remove_flow(&client);
+                }
             }
             insert_reply(&key, &host_entry::<Reply>(p, now), BPF_ANY as u64)
         })
     } else if serves_frontend(&p.saddr, p.sport, p.proto) {
         hold_for_host(p, lookup_flow(&key), now, |taken| {
+            // Likewise its backend's stragglers, unless its SNAT port serves another flow now.
             if let Some(flow) = taken {
-                remove_reply(&reply_key(&key.saddr, key.sport, p.proto, flow));
+                let rk = reply_key(&key.saddr, key.sport, p.proto, flow);
+                let same = |r: &Reply| r.client_port == key.sport && r.client_addr == key.saddr;
+                if lookup_reply(&rk).is_some_and(|r| same(unsafe { &*r })) {
+                    remove_reply(&rk);
+                }
             }
             insert_flow(&key, &host_entry::<Flow>(p, now), BPF_ANY as u64)
         })

@@ -1436,6 +1436,40 @@ fn a_node_connection_from_a_node_port_gets_its_own_replies() {
 }
 
 #[test]
+fn a_node_connection_taking_a_closed_flows_tuple_leaves_the_flow_on_its_port_since_alone() {
+    let capacity = exposure::datapath::Capacity {
+        snat_ports: exposure::datapath::PortRange {
+            first: 40_000,
+            last: 40_003,
+        },
+        ..Default::default()
+    };
+    with_datapath_config(capacity, |h| {
+        h.program(&hello(&[(REMOTE_POD, false)]));
+        // A flow from a client's port is reset; new flows from others take its SNAT port too.
+        let closed = (CLIENT, 41_000);
+        let (_, out) = h.xdp(&h.tcp_to_node_port(closed, SYN));
+        let port = frame::parse(&out).unwrap().sport;
+        h.xdp(&h.tcp_to_node_port(closed, RST));
+        let other = (0..4)
+            .map(|i| (nth_client(1, i), 20_000))
+            .find(|&client| {
+                let (_, out) = h.xdp(&h.tcp_to_node_port(client, SYN));
+                frame::parse(&out).unwrap().sport == port
+            })
+            .expect("a new flow on the port");
+        // The node's connection from the NodePort to that client's port takes the reset flow's
+        // tuple; the other flow keeps its port and its replies.
+        let own = FrameSpec::tcp((NODE, NODE_PORT), closed, SYN).build();
+        assert_eq!(h.tc(&own).0 as i32, TC_ACT_UNSPEC);
+        let (verdict, out) = h.xdp(&h.tcp_from_remote_pod(port, SYN | ACK));
+        assert_eq!(verdict, XDP_TX);
+        let back = frame::parse(&out).unwrap();
+        assert_eq!((back.dst, back.dport), other);
+    });
+}
+
+#[test]
 fn replies_on_the_snat_port_of_a_flow_that_is_over_are_the_kernels() {
     with_datapath(|h| {
         h.program(&hello(&[(REMOTE_POD, false)]));
