@@ -643,8 +643,10 @@ impl DatapathMaps for KernelMaps {
         Ok(())
     }
     fn purge_udp_flows(&mut self, service_id: u32, backends: &[u32]) -> anyhow::Result<()> {
+        // The node's own connections' entries belong to no Service.
         let stale = |k: &FlowKey, f: &Flow| {
             k.proto == exposure_common::PROTO_UDP
+                && f.flags & exposure_common::FLOW_HOST == 0
                 && f.service_id == service_id
                 && backends.contains(&f.backend_id)
         };
