@@ -224,6 +224,16 @@ impl TcpSession {
         })
     }
 
+    /// Closes the connection both ways: sends FIN, then waits for the other side's.
+    pub fn finish(mut self) -> anyhow::Result<()> {
+        self.writer.shutdown(std::net::Shutdown::Write)?;
+        let mut rest = Vec::new();
+        self.reader
+            .read_to_end(&mut rest)
+            .context("waiting for the other side to close")?;
+        Ok(())
+    }
+
     /// Sends a line and returns the answer line (trimmed).
     pub fn ask(&mut self, line: &str) -> anyhow::Result<String> {
         self.writer.write_all(format!("{line}\n").as_bytes())?;

@@ -366,8 +366,15 @@ fn the_nodes_own_connections_from_snat_ports_and_node_ports_get_their_own_answer
         &["--snat-port-range", "40000-40003"],
     );
     let node = &c.lab.nodes[0];
+    // Each flow closed both ways before the test goes on: a connection of the node's racing a
+    // flow's last packets for its tuple would find it open (and lose its first SYN).
     let flow_port = |i: usize| {
-        let answer = apps::tcp_ask(&c.lab.client, c.node(0, 30600))
+        let answer = apps::TcpSession::connect(&c.lab.client, c.node(0, 30600))
+            .and_then(|mut s| {
+                let answer = s.ask("hello")?;
+                s.finish()?;
+                Ok(answer)
+            })
             .unwrap_or_else(|e| panic!("NodePort connection {i}: {e:#}"));
         parse_answer(&answer).expect("answer format").1.port()
     };
