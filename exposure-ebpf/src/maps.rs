@@ -70,10 +70,16 @@ static SNAT_PORT_LAST: u16 = SNAT_PORT_MAX;
 
 #[inline(always)]
 pub fn snat_ports() -> (u16, u16) {
+    loaded_range(&SNAT_PORT_FIRST, &SNAT_PORT_LAST)
+}
+
+/// A range the loader sets: read through volatile loads, or LLVM folds in the defaults.
+#[inline(always)]
+fn loaded_range(first: &'static u16, last: &'static u16) -> (u16, u16) {
     unsafe {
         (
-            core::ptr::read_volatile(&SNAT_PORT_FIRST),
-            core::ptr::read_volatile(&SNAT_PORT_LAST),
+            core::ptr::read_volatile(first),
+            core::ptr::read_volatile(last),
         )
     }
 }
@@ -88,12 +94,7 @@ static NODE_PORT_LAST: u16 = NODE_PORT_MAX;
 /// Whether a port (host order) is in the NodePort range.
 #[inline(always)]
 pub fn is_node_port(port: u16) -> bool {
-    let (first, last) = unsafe {
-        (
-            core::ptr::read_volatile(&NODE_PORT_FIRST),
-            core::ptr::read_volatile(&NODE_PORT_LAST),
-        )
-    };
+    let (first, last) = loaded_range(&NODE_PORT_FIRST, &NODE_PORT_LAST);
     first <= port && port <= last
 }
 
@@ -192,6 +193,20 @@ fn flow_entry<V>(
     with_key(k, |k| v4.get_ptr_mut(k), |k| v6.get_ptr_mut(k))
 }
 
+/// Removes the entry if it is there (an LRU may have evicted it).
+#[inline(always)]
+fn remove_entry<V>(v4: &LruHashMap<FlowKey4, V>, v6: &LruHashMap<FlowKey, V>, k: &FlowKey) {
+    with_key(
+        k,
+        |k| {
+            let _ = v4.remove(k);
+        },
+        |k| {
+            let _ = v6.remove(k);
+        },
+    )
+}
+
 #[inline(always)]
 fn insert_entry<V>(
     v4: &LruHashMap<FlowKey4, V>,
@@ -220,28 +235,12 @@ pub fn insert_flow(key: &FlowKey, flow: &Flow, flags: u64) -> Result<(), ()> {
 
 #[inline(always)]
 pub fn remove_flow(key: &FlowKey) {
-    with_key(
-        key,
-        |k| {
-            let _ = FLOWS4.remove(k);
-        },
-        |k| {
-            let _ = FLOWS6.remove(k);
-        },
-    )
+    remove_entry(&FLOWS4, &FLOWS6, key)
 }
 
 #[inline(always)]
 pub fn remove_reply(key: &FlowKey) {
-    with_key(
-        key,
-        |k| {
-            let _ = REPLIES4.remove(k);
-        },
-        |k| {
-            let _ = REPLIES6.remove(k);
-        },
-    )
+    remove_entry(&REPLIES4, &REPLIES6, key)
 }
 
 #[inline(always)]
