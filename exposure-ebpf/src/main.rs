@@ -5,6 +5,7 @@
 #![no_main]
 
 mod forward;
+mod host;
 mod icmp;
 mod maps;
 mod nat;
@@ -15,7 +16,7 @@ use aya_ebpf::maps::{lpm_trie::Key, LruHashMap};
 use aya_ebpf::{
     bindings::{
         xdp_action, BPF_ANY, BPF_FIB_LKUP_RET_SUCCESS, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR,
-        BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC,
+        BPF_NOEXIST, TC_ACT_OK, TC_ACT_UNSPEC,
     },
     helpers::{bpf_ktime_get_coarse_ns, bpf_redirect_peer},
     macros::{classifier, xdp},
@@ -26,6 +27,7 @@ use exposure_common::*;
 
 use crate::{
     forward::{fib_query, hand_to_tc, next_hop, transmit},
+    host::host_connection,
     maps::*,
     nat::{rewrite, set_macs, Tuple},
     parse::*,
@@ -839,117 +841,6 @@ fn try_tc_egress(ctx: &TcContext) -> Result<i32, ()> {
         Parsed::Icmp(l4_off) => tc_icmp_error(ctx, l4_off),
         Parsed::Icmp6(l4_off) => tc_icmp6_error(ctx, l4_off),
         Parsed::Fragment | Parsed::Other => Ok(TC_ACT_UNSPEC),
-    }
-}
-
-/// A packet of the node's own connection leaving from one of its addresses (a socket bound there,
-/// or a connection the kernel NATed there: kube-proxy's masquerade picks source ports at random),
-/// on a port whose packets XDP takes: a SNAT port (its replies would go to a SNATed flow's client)
-/// or a frontend's (they would be a new flow to a backend). Its tuple back is held for the
-/// connection, so XDP leaves its packets to the kernel, and SNAT gives no flow that tuple.
-#[inline(always)]
-fn host_connection(ctx: &TcContext, p: &Packet) -> Result<i32, ()> {
-    let sport = port_host(p.sport);
-    let snat = is_snat_port(sport);
-    if !snat && !is_node_port(sport) {
-        return Ok(TC_ACT_UNSPEC);
-    }
-    if !is_node_addr(unsafe { (*ctx.skb.skb).ifindex }, &p.saddr) {
-        return Ok(TC_ACT_UNSPEC);
-    }
-    let key = FlowKey {
-        saddr: p.daddr,
-        daddr: p.saddr,
-        sport: p.dport,
-        dport: p.sport,
-        proto: p.proto,
-        _pad: [0; 3],
-    };
-    let now = now_ns();
-    let held = if snat {
-        hold_for_host(p, lookup_reply(&key), now, |taken| {
-            // The closing flow whose reply entry this was goes too (unless its client has
-            // started another since): its client's stragglers start a new flow rather than reach
-            // the peer as part of this connection.
-            if let Some(reply) = taken {
-                let client = client_key(reply, p.proto);
-                let same = |f: &Flow| f.snat_port == p.sport && f.snat_addr == p.saddr;
-                if lookup_flow(&client).is_some_and(|f| same(unsafe { &*f })) {
-                    remove_flow(&client);
-                }
-            }
-            insert_reply(&key, &host_entry::<Reply>(p, now), BPF_ANY as u64)
-        })
-    } else if serves_frontend(&p.saddr, p.sport, p.proto) {
-        hold_for_host(p, lookup_flow(&key), now, |taken| {
-            // Likewise its backend's stragglers, unless its SNAT port serves another flow now.
-            if let Some(flow) = taken {
-                let rk = reply_key(&key.saddr, key.sport, p.proto, flow);
-                let same = |r: &Reply| r.client_port == key.sport && r.client_addr == key.saddr;
-                if lookup_reply(&rk).is_some_and(|r| same(unsafe { &*r })) {
-                    remove_reply(&rk);
-                }
-            }
-            insert_flow(&key, &host_entry::<Flow>(p, now), BPF_ANY as u64)
-        })
-    } else {
-        true
-    };
-    if held {
-        Ok(TC_ACT_UNSPEC)
-    } else {
-        count(Counter::HostCollision);
-        Ok(TC_ACT_SHOT)
-    }
-}
-
-/// Holds the tuple of `held` (the entry there, if any) for the node's connection that `p` is a
-/// packet of; `take` writes the host's entry, given the flow's entry it replaces, if any. False
-/// when an open flow holds the tuple.
-#[inline(always)]
-fn hold_for_host<E: ConnState + Default>(
-    p: &Packet,
-    held: Option<*mut E>,
-    now: u64,
-    take: impl FnOnce(Option<&E>) -> Result<(), ()>,
-) -> bool {
-    let state = held.map(|e| {
-        let (flags, last_seen) = unsafe { (*e).state() };
-        (*flags, *last_seen)
-    });
-    match (host_claim(p.proto, p.tcp_flags, state, now), held) {
-        (HostClaim::Collision, _) => false,
-        (HostClaim::Refresh, Some(entry)) => {
-            touch(entry, || None::<*mut E>, p, true, now);
-            true
-        }
-        (_, held) => {
-            let flows = state.is_some_and(|(flags, _)| flags & FLOW_HOST == 0);
-            let _ = take(held.filter(|_| flows).map(|e| unsafe { &*e }));
-            true
-        }
-    }
-}
-
-/// A new entry held for the node's connection `p` is a packet of.
-#[inline(always)]
-fn host_entry<E: ConnState + Default>(p: &Packet, now: u64) -> E {
-    let mut entry = E::default();
-    let (flags, last_seen) = entry.state();
-    *flags = FLOW_HOST | FLOW_OPENING | conn_bits(p.proto, p.tcp_flags, true, 0);
-    *last_seen = now;
-    entry
-}
-
-/// Whether a frontend is on `addr:port`.
-#[inline(always)]
-fn serves_frontend(addr: &Addr, port: u16, proto: u8) -> bool {
-    if addr.is_v4() {
-        let key = key_words::frontend4(addr.v4_raw(), port, proto);
-        unsafe { FRONTENDS4.get(as_key(&key)) }.is_some()
-    } else {
-        let key = key_words::frontend6(addr, port, proto);
-        unsafe { FRONTENDS6.get(as_key(&key)) }.is_some()
     }
 }
 
