@@ -167,6 +167,15 @@ fn with_datapath_config(
     drop(peer);
 }
 
+/// [`with_datapath`] with the SNAT ports `first..=last` (`--snat-port-range`).
+fn with_snat_ports(first: u16, last: u16, test: impl FnOnce(&mut Harness) + Send + 'static) {
+    let capacity = exposure::datapath::Capacity {
+        snat_ports: exposure::datapath::PortRange { first, last },
+        ..Default::default()
+    };
+    with_datapath_config(capacity, test)
+}
+
 /// The `i`th of many client addresses, 250 to a /24 from 198.18.`subnet`.0 on.
 fn nth_client(subnet: u8, i: u16) -> Ipv4Addr {
     Ipv4Addr::new(198, 18, subnet + (i / 250) as u8, (i % 250) as u8 + 1)
@@ -1226,14 +1235,7 @@ fn udp_queries_end_after_30_s_and_streams_after_2_minutes() {
 
 #[test]
 fn a_configured_snat_port_range_is_the_one_flows_take_and_replies_come_back_on() {
-    let capacity = exposure::datapath::Capacity {
-        snat_ports: exposure::datapath::PortRange {
-            first: 40_000,
-            last: 40_099,
-        },
-        ..Default::default()
-    };
-    with_datapath_config(capacity, |h| {
+    with_snat_ports(40_000, 40_099, |h| {
         h.program(&hello(&[(REMOTE_POD, false)]));
         let mut ports = std::collections::BTreeSet::new();
         for i in 0..90u16 {
@@ -1316,14 +1318,7 @@ fn a_node_connection_on_a_closed_flows_snat_port_gets_its_own_replies() {
 
 #[test]
 fn new_flows_take_no_snat_port_a_node_connection_holds_until_it_closes() {
-    let capacity = exposure::datapath::Capacity {
-        snat_ports: exposure::datapath::PortRange {
-            first: 40_000,
-            last: 40_003,
-        },
-        ..Default::default()
-    };
-    with_datapath_config(capacity, |h| {
+    with_snat_ports(40_000, 40_003, |h| {
         h.program(&hello(&[(REMOTE_POD, false)]));
         // The node's connections to the remote pod hold three of the four ports; one is answered.
         for port in 40_000..40_003 {
@@ -1440,14 +1435,7 @@ fn a_node_connection_from_a_node_port_gets_its_own_replies() {
 
 #[test]
 fn a_node_connection_taking_a_closed_flows_tuple_leaves_the_flow_on_its_port_since_alone() {
-    let capacity = exposure::datapath::Capacity {
-        snat_ports: exposure::datapath::PortRange {
-            first: 40_000,
-            last: 40_003,
-        },
-        ..Default::default()
-    };
-    with_datapath_config(capacity, |h| {
+    with_snat_ports(40_000, 40_003, |h| {
         h.program(&hello(&[(REMOTE_POD, false)]));
         // A flow from a client's port is reset; new flows from others take its SNAT port too.
         let closed = (CLIENT, 41_000);
