@@ -2064,6 +2064,27 @@ fn ipv6_node_connections_on_a_reset_flows_snat_port_get_their_own_replies() {
 }
 
 #[test]
+fn an_ipv6_node_connection_from_a_node_port_gets_its_own_replies() {
+    with_datapath(|h| {
+        h.program(&hello6(&[(LOCAL_POD6, true)]));
+        let peer = (PEER_NODE6, 443);
+        let own = frame::FrameSpec6::tcp((NODE6, NODE_PORT), peer, SYN).build();
+        let (verdict, out) = h.tc(&own);
+        assert_eq!((verdict as i32, out), (TC_ACT_UNSPEC, own));
+        let mut answer = frame::FrameSpec6::tcp(peer, (NODE6, NODE_PORT), SYN | ACK);
+        answer.src_mac = h.peer_mac;
+        answer.dst_mac = h.node_mac;
+        let answer = answer.build();
+        assert_eq!(
+            h.xdp(&answer),
+            (XDP_PASS, answer),
+            "not a flow to the Service"
+        );
+        assert_eq!(h.counter(Counter::NewFlows), 0);
+    });
+}
+
+#[test]
 fn ipv6_without_endpoints_is_refused_with_icmpv6_port_unreachable() {
     with_datapath(|h| {
         h.program(&hello6(&[]));
