@@ -40,8 +40,9 @@ pub fn host_connection(ctx: &TcContext, p: &Packet) -> Result<i32, ()> {
             // the peer as part of this connection.
             if let Some(reply) = taken {
                 let client = client_key(reply, p.proto);
-                let same = |f: &Flow| f.snat_port == p.sport && f.snat_addr == p.saddr;
-                if lookup_flow(&client).is_some_and(|f| same(unsafe { &*f })) {
+                let replies_here =
+                    |f: &Flow| reply_key(&client.saddr, client.sport, p.proto, f) == key;
+                if lookup_flow(&client).is_some_and(|f| replies_here(unsafe { &*f })) {
                     remove_flow(&client);
                 }
             }
@@ -52,8 +53,8 @@ pub fn host_connection(ctx: &TcContext, p: &Packet) -> Result<i32, ()> {
             // Likewise its backend's stragglers, unless its SNAT port serves another flow now.
             if let Some(flow) = taken {
                 let rk = reply_key(&key.saddr, key.sport, p.proto, flow);
-                let same = |r: &Reply| r.client_port == key.sport && r.client_addr == key.saddr;
-                if lookup_reply(&rk).is_some_and(|r| same(unsafe { &*r })) {
+                let of_this_flow = |r: &Reply| client_key(r, p.proto) == key;
+                if lookup_reply(&rk).is_some_and(|r| of_this_flow(unsafe { &*r })) {
                     remove_reply(&rk);
                 }
             }
