@@ -24,9 +24,14 @@ pub const MAX_BACKENDS_PER_SERVICE: u32 = 65_535;
 /// own sockets never pick them.
 pub const SNAT_PORT_MIN: u16 = 61_000;
 pub const SNAT_PORT_MAX: u16 = 65_535;
-/// The default NodePort range (kube-apiserver's `--service-node-port-range`, `--node-port-range`).
-pub const NODE_PORT_MIN: u16 = 30_000;
-pub const NODE_PORT_MAX: u16 = 32_767;
+/// Words of `FRONTEND_PORTS`: one bit for each of the 65,536 ports.
+pub const FRONTEND_PORT_WORDS: u32 = 1024;
+
+/// Where a port's bit is in `FRONTEND_PORTS`: (word index, the bit in that word).
+#[inline(always)]
+pub fn port_bit(port: u16) -> (u32, u64) {
+    (u32::from(port >> 6), 1 << (port & 63))
+}
 /// How many candidate ports a new remote flow tries before giving up (bounded loop in BPF). With
 /// independent picks a flow finds none with probability (share taken)^tries: at 90% taken about
 /// 1 in 850 (netfilter's NAT gives up after a few hundred tries, in runs of 128 down to 16).
@@ -71,7 +76,8 @@ pub mod names {
     pub const AFFINITY: &str = "AFFINITY";
     pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
     pub const POD_IFACES: &str = "POD_IFACES";
-    pub const ALL: [&str; 16] = [
+    pub const FRONTEND_PORTS: &str = "FRONTEND_PORTS";
+    pub const ALL: [&str; 17] = [
         FRONTENDS4,
         FRONTENDS6,
         SERVICES,
@@ -88,6 +94,7 @@ pub mod names {
         AFFINITY,
         SOURCE_RANGES,
         POD_IFACES,
+        FRONTEND_PORTS,
     ];
     /// Maps of earlier builds (one map for both families), unpinned when found.
     pub const RETIRED: [&str; 3] = ["FRONTENDS", "FLOWS", "REPLIES"];
@@ -557,6 +564,20 @@ mod tests {
         assert_eq!(size_of::<AffinityKey>(), 4 + 16);
         assert_eq!(size_of::<SourceRange>(), 4 + 16);
         assert_eq!(size_of::<NodeAddrKey>(), 8);
+    }
+
+    #[test]
+    fn every_port_has_its_own_bit() {
+        let mut seen = [0u64; FRONTEND_PORT_WORDS as usize];
+        for port in 0..=u16::MAX {
+            let (word, bit) = port_bit(port);
+            assert_eq!(bit.count_ones(), 1, "{port}");
+            assert_eq!(seen[word as usize] & bit, 0, "{port} shares a bit");
+            seen[word as usize] |= bit;
+        }
+        assert!(seen.iter().all(|w| *w == u64::MAX));
+        assert_eq!(port_bit(30_080), (470, 1 << 0));
+        assert_eq!(port_bit(443), (6, 1 << 59));
     }
 
     #[test]

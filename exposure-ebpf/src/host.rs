@@ -18,7 +18,7 @@ use crate::{client_key, maps::*, now_ns, parse::Packet, reply_key, touch, ConnSt
 pub fn host_connection(ctx: &TcContext, p: &Packet) -> Result<i32, ()> {
     let sport = port_host(p.sport);
     let snat = is_snat_port(sport);
-    if !snat && !is_node_port(sport) {
+    if !snat && !is_frontend_port(sport) {
         return Ok(TC_ACT_UNSPEC);
     }
     if !is_node_addr(unsafe { (*ctx.skb.skb).ifindex }, &p.saddr) {

@@ -52,6 +52,10 @@ pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(Counter::COUNT, 0);
 /// filled by the agent from `--redirect-to-pods` / `--xdp-redirect-to-pods` name prefixes, else empty.
 #[map]
 pub static POD_IFACES: DevMapHash = DevMapHash::pinned(MAX_POD_IFACES, 0);
+/// One bit for each port some frontend is on ([`port_bit`]): the node's own connections from these
+/// ports are looked for among the frontends at tc egress.
+#[map]
+pub static FRONTEND_PORTS: Array<u64> = Array::pinned(FRONTEND_PORT_WORDS, 0);
 
 /// Set at load time: how local flows reach pods (`REDIRECT_*`). Off, a local flow costs no FIB lookup.
 #[no_mangle]
@@ -68,34 +72,22 @@ static SNAT_PORT_FIRST: u16 = SNAT_PORT_MIN;
 #[no_mangle]
 static SNAT_PORT_LAST: u16 = SNAT_PORT_MAX;
 
+/// Read through volatile loads, or LLVM folds in the defaults.
 #[inline(always)]
 pub fn snat_ports() -> (u16, u16) {
-    loaded_range(&SNAT_PORT_FIRST, &SNAT_PORT_LAST)
-}
-
-/// A range the loader sets: read through volatile loads, or LLVM folds in the defaults.
-#[inline(always)]
-fn loaded_range(first: &'static u16, last: &'static u16) -> (u16, u16) {
     unsafe {
         (
-            core::ptr::read_volatile(first),
-            core::ptr::read_volatile(last),
+            core::ptr::read_volatile(&SNAT_PORT_FIRST),
+            core::ptr::read_volatile(&SNAT_PORT_LAST),
         )
     }
 }
 
-/// Set at load time (the span of `--node-port-range`): the node's own connections from these
-/// ports are looked for among the frontends at tc egress.
-#[no_mangle]
-static NODE_PORT_FIRST: u16 = NODE_PORT_MIN;
-#[no_mangle]
-static NODE_PORT_LAST: u16 = NODE_PORT_MAX;
-
-/// Whether a port (host order) is in the NodePort range.
+/// Whether some frontend is on a port (host order).
 #[inline(always)]
-pub fn is_node_port(port: u16) -> bool {
-    let (first, last) = loaded_range(&NODE_PORT_FIRST, &NODE_PORT_LAST);
-    first <= port && port <= last
+pub fn is_frontend_port(port: u16) -> bool {
+    let (word, bit) = port_bit(port);
+    FRONTEND_PORTS.get(word).is_some_and(|w| w & bit != 0)
 }
 
 /// Whether a destination port (host order) is one replies of SNATed flows arrive on.

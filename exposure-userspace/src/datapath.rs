@@ -104,6 +104,7 @@ fn expected_layout(name: &str) -> Option<(u32, u32, u32)> {
         names::FRONTEND_STATS => sz(4, size_of::<Traffic>()),
         // Key and `struct bpf_devmap_val` (ifindex, program).
         names::POD_IFACES => with_flags(4, 8, BPF_F_RDONLY_PROG),
+        names::FRONTEND_PORTS => sz(4, 8),
         _ => None,
     }
 }
@@ -124,9 +125,6 @@ pub struct Capacity {
     pub redirect_to_pods: RedirectToPods,
     /// The source ports flows to remote backends are SNATed to (`--snat-port-range`).
     pub snat_ports: PortRange,
-    /// The span of `--node-port-range`: the node's own connections from these ports are checked
-    /// against the frontends at tc egress.
-    pub node_ports: PortRange,
 }
 
 /// An inclusive range of ports.
@@ -140,10 +138,6 @@ impl PortRange {
     pub const SNAT_DEFAULT: PortRange = PortRange {
         first: exposure_common::SNAT_PORT_MIN,
         last: exposure_common::SNAT_PORT_MAX,
-    };
-    pub const NODE_PORT_DEFAULT: PortRange = PortRange {
-        first: exposure_common::NODE_PORT_MIN,
-        last: exposure_common::NODE_PORT_MAX,
     };
 }
 
@@ -181,7 +175,6 @@ impl Default for Capacity {
             flows: exposure_common::MAX_FLOWS,
             redirect_to_pods: RedirectToPods::Off,
             snat_ports: PortRange::SNAT_DEFAULT,
-            node_ports: PortRange::NODE_PORT_DEFAULT,
         }
     }
 }
@@ -230,8 +223,6 @@ impl Datapath {
         loader.override_global("REDIRECT_TO_PODS", &redirect_to_pods, true);
         loader.override_global("SNAT_PORT_FIRST", &capacity.snat_ports.first, true);
         loader.override_global("SNAT_PORT_LAST", &capacity.snat_ports.last, true);
-        loader.override_global("NODE_PORT_FIRST", &capacity.node_ports.first, true);
-        loader.override_global("NODE_PORT_LAST", &capacity.node_ports.last, true);
         for name in names::ALL {
             if let Some(n) = capacity.of(name) {
                 loader.map_max_entries(name, n);
@@ -431,6 +422,7 @@ pub struct KernelMaps {
     pub affinity: HashMap<MapData, exposure_common::AffinityKey, exposure_common::Affinity>,
     pub source_ranges: aya::maps::LpmTrie<MapData, exposure_common::SourceRange, u32>,
     pub pod_ifaces: aya::maps::DevMapHash<MapData>,
+    pub frontend_ports: Array<MapData, u64>,
 }
 
 impl KernelMaps {
@@ -463,6 +455,7 @@ impl KernelMaps {
             pod_ifaces: open_map(pin_dir, names::POD_IFACES)
                 .map(Map::DevMapHash)?
                 .try_into()?,
+            frontend_ports: array(names::FRONTEND_PORTS)?.try_into()?,
         })
     }
 
@@ -604,6 +597,11 @@ impl DatapathMaps for KernelMaps {
         };
         already_gone(removed).with_context(|| format!("FRONTENDS {key:?}"))
     }
+    fn write_frontend_ports(&mut self, word: u32, bits: u64) -> anyhow::Result<()> {
+        self.frontend_ports
+            .set(word, bits, 0)
+            .with_context(|| format!("FRONTEND_PORTS[{word}]"))
+    }
     fn add_source_range(
         &mut self,
         service_id: u32,
@@ -713,6 +711,12 @@ impl DatapathMaps for KernelMaps {
             let v = item?;
             if v.addr != Addr::default() {
                 s.backends.insert(id as u32, v);
+            }
+        }
+        for (word, item) in self.frontend_ports.iter().enumerate() {
+            let bits = item?;
+            if bits != 0 {
+                s.frontend_ports.insert(word as u32, bits);
             }
         }
         Ok(s)

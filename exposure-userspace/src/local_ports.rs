@@ -74,11 +74,6 @@ impl PortSet {
         Ok(PortSet::new(ranges))
     }
 
-    /// The smallest range holding every port of the set (`None` when it is empty).
-    pub fn span(&self) -> Option<RangeInclusive<u16>> {
-        Some(*self.0.first()?.start()..=*self.0.last()?.end())
-    }
-
     pub fn union(&self, other: &PortSet) -> PortSet {
         PortSet::new(self.0.iter().chain(&other.0).cloned())
     }
@@ -196,13 +191,6 @@ mod tests {
         // Sorted, overlapping and adjacent ranges merged, as the kernel shows them.
         assert_eq!(set("8080,10-20,15-30,31,5").to_string(), "5,10-31,8080");
         assert_eq!(set("65535").to_string(), "65535");
-    }
-
-    #[test]
-    fn span_runs_from_the_first_port_to_the_last() {
-        assert_eq!(set("30000-32767").span(), Some(30000..=32767));
-        assert_eq!(set("40000,30000-32767").span(), Some(30000..=40000));
-        assert_eq!(set("").span(), None);
     }
 
     #[test]

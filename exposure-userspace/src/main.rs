@@ -218,13 +218,6 @@ fn main() -> anyhow::Result<()> {
                     maglev_entries: max_maglev_entries,
                     redirect_to_pods,
                     snat_ports: snat_port_range,
-                    node_ports: node_port_range.span().map_or(
-                        datapath::PortRange::NODE_PORT_DEFAULT,
-                        |span| datapath::PortRange {
-                            first: *span.start(),
-                            last: *span.end(),
-                        },
-                    ),
                 },
                 pod_iface_prefixes,
                 reserve_local_ports: reserve_local_ports

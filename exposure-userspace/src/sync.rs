@@ -37,6 +37,8 @@ pub struct Snapshot {
     pub backends: BTreeMap<u32, Backend>,
     /// `loadBalancerSourceRanges` entries: (service id, network address, prefix length).
     pub source_ranges: BTreeSet<(u32, Addr, u8)>,
+    /// `FRONTEND_PORTS`: only words with a bit set.
+    pub frontend_ports: BTreeMap<u32, u64>,
 }
 
 /// The writes the reconciler needs; the kernel maps implement it, and so does [`FakeMaps`] for tests.
@@ -48,6 +50,8 @@ pub trait DatapathMaps {
     fn write_service(&mut self, id: u32, service: &Service) -> anyhow::Result<()>;
     fn write_frontend(&mut self, key: &FrontendKey, frontend: &Frontend) -> anyhow::Result<()>;
     fn remove_frontend(&mut self, key: &FrontendKey) -> anyhow::Result<()>;
+    /// Writes word `word` of `FRONTEND_PORTS` (ports' bits by [`common::port_bit`]).
+    fn write_frontend_ports(&mut self, word: u32, bits: u64) -> anyhow::Result<()>;
     fn add_source_range(
         &mut self,
         service_id: u32,
@@ -304,6 +308,11 @@ pub struct Reconciler {
     /// Ids that may have lost their last service, or were handed out and perhaps never written
     /// (with the address they were handed out for): settled at the end of a reconcile.
     maybe_unused: BTreeMap<u32, (IpAddr, u16)>,
+    /// `FRONTEND_PORTS` as written: words with a bit set.
+    frontend_ports: BTreeMap<u32, u64>,
+    /// `FRONTEND_PORTS` may not match the frontends: restored (a pin of an earlier build may lack
+    /// it), frontends changed, or a write failed.
+    frontend_ports_stale: bool,
 }
 
 fn frontend_key(f: &FrontendAddr) -> FrontendKey {
@@ -413,6 +422,8 @@ impl Reconciler {
             backends: snapshot.backends,
             backend_refs,
             maybe_unused,
+            frontend_ports: snapshot.frontend_ports,
+            frontend_ports_stale: true,
         }
     }
 
@@ -567,7 +578,49 @@ impl Reconciler {
             }
         }
         self.settle_unused_backends(maps, &mut report);
+        if report.frontends_changed || self.frontend_ports_stale {
+            self.sync_frontend_ports(maps, &mut report);
+        }
         report
+    }
+
+    /// Brings `FRONTEND_PORTS` to the ports of the frontends in the maps (the node's connections
+    /// from those ports are looked for among the frontends at tc egress).
+    fn sync_frontend_ports(&mut self, maps: &mut dyn DatapathMaps, report: &mut SyncReport) {
+        let mut wanted: BTreeMap<u32, u64> = BTreeMap::new();
+        for key in self.frontends.keys() {
+            let (word, bit) = common::port_bit(common::port_host(key.port));
+            *wanted.entry(word).or_default() |= bit;
+        }
+        let words: BTreeSet<u32> = wanted
+            .keys()
+            .chain(self.frontend_ports.keys())
+            .copied()
+            .collect();
+        self.frontend_ports_stale = false;
+        for word in words {
+            let bits = wanted.get(&word).copied().unwrap_or(0);
+            if self.frontend_ports.get(&word).copied().unwrap_or(0) == bits {
+                continue;
+            }
+            match maps.write_frontend_ports(word, bits) {
+                Ok(()) => {
+                    if bits == 0 {
+                        self.frontend_ports.remove(&word);
+                    } else {
+                        self.frontend_ports.insert(word, bits);
+                    }
+                    report.writes += 1;
+                }
+                Err(e) => {
+                    self.frontend_ports_stale = true;
+                    report.errors.push(SyncError::Write {
+                        service: format!("frontend ports (word {word})"),
+                        source: e,
+                    });
+                }
+            }
+        }
     }
 
     /// Clears the backends no service uses any more, and hands back ids given out for backends
@@ -986,6 +1039,15 @@ impl DatapathMaps for FakeMaps {
         self.check();
         Ok(())
     }
+    fn write_frontend_ports(&mut self, word: u32, bits: u64) -> anyhow::Result<()> {
+        self.write()?;
+        if bits == 0 {
+            self.state.frontend_ports.remove(&word);
+        } else {
+            self.state.frontend_ports.insert(word, bits);
+        }
+        Ok(())
+    }
     fn reset_frontend_stats(&mut self, id: u32) -> anyhow::Result<()> {
         self.write()?;
         self.stats_resets.push(id);
@@ -1249,6 +1311,64 @@ mod tests {
         assert_eq!(maps.state.services.len(), 1);
         assert_eq!(maps.state.backends.len(), 2);
         assert_eq!(live_backends(&maps, &fe(10, 30001)).len(), 2);
+    }
+
+    /// The ports `FRONTEND_PORTS` holds a bit for.
+    fn frontend_ports(maps: &FakeMaps) -> Vec<u16> {
+        (0..=u16::MAX)
+            .filter(|port| {
+                let (word, bit) = common::port_bit(*port);
+                maps.state
+                    .frontend_ports
+                    .get(&word)
+                    .is_some_and(|w| w & bit != 0)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn frontend_ports_hold_the_ports_of_the_frontends_in_the_maps() {
+        let mut maps = FakeMaps::default();
+        let mut r = Reconciler::restore(Snapshot::default(), Limits::default());
+        let mut with_lb = service(30002, &[(2, false)]);
+        with_lb.frontends.insert(
+            FrontendAddr {
+                ip: IpAddr::from([198, 18, 0, 10]),
+                port: 443,
+                protocol: Protocol::Tcp,
+            },
+            FrontendKind::LoadBalancer,
+        );
+        let a = ("a", service(30001, &[(1, false)]));
+        r.reconcile(&state(&[a.clone(), ("b", with_lb)]), &mut maps);
+        assert_eq!(frontend_ports(&maps), [443, 30001, 30002]);
+        // A port stays while any frontend is on it.
+        let mut one_node = service(30001, &[(1, false)]);
+        one_node
+            .frontends
+            .retain(|f, _| f.ip == IpAddr::from([198, 18, 0, 11]));
+        let report = r.reconcile(&state(&[("a", one_node)]), &mut maps);
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert_eq!(frontend_ports(&maps), [30001]);
+        // Pins of a build without the map: the restarted agent fills it in.
+        let only_a = state(&[a]);
+        r.reconcile(&only_a, &mut maps);
+        maps.state.frontend_ports.clear();
+        let mut restarted = Reconciler::restore(maps.snapshot().unwrap(), Limits::default());
+        let report = restarted.reconcile(&only_a, &mut maps);
+        assert_eq!(report.writes, 1, "the port's word, nothing else");
+        assert_eq!(frontend_ports(&maps), [30001]);
+        // A failed write is retried at the next sync, though nothing else changed.
+        let mut failing = maps;
+        failing.state.frontend_ports.clear();
+        failing.fail_at_write = Some(failing.writes + 1);
+        let mut restarted = Reconciler::restore(failing.snapshot().unwrap(), Limits::default());
+        let report = restarted.reconcile(&only_a, &mut failing);
+        assert_eq!(report.errors.len(), 1);
+        assert!(frontend_ports(&failing).is_empty());
+        let report = restarted.reconcile(&only_a, &mut failing);
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert_eq!(frontend_ports(&failing), [30001]);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::{
 use exposure_lab::{
     agent::{pin_dir, Agent, Source},
     apps::{self, parse_answer, Server, TcpSession, UdpSession},
-    lab::{lb_ip, Lab, CLIENT_IP},
+    lab::{lb_ip, node_ip, Lab, CLIENT_IP},
     netns::unique_prefix,
 };
 
@@ -356,13 +356,26 @@ fn the_nodes_own_connections_stay_off_nodeports_and_snat_ports() {
 /// The node's own connections may leave from ports whose packets XDP takes all the same (a socket
 /// bound there; kube-proxy's masquerade picks source ports at random, reservations or not): one
 /// from the SNAT port a closed flow to the same pod had gets its own answers, and flows leave the
-/// port to it while it is open; one from a NodePort's port gets its answers, not the Service.
+/// port to it while it is open; one from a frontend's port (a NodePort, an externalIP that is the
+/// node's address) gets its answers, not the Service.
 #[test]
-fn the_nodes_own_connections_from_snat_ports_and_node_ports_get_their_own_answers() {
+fn the_nodes_own_connections_from_snat_ports_and_frontends_ports_get_their_own_answers() {
     // The Service's only endpoint is on node-2, and node-1 has four SNAT ports to reuse.
+    let endpoints = all_pods(&[0, 1]);
+    let eps: Vec<(Ipv4Addr, &str)> = endpoints.iter().map(|(ip, n)| (*ip, n.as_str())).collect();
+    let on_node = service(
+        "on-node",
+        "ClusterIP",
+        "  - {name: t, protocol: TCP, port: 8443, targetPort: 50000}\n",
+        &format!("  externalIPs: [{}]\n", node_ip(0)),
+    ) + "---\n"
+        + &slice("on-node", "- {name: t, protocol: TCP, port: 50000}\n", &eps);
     let c = Cluster::start_with(
         &[1, 1],
-        &[("svc.yaml", hello_world(&all_pods(&[0, 1])))],
+        &[
+            ("svc.yaml", hello_world(&endpoints)),
+            ("on-node.yaml", on_node),
+        ],
         &["--snat-port-range", "40000-40003"],
     );
     let node = &c.lab.nodes[0];
@@ -396,17 +409,23 @@ fn the_nodes_own_connections_from_snat_ports_and_node_ports_get_their_own_answer
         .expect("the node's connection still answered");
     assert_eq!(parse_answer(&answer).expect("answer format").0, "pod-2-1");
 
-    // A server outside, reached from the NodePort's port.
+    // A server outside, reached from the NodePort's port and from the externalIP's, which the
+    // Service is on too.
     let _outside = apps::serve(&c.lab.client, 50000, "outside").expect("server");
-    let from = SocketAddr::from((node.ip, 30600));
     let to = SocketAddr::from((CLIENT_IP, 50000));
-    let answer = apps::TcpSession::connect_from(&node.ns, from, to)
-        .and_then(|mut s| s.ask("hello"))
-        .unwrap_or_else(|e| panic!("the node's connection from {from}: {e:#}"));
-    assert_eq!(
-        parse_answer(&answer).expect("answer format"),
-        ("outside", from)
-    );
+    for port in [30600, 8443] {
+        let from = SocketAddr::from((node.ip, port));
+        let answer = apps::tcp_ask(&c.lab.client, from)
+            .unwrap_or_else(|e| panic!("the Service at {from}: {e:#}"));
+        assert_eq!(parse_answer(&answer).expect("answer format").0, "pod-2-1");
+        let answer = apps::TcpSession::connect_from(&node.ns, from, to)
+            .and_then(|mut s| s.ask("hello"))
+            .unwrap_or_else(|e| panic!("the node's connection from {from}: {e:#}"));
+        assert_eq!(
+            parse_answer(&answer).expect("answer format"),
+            ("outside", from)
+        );
+    }
     let metrics = exposure_lab::agent::metrics(node).expect("metrics");
     assert!(
         metrics.contains("exposure_datapath_events_total{event=\"dropped_host_collision\"} 0"),

@@ -1434,6 +1434,44 @@ fn a_node_connection_from_a_node_port_gets_its_own_replies() {
 }
 
 #[test]
+fn a_node_connection_from_a_frontends_port_outside_the_node_port_range_gets_its_own_replies() {
+    with_datapath(|h| {
+        // An externalIP that is the node's own address (as k3s's ServiceLB gives LoadBalancers),
+        // on a port no NodePort range holds.
+        let with_external_ip = |port: Option<u16>| {
+            let mut state = hello(&[(LOCAL_POD, true)]);
+            for (name, s) in state.services.iter_mut() {
+                let frontend = |port| FrontendAddr {
+                    ip: NODE.into(),
+                    port,
+                    protocol: name.protocol,
+                };
+                let s = std::sync::Arc::make_mut(s);
+                s.frontends
+                    .extend(port.map(|p| (frontend(p), FrontendKind::ExternalIp)));
+            }
+            state
+        };
+        h.program(&with_external_ip(Some(8443)));
+        let peer = (PEER_NODE, 443);
+        let own = FrameSpec::tcp((NODE, 8443), peer, SYN).build();
+        assert_eq!(h.tc(&own).0 as i32, TC_ACT_UNSPEC);
+        let answer = h.peer_frame(FrameSpec::tcp(peer, (NODE, 8443), SYN | ACK));
+        assert_eq!(
+            h.xdp(&answer),
+            (XDP_PASS, answer),
+            "the node's, not a flow to the Service"
+        );
+        assert_eq!(h.counter(Counter::NewFlows), 0);
+        // With the frontend gone, the port holds nothing.
+        h.program(&with_external_ip(None));
+        let own = FrameSpec::tcp((NODE, 8443), (PEER_NODE, 444), SYN).build();
+        assert_eq!(h.tc(&own).0 as i32, TC_ACT_UNSPEC);
+        assert_eq!(h.maps.flows4.iter().count(), 1, "the first connection's");
+    });
+}
+
+#[test]
 fn a_node_connection_taking_a_closed_flows_tuple_leaves_the_flow_on_its_port_since_alone() {
     with_snat_ports(40_000, 40_003, |h| {
         h.program(&hello(&[(REMOTE_POD, false)]));
