@@ -119,8 +119,7 @@ enum Command {
         snat_port_range: datapath::PortRange,
         /// The ports NodePorts are allocated from (kube-apiserver's --service-node-port-range), as
         /// `MIN-MAX` (or a list: `30000-32767,40000`). Reserved with the SNAT ports from the
-        /// node's ephemeral ports, see --reserve-local-ports; the node's own connections from
-        /// these ports keep their replies from the datapath.
+        /// node's ephemeral ports, see --reserve-local-ports.
         #[arg(long, default_value = "30000-32767", value_parser = port_set)]
         node_port_range: exposure::local_ports::PortSet,
         /// Add the NodePort and SNAT port ranges to net.ipv4.ip_local_reserved_ports, so the node's
