@@ -9,19 +9,22 @@ use exposure_common::*;
 
 use crate::{client_key, maps::*, now_ns, parse::Packet, reply_key, touch, ConnState};
 
-/// A packet of the node's own connection leaving from one of its addresses (a socket bound there,
-/// or a connection the kernel NATed there: kube-proxy's masquerade picks source ports at random),
-/// on a port whose packets XDP takes: a SNAT port (its replies would go to a SNATed flow's client)
-/// or a frontend's (they would be a new flow to a backend). Its tuple back is held for the
-/// connection, so XDP leaves its packets to the kernel, and SNAT gives no flow that tuple.
+/// A packet of the node's own connection (a socket bound there, or a connection the kernel NATed
+/// there: kube-proxy's masquerade picks source ports at random) leaving from a tuple whose
+/// packets XDP takes: the SNAT address and a SNAT port (its replies would go to a SNATed flow's
+/// client), or a frontend's address and port (they would be a new flow to a backend: a NodePort
+/// on any of the node's addresses, an externalIP or LoadBalancer IP the node has). Its tuple back
+/// is held for the connection, so XDP leaves its packets to the kernel, and SNAT gives no flow
+/// that tuple.
 #[inline(always)]
 pub fn host_connection(ctx: &TcContext, p: &Packet) -> Result<i32, ()> {
     let sport = port_host(p.sport);
     let snat = is_snat_port(sport);
-    if !snat && !is_frontend_port(sport) {
-        return Ok(TC_ACT_UNSPEC);
-    }
-    if !is_node_addr(unsafe { (*ctx.skb.skb).ifindex }, &p.saddr) {
+    if snat {
+        if !is_node_addr(unsafe { (*ctx.skb.skb).ifindex }, &p.saddr) {
+            return Ok(TC_ACT_UNSPEC);
+        }
+    } else if !is_frontend_port(sport) || !serves_frontend(&p.saddr, p.sport, p.proto) {
         return Ok(TC_ACT_UNSPEC);
     }
     let key = FlowKey {
@@ -48,7 +51,7 @@ pub fn host_connection(ctx: &TcContext, p: &Packet) -> Result<i32, ()> {
             }
             insert_reply(&key, &host_entry::<Reply>(p, now), BPF_ANY as u64)
         })
-    } else if serves_frontend(&p.saddr, p.sport, p.proto) {
+    } else {
         hold_for_host(p, lookup_flow(&key), now, |taken| {
             // Likewise its backend's stragglers, unless its SNAT port serves another flow now.
             if let Some(flow) = taken {
@@ -60,8 +63,6 @@ pub fn host_connection(ctx: &TcContext, p: &Packet) -> Result<i32, ()> {
             }
             insert_flow(&key, &host_entry::<Flow>(p, now), BPF_ANY as u64)
         })
-    } else {
-        true
     };
     if held {
         Ok(TC_ACT_UNSPEC)

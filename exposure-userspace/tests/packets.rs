@@ -1434,40 +1434,51 @@ fn a_node_connection_from_a_node_port_gets_its_own_replies() {
 }
 
 #[test]
-fn a_node_connection_from_a_frontends_port_outside_the_node_port_range_gets_its_own_replies() {
+fn a_node_connection_from_any_frontends_address_and_port_gets_its_own_replies() {
     with_datapath(|h| {
-        // An externalIP that is the node's own address (as k3s's ServiceLB gives LoadBalancers),
-        // on a port no NodePort range holds.
-        let with_external_ip = |port: Option<u16>| {
+        // Besides the NodePort on the node's (SNAT) address and the LB IP: an externalIP that is
+        // the node's address (as k3s's ServiceLB gives LoadBalancers) on a port no NodePort range
+        // holds, and the NodePort on a second address of the node.
+        let second = Ipv4Addr::new(198, 18, 0, 11);
+        let with_more = |more: bool| {
             let mut state = hello(&[(LOCAL_POD, true)]);
             for (name, s) in state.services.iter_mut() {
-                let frontend = |port| FrontendAddr {
-                    ip: NODE.into(),
+                let at = |ip: Ipv4Addr, port| FrontendAddr {
+                    ip: ip.into(),
                     port,
                     protocol: name.protocol,
                 };
                 let s = std::sync::Arc::make_mut(s);
-                s.frontends
-                    .extend(port.map(|p| (frontend(p), FrontendKind::ExternalIp)));
+                if more {
+                    s.frontends.insert(at(NODE, 8443), FrontendKind::ExternalIp);
+                    s.frontends
+                        .insert(at(second, NODE_PORT), FrontendKind::NodePort);
+                }
             }
             state
         };
-        h.program(&with_external_ip(Some(8443)));
-        let peer = (PEER_NODE, 443);
-        let own = FrameSpec::tcp((NODE, 8443), peer, SYN).build();
-        assert_eq!(h.tc(&own).0 as i32, TC_ACT_UNSPEC);
-        let answer = h.peer_frame(FrameSpec::tcp(peer, (NODE, 8443), SYN | ACK));
-        assert_eq!(
-            h.xdp(&answer),
-            (XDP_PASS, answer),
-            "the node's, not a flow to the Service"
-        );
+        h.program(&with_more(true));
+        // The LB IP as the node's (kube-vip puts it on the node's interface).
+        let frontends = [(NODE, 8443), (second, NODE_PORT), (LB, 60000)];
+        for (i, from) in frontends.into_iter().enumerate() {
+            let peer = (PEER_NODE, 443 + i as u16);
+            let own = FrameSpec::tcp(from, peer, SYN).build();
+            assert_eq!(h.tc(&own).0 as i32, TC_ACT_UNSPEC, "{from:?}");
+            let answer = h.peer_frame(FrameSpec::tcp(peer, from, SYN | ACK));
+            assert_eq!(
+                h.xdp(&answer),
+                (XDP_PASS, answer),
+                "from {from:?}: the node's, not a flow to the Service"
+            );
+        }
         assert_eq!(h.counter(Counter::NewFlows), 0);
-        // With the frontend gone, the port holds nothing.
-        h.program(&with_external_ip(None));
-        let own = FrameSpec::tcp((NODE, 8443), (PEER_NODE, 444), SYN).build();
-        assert_eq!(h.tc(&own).0 as i32, TC_ACT_UNSPEC);
-        assert_eq!(h.maps.flows4.iter().count(), 1, "the first connection's");
+        // With those frontends gone, their tuples hold nothing.
+        h.program(&with_more(false));
+        for from in [(NODE, 8443), (second, NODE_PORT)] {
+            let own = FrameSpec::tcp(from, (PEER_NODE, 500), SYN).build();
+            assert_eq!(h.tc(&own).0 as i32, TC_ACT_UNSPEC);
+        }
+        assert_eq!(h.maps.flows4.iter().count(), 3, "the first connections'");
     });
 }
 
