@@ -2,7 +2,7 @@
 //! Both sources — a manifest directory and the Kubernetes API — go through the same model and sync.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeSet, HashMap},
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     sync::{atomic::Ordering, Arc},
@@ -11,6 +11,7 @@ use std::{
 
 use anyhow::{bail, Context as _};
 use aya::programs::XdpMode;
+use exposure_common::NodeAddrKey;
 
 use crate::{
     datapath::{self, Capacity, Datapath, KernelMaps},
@@ -120,18 +121,15 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
 
     let mut dp = Datapath::load_with(&cfg.pin_dir, cfg.capacity)?;
     let mut maps = KernelMaps::open(&cfg.pin_dir)?;
-    for iface in &ifaces {
-        match iface.first_of(false) {
-            Some(addr) => maps.set_node_addr(iface.index, addr)?,
-            None => tracing::warn!(
-                iface = iface.name,
-                "no IPv4 address: no IPv4 NodePorts and no IPv4 SNAT source on it"
-            ),
-        }
-        if let Some(addr) = iface.first_of(true) {
-            maps.set_node_addr(iface.index, addr)?;
-        }
+    for iface in ifaces.iter().filter(|i| i.first_of(false).is_none()) {
+        tracing::warn!(
+            iface = iface.name,
+            "no IPv4 address (yet): no IPv4 NodePorts and no IPv4 SNAT source on it"
+        );
     }
+    // What the pins hold may be an earlier run's: addresses change while no agent runs.
+    let mut snat_sources = maps.snat_sources()?;
+    update_snat_sources(&mut maps, &mut snat_sources, netdev::snat_sources(&ifaces));
     if cfg.pod_iface_prefixes.is_empty() {
         // Without a redirect flag, flows an earlier run redirected go back to the stack.
         maps.set_pod_ifaces(&Default::default())
@@ -212,9 +210,12 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 }
             }
         }
-        let iface_addrs: Option<Vec<IpAddr>> = netdev::interfaces(&cfg.ifaces)
-            .ok()
-            .map(|ifs| ifs.into_iter().flat_map(|i| i.addrs).collect());
+        let ifaces_now = netdev::interfaces(&cfg.ifaces).ok();
+        if let Some(ifs) = &ifaces_now {
+            update_snat_sources(&mut maps, &mut snat_sources, netdev::snat_sources(ifs));
+        }
+        let iface_addrs: Option<Vec<IpAddr>> =
+            ifaces_now.map(|ifs| ifs.into_iter().flat_map(|i| i.addrs).collect());
         let iface_addrs = iface_addrs
             .or_else(|| last_node_addrs.clone())
             .unwrap_or_default();
@@ -350,6 +351,46 @@ fn serve_metrics(listener: tokio::net::TcpListener, metrics: Arc<Metrics>, pin_d
             _ => health::Response::new(404, "text/plain", "not found\n"),
         });
     tokio::spawn(health::serve(listener, route));
+}
+
+/// Brings `NODE_ADDRS` (each interface's SNAT source per family; `had`: what it holds) to `want`,
+/// so flows to remote backends leave from an address the node has now (as Cilium follows the
+/// node's addresses). A write that fails is tried again at the next tick.
+fn update_snat_sources(
+    maps: &mut KernelMaps,
+    had: &mut HashMap<NodeAddrKey, IpAddr>,
+    want: HashMap<NodeAddrKey, IpAddr>,
+) {
+    for (key, addr) in &want {
+        if had.get(key) == Some(addr) {
+            continue;
+        }
+        match maps.set_node_addr(key.ifindex, *addr) {
+            Ok(()) => {
+                tracing::info!(ifindex = key.ifindex, %addr, "SNAT source address");
+                had.insert(*key, *addr);
+            }
+            Err(e) => tracing::warn!(error = %format!("{e:#}"), "cannot set the SNAT source"),
+        }
+    }
+    let gone: Vec<NodeAddrKey> = had
+        .keys()
+        .filter(|k| !want.contains_key(k))
+        .copied()
+        .collect();
+    for key in gone {
+        match maps.clear_node_addr(&key) {
+            Ok(()) => {
+                tracing::info!(
+                    ifindex = key.ifindex,
+                    family = key.family,
+                    "no SNAT source address any more"
+                );
+                had.remove(&key);
+            }
+            Err(e) => tracing::warn!(error = %format!("{e:#}"), "cannot clear the SNAT source"),
+        }
+    }
 }
 
 /// XDP cannot resolve ARP or neighbour discovery; the kernel does when it has something to send

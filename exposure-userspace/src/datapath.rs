@@ -470,6 +470,23 @@ impl KernelMaps {
         Ok(())
     }
 
+    /// The SNAT source addresses in `NODE_ADDRS`.
+    pub fn snat_sources(
+        &self,
+    ) -> anyhow::Result<std::collections::HashMap<NodeAddrKey, std::net::IpAddr>> {
+        let mut sources = std::collections::HashMap::new();
+        for item in self.node_addrs.iter() {
+            let (key, addr) = item.context("reading NODE_ADDRS")?;
+            sources.insert(key, std::net::IpAddr::from(addr));
+        }
+        Ok(sources)
+    }
+
+    /// No SNAT source for that interface and family (it has no address of that family now).
+    pub fn clear_node_addr(&mut self, key: &NodeAddrKey) -> anyhow::Result<()> {
+        already_gone(self.node_addrs.remove(key)).with_context(|| format!("NODE_ADDRS {key:?}"))
+    }
+
     /// Counter totals over all CPUs.
     pub fn counters(&self) -> anyhow::Result<Vec<(Counter, u64)>> {
         Counter::ALL

@@ -1,8 +1,12 @@
 //! The node's interfaces: index and addresses (the NodePort addresses; IPv6 link-local ones excluded).
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+};
 
 use anyhow::Context as _;
+use exposure_common::{Addr, NodeAddrKey};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Interface {
@@ -17,6 +21,25 @@ impl Interface {
     pub fn first_of(&self, v6: bool) -> Option<IpAddr> {
         self.addrs.iter().copied().find(|a| a.is_ipv6() == v6)
     }
+}
+
+/// The address flows leaving each interface are SNATed to, per family (`NODE_ADDRS`): its first
+/// one of that family. An interface with none has no entry for that family.
+pub fn snat_sources(ifaces: &[Interface]) -> HashMap<NodeAddrKey, IpAddr> {
+    let mut sources = HashMap::new();
+    for iface in ifaces {
+        for addr in [false, true]
+            .into_iter()
+            .filter_map(|v6| iface.first_of(v6))
+        {
+            let key = NodeAddrKey {
+                ifindex: iface.index,
+                family: Addr::from(addr).family(),
+            };
+            sources.insert(key, addr);
+        }
+    }
+    sources
 }
 
 /// Looks up each named interface; a missing one is an error (a typo should not silently expose nothing).
@@ -138,6 +161,37 @@ mod tests {
         assert!(lo[0].index > 0);
         let err = interfaces(&["no-such-if0".to_string()]).unwrap_err();
         assert!(format!("{err:#}").contains("no-such-if0"));
+    }
+
+    #[test]
+    fn each_interface_is_snated_to_its_first_address_of_each_family() {
+        let iface = |index, addrs: &[&str]| Interface {
+            name: format!("eth{index}"),
+            index,
+            addrs: addrs.iter().map(|a| a.parse().unwrap()).collect(),
+        };
+        let sources = snat_sources(&[
+            iface(2, &["198.18.0.10", "198.18.0.110", "2001:2::10"]),
+            iface(3, &["2001:2::30", "2001:2::31"]),
+            iface(4, &[]),
+        ]);
+        let key = |ifindex, v6: bool| NodeAddrKey {
+            ifindex,
+            family: if v6 {
+                exposure_common::FAMILY_V6
+            } else {
+                exposure_common::FAMILY_V4
+            },
+        };
+        let want: HashMap<NodeAddrKey, IpAddr> = [
+            (key(2, false), "198.18.0.10"),
+            (key(2, true), "2001:2::10"),
+            (key(3, true), "2001:2::30"),
+        ]
+        .into_iter()
+        .map(|(k, a)| (k, a.parse().unwrap()))
+        .collect();
+        assert_eq!(sources, want);
     }
 
     #[test]

@@ -433,6 +433,35 @@ fn the_nodes_own_connections_from_snat_ports_and_frontends_ports_get_their_own_a
     );
 }
 
+/// The node's address changes while the agent runs (as a DHCP lease can): the NodePort moves to
+/// the new address, and flows to a remote pod are SNATed to it, not to the one the node lost.
+#[test]
+fn a_renumbered_node_serves_and_snats_from_its_new_address() {
+    let c = Cluster::start(&[1, 1], &[("svc.yaml", hello_world(&all_pods(&[0, 1])))]);
+    let node = &c.lab.nodes[0];
+    let new_ip = Ipv4Addr::new(198, 18, 0, 110);
+    // The new address first, then the old one goes (the kernel promotes the new to primary).
+    node.ns
+        .sysctl("net.ipv4.conf.eth0.promote_secondaries", "1")
+        .unwrap();
+    node.ns
+        .ip(&format!("addr add {new_ip}/24 dev eth0"))
+        .unwrap();
+    node.ns
+        .ip(&format!("addr del {}/24 dev eth0", node.ip))
+        .unwrap();
+    let to = SocketAddr::from((new_ip, 30600));
+    c.eventually(
+        "node-2's pod answers through the new address, seeing it as the source",
+        || {
+            apps::tcp_ask(&c.lab.client, to).is_ok_and(|answer| {
+                parse_answer(&answer)
+                    .is_some_and(|(who, seen)| who == "pod-2-1" && seen.ip() == IpAddr::V4(new_ip))
+            })
+        },
+    );
+}
+
 #[test]
 fn traffic_that_is_not_for_a_service_is_untouched() {
     let c = Cluster::start(&[1, 1], &[("hello.yaml", hello_world(&all_pods(&[1, 1])))]);
