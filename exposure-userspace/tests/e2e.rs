@@ -158,9 +158,10 @@ fn service(name: &str, svc_type: &str, ports: &str, extra: &str) -> String {
 }
 
 /// An EndpointSlice for `svc` listing `endpoints` (ip, node) on target port 50000.
-fn slice(svc: &str, ports: &str, endpoints: &[(Ipv4Addr, &str)]) -> String {
+fn slice(svc: &str, ports: &str, endpoints: &[(Ipv4Addr, impl AsRef<str>)]) -> String {
     let mut eps = String::new();
     for (ip, node) in endpoints {
+        let node = node.as_ref();
         eps += &format!("- addresses: [{ip}]\n  conditions: {{ready: true}}\n  nodeName: {node}\n");
     }
     if endpoints.is_empty() {
@@ -182,7 +183,6 @@ fn all_pods(pods: &[usize]) -> Vec<(Ipv4Addr, String)> {
 }
 
 fn hello_world(endpoints: &[(Ipv4Addr, String)]) -> String {
-    let eps: Vec<(Ipv4Addr, &str)> = endpoints.iter().map(|(ip, n)| (*ip, n.as_str())).collect();
     service(
         "hello-world",
         "NodePort",
@@ -192,7 +192,7 @@ fn hello_world(endpoints: &[(Ipv4Addr, String)]) -> String {
         + &slice(
             "hello-world",
             "- {name: \"\", protocol: TCP, port: 50000}\n",
-            &eps,
+            endpoints,
         )
 }
 
@@ -241,7 +241,6 @@ fn load_balancer_ip_on_tcp_and_udp() {
 #[test]
 fn external_traffic_policy_local_keeps_the_client_ip() {
     let eps = all_pods(&[1, 1]);
-    let eps: Vec<(Ipv4Addr, &str)> = eps.iter().map(|(ip, n)| (*ip, n.as_str())).collect();
     let manifest = service(
         "hello-local",
         "NodePort",
@@ -362,14 +361,17 @@ fn the_nodes_own_connections_stay_off_nodeports_and_snat_ports() {
 fn the_nodes_own_connections_from_snat_ports_and_frontends_ports_get_their_own_answers() {
     // The Service's only endpoint is on node-2, and node-1 has four SNAT ports to reuse.
     let endpoints = all_pods(&[0, 1]);
-    let eps: Vec<(Ipv4Addr, &str)> = endpoints.iter().map(|(ip, n)| (*ip, n.as_str())).collect();
     let on_node = service(
         "on-node",
         "ClusterIP",
         "  - {name: t, protocol: TCP, port: 8443, targetPort: 50000}\n",
         &format!("  externalIPs: [{}]\n", node_ip(0)),
     ) + "---\n"
-        + &slice("on-node", "- {name: t, protocol: TCP, port: 50000}\n", &eps);
+        + &slice(
+            "on-node",
+            "- {name: t, protocol: TCP, port: 50000}\n",
+            &endpoints,
+        );
     let c = Cluster::start_with(
         &[1, 1],
         &[
@@ -545,11 +547,13 @@ fn held_connections_survive_endpoint_changes_and_agent_restarts() {
 fn udp_clients_move_on_when_their_endpoint_is_removed() {
     let ports = "  - {name: udp, protocol: UDP, port: 53, targetPort: 50000, nodePort: 30053}\n";
     let echo = |endpoints: &[(Ipv4Addr, String)]| {
-        let eps: Vec<(Ipv4Addr, &str)> =
-            endpoints.iter().map(|(ip, n)| (*ip, n.as_str())).collect();
         service("dns", "NodePort", ports, "")
             + "---\n"
-            + &slice("dns", "- {name: udp, protocol: UDP, port: 50000}\n", &eps)
+            + &slice(
+                "dns",
+                "- {name: udp, protocol: UDP, port: 50000}\n",
+                endpoints,
+            )
     };
     let pods = all_pods(&[2, 2]);
     let c = Cluster::start(&[2, 2], &[("dns.yaml", echo(&pods))]);
@@ -893,7 +897,6 @@ fn health_check_node_port_tells_load_balancers_which_nodes_have_local_endpoints(
 #[test]
 fn client_ip_session_affinity_keeps_a_client_on_one_pod() {
     let eps = all_pods(&[2, 2]);
-    let eps: Vec<(Ipv4Addr, &str)> = eps.iter().map(|(ip, n)| (*ip, n.as_str())).collect();
     let manifest = service(
         "sticky",
         "NodePort",
@@ -1029,8 +1032,7 @@ fn xdp_redirect_to_pods_serves_local_pods_past_the_nodes_stack() {
 }
 
 fn redirect_to_pods_serves_local_pods(flags: &[&str], pod_gro: bool) {
-    let pods = all_pods(&[2, 1]);
-    let eps: Vec<(Ipv4Addr, &str)> = pods.iter().map(|(ip, n)| (*ip, n.as_str())).collect();
+    let eps = all_pods(&[2, 1]);
     let ports = "  - {name: tcp, protocol: TCP, port: 7, targetPort: 50000, nodePort: 30700}\n  - {name: udp, protocol: UDP, port: 7, targetPort: 50000, nodePort: 30700}\n";
     let manifest = service("echo", "NodePort", ports, "")
         + "---\n"
