@@ -310,8 +310,8 @@ pub struct Reconciler {
     maybe_unused: BTreeMap<u32, (IpAddr, u16)>,
     /// `FRONTEND_PORTS` as written: words with a bit set.
     frontend_ports: BTreeMap<u32, u64>,
-    /// `FRONTEND_PORTS` may not match the frontends: restored (a pin of an earlier build may lack
-    /// it), frontends changed, or a write failed.
+    /// `FRONTEND_PORTS` may not match the frontends though none changed: just restored (a pin of
+    /// an earlier build may lack it), or a write failed.
     frontend_ports_stale: bool,
 }
 
