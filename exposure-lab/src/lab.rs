@@ -92,6 +92,45 @@ fn veth(a: &Netns, a_name: &str, b: &Netns, b_name: &str) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// Node `n`'s `eth0` on the LAN bridge (with MAC `mac`, else a random one), addressed and up;
+/// returns the XDP_PASS program on its LAN port (frames the node's XDP program transmits with
+/// XDP_TX need an XDP program on the peer).
+fn plug_node(
+    lan: &Netns,
+    ns: &Netns,
+    n: usize,
+    mac: Option<&str>,
+) -> anyhow::Result<std::os::fd::OwnedFd> {
+    let port = format!("n{}", n + 1);
+    veth(ns, "eth0", lan, &port)?;
+    if let Some(mac) = mac {
+        ns.ip(&format!("link set eth0 address {mac}"))?;
+    }
+    lan.ip(&format!("link set {port} master br0 up"))?;
+    let peer_xdp = crate::xdp_pass::attach(lan, &port)?;
+    ns.ip(&format!("addr add {}/24 dev eth0", node_ip(n)))?;
+    ns.ip(&format!("addr add {}/64 dev eth0 nodad", node_ip6(n)))?;
+    ns.ip("link set eth0 up")?;
+    Ok(peer_xdp)
+}
+
+/// Node `n` reaches the other nodes' pods through them (host-gw style).
+fn route_to_other_nodes_pods(ns: &Netns, n: usize, nodes: usize) -> anyhow::Result<()> {
+    for m in (0..nodes).filter(|m| *m != n) {
+        ns.ip(&format!(
+            "route add 198.19.{}.0/24 via {}",
+            m + 1,
+            node_ip(m)
+        ))?;
+        ns.ip(&format!(
+            "-6 route add 2001:2:0:{}::/64 via {}",
+            m + 1,
+            node_ip6(m)
+        ))?;
+    }
+    Ok(())
+}
+
 impl Lab {
     /// Builds the lab with `pods[i]` pods on node i.
     pub fn new(prefix: &str, pods: &[usize]) -> anyhow::Result<Self> {
@@ -124,15 +163,7 @@ impl Lab {
 
         for (n, &pod_count) in pods.iter().enumerate() {
             let ns = Netns::create(&format!("{prefix}-node{}", n + 1))?;
-            let port = format!("n{}", n + 1);
-            veth(&ns, "eth0", &lab.lan, &port)?;
-            lab.lan.ip(&format!("link set {port} master br0 up"))?;
-            // Frames the node's XDP program transmits (XDP_TX) need an XDP program on the peer.
-            lab._peer_xdp
-                .push(crate::xdp_pass::attach(&lab.lan, &port)?);
-            ns.ip(&format!("addr add {}/24 dev eth0", node_ip(n)))?;
-            ns.ip(&format!("addr add {}/64 dev eth0 nodad", node_ip6(n)))?;
-            ns.ip("link set eth0 up")?;
+            lab._peer_xdp.push(plug_node(&lab.lan, &ns, n, None)?);
             ns.sysctl("net.ipv4.ip_forward", "1")?;
             ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
             for key in [
@@ -178,25 +209,23 @@ impl Lab {
             }
             lab.nodes.push(node);
         }
-        // Each node reaches the other nodes' pods through them (host-gw style).
         for (n, node) in lab.nodes.iter().enumerate() {
-            for m in 0..lab.nodes.len() {
-                if m != n {
-                    node.ns.ip(&format!(
-                        "route add 198.19.{}.0/24 via {}",
-                        m + 1,
-                        node_ip(m)
-                    ))?;
-                    node.ns.ip(&format!(
-                        "-6 route add 2001:2:0:{}::/64 via {}",
-                        m + 1,
-                        node_ip6(m)
-                    ))?;
-                }
-            }
+            route_to_other_nodes_pods(&node.ns, n, lab.nodes.len())?;
         }
         lab.warm_neighbours()?;
         Ok(lab)
+    }
+
+    /// Deletes node `n`'s `eth0` and makes it again, as a hot-plugged NIC or a rebuilt bond comes
+    /// back: the same name, MAC and addresses on a new interface, with nothing attached to it.
+    pub fn replug_node(&mut self, n: usize) -> anyhow::Result<()> {
+        let ns = &self.nodes[n].ns;
+        let mac = crate::netns::mac_text(ns.mac("eth0")?);
+        ns.ip("link del eth0")?;
+        self._peer_xdp
+            .push(plug_node(&self.lan, ns, n, Some(&mac))?);
+        route_to_other_nodes_pods(ns, n, self.nodes.len())?;
+        self.warm_neighbours()
     }
 
     /// Resolves ARP and IPv6 neighbours between all LAN hosts up front: the XDP fast path uses the

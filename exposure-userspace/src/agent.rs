@@ -140,6 +140,10 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     for iface in &ifaces {
         dp.attach(&iface.name, cfg.xdp_mode)?;
     }
+    // Which interface each name was attached to: one deleted and made again (a hot-plugged NIC,
+    // a rebuilt bond) is a new interface, with no programs on it.
+    let mut attached: HashMap<String, u32> =
+        ifaces.iter().map(|i| (i.name.clone(), i.index)).collect();
     serve_metrics(metrics_listener, metrics.clone(), cfg.pin_dir.clone());
     if cfg.capacity.bpf_log_level > 0 {
         forward_bpf_logs(dp.bpf_logger(log::logger())?)?;
@@ -212,6 +216,22 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         }
         let ifaces_now = netdev::interfaces(&cfg.ifaces).ok();
         if let Some(ifs) = &ifaces_now {
+            for iface in ifs {
+                if attached.get(&iface.name) == Some(&iface.index) {
+                    continue;
+                }
+                match dp.attach(&iface.name, cfg.xdp_mode) {
+                    Ok(()) => {
+                        tracing::info!(iface = iface.name, "attached again: the interface is new");
+                        attached.insert(iface.name.clone(), iface.index);
+                    }
+                    Err(e) => tracing::warn!(
+                        iface = iface.name,
+                        error = %format!("{e:#}"),
+                        "cannot attach to the interface made anew; trying again"
+                    ),
+                }
+            }
             update_snat_sources(&mut maps, &mut snat_sources, netdev::snat_sources(ifs));
         }
         let iface_addrs: Option<Vec<IpAddr>> =

@@ -464,6 +464,26 @@ fn a_renumbered_node_serves_and_snats_from_its_new_address() {
     );
 }
 
+/// `--iface` deleted and made again while the agent runs (a hot-plugged NIC, a rebuilt bond): a new
+/// interface under the old name, with no programs on it, gets the datapath again.
+#[test]
+fn an_interface_made_anew_gets_the_datapath_again() {
+    let mut c = Cluster::start(&[1, 1], &[("hello.yaml", hello_world(&all_pods(&[1, 1])))]);
+    let everyone = pods_named(&["pod-1-1", "pod-2-1"]);
+    assert_eq!(c.tcp_spread(c.node(0, 30600), 20).0, everyone);
+    c.lab.replug_node(0).expect("eth0 made again");
+    c.eventually("node-1's NodePort served again, by both pods", || {
+        (0..20)
+            .map(|_| apps::tcp_ask(&c.lab.client, c.node(0, 30600)))
+            .map(|answer| Some(parse_answer(&answer.ok()?)?.0.to_string()))
+            .collect::<Option<BTreeSet<String>>>()
+            .is_some_and(|pods| pods == everyone)
+    });
+    assert!(c.agents[0]
+        .log_text()
+        .contains("attached again: the interface is new"));
+}
+
 #[test]
 fn traffic_that_is_not_for_a_service_is_untouched() {
     let c = Cluster::start(&[1, 1], &[("hello.yaml", hello_world(&all_pods(&[1, 1])))]);
