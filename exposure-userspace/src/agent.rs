@@ -121,7 +121,10 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
 
     let mut dp = Datapath::load_with(&cfg.pin_dir, cfg.capacity)?;
     let mut maps = KernelMaps::open(&cfg.pin_dir)?;
-    for iface in ifaces.iter().filter(|i| i.first_of(false).is_none()) {
+    for iface in ifaces
+        .iter()
+        .filter(|i| !i.addrs.iter().any(IpAddr::is_ipv4))
+    {
         tracing::warn!(
             iface = iface.name,
             "no IPv4 address (yet): no IPv4 NodePorts and no IPv4 SNAT source on it"
@@ -234,8 +237,11 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             }
             update_snat_sources(&mut maps, &mut snat_sources, netdev::snat_sources(ifs));
         }
-        let iface_addrs: Option<Vec<IpAddr>> =
-            ifaces_now.map(|ifs| ifs.into_iter().flat_map(|i| i.addrs).collect());
+        let iface_addrs: Option<Vec<IpAddr>> = ifaces_now.map(|ifs| {
+            let mut addrs: Vec<IpAddr> = ifs.into_iter().flat_map(|i| i.addrs).collect();
+            addrs.sort();
+            addrs
+        });
         let iface_addrs = iface_addrs
             .or_else(|| last_node_addrs.clone())
             .unwrap_or_default();
@@ -439,7 +445,7 @@ fn warn_if_not_forwarding(ifaces: &[netdev::Interface]) {
     if off("/proc/sys/net/ipv4/ip_forward") {
         tracing::warn!("net.ipv4.ip_forward is off: traffic to local backends is DNATed but the kernel will not route it to the pods");
     }
-    let has_v6 = ifaces.iter().any(|i| i.first_of(true).is_some());
+    let has_v6 = ifaces.iter().any(|i| i.addrs.iter().any(IpAddr::is_ipv6));
     if has_v6 && off("/proc/sys/net/ipv6/conf/all/forwarding") {
         tracing::warn!("net.ipv6.conf.all.forwarding is off: IPv6 traffic to local backends is DNATed but the kernel will not route it to the pods");
     }

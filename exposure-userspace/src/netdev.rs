@@ -12,25 +12,34 @@ use exposure_common::{Addr, NodeAddrKey};
 pub struct Interface {
     pub name: String,
     pub index: u32,
-    /// Sorted: IPv4 first, then IPv6.
+    /// In the kernel's order: IPv4 primary addresses in the order they were added, then secondary
+    /// ones; IPv6 addresses newest first.
     pub addrs: Vec<IpAddr>,
 }
 
 impl Interface {
-    /// The address used as SNAT source for `family`'s flows leaving here: the first one.
-    pub fn first_of(&self, v6: bool) -> Option<IpAddr> {
-        self.addrs.iter().copied().find(|a| a.is_ipv6() == v6)
+    /// The address flows of a family leaving here are SNATed to: the one the interface was set up
+    /// with, not one added beside it later (a VIP that keepalived or kube-vip moves between
+    /// nodes, which would take the flows' replies with it). In the kernel's order that is the
+    /// first IPv4 address and the last IPv6 one.
+    pub fn snat_source(&self, v6: bool) -> Option<IpAddr> {
+        let mut of_family = self.addrs.iter().copied().filter(|a| a.is_ipv6() == v6);
+        if v6 {
+            of_family.next_back()
+        } else {
+            of_family.next()
+        }
     }
 }
 
-/// The address flows leaving each interface are SNATed to, per family (`NODE_ADDRS`): its first
-/// one of that family. An interface with none has no entry for that family.
+/// The address flows leaving each interface are SNATed to, per family (`NODE_ADDRS`): its
+/// [`Interface::snat_source`]. An interface with no address of a family has no entry for it.
 pub fn snat_sources(ifaces: &[Interface]) -> HashMap<NodeAddrKey, IpAddr> {
     let mut sources = HashMap::new();
     for iface in ifaces {
         for addr in [false, true]
             .into_iter()
-            .filter_map(|v6| iface.first_of(v6))
+            .filter_map(|v6| iface.snat_source(v6))
         {
             let key = NodeAddrKey {
                 ifindex: iface.index,
@@ -61,23 +70,20 @@ pub fn interfaces(names: &[String]) -> anyhow::Result<Vec<Interface>> {
         } else {
             continue;
         };
-        addrs
-            .entry(ifa.interface_name.clone())
-            .or_default()
-            .push(ip);
+        let of_iface = addrs.entry(ifa.interface_name.clone()).or_default();
+        if !of_iface.contains(&ip) {
+            of_iface.push(ip);
+        }
     }
     names
         .iter()
         .map(|name| {
             let index = nix::net::if_::if_nametoindex(name.as_str())
                 .with_context(|| format!("interface {name} not found"))?;
-            let mut found = addrs.get(name).cloned().unwrap_or_default();
-            found.sort();
-            found.dedup();
             Ok(Interface {
                 name: name.clone(),
                 index,
-                addrs: found,
+                addrs: addrs.get(name).cloned().unwrap_or_default(),
             })
         })
         .collect()
@@ -157,22 +163,26 @@ mod tests {
     #[test]
     fn loopback_has_its_address_and_missing_interfaces_are_errors() {
         let lo = interfaces(&["lo".to_string()]).expect("lo exists");
-        assert_eq!(lo[0].first_of(false), Some(IpAddr::V4(Ipv4Addr::LOCALHOST)));
+        assert_eq!(
+            lo[0].snat_source(false),
+            Some(IpAddr::V4(Ipv4Addr::LOCALHOST))
+        );
         assert!(lo[0].index > 0);
         let err = interfaces(&["no-such-if0".to_string()]).unwrap_err();
         assert!(format!("{err:#}").contains("no-such-if0"));
     }
 
     #[test]
-    fn each_interface_is_snated_to_its_first_address_of_each_family() {
+    fn each_interface_is_snated_to_the_address_it_was_set_up_with_in_each_family() {
+        // As the kernel lists them: IPv4 in the order added, IPv6 newest first.
         let iface = |index, addrs: &[&str]| Interface {
             name: format!("eth{index}"),
             index,
             addrs: addrs.iter().map(|a| a.parse().unwrap()).collect(),
         };
         let sources = snat_sources(&[
-            iface(2, &["198.18.0.10", "198.18.0.110", "2001:2::10"]),
-            iface(3, &["2001:2::30", "2001:2::31"]),
+            iface(2, &["198.18.0.10", "198.18.0.5", "2001:2::5", "2001:2::10"]),
+            iface(3, &["2001:2::31", "2001:2::30"]),
             iface(4, &[]),
         ]);
         let key = |ifindex, v6: bool| NodeAddrKey {
@@ -192,6 +202,38 @@ mod tests {
         .map(|(k, a)| (k, a.parse().unwrap()))
         .collect();
         assert_eq!(sources, want);
+    }
+
+    #[test]
+    fn addresses_added_beside_an_interfaces_own_are_not_its_snat_source() {
+        use exposure_lab::netns::{unique_prefix, Netns};
+        let node = Netns::create(&unique_prefix("sa")).unwrap();
+        node.ip("link add eth0 type veth peer name peer0").unwrap();
+        node.ip("link set eth0 up").unwrap();
+        // The node's own addresses, then a VIP of each family (a /32 and a /128: primaries, as
+        // kube-vip adds them) and a second address in the node's subnets, each numerically
+        // below the node's.
+        for addr in [
+            "198.18.0.10/24",
+            "2001:2::10/64",
+            "198.18.0.5/32",
+            "2001:2::5/128",
+            "198.18.0.7/24",
+            "2001:2::7/64",
+        ] {
+            node.ip(&format!("addr add {addr} dev eth0 nodad")).unwrap();
+        }
+        let eth0 = node
+            .run(|| interfaces(&["eth0".to_string()]))
+            .unwrap()
+            .unwrap()
+            .remove(0);
+        assert_eq!(eth0.addrs.len(), 6, "{:?}", eth0.addrs);
+        assert_eq!(
+            eth0.snat_source(false),
+            Some("198.18.0.10".parse().unwrap())
+        );
+        assert_eq!(eth0.snat_source(true), Some("2001:2::10".parse().unwrap()));
     }
 
     #[test]

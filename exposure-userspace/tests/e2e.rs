@@ -464,6 +464,30 @@ fn a_renumbered_node_serves_and_snats_from_its_new_address() {
     );
 }
 
+/// A VIP added beside node-1's address (as keepalived or kube-vip add one: a /32, here numerically
+/// below the node's) is a NodePort address too, but flows to a remote pod keep the node's own
+/// address as their source: the VIP may move to another node, and their replies with it.
+#[test]
+fn a_vip_beside_the_nodes_address_is_served_but_not_snated_to() {
+    let c = Cluster::start(&[1, 1], &[("svc.yaml", hello_world(&all_pods(&[0, 1])))]);
+    let node = &c.lab.nodes[0];
+    let vip = Ipv4Addr::new(198, 18, 0, 5);
+    node.ns.ip(&format!("addr add {vip}/32 dev eth0")).unwrap();
+    let at_vip = SocketAddr::from((vip, 30600));
+    c.eventually("the NodePort served on the VIP", || {
+        apps::tcp_ask(&c.lab.client, at_vip).is_ok()
+    });
+    for to in [at_vip, c.node(0, 30600)] {
+        let answer =
+            apps::tcp_ask(&c.lab.client, to).unwrap_or_else(|e| panic!("TCP to {to}: {e:#}"));
+        assert_eq!(
+            parse_answer(&answer).map(|(who, seen)| (who, seen.ip())),
+            Some(("pod-2-1", IpAddr::V4(node.ip))),
+            "via {to}"
+        );
+    }
+}
+
 /// `--iface` deleted and made again while the agent runs (a hot-plugged NIC, a rebuilt bond): a new
 /// interface under the old name, with no programs on it, gets the datapath again.
 #[test]
