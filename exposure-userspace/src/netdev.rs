@@ -1,8 +1,8 @@
 //! The node's interfaces: index and addresses (the NodePort addresses; IPv6 link-local ones excluded).
 
 use std::{
-    collections::{BTreeMap, HashMap},
-    net::IpAddr,
+    collections::{BTreeMap, HashMap, HashSet},
+    net::{IpAddr, Ipv6Addr},
 };
 
 use anyhow::Context as _;
@@ -15,20 +15,29 @@ pub struct Interface {
     /// In the kernel's order: IPv4 primary addresses in the order they were added, then secondary
     /// ones; IPv6 addresses newest first.
     pub addrs: Vec<IpAddr>,
+    /// IPv6 addresses the kernel would not pick as a source ([`unpreferred_ipv6`]).
+    pub unpreferred: HashSet<Ipv6Addr>,
 }
 
 impl Interface {
     /// The address flows of a family leaving here are SNATed to: the one the interface was set up
     /// with, not one added beside it later (a VIP that keepalived or kube-vip moves between
     /// nodes, which would take the flows' replies with it). In the kernel's order that is the
-    /// first IPv4 address and the last IPv6 one.
+    /// first IPv4 address and the last IPv6 one, of those the kernel would pick as a source (an
+    /// old prefix is deprecated while a network renumbers), if any is.
     pub fn snat_source(&self, v6: bool) -> Option<IpAddr> {
-        let mut of_family = self.addrs.iter().copied().filter(|a| a.is_ipv6() == v6);
-        if v6 {
-            of_family.next_back()
-        } else {
-            of_family.next()
+        if !v6 {
+            return self.addrs.iter().copied().find(IpAddr::is_ipv4);
         }
+        let preferred = |a: &IpAddr| match a {
+            IpAddr::V6(a) => !self.unpreferred.contains(a),
+            IpAddr::V4(_) => false,
+        };
+        let of_family = || self.addrs.iter().copied().filter(IpAddr::is_ipv6);
+        of_family()
+            .filter(preferred)
+            .next_back()
+            .or_else(|| of_family().next_back())
     }
 }
 
@@ -49,6 +58,30 @@ pub fn snat_sources(ifaces: &[Interface]) -> HashMap<NodeAddrKey, IpAddr> {
         }
     }
     sources
+}
+
+/// `IFA_F_*` flags of IPv6 addresses the kernel does not pick as a source: temporary (privacy),
+/// duplicate detection failed, deprecated, tentative (still in duplicate detection).
+const UNPREFERRED_FLAGS: u8 = 0x01 | 0x08 | 0x20 | 0x40;
+
+/// The IPv6 addresses of this thread's network namespace that the kernel would not pick as a
+/// source, from `/proc/net/if_inet6` (getifaddrs has no address flags); none if it is unreadable.
+fn unpreferred_ipv6() -> HashSet<Ipv6Addr> {
+    std::fs::read_to_string("/proc/thread-self/net/if_inet6")
+        .map(|text| parse_unpreferred_ipv6(&text))
+        .unwrap_or_default()
+}
+
+/// `/proc/net/if_inet6` lines: address, ifindex, prefix length, scope, flags (hex), name.
+fn parse_unpreferred_ipv6(text: &str) -> HashSet<Ipv6Addr> {
+    text.lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let addr = u128::from_str_radix(fields.next()?, 16).ok()?;
+            let flags = u8::from_str_radix(fields.nth(3)?, 16).ok()?;
+            (flags & UNPREFERRED_FLAGS != 0).then(|| Ipv6Addr::from(addr))
+        })
+        .collect()
 }
 
 /// Looks up each named interface; a missing one is an error (a typo should not silently expose nothing).
@@ -75,15 +108,25 @@ pub fn interfaces(names: &[String]) -> anyhow::Result<Vec<Interface>> {
             of_iface.push(ip);
         }
     }
+    let unpreferred = unpreferred_ipv6();
     names
         .iter()
         .map(|name| {
             let index = nix::net::if_::if_nametoindex(name.as_str())
                 .with_context(|| format!("interface {name} not found"))?;
+            let addrs = addrs.get(name).cloned().unwrap_or_default();
+            let unpreferred = addrs
+                .iter()
+                .filter_map(|a| match a {
+                    IpAddr::V6(a) => unpreferred.get(a).copied(),
+                    IpAddr::V4(_) => None,
+                })
+                .collect();
             Ok(Interface {
                 name: name.clone(),
                 index,
-                addrs: addrs.get(name).cloned().unwrap_or_default(),
+                addrs,
+                unpreferred,
             })
         })
         .collect()
@@ -179,6 +222,7 @@ mod tests {
             name: format!("eth{index}"),
             index,
             addrs: addrs.iter().map(|a| a.parse().unwrap()).collect(),
+            unpreferred: HashSet::new(),
         };
         let sources = snat_sources(&[
             iface(2, &["198.18.0.10", "198.18.0.5", "2001:2::5", "2001:2::10"]),
@@ -234,6 +278,48 @@ mod tests {
             Some("198.18.0.10".parse().unwrap())
         );
         assert_eq!(eth0.snat_source(true), Some("2001:2::10".parse().unwrap()));
+        // An IPv6 network renumbering: the new prefix is added and the old one deprecated.
+        let eth0 = || {
+            node.run(|| interfaces(&["eth0".to_string()]))
+                .unwrap()
+                .unwrap()
+                .remove(0)
+        };
+        node.ip("addr add 2001:3::10/64 dev eth0 nodad").unwrap();
+        for old in ["2001:2::10/64", "2001:2::5/128", "2001:2::7/64"] {
+            node.ip(&format!("addr change {old} dev eth0 preferred_lft 0"))
+                .unwrap();
+        }
+        assert_eq!(
+            eth0().snat_source(true),
+            Some("2001:3::10".parse().unwrap())
+        );
+        // With none preferred, still the oldest.
+        node.ip("addr change 2001:3::10/64 dev eth0 preferred_lft 0")
+            .unwrap();
+        assert_eq!(
+            eth0().snat_source(true),
+            Some("2001:2::10".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn the_kernels_unpreferred_ipv6_addresses_are_read_from_their_flags() {
+        let text = "\
+20010002000000000000000000000020 03 40 00 82       a0
+20010002000000000000000000000010 03 40 00 a2       a0
+20010002000000000000000000000011 03 40 00 01       a0
+20010002000000000000000000000012 03 40 00 c0       a0
+fe800000000000000000000000000001 03 40 20 80       a0
+not an address line
+";
+        let mut found: Vec<Ipv6Addr> = parse_unpreferred_ipv6(text).into_iter().collect();
+        found.sort();
+        let want: Vec<Ipv6Addr> = ["2001:2::10", "2001:2::11", "2001:2::12"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        assert_eq!(found, want, "deprecated, temporary, tentative");
     }
 
     #[test]
