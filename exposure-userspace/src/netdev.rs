@@ -35,8 +35,7 @@ impl Interface {
         };
         let of_family = || self.addrs.iter().copied().filter(IpAddr::is_ipv6);
         of_family()
-            .filter(preferred)
-            .next_back()
+            .rfind(preferred)
             .or_else(|| of_family().next_back())
     }
 }
