@@ -217,7 +217,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 }
             }
         }
-        let ifaces_now = netdev::interfaces(&cfg.ifaces).ok();
+        let ifaces_now = netdev::present_interfaces(&cfg.ifaces).ok();
         if let Some(ifs) = &ifaces_now {
             for iface in ifs {
                 if attached.get(&iface.name) == Some(&iface.index) {

@@ -85,6 +85,16 @@ fn parse_unpreferred_ipv6(text: &str) -> HashSet<Ipv6Addr> {
 
 /// Looks up each named interface; a missing one is an error (a typo should not silently expose nothing).
 pub fn interfaces(names: &[String]) -> anyhow::Result<Vec<Interface>> {
+    let found = present_interfaces(names)?;
+    if let Some(missing) = names.iter().find(|n| !found.iter().any(|i| &i.name == *n)) {
+        anyhow::bail!("interface {missing} not found");
+    }
+    Ok(found)
+}
+
+/// The named interfaces that exist now: one deleted (and not yet made again) is left out, and
+/// the others are still followed meanwhile.
+pub fn present_interfaces(names: &[String]) -> anyhow::Result<Vec<Interface>> {
     let mut addrs: BTreeMap<String, Vec<IpAddr>> = BTreeMap::new();
     for ifa in nix::ifaddrs::getifaddrs().context("listing interface addresses")? {
         let Some(a) = ifa.address.as_ref() else {
@@ -108,11 +118,10 @@ pub fn interfaces(names: &[String]) -> anyhow::Result<Vec<Interface>> {
         }
     }
     let unpreferred = unpreferred_ipv6();
-    names
+    Ok(names
         .iter()
-        .map(|name| {
-            let index = nix::net::if_::if_nametoindex(name.as_str())
-                .with_context(|| format!("interface {name} not found"))?;
+        .filter_map(|name| {
+            let index = nix::net::if_::if_nametoindex(name.as_str()).ok()?;
             let addrs = addrs.get(name).cloned().unwrap_or_default();
             let unpreferred = addrs
                 .iter()
@@ -121,14 +130,14 @@ pub fn interfaces(names: &[String]) -> anyhow::Result<Vec<Interface>> {
                     IpAddr::V4(_) => None,
                 })
                 .collect();
-            Ok(Interface {
+            Some(Interface {
                 name: name.clone(),
                 index,
                 addrs,
                 unpreferred,
             })
         })
-        .collect()
+        .collect())
 }
 
 /// Pods' interfaces: the ones `--redirect-to-pods` / `--xdp-redirect-to-pods` name by prefix.
@@ -210,8 +219,12 @@ mod tests {
             Some(IpAddr::V4(Ipv4Addr::LOCALHOST))
         );
         assert!(lo[0].index > 0);
-        let err = interfaces(&["no-such-if0".to_string()]).unwrap_err();
+        let names = ["lo".to_string(), "no-such-if0".to_string()];
+        let err = interfaces(&names).unwrap_err();
         assert!(format!("{err:#}").contains("no-such-if0"));
+        // While the agent runs, the ones that are there are followed.
+        let present = present_interfaces(&names).unwrap();
+        assert_eq!(present, lo);
     }
 
     #[test]
