@@ -15,8 +15,8 @@ pub struct Interface {
     /// In the kernel's order: IPv4 primary addresses in the order they were added, then secondary
     /// ones; IPv6 addresses newest first.
     pub addrs: Vec<IpAddr>,
-    /// IPv6 addresses the kernel would not pick as a source ([`unpreferred_ipv6`]).
-    pub unpreferred: HashSet<Ipv6Addr>,
+    /// Its IPv6 addresses the kernel would not pick as a source ([`unpreferred_ipv6`]).
+    pub unpreferred: HashSet<IpAddr>,
 }
 
 impl Interface {
@@ -29,13 +29,9 @@ impl Interface {
         if !v6 {
             return self.addrs.iter().copied().find(IpAddr::is_ipv4);
         }
-        let preferred = |a: &IpAddr| match a {
-            IpAddr::V6(a) => !self.unpreferred.contains(a),
-            IpAddr::V4(_) => false,
-        };
         let of_family = || self.addrs.iter().copied().filter(IpAddr::is_ipv6);
         of_family()
-            .rfind(preferred)
+            .rfind(|a| !self.unpreferred.contains(a))
             .or_else(|| of_family().next_back())
     }
 }
@@ -65,20 +61,20 @@ const UNPREFERRED_FLAGS: u8 = 0x01 | 0x08 | 0x20 | 0x40;
 
 /// The IPv6 addresses of this thread's network namespace that the kernel would not pick as a
 /// source, from `/proc/net/if_inet6` (getifaddrs has no address flags); none if it is unreadable.
-fn unpreferred_ipv6() -> HashSet<Ipv6Addr> {
+fn unpreferred_ipv6() -> HashSet<IpAddr> {
     std::fs::read_to_string("/proc/thread-self/net/if_inet6")
         .map(|text| parse_unpreferred_ipv6(&text))
         .unwrap_or_default()
 }
 
 /// `/proc/net/if_inet6` lines: address, ifindex, prefix length, scope, flags (hex), name.
-fn parse_unpreferred_ipv6(text: &str) -> HashSet<Ipv6Addr> {
+fn parse_unpreferred_ipv6(text: &str) -> HashSet<IpAddr> {
     text.lines()
         .filter_map(|line| {
             let mut fields = line.split_whitespace();
             let addr = u128::from_str_radix(fields.next()?, 16).ok()?;
             let flags = u8::from_str_radix(fields.nth(3)?, 16).ok()?;
-            (flags & UNPREFERRED_FLAGS != 0).then(|| Ipv6Addr::from(addr))
+            (flags & UNPREFERRED_FLAGS != 0).then(|| IpAddr::V6(Ipv6Addr::from(addr)))
         })
         .collect()
 }
@@ -125,10 +121,8 @@ pub fn present_interfaces(names: &[String]) -> anyhow::Result<Vec<Interface>> {
             let addrs = addrs.get(name).cloned().unwrap_or_default();
             let unpreferred = addrs
                 .iter()
-                .filter_map(|a| match a {
-                    IpAddr::V6(a) => unpreferred.get(a).copied(),
-                    IpAddr::V4(_) => None,
-                })
+                .filter(|a| unpreferred.contains(a))
+                .copied()
                 .collect();
             Some(Interface {
                 name: name.clone(),
@@ -325,9 +319,9 @@ mod tests {
 fe800000000000000000000000000001 03 40 20 80       a0
 not an address line
 ";
-        let mut found: Vec<Ipv6Addr> = parse_unpreferred_ipv6(text).into_iter().collect();
+        let mut found: Vec<IpAddr> = parse_unpreferred_ipv6(text).into_iter().collect();
         found.sort();
-        let want: Vec<Ipv6Addr> = ["2001:2::10", "2001:2::11", "2001:2::12"]
+        let want: Vec<IpAddr> = ["2001:2::10", "2001:2::11", "2001:2::12"]
             .iter()
             .map(|a| a.parse().unwrap())
             .collect();
