@@ -219,22 +219,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         }
         let ifaces_now = netdev::present_interfaces(&cfg.ifaces).ok();
         if let Some(ifs) = &ifaces_now {
-            for iface in ifs {
-                if attached.get(&iface.name) == Some(&iface.index) {
-                    continue;
-                }
-                match dp.attach(&iface.name, cfg.xdp_mode) {
-                    Ok(()) => {
-                        tracing::info!(iface = iface.name, "attached again: the interface is new");
-                        attached.insert(iface.name.clone(), iface.index);
-                    }
-                    Err(e) => tracing::warn!(
-                        iface = iface.name,
-                        error = %format!("{e:#}"),
-                        "cannot attach to the interface made anew; trying again"
-                    ),
-                }
-            }
+            attach_to_new_interfaces(&mut dp, cfg.xdp_mode, &mut attached, ifs);
             update_snat_sources(&mut maps, &mut snat_sources, netdev::snat_sources(ifs));
         }
         let iface_addrs: Option<Vec<IpAddr>> = ifaces_now.map(|ifs| {
@@ -377,6 +362,32 @@ fn serve_metrics(listener: tokio::net::TcpListener, metrics: Arc<Metrics>, pin_d
             _ => health::Response::new(404, "text/plain", "not found\n"),
         });
     tokio::spawn(health::serve(listener, route));
+}
+
+/// Attaches the programs to each interface that is not the one its name had (`attached`: name ->
+/// ifindex): it was deleted and made again. A failed attach is tried again at the next tick.
+fn attach_to_new_interfaces(
+    dp: &mut Datapath,
+    mode: XdpMode,
+    attached: &mut HashMap<String, u32>,
+    ifaces: &[netdev::Interface],
+) {
+    for iface in ifaces {
+        if attached.get(&iface.name) == Some(&iface.index) {
+            continue;
+        }
+        match dp.attach(&iface.name, mode) {
+            Ok(()) => {
+                tracing::info!(iface = iface.name, "attached again: the interface is new");
+                attached.insert(iface.name.clone(), iface.index);
+            }
+            Err(e) => tracing::warn!(
+                iface = iface.name,
+                error = %format!("{e:#}"),
+                "cannot attach to the interface made anew; trying again"
+            ),
+        }
+    }
 }
 
 /// Brings `NODE_ADDRS` (each interface's SNAT source per family; `had`: what it holds) to `want`,
