@@ -443,6 +443,30 @@ pub struct Reply {
     pub node_mac: [u8; 6],
 }
 
+/// A fragmented datagram in `FRAGMENTS`, told apart as the kernel's reassembly does: addresses,
+/// IP ID (IPv4's 16 bits widened) and protocol. Only its first fragment carries the ports.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragmentKey {
+    pub saddr: Addr,
+    pub daddr: Addr,
+    pub id: u32,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// A fragmented datagram's ports (wire order), as its first fragment had them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragmentPorts {
+    pub sport: u16,
+    pub dport: u16,
+}
+
+/// Fragmented datagrams whose ports are remembered at once: an LRU, as a datagram's fragments
+/// arrive within milliseconds of each other (Cilium's default is the same).
+pub const MAX_FRAGMENTED_DATAGRAMS: u32 = 8192;
+
 /// Per-CPU counters in `STATS`, by index.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -460,6 +484,7 @@ pub enum Counter {
     FibFailed,
     NeighborMissing,
     SnatExhausted,
+    /// Later fragments whose first fragment was not seen: passed to the kernel untranslated.
     Fragments,
     Malformed,
     RedirectedToPod,
@@ -529,6 +554,8 @@ mod pod {
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for SourceRange {}
     unsafe impl aya::Pod for Affinity {}
+    unsafe impl aya::Pod for FragmentKey {}
+    unsafe impl aya::Pod for FragmentPorts {}
 }
 
 /// Host-side conversions to the wire-order integers the maps hold.
@@ -564,6 +591,8 @@ mod tests {
         assert_eq!(size_of::<AffinityKey>(), 4 + 16);
         assert_eq!(size_of::<SourceRange>(), 4 + 16);
         assert_eq!(size_of::<NodeAddrKey>(), 8);
+        assert_eq!(size_of::<FragmentKey>(), 16 + 16 + 4 + 4);
+        assert_eq!(size_of::<FragmentPorts>(), 4);
     }
 
     #[test]

@@ -268,6 +268,9 @@ fn to_backend(ctx: &XdpContext, p: &Packet, fe: &Frontend) -> Result<u32, ()> {
             touch(f, reply, p, true, now);
             f
         }
+        // The rest of a datagram whose first fragment started no flow (refused, or dropped):
+        // that fragment was counted, and only it may be answered with an ICMP error.
+        None if p.later_fragment => return Ok(xdp_action::XDP_DROP),
         None => match new_flow(ctx, p, fe, now) {
             Selected::Flow => {
                 let Some(s) = SCRATCH.get_ptr_mut(0) else {
@@ -864,6 +867,30 @@ fn tc_reply(ctx: &TcContext, p: &Packet) -> Result<i32, ()> {
     }
     let flow = || lookup_flow(&client_key(unsafe { &*reply }, p.proto));
     touch(reply, flow, p, false, now_ns());
+    if !p.later_fragment {
+        tc_reply_ports(ctx, p, &r)?;
+    }
+    if p.v6 {
+        let saddr: *mut [u32; 4] = ptr_at(ctx, ETH_LEN + IP6_SADDR)?;
+        unsafe { saddr.write_unaligned(r.frontend_addr.0) };
+    } else {
+        // The IPv4 header's checksum is never offloaded: an incremental update.
+        let check: *mut u16 = ptr_at(ctx, ETH_LEN + IP_CHECK)?;
+        let saddr: *mut u32 = ptr_at(ctx, ETH_LEN + IP_SADDR)?;
+        let addr = checksum::Delta::default().word(p.saddr.v4_raw(), r.frontend_addr.v4_raw());
+        unsafe {
+            check.write_unaligned(addr.apply(check.read_unaligned()));
+            saddr.write_unaligned(r.frontend_addr.v4_raw());
+        }
+    }
+    count(Counter::RepliesTc);
+    Ok(TC_ACT_OK)
+}
+
+/// The source port of a local backend's reply (a whole datagram or a first fragment), with the L4
+/// checksum for it and for the source address the caller writes.
+#[inline(always)]
+fn tc_reply_ports(ctx: &TcContext, p: &Packet, r: &Reply) -> Result<(), ()> {
     // The L4 checksum through the helpers: they also handle CHECKSUM_PARTIAL skbs (a local
     // sender's, with offload), which a plain incremental update would corrupt.
     let (check_off, mangled) = if p.proto == PROTO_TCP {
@@ -889,23 +916,10 @@ fn tc_reply(ctx: &TcContext, p: &Packet) -> Result<i32, ()> {
     .map_err(|_| ())?;
     ctx.l4_csum_replace(csum, p.sport as u64, r.frontend_port as u64, mangled | 2)
         .map_err(|_| ())?;
-    // The helpers moved the packet's pointers: find the fields again.
+    // The helpers moved the packet's pointers: find the field again.
     let port: *mut u16 = ptr_at(ctx, p.l4_off)?;
     unsafe { port.write_unaligned(r.frontend_port) };
-    if p.v6 {
-        let saddr: *mut [u32; 4] = ptr_at(ctx, ETH_LEN + IP6_SADDR)?;
-        unsafe { saddr.write_unaligned(r.frontend_addr.0) };
-    } else {
-        // The IPv4 header's checksum is never offloaded: the same difference, applied here.
-        let check: *mut u16 = ptr_at(ctx, ETH_LEN + IP_CHECK)?;
-        let saddr: *mut u32 = ptr_at(ctx, ETH_LEN + IP_SADDR)?;
-        unsafe {
-            check.write_unaligned(addr.apply(check.read_unaligned()));
-            saddr.write_unaligned(r.frontend_addr.v4_raw());
-        }
-    }
-    count(Counter::RepliesTc);
-    Ok(TC_ACT_OK)
+    Ok(())
 }
 
 #[cfg(not(test))]

@@ -57,6 +57,13 @@ pub static POD_IFACES: DevMapHash = DevMapHash::pinned(MAX_POD_IFACES, 0);
 #[map]
 pub static FRONTEND_PORTS: Array<u64> = Array::pinned(FRONTEND_PORT_WORDS, 0);
 
+/// Fragmented datagrams' ports, from their first fragments, for the later fragments (which carry
+/// none), as Cilium tracks them. Not pinned: a datagram's fragments arrive within milliseconds,
+/// so a restart loses at most the datagrams in flight.
+#[map]
+pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentPorts> =
+    LruHashMap::with_max_entries(MAX_FRAGMENTED_DATAGRAMS, 0);
+
 /// Set at load time: how local flows reach pods (`REDIRECT_*`). Off, a local flow costs no FIB lookup.
 #[no_mangle]
 static REDIRECT_TO_PODS: u8 = REDIRECT_OFF;

@@ -31,12 +31,6 @@ fn store<T>(p: *mut T, v: T) {
 #[inline(never)]
 pub fn rewrite(ctx: &XdpContext, p: &Packet, to: &Tuple<'_>) -> Result<(), ()> {
     let ctx = &own_ctx(ctx);
-    let ports: *mut [u16; 2] = ptr_at(ctx, p.l4_off)?;
-    let l4_check: *mut u16 = if p.proto == PROTO_TCP {
-        ptr_at(ctx, p.l4_off + TCP_CHECK)?
-    } else {
-        ptr_at(ctx, p.l4_off + UDP_CHECK)?
-    };
     // Every field's change is summed first and folded once per checksum.
     let addrs = if p.v6 {
         // No IP header checksum in IPv6; the pseudo-header's addresses are in the L4 checksum.
@@ -59,6 +53,17 @@ pub fn rewrite(ctx: &XdpContext, p: &Packet, to: &Tuple<'_>) -> Result<(), ()> {
         store(saddr, new_s);
         store(daddr, new_d);
         addrs
+    };
+    // The ports and the L4 checksum (over the whole datagram) are in the first fragment only.
+    if p.later_fragment {
+        return Ok(());
+    }
+    // In the frame: the parser read the whole L4 header.
+    let ports: *mut [u16; 2] = ptr_at(ctx, p.l4_off)?;
+    let l4_check: *mut u16 = if p.proto == PROTO_TCP {
+        ptr_at(ctx, p.l4_off + TCP_CHECK)?
+    } else {
+        ptr_at(ctx, p.l4_off + UDP_CHECK)?
     };
     let l4 = addrs.port(p.sport, to.sport).port(p.dport, to.dport);
     let c = load(l4_check);

@@ -1,7 +1,12 @@
 //! Bounds-checked packet access and the header offsets we use.
 
-use aya_ebpf::programs::{TcContext, XdpContext};
-use exposure_common::{Addr, PROTO_TCP, PROTO_UDP};
+use aya_ebpf::{
+    bindings::BPF_ANY,
+    programs::{TcContext, XdpContext},
+};
+use exposure_common::{Addr, FragmentKey, FragmentPorts, PROTO_TCP, PROTO_UDP};
+
+use crate::maps::FRAGMENTS;
 
 pub const ETH_LEN: usize = 14;
 pub const ETH_P_IP: u16 = 0x0800;
@@ -9,6 +14,7 @@ pub const ETH_P_IPV6: u16 = 0x86DD;
 pub const IPV6_LEN: usize = 40;
 pub const IPPROTO_ICMPV6: u8 = 58;
 pub const IPPROTO_FRAGMENT: u8 = 44;
+pub const IPV6_FRAG_HDR_LEN: usize = 8;
 /// Byte offsets inside the IPv6 header.
 pub const IP6_SADDR: usize = 8;
 pub const IP6_DADDR: usize = 24;
@@ -16,6 +22,7 @@ pub const IPV4_MIN_LEN: usize = 20;
 pub const IPPROTO_ICMP: u8 = 1;
 /// Byte offsets inside the IPv4 header.
 pub const IP_TOT_LEN: usize = 2;
+pub const IP_ID: usize = 4;
 pub const IP_FRAG_OFF: usize = 6;
 pub const IP_PROTO: usize = 9;
 pub const IP_CHECK: usize = 10;
@@ -87,6 +94,9 @@ pub struct Packet {
     pub daddr: Addr,
     pub sport: u16,
     pub dport: u16,
+    /// A fragment after its datagram's first: no L4 header here (ports from [`FRAGMENTS`]), so
+    /// only the IP header is translated.
+    pub later_fragment: bool,
 }
 
 pub enum Parsed {
@@ -96,7 +106,8 @@ pub enum Parsed {
     Icmp(usize),
     /// An ICMPv6 message; its header starts at this offset.
     Icmp6(usize),
-    /// A non-first or more-fragments packet: passed to the kernel untouched.
+    /// A later fragment whose first was not seen (lost, reordered, or before the datapath was
+    /// loaded), or an IPv6 fragment of something other than TCP/UDP: passed to the kernel untouched.
     Fragment,
     Packet(Packet),
 }
@@ -132,26 +143,36 @@ fn parse_v4<C: Frame>(ctx: &C) -> Result<Parsed, ()> {
     if proto != PROTO_TCP && proto != PROTO_UDP {
         return Ok(Parsed::Other);
     }
-    // MF set or a fragment offset: only the first fragment has ports, so don't guess.
-    if u16::from_be_bytes([ip[IP_FRAG_OFF], ip[IP_FRAG_OFF + 1]]) & 0x3fff != 0 {
+    let l4_off = ETH_LEN + ihl;
+    let saddr = Addr::v4(u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]));
+    let daddr = Addr::v4(u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]));
+    let frag = u16::from_be_bytes([ip[IP_FRAG_OFF], ip[IP_FRAG_OFF + 1]]);
+    let fragment = (frag & 0x3fff != 0).then(|| Fragment {
+        id: u16::from_ne_bytes([ip[IP_ID], ip[IP_ID + 1]]) as u32,
+        first: frag & 0x1fff == 0,
+    });
+    let Some((sport, dport, tcp_flags, later_fragment)) =
+        l4_ports(ctx, l4_off, proto, &saddr, &daddr, fragment)?
+    else {
         return Ok(Parsed::Fragment);
-    }
-    let (sport, dport, tcp_flags) = ports(ctx, ETH_LEN + ihl, proto)?;
+    };
     Ok(Parsed::Packet(Packet {
-        l4_off: ETH_LEN + ihl,
+        l4_off,
         v6: false,
         proto,
         tcp_flags,
         ip_len: u16::from_be_bytes([ip[IP_TOT_LEN], ip[IP_TOT_LEN + 1]]),
-        saddr: Addr::v4(u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]])),
-        daddr: Addr::v4(u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]])),
+        saddr,
+        daddr,
         sport,
         dport,
+        later_fragment,
     }))
 }
 
-/// IPv6 with TCP, UDP or ICMPv6 right after the fixed header. Extension headers (rare on the
-/// Internet, and Cilium's NodePort path parses only a few) leave the packet to the kernel.
+/// IPv6 with TCP, UDP or ICMPv6 right after the fixed header, or TCP/UDP after a fragment header.
+/// Other extension headers (rare on the Internet, and Cilium's NodePort path parses only a few)
+/// leave the packet to the kernel.
 #[inline(always)]
 fn parse_v6<C: Frame>(ctx: &C) -> Result<Parsed, ()> {
     let ip: *const [u32; IPV6_LEN / 4] = ptr_at(ctx, ETH_LEN)?;
@@ -161,26 +182,93 @@ fn parse_v6<C: Frame>(ctx: &C) -> Result<Parsed, ()> {
         return Err(());
     }
     let lens = ip[1].to_ne_bytes();
-    let proto = lens[2];
-    let l4_off = ETH_LEN + IPV6_LEN;
+    let mut proto = lens[2];
+    let mut l4_off = ETH_LEN + IPV6_LEN;
+    let mut fragment = None;
+    if proto == IPPROTO_FRAGMENT {
+        let hdr: *const [u8; IPV6_FRAG_HDR_LEN] = ptr_at(ctx, l4_off)?;
+        let hdr = unsafe { &*hdr };
+        proto = hdr[0];
+        if proto != PROTO_TCP && proto != PROTO_UDP {
+            return Ok(Parsed::Fragment);
+        }
+        l4_off += IPV6_FRAG_HDR_LEN;
+        // Offset (13 bits, in 8-byte units) above two reserved bits and M (more fragments).
+        let frag = u16::from_be_bytes([hdr[2], hdr[3]]);
+        // An atomic fragment (offset 0, no more) is a whole datagram.
+        if frag & 0xfff9 != 0 {
+            fragment = Some(Fragment {
+                id: u32::from_ne_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]),
+                first: frag & 0xfff8 == 0,
+            });
+        }
+    }
     match proto {
         IPPROTO_ICMPV6 => return Ok(Parsed::Icmp6(l4_off)),
-        IPPROTO_FRAGMENT => return Ok(Parsed::Fragment),
         PROTO_TCP | PROTO_UDP => {}
         _ => return Ok(Parsed::Other),
     }
-    let (sport, dport, tcp_flags) = ports(ctx, l4_off, proto)?;
+    let saddr = Addr([ip[2], ip[3], ip[4], ip[5]]);
+    let daddr = Addr([ip[6], ip[7], ip[8], ip[9]]);
+    let Some((sport, dport, tcp_flags, later_fragment)) =
+        l4_ports(ctx, l4_off, proto, &saddr, &daddr, fragment)?
+    else {
+        return Ok(Parsed::Fragment);
+    };
     Ok(Parsed::Packet(Packet {
         l4_off,
         v6: true,
         proto,
         tcp_flags,
         ip_len: u16::from_be_bytes([lens[0], lens[1]]).wrapping_add(IPV6_LEN as u16),
-        saddr: Addr([ip[2], ip[3], ip[4], ip[5]]),
-        daddr: Addr([ip[6], ip[7], ip[8], ip[9]]),
+        saddr,
+        daddr,
         sport,
         dport,
+        later_fragment,
     }))
+}
+
+/// What a fragment's IP header says of it (IPv4: MF set or an offset; IPv6: a fragment header
+/// that is not atomic).
+#[derive(Clone, Copy)]
+struct Fragment {
+    /// The IP ID, as on the wire.
+    id: u32,
+    /// Offset 0: the fragment with the L4 header.
+    first: bool,
+}
+
+/// Ports (wire order), TCP flags and whether the packet is a later fragment. A first fragment's
+/// ports are remembered for its datagram's later fragments, which take them from there (and no
+/// TCP flags: those are in the first). `None`: a later fragment whose first was not seen.
+#[inline(always)]
+fn l4_ports<C: Frame>(
+    ctx: &C,
+    l4_off: usize,
+    proto: u8,
+    saddr: &Addr,
+    daddr: &Addr,
+    fragment: Option<Fragment>,
+) -> Result<Option<(u16, u16, u8, bool)>, ()> {
+    let Some(fragment) = fragment else {
+        let (sport, dport, tcp_flags) = ports(ctx, l4_off, proto)?;
+        return Ok(Some((sport, dport, tcp_flags, false)));
+    };
+    let key = FragmentKey {
+        saddr: *saddr,
+        daddr: *daddr,
+        id: fragment.id,
+        proto,
+        _pad: [0; 3],
+    };
+    if fragment.first {
+        let (sport, dport, tcp_flags) = ports(ctx, l4_off, proto)?;
+        // A failed insert only costs the later fragments their translation.
+        let _ = FRAGMENTS.insert(&key, &FragmentPorts { sport, dport }, BPF_ANY as u64);
+        return Ok(Some((sport, dport, tcp_flags, false)));
+    }
+    Ok(unsafe { FRAGMENTS.get(&key) }.map(|p| (p.sport, p.dport, 0, true)))
 }
 
 /// Ports (wire order) and TCP flags, once the whole L4 header is known to be in the frame.

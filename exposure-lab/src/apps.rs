@@ -101,10 +101,15 @@ fn serve_on(
     }));
     let (s, id) = (stop.clone(), ident.to_string());
     threads.push(std::thread::spawn(move || {
-        let mut buf = [0u8; 1500];
+        let mut buf = vec![0u8; 64 << 10];
         while !s.load(Ordering::Relaxed) {
-            if let Ok((_, peer)) = udp.recv_from(&mut buf) {
-                let _ = udp.send_to(answer(&id, peer).as_bytes(), peer);
+            if let Ok((n, peer)) = udp.recv_from(&mut buf) {
+                let mut reply = answer(&id, peer).into_bytes();
+                // A large request is answered as large: both go fragmented above the MTU.
+                if buf[..n].starts_with(BIG_UDP) {
+                    reply.extend((reply.len()..n).map(bulk_byte));
+                }
+                let _ = udp.send_to(&reply, peer);
             }
         }
     }));
@@ -252,6 +257,9 @@ pub fn tcp_ask(ns: &Netns, to: SocketAddr) -> anyhow::Result<String> {
     TcpSession::connect(ns, to)?.ask("hello")
 }
 
+/// The start of a UDP request to be answered with a datagram as large as itself.
+const BIG_UDP: &[u8] = b"big\n";
+
 /// A connected UDP socket made inside a namespace: every datagram from the same source port, one
 /// flow to the datapath.
 pub struct UdpSession {
@@ -276,6 +284,32 @@ impl UdpSession {
             .recv(&mut buf)
             .context("waiting for the UDP answer")?;
         Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string())
+    }
+
+    /// Sends a datagram of `bytes` bytes and checks that the answer is as long and carries the
+    /// bulk pattern after its answer line, which it returns (trimmed). Above the MTU, both
+    /// datagrams travel as IP fragments.
+    pub fn ask_big(&mut self, bytes: usize) -> anyhow::Result<String> {
+        anyhow::ensure!((BIG_UDP.len()..=60_000).contains(&bytes));
+        let mut request = BIG_UDP.to_vec();
+        request.extend((request.len()..bytes).map(bulk_byte));
+        self.sock.send(&request)?;
+        let mut buf = vec![0u8; 64 << 10];
+        let n = self
+            .sock
+            .recv(&mut buf)
+            .context("waiting for the large UDP answer")?;
+        anyhow::ensure!(n == bytes, "answered with {n} bytes, not {bytes}");
+        let line_end = buf[..n]
+            .iter()
+            .position(|&b| b == b'\n')
+            .context("no answer line")?;
+        let pattern_ok = (line_end + 1..n).all(|i| buf[i] == bulk_byte(i));
+        anyhow::ensure!(
+            pattern_ok,
+            "the answer's bytes after its line are not the pattern"
+        );
+        Ok(String::from_utf8_lossy(&buf[..line_end]).trim().to_string())
     }
 }
 

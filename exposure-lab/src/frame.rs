@@ -332,6 +332,153 @@ pub fn parse6(f: &[u8]) -> Option<Parsed6> {
     })
 }
 
+/// Splits a whole IPv4 frame into fragments of `chunk` bytes of IP payload (a multiple of 8, but
+/// the last), with IP ID `id`, as a sender's stack does for a datagram above the MTU.
+pub fn fragment4(frame: &[u8], id: u16, chunk: usize) -> Vec<Vec<u8>> {
+    assert!(chunk.is_multiple_of(8) && chunk > 0);
+    let ihl = ((frame[14] & 0x0f) as usize) * 4;
+    let (head, payload) = frame.split_at(14 + ihl);
+    let pieces: Vec<&[u8]> = payload.chunks(chunk).collect();
+    pieces
+        .iter()
+        .enumerate()
+        .map(|(i, piece)| {
+            let mut f = head.to_vec();
+            let ip = &mut f[14..];
+            ip[2..4].copy_from_slice(&((ihl + piece.len()) as u16).to_be_bytes());
+            ip[4..6].copy_from_slice(&id.to_be_bytes());
+            let more = if i + 1 < pieces.len() { 0x2000 } else { 0 };
+            ip[6..8].copy_from_slice(&(more | (i * chunk / 8) as u16).to_be_bytes());
+            ip[10..12].copy_from_slice(&[0, 0]);
+            let c = checksum::checksum(&ip[..ihl]);
+            ip[10..12].copy_from_slice(&c.to_ne_bytes());
+            f.extend_from_slice(piece);
+            f
+        })
+        .collect()
+}
+
+/// Puts IPv4 fragments (in any order) back into one frame, as the receiver's reassembly would:
+/// `None` unless every fragment's header checksum is right, they agree on addresses, ID and
+/// protocol, and they cover the datagram without gaps. The Ethernet header is the first one's.
+pub fn reassemble4(frags: &[Vec<u8>]) -> Option<Vec<u8>> {
+    let mut pieces = Vec::new();
+    for f in frags {
+        let ip = f.get(14..)?;
+        let ihl = ((ip[0] & 0x0f) as usize) * 4;
+        if checksum::checksum(ip.get(..ihl)?) != 0 {
+            return None;
+        }
+        let total = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+        let frag = u16::from_be_bytes([ip[6], ip[7]]);
+        let offset = ((frag & 0x1fff) as usize) * 8;
+        let same = |a: &[u8]| a[4..6] == ip[4..6] && a[9] == ip[9] && a[12..20] == ip[12..20];
+        if pieces
+            .iter()
+            .any(|(_, _, a): &(usize, bool, &[u8])| !same(a))
+        {
+            return None;
+        }
+        pieces.push((offset, frag & 0x2000 != 0, ip.get(..total)?));
+    }
+    pieces.sort_by_key(|(offset, _, _)| *offset);
+    let (_, _, first) = pieces.first()?;
+    let ihl = ((first[0] & 0x0f) as usize) * 4;
+    let mut ip = first[..ihl].to_vec();
+    for (offset, _, piece) in &pieces {
+        let piece_ihl = ((piece[0] & 0x0f) as usize) * 4;
+        if ip.len() - ihl != *offset {
+            return None;
+        }
+        ip.extend_from_slice(&piece[piece_ihl..]);
+    }
+    if pieces.last()?.1 {
+        return None; // The last fragment is missing.
+    }
+    let total = ip.len() as u16;
+    ip[2..4].copy_from_slice(&total.to_be_bytes());
+    ip[6..8].copy_from_slice(&[0, 0]);
+    ip[10..12].copy_from_slice(&[0, 0]);
+    let c = checksum::checksum(&ip[..ihl]);
+    ip[10..12].copy_from_slice(&c.to_ne_bytes());
+    let head = frags
+        .iter()
+        .find(|f| f[14 + 6] & 0x1f == 0 && f[14 + 7] == 0)?;
+    let mut f = head[..14].to_vec();
+    f.extend_from_slice(&ip);
+    Some(f)
+}
+
+/// The fragment header's length (IPv6).
+const FRAG_HDR: usize = 8;
+
+/// Splits a whole IPv6 frame (no extension headers) into fragments of `chunk` bytes of its
+/// payload (a multiple of 8, but the last), each with a fragment header with ID `id`.
+pub fn fragment6(frame: &[u8], id: u32, chunk: usize) -> Vec<Vec<u8>> {
+    assert!(chunk.is_multiple_of(8) && chunk > 0);
+    let (head, payload) = frame.split_at(14 + 40);
+    let next_header = head[14 + 6];
+    let pieces: Vec<&[u8]> = payload.chunks(chunk).collect();
+    pieces
+        .iter()
+        .enumerate()
+        .map(|(i, piece)| {
+            let mut f = head.to_vec();
+            f[14 + 4..14 + 6].copy_from_slice(&((FRAG_HDR + piece.len()) as u16).to_be_bytes());
+            f[14 + 6] = 44;
+            let more = u16::from(i + 1 < pieces.len());
+            f.extend_from_slice(&[next_header, 0]);
+            f.extend_from_slice(&(((i * chunk) as u16) | more).to_be_bytes());
+            f.extend_from_slice(&id.to_be_bytes());
+            f.extend_from_slice(piece);
+            f
+        })
+        .collect()
+}
+
+/// [`reassemble4`] for IPv6 fragments made by [`fragment6`]: one frame without the fragment header.
+pub fn reassemble6(frags: &[Vec<u8>]) -> Option<Vec<u8>> {
+    let mut pieces = Vec::new();
+    for f in frags {
+        let ip = f.get(14..)?;
+        if ip[6] != 44 {
+            return None;
+        }
+        let len = 40 + u16::from_be_bytes([ip[4], ip[5]]) as usize;
+        let hdr = ip.get(40..40 + FRAG_HDR)?;
+        let frag = u16::from_be_bytes([hdr[2], hdr[3]]);
+        let same = |a: &[u8]| a[8..40] == ip[8..40] && a[40] == hdr[0] && a[44..48] == hdr[4..8];
+        if pieces
+            .iter()
+            .any(|(_, _, a): &(usize, bool, &[u8])| !same(a))
+        {
+            return None;
+        }
+        pieces.push(((frag & 0xfff8) as usize, frag & 1 != 0, ip.get(..len)?));
+    }
+    pieces.sort_by_key(|(offset, _, _)| *offset);
+    let (_, _, first) = pieces.first()?;
+    let mut ip = first[..40].to_vec();
+    ip[6] = first[40];
+    for (offset, _, piece) in &pieces {
+        if ip.len() - 40 != *offset {
+            return None;
+        }
+        ip.extend_from_slice(&piece[40 + FRAG_HDR..]);
+    }
+    if pieces.last()?.1 {
+        return None;
+    }
+    let len = (ip.len() - 40) as u16;
+    ip[4..6].copy_from_slice(&len.to_be_bytes());
+    let head = frags
+        .iter()
+        .find(|f| u16::from_be_bytes([f[14 + 42], f[14 + 43]]) & 0xfff8 == 0)?;
+    let mut f = head[..14].to_vec();
+    f.extend_from_slice(&ip);
+    Some(f)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -352,6 +499,33 @@ mod tests {
             !parse(&bad).unwrap().l4_checksum_ok,
             "a corrupted payload must fail the check"
         );
+    }
+
+    #[test]
+    fn fragments_reassemble_to_the_datagram_in_any_order() {
+        let a = (Ipv4Addr::new(198, 18, 0, 1), 40000);
+        let b = (Ipv4Addr::new(198, 18, 0, 10), 30600);
+        let mut spec = FrameSpec::udp(a, b);
+        spec.payload = (0..1000u32).map(|i| i as u8).collect();
+        let whole = spec.build();
+        let mut frags = fragment4(&whole, 0x1234, 400); // the ID the frame has
+        assert_eq!(frags.len(), 3);
+        frags.swap(0, 2);
+        assert_eq!(reassemble4(&frags), Some(whole.clone()));
+        assert_eq!(reassemble4(&frags[..2]), None, "a fragment missing");
+        frags[1][14 + 4] ^= 1;
+        assert_eq!(reassemble4(&frags), None, "another datagram's fragment");
+
+        let a6 = ("2001:2::1".parse().unwrap(), 40000);
+        let b6 = ("2001:2::10".parse().unwrap(), 30600);
+        let mut spec6 = FrameSpec6::udp(a6, b6);
+        spec6.payload = spec.payload.clone();
+        let whole6 = spec6.build();
+        let mut frags6 = fragment6(&whole6, 7, 400);
+        assert_eq!(frags6.len(), 3);
+        frags6.swap(0, 1);
+        assert_eq!(reassemble6(&frags6), Some(whole6));
+        assert_eq!(reassemble6(&frags6[1..]), None);
     }
 
     #[test]

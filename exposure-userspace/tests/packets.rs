@@ -783,17 +783,144 @@ fn truncated_and_garbage_frames_pass_safely() {
     });
 }
 
+/// A datagram of 1,000 bytes of payload in `spec` (which gives addresses, ports and protocol)
+/// and its three IPv4 fragments (IP ID `id`).
+fn fragmented(mut spec: FrameSpec, id: u16) -> (Vec<u8>, Vec<Vec<u8>>) {
+    spec.payload = (0..1000u32).map(|i| (i * 7) as u8).collect();
+    let whole = spec.build();
+    let frags = frame::fragment4(&whole, id, 400);
+    assert_eq!(frags.len(), 3);
+    (whole, frags)
+}
+
+/// Runs every fragment through `run`, asserts each one's verdict and that its IP ID stayed, and
+/// returns the datagram they make, checksums checked.
+fn through(
+    frags: &[Vec<u8>],
+    verdict: u32,
+    mut run: impl FnMut(&[u8]) -> (u32, Vec<u8>),
+) -> frame::Parsed {
+    let outs: Vec<Vec<u8>> = frags
+        .iter()
+        .map(|f| {
+            let (v, out) = run(f);
+            assert_eq!(v, verdict);
+            assert_eq!(out[18..20], f[18..20], "IP ID kept");
+            out
+        })
+        .collect();
+    let whole = frame::reassemble4(&outs).expect("fragments reassemble (IP checksums right)");
+    let p = frame::parse(&whole).unwrap();
+    assert_checksums(&p);
+    p
+}
+
 #[test]
-fn fragments_pass_and_ip_options_are_handled() {
+fn fragmented_datagrams_to_a_local_backend_and_their_replies_are_translated() {
     with_datapath(|h| {
         h.program(&hello(&[(LOCAL_POD, true)]));
-        let mut frag = FrameSpec::udp((CLIENT, 7000), (NODE, NODE_PORT));
-        frag.frag = 0x2000; // more fragments
-        let frag = frag.build();
-        let (verdict, out) = h.xdp(&frag);
-        assert_eq!((verdict, &out), (XDP_PASS, &frag));
-        assert_eq!(h.counter(Counter::Fragments), 1);
+        for (proto, sport) in [(UDP, 40100), (TCP, 40101)] {
+            let spec = |src, dst| match proto {
+                TCP => FrameSpec::tcp(src, dst, SYN),
+                _ => FrameSpec::udp(src, dst),
+            };
+            let (sent, frags) = fragmented(spec((CLIENT, sport), (NODE, NODE_PORT)), 0x4001);
+            let p = through(&frags, XDP_PASS, |f| h.xdp(f));
+            assert_eq!((p.src, p.sport), (CLIENT, sport));
+            assert_eq!((p.dst, p.dport), (LOCAL_POD, 50000));
+            let header = if proto == TCP { 20 } else { 8 };
+            assert_eq!(
+                p.l4[header..],
+                sent[14 + 20 + header..],
+                "payload untouched"
+            );
 
+            // The pod's answer, fragmented by its stack, leaves through tc.
+            let (_, frags) = fragmented(spec((LOCAL_POD, 50000), (CLIENT, sport)), 0x4002);
+            let r = through(&frags, TC_ACT_OK, |f| h.tc(f));
+            assert_eq!((r.src, r.sport), (NODE, NODE_PORT), "frontend restored");
+            assert_eq!((r.dst, r.dport), (CLIENT, sport));
+        }
+        assert_eq!(h.counter(Counter::NewFlows), 2);
+        assert_eq!(h.counter(Counter::ToLocal), 6);
+        assert_eq!(h.counter(Counter::RepliesTc), 6);
+        assert_eq!(h.counter(Counter::Fragments), 0);
+    });
+}
+
+#[test]
+fn fragmented_datagrams_to_a_remote_backend_and_their_replies_are_translated() {
+    with_datapath(|h| {
+        h.program(&hello(&[(REMOTE_POD, false)]));
+        let mut spec = FrameSpec::udp((CLIENT, 40102), (LB, 60000));
+        spec.dst_mac = h.node_mac;
+        let (_, frags) = fragmented(spec, 0x4003);
+        let p = through(&frags, XDP_TX, |f| h.xdp(f));
+        assert_eq!((p.src, p.dst, p.dport), (NODE, REMOTE_POD, 50000));
+        assert!(p.sport >= SNAT_PORT_MIN, "SNAT port {}", p.sport);
+        assert_eq!((p.dst_mac, p.src_mac), (h.peer_mac, h.node_mac));
+
+        let mut reply = FrameSpec::udp((REMOTE_POD, 50000), (NODE, p.sport));
+        reply.src_mac = h.peer_mac;
+        reply.dst_mac = h.node_mac;
+        let (_, frags) = fragmented(reply, 0x4004);
+        let r = through(&frags, XDP_TX, |f| h.xdp(f));
+        assert_eq!((r.src, r.sport), (LB, 60000), "client sees the LB address");
+        assert_eq!((r.dst, r.dport), (CLIENT, 40102));
+        assert_eq!(
+            r.dst_mac,
+            [0x02, 0, 0, 0, 0, 0x01],
+            "back to the client's MAC"
+        );
+        assert_eq!(h.counter(Counter::ToRemote), 3);
+        assert_eq!(h.counter(Counter::RepliesXdp), 3);
+    });
+}
+
+/// Later fragments take their datagram's ports from its first fragment: without it they are
+/// left alone, and after a refused first fragment they are dropped (only the first is answered).
+#[test]
+fn fragments_without_their_first_or_after_a_refused_one_are_not_translated() {
+    with_datapath(|h| {
+        h.program(&hello(&[(LOCAL_POD, true)]));
+        // The first fragment was lost (or came before the datapath): the rest pass untouched.
+        let (_, frags) = fragmented(FrameSpec::udp((CLIENT, 40103), (NODE, NODE_PORT)), 0x4005);
+        for f in &frags[1..] {
+            assert_eq!(h.xdp(f), (XDP_PASS, f.clone()));
+        }
+        assert_eq!(h.counter(Counter::Fragments), 2);
+        // Another datagram between the same hosts (another IP ID) is not mistaken for it.
+        let (_, other) = fragmented(FrameSpec::udp((CLIENT, 40104), (NODE, NODE_PORT)), 0x4006);
+        h.xdp(&other[0]);
+        assert_eq!(h.xdp(&frags[2]), (XDP_PASS, frags[2].clone()));
+        assert_eq!(h.counter(Counter::Fragments), 3);
+        // Not for a frontend: every fragment is the kernel's.
+        let (_, ssh) = fragmented(FrameSpec::tcp((CLIENT, 40105), (NODE, 22), ACK), 0x4007);
+        for f in &ssh {
+            assert_eq!(h.xdp(f), (XDP_PASS, f.clone()));
+        }
+
+        h.program(&hello(&[]));
+        let (_, frags) = fragmented(FrameSpec::udp((CLIENT, 40106), (NODE, NODE_PORT)), 0x4008);
+        let (verdict, out) = h.xdp(&frags[0]);
+        assert_eq!(verdict, XDP_TX);
+        assert_eq!(
+            frame::parse(&out).unwrap().l4[..2],
+            [3, 3],
+            "port unreachable"
+        );
+        for f in &frags[1..] {
+            assert_eq!(h.xdp(f).0, XDP_DROP);
+        }
+        assert_eq!(h.counter(Counter::NoBackend), 1);
+        assert_eq!(h.counter(Counter::NewFlows), 1, "only the other datagram's");
+    });
+}
+
+#[test]
+fn ip_options_are_handled() {
+    with_datapath(|h| {
+        h.program(&hello(&[(LOCAL_POD, true)]));
         let mut opts = FrameSpec::tcp((CLIENT, 40003), (NODE, NODE_PORT), SYN);
         opts.ip_options = vec![1, 1, 1, 0]; // NOP NOP NOP EOL
         let (verdict, out) = h.xdp(&opts.build());
@@ -2085,6 +2212,84 @@ fn ipv6_remote_backend_gets_snat_and_the_reply_is_reversed_at_xdp() {
         assert_eq!(r.dst_mac, input[6..12]);
         assert_eq!(h.counter(Counter::ToRemote), 1);
         assert_eq!(h.counter(Counter::RepliesXdp), 1);
+    });
+}
+
+/// [`fragmented`] for IPv6: a datagram of 1,000 bytes of payload, in three fragments.
+fn fragmented6(mut spec: frame::FrameSpec6, id: u32) -> Vec<Vec<u8>> {
+    spec.payload = (0..1000u32).map(|i| (i * 7) as u8).collect();
+    let frags = frame::fragment6(&spec.build(), id, 400);
+    assert_eq!(frags.len(), 3);
+    frags
+}
+
+/// [`through`] for IPv6 fragments: the fragment header's ID is kept.
+fn through6(
+    frags: &[Vec<u8>],
+    verdict: u32,
+    mut run: impl FnMut(&[u8]) -> (u32, Vec<u8>),
+) -> frame::Parsed6 {
+    let outs: Vec<Vec<u8>> = frags
+        .iter()
+        .map(|f| {
+            let (v, out) = run(f);
+            assert_eq!(v, verdict);
+            assert_eq!(
+                out[14 + 40..14 + 48],
+                f[14 + 40..14 + 48],
+                "fragment header kept"
+            );
+            out
+        })
+        .collect();
+    parse6_ok(&frame::reassemble6(&outs).expect("fragments reassemble"))
+}
+
+#[test]
+fn ipv6_fragmented_datagrams_and_their_replies_are_translated() {
+    with_datapath(|h| {
+        h.program(&hello6(&[(LOCAL_POD6, true)]));
+        // Local: DNAT at XDP, the pod's fragmented answer at tc.
+        let frags = fragmented6(
+            frame::FrameSpec6::udp((CLIENT6, 40200), (NODE6, NODE_PORT)),
+            1,
+        );
+        let p = through6(&frags, XDP_PASS, |f| h.xdp(f));
+        assert_eq!((p.src, p.sport), (CLIENT6, 40200));
+        assert_eq!((p.dst, p.dport), (LOCAL_POD6, 50000));
+        let frags = fragmented6(
+            frame::FrameSpec6::udp((LOCAL_POD6, 50000), (CLIENT6, 40200)),
+            2,
+        );
+        let r = through6(&frags, TC_ACT_OK, |f| h.tc(f));
+        assert_eq!(
+            (r.src, r.sport, r.dst, r.dport),
+            (NODE6, NODE_PORT, CLIENT6, 40200)
+        );
+
+        // Remote: SNAT and back out at XDP, and the answer back to the client.
+        h.program(&hello6(&[(REMOTE_POD6, false)]));
+        let mut spec = frame::FrameSpec6::udp((CLIENT6, 40201), (LB6, 60000));
+        spec.dst_mac = h.node_mac;
+        let p = through6(&fragmented6(spec, 3), XDP_TX, |f| h.xdp(f));
+        assert_eq!((p.src, p.dst, p.dport), (NODE6, REMOTE_POD6, 50000));
+        let mut reply = frame::FrameSpec6::udp((REMOTE_POD6, 50000), (NODE6, p.sport));
+        reply.src_mac = h.peer_mac;
+        reply.dst_mac = h.node_mac;
+        let r = through6(&fragmented6(reply, 4), XDP_TX, |f| h.xdp(f));
+        assert_eq!(
+            (r.src, r.sport, r.dst, r.dport),
+            (LB6, 60000, CLIENT6, 40201)
+        );
+
+        // A later fragment whose first was not seen passes untouched.
+        let frags = fragmented6(
+            frame::FrameSpec6::udp((CLIENT6, 40202), (NODE6, NODE_PORT)),
+            5,
+        );
+        assert_eq!(h.xdp(&frags[1]), (XDP_PASS, frags[1].clone()));
+        assert_eq!(h.counter(Counter::Fragments), 1);
+        assert_eq!(h.counter(Counter::NewFlows), 2);
     });
 }
 
