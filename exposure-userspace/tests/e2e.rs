@@ -626,38 +626,45 @@ fn udp_clients_move_on_when_their_endpoint_is_removed() {
 }
 
 /// UDP datagrams above the MTU (a large DNS answer, RADIUS with certificates) cross the node as IP
-/// fragments both ways: each fragment is translated, the later ones by the ports of their first.
+/// fragments both ways, over IPv4 and IPv6: each fragment is translated, the later ones by the
+/// ports of their first.
 #[test]
 fn udp_datagrams_above_the_mtu_reach_local_and_remote_pods_and_come_back_whole() {
-    let ports = "  - {name: udp, protocol: UDP, port: 53, targetPort: 50000, nodePort: 30053}\n";
-    let pods = all_pods(&[1, 1]);
-    let manifest = service("dns", "NodePort", ports, "")
-        + "---\n"
-        + &slice("dns", "- {name: udp, protocol: UDP, port: 50000}\n", &pods);
-    let c = Cluster::start(&[1, 1], &[("dns.yaml", manifest)]);
-    let held = local_and_remote(|| {
-        let mut s = UdpSession::connect(&c.lab.client, c.node(0, 30053)).unwrap();
-        // 4,000 bytes: three fragments on the lab's 1,500-byte MTU.
-        let answer = s
-            .ask_big(4000)
-            .unwrap_or_else(|e| panic!("a 4,000-byte datagram through the NodePort: {e:#}"));
-        let (pod, peer) = parse_answer(&answer).expect("answer format");
-        let pod = pod.to_string();
-        ((s, peer.ip()), pod)
-    });
-    for ((mut s, seen), pod) in held {
-        let expected = if pod.starts_with("pod-1-") {
-            CLIENT
-        } else {
-            IpAddr::V4(c.lab.nodes[0].ip)
-        };
-        assert_eq!(seen, expected, "the address {pod} saw");
-        // The same flow again, and a datagram of 60,000 bytes (41 fragments).
-        for bytes in [4000, 60_000] {
+    use exposure_lab::lab::CLIENT_IP6;
+    let c = Cluster::start(&[1, 1], &[("hello.yaml", hello_dual_stack(&[1, 1]))]);
+    let node = &c.lab.nodes[0];
+    for (to, client, snat) in [
+        (c.node(0, 30600), CLIENT, IpAddr::V4(node.ip)),
+        (
+            SocketAddr::from((node.ip6, 30600)),
+            IpAddr::V6(CLIENT_IP6),
+            IpAddr::V6(node.ip6),
+        ),
+    ] {
+        let held = local_and_remote(|| {
+            let mut s = UdpSession::connect(&c.lab.client, to).unwrap();
+            // 4,000 bytes: three fragments on the lab's 1,500-byte MTU.
             let answer = s
-                .ask_big(bytes)
-                .unwrap_or_else(|e| panic!("{bytes} bytes: {e:#}"));
-            assert_eq!(parse_answer(&answer).unwrap().0, pod);
+                .ask_big(4000)
+                .unwrap_or_else(|e| panic!("a 4,000-byte datagram to {to}: {e:#}"));
+            let (pod, peer) = parse_answer(&answer).expect("answer format");
+            let pod = pod.to_string();
+            ((s, peer.ip()), pod)
+        });
+        for ((mut s, seen), pod) in held {
+            let expected = if pod.starts_with("pod-1-") {
+                client
+            } else {
+                snat
+            };
+            assert_eq!(seen, expected, "the address {pod} saw via {to}");
+            // The same flow again, and a datagram of 60,000 bytes (41 fragments).
+            for bytes in [4000, 60_000] {
+                let answer = s
+                    .ask_big(bytes)
+                    .unwrap_or_else(|e| panic!("{bytes} bytes to {to}: {e:#}"));
+                assert_eq!(parse_answer(&answer).unwrap().0, pod);
+            }
         }
     }
 }
