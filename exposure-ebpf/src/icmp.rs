@@ -31,6 +31,10 @@ pub fn quoted_flow(icmp: &[u8; SPAN]) -> Option<FlowKey> {
     if proto != PROTO_TCP && proto != PROTO_UDP {
         return None;
     }
+    // A later fragment's quote has payload where ports would be (RFC 1122 forbids such errors).
+    if ip[6] & 0x1f != 0 || ip[7] != 0 {
+        return None;
+    }
     let l4 = &icmp[QUOTE_L4..SPAN];
     Some(FlowKey {
         // The quoted packet went towards the backend; its reply comes from there.

@@ -2089,6 +2089,15 @@ fn icmp_errors_about_snated_flows_reach_the_client_translated() {
             assert_eq!(out[..6], first[6..12], "to the client's MAC");
         }
         assert_eq!(h.counter(Counter::IcmpErrorsTranslated), 2);
+        // About a later fragment, whose quote has payload where the ports would be (here, bytes
+        // that match a flow's): untouched.
+        let mut spec = FrameSpec::udp((CLIENT, 45100), (NODE, NODE_PORT));
+        spec.dst_mac = h.node_mac;
+        let (_, mut sent) = h.xdp(&spec.build());
+        sent[14 + 6..14 + 8].copy_from_slice(&50u16.to_be_bytes()); // offset 400
+        let later = icmp_error(REMOTE_POD, NODE, 3, 3, &sent);
+        assert_eq!(h.xdp(&later), (XDP_PASS, later.clone()));
+        assert_eq!(h.counter(Counter::IcmpErrorsTranslated), 2);
         // Not about any flow of ours, or not an error: untouched.
         let unrelated = FrameSpec::udp((REMOTE_POD, 50000), (NODE, 61999)).build();
         let stray = icmp_error(REMOTE_POD, NODE, 3, 3, &unrelated);
