@@ -489,10 +489,12 @@ pub enum Counter {
     Malformed,
     RedirectedToPod,
     HostCollision,
+    /// Packets too big for the interface they were to leave by (answered with ICMP).
+    TooBig,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 17;
+    pub const COUNT: u32 = 18;
     pub const ALL: [Counter; Counter::COUNT as usize] = [
         Counter::FrontendPackets,
         Counter::NewFlows,
@@ -511,6 +513,7 @@ impl Counter {
         Counter::Malformed,
         Counter::RedirectedToPod,
         Counter::HostCollision,
+        Counter::TooBig,
     ];
 
     pub fn name(self) -> &'static str {
@@ -532,6 +535,7 @@ impl Counter {
             Counter::Malformed => "malformed",
             Counter::RedirectedToPod => "to_local_backend_redirected",
             Counter::HostCollision => "dropped_host_collision",
+            Counter::TooBig => "too_big_for_next_hop",
         }
     }
 }

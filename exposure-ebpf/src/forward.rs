@@ -4,7 +4,7 @@ use aya_ebpf::{
     bindings::{
         bpf_fib_lookup, xdp_action, BPF_ANY, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
     },
-    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_xdp_adjust_meta},
+    helpers::{bpf_check_mtu, bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_xdp_adjust_meta},
     programs::XdpContext,
     EbpfContext,
 };
@@ -54,16 +54,16 @@ pub fn fib_query(
 }
 
 /// Where the kernel's routing table would send a packet to `daddr` (needs a resolved neighbour).
+/// No MTU check here: every packet of the flow gets one when it is sent ([`mtu_exceeded`]).
 #[inline(always)]
 pub fn next_hop(
     ctx: &XdpContext,
     params: &mut bpf_fib_lookup,
     daddr: &Addr,
     proto: u8,
-    tot_len: u16,
 ) -> Option<NextHop> {
     let v4 = daddr.is_v4();
-    let rc = fib_query(ctx, params, daddr, proto, tot_len);
+    let rc = fib_query(ctx, params, daddr, proto, 0);
     if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
         // The FIB filled in the next hop; leave it for the agent to resolve.
         let gateway = if v4 {
@@ -86,6 +86,23 @@ pub fn next_hop(
         smac: params.smac,
         dmac: params.dmac,
     })
+}
+
+/// `bpf_check_mtu`'s answer when the frame is longer than the interface takes.
+const MTU_CHK_RET_FRAG_NEEDED: i64 = 1;
+
+/// The MTU of interface `ifindex` when the frame, sent there, would not fit it. Only a frame that
+/// leaves by another interface than it came in asks: one fits where it came from (a node on two
+/// networks, say jumbo frames on one, is where a frame may not fit).
+#[inline(always)]
+pub fn mtu_exceeded(ctx: &XdpContext, ifindex: u32) -> Option<u32> {
+    if ifindex == ctx.ingress_ifindex() as u32 {
+        return None;
+    }
+    // In: 0, "the frame's own length"; out: the interface's MTU.
+    let mut mtu = 0u32;
+    let rc = unsafe { bpf_check_mtu(ctx.as_ptr(), ifindex, &mut mtu, 0, 0) };
+    (rc == MTU_CHK_RET_FRAG_NEEDED).then_some(mtu)
 }
 
 /// Transmits the (already rewritten) frame on `ifindex`.

@@ -26,7 +26,7 @@ use aya_log_ebpf::{debug, warn};
 use exposure_common::*;
 
 use crate::{
-    forward::{fib_query, hand_to_tc, next_hop, transmit},
+    forward::{fib_query, hand_to_tc, mtu_exceeded, next_hop, transmit},
     host::host_connection,
     maps::*,
     nat::{rewrite, set_macs, Tuple},
@@ -360,6 +360,32 @@ fn refuse(ctx: &XdpContext, p: &Packet, why: Selected) -> Result<u32, ()> {
     }
 }
 
+/// A packet of a flow that does not fit the interface it is to leave by (`mtu`): XDP cannot
+/// fragment it, so its sender is told the MTU (ICMP fragmentation needed, ICMPv6 packet too big),
+/// as the kernel does when it forwards, and sends smaller packets. The kernel would fragment a
+/// packet without DF instead; the sender gets the same message for it (Linux lowers its path MTU
+/// for it just the same), rather than silence.
+#[inline(never)]
+fn too_big(ctx: &XdpContext, p: &Packet, mtu: u32) -> Result<u32, ()> {
+    let ctx = &own_ctx(ctx);
+    count(Counter::TooBig);
+    log_endpoints!(
+        debug,
+        ctx,
+        "too big for the next hop: {:i}:{} -> {:i}:{}",
+        p.saddr,
+        p.sport,
+        p.daddr,
+        p.dport
+    );
+    let answered = if p.v6 {
+        reject::packet_too_big6(ctx, p, mtu)
+    } else {
+        reject::fragmentation_needed(ctx, p, mtu)
+    };
+    answered.or(Ok(xdp_action::XDP_DROP))
+}
+
 /// Picks a backend for a new flow, builds both directions' entries in `SCRATCH` and records the
 /// reply's (for a remote backend, that claims the SNAT port); the caller records the flow's. Not
 /// inlined: its locals would push the one-function stack past BPF's 512 bytes.
@@ -433,7 +459,7 @@ fn new_flow(ctx: &XdpContext, p: &Packet, fe: &Frontend, now: u64) -> Selected {
     reply.client_mac = client_mac;
     reply.node_mac = node_mac;
     if backend.flags & BACKEND_LOCAL == 0 {
-        let Some(hop) = next_hop(ctx, &mut s.fib, &backend.addr, p.proto, p.ip_len) else {
+        let Some(hop) = next_hop(ctx, &mut s.fib, &backend.addr, p.proto) else {
             return Selected::Drop;
         };
         let family = if p.v6 { FAMILY_V6 } else { FAMILY_V4 };
@@ -607,6 +633,9 @@ fn claim_snat_port(s: &mut Scratch, now: u64) -> Option<u16> {
 #[inline(always)]
 fn translate_to_backend(ctx: &XdpContext, p: &Packet, flow: &Flow) -> Result<u32, ()> {
     if flow.flags & FLOW_REMOTE != 0 {
+        if let Some(mtu) = mtu_exceeded(ctx, flow.ifindex) {
+            return too_big(ctx, p, mtu);
+        }
         let to = Tuple {
             saddr: &flow.snat_addr,
             daddr: &flow.backend_addr,
@@ -662,6 +691,9 @@ fn reply_to_client(ctx: &XdpContext, p: &Packet, reply: *mut Reply) -> Result<u3
     // connection of the node's that took the port, as its NAT does not know ours).
     if !flow_alive(p.proto, r.flags, r.last_seen_ns, now) {
         return Ok(xdp_action::XDP_PASS);
+    }
+    if let Some(mtu) = mtu_exceeded(ctx, r.ifindex) {
+        return too_big(ctx, p, mtu);
     }
     let flow = || lookup_flow(&client_key(unsafe { &*reply }, p.proto));
     touch(reply, flow, p, false, now);

@@ -1,5 +1,7 @@
-//! Refusing flows to a Service without endpoints: ICMP (ICMPv6) port unreachable, as kube-proxy's
-//! REJECT does (Linux turns it into ECONNREFUSED for TCP and UDP sockets alike).
+//! ICMP (ICMPv6) errors the datapath answers a packet with, quoting it: port unreachable for flows
+//! to a Service without endpoints, as kube-proxy's REJECT does (Linux turns it into ECONNREFUSED
+//! for TCP and UDP sockets alike), and fragmentation needed (packet too big) for packets that do
+//! not fit the interface they are to leave by.
 
 use aya_ebpf::{
     bindings::xdp_action,
@@ -41,8 +43,23 @@ fn reshape(ctx: &XdpContext, headroom: usize, len: usize, ether_type: u16) -> Re
 }
 
 /// Turns the frame into an ICMP port unreachable quoting it, addressed back to its sender.
-#[inline(never)]
+#[inline(always)]
 pub fn port_unreachable(ctx: &XdpContext, p: &Packet) -> Result<u32, ()> {
+    // Type 3 (destination unreachable), code 3 (port unreachable).
+    icmp_error(ctx, p, [3, 3, 0, 0, 0, 0, 0, 0])
+}
+
+/// Turns the frame into an ICMP fragmentation needed (type 3, code 4) with the next hop's `mtu`.
+#[inline(always)]
+pub fn fragmentation_needed(ctx: &XdpContext, p: &Packet, mtu: u32) -> Result<u32, ()> {
+    let [hi, lo] = (mtu.min(u16::MAX as u32) as u16).to_be_bytes();
+    icmp_error(ctx, p, [3, 4, 0, 0, 0, 0, hi, lo])
+}
+
+/// Turns the frame into the ICMP error whose header (checksum zero) is `head`, quoting the frame,
+/// addressed back to its sender.
+#[inline(never)]
+fn icmp_error(ctx: &XdpContext, p: &Packet, head: [u8; 8]) -> Result<u32, ()> {
     let ctx = &own_ctx(ctx);
     let quoted = p.l4_off - ETH_LEN + 8;
     reshape(ctx, IP_ICMP_LEN, ICMP_OFF + 8 + quoted, ETH_P_IP)?;
@@ -78,9 +95,8 @@ pub fn port_unreachable(ctx: &XdpContext, p: &Packet) -> Result<u32, ()> {
     let ip_hdr: *mut [u8; 20] = ptr_at(ctx, ETH_LEN)?;
     unsafe { ip_hdr.write_unaligned(ip) };
 
-    // Type 3 (destination unreachable), code 3 (port unreachable), checksum 0 while summing.
     let icmp: *mut [u8; 8] = ptr_at(ctx, ICMP_OFF)?;
-    unsafe { icmp.write_unaligned([3, 3, 0, 0, 0, 0, 0, 0]) };
+    unsafe { icmp.write_unaligned(head) };
     let icmp_len = 8 + quoted;
     let mut sum = 0u32;
     for i in 0..MAX_ICMP_WORDS {
@@ -101,15 +117,28 @@ const QUOTE6_LEN: usize = IPV6_LEN + 8;
 const ICMP6_OFF: usize = ETH_LEN + IPV6_LEN;
 
 /// [`port_unreachable`] for IPv6: ICMPv6 destination unreachable, code 4 (port unreachable).
-#[inline(never)]
+#[inline(always)]
 pub fn port_unreachable6(ctx: &XdpContext, p: &Packet) -> Result<u32, ()> {
+    icmp6_error(ctx, p, [1, 4, 0, 0, 0, 0, 0, 0])
+}
+
+/// [`fragmentation_needed`] for IPv6: ICMPv6 packet too big (type 2) with the next hop's `mtu`.
+#[inline(always)]
+pub fn packet_too_big6(ctx: &XdpContext, p: &Packet, mtu: u32) -> Result<u32, ()> {
+    let [a, b, c, d] = mtu.to_be_bytes();
+    icmp6_error(ctx, p, [2, 0, 0, 0, a, b, c, d])
+}
+
+/// [`icmp_error`] for IPv6: the ICMPv6 message whose header (checksum zero) is `head`.
+#[inline(never)]
+fn icmp6_error(ctx: &XdpContext, p: &Packet, head: [u8; 8]) -> Result<u32, ()> {
     let ctx = &own_ctx(ctx);
     reshape(ctx, IP6_ICMP6_LEN, ICMP6_OFF + 8 + QUOTE6_LEN, ETH_P_IPV6)?;
 
     let payload_len = ((8 + QUOTE6_LEN) as u16).to_be_bytes();
-    let head: *mut [u8; 8] = ptr_at(ctx, ETH_LEN)?;
+    let ip_head: *mut [u8; 8] = ptr_at(ctx, ETH_LEN)?;
     unsafe {
-        head.write_unaligned([
+        ip_head.write_unaligned([
             0x60,
             0,
             0,
@@ -127,9 +156,8 @@ pub fn port_unreachable6(ctx: &XdpContext, p: &Packet) -> Result<u32, ()> {
         daddr.write_unaligned(p.saddr.0);
     }
 
-    // Type 1 (destination unreachable), code 4 (port unreachable), checksum 0 while summing.
     let icmp: *mut [u8; 8] = ptr_at(ctx, ICMP6_OFF)?;
-    unsafe { icmp.write_unaligned([1, 4, 0, 0, 0, 0, 0, 0]) };
+    unsafe { icmp.write_unaligned(head) };
     // Pseudo-header (both addresses, the ICMPv6 length and next header), then the message.
     let mut sum = 0u32;
     for i in 0..4 {

@@ -565,6 +565,48 @@ fn a_node_on_two_networks_serves_clients_on_each() {
     // The first network is served as before.
     let everyone = pods_named(&["pod-1-1", "pod-2-1"]);
     assert_eq!(c.tcp_spread(c.node(0, 30600), 20).0, everyone);
+
+    // Larger frames on the second network (3,000 bytes: veth's most with XDP on its peer): a
+    // 2,900-byte datagram goes in one packet, too big for the 1,500-byte networks behind. Whether
+    // the kernel forwards it to the local pod or XDP sends it to the remote one, the client is
+    // told the MTU (its first try fails with EMSGSIZE), learns it, and its next try goes in
+    // fragments that fit.
+    c.lab.nodes[0].ns.ip("link set eth1 mtu 3000").unwrap();
+    front.ip("link set eth0 mtu 3000").unwrap();
+    let pods = all_pods(&[1, 1]);
+    for (pod, node_port) in [(0, 30701), (1, 30702)] {
+        let pod_name = ["pod-1-1", "pod-2-1"][pod];
+        let name = format!("one-pod-{node_port}");
+        let ports = format!(
+            "  - {{name: udp, protocol: UDP, port: 53, targetPort: 50000, nodePort: {node_port}}}\n"
+        );
+        let endpoint = "- {name: udp, protocol: UDP, port: 50000}\n";
+        c.write(
+            &format!("{name}.yaml"),
+            &(service(&name, "NodePort", &ports, "")
+                + "---\n"
+                + &slice(&name, endpoint, &pods[pod..=pod])),
+        );
+        let to = SocketAddr::from(([198, 18, 200, 10], node_port));
+        c.eventually("the Service is served", || {
+            apps::udp_ask(&front, to).is_ok()
+        });
+        // Forget what the client learned of the path so far.
+        front.ip("route flush cache").unwrap();
+        let mut s = UdpSession::connect(&front, to).unwrap();
+        let first = s.ask_big(2900).expect_err("a packet above the path's MTU");
+        let io = first.root_cause().downcast_ref::<std::io::Error>();
+        assert_eq!(
+            io.and_then(|e| e.raw_os_error()),
+            Some(libc::EMSGSIZE),
+            "told the MTU, not left to time out: {first:#}"
+        );
+        let answer = s
+            .ask_big(2900)
+            .unwrap_or_else(|e| panic!("once the client knows the MTU, via {to}: {e:#}"));
+        assert_eq!(parse_answer(&answer).unwrap().0, pod_name);
+    }
+    assert!(agent_counter(&c, "too_big_for_next_hop") >= 1.0);
 }
 
 #[test]

@@ -263,9 +263,14 @@ impl Harness {
     }
 
     fn xdp(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        self.xdp_on(self.ifindex, frame)
+    }
+
+    /// [`Harness::xdp`] for a frame that arrives on interface `ifindex`.
+    fn xdp_on(&mut self, ifindex: u32, frame: &[u8]) -> (u32, Vec<u8>) {
         let mut ctx = [0u32; 6]; // struct xdp_md
         ctx[1] = frame.len() as u32; // data_end
-        ctx[3] = self.ifindex; // ingress_ifindex
+        ctx[3] = ifindex; // ingress_ifindex
         let ctx: Vec<u8> = ctx.iter().flat_map(|w| w.to_ne_bytes()).collect();
         let mut out = vec![0u8; frame.len() + 512];
         let opts = TestRunOptions {
@@ -1663,6 +1668,117 @@ fn only_the_nodes_own_connections_from_snat_ports_hold_a_tuple() {
             assert_eq!((verdict as i32, out), (TC_ACT_UNSPEC, segment), "{why}");
         }
         assert_eq!(h.maps.replies4.iter().count(), 0);
+    });
+}
+
+/// Runs `ip` with `args` in the namespace the harness runs in (the node's).
+fn ip(args: &str) {
+    let status = std::process::Command::new("ip")
+        .args(args.split_whitespace())
+        .status()
+        .unwrap();
+    assert!(status.success(), "ip {args}");
+}
+
+/// A frame of `spec` with `len` bytes of payload.
+fn sized(mut spec: FrameSpec, len: usize) -> Vec<u8> {
+    spec.payload = vec![7; len];
+    spec.build()
+}
+
+/// A node on two networks: remote pods behind eth9 (MTU 1280), clients on eth0. A packet that
+/// does not fit the interface its flow leaves by is answered with ICMP fragmentation needed (or
+/// packet too big) carrying that MTU, in both directions, as the kernel answers when it forwards.
+#[test]
+fn packets_too_big_for_the_interface_they_leave_by_are_answered_with_its_mtu() {
+    with_datapath(|h| {
+        ip("link add eth9 mtu 1280 type veth peer name eth9p");
+        ip("link set eth9 up");
+        ip("link set eth9p up");
+        ip("addr add 198.18.9.10/24 dev eth9");
+        ip("addr add 2001:2:9::10/64 dev eth9 nodad");
+        ip("route add 198.19.9.0/24 via 198.18.9.20");
+        ip("-6 route add 2001:2:0:9::/64 via 2001:2:9::20");
+        ip("neigh add 198.18.9.20 lladdr 02:00:00:00:00:99 dev eth9 nud permanent");
+        ip("-6 neigh add 2001:2:9::20 lladdr 02:00:00:00:00:99 dev eth9 nud permanent");
+        let eth9 = nix::net::if_::if_nametoindex("eth9").unwrap();
+        let (node9, node9_6): (Ipv4Addr, Ipv6Addr) = (
+            "198.18.9.10".parse().unwrap(),
+            "2001:2:9::10".parse().unwrap(),
+        );
+        h.maps.set_node_addr(eth9, node9.into()).unwrap();
+        h.maps.set_node_addr(eth9, node9_6.into()).unwrap();
+        let (pod, pod6): (Ipv4Addr, Ipv6Addr) = (
+            "198.19.9.2".parse().unwrap(),
+            "2001:2:0:9::2".parse().unwrap(),
+        );
+        let mut state = hello(&[(pod, false)]);
+        state.services.extend(hello6(&[(pod6, false)]).services);
+        h.program(&state);
+
+        // Fits: SNATed to eth9's address and sent there.
+        let fits = sized(FrameSpec::udp((CLIENT, 40300), (NODE, NODE_PORT)), 1200);
+        let (verdict, out) = h.xdp(&fits);
+        assert_eq!(verdict, XDP_REDIRECT);
+        let p = frame::parse(&out).unwrap();
+        assert_eq!((p.src, p.dst), (node9, pod));
+        let snat_port = p.sport;
+        // 1,328 bytes of IP: the flow's next packet does not fit.
+        let big = sized(FrameSpec::udp((CLIENT, 40300), (NODE, NODE_PORT)), 1300);
+        let (verdict, out) = h.xdp(&big);
+        assert_eq!(verdict, XDP_TX, "answered, back where it came from");
+        let icmp = frame::parse(&out).unwrap();
+        assert_checksums(&icmp);
+        assert_eq!(
+            (icmp.proto, icmp.src, icmp.dst),
+            (frame::ICMP, NODE, CLIENT)
+        );
+        assert_eq!(icmp.l4[..2], [3, 4], "fragmentation needed");
+        assert_eq!(icmp.l4[6..8], 1280u16.to_be_bytes(), "eth9's MTU");
+        assert_eq!(icmp.l4[8..36], big[14..42], "quotes the client's packet");
+        assert_eq!(icmp.dst_mac, big[6..12]);
+        // A new flow whose first packet is too big: the same.
+        let big_first = sized(FrameSpec::udp((CLIENT, 40301), (NODE, NODE_PORT)), 1300);
+        assert_eq!(h.xdp(&big_first).0, XDP_TX);
+        // IPv6: packet too big.
+        let mut big6 = frame::FrameSpec6::udp((CLIENT6, 40302), (NODE6, NODE_PORT));
+        big6.payload = vec![7; 1300];
+        let big6 = big6.build();
+        let (verdict, out) = h.xdp(&big6);
+        assert_eq!(verdict, XDP_TX);
+        let icmp6 = parse6_ok(&out);
+        assert_eq!(
+            (icmp6.next_header, icmp6.src, icmp6.dst),
+            (58, NODE6, CLIENT6)
+        );
+        assert_eq!(icmp6.l4[..2], [2, 0], "packet too big");
+        assert_eq!(icmp6.l4[4..8], 1280u32.to_be_bytes());
+        assert_eq!(icmp6.l4[8..56], big6[14..62], "quotes the client's packet");
+        assert_eq!(h.counter(Counter::TooBig), 3);
+        assert_eq!(h.counter(Counter::ToRemote), 1);
+
+        // The other way: the pod's replies arrive on eth9 and leave by eth0, now the smaller.
+        ip("link set eth9 mtu 9000");
+        ip("link set eth0 mtu 1280");
+        let reply = |len| sized(FrameSpec::udp((pod, 50000), (node9, snat_port)), len);
+        let (verdict, out) = h.xdp_on(eth9, &reply(1200));
+        assert_eq!(verdict, XDP_REDIRECT);
+        let r = frame::parse(&out).unwrap();
+        assert_eq!(
+            (r.src, r.sport, r.dst, r.dport),
+            (NODE, NODE_PORT, CLIENT, 40300)
+        );
+        let big_reply = reply(1300);
+        let (verdict, out) = h.xdp_on(eth9, &big_reply);
+        assert_eq!(verdict, XDP_TX, "back to the pod");
+        let icmp = frame::parse(&out).unwrap();
+        assert_checksums(&icmp);
+        assert_eq!((icmp.src, icmp.dst), (node9, pod));
+        assert_eq!(icmp.l4[..2], [3, 4]);
+        assert_eq!(icmp.l4[6..8], 1280u16.to_be_bytes(), "eth0's MTU");
+        assert_eq!(icmp.l4[8..36], big_reply[14..42]);
+        assert_eq!(h.counter(Counter::TooBig), 4);
+        assert_eq!(h.counter(Counter::RepliesXdp), 1);
     });
 }
 
