@@ -105,6 +105,19 @@ pub fn mtu_exceeded(ctx: &XdpContext, ifindex: u32) -> Option<u32> {
     (rc == MTU_CHK_RET_FRAG_NEEDED).then_some(mtu)
 }
 
+/// Whether every frame that interface `ifindex` may send fits interface `to` (its MTU is at least
+/// as large). An error reads as "no".
+#[inline(always)]
+pub fn mtu_fits(ctx: &XdpContext, to: u32) -> bool {
+    // Each call gives the interface's MTU; 0 in `from` is the frame's own interface.
+    let (mut from_mtu, mut to_mtu) = (0u32, 0u32);
+    unsafe {
+        bpf_check_mtu(ctx.as_ptr(), 0, &mut from_mtu, 0, 0) >= 0
+            && bpf_check_mtu(ctx.as_ptr(), to, &mut to_mtu, 0, 0) >= 0
+            && to_mtu >= from_mtu
+    }
+}
+
 /// Transmits the (already rewritten) frame on `ifindex`.
 #[inline(always)]
 pub fn transmit(ctx: &XdpContext, ifindex: u32) -> u32 {

@@ -26,7 +26,7 @@ use aya_log_ebpf::{debug, warn};
 use exposure_common::*;
 
 use crate::{
-    forward::{fib_query, hand_to_tc, mtu_exceeded, next_hop, transmit},
+    forward::{fib_query, hand_to_tc, mtu_exceeded, mtu_fits, next_hop, transmit},
     host::host_connection,
     maps::*,
     nat::{rewrite, set_macs, Tuple},
@@ -535,6 +535,12 @@ fn to_pod(ctx: &XdpContext, p: &Packet, flow: &mut Flow) {
     }
     // The agent never lists the node's own interfaces, so this is a pod's.
     if POD_IFACES.get_ifindex(fib.ifindex).is_none() {
+        return;
+    }
+    // A pod interface with a smaller MTU than the node's (an overlay's, say) would drop the
+    // larger frames sent past the stack; through the stack they are fragmented, or their sender
+    // is told the MTU. Checked once per flow, so redirected packets pay nothing for it.
+    if !mtu_fits(ctx, fib.ifindex) {
         return;
     }
     flow.ifindex = fib.ifindex;

@@ -493,6 +493,23 @@ fn local_flows_to_a_listed_pod_interface(mode: RedirectToPods) {
         assert_eq!(out.len(), input.len(), "no metadata");
         assert_eq!(frame::parse(&out).unwrap().dst, LOCAL_POD);
         assert_eq!(h.counter(Counter::RedirectedToPod), redirected);
+
+        // A pod interface with a smaller MTU than eth0's: its new flows stay with the stack,
+        // which fragments or answers too big packets; an MTU as large is fine.
+        assert_eq!(h.maps.set_pod_ifaces(&[h.pod_ifindex].into()).unwrap(), 1);
+        for (mtu, client_port, to_pod) in [(1400, 40002, false), (1500, 40003, true)] {
+            ip(&format!("link set lxc1 mtu {mtu}"));
+            let input = FrameSpec::tcp((CLIENT, client_port), (NODE, NODE_PORT), SYN).build();
+            let (verdict, out) = h.xdp(&input);
+            let flow = h
+                .flow((CLIENT, client_port), (NODE, NODE_PORT), TCP)
+                .unwrap();
+            assert_eq!(flow.flags & FLOW_TO_POD != 0, to_pod, "lxc1 MTU {mtu}");
+            if !to_pod {
+                assert_eq!((verdict, out.len()), (XDP_PASS, input.len()));
+                assert_eq!(out[..12], input[..12], "MACs untouched");
+            }
+        }
     });
 }
 
