@@ -511,33 +511,14 @@ fn an_interface_made_anew_gets_the_datapath_again() {
 /// A node on two networks (`--iface eth0 --iface eth1`): a client on the second one reaches the
 /// NodePort on that network's address. A local pod is served through eth1 (replies at eth1's tc);
 /// a remote pod's flow leaves through eth0, SNATed to eth0's address, and its replies go back out
-/// of eth1 (XDP redirect between the interfaces).
+/// of eth1 (XDP redirect between the interfaces). Too big packets get the MTU back; while eth1 is
+/// gone, eth0 is still followed, and eth1 made again is served again.
 #[test]
 fn a_node_on_two_networks_serves_clients_on_each() {
     // TCP and UDP on NodePort 30600.
     let mut c = Cluster::start(&[1, 1], &[("hello.yaml", hello_dual_stack(&[1, 1]))]);
-    let node = &c.lab.nodes[0];
     let front = exposure_lab::netns::Netns::create(&format!("{}-front", c.lab.prefix)).unwrap();
-    node.ns
-        .ip(&format!(
-            "link add eth1 type veth peer name eth0 netns {}",
-            front.name()
-        ))
-        .unwrap();
-    node.ns
-        .exec("ethtool", &["-K", "eth1", "tx", "off"])
-        .unwrap();
-    // GRO on the far end: frames the node sends there from XDP need it (or an XDP program).
-    front
-        .exec("ethtool", &["-K", "eth0", "tx", "off", "gro", "on"])
-        .unwrap();
-    node.ns.ip("addr add 198.18.200.10/24 dev eth1").unwrap();
-    node.ns.ip("link set eth1 up").unwrap();
-    front.ip("addr add 198.18.200.1/24 dev eth0").unwrap();
-    front.ip("link set eth0 up").unwrap();
-    front
-        .exec("ping", &["-c", "1", "-W", "2", "198.18.200.10"])
-        .unwrap();
+    plug_second_network(&c.lab.nodes[0].ns, &front);
     c.agents[0].stop();
     c.agent_flags = vec!["--iface".into(), "eth1".into()];
     c.start_agent(0);
@@ -607,6 +588,45 @@ fn a_node_on_two_networks_serves_clients_on_each() {
         assert_eq!(parse_answer(&answer).unwrap().0, pod_name);
     }
     assert!(agent_counter(&c, "too_big_for_next_hop") >= 1.0);
+
+    // The second network goes (its interface deleted): the first is still followed, so an
+    // address added to eth0 meanwhile is served. Then eth1 is back, and served again.
+    let node = &c.lab.nodes[0];
+    node.ns.ip("link del eth1").unwrap();
+    let vip = SocketAddr::from(([198, 18, 0, 6], 30600));
+    node.ns.ip("addr add 198.18.0.6/32 dev eth0").unwrap();
+    c.eventually(
+        "an address added to eth0 while eth1 is gone is served",
+        || apps::tcp_ask(&c.lab.client, vip).is_ok(),
+    );
+    plug_second_network(&node.ns, &front);
+    c.eventually("the second network served again", || {
+        apps::tcp_ask(&front, to).is_ok()
+    });
+    assert!(c.agents[0]
+        .log_text()
+        .contains("attached again: the interface is new"));
+}
+
+/// `eth1` on `node`, to `front`'s `eth0`: 198.18.200.10 and .1 on 198.18.200.0/24.
+fn plug_second_network(node: &exposure_lab::netns::Netns, front: &exposure_lab::netns::Netns) {
+    node.ip(&format!(
+        "link add eth1 type veth peer name eth0 netns {}",
+        front.name()
+    ))
+    .unwrap();
+    node.exec("ethtool", &["-K", "eth1", "tx", "off"]).unwrap();
+    // GRO on the far end: frames the node sends there from XDP need it (or an XDP program).
+    front
+        .exec("ethtool", &["-K", "eth0", "tx", "off", "gro", "on"])
+        .unwrap();
+    node.ip("addr add 198.18.200.10/24 dev eth1").unwrap();
+    node.ip("link set eth1 up").unwrap();
+    front.ip("addr add 198.18.200.1/24 dev eth0").unwrap();
+    front.ip("link set eth0 up").unwrap();
+    front
+        .exec("ping", &["-c", "1", "-W", "2", "198.18.200.10"])
+        .unwrap();
 }
 
 #[test]
