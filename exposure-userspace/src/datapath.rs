@@ -14,7 +14,7 @@ use aya::{
     maps::{Array, HashMap, Map, MapData, MapInfo, PerCpuArray},
     programs::{
         links::{FdLink, LinkError, PinnedLink},
-        tc, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        tc, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
     },
     sys::SyscallError,
     Ebpf, EbpfLoader,
@@ -232,10 +232,10 @@ impl Datapath {
             .load(EBPF_OBJECT)
             .context("loading the eBPF object")?;
         let xdp: &mut Xdp = program(&mut ebpf, XDP_PROGRAM)?.try_into()?;
-        xdp.load().context("verifying the XDP program")?;
+        load_program(|| xdp.load()).context("verifying the XDP program")?;
         for name in [TC_PROGRAM, TC_INGRESS_PROGRAM] {
             let tc: &mut SchedClassifier = program(&mut ebpf, name)?.try_into()?;
-            tc.load()
+            load_program(|| tc.load())
                 .with_context(|| format!("verifying the tc program {name}"))?;
         }
         Ok(Datapath {
@@ -873,10 +873,74 @@ fn range_key(
     )
 }
 
+/// How often a program load is tried while the kernel answers EAGAIN (libbpf's number).
+const PROGRAM_LOAD_ATTEMPTS: u32 = 5;
+
+/// Runs `load` (BPF_PROG_LOAD) again while it fails with EAGAIN, as libbpf does: the verifier
+/// gives up that way when a signal is pending for the loading thread, which says nothing about the
+/// program (seen once in CI, with tests starting processes beside a half-second verification).
+fn load_program(mut load: impl FnMut() -> Result<(), ProgramError>) -> Result<(), ProgramError> {
+    let mut attempt = 1;
+    loop {
+        match load() {
+            Err(ProgramError::LoadError { ref io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN)
+                    && attempt < PROGRAM_LOAD_ATTEMPTS =>
+            {
+                attempt += 1;
+            }
+            done => return done,
+        }
+    }
+}
+
 /// Fails early with a clear message when not root / no BPF capability.
 pub fn check_privileges() -> anyhow::Result<()> {
     if nix::unistd::geteuid().is_root() {
         return Ok(());
     }
     bail!("exposure needs root (or CAP_BPF + CAP_NET_ADMIN + CAP_PERFMON) to load and attach eBPF programs")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_error(errno: i32) -> ProgramError {
+        ProgramError::LoadError {
+            io_error: io::Error::from_raw_os_error(errno),
+            verifier_log: aya_obj::VerifierLog::new(String::new()),
+        }
+    }
+
+    #[test]
+    fn program_loads_are_tried_again_only_while_the_kernel_says_eagain() {
+        let mut calls = 0;
+        let loaded = load_program(|| {
+            calls += 1;
+            if calls < 3 {
+                Err(load_error(libc::EAGAIN))
+            } else {
+                Ok(())
+            }
+        });
+        assert!(loaded.is_ok());
+        assert_eq!(calls, 3);
+
+        let mut calls = 0;
+        let always = load_program(|| {
+            calls += 1;
+            Err(load_error(libc::EAGAIN))
+        });
+        assert!(always.is_err());
+        assert_eq!(calls, PROGRAM_LOAD_ATTEMPTS, "gives up in the end");
+
+        let mut calls = 0;
+        let rejected = load_program(|| {
+            calls += 1;
+            Err(load_error(libc::EACCES))
+        });
+        assert!(rejected.is_err());
+        assert_eq!(calls, 1, "a verifier rejection is final");
+    }
 }
