@@ -358,9 +358,40 @@ pub fn fragment4(frame: &[u8], id: u16, chunk: usize) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// One fragment as reassembly sees it.
+struct Piece<'a> {
+    /// Where its payload goes in the datagram's, in bytes.
+    offset: usize,
+    more: bool,
+    /// The fields every fragment of the datagram has the same (addresses, ID, protocol).
+    datagram: Vec<u8>,
+    payload: &'a [u8],
+}
+
+/// The fragments' payloads joined in offset order: `None` unless they are of one datagram and
+/// cover it without gaps, up to a last fragment.
+fn join(mut pieces: Vec<Piece<'_>>) -> Option<Vec<u8>> {
+    let datagram = &pieces.first()?.datagram;
+    if pieces.iter().any(|p| p.datagram != *datagram) {
+        return None;
+    }
+    pieces.sort_by_key(|p| p.offset);
+    let mut joined = Vec::new();
+    for p in &pieces {
+        if joined.len() != p.offset {
+            return None;
+        }
+        joined.extend_from_slice(p.payload);
+    }
+    if pieces.last()?.more {
+        return None; // The last fragment is missing.
+    }
+    Some(joined)
+}
+
 /// Puts IPv4 fragments (in any order) back into one frame, as the receiver's reassembly would:
 /// `None` unless every fragment's header checksum is right, they agree on addresses, ID and
-/// protocol, and they cover the datagram without gaps. The Ethernet header is the first one's.
+/// protocol, and they cover the datagram without gaps. Headers are the first fragment's.
 pub fn reassemble4(frags: &[Vec<u8>]) -> Option<Vec<u8>> {
     let mut pieces = Vec::new();
     for f in frags {
@@ -371,41 +402,26 @@ pub fn reassemble4(frags: &[Vec<u8>]) -> Option<Vec<u8>> {
         }
         let total = u16::from_be_bytes([ip[2], ip[3]]) as usize;
         let frag = u16::from_be_bytes([ip[6], ip[7]]);
-        let offset = ((frag & 0x1fff) as usize) * 8;
-        let same = |a: &[u8]| a[4..6] == ip[4..6] && a[9] == ip[9] && a[12..20] == ip[12..20];
-        if pieces
-            .iter()
-            .any(|(_, _, a): &(usize, bool, &[u8])| !same(a))
-        {
-            return None;
-        }
-        pieces.push((offset, frag & 0x2000 != 0, ip.get(..total)?));
+        pieces.push(Piece {
+            offset: ((frag & 0x1fff) as usize) * 8,
+            more: frag & 0x2000 != 0,
+            datagram: [&ip[4..6], &ip[9..10], &ip[12..20]].concat(),
+            payload: ip.get(ihl..total)?,
+        });
     }
-    pieces.sort_by_key(|(offset, _, _)| *offset);
-    let (_, _, first) = pieces.first()?;
-    let ihl = ((first[0] & 0x0f) as usize) * 4;
-    let mut ip = first[..ihl].to_vec();
-    for (offset, _, piece) in &pieces {
-        let piece_ihl = ((piece[0] & 0x0f) as usize) * 4;
-        if ip.len() - ihl != *offset {
-            return None;
-        }
-        ip.extend_from_slice(&piece[piece_ihl..]);
-    }
-    if pieces.last()?.1 {
-        return None; // The last fragment is missing.
-    }
-    let total = ip.len() as u16;
-    ip[2..4].copy_from_slice(&total.to_be_bytes());
+    let payload = join(pieces)?;
+    let first = frags
+        .iter()
+        .find(|f| f[14 + 6] & 0x1f == 0 && f[14 + 7] == 0)?;
+    let ihl = ((first[14] & 0x0f) as usize) * 4;
+    let mut f = first[..14 + ihl].to_vec();
+    let ip = &mut f[14..];
+    ip[2..4].copy_from_slice(&((ihl + payload.len()) as u16).to_be_bytes());
     ip[6..8].copy_from_slice(&[0, 0]);
     ip[10..12].copy_from_slice(&[0, 0]);
     let c = checksum::checksum(&ip[..ihl]);
     ip[10..12].copy_from_slice(&c.to_ne_bytes());
-    let head = frags
-        .iter()
-        .find(|f| f[14 + 6] & 0x1f == 0 && f[14 + 7] == 0)?;
-    let mut f = head[..14].to_vec();
-    f.extend_from_slice(&ip);
+    f.extend_from_slice(&payload);
     Some(f)
 }
 
@@ -447,35 +463,21 @@ pub fn reassemble6(frags: &[Vec<u8>]) -> Option<Vec<u8>> {
         let len = 40 + u16::from_be_bytes([ip[4], ip[5]]) as usize;
         let hdr = ip.get(40..40 + FRAG_HDR)?;
         let frag = u16::from_be_bytes([hdr[2], hdr[3]]);
-        let same = |a: &[u8]| a[8..40] == ip[8..40] && a[40] == hdr[0] && a[44..48] == hdr[4..8];
-        if pieces
-            .iter()
-            .any(|(_, _, a): &(usize, bool, &[u8])| !same(a))
-        {
-            return None;
-        }
-        pieces.push(((frag & 0xfff8) as usize, frag & 1 != 0, ip.get(..len)?));
+        pieces.push(Piece {
+            offset: (frag & 0xfff8) as usize,
+            more: frag & 1 != 0,
+            datagram: [&ip[8..40], &hdr[..1], &hdr[4..8]].concat(),
+            payload: ip.get(40 + FRAG_HDR..len)?,
+        });
     }
-    pieces.sort_by_key(|(offset, _, _)| *offset);
-    let (_, _, first) = pieces.first()?;
-    let mut ip = first[..40].to_vec();
-    ip[6] = first[40];
-    for (offset, _, piece) in &pieces {
-        if ip.len() - 40 != *offset {
-            return None;
-        }
-        ip.extend_from_slice(&piece[40 + FRAG_HDR..]);
-    }
-    if pieces.last()?.1 {
-        return None;
-    }
-    let len = (ip.len() - 40) as u16;
-    ip[4..6].copy_from_slice(&len.to_be_bytes());
-    let head = frags
+    let payload = join(pieces)?;
+    let first = frags
         .iter()
         .find(|f| u16::from_be_bytes([f[14 + 42], f[14 + 43]]) & 0xfff8 == 0)?;
-    let mut f = head[..14].to_vec();
-    f.extend_from_slice(&ip);
+    let mut f = first[..14 + 40].to_vec();
+    f[14 + 4..14 + 6].copy_from_slice(&(payload.len() as u16).to_be_bytes());
+    f[14 + 6] = first[14 + 40]; // the fragment header's next header
+    f.extend_from_slice(&payload);
     Some(f)
 }
 

@@ -641,14 +641,8 @@ fn a_reply_with_headers_outside_the_linear_part_is_reversed_at_tc_egress() {
         h.dp.attach("eth0", aya::programs::XdpMode::Skb).unwrap();
         // Frames above a page are paged by the packet socket; the veth takes them with a larger MTU.
         // This namespace's end, then the peer's.
-        for netns in [&[][..], &["-n", h.peer_netns.as_str()][..]] {
-            let mtu = std::process::Command::new("ip")
-                .args(netns)
-                .args(["link", "set", "eth0", "mtu", "9000"])
-                .status()
-                .unwrap();
-            assert!(mtu.success());
-        }
+        ip("link set eth0 mtu 9000");
+        ip(&format!("-n {} link set eth0 mtu 9000", h.peer_netns));
         let mut reply = FrameSpec::udp((LOCAL_POD, 50000), (CLIENT, 40003));
         reply.payload = vec![7; 6000];
         let reply = reply.build();
@@ -1803,10 +1797,7 @@ fn packets_too_big_for_the_interface_they_leave_by_are_answered_with_its_mtu() {
 fn unresolved_next_hop_is_dropped_and_left_for_the_agent_to_resolve() {
     with_datapath(|h| {
         // 198.19.3.0/24 is routed via a next hop nobody has resolved (and nobody answers for).
-        std::process::Command::new("ip")
-            .args(["route", "add", "198.19.3.0/24", "via", "198.18.0.30"])
-            .status()
-            .unwrap();
+        ip("route add 198.19.3.0/24 via 198.18.0.30");
         let pod = Ipv4Addr::new(198, 19, 3, 2);
         h.program(&hello(&[(pod, false)]));
         let (verdict, _) = h.xdp(&FrameSpec::tcp((CLIENT, 40007), (NODE, NODE_PORT), SYN).build());
