@@ -135,9 +135,9 @@ fn parse_v4<C: Frame>(ctx: &C) -> Result<Parsed, ()> {
         return Err(());
     }
     let proto = ip[IP_PROTO];
-    if proto == IPPROTO_ICMP
-        && u16::from_be_bytes([ip[IP_FRAG_OFF], ip[IP_FRAG_OFF + 1]]) & 0x3fff == 0
-    {
+    // Flags and fragment offset: MF or an offset make a fragment.
+    let frag = u16::from_be_bytes([ip[IP_FRAG_OFF], ip[IP_FRAG_OFF + 1]]);
+    if proto == IPPROTO_ICMP && frag & 0x3fff == 0 {
         return Ok(Parsed::Icmp(ETH_LEN + ihl));
     }
     if proto != PROTO_TCP && proto != PROTO_UDP {
@@ -146,7 +146,6 @@ fn parse_v4<C: Frame>(ctx: &C) -> Result<Parsed, ()> {
     let l4_off = ETH_LEN + ihl;
     let saddr = Addr::v4(u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]));
     let daddr = Addr::v4(u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]));
-    let frag = u16::from_be_bytes([ip[IP_FRAG_OFF], ip[IP_FRAG_OFF + 1]]);
     let fragment = (frag & 0x3fff != 0).then(|| Fragment {
         id: u16::from_ne_bytes([ip[IP_ID], ip[IP_ID + 1]]) as u32,
         first: frag & 0x1fff == 0,
