@@ -111,10 +111,11 @@ fn icmp_error(ctx: &XdpContext, p: &Packet, head: [u8; 8]) -> Result<u32, ()> {
     Ok(xdp_action::XDP_TX)
 }
 
-/// IPv6 header + ICMPv6 header, and what we quote: the fixed IPv6 header + 8 bytes.
+/// IPv6 header + ICMPv6 header.
 const IP6_ICMP6_LEN: usize = IPV6_LEN + 8;
-const QUOTE6_LEN: usize = IPV6_LEN + 8;
 const ICMP6_OFF: usize = ETH_LEN + IPV6_LEN;
+/// What we quote at least: the fixed IPv6 header + 8 bytes (and a fragment header if there is one).
+const QUOTE6_LEN: usize = IPV6_LEN + 8;
 
 /// [`port_unreachable`] for IPv6: ICMPv6 destination unreachable, code 4 (port unreachable).
 #[inline(always)]
@@ -133,9 +134,11 @@ pub fn packet_too_big6(ctx: &XdpContext, p: &Packet, mtu: u32) -> Result<u32, ()
 #[inline(never)]
 fn icmp6_error(ctx: &XdpContext, p: &Packet, head: [u8; 8]) -> Result<u32, ()> {
     let ctx = &own_ctx(ctx);
-    reshape(ctx, IP6_ICMP6_LEN, ICMP6_OFF + 8 + QUOTE6_LEN, ETH_P_IPV6)?;
+    // Up to the first 8 bytes after the headers: the ports, after a fragment header too.
+    let quoted = p.l4_off - ETH_LEN + 8;
+    reshape(ctx, IP6_ICMP6_LEN, ICMP6_OFF + 8 + quoted, ETH_P_IPV6)?;
 
-    let payload_len = ((8 + QUOTE6_LEN) as u16).to_be_bytes();
+    let payload_len = ((8 + quoted) as u16).to_be_bytes();
     let ip_head: *mut [u8; 8] = ptr_at(ctx, ETH_LEN)?;
     unsafe {
         ip_head.write_unaligned([
@@ -170,6 +173,12 @@ fn icmp6_error(ctx: &XdpContext, p: &Packet, head: [u8; 8]) -> Result<u32, ()> {
     let msg: *const [u16; (8 + QUOTE6_LEN) / 2] = ptr_at(ctx, ICMP6_OFF)?;
     for i in 0..(8 + QUOTE6_LEN) / 2 {
         sum += unsafe { (*msg)[i] } as u32;
+    }
+    if quoted > QUOTE6_LEN {
+        let rest: *const [u16; IPV6_FRAG_HDR_LEN / 2] = ptr_at(ctx, ICMP6_OFF + 8 + QUOTE6_LEN)?;
+        for i in 0..IPV6_FRAG_HDR_LEN / 2 {
+            sum += unsafe { (*rest)[i] } as u32;
+        }
     }
     let check: *mut u16 = ptr_at(ctx, ICMP6_OFF + 2)?;
     unsafe { check.write_unaligned(!checksum::fold(sum)) };

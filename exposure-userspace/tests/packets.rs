@@ -2423,6 +2423,17 @@ fn ipv6_fragmented_datagrams_and_their_replies_are_translated() {
         assert_eq!(h.xdp(&frags[1]), (XDP_PASS, frags[1].clone()));
         assert_eq!(h.counter(Counter::Fragments), 1);
         assert_eq!(h.counter(Counter::NewFlows), 2);
+
+        // A refused first fragment: the quote reaches past the fragment header to the ports,
+        // which the client's stack needs to find its socket.
+        h.program(&hello6(&[]));
+        let spec = frame::FrameSpec6::udp((CLIENT6, 40203), (NODE6, NODE_PORT));
+        let frags = fragmented6(spec, 6);
+        let (verdict, out) = h.xdp(&frags[0]);
+        assert_eq!(verdict, XDP_TX);
+        let icmp6 = parse6_ok(&out);
+        assert_eq!(icmp6.l4[..2], [1, 4], "port unreachable");
+        assert_eq!(icmp6.l4[8..], frags[0][14..14 + 40 + 8 + 8]);
     });
 }
 
