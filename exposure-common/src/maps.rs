@@ -77,7 +77,8 @@ pub mod names {
     pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
     pub const POD_IFACES: &str = "POD_IFACES";
     pub const FRONTEND_PORTS: &str = "FRONTEND_PORTS";
-    pub const ALL: [&str; 17] = [
+    pub const SOCKET_PEERS: &str = "SOCKET_PEERS";
+    pub const ALL: [&str; 18] = [
         FRONTENDS4,
         FRONTENDS6,
         SERVICES,
@@ -95,6 +96,7 @@ pub mod names {
         SOURCE_RANGES,
         POD_IFACES,
         FRONTEND_PORTS,
+        SOCKET_PEERS,
     ];
     /// Maps of earlier builds (one map for both families), unpinned when found.
     pub const RETIRED: [&str; 3] = ["FRONTENDS", "FLOWS", "REPLIES"];
@@ -467,6 +469,32 @@ pub struct FragmentPorts {
 /// arrive within milliseconds of each other (Cilium's default is the same).
 pub const MAX_FRAGMENTED_DATAGRAMS: u32 = 8192;
 
+/// `SOCKET_PEERS` key: a socket of the node's own (by its cookie) that the cgroup hooks sent to a
+/// backend instead of a frontend, and that backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SocketPeerKey {
+    pub cookie: u64,
+    pub backend: Addr,
+    /// Wire order.
+    pub port: u16,
+    pub _pad: [u16; 3],
+}
+
+/// The frontend such a socket asked for: what it is shown as its peer (recvmsg, getpeername), so
+/// the application sees the address it connected or sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SocketPeer {
+    pub frontend: Addr,
+    /// Wire order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Sockets' frontend/backend pairs remembered for [`SocketPeer`] (least recently used go first).
+pub const MAX_SOCKET_PEERS: u32 = 65_536;
+
 /// Per-CPU counters in `STATS`, by index.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -491,10 +519,13 @@ pub enum Counter {
     HostCollision,
     /// Packets too big for the interface they were to leave by (answered with ICMP).
     TooBig,
+    /// Connections (TCP, connected UDP) and datagrams the node's own sockets addressed to a
+    /// frontend, sent to a backend by the cgroup hooks.
+    NodeSockets,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 18;
+    pub const COUNT: u32 = 19;
     pub const ALL: [Counter; Counter::COUNT as usize] = [
         Counter::FrontendPackets,
         Counter::NewFlows,
@@ -514,6 +545,7 @@ impl Counter {
         Counter::RedirectedToPod,
         Counter::HostCollision,
         Counter::TooBig,
+        Counter::NodeSockets,
     ];
 
     pub fn name(self) -> &'static str {
@@ -536,6 +568,7 @@ impl Counter {
             Counter::RedirectedToPod => "to_local_backend_redirected",
             Counter::HostCollision => "dropped_host_collision",
             Counter::TooBig => "too_big_for_next_hop",
+            Counter::NodeSockets => "node_sockets_translated",
         }
     }
 }
@@ -560,6 +593,8 @@ mod pod {
     unsafe impl aya::Pod for Affinity {}
     unsafe impl aya::Pod for FragmentKey {}
     unsafe impl aya::Pod for FragmentPorts {}
+    unsafe impl aya::Pod for SocketPeerKey {}
+    unsafe impl aya::Pod for SocketPeer {}
 }
 
 /// Host-side conversions to the wire-order integers the maps hold.
@@ -597,6 +632,8 @@ mod tests {
         assert_eq!(size_of::<NodeAddrKey>(), 8);
         assert_eq!(size_of::<FragmentKey>(), 16 + 16 + 4 + 4);
         assert_eq!(size_of::<FragmentPorts>(), 4);
+        assert_eq!(size_of::<SocketPeerKey>(), 8 + 16 + 8);
+        assert_eq!(size_of::<SocketPeer>(), 16 + 4);
     }
 
     #[test]

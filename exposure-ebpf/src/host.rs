@@ -24,7 +24,7 @@ pub fn host_connection(ctx: &TcContext, p: &Packet) -> Result<i32, ()> {
         if !is_node_addr(unsafe { (*ctx.skb.skb).ifindex }, &p.saddr) {
             return Ok(TC_ACT_UNSPEC);
         }
-    } else if !is_frontend_port(sport) || !serves_frontend(&p.saddr, p.sport, p.proto) {
+    } else if !is_frontend_port(sport) || lookup_frontend(&p.saddr, p.sport, p.proto).is_none() {
         return Ok(TC_ACT_UNSPEC);
     }
     let key = FlowKey {
@@ -108,16 +108,4 @@ fn host_entry<E: ConnState + Default>(p: &Packet, now: u64) -> E {
     *flags = FLOW_HOST | FLOW_OPENING | conn_bits(p.proto, p.tcp_flags, true, 0);
     *last_seen = now;
     entry
-}
-
-/// Whether a frontend is on `addr:port`.
-#[inline(always)]
-fn serves_frontend(addr: &Addr, port: u16, proto: u8) -> bool {
-    if addr.is_v4() {
-        let key = key_words::frontend4(addr.v4_raw(), port, proto);
-        unsafe { FRONTENDS4.get(as_key(&key)) }.is_some()
-    } else {
-        let key = key_words::frontend6(addr, port, proto);
-        unsafe { FRONTENDS6.get(as_key(&key)) }.is_some()
-    }
 }

@@ -11,6 +11,8 @@ mod maps;
 mod nat;
 mod parse;
 mod reject;
+mod select;
+mod sock;
 
 use aya_ebpf::maps::{lpm_trie::Key, LruHashMap};
 use aya_ebpf::{
@@ -31,6 +33,7 @@ use crate::{
     maps::*,
     nat::{rewrite, set_macs, Tuple},
     parse::*,
+    select::{select_backend, sticky_backend},
 };
 
 /// Logs a line about two `address:port` endpoints. aya-log's `{:i}` shows a `u32` as IPv4 and 16
@@ -409,10 +412,11 @@ fn new_flow(ctx: &XdpContext, p: &Packet, fe: &Frontend, now: u64) -> Selected {
             return Selected::SourceDenied;
         }
     }
+    let hash = hash::flow_hash(&p.saddr, &p.daddr, p.sport, p.dport, p.proto);
     let selected = if service.affinity_timeout_s != 0 {
-        sticky_backend(p, service_id, &service, now)
+        sticky_backend(&p.saddr, service_id, &service, hash, now)
     } else {
-        select_backend(p, &service)
+        select_backend(&service, hash)
     };
     let Some(backend_id) = selected else {
         return if service.flags & SERVICE_DROP_WHEN_EMPTY != 0 {
@@ -547,52 +551,6 @@ fn to_pod(ctx: &XdpContext, p: &Packet, flow: &mut Flow) {
     flow.dmac = fib.dmac;
     flow.smac = fib.smac;
     flow.flags |= FLOW_TO_POD;
-}
-
-/// Maglev: the flow hash picks an entry of the service's table; one array lookup, whatever the
-/// number of services and backends, and the same backend on every node.
-#[inline(always)]
-fn select_backend(p: &Packet, service: &Service) -> Option<u32> {
-    if service.backend_count == 0 || service.table_size == 0 {
-        return None;
-    }
-    let hash = hash::flow_hash(&p.saddr, &p.daddr, p.sport, p.dport, p.proto);
-    let id = MAGLEV
-        .get(service.table_offset.wrapping_add(hash % service.table_size))
-        .copied()?;
-    (id != 0).then_some(id)
-}
-
-/// `sessionAffinity: ClientIP`: the backend this client last got, while it is fresh; else a new one,
-/// remembered. (The agent forgets entries of backends that leave the service.)
-#[inline(always)]
-fn sticky_backend(p: &Packet, service_id: u32, service: &Service, now: u64) -> Option<u32> {
-    if service.backend_count == 0 {
-        return None;
-    }
-    let key = AffinityKey {
-        service_id,
-        client: p.saddr,
-    };
-    let timeout = service.affinity_timeout_s as u64 * 1_000_000_000;
-    if let Some(a) = AFFINITY.get_ptr_mut(&key) {
-        let a = unsafe { &mut *a };
-        if now.wrapping_sub(a.last_seen_ns) < timeout {
-            a.last_seen_ns = now;
-            return Some(a.backend_id);
-        }
-    }
-    let backend_id = select_backend(p, service)?;
-    let _ = AFFINITY.insert(
-        &key,
-        &Affinity {
-            last_seen_ns: now,
-            backend_id,
-            _pad: 0,
-        },
-        BPF_ANY as u64,
-    );
-    Some(backend_id)
 }
 
 /// Finds a free SNAT port for the remote flow being set up in `s` and reserves it by inserting its

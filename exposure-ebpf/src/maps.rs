@@ -64,6 +64,23 @@ pub static FRONTEND_PORTS: Array<u64> = Array::pinned(FRONTEND_PORT_WORDS, 0);
 pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentPorts> =
     LruHashMap::with_max_entries(MAX_FRAGMENTED_DATAGRAMS, 0);
 
+/// The node's own sockets that the cgroup hooks sent to a backend: the frontend each asked for.
+#[map]
+pub static SOCKET_PEERS: LruHashMap<SocketPeerKey, SocketPeer> =
+    LruHashMap::pinned(MAX_SOCKET_PEERS, 0);
+
+/// The frontend on `addr:port`, if any (either family).
+#[inline(always)]
+pub fn lookup_frontend(addr: &Addr, port: u16, proto: u8) -> Option<&'static Frontend> {
+    if addr.is_v4() {
+        let key = key_words::frontend4(addr.v4_raw(), port, proto);
+        unsafe { FRONTENDS4.get(as_key(&key)) }
+    } else {
+        let key = key_words::frontend6(addr, port, proto);
+        unsafe { FRONTENDS6.get(as_key(&key)) }
+    }
+}
+
 /// Set at load time: how local flows reach pods (`REDIRECT_*`). Off, a local flow costs no FIB lookup.
 #[no_mangle]
 static REDIRECT_TO_PODS: u8 = REDIRECT_OFF;

@@ -220,6 +220,11 @@ impl TcpSession {
         Self::over(stream)
     }
 
+    /// The peer the connection reports (getpeername).
+    pub fn peer(&self) -> anyhow::Result<SocketAddr> {
+        Ok(self.writer.peer_addr()?)
+    }
+
     fn over(stream: TcpStream) -> anyhow::Result<Self> {
         stream.set_read_timeout(Some(IO_TIMEOUT))?;
         stream.set_write_timeout(Some(IO_TIMEOUT))?;
@@ -275,6 +280,11 @@ impl UdpSession {
         Ok(UdpSession { sock })
     }
 
+    /// The peer the socket reports (getpeername).
+    pub fn peer(&self) -> anyhow::Result<SocketAddr> {
+        Ok(self.sock.peer_addr()?)
+    }
+
     /// Sends a datagram and returns the answer (trimmed).
     pub fn ask(&mut self, text: &str) -> anyhow::Result<String> {
         self.sock.send(text.as_bytes())?;
@@ -316,6 +326,20 @@ impl UdpSession {
 /// One UDP request from a fresh socket.
 pub fn udp_ask(ns: &Netns, to: SocketAddr) -> anyhow::Result<String> {
     UdpSession::connect(ns, to)?.ask("hello")
+}
+
+/// One UDP request from a fresh unconnected socket (`sendto`/`recvfrom`, as DNS resolvers do): the
+/// answer (trimmed) and the address it came from.
+pub fn udp_ask_unconnected(ns: &Netns, to: SocketAddr) -> anyhow::Result<(String, SocketAddr)> {
+    let any = if to.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" };
+    let sock = ns.run(move || UdpSocket::bind(any))??;
+    sock.set_read_timeout(Some(IO_TIMEOUT))?;
+    sock.send_to(b"hello", to)?;
+    let mut buf = [0u8; 1500];
+    let (n, from) = sock
+        .recv_from(&mut buf)
+        .context("waiting for the UDP answer")?;
+    Ok((String::from_utf8_lossy(&buf[..n]).trim().to_string(), from))
 }
 
 /// Splits an answer into (pod ident, the client address the pod saw).

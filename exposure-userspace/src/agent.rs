@@ -41,6 +41,9 @@ pub struct AgentConfig {
     /// Ports to keep the node's own connections off (NodePorts and SNAT ports); `None`: leave the
     /// node's reserved ports alone.
     pub reserve_local_ports: Option<PortSet>,
+    /// Hook the node's own sockets (`--translate-node-sockets`) on this cgroup2 directory;
+    /// `Some(None)`: the node's cgroup2 root, found or mounted.
+    pub node_sockets: Option<Option<PathBuf>>,
 }
 
 /// Housekeeping period: manifest directory checks, interface addresses, neighbour requests.
@@ -142,6 +145,18 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         Reconciler::restore(maps.snapshot().context("reading pinned maps")?, cfg.limits);
     for iface in &ifaces {
         dp.attach(&iface.name, cfg.xdp_mode)?;
+    }
+    match &cfg.node_sockets {
+        Some(cgroup) => {
+            let cgroup = match cgroup {
+                Some(dir) => dir.clone(),
+                None => datapath::cgroup2_root()?,
+            };
+            dp.attach_node_sockets(&cgroup).context(
+                "hooking the node's own sockets (--translate-node-sockets false runs without)",
+            )?;
+        }
+        None => dp.detach_node_sockets(),
     }
     // Which interface each name was attached to: one deleted and made again (a hot-plugged NIC,
     // a rebuilt bond) is a new interface, with no programs on it.

@@ -14,7 +14,8 @@ use aya::{
     maps::{Array, HashMap, Map, MapData, MapInfo, PerCpuArray},
     programs::{
         links::{FdLink, LinkError, PinnedLink},
-        tc, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        tc, CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, TcAttachType, Xdp,
+        XdpMode,
     },
     sys::SyscallError,
     Ebpf, EbpfLoader,
@@ -32,7 +33,21 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 pub const XDP_PROGRAM: &str = "exposure_xdp";
 pub const TC_PROGRAM: &str = "exposure_tc_egress";
 pub const TC_INGRESS_PROGRAM: &str = "exposure_tc_ingress";
+/// The cgroup hooks for the node's own sockets (`exposure-ebpf/src/sock.rs`), each pinned as
+/// `links/sock-<hook>`.
+pub const NODE_SOCKET_PROGRAMS: [&str; 8] = [
+    "exposure_connect4",
+    "exposure_sendmsg4",
+    "exposure_recvmsg4",
+    "exposure_getpeername4",
+    "exposure_connect6",
+    "exposure_sendmsg6",
+    "exposure_recvmsg6",
+    "exposure_getpeername6",
+];
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+/// Where the agent mounts cgroup2 when the node has it nowhere (as Cilium does, under /run).
+pub const CGROUP2_FALLBACK: &str = "/run/exposure/cgroupv2";
 
 /// Mounts bpffs at /sys/fs/bpf when it is missing, as Cilium does.
 pub fn ensure_bpffs() -> anyhow::Result<()> {
@@ -54,6 +69,90 @@ pub fn ensure_bpffs() -> anyhow::Result<()> {
     .with_context(|| format!("mounting bpffs at {}", root.display()))?;
     tracing::info!("mounted bpffs at {}", root.display());
     Ok(())
+}
+
+/// The root of the node's cgroup2 hierarchy, where the node socket hooks go: the mount
+/// /proc/self/mountinfo lists, else one made at [`CGROUP2_FALLBACK`].
+pub fn cgroup2_root() -> anyhow::Result<PathBuf> {
+    let mountinfo =
+        std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    if let Some(root) = cgroup2_mount(&mountinfo) {
+        return Ok(root);
+    }
+    let root = Path::new(CGROUP2_FALLBACK);
+    std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+    nix::mount::mount(
+        Some("cgroup2"),
+        root,
+        Some("cgroup2"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .with_context(|| format!("mounting cgroup2 at {}", root.display()))?;
+    tracing::info!("mounted cgroup2 at {}", root.display());
+    Ok(root.to_path_buf())
+}
+
+/// The first whole cgroup2 hierarchy (its root, not a subtree bound elsewhere) in a mountinfo
+/// text: `id parent dev root mountpoint options [tags] - fstype source options`.
+pub fn cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        let (mount, fs) = line.split_once(" - ")?;
+        let fields: Vec<&str> = mount.split(' ').collect();
+        let (root, at) = (fields.get(3)?, fields.get(4)?);
+        (fs.split(' ').next() == Some("cgroup2") && *root == "/").then(|| unescape_mount_path(at))
+    })
+}
+
+/// mountinfo writes space, tab, newline and backslash in paths as octal escapes (`\040`).
+fn unescape_mount_path(path: &str) -> PathBuf {
+    let bytes = path.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|b| (b'0'..=b'7').contains(b)));
+        match (bytes[i], octal) {
+            (b'\\', Some(d)) => {
+                out.push(d.iter().fold(0u8, |n, b| n.wrapping_mul(8) + (b - b'0')));
+                i += 4;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    PathBuf::from(<std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(out))
+}
+
+/// The cookie of the calling thread's network namespace (SO_NETNS_COOKIE, Linux 5.14): the node
+/// socket hooks translate only sockets of this namespace.
+pub fn netns_cookie() -> anyhow::Result<u64> {
+    use std::os::fd::AsRawFd as _;
+    let sock = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Inet,
+        nix::sys::socket::SockType::Datagram,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .context("opening a socket to read the network namespace cookie")?;
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error()).context("reading SO_NETNS_COOKIE (Linux >= 5.14)");
+    }
+    Ok(cookie)
 }
 
 /// Kernels >= 5.11 account BPF memory to the cgroup; older ones need RLIMIT_MEMLOCK raised.
@@ -105,6 +204,10 @@ fn expected_layout(name: &str) -> Option<(u32, u32, u32)> {
         // Key and `struct bpf_devmap_val` (ifindex, program).
         names::POD_IFACES => with_flags(4, 8, BPF_F_RDONLY_PROG),
         names::FRONTEND_PORTS => sz(4, 8),
+        names::SOCKET_PEERS => sz(
+            size_of::<exposure_common::SocketPeerKey>(),
+            size_of::<exposure_common::SocketPeer>(),
+        ),
         _ => None,
     }
 }
@@ -223,6 +326,12 @@ impl Datapath {
         loader.override_global("REDIRECT_TO_PODS", &redirect_to_pods, true);
         loader.override_global("SNAT_PORT_FIRST", &capacity.snat_ports.first, true);
         loader.override_global("SNAT_PORT_LAST", &capacity.snat_ports.last, true);
+        // 0 (no namespace has it) where the kernel can't tell: the socket hooks then do nothing.
+        let netns = netns_cookie().unwrap_or_else(|e| {
+            tracing::warn!("{e:#}; the node's own sockets will not be translated");
+            0
+        });
+        loader.override_global("NODE_NETNS_COOKIE", &netns, true);
         for name in names::ALL {
             if let Some(n) = capacity.of(name) {
                 loader.map_max_entries(name, n);
@@ -340,6 +449,49 @@ impl Datapath {
         }
         Ok(())
     }
+}
+
+impl Datapath {
+    /// The node socket hooks on the cgroup `cgroup` (the root: every process of the node), so the
+    /// node's own connections and datagrams to its frontends reach backends too. Replaces an
+    /// earlier run's hooks (both run for a moment: the second finds a backend, not a frontend,
+    /// and leaves it).
+    pub fn attach_node_sockets(&mut self, cgroup: &Path) -> anyhow::Result<()> {
+        let dir = std::fs::File::open(cgroup)
+            .with_context(|| format!("opening the cgroup {}", cgroup.display()))?;
+        for name in NODE_SOCKET_PROGRAMS {
+            let hook: &mut CgroupSockAddr = program(&mut self.ebpf, name)?.try_into()?;
+            load_program(|| hook.load()).with_context(|| format!("verifying {name}"))?;
+            // As a bpf_link (Linux >= 5.7, which aya uses there) it sits beside other programs on
+            // the cgroup whatever the mode; link_create refuses the multi flag itself.
+            let id = hook
+                .attach(&dir, CgroupAttachMode::Single)
+                .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
+            let link: FdLink = hook
+                .take_link(id)?
+                .try_into()
+                .with_context(|| format!("{name}: not a bpf_link"))?;
+            let pin = node_socket_pin(&self.pin_dir, name);
+            // An earlier run's link, detached once its pin is gone.
+            let _ = std::fs::remove_file(&pin);
+            link.pin(&pin)
+                .with_context(|| format!("pinning {}", pin.display()))?;
+        }
+        tracing::info!(cgroup = %cgroup.display(), "node socket hooks attached");
+        Ok(())
+    }
+
+    /// Detaches an earlier run's node socket hooks (`--translate-node-sockets false`).
+    pub fn detach_node_sockets(&self) {
+        for name in NODE_SOCKET_PROGRAMS {
+            let _ = std::fs::remove_file(node_socket_pin(&self.pin_dir, name));
+        }
+    }
+}
+
+fn node_socket_pin(pin_dir: &Path, program: &str) -> PathBuf {
+    let hook = program.trim_start_matches("exposure_");
+    pin_dir.join("links").join(format!("sock-{hook}"))
 }
 
 /// Where the link of a tc program on `iface` is pinned (egress keeps its original name).
@@ -911,6 +1063,32 @@ mod tests {
             io_error: io::Error::from_raw_os_error(errno),
             verifier_log: aya_obj::VerifierLog::new(String::new()),
         }
+    }
+
+    #[test]
+    fn the_cgroup2_root_is_found_in_mountinfo() {
+        // A hybrid host (systemd's "unified" beside v1 controllers), as this test machine.
+        let hybrid = "\
+25 30 0:22 / /sys/fs/cgroup ro,nosuid shared:9 - tmpfs tmpfs ro,mode=755
+26 25 0:23 / /sys/fs/cgroup/unified rw,nosuid shared:10 - cgroup2 cgroup2 rw,nsdelegate
+27 25 0:24 / /sys/fs/cgroup/memory rw shared:11 - cgroup cgroup rw,memory
+";
+        assert_eq!(
+            cgroup2_mount(hybrid),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        // A subtree bound into a container is not the root; an escaped space is unescaped; the
+        // optional tags may be absent.
+        let bound = "\
+40 30 0:30 /kubepods/pod1 /sys/fs/cgroup rw - cgroup2 cgroup2 rw
+41 30 0:30 / /run/my\\040cgroup rw - cgroup2 cgroup2 rw
+";
+        assert_eq!(cgroup2_mount(bound), Some(PathBuf::from("/run/my cgroup")));
+        assert_eq!(
+            cgroup2_mount("27 25 0:24 / /sys/fs/cgroup/memory rw - cgroup cgroup rw\n"),
+            None
+        );
+        assert_eq!(cgroup2_mount(""), None);
     }
 
     #[test]

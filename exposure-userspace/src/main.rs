@@ -127,6 +127,16 @@ enum Command {
         /// with a warning, if it would leave the node fewer than 1,024 ephemeral ports).
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
         reserve_local_ports: bool,
+        /// Send the node's own connections and datagrams to its NodePort, LoadBalancer and
+        /// externalIP frontends to backends too (they never cross XDP): cgroup connect, sendmsg,
+        /// recvmsg and getpeername hooks for the sockets of the agent's network namespace, as
+        /// Cilium's socket LB in the host namespace. Pods in their own namespaces are left alone.
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        translate_node_sockets: bool,
+        /// The cgroup2 directory the socket hooks are attached to (default: the root of the
+        /// node's cgroup2 hierarchy, mounted at /run/exposure/cgroupv2 if it is nowhere).
+        #[arg(long)]
+        cgroup_root: Option<PathBuf>,
     },
     /// Print services, frontends and backends from the pinned maps.
     Status {
@@ -188,6 +198,8 @@ fn main() -> anyhow::Result<()> {
             snat_port_range,
             node_port_range,
             reserve_local_ports,
+            translate_node_sockets,
+            cgroup_root,
         } => {
             let snat_ports =
                 exposure::local_ports::PortSet::new([snat_port_range.first..=snat_port_range.last]);
@@ -221,6 +233,7 @@ fn main() -> anyhow::Result<()> {
                 pod_iface_prefixes,
                 reserve_local_ports: reserve_local_ports
                     .then(|| node_port_range.union(&snat_ports)),
+                node_sockets: translate_node_sockets.then_some(cgroup_root),
                 limits: exposure::sync::Limits {
                     frontends: max_frontends,
                     services: max_services,

@@ -128,6 +128,30 @@ fn daemonset_runs_the_agent_on_the_host_network_with_narrow_capabilities() {
         .iter()
         .flatten()
         .any(|m| m.mount_path == "/sys/fs/bpf"));
+    // The socket hooks go on the host's cgroup2 root: in the container's own cgroup namespace
+    // they would see the agent's sockets only.
+    let cgroup_root = agent
+        .args
+        .iter()
+        .flatten()
+        .find_map(|a| a.strip_prefix("--cgroup-root="))
+        .expect("--cgroup-root");
+    let mount = agent
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.mount_path == cgroup_root)
+        .expect("a volume mounted at --cgroup-root");
+    let volume = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == mount.name)
+        .expect("the mount's volume");
+    assert_eq!(
+        volume.host_path.as_ref().map(|h| h.path.as_str()),
+        Some("/sys/fs/cgroup")
+    );
     let probe_path = |p: &Option<k8s_openapi::api::core::v1::Probe>| {
         p.as_ref()
             .and_then(|p| p.http_get.as_ref())

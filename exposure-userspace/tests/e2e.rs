@@ -1369,12 +1369,13 @@ fn kube_proxy_nodeport_packets(c: &Cluster) -> u64 {
 }
 
 /// With kube-proxy kept for ClusterIPs (its iptables rules on node-1, as it lays them out), traffic
-/// from outside is served in XDP before the rules see it, and what starts on the node (a host
-/// process to the node's own NodePort, a pod to the ClusterIP) is kube-proxy's and still works.
+/// from outside is served in XDP before the rules see it, the node's own connections to its
+/// NodePort by the socket hooks before its OUTPUT rules do (or by those rules, with the hooks off),
+/// and a pod's to the ClusterIP is kube-proxy's and still works.
 #[test]
-fn alongside_kube_proxy_outside_traffic_is_served_first_and_the_nodes_own_is_left_to_it() {
+fn alongside_kube_proxy_outside_traffic_is_served_first_and_cluster_ips_are_left_to_it() {
     let pods = all_pods(&[1, 1]);
-    let c = Cluster::start(&[1, 1], &[("hello.yaml", hello_world(&pods))]);
+    let mut c = Cluster::start(&[1, 1], &[("hello.yaml", hello_world(&pods))]);
     let hello = exposure_lab::kube_proxy::ServicePort {
         namespace: "default".into(),
         name: "hello-world".into(),
@@ -1408,16 +1409,31 @@ fn alongside_kube_proxy_outside_traffic_is_served_first_and_the_nodes_own_is_lef
     );
     assert!(agent_counter(&c, "frontend_packets") > 0.0);
 
-    let mut from_node = BTreeSet::new();
-    for _ in 0..20 {
-        let answer = apps::tcp_ask(&node.ns, c.node(0, 30600)).expect("the node to its NodePort");
-        from_node.insert(parse_answer(&answer).expect("answer format").0.to_string());
-    }
+    let from_node = |c: &Cluster| {
+        let mut answered = BTreeSet::new();
+        for _ in 0..20 {
+            let answer = apps::tcp_ask(&c.lab.nodes[0].ns, c.node(0, 30600))
+                .expect("the node to its NodePort");
+            answered.insert(parse_answer(&answer).expect("answer format").0.to_string());
+        }
+        answered
+    };
+    assert_eq!(from_node(&c), everyone, "from the node itself");
     assert_eq!(
-        from_node, everyone,
+        kube_proxy_nodeport_packets(&c),
+        0,
+        "the node's own connections went to the pods from connect()"
+    );
+    c.agent_flags = vec!["--translate-node-sockets".into(), "false".into()];
+    c.agents[0].stop();
+    c.start_agent(0);
+    assert_eq!(
+        from_node(&c),
+        everyone,
         "from the node itself, through kube-proxy's rules"
     );
     assert!(kube_proxy_nodeport_packets(&c) > 0);
+    let node = &c.lab.nodes[0];
     let cluster_ip = SocketAddr::from((Ipv4Addr::new(198, 18, 50, 1), 60000));
     let answer = apps::tcp_ask(&node.pods[0].ns, cluster_ip).expect("a pod to the ClusterIP");
     assert!(everyone.contains(parse_answer(&answer).expect("answer format").0));
@@ -1480,6 +1496,103 @@ fn hello_dual_stack(pods: &[usize]) -> String {
         );
     }
     out
+}
+
+/// The node's own sockets to its frontends never cross XDP (a connection to the node's own
+/// address goes through loopback): the cgroup hooks send them to the Service's pods, local and
+/// remote, over TCP and UDP (connected or not), IPv4 and IPv6 (and IPv4 from IPv6 sockets),
+/// NodePort and LoadBalancer addresses, and the application sees the frontend it asked for as its
+/// peer.
+#[test]
+fn the_nodes_own_sockets_reach_the_pods_through_its_frontends() {
+    use exposure_lab::lab::lb_ip6;
+    let empty = service(
+        "empty",
+        "NodePort",
+        "  - {name: t, protocol: TCP, port: 80, targetPort: 50000, nodePort: 30800}\n",
+        "",
+    );
+    let mut c = Cluster::start(
+        &[1, 1],
+        &[
+            ("hello.yaml", hello_dual_stack(&[1, 1])),
+            ("empty.yaml", empty),
+        ],
+    );
+    let everyone = pods_named(&["pod-1-1", "pod-2-1"]);
+    let node = &c.lab.nodes[0].ns;
+    let frontends = [
+        c.node(0, 30600),
+        SocketAddr::from((c.lab.nodes[0].ip6, 30600)),
+        SocketAddr::from((lb_ip(1), 60000)),
+        SocketAddr::from((lb_ip6(1), 60000)),
+        // An IPv6 socket naming an IPv4 frontend.
+        SocketAddr::from((c.lab.nodes[0].ip.to_ipv6_mapped(), 30600)),
+    ];
+    for fe in frontends {
+        let mut tcp = BTreeSet::new();
+        let mut connected = BTreeSet::new();
+        let mut unconnected = BTreeSet::new();
+        for _ in 0..24 {
+            let mut session = TcpSession::connect(node, fe)
+                .unwrap_or_else(|e| panic!("TCP from the node to {fe}: {e:#}"));
+            assert_eq!(session.peer().unwrap(), fe, "TCP peer");
+            let answer = session.ask("hello").expect("TCP answer");
+            tcp.insert(parse_answer(&answer).expect("answer format").0.to_string());
+
+            let mut udp = UdpSession::connect(node, fe).expect("UDP socket");
+            assert_eq!(udp.peer().unwrap(), fe, "connected UDP peer");
+            let answer = udp
+                .ask("hello")
+                .unwrap_or_else(|e| panic!("connected UDP from the node to {fe}: {e:#}"));
+            connected.insert(parse_answer(&answer).expect("answer format").0.to_string());
+
+            let (answer, from) = apps::udp_ask_unconnected(node, fe)
+                .unwrap_or_else(|e| panic!("unconnected UDP from the node to {fe}: {e:#}"));
+            assert_eq!(from, fe, "the answer comes from the address asked");
+            unconnected.insert(parse_answer(&answer).expect("answer format").0.to_string());
+        }
+        assert_eq!(tcp, everyone, "TCP to {fe}");
+        assert_eq!(connected, everyone, "connected UDP to {fe}");
+        assert_eq!(unconnected, everyone, "unconnected UDP to {fe}");
+    }
+    assert!(agent_counter(&c, "node_sockets_translated") >= 5.0 * 24.0 * 3.0);
+    // A Service without endpoints is refused, as kube-proxy's REJECT does.
+    let refused = apps::tcp_ask(node, c.node(0, 30800)).expect_err("no endpoints");
+    let kind = refused.downcast_ref::<std::io::Error>().map(|e| e.kind());
+    assert_eq!(kind, Some(ErrorKind::ConnectionRefused), "{refused:#}");
+    // Other namespaces' sockets are left to XDP: the local pod sees the outside client.
+    let (pods, seen) = c.tcp_spread(c.node(0, 30600), 20);
+    assert_eq!(pods, everyone);
+    assert!(seen.contains(&CLIENT), "{seen:?}");
+
+    // A restarted agent swaps its hooks in: a connection opened before still shows the frontend,
+    // and new ones are served.
+    let held = TcpSession::connect(node, frontends[0]).expect("connection before the restart");
+    c.agents[0].stop();
+    c.start_agent(0);
+    let node = &c.lab.nodes[0].ns;
+    assert_eq!(
+        held.peer().unwrap(),
+        frontends[0],
+        "peer across the restart"
+    );
+    let answer = apps::tcp_ask(node, frontends[0]).expect("served after the restart");
+    assert!(everyone.contains(parse_answer(&answer).expect("answer format").0));
+    let links = std::fs::read_dir(c.agents[0].pin_dir.join("links")).unwrap();
+    let hooks = links
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("sock-"))
+        .count();
+    assert_eq!(hooks, 8, "one link per hook, the earlier run's replaced");
+
+    // Turned off, the hooks are gone: the node's own connection meets the node's closed port.
+    c.agent_flags = vec!["--translate-node-sockets".into(), "false".into()];
+    c.agents[0].stop();
+    c.start_agent(0);
+    let off = apps::tcp_ask(&c.lab.nodes[0].ns, frontends[0]).expect_err("not translated when off");
+    let kind = off.downcast_ref::<std::io::Error>().map(|e| e.kind());
+    assert_eq!(kind, Some(ErrorKind::ConnectionRefused), "{off:#}");
 }
 
 #[test]

@@ -1,0 +1,195 @@
+//! The node's own sockets to its frontends. Their packets never cross XDP on `--iface` (a
+//! connection to one of the node's addresses goes through loopback), so, as Cilium's socket LB
+//! does in the host namespace, cgroup hooks send them to a backend before any packet exists:
+//! connect (TCP, connected UDP) and sendmsg (unconnected UDP) rewrite the destination; recvmsg and
+//! getpeername show the frontend again, so the application sees the address it asked for.
+
+use core::ptr::{read_volatile, write_volatile};
+
+use aya_ebpf::{
+    bindings::{bpf_sock_addr, BPF_ANY},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_coarse_ns},
+    macros::cgroup_sock_addr,
+    programs::SockAddrContext,
+    EbpfContext as _,
+};
+use exposure_common::*;
+
+use crate::{
+    maps::{count, lookup_frontend, BACKENDS, SERVICES, SOCKET_PEERS},
+    select::{select_backend, sticky_backend},
+};
+
+/// Set at load time: the cookie of the node's network namespace (the agent's). The hooks sit on
+/// a cgroup (the root), so they see sockets of every namespace: those of other namespaces (pods,
+/// containers) are left alone. 0: none.
+#[no_mangle]
+static NODE_NETNS_COOKIE: u64 = 0;
+
+/// What a sock_addr hook returns to let the call go on.
+const PROCEED: i32 = 1;
+
+#[cgroup_sock_addr(connect4)]
+pub fn exposure_connect4(ctx: SockAddrContext) -> i32 {
+    to_backend(&ctx, false);
+    PROCEED
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn exposure_sendmsg4(ctx: SockAddrContext) -> i32 {
+    to_backend(&ctx, false);
+    PROCEED
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn exposure_recvmsg4(ctx: SockAddrContext) -> i32 {
+    to_frontend(&ctx, false);
+    PROCEED
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn exposure_getpeername4(ctx: SockAddrContext) -> i32 {
+    to_frontend(&ctx, false);
+    PROCEED
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn exposure_connect6(ctx: SockAddrContext) -> i32 {
+    to_backend(&ctx, true);
+    PROCEED
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn exposure_sendmsg6(ctx: SockAddrContext) -> i32 {
+    to_backend(&ctx, true);
+    PROCEED
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn exposure_recvmsg6(ctx: SockAddrContext) -> i32 {
+    to_frontend(&ctx, true);
+    PROCEED
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn exposure_getpeername6(ctx: SockAddrContext) -> i32 {
+    to_frontend(&ctx, true);
+    PROCEED
+}
+
+#[inline(always)]
+fn of_node(ctx: &SockAddrContext) -> bool {
+    let node = unsafe { read_volatile(&NODE_NETNS_COOKIE) };
+    node != 0 && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } == node
+}
+
+/// A socket addressing a frontend is sent to one of its backends (a Service without any is left
+/// alone: the node refuses it, as kube-proxy's REJECT does).
+#[inline(always)]
+fn to_backend(ctx: &SockAddrContext, v6: bool) {
+    if !of_node(ctx) {
+        return;
+    }
+    let sa = ctx.sock_addr;
+    let proto = unsafe { read_volatile(&(*sa).protocol) };
+    if proto != PROTO_TCP as u32 && proto != PROTO_UDP as u32 {
+        return;
+    }
+    let frontend = user_addr(sa, v6);
+    let port = unsafe { read_volatile(&(*sa).user_port) } as u16;
+    let Some(fe) = lookup_frontend(&frontend, port, proto as u8) else {
+        return;
+    };
+    let Some(service) = SERVICES.get(fe.service_id).copied() else {
+        return;
+    };
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // A connection has no source port yet: the socket is the flow, so each socket gets its own
+    // pick and keeps it (unconnected UDP comes through here per datagram).
+    let hash = hash::mix(cookie as u32 ^ hash::mix((cookie >> 32) as u32));
+    let selected = if service.affinity_timeout_s != 0 {
+        // ClientIP affinity: the node is one client (its sockets have no source address yet).
+        let now = unsafe { bpf_ktime_get_coarse_ns() };
+        sticky_backend(&Addr::default(), fe.service_id, &service, hash, now)
+    } else {
+        select_backend(&service, hash)
+    };
+    let Some(backend) = selected.and_then(|id| BACKENDS.get(id)) else {
+        return;
+    };
+    if backend.addr.is_unspecified() || backend.addr.is_v4() != frontend.is_v4() {
+        return;
+    }
+    let key = SocketPeerKey {
+        cookie,
+        backend: backend.addr,
+        port: backend.port,
+        _pad: [0; 3],
+    };
+    let peer = SocketPeer {
+        frontend,
+        port,
+        _pad: 0,
+    };
+    // Written only when new: unconnected UDP sends every datagram through here. Unremembered, the
+    // application would see answers from an address it never sent to: leave such a socket alone.
+    if unsafe { SOCKET_PEERS.get(&key) } != Some(&peer)
+        && SOCKET_PEERS.insert(&key, &peer, BPF_ANY as u64).is_err()
+    {
+        return;
+    }
+    set_user_addr(sa, v6, &backend.addr, backend.port);
+    count(Counter::NodeSockets);
+}
+
+/// A socket sent to a backend sees the frontend it asked for as its peer.
+#[inline(always)]
+fn to_frontend(ctx: &SockAddrContext, v6: bool) {
+    if !of_node(ctx) {
+        return;
+    }
+    let sa = ctx.sock_addr;
+    let key = SocketPeerKey {
+        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        backend: user_addr(sa, v6),
+        port: unsafe { read_volatile(&(*sa).user_port) } as u16,
+        _pad: [0; 3],
+    };
+    if let Some(peer) = unsafe { SOCKET_PEERS.get(&key) } {
+        set_user_addr(sa, v6, &peer.frontend, peer.port);
+    }
+}
+
+/// The address the call names. An IPv6 socket naming an IPv4 address (`::ffff:a.b.c.d`) gives
+/// the IPv4 [`Addr`], so it finds IPv4 frontends.
+#[inline(always)]
+fn user_addr(sa: *const bpf_sock_addr, v6: bool) -> Addr {
+    unsafe {
+        if v6 {
+            Addr([
+                read_volatile(&(*sa).user_ip6[0]),
+                read_volatile(&(*sa).user_ip6[1]),
+                read_volatile(&(*sa).user_ip6[2]),
+                read_volatile(&(*sa).user_ip6[3]),
+            ])
+        } else {
+            Addr::v4(read_volatile(&(*sa).user_ip4))
+        }
+    }
+}
+
+/// The context's fields take 4-byte stores only; the port sits in the low half, in wire order.
+#[inline(always)]
+fn set_user_addr(sa: *mut bpf_sock_addr, v6: bool, addr: &Addr, port: u16) {
+    unsafe {
+        if v6 {
+            write_volatile(&mut (*sa).user_ip6[0], addr.0[0]);
+            write_volatile(&mut (*sa).user_ip6[1], addr.0[1]);
+            write_volatile(&mut (*sa).user_ip6[2], addr.0[2]);
+            write_volatile(&mut (*sa).user_ip6[3], addr.0[3]);
+        } else {
+            write_volatile(&mut (*sa).user_ip4, addr.v4_raw());
+        }
+        write_volatile(&mut (*sa).user_port, port as u32);
+    }
+}
