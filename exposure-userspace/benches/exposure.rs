@@ -1105,6 +1105,42 @@ fn end_to_end(report: &mut String, quick: bool, dir: &Path, stem: &str) {
             );
         }
     }
+    let _ = writeln!(report, "\nThe node's own connections: new TCP connections per second from a process on node-1 to the");
+    let _ = writeln!(report, "same NodePorts on node-1 (connecting and closing with RST, 1 s). Exposure's socket hooks send the");
+    let _ = writeln!(
+        report,
+        "socket to the pod at `connect()`, so its packets go out as the node's own, untranslated;"
+    );
+    let _ = writeln!(report, "kube-proxy DNATs them in its OUTPUT chain (connection tracking and NAT for each); *to the pod*");
+    let _ = writeln!(
+        report,
+        "connects to the pod's address with no Service at all.\n"
+    );
+    let _ = writeln!(report, "| Services | backend | to the pod | Exposure | kube-proxy iptables | kube-proxy nftables | Exposure ÷ iptables | Exposure ÷ nftables |");
+    let _ = writeln!(
+        report,
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
+    for &n in sizes {
+        for t in [Target::Local, Target::Remote] {
+            let rate = |v: Variant| {
+                tcp.iter()
+                    .find(|r| r.variant == v && r.services == n && r.target == t)
+                    .map_or(0.0, |r| r.from_node_per_s)
+            };
+            let _ = writeln!(
+                report,
+                "| {n} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} |",
+                t.label(),
+                rate(Variant::Plain),
+                rate(Variant::Exposure),
+                rate(Variant::Iptables),
+                rate(Variant::Nftables),
+                times(rate(Variant::Exposure), rate(Variant::Iptables)),
+                times(rate(Variant::Exposure), rate(Variant::Nftables)),
+            );
+        }
+    }
     let mut groups = Vec::new();
     for &n in sizes {
         for t in [Target::Local, Target::Remote] {

@@ -330,6 +330,9 @@ pub struct TcpRun {
     pub target: Target,
     pub connections_per_s: f64,
     pub bytes_per_s: f64,
+    /// New connections per second from a process on node-1 itself to the same target: through
+    /// Exposure's socket hooks, or kube-proxy's OUTPUT rules (plainly: to the pod).
+    pub from_node_per_s: f64,
 }
 
 /// The node whose pod a target is, and where the client sends: the pod itself when forwarding
@@ -466,6 +469,7 @@ pub fn measure(
             target,
             connections_per_s: apps::tcp_connect_rate(&lab.client, to, 1, second).unwrap(),
             bytes_per_s: apps::tcp_throughput(&lab.client, to, second).unwrap(),
+            from_node_per_s: apps::tcp_connect_rate(&lab.nodes[0].ns, to, 1, second).unwrap(),
         });
     }
     drop(setup);
