@@ -1112,14 +1112,13 @@ fn end_to_end(report: &mut String, quick: bool, dir: &Path, stem: &str) {
         "socket to the pod at `connect()`, so its packets go out as the node's own, untranslated;"
     );
     let _ = writeln!(report, "kube-proxy DNATs them in its OUTPUT chain (connection tracking and NAT for each); *to the pod*");
+    let _ = writeln!(report, "connects to the pod's address with no Service at all (*with no-op XDP*: behind the two-instruction");
+    let _ = writeln!(report, "XDP_PASS program on the nodes' NICs, where Exposure's XDP program sits in its runs: each connection's");
+    let _ = writeln!(report, "packets cross the NICs of both nodes).\n");
+    let _ = writeln!(report, "| Services | backend | to the pod | with no-op XDP | Exposure | kube-proxy iptables | kube-proxy nftables | Exposure ÷ iptables | Exposure ÷ nftables |");
     let _ = writeln!(
         report,
-        "connects to the pod's address with no Service at all.\n"
-    );
-    let _ = writeln!(report, "| Services | backend | to the pod | Exposure | kube-proxy iptables | kube-proxy nftables | Exposure ÷ iptables | Exposure ÷ nftables |");
-    let _ = writeln!(
-        report,
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     for &n in sizes {
         for t in [Target::Local, Target::Remote] {
@@ -1130,9 +1129,10 @@ fn end_to_end(report: &mut String, quick: bool, dir: &Path, stem: &str) {
             };
             let _ = writeln!(
                 report,
-                "| {n} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} |",
+                "| {n} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} |",
                 t.label(),
                 rate(Variant::Plain),
+                rate(Variant::NoopXdp),
                 rate(Variant::Exposure),
                 rate(Variant::Iptables),
                 rate(Variant::Nftables),
