@@ -58,38 +58,35 @@ pub fn ensure_bpffs() -> anyhow::Result<()> {
     if is_bpffs {
         return Ok(());
     }
-    std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+    mount_kernel_fs("bpf", root)
+}
+
+/// Mounts a kernel filesystem (`bpf`, `cgroup2`) at `at`, making the directory first.
+fn mount_kernel_fs(fstype: &str, at: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(at).with_context(|| format!("creating {}", at.display()))?;
     nix::mount::mount(
-        Some("bpf"),
-        root,
-        Some("bpf"),
+        Some(fstype),
+        at,
+        Some(fstype),
         nix::mount::MsFlags::empty(),
         None::<&str>,
     )
-    .with_context(|| format!("mounting bpffs at {}", root.display()))?;
-    tracing::info!("mounted bpffs at {}", root.display());
+    .with_context(|| format!("mounting {fstype} at {}", at.display()))?;
+    tracing::info!("mounted {fstype} at {}", at.display());
     Ok(())
 }
 
 /// The root of the node's cgroup2 hierarchy, where the node socket hooks go: the mount
-/// /proc/self/mountinfo lists, else one made at [`CGROUP2_FALLBACK`].
+/// mountinfo lists, else one made at [`CGROUP2_FALLBACK`].
 pub fn cgroup2_root() -> anyhow::Result<PathBuf> {
-    let mountinfo =
-        std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    // thread-self: a thread may have a mount namespace of its own (the tests' do).
+    let mountinfo = std::fs::read_to_string("/proc/thread-self/mountinfo")
+        .context("reading /proc/thread-self/mountinfo")?;
     if let Some(root) = cgroup2_mount(&mountinfo) {
         return Ok(root);
     }
     let root = Path::new(CGROUP2_FALLBACK);
-    std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
-    nix::mount::mount(
-        Some("cgroup2"),
-        root,
-        Some("cgroup2"),
-        nix::mount::MsFlags::empty(),
-        None::<&str>,
-    )
-    .with_context(|| format!("mounting cgroup2 at {}", root.display()))?;
-    tracing::info!("mounted cgroup2 at {}", root.display());
+    mount_kernel_fs("cgroup2", root)?;
     Ok(root.to_path_buf())
 }
 
@@ -1089,6 +1086,35 @@ mod tests {
             None
         );
         assert_eq!(cgroup2_mount(""), None);
+    }
+
+    #[test]
+    fn without_a_cgroup2_mount_one_is_made() {
+        const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+        // On a thread with a mount namespace of its own, every cgroup2 mount detached there.
+        let found = std::thread::spawn(|| -> anyhow::Result<(PathBuf, bool)> {
+            use nix::mount::{mount, umount2, MntFlags, MsFlags};
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)?;
+            let private = MsFlags::MS_REC | MsFlags::MS_PRIVATE;
+            mount(None::<&str>, "/", None::<&str>, private, None::<&str>)?;
+            for _ in 0..16 {
+                let mountinfo = std::fs::read_to_string("/proc/thread-self/mountinfo")?;
+                let Some(at) = cgroup2_mount(&mountinfo) else {
+                    break;
+                };
+                umount2(&at, MntFlags::MNT_DETACH)?;
+            }
+            let root = cgroup2_root()?;
+            let fs = nix::sys::statfs::statfs(&root)?.filesystem_type().0;
+            Ok((root, fs == CGROUP2_SUPER_MAGIC))
+        })
+        .join()
+        .expect("the namespaced thread")
+        .expect("cgroup2 found or mounted");
+        // The mount went with the thread's namespace; the directories it was made on stay.
+        let _ = std::fs::remove_dir(CGROUP2_FALLBACK);
+        let _ = std::fs::remove_dir(Path::new(CGROUP2_FALLBACK).parent().unwrap());
+        assert_eq!(found, (PathBuf::from(CGROUP2_FALLBACK), true));
     }
 
     #[test]
