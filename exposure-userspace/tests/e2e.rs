@@ -1126,6 +1126,21 @@ fn client_ip_session_affinity_keeps_a_client_on_one_pod() {
             "via node-{}: one client, one pod: {pods:?}",
             n + 1
         );
+        // The node's own sockets (translated at connect, before they have a source address)
+        // are one client too.
+        let from_node: BTreeSet<String> = (0..20)
+            .map(|_| {
+                let answer = apps::tcp_ask(&c.lab.nodes[n].ns, c.node(n, 30090))
+                    .expect("the node to its NodePort");
+                parse_answer(&answer).expect("answer format").0.to_string()
+            })
+            .collect();
+        assert_eq!(
+            from_node.len(),
+            1,
+            "node-{}'s own connections: {from_node:?}",
+            n + 1
+        );
     }
 }
 
