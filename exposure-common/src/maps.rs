@@ -109,8 +109,17 @@ pub struct FrontendKey {
     pub addr: Addr,
     pub port: u16,
     pub proto: u8,
-    pub _pad: u8,
+    /// Who the frontend serves: [`SCOPE_EXTERNAL`] or [`SCOPE_NODE_SOCKETS`].
+    pub scope: u8,
 }
+
+/// `FrontendKey::scope`: packets that arrive on `--iface` (and the node's own sockets, unless a
+/// [`SCOPE_NODE_SOCKETS`] twin exists).
+pub const SCOPE_EXTERNAL: u8 = 0;
+/// `FrontendKey::scope`: the node's own sockets only, where they must reach other backends than
+/// outside clients: every ready endpoint of an `externalTrafficPolicy: Local` Service, as
+/// kube-proxy (its rules for traffic from the node) and Cilium (its internal scope) give them.
+pub const SCOPE_NODE_SOCKETS: u8 = 1;
 
 impl FrontendKey {
     /// The key as `FRONTENDS4` holds it (meaningful for an IPv4 frontend only).
@@ -120,7 +129,7 @@ impl FrontendKey {
             addr: self.addr.v4_raw(),
             port: self.port,
             proto: self.proto,
-            _pad: 0,
+            scope: self.scope,
         }
     }
 }
@@ -133,7 +142,7 @@ pub struct FrontendKey4 {
     pub addr: u32,
     pub port: u16,
     pub proto: u8,
-    pub _pad: u8,
+    pub scope: u8,
 }
 
 impl From<FrontendKey4> for FrontendKey {
@@ -142,7 +151,7 @@ impl From<FrontendKey4> for FrontendKey {
             addr: Addr::v4(k.addr),
             port: k.port,
             proto: k.proto,
-            _pad: 0,
+            scope: k.scope,
         }
     }
 }
@@ -268,15 +277,21 @@ pub mod key_words {
 
     /// A [`super::FrontendKey4`].
     #[inline(always)]
-    pub fn frontend4(addr: u32, port: u16, proto: u8) -> [u64; 1] {
-        [addr as u64 | (port as u64) << 32 | (proto as u64) << 48]
+    pub fn frontend4(addr: u32, port: u16, proto: u8, scope: u8) -> [u64; 1] {
+        [addr as u64 | (port as u64) << 32 | (proto as u64) << 48 | (scope as u64) << 56]
     }
 
     /// A [`super::FrontendKey`] (20 bytes: 4-byte words).
     #[inline(always)]
-    pub fn frontend6(addr: &Addr, port: u16, proto: u8) -> [u32; 5] {
+    pub fn frontend6(addr: &Addr, port: u16, proto: u8, scope: u8) -> [u32; 5] {
         let a = addr.0;
-        [a[0], a[1], a[2], a[3], port as u32 | (proto as u32) << 16]
+        [
+            a[0],
+            a[1],
+            a[2],
+            a[3],
+            port as u32 | (proto as u32) << 16 | (scope as u32) << 24,
+        ]
     }
 
     /// A [`super::FlowKey4`].
@@ -690,7 +705,7 @@ mod tests {
             addr: b,
             port: port(30080),
             proto: PROTO_TCP,
-            _pad: 0,
+            scope: SCOPE_NODE_SOCKETS,
         };
         assert_eq!(frontend.v4().addr.to_ne_bytes(), [198, 19, 0, 2]);
         assert_eq!(FrontendKey::from(frontend.v4()), frontend);
@@ -731,24 +746,26 @@ mod tests {
             bytes_of(&key_words::flow4(s4, d4, sport, dport, PROTO_TCP)),
             bytes_of(&flow4.v4())
         );
-        let frontend = FrontendKey {
-            addr: s6,
-            port: dport,
-            proto: PROTO_UDP,
-            _pad: 0,
-        };
-        assert_eq!(
-            bytes_of(&key_words::frontend6(&s6, dport, PROTO_UDP)),
-            bytes_of(&frontend)
-        );
-        let frontend4 = FrontendKey {
-            addr: Addr::v4(d4),
-            ..frontend
-        };
-        assert_eq!(
-            bytes_of(&key_words::frontend4(d4, dport, PROTO_UDP)),
-            bytes_of(&frontend4.v4())
-        );
+        for scope in [SCOPE_EXTERNAL, SCOPE_NODE_SOCKETS] {
+            let frontend = FrontendKey {
+                addr: s6,
+                port: dport,
+                proto: PROTO_UDP,
+                scope,
+            };
+            assert_eq!(
+                bytes_of(&key_words::frontend6(&s6, dport, PROTO_UDP, scope)),
+                bytes_of(&frontend)
+            );
+            let frontend4 = FrontendKey {
+                addr: Addr::v4(d4),
+                ..frontend
+            };
+            assert_eq!(
+                bytes_of(&key_words::frontend4(d4, dport, PROTO_UDP, scope)),
+                bytes_of(&frontend4.v4())
+            );
+        }
     }
 
     #[test]

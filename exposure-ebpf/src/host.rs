@@ -24,7 +24,9 @@ pub fn host_connection(ctx: &TcContext, p: &Packet) -> Result<i32, ()> {
         if !is_node_addr(unsafe { (*ctx.skb.skb).ifindex }, &p.saddr) {
             return Ok(TC_ACT_UNSPEC);
         }
-    } else if !is_frontend_port(sport) || lookup_frontend(&p.saddr, p.sport, p.proto).is_none() {
+    } else if !is_frontend_port(sport)
+        || lookup_frontend(&p.saddr, p.sport, p.proto, SCOPE_EXTERNAL).is_none()
+    {
         return Ok(TC_ACT_UNSPEC);
     }
     let key = FlowKey {

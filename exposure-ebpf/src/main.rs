@@ -97,10 +97,10 @@ fn try_xdp(ctx: &XdpContext) -> Result<u32, ()> {
         }
     }
     let frontend = if p.v6 {
-        let key = key_words::frontend6(&p.daddr, p.dport, p.proto);
+        let key = key_words::frontend6(&p.daddr, p.dport, p.proto, SCOPE_EXTERNAL);
         unsafe { FRONTENDS6.get(as_key(&key)) }
     } else {
-        let key = key_words::frontend4(p.daddr.v4_raw(), p.dport, p.proto);
+        let key = key_words::frontend4(p.daddr.v4_raw(), p.dport, p.proto, SCOPE_EXTERNAL);
         let found = unsafe { FRONTENDS4.get(as_key(&key)) };
         own_call_site();
         found

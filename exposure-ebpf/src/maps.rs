@@ -69,14 +69,14 @@ pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentPorts> =
 pub static SOCKET_PEERS: LruHashMap<SocketPeerKey, SocketPeer> =
     LruHashMap::pinned(MAX_SOCKET_PEERS, 0);
 
-/// The frontend on `addr:port`, if any (either family).
+/// The frontend of a scope (`SCOPE_*`) on `addr:port`, if any (either family).
 #[inline(always)]
-pub fn lookup_frontend(addr: &Addr, port: u16, proto: u8) -> Option<&'static Frontend> {
+pub fn lookup_frontend(addr: &Addr, port: u16, proto: u8, scope: u8) -> Option<&'static Frontend> {
     if addr.is_v4() {
-        let key = key_words::frontend4(addr.v4_raw(), port, proto);
+        let key = key_words::frontend4(addr.v4_raw(), port, proto, scope);
         unsafe { FRONTENDS4.get(as_key(&key)) }
     } else {
-        let key = key_words::frontend6(addr, port, proto);
+        let key = key_words::frontend6(addr, port, proto, scope);
         unsafe { FRONTENDS6.get(as_key(&key)) }
     }
 }

@@ -97,7 +97,11 @@ fn to_backend(ctx: &SockAddrContext, v6: bool) {
     }
     let frontend = user_addr(sa, v6);
     let port = unsafe { read_volatile(&(*sa).user_port) } as u16;
-    let Some(fe) = lookup_frontend(&frontend, port, proto as u8) else {
+    // An `externalTrafficPolicy: Local` Service has a twin for the node's own sockets, with
+    // every endpoint of the cluster.
+    let Some(fe) = lookup_frontend(&frontend, port, proto as u8, SCOPE_NODE_SOCKETS)
+        .or_else(|| lookup_frontend(&frontend, port, proto as u8, SCOPE_EXTERNAL))
+    else {
         return;
     };
     let Some(service) = SERVICES.get(fe.service_id).copied() else {

@@ -27,7 +27,7 @@ use std::{
 };
 
 use exposure::datapath::KernelMaps;
-use exposure_common::{port, Addr, FrontendKey, PROTO_TCP};
+use exposure_common::{port, Addr, FrontendKey, PROTO_TCP, SCOPE_EXTERNAL};
 use exposure_lab::{
     agent::{Agent, Source},
     control_plane::ControlPlane,
@@ -87,7 +87,7 @@ fn live_backends(maps: &KernelMaps, i: usize) -> Vec<(Addr, u16)> {
         addr: Addr::from(vip),
         port: port(80),
         proto: PROTO_TCP,
-        _pad: 0,
+        scope: SCOPE_EXTERNAL,
     };
     let Some(fe) = maps.frontend(&key) else {
         return Vec::new();
@@ -300,6 +300,7 @@ fn packet_costs(services: usize, backends: usize, repeat: u32) -> PacketCosts {
                     ip: front.0.into(),
                     port: front.1,
                     protocol: Protocol::Tcp,
+                    scope: exposure::model::Scope::External,
                 },
                 FrontendKind::LoadBalancer,
             );
@@ -317,6 +318,7 @@ fn packet_costs(services: usize, backends: usize, repeat: u32) -> PacketCosts {
                     port: String::new(),
                     protocol: Protocol::Tcp,
                     family: exposure::model::IpFamily::V4,
+                    scope: exposure::model::Scope::External,
                 },
                 Arc::new(d),
             )
@@ -369,6 +371,7 @@ fn packet_costs(services: usize, backends: usize, repeat: u32) -> PacketCosts {
                 ip: front.into(),
                 port: 80,
                 protocol: Protocol::Tcp,
+                scope: exposure::model::Scope::External,
             };
             d.frontends.insert(addr, FrontendKind::LoadBalancer);
             d.backends = vec![BackendAddr {
@@ -382,6 +385,7 @@ fn packet_costs(services: usize, backends: usize, repeat: u32) -> PacketCosts {
                 port: String::new(),
                 protocol: Protocol::Tcp,
                 family: exposure::model::IpFamily::V6,
+                scope: exposure::model::Scope::External,
             };
             state.services.insert(key, Arc::new(d));
         }

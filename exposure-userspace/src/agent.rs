@@ -266,6 +266,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             node_name: cfg.node_name.clone(),
             node_addrs,
             zone: objects.zone_of(&cfg.node_name),
+            node_sockets: cfg.node_sockets.is_some(),
         };
         let (desired, model_errors) =
             translator.desired_state(&objects.services, &objects.endpoint_slices, &node);

@@ -105,6 +105,39 @@ pub struct ServicePortName {
     pub port: String,
     pub protocol: Protocol,
     pub family: IpFamily,
+    /// [`Scope::NodeSockets`]: the twin of an `externalTrafficPolicy: Local` port that serves the
+    /// node's own sockets.
+    pub scope: Scope,
+}
+
+/// Whom a frontend (and the service port it leads to) serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub enum Scope {
+    /// Packets arriving on `--iface`, and the node's own sockets where no twin exists.
+    #[default]
+    External,
+    /// Only the node's own sockets: an `externalTrafficPolicy: Local` Service's twin, with every
+    /// ready endpoint of the cluster (kube-proxy routes traffic from the node itself to all
+    /// endpoints; Cilium keeps such a twin as its internal scope).
+    NodeSockets,
+}
+
+impl Scope {
+    /// `FrontendKey::scope`.
+    pub fn number(self) -> u8 {
+        match self {
+            Scope::External => exposure_common::SCOPE_EXTERNAL,
+            Scope::NodeSockets => exposure_common::SCOPE_NODE_SOCKETS,
+        }
+    }
+
+    pub fn from_number(n: u8) -> Self {
+        if n == exposure_common::SCOPE_NODE_SOCKETS {
+            Scope::NodeSockets
+        } else {
+            Scope::External
+        }
+    }
 }
 
 impl std::fmt::Display for ServicePortName {
@@ -116,6 +149,9 @@ impl std::fmt::Display for ServicePortName {
         write!(f, "/{}", self.protocol)?;
         if self.family == IpFamily::V6 {
             write!(f, "/IPv6")?;
+        }
+        if self.scope == Scope::NodeSockets {
+            write!(f, " (node sockets)")?;
         }
         Ok(())
     }
@@ -133,12 +169,17 @@ pub struct FrontendAddr {
     pub ip: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
+    pub scope: Scope,
 }
 
 impl std::fmt::Display for FrontendAddr {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let at = std::net::SocketAddr::new(self.ip, self.port);
-        write!(f, "{at}/{}", self.protocol)
+        write!(f, "{at}/{}", self.protocol)?;
+        if self.scope == Scope::NodeSockets {
+            write!(f, " (node sockets)")?;
+        }
+        Ok(())
     }
 }
 
@@ -203,6 +244,9 @@ pub struct NodeContext {
     pub node_name: String,
     pub node_addrs: Vec<IpAddr>,
     pub zone: Option<String>,
+    /// The node's own sockets are translated (`--translate-node-sockets`): Local Services get
+    /// their [`Scope::NodeSockets`] twins.
+    pub node_sockets: bool,
 }
 
 /// The label that names a node's zone.
@@ -638,6 +682,7 @@ pub fn translate_service(
                                     ip: *ip,
                                     port: np,
                                     protocol,
+                                    scope: Scope::External,
                                 },
                                 FrontendKind::NodePort,
                             )
@@ -653,6 +698,7 @@ pub fn translate_service(
                     ip: *ip,
                     port,
                     protocol,
+                    scope: Scope::External,
                 },
                 FrontendKind::LoadBalancer,
             )
@@ -663,6 +709,7 @@ pub fn translate_service(
                     ip: *ip,
                     port,
                     protocol,
+                    scope: Scope::External,
                 },
                 FrontendKind::ExternalIp,
             )
@@ -676,16 +723,16 @@ pub fn translate_service(
             local_endpoints.extend(endpoints.pick(true, node).iter().map(|b| b.ip));
         }
         let all = endpoints.pick(false, node);
-        let (backends, when_empty) = if local_only {
+        let (backends, when_empty, everyone) = if local_only {
             // Endpoints elsewhere but none here: drop (kube-proxy); none anywhere: refuse.
             let when_empty = if all.is_empty() {
                 WhenEmpty::Reject
             } else {
                 WhenEmpty::Drop
             };
-            (endpoints.pick(true, node), when_empty)
+            (endpoints.pick(true, node), when_empty, Some(all))
         } else {
-            (all, WhenEmpty::Reject)
+            (all, WhenEmpty::Reject, None)
         };
         let key = ServicePortName {
             namespace: namespace.clone(),
@@ -693,6 +740,7 @@ pub fn translate_service(
             port: port_name,
             protocol,
             family,
+            scope: Scope::External,
         };
         let mut desired = DesiredService {
             backends,
@@ -705,6 +753,32 @@ pub fn translate_service(
         };
         for (addr, kind) in frontends {
             desired.frontends.entry(addr).or_insert(kind);
+        }
+        if let Some(all) = everyone.filter(|_| node.node_sockets) {
+            // The node's own sockets reach every endpoint, as kube-proxy sends traffic from the
+            // node itself: a twin on the same addresses, which only the socket hooks look up.
+            let twin = DesiredService {
+                frontends: desired
+                    .frontends
+                    .iter()
+                    .map(|(addr, kind)| {
+                        let addr = FrontendAddr {
+                            scope: Scope::NodeSockets,
+                            ..*addr
+                        };
+                        (addr, *kind)
+                    })
+                    .collect(),
+                backends: all,
+                when_empty: WhenEmpty::Reject,
+                affinity_timeout_s,
+                source_ranges: None,
+            };
+            let twin_key = ServicePortName {
+                scope: Scope::NodeSockets,
+                ..key.clone()
+            };
+            out.ports.push((twin_key, Arc::new(twin)));
         }
         out.ports.push((key, Arc::new(desired)));
     }
@@ -952,6 +1026,7 @@ mod tests {
 
     fn node() -> NodeContext {
         NodeContext {
+            node_sockets: false,
             node_name: "node-a".into(),
             node_addrs: vec![
                 IpAddr::from([198, 18, 0, 10]),
@@ -1003,6 +1078,7 @@ endpoints:
             port: port.into(),
             protocol,
             family: IpFamily::V4,
+            scope: Scope::External,
         }
     }
 
@@ -1078,6 +1154,7 @@ endpoints:
             ip: IpAddr::from([198, 18, 100, 1]),
             port: 60000,
             protocol: Protocol::Tcp,
+            scope: Scope::External,
         };
         assert_eq!(s.frontends[&lbf], FrontendKind::LoadBalancer);
 
@@ -1119,6 +1196,56 @@ endpoints:
             WhenEmpty::Drop,
             "endpoints elsewhere: drop, not reject"
         );
+    }
+
+    #[test]
+    fn local_policy_gets_a_twin_with_every_endpoint_for_the_nodes_own_sockets() {
+        let local = HELLO.replace(
+            "type: NodePort",
+            "type: NodePort\n  externalTrafficPolicy: Local",
+        );
+        let sockets = NodeContext {
+            node_sockets: true,
+            ..node()
+        };
+        let (state, _) = desired_state(&[svc(&local)], &[slice(HELLO_SLICE)], &sockets);
+        let external = &state.services[&key("hello-world", "", Protocol::Tcp)];
+        assert_eq!(external.backends, [be([198, 19, 1, 2], 50000, true)]);
+        let twin_key = ServicePortName {
+            scope: Scope::NodeSockets,
+            ..key("hello-world", "", Protocol::Tcp)
+        };
+        let twin = &state.services[&twin_key];
+        let (cluster, _) = desired_state(&[svc(HELLO)], &[slice(HELLO_SLICE)], &sockets);
+        let everyone = &cluster.services[&key("hello-world", "", Protocol::Tcp)].backends;
+        assert_eq!(&twin.backends, everyone, "what Cluster policy would have");
+        assert!(everyone.len() > 1);
+        assert_eq!(twin.when_empty, WhenEmpty::Reject);
+        let scoped = |s: &DesiredService| -> Vec<(IpAddr, u16, Scope)> {
+            s.frontends
+                .keys()
+                .map(|f| (f.ip, f.port, f.scope))
+                .collect()
+        };
+        let twin_frontends: Vec<_> = scoped(external)
+            .into_iter()
+            .map(|(ip, port, _)| (ip, port, Scope::NodeSockets))
+            .collect();
+        assert_eq!(
+            scoped(twin),
+            twin_frontends,
+            "the same addresses, node scope"
+        );
+        assert_eq!(
+            twin_key.to_string(),
+            "default/hello-world/TCP (node sockets)"
+        );
+        assert_eq!(state.services.len(), 2);
+
+        // Not for Cluster policy (the Service serves the node as it is), nor with the hooks off.
+        assert_eq!(cluster.services.len(), 1);
+        let (state, _) = desired_state(&[svc(&local)], &[slice(HELLO_SLICE)], &node());
+        assert_eq!(state.services.len(), 1);
     }
 
     #[test]
@@ -1176,6 +1303,7 @@ endpoints: [{addresses: [198.19.1.5], nodeName: node-a}, {addresses: [198.19.1.6
             port: "dns".into(),
             protocol: Protocol::Udp,
             family: IpFamily::V4,
+            scope: Scope::External,
         }];
         let ips: Vec<_> = udp
             .backends
@@ -1196,6 +1324,7 @@ endpoints: [{addresses: [198.19.1.5], nodeName: node-a}, {addresses: [198.19.1.6
             port: "dns-tcp".into(),
             protocol: Protocol::Tcp,
             family: IpFamily::V4,
+            scope: Scope::External,
         }];
         assert!(tcp.backends.iter().all(|b| b.port == 5354));
         assert_eq!(tcp.backends.len(), 3);
@@ -1586,6 +1715,7 @@ status:
 
     fn dual_node() -> NodeContext {
         NodeContext {
+            node_sockets: false,
             node_name: "node-a".into(),
             node_addrs: vec![
                 "198.18.0.10".parse().unwrap(),

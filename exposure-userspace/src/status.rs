@@ -109,7 +109,7 @@ mod tests {
     use super::*;
     use crate::{
         model::{
-            BackendAddr, DesiredService, DesiredState, FrontendAddr, FrontendKind, Protocol,
+            BackendAddr, DesiredService, DesiredState, FrontendAddr, FrontendKind, Protocol, Scope,
             ServicePortName,
         },
         sync::{DatapathMaps as _, FakeMaps, Limits, Reconciler},
@@ -123,6 +123,7 @@ mod tests {
                 ip: IpAddr::from([198, 18, 0, 10]),
                 port: 30600,
                 protocol: Protocol::Tcp,
+                scope: Scope::External,
             },
             FrontendKind::NodePort,
         );
@@ -144,6 +145,7 @@ mod tests {
             port: String::new(),
             protocol: Protocol::Tcp,
             family: crate::model::IpFamily::V4,
+            scope: Scope::External,
         };
         let mut maps = FakeMaps::default();
         Reconciler::restore(Snapshot::default(), Limits::default()).reconcile(

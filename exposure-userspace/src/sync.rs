@@ -320,7 +320,7 @@ fn frontend_key(f: &FrontendAddr) -> FrontendKey {
         addr: Addr::from(f.ip),
         port: common::port(f.port),
         proto: f.protocol.number(),
-        _pad: 0,
+        scope: f.scope.number(),
     }
 }
 
@@ -329,7 +329,11 @@ pub fn frontend_display(key: &FrontendKey) -> String {
     let proto = crate::model::Protocol::from_number(key.proto)
         .map_or_else(|| key.proto.to_string(), |p| p.to_string());
     let at = std::net::SocketAddr::new(IpAddr::from(key.addr), common::port_host(key.port));
-    format!("{at}/{proto}")
+    let scope = match crate::model::Scope::from_number(key.scope) {
+        crate::model::Scope::External => "",
+        crate::model::Scope::NodeSockets => " (node sockets)",
+    };
+    format!("{at}/{proto}{scope}")
 }
 
 fn frontend_flags(kind: FrontendKind) -> u16 {
@@ -427,12 +431,15 @@ impl Reconciler {
         }
     }
 
-    /// (frontend id, frontend, service port) for every programmed frontend, for metrics labels.
+    /// (frontend id, frontend, service port) for every programmed frontend that packets reach, for
+    /// metrics labels.
     pub fn frontend_labels(&self) -> Vec<(u32, String, String)> {
         let names: HashMap<u32, &ServicePortName> =
             self.service_ids.iter().map(|(n, id)| (*id, n)).collect();
+        // Twins for the node's own sockets see no packets: no series of their own.
         self.frontends
             .iter()
+            .filter(|(k, _)| k.scope == common::SCOPE_EXTERNAL)
             .map(|(k, fe)| {
                 let frontend = frontend_display(k);
                 let service = names
@@ -1112,6 +1119,7 @@ impl DatapathMaps for FakeMaps {
 mod tests {
     use super::*;
     use crate::model::Protocol;
+    use crate::model::Scope;
 
     fn name(n: &str) -> ServicePortName {
         ServicePortName {
@@ -1120,6 +1128,7 @@ mod tests {
             port: String::new(),
             protocol: Protocol::Tcp,
             family: crate::model::IpFamily::V4,
+            scope: Scope::External,
         }
     }
 
@@ -1131,6 +1140,7 @@ mod tests {
                     ip: IpAddr::from([198, 18, 0, node]),
                     port: node_port,
                     protocol: Protocol::Tcp,
+                    scope: Scope::External,
                 },
                 FrontendKind::NodePort,
             );
@@ -1182,7 +1192,56 @@ mod tests {
             ip: IpAddr::from([198, 18, 0, node]),
             port,
             protocol: Protocol::Tcp,
+            scope: Scope::External,
         }
+    }
+
+    #[test]
+    fn a_twin_for_the_nodes_own_sockets_has_its_own_keys_table_and_no_metrics_series() {
+        let (mut maps, mut r) = checked_from_scratch();
+        let external = service(30601, &[(2, true)]);
+        let mut twin = service(30601, &[(2, true), (3, false)]);
+        twin.frontends = twin
+            .frontends
+            .into_iter()
+            .map(|(f, kind)| {
+                let f = FrontendAddr {
+                    scope: Scope::NodeSockets,
+                    ..f
+                };
+                (f, kind)
+            })
+            .collect();
+        let mut desired = state(&[("local", external)]);
+        let twin_name = ServicePortName {
+            scope: Scope::NodeSockets,
+            ..name("local")
+        };
+        desired.services.insert(twin_name, Arc::new(twin));
+        let report = r.reconcile(&desired, &mut maps);
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert_eq!(
+            live_backends(&maps, &fe(10, 30601)),
+            [IpAddr::from([198, 19, 1, 2])]
+        );
+        let node_sockets = FrontendAddr {
+            scope: Scope::NodeSockets,
+            ..fe(10, 30601)
+        };
+        assert_eq!(
+            live_backends(&maps, &node_sockets),
+            [IpAddr::from([198, 19, 1, 2]), IpAddr::from([198, 19, 1, 3])]
+        );
+        assert_eq!(
+            frontend_key(&node_sockets).scope,
+            common::SCOPE_NODE_SOCKETS
+        );
+        let labels: Vec<String> = r.frontend_labels().into_iter().map(|l| l.1).collect();
+        assert_eq!(labels, ["198.18.0.10:30601/TCP", "198.18.0.11:30601/TCP"]);
+        assert_eq!(
+            frontend_display(&frontend_key(&node_sockets)),
+            "198.18.0.10:30601/TCP (node sockets)"
+        );
     }
 
     #[test]
@@ -1336,6 +1395,7 @@ mod tests {
                 ip: IpAddr::from([198, 18, 0, 10]),
                 port: 443,
                 protocol: Protocol::Tcp,
+                scope: Scope::External,
             },
             FrontendKind::LoadBalancer,
         );

@@ -238,6 +238,9 @@ fn load_balancer_ip_on_tcp_and_udp() {
     assert_eq!(c.udp_spread(c.node(1, 30700), 40), both);
 }
 
+/// `externalTrafficPolicy: Local`: outside clients reach the node's own pods and keep their
+/// address; the node's own connections reach every pod (kube-proxy's rules for traffic from the
+/// node itself, Cilium's internal scope).
 #[test]
 fn external_traffic_policy_local_keeps_the_client_ip() {
     let eps = all_pods(&[1, 1]);
@@ -265,6 +268,20 @@ fn external_traffic_policy_local_keeps_the_client_ip() {
             seen,
             BTreeSet::from([CLIENT]),
             "the pod sees the real client address"
+        );
+        // The node's own connections reach every pod, as kube-proxy sends them.
+        let from_node: BTreeSet<String> = (0..20)
+            .map(|_| {
+                let answer = apps::tcp_ask(&c.lab.nodes[n].ns, c.node(n, 30601))
+                    .expect("the node to its NodePort");
+                parse_answer(&answer).expect("answer format").0.to_string()
+            })
+            .collect();
+        assert_eq!(
+            from_node,
+            pods_named(&["pod-1-1", "pod-2-1"]),
+            "node-{}'s own connections",
+            n + 1
         );
     }
 }

@@ -188,6 +188,7 @@ fn name(n: &str) -> ServicePortName {
         port: String::new(),
         protocol: Protocol::Tcp,
         family: exposure::model::IpFamily::V4,
+        scope: exposure::model::Scope::External,
     }
 }
 
@@ -201,6 +202,7 @@ fn hello(backends: &[(Ipv4Addr, bool)]) -> DesiredState {
                 ip: NODE.into(),
                 port: NODE_PORT,
                 protocol,
+                scope: exposure::model::Scope::External,
             },
             FrontendKind::NodePort,
         );
@@ -209,6 +211,7 @@ fn hello(backends: &[(Ipv4Addr, bool)]) -> DesiredState {
                 ip: LB.into(),
                 port: 60000,
                 protocol,
+                scope: exposure::model::Scope::External,
             },
             FrontendKind::LoadBalancer,
         );
@@ -1063,6 +1066,7 @@ fn udp_flows_leave_an_endpoint_that_only_another_service_keeps() {
                     ip: front.0.into(),
                     port: front.1,
                     protocol: Protocol::Udp,
+                    scope: exposure::model::Scope::External,
                 };
                 s.frontends.insert(addr, FrontendKind::NodePort);
                 s.backends = backends
@@ -1590,6 +1594,7 @@ fn a_node_connection_from_any_frontends_address_and_port_gets_its_own_replies() 
                     ip: ip.into(),
                     port,
                     protocol: name.protocol,
+                    scope: exposure::model::Scope::External,
                 };
                 let s = std::sync::Arc::make_mut(s);
                 if more {
@@ -2101,6 +2106,7 @@ fn independent_nodes_pick_the_same_backend_for_a_flow() {
                         ip: NODE.into(),
                         port: 31999,
                         protocol: Protocol::Tcp,
+                        scope: exposure::model::Scope::External,
                     },
                     FrontendKind::NodePort,
                 )]
@@ -2258,6 +2264,7 @@ fn hello6(backends: &[(Ipv6Addr, bool)]) -> DesiredState {
                 ip: ip.into(),
                 port,
                 protocol,
+                scope: exposure::model::Scope::External,
             };
             s.frontends.insert(addr, kind);
         }
