@@ -14,8 +14,8 @@ use aya::{
     maps::{Array, HashMap, Map, MapData, MapInfo, PerCpuArray},
     programs::{
         links::{FdLink, LinkError, PinnedLink},
-        tc, CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, TcAttachType, Xdp,
-        XdpMode,
+        tc, CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError, SchedClassifier,
+        TcAttachType, Xdp, XdpMode,
     },
     sys::SyscallError,
     Ebpf, EbpfLoader,
@@ -45,6 +45,9 @@ pub const NODE_SOCKET_PROGRAMS: [&str; 8] = [
     "exposure_recvmsg6",
     "exposure_getpeername6",
 ];
+/// Forgets a closing socket's frontend/backend pair (`links/sock-sock_release`). Needs Linux 5.18
+/// (a 2-byte `bpf_sock.dst_port`); without it the pairs only age out of their LRU.
+pub const SOCKET_RELEASE_PROGRAM: &str = "exposure_sock_release";
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// Where the agent mounts cgroup2 when the node has it nowhere (as Cilium does, under /run).
 pub const CGROUP2_FALLBACK: &str = "/run/exposure/cgroupv2";
@@ -474,13 +477,34 @@ impl Datapath {
             link.pin(&pin)
                 .with_context(|| format!("pinning {}", pin.display()))?;
         }
+        if let Err(e) = self.attach_socket_release(&dir) {
+            tracing::warn!("{e:#}: pairs of closed sockets only age out of SOCKET_PEERS");
+        }
         tracing::info!(cgroup = %cgroup.display(), "node socket hooks attached");
+        Ok(())
+    }
+
+    fn attach_socket_release(&mut self, cgroup: &std::fs::File) -> anyhow::Result<()> {
+        let name = SOCKET_RELEASE_PROGRAM;
+        let hook: &mut CgroupSock = program(&mut self.ebpf, name)?.try_into()?;
+        load_program(|| hook.load()).with_context(|| format!("verifying {name}"))?;
+        let id = hook
+            .attach(cgroup, CgroupAttachMode::Single)
+            .with_context(|| format!("attaching {name}"))?;
+        let link: FdLink = hook
+            .take_link(id)?
+            .try_into()
+            .with_context(|| format!("{name}: not a bpf_link"))?;
+        let pin = node_socket_pin(&self.pin_dir, name);
+        let _ = std::fs::remove_file(&pin);
+        link.pin(&pin)
+            .with_context(|| format!("pinning {}", pin.display()))?;
         Ok(())
     }
 
     /// Detaches an earlier run's node socket hooks (`--translate-node-sockets false`).
     pub fn detach_node_sockets(&self) {
-        for name in NODE_SOCKET_PROGRAMS {
+        for name in NODE_SOCKET_PROGRAMS.iter().chain([&SOCKET_RELEASE_PROGRAM]) {
             let _ = std::fs::remove_file(node_socket_pin(&self.pin_dir, name));
         }
     }

@@ -1530,6 +1530,18 @@ fn hello_dual_stack(pods: &[usize]) -> String {
     out
 }
 
+/// Frontend/backend pairs node-1's socket hooks remember (`SOCKET_PEERS`).
+fn socket_peers(c: &Cluster) -> usize {
+    use exposure_common::{SocketPeer, SocketPeerKey};
+    let pin = c.agents[0].pin_dir.join("SOCKET_PEERS");
+    let data = aya::maps::MapData::from_pin(&pin).expect("SOCKET_PEERS pinned");
+    let map = aya::maps::HashMap::<_, SocketPeerKey, SocketPeer>::try_from(
+        aya::maps::Map::LruHashMap(data),
+    )
+    .expect("SOCKET_PEERS");
+    map.keys().filter_map(Result::ok).count()
+}
+
 /// The node's own sockets to its frontends never cross XDP (a connection to the node's own
 /// address goes through loopback): the cgroup hooks send them to the Service's pods, local and
 /// remote, over TCP and UDP (connected or not), IPv4 and IPv6 (and IPv4 from IPv6 sockets),
@@ -1589,6 +1601,13 @@ fn the_nodes_own_sockets_reach_the_pods_through_its_frontends() {
         assert_eq!(unconnected, everyone, "unconnected UDP to {fe}");
     }
     assert!(agent_counter(&c, "node_sockets_translated") >= 5.0 * 24.0 * 3.0);
+    // Closed sockets took their pairs along, but for unconnected UDP's (which name no peer).
+    assert_eq!(
+        socket_peers(&c),
+        frontends.len() * 24,
+        "{}",
+        c.agents[0].log_text()
+    );
     // A Service without endpoints is refused, as kube-proxy's REJECT does.
     let refused = apps::tcp_ask(node, c.node(0, 30800)).expect_err("no endpoints");
     let kind = refused.downcast_ref::<std::io::Error>().map(|e| e.kind());
@@ -1616,7 +1635,7 @@ fn the_nodes_own_sockets_reach_the_pods_through_its_frontends() {
         .filter_map(|e| e.ok())
         .filter(|e| e.file_name().to_string_lossy().starts_with("sock-"))
         .count();
-    assert_eq!(hooks, 8, "one link per hook, the earlier run's replaced");
+    assert_eq!(hooks, 9, "one link per hook, the earlier run's replaced");
 
     // Turned off, the hooks are gone: the node's own connection meets the node's closed port.
     c.agent_flags = vec!["--translate-node-sockets".into(), "false".into()];
