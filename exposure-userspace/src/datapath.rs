@@ -467,15 +467,11 @@ impl Datapath {
             let id = hook
                 .attach(&dir, CgroupAttachMode::Single)
                 .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
-            let link: FdLink = hook
+            let link = hook
                 .take_link(id)?
                 .try_into()
                 .with_context(|| format!("{name}: not a bpf_link"))?;
-            let pin = node_socket_pin(&self.pin_dir, name);
-            // An earlier run's link, detached once its pin is gone.
-            let _ = std::fs::remove_file(&pin);
-            link.pin(&pin)
-                .with_context(|| format!("pinning {}", pin.display()))?;
+            self.pin_node_socket_link(name, link)?;
         }
         if let Err(e) = self.attach_socket_release(&dir) {
             tracing::warn!("{e:#}: pairs of closed sockets only age out of SOCKET_PEERS");
@@ -491,10 +487,16 @@ impl Datapath {
         let id = hook
             .attach(cgroup, CgroupAttachMode::Single)
             .with_context(|| format!("attaching {name}"))?;
-        let link: FdLink = hook
+        let link = hook
             .take_link(id)?
             .try_into()
             .with_context(|| format!("{name}: not a bpf_link"))?;
+        self.pin_node_socket_link(name, link)
+    }
+
+    /// Pins a node socket hook's link in place of an earlier run's, which is detached once its
+    /// pin is gone.
+    fn pin_node_socket_link(&self, name: &str, link: FdLink) -> anyhow::Result<()> {
         let pin = node_socket_pin(&self.pin_dir, name);
         let _ = std::fs::remove_file(&pin);
         link.pin(&pin)
