@@ -43,6 +43,20 @@ impl Addr {
         self.0[0] ^ self.0[1] ^ self.0[2] ^ self.0[3]
     }
 
+    /// A socket's client for ClientIP affinity at the socket hooks, which run before the socket
+    /// has a source address: its network namespace (as Cilium's socket LB does), so the node is
+    /// one client and each pod another. An address in 100::/64, the discard-only prefix (RFC
+    /// 6666), is never a packet's source.
+    #[inline(always)]
+    pub const fn of_netns(cookie: u64) -> Self {
+        Addr([
+            u32::from_ne_bytes([1, 0, 0, 0]),
+            0,
+            (cookie >> 32) as u32,
+            cookie as u32,
+        ])
+    }
+
     pub fn from_octets(o: [u8; 16]) -> Self {
         let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
         Addr([w(0), w(4), w(8), w(12)])
@@ -107,6 +121,20 @@ mod tests {
     use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
     use super::*;
+
+    #[test]
+    fn a_network_namespace_is_a_client_in_the_discard_prefix() {
+        let a = Addr::of_netns(0x0123_4567_89ab_cdef);
+        let ip = Ipv6Addr::from(a.octets());
+        assert_eq!(ip.segments()[..4], [0x100, 0, 0, 0], "{ip}");
+        assert!(!a.is_v4() && !a.is_unspecified());
+        assert_ne!(a, Addr::of_netns(0x0123_4567_89ab_cdee));
+        assert_ne!(
+            a,
+            Addr::of_netns(0x0123_4566_89ab_cdef),
+            "both halves count"
+        );
+    }
 
     #[test]
     fn ipv4_is_mapped_and_round_trips() {

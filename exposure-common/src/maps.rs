@@ -78,6 +78,8 @@ pub mod names {
     pub const POD_IFACES: &str = "POD_IFACES";
     pub const FRONTEND_PORTS: &str = "FRONTEND_PORTS";
     pub const SOCKET_PEERS: &str = "SOCKET_PEERS";
+    /// Not pinned: filled at each start from `--socket-namespaces`.
+    pub const SOCKET_NETNS: &str = "SOCKET_NETNS";
     pub const ALL: [&str; 18] = [
         FRONTENDS4,
         FRONTENDS6,
@@ -509,6 +511,8 @@ pub struct SocketPeer {
 
 /// Sockets' frontend/backend pairs remembered for [`SocketPeer`] (least recently used go first).
 pub const MAX_SOCKET_PEERS: u32 = 65_536;
+/// Network namespaces `--socket-namespaces` may list (`SOCKET_NETNS`).
+pub const MAX_SOCKET_NETNS: u32 = 256;
 
 /// Per-CPU counters in `STATS`, by index.
 #[repr(u32)]

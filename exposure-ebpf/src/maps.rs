@@ -69,6 +69,11 @@ pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentPorts> =
 pub static SOCKET_PEERS: LruHashMap<SocketPeerKey, SocketPeer> =
     LruHashMap::pinned(MAX_SOCKET_PEERS, 0);
 
+/// The network namespaces (by cookie) whose sockets the cgroup hooks translate besides the
+/// node's, when not all are (`ALL_NETNS`). Not pinned: each start fills its own.
+#[map]
+pub static SOCKET_NETNS: HashMap<u64, u8> = HashMap::with_max_entries(MAX_SOCKET_NETNS, 0);
+
 /// The frontend of a scope (`SCOPE_*`) on `addr:port`, if any (either family).
 #[inline(always)]
 pub fn lookup_frontend(addr: &Addr, port: u16, proto: u8, scope: u8) -> Option<&'static Frontend> {

@@ -1,9 +1,9 @@
-//! The node's own sockets to its frontends. Their packets never cross XDP on `--iface` (a
-//! connection to one of the node's addresses goes through loopback), so, as Cilium's socket LB
-//! does in the host namespace, cgroup hooks send them to a backend before any packet exists:
-//! connect (TCP, connected UDP) and sendmsg (unconnected UDP) rewrite the destination; recvmsg and
-//! getpeername show the frontend again, so the application sees the address it asked for; the
-//! socket's release forgets it.
+//! Sockets of the node and of its pods to the node's frontends. Their packets never cross XDP on
+//! `--iface` (a connection to one of the node's addresses goes through loopback, a pod's arrives
+//! on its veth), so, as Cilium's socket LB does, cgroup hooks send them to a backend before any
+//! packet exists: connect (TCP, connected UDP) and sendmsg (unconnected UDP) rewrite the
+//! destination; recvmsg and getpeername show the frontend again, so the application sees the
+//! address it asked for; the socket's release forgets it.
 
 use core::{
     ffi::c_void,
@@ -20,15 +20,20 @@ use aya_ebpf::{
 use exposure_common::*;
 
 use crate::{
-    maps::{count, lookup_frontend, BACKENDS, SERVICES, SOCKET_PEERS},
+    maps::{count, lookup_frontend, BACKENDS, SERVICES, SOCKET_NETNS, SOCKET_PEERS},
     select::{select_backend, sticky_backend},
 };
 
-/// Set at load time: the cookie of the node's network namespace (the agent's). The hooks sit on
-/// a cgroup (the root), so they see sockets of every namespace: those of other namespaces (pods,
-/// containers) are left alone. 0: none.
+/// Set at load time: the cookie of the node's network namespace (the agent's). 0: unknown (the
+/// kernel can't tell), and then no socket is translated.
 #[no_mangle]
 static NODE_NETNS_COOKIE: u64 = 0;
+
+/// Set at load time: 1 when the sockets of every network namespace are translated (the node's
+/// and its pods'; the hooks sit on the cgroup root, so they see them all), 0 when only the
+/// node's and those in `SOCKET_NETNS` are.
+#[no_mangle]
+static ALL_NETNS: u8 = 0;
 
 /// What a sock_addr hook returns to let the call go on.
 const PROCEED: i32 = 1;
@@ -95,7 +100,7 @@ const AF_INET6: u32 = 10;
 
 #[inline(always)]
 fn forget_peer(ctx: &SockContext) {
-    if !of_node(ctx.as_ptr()) {
+    if socket_netns(ctx.as_ptr()).is_none() {
         return;
     }
     let sk = ctx.sock;
@@ -131,20 +136,36 @@ fn forget_peer(ctx: &SockContext) {
     let _ = SOCKET_PEERS.remove(&key);
 }
 
-/// Whether the socket of a hook's context is in the node's (the agent's) network namespace.
+/// The network namespace of a hook's socket.
+#[derive(Clone, Copy)]
+struct SocketNetns {
+    cookie: u64,
+    /// The node's own (the agent's), rather than a pod's.
+    of_node: bool,
+}
+
+/// The network namespace of a hook's socket, if its sockets are translated.
 #[inline(always)]
-fn of_node(ctx: *mut c_void) -> bool {
+fn socket_netns(ctx: *mut c_void) -> Option<SocketNetns> {
     let node = unsafe { read_volatile(&NODE_NETNS_COOKIE) };
-    node != 0 && unsafe { bpf_get_netns_cookie(ctx) } == node
+    if node == 0 {
+        return None;
+    }
+    let cookie = unsafe { bpf_get_netns_cookie(ctx) };
+    let of_node = cookie == node;
+    let translated = of_node
+        || unsafe { read_volatile(&ALL_NETNS) } != 0
+        || unsafe { SOCKET_NETNS.get(&cookie) }.is_some();
+    translated.then_some(SocketNetns { cookie, of_node })
 }
 
 /// A socket addressing a frontend is sent to one of its backends (a Service without any is left
 /// alone: the node refuses it, as kube-proxy's REJECT does).
 #[inline(always)]
 fn to_backend(ctx: &SockAddrContext, v6: bool) {
-    if !of_node(ctx.as_ptr()) {
+    let Some(netns) = socket_netns(ctx.as_ptr()) else {
         return;
-    }
+    };
     let sa = ctx.sock_addr;
     let proto = unsafe { read_volatile(&(*sa).protocol) };
     if proto != PROTO_TCP as u32 && proto != PROTO_UDP as u32 {
@@ -162,14 +183,23 @@ fn to_backend(ctx: &SockAddrContext, v6: bool) {
     let Some(service) = SERVICES.get(fe.service_id).copied() else {
         return;
     };
+    // loadBalancerSourceRanges: a socket has no source address yet to check. A pod's is left to
+    // the packet path, where the ranges apply; the node's own passes (a limit in the README).
+    if !netns.of_node
+        && fe.flags & FRONTEND_LOADBALANCER != 0
+        && service.flags & SERVICE_SOURCE_RANGES != 0
+    {
+        return;
+    }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // A connection has no source port yet: the socket is the flow, so each socket gets its own
     // pick and keeps it (unconnected UDP comes through here per datagram).
     let hash = hash::mix(cookie as u32 ^ hash::mix((cookie >> 32) as u32));
     let selected = if service.affinity_timeout_s != 0 {
-        // ClientIP affinity: the node is one client (its sockets have no source address yet).
+        // ClientIP affinity: a namespace is one client (its sockets have no source address yet).
         let now = unsafe { bpf_ktime_get_coarse_ns() };
-        sticky_backend(&Addr::default(), fe.service_id, &service, hash, now)
+        let client = Addr::of_netns(netns.cookie);
+        sticky_backend(&client, fe.service_id, &service, hash, now)
     } else {
         select_backend(&service, hash)
     };
@@ -204,7 +234,7 @@ fn to_backend(ctx: &SockAddrContext, v6: bool) {
 /// A socket sent to a backend sees the frontend it asked for as its peer.
 #[inline(always)]
 fn to_frontend(ctx: &SockAddrContext, v6: bool) {
-    if !of_node(ctx.as_ptr()) {
+    if socket_netns(ctx.as_ptr()).is_none() {
         return;
     }
     let sa = ctx.sock_addr;

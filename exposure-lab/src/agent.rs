@@ -68,6 +68,20 @@ impl Agent {
         extra: &[&str],
     ) -> anyhow::Result<Self> {
         let pin_dir = pin_dir(lab_prefix, node);
+        // One kernel plays every machine of the lab: the socket hooks must take the sockets of
+        // this node and its pods only, not the client's or other nodes' (a real node's are all
+        // its own).
+        let pods: Vec<String> = node
+            .pods
+            .iter()
+            .map(|p| p.ns.path().display().to_string())
+            .collect();
+        let socket_namespaces = if pods.is_empty() {
+            "host".to_string()
+        } else {
+            pods.join(",")
+        };
+        let own_namespaces = !extra.contains(&"--socket-namespaces");
         let log = log_dir.join(format!("agent-{}.log", node.name));
         let log_file = std::fs::OpenOptions::new()
             .create(true)
@@ -84,6 +98,12 @@ impl Agent {
             .arg("--pin-dir")
             .arg(&pin_dir)
             .args(["--healthz-bind-address", "127.0.0.1:10256"])
+            .args(
+                own_namespaces
+                    .then_some(["--socket-namespaces", socket_namespaces.as_str()])
+                    .iter()
+                    .flatten(),
+            )
             .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())

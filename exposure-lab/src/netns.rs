@@ -66,6 +66,11 @@ impl Netns {
         &self.name
     }
 
+    /// The namespace's file (where `ip netns` keeps it).
+    pub fn path(&self) -> std::path::PathBuf {
+        std::path::Path::new("/run/netns").join(&self.name)
+    }
+
     /// `ip -n NAME ARGS...` (space-separated).
     pub fn ip(&self, args: &str) -> anyhow::Result<Output> {
         let mut all = vec!["-n", self.name.as_str()];

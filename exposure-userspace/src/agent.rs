@@ -41,9 +41,16 @@ pub struct AgentConfig {
     /// Ports to keep the node's own connections off (NodePorts and SNAT ports); `None`: leave the
     /// node's reserved ports alone.
     pub reserve_local_ports: Option<PortSet>,
-    /// Hook the node's own sockets (`--translate-node-sockets`) on this cgroup2 directory;
-    /// `Some(None)`: the node's cgroup2 root, found or mounted.
-    pub node_sockets: Option<Option<PathBuf>>,
+    /// Hook the sockets of the node and its pods (`--translate-node-sockets`).
+    pub node_sockets: Option<NodeSockets>,
+}
+
+/// Where the socket hooks go and whose sockets they translate.
+pub struct NodeSockets {
+    /// The cgroup2 directory (`--cgroup-root`); `None`: the node's cgroup2 root, found or mounted.
+    pub cgroup: Option<PathBuf>,
+    /// The namespaces listed by `--socket-namespaces`, when it lists them.
+    pub netns: Vec<PathBuf>,
 }
 
 /// Housekeeping period: manifest directory checks, interface addresses, neighbour requests.
@@ -147,12 +154,12 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         dp.attach(&iface.name, cfg.xdp_mode)?;
     }
     match &cfg.node_sockets {
-        Some(cgroup) => {
-            let cgroup = match cgroup {
+        Some(sockets) => {
+            let cgroup = match &sockets.cgroup {
                 Some(dir) => dir.clone(),
                 None => datapath::cgroup2_root()?,
             };
-            dp.attach_node_sockets(&cgroup).context(
+            dp.attach_node_sockets(&cgroup, &sockets.netns).context(
                 "hooking the node's own sockets (--translate-node-sockets false runs without)",
             )?;
         }

@@ -155,6 +155,57 @@ pub fn netns_cookie() -> anyhow::Result<u64> {
     Ok(cookie)
 }
 
+/// The cookie of the network namespace whose file is `path` (e.g. `/run/netns/NAME`,
+/// `/proc/PID/ns/net`), read from a thread that enters it for the purpose.
+pub fn netns_cookie_at(path: &Path) -> anyhow::Result<u64> {
+    let file = std::fs::File::open(path)
+        .with_context(|| format!("opening the network namespace {}", path.display()))?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+                .with_context(|| format!("{} is not a network namespace", path.display()))?;
+            netns_cookie()
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("reading the cookie of {}", path.display()))?
+    })
+}
+
+/// Whose sockets the socket hooks translate (`--socket-namespaces`). The node's own always are.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum SocketNamespaces {
+    /// Every network namespace's: the node's and its pods' (Cilium's socket LB default).
+    #[default]
+    All,
+    /// The node's only (Cilium's `bpf-lb-sock-hostns-only`: service meshes whose sidecars must
+    /// see the frontend).
+    Node,
+    /// The node's and those of these namespace files: a lab whose namespaces play several
+    /// machines on one kernel.
+    Listed(Vec<PathBuf>),
+}
+
+impl std::str::FromStr for SocketNamespaces {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "all" => return Ok(SocketNamespaces::All),
+            "host" => return Ok(SocketNamespaces::Node),
+            _ => {}
+        }
+        let paths: Vec<PathBuf> = s.split(',').map(|p| PathBuf::from(p.trim())).collect();
+        if let Some(bad) = paths.iter().find(|p| !p.is_absolute()) {
+            return Err(format!(
+                "expected `all`, `host` or network namespace files by absolute path \
+                 (comma-separated), not {:?}",
+                bad.display().to_string()
+            ));
+        }
+        Ok(SocketNamespaces::Listed(paths))
+    }
+}
+
 /// Kernels >= 5.11 account BPF memory to the cgroup; older ones need RLIMIT_MEMLOCK raised.
 pub fn raise_memlock() {
     let unlimited = libc::rlimit {
@@ -228,6 +279,9 @@ pub struct Capacity {
     pub redirect_to_pods: RedirectToPods,
     /// The source ports flows to remote backends are SNATed to (`--snat-port-range`).
     pub snat_ports: PortRange,
+    /// Whether the socket hooks translate the sockets of every network namespace (pods too), or
+    /// only the node's and those given to [`Datapath::attach_node_sockets`].
+    pub sockets_of_every_netns: bool,
 }
 
 /// An inclusive range of ports.
@@ -278,6 +332,7 @@ impl Default for Capacity {
             flows: exposure_common::MAX_FLOWS,
             redirect_to_pods: RedirectToPods::Off,
             snat_ports: PortRange::SNAT_DEFAULT,
+            sockets_of_every_netns: true,
         }
     }
 }
@@ -332,6 +387,8 @@ impl Datapath {
             0
         });
         loader.override_global("NODE_NETNS_COOKIE", &netns, true);
+        let every_netns = capacity.sockets_of_every_netns as u8;
+        loader.override_global("ALL_NETNS", &every_netns, true);
         for name in names::ALL {
             if let Some(n) = capacity.of(name) {
                 loader.map_max_entries(name, n);
@@ -453,12 +510,24 @@ impl Datapath {
 
 impl Datapath {
     /// The node socket hooks on the cgroup `cgroup` (the root: every process of the node), so the
-    /// node's own connections and datagrams to its frontends reach backends too. Replaces an
-    /// earlier run's hooks (both run for a moment: the second finds a backend, not a frontend,
-    /// and leaves it).
-    pub fn attach_node_sockets(&mut self, cgroup: &Path) -> anyhow::Result<()> {
+    /// connections and datagrams of the node and its pods to its frontends reach backends too.
+    /// `netns`: the files of the network namespaces translated besides the node's when not all
+    /// are ([`Capacity::sockets_of_every_netns`]). Replaces an earlier run's hooks (both run for
+    /// a moment: the second finds a backend, not a frontend, and leaves it).
+    pub fn attach_node_sockets(&mut self, cgroup: &Path, netns: &[PathBuf]) -> anyhow::Result<()> {
         let dir = std::fs::File::open(cgroup)
             .with_context(|| format!("opening the cgroup {}", cgroup.display()))?;
+        let mut listed: aya::maps::HashMap<_, u64, u8> = self
+            .ebpf
+            .map_mut(names::SOCKET_NETNS)
+            .context("SOCKET_NETNS map")?
+            .try_into()?;
+        for path in netns {
+            let cookie = netns_cookie_at(path)?;
+            listed
+                .insert(cookie, 1, 0)
+                .with_context(|| format!("adding {} to SOCKET_NETNS", path.display()))?;
+        }
         for name in NODE_SOCKET_PROGRAMS {
             let hook: &mut CgroupSockAddr = program(&mut self.ebpf, name)?.try_into()?;
             load_program(|| hook.load()).with_context(|| format!("verifying {name}"))?;
@@ -1080,6 +1149,58 @@ pub fn check_privileges() -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn socket_namespaces_are_all_host_or_absolute_paths() {
+        use SocketNamespaces::*;
+        assert_eq!("all".parse(), Ok(All));
+        assert_eq!("host".parse(), Ok(Node));
+        assert_eq!(
+            "/run/netns/a, /proc/1/ns/net".parse(),
+            Ok(Listed(vec!["/run/netns/a".into(), "/proc/1/ns/net".into()]))
+        );
+        for bad in [
+            "",
+            "pods",
+            "/run/netns/a,",
+            "all,/run/netns/a",
+            "run/netns/a",
+        ] {
+            let err = bad.parse::<SocketNamespaces>().expect_err(bad);
+            assert!(err.contains("absolute path"), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_namespace_files_cookie_is_that_of_its_sockets() {
+        let own = netns_cookie().expect("SO_NETNS_COOKIE");
+        assert_eq!(
+            netns_cookie_at(Path::new("/proc/self/ns/net")).unwrap(),
+            own
+        );
+        // Another namespace has another cookie.
+        let other = std::thread::spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare");
+            let file = std::fs::File::open("/proc/thread-self/ns/net").unwrap();
+            (netns_cookie().unwrap(), file)
+        })
+        .join()
+        .unwrap();
+        let path = format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&other.1)
+        );
+        let cookie = netns_cookie_at(Path::new(&path)).unwrap();
+        assert_eq!(cookie, other.0);
+        assert_ne!(cookie, own);
+        let err = netns_cookie_at(Path::new("/proc/self/ns/mnt")).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("not a network namespace"),
+            "{err:#}"
+        );
+        let err = netns_cookie_at(Path::new("/nonexistent/ns")).unwrap_err();
+        assert!(format!("{err:#}").contains("/nonexistent/ns"), "{err:#}");
+    }
 
     fn load_error(errno: i32) -> ProgramError {
         ProgramError::LoadError {

@@ -127,12 +127,18 @@ enum Command {
         /// with a warning, if it would leave the node fewer than 1,024 ephemeral ports).
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
         reserve_local_ports: bool,
-        /// Send the node's own connections and datagrams to its NodePort, LoadBalancer and
-        /// externalIP frontends to backends too (they never cross XDP): cgroup connect, sendmsg,
-        /// recvmsg and getpeername hooks for the sockets of the agent's network namespace, as
-        /// Cilium's socket LB in the host namespace. Pods in their own namespaces are left alone.
+        /// Send the connections and datagrams of the node itself and of its pods to its
+        /// NodePort, LoadBalancer and externalIP frontends to backends too (they never cross
+        /// XDP): cgroup connect, sendmsg, recvmsg and getpeername hooks, as Cilium's socket LB.
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
         translate_node_sockets: bool,
+        /// Whose sockets --translate-node-sockets translates: `all` (the node's and every pod's),
+        /// `host` (the node's own network namespace only, as Cilium's bpf-lb-sock-hostns-only:
+        /// for service meshes whose sidecars must see the frontend), or network namespace files
+        /// by path, comma-separated, besides the node's (e.g. /run/netns/NAME; for labs where
+        /// namespaces on one kernel play several machines).
+        #[arg(long, default_value = "all", value_name = "all|host|PATH,...")]
+        socket_namespaces: datapath::SocketNamespaces,
         /// The cgroup2 directory the socket hooks are attached to (default: the root of the
         /// node's cgroup2 hierarchy, mounted at /run/exposure/cgroupv2 if it is nowhere).
         #[arg(long)]
@@ -199,6 +205,7 @@ fn main() -> anyhow::Result<()> {
             node_port_range,
             reserve_local_ports,
             translate_node_sockets,
+            socket_namespaces,
             cgroup_root,
         } => {
             let snat_ports =
@@ -229,11 +236,18 @@ fn main() -> anyhow::Result<()> {
                     maglev_entries: max_maglev_entries,
                     redirect_to_pods,
                     snat_ports: snat_port_range,
+                    sockets_of_every_netns: socket_namespaces == datapath::SocketNamespaces::All,
                 },
                 pod_iface_prefixes,
                 reserve_local_ports: reserve_local_ports
                     .then(|| node_port_range.union(&snat_ports)),
-                node_sockets: translate_node_sockets.then_some(cgroup_root),
+                node_sockets: translate_node_sockets.then(|| agent::NodeSockets {
+                    cgroup: cgroup_root,
+                    netns: match socket_namespaces {
+                        datapath::SocketNamespaces::Listed(paths) => paths,
+                        _ => Vec::new(),
+                    },
+                }),
                 limits: exposure::sync::Limits {
                     frontends: max_frontends,
                     services: max_services,

@@ -772,7 +772,9 @@ pub fn translate_service(
                 backends: all,
                 when_empty: WhenEmpty::Reject,
                 affinity_timeout_s,
-                source_ranges: None,
+                // Pods' sockets leave a LoadBalancer address with source ranges to the packet
+                // path, where the ranges apply; the node's own pass (see `sock.rs`).
+                source_ranges: desired.source_ranges.clone(),
             };
             let twin_key = ServicePortName {
                 scope: Scope::NodeSockets,
@@ -1241,6 +1243,20 @@ endpoints:
             "default/hello-world/TCP (node sockets)"
         );
         assert_eq!(state.services.len(), 2);
+
+        // A LoadBalancer's source ranges come along: the socket hooks leave pods' sockets to
+        // the packet path for such a Service.
+        let ranged = local.replace(
+            "type: NodePort",
+            "type: LoadBalancer\n  loadBalancerSourceRanges: [198.18.0.0/24]",
+        );
+        let (ranged, _) = desired_state(&[svc(&ranged)], &[slice(HELLO_SLICE)], &sockets);
+        let ranges = Some(vec![(IpAddr::from([198, 18, 0, 0]), 24)]);
+        assert_eq!(ranged.services[&twin_key].source_ranges, ranges);
+        assert_eq!(
+            ranged.services[&key("hello-world", "", Protocol::Tcp)].source_ranges,
+            ranges
+        );
 
         // Not for Cluster policy (the Service serves the node as it is), nor with the hooks off.
         assert_eq!(cluster.services.len(), 1);

@@ -1646,6 +1646,167 @@ fn the_nodes_own_sockets_reach_the_pods_through_its_frontends() {
     assert_eq!(kind, Some(ErrorKind::ConnectionRefused), "{off:#}");
 }
 
+/// A pod's packets to its own node's NodePort arrive on the pod's veth, not on XDP's interface
+/// (and a LoadBalancer address is not even routed back to the node it is on): the socket hooks
+/// send the pods' sockets to the Service's pods as they do the node's, as Cilium's socket LB
+/// does and kube-proxy's PREROUTING rules do for pods' packets.
+#[test]
+fn a_nodes_pods_reach_its_own_frontends() {
+    use exposure_lab::lab::lb_ip6;
+    let eps = [(exposure_lab::lab::pod_ip(0, 0), "node-1")];
+    // Only the lab's LAN may use this LoadBalancer address: a pod's socket to it is left to the
+    // packet path, where the ranges apply (here: no route, so it fails; a pod is no exception).
+    let ranged = service(
+        "ranged",
+        "LoadBalancer",
+        "  - {name: t, protocol: TCP, port: 81, targetPort: 50000, nodePort: 30082}\n",
+        "  loadBalancerSourceRanges: [198.18.0.0/28]\nstatus:\n  loadBalancer:\n    ingress: [{ip: 198.18.100.1}]\n",
+    ) + "---\n"
+        + &slice("ranged", "- {name: t, protocol: TCP, port: 50000}\n", &eps);
+    let mut c = Cluster::start(
+        &[1, 1],
+        &[
+            ("hello.yaml", hello_dual_stack(&[1, 1])),
+            ("ranged.yaml", ranged),
+        ],
+    );
+    let everyone = pods_named(&["pod-1-1", "pod-2-1"]);
+    let pod = &c.lab.nodes[0].pods[0];
+    let frontends = [
+        c.node(0, 30600),
+        SocketAddr::from((c.lab.nodes[0].ip6, 30600)),
+        SocketAddr::from((lb_ip(1), 60000)),
+        SocketAddr::from((lb_ip6(1), 60000)),
+    ];
+    for fe in frontends {
+        let own = if fe.is_ipv4() {
+            IpAddr::from(pod.ip)
+        } else {
+            IpAddr::from(pod.ip6)
+        };
+        let mut tcp = BTreeSet::new();
+        let mut connected = BTreeSet::new();
+        let mut unconnected = BTreeSet::new();
+        for _ in 0..16 {
+            let mut session = TcpSession::connect(&pod.ns, fe)
+                .unwrap_or_else(|e| panic!("TCP from pod-1-1 to {fe}: {e:#}"));
+            assert_eq!(session.peer().unwrap(), fe, "TCP peer");
+            let answer = session.ask("hello").expect("TCP answer");
+            let (name, seen) = parse_answer(&answer).expect("answer format");
+            // Not SNATed: the pods see pod-1-1 itself, as Cilium's socket LB leaves it.
+            assert_eq!(seen.ip(), own, "{answer}");
+            tcp.insert(name.to_string());
+
+            let mut udp = UdpSession::connect(&pod.ns, fe).expect("UDP socket");
+            assert_eq!(udp.peer().unwrap(), fe, "connected UDP peer");
+            let answer = udp
+                .ask("hello")
+                .unwrap_or_else(|e| panic!("connected UDP from pod-1-1 to {fe}: {e:#}"));
+            connected.insert(parse_answer(&answer).expect("answer format").0.to_string());
+
+            let (answer, from) = apps::udp_ask_unconnected(&pod.ns, fe)
+                .unwrap_or_else(|e| panic!("unconnected UDP from pod-1-1 to {fe}: {e:#}"));
+            assert_eq!(from, fe, "the answer comes from the address asked");
+            unconnected.insert(parse_answer(&answer).expect("answer format").0.to_string());
+        }
+        assert_eq!(tcp, everyone, "TCP to {fe}");
+        assert_eq!(connected, everyone, "connected UDP to {fe}");
+        assert_eq!(unconnected, everyone, "unconnected UDP to {fe}");
+    }
+
+    let translated = agent_counter(&c, "node_sockets_translated");
+    let ranged = SocketAddr::from((lb_ip(1), 81));
+    apps::tcp_ask(&pod.ns, ranged).expect_err("a pod's socket to a ranged address is not sent on");
+    assert_eq!(agent_counter(&c, "node_sockets_translated"), translated);
+    // The node's own socket to it is (source ranges do not apply to the node's sockets).
+    let answer = apps::tcp_ask(&c.lab.nodes[0].ns, ranged).expect("from the node");
+    assert_eq!(parse_answer(&answer).expect("answer format").0, "pod-1-1");
+
+    // `--socket-namespaces host`: the node's own sockets only; pod-1-1 meets the node's
+    // closed port again.
+    c.agent_flags = vec!["--socket-namespaces".into(), "host".into()];
+    c.agents[0].stop();
+    c.start_agent(0);
+    let pod = &c.lab.nodes[0].pods[0];
+    let refused = apps::tcp_ask(&pod.ns, c.node(0, 30600)).expect_err("pods left alone");
+    let kind = refused.downcast_ref::<std::io::Error>().map(|e| e.kind());
+    assert_eq!(kind, Some(ErrorKind::ConnectionRefused), "{refused:#}");
+    let answer = apps::tcp_ask(&c.lab.nodes[0].ns, c.node(0, 30600)).expect("the node's own");
+    assert!(everyone.contains(parse_answer(&answer).expect("answer format").0));
+}
+
+/// A cgroup of a test's own, removed when dropped (after the processes in it have ended).
+struct TestCgroup(PathBuf);
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// `--socket-namespaces all`, the default (a real node's namespaces are all its own), takes the
+/// sockets of every namespace. Tried on a cgroup of the test's own (`--cgroup-root`), so other
+/// labs on this kernel are not touched: a process in it, in the lab client's namespace (any
+/// namespace will do), is sent to the pods by the socket hooks; outside it, XDP serves it.
+#[test]
+fn with_every_namespace_translated_the_hooks_take_every_socket_in_their_cgroup() {
+    let root = exposure::datapath::cgroup2_root().expect("cgroup2");
+    let cgroup = TestCgroup(root.join(unique_prefix("cg")));
+    std::fs::create_dir(&cgroup.0).expect("a cgroup of the test's own");
+    let mut c = Cluster::start(&[1, 1], &[("hello.yaml", hello_dual_stack(&[1, 1]))]);
+    let cgroup_root = cgroup.0.display().to_string();
+    c.agent_flags = vec![
+        "--socket-namespaces".into(),
+        "all".into(),
+        "--cgroup-root".into(),
+        cgroup_root.clone(),
+    ];
+    c.agents[0].stop();
+    c.start_agent(0);
+    // Sent to a pod, the client's socket needs a route to the pods.
+    c.lab
+        .client
+        .ip(&format!(
+            "route add 198.19.0.0/16 via {}",
+            c.lab.nodes[0].ip
+        ))
+        .unwrap();
+    let fe = c.node(0, 30600);
+    let ask = format!(
+        "exec 3<>/dev/tcp/{}/{} && echo hello >&3 && head -n 1 <&3",
+        fe.ip(),
+        fe.port()
+    );
+    let in_cgroup = format!(
+        "echo $$ > {cgroup_root}/cgroup.procs && exec ip netns exec {} bash -c '{ask}'",
+        c.lab.client.name()
+    );
+    let before = agent_counter(&c, "node_sockets_translated");
+    let mut seen = BTreeSet::new();
+    for _ in 0..16 {
+        let out = std::process::Command::new("bash")
+            .args(["-c", &in_cgroup])
+            .output()
+            .expect("bash");
+        let answer = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{answer} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let (name, client) = parse_answer(answer.trim()).expect("answer format");
+        // Not through node-1's XDP, which SNATs flows to node-2's pod: the client itself.
+        assert_eq!(client.ip(), CLIENT, "{answer}");
+        seen.insert(name.to_string());
+    }
+    assert_eq!(seen, pods_named(&["pod-1-1", "pod-2-1"]));
+    assert_eq!(agent_counter(&c, "node_sockets_translated") - before, 16.0);
+    // Outside the cgroup, the same client's socket is left to XDP.
+    let answer = apps::tcp_ask(&c.lab.client, fe).expect("through XDP");
+    assert!(parse_answer(&answer).is_some(), "{answer}");
+    assert_eq!(agent_counter(&c, "node_sockets_translated") - before, 16.0);
+}
+
 #[test]
 fn dual_stack_service_is_reachable_over_ipv6_and_ipv4_and_neighbour_discovery_still_works() {
     use exposure_lab::lab::{lb_ip6, CLIENT_IP6};
