@@ -32,6 +32,14 @@ impl Addr {
         self.0[3]
     }
 
+    /// An address in 127.0.0.0/8 (IPv4 loopback).
+    #[inline(always)]
+    pub fn is_v4_loopback(&self) -> bool {
+        self.is_v4()
+            && self.v4_raw() & u32::from_ne_bytes([255, 0, 0, 0])
+                == u32::from_ne_bytes([127, 0, 0, 0])
+    }
+
     #[inline(always)]
     pub fn is_unspecified(&self) -> bool {
         self.0 == [0; 4] || *self == Addr::v4(0)
@@ -121,6 +129,26 @@ mod tests {
     use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
     use super::*;
+
+    #[test]
+    fn ipv4_loopback_is_all_of_127_slash_8_and_nothing_else() {
+        for (ip, loopback) in [
+            ([127, 0, 0, 1], true),
+            ([127, 255, 3, 9], true),
+            ([128, 0, 0, 1], false),
+            ([198, 18, 0, 127], false),
+            ([1, 0, 0, 127], false),
+        ] {
+            assert_eq!(
+                Addr::from(Ipv4Addr::from(ip)).is_v4_loopback(),
+                loopback,
+                "{ip:?}"
+            );
+        }
+        assert!(!Addr::from(Ipv6Addr::LOCALHOST).is_v4_loopback());
+        let mapped = Addr::from(IpAddr::V6(Ipv4Addr::new(127, 0, 0, 1).to_ipv6_mapped()));
+        assert!(mapped.is_v4_loopback(), "as an IPv6 socket names it");
+    }
 
     #[test]
     fn a_network_namespace_is_a_client_in_the_discard_prefix() {

@@ -172,6 +172,10 @@ fn to_backend(ctx: &SockAddrContext, v6: bool) {
         return;
     }
     let frontend = user_addr(sa, v6);
+    // 127.0.0.1:<nodePort> is the node's only: a pod's loopback is the pod's own.
+    if !netns.of_node && frontend.is_v4_loopback() {
+        return;
+    }
     let port = unsafe { read_volatile(&(*sa).user_port) } as u16;
     // An `externalTrafficPolicy: Local` Service has a twin for the node's own sockets, with
     // every endpoint of the cluster.

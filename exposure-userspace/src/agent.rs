@@ -51,6 +51,8 @@ pub struct NodeSockets {
     pub cgroup: Option<PathBuf>,
     /// The namespaces listed by `--socket-namespaces`, when it lists them.
     pub netns: Vec<PathBuf>,
+    /// NodePorts on 127.0.0.1 too (`--localhost-node-ports`).
+    pub localhost_node_ports: bool,
 }
 
 /// Housekeeping period: manifest directory checks, interface addresses, neighbour requests.
@@ -274,6 +276,10 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             node_addrs,
             zone: objects.zone_of(&cfg.node_name),
             node_sockets: cfg.node_sockets.is_some(),
+            localhost_node_ports: cfg
+                .node_sockets
+                .as_ref()
+                .is_some_and(|s| s.localhost_node_ports),
         };
         let (desired, model_errors) =
             translator.desired_state(&objects.services, &objects.endpoint_slices, &node);

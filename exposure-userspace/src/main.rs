@@ -139,6 +139,11 @@ enum Command {
         /// namespaces on one kernel play several machines).
         #[arg(long, default_value = "all", value_name = "all|host|PATH,...")]
         socket_namespaces: datapath::SocketNamespaces,
+        /// With --translate-node-sockets, NodePorts are also served on 127.0.0.1 to the node's
+        /// own sockets (`curl 127.0.0.1:<nodePort>` on the node), as kube-proxy's localhost
+        /// NodePorts and Cilium's socket LB do (IPv4 only, as in both).
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        localhost_node_ports: bool,
         /// The cgroup2 directory the socket hooks are attached to (default: the root of the
         /// node's cgroup2 hierarchy, mounted at /run/exposure/cgroupv2 if it is nowhere).
         #[arg(long)]
@@ -206,6 +211,7 @@ fn main() -> anyhow::Result<()> {
             reserve_local_ports,
             translate_node_sockets,
             socket_namespaces,
+            localhost_node_ports,
             cgroup_root,
         } => {
             let snat_ports =
@@ -247,6 +253,7 @@ fn main() -> anyhow::Result<()> {
                         datapath::SocketNamespaces::Listed(paths) => paths,
                         _ => Vec::new(),
                     },
+                    localhost_node_ports,
                 }),
                 limits: exposure::sync::Limits {
                     frontends: max_frontends,

@@ -247,6 +247,9 @@ pub struct NodeContext {
     /// The node's own sockets are translated (`--translate-node-sockets`): Local Services get
     /// their [`Scope::NodeSockets`] twins.
     pub node_sockets: bool,
+    /// With `node_sockets`, NodePorts are also on 127.0.0.1 for the node's own sockets
+    /// (`--localhost-node-ports`).
+    pub localhost_node_ports: bool,
 }
 
 /// The label that names a node's zone.
@@ -671,11 +674,13 @@ pub fn translate_service(
             }
         };
         let mut frontends = Vec::new();
+        let mut node_port = None;
         if exposes_node_ports {
             match sp.node_port {
                 None => {} // e.g. allocateLoadBalancerNodePorts: false
                 Some(np) => match valid_port(&display, &port_name, "nodePort", np) {
                     Ok(np) => {
+                        node_port = Some(np);
                         frontends.extend(node.node_addrs.iter().filter(of_family).map(|ip| {
                             (
                                 FrontendAddr {
@@ -754,10 +759,21 @@ pub fn translate_service(
         for (addr, kind) in frontends {
             desired.frontends.entry(addr).or_insert(kind);
         }
+        // `127.0.0.1:<nodePort>` for the node's own sockets, as kube-proxy's localhost NodePorts
+        // and Cilium's socket LB serve it (IPv4 only, as both do).
+        let localhost = node_port
+            .filter(|_| node.node_sockets && node.localhost_node_ports && family == IpFamily::V4)
+            .map(|port| FrontendAddr {
+                ip: IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+                port,
+                protocol,
+                scope: Scope::NodeSockets,
+            });
+        let mut twin = None;
         if let Some(all) = everyone.filter(|_| node.node_sockets) {
             // The node's own sockets reach every endpoint, as kube-proxy sends traffic from the
             // node itself: a twin on the same addresses, which only the socket hooks look up.
-            let twin = DesiredService {
+            twin = Some(DesiredService {
                 frontends: desired
                     .frontends
                     .iter()
@@ -775,7 +791,14 @@ pub fn translate_service(
                 // Pods' sockets leave a LoadBalancer address with source ranges to the packet
                 // path, where the ranges apply; the node's own pass (see `sock.rs`).
                 source_ranges: desired.source_ranges.clone(),
-            };
+            });
+        }
+        if let Some(addr) = localhost {
+            // The node's sockets, so the twin's where there is one (every endpoint).
+            let owner = twin.as_mut().unwrap_or(&mut desired);
+            owner.frontends.insert(addr, FrontendKind::NodePort);
+        }
+        if let Some(twin) = twin {
             let twin_key = ServicePortName {
                 scope: Scope::NodeSockets,
                 ..key.clone()
@@ -1029,6 +1052,7 @@ mod tests {
     fn node() -> NodeContext {
         NodeContext {
             node_sockets: false,
+            localhost_node_ports: false,
             node_name: "node-a".into(),
             node_addrs: vec![
                 IpAddr::from([198, 18, 0, 10]),
@@ -1197,6 +1221,72 @@ endpoints:
             s.when_empty,
             WhenEmpty::Drop,
             "endpoints elsewhere: drop, not reject"
+        );
+    }
+
+    #[test]
+    fn localhost_node_ports_are_for_the_nodes_own_sockets_with_every_endpoint() {
+        let localhost = FrontendAddr {
+            ip: IpAddr::from([127, 0, 0, 1]),
+            port: 30600,
+            protocol: Protocol::Tcp,
+            scope: Scope::NodeSockets,
+        };
+        let sockets = NodeContext {
+            node_sockets: true,
+            localhost_node_ports: true,
+            ..node()
+        };
+        let name = key("hello-world", "", Protocol::Tcp);
+        let twin_name = ServicePortName {
+            scope: Scope::NodeSockets,
+            ..name.clone()
+        };
+        let (state, _) = desired_state(&[svc(HELLO)], &[slice(HELLO_SLICE)], &sockets);
+        let cluster = state.services[&name].clone();
+        assert_eq!(
+            cluster.frontends.get(&localhost),
+            Some(&FrontendKind::NodePort)
+        );
+        assert_eq!(cluster.frontends.len(), 3, "beside the two node addresses");
+
+        // Local policy: the twin's (every endpoint), not the Service's (this node's only).
+        let local = HELLO.replace(
+            "type: NodePort",
+            "type: NodePort\n  externalTrafficPolicy: Local",
+        );
+        let (state, _) = desired_state(&[svc(&local)], &[slice(HELLO_SLICE)], &sockets);
+        assert!(!state.services[&name].frontends.contains_key(&localhost));
+        let twin = &state.services[&twin_name];
+        assert!(twin.frontends.contains_key(&localhost));
+        assert_eq!(twin.backends, cluster.backends);
+        assert!(state.services[&name].backends.len() < cluster.backends.len());
+
+        // Off, or without the socket hooks, or without a nodePort: none.
+        for node in [
+            NodeContext {
+                localhost_node_ports: false,
+                ..sockets.clone()
+            },
+            NodeContext {
+                node_sockets: false,
+                ..sockets.clone()
+            },
+        ] {
+            let (state, _) = desired_state(&[svc(HELLO)], &[slice(HELLO_SLICE)], &node);
+            assert!(!state.services[&name].frontends.contains_key(&localhost));
+        }
+        let lb = HELLO
+            .replace(
+                "type: NodePort",
+                "type: LoadBalancer\n  externalIPs: [198.18.7.7]",
+            )
+            .replace(", nodePort: 30600", "");
+        let (state, _) = desired_state(&[svc(&lb)], &[slice(HELLO_SLICE)], &sockets);
+        let frontends = &state.services[&name].frontends;
+        assert!(
+            frontends.keys().all(|f| f.scope == Scope::External),
+            "{frontends:?}"
         );
     }
 
@@ -1732,6 +1822,7 @@ status:
     fn dual_node() -> NodeContext {
         NodeContext {
             node_sockets: false,
+            localhost_node_ports: false,
             node_name: "node-a".into(),
             node_addrs: vec![
                 "198.18.0.10".parse().unwrap(),
@@ -1777,6 +1868,28 @@ status:
                 "[2001:2:0:200::1]:80/TCP"
             ]
         );
+        // Localhost NodePorts are IPv4's only (as kube-proxy's and Cilium's).
+        let sockets = NodeContext {
+            node_sockets: true,
+            localhost_node_ports: true,
+            ..dual_node()
+        };
+        let (with_localhost, _) = desired_state(&[svc(DUAL)], &slices, &sockets);
+        let localhost = |family| -> Vec<String> {
+            with_localhost
+                .services
+                .iter()
+                .filter(|(k, _)| k.family == family)
+                .flat_map(|(_, s)| s.frontends.keys())
+                .filter(|f| f.ip.is_loopback())
+                .map(|f| f.to_string())
+                .collect()
+        };
+        assert_eq!(
+            localhost(IpFamily::V4),
+            ["127.0.0.1:30080/TCP (node sockets)"]
+        );
+        assert!(localhost(IpFamily::V6).is_empty());
         assert_eq!(v4.backends.len(), 1);
         assert!(v6.backends.iter().all(|b| b.ip.is_ipv6() && b.local));
         assert_eq!(v6.backends.len(), 2);

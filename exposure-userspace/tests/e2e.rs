@@ -1572,6 +1572,8 @@ fn the_nodes_own_sockets_reach_the_pods_through_its_frontends() {
         SocketAddr::from((lb_ip6(1), 60000)),
         // An IPv6 socket naming an IPv4 frontend.
         SocketAddr::from((c.lab.nodes[0].ip.to_ipv6_mapped(), 30600)),
+        // kube-proxy's localhost NodePort.
+        SocketAddr::from(([127, 0, 0, 1], 30600)),
     ];
     for fe in frontends {
         let mut tcp = BTreeSet::new();
@@ -1600,7 +1602,7 @@ fn the_nodes_own_sockets_reach_the_pods_through_its_frontends() {
         assert_eq!(connected, everyone, "connected UDP to {fe}");
         assert_eq!(unconnected, everyone, "unconnected UDP to {fe}");
     }
-    assert!(agent_counter(&c, "node_sockets_translated") >= 5.0 * 24.0 * 3.0);
+    assert!(agent_counter(&c, "node_sockets_translated") >= 6.0 * 24.0 * 3.0);
     // Closed sockets took their pairs along, but for unconnected UDP's (which name no peer).
     assert_eq!(
         socket_peers(&c),
@@ -1636,6 +1638,16 @@ fn the_nodes_own_sockets_reach_the_pods_through_its_frontends() {
         .filter(|e| e.file_name().to_string_lossy().starts_with("sock-"))
         .count();
     assert_eq!(hooks, 9, "one link per hook, the earlier run's replaced");
+
+    // Without localhost NodePorts, 127.0.0.1 is the node's own loopback again.
+    c.agent_flags = vec!["--localhost-node-ports".into(), "false".into()];
+    c.agents[0].stop();
+    c.start_agent(0);
+    let localhost = SocketAddr::from(([127, 0, 0, 1], 30600));
+    let off = apps::tcp_ask(&c.lab.nodes[0].ns, localhost).expect_err("no localhost NodePort");
+    let kind = off.downcast_ref::<std::io::Error>().map(|e| e.kind());
+    assert_eq!(kind, Some(ErrorKind::ConnectionRefused), "{off:#}");
+    apps::tcp_ask(&c.lab.nodes[0].ns, frontends[0]).expect("the node's address still served");
 
     // Turned off, the hooks are gone: the node's own connection meets the node's closed port.
     c.agent_flags = vec!["--translate-node-sockets".into(), "false".into()];
@@ -1713,6 +1725,12 @@ fn a_nodes_pods_reach_its_own_frontends() {
         assert_eq!(connected, everyone, "connected UDP to {fe}");
         assert_eq!(unconnected, everyone, "unconnected UDP to {fe}");
     }
+
+    // 127.0.0.1 in a pod is the pod itself: its localhost is not the node's NodePort.
+    let own = apps::tcp_ask(&pod.ns, SocketAddr::from(([127, 0, 0, 1], 30600)))
+        .expect_err("the pod's own loopback");
+    let kind = own.downcast_ref::<std::io::Error>().map(|e| e.kind());
+    assert_eq!(kind, Some(ErrorKind::ConnectionRefused), "{own:#}");
 
     let translated = agent_counter(&c, "node_sockets_translated");
     let ranged = SocketAddr::from((lb_ip(1), 81));
