@@ -49,8 +49,8 @@ pub struct AgentConfig {
 pub struct NodeSockets {
     /// The cgroup2 directory (`--cgroup-root`); `None`: the node's cgroup2 root, found or mounted.
     pub cgroup: Option<PathBuf>,
-    /// The namespaces listed by `--socket-namespaces`, when it lists them.
-    pub netns: Vec<PathBuf>,
+    /// The cookies of the namespaces `--socket-namespaces` lists, when it lists them.
+    pub netns: Vec<u64>,
     /// NodePorts on 127.0.0.1 too (`--localhost-node-ports`).
     pub localhost_node_ports: bool,
 }

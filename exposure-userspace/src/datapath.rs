@@ -511,10 +511,10 @@ impl Datapath {
 impl Datapath {
     /// The node socket hooks on the cgroup `cgroup` (the root: every process of the node), so the
     /// connections and datagrams of the node and its pods to its frontends reach backends too.
-    /// `netns`: the files of the network namespaces translated besides the node's when not all
-    /// are ([`Capacity::sockets_of_every_netns`]). Replaces an earlier run's hooks (both run for
+    /// `netns`: the cookies of the network namespaces translated besides the node's when not
+    /// all are ([`Capacity::sockets_of_every_netns`]; see [`netns_cookie_at`]). Replaces an earlier run's hooks (both run for
     /// a moment: the second finds a backend, not a frontend, and leaves it).
-    pub fn attach_node_sockets(&mut self, cgroup: &Path, netns: &[PathBuf]) -> anyhow::Result<()> {
+    pub fn attach_node_sockets(&mut self, cgroup: &Path, netns: &[u64]) -> anyhow::Result<()> {
         let dir = std::fs::File::open(cgroup)
             .with_context(|| format!("opening the cgroup {}", cgroup.display()))?;
         let mut listed: aya::maps::HashMap<_, u64, u8> = self
@@ -522,11 +522,10 @@ impl Datapath {
             .map_mut(names::SOCKET_NETNS)
             .context("SOCKET_NETNS map")?
             .try_into()?;
-        for path in netns {
-            let cookie = netns_cookie_at(path)?;
+        for &cookie in netns {
             listed
                 .insert(cookie, 1, 0)
-                .with_context(|| format!("adding {} to SOCKET_NETNS", path.display()))?;
+                .context("adding a network namespace to SOCKET_NETNS")?;
         }
         for name in NODE_SOCKET_PROGRAMS {
             let hook: &mut CgroupSockAddr = program(&mut self.ebpf, name)?.try_into()?;

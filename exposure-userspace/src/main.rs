@@ -222,6 +222,15 @@ fn main() -> anyhow::Result<()> {
                     "--snat-port-range {snat_ports} overlaps --node-port-range {node_port_range}"
                 );
             }
+            // Resolved before anything is loaded: a wrong path is reported with nothing touched.
+            let listed_netns = match &socket_namespaces {
+                datapath::SocketNamespaces::Listed(paths) => paths
+                    .iter()
+                    .map(|p| datapath::netns_cookie_at(p))
+                    .collect::<anyhow::Result<Vec<u64>>>()
+                    .context("--socket-namespaces")?,
+                _ => Vec::new(),
+            };
             let (redirect_to_pods, pod_iface_prefixes) =
                 match (pod_iface_prefixes, xdp_pod_iface_prefixes) {
                     (tc, _) if !tc.is_empty() => (datapath::RedirectToPods::AtTc, tc),
@@ -247,12 +256,9 @@ fn main() -> anyhow::Result<()> {
                 pod_iface_prefixes,
                 reserve_local_ports: reserve_local_ports
                     .then(|| node_port_range.union(&snat_ports)),
-                node_sockets: translate_node_sockets.then(|| agent::NodeSockets {
+                node_sockets: translate_node_sockets.then_some(agent::NodeSockets {
                     cgroup: cgroup_root,
-                    netns: match socket_namespaces {
-                        datapath::SocketNamespaces::Listed(paths) => paths,
-                        _ => Vec::new(),
-                    },
+                    netns: listed_netns,
                     localhost_node_ports,
                 }),
                 limits: exposure::sync::Limits {

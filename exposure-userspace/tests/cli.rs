@@ -85,6 +85,23 @@ fn both_ways_of_redirecting_to_pods_at_once_are_refused() {
 }
 
 #[test]
+fn bad_socket_namespaces_are_refused_before_touching_anything() {
+    let pin_dir = "/sys/fs/bpf/exposure-cli-test7";
+    for (value, says) in [
+        ("pods", "absolute path"),
+        ("/run/netns/a,run/netns/b", "absolute path"),
+        ("/nonexistent/netns", "/nonexistent/netns"),
+        ("/proc/self/ns/mnt", "not a network namespace"),
+    ] {
+        let mut agent = exposure(&["agent", "--iface", "lo", "--manifests", "/nonexistent"]);
+        agent.args(["--pin-dir", pin_dir, "--socket-namespaces", value]);
+        let err = fails_saying(&mut agent, "--socket-namespaces");
+        assert!(err.contains(says), "{value:?}: {err}");
+        assert_nothing_pinned(pin_dir);
+    }
+}
+
+#[test]
 fn a_bad_node_port_range_is_refused_before_touching_anything() {
     let pin_dir = "/sys/fs/bpf/exposure-cli-test5";
     for (range, says) in [
