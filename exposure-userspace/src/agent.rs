@@ -162,7 +162,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 None => datapath::cgroup2_root()?,
             };
             dp.attach_node_sockets(&cgroup, &sockets.netns).context(
-                "hooking the node's own sockets (--translate-node-sockets false runs without)",
+                "hooking the sockets of the node and its pods (--translate-node-sockets false runs without)",
             )?;
         }
         None => dp.detach_node_sockets(),

@@ -33,7 +33,7 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 pub const XDP_PROGRAM: &str = "exposure_xdp";
 pub const TC_PROGRAM: &str = "exposure_tc_egress";
 pub const TC_INGRESS_PROGRAM: &str = "exposure_tc_ingress";
-/// The cgroup hooks for the node's own sockets (`exposure-ebpf/src/sock.rs`), each pinned as
+/// The cgroup hooks for the sockets of the node and its pods (`exposure-ebpf/src/sock.rs`), each pinned as
 /// `links/sock-<hook>`.
 pub const NODE_SOCKET_PROGRAMS: [&str; 8] = [
     "exposure_connect4",
@@ -195,6 +195,13 @@ impl std::str::FromStr for SocketNamespaces {
             _ => {}
         }
         let paths: Vec<PathBuf> = s.split(',').map(|p| PathBuf::from(p.trim())).collect();
+        if paths.len() > exposure_common::MAX_SOCKET_NETNS as usize {
+            return Err(format!(
+                "at most {} network namespaces, not {}",
+                exposure_common::MAX_SOCKET_NETNS,
+                paths.len()
+            ));
+        }
         if let Some(bad) = paths.iter().find(|p| !p.is_absolute()) {
             return Err(format!(
                 "expected `all`, `host` or network namespace files by absolute path \
@@ -1168,6 +1175,12 @@ mod tests {
             let err = bad.parse::<SocketNamespaces>().expect_err(bad);
             assert!(err.contains("absolute path"), "{bad:?}: {err}");
         }
+        // SOCKET_NETNS's size.
+        let many = |n: usize| vec!["/run/netns/x"; n].join(",");
+        let max = exposure_common::MAX_SOCKET_NETNS as usize;
+        assert!(many(max).parse::<SocketNamespaces>().is_ok());
+        let err = many(max + 1).parse::<SocketNamespaces>().unwrap_err();
+        assert!(err.contains("at most 256"), "{err}");
     }
 
     #[test]

@@ -106,19 +106,21 @@ pub struct ServicePortName {
     pub protocol: Protocol,
     pub family: IpFamily,
     /// [`Scope::NodeSockets`]: the twin of an `externalTrafficPolicy: Local` port that serves the
-    /// node's own sockets.
+    /// sockets of the node and its pods.
     pub scope: Scope,
 }
 
 /// Whom a frontend (and the service port it leads to) serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub enum Scope {
-    /// Packets arriving on `--iface`, and the node's own sockets where no twin exists.
+    /// Packets arriving on `--iface`, and the sockets of the node and its pods where no twin
+    /// exists.
     #[default]
     External,
-    /// Only the node's own sockets: an `externalTrafficPolicy: Local` Service's twin, with every
-    /// ready endpoint of the cluster (kube-proxy routes traffic from the node itself to all
-    /// endpoints; Cilium keeps such a twin as its internal scope).
+    /// Only the sockets of the node and its pods (the socket hooks): an `externalTrafficPolicy:
+    /// Local` Service's twin, with every ready endpoint of the cluster (kube-proxy routes traffic
+    /// from the node and its pods to all endpoints; Cilium keeps such a twin as its internal
+    /// scope), and localhost NodePorts.
     NodeSockets,
 }
 
@@ -244,8 +246,8 @@ pub struct NodeContext {
     pub node_name: String,
     pub node_addrs: Vec<IpAddr>,
     pub zone: Option<String>,
-    /// The node's own sockets are translated (`--translate-node-sockets`): Local Services get
-    /// their [`Scope::NodeSockets`] twins.
+    /// The sockets of the node and its pods are translated (`--translate-node-sockets`): Local
+    /// Services get their [`Scope::NodeSockets`] twins.
     pub node_sockets: bool,
     /// With `node_sockets`, NodePorts are also on 127.0.0.1 for the node's own sockets
     /// (`--localhost-node-ports`).
@@ -771,8 +773,8 @@ pub fn translate_service(
             });
         let mut twin = None;
         if let Some(all) = everyone.filter(|_| node.node_sockets) {
-            // The node's own sockets reach every endpoint, as kube-proxy sends traffic from the
-            // node itself: a twin on the same addresses, which only the socket hooks look up.
+            // The sockets of the node and its pods reach every endpoint, as kube-proxy sends
+            // traffic from them: a twin on the same addresses, which only the socket hooks look up.
             twin = Some(DesiredService {
                 frontends: desired
                     .frontends

@@ -436,7 +436,7 @@ impl Reconciler {
     pub fn frontend_labels(&self) -> Vec<(u32, String, String)> {
         let names: HashMap<u32, &ServicePortName> =
             self.service_ids.iter().map(|(n, id)| (*id, n)).collect();
-        // Twins for the node's own sockets see no packets: no series of their own.
+        // Frontends of the socket hooks (twins, localhost NodePorts) see no packets: no series.
         self.frontends
             .iter()
             .filter(|(k, _)| k.scope == common::SCOPE_EXTERNAL)
