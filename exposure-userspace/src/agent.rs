@@ -21,7 +21,7 @@ use crate::{
     manifests::{self, Objects},
     metrics::{FrontendLabel, Metrics},
     model::{self, NodeContext},
-    netdev,
+    netdev, sock_diag,
     sync::{DatapathMaps as _, Limits, Reconciler, SyncError},
 };
 
@@ -49,10 +49,78 @@ pub struct AgentConfig {
 pub struct NodeSockets {
     /// The cgroup2 directory (`--cgroup-root`); `None`: the node's cgroup2 root, found or mounted.
     pub cgroup: Option<PathBuf>,
-    /// The cookies of the namespaces `--socket-namespaces` lists, when it lists them.
-    pub netns: Vec<u64>,
+    /// The namespaces `--socket-namespaces` lists (file, cookie), when it lists them.
+    pub netns: Vec<(PathBuf, u64)>,
+    /// `--socket-namespaces all`: every namespace's sockets.
+    pub every_netns: bool,
     /// NodePorts on 127.0.0.1 too (`--localhost-node-ports`).
     pub localhost_node_ports: bool,
+}
+
+/// Ends the connected UDP sockets the socket hooks sent over a (frontend, endpoint) pair that
+/// is gone (`left`), found through `SOCKET_PEERS`: their application gets an error and connects
+/// again, to an endpoint that is there (as Cilium's socket LB terminates them). Best effort: a
+/// failure is logged, and such a socket goes on as before.
+fn end_udp_sockets(
+    pin_dir: &std::path::Path,
+    left: &BTreeSet<(model::AddrPort, model::AddrPort)>,
+    sockets: &NodeSockets,
+) {
+    use exposure_common::{port_host, SocketPeer, SocketPeerKey};
+    let peers =
+        match datapath::open_pinned_lru::<SocketPeerKey, SocketPeer>(pin_dir, "SOCKET_PEERS") {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!("{e:#}: connected UDP sockets to endpoints that left are not ended");
+                return;
+            }
+        };
+    let targets: std::collections::HashSet<sock_diag::Target> = peers
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(k, p)| {
+            let frontend = (std::net::IpAddr::from(p.frontend), port_host(p.port));
+            let endpoint = (std::net::IpAddr::from(k.backend), port_host(k.port));
+            left.contains(&(frontend, endpoint))
+        })
+        .map(|(k, _)| sock_diag::Target {
+            cookie: k.cookie,
+            backend: k.backend,
+            port: k.port,
+        })
+        .collect();
+    if targets.is_empty() {
+        return;
+    }
+    let listed: Vec<PathBuf> = sockets.netns.iter().map(|(p, _)| p.clone()).collect();
+    let mut ended = 0;
+    let mut not_entered = 0;
+    for netns in sock_diag::namespaces(&listed, sockets.every_netns) {
+        match sock_diag::destroy_in(&netns, &targets) {
+            Ok(done) => ended += done.len(),
+            Err(e) => {
+                let denied = e.chain().any(|c| {
+                    c.downcast_ref::<nix::errno::Errno>() == Some(&nix::errno::Errno::EPERM)
+                });
+                if denied {
+                    not_entered += 1;
+                }
+                // A namespace gone meanwhile (its last process ended) has no sockets left.
+                tracing::debug!("{e:#}");
+            }
+        }
+    }
+    if not_entered > 0 {
+        tracing::warn!(
+            namespaces = not_entered,
+            "cannot enter pods' network namespaces (CAP_SYS_ADMIN) to end their sockets"
+        );
+    }
+    tracing::info!(
+        ended,
+        of = targets.len(),
+        "ended connected UDP sockets whose endpoint left their Service"
+    );
 }
 
 /// Housekeeping period: manifest directory checks, interface addresses, neighbour requests.
@@ -161,7 +229,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 Some(dir) => dir.clone(),
                 None => datapath::cgroup2_root()?,
             };
-            dp.attach_node_sockets(&cgroup, &sockets.netns).context(
+            let cookies: Vec<u64> = sockets.netns.iter().map(|(_, c)| *c).collect();
+            dp.attach_node_sockets(&cgroup, &cookies).context(
                 "hooking the sockets of the node and its pods (--translate-node-sockets false runs without)",
             )?;
         }
@@ -198,6 +267,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     tracing::info!(node = cfg.node_name, pin_dir = %cfg.pin_dir.display(), "agent started");
 
     let mut last_node_addrs: Option<Vec<IpAddr>> = None;
+    // What the last sync programmed: UDP endpoints that leave are found against it.
+    let mut last_desired: Option<model::DesiredState> = None;
     let mut reported: BTreeSet<String> = BTreeSet::new();
     let mut translator = model::Translator::default();
     let mut health_checks = crate::health_check::HealthCheckServers::default();
@@ -285,6 +356,13 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             translator.desired_state(&objects.services, &objects.endpoint_slices, &node);
         let translated = started.elapsed();
         let report = reconciler.reconcile(&desired, &mut maps);
+        if let (Some(sockets), Some(before)) = (&cfg.node_sockets, &last_desired) {
+            let left = model::udp_pairs_left(before, &desired);
+            if !left.is_empty() {
+                end_udp_sockets(&cfg.pin_dir, &left, sockets);
+            }
+        }
+        last_desired = Some(desired.clone());
         let now_unbound: BTreeSet<String> = health_checks
             .apply(&desired.health_checks)
             .await

@@ -644,6 +644,16 @@ pub fn unpin_all(pin_dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A pinned LRU hash map of the agent's (`SOCKET_PEERS`, say), to read.
+pub fn open_pinned_lru<K: aya::Pod, V: aya::Pod>(
+    pin_dir: &Path,
+    name: &str,
+) -> anyhow::Result<aya::maps::HashMap<MapData, K, V>> {
+    let data = open_map(pin_dir, name)?;
+    aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data))
+        .with_context(|| format!("{name} is not an LRU hash map of the expected types"))
+}
+
 fn open_map(pin_dir: &Path, name: &str) -> anyhow::Result<MapData> {
     let path = pin_dir.join(name);
     MapData::from_pin(&path).with_context(|| {

@@ -12,5 +12,6 @@ pub mod manifests;
 pub mod metrics;
 pub mod model;
 pub mod netdev;
+pub mod sock_diag;
 pub mod status;
 pub mod sync;

@@ -226,8 +226,8 @@ fn main() -> anyhow::Result<()> {
             let listed_netns = match &socket_namespaces {
                 datapath::SocketNamespaces::Listed(paths) => paths
                     .iter()
-                    .map(|p| datapath::netns_cookie_at(p))
-                    .collect::<anyhow::Result<Vec<u64>>>()
+                    .map(|p| Ok((p.clone(), datapath::netns_cookie_at(p)?)))
+                    .collect::<anyhow::Result<Vec<_>>>()
                     .context("--socket-namespaces")?,
                 _ => Vec::new(),
             };
@@ -259,6 +259,7 @@ fn main() -> anyhow::Result<()> {
                 node_sockets: translate_node_sockets.then_some(agent::NodeSockets {
                     cgroup: cgroup_root,
                     netns: listed_netns,
+                    every_netns: socket_namespaces == datapath::SocketNamespaces::All,
                     localhost_node_ports,
                 }),
                 limits: exposure::sync::Limits {

@@ -224,6 +224,40 @@ pub struct DesiredState {
     pub health_checks: BTreeMap<u16, HealthCheck>,
 }
 
+/// An address and port: a frontend's or an endpoint's.
+pub type AddrPort = (IpAddr, u16);
+
+/// The (frontend, endpoint) pairs of UDP service ports in `before` whose endpoint `after` no
+/// longer has behind that frontend: a connected UDP socket the socket hooks sent over such a pair
+/// would go on sending to an endpoint that left (see `sock_diag`).
+pub fn udp_pairs_left(
+    before: &DesiredState,
+    after: &DesiredState,
+) -> BTreeSet<(AddrPort, AddrPort)> {
+    let mut left = BTreeSet::new();
+    for (key, was) in &before.services {
+        if key.protocol != Protocol::Udp {
+            continue;
+        }
+        let now = after.services.get(key);
+        if now.is_some_and(|now| Arc::ptr_eq(now, was) || now.backends == was.backends) {
+            continue;
+        }
+        let staying: BTreeSet<AddrPort> = now
+            .map(|s| s.backends.iter().map(|b| (b.ip, b.port)).collect())
+            .unwrap_or_default();
+        for b in &was.backends {
+            if staying.contains(&(b.ip, b.port)) {
+                continue;
+            }
+            for f in was.frontends.keys() {
+                left.insert(((f.ip, f.port), (b.ip, b.port)));
+            }
+        }
+    }
+    left
+}
+
 /// A `healthCheckNodePort`'s answer: load balancers send traffic only to nodes that have local
 /// endpoints for the Service.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -1224,6 +1258,75 @@ endpoints:
             WhenEmpty::Drop,
             "endpoints elsewhere: drop, not reject"
         );
+    }
+
+    #[test]
+    fn udp_pairs_left_are_each_frontend_with_each_endpoint_gone_from_behind_it() {
+        let ip = |last: u8| IpAddr::from([198, 19, 1, last]);
+        let fe = |addr: [u8; 4], port: u16, protocol| FrontendAddr {
+            ip: IpAddr::from(addr),
+            port,
+            protocol,
+            scope: Scope::External,
+        };
+        let service = |protocol, backends: &[u8]| {
+            Arc::new(DesiredService {
+                frontends: [
+                    (
+                        fe([198, 18, 0, 10], 30600, protocol),
+                        FrontendKind::NodePort,
+                    ),
+                    (fe([127, 0, 0, 1], 30600, protocol), FrontendKind::NodePort),
+                ]
+                .into(),
+                backends: backends
+                    .iter()
+                    .map(|&b| BackendAddr {
+                        ip: ip(b),
+                        port: 50000,
+                        local: false,
+                    })
+                    .collect(),
+                ..Default::default()
+            })
+        };
+        let (udp, tcp, gone) = (
+            key("dns", "", Protocol::Udp),
+            key("web", "", Protocol::Tcp),
+            key("old", "", Protocol::Udp),
+        );
+        let unchanged = service(Protocol::Udp, &[7]);
+        let before = DesiredState {
+            services: [
+                (udp.clone(), service(Protocol::Udp, &[2, 3])),
+                (tcp.clone(), service(Protocol::Tcp, &[2, 3])),
+                (gone, service(Protocol::Udp, &[4])),
+                (key("same", "", Protocol::Udp), unchanged.clone()),
+            ]
+            .into(),
+            ..Default::default()
+        };
+        let after = DesiredState {
+            services: [
+                (udp, service(Protocol::Udp, &[3, 5])),
+                (tcp, service(Protocol::Tcp, &[3])),
+                (key("same", "", Protocol::Udp), unchanged),
+            ]
+            .into(),
+            ..Default::default()
+        };
+        let pair = |f: [u8; 4], b: u8| ((IpAddr::from(f), 30600), (ip(b), 50000));
+        assert_eq!(
+            udp_pairs_left(&before, &after),
+            BTreeSet::from([
+                pair([198, 18, 0, 10], 2),
+                pair([127, 0, 0, 1], 2),
+                // The whole Service went.
+                pair([198, 18, 0, 10], 4),
+                pair([127, 0, 0, 1], 4),
+            ])
+        );
+        assert!(udp_pairs_left(&after, &after).is_empty());
     }
 
     #[test]

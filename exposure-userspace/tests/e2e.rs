@@ -1762,6 +1762,73 @@ fn a_nodes_pods_reach_its_own_frontends() {
     assert!(everyone.contains(parse_answer(&answer).expect("answer format").0));
 }
 
+/// A connected UDP socket of the node or of its pod that the socket hooks sent to an endpoint
+/// is ended when that endpoint leaves the Service (as Cilium's socket LB does; kube-proxy deletes
+/// such a flow's conntrack entry): the application's next send fails, and a new socket reaches an
+/// endpoint that is there. Sockets to the endpoint that stays go on.
+#[test]
+fn connected_udp_sockets_to_an_endpoint_that_left_are_ended() {
+    let ports = "  - {name: udp, protocol: UDP, port: 53, targetPort: 50000, nodePort: 30053}\n";
+    let echo = |endpoints: &[(Ipv4Addr, String)]| {
+        service("dns", "NodePort", ports, "")
+            + "---\n"
+            + &slice(
+                "dns",
+                "- {name: udp, protocol: UDP, port: 50000}\n",
+                endpoints,
+            )
+    };
+    let pods = all_pods(&[1, 1]);
+    let c = Cluster::start(&[1, 1], &[("dns.yaml", echo(&pods))]);
+    let to = c.node(0, 30053);
+    // From the node and from its pod, a socket on each endpoint.
+    let mut held = Vec::new();
+    for (who, ns) in [
+        ("node-1", &c.lab.nodes[0].ns),
+        ("pod-1-1", &c.lab.nodes[0].pods[0].ns),
+    ] {
+        let mut on = std::collections::BTreeMap::new();
+        for _ in 0..64 {
+            let mut s = UdpSession::connect(ns, to).unwrap();
+            let pod = parse_answer(&s.ask("hi").unwrap()).unwrap().0.to_string();
+            on.entry(pod).or_insert(s);
+            if on.len() == 2 {
+                break;
+            }
+        }
+        assert_eq!(on.len(), 2, "{who}'s sockets reach both endpoints");
+        held.extend(on.into_iter().map(|(pod, s)| (who, pod, s)));
+    }
+
+    c.write("dns.yaml", &echo(&without(&pods, &["pod-2-1".to_string()])));
+    for (who, pod, s) in held.iter_mut().filter(|(_, pod, _)| pod == "pod-2-1") {
+        // pod-2-1 itself still answers: only the agent can end the socket.
+        c.eventually(&format!("{who}'s socket to {pod} is ended"), || {
+            s.ask("still there?").is_err()
+        });
+        let err = s.ask("again?").expect_err("ended for good");
+        let errno = err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|e| e.raw_os_error());
+        assert_eq!(errno, Some(libc::EDESTADDRREQ), "{who}: {err:#}");
+    }
+    for (who, pod, s) in held.iter_mut().filter(|(_, pod, _)| pod == "pod-1-1") {
+        let answer = s
+            .ask("still there?")
+            .unwrap_or_else(|e| panic!("{who}'s socket to {pod}: {e:#}"));
+        assert_eq!(parse_answer(&answer).unwrap().0, "pod-1-1");
+    }
+    // Connected again, the node reaches the endpoint that is there.
+    let mut again = UdpSession::connect(&c.lab.nodes[0].ns, to).unwrap();
+    assert_eq!(
+        parse_answer(&again.ask("hi").unwrap()).unwrap().0,
+        "pod-1-1"
+    );
+    assert!(c.agents[0]
+        .log_text()
+        .contains("ended connected UDP sockets whose endpoint left their Service"));
+}
+
 /// A cgroup of a test's own, removed when dropped (after the processes in it have ended).
 struct TestCgroup(PathBuf);
 
