@@ -138,21 +138,27 @@ pub fn netns_cookie() -> anyhow::Result<u64> {
         None,
     )
     .context("opening a socket to read the network namespace cookie")?;
-    let mut cookie = 0u64;
+    socket_option_u64(sock.as_raw_fd(), libc::SO_NETNS_COOKIE)
+        .context("reading SO_NETNS_COOKIE (Linux >= 5.14)")
+}
+
+/// A socket's 8-byte `SOL_SOCKET` option (`SO_COOKIE`, `SO_NETNS_COOKIE`).
+pub fn socket_option_u64(fd: std::os::fd::RawFd, option: libc::c_int) -> io::Result<u64> {
+    let mut value = 0u64;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
     let rc = unsafe {
         libc::getsockopt(
-            sock.as_raw_fd(),
+            fd,
             libc::SOL_SOCKET,
-            libc::SO_NETNS_COOKIE,
-            (&mut cookie as *mut u64).cast(),
+            option,
+            (&mut value as *mut u64).cast(),
             &mut len,
         )
     };
     if rc != 0 {
-        return Err(io::Error::last_os_error()).context("reading SO_NETNS_COOKIE (Linux >= 5.14)");
+        return Err(io::Error::last_os_error());
     }
-    Ok(cookie)
+    Ok(value)
 }
 
 /// The cookie of the network namespace whose file is `path` (e.g. `/run/netns/NAME`,

@@ -312,19 +312,7 @@ mod tests {
     }
 
     fn socket_cookie(s: &std::net::UdpSocket) -> u64 {
-        let mut cookie = 0u64;
-        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-        let rc = unsafe {
-            libc::getsockopt(
-                s.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_COOKIE,
-                (&mut cookie as *mut u64).cast(),
-                &mut len,
-            )
-        };
-        assert_eq!(rc, 0, "SO_COOKIE");
-        cookie
+        crate::datapath::socket_option_u64(s.as_raw_fd(), libc::SO_COOKIE).expect("SO_COOKIE")
     }
 
     /// Connected UDP sockets: the one targeted by its cookie and endpoint is ended (its next send

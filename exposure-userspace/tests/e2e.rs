@@ -734,18 +734,21 @@ fn held_connections_survive_endpoint_changes_and_agent_restarts() {
     );
 }
 
+/// NodePort 30053/UDP ("dns") with `endpoints` on port 50000.
+fn dns_echo(endpoints: &[(Ipv4Addr, String)]) -> String {
+    let ports = "  - {name: udp, protocol: UDP, port: 53, targetPort: 50000, nodePort: 30053}\n";
+    service("dns", "NodePort", ports, "")
+        + "---\n"
+        + &slice(
+            "dns",
+            "- {name: udp, protocol: UDP, port: 50000}\n",
+            endpoints,
+        )
+}
+
 #[test]
 fn udp_clients_move_on_when_their_endpoint_is_removed() {
-    let ports = "  - {name: udp, protocol: UDP, port: 53, targetPort: 50000, nodePort: 30053}\n";
-    let echo = |endpoints: &[(Ipv4Addr, String)]| {
-        service("dns", "NodePort", ports, "")
-            + "---\n"
-            + &slice(
-                "dns",
-                "- {name: udp, protocol: UDP, port: 50000}\n",
-                endpoints,
-            )
-    };
+    let echo = dns_echo;
     let pods = all_pods(&[2, 2]);
     let c = Cluster::start(&[2, 2], &[("dns.yaml", echo(&pods))]);
     let mut held = local_and_remote(|| {
@@ -1768,16 +1771,7 @@ fn a_nodes_pods_reach_its_own_frontends() {
 /// endpoint that is there. Sockets to the endpoint that stays go on.
 #[test]
 fn connected_udp_sockets_to_an_endpoint_that_left_are_ended() {
-    let ports = "  - {name: udp, protocol: UDP, port: 53, targetPort: 50000, nodePort: 30053}\n";
-    let echo = |endpoints: &[(Ipv4Addr, String)]| {
-        service("dns", "NodePort", ports, "")
-            + "---\n"
-            + &slice(
-                "dns",
-                "- {name: udp, protocol: UDP, port: 50000}\n",
-                endpoints,
-            )
-    };
+    let echo = dns_echo;
     let pods = all_pods(&[1, 1]);
     let c = Cluster::start(&[1, 1], &[("dns.yaml", echo(&pods))]);
     let to = c.node(0, 30053);
