@@ -162,18 +162,31 @@ pub fn socket_option_u64(fd: std::os::fd::RawFd, option: libc::c_int) -> io::Res
 }
 
 /// The cookie of the network namespace whose file is `path` (e.g. `/run/netns/NAME`,
-/// `/proc/PID/ns/net`), read from a thread that enters it for the purpose.
+/// `/proc/PID/ns/net`).
 pub fn netns_cookie_at(path: &Path) -> anyhow::Result<u64> {
+    in_netns(path, netns_cookie)
+}
+
+/// Runs `f` on a thread of its own that enters the network namespace whose file is `path`
+/// (which takes CAP_SYS_ADMIN); the caller's thread stays where it is.
+pub fn in_netns<T: Send>(
+    path: &Path,
+    f: impl FnOnce() -> anyhow::Result<T> + Send,
+) -> anyhow::Result<T> {
     let file = std::fs::File::open(path)
         .with_context(|| format!("opening the network namespace {}", path.display()))?;
     std::thread::scope(|s| {
         s.spawn(|| {
-            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
-                .with_context(|| format!("{} is not a network namespace", path.display()))?;
-            netns_cookie()
+            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).with_context(|| {
+                format!(
+                    "cannot enter {} (not a network namespace, or no CAP_SYS_ADMIN)",
+                    path.display()
+                )
+            })?;
+            f()
         })
         .join()
-        .map_err(|_| anyhow::anyhow!("reading the cookie of {}", path.display()))?
+        .map_err(|_| anyhow::anyhow!("a thread in {} panicked", path.display()))?
     })
 }
 

@@ -215,16 +215,8 @@ pub fn destroy_in(netns: &Path, targets: &HashSet<Target>) -> anyhow::Result<Vec
     if netns == Path::new(OWN) {
         return destroy_here(targets).context("ending sockets in the agent's own namespace");
     }
-    let file = std::fs::File::open(netns)
-        .with_context(|| format!("opening the network namespace {}", netns.display()))?;
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
-                .with_context(|| format!("entering {}", netns.display()))?;
-            destroy_here(targets).with_context(|| format!("ending sockets in {}", netns.display()))
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("ending sockets in {}", netns.display()))?
+    crate::datapath::in_netns(netns, || {
+        destroy_here(targets).with_context(|| format!("ending sockets in {}", netns.display()))
     })
 }
 

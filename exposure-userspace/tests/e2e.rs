@@ -297,14 +297,9 @@ fn service_without_endpoints_is_refused_at_once() {
     let c = Cluster::start(&[1, 0], &[("empty.yaml", manifest)]);
     let started = Instant::now();
     let tcp = apps::tcp_ask(&c.lab.client, c.node(0, 30800)).expect_err("must be refused");
-    let kind = tcp.downcast_ref::<std::io::Error>().map(|e| e.kind());
-    assert_eq!(kind, Some(ErrorKind::ConnectionRefused), "{tcp:#}");
+    assert_refused(&tcp);
     let udp = apps::udp_ask(&c.lab.client, c.node(0, 30800)).expect_err("must be refused");
-    let kind = udp
-        .root_cause()
-        .downcast_ref::<std::io::Error>()
-        .map(|e| e.kind());
-    assert_eq!(kind, Some(ErrorKind::ConnectionRefused), "{udp:#}");
+    assert_refused(&udp);
     // Refused, not timed out: both answers came long before the 3 s client timeout.
     assert!(
         started.elapsed() < apps::IO_TIMEOUT,
@@ -680,10 +675,7 @@ fn traffic_that_is_not_for_a_service_is_untouched() {
         .expect("ping the node");
     // A port no Service uses reaches the node's own stack, which refuses it.
     let err = apps::tcp_ask(&c.lab.client, c.node(0, 31999)).expect_err("nothing listens");
-    assert_eq!(
-        err.downcast_ref::<std::io::Error>().map(|e| e.kind()),
-        Some(ErrorKind::ConnectionRefused)
-    );
+    assert_refused(&err);
     // And the Service still works beside all that.
     assert!(apps::tcp_ask(&c.lab.client, c.node(0, 30600)).is_ok());
 }
@@ -1624,8 +1616,7 @@ fn the_nodes_own_sockets_reach_the_pods_through_its_frontends() {
     );
     // A Service without endpoints is refused, as kube-proxy's REJECT does.
     let refused = apps::tcp_ask(node, c.node(0, 30800)).expect_err("no endpoints");
-    let kind = refused.downcast_ref::<std::io::Error>().map(|e| e.kind());
-    assert_eq!(kind, Some(ErrorKind::ConnectionRefused), "{refused:#}");
+    assert_refused(&refused);
     // Other namespaces' sockets are left to XDP: the local pod sees the outside client.
     let (pods, seen) = c.tcp_spread(c.node(0, 30600), 20);
     assert_eq!(pods, everyone);
@@ -1657,8 +1648,7 @@ fn the_nodes_own_sockets_reach_the_pods_through_its_frontends() {
     c.start_agent(0);
     let localhost = SocketAddr::from(([127, 0, 0, 1], 30600));
     let off = apps::tcp_ask(&c.lab.nodes[0].ns, localhost).expect_err("no localhost NodePort");
-    let kind = off.downcast_ref::<std::io::Error>().map(|e| e.kind());
-    assert_eq!(kind, Some(ErrorKind::ConnectionRefused), "{off:#}");
+    assert_refused(&off);
     apps::tcp_ask(&c.lab.nodes[0].ns, frontends[0]).expect("the node's address still served");
 
     // Turned off, the hooks are gone: the node's own connection meets the node's closed port.
@@ -1666,8 +1656,7 @@ fn the_nodes_own_sockets_reach_the_pods_through_its_frontends() {
     c.agents[0].stop();
     c.start_agent(0);
     let off = apps::tcp_ask(&c.lab.nodes[0].ns, frontends[0]).expect_err("not translated when off");
-    let kind = off.downcast_ref::<std::io::Error>().map(|e| e.kind());
-    assert_eq!(kind, Some(ErrorKind::ConnectionRefused), "{off:#}");
+    assert_refused(&off);
 }
 
 /// A pod's packets to its own node's NodePort arrive on the pod's veth, not on XDP's interface
@@ -1741,8 +1730,7 @@ fn a_nodes_pods_reach_its_own_frontends() {
     // 127.0.0.1 in a pod is the pod itself: its localhost is not the node's NodePort.
     let own = apps::tcp_ask(&pod.ns, SocketAddr::from(([127, 0, 0, 1], 30600)))
         .expect_err("the pod's own loopback");
-    let kind = own.downcast_ref::<std::io::Error>().map(|e| e.kind());
-    assert_eq!(kind, Some(ErrorKind::ConnectionRefused), "{own:#}");
+    assert_refused(&own);
 
     let translated = agent_counter(&c, "node_sockets_translated");
     let ranged = SocketAddr::from((lb_ip(1), 81));
@@ -1759,8 +1747,7 @@ fn a_nodes_pods_reach_its_own_frontends() {
     c.start_agent(0);
     let pod = &c.lab.nodes[0].pods[0];
     let refused = apps::tcp_ask(&pod.ns, c.node(0, 30600)).expect_err("pods left alone");
-    let kind = refused.downcast_ref::<std::io::Error>().map(|e| e.kind());
-    assert_eq!(kind, Some(ErrorKind::ConnectionRefused), "{refused:#}");
+    assert_refused(&refused);
     let answer = apps::tcp_ask(&c.lab.nodes[0].ns, c.node(0, 30600)).expect("the node's own");
     assert!(everyone.contains(parse_answer(&answer).expect("answer format").0));
 }
@@ -1821,6 +1808,15 @@ fn connected_udp_sockets_to_an_endpoint_that_left_are_ended() {
     assert!(c.agents[0]
         .log_text()
         .contains("ended connected UDP sockets whose endpoint left their Service"));
+}
+
+/// The error of a connection the node refused (a closed port, or kube-proxy's REJECT).
+fn assert_refused(err: &anyhow::Error) {
+    let kind = err
+        .chain()
+        .find_map(|e| e.downcast_ref::<std::io::Error>())
+        .map(|e| e.kind());
+    assert_eq!(kind, Some(ErrorKind::ConnectionRefused), "{err:#}");
 }
 
 /// A cgroup of a test's own, removed when dropped (after the processes in it have ended).
