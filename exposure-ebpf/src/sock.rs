@@ -177,8 +177,8 @@ fn to_backend(ctx: &SockAddrContext, v6: bool) {
         return;
     }
     let port = unsafe { read_volatile(&(*sa).user_port) } as u16;
-    // An `externalTrafficPolicy: Local` Service has a twin for the node's own sockets, with
-    // every endpoint of the cluster.
+    // An `externalTrafficPolicy: Local` Service has a twin for the sockets of the node and its
+    // pods, with every endpoint of the cluster.
     let Some(fe) = lookup_frontend(&frontend, port, proto as u8, SCOPE_NODE_SOCKETS)
         .or_else(|| lookup_frontend(&frontend, port, proto as u8, SCOPE_EXTERNAL))
     else {

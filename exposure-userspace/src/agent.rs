@@ -66,15 +66,17 @@ fn end_udp_sockets(
     left: &BTreeSet<(model::AddrPort, model::AddrPort)>,
     sockets: &NodeSockets,
 ) {
-    use exposure_common::{port_host, SocketPeer, SocketPeerKey};
-    let peers =
-        match datapath::open_pinned_lru::<SocketPeerKey, SocketPeer>(pin_dir, "SOCKET_PEERS") {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!("{e:#}: connected UDP sockets to endpoints that left are not ended");
-                return;
-            }
-        };
+    use exposure_common::{names, port_host, SocketPeer, SocketPeerKey};
+    let peers = match datapath::open_pinned_lru::<SocketPeerKey, SocketPeer>(
+        pin_dir,
+        names::SOCKET_PEERS,
+    ) {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!("{e:#}: connected UDP sockets to endpoints that left are not ended");
+            return;
+        }
+    };
     let targets: std::collections::HashSet<sock_diag::Target> = peers
         .iter()
         .filter_map(Result::ok)
