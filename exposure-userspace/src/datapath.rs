@@ -33,8 +33,8 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 pub const XDP_PROGRAM: &str = "exposure_xdp";
 pub const TC_PROGRAM: &str = "exposure_tc_egress";
 pub const TC_INGRESS_PROGRAM: &str = "exposure_tc_ingress";
-/// The cgroup hooks for the sockets of the node and its pods (`exposure-ebpf/src/sock.rs`), each pinned as
-/// `links/sock-<hook>`.
+/// The cgroup hooks for the sockets of the node and its pods (`exposure-ebpf/src/sock.rs`),
+/// each pinned as `links/sock-<hook>`.
 pub const NODE_SOCKET_PROGRAMS: [&str; 8] = [
     "exposure_connect4",
     "exposure_sendmsg4",
@@ -538,8 +538,9 @@ impl Datapath {
     /// The node socket hooks on the cgroup `cgroup` (the root: every process of the node), so the
     /// connections and datagrams of the node and its pods to its frontends reach backends too.
     /// `netns`: the cookies of the network namespaces translated besides the node's when not
-    /// all are ([`Capacity::sockets_of_every_netns`]; see [`netns_cookie_at`]). Replaces an earlier run's hooks (both run for
-    /// a moment: the second finds a backend, not a frontend, and leaves it).
+    /// all are ([`Capacity::sockets_of_every_netns`]; see [`netns_cookie_at`]). Replaces an
+    /// earlier run's hooks (both run for a moment: the second finds a backend, not a frontend,
+    /// and leaves it).
     pub fn attach_node_sockets(&mut self, cgroup: &Path, netns: &[u64]) -> anyhow::Result<()> {
         let dir = std::fs::File::open(cgroup)
             .with_context(|| format!("opening the cgroup {}", cgroup.display()))?;

@@ -222,6 +222,7 @@ fn main() -> anyhow::Result<()> {
                     "--snat-port-range {snat_ports} overlaps --node-port-range {node_port_range}"
                 );
             }
+            let every_netns = socket_namespaces == datapath::SocketNamespaces::All;
             // Resolved before anything is loaded: a wrong path is reported with nothing touched.
             let listed_netns = match &socket_namespaces {
                 datapath::SocketNamespaces::Listed(paths) => paths
@@ -251,7 +252,7 @@ fn main() -> anyhow::Result<()> {
                     maglev_entries: max_maglev_entries,
                     redirect_to_pods,
                     snat_ports: snat_port_range,
-                    sockets_of_every_netns: socket_namespaces == datapath::SocketNamespaces::All,
+                    sockets_of_every_netns: every_netns,
                 },
                 pod_iface_prefixes,
                 reserve_local_ports: reserve_local_ports
@@ -259,7 +260,7 @@ fn main() -> anyhow::Result<()> {
                 node_sockets: translate_node_sockets.then_some(agent::NodeSockets {
                     cgroup: cgroup_root,
                     netns: listed_netns,
-                    every_netns: socket_namespaces == datapath::SocketNamespaces::All,
+                    every_netns,
                     localhost_node_ports,
                 }),
                 limits: exposure::sync::Limits {

@@ -1536,14 +1536,13 @@ fn hello_dual_stack(pods: &[usize]) -> String {
 
 /// Frontend/backend pairs node-1's socket hooks remember (`SOCKET_PEERS`).
 fn socket_peers(c: &Cluster) -> usize {
-    use exposure_common::{SocketPeer, SocketPeerKey};
-    let pin = c.agents[0].pin_dir.join("SOCKET_PEERS");
-    let data = aya::maps::MapData::from_pin(&pin).expect("SOCKET_PEERS pinned");
-    let map = aya::maps::HashMap::<_, SocketPeerKey, SocketPeer>::try_from(
-        aya::maps::Map::LruHashMap(data),
-    )
-    .expect("SOCKET_PEERS");
-    map.keys().filter_map(Result::ok).count()
+    use exposure_common::{names, SocketPeer, SocketPeerKey};
+    let pin_dir = &c.agents[0].pin_dir;
+    exposure::datapath::open_pinned_lru::<SocketPeerKey, SocketPeer>(pin_dir, names::SOCKET_PEERS)
+        .expect("SOCKET_PEERS pinned")
+        .keys()
+        .filter_map(Result::ok)
+        .count()
 }
 
 /// The node's own sockets to its frontends never cross XDP (a connection to the node's own
