@@ -161,6 +161,9 @@ impl From<FrontendKey4> for FrontendKey {
 pub const FRONTEND_NODEPORT: u16 = 1;
 pub const FRONTEND_LOADBALANCER: u16 = 2;
 pub const FRONTEND_EXTERNAL_IP: u16 = 4;
+/// A ClusterIP (only the socket hooks look it up): with no endpoints, the connection is refused
+/// at `connect()`, as no node holds the address to refuse it.
+pub const FRONTEND_CLUSTER_IP: u16 = 8;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -541,10 +544,12 @@ pub enum Counter {
     /// Connections (TCP, connected UDP) and datagrams the node's own sockets addressed to a
     /// frontend, sent to a backend by the cgroup hooks.
     NodeSockets,
+    /// Connections and datagrams of those sockets to a ClusterIP without endpoints, refused.
+    NodeSocketsRefused,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 19;
+    pub const COUNT: u32 = 20;
     pub const ALL: [Counter; Counter::COUNT as usize] = [
         Counter::FrontendPackets,
         Counter::NewFlows,
@@ -565,6 +570,7 @@ impl Counter {
         Counter::HostCollision,
         Counter::TooBig,
         Counter::NodeSockets,
+        Counter::NodeSocketsRefused,
     ];
 
     pub fn name(self) -> &'static str {
@@ -588,6 +594,7 @@ impl Counter {
             Counter::HostCollision => "dropped_host_collision",
             Counter::TooBig => "too_big_for_next_hop",
             Counter::NodeSockets => "node_sockets_translated",
+            Counter::NodeSocketsRefused => "node_sockets_refused",
         }
     }
 }

@@ -1,7 +1,7 @@
-//! Sockets of the node and of its pods to the node's frontends. Their packets never cross XDP on
-//! `--iface` (a connection to one of the node's addresses goes through loopback, a pod's arrives
-//! on its veth), so, as Cilium's socket LB does, cgroup hooks send them to a backend before any
-//! packet exists: connect (TCP, connected UDP) and sendmsg (unconnected UDP) rewrite the
+//! Sockets of the node and of its pods to the node's frontends and to ClusterIPs. Their packets
+//! never cross XDP on `--iface` (a connection to one of the node's addresses goes through
+//! loopback, a pod's arrives on its veth, a ClusterIP is no node's), so, as Cilium's socket LB
+//! does, cgroup hooks send them to a backend before any packet exists: connect (TCP, connected UDP) and sendmsg (unconnected UDP) rewrite the
 //! destination; recvmsg and getpeername show the frontend again, so the application sees the
 //! address it asked for; the socket's release forgets it.
 
@@ -12,7 +12,9 @@ use core::{
 
 use aya_ebpf::{
     bindings::{bpf_sock_addr, BPF_ANY},
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_coarse_ns},
+    helpers::{
+        bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_coarse_ns, bpf_set_retval,
+    },
     macros::{cgroup_sock, cgroup_sock_addr},
     programs::{SockAddrContext, SockContext},
     EbpfContext as _,
@@ -37,17 +39,19 @@ static ALL_NETNS: u8 = 0;
 
 /// What a sock_addr hook returns to let the call go on.
 const PROCEED: i32 = 1;
+/// What it returns to fail the call, with the error `bpf_set_retval` gave (else EPERM).
+const REFUSE: i32 = 0;
+const ECONNREFUSED: i32 = 111;
+const EHOSTUNREACH: i32 = 113;
 
 #[cgroup_sock_addr(connect4)]
 pub fn exposure_connect4(ctx: SockAddrContext) -> i32 {
-    to_backend(&ctx, false);
-    PROCEED
+    to_backend(&ctx, false)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn exposure_sendmsg4(ctx: SockAddrContext) -> i32 {
-    to_backend(&ctx, false);
-    PROCEED
+    to_backend(&ctx, false)
 }
 
 #[cgroup_sock_addr(recvmsg4)]
@@ -64,14 +68,12 @@ pub fn exposure_getpeername4(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(connect6)]
 pub fn exposure_connect6(ctx: SockAddrContext) -> i32 {
-    to_backend(&ctx, true);
-    PROCEED
+    to_backend(&ctx, true)
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn exposure_sendmsg6(ctx: SockAddrContext) -> i32 {
-    to_backend(&ctx, true);
-    PROCEED
+    to_backend(&ctx, true)
 }
 
 #[cgroup_sock_addr(recvmsg6)]
@@ -159,33 +161,34 @@ fn socket_netns(ctx: *mut c_void) -> Option<SocketNetns> {
     translated.then_some(SocketNetns { cookie, of_node })
 }
 
-/// A socket addressing a frontend is sent to one of its backends (a Service without any is left
-/// alone: the node refuses it, as kube-proxy's REJECT does).
+/// A socket addressing a frontend is sent to one of its backends. A Service without any is left
+/// alone (the node refuses it, as kube-proxy's REJECT does), but at a ClusterIP, which no node
+/// holds, the call itself is refused.
 #[inline(always)]
-fn to_backend(ctx: &SockAddrContext, v6: bool) {
+fn to_backend(ctx: &SockAddrContext, v6: bool) -> i32 {
     let Some(netns) = socket_netns(ctx.as_ptr()) else {
-        return;
+        return PROCEED;
     };
     let sa = ctx.sock_addr;
     let proto = unsafe { read_volatile(&(*sa).protocol) };
     if proto != PROTO_TCP as u32 && proto != PROTO_UDP as u32 {
-        return;
+        return PROCEED;
     }
     let frontend = user_addr(sa, v6);
     // 127.0.0.1:<nodePort> is the node's only: a pod's loopback is the pod's own.
     if !netns.of_node && frontend.is_v4_loopback() {
-        return;
+        return PROCEED;
     }
     let port = unsafe { read_volatile(&(*sa).user_port) } as u16;
     // An `externalTrafficPolicy: Local` Service has a twin for the sockets of the node and its
-    // pods, with every endpoint of the cluster.
+    // pods, with every endpoint of the cluster; ClusterIPs are only in that scope.
     let Some(fe) = lookup_frontend(&frontend, port, proto as u8, SCOPE_NODE_SOCKETS)
         .or_else(|| lookup_frontend(&frontend, port, proto as u8, SCOPE_EXTERNAL))
     else {
-        return;
+        return PROCEED;
     };
     let Some(service) = SERVICES.get(fe.service_id).copied() else {
-        return;
+        return PROCEED;
     };
     // loadBalancerSourceRanges: a socket has no source address yet to check. A pod's is left to
     // the packet path, where the ranges apply; the node's own passes (a limit in the README).
@@ -193,7 +196,7 @@ fn to_backend(ctx: &SockAddrContext, v6: bool) {
         && fe.flags & FRONTEND_LOADBALANCER != 0
         && service.flags & SERVICE_SOURCE_RANGES != 0
     {
-        return;
+        return PROCEED;
     }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // A connection has no source port yet: the socket is the flow, so each socket gets its own
@@ -208,10 +211,13 @@ fn to_backend(ctx: &SockAddrContext, v6: bool) {
         select_backend(&service, hash)
     };
     let Some(backend) = selected.and_then(|id| BACKENDS.get(id)) else {
-        return;
+        if fe.flags & FRONTEND_CLUSTER_IP != 0 && service.backend_count == 0 {
+            return refuse(&service);
+        }
+        return PROCEED;
     };
     if backend.addr.is_unspecified() || backend.addr.is_v4() != frontend.is_v4() {
-        return;
+        return PROCEED;
     }
     let key = SocketPeerKey {
         cookie,
@@ -229,10 +235,26 @@ fn to_backend(ctx: &SockAddrContext, v6: bool) {
     if unsafe { SOCKET_PEERS.get(&key) } != Some(&peer)
         && SOCKET_PEERS.insert(&key, &peer, BPF_ANY as u64).is_err()
     {
-        return;
+        return PROCEED;
     }
     set_user_addr(sa, v6, &backend.addr, backend.port);
     count(Counter::NodeSockets);
+    PROCEED
+}
+
+/// A ClusterIP without endpoints: the call fails with "connection refused", as kube-proxy's REJECT
+/// answers; under `internalTrafficPolicy: Local` with endpoints only elsewhere, "no route to host"
+/// (kube-proxy drops such packets, leaving the client to time out).
+#[inline(always)]
+fn refuse(service: &Service) -> i32 {
+    let error = if service.flags & SERVICE_DROP_WHEN_EMPTY != 0 {
+        EHOSTUNREACH
+    } else {
+        ECONNREFUSED
+    };
+    unsafe { bpf_set_retval(-error) };
+    count(Counter::NodeSocketsRefused);
+    REFUSE
 }
 
 /// A socket sent to a backend sees the frontend it asked for as its peer.

@@ -55,6 +55,8 @@ pub struct NodeSockets {
     pub every_netns: bool,
     /// NodePorts on 127.0.0.1 too (`--localhost-node-ports`).
     pub localhost_node_ports: bool,
+    /// ClusterIPs for the sockets too (`--cluster-ips`).
+    pub cluster_ips: bool,
 }
 
 /// Ends the connected UDP sockets the socket hooks sent over a (frontend, endpoint) pair that
@@ -353,6 +355,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 .node_sockets
                 .as_ref()
                 .is_some_and(|s| s.localhost_node_ports),
+            cluster_ips: cfg.node_sockets.as_ref().is_some_and(|s| s.cluster_ips),
         };
         let (desired, model_errors) =
             translator.desired_state(&objects.services, &objects.endpoint_slices, &node);

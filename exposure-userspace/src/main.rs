@@ -144,6 +144,12 @@ enum Command {
         /// NodePorts and Cilium's socket LB do (IPv4 only, as in both).
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
         localhost_node_ports: bool,
+        /// With --translate-node-sockets, the Services' ClusterIPs are served to the sockets of
+        /// the node and its pods (whose --socket-namespaces translates), as kube-proxy and
+        /// Cilium's socket LB serve them; false leaves ClusterIPs to something else (kube-proxy,
+        /// the CNI).
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        cluster_ips: bool,
         /// The cgroup2 directory the socket hooks are attached to (default: the root of the
         /// node's cgroup2 hierarchy, mounted at /run/exposure/cgroupv2 if it is nowhere).
         #[arg(long)]
@@ -212,6 +218,7 @@ fn main() -> anyhow::Result<()> {
             translate_node_sockets,
             socket_namespaces,
             localhost_node_ports,
+            cluster_ips,
             cgroup_root,
         } => {
             let snat_ports =
@@ -262,6 +269,7 @@ fn main() -> anyhow::Result<()> {
                     netns: listed_netns,
                     every_netns,
                     localhost_node_ports,
+                    cluster_ips,
                 }),
                 limits: exposure::sync::Limits {
                     frontends: max_frontends,

@@ -164,6 +164,8 @@ pub enum FrontendKind {
     NodePort,
     LoadBalancer,
     ExternalIp,
+    /// Only for the sockets of the node and its pods ([`Scope::NodeSockets`]).
+    ClusterIp,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -286,6 +288,9 @@ pub struct NodeContext {
     /// With `node_sockets`, NodePorts are also on 127.0.0.1 for the node's own sockets
     /// (`--localhost-node-ports`).
     pub localhost_node_ports: bool,
+    /// With `node_sockets`, the Services' ClusterIPs are frontends for the sockets of the node and
+    /// its pods (`--cluster-ips`), as kube-proxy and Cilium's socket LB serve them.
+    pub cluster_ips: bool,
 }
 
 /// The label that names a node's zone.
@@ -681,6 +686,19 @@ pub fn translate_service(
     } else {
         None
     };
+    let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+    let cluster_ips = if node.node_sockets && node.cluster_ips {
+        // `clusterIPs` (dual-stack), else the older single `clusterIP`; "" is not allocated yet.
+        let listed = spec.cluster_ips.as_deref().filter(|l| !l.is_empty());
+        let ips = listed
+            .unwrap_or(spec.cluster_ip.as_slice())
+            .iter()
+            .map(String::as_str)
+            .filter(|ip| !ip.is_empty() && *ip != "None");
+        ip_list(&display, "spec.clusterIPs", ips, errors)
+    } else {
+        Vec::new()
+    };
     let families = service_families(spec);
     let mut local_endpoints = BTreeSet::new();
     for (sp, family) in spec
@@ -755,8 +773,18 @@ pub fn translate_service(
                 FrontendKind::ExternalIp,
             )
         }));
-        if frontends.is_empty() {
-            continue; // ClusterIP only: never exposed from the NIC.
+        let cluster_frontends: Vec<FrontendAddr> = cluster_ips
+            .iter()
+            .filter(of_family)
+            .map(|ip| FrontendAddr {
+                ip: *ip,
+                port,
+                protocol,
+                scope: Scope::NodeSockets,
+            })
+            .collect();
+        if frontends.is_empty() && cluster_frontends.is_empty() {
+            continue; // Nothing exposed from the NIC and no ClusterIP for the sockets.
         }
         let endpoints = usable_endpoints(slices, &port_name, protocol, family, &node.node_name);
         // The health check counts the primary family's endpoints (a dual-stack pod has two IPs).
@@ -771,9 +799,9 @@ pub fn translate_service(
             } else {
                 WhenEmpty::Drop
             };
-            (endpoints.pick(true, node), when_empty, Some(all))
+            (endpoints.pick(true, node), when_empty, Some(all.clone()))
         } else {
-            (all, WhenEmpty::Reject, None)
+            (all.clone(), WhenEmpty::Reject, None)
         };
         let key = ServicePortName {
             namespace: namespace.clone(),
@@ -834,12 +862,42 @@ pub fn translate_service(
             let owner = twin.as_mut().unwrap_or(&mut desired);
             owner.frontends.insert(addr, FrontendKind::NodePort);
         }
-        if let Some(twin) = twin {
-            let twin_key = ServicePortName {
+        let mut own_entry = None;
+        if !cluster_frontends.is_empty() {
+            // `internalTrafficPolicy: Local`: this node's endpoints only; with endpoints only
+            // elsewhere, new connections are not sent anywhere (kube-proxy drops them).
+            let (wanted, when_empty) = if internal_local {
+                let when_empty = if all.is_empty() {
+                    WhenEmpty::Reject
+                } else {
+                    WhenEmpty::Drop
+                };
+                (endpoints.pick(true, node), when_empty)
+            } else {
+                (all, WhenEmpty::Reject)
+            };
+            // Shared with the entry that already has these endpoints (one Maglev table); an
+            // entry of their own only where none has (then there is no twin).
+            let owner = match (&mut twin, &mut desired) {
+                (Some(t), _) if t.backends == wanted => t,
+                (_, d) if d.backends == wanted => d,
+                _ => own_entry.insert(DesiredService {
+                    backends: wanted,
+                    when_empty,
+                    affinity_timeout_s,
+                    ..Default::default()
+                }),
+            };
+            for addr in cluster_frontends {
+                owner.frontends.insert(addr, FrontendKind::ClusterIp);
+            }
+        }
+        if let Some(entry) = twin.or(own_entry) {
+            let entry_key = ServicePortName {
                 scope: Scope::NodeSockets,
                 ..key.clone()
             };
-            out.ports.push((twin_key, Arc::new(twin)));
+            out.ports.push((entry_key, Arc::new(entry)));
         }
         out.ports.push((key, Arc::new(desired)));
     }
@@ -1089,6 +1147,7 @@ mod tests {
         NodeContext {
             node_sockets: false,
             localhost_node_ports: false,
+            cluster_ips: false,
             node_name: "node-a".into(),
             node_addrs: vec![
                 IpAddr::from([198, 18, 0, 10]),
@@ -1177,6 +1236,144 @@ endpoints:
         let (state, errors) = desired_state(&[svc(&cip)], &[slice(HELLO_SLICE)], &node());
         assert!(errors.is_empty());
         assert!(state.services.is_empty());
+    }
+
+    /// `--cluster-ips`: a Service's ClusterIPs are frontends for the socket hooks only, sharing
+    /// the entry (and Maglev table) that already has the endpoints they lead to.
+    #[test]
+    fn cluster_ips_are_node_sockets_frontends_with_the_endpoints_internal_traffic_policy_gives() {
+        let sockets = NodeContext {
+            node_sockets: true,
+            cluster_ips: true,
+            ..node()
+        };
+        let cip = |ip: &str| FrontendAddr {
+            ip: ip.parse().unwrap(),
+            port: 60000,
+            protocol: Protocol::Tcp,
+            scope: Scope::NodeSockets,
+        };
+        let name = key("hello-world", "", Protocol::Tcp);
+        let own_name = ServicePortName {
+            scope: Scope::NodeSockets,
+            ..name.clone()
+        };
+        let every = vec![
+            be([198, 19, 1, 2], 50000, true),
+            be([198, 19, 2, 2], 50000, false),
+            be([198, 19, 2, 4], 50000, false),
+        ];
+        let here = vec![be([198, 19, 1, 2], 50000, true)];
+        let with = |svc_type: &str, extra: &str| {
+            let yaml = HELLO.replace("type: NodePort", &format!("type: {svc_type}{extra}"));
+            desired_state(&[svc(&yaml)], &[slice(HELLO_SLICE)], &sockets)
+        };
+
+        // A ClusterIP Service: one entry, its ClusterIP only, never on the NIC.
+        let (state, errors) = with("ClusterIP", "");
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(state.services.len(), 1);
+        let entry = &state.services[&name];
+        assert_eq!(
+            entry.frontends,
+            BTreeMap::from([(cip("10.96.0.10"), FrontendKind::ClusterIp)])
+        );
+        assert_eq!(entry.backends, every);
+
+        // A NodePort Service: the ClusterIP joins the NodePorts' entry.
+        let (state, _) = with("NodePort", "");
+        assert_eq!(state.services.len(), 1);
+        let entry = &state.services[&name];
+        assert_eq!(entry.frontends.len(), 3);
+        assert_eq!(
+            entry.frontends.get(&cip("10.96.0.10")),
+            Some(&FrontendKind::ClusterIp)
+        );
+
+        // externalTrafficPolicy: Local: the twin's (every endpoint), not the local entry.
+        let (state, _) = with("NodePort", "\n  externalTrafficPolicy: Local");
+        assert!(!state.services[&name]
+            .frontends
+            .contains_key(&cip("10.96.0.10")));
+        assert_eq!(state.services[&name].backends, here);
+        let twin = &state.services[&own_name];
+        assert!(twin.frontends.contains_key(&cip("10.96.0.10")));
+        assert_eq!(twin.backends, every);
+
+        // internalTrafficPolicy: Local: this node's endpoints; the local entry where one exists,
+        // else an entry of its own.
+        let (state, _) = with(
+            "NodePort",
+            "\n  externalTrafficPolicy: Local\n  internalTrafficPolicy: Local",
+        );
+        assert!(state.services[&name]
+            .frontends
+            .contains_key(&cip("10.96.0.10")));
+        assert!(!state.services[&own_name]
+            .frontends
+            .contains_key(&cip("10.96.0.10")));
+        for svc_type in ["NodePort", "ClusterIP"] {
+            let (state, _) = with(svc_type, "\n  internalTrafficPolicy: Local");
+            let own = &state.services[&own_name];
+            assert_eq!(
+                own.frontends,
+                BTreeMap::from([(cip("10.96.0.10"), FrontendKind::ClusterIp)]),
+                "{svc_type}"
+            );
+            assert_eq!(own.backends, here, "{svc_type}");
+        }
+        // No endpoint here: nothing, while endpoints elsewhere exist (kube-proxy drops).
+        let elsewhere = NodeContext {
+            node_name: "node-c".into(),
+            ..sockets.clone()
+        };
+        let yaml = HELLO.replace(
+            "type: NodePort",
+            "type: ClusterIP\n  internalTrafficPolicy: Local",
+        );
+        let (state, _) = desired_state(&[svc(&yaml)], &[slice(HELLO_SLICE)], &elsewhere);
+        assert!(state.services[&own_name].backends.is_empty());
+        assert_eq!(state.services[&own_name].when_empty, WhenEmpty::Drop);
+
+        // Dual-stack: each family's entry has its own ClusterIP; a bad one is reported.
+        let dual = HELLO.replace(
+            "clusterIP: 10.96.0.10",
+            "clusterIP: 10.96.0.10\n  clusterIPs: [10.96.0.10, \"fd00::10\", bogus]\n  ipFamilies: [IPv4, IPv6]",
+        );
+        let (state, errors) = desired_state(&[svc(&dual)], &[slice(HELLO_SLICE)], &sockets);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].to_string().contains("bogus"), "{errors:?}");
+        assert!(state.services[&name]
+            .frontends
+            .contains_key(&cip("10.96.0.10")));
+        let v6 = ServicePortName {
+            family: IpFamily::V6,
+            ..name.clone()
+        };
+        // No IPv6 endpoints, so refused; and no IPv4 address in the IPv6 entry.
+        let v6_entry = &state.services[&v6];
+        assert_eq!(v6_entry.frontends.len(), 1);
+        assert!(v6_entry.frontends.contains_key(&cip("fd00::10")));
+        assert!(v6_entry.backends.is_empty());
+
+        // Off, or without the socket hooks: none.
+        for node in [
+            NodeContext {
+                cluster_ips: false,
+                ..sockets.clone()
+            },
+            NodeContext {
+                node_sockets: false,
+                ..sockets.clone()
+            },
+        ] {
+            let (state, _) = with_node(&node);
+            assert!(state.services.is_empty());
+        }
+        fn with_node(node: &NodeContext) -> (DesiredState, Vec<ModelError>) {
+            let yaml = HELLO.replace("type: NodePort", "type: ClusterIP");
+            desired_state(&[svc(&yaml)], &[slice(HELLO_SLICE)], node)
+        }
     }
 
     #[test]
@@ -1928,6 +2125,7 @@ status:
         NodeContext {
             node_sockets: false,
             localhost_node_ports: false,
+            cluster_ips: false,
             node_name: "node-a".into(),
             node_addrs: vec![
                 "198.18.0.10".parse().unwrap(),

@@ -3,8 +3,8 @@
 use std::{collections::BTreeMap, fmt::Write as _, net::IpAddr};
 
 use exposure_common::{
-    port_host, Counter, BACKEND_LOCAL, FRONTEND_EXTERNAL_IP, FRONTEND_LOADBALANCER,
-    SERVICE_DROP_WHEN_EMPTY,
+    port_host, Counter, BACKEND_LOCAL, FRONTEND_CLUSTER_IP, FRONTEND_EXTERNAL_IP,
+    FRONTEND_LOADBALANCER, SERVICE_DROP_WHEN_EMPTY,
 };
 
 use crate::sync::{frontend_display, Snapshot};
@@ -14,6 +14,8 @@ fn kind(flags: u16) -> &'static str {
         "LoadBalancer"
     } else if flags & FRONTEND_EXTERNAL_IP != 0 {
         "ExternalIP"
+    } else if flags & FRONTEND_CLUSTER_IP != 0 {
+        "ClusterIP"
     } else {
         "NodePort"
     }

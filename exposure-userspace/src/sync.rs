@@ -15,8 +15,8 @@ use std::{
 
 use exposure_common::{
     self as common, Addr, Backend, Frontend, FrontendKey, Service, BACKEND_LOCAL,
-    FRONTEND_EXTERNAL_IP, FRONTEND_LOADBALANCER, FRONTEND_NODEPORT, SERVICE_DROP_WHEN_EMPTY,
-    SERVICE_IN_USE, SERVICE_SOURCE_RANGES,
+    FRONTEND_CLUSTER_IP, FRONTEND_EXTERNAL_IP, FRONTEND_LOADBALANCER, FRONTEND_NODEPORT,
+    SERVICE_DROP_WHEN_EMPTY, SERVICE_IN_USE, SERVICE_SOURCE_RANGES,
 };
 
 use crate::maglev;
@@ -341,6 +341,7 @@ fn frontend_flags(kind: FrontendKind) -> u16 {
         FrontendKind::NodePort => FRONTEND_NODEPORT,
         FrontendKind::LoadBalancer => FRONTEND_LOADBALANCER,
         FrontendKind::ExternalIp => FRONTEND_EXTERNAL_IP,
+        FrontendKind::ClusterIp => FRONTEND_CLUSTER_IP,
     }
 }
 

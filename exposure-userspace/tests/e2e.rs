@@ -5,7 +5,7 @@
 use std::{
     collections::BTreeSet,
     io::ErrorKind,
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -152,9 +152,19 @@ fn pods_named(names: &[&str]) -> BTreeSet<String> {
 
 /// A Service manifest. `extra` is appended to the spec (indented two spaces).
 fn service(name: &str, svc_type: &str, ports: &str, extra: &str) -> String {
+    let cluster_ip = cluster_ip(name);
     format!(
-        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  type: {svc_type}\n  clusterIP: 198.18.50.1\n  ports:\n{ports}{extra}"
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  type: {svc_type}\n  clusterIP: {cluster_ip}\n  ports:\n{ports}{extra}"
     )
+}
+
+/// The ClusterIP [`service`] gives a Service: one of its own (by its name's hash), as the API
+/// server allocates them.
+fn cluster_ip(name: &str) -> Ipv4Addr {
+    let hash = name.bytes().fold(2_166_136_261u32, |h, b| {
+        (h ^ b as u32).wrapping_mul(16_777_619)
+    });
+    Ipv4Addr::new(198, 18, 50, 1 + (hash % 250) as u8)
 }
 
 /// An EndpointSlice for `svc` listing `endpoints` (ip, node) on target port 50000.
@@ -1404,19 +1414,18 @@ fn kube_proxy_nodeport_packets(c: &Cluster) -> u64 {
     rule_packets(c, "nat", "KUBE-NODEPORTS", "dpt:30600")
 }
 
-/// With kube-proxy kept for ClusterIPs (its iptables rules on node-1, as it lays them out), traffic
-/// from outside is served in XDP before the rules see it, the node's own connections to its
-/// NodePort by the socket hooks before its OUTPUT rules do (or by those rules, with the hooks off),
-/// and a pod's to the ClusterIP is kube-proxy's and still works.
+/// Beside kube-proxy (its iptables rules on node-1, as it lays them out), traffic from outside is
+/// served in XDP before the rules see it, the node's own connections to its NodePort and a pod's
+/// to the ClusterIP by the socket hooks before its rules do; with the hooks off, by those rules.
 #[test]
-fn alongside_kube_proxy_outside_traffic_is_served_first_and_cluster_ips_are_left_to_it() {
+fn alongside_kube_proxy_outside_traffic_and_sockets_are_served_first() {
     let pods = all_pods(&[1, 1]);
     let mut c = Cluster::start(&[1, 1], &[("hello.yaml", hello_world(&pods))]);
     let hello = exposure_lab::kube_proxy::ServicePort {
         namespace: "default".into(),
         name: "hello-world".into(),
         protocol: "tcp",
-        cluster_ip: Ipv4Addr::new(198, 18, 50, 1),
+        cluster_ip: cluster_ip("hello-world"),
         port: 60000,
         load_balancer_ip: None,
         node_port: Some(30600),
@@ -1460,6 +1469,20 @@ fn alongside_kube_proxy_outside_traffic_is_served_first_and_cluster_ips_are_left
         0,
         "the node's own connections went to the pods from connect()"
     );
+    let cluster_ip = SocketAddr::from((cluster_ip("hello-world"), 60000));
+    let from_pod = |c: &Cluster| {
+        let answer =
+            apps::tcp_ask(&c.lab.nodes[0].pods[0].ns, cluster_ip).expect("a pod to the ClusterIP");
+        assert!(everyone.contains(parse_answer(&answer).expect("answer format").0));
+    };
+    let kube_proxy_cluster_ip_packets =
+        |c: &Cluster| rule_packets(c, "nat", "KUBE-SERVICES", &cluster_ip.ip().to_string());
+    from_pod(&c);
+    assert_eq!(
+        kube_proxy_cluster_ip_packets(&c),
+        0,
+        "the pod's connection went to the pods from connect()"
+    );
     c.agent_flags = vec!["--translate-node-sockets".into(), "false".into()];
     c.agents[0].stop();
     c.start_agent(0);
@@ -1469,10 +1492,11 @@ fn alongside_kube_proxy_outside_traffic_is_served_first_and_cluster_ips_are_left
         "from the node itself, through kube-proxy's rules"
     );
     assert!(kube_proxy_nodeport_packets(&c) > 0);
-    let node = &c.lab.nodes[0];
-    let cluster_ip = SocketAddr::from((Ipv4Addr::new(198, 18, 50, 1), 60000));
-    let answer = apps::tcp_ask(&node.pods[0].ns, cluster_ip).expect("a pod to the ClusterIP");
-    assert!(everyone.contains(parse_answer(&answer).expect("answer format").0));
+    from_pod(&c);
+    assert!(
+        kube_proxy_cluster_ip_packets(&c) > 0,
+        "through kube-proxy's rules"
+    );
 }
 
 /// Large answers leave a pod as offloaded packets (GSO, checksum-partial): at tc egress the reply
@@ -1505,13 +1529,17 @@ fn bulk_answers_arrive_intact_from_local_and_remote_pods() {
     assert!(agent_counter(&c, "replies_tc") > 100.0);
 }
 
+/// hello-world's IPv6 ClusterIP in [`hello_dual_stack`].
+const HELLO_CLUSTER_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0x50, 0, 0, 0, 1);
+
 /// hello-world as a dual-stack LoadBalancer Service: cluster IPs, LoadBalancer addresses and one
 /// EndpointSlice per family, as a dual-stack cluster writes them.
 fn hello_dual_stack(pods: &[usize]) -> String {
-    let svc = "apiVersion: v1\nkind: Service\nmetadata:\n  name: hello-world\n  namespace: default\nspec:\n  type: LoadBalancer\n  ipFamilyPolicy: RequireDualStack\n  ipFamilies: [IPv6, IPv4]\n  clusterIP: 2001:2:0:50::1\n  clusterIPs: [2001:2:0:50::1, 198.18.50.1]\n  ports:\n  - {protocol: TCP, port: 60000, targetPort: 50000, nodePort: 30600}\n  - {name: dns, protocol: UDP, port: 60000, targetPort: 50000, nodePort: 30600}\nstatus:\n  loadBalancer:\n    ingress: [{ip: \"2001:2:0:100::1\"}, {ip: 198.18.100.1}]\n";
+    let (ip6, ip) = (HELLO_CLUSTER_IP6, cluster_ip("hello-world"));
+    let svc = format!("apiVersion: v1\nkind: Service\nmetadata:\n  name: hello-world\n  namespace: default\nspec:\n  type: LoadBalancer\n  ipFamilyPolicy: RequireDualStack\n  ipFamilies: [IPv6, IPv4]\n  clusterIP: {ip6}\n  clusterIPs: [\"{ip6}\", {ip}]\n  ports:\n  - {{protocol: TCP, port: 60000, targetPort: 50000, nodePort: 30600}}\n  - {{name: dns, protocol: UDP, port: 60000, targetPort: 50000, nodePort: 30600}}\nstatus:\n  loadBalancer:\n    ingress: [{{ip: \"2001:2:0:100::1\"}}, {{ip: 198.18.100.1}}]\n");
     let ports =
         "- {name: \"\", protocol: TCP, port: 50000}\n- {name: dns, protocol: UDP, port: 50000}\n";
-    let mut out = svc.to_string();
+    let mut out = svc;
     for (family, suffix) in [("IPv4", "v4"), ("IPv6", "v6")] {
         let mut eps = String::new();
         for (n, count) in pods.iter().enumerate() {
@@ -1696,34 +1724,8 @@ fn a_nodes_pods_reach_its_own_frontends() {
         } else {
             IpAddr::from(pod.ip6)
         };
-        let mut tcp = BTreeSet::new();
-        let mut connected = BTreeSet::new();
-        let mut unconnected = BTreeSet::new();
-        for _ in 0..16 {
-            let mut session = TcpSession::connect(&pod.ns, fe)
-                .unwrap_or_else(|e| panic!("TCP from pod-1-1 to {fe}: {e:#}"));
-            assert_eq!(session.peer().unwrap(), fe, "TCP peer");
-            let answer = session.ask("hello").expect("TCP answer");
-            let (name, seen) = parse_answer(&answer).expect("answer format");
-            // Not SNATed: the pods see pod-1-1 itself, as Cilium's socket LB leaves it.
-            assert_eq!(seen.ip(), own, "{answer}");
-            tcp.insert(name.to_string());
-
-            let mut udp = UdpSession::connect(&pod.ns, fe).expect("UDP socket");
-            assert_eq!(udp.peer().unwrap(), fe, "connected UDP peer");
-            let answer = udp
-                .ask("hello")
-                .unwrap_or_else(|e| panic!("connected UDP from pod-1-1 to {fe}: {e:#}"));
-            connected.insert(parse_answer(&answer).expect("answer format").0.to_string());
-
-            let (answer, from) = apps::udp_ask_unconnected(&pod.ns, fe)
-                .unwrap_or_else(|e| panic!("unconnected UDP from pod-1-1 to {fe}: {e:#}"));
-            assert_eq!(from, fe, "the answer comes from the address asked");
-            unconnected.insert(parse_answer(&answer).expect("answer format").0.to_string());
-        }
-        assert_eq!(tcp, everyone, "TCP to {fe}");
-        assert_eq!(connected, everyone, "connected UDP to {fe}");
-        assert_eq!(unconnected, everyone, "unconnected UDP to {fe}");
+        // Not SNATed: the pods see pod-1-1 itself, as Cilium's socket LB leaves it.
+        assert_every_socket_reaches(&pod.ns, fe, Some(own), &everyone);
     }
 
     // 127.0.0.1 in a pod is the pod itself: its localhost is not the node's NodePort.
@@ -1748,6 +1750,153 @@ fn a_nodes_pods_reach_its_own_frontends() {
     let refused = apps::tcp_ask(&pod.ns, c.node(0, 30600)).expect_err("pods left alone");
     assert_refused(&refused);
     let answer = apps::tcp_ask(&c.lab.nodes[0].ns, c.node(0, 30600)).expect("the node's own");
+    assert!(everyone.contains(parse_answer(&answer).expect("answer format").0));
+}
+
+/// Over TCP, connected UDP and unconnected UDP, sockets of `ns` to `fe` are answered by each of
+/// `everyone`, see `fe` as their peer (the application sees the address it asked for), and, when
+/// `own` is given, the pods see that source address.
+fn assert_every_socket_reaches(
+    ns: &exposure_lab::netns::Netns,
+    fe: SocketAddr,
+    own: Option<IpAddr>,
+    everyone: &BTreeSet<String>,
+) {
+    let mut tcp = BTreeSet::new();
+    let mut connected = BTreeSet::new();
+    let mut unconnected = BTreeSet::new();
+    for _ in 0..16 {
+        let mut session =
+            TcpSession::connect(ns, fe).unwrap_or_else(|e| panic!("TCP to {fe}: {e:#}"));
+        assert_eq!(session.peer().unwrap(), fe, "TCP peer");
+        let answer = session.ask("hello").expect("TCP answer");
+        let (name, seen) = parse_answer(&answer).expect("answer format");
+        if let Some(own) = own {
+            assert_eq!(seen.ip(), own, "{answer}");
+        }
+        tcp.insert(name.to_string());
+
+        let mut udp = UdpSession::connect(ns, fe).expect("UDP socket");
+        assert_eq!(udp.peer().unwrap(), fe, "connected UDP peer");
+        let answer = udp
+            .ask("hello")
+            .unwrap_or_else(|e| panic!("connected UDP to {fe}: {e:#}"));
+        connected.insert(parse_answer(&answer).expect("answer format").0.to_string());
+
+        let (answer, from) = apps::udp_ask_unconnected(ns, fe)
+            .unwrap_or_else(|e| panic!("unconnected UDP to {fe}: {e:#}"));
+        assert_eq!(from, fe, "the answer comes from the address asked");
+        unconnected.insert(parse_answer(&answer).expect("answer format").0.to_string());
+    }
+    assert_eq!(&tcp, everyone, "TCP to {fe}");
+    assert_eq!(&connected, everyone, "connected UDP to {fe}");
+    assert_eq!(&unconnected, everyone, "unconnected UDP to {fe}");
+}
+
+/// The error kind of a failed connection.
+fn error_kind(err: &anyhow::Error) -> Option<ErrorKind> {
+    err.chain()
+        .find_map(|e| e.downcast_ref::<std::io::Error>())
+        .map(|e| e.kind())
+}
+
+/// `--cluster-ips` (the default): the sockets of the node and of its pods reach a Service's
+/// ClusterIPs, as kube-proxy and Cilium's socket LB serve them, with no other component: both
+/// families, TCP and UDP, the application seeing the ClusterIP as its peer;
+/// `internalTrafficPolicy: Local` keeps them on this node's endpoints; a ClusterIP without
+/// endpoints refuses the connection at once (with endpoints only on other nodes under Local
+/// policy: "no route to host", where kube-proxy drops and the client waits).
+#[test]
+fn the_node_and_its_pods_reach_cluster_ips() {
+    let pods = all_pods(&[1, 1]);
+    let ports = "  - {name: t, protocol: TCP, port: 80, targetPort: 50000}\n";
+    let slice_ports = "- {name: t, protocol: TCP, port: 50000}\n";
+    let itp_local = "  internalTrafficPolicy: Local\n";
+    let elsewhere = [(exposure_lab::lab::pod_ip(1, 0), "node-2")];
+    let none: [(Ipv4Addr, &str); 0] = [];
+    let manifests = [
+        ("hello.yaml", hello_dual_stack(&[1, 1])),
+        (
+            "local.yaml",
+            service("local", "ClusterIP", ports, itp_local)
+                + "---\n"
+                + &slice("local", slice_ports, &pods),
+        ),
+        (
+            "elsewhere.yaml",
+            service("elsewhere", "ClusterIP", ports, itp_local)
+                + "---\n"
+                + &slice("elsewhere", slice_ports, &elsewhere),
+        ),
+        (
+            "empty.yaml",
+            service(
+                "empty",
+                "ClusterIP",
+                &format!("{ports}  - {{name: u, protocol: UDP, port: 80, targetPort: 50000}}\n"),
+                "",
+            ) + "---\n"
+                + &slice("empty", slice_ports, &none),
+        ),
+    ];
+    let mut c = Cluster::start(&[1, 1], &manifests);
+    let everyone = pods_named(&["pod-1-1", "pod-2-1"]);
+    let hello = [
+        SocketAddr::from((cluster_ip("hello-world"), 60000)),
+        SocketAddr::from((HELLO_CLUSTER_IP6, 60000)),
+    ];
+    let pod = &c.lab.nodes[0].pods[0];
+    for fe in hello {
+        let own = if fe.is_ipv4() {
+            IpAddr::from(pod.ip)
+        } else {
+            IpAddr::from(pod.ip6)
+        };
+        assert_every_socket_reaches(&pod.ns, fe, Some(own), &everyone);
+        assert_every_socket_reaches(&c.lab.nodes[0].ns, fe, None, &everyone);
+    }
+
+    // internalTrafficPolicy: Local: this node's pod only, from the pod and from the node.
+    let local = SocketAddr::from((cluster_ip("local"), 80));
+    for ns in [&pod.ns, &c.lab.nodes[0].ns] {
+        for _ in 0..16 {
+            let answer = apps::tcp_ask(ns, local).expect("to the Local ClusterIP");
+            assert_eq!(parse_answer(&answer).expect("answer format").0, "pod-1-1");
+        }
+    }
+
+    // No endpoints: refused at connect(), over TCP and connected UDP.
+    let empty = SocketAddr::from((cluster_ip("empty"), 80));
+    let refused = apps::tcp_ask(&pod.ns, empty).expect_err("no endpoints");
+    assert_refused(&refused);
+    let refused = UdpSession::connect(&pod.ns, empty)
+        .err()
+        .expect("no endpoints");
+    assert_refused(&refused);
+    let elsewhere = SocketAddr::from((cluster_ip("elsewhere"), 80));
+    let unreachable = apps::tcp_ask(&pod.ns, elsewhere).expect_err("no local endpoint");
+    assert_eq!(
+        error_kind(&unreachable),
+        Some(ErrorKind::HostUnreachable),
+        "{unreachable:#}"
+    );
+    assert!(agent_counter(&c, "node_sockets_refused") >= 3.0);
+
+    // `--cluster-ips false`: ClusterIPs are left to something else (nothing here: unreachable),
+    // while the NodePort is still served to the pod.
+    c.agent_flags = vec!["--cluster-ips".into(), "false".into()];
+    c.agents[0].stop();
+    c.start_agent(0);
+    let pod = &c.lab.nodes[0].pods[0];
+    let left = apps::tcp_ask(&pod.ns, hello[0]).expect_err("ClusterIPs not served");
+    assert!(
+        matches!(
+            error_kind(&left),
+            Some(ErrorKind::HostUnreachable | ErrorKind::NetworkUnreachable)
+        ),
+        "{left:#}"
+    );
+    let answer = apps::tcp_ask(&pod.ns, c.node(0, 30600)).expect("the NodePort");
     assert!(everyone.contains(parse_answer(&answer).expect("answer format").0));
 }
 
@@ -1811,11 +1960,11 @@ fn connected_udp_sockets_to_an_endpoint_that_left_are_ended() {
 
 /// The error of a connection the node refused (a closed port, or kube-proxy's REJECT).
 fn assert_refused(err: &anyhow::Error) {
-    let kind = err
-        .chain()
-        .find_map(|e| e.downcast_ref::<std::io::Error>())
-        .map(|e| e.kind());
-    assert_eq!(kind, Some(ErrorKind::ConnectionRefused), "{err:#}");
+    assert_eq!(
+        error_kind(err),
+        Some(ErrorKind::ConnectionRefused),
+        "{err:#}"
+    );
 }
 
 /// A cgroup of a test's own, removed when dropped (after the processes in it have ended).
