@@ -129,6 +129,15 @@ mod tests {
             },
             FrontendKind::NodePort,
         );
+        svc.frontends.insert(
+            FrontendAddr {
+                ip: IpAddr::from([198, 18, 50, 10]),
+                port: 60000,
+                protocol: Protocol::Tcp,
+                scope: Scope::NodeSockets,
+            },
+            FrontendKind::ClusterIp,
+        );
         svc.backends = vec![
             BackendAddr {
                 ip: IpAddr::from([198, 19, 1, 2]),
@@ -158,13 +167,20 @@ mod tests {
             &mut maps,
         );
         let out = render(&maps.snapshot().unwrap(), 3, &[(Counter::NewFlows, 3)]);
-        assert!(out.contains("198.18.0.10:30600/TCP  NodePort"), "{out}");
+        assert!(
+            out.contains("198.18.0.10:30600/TCP                  NodePort"),
+            "{out}"
+        );
+        assert!(
+            out.contains("198.18.50.10:60000/TCP (node sockets)  ClusterIP"),
+            "{out}"
+        );
         assert!(
             out.contains("198.19.1.2:50000 (local), 198.19.2.2:50000"),
             "{out}"
         );
         assert!(
-            out.contains("1 frontends, 1 service ports, 2 backends, 3 tracked flows"),
+            out.contains("2 frontends, 1 service ports, 2 backends, 3 tracked flows"),
             "{out}"
         );
         assert!(out.contains("new_flows=3"));

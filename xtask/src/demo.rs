@@ -1,32 +1,41 @@
 //! `cargo xtask run`: the namespace lab with the real agent on two nodes and the `examples/` manifests.
 
-use std::{net::SocketAddr, path::Path, process::Command};
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::Path,
+    process::Command,
+};
 
 use anyhow::Context as _;
 use exposure_lab::{
     agent::{pin_dir, Agent, Source},
     apps::{self, parse_answer},
     lab::{lb_ip, lb_ip6, Lab, CLIENT_IP, CLIENT_IP6},
-    netns::unique_prefix,
+    netns::{unique_prefix, Netns},
 };
 use nix::sys::signal::{SigSet, Signal};
 
 const REQUESTS: usize = 6;
 
 fn ask(lab: &Lab, label: &str, to: SocketAddr, udp: bool) {
+    let client = [CLIENT_IP.into(), CLIENT_IP6.into()];
+    ask_from(&lab.client, &client, label, to, udp);
+}
+
+/// `REQUESTS` requests from `ns`, whose own addresses are `own`, printing who answered.
+fn ask_from(ns: &Netns, own: &[IpAddr], label: &str, to: SocketAddr, udp: bool) {
     println!("\n{label}  ->  {to} ({})", if udp { "UDP" } else { "TCP" });
     for i in 1..=REQUESTS {
         let answer = if udp {
-            apps::udp_ask(&lab.client, to)
+            apps::udp_ask(ns, to)
         } else {
-            apps::tcp_ask(&lab.client, to)
+            apps::tcp_ask(ns, to)
         };
         match answer {
             Ok(a) => match parse_answer(&a) {
                 Some((pod, seen)) => {
-                    let client = [CLIENT_IP.into(), CLIENT_IP6.into()];
-                    let who = if client.contains(&seen.ip()) {
-                        "client's own address"
+                    let who = if own.contains(&seen.ip()) {
+                        "the sender's own address"
                     } else {
                         "a node address (SNAT)"
                     };
@@ -118,6 +127,17 @@ pub fn run(bin: &Path, examples: &Path, once: bool) -> anyhow::Result<()> {
         &lab,
         "hello-local (externalTrafficPolicy: Local) via node-2",
         SocketAddr::from((lab.nodes[1].ip, 30601)),
+        false,
+    );
+    let pod = &lab.nodes[0].pods[0];
+    ask_from(
+        &pod.ns,
+        &[pod.ip.into(), pod.ip6.into()],
+        &format!(
+            "hello-world's ClusterIP from {} (the socket hooks)",
+            pod.name
+        ),
+        SocketAddr::from(([198, 18, 50, 10], 60000)),
         false,
     );
     ask(
