@@ -185,6 +185,10 @@ fn to_backend(ctx: &SockAddrContext, v6: bool) -> i32 {
     let Some(fe) = lookup_frontend(&frontend, port, proto as u8, SCOPE_NODE_SOCKETS)
         .or_else(|| lookup_frontend(&frontend, port, proto as u8, SCOPE_EXTERNAL))
     else {
+        // A port the ClusterIP's Service does not have (its frontend on port 0).
+        if lookup_frontend(&frontend, 0, proto as u8, SCOPE_NODE_SOCKETS).is_some() {
+            return refuse(ECONNREFUSED);
+        }
         return PROCEED;
     };
     let Some(service) = SERVICES.get(fe.service_id).copied() else {
@@ -212,7 +216,13 @@ fn to_backend(ctx: &SockAddrContext, v6: bool) -> i32 {
     };
     let Some(backend) = selected.and_then(|id| BACKENDS.get(id)) else {
         if fe.flags & FRONTEND_CLUSTER_IP != 0 && service.backend_count == 0 {
-            return refuse(&service);
+            // Under Local policy with endpoints only elsewhere: kube-proxy drops such packets,
+            // leaving the client to time out; "no route to host" says so at once.
+            return refuse(if service.flags & SERVICE_DROP_WHEN_EMPTY != 0 {
+                EHOSTUNREACH
+            } else {
+                ECONNREFUSED
+            });
         }
         return PROCEED;
     };
@@ -242,16 +252,11 @@ fn to_backend(ctx: &SockAddrContext, v6: bool) -> i32 {
     PROCEED
 }
 
-/// A ClusterIP without endpoints: the call fails with "connection refused", as kube-proxy's REJECT
-/// answers; under `internalTrafficPolicy: Local` with endpoints only elsewhere, "no route to host"
-/// (kube-proxy drops such packets, leaving the client to time out).
+/// A ClusterIP that cannot take the socket (no endpoints, or a port its Service does not have):
+/// the call fails with `error`, as kube-proxy's REJECT answers. No node holds the address to
+/// answer for it.
 #[inline(always)]
-fn refuse(service: &Service) -> i32 {
-    let error = if service.flags & SERVICE_DROP_WHEN_EMPTY != 0 {
-        EHOSTUNREACH
-    } else {
-        ECONNREFUSED
-    };
+fn refuse(error: i32) -> i32 {
     unsafe { bpf_set_retval(-error) };
     count(Counter::NodeSocketsRefused);
     REFUSE

@@ -168,6 +168,10 @@ pub enum FrontendKind {
     ClusterIp,
 }
 
+/// [`FrontendAddr::port`] of a ClusterIP's frontend for the ports its Service does not have:
+/// the socket hooks refuse connections to them.
+pub const OTHER_PORTS: u16 = 0;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct FrontendAddr {
     pub ip: IpAddr,
@@ -176,9 +180,20 @@ pub struct FrontendAddr {
     pub scope: Scope,
 }
 
+/// `address:port`, with `*` for [`OTHER_PORTS`].
+pub fn display_addr_port(ip: IpAddr, port: u16) -> String {
+    if port != OTHER_PORTS {
+        return std::net::SocketAddr::new(ip, port).to_string();
+    }
+    match ip {
+        IpAddr::V4(ip) => format!("{ip}:*"),
+        IpAddr::V6(ip) => format!("[{ip}]:*"),
+    }
+}
+
 impl std::fmt::Display for FrontendAddr {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let at = std::net::SocketAddr::new(self.ip, self.port);
+        let at = display_addr_port(self.ip, self.port);
         write!(f, "{at}/{}", self.protocol)?;
         if self.scope == Scope::NodeSockets {
             write!(f, " (node sockets)")?;
@@ -701,6 +716,8 @@ pub fn translate_service(
     };
     let families = service_families(spec);
     let mut local_endpoints = BTreeSet::new();
+    // Families whose ClusterIPs have their other ports' frontends already.
+    let mut other_ports_of = BTreeSet::new();
     for (sp, family) in spec
         .ports
         .iter()
@@ -888,6 +905,20 @@ pub fn translate_service(
                     ..Default::default()
                 }),
             };
+            // The ports a ClusterIP does not serve are refused (kube-proxy's nftables rules
+            // reject them, Cilium drops them): port 0 stands for them, on the first port's entry.
+            if other_ports_of.insert(family) {
+                for addr in &cluster_frontends {
+                    for protocol in [Protocol::Tcp, Protocol::Udp] {
+                        let other_ports = FrontendAddr {
+                            port: OTHER_PORTS,
+                            protocol,
+                            ..*addr
+                        };
+                        owner.frontends.insert(other_ports, FrontendKind::ClusterIp);
+                    }
+                }
+            }
             for addr in cluster_frontends {
                 owner.frontends.insert(addr, FrontendKind::ClusterIp);
             }
@@ -1253,6 +1284,19 @@ endpoints:
             protocol: Protocol::Tcp,
             scope: Scope::NodeSockets,
         };
+        // The ClusterIP's port, and port 0 for the other ports of either protocol (refused).
+        let only_cluster_ip = |ip: &str| {
+            let other = |protocol| FrontendAddr {
+                port: OTHER_PORTS,
+                protocol,
+                ..cip(ip)
+            };
+            BTreeMap::from([
+                (cip(ip), FrontendKind::ClusterIp),
+                (other(Protocol::Tcp), FrontendKind::ClusterIp),
+                (other(Protocol::Udp), FrontendKind::ClusterIp),
+            ])
+        };
         let name = key("hello-world", "", Protocol::Tcp);
         let own_name = ServicePortName {
             scope: Scope::NodeSockets,
@@ -1274,17 +1318,18 @@ endpoints:
         assert!(errors.is_empty(), "{errors:?}");
         assert_eq!(state.services.len(), 1);
         let entry = &state.services[&name];
-        assert_eq!(
-            entry.frontends,
-            BTreeMap::from([(cip("10.96.0.10"), FrontendKind::ClusterIp)])
-        );
+        assert_eq!(entry.frontends, only_cluster_ip("10.96.0.10"));
         assert_eq!(entry.backends, every);
 
         // A NodePort Service: the ClusterIP joins the NodePorts' entry.
         let (state, _) = with("NodePort", "");
         assert_eq!(state.services.len(), 1);
         let entry = &state.services[&name];
-        assert_eq!(entry.frontends.len(), 3);
+        assert_eq!(
+            entry.frontends.len(),
+            5,
+            "2 NodePorts, the ClusterIP, its other ports"
+        );
         assert_eq!(
             entry.frontends.get(&cip("10.96.0.10")),
             Some(&FrontendKind::ClusterIp)
@@ -1315,11 +1360,7 @@ endpoints:
         for svc_type in ["NodePort", "ClusterIP"] {
             let (state, _) = with(svc_type, "\n  internalTrafficPolicy: Local");
             let own = &state.services[&own_name];
-            assert_eq!(
-                own.frontends,
-                BTreeMap::from([(cip("10.96.0.10"), FrontendKind::ClusterIp)]),
-                "{svc_type}"
-            );
+            assert_eq!(own.frontends, only_cluster_ip("10.96.0.10"), "{svc_type}");
             assert_eq!(own.backends, here, "{svc_type}");
         }
         // No endpoint here: nothing, while endpoints elsewhere exist (kube-proxy drops).
@@ -1352,9 +1393,34 @@ endpoints:
         };
         // No IPv6 endpoints, so refused; and no IPv4 address in the IPv6 entry.
         let v6_entry = &state.services[&v6];
-        assert_eq!(v6_entry.frontends.len(), 1);
-        assert!(v6_entry.frontends.contains_key(&cip("fd00::10")));
+        assert_eq!(v6_entry.frontends, only_cluster_ip("fd00::10"));
         assert!(v6_entry.backends.is_empty());
+
+        // Two ports: the other ports' frontends once, on the first port's entry, no conflict.
+        let two = HELLO.replace("type: NodePort", "type: ClusterIP").replace(
+            "  - {protocol: TCP, port: 60000, targetPort: 50000, nodePort: 30600}",
+            "  - {name: a, protocol: TCP, port: 60000, targetPort: 50000}\n  - {name: b, protocol: UDP, port: 53, targetPort: 50000}",
+        );
+        let (state, errors) = desired_state(&[svc(&two)], NO_SLICES, &sockets);
+        assert!(errors.is_empty(), "{errors:?}");
+        let fronts: Vec<String> = state
+            .services
+            .values()
+            .map(|s| {
+                s.frontends
+                    .keys()
+                    .map(|f| f.to_string())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .collect();
+        assert_eq!(
+            fronts,
+            [
+                "10.96.0.10:*/TCP (node sockets) 10.96.0.10:*/UDP (node sockets) 10.96.0.10:60000/TCP (node sockets)",
+                "10.96.0.10:53/UDP (node sockets)"
+            ]
+        );
 
         // Off, or without the socket hooks: none.
         for node in [

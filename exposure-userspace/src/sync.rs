@@ -328,7 +328,7 @@ fn frontend_key(f: &FrontendAddr) -> FrontendKey {
 pub fn frontend_display(key: &FrontendKey) -> String {
     let proto = crate::model::Protocol::from_number(key.proto)
         .map_or_else(|| key.proto.to_string(), |p| p.to_string());
-    let at = std::net::SocketAddr::new(IpAddr::from(key.addr), common::port_host(key.port));
+    let at = crate::model::display_addr_port(IpAddr::from(key.addr), common::port_host(key.port));
     let scope = match crate::model::Scope::from_number(key.scope) {
         crate::model::Scope::External => "",
         crate::model::Scope::NodeSockets => " (node sockets)",
@@ -592,11 +592,16 @@ impl Reconciler {
         report
     }
 
-    /// Brings `FRONTEND_PORTS` to the ports of the frontends in the maps (the node's connections
-    /// from those ports are looked for among the frontends at tc egress).
+    /// Brings `FRONTEND_PORTS` to the ports of the external frontends in the maps (the node's
+    /// connections from those ports are looked for among them at tc egress; the node sockets'
+    /// frontends, ClusterIPs among them, are never looked for there).
     fn sync_frontend_ports(&mut self, maps: &mut dyn DatapathMaps, report: &mut SyncReport) {
         let mut wanted: BTreeMap<u32, u64> = BTreeMap::new();
-        for key in self.frontends.keys() {
+        for key in self
+            .frontends
+            .keys()
+            .filter(|k| k.scope == common::SCOPE_EXTERNAL)
+        {
             let (word, bit) = common::port_bit(common::port_host(key.port));
             *wanted.entry(word).or_default() |= bit;
         }
@@ -1399,6 +1404,16 @@ mod tests {
                 scope: Scope::External,
             },
             FrontendKind::LoadBalancer,
+        );
+        // Not the node sockets' frontends: tc egress never looks for them.
+        with_lb.frontends.insert(
+            FrontendAddr {
+                ip: IpAddr::from([198, 18, 50, 10]),
+                port: 53,
+                protocol: Protocol::Udp,
+                scope: Scope::NodeSockets,
+            },
+            FrontendKind::ClusterIp,
         );
         let a = ("a", service(30001, &[(1, false)]));
         r.reconcile(&state(&[a.clone(), ("b", with_lb)]), &mut maps);

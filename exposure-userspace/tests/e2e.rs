@@ -1804,8 +1804,9 @@ fn error_kind(err: &anyhow::Error) -> Option<ErrorKind> {
 /// ClusterIPs, as kube-proxy and Cilium's socket LB serve them, with no other component: both
 /// families, TCP and UDP, the application seeing the ClusterIP as its peer;
 /// `internalTrafficPolicy: Local` keeps them on this node's endpoints; a ClusterIP without
-/// endpoints refuses the connection at once (with endpoints only on other nodes under Local
-/// policy: "no route to host", where kube-proxy drops and the client waits).
+/// endpoints, or on a port its Service does not have, refuses the connection at once (with
+/// endpoints only on other nodes under Local policy: "no route to host", where kube-proxy drops
+/// and the client waits).
 #[test]
 fn the_node_and_its_pods_reach_cluster_ips() {
     let pods = all_pods(&[1, 1]);
@@ -1880,7 +1881,23 @@ fn the_node_and_its_pods_reach_cluster_ips() {
         Some(ErrorKind::HostUnreachable),
         "{unreachable:#}"
     );
-    assert!(agent_counter(&c, "node_sockets_refused") >= 3.0);
+    // A port the Service does not have: refused too (kube-proxy's nftables rules reject it),
+    // over either protocol, from the pod and from the node, in both families.
+    for to in [
+        SocketAddr::from((cluster_ip("hello-world"), 60001)),
+        SocketAddr::from((HELLO_CLUSTER_IP6, 60001)),
+        SocketAddr::from((cluster_ip("local"), 53)),
+    ] {
+        for ns in [&pod.ns, &c.lab.nodes[0].ns] {
+            let refused = apps::tcp_ask(ns, to).expect_err("a port the Service lacks");
+            assert_refused(&refused);
+            let refused = UdpSession::connect(ns, to)
+                .err()
+                .expect("a port the Service lacks");
+            assert_refused(&refused);
+        }
+    }
+    assert!(agent_counter(&c, "node_sockets_refused") >= 15.0);
 
     // `--cluster-ips false`: ClusterIPs are left to something else (nothing here: unreachable),
     // while the NodePort is still served to the pod.
