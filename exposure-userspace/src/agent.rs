@@ -222,8 +222,11 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         maps.set_pod_ifaces(&Default::default())
             .context("clearing the pod interfaces")?;
     }
-    let mut reconciler =
-        Reconciler::restore(maps.snapshot().context("reading pinned maps")?, cfg.limits);
+    let snapshot = maps.snapshot().context("reading pinned maps")?;
+    // The UDP pairs an earlier run programmed: endpoints that left while no agent ran are found
+    // against them at the first sync.
+    let mut restored_udp_pairs = cfg.node_sockets.is_some().then(|| snapshot.udp_pairs());
+    let mut reconciler = Reconciler::restore(snapshot, cfg.limits);
     for iface in &ifaces {
         dp.attach(&iface.name, cfg.xdp_mode)?;
     }
@@ -361,8 +364,15 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             translator.desired_state(&objects.services, &objects.endpoint_slices, &node);
         let translated = started.elapsed();
         let report = reconciler.reconcile(&desired, &mut maps);
-        if let (Some(sockets), Some(before)) = (&cfg.node_sockets, &last_desired) {
-            let left = model::udp_pairs_left(before, &desired);
+        if let Some(sockets) = &cfg.node_sockets {
+            let left = match (&last_desired, restored_udp_pairs.take()) {
+                (Some(before), _) => model::udp_pairs_left(before, &desired),
+                (None, Some(restored)) => restored
+                    .difference(&model::udp_pairs(&desired))
+                    .copied()
+                    .collect(),
+                (None, None) => BTreeSet::new(),
+            };
             if !left.is_empty() {
                 end_udp_sockets(&cfg.pin_dir, &left, sockets);
             }

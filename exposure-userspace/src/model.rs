@@ -267,12 +267,33 @@ pub fn udp_pairs_left(
             if staying.contains(&(b.ip, b.port)) {
                 continue;
             }
-            for f in was.frontends.keys() {
+            for f in was.frontends.keys().filter(|f| is_udp_peer(f)) {
                 left.insert(((f.ip, f.port), (b.ip, b.port)));
             }
         }
     }
     left
+}
+
+/// Every (frontend, endpoint) pair of the UDP service ports in `state`.
+pub fn udp_pairs(state: &DesiredState) -> BTreeSet<(AddrPort, AddrPort)> {
+    let mut pairs = BTreeSet::new();
+    for (_, s) in state
+        .services
+        .iter()
+        .filter(|(k, _)| k.protocol == Protocol::Udp)
+    {
+        for f in s.frontends.keys().filter(|f| is_udp_peer(f)) {
+            pairs.extend(s.backends.iter().map(|b| ((f.ip, f.port), (b.ip, b.port))));
+        }
+    }
+    pairs
+}
+
+/// A frontend a UDP socket can be connected through (not a ClusterIP's other ports, nor a
+/// TCP one that shares the entry).
+pub fn is_udp_peer(f: &FrontendAddr) -> bool {
+    f.protocol == Protocol::Udp && f.port != OTHER_PORTS
 }
 
 /// A `healthCheckNodePort`'s answer: load balancers send traffic only to nodes that have local

@@ -21,8 +21,8 @@ use exposure_common::{
 
 use crate::maglev;
 use crate::model::{
-    BackendAddr, DesiredService, DesiredState, FrontendAddr, FrontendKind, ServicePortName,
-    WhenEmpty,
+    AddrPort, BackendAddr, DesiredService, DesiredState, FrontendAddr, FrontendKind, Protocol,
+    Scope, ServicePortName, WhenEmpty,
 };
 
 /// Everything the datapath maps hold that the reconciler owns.
@@ -39,6 +39,40 @@ pub struct Snapshot {
     pub source_ranges: BTreeSet<(u32, Addr, u8)>,
     /// `FRONTEND_PORTS`: only words with a bit set.
     pub frontend_ports: BTreeMap<u32, u64>,
+}
+
+impl Snapshot {
+    /// Every (frontend, endpoint) pair of the UDP frontends in the maps (an earlier run's, at
+    /// start), as [`crate::model::udp_pairs`] gives them for a desired state.
+    pub fn udp_pairs(&self) -> BTreeSet<(AddrPort, AddrPort)> {
+        let mut pairs = BTreeSet::new();
+        for (key, fe) in &self.frontends {
+            let frontend = FrontendAddr {
+                ip: IpAddr::from(key.addr),
+                port: common::port_host(key.port),
+                protocol: match Protocol::from_number(key.proto) {
+                    Some(p) => p,
+                    None => continue,
+                },
+                scope: Scope::from_number(key.scope),
+            };
+            if !crate::model::is_udp_peer(&frontend) {
+                continue;
+            }
+            let ids: BTreeSet<u32> = self
+                .tables
+                .get(&fe.service_id)
+                .into_iter()
+                .flatten()
+                .copied()
+                .collect();
+            for b in ids.iter().filter_map(|id| self.backends.get(id)) {
+                let endpoint = (IpAddr::from(b.addr), common::port_host(b.port));
+                pairs.insert(((frontend.ip, frontend.port), endpoint));
+            }
+        }
+        pairs
+    }
 }
 
 /// The writes the reconciler needs; the kernel maps implement it, and so does [`FakeMaps`] for tests.
@@ -1389,6 +1423,58 @@ mod tests {
                     .is_some_and(|w| w & bit != 0)
             })
             .collect()
+    }
+
+    /// A restarted agent finds the UDP endpoints that left while it was down against the pairs
+    /// the maps hold: the same pairs the model gave the state that programmed them.
+    #[test]
+    fn udp_pairs_read_back_from_the_maps_are_those_the_model_gives() {
+        let mut maps = FakeMaps::default();
+        let mut r = Reconciler::restore(Snapshot::default(), Limits::default());
+        let mut dns = service(30053, &[(1, true), (2, false)]);
+        dns.frontends = dns
+            .frontends
+            .into_iter()
+            .map(|(f, kind)| {
+                let f = FrontendAddr {
+                    protocol: Protocol::Udp,
+                    ..f
+                };
+                (f, kind)
+            })
+            .collect();
+        let cluster_ip = |port, protocol| FrontendAddr {
+            ip: IpAddr::from([198, 18, 50, 10]),
+            port,
+            protocol,
+            scope: Scope::NodeSockets,
+        };
+        for f in [
+            cluster_ip(53, Protocol::Udp),
+            cluster_ip(crate::model::OTHER_PORTS, Protocol::Udp),
+            cluster_ip(crate::model::OTHER_PORTS, Protocol::Tcp),
+        ] {
+            dns.frontends.insert(f, FrontendKind::ClusterIp);
+        }
+        let mut desired = state(&[("web", service(30001, &[(3, false)]))]);
+        let dns_name = ServicePortName {
+            protocol: Protocol::Udp,
+            ..name("dns")
+        };
+        desired.services.insert(dns_name, Arc::new(dns));
+        let report = r.reconcile(&desired, &mut maps);
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        let pairs = maps.snapshot().unwrap().udp_pairs();
+        assert_eq!(pairs, crate::model::udp_pairs(&desired));
+        assert_eq!(
+            pairs.len(),
+            6,
+            "2 NodePorts and the ClusterIP's port, 2 endpoints each"
+        );
+        assert!(pairs.contains(&(
+            (IpAddr::from([198, 18, 50, 10]), 53),
+            (IpAddr::from([198, 19, 1, 2]), 8080)
+        )));
     }
 
     #[test]

@@ -1925,9 +1925,44 @@ fn the_node_and_its_pods_reach_cluster_ips() {
 fn connected_udp_sockets_to_an_endpoint_that_left_are_ended() {
     let echo = dns_echo;
     let pods = all_pods(&[1, 1]);
-    let c = Cluster::start(&[1, 1], &[("dns.yaml", echo(&pods))]);
-    let to = c.node(0, 30053);
-    // From the node and from its pod, a socket on each endpoint.
+    let mut c = Cluster::start(&[1, 1], &[("dns.yaml", echo(&pods))]);
+    let gone = without(&pods, &["pod-2-1".to_string()]);
+
+    let mut held = udp_sockets_on_each_endpoint(&c, c.node(0, 30053));
+    c.write("dns.yaml", &echo(&gone));
+    assert_ended_but_for_pod_1_1(&c, &mut held);
+    // Connected again, the node reaches the endpoint that is there.
+    let mut again = UdpSession::connect(&c.lab.nodes[0].ns, c.node(0, 30053)).unwrap();
+    assert_eq!(
+        parse_answer(&again.ask("hi").unwrap()).unwrap().0,
+        "pod-1-1"
+    );
+    assert!(c.agents[0]
+        .log_text()
+        .contains("ended connected UDP sockets whose endpoint left their Service"));
+
+    // An endpoint that leaves while the agent is down is found against the pinned maps when it
+    // starts again (here through the ClusterIP).
+    c.write("dns.yaml", &echo(&pods));
+    let cluster_ip = SocketAddr::from((cluster_ip("dns"), 53));
+    c.eventually("pod-2-1 is back behind the ClusterIP", || {
+        (0..16).any(|_| {
+            apps::udp_ask(&c.lab.nodes[0].ns, cluster_ip).is_ok_and(|a| a.starts_with("pod-2-1"))
+        })
+    });
+    let mut held = udp_sockets_on_each_endpoint(&c, cluster_ip);
+    c.agents[0].stop();
+    c.write("dns.yaml", &echo(&gone));
+    c.start_agent(0);
+    assert_ended_but_for_pod_1_1(&c, &mut held);
+}
+
+/// From node-1 and from its pod, a connected UDP socket on each of pod-1-1 and pod-2-1 through
+/// `to`: (who, pod, socket).
+fn udp_sockets_on_each_endpoint(
+    c: &Cluster,
+    to: SocketAddr,
+) -> Vec<(&'static str, String, UdpSession)> {
     let mut held = Vec::new();
     for (who, ns) in [
         ("node-1", &c.lab.nodes[0].ns),
@@ -1942,13 +1977,16 @@ fn connected_udp_sockets_to_an_endpoint_that_left_are_ended() {
                 break;
             }
         }
-        assert_eq!(on.len(), 2, "{who}'s sockets reach both endpoints");
+        assert_eq!(on.len(), 2, "{who}'s sockets to {to} reach both endpoints");
         held.extend(on.into_iter().map(|(pod, s)| (who, pod, s)));
     }
+    held
+}
 
-    c.write("dns.yaml", &echo(&without(&pods, &["pod-2-1".to_string()])));
+/// pod-2-1 left the Service: the sockets on it are ended (the next send fails), though pod-2-1
+/// itself still answers, so only the agent can have ended them; those on pod-1-1 go on.
+fn assert_ended_but_for_pod_1_1(c: &Cluster, held: &mut [(&str, String, UdpSession)]) {
     for (who, pod, s) in held.iter_mut().filter(|(_, pod, _)| pod == "pod-2-1") {
-        // pod-2-1 itself still answers: only the agent can end the socket.
         c.eventually(&format!("{who}'s socket to {pod} is ended"), || {
             s.ask("still there?").is_err()
         });
@@ -1964,15 +2002,6 @@ fn connected_udp_sockets_to_an_endpoint_that_left_are_ended() {
             .unwrap_or_else(|e| panic!("{who}'s socket to {pod}: {e:#}"));
         assert_eq!(parse_answer(&answer).unwrap().0, "pod-1-1");
     }
-    // Connected again, the node reaches the endpoint that is there.
-    let mut again = UdpSession::connect(&c.lab.nodes[0].ns, to).unwrap();
-    assert_eq!(
-        parse_answer(&again.ask("hi").unwrap()).unwrap().0,
-        "pod-1-1"
-    );
-    assert!(c.agents[0]
-        .log_text()
-        .contains("ended connected UDP sockets whose endpoint left their Service"));
 }
 
 /// The error of a connection the node refused (a closed port, or kube-proxy's REJECT).
