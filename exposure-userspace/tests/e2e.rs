@@ -1920,7 +1920,8 @@ fn the_node_and_its_pods_reach_cluster_ips() {
 /// A connected UDP socket of the node or of its pod that the socket hooks sent to an endpoint
 /// is ended when that endpoint leaves the Service (as Cilium's socket LB does; kube-proxy deletes
 /// such a flow's conntrack entry): the application's next send fails, and a new socket reaches an
-/// endpoint that is there. Sockets to the endpoint that stays go on.
+/// endpoint that is there. Sockets to the endpoint that stays go on. An endpoint that leaves
+/// while the agent is stopped is found when it starts again.
 #[test]
 fn connected_udp_sockets_to_an_endpoint_that_left_are_ended() {
     let echo = dns_echo;
