@@ -43,6 +43,8 @@ pub struct AgentConfig {
     pub reserve_local_ports: Option<PortSet>,
     /// Hook the sockets of the node and its pods (`--translate-node-sockets`).
     pub node_sockets: Option<NodeSockets>,
+    /// ClusterIPs for packets arriving on `--iface` too (`--external-cluster-ips`).
+    pub external_cluster_ips: bool,
 }
 
 /// Where the socket hooks go and whose sockets they translate.
@@ -359,6 +361,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 .as_ref()
                 .is_some_and(|s| s.localhost_node_ports),
             cluster_ips: cfg.node_sockets.as_ref().is_some_and(|s| s.cluster_ips),
+            external_cluster_ips: cfg.external_cluster_ips,
         };
         let (desired, model_errors) =
             translator.desired_state(&objects.services, &objects.endpoint_slices, &node);

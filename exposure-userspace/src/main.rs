@@ -150,6 +150,11 @@ enum Command {
         /// the CNI).
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
         cluster_ips: bool,
+        /// ClusterIPs are also served to packets arriving on --iface, as Cilium's
+        /// bpf-lb-external-clusterip does: for networks that route the Service CIDR to the nodes
+        /// (a BGP speaker advertising it, say).
+        #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+        external_cluster_ips: bool,
         /// The cgroup2 directory the socket hooks are attached to (default: the root of the
         /// node's cgroup2 hierarchy, mounted at /run/exposure/cgroupv2 if it is nowhere).
         #[arg(long)]
@@ -219,6 +224,7 @@ fn main() -> anyhow::Result<()> {
             socket_namespaces,
             localhost_node_ports,
             cluster_ips,
+            external_cluster_ips,
             cgroup_root,
         } => {
             let snat_ports =
@@ -264,6 +270,7 @@ fn main() -> anyhow::Result<()> {
                 pod_iface_prefixes,
                 reserve_local_ports: reserve_local_ports
                     .then(|| node_port_range.union(&snat_ports)),
+                external_cluster_ips,
                 node_sockets: translate_node_sockets.then_some(agent::NodeSockets {
                     cgroup: cgroup_root,
                     netns: listed_netns,

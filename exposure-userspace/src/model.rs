@@ -327,6 +327,9 @@ pub struct NodeContext {
     /// With `node_sockets`, the Services' ClusterIPs are frontends for the sockets of the node and
     /// its pods (`--cluster-ips`), as kube-proxy and Cilium's socket LB serve them.
     pub cluster_ips: bool,
+    /// ClusterIPs are frontends for packets arriving on `--iface` too (`--external-cluster-ips`,
+    /// Cilium's `bpf-lb-external-clusterip`): for networks that route Service CIDRs to the nodes.
+    pub external_cluster_ips: bool,
 }
 
 /// The label that names a node's zone.
@@ -723,7 +726,13 @@ pub fn translate_service(
         None
     };
     let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
-    let cluster_ips = if node.node_sockets && node.cluster_ips {
+    let for_sockets = node.node_sockets && node.cluster_ips;
+    let cluster_scope = if node.external_cluster_ips {
+        Scope::External // the socket hooks look there too
+    } else {
+        Scope::NodeSockets
+    };
+    let cluster_ips = if for_sockets || node.external_cluster_ips {
         // `clusterIPs` (dual-stack), else the older single `clusterIP`; "" is not allocated yet.
         let listed = spec.cluster_ips.as_deref().filter(|l| !l.is_empty());
         let ips = listed
@@ -818,11 +827,11 @@ pub fn translate_service(
                 ip: *ip,
                 port,
                 protocol,
-                scope: Scope::NodeSockets,
+                scope: cluster_scope,
             })
             .collect();
         if frontends.is_empty() && cluster_frontends.is_empty() {
-            continue; // Nothing exposed from the NIC and no ClusterIP for the sockets.
+            continue; // Nothing exposed from the NIC and no ClusterIP.
         }
         let endpoints = usable_endpoints(slices, &port_name, protocol, family, &node.node_name);
         // The health check counts the primary family's endpoints (a dual-stack pod has two IPs).
@@ -928,12 +937,14 @@ pub fn translate_service(
             };
             // The ports a ClusterIP does not serve are refused (kube-proxy's nftables rules
             // reject them, Cilium drops them): port 0 stands for them, on the first port's entry.
-            if other_ports_of.insert(family) {
+            // Only the socket hooks refuse them: a packet from outside is left to the node.
+            if for_sockets && other_ports_of.insert(family) {
                 for addr in &cluster_frontends {
                     for protocol in [Protocol::Tcp, Protocol::Udp] {
                         let other_ports = FrontendAddr {
                             port: OTHER_PORTS,
                             protocol,
+                            scope: Scope::NodeSockets,
                             ..*addr
                         };
                         owner.frontends.insert(other_ports, FrontendKind::ClusterIp);
@@ -1200,6 +1211,7 @@ mod tests {
             node_sockets: false,
             localhost_node_ports: false,
             cluster_ips: false,
+            external_cluster_ips: false,
             node_name: "node-a".into(),
             node_addrs: vec![
                 IpAddr::from([198, 18, 0, 10]),
@@ -1442,6 +1454,35 @@ endpoints:
                 "10.96.0.10:53/UDP (node sockets)"
             ]
         );
+
+        // `--external-cluster-ips`: the ClusterIP is a packet frontend too (the hooks look
+        // there as well), with or without the hooks; its other ports stay the hooks' alone.
+        for node_sockets in [true, false] {
+            let external = NodeContext {
+                external_cluster_ips: true,
+                node_sockets,
+                ..sockets.clone()
+            };
+            let yaml = HELLO.replace("type: NodePort", "type: ClusterIP");
+            let (state, _) = desired_state(&[svc(&yaml)], &[slice(HELLO_SLICE)], &external);
+            let fronts: Vec<String> = state.services[&name]
+                .frontends
+                .keys()
+                .map(|f| f.to_string())
+                .collect();
+            let mut want = vec!["10.96.0.10:60000/TCP"];
+            if node_sockets {
+                want.splice(
+                    0..0,
+                    [
+                        "10.96.0.10:*/TCP (node sockets)",
+                        "10.96.0.10:*/UDP (node sockets)",
+                    ],
+                );
+            }
+            assert_eq!(fronts, want, "node sockets: {node_sockets}");
+            assert_eq!(state.services[&name].backends, every);
+        }
 
         // Off, or without the socket hooks: none.
         for node in [
@@ -2213,6 +2254,7 @@ status:
             node_sockets: false,
             localhost_node_ports: false,
             cluster_ips: false,
+            external_cluster_ips: false,
             node_name: "node-a".into(),
             node_addrs: vec![
                 "198.18.0.10".parse().unwrap(),

@@ -1917,6 +1917,45 @@ fn the_node_and_its_pods_reach_cluster_ips() {
     assert!(everyone.contains(parse_answer(&answer).expect("answer format").0));
 }
 
+/// `--external-cluster-ips` (Cilium's `bpf-lb-external-clusterip`): where the network routes a
+/// Service CIDR to the nodes (a BGP speaker advertising it, say), packets to a ClusterIP that
+/// arrive on `--iface` are served in XDP like an externalIP's, the local pod seeing the client;
+/// off (the default), they are left to the node.
+#[test]
+fn external_cluster_ips_serve_packets_the_network_routes_to_the_node() {
+    let pods = all_pods(&[1, 1]);
+    let manifests = [("hello.yaml", hello_world(&pods))];
+    let mut c = Cluster::start_with(&[1, 1], &manifests, &["--external-cluster-ips", "true"]);
+    let cluster_ip = cluster_ip("hello-world");
+    c.lab
+        .client
+        .ip(&format!(
+            "route add {cluster_ip}/32 via {}",
+            c.lab.nodes[0].ip
+        ))
+        .expect("the client routes the ClusterIP to node-1");
+    let to = SocketAddr::from((cluster_ip, 60000));
+    let (answered, seen) = c.tcp_spread(to, 40);
+    assert_eq!(answered, pods_named(&["pod-1-1", "pod-2-1"]));
+    assert!(
+        seen.contains(&CLIENT),
+        "the local pod saw the client: {seen:?}"
+    );
+    assert!(agent_counter(&c, "frontend_packets") > 0.0);
+
+    c.agent_flags.clear();
+    c.agents[0].stop();
+    c.start_agent(0);
+    let left = apps::tcp_ask(&c.lab.client, to).expect_err("left to node-1, which has no route");
+    assert!(
+        matches!(
+            error_kind(&left),
+            Some(ErrorKind::HostUnreachable | ErrorKind::NetworkUnreachable)
+        ),
+        "{left:#}"
+    );
+}
+
 /// A connected UDP socket of the node or of its pod that the socket hooks sent to an endpoint
 /// is ended when that endpoint leaves the Service (as Cilium's socket LB does; kube-proxy deletes
 /// such a flow's conntrack entry): the application's next send fails, and a new socket reaches an
