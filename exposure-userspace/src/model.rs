@@ -1,10 +1,11 @@
 //! The pure translation from Kubernetes objects to the datapath's desired state: which frontends exist
 //! and which backends each Service port selects from. No I/O here, so every rule is unit-tested.
 //!
-//! Semantics follow kube-proxy: only NodePort/LoadBalancer/externalIP frontends are exposed (never a
-//! ClusterIP), only ready endpoints take new flows, `externalTrafficPolicy: Local` keeps traffic on
-//! the node's own endpoints, and a Service without endpoints refuses (without *local* endpoints under
-//! Local policy, drops).
+//! Semantics follow kube-proxy: NodePort/LoadBalancer/externalIP frontends are exposed on the NIC,
+//! ClusterIPs only to the sockets of the node and its pods (unless `--external-cluster-ips`), only
+//! ready endpoints take new flows, `externalTrafficPolicy: Local` keeps outside traffic on the
+//! node's own endpoints (`internalTrafficPolicy: Local` a ClusterIP's), and a Service without
+//! endpoints refuses (without *local* endpoints under Local policy, drops).
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -106,7 +107,8 @@ pub struct ServicePortName {
     pub protocol: Protocol,
     pub family: IpFamily,
     /// [`Scope::NodeSockets`]: the twin of an `externalTrafficPolicy: Local` port that serves the
-    /// sockets of the node and its pods.
+    /// sockets of the node and its pods, or the entry of a port's ClusterIPs where no other entry
+    /// has the endpoints `internalTrafficPolicy` gives them.
     pub scope: Scope,
 }
 
@@ -120,7 +122,7 @@ pub enum Scope {
     /// Only the sockets of the node and its pods (the socket hooks): an `externalTrafficPolicy:
     /// Local` Service's twin, with every ready endpoint of the cluster (kube-proxy routes traffic
     /// from the node and its pods to all endpoints; Cilium keeps such a twin as its internal
-    /// scope), and localhost NodePorts.
+    /// scope), localhost NodePorts and ClusterIPs (unless `--external-cluster-ips`).
     NodeSockets,
 }
 
