@@ -37,6 +37,12 @@ static NODE_NETNS_COOKIE: u64 = 0;
 #[no_mangle]
 static ALL_NETNS: u8 = 0;
 
+/// Set at load time: 1 when the kernel has `bpf_set_retval` (Linux 5.18). 0: a refused call
+/// fails with EPERM, and the verifier, which knows this read-only value, never sees the helper
+/// (older kernels would refuse to load a program that calls it).
+#[no_mangle]
+static SET_RETVAL: u8 = 0;
+
 /// What a sock_addr hook returns to let the call go on.
 const PROCEED: i32 = 1;
 /// What it returns to fail the call, with the error `bpf_set_retval` gave (else EPERM).
@@ -257,7 +263,9 @@ fn to_backend(ctx: &SockAddrContext, v6: bool) -> i32 {
 /// answer for it.
 #[inline(always)]
 fn refuse(error: i32) -> i32 {
-    unsafe { bpf_set_retval(-error) };
+    if unsafe { read_volatile(&SET_RETVAL) } != 0 {
+        unsafe { bpf_set_retval(-error) };
+    }
     count(Counter::NodeSocketsRefused);
     REFUSE
 }

@@ -415,6 +415,11 @@ impl Datapath {
         loader.override_global("NODE_NETNS_COOKIE", &netns, true);
         let every_netns = capacity.sockets_of_every_netns as u8;
         loader.override_global("ALL_NETNS", &every_netns, true);
+        // Before 5.18 the hooks refuse a ClusterIP with EPERM instead of the error they choose.
+        let set_retval = aya::util::KernelVersion::current()
+            .is_ok_and(|v| v >= aya::util::KernelVersion::new(5, 18, 0))
+            as u8;
+        loader.override_global("SET_RETVAL", &set_retval, true);
         for name in names::ALL {
             if let Some(n) = capacity.of(name) {
                 loader.map_max_entries(name, n);
