@@ -136,18 +136,22 @@ impl Default for Limits {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
-    #[error("{service}: no free service id (limit {limit}); not programmed")]
+    #[error(
+        "{service}: no free service id (limit {limit}); not programmed (raise --max-services)"
+    )]
     ServiceLimit {
         service: ServicePortName,
         limit: u32,
     },
-    #[error("{service}: {count} backends exceed the per-service limit of {limit}; not programmed")]
+    #[error("{service}: {count} backends exceed the per-service limit of {limit}; not programmed (raise --max-backends-per-service)")]
     BackendsPerServiceLimit {
         service: ServicePortName,
         count: usize,
         limit: u32,
     },
-    #[error("{service}: no free backend id (limit {limit}); not programmed")]
+    #[error(
+        "{service}: no free backend id (limit {limit}); not programmed (raise --max-backends)"
+    )]
     BackendLimit {
         service: ServicePortName,
         limit: u32,
@@ -158,7 +162,7 @@ pub enum SyncError {
         entries: u32,
         capacity: u32,
     },
-    #[error("frontend {frontend}: no free frontend id (limit {limit}); not programmed")]
+    #[error("frontend {frontend}: no free frontend id (limit {limit}); not programmed (raise --max-frontends)")]
     FrontendLimit { frontend: String, limit: u32 },
     #[error("{service}: map write failed: {source:#}")]
     Write {
@@ -1559,6 +1563,14 @@ mod tests {
             report.errors[1],
             SyncError::ServiceLimit { limit: 2, .. }
         ));
+        // Each says which flag raises the limit.
+        for (error, flag) in report
+            .errors
+            .iter()
+            .zip(["--max-backends-per-service", "--max-services"])
+        {
+            assert!(error.to_string().contains(flag), "{error}");
+        }
         assert_eq!(
             live_backends(&maps, &fe(10, 30001)),
             [IpAddr::from([198, 19, 1, 1])]
