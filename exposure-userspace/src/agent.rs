@@ -6,7 +6,7 @@ use std::{
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     sync::{atomic::Ordering, Arc},
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{bail, Context as _};
@@ -278,6 +278,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let mut last_node_addrs: Option<Vec<IpAddr>> = None;
     // What the last sync programmed: UDP endpoints that leave are found against it.
     let mut last_desired: Option<model::DesiredState> = None;
+    let mut programming = crate::metrics::ProgrammingLatency::new(SystemTime::now());
     let mut reported: BTreeSet<String> = BTreeSet::new();
     let mut translator = model::Translator::default();
     let mut health_checks = crate::health_check::HealthCheckServers::default();
@@ -407,6 +408,10 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             .iter()
             .any(|e| matches!(e, SyncError::Write { .. }));
         last_node_addrs = Some(iface_addrs);
+        let programmed = programming.programmed(&objects.endpoint_slices, SystemTime::now());
+        if let Ok(mut h) = metrics.network_programming.lock() {
+            programmed.into_iter().for_each(|d| h.observe(d));
+        }
         record(
             &metrics,
             &reconciler,

@@ -3,19 +3,22 @@
 //! duration histogram and errors, API watch restarts, and the datapath's event counters.
 
 use std::{
+    collections::HashMap,
     fmt::Write as _,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex,
     },
-    time::Duration,
+    time::{Duration, SystemTime},
 };
+
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use crate::{datapath::KernelMaps, kube_source::WatchStats};
 
-/// Upper bounds (seconds) of the sync duration histogram.
-const SYNC_BUCKETS: [f64; 10] = [
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.5,
+/// Upper bounds (seconds) of the histograms (a sync, and a change's way from the API to the maps).
+const SYNC_BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.5, 10.0, 60.0,
 ];
 
 #[derive(Default)]
@@ -46,9 +49,73 @@ pub struct FrontendLabel {
     pub service: String,
 }
 
+/// The annotation the EndpointSlice controller sets: when the change a slice carries was triggered
+/// (a Pod or Service change), RFC 3339.
+pub const LAST_CHANGE_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+/// Network programming latency, as kube-proxy measures it
+/// (`network_programming_duration_seconds`): from the trigger time an EndpointSlice carries to the
+/// sync that programmed it. Each trigger time counts once, and only those after the agent started
+/// (the first list brings old ones).
+pub struct ProgrammingLatency {
+    started: SystemTime,
+    /// Each slice's (namespace, name) -> the trigger time last seen on it.
+    seen: HashMap<(String, String), String>,
+}
+
+impl ProgrammingLatency {
+    pub fn new(started: SystemTime) -> Self {
+        ProgrammingLatency {
+            started,
+            seen: HashMap::new(),
+        }
+    }
+
+    /// The latencies of the trigger times in `slices` not seen before, programmed at `now`.
+    /// Slices that are gone are forgotten.
+    pub fn programmed<E: std::borrow::Borrow<EndpointSlice>>(
+        &mut self,
+        slices: &[E],
+        now: SystemTime,
+    ) -> Vec<Duration> {
+        let mut latencies = Vec::new();
+        let mut seen = HashMap::with_capacity(slices.len());
+        for slice in slices {
+            let meta = &slice.borrow().metadata;
+            let Some(trigger) = meta
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(LAST_CHANGE_TRIGGER_TIME))
+            else {
+                continue;
+            };
+            let key = (
+                meta.namespace.clone().unwrap_or_default(),
+                meta.name.clone().unwrap_or_default(),
+            );
+            let new = self.seen.get(&key) != Some(trigger);
+            if let (true, Some(at)) = (new, parse_time(trigger)) {
+                if at > self.started {
+                    latencies.push(now.duration_since(at).unwrap_or_default());
+                }
+            }
+            seen.insert(key, trigger.clone());
+        }
+        self.seen = seen;
+        latencies
+    }
+}
+
+/// An RFC 3339 time; `None` when it is not one.
+fn parse_time(text: &str) -> Option<SystemTime> {
+    let at: k8s_openapi::jiff::Timestamp = text.parse().ok()?;
+    SystemTime::try_from(at).ok()
+}
+
 #[derive(Default)]
 pub struct Metrics {
     pub sync_duration: Mutex<Histogram>,
+    pub network_programming: Mutex<Histogram>,
     pub sync_errors: AtomicU64,
     pub skipped_objects: AtomicU64,
     pub services: AtomicU64,
@@ -94,9 +161,21 @@ impl Metrics {
             self.skipped_objects.load(Ordering::Relaxed),
         );
 
-        if let Ok(h) = self.sync_duration.lock() {
-            let name = "exposure_sync_duration_seconds";
-            let _ = writeln!(out, "# HELP {name} Time to translate objects and write the maps.\n# TYPE {name} histogram");
+        let histograms = [
+            (
+                &self.sync_duration,
+                "exposure_sync_duration_seconds",
+                "Time to translate objects and write the maps.",
+            ),
+            (
+                &self.network_programming,
+                "exposure_network_programming_duration_seconds",
+                "From an EndpointSlice's last-change-trigger-time to the sync that programmed it (kube-proxy's network programming latency).",
+            ),
+        ];
+        for (histogram, name, help) in histograms {
+            let Ok(h) = histogram.lock() else { continue };
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
             for (le, c) in SYNC_BUCKETS.iter().zip(h.counts.iter()) {
                 let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {c}");
             }
@@ -167,6 +246,46 @@ impl Metrics {
 mod tests {
     use super::*;
 
+    fn slice(name: &str, trigger: Option<&str>) -> EndpointSlice {
+        let mut s = EndpointSlice::default();
+        s.metadata.name = Some(name.into());
+        s.metadata.namespace = Some("default".into());
+        s.metadata.annotations =
+            trigger.map(|t| [(LAST_CHANGE_TRIGGER_TIME.to_string(), t.to_string())].into());
+        s
+    }
+
+    #[test]
+    fn programming_latency_counts_each_trigger_time_after_start_once() {
+        let at = |t: &str| parse_time(t).unwrap();
+        let mut latency = ProgrammingLatency::new(at("2026-11-27T10:00:00Z"));
+        let now = at("2026-11-27T10:00:05Z");
+        // The first list: an old trigger time, none at all, a bad one, and a new one.
+        let slices = [
+            slice("old", Some("2026-11-27T09:00:00Z")),
+            slice("none", None),
+            slice("bad", Some("yesterday")),
+            slice("new", Some("2026-11-27T10:00:03.5Z")),
+        ];
+        assert_eq!(
+            latency.programmed(&slices, now),
+            [Duration::from_millis(1500)]
+        );
+        // Nothing changed: nothing counted again.
+        assert!(latency.programmed(&slices, now).is_empty());
+        // "old" changes, "new" goes and comes back with the same time: both count.
+        let changed = [
+            slice("old", Some("2026-11-27T10:00:04Z")),
+            slice("none", None),
+        ];
+        assert_eq!(latency.programmed(&changed, now), [Duration::from_secs(1)]);
+        let back = [slice("new", Some("2026-11-27T10:00:03.5Z"))];
+        assert_eq!(
+            latency.programmed(&back, now),
+            [Duration::from_millis(1500)]
+        );
+    }
+
     #[test]
     fn renders_prometheus_text() {
         let m = Metrics::default();
@@ -192,6 +311,7 @@ mod tests {
         assert!(text.contains("exposure_sync_duration_seconds_bucket{le=\"+Inf\"} 2"));
         assert!(text.contains("exposure_sync_duration_seconds_count 2"));
         assert!(escape("a\"b") == "a\\\"b");
+        assert!(text.contains("exposure_network_programming_duration_seconds_count 0"));
         for line in text
             .lines()
             .filter(|l| !l.starts_with('#') && !l.is_empty())

@@ -257,6 +257,37 @@ fn objects_from_the_api_are_served_like_manifests() {
         "{m}"
     );
     assert_eq!(metric(&m, "exposure_sync_errors_total "), Some(0.0), "{m}");
+
+    // Network programming latency, as kube-proxy reports it: a slice change carrying the
+    // EndpointSlice controller's trigger time is timed from it to the sync that applied it.
+    let programming = |m: &str, what: &str| {
+        metric(
+            m,
+            &format!("exposure_network_programming_duration_seconds_{what} "),
+        )
+    };
+    assert_eq!(
+        programming(&m, "count"),
+        Some(0.0),
+        "no trigger times yet: {m}"
+    );
+    let mut changed = hello_slice(&everyone(&[2, 1]));
+    changed["metadata"]["annotations"] = json!({
+        "endpoints.kubernetes.io/last-change-trigger-time":
+            k8s_openapi::jiff::Timestamp::now().to_string()
+    });
+    c.cp.api.apply(changed);
+    c.eventually("the change is timed", || {
+        let m = agent::metrics(&c.lab.nodes[0]).unwrap();
+        programming(&m, "count") == Some(1.0)
+    });
+    let m = agent::metrics(&c.lab.nodes[0]).unwrap();
+    let took = programming(&m, "sum").unwrap_or(f64::NAN);
+    assert!((0.0..10.0).contains(&took), "{took} s: {m}");
+    assert_eq!(
+        c.pods_answering(c.node(0, 30600), 40),
+        names(&["pod-1-1", "pod-1-2", "pod-2-1"])
+    );
 }
 
 #[test]
