@@ -109,7 +109,7 @@ impl ProgrammingLatency {
 /// An RFC 3339 time; `None` when it is not one.
 fn parse_time(text: &str) -> Option<SystemTime> {
     let at: k8s_openapi::jiff::Timestamp = text.parse().ok()?;
-    SystemTime::try_from(at).ok()
+    Some(SystemTime::from(at))
 }
 
 #[derive(Default)]
