@@ -205,6 +205,11 @@ pub fn healthz(node: &Node) -> anyhow::Result<u16> {
     Ok(get(node, 10256, "/healthz")?.0)
 }
 
+/// The status code of the agent's `/livez` on the node's loopback.
+pub fn livez(node: &Node) -> anyhow::Result<u16> {
+    Ok(get(node, 10256, "/livez")?.0)
+}
+
 /// The agent's Prometheus text from `/metrics` on the node's loopback.
 pub fn metrics(node: &Node) -> anyhow::Result<String> {
     Ok(get(node, 10249, "/metrics")?.1)

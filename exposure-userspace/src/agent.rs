@@ -352,6 +352,16 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         node_addrs.extend(extra_addrs);
         node_addrs.sort();
         node_addrs.dedup();
+        let draining = objects.node_draining(&cfg.node_name);
+        if health.set_draining(draining) {
+            if draining {
+                tracing::warn!(
+                    "this node is being deleted: /healthz answers 503, so load balancers drain it"
+                );
+            } else {
+                tracing::info!("this node is no longer being deleted: /healthz answers 200 again");
+            }
+        }
         let node = NodeContext {
             node_name: cfg.node_name.clone(),
             node_addrs,

@@ -1,5 +1,7 @@
 //! `/healthz` and `/livez` on the healthz address (kube-proxy's port 10256): 200 once the first full
-//! sync into the maps is done, 503 before.
+//! sync into the maps is done, 503 before. `/healthz` also answers 503 while this node is being
+//! deleted (as kube-proxy does since 1.29, KEP-3836), so load balancers that send to every node
+//! (`externalTrafficPolicy: Cluster`) drain it first; `/livez` does not.
 
 use std::{
     net::SocketAddr,
@@ -18,9 +20,15 @@ use tokio::{
 #[derive(Clone, Default)]
 pub struct Health {
     synced: Arc<AtomicBool>,
+    draining: Arc<AtomicBool>,
 }
 
 impl Health {
+    /// This node is being deleted (its Node has a deletion timestamp or the cluster autoscaler's
+    /// `ToBeDeletedByClusterAutoscaler` taint). Returns whether that changed.
+    pub fn set_draining(&self, draining: bool) -> bool {
+        self.draining.swap(draining, Ordering::AcqRel) != draining
+    }
     pub fn set_synced(&self) {
         self.synced.store(true, Ordering::Release);
     }
@@ -32,8 +40,11 @@ impl Health {
 /// The response for a request line's path.
 pub fn respond(path: &str, health: &Health) -> (u16, &'static str) {
     match path {
-        "/healthz" | "/livez" if health.is_synced() => (200, "ok\n"),
-        "/healthz" | "/livez" => (503, "not synced yet\n"),
+        "/healthz" | "/livez" if !health.is_synced() => (503, "not synced yet\n"),
+        "/healthz" if health.draining.load(Ordering::Acquire) => {
+            (503, "this node is being deleted\n")
+        }
+        "/healthz" | "/livez" => (200, "ok\n"),
         _ => (404, "not found\n"),
     }
 }
@@ -130,6 +141,16 @@ mod tests {
         assert_eq!(respond("/healthz", &h).0, 200);
         assert_eq!(respond("/livez", &h).0, 200);
         assert_eq!(respond("/other", &h).0, 404);
+        // A node being deleted: load balancers drain it; the agent itself is still alive.
+        assert!(h.set_draining(true));
+        assert!(!h.set_draining(true), "no change");
+        assert_eq!(
+            respond("/healthz", &h),
+            (503, "this node is being deleted\n")
+        );
+        assert_eq!(respond("/livez", &h).0, 200);
+        assert!(h.set_draining(false));
+        assert_eq!(respond("/healthz", &h).0, 200);
     }
 
     #[tokio::test]

@@ -40,7 +40,25 @@ impl Objects {
             })
             .filter(|zone| !zone.is_empty())
     }
+
+    /// Whether the node named `node_name` is being deleted: its Node has a deletion timestamp, or
+    /// the cluster autoscaler's `ToBeDeletedByClusterAutoscaler` taint (what kube-proxy checks).
+    pub fn node_draining(&self, node_name: &str) -> bool {
+        self.nodes
+            .iter()
+            .find(|n| n.metadata.name.as_deref() == Some(node_name))
+            .is_some_and(|n| {
+                n.metadata.deletion_timestamp.is_some()
+                    || n.spec
+                        .as_ref()
+                        .and_then(|s| s.taints.as_ref())
+                        .is_some_and(|t| t.iter().any(|t| t.key == TO_BE_DELETED_TAINT))
+            })
+    }
 }
+
+/// The taint the cluster autoscaler puts on a node it is about to delete.
+pub const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
 
 /// A problem with one file or one object in it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -285,6 +303,29 @@ mod tests {
 
     const SVC: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  type: NodePort\n  ports: [{port: 80, nodePort: 30080}]\n";
     const SLICE: &str = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-1, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nendpoints: []\n";
+
+    #[test]
+    fn a_node_being_deleted_is_draining() {
+        let node = |extra: &str| {
+            format!("apiVersion: v1\nkind: Node\nmetadata: {{name: node-a{extra}}}\n")
+        };
+        let tainted = "apiVersion: v1\nkind: Node\nmetadata: {name: node-a}\nspec:\n  taints:\n  - {key: other, effect: NoSchedule}\n  - {key: ToBeDeletedByClusterAutoscaler, value: \"1764200000\", effect: NoSchedule}\n";
+        let other_taint = "apiVersion: v1\nkind: Node\nmetadata: {name: node-a}\nspec:\n  taints: [{key: other, effect: NoSchedule}]\n";
+        for (text, draining) in [
+            (node(""), false),
+            (node(", deletionTimestamp: \"2026-11-27T10:00:00Z\""), true),
+            (tainted.to_string(), true),
+            (other_taint.to_string(), false),
+        ] {
+            let (o, e) = parse(&text);
+            assert!(e.is_empty(), "{e:?}");
+            assert_eq!(o.node_draining("node-a"), draining, "{text}");
+            assert!(
+                !o.node_draining("node-b"),
+                "another node's Node says nothing"
+            );
+        }
+    }
 
     #[test]
     fn nodes_give_the_zone_of_the_named_node() {

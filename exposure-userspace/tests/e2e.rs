@@ -1917,6 +1917,48 @@ fn the_node_and_its_pods_reach_cluster_ips() {
     assert!(everyone.contains(parse_answer(&answer).expect("answer format").0));
 }
 
+/// A node being deleted (the cluster autoscaler's taint, or a deletion timestamp on its Node):
+/// its `/healthz` answers 503, as kube-proxy's does, so load balancers health-checking it drain it
+/// first, while it still serves what reaches it; `/livez` stays 200 (the agent is fine).
+#[test]
+fn a_node_being_deleted_fails_its_healthz_so_load_balancers_drain_it() {
+    let pods = all_pods(&[1, 1]);
+    let c = Cluster::start(&[1, 1], &[("hello.yaml", hello_world(&pods))]);
+    let node = |taints: &str| {
+        format!(
+            "apiVersion: v1\nkind: Node\nmetadata: {{name: node-1}}\nspec:\n  taints: {taints}\n"
+        )
+    };
+    c.write(
+        "node.yaml",
+        &node("[{key: ToBeDeletedByClusterAutoscaler, value: \"1764200000\", effect: NoSchedule}]"),
+    );
+    c.eventually("node-1's /healthz fails", || {
+        exposure_lab::agent::healthz(&c.lab.nodes[0]).ok() == Some(503)
+    });
+    assert_eq!(
+        exposure_lab::agent::healthz(&c.lab.nodes[1]).ok(),
+        Some(200),
+        "node-2's"
+    );
+    assert_eq!(
+        exposure_lab::agent::livez(&c.lab.nodes[0]).ok(),
+        Some(200),
+        "node-1's /livez"
+    );
+    let (answered, _) = c.tcp_spread(c.node(0, 30600), 20);
+    assert_eq!(
+        answered,
+        pods_named(&["pod-1-1", "pod-2-1"]),
+        "still served"
+    );
+
+    c.write("node.yaml", &node("[]"));
+    c.eventually("node-1's /healthz passes again", || {
+        exposure_lab::agent::healthz(&c.lab.nodes[0]).ok() == Some(200)
+    });
+}
+
 /// `--external-cluster-ips` (Cilium's `bpf-lb-external-clusterip`): where the network routes a
 /// Service CIDR to the nodes (a BGP speaker advertising it, say), packets to a ClusterIP that
 /// arrive on `--iface` are served in XDP like an externalIP's, the local pod seeing the client;
