@@ -298,6 +298,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             }
             _ = ticker.tick() => {}
         }
+        health.pass(Instant::now());
         for (hop, ifindex) in maps.take_neighbor_misses() {
             resolve_neighbor(hop, ifindex);
         }

@@ -1,14 +1,17 @@
 //! `/healthz` and `/livez` on the healthz address (kube-proxy's port 10256): 200 once the first full
 //! sync into the maps is done, 503 before. `/healthz` also answers 503 while this node is being
 //! deleted (as kube-proxy does since 1.29, KEP-3836), so load balancers that send to every node
-//! (`externalTrafficPolicy: Cluster`) drain it first; `/livez` does not.
+//! (`externalTrafficPolicy: Cluster`) drain it first; `/livez` does not. Both answer 503 when the
+//! agent's loop has not come round for [`STALE_AFTER`] (kube-proxy's healthz fails when its syncs
+//! stall), so a wedged agent is restarted by its liveness probe.
 
 use std::{
     net::SocketAddr,
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc,
+        Arc, Mutex,
     },
+    time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
@@ -17,13 +20,34 @@ use tokio::{
     net::TcpListener,
 };
 
+/// How long the agent's loop may go without a pass (it passes every 200 ms) before the agent
+/// counts as stuck.
+pub const STALE_AFTER: Duration = Duration::from_secs(60);
+
 #[derive(Clone, Default)]
 pub struct Health {
     synced: Arc<AtomicBool>,
     draining: Arc<AtomicBool>,
+    last_pass: Arc<Mutex<Option<Instant>>>,
 }
 
 impl Health {
+    /// The agent's loop came round (at `now`).
+    pub fn pass(&self, now: Instant) {
+        if let Ok(mut last) = self.last_pass.lock() {
+            *last = Some(now);
+        }
+    }
+
+    /// How long since the loop's last pass, at `now` (zero before the first).
+    fn since_pass(&self, now: Instant) -> Duration {
+        self.last_pass
+            .lock()
+            .ok()
+            .and_then(|last| *last)
+            .map_or(Duration::ZERO, |last| now.saturating_duration_since(last))
+    }
+
     /// This node is being deleted (its Node has a deletion timestamp or the cluster autoscaler's
     /// `ToBeDeletedByClusterAutoscaler` taint). Returns whether that changed.
     pub fn set_draining(&self, draining: bool) -> bool {
@@ -39,8 +63,15 @@ impl Health {
 
 /// The response for a request line's path.
 pub fn respond(path: &str, health: &Health) -> (u16, &'static str) {
+    respond_at(path, health, Instant::now())
+}
+
+fn respond_at(path: &str, health: &Health, now: Instant) -> (u16, &'static str) {
     match path {
         "/healthz" | "/livez" if !health.is_synced() => (503, "not synced yet\n"),
+        "/healthz" | "/livez" if health.since_pass(now) > STALE_AFTER => {
+            (503, "the agent's loop has stalled\n")
+        }
         "/healthz" if health.draining.load(Ordering::Acquire) => {
             (503, "this node is being deleted\n")
         }
@@ -151,6 +182,19 @@ mod tests {
         assert_eq!(respond("/livez", &h).0, 200);
         assert!(h.set_draining(false));
         assert_eq!(respond("/healthz", &h).0, 200);
+        // A loop that stops coming round fails both, until it passes again.
+        let t0 = Instant::now();
+        h.pass(t0);
+        let later = t0 + STALE_AFTER;
+        assert_eq!(respond_at("/livez", &h, later).0, 200);
+        let stuck = later + Duration::from_secs(1);
+        assert_eq!(
+            respond_at("/healthz", &h, stuck),
+            (503, "the agent's loop has stalled\n")
+        );
+        assert_eq!(respond_at("/livez", &h, stuck).0, 503);
+        h.pass(stuck);
+        assert_eq!(respond_at("/livez", &h, stuck).0, 200);
     }
 
     #[tokio::test]
