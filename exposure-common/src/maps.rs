@@ -164,6 +164,9 @@ pub const FRONTEND_EXTERNAL_IP: u16 = 4;
 /// A ClusterIP (only the socket hooks look it up): with no endpoints, the connection is refused
 /// at `connect()`, as no node holds the address to refuse it.
 pub const FRONTEND_CLUSTER_IP: u16 = 8;
+/// `FrontendKey::port` of a ClusterIP's frontend for the ports its Service does not have (the
+/// socket hooks look it up when a socket's address is no frontend, and refuse the call).
+pub const OTHER_PORTS: u16 = 0;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -544,7 +547,8 @@ pub enum Counter {
     /// Connections (TCP, connected UDP) and datagrams the node's own sockets addressed to a
     /// frontend, sent to a backend by the cgroup hooks.
     NodeSockets,
-    /// Connections and datagrams of those sockets to a ClusterIP without endpoints, refused.
+    /// Connections and datagrams of those sockets refused at a ClusterIP: it has no endpoints, or
+    /// not the port.
     NodeSocketsRefused,
 }
 

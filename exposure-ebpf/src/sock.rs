@@ -1,9 +1,10 @@
 //! Sockets of the node and of its pods to the node's frontends and to ClusterIPs. Their packets
 //! never cross XDP on `--iface` (a connection to one of the node's addresses goes through
 //! loopback, a pod's arrives on its veth, a ClusterIP is no node's), so, as Cilium's socket LB
-//! does, cgroup hooks send them to a backend before any packet exists: connect (TCP, connected UDP) and sendmsg (unconnected UDP) rewrite the
-//! destination; recvmsg and getpeername show the frontend again, so the application sees the
-//! address it asked for; the socket's release forgets it.
+//! does, cgroup hooks send them to a backend before any packet exists: connect (TCP, connected
+//! UDP) and sendmsg (unconnected UDP) rewrite the destination; recvmsg and getpeername show the
+//! frontend again, so the application sees the address it asked for; the socket's release
+//! forgets it.
 
 use core::{
     ffi::c_void,
@@ -187,12 +188,13 @@ fn to_backend(ctx: &SockAddrContext, v6: bool) -> i32 {
     }
     let port = unsafe { read_volatile(&(*sa).user_port) } as u16;
     // An `externalTrafficPolicy: Local` Service has a twin for the sockets of the node and its
-    // pods, with every endpoint of the cluster; ClusterIPs are only in that scope.
+    // pods, with every endpoint of the cluster. ClusterIPs are in that scope too (in the
+    // external one with `--external-cluster-ips`).
     let Some(fe) = lookup_frontend(&frontend, port, proto as u8, SCOPE_NODE_SOCKETS)
         .or_else(|| lookup_frontend(&frontend, port, proto as u8, SCOPE_EXTERNAL))
     else {
-        // A port the ClusterIP's Service does not have (its frontend on port 0).
-        if lookup_frontend(&frontend, 0, proto as u8, SCOPE_NODE_SOCKETS).is_some() {
+        // A port the ClusterIP's Service does not have.
+        if lookup_frontend(&frontend, OTHER_PORTS, proto as u8, SCOPE_NODE_SOCKETS).is_some() {
             return refuse(ECONNREFUSED);
         }
         return PROCEED;

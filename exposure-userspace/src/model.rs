@@ -172,7 +172,7 @@ pub enum FrontendKind {
 
 /// [`FrontendAddr::port`] of a ClusterIP's frontend for the ports its Service does not have:
 /// the socket hooks refuse connections to them.
-pub const OTHER_PORTS: u16 = 0;
+pub use exposure_common::OTHER_PORTS;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct FrontendAddr {

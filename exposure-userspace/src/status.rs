@@ -27,14 +27,7 @@ pub fn render(s: &Snapshot, flows: usize, counters: &[(Counter, u64)]) -> String
     for (key, fe) in &s.frontends {
         let frontend = frontend_display(key);
         let svc = s.services.get(&fe.service_id).copied().unwrap_or_default();
-        let ids: std::collections::BTreeSet<u32> = s
-            .tables
-            .get(&fe.service_id)
-            .into_iter()
-            .flatten()
-            .copied()
-            .collect();
-        let mut found: Vec<_> = ids.iter().filter_map(|id| s.backends.get(id)).collect();
+        let mut found = s.backends_of(fe.service_id);
         found.sort_by_key(|b| (IpAddr::from(b.addr), port_host(b.port)));
         let backends: Vec<String> = found
             .into_iter()

@@ -42,6 +42,18 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// The distinct backends a service's Maglev table selects from.
+    pub fn backends_of(&self, service_id: u32) -> Vec<&Backend> {
+        let ids: BTreeSet<u32> = self
+            .tables
+            .get(&service_id)
+            .into_iter()
+            .flatten()
+            .copied()
+            .collect();
+        ids.iter().filter_map(|id| self.backends.get(id)).collect()
+    }
+
     /// Every (frontend, endpoint) pair of the UDP frontends in the maps (an earlier run's, at
     /// start), as [`crate::model::udp_pairs`] gives them for a desired state.
     pub fn udp_pairs(&self) -> BTreeSet<(AddrPort, AddrPort)> {
@@ -59,14 +71,7 @@ impl Snapshot {
             if !crate::model::is_udp_peer(&frontend) {
                 continue;
             }
-            let ids: BTreeSet<u32> = self
-                .tables
-                .get(&fe.service_id)
-                .into_iter()
-                .flatten()
-                .copied()
-                .collect();
-            for b in ids.iter().filter_map(|id| self.backends.get(id)) {
+            for b in self.backends_of(fe.service_id) {
                 let endpoint = (IpAddr::from(b.addr), common::port_host(b.port));
                 pairs.insert(((frontend.ip, frontend.port), endpoint));
             }
