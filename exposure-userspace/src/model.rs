@@ -841,6 +841,20 @@ pub fn translate_service(
             local_endpoints.extend(endpoints.pick(true, node).iter().map(|b| b.ip));
         }
         let all = endpoints.pick(false, node);
+        // Where the ClusterIPs lead: `internalTrafficPolicy: Local`, this node's endpoints only
+        // (with endpoints only elsewhere, new connections go nowhere: kube-proxy drops them).
+        let cluster_wanted = match (cluster_frontends.is_empty(), internal_local) {
+            (true, _) => None,
+            (false, false) => Some((all.clone(), WhenEmpty::Reject)),
+            (false, true) => {
+                let when_empty = if all.is_empty() {
+                    WhenEmpty::Reject
+                } else {
+                    WhenEmpty::Drop
+                };
+                Some((endpoints.pick(true, node), when_empty))
+            }
+        };
         let (backends, when_empty, everyone) = if local_only {
             // Endpoints elsewhere but none here: drop (kube-proxy); none anywhere: refuse.
             let when_empty = if all.is_empty() {
@@ -848,9 +862,9 @@ pub fn translate_service(
             } else {
                 WhenEmpty::Drop
             };
-            (endpoints.pick(true, node), when_empty, Some(all.clone()))
+            (endpoints.pick(true, node), when_empty, Some(all))
         } else {
-            (all.clone(), WhenEmpty::Reject, None)
+            (all, WhenEmpty::Reject, None)
         };
         let key = ServicePortName {
             namespace: namespace.clone(),
@@ -912,19 +926,7 @@ pub fn translate_service(
             owner.frontends.insert(addr, FrontendKind::NodePort);
         }
         let mut own_entry = None;
-        if !cluster_frontends.is_empty() {
-            // `internalTrafficPolicy: Local`: this node's endpoints only; with endpoints only
-            // elsewhere, new connections are not sent anywhere (kube-proxy drops them).
-            let (wanted, when_empty) = if internal_local {
-                let when_empty = if all.is_empty() {
-                    WhenEmpty::Reject
-                } else {
-                    WhenEmpty::Drop
-                };
-                (endpoints.pick(true, node), when_empty)
-            } else {
-                (all, WhenEmpty::Reject)
-            };
+        if let Some((wanted, when_empty)) = cluster_wanted {
             // Shared with the entry that already has these endpoints (one Maglev table); an
             // entry of their own only where none has (then there is no twin).
             let owner = match (&mut twin, &mut desired) {
