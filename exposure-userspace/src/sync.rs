@@ -1211,6 +1211,19 @@ mod tests {
         (FakeMaps::checked(), r)
     }
 
+    /// `s` with each frontend changed by `change`.
+    fn with_frontends(
+        mut s: DesiredService,
+        change: impl Fn(FrontendAddr) -> FrontendAddr,
+    ) -> DesiredService {
+        s.frontends = s
+            .frontends
+            .into_iter()
+            .map(|(f, kind)| (change(f), kind))
+            .collect();
+        s
+    }
+
     fn state(services: &[(&str, DesiredService)]) -> DesiredState {
         DesiredState {
             services: services
@@ -1249,18 +1262,10 @@ mod tests {
     fn a_twin_for_the_nodes_own_sockets_has_its_own_keys_table_and_no_metrics_series() {
         let (mut maps, mut r) = checked_from_scratch();
         let external = service(30601, &[(2, true)]);
-        let mut twin = service(30601, &[(2, true), (3, false)]);
-        twin.frontends = twin
-            .frontends
-            .into_iter()
-            .map(|(f, kind)| {
-                let f = FrontendAddr {
-                    scope: Scope::NodeSockets,
-                    ..f
-                };
-                (f, kind)
-            })
-            .collect();
+        let twin = with_frontends(service(30601, &[(2, true), (3, false)]), |f| FrontendAddr {
+            scope: Scope::NodeSockets,
+            ..f
+        });
         let mut desired = state(&[("local", external)]);
         let twin_name = ServicePortName {
             scope: Scope::NodeSockets,
@@ -1440,18 +1445,10 @@ mod tests {
     fn udp_pairs_read_back_from_the_maps_are_those_the_model_gives() {
         let mut maps = FakeMaps::default();
         let mut r = Reconciler::restore(Snapshot::default(), Limits::default());
-        let mut dns = service(30053, &[(1, true), (2, false)]);
-        dns.frontends = dns
-            .frontends
-            .into_iter()
-            .map(|(f, kind)| {
-                let f = FrontendAddr {
-                    protocol: Protocol::Udp,
-                    ..f
-                };
-                (f, kind)
-            })
-            .collect();
+        let mut dns = with_frontends(service(30053, &[(1, true), (2, false)]), |f| FrontendAddr {
+            protocol: Protocol::Udp,
+            ..f
+        });
         let cluster_ip = |port, protocol| FrontendAddr {
             ip: IpAddr::from([198, 18, 50, 10]),
             port,

@@ -84,37 +84,47 @@ fn both_ways_of_redirecting_to_pods_at_once_are_refused() {
     assert_nothing_pinned(pin_dir);
 }
 
-#[test]
-fn bad_socket_namespaces_are_refused_before_touching_anything() {
-    let pin_dir = "/sys/fs/bpf/exposure-cli-test7";
-    for (value, says) in [
-        ("pods", "absolute path"),
-        ("/run/netns/a,run/netns/b", "absolute path"),
-        ("/nonexistent/netns", "/nonexistent/netns"),
-        ("/proc/self/ns/mnt", "not a network namespace"),
-    ] {
+/// Each (value, what the error says) of `flag` makes the agent fail naming the flag, with nothing
+/// pinned under `pin_dir`.
+fn bad_values_are_refused_before_touching_anything(
+    pin_dir: &str,
+    flag: &str,
+    cases: &[(&str, &str)],
+) {
+    for (value, says) in cases {
         let mut agent = exposure(&["agent", "--iface", "lo", "--manifests", "/nonexistent"]);
-        agent.args(["--pin-dir", pin_dir, "--socket-namespaces", value]);
-        let err = fails_saying(&mut agent, "--socket-namespaces");
+        agent.args(["--pin-dir", pin_dir, flag, value]);
+        let err = fails_saying(&mut agent, flag);
         assert!(err.contains(says), "{value:?}: {err}");
         assert_nothing_pinned(pin_dir);
     }
 }
 
 #[test]
+fn bad_socket_namespaces_are_refused_before_touching_anything() {
+    bad_values_are_refused_before_touching_anything(
+        "/sys/fs/bpf/exposure-cli-test7",
+        "--socket-namespaces",
+        &[
+            ("pods", "absolute path"),
+            ("/run/netns/a,run/netns/b", "absolute path"),
+            ("/nonexistent/netns", "/nonexistent/netns"),
+            ("/proc/self/ns/mnt", "not a network namespace"),
+        ],
+    );
+}
+
+#[test]
 fn a_bad_node_port_range_is_refused_before_touching_anything() {
-    let pin_dir = "/sys/fs/bpf/exposure-cli-test5";
-    for (range, says) in [
-        ("32767-30000", "ends before it starts"),
-        ("30000-70000", "not a port number"),
-        ("", "no ports"),
-    ] {
-        let mut agent = exposure(&["agent", "--iface", "lo", "--manifests", "/nonexistent"]);
-        agent.args(["--pin-dir", pin_dir, "--node-port-range", range]);
-        let err = fails_saying(&mut agent, "--node-port-range");
-        assert!(err.contains(says), "{range:?}: {err}");
-        assert_nothing_pinned(pin_dir);
-    }
+    bad_values_are_refused_before_touching_anything(
+        "/sys/fs/bpf/exposure-cli-test5",
+        "--node-port-range",
+        &[
+            ("32767-30000", "ends before it starts"),
+            ("30000-70000", "not a port number"),
+            ("", "no ports"),
+        ],
+    );
 }
 
 #[test]

@@ -1607,31 +1607,7 @@ fn the_nodes_own_sockets_reach_the_pods_through_its_frontends() {
         SocketAddr::from(([127, 0, 0, 1], 30600)),
     ];
     for fe in frontends {
-        let mut tcp = BTreeSet::new();
-        let mut connected = BTreeSet::new();
-        let mut unconnected = BTreeSet::new();
-        for _ in 0..24 {
-            let mut session = TcpSession::connect(node, fe)
-                .unwrap_or_else(|e| panic!("TCP from the node to {fe}: {e:#}"));
-            assert_eq!(session.peer().unwrap(), fe, "TCP peer");
-            let answer = session.ask("hello").expect("TCP answer");
-            tcp.insert(parse_answer(&answer).expect("answer format").0.to_string());
-
-            let mut udp = UdpSession::connect(node, fe).expect("UDP socket");
-            assert_eq!(udp.peer().unwrap(), fe, "connected UDP peer");
-            let answer = udp
-                .ask("hello")
-                .unwrap_or_else(|e| panic!("connected UDP from the node to {fe}: {e:#}"));
-            connected.insert(parse_answer(&answer).expect("answer format").0.to_string());
-
-            let (answer, from) = apps::udp_ask_unconnected(node, fe)
-                .unwrap_or_else(|e| panic!("unconnected UDP from the node to {fe}: {e:#}"));
-            assert_eq!(from, fe, "the answer comes from the address asked");
-            unconnected.insert(parse_answer(&answer).expect("answer format").0.to_string());
-        }
-        assert_eq!(tcp, everyone, "TCP to {fe}");
-        assert_eq!(connected, everyone, "connected UDP to {fe}");
-        assert_eq!(unconnected, everyone, "unconnected UDP to {fe}");
+        assert_every_socket_reaches(node, fe, None, &everyone, 24);
     }
     assert!(agent_counter(&c, "node_sockets_translated") >= 6.0 * 24.0 * 3.0);
     // Closed sockets took their pairs along, but for unconnected UDP's (which name no peer).
@@ -1725,7 +1701,7 @@ fn a_nodes_pods_reach_its_own_frontends() {
             IpAddr::from(pod.ip6)
         };
         // Not SNATed: the pods see pod-1-1 itself, as Cilium's socket LB leaves it.
-        assert_every_socket_reaches(&pod.ns, fe, Some(own), &everyone);
+        assert_every_socket_reaches(&pod.ns, fe, Some(own), &everyone, 16);
     }
 
     // 127.0.0.1 in a pod is the pod itself: its localhost is not the node's NodePort.
@@ -1753,19 +1729,20 @@ fn a_nodes_pods_reach_its_own_frontends() {
     assert!(everyone.contains(parse_answer(&answer).expect("answer format").0));
 }
 
-/// Over TCP, connected UDP and unconnected UDP, sockets of `ns` to `fe` are answered by each of
-/// `everyone`, see `fe` as their peer (the application sees the address it asked for), and, when
-/// `own` is given, the pods see that source address.
+/// Over TCP, connected UDP and unconnected UDP (`tries` sockets each), sockets of `ns` to `fe`
+/// are answered by each of `everyone`, see `fe` as their peer (the application sees the address
+/// it asked for), and, when `own` is given, the pods see that source address.
 fn assert_every_socket_reaches(
     ns: &exposure_lab::netns::Netns,
     fe: SocketAddr,
     own: Option<IpAddr>,
     everyone: &BTreeSet<String>,
+    tries: usize,
 ) {
     let mut tcp = BTreeSet::new();
     let mut connected = BTreeSet::new();
     let mut unconnected = BTreeSet::new();
-    for _ in 0..16 {
+    for _ in 0..tries {
         let mut session =
             TcpSession::connect(ns, fe).unwrap_or_else(|e| panic!("TCP to {fe}: {e:#}"));
         assert_eq!(session.peer().unwrap(), fe, "TCP peer");
@@ -1853,8 +1830,8 @@ fn the_node_and_its_pods_reach_cluster_ips() {
         } else {
             IpAddr::from(pod.ip6)
         };
-        assert_every_socket_reaches(&pod.ns, fe, Some(own), &everyone);
-        assert_every_socket_reaches(&c.lab.nodes[0].ns, fe, None, &everyone);
+        assert_every_socket_reaches(&pod.ns, fe, Some(own), &everyone, 16);
+        assert_every_socket_reaches(&c.lab.nodes[0].ns, fe, None, &everyone, 16);
     }
 
     // internalTrafficPolicy: Local: this node's pod only, from the pod and from the node.
