@@ -59,6 +59,17 @@ pub struct Pod {
     pub ns: Netns,
 }
 
+impl Pod {
+    /// The pod's address of `to`'s family: the source its packets to `to` carry.
+    pub fn addr_towards(&self, to: &std::net::SocketAddr) -> std::net::IpAddr {
+        if to.is_ipv4() {
+            self.ip.into()
+        } else {
+            self.ip6.into()
+        }
+    }
+}
+
 pub struct Node {
     /// The Kubernetes node name (EndpointSlice `nodeName`).
     pub name: String,

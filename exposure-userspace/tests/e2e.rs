@@ -1695,11 +1695,7 @@ fn a_nodes_pods_reach_its_own_frontends() {
         SocketAddr::from((lb_ip6(1), 60000)),
     ];
     for fe in frontends {
-        let own = if fe.is_ipv4() {
-            IpAddr::from(pod.ip)
-        } else {
-            IpAddr::from(pod.ip6)
-        };
+        let own = pod.addr_towards(&fe);
         // Not SNATed: the pods see pod-1-1 itself, as Cilium's socket LB leaves it.
         assert_every_socket_reaches(&pod.ns, fe, Some(own), &everyone, 16);
     }
@@ -1825,11 +1821,7 @@ fn the_node_and_its_pods_reach_cluster_ips() {
     ];
     let pod = &c.lab.nodes[0].pods[0];
     for fe in hello {
-        let own = if fe.is_ipv4() {
-            IpAddr::from(pod.ip)
-        } else {
-            IpAddr::from(pod.ip6)
-        };
+        let own = pod.addr_towards(&fe);
         assert_every_socket_reaches(&pod.ns, fe, Some(own), &everyone, 16);
         assert_every_socket_reaches(&c.lab.nodes[0].ns, fe, None, &everyone, 16);
     }
