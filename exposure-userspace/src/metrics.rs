@@ -59,8 +59,10 @@ pub const LAST_CHANGE_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-
 /// (the first list brings old ones).
 pub struct ProgrammingLatency {
     started: SystemTime,
-    /// Each slice's (namespace, name) -> the trigger time last seen on it.
-    seen: HashMap<(String, String), String>,
+    /// Namespace -> slice name -> (the trigger time last seen on it, the call that last saw it).
+    /// Looked up by `&str`: an unchanged slice costs no allocation (a sync sees every slice).
+    seen: HashMap<String, HashMap<String, (String, u64)>>,
+    calls: u64,
 }
 
 impl ProgrammingLatency {
@@ -68,6 +70,7 @@ impl ProgrammingLatency {
         ProgrammingLatency {
             started,
             seen: HashMap::new(),
+            calls: 0,
         }
     }
 
@@ -78,8 +81,9 @@ impl ProgrammingLatency {
         slices: &[E],
         now: SystemTime,
     ) -> Vec<Duration> {
+        self.calls += 1;
+        let call = self.calls;
         let mut latencies = Vec::new();
-        let mut seen = HashMap::with_capacity(slices.len());
         for slice in slices {
             let meta = &slice.borrow().metadata;
             let Some(trigger) = meta
@@ -89,19 +93,29 @@ impl ProgrammingLatency {
             else {
                 continue;
             };
-            let key = (
-                meta.namespace.clone().unwrap_or_default(),
-                meta.name.clone().unwrap_or_default(),
-            );
-            let new = self.seen.get(&key) != Some(trigger);
-            if let (true, Some(at)) = (new, parse_time(trigger)) {
-                if at > self.started {
-                    latencies.push(now.duration_since(at).unwrap_or_default());
+            let namespace = meta.namespace.as_deref().unwrap_or_default();
+            let name = meta.name.as_deref().unwrap_or_default();
+            match self.seen.get_mut(namespace).and_then(|m| m.get_mut(name)) {
+                Some((seen, last_call)) => {
+                    *last_call = call;
+                    if seen == trigger {
+                        continue;
+                    }
+                    seen.clone_from(trigger);
+                }
+                None => {
+                    let names = self.seen.entry(namespace.to_string()).or_default();
+                    names.insert(name.to_string(), (trigger.clone(), call));
                 }
             }
-            seen.insert(key, trigger.clone());
+            if let Some(at) = parse_time(trigger).filter(|at| *at > self.started) {
+                latencies.push(now.duration_since(at).unwrap_or_default());
+            }
         }
-        self.seen = seen;
+        self.seen.retain(|_, names| {
+            names.retain(|_, (_, last_call)| *last_call == call);
+            !names.is_empty()
+        });
         latencies
     }
 }
