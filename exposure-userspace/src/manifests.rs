@@ -26,11 +26,17 @@ pub struct Objects {
 }
 
 impl Objects {
-    /// The zone of the node named `node_name`, from its `topology.kubernetes.io/zone` label.
-    pub fn zone_of(&self, node_name: &str) -> Option<String> {
+    /// The Node named `node_name`.
+    fn node(&self, node_name: &str) -> Option<&Node> {
         self.nodes
             .iter()
             .find(|n| n.metadata.name.as_deref() == Some(node_name))
+            .map(|n| n.as_ref())
+    }
+
+    /// The zone of the node named `node_name`, from its `topology.kubernetes.io/zone` label.
+    pub fn zone_of(&self, node_name: &str) -> Option<String> {
+        self.node(node_name)
             .and_then(|n| {
                 n.metadata
                     .labels
@@ -44,16 +50,13 @@ impl Objects {
     /// Whether the node named `node_name` is being deleted: its Node has a deletion timestamp, or
     /// the cluster autoscaler's `ToBeDeletedByClusterAutoscaler` taint (what kube-proxy checks).
     pub fn node_draining(&self, node_name: &str) -> bool {
-        self.nodes
-            .iter()
-            .find(|n| n.metadata.name.as_deref() == Some(node_name))
-            .is_some_and(|n| {
-                n.metadata.deletion_timestamp.is_some()
-                    || n.spec
-                        .as_ref()
-                        .and_then(|s| s.taints.as_ref())
-                        .is_some_and(|t| t.iter().any(|t| t.key == TO_BE_DELETED_TAINT))
-            })
+        self.node(node_name).is_some_and(|n| {
+            n.metadata.deletion_timestamp.is_some()
+                || n.spec
+                    .as_ref()
+                    .and_then(|s| s.taints.as_ref())
+                    .is_some_and(|t| t.iter().any(|t| t.key == TO_BE_DELETED_TAINT))
+        })
     }
 }
 
