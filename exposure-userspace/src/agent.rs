@@ -45,6 +45,8 @@ pub struct AgentConfig {
     pub node_sockets: Option<NodeSockets>,
     /// ClusterIPs for packets arriving on `--iface` too (`--external-cluster-ips`).
     pub external_cluster_ips: bool,
+    /// Which of the node's addresses NodePorts are served on (`--nodeport-addresses`).
+    pub node_port_addresses: model::NodePortAddresses,
 }
 
 /// Where the socket hooks go and whose sockets they translate.
@@ -160,21 +162,17 @@ impl Source {
         }
     }
 
-    /// The objects now, problems found reading them, and extra node addresses (from the Node object).
-    fn load(&mut self) -> anyhow::Result<(Objects, Vec<String>, Vec<IpAddr>)> {
+    /// The objects now, and problems found reading them.
+    fn load(&mut self) -> anyhow::Result<(Objects, Vec<String>)> {
         match self {
             Source::Dir { dir, seen } => {
                 let fingerprint = manifests::fingerprint(dir).ok();
                 let (objects, errors) = manifests::load_dir(dir)
                     .with_context(|| format!("reading {}", dir.display()))?;
                 *seen = fingerprint;
-                Ok((
-                    objects,
-                    errors.iter().map(ToString::to_string).collect(),
-                    Vec::new(),
-                ))
+                Ok((objects, errors.iter().map(ToString::to_string).collect()))
             }
-            Source::Kube(k) => Ok((k.objects(), Vec::new(), k.node_addrs())),
+            Source::Kube(k) => Ok((k.objects(), Vec::new())),
         }
     }
 }
@@ -328,10 +326,13 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             attach_to_new_interfaces(&mut dp, cfg.xdp_mode, &mut attached, ifs);
             update_snat_sources(&mut maps, &mut snat_sources, netdev::snat_sources(ifs));
         }
+        // The interfaces' addresses, their own (SNAT source) ones first: the fallback for
+        // `--nodeport-addresses primary`.
         let iface_addrs: Option<Vec<IpAddr>> = ifaces_now.map(|ifs| {
-            let mut addrs: Vec<IpAddr> = ifs.into_iter().flat_map(|i| i.addrs).collect();
-            addrs.sort();
-            addrs
+            let own = [false, true].map(|v6| ifs.iter().find_map(|i| i.snat_source(v6)));
+            let mut rest: Vec<IpAddr> = ifs.into_iter().flat_map(|i| i.addrs).collect();
+            rest.sort();
+            own.into_iter().flatten().chain(rest).collect()
         });
         let iface_addrs = iface_addrs
             .or_else(|| last_node_addrs.clone())
@@ -340,7 +341,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             continue;
         }
         let started = Instant::now();
-        let (objects, mut problems, extra_addrs) = match source.load() {
+        let (objects, mut problems) = match source.load() {
             Ok(r) => r,
             Err(e) => {
                 // The directory vanished or is unreadable: keep serving what we have.
@@ -349,10 +350,22 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             }
         };
         let loaded = started.elapsed();
-        let mut node_addrs = iface_addrs.clone();
-        node_addrs.extend(extra_addrs);
-        node_addrs.sort();
-        node_addrs.dedup();
+        let node_object_addrs = objects.node_addrs(&cfg.node_name);
+        let node_addrs = cfg.node_port_addresses.select(
+            &[iface_addrs.as_slice(), &node_object_addrs].concat(),
+            &model::primary_addrs(&node_object_addrs, &iface_addrs),
+        );
+        if node_addrs.is_empty() && !iface_addrs.is_empty() {
+            problems.push(format!(
+                "--nodeport-addresses {} matches none of this node's addresses ({}): its NodePorts are not served",
+                cfg.node_port_addresses,
+                iface_addrs
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
         let draining = objects.node_draining(&cfg.node_name);
         if health.set_draining(draining) {
             if draining {
@@ -371,7 +384,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             localhost_node_ports: cfg
                 .node_sockets
                 .as_ref()
-                .is_some_and(|s| s.localhost_node_ports),
+                .is_some_and(|s| s.localhost_node_ports)
+                && cfg.node_port_addresses.include_ipv4_loopback(),
             cluster_ips: cfg.node_sockets.as_ref().is_some_and(|s| s.cluster_ips),
             external_cluster_ips: cfg.external_cluster_ips,
         };

@@ -6,7 +6,6 @@
 //! atomically when it completes, so the model never sees a half-listed cluster.
 
 use std::{
-    net::IpAddr,
     path::Path,
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -161,26 +160,5 @@ impl KubeSource {
             endpoint_slices: self.slices.state(),
             nodes: self.nodes.state(),
         }
-    }
-
-    /// This node's InternalIP/ExternalIP addresses (both families) from its Node object.
-    pub fn node_addrs(&self) -> Vec<IpAddr> {
-        let mut out: Vec<IpAddr> = self
-            .nodes
-            .state()
-            .iter()
-            .flat_map(|n| {
-                n.status
-                    .iter()
-                    .flat_map(|s| s.addresses.iter().flatten())
-                    .cloned()
-                    .collect::<Vec<_>>()
-            })
-            .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
-            .filter_map(|a| a.address.parse().ok())
-            .collect();
-        out.sort();
-        out.dedup();
-        out
     }
 }

@@ -155,6 +155,14 @@ enum Command {
         /// (a BGP speaker advertising it, say).
         #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
         external_cluster_ips: bool,
+        /// Which of the node's addresses NodePorts are served on, as kube-proxy's and Cilium's
+        /// flag: comma-separated networks (e.g. `198.18.0.0/24,2001:db8::/64`), or `primary`
+        /// (each family's first InternalIP of this node's Node, else ExternalIP, else the
+        /// --iface's own address). Default: every address of the --iface interfaces and the Node.
+        /// Localhost NodePorts need 127.0.0.1 among them. LoadBalancer IPs and externalIPs are
+        /// not affected.
+        #[arg(long = "nodeport-addresses", value_name = "CIDR,...|primary")]
+        node_port_addresses: Option<exposure::model::NodePortAddresses>,
         /// The cgroup2 directory the socket hooks are attached to (default: the root of the
         /// node's cgroup2 hierarchy, mounted at /run/exposure/cgroupv2 if it is nowhere).
         #[arg(long)]
@@ -225,6 +233,7 @@ fn main() -> anyhow::Result<()> {
             localhost_node_ports,
             cluster_ips,
             external_cluster_ips,
+            node_port_addresses,
             cgroup_root,
         } => {
             let snat_ports =
@@ -271,6 +280,7 @@ fn main() -> anyhow::Result<()> {
                 reserve_local_ports: reserve_local_ports
                     .then(|| node_port_range.union(&snat_ports)),
                 external_cluster_ips,
+                node_port_addresses: node_port_addresses.unwrap_or_default(),
                 node_sockets: translate_node_sockets.then_some(agent::NodeSockets {
                     cgroup: cgroup_root,
                     netns: listed_netns,

@@ -21,7 +21,8 @@ pub struct Objects {
     /// Shared, so a sync never deep-copies the cluster (and unchanged objects keep their identity).
     pub services: Vec<std::sync::Arc<Service>>,
     pub endpoint_slices: Vec<std::sync::Arc<EndpointSlice>>,
-    /// Nodes: only the agent's own is used (its zone label, for topology hints).
+    /// Nodes: only the agent's own is used (its zone label for topology hints, its addresses,
+    /// whether it is being deleted).
     pub nodes: Vec<std::sync::Arc<Node>>,
 }
 
@@ -45,6 +46,14 @@ impl Objects {
                     .cloned()
             })
             .filter(|zone| !zone.is_empty())
+    }
+
+    /// The addresses of the node named `node_name` from its Node object (InternalIPs, then
+    /// ExternalIPs): NodePort addresses beside the interfaces' own.
+    pub fn node_addrs(&self, node_name: &str) -> Vec<std::net::IpAddr> {
+        self.node(node_name)
+            .map(crate::model::node_object_addrs)
+            .unwrap_or_default()
     }
 
     /// Whether the node named `node_name` is being deleted: its Node has a deletion timestamp, or

@@ -455,22 +455,9 @@ fn source_ranges(
     }
     let mut out = Vec::new();
     for v in values {
-        let parsed = v.trim().split_once('/').and_then(|(ip, len)| {
-            Some((
-                ip.parse::<std::net::IpAddr>().ok()?,
-                len.parse::<u8>().ok()?,
-            ))
-        });
-        match parsed {
-            Some((IpAddr::V4(ip), len)) if len <= 32 => {
-                let mask = u32::MAX.checked_shl(32 - len as u32).unwrap_or(0);
-                out.push((IpAddr::V4((u32::from(ip) & mask).into()), len));
-            }
-            Some((IpAddr::V6(ip), len)) if len <= 128 => {
-                let mask = u128::MAX.checked_shl(128 - len as u32).unwrap_or(0);
-                out.push((IpAddr::V6((u128::from(ip) & mask).into()), len));
-            }
-            _ => errors.push(ModelError::InvalidSourceRange {
+        match parse_cidr(v) {
+            Some(net) => out.push(net),
+            None => errors.push(ModelError::InvalidSourceRange {
                 service: service.to_string(),
                 value: v.clone(),
             }),
@@ -479,6 +466,154 @@ fn source_ranges(
     out.sort();
     out.dedup();
     Some(out)
+}
+
+/// A network: an address masked to its prefix length.
+pub type Cidr = (IpAddr, u8);
+
+/// `ADDR/LEN` (surrounding blanks allowed), its address masked to the prefix; `None` when it is
+/// not one.
+pub fn parse_cidr(text: &str) -> Option<Cidr> {
+    let (ip, len) = text.trim().split_once('/')?;
+    let len = len.parse::<u8>().ok()?;
+    Some(match ip.parse::<IpAddr>().ok()? {
+        IpAddr::V4(ip) if len <= 32 => (IpAddr::V4(mask_v4(ip, len)), len),
+        IpAddr::V6(ip) if len <= 128 => (IpAddr::V6(mask_v6(ip, len)), len),
+        _ => return None,
+    })
+}
+
+fn mask_v4(ip: std::net::Ipv4Addr, len: u8) -> std::net::Ipv4Addr {
+    (u32::from(ip) & u32::MAX.checked_shl(32 - len as u32).unwrap_or(0)).into()
+}
+
+fn mask_v6(ip: std::net::Ipv6Addr, len: u8) -> std::net::Ipv6Addr {
+    (u128::from(ip) & u128::MAX.checked_shl(128 - len as u32).unwrap_or(0)).into()
+}
+
+/// Whether `ip` is in the network `(net, len)` (never across families).
+pub fn cidr_contains((net, len): Cidr, ip: IpAddr) -> bool {
+    match (net, ip) {
+        (IpAddr::V4(net), IpAddr::V4(ip)) => mask_v4(ip, len) == net,
+        (IpAddr::V6(net), IpAddr::V6(ip)) => mask_v6(ip, len) == net,
+        _ => false,
+    }
+}
+
+/// Which of the node's addresses its NodePorts are served on (`--nodeport-addresses`, as
+/// kube-proxy's and Cilium's flag of that name).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum NodePortAddresses {
+    /// Every address of the `--iface` interfaces and of the node's Node object.
+    #[default]
+    All,
+    /// Each family's primary address only (see [`primary_addrs`]).
+    Primary,
+    /// The addresses in these networks.
+    In(Vec<Cidr>),
+}
+
+impl std::str::FromStr for NodePortAddresses {
+    type Err = String;
+
+    /// `primary`, or comma-separated CIDRs (kube-proxy's forms). An empty value is refused: leaving
+    /// the flag out means every address.
+    fn from_str(text: &str) -> Result<Self, String> {
+        if text.trim() == "primary" {
+            return Ok(NodePortAddresses::Primary);
+        }
+        let mut nets: Vec<Cidr> = text
+            .split(',')
+            .map(|v| {
+                parse_cidr(v).ok_or_else(|| {
+                    format!(
+                        "{:?} is not a network (e.g. 198.18.0.0/15) nor `primary`",
+                        v.trim()
+                    )
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        nets.sort();
+        nets.dedup();
+        Ok(NodePortAddresses::In(nets))
+    }
+}
+
+impl std::fmt::Display for NodePortAddresses {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NodePortAddresses::All => f.write_str("all"),
+            NodePortAddresses::Primary => f.write_str("primary"),
+            NodePortAddresses::In(nets) => {
+                let nets: Vec<String> =
+                    nets.iter().map(|(ip, len)| format!("{ip}/{len}")).collect();
+                f.write_str(&nets.join(","))
+            }
+        }
+    }
+}
+
+impl NodePortAddresses {
+    /// The NodePort addresses among `addrs` (the interfaces' and the Node object's), given the
+    /// node's `primary` ones.
+    pub fn select(&self, addrs: &[IpAddr], primary: &[IpAddr]) -> Vec<IpAddr> {
+        let mut out: Vec<IpAddr> = match self {
+            NodePortAddresses::All => addrs.to_vec(),
+            NodePortAddresses::Primary => primary.to_vec(),
+            NodePortAddresses::In(nets) => addrs
+                .iter()
+                .copied()
+                .filter(|ip| nets.iter().any(|net| cidr_contains(*net, *ip)))
+                .collect(),
+        };
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// Whether 127.0.0.1 is among the addresses: kube-proxy serves localhost NodePorts only then.
+    pub fn include_ipv4_loopback(&self) -> bool {
+        match self {
+            NodePortAddresses::All => true,
+            NodePortAddresses::Primary => false,
+            NodePortAddresses::In(nets) => nets
+                .iter()
+                .any(|net| cidr_contains(*net, IpAddr::from([127, 0, 0, 1]))),
+        }
+    }
+}
+
+/// The node's primary address of each family (kube-proxy's node IPs): its Node object's first
+/// InternalIP of that family, else its first ExternalIP of it, else `fallback`'s first of it (the
+/// `--iface` interfaces' own addresses). `node_object` lists the Node's addresses as
+/// [`node_object_addrs`] does.
+pub fn primary_addrs(node_object: &[IpAddr], fallback: &[IpAddr]) -> Vec<IpAddr> {
+    [false, true]
+        .into_iter()
+        .filter_map(|v6| {
+            let of_family = |ip: &&IpAddr| ip.is_ipv6() == v6;
+            node_object
+                .iter()
+                .find(of_family)
+                .or_else(|| fallback.iter().find(of_family))
+                .copied()
+        })
+        .collect()
+}
+
+/// A Node's addresses: its InternalIPs, then its ExternalIPs, each in the order it lists them.
+pub fn node_object_addrs(node: &k8s_openapi::api::core::v1::Node) -> Vec<IpAddr> {
+    let listed = node
+        .status
+        .iter()
+        .flat_map(|s| s.addresses.iter().flatten());
+    let of_type = |kind: &'static str| {
+        listed
+            .clone()
+            .filter(move |a| a.type_ == kind)
+            .filter_map(|a| a.address.trim().parse::<IpAddr>().ok())
+    };
+    of_type("InternalIP").chain(of_type("ExternalIP")).collect()
 }
 
 /// A Service port's usable endpoints of one family from all its slices, deduplicated: the ready ones, and
@@ -2220,6 +2355,121 @@ spec:
             (None, 0),
             "only LoadBalancer Services"
         );
+    }
+
+    #[test]
+    fn nodeport_addresses_parse_as_kube_proxys_flag() {
+        let parse = |text: &str| text.parse::<NodePortAddresses>();
+        assert_eq!(parse("primary"), Ok(NodePortAddresses::Primary));
+        assert_eq!(
+            parse("198.18.0.7/24, 2001:db8::1/64,198.18.0.0/24"),
+            Ok(NodePortAddresses::In(vec![
+                (IpAddr::from([198, 18, 0, 0]), 24),
+                ("2001:db8::".parse().unwrap(), 64),
+            ])),
+            "host bits cleared, duplicates dropped"
+        );
+        for bad in [
+            "",
+            "198.18.0.1",
+            "198.18.0.0/33",
+            "2001:db8::/129",
+            "eth0/8",
+            "primary,198.18.0.0/24",
+            "198.18.0.0/24,",
+        ] {
+            let err = parse(bad).expect_err(bad);
+            assert!(err.contains("is not a network"), "{bad}: {err}");
+        }
+        for text in ["primary", "198.18.0.0/24,2001:db8::/64"] {
+            assert_eq!(parse(text).unwrap().to_string(), text, "shown as given");
+        }
+    }
+
+    #[test]
+    fn nodeport_addresses_select_the_nodes_addresses() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let addrs = [
+            ip("198.18.0.1"),
+            ip("198.18.0.5"),
+            ip("198.19.7.1"),
+            ip("2001:db8::1"),
+        ];
+        let primary = [ip("198.18.0.1"), ip("2001:db8::1")];
+        let select = |text: &str| {
+            text.parse::<NodePortAddresses>()
+                .unwrap()
+                .select(&addrs, &primary)
+        };
+        assert_eq!(
+            NodePortAddresses::All.select(&addrs, &primary),
+            addrs.to_vec()
+        );
+        assert_eq!(select("primary"), primary.to_vec());
+        assert_eq!(
+            select("198.18.0.0/24"),
+            vec![ip("198.18.0.1"), ip("198.18.0.5")]
+        );
+        assert_eq!(
+            select("198.19.0.0/16,2001:db8::/32"),
+            vec![ip("198.19.7.1"), ip("2001:db8::1")]
+        );
+        assert_eq!(select("198.18.0.5/32"), vec![ip("198.18.0.5")]);
+        assert!(select("203.0.113.0/24").is_empty());
+        assert_eq!(
+            select("::/0"),
+            vec![ip("2001:db8::1")],
+            "never across families"
+        );
+
+        // Localhost NodePorts go with 127.0.0.1 (kube-proxy's ContainsIPv4Loopback).
+        assert!(NodePortAddresses::All.include_ipv4_loopback());
+        assert!(!NodePortAddresses::Primary.include_ipv4_loopback());
+        let loopback = |text: &str| {
+            text.parse::<NodePortAddresses>()
+                .unwrap()
+                .include_ipv4_loopback()
+        };
+        assert!(loopback("198.18.0.0/15,127.0.0.0/8"));
+        assert!(loopback("0.0.0.0/0"));
+        assert!(!loopback("198.18.0.0/15"));
+        assert!(!loopback("::/0"));
+    }
+
+    #[test]
+    fn primary_addresses_come_from_the_node_object_then_the_interfaces() {
+        let node: k8s_openapi::api::core::v1::Node = serde_yaml::from_str(
+            "metadata: {name: node-a}\nstatus:\n  addresses:\n  - {type: Hostname, address: node-a}\n  - {type: ExternalIP, address: 203.0.113.9}\n  - {type: InternalIP, address: 198.18.0.9}\n  - {type: InternalIP, address: not-an-ip}\n  - {type: InternalIP, address: 198.18.0.10}\n  - {type: ExternalIP, address: '2001:db8::9'}\n",
+        )
+        .unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let listed = node_object_addrs(&node);
+        assert_eq!(
+            listed,
+            vec![
+                ip("198.18.0.9"),
+                ip("198.18.0.10"),
+                ip("203.0.113.9"),
+                ip("2001:db8::9")
+            ],
+            "InternalIPs first, in their order; hostnames and bad addresses left out"
+        );
+        let ifaces = [ip("198.18.0.1"), ip("2001:db8::1"), ip("2001:db8::2")];
+        assert_eq!(
+            primary_addrs(&listed, &ifaces),
+            vec![ip("198.18.0.9"), ip("2001:db8::9")],
+            "an ExternalIP of a family without InternalIP"
+        );
+        assert_eq!(
+            primary_addrs(&listed[..2], &ifaces),
+            vec![ip("198.18.0.9"), ip("2001:db8::1")],
+            "a family the Node lacks from the interfaces"
+        );
+        assert_eq!(
+            primary_addrs(&[], &ifaces),
+            vec![ip("198.18.0.1"), ip("2001:db8::1")]
+        );
+        assert!(primary_addrs(&[], &[]).is_empty());
     }
 
     const DUAL: &str = r#"

@@ -115,6 +115,20 @@ fn bad_socket_namespaces_are_refused_before_touching_anything() {
 }
 
 #[test]
+fn bad_nodeport_addresses_are_refused_before_touching_anything() {
+    bad_values_are_refused_before_touching_anything(
+        "/sys/fs/bpf/exposure-cli-test11",
+        "--nodeport-addresses",
+        &[
+            ("198.18.0.1", "\"198.18.0.1\" is not a network"),
+            ("198.18.0.0/24,primary", "\"primary\" is not a network"),
+            ("198.18.0.0/33", "is not a network"),
+            ("", "is not a network"),
+        ],
+    );
+}
+
+#[test]
 fn a_bad_node_port_range_is_refused_before_touching_anything() {
     bad_values_are_refused_before_touching_anything(
         "/sys/fs/bpf/exposure-cli-test5",

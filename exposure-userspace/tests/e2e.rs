@@ -510,6 +510,80 @@ fn a_vip_beside_the_nodes_address_is_served_but_not_snated_to() {
     }
 }
 
+/// `--nodeport-addresses`, as kube-proxy's flag: NodePorts are served on the node's addresses in
+/// the networks given, and the rest (a VIP beside node-1's address, 127.0.0.1 for the node's own
+/// sockets) are left to the node, which refuses them. With `primary`, each node's NodePort address
+/// is its Node object's InternalIP (here the VIP), or without a Node its interface's own address.
+#[test]
+fn nodeport_addresses_choose_where_nodeports_are_served() {
+    let hello = hello_world(&all_pods(&[1, 1]));
+    let mut c = Cluster::start_with(
+        &[1, 1],
+        &[("svc.yaml", hello)],
+        &["--nodeport-addresses", "198.18.0.10/32,198.18.0.20/31"],
+    );
+    let vip = Ipv4Addr::new(198, 18, 0, 5);
+    c.lab.nodes[0]
+        .ns
+        .ip(&format!("addr add {vip}/32 dev eth0"))
+        .unwrap();
+    // A full sync that has seen the VIP, so the VIP is refused because of the flag, not too soon.
+    c.agents[0].stop();
+    c.start_agent(0);
+    let at_vip = SocketAddr::from((vip, 30600));
+    let everyone = pods_named(&["pod-1-1", "pod-2-1"]);
+    for node in [0, 1] {
+        assert_eq!(
+            c.tcp_spread(c.node(node, 30600), 20).0,
+            everyone,
+            "node-{}",
+            node + 1
+        );
+    }
+    assert_refused(&apps::tcp_ask(&c.lab.client, at_vip).expect_err("the VIP is left to the node"));
+    let localhost = SocketAddr::from(([127, 0, 0, 1], 30600));
+    let node_1 = &c.lab.nodes[0].ns;
+    assert_refused(&apps::tcp_ask(node_1, localhost).expect_err("no localhost NodePort"));
+    apps::tcp_ask(node_1, c.node(0, 30600)).expect("the node's own socket to its address");
+
+    // `primary`: node-1's Node says its InternalIP is the VIP; node-2 has no Node object.
+    c.write(
+        "node.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Node\nmetadata: {{name: node-1}}\nstatus:\n  addresses:\n  - {{type: InternalIP, address: {vip}}}\n  - {{type: ExternalIP, address: {}}}\n",
+            c.lab.nodes[0].ip
+        ),
+    );
+    c.agent_flags = vec!["--nodeport-addresses".into(), "primary".into()];
+    for node in [0, 1] {
+        c.agents[node].stop();
+        c.start_agent(node);
+    }
+    assert_eq!(
+        c.tcp_spread(at_vip, 20).0,
+        everyone,
+        "the Node's InternalIP"
+    );
+    assert_eq!(
+        c.tcp_spread(c.node(1, 30600), 20).0,
+        everyone,
+        "node-2's own address"
+    );
+    assert_refused(
+        &apps::tcp_ask(&c.lab.client, c.node(0, 30600))
+            .expect_err("node-1's address is not primary"),
+    );
+
+    // Networks that hold none of the node's addresses: said so in the log.
+    c.agent_flags = vec!["--nodeport-addresses".into(), "198.19.255.0/24".into()];
+    c.agents[1].stop();
+    c.start_agent(1);
+    assert_refused(&apps::tcp_ask(&c.lab.client, c.node(1, 30600)).expect_err("nowhere"));
+    assert!(c.agents[1].log_text().contains(
+        "--nodeport-addresses 198.19.255.0/24 matches none of this node's addresses (198.18.0.20"
+    ));
+}
+
 /// `--iface` deleted and made again while the agent runs (a hot-plugged NIC, a rebuilt bond): a new
 /// interface under the old name, with no programs on it, gets the datapath again.
 #[test]
