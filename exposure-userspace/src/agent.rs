@@ -376,6 +376,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 tracing::info!("this node is no longer being deleted: /healthz answers 200 again");
             }
         }
+        // healthCheckNodePorts listen where NodePorts are served (kube-proxy's), all by default.
+        let health_checks_on =
+            (cfg.node_port_addresses != model::NodePortAddresses::All).then(|| node_addrs.clone());
         let node = NodeContext {
             node_name: cfg.node_name.clone(),
             node_addrs,
@@ -408,7 +411,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         }
         last_desired = Some(desired.clone());
         let now_unbound: BTreeSet<String> = health_checks
-            .apply(&desired.health_checks)
+            .apply(&desired.health_checks, health_checks_on.as_deref())
             .await
             .into_iter()
             .collect();

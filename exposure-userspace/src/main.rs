@@ -159,8 +159,8 @@ enum Command {
         /// flag: comma-separated networks (e.g. `198.18.0.0/24,2001:db8::/64`), or `primary`
         /// (each family's first InternalIP of this node's Node, else ExternalIP, else the
         /// --iface's own address). Default: every address of the --iface interfaces and the Node.
-        /// Localhost NodePorts need 127.0.0.1 among them. LoadBalancer IPs and externalIPs are
-        /// not affected.
+        /// Localhost NodePorts need 127.0.0.1 among them; healthCheckNodePorts listen on them
+        /// alone. LoadBalancer IPs and externalIPs are not affected.
         #[arg(long = "nodeport-addresses", value_name = "CIDR,...|primary")]
         node_port_addresses: Option<exposure::model::NodePortAddresses>,
         /// The cgroup2 directory the socket hooks are attached to (default: the root of the

@@ -517,9 +517,20 @@ fn a_vip_beside_the_nodes_address_is_served_but_not_snated_to() {
 #[test]
 fn nodeport_addresses_choose_where_nodeports_are_served() {
     let hello = hello_world(&all_pods(&[1, 1]));
+    let web = service(
+        "web",
+        "NodePort",
+        "  - {protocol: TCP, port: 80, targetPort: 50000, nodePort: 30080}\n",
+        "  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000\n",
+    ) + "---\n"
+        + &slice(
+            "web",
+            "- {name: \"\", protocol: TCP, port: 50000}\n",
+            &[(exposure_lab::lab::pod_ip(0, 0), "node-1")],
+        );
     let mut c = Cluster::start_with(
         &[1, 1],
-        &[("svc.yaml", hello)],
+        &[("svc.yaml", hello), ("web.yaml", web)],
         &["--nodeport-addresses", "198.18.0.10/32,198.18.0.20/31"],
     );
     let vip = Ipv4Addr::new(198, 18, 0, 5);
@@ -545,6 +556,10 @@ fn nodeport_addresses_choose_where_nodeports_are_served() {
     let node_1 = &c.lab.nodes[0].ns;
     assert_refused(&apps::tcp_ask(node_1, localhost).expect_err("no localhost NodePort"));
     apps::tcp_ask(node_1, c.node(0, 30600)).expect("the node's own socket to its address");
+    // The healthCheckNodePort listens where NodePorts are served, as kube-proxy's.
+    assert_eq!(http_get(&c, c.node(0, 32000), "/healthz").0, 200);
+    let hc_at_vip = SocketAddr::from((vip, 32000));
+    assert_refused(&apps::tcp_ask(&c.lab.client, hc_at_vip).expect_err("no health check"));
 
     // `primary`: node-1's Node says its InternalIP is the VIP; node-2 has no Node object.
     c.write(
@@ -564,6 +579,9 @@ fn nodeport_addresses_choose_where_nodeports_are_served() {
         everyone,
         "the Node's InternalIP"
     );
+    assert_eq!(http_get(&c, hc_at_vip, "/healthz").0, 200);
+    let hc_at_node = c.node(0, 32000);
+    assert_refused(&apps::tcp_ask(&c.lab.client, hc_at_node).expect_err("no health check"));
     assert_eq!(
         c.tcp_spread(c.node(1, 30600), 20).0,
         everyone,
