@@ -45,6 +45,8 @@ pub struct AgentConfig {
     pub node_sockets: Option<NodeSockets>,
     /// ClusterIPs for packets arriving on `--iface` too (`--external-cluster-ips`).
     pub external_cluster_ips: bool,
+    /// How often the Service maps are compared with what the agent wrote (`--maps-check-period`).
+    pub maps_check_period: Option<Duration>,
     /// Which of the node's addresses NodePorts are served on (`--nodeport-addresses`).
     pub node_port_addresses: model::NodePortAddresses,
 }
@@ -286,6 +288,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     // healthCheckNodePorts that could not be bound, reported once while that lasts (kube-proxy,
     // when kept for ClusterIPs, serves the same ports with the same answers).
     let mut unbound: BTreeSet<String> = BTreeSet::new();
+    let mut next_maps_check = Instant::now();
     let mut ticker = tokio::time::interval(TICK);
     loop {
         tokio::select! {
@@ -337,6 +340,13 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         let iface_addrs = iface_addrs
             .or_else(|| last_node_addrs.clone())
             .unwrap_or_default();
+        if let Some(period) = cfg.maps_check_period {
+            // Between syncs that wrote everything they meant to, so a difference is someone else's.
+            if !dirty && health.is_synced() && Instant::now() >= next_maps_check {
+                next_maps_check = Instant::now() + period;
+                dirty = check_maps(&maps, &mut reconciler, cfg.limits, &metrics);
+            }
+        }
         if !dirty && !source.dir_changed() && Some(&iface_addrs) == last_node_addrs.as_ref() {
             continue;
         }
@@ -466,6 +476,43 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     // Pins stay: the programs keep forwarding established flows while the agent is away.
     tracing::info!("agent stopping; datapath stays attached (use `exposure cleanup` to remove it)");
     Ok(())
+}
+
+/// Reads the Service maps back and compares them with what `reconciler` wrote. When something
+/// else changed them, logs what, counts it, and restores `reconciler` from the maps as a restart
+/// does, so the next sync (true is returned) rewrites what differs.
+fn check_maps(
+    maps: &KernelMaps,
+    reconciler: &mut Reconciler,
+    limits: crate::sync::Limits,
+    metrics: &Metrics,
+) -> bool {
+    let (services, backends) = reconciler.ids_in_use();
+    let read = maps.snapshot_upto(services, backends);
+    let differences = match &read {
+        Ok(actual) => reconciler
+            .expected(&actual.frontend_ports)
+            .differences(actual),
+        Err(e) => vec![format!("cannot read them: {e:#}")],
+    };
+    if differences.is_empty() {
+        return false;
+    }
+    tracing::warn!(
+        differences = differences.join("; "),
+        "the Service maps differ from what the agent wrote (changed by something else?): rewriting them"
+    );
+    metrics.map_repairs.fetch_add(1, Ordering::Relaxed);
+    match maps.snapshot() {
+        Ok(all) => {
+            *reconciler = Reconciler::restore(all, limits);
+            true
+        }
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "cannot read the Service maps; not rewriting them");
+            false
+        }
+    }
 }
 
 fn record(

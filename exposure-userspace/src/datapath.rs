@@ -982,6 +982,14 @@ impl DatapathMaps for KernelMaps {
             .with_context(|| format!("FRONTEND_STATS[{id}]"))
     }
     fn snapshot(&self) -> anyhow::Result<Snapshot> {
+        self.snapshot_upto(u32::MAX, u32::MAX)
+    }
+}
+
+impl KernelMaps {
+    /// [`DatapathMaps::snapshot`], reading only the first `services` and `backends` entries of
+    /// those arrays (a check of what the reconciler wrote needs no more, and each is a syscall).
+    pub fn snapshot_upto(&self, services: u32, backends: u32) -> anyhow::Result<Snapshot> {
         let mut s = Snapshot::default();
         for key in self.source_ranges.keys() {
             let key = key?;
@@ -1001,7 +1009,7 @@ impl DatapathMaps for KernelMaps {
             s.frontends.insert(k, v);
         }
         // Arrays hold every index; only ids in use matter. Ids 0.. are dense, so scan the used prefix.
-        for (id, item) in self.services.iter().enumerate() {
+        for (id, item) in self.services.iter().take(services as usize).enumerate() {
             let v = item?;
             if v != Service::default() {
                 s.services.insert(id as u32, v);
@@ -1009,7 +1017,7 @@ impl DatapathMaps for KernelMaps {
                     .insert(id as u32, self.maglev.read(v.table_offset, v.table_size)?);
             }
         }
-        for (id, item) in self.backends.iter().enumerate() {
+        for (id, item) in self.backends.iter().take(backends as usize).enumerate() {
             let v = item?;
             if v.addr != Addr::default() {
                 s.backends.insert(id as u32, v);

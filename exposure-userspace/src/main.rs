@@ -163,6 +163,13 @@ enum Command {
         /// alone. LoadBalancer IPs and externalIPs are not affected.
         #[arg(long = "nodeport-addresses", value_name = "CIDR,...|primary")]
         node_port_addresses: Option<exposure::model::NodePortAddresses>,
+        /// How often the agent reads the Service maps back and compares them with what it wrote
+        /// (`30s`, `5m`, `1h`; `0` never): entries changed by anything else (a person with bpftool,
+        /// a second agent on the same --pin-dir) are logged, counted in
+        /// exposure_map_repairs_total and rewritten, as kube-proxy's periodic full sync restores
+        /// rules removed behind its back.
+        #[arg(long, default_value = "60s", value_parser = period)]
+        maps_check_period: std::time::Duration,
         /// The cgroup2 directory the socket hooks are attached to (default: the root of the
         /// node's cgroup2 hierarchy, mounted at /run/exposure/cgroupv2 if it is nowhere).
         #[arg(long)]
@@ -234,6 +241,7 @@ fn main() -> anyhow::Result<()> {
             cluster_ips,
             external_cluster_ips,
             node_port_addresses,
+            maps_check_period,
             cgroup_root,
         } => {
             let snat_ports =
@@ -281,6 +289,7 @@ fn main() -> anyhow::Result<()> {
                     .then(|| node_port_range.union(&snat_ports)),
                 external_cluster_ips,
                 node_port_addresses: node_port_addresses.unwrap_or_default(),
+                maps_check_period: (!maps_check_period.is_zero()).then_some(maps_check_period),
                 node_sockets: translate_node_sockets.then_some(agent::NodeSockets {
                     cgroup: cgroup_root,
                     netns: listed_netns,
@@ -338,6 +347,25 @@ fn snat_port_range(s: &str) -> Result<datapath::PortRange, String> {
         Some(_) => Err("must be MIN-MAX with 1024 <= MIN <= MAX".into()),
         None => Err("must be MIN-MAX, two port numbers".into()),
     }
+}
+
+/// `N` followed by `ms`, `s`, `m` or `h`; a bare `0` is zero.
+fn period(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?} is not a period such as 30s, 5m or 1h"))?;
+    let unit_ms = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "" if n == 0 => 0,
+        _ => return Err(format!("{s:?} is not a period such as 30s, 5m or 1h")),
+    };
+    Ok(std::time::Duration::from_millis(n.saturating_mul(unit_ms)))
 }
 
 fn port_set(s: &str) -> Result<exposure::local_ports::PortSet, String> {

@@ -131,6 +131,8 @@ pub struct Metrics {
     pub sync_duration: Mutex<Histogram>,
     pub network_programming: Mutex<Histogram>,
     pub sync_errors: AtomicU64,
+    /// Checks that found the Service maps changed by something else (and rewrote them).
+    pub map_repairs: AtomicU64,
     pub skipped_objects: AtomicU64,
     pub services: AtomicU64,
     pub backends: AtomicU64,
@@ -203,6 +205,11 @@ impl Metrics {
             out,
             "# HELP exposure_sync_errors_total Map writes or limits that failed.\n# TYPE exposure_sync_errors_total counter\nexposure_sync_errors_total {}",
             self.sync_errors.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP exposure_map_repairs_total Checks that found the Service maps changed by something else, and rewrote them.\n# TYPE exposure_map_repairs_total counter\nexposure_map_repairs_total {}",
+            self.map_repairs.load(Ordering::Relaxed)
         );
         if let Some(w) = self.watch.lock().ok().and_then(|w| w.clone()) {
             let _ = writeln!(

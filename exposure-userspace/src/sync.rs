@@ -80,6 +80,82 @@ impl Snapshot {
     }
 }
 
+impl Snapshot {
+    /// How `actual` differs from this (what the maps should hold): one line per kind of entry
+    /// that differs, with counts and the first few keys; empty when they agree.
+    pub fn differences(&self, actual: &Snapshot) -> Vec<String> {
+        let mut out = Vec::new();
+        let frontend = |k: &FrontendKey| frontend_display(k);
+        let id = |id: &u32| format!("id {id}");
+        differ(
+            &mut out,
+            "frontends",
+            &self.frontends,
+            &actual.frontends,
+            frontend,
+        );
+        differ(&mut out, "services", &self.services, &actual.services, id);
+        differ(&mut out, "Maglev tables", &self.tables, &actual.tables, id);
+        differ(&mut out, "backends", &self.backends, &actual.backends, id);
+        let ranges = |set: &BTreeSet<(u32, Addr, u8)>| -> BTreeMap<(u32, Addr, u8), ()> {
+            set.iter().map(|r| (*r, ())).collect()
+        };
+        differ(
+            &mut out,
+            "source ranges",
+            &ranges(&self.source_ranges),
+            &ranges(&actual.source_ranges),
+            |(id, addr, len): &(u32, Addr, u8)| format!("{}/{len} of id {id}", IpAddr::from(*addr)),
+        );
+        let word = |w: &u32| format!("word {w}");
+        differ(
+            &mut out,
+            "frontend ports",
+            &self.frontend_ports,
+            &actual.frontend_ports,
+            word,
+        );
+        out
+    }
+}
+
+/// Appends to `out` how `actual` differs from `expected`: entries missing, changed and extra.
+fn differ<K: Ord, V: PartialEq>(
+    out: &mut Vec<String>,
+    what: &str,
+    expected: &BTreeMap<K, V>,
+    actual: &BTreeMap<K, V>,
+    show: impl Fn(&K) -> String,
+) {
+    let missing: Vec<&K> = expected
+        .keys()
+        .filter(|k| !actual.contains_key(k))
+        .collect();
+    let changed: Vec<&K> = expected
+        .iter()
+        .filter(|(k, v)| actual.get(k).is_some_and(|a| a != *v))
+        .map(|(k, _)| k)
+        .collect();
+    let extra: Vec<&K> = actual
+        .keys()
+        .filter(|k| !expected.contains_key(k))
+        .collect();
+    let mut parts = Vec::new();
+    for (how, keys) in [("missing", missing), ("changed", changed), ("extra", extra)] {
+        if keys.is_empty() {
+            continue;
+        }
+        let mut shown: Vec<String> = keys.iter().take(3).map(|k| show(k)).collect();
+        if keys.len() > 3 {
+            shown.push("...".into());
+        }
+        parts.push(format!("{} {how} ({})", keys.len(), shown.join(", ")));
+    }
+    if !parts.is_empty() {
+        out.push(format!("{what}: {}", parts.join("; ")));
+    }
+}
+
 /// The writes the reconciler needs; the kernel maps implement it, and so does [`FakeMaps`] for tests.
 pub trait DatapathMaps {
     fn write_backend(&mut self, id: u32, backend: &Backend) -> anyhow::Result<()>;
@@ -473,6 +549,45 @@ impl Reconciler {
             frontend_ports: snapshot.frontend_ports,
             frontend_ports_stale: true,
         }
+    }
+
+    /// What the maps hold if nothing but this reconciler wrote them since it was restored (the
+    /// `FRONTEND_PORTS` words only once they have been written).
+    pub fn expected(&self, actual_frontend_ports: &BTreeMap<u32, u64>) -> Snapshot {
+        Snapshot {
+            frontends: self.frontends.clone(),
+            services: self
+                .services
+                .iter()
+                .map(|(id, s)| (*id, s.service))
+                .collect(),
+            tables: self
+                .services
+                .iter()
+                .map(|(id, s)| (*id, s.table.clone()))
+                .collect(),
+            backends: self.backends.clone(),
+            source_ranges: self
+                .services
+                .iter()
+                .flat_map(|(id, s)| s.ranges.iter().map(|(addr, len)| (*id, *addr, *len)))
+                .collect(),
+            frontend_ports: if self.frontend_ports_stale {
+                actual_frontend_ports.clone()
+            } else {
+                self.frontend_ports.clone()
+            },
+        }
+    }
+
+    /// One past the highest service and backend ids this reconciler uses: how much of the
+    /// `SERVICES` and `BACKENDS` arrays a check against [`Reconciler::expected`] must read.
+    pub fn ids_in_use(&self) -> (u32, u32) {
+        let past = |max: Option<&u32>| max.map_or(0, |id| id + 1);
+        (
+            past(self.services.keys().next_back()),
+            past(self.backends.keys().next_back()),
+        )
     }
 
     /// (frontend id, frontend, service port) for every programmed frontend that packets reach, for
@@ -1406,6 +1521,80 @@ mod tests {
         assert!(report.errors.is_empty());
         assert_eq!(report.writes, 0, "a restart must not disturb the datapath");
         assert_eq!(maps.state, before);
+    }
+
+    /// How the maps differ from what `r` wrote.
+    fn drift(r: &Reconciler, maps: &FakeMaps) -> Vec<String> {
+        let actual = maps.snapshot().unwrap();
+        r.expected(&actual.frontend_ports).differences(&actual)
+    }
+
+    #[test]
+    fn maps_changed_behind_the_reconcilers_back_are_found_and_repaired() {
+        let (mut maps, mut r) = checked_from_scratch();
+        let want = state(&[
+            ("a", service(30001, &[(1, true), (2, false)])),
+            ("b", service(30002, &[(3, false)])),
+            ("c", service(30003, &[(4, false)])),
+        ]);
+        r.reconcile(&want, &mut maps);
+        assert_eq!(drift(&r, &maps), Vec::<String>::new());
+        // Tables swapped, a service and a backend gone: still what it wrote.
+        let want = state(&[
+            ("a", service(30001, &[(1, true), (2, false), (5, false)])),
+            ("b", service(30002, &[(3, false)])),
+        ]);
+        r.reconcile(&want, &mut maps);
+        assert_eq!(drift(&r, &maps), Vec::<String>::new());
+        let (services, backends) = r.ids_in_use();
+        assert_eq!(
+            maps.state.services.keys().next_back(),
+            Some(&(services - 1))
+        );
+        assert_eq!(
+            maps.state.backends.keys().next_back(),
+            Some(&(backends - 1))
+        );
+
+        // Written by someone else: a frontend deleted, a backend readdressed, a table entry
+        // changed, a stray frontend added.
+        maps.state.frontends.remove(&frontend_key(&fe(10, 30001)));
+        let two = *r
+            .backend_ids
+            .get(&(IpAddr::from([198, 19, 1, 2]), 8080))
+            .unwrap();
+        maps.state.backends.get_mut(&two).unwrap().addr = Addr::from(IpAddr::from([198, 19, 9, 9]));
+        let b = maps.state.frontends[&frontend_key(&fe(10, 30002))];
+        let offset = maps.state.services[&b.service_id].table_offset;
+        maps.maglev.insert(offset, two);
+        maps.state.frontends.insert(frontend_key(&fe(12, 30009)), b);
+        assert_eq!(
+            drift(&r, &maps),
+            vec![
+                "frontends: 1 missing (198.18.0.10:30001/TCP); 1 extra (198.18.0.12:30009/TCP)"
+                    .to_string(),
+                format!("Maglev tables: 1 changed (id {})", b.service_id),
+                format!("backends: 1 changed (id {two})"),
+            ]
+        );
+
+        // Repaired as a restart does: from what the maps hold, to the desired state.
+        let mut r = Reconciler::restore(maps.snapshot().unwrap(), Limits::default());
+        let report = r.reconcile(&want, &mut maps);
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert_eq!(drift(&r, &maps), Vec::<String>::new());
+        let ips = |last: &[u8]| {
+            last.iter()
+                .map(|l| IpAddr::from([198, 19, 1, *l]))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(live_backends(&maps, &fe(10, 30001)), ips(&[1, 2, 5]));
+        assert_eq!(live_backends(&maps, &fe(11, 30001)), ips(&[1, 2, 5]));
+        assert_eq!(live_backends(&maps, &fe(10, 30002)), ips(&[3]));
+        assert!(!maps
+            .state
+            .frontends
+            .contains_key(&frontend_key(&fe(12, 30009))));
     }
 
     #[test]

@@ -129,6 +129,20 @@ fn bad_nodeport_addresses_are_refused_before_touching_anything() {
 }
 
 #[test]
+fn a_bad_maps_check_period_is_refused_before_touching_anything() {
+    bad_values_are_refused_before_touching_anything(
+        "/sys/fs/bpf/exposure-cli-test12",
+        "--maps-check-period",
+        &[
+            ("5", "\"5\" is not a period such as 30s"),
+            ("1.5s", "is not a period"),
+            ("10d", "is not a period"),
+            ("s", "is not a period"),
+        ],
+    );
+}
+
+#[test]
 fn a_bad_node_port_range_is_refused_before_touching_anything() {
     bad_values_are_refused_before_touching_anything(
         "/sys/fs/bpf/exposure-cli-test5",

@@ -10,6 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use exposure::datapath::KernelMaps;
 use exposure_lab::{
     agent::{pin_dir, Agent, Source},
     apps::{self, parse_answer, Server, TcpSession, UdpSession},
@@ -118,6 +119,14 @@ impl Cluster {
             seen.insert(peer.ip());
         }
         (pods, seen)
+    }
+
+    /// Which pods answer `count` fresh TCP connections; `None` if one is not answered.
+    fn tcp_spread_if_served(&self, to: SocketAddr, count: usize) -> Option<BTreeSet<String>> {
+        (0..count)
+            .map(|_| apps::tcp_ask(&self.lab.client, to))
+            .map(|answer| Some(parse_answer(&answer.ok()?)?.0.to_string()))
+            .collect()
     }
 
     fn udp_spread(&self, to: SocketAddr, count: usize) -> BTreeSet<String> {
@@ -602,6 +611,85 @@ fn nodeport_addresses_choose_where_nodeports_are_served() {
     ));
 }
 
+/// node-1's agent's `exposure_map_repairs_total`.
+fn map_repairs(c: &Cluster) -> f64 {
+    let m = exposure_lab::agent::metrics(&c.lab.nodes[0]).unwrap_or_default();
+    m.lines()
+        .find_map(|l| l.strip_prefix("exposure_map_repairs_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(-1.0)
+}
+
+/// Service map entries changed by something other than the agent (a person with bpftool, a
+/// second agent on the same pin directory) are found at the next check and rewritten, as
+/// kube-proxy's periodic sync restores rules removed behind its back. Traffic and the agent's
+/// own syncs are never taken for such a change.
+#[test]
+fn service_maps_changed_behind_the_agents_back_are_rewritten() {
+    use exposure::sync::DatapathMaps as _;
+    let everyone = pods_named(&["pod-1-1", "pod-2-1"]);
+    let c = Cluster::start_with(
+        &[1, 1],
+        &[("svc.yaml", hello_world(&all_pods(&[1, 1])))],
+        &["--maps-check-period", "100ms"],
+    );
+    assert_eq!(c.tcp_spread(c.node(0, 30600), 20).0, everyone);
+    c.write("svc.yaml", &hello_world(&all_pods(&[1, 0])));
+    c.eventually("only pod-1-1", || {
+        c.tcp_spread(c.node(0, 30600), 10).0 == pods_named(&["pod-1-1"])
+    });
+    c.write("svc.yaml", &hello_world(&all_pods(&[1, 1])));
+    c.eventually("both pods again", || {
+        c.tcp_spread(c.node(0, 30600), 20).0 == everyone
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        map_repairs(&c),
+        0.0,
+        "nothing to repair after traffic and syncs"
+    );
+
+    // Someone deletes node-1's NodePort and points pod-2-1's backend elsewhere.
+    let mut maps = KernelMaps::open(&c.agents[0].pin_dir).expect("the pinned maps");
+    let actual = maps.snapshot().unwrap();
+    let (key, _) = actual
+        .frontends
+        .iter()
+        .find(|(k, _)| {
+            IpAddr::from(k.addr) == IpAddr::V4(c.lab.nodes[0].ip)
+                && exposure_common::port_host(k.port) == 30600
+                && k.proto == exposure_common::PROTO_TCP
+                && k.scope == 0
+        })
+        .expect("node-1's TCP NodePort");
+    maps.remove_frontend(key).unwrap();
+    let pod_2_1 = IpAddr::V4(exposure_lab::lab::pod_ip(1, 0));
+    let (id, backend) = actual
+        .backends
+        .iter()
+        .find(|(_, b)| IpAddr::from(b.addr) == pod_2_1)
+        .expect("pod-2-1's backend");
+    let elsewhere = exposure_common::Backend {
+        addr: exposure_common::Addr::from(IpAddr::from([198, 19, 255, 9])),
+        ..*backend
+    };
+    maps.write_backend(*id, &elsewhere).unwrap();
+    c.eventually("both pods answer through node-1 again", || {
+        c.tcp_spread_if_served(c.node(0, 30600), 20) == Some(everyone.clone())
+    });
+    assert_eq!(map_repairs(&c), 1.0);
+    let log = c.agents[0].log_text();
+    assert!(
+        log.contains("the Service maps differ from what the agent wrote")
+            && log.contains(&format!(
+                "frontends: 1 missing ({}:30600/TCP)",
+                c.lab.nodes[0].ip
+            ))
+            && log.contains(&format!("backends: 1 changed (id {id})")),
+        "{log}"
+    );
+}
+
 /// `--iface` deleted and made again while the agent runs (a hot-plugged NIC, a rebuilt bond): a new
 /// interface under the old name, with no programs on it, gets the datapath again.
 #[test]
@@ -611,11 +699,7 @@ fn an_interface_made_anew_gets_the_datapath_again() {
     assert_eq!(c.tcp_spread(c.node(0, 30600), 20).0, everyone);
     c.lab.replug_node(0).expect("eth0 made again");
     c.eventually("node-1's NodePort served again, by both pods", || {
-        (0..20)
-            .map(|_| apps::tcp_ask(&c.lab.client, c.node(0, 30600)))
-            .map(|answer| Some(parse_answer(&answer.ok()?)?.0.to_string()))
-            .collect::<Option<BTreeSet<String>>>()
-            .is_some_and(|pods| pods == everyone)
+        c.tcp_spread_if_served(c.node(0, 30600), 20) == Some(everyone.clone())
     });
     assert!(c.agents[0]
         .log_text()
