@@ -14,6 +14,12 @@ pub const ETH_P_IPV6: u16 = 0x86DD;
 pub const IPV6_LEN: usize = 40;
 pub const IPPROTO_ICMPV6: u8 = 58;
 pub const IPPROTO_FRAGMENT: u8 = 44;
+pub const IPPROTO_HOPOPTS: u8 = 0;
+pub const IPPROTO_ROUTING: u8 = 43;
+pub const IPPROTO_DSTOPTS: u8 = 60;
+/// Hop-by-hop, destination options and routing headers skipped before the rest (Cilium's
+/// `IPV6_MAX_HEADERS`); a packet with more is the kernel's.
+const IPV6_MAX_EXT_HEADERS: usize = 4;
 pub const IPV6_FRAG_HDR_LEN: usize = 8;
 /// Byte offsets inside the IPv6 header.
 pub const IP6_SADDR: usize = 8;
@@ -169,9 +175,10 @@ fn parse_v4<C: Frame>(ctx: &C) -> Result<Parsed, ()> {
     }))
 }
 
-/// IPv6 with TCP, UDP or ICMPv6 right after the fixed header, or TCP/UDP after a fragment header.
-/// Other extension headers (rare on the Internet, and Cilium's NodePort path parses only a few)
-/// leave the packet to the kernel.
+/// IPv6 with TCP, UDP or ICMPv6 after the fixed header and up to four hop-by-hop, destination
+/// options or routing headers (skipped and kept, as Cilium's `ipv6_hdrlen` does), then perhaps a
+/// fragment header right before TCP/UDP. Anything else (AH, ESP, a routing header with segments
+/// left: this node is a waypoint, not the destination) leaves the packet to the kernel.
 #[inline(always)]
 fn parse_v6<C: Frame>(ctx: &C) -> Result<Parsed, ()> {
     let ip: *const [u32; IPV6_LEN / 4] = ptr_at(ctx, ETH_LEN)?;
@@ -183,6 +190,19 @@ fn parse_v6<C: Frame>(ctx: &C) -> Result<Parsed, ()> {
     let lens = ip[1].to_ne_bytes();
     let mut proto = lens[2];
     let mut l4_off = ETH_LEN + IPV6_LEN;
+    for _ in 0..IPV6_MAX_EXT_HEADERS {
+        if proto != IPPROTO_HOPOPTS && proto != IPPROTO_DSTOPTS && proto != IPPROTO_ROUTING {
+            break;
+        }
+        // Next header, length in 8-byte units after the first 8, [routing type, segments left].
+        let hdr: *const [u8; 4] = ptr_at(ctx, l4_off)?;
+        let hdr = unsafe { *hdr };
+        if proto == IPPROTO_ROUTING && hdr[3] != 0 {
+            return Ok(Parsed::Other);
+        }
+        proto = hdr[0];
+        l4_off += (hdr[1] as usize + 1) * 8;
+    }
     let mut fragment = None;
     if proto == IPPROTO_FRAGMENT {
         let hdr: *const [u8; IPV6_FRAG_HDR_LEN] = ptr_at(ctx, l4_off)?;

@@ -428,6 +428,71 @@ pub fn reassemble4(frags: &[Vec<u8>]) -> Option<Vec<u8>> {
 /// The fragment header's length (IPv6).
 const FRAG_HDR: usize = 8;
 
+pub const HOPOPTS: u8 = 0;
+pub const ROUTING: u8 = 43;
+pub const DSTOPTS: u8 = 60;
+
+/// An extension header of `kind` whose bytes after the first two (next header, length) are
+/// `body` (6 + a multiple of 8 bytes).
+pub fn ext_header6(kind: u8, body: &[u8]) -> (u8, Vec<u8>) {
+    assert_eq!((body.len() + 2) % 8, 0, "a multiple of 8 bytes in all");
+    (kind, body.to_vec())
+}
+
+/// A hop-by-hop or destination options header of `len` bytes (8, 16, ...) holding only padding.
+pub fn options6(kind: u8, len: usize) -> (u8, Vec<u8>) {
+    let mut body = vec![1, (len - 4) as u8]; // PadN over the rest
+    body.resize(len - 2, 0);
+    ext_header6(kind, &body)
+}
+
+/// A segment routing header (type 4) with `segments_left` and one segment, `segment`.
+pub fn routing6(segments_left: u8, segment: Ipv6Addr) -> (u8, Vec<u8>) {
+    let mut body = vec![4, segments_left, 0, 0, 0, 0];
+    body.extend_from_slice(&segment.octets());
+    ext_header6(ROUTING, &body)
+}
+
+/// `frame` (IPv6, no extension headers) with `headers` inserted after its fixed header, chained
+/// to the upper-layer protocol it had.
+pub fn with_ext_headers6(frame: &[u8], headers: &[(u8, Vec<u8>)]) -> Vec<u8> {
+    let upper = frame[14 + 6];
+    let mut out = frame[..14 + 40].to_vec();
+    let mut added = 0;
+    for (i, (kind, body)) in headers.iter().enumerate() {
+        let next = headers.get(i + 1).map_or(upper, |(k, _)| *k);
+        if i == 0 {
+            out[14 + 6] = *kind;
+        }
+        out.push(next);
+        out.push(((body.len() + 2) / 8 - 1) as u8);
+        out.extend_from_slice(body);
+        added += body.len() + 2;
+    }
+    out.extend_from_slice(&frame[14 + 40..]);
+    let len = u16::from_be_bytes([frame[18], frame[19]]) as usize + added;
+    out[18..20].copy_from_slice(&(len as u16).to_be_bytes());
+    out
+}
+
+/// `frame` without the hop-by-hop, destination options and routing headers after its fixed
+/// header, and those headers' bytes.
+pub fn without_ext_headers6(frame: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    let mut next = frame[14 + 6];
+    let mut at = 14 + 40;
+    while [HOPOPTS, ROUTING, DSTOPTS].contains(&next) {
+        next = frame[at];
+        at += (frame[at + 1] as usize + 1) * 8;
+    }
+    let removed = at - (14 + 40);
+    let mut out = frame[..14 + 40].to_vec();
+    out[14 + 6] = next;
+    let len = u16::from_be_bytes([frame[18], frame[19]]) as usize - removed;
+    out[18..20].copy_from_slice(&(len as u16).to_be_bytes());
+    out.extend_from_slice(&frame[at..]);
+    (out, frame[14 + 40..at].to_vec())
+}
+
 /// Splits a whole IPv6 frame (no extension headers) into fragments of `chunk` bytes of its
 /// payload (a multiple of 8, but the last), each with a fragment header with ID `id`.
 pub fn fragment6(frame: &[u8], id: u32, chunk: usize) -> Vec<Vec<u8>> {

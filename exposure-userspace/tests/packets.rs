@@ -2355,6 +2355,93 @@ fn ipv6_remote_backend_gets_snat_and_the_reply_is_reversed_at_xdp() {
     });
 }
 
+/// Hop-by-hop, destination options and finished routing headers before TCP/UDP are skipped and
+/// kept, as Cilium's parser does: flows to local and remote backends are translated both ways
+/// with their headers intact. A routing header with segments left (this node is a waypoint) and
+/// more than four headers leave the packet to the kernel.
+#[test]
+fn ipv6_extension_headers_are_skipped_and_kept() {
+    with_datapath(|h| {
+        let chains = [
+            vec![frame::options6(frame::HOPOPTS, 8)],
+            vec![
+                frame::options6(frame::HOPOPTS, 8),
+                frame::options6(frame::DSTOPTS, 16),
+            ],
+            vec![
+                frame::options6(frame::HOPOPTS, 8),
+                frame::routing6(0, NODE6),
+                frame::options6(frame::DSTOPTS, 8),
+            ],
+        ];
+        let spec = |proto: u8, src: (Ipv6Addr, u16), dst: (Ipv6Addr, u16), flags: u8| {
+            if proto == TCP {
+                frame::FrameSpec6::tcp(src, dst, flags)
+            } else {
+                frame::FrameSpec6::udp(src, dst)
+            }
+        };
+        let mut sport = 41000;
+        for (backend, local) in [(LOCAL_POD6, true), (REMOTE_POD6, false)] {
+            h.program(&hello6(&[(backend, local)]));
+            for chain in &chains {
+                for proto in [TCP, UDP] {
+                    sport += 1;
+                    let mut request = spec(proto, (CLIENT6, sport), (NODE6, NODE_PORT), SYN);
+                    request.dst_mac = h.node_mac;
+                    let input = frame::with_ext_headers6(&request.build(), chain);
+                    let (verdict, out) = h.xdp(&input);
+                    assert_eq!(verdict, if local { XDP_PASS } else { XDP_TX });
+                    let (out, kept) = frame::without_ext_headers6(&out);
+                    assert_eq!(kept, input[54..54 + kept.len()], "headers kept");
+                    let p = parse6_ok(&out);
+                    assert_eq!(p.next_header, proto);
+                    assert_eq!((p.dst, p.dport), (backend, 50000));
+                    let (client_side, reply_to) = if local {
+                        ((CLIENT6, sport), (CLIENT6, sport))
+                    } else {
+                        assert_eq!(p.src, NODE6, "SNAT");
+                        ((p.src, p.sport), (NODE6, p.sport))
+                    };
+                    assert_eq!((p.src, p.sport), client_side);
+
+                    let mut reply = spec(proto, (backend, 50000), reply_to, SYN | ACK);
+                    reply.src_mac = h.peer_mac;
+                    reply.dst_mac = h.node_mac;
+                    let reply = frame::with_ext_headers6(&reply.build(), chain);
+                    let out = if local {
+                        let (verdict, out) = h.tc(&reply);
+                        assert_eq!(verdict, TC_ACT_OK);
+                        out
+                    } else {
+                        let (verdict, out) = h.xdp(&reply);
+                        assert_eq!(verdict, XDP_TX);
+                        out
+                    };
+                    let (out, kept) = frame::without_ext_headers6(&out);
+                    assert_eq!(kept, reply[54..54 + kept.len()], "headers kept");
+                    let r = parse6_ok(&out);
+                    assert_eq!((r.src, r.sport), (NODE6, NODE_PORT), "the frontend");
+                    assert_eq!((r.dst, r.dport), (CLIENT6, sport));
+                }
+            }
+        }
+        assert_eq!(h.counter(Counter::ToLocal), 6);
+        assert_eq!(h.counter(Counter::ToRemote), 6);
+
+        // The kernel's: a waypoint's routing header, five headers.
+        let plain = frame::FrameSpec6::udp((CLIENT6, 42000), (NODE6, NODE_PORT)).build();
+        for chain in [
+            vec![frame::routing6(1, REMOTE_POD6)],
+            vec![frame::options6(frame::DSTOPTS, 8); 5],
+        ] {
+            let input = frame::with_ext_headers6(&plain, &chain);
+            assert_eq!(h.xdp(&input), (XDP_PASS, input.clone()));
+        }
+        assert_eq!(h.counter(Counter::NewFlows), 12);
+    });
+}
+
 /// [`fragmented`] for IPv6: a datagram of 1,000 bytes of payload, in three fragments.
 fn fragmented6(mut spec: frame::FrameSpec6, id: u32) -> Vec<Vec<u8>> {
     spec.payload = (0..1000u32).map(|i| (i * 7) as u8).collect();
@@ -2530,12 +2617,13 @@ fn icmpv6_and_neighbour_discovery_pass_untouched() {
         ] {
             assert_eq!(h.xdp(&f), (XDP_PASS, f.clone()));
         }
-        // Not a frontend port, and a frontend behind an extension header: the kernel's.
+        // Not a frontend port, and a frontend behind a header the datapath does not skip (AH):
+        // the kernel's.
         let other = frame::FrameSpec6::tcp((CLIENT6, 40004), (NODE6, 22), SYN).build();
         assert_eq!(h.xdp(&other), (XDP_PASS, other.clone()));
-        let mut hop_by_hop = frame::FrameSpec6::udp((CLIENT6, 40005), (NODE6, NODE_PORT)).build();
-        hop_by_hop[14 + 6] = 0;
-        assert_eq!(h.xdp(&hop_by_hop), (XDP_PASS, hop_by_hop.clone()));
+        let plain = frame::FrameSpec6::udp((CLIENT6, 40005), (NODE6, NODE_PORT)).build();
+        let auth = frame::with_ext_headers6(&plain, &[frame::ext_header6(51, &[0; 14])]);
+        assert_eq!(h.xdp(&auth), (XDP_PASS, auth.clone()));
         let mut fragment = frame::FrameSpec6::udp((CLIENT6, 40006), (NODE6, NODE_PORT)).build();
         fragment[14 + 6] = 44;
         assert_eq!(h.xdp(&fragment), (XDP_PASS, fragment.clone()));
