@@ -458,6 +458,12 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             took,
             !health.is_synced(),
         );
+        let counts = desired.no_local_endpoints;
+        metrics.no_local_endpoints[0].store(counts.internal as u64, Ordering::Relaxed);
+        metrics.no_local_endpoints[1].store(counts.external as u64, Ordering::Relaxed);
+        if !dirty {
+            metrics.synced_at(SystemTime::now());
+        }
         tracing::info!(
             services = desired.services.len(),
             frontends = desired.frontend_count(),
@@ -496,6 +502,7 @@ fn check_maps(
         Err(e) => vec![format!("cannot read them: {e:#}")],
     };
     if differences.is_empty() {
+        metrics.synced_at(SystemTime::now());
         return false;
     }
     tracing::warn!(

@@ -133,6 +133,11 @@ pub struct Metrics {
     pub sync_errors: AtomicU64,
     /// Checks that found the Service maps changed by something else (and rewrote them).
     pub map_repairs: AtomicU64,
+    /// When the maps were last synced to, or checked against, the desired state (ms since the
+    /// Unix epoch; 0 before the first sync).
+    pub last_synced_ms: AtomicU64,
+    /// The last sync's [`crate::model::NoLocalEndpoints`]: internal, external.
+    pub no_local_endpoints: [AtomicU64; 2],
     pub skipped_objects: AtomicU64,
     pub services: AtomicU64,
     pub backends: AtomicU64,
@@ -144,7 +149,19 @@ fn escape(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"")
 }
 
+fn gauge_f64(out: &mut String, name: &str, help: &str, v: f64) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+}
+
 impl Metrics {
+    /// Notes that the maps match the desired state as of `now`.
+    pub fn synced_at(&self, now: SystemTime) {
+        let ms = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        self.last_synced_ms.store(ms, Ordering::Relaxed);
+    }
+
     /// Renders everything; `maps` gives the datapath's live counters.
     pub fn render(&self, maps: Option<&KernelMaps>) -> String {
         let mut out = String::new();
@@ -205,6 +222,19 @@ impl Metrics {
             out,
             "# HELP exposure_sync_errors_total Map writes or limits that failed.\n# TYPE exposure_sync_errors_total counter\nexposure_sync_errors_total {}",
             self.sync_errors.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP exposure_no_local_endpoints Service ports with a Local traffic policy whose endpoints are all on other nodes (kube-proxy's sync_proxy_rules_no_local_endpoints_total).\n# TYPE exposure_no_local_endpoints gauge\nexposure_no_local_endpoints{{traffic_policy=\"internal\"}} {}\nexposure_no_local_endpoints{{traffic_policy=\"external\"}} {}",
+            self.no_local_endpoints[0].load(Ordering::Relaxed),
+            self.no_local_endpoints[1].load(Ordering::Relaxed)
+        );
+        let synced_ms = self.last_synced_ms.load(Ordering::Relaxed);
+        gauge_f64(
+            &mut out,
+            "exposure_sync_last_timestamp_seconds",
+            "When the maps were last synced to, or checked against, the desired state (kube-proxy's sync_proxy_rules_last_timestamp_seconds).",
+            synced_ms as f64 / 1000.0,
         );
         let _ = writeln!(
             out,
@@ -324,7 +354,14 @@ mod tests {
             frontend: "198.18.0.10:30600/TCP".into(),
             service: "default/a\"b".into(),
         });
+        m.no_local_endpoints[1].store(2, Ordering::Relaxed);
+        let before = m.render(None);
+        assert!(before.contains("exposure_sync_last_timestamp_seconds 0\n"));
+        m.synced_at(SystemTime::UNIX_EPOCH + Duration::from_millis(1_764_230_400_250));
         let text = m.render(None);
+        assert!(text.contains("exposure_sync_last_timestamp_seconds 1764230400.25\n"));
+        assert!(text.contains("exposure_no_local_endpoints{traffic_policy=\"internal\"} 0\n"));
+        assert!(text.contains("exposure_no_local_endpoints{traffic_policy=\"external\"} 2\n"));
         assert!(text.contains("exposure_services 3"));
         assert!(text.contains("exposure_frontends 1"));
         assert!(text.contains("exposure_sync_duration_seconds_bucket{le=\"0.0005\"} 0"));

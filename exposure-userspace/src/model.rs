@@ -241,6 +241,18 @@ pub struct DesiredState {
     pub services: BTreeMap<ServicePortName, Arc<DesiredService>>,
     /// `healthCheckNodePort` -> what its HTTP server reports (`externalTrafficPolicy: Local`).
     pub health_checks: BTreeMap<u16, HealthCheck>,
+    pub no_local_endpoints: NoLocalEndpoints,
+}
+
+/// Service ports (each family counted) with a Local traffic policy whose endpoints are all on
+/// other nodes, so this node drops their new connections: kube-proxy's
+/// `sync_proxy_rules_no_local_endpoints_total` gauges.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NoLocalEndpoints {
+    /// `internalTrafficPolicy: Local`.
+    pub internal: usize,
+    /// `externalTrafficPolicy: Local`, of ports with frontends outside the cluster.
+    pub external: usize,
 }
 
 /// An address and port: a frontend's or an endpoint's.
@@ -776,6 +788,7 @@ pub struct Translated {
     display: String,
     ports: Vec<(ServicePortName, Arc<DesiredService>)>,
     health_check: Option<(u16, HealthCheck)>,
+    no_local_endpoints: NoLocalEndpoints,
     errors: Vec<ModelError>,
 }
 
@@ -976,6 +989,11 @@ pub fn translate_service(
             local_endpoints.extend(endpoints.pick(true, node).iter().map(|b| b.ip));
         }
         let all = endpoints.pick(false, node);
+        if !all.is_empty() && endpoints.pick(true, node).is_empty() {
+            let counts = &mut out.no_local_endpoints;
+            counts.internal += usize::from(internal_local);
+            counts.external += usize::from(local_only && !frontends.is_empty());
+        }
         // Where the ClusterIPs lead: `internalTrafficPolicy: Local`, this node's endpoints only
         // (with endpoints only elsewhere, new connections go nowhere: kube-proxy drops them).
         let cluster_wanted = match (cluster_frontends.is_empty(), internal_local) {
@@ -1177,6 +1195,8 @@ fn assemble<'a>(
     let mut owners: BTreeMap<FrontendAddr, &ServicePortName> = BTreeMap::new();
     for t in translated {
         errors.extend(t.errors.iter().cloned());
+        state.no_local_endpoints.internal += t.no_local_endpoints.internal;
+        state.no_local_endpoints.external += t.no_local_endpoints.external;
         if let Some((port, hc)) = &t.health_check {
             match state.health_checks.get(port) {
                 Some(owner) => errors.push(ModelError::HealthCheckConflict {
@@ -2354,6 +2374,49 @@ spec:
             ranges("[198.18.0.0/24]", "NodePort"),
             (None, 0),
             "only LoadBalancer Services"
+        );
+    }
+
+    #[test]
+    fn local_policies_with_endpoints_only_elsewhere_are_counted_as_kube_proxy_does() {
+        let slices = [slice(HELLO_SLICE)];
+        let count = |svc_type: &str, policies: &str, node_name: &str, slices: &[EndpointSlice]| {
+            let yaml = HELLO.replace("type: NodePort", &format!("type: {svc_type}\n  {policies}"));
+            let node = NodeContext {
+                node_name: node_name.into(),
+                node_sockets: true,
+                cluster_ips: true,
+                ..node()
+            };
+            let (state, errors) = desired_state(&[svc(&yaml)], slices, &node);
+            assert!(errors.is_empty(), "{errors:?}");
+            let counts = state.no_local_endpoints;
+            (counts.internal, counts.external)
+        };
+        let both = "externalTrafficPolicy: Local\n  internalTrafficPolicy: Local";
+        assert_eq!(
+            count("NodePort", both, "node-z", &slices),
+            (1, 1),
+            "all elsewhere"
+        );
+        assert_eq!(
+            count("NodePort", both, "node-a", &slices),
+            (0, 0),
+            "one here"
+        );
+        assert_eq!(
+            count("NodePort", both, "node-z", NO_SLICES),
+            (0, 0),
+            "none anywhere"
+        );
+        let etp = "externalTrafficPolicy: Local";
+        assert_eq!(count("NodePort", etp, "node-z", &slices), (0, 1));
+        let itp = "internalTrafficPolicy: Local";
+        assert_eq!(count("ClusterIP", itp, "node-z", &slices), (1, 0));
+        assert_eq!(
+            count("NodePort", "", "node-z", &slices),
+            (0, 0),
+            "Cluster policies"
         );
     }
 

@@ -613,11 +613,16 @@ fn nodeport_addresses_choose_where_nodeports_are_served() {
 
 /// node-1's agent's `exposure_map_repairs_total`.
 fn map_repairs(c: &Cluster) -> f64 {
-    let m = exposure_lab::agent::metrics(&c.lab.nodes[0]).unwrap_or_default();
+    metric(c, 0, "exposure_map_repairs_total").unwrap_or(-1.0)
+}
+
+/// The value of the sample `name` (with its labels) on node `n`'s `/metrics`.
+fn metric(c: &Cluster, n: usize, name: &str) -> Option<f64> {
+    let m = exposure_lab::agent::metrics(&c.lab.nodes[n]).ok()?;
+    let prefix = format!("{name} ");
     m.lines()
-        .find_map(|l| l.strip_prefix("exposure_map_repairs_total "))
+        .find_map(|l| l.strip_prefix(&prefix))
         .and_then(|v| v.parse().ok())
-        .unwrap_or(-1.0)
 }
 
 /// Service map entries changed by something other than the agent (a person with bpftool, a
@@ -1264,6 +1269,18 @@ fn health_check_node_port_tells_load_balancers_which_nodes_have_local_endpoints(
     );
     let (code, body) = http_get(&c, c.node(1, 32000), "/healthz");
     assert_eq!(code, 503, "node-2 has no local endpoint: {body}");
+    // As kube-proxy's sync_proxy_rules_no_local_endpoints_total.
+    let no_local = r#"exposure_no_local_endpoints{traffic_policy="external"}"#;
+    assert_eq!(
+        (metric(&c, 0, no_local), metric(&c, 1, no_local)),
+        (Some(0.0), Some(1.0))
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let synced = metric(&c, 1, "exposure_sync_last_timestamp_seconds").unwrap();
+    assert!((now - 120.0..=now).contains(&synced), "{synced} vs {now}");
     assert!(body.contains("\"localEndpoints\": 0"), "{body}");
     // Load balancers in front of a dual-stack cluster may check over IPv6: same answers.
     let over_v6 = |n: usize| {
@@ -1419,12 +1436,12 @@ fn shared_lb_ip_multi_port_external_ips_and_source_ranges() {
 }
 
 fn agent_counter(c: &Cluster, event: &str) -> f64 {
-    let m = exposure_lab::agent::metrics(&c.lab.nodes[0]).unwrap_or_default();
-    let prefix = format!("exposure_datapath_events_total{{event=\"{event}\"}} ");
-    m.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
+    metric(
+        c,
+        0,
+        &format!("exposure_datapath_events_total{{event=\"{event}\"}}"),
+    )
+    .unwrap_or(0.0)
 }
 
 /// Packets that node-1's rules in `table`/`chain` whose listing line contains `matching` have
