@@ -607,6 +607,7 @@ impl Counter {
 mod pod {
     use super::*;
     unsafe impl aya::Pod for Addr {}
+    unsafe impl aya::Pod for FlowLifetimes {}
     unsafe impl aya::Pod for NodeAddrKey {}
     unsafe impl aya::Pod for FrontendKey {}
     unsafe impl aya::Pod for FrontendKey4 {}
@@ -825,30 +826,89 @@ pub fn conn_bits(proto: u8, tcp_flags: u8, from_client: bool, flags: u32) -> u32
     close | exchange
 }
 
-/// How long a flow lives after its last packet.
+/// Which lifetime a flow has after its last packet, by protocol and state: an index into
+/// [`FlowLifetimes`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum FlowPhase {
+    /// TCP after RST or both FINs.
+    Closing = 0,
+    /// TCP before its handshake completed.
+    TcpOpening = 1,
+    /// TCP once established.
+    TcpOpen = 2,
+    /// Not TCP, from a build before the exchange bits (no `FLOW_OPENING`).
+    Unmarked = 3,
+    /// UDP, one exchange so far: a query and its answers.
+    UdpExchange = 4,
+    /// UDP whose client went on after an answer.
+    UdpStream = 5,
+}
+
+pub const FLOW_PHASES: usize = 6;
+
 #[inline(always)]
-pub fn flow_lifetime_ns(proto: u8, flags: u32) -> u64 {
+pub fn flow_phase(proto: u8, flags: u32) -> FlowPhase {
     if flow_closing(flags) {
-        CT_LIFETIME_CLOSING_NS
+        FlowPhase::Closing
     } else if proto == PROTO_TCP {
         if flags & (FLOW_OPENING | FLOW_ESTABLISHED) == FLOW_OPENING {
-            CT_LIFETIME_SYN_NS
+            FlowPhase::TcpOpening
         } else {
-            CT_LIFETIME_TCP_NS
+            FlowPhase::TcpOpen
         }
     } else if flags & FLOW_OPENING == 0 {
-        CT_LIFETIME_NONTCP_NS
+        FlowPhase::Unmarked
     } else if flags & FLOW_ESTABLISHED != 0 {
-        CT_LIFETIME_UDP_STREAM_NS
+        FlowPhase::UdpStream
     } else {
-        CT_LIFETIME_UDP_NS
+        FlowPhase::UdpExchange
+    }
+}
+
+/// How long a flow lives after its last packet, in ns, by [`FlowPhase`] (`--flow-timeout-*`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowLifetimes {
+    pub ns: [u64; FLOW_PHASES],
+}
+
+impl FlowLifetimes {
+    pub const DEFAULT: FlowLifetimes = FlowLifetimes {
+        ns: [
+            CT_LIFETIME_CLOSING_NS,
+            CT_LIFETIME_SYN_NS,
+            CT_LIFETIME_TCP_NS,
+            CT_LIFETIME_NONTCP_NS,
+            CT_LIFETIME_UDP_NS,
+            CT_LIFETIME_UDP_STREAM_NS,
+        ],
+    };
+}
+
+/// Where flow lifetimes come from: the programs read those set at load time, host code holds its
+/// own [`FlowLifetimes`].
+pub trait Lifetimes {
+    fn lifetime_ns(&self, phase: FlowPhase) -> u64;
+}
+
+impl Lifetimes for FlowLifetimes {
+    #[inline(always)]
+    fn lifetime_ns(&self, phase: FlowPhase) -> u64 {
+        self.ns[phase as usize]
     }
 }
 
 /// Whether an entry last seen at `last_seen_ns` still holds at `now_ns`.
 #[inline(always)]
-pub fn flow_alive(proto: u8, flags: u32, last_seen_ns: u64, now_ns: u64) -> bool {
-    now_ns.wrapping_sub(last_seen_ns) < flow_lifetime_ns(proto, flags)
+pub fn flow_alive(
+    proto: u8,
+    flags: u32,
+    last_seen_ns: u64,
+    now_ns: u64,
+    lifetimes: &impl Lifetimes,
+) -> bool {
+    now_ns.wrapping_sub(last_seen_ns) < lifetimes.lifetime_ns(flow_phase(proto, flags))
 }
 
 /// A flow is closing once RST was seen or both sides sent FIN: a new SYN then starts a new flow.
@@ -875,11 +935,17 @@ pub enum HostClaim {
 }
 
 #[inline(always)]
-pub fn host_claim(proto: u8, tcp_flags: u8, held: Option<(u32, u64)>, now_ns: u64) -> HostClaim {
+pub fn host_claim(
+    proto: u8,
+    tcp_flags: u8,
+    held: Option<(u32, u64)>,
+    now_ns: u64,
+    lifetimes: &impl Lifetimes,
+) -> HostClaim {
     let Some((flags, last_seen_ns)) = held else {
         return HostClaim::Claim;
     };
-    let alive = flow_alive(proto, flags, last_seen_ns, now_ns);
+    let alive = flow_alive(proto, flags, last_seen_ns, now_ns, lifetimes);
     let closed = proto == PROTO_TCP && flow_closing(flags);
     let new_syn = tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     if flags & FLOW_HOST != 0 {
@@ -965,7 +1031,12 @@ mod host_claim_tests {
                 "its own entry, over",
             ),
         ] {
-            assert_eq!(host_claim(proto, tcp_flags, held, now), claim, "{why}");
+            let lifetimes = FlowLifetimes::DEFAULT;
+            assert_eq!(
+                host_claim(proto, tcp_flags, held, now, &lifetimes),
+                claim,
+                "{why}"
+            );
         }
     }
 }
@@ -973,6 +1044,11 @@ mod host_claim_tests {
 #[cfg(test)]
 mod lifetime_tests {
     use super::*;
+
+    /// The default lifetime of a flow in that state.
+    fn flow_lifetime_ns(proto: u8, flags: u32) -> u64 {
+        FlowLifetimes::DEFAULT.lifetime_ns(flow_phase(proto, flags))
+    }
 
     #[test]
     fn lifetimes_follow_protocol_and_state() {
@@ -1118,13 +1194,54 @@ mod lifetime_tests {
     #[test]
     fn alive_until_lifetime_passes() {
         let t0 = 5_000_000_000u64;
-        assert!(flow_alive(PROTO_UDP, 0, t0, t0 + CT_LIFETIME_NONTCP_NS - 1));
-        assert!(!flow_alive(PROTO_UDP, 0, t0, t0 + CT_LIFETIME_NONTCP_NS));
+        let default = FlowLifetimes::DEFAULT;
+        assert!(flow_alive(
+            PROTO_UDP,
+            0,
+            t0,
+            t0 + CT_LIFETIME_NONTCP_NS - 1,
+            &default
+        ));
+        assert!(!flow_alive(
+            PROTO_UDP,
+            0,
+            t0,
+            t0 + CT_LIFETIME_NONTCP_NS,
+            &default
+        ));
         assert!(!flow_alive(
             PROTO_TCP,
             FLOW_CLOSING,
             t0,
-            t0 + CT_LIFETIME_CLOSING_NS + 1
+            t0 + CT_LIFETIME_CLOSING_NS + 1,
+            &default
+        ));
+        // Configured lifetimes: each phase its own.
+        let mut short = FlowLifetimes::DEFAULT;
+        short.ns[FlowPhase::UdpExchange as usize] = 5_000_000_000;
+        let query = FLOW_OPENING | FLOW_REPLIED;
+        assert!(flow_alive(PROTO_UDP, query, t0, t0 + 4_999_999_999, &short));
+        assert!(!flow_alive(
+            PROTO_UDP,
+            query,
+            t0,
+            t0 + 5_000_000_000,
+            &short
+        ));
+        let stream = query | FLOW_ESTABLISHED;
+        assert!(flow_alive(
+            PROTO_UDP,
+            stream,
+            t0,
+            t0 + 5_000_000_000,
+            &short
+        ));
+        assert!(flow_alive(
+            PROTO_UDP,
+            query,
+            t0,
+            t0 + 5_000_000_000,
+            &default
         ));
     }
 }

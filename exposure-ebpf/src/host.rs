@@ -88,7 +88,10 @@ fn hold_for_host<E: ConnState + Default>(
         let (flags, last_seen) = unsafe { (*e).state() };
         (*flags, *last_seen)
     });
-    match (host_claim(p.proto, p.tcp_flags, state, now), held) {
+    match (
+        host_claim(p.proto, p.tcp_flags, state, now, &LoadedLifetimes),
+        held,
+    ) {
         (HostClaim::Collision, _) => false,
         (HostClaim::Refresh, Some(entry)) => {
             touch(entry, || None::<*mut E>, p, true, now);

@@ -250,7 +250,7 @@ fn to_backend(ctx: &XdpContext, p: &Packet, fe: &Frontend) -> Result<u32, ()> {
     let existing = packet_entry(p, &FLOWS4, &FLOWS6).filter(|&f| {
         let f = unsafe { &*f };
         let new_syn = p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN && flow_closing(f.flags);
-        flow_alive(p.proto, f.flags, f.last_seen_ns, now)
+        flow_alive(p.proto, f.flags, f.last_seen_ns, now, &LoadedLifetimes)
             && !new_syn
             && (p.proto == PROTO_TCP || f.flags & FLOW_HOST != 0 || backend_still_there(f))
     });
@@ -585,7 +585,7 @@ fn claim_snat_port(s: &mut Scratch, now: u64) -> Option<u16> {
         // waiting out the closing lifetime would cap new connections to one backend at a few
         // hundred per second.
         let closed = proto == PROTO_TCP && flow_closing(old.flags);
-        if (closed || !flow_alive(proto, old.flags, old.last_seen_ns, now))
+        if (closed || !flow_alive(proto, old.flags, old.last_seen_ns, now, &LoadedLifetimes))
             && insert_reply(&s.reply_key, &s.reply, BPF_ANY as u64).is_ok()
         {
             return Some(candidate);
@@ -653,7 +653,7 @@ fn reply_to_client(ctx: &XdpContext, p: &Packet, reply: *mut Reply) -> Result<u3
     }
     // A SNATed flow that is over owns its tuple no more: what arrives on it is the kernel's (a
     // connection of the node's that took the port, as its NAT does not know ours).
-    if !flow_alive(p.proto, r.flags, r.last_seen_ns, now) {
+    if !flow_alive(p.proto, r.flags, r.last_seen_ns, now, &LoadedLifetimes) {
         return Ok(xdp_action::XDP_PASS);
     }
     if let Some(mtu) = mtu_exceeded(ctx, r.ifindex) {

@@ -112,6 +112,25 @@ pub fn snat_ports() -> (u16, u16) {
     }
 }
 
+/// Set at load time (`--flow-timeout-*`): how long flows live after their last packet.
+#[no_mangle]
+static FLOW_LIFETIMES: FlowLifetimes = FlowLifetimes::DEFAULT;
+
+/// The lifetimes set at load time, each read through a volatile load (or LLVM folds in the
+/// defaults).
+pub struct LoadedLifetimes;
+
+impl Lifetimes for LoadedLifetimes {
+    #[inline(always)]
+    fn lifetime_ns(&self, phase: FlowPhase) -> u64 {
+        let ns = &FLOW_LIFETIMES.ns;
+        match ns.get(phase as usize) {
+            Some(at) => unsafe { core::ptr::read_volatile(at) },
+            None => CT_LIFETIME_NONTCP_NS,
+        }
+    }
+}
+
 /// Whether some frontend is on a port (host order).
 #[inline(always)]
 pub fn is_frontend_port(port: u16) -> bool {

@@ -308,6 +308,8 @@ pub struct Capacity {
     /// Whether the socket hooks translate the sockets of every network namespace (pods too), or
     /// only the node's and those given to [`Datapath::attach_node_sockets`].
     pub sockets_of_every_netns: bool,
+    /// How long flows live after their last packet (`--flow-timeout-*`).
+    pub flow_lifetimes: exposure_common::FlowLifetimes,
 }
 
 /// An inclusive range of ports.
@@ -359,6 +361,7 @@ impl Default for Capacity {
             redirect_to_pods: RedirectToPods::Off,
             snat_ports: PortRange::SNAT_DEFAULT,
             sockets_of_every_netns: true,
+            flow_lifetimes: exposure_common::FlowLifetimes::DEFAULT,
         }
     }
 }
@@ -407,6 +410,7 @@ impl Datapath {
         loader.override_global("REDIRECT_TO_PODS", &redirect_to_pods, true);
         loader.override_global("SNAT_PORT_FIRST", &capacity.snat_ports.first, true);
         loader.override_global("SNAT_PORT_LAST", &capacity.snat_ports.last, true);
+        loader.override_global("FLOW_LIFETIMES", &capacity.flow_lifetimes, true);
         // 0 (no namespace has it) where the kernel can't tell: the socket hooks then do nothing.
         let netns = netns_cookie().unwrap_or_else(|e| {
             tracing::warn!("{e:#}; the node's own sockets will not be translated");

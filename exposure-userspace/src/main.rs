@@ -163,6 +163,26 @@ enum Command {
         /// alone. LoadBalancer IPs and externalIPs are not affected.
         #[arg(long = "nodeport-addresses", value_name = "CIDR,...|primary")]
         node_port_addresses: Option<exposure::model::NodePortAddresses>,
+        /// How long an established TCP flow lives after its last packet (kube-proxy's
+        /// --conntrack-tcp-timeout-established, Cilium's bpf-ct-timeout-regular-tcp).
+        #[arg(long, default_value = "6h", value_parser = flow_timeout)]
+        flow_timeout_tcp: std::time::Duration,
+        /// How long a TCP flow whose handshake has not completed lives (Cilium's
+        /// bpf-ct-timeout-regular-tcp-syn): it holds its SNAT port that long.
+        #[arg(long, default_value = "60s", value_parser = flow_timeout)]
+        flow_timeout_tcp_syn: std::time::Duration,
+        /// How long a TCP flow lives after RST or FIN both ways (Cilium's
+        /// bpf-ct-timeout-regular-tcp-fin).
+        #[arg(long, default_value = "10s", value_parser = flow_timeout)]
+        flow_timeout_tcp_closing: std::time::Duration,
+        /// How long a UDP flow of one exchange (a query and its answers) lives after its last
+        /// packet (kube-proxy's --conntrack-udp-timeout): it holds its SNAT port that long.
+        #[arg(long, default_value = "30s", value_parser = flow_timeout)]
+        flow_timeout_udp: std::time::Duration,
+        /// How long a UDP flow whose client went on after an answer lives after its last packet
+        /// (kube-proxy's --conntrack-udp-timeout-stream).
+        #[arg(long, default_value = "120s", value_parser = flow_timeout)]
+        flow_timeout_udp_stream: std::time::Duration,
         /// How often the agent reads the Service maps back and compares them with what it wrote
         /// (`30s`, `5m`, `1h`; `0` never): entries changed by anything else (a person with bpftool,
         /// a second agent on the same --pin-dir) are logged, counted in
@@ -242,6 +262,11 @@ fn main() -> anyhow::Result<()> {
             external_cluster_ips,
             node_port_addresses,
             maps_check_period,
+            flow_timeout_tcp,
+            flow_timeout_tcp_syn,
+            flow_timeout_tcp_closing,
+            flow_timeout_udp,
+            flow_timeout_udp_stream,
             cgroup_root,
         } => {
             let snat_ports =
@@ -283,6 +308,20 @@ fn main() -> anyhow::Result<()> {
                     redirect_to_pods,
                     snat_ports: snat_port_range,
                     sockets_of_every_netns: every_netns,
+                    flow_lifetimes: {
+                        use exposure_common::FlowPhase;
+                        let mut l = exposure_common::FlowLifetimes::DEFAULT;
+                        for (phase, timeout) in [
+                            (FlowPhase::TcpOpen, flow_timeout_tcp),
+                            (FlowPhase::TcpOpening, flow_timeout_tcp_syn),
+                            (FlowPhase::Closing, flow_timeout_tcp_closing),
+                            (FlowPhase::UdpExchange, flow_timeout_udp),
+                            (FlowPhase::UdpStream, flow_timeout_udp_stream),
+                        ] {
+                            l.ns[phase as usize] = timeout.as_nanos() as u64;
+                        }
+                        l
+                    },
                 },
                 pod_iface_prefixes,
                 reserve_local_ports: reserve_local_ports
@@ -366,6 +405,15 @@ fn period(s: &str) -> Result<std::time::Duration, String> {
         _ => return Err(format!("{s:?} is not a period such as 30s, 5m or 1h")),
     };
     Ok(std::time::Duration::from_millis(n.saturating_mul(unit_ms)))
+}
+
+/// A flow lifetime: a [`period`] of at least 2 s (flows note their last packet once a second).
+fn flow_timeout(s: &str) -> Result<std::time::Duration, String> {
+    let d = period(s)?;
+    if d < std::time::Duration::from_secs(2) {
+        return Err(format!("{s:?} is shorter than 2s"));
+    }
+    Ok(d.min(std::time::Duration::from_secs(365 * 86_400)))
 }
 
 fn port_set(s: &str) -> Result<exposure::local_ports::PortSet, String> {

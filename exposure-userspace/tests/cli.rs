@@ -143,6 +143,20 @@ fn a_bad_maps_check_period_is_refused_before_touching_anything() {
 }
 
 #[test]
+fn bad_flow_timeouts_are_refused_before_touching_anything() {
+    bad_values_are_refused_before_touching_anything(
+        "/sys/fs/bpf/exposure-cli-test13",
+        "--flow-timeout-udp",
+        &[
+            ("1s", "\"1s\" is shorter than 2s"),
+            ("1500ms", "shorter than 2s"),
+            ("0", "shorter than 2s"),
+            ("30", "is not a period"),
+        ],
+    );
+}
+
+#[test]
 fn a_bad_node_port_range_is_refused_before_touching_anything() {
     bad_values_are_refused_before_touching_anything(
         "/sys/fs/bpf/exposure-cli-test5",

@@ -929,6 +929,24 @@ fn dns_echo(endpoints: &[(Ipv4Addr, String)]) -> String {
         )
 }
 
+/// `--flow-timeout-udp` reaches the datapath: a query-and-answer flow is over after it, so the
+/// same socket's next query starts a new flow (with the default 30 s it would still be the old).
+#[test]
+fn a_udp_flow_ends_after_the_configured_timeout() {
+    let c = Cluster::start_with(
+        &[1, 1],
+        &[("dns.yaml", dns_echo(&all_pods(&[1, 1])))],
+        &["--flow-timeout-udp", "2s"],
+    );
+    let mut session = UdpSession::connect(&c.lab.client, c.node(0, 30053)).expect("socket");
+    let new_flows = || agent_counter(&c, "new_flows");
+    session.ask("one").expect("answered");
+    let first = new_flows();
+    std::thread::sleep(Duration::from_millis(2_500));
+    session.ask("two").expect("answered");
+    assert_eq!(new_flows(), first + 1.0, "a new flow after 2 s");
+}
+
 #[test]
 fn udp_clients_move_on_when_their_endpoint_is_removed() {
     let echo = dns_echo;

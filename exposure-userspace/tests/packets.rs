@@ -1264,6 +1264,57 @@ fn age_flows(h: &mut Harness, secs: u64) {
     }
 }
 
+/// `--flow-timeout-*`: the lifetimes set at load time decide when a flow is over, each phase by
+/// its own (here a UDP exchange 5 s, an established TCP connection 100 s).
+#[test]
+fn flows_end_after_the_lifetimes_set_at_load_time() {
+    let mut lifetimes = exposure_common::FlowLifetimes::DEFAULT;
+    lifetimes.ns[exposure_common::FlowPhase::UdpExchange as usize] = 5_000_000_000;
+    lifetimes.ns[exposure_common::FlowPhase::TcpOpen as usize] = 100_000_000_000;
+    let capacity = exposure::datapath::Capacity {
+        flow_lifetimes: lifetimes,
+        ..Default::default()
+    };
+    with_datapath_config(capacity, |h| {
+        h.program(&hello(&[(LOCAL_POD, true)]));
+        let (udp_client, tcp_client) = ((CLIENT, 40100), (CLIENT, 40101));
+        let query = FrameSpec::udp(udp_client, (NODE, NODE_PORT)).build();
+        assert_eq!(h.xdp(&query).0, XDP_PASS);
+        let answer = FrameSpec::udp((LOCAL_POD, 50000), udp_client).build();
+        assert_eq!(h.tc(&answer).0, TC_ACT_OK);
+        h.xdp(&FrameSpec::tcp(tcp_client, (NODE, NODE_PORT), SYN).build());
+        h.tc(&FrameSpec::tcp((LOCAL_POD, 50000), tcp_client, SYN | ACK).build());
+        let ack = FrameSpec::tcp(tcp_client, (NODE, NODE_PORT), ACK).build();
+        h.xdp(&ack);
+        let tcp_flags = h.flow(tcp_client, (NODE, NODE_PORT), TCP).unwrap().flags;
+        assert_ne!(tcp_flags & FLOW_ESTABLISHED, 0);
+        assert_eq!(h.counter(Counter::NewFlows), 2);
+
+        // 6 s on: the UDP exchange is over (the default keeps it 30 s), TCP goes on.
+        age_flows(h, 6);
+        assert_eq!(h.xdp(&query).0, XDP_PASS);
+        assert_eq!(
+            h.counter(Counter::NewFlows),
+            3,
+            "the query starts a new flow"
+        );
+        assert_eq!(h.xdp(&ack).0, XDP_PASS);
+        assert_eq!(
+            h.counter(Counter::NewFlows),
+            3,
+            "the connection's flow holds"
+        );
+        // 101 s after its last packet (the default keeps it 6 h): over.
+        age_flows(h, 101);
+        assert_eq!(h.xdp(&ack).0, XDP_PASS);
+        assert_eq!(
+            h.counter(Counter::NewFlows),
+            4,
+            "the connection's flow was over"
+        );
+    });
+}
+
 #[test]
 fn connections_that_never_complete_their_handshake_give_up_their_snat_ports_after_a_minute() {
     with_datapath(|h| {
