@@ -28,6 +28,12 @@ enum LogFormat {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum StatusOutput {
+    Table,
+    Json,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum BpfLogLevel {
     Off = 0,
     Error = 1,
@@ -199,6 +205,9 @@ enum Command {
     Status {
         #[arg(long, default_value = "/sys/fs/bpf/exposure")]
         pin_dir: PathBuf,
+        /// `json`: one object with every frontend, its backends, and the counters, for scripts.
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: StatusOutput,
     },
     /// Detach the datapath and remove everything pinned under --pin-dir.
     Cleanup {
@@ -362,12 +371,16 @@ fn main() -> anyhow::Result<()> {
                 .build()?
                 .block_on(agent::run(cfg))
         }
-        Command::Status { pin_dir } => {
+        Command::Status { pin_dir, output } => {
             let maps = datapath::KernelMaps::open(&pin_dir)?;
             let snapshot = exposure::sync::DatapathMaps::snapshot(&maps)?;
+            let render = match output {
+                StatusOutput::Table => status::render,
+                StatusOutput::Json => status::render_json,
+            };
             print!(
                 "{}",
-                status::render(&snapshot, maps.flow_count(), &maps.counters()?)
+                render(&snapshot, maps.flow_count(), &maps.counters()?)
             );
             Ok(())
         }

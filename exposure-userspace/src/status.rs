@@ -1,6 +1,9 @@
 //! `exposure status`: what the pinned maps say, as a table.
 
-use std::{collections::BTreeMap, fmt::Write as _, net::IpAddr};
+use std::{
+    fmt::Write as _,
+    net::{IpAddr, SocketAddr},
+};
 
 use exposure_common::{
     port_host, Counter, BACKEND_LOCAL, FRONTEND_CLUSTER_IP, FRONTEND_EXTERNAL_IP,
@@ -21,43 +24,130 @@ fn kind(flags: u16) -> &'static str {
     }
 }
 
+/// One frontend as the maps hold it.
+struct FrontendRow {
+    key: exposure_common::FrontendKey,
+    kind: &'static str,
+    service_id: u32,
+    /// (address, local), sorted.
+    backends: Vec<(SocketAddr, bool)>,
+    /// What a connection gets when there are no backends: "refuse" or "drop".
+    when_empty: &'static str,
+}
+
+fn rows(s: &Snapshot) -> Vec<FrontendRow> {
+    s.frontends
+        .iter()
+        .map(|(key, fe)| {
+            let svc = s.services.get(&fe.service_id).copied().unwrap_or_default();
+            let mut backends: Vec<(SocketAddr, bool)> = s
+                .backends_of(fe.service_id)
+                .into_iter()
+                .map(|b| {
+                    let at = SocketAddr::new(IpAddr::from(b.addr), port_host(b.port));
+                    (at, b.flags & BACKEND_LOCAL != 0)
+                })
+                .collect();
+            backends.sort();
+            FrontendRow {
+                key: *key,
+                kind: kind(fe.flags),
+                service_id: fe.service_id,
+                backends,
+                when_empty: if svc.flags & SERVICE_DROP_WHEN_EMPTY != 0 {
+                    "drop"
+                } else {
+                    "refuse"
+                },
+            }
+        })
+        .collect()
+}
+
+/// The same as [`render`], as one JSON object (for scripts): `frontends` (each with its
+/// `backends`), `service_ports`, `backends`, `flows` and every counter.
+pub fn render_json(s: &Snapshot, flows: usize, counters: &[(Counter, u64)]) -> String {
+    let frontends: Vec<serde_json::Value> = rows(s)
+        .into_iter()
+        .map(|r| {
+            let scope = match crate::model::Scope::from_number(r.key.scope) {
+                crate::model::Scope::External => "external",
+                crate::model::Scope::NodeSockets => "node-sockets",
+            };
+            let protocol = crate::model::Protocol::from_number(r.key.proto)
+                .map_or_else(|| r.key.proto.to_string(), |p| p.to_string());
+            let backends: Vec<serde_json::Value> = r
+                .backends
+                .iter()
+                .map(|(at, local)| {
+                    serde_json::json!({"address": at.ip().to_string(), "port": at.port(), "local": local})
+                })
+                .collect();
+            let port = port_host(r.key.port);
+            serde_json::json!({
+                "frontend": frontend_display(&r.key),
+                "address": IpAddr::from(r.key.addr).to_string(),
+                // 0: the ClusterIP's other ports (shown as `*`).
+                "port": port,
+                "protocol": protocol,
+                "scope": scope,
+                "kind": r.kind,
+                "service": r.service_id,
+                "backends": backends,
+                "when_empty": r.when_empty,
+            })
+        })
+        .collect();
+    let counters: serde_json::Map<String, serde_json::Value> = counters
+        .iter()
+        .map(|(c, v)| (c.name().to_string(), (*v).into()))
+        .collect();
+    let out = serde_json::json!({
+        "frontends": frontends,
+        "service_ports": service_ports(s),
+        "backends": s.backends.len(),
+        "flows": flows,
+        "counters": counters,
+    });
+    format!("{out:#}\n")
+}
+
+/// Service ports that some frontend leads to.
+fn service_ports(s: &Snapshot) -> usize {
+    s.frontends
+        .values()
+        .map(|f| f.service_id)
+        .collect::<std::collections::BTreeSet<u32>>()
+        .len()
+}
+
 /// Renders the frontends -> backends table, then flow and counter totals.
 pub fn render(s: &Snapshot, flows: usize, counters: &[(Counter, u64)]) -> String {
-    let mut rows: Vec<[String; 4]> = Vec::new();
-    for (key, fe) in &s.frontends {
-        let frontend = frontend_display(key);
-        let svc = s.services.get(&fe.service_id).copied().unwrap_or_default();
-        let mut found = s.backends_of(fe.service_id);
-        found.sort_by_key(|b| (IpAddr::from(b.addr), port_host(b.port)));
-        let backends: Vec<String> = found
-            .into_iter()
-            .map(|b| {
-                let local = if b.flags & BACKEND_LOCAL != 0 {
-                    " (local)"
-                } else {
-                    ""
-                };
-                let at = std::net::SocketAddr::new(IpAddr::from(b.addr), port_host(b.port));
-                format!("{at}{local}")
-            })
-            .collect();
-        let backends = if backends.is_empty() {
-            if svc.flags & SERVICE_DROP_WHEN_EMPTY != 0 {
-                "(none on this node: drop)"
+    let rows: Vec<[String; 4]> = rows(s)
+        .into_iter()
+        .map(|r| {
+            let backends = if r.backends.is_empty() {
+                match r.when_empty {
+                    "drop" => "(none on this node: drop)",
+                    _ => "(none: refuse)",
+                }
+                .to_string()
             } else {
-                "(none: refuse)"
-            }
-            .to_string()
-        } else {
-            backends.join(", ")
-        };
-        rows.push([
-            frontend,
-            kind(fe.flags).to_string(),
-            fe.service_id.to_string(),
-            backends,
-        ]);
-    }
+                let shown: Vec<String> = r
+                    .backends
+                    .iter()
+                    .map(|(at, local)| format!("{at}{}", if *local { " (local)" } else { "" }))
+                    .collect();
+                shown.join(", ")
+            };
+            [
+                frontend_display(&r.key),
+                r.kind.to_string(),
+                r.service_id.to_string(),
+                backends,
+            ]
+        })
+        .collect();
     let header = ["FRONTEND", "KIND", "SERVICE", "BACKENDS"].map(String::from);
     let mut widths = [0usize; 3];
     for row in std::iter::once(&header).chain(&rows) {
@@ -79,12 +169,11 @@ pub fn render(s: &Snapshot, flows: usize, counters: &[(Counter, u64)]) -> String
             w2 = widths[2]
         );
     }
-    let services: BTreeMap<u32, ()> = s.frontends.values().map(|f| (f.service_id, ())).collect();
     let _ = writeln!(
         out,
         "\n{} frontends, {} service ports, {} backends, {} tracked flows",
         s.frontends.len(),
-        services.len(),
+        service_ports(s),
         s.backends.len(),
         flows
     );
@@ -177,5 +266,47 @@ mod tests {
             "{out}"
         );
         assert!(out.contains("new_flows=3"));
+
+        let json: serde_json::Value = serde_json::from_str(&render_json(
+            &maps.snapshot().unwrap(),
+            3,
+            &[(Counter::NewFlows, 3), (Counter::NoBackend, 0)],
+        ))
+        .expect("JSON");
+        assert_eq!(json["flows"], 3);
+        assert_eq!(json["service_ports"], 1);
+        assert_eq!(json["backends"], 2);
+        assert_eq!(json["counters"]["new_flows"], 3);
+        assert_eq!(json["counters"]["refused_no_backend"], 0, "zeros too");
+        let frontends = json["frontends"].as_array().unwrap();
+        assert_eq!(frontends.len(), 2);
+        let node_port = &frontends[0];
+        assert_eq!(node_port["frontend"], "198.18.0.10:30600/TCP");
+        assert_eq!(
+            (
+                &node_port["address"],
+                &node_port["port"],
+                &node_port["protocol"]
+            ),
+            (&"198.18.0.10".into(), &30600.into(), &"TCP".into())
+        );
+        assert_eq!(
+            (&node_port["kind"], &node_port["scope"]),
+            (&"NodePort".into(), &"external".into())
+        );
+        assert_eq!(node_port["when_empty"], "refuse");
+        assert_eq!(
+            node_port["backends"],
+            serde_json::json!([
+                {"address": "198.19.1.2", "port": 50000, "local": true},
+                {"address": "198.19.2.2", "port": 50000, "local": false},
+            ])
+        );
+        let cluster_ip = &frontends[1];
+        assert_eq!(
+            (&cluster_ip["kind"], &cluster_ip["scope"]),
+            (&"ClusterIP".into(), &"node-sockets".into())
+        );
+        assert_eq!(cluster_ip["service"], node_port["service"]);
     }
 }

@@ -1158,6 +1158,28 @@ fn broken_manifests_are_reported_and_do_not_disturb_the_rest() {
         "{table}"
     );
     assert!(table.contains("198.19.1.2:50000 (local)"), "{table}");
+    // And as JSON, for scripts.
+    let out = std::process::Command::new(BIN)
+        .args(["status", "-o", "json", "--pin-dir"])
+        .arg(pin_dir(&c.lab.prefix, &c.lab.nodes[0]))
+        .output()
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let frontend = json["frontends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["frontend"] == "198.18.0.10:30681/TCP")
+        .expect("the new Service's NodePort");
+    assert_eq!(frontend["kind"], "NodePort");
+    assert_eq!(
+        frontend["backends"],
+        serde_json::json!([{"address": "198.19.2.2", "port": 50000, "local": false}])
+    );
+    assert!(
+        json["counters"]["new_flows"].as_u64().unwrap() > 0,
+        "{json}"
+    );
     c.agents.truncate(0);
 }
 
