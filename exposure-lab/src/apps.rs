@@ -54,12 +54,23 @@ fn bound(addr: SocketAddr, ty: socket2::Type) -> anyhow::Result<socket2::Socket>
 /// TCP and UDP servers on `port` in `ns`, on IPv4 and IPv6. TCP connections answer every line they
 /// get, so a held connection shows which pod it still talks to.
 pub fn serve(ns: &Netns, port: u16, ident: &str) -> anyhow::Result<Server> {
+    serve_at(
+        ns,
+        &[
+            SocketAddr::from(([0u8; 4], port)),
+            SocketAddr::from(([0u16; 8], port)),
+        ],
+        ident,
+    )
+}
+
+/// [`serve`] bound to the given addresses: a UDP server then answers from the address it was
+/// asked at, as servers on a host with many addresses must (one bound to the wildcard answers
+/// from the address the route to the client prefers).
+pub fn serve_at(ns: &Netns, addrs: &[SocketAddr], ident: &str) -> anyhow::Result<Server> {
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::new();
-    for any in [
-        SocketAddr::from(([0u8; 4], port)),
-        SocketAddr::from(([0u16; 8], port)),
-    ] {
+    for &any in addrs {
         let (tcp, udp) = ns.run(move || -> anyhow::Result<(TcpListener, UdpSocket)> {
             let tcp = bound(any, socket2::Type::STREAM)?;
             tcp.listen(128)?;

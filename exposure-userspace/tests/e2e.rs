@@ -695,6 +695,59 @@ fn service_maps_changed_behind_the_agents_back_are_rewritten() {
     );
 }
 
+/// Endpoints on the nodes' own addresses (`hostNetwork` pods: an ingress controller on the host
+/// network, or the API servers behind the `kubernetes` Service): NodePorts reach the local one
+/// with the client's address and the remote one SNATed, over TCP and UDP, and the sockets of a
+/// pod and of the node reach both through the ClusterIP and the NodePort.
+#[test]
+fn endpoints_on_the_nodes_own_addresses_are_served() {
+    let nodes: Vec<(Ipv4Addr, String)> = vec![
+        (node_ip(0), "node-1".to_string()),
+        (node_ip(1), "node-2".to_string()),
+    ];
+    let ports = "  - {name: t, protocol: TCP, port: 443, targetPort: 51000, nodePort: 30650}\n  - {name: u, protocol: UDP, port: 443, targetPort: 51000, nodePort: 30650}\n";
+    let slice_ports =
+        "- {name: t, protocol: TCP, port: 51000}\n- {name: u, protocol: UDP, port: 51000}\n";
+    let manifest = service("host-net", "NodePort", ports, "")
+        + "---\n"
+        + &slice("host-net", slice_ports, &nodes);
+    let c = Cluster::start(&[1, 1], &[("host-net.yaml", manifest)]);
+    // Bound to the node's address, so UDP answers come from the address asked (as the API
+    // server binds its advertise address): one bound to the wildcard would answer the pod from
+    // the pod's gateway address, which its connected socket (or kube-proxy's conntrack) rejects.
+    let _servers: Vec<Server> = c
+        .lab
+        .nodes
+        .iter()
+        .map(|n| {
+            apps::serve_at(&n.ns, &[SocketAddr::from((n.ip, 51000))], &n.name)
+                .expect("a server on the node's network")
+        })
+        .collect();
+    let both = pods_named(&["node-1", "node-2"]);
+    for (via, other) in [(0, 1), (1, 0)] {
+        let (answered, seen) = c.tcp_spread(c.node(via, 30650), 30);
+        assert_eq!(answered, both, "TCP through node-{}", via + 1);
+        assert_eq!(
+            seen,
+            BTreeSet::from([CLIENT, IpAddr::V4(node_ip(via))]),
+            "the local endpoint sees the client, node-{} the node's SNAT address",
+            other + 1
+        );
+        assert_eq!(
+            c.udp_spread(c.node(via, 30650), 30),
+            both,
+            "UDP through node-{}",
+            via + 1
+        );
+    }
+    let pod = &c.lab.nodes[0].pods[0];
+    let cluster_ip = SocketAddr::from((cluster_ip("host-net"), 443));
+    assert_every_socket_reaches(&pod.ns, cluster_ip, Some(IpAddr::V4(pod.ip)), &both, 20);
+    let node_1 = &c.lab.nodes[0].ns;
+    assert_every_socket_reaches(node_1, c.node(0, 30650), None, &both, 20);
+}
+
 /// `--iface` deleted and made again while the agent runs (a hot-plugged NIC, a rebuilt bond): a new
 /// interface under the old name, with no programs on it, gets the datapath again.
 #[test]
