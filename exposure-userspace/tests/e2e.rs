@@ -1948,6 +1948,41 @@ fn the_nodes_own_sockets_reach_the_pods_through_its_frontends() {
     assert_refused(&off);
 }
 
+/// A pod's packets to another node's NodePort (its IPv4 and IPv6 addresses) leave its node
+/// untranslated (node-1's maps have no frontend there) and are served by node-2's XDP like any
+/// client's: node-2's pod sees the pod's own address, and node-1's pod, the pod itself included,
+/// node-2's SNAT address; TCP, connected and unconnected UDP.
+#[test]
+fn a_pod_reaches_another_nodes_node_port() {
+    let c = Cluster::start(&[1, 1], &[("hello.yaml", hello_dual_stack(&[1, 1]))]);
+    let everyone = pods_named(&["pod-1-1", "pod-2-1"]);
+    let pod = &c.lab.nodes[0].pods[0];
+    for fe in [
+        c.node(1, 30600),
+        SocketAddr::from((c.lab.nodes[1].ip6, 30600)),
+    ] {
+        assert_every_socket_reaches(&pod.ns, fe, None, &everyone, 16);
+        let mut seen = BTreeSet::new();
+        for _ in 0..16 {
+            let answer = apps::tcp_ask(&pod.ns, fe).expect("TCP answer");
+            let (name, peer) = parse_answer(&answer).expect("answer format");
+            seen.insert((name.to_string(), peer.ip()));
+        }
+        let (own, node_2) = match fe {
+            SocketAddr::V4(_) => (IpAddr::V4(pod.ip), IpAddr::V4(c.lab.nodes[1].ip)),
+            SocketAddr::V6(_) => (pod.addr_towards(&fe), IpAddr::V6(c.lab.nodes[1].ip6)),
+        };
+        assert_eq!(
+            seen,
+            BTreeSet::from([
+                ("pod-1-1".to_string(), node_2),
+                ("pod-2-1".to_string(), own)
+            ]),
+            "via {fe}"
+        );
+    }
+}
+
 /// A pod's packets to its own node's NodePort arrive on the pod's veth, not on XDP's interface
 /// (and a LoadBalancer address is not even routed back to the node it is on): the socket hooks
 /// send the pods' sockets to the Service's pods as they do the node's, as Cilium's socket LB
