@@ -493,6 +493,7 @@ fn check_maps(
     limits: crate::sync::Limits,
     metrics: &Metrics,
 ) -> bool {
+    let started = Instant::now();
     let (services, backends) = reconciler.ids_in_use();
     let read = maps.snapshot_upto(services, backends);
     let differences = match &read {
@@ -501,6 +502,9 @@ fn check_maps(
             .differences(actual),
         Err(e) => vec![format!("cannot read them: {e:#}")],
     };
+    metrics
+        .maps_check_us
+        .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
     if differences.is_empty() {
         metrics.synced_at(SystemTime::now());
         return false;

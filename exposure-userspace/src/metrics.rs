@@ -133,6 +133,8 @@ pub struct Metrics {
     pub sync_errors: AtomicU64,
     /// Checks that found the Service maps changed by something else (and rewrote them).
     pub map_repairs: AtomicU64,
+    /// How long the last check of the maps took (reading them back and comparing), in µs.
+    pub maps_check_us: AtomicU64,
     /// When the maps were last synced to, or checked against, the desired state (ms since the
     /// Unix epoch; 0 before the first sync).
     pub last_synced_ms: AtomicU64,
@@ -235,6 +237,12 @@ impl Metrics {
             "exposure_sync_last_timestamp_seconds",
             "When the maps were last synced to, or checked against, the desired state (kube-proxy's sync_proxy_rules_last_timestamp_seconds).",
             synced_ms as f64 / 1000.0,
+        );
+        gauge_f64(
+            &mut out,
+            "exposure_maps_check_duration_seconds",
+            "How long the last check of the Service maps took (--maps-check-period: reading them back and comparing).",
+            self.maps_check_us.load(Ordering::Relaxed) as f64 / 1e6,
         );
         let _ = writeln!(
             out,
@@ -360,6 +368,10 @@ mod tests {
         m.synced_at(SystemTime::UNIX_EPOCH + Duration::from_millis(1_764_230_400_250));
         let text = m.render(None);
         assert!(text.contains("exposure_sync_last_timestamp_seconds 1764230400.25\n"));
+        m.maps_check_us.store(1_500, Ordering::Relaxed);
+        assert!(m
+            .render(None)
+            .contains("exposure_maps_check_duration_seconds 0.0015\n"));
         assert!(text.contains("exposure_no_local_endpoints{traffic_policy=\"internal\"} 0\n"));
         assert!(text.contains("exposure_no_local_endpoints{traffic_policy=\"external\"} 2\n"));
         assert!(text.contains("exposure_services 3"));
