@@ -289,6 +289,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     // when kept for ClusterIPs, serves the same ports with the same answers).
     let mut unbound: BTreeSet<String> = BTreeSet::new();
     let mut next_maps_check = Instant::now();
+    // A check's read of the maps on a blocking thread, and how many syncs had run when it began.
+    let mut maps_read: Option<(tokio::task::JoinHandle<MapsRead>, u64)> = None;
+    let mut syncs: u64 = 0;
     let mut ticker = tokio::time::interval(TICK);
     loop {
         tokio::select! {
@@ -341,10 +344,35 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             .or_else(|| last_node_addrs.clone())
             .unwrap_or_default();
         if let Some(period) = cfg.maps_check_period {
-            // Between syncs that wrote everything they meant to, so a difference is someone else's.
-            if !dirty && health.is_synced() && Instant::now() >= next_maps_check {
-                next_maps_check = Instant::now() + period;
-                dirty = check_maps(&maps, &mut reconciler, cfg.limits, &metrics);
+            // The maps are read off the loop (at 10,000 Services that is most of a check), and
+            // compared only if no sync wrote them meanwhile: a difference is then someone else's.
+            match maps_read.take() {
+                Some((task, began_at)) if task.is_finished() => {
+                    let read = task.await.unwrap_or_else(|e| MapsRead {
+                        snapshot: Err(anyhow::anyhow!("{e}")),
+                        took: Duration::ZERO,
+                    });
+                    if began_at == syncs && !dirty {
+                        next_maps_check = Instant::now() + period;
+                        dirty = check_maps(read, &maps, &mut reconciler, cfg.limits, &metrics);
+                    }
+                }
+                Some(pending) => maps_read = Some(pending),
+                None if !dirty && health.is_synced() && Instant::now() >= next_maps_check => {
+                    let (services, backends) = reconciler.ids_in_use();
+                    let pin_dir = cfg.pin_dir.clone();
+                    let task = tokio::task::spawn_blocking(move || {
+                        let started = Instant::now();
+                        let snapshot = KernelMaps::open(&pin_dir)
+                            .and_then(|m| m.snapshot_upto(services, backends));
+                        MapsRead {
+                            snapshot,
+                            took: started.elapsed(),
+                        }
+                    });
+                    maps_read = Some((task, syncs));
+                }
+                None => {}
             }
         }
         if !dirty && !source.dir_changed() && Some(&iface_addrs) == last_node_addrs.as_ref() {
@@ -406,6 +434,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             translator.desired_state(&objects.services, &objects.endpoint_slices, &node);
         let translated = started.elapsed();
         let report = reconciler.reconcile(&desired, &mut maps);
+        syncs += 1;
         if let Some(sockets) = &cfg.node_sockets {
             let left = match (&last_desired, restored_udp_pairs.take()) {
                 (Some(before), _) => model::udp_pairs_left(before, &desired),
@@ -484,27 +513,31 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Reads the Service maps back and compares them with what `reconciler` wrote. When something
-/// else changed them, logs what, counts it, and restores `reconciler` from the maps as a restart
-/// does, so the next sync (true is returned) rewrites what differs.
+/// The Service maps as a check read them, and how long that took.
+struct MapsRead {
+    snapshot: anyhow::Result<crate::sync::Snapshot>,
+    took: Duration,
+}
+
+/// Compares the Service maps as read with what `reconciler` wrote. When something else changed
+/// them, logs what, counts it, and restores `reconciler` from the maps as a restart does, so the
+/// next sync (true is returned) rewrites what differs.
 fn check_maps(
+    read: MapsRead,
     maps: &KernelMaps,
     reconciler: &mut Reconciler,
     limits: crate::sync::Limits,
     metrics: &Metrics,
 ) -> bool {
     let started = Instant::now();
-    let (services, backends) = reconciler.ids_in_use();
-    let read = maps.snapshot_upto(services, backends);
-    let differences = match &read {
-        Ok(actual) => reconciler
-            .expected(&actual.frontend_ports)
-            .differences(actual),
+    let differences = match &read.snapshot {
+        Ok(actual) => reconciler.differences(actual),
         Err(e) => vec![format!("cannot read them: {e:#}")],
     };
+    let took = read.took + started.elapsed();
     metrics
         .maps_check_us
-        .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        .store(took.as_micros() as u64, Ordering::Relaxed);
     if differences.is_empty() {
         metrics.synced_at(SystemTime::now());
         return false;

@@ -80,74 +80,55 @@ impl Snapshot {
     }
 }
 
-impl Snapshot {
-    /// How `actual` differs from this (what the maps should hold): one line per kind of entry
-    /// that differs, with counts and the first few keys; empty when they agree.
-    pub fn differences(&self, actual: &Snapshot) -> Vec<String> {
-        let mut out = Vec::new();
-        let frontend = |k: &FrontendKey| frontend_display(k);
-        let id = |id: &u32| format!("id {id}");
-        differ(
-            &mut out,
-            "frontends",
-            &self.frontends,
-            &actual.frontends,
-            frontend,
-        );
-        differ(&mut out, "services", &self.services, &actual.services, id);
-        differ(&mut out, "Maglev tables", &self.tables, &actual.tables, id);
-        differ(&mut out, "backends", &self.backends, &actual.backends, id);
-        let ranges = |set: &BTreeSet<(u32, Addr, u8)>| -> BTreeMap<(u32, Addr, u8), ()> {
-            set.iter().map(|r| (*r, ())).collect()
-        };
-        differ(
-            &mut out,
-            "source ranges",
-            &ranges(&self.source_ranges),
-            &ranges(&actual.source_ranges),
-            |(id, addr, len): &(u32, Addr, u8)| format!("{}/{len} of id {id}", IpAddr::from(*addr)),
-        );
-        let word = |w: &u32| format!("word {w}");
-        differ(
-            &mut out,
-            "frontend ports",
-            &self.frontend_ports,
-            &actual.frontend_ports,
-            word,
-        );
-        out
-    }
-}
-
-/// Appends to `out` how `actual` differs from `expected`: entries missing, changed and extra.
-fn differ<K: Ord, V: PartialEq>(
+/// [`differ`] for an expected map: `(expected, actual)`.
+fn differ_maps<K: Ord, V: PartialEq>(
     out: &mut Vec<String>,
     what: &str,
-    expected: &BTreeMap<K, V>,
+    (expected, actual): (&BTreeMap<K, V>, &BTreeMap<K, V>),
+    show: impl Fn(&K) -> String,
+) {
+    differ(
+        out,
+        what,
+        expected.keys(),
+        |k| expected.get(k),
+        actual,
+        show,
+    );
+}
+
+/// Appends to `out` how `actual` differs from what `expected` gives for each of `keys` (all it
+/// holds): entries missing, changed and extra, with counts and the first few keys.
+fn differ<'a, K: Ord + 'a, V: PartialEq + 'a>(
+    out: &mut Vec<String>,
+    what: &str,
+    keys: impl Iterator<Item = &'a K>,
+    expected: impl Fn(&K) -> Option<&'a V>,
     actual: &BTreeMap<K, V>,
     show: impl Fn(&K) -> String,
 ) {
-    let missing: Vec<&K> = expected
+    let mut missing = Vec::new();
+    let mut changed = Vec::new();
+    for k in keys {
+        match (expected(k), actual.get(k)) {
+            (_, None) => missing.push(show(k)),
+            (Some(want), Some(have)) if want != have => changed.push(show(k)),
+            _ => {}
+        }
+    }
+    let extra: Vec<String> = actual
         .keys()
-        .filter(|k| !actual.contains_key(k))
-        .collect();
-    let changed: Vec<&K> = expected
-        .iter()
-        .filter(|(k, v)| actual.get(k).is_some_and(|a| a != *v))
-        .map(|(k, _)| k)
-        .collect();
-    let extra: Vec<&K> = actual
-        .keys()
-        .filter(|k| !expected.contains_key(k))
+        .filter(|k| expected(k).is_none())
+        .map(&show)
         .collect();
     let mut parts = Vec::new();
     for (how, keys) in [("missing", missing), ("changed", changed), ("extra", extra)] {
         if keys.is_empty() {
             continue;
         }
-        let mut shown: Vec<String> = keys.iter().take(3).map(|k| show(k)).collect();
+        let mut shown: Vec<&str> = keys.iter().take(3).map(String::as_str).collect();
         if keys.len() > 3 {
-            shown.push("...".into());
+            shown.push("...");
         }
         parts.push(format!("{} {how} ({})", keys.len(), shown.join(", ")));
     }
@@ -551,37 +532,53 @@ impl Reconciler {
         }
     }
 
-    /// What the maps hold if nothing but this reconciler wrote them since it was restored (the
-    /// `FRONTEND_PORTS` words only once they have been written).
-    pub fn expected(&self, actual_frontend_ports: &BTreeMap<u32, u64>) -> Snapshot {
-        Snapshot {
-            frontends: self.frontends.clone(),
-            services: self
-                .services
-                .iter()
-                .map(|(id, s)| (*id, s.service))
-                .collect(),
-            tables: self
-                .services
-                .iter()
-                .map(|(id, s)| (*id, s.table.clone()))
-                .collect(),
-            backends: self.backends.clone(),
-            source_ranges: self
-                .services
-                .iter()
-                .flat_map(|(id, s)| s.ranges.iter().map(|(addr, len)| (*id, *addr, *len)))
-                .collect(),
-            frontend_ports: if self.frontend_ports_stale {
-                actual_frontend_ports.clone()
-            } else {
-                self.frontend_ports.clone()
-            },
+    /// How the maps (`actual`) differ from what this reconciler wrote since it was restored: one
+    /// line per kind of entry that differs, empty when they agree. `FRONTEND_PORTS` is compared
+    /// only once this reconciler has written it.
+    pub fn differences(&self, actual: &Snapshot) -> Vec<String> {
+        let mut out = Vec::new();
+        let id = |id: &u32| format!("id {id}");
+        let frontends = (&self.frontends, &actual.frontends);
+        differ_maps(&mut out, "frontends", frontends, frontend_display);
+        let services = &self.services;
+        differ(
+            &mut out,
+            "services",
+            services.keys(),
+            |k| services.get(k).map(|s| &s.service),
+            &actual.services,
+            id,
+        );
+        differ(
+            &mut out,
+            "Maglev tables",
+            services.keys(),
+            |k| services.get(k).map(|s| &s.table),
+            &actual.tables,
+            id,
+        );
+        differ_maps(&mut out, "backends", (&self.backends, &actual.backends), id);
+        let ranges: BTreeMap<(u32, Addr, u8), ()> = services
+            .iter()
+            .flat_map(|(id, s)| s.ranges.iter().map(|(addr, len)| ((*id, *addr, *len), ())))
+            .collect();
+        let actual_ranges: BTreeMap<(u32, Addr, u8), ()> =
+            actual.source_ranges.iter().map(|r| (*r, ())).collect();
+        differ_maps(
+            &mut out,
+            "source ranges",
+            (&ranges, &actual_ranges),
+            |(id, addr, len)| format!("{}/{len} of id {id}", IpAddr::from(*addr)),
+        );
+        if !self.frontend_ports_stale {
+            let words = (&self.frontend_ports, &actual.frontend_ports);
+            differ_maps(&mut out, "frontend ports", words, |w| format!("word {w}"));
         }
+        out
     }
 
     /// One past the highest service and backend ids this reconciler uses: how much of the
-    /// `SERVICES` and `BACKENDS` arrays a check against [`Reconciler::expected`] must read.
+    /// `SERVICES` and `BACKENDS` arrays a check with [`Reconciler::differences`] must read.
     pub fn ids_in_use(&self) -> (u32, u32) {
         let past = |max: Option<&u32>| max.map_or(0, |id| id + 1);
         (
@@ -1525,8 +1522,7 @@ mod tests {
 
     /// How the maps differ from what `r` wrote.
     fn drift(r: &Reconciler, maps: &FakeMaps) -> Vec<String> {
-        let actual = maps.snapshot().unwrap();
-        r.expected(&actual.frontend_ports).differences(&actual)
+        r.differences(&maps.snapshot().unwrap())
     }
 
     #[test]
