@@ -288,9 +288,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     // healthCheckNodePorts that could not be bound, reported once while that lasts (kube-proxy,
     // when kept for ClusterIPs, serves the same ports with the same answers).
     let mut unbound: BTreeSet<String> = BTreeSet::new();
-    let mut next_maps_check = Instant::now();
-    // A check's read of the maps on a blocking thread, and how many syncs had run when it began.
-    let mut maps_read: Option<(tokio::task::JoinHandle<MapsRead>, u64)> = None;
+    let mut maps_check = cfg.maps_check_period.map(MapsCheck::new);
+    // Reconciles so far: a check whose read overlapped one cannot tell who changed the maps.
     let mut syncs: u64 = 0;
     let mut ticker = tokio::time::interval(TICK);
     loop {
@@ -343,37 +342,10 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         let iface_addrs = iface_addrs
             .or_else(|| last_node_addrs.clone())
             .unwrap_or_default();
-        if let Some(period) = cfg.maps_check_period {
-            // The maps are read off the loop (at 10,000 Services that is most of a check), and
-            // compared only if no sync wrote them meanwhile: a difference is then someone else's.
-            match maps_read.take() {
-                Some((task, began_at)) if task.is_finished() => {
-                    let read = task.await.unwrap_or_else(|e| MapsRead {
-                        snapshot: Err(anyhow::anyhow!("{e}")),
-                        took: Duration::ZERO,
-                    });
-                    if began_at == syncs && !dirty {
-                        next_maps_check = Instant::now() + period;
-                        dirty = check_maps(read, &maps, &mut reconciler, cfg.limits, &metrics);
-                    }
-                }
-                Some(pending) => maps_read = Some(pending),
-                None if !dirty && health.is_synced() && Instant::now() >= next_maps_check => {
-                    let (services, backends) = reconciler.ids_in_use();
-                    let pin_dir = cfg.pin_dir.clone();
-                    let task = tokio::task::spawn_blocking(move || {
-                        let started = Instant::now();
-                        let snapshot = KernelMaps::open(&pin_dir)
-                            .and_then(|m| m.snapshot_upto(services, backends));
-                        MapsRead {
-                            snapshot,
-                            took: started.elapsed(),
-                        }
-                    });
-                    maps_read = Some((task, syncs));
-                }
-                None => {}
-            }
+        if let Some(check) = &mut maps_check {
+            let ready = !dirty && health.is_synced();
+            let state = (&maps, &mut reconciler, cfg.limits, &*metrics);
+            dirty |= check.tick(ready, syncs, &cfg.pin_dir, state).await;
         }
         if !dirty && !source.dir_changed() && Some(&iface_addrs) == last_node_addrs.as_ref() {
             continue;
@@ -511,6 +483,73 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     // Pins stay: the programs keep forwarding established flows while the agent is away.
     tracing::info!("agent stopping; datapath stays attached (use `exposure cleanup` to remove it)");
     Ok(())
+}
+
+/// `--maps-check-period`: the Service maps are read on a blocking thread (at 10,000 Services that
+/// is most of a check), then compared in the loop, only if no sync wrote them meanwhile: a
+/// difference is then someone else's.
+struct MapsCheck {
+    period: Duration,
+    next: Instant,
+    /// The read in progress, and how many syncs had run when it began.
+    reading: Option<(tokio::task::JoinHandle<MapsRead>, u64)>,
+}
+
+impl MapsCheck {
+    fn new(period: Duration) -> Self {
+        MapsCheck {
+            period,
+            next: Instant::now(),
+            reading: None,
+        }
+    }
+
+    /// Starts a read when one is due and the maps are as the last sync left them (`ready`), or
+    /// compares a finished one. True: the maps were changed by something else, and `reconciler`
+    /// now holds what they hold, so a sync must rewrite them.
+    async fn tick(
+        &mut self,
+        ready: bool,
+        syncs: u64,
+        pin_dir: &Path,
+        (maps, reconciler, limits, metrics): (
+            &KernelMaps,
+            &mut Reconciler,
+            crate::sync::Limits,
+            &Metrics,
+        ),
+    ) -> bool {
+        match self.reading.take() {
+            Some((task, began_at)) if task.is_finished() => {
+                let read = task.await.unwrap_or_else(|e| MapsRead {
+                    snapshot: Err(anyhow::anyhow!("{e}")),
+                    took: Duration::ZERO,
+                });
+                // Otherwise read again at once.
+                if began_at == syncs && ready {
+                    self.next = Instant::now() + self.period;
+                    return check_maps(read, maps, reconciler, limits, metrics);
+                }
+            }
+            Some(pending) => self.reading = Some(pending),
+            None if ready && Instant::now() >= self.next => {
+                let (services, backends) = reconciler.ids_in_use();
+                let pin_dir = pin_dir.to_path_buf();
+                let task = tokio::task::spawn_blocking(move || {
+                    let started = Instant::now();
+                    let snapshot = KernelMaps::open(&pin_dir)
+                        .and_then(|m| m.snapshot_upto(services, backends));
+                    MapsRead {
+                        snapshot,
+                        took: started.elapsed(),
+                    }
+                });
+                self.reading = Some((task, syncs));
+            }
+            None => {}
+        }
+        false
+    }
 }
 
 /// The Service maps as a check read them, and how long that took.
