@@ -151,7 +151,7 @@ fn escape(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"")
 }
 
-fn gauge_f64(out: &mut String, name: &str, help: &str, v: f64) {
+fn gauge(out: &mut String, name: &str, help: &str, v: impl std::fmt::Display) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
 }
 
@@ -167,9 +167,6 @@ impl Metrics {
     /// Renders everything; `maps` gives the datapath's live counters.
     pub fn render(&self, maps: Option<&KernelMaps>) -> String {
         let mut out = String::new();
-        let gauge = |out: &mut String, name: &str, help: &str, v: u64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
-        };
         let frontends = self.frontends.lock().map(|f| f.clone()).unwrap_or_default();
         gauge(
             &mut out,
@@ -232,13 +229,13 @@ impl Metrics {
             self.no_local_endpoints[1].load(Ordering::Relaxed)
         );
         let synced_ms = self.last_synced_ms.load(Ordering::Relaxed);
-        gauge_f64(
+        gauge(
             &mut out,
             "exposure_sync_last_timestamp_seconds",
             "When the maps were last synced to, or checked against, the desired state (kube-proxy's sync_proxy_rules_last_timestamp_seconds).",
             synced_ms as f64 / 1000.0,
         );
-        gauge_f64(
+        gauge(
             &mut out,
             "exposure_maps_check_duration_seconds",
             "How long the last check of the Service maps took (--maps-check-period: reading them back and comparing).",
