@@ -337,6 +337,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             let own = [false, true].map(|v6| ifs.iter().find_map(|i| i.snat_source(v6)));
             let mut rest: Vec<IpAddr> = ifs.into_iter().flat_map(|i| i.addrs).collect();
             rest.sort();
+            rest.retain(|a| !own.contains(&Some(*a)));
             own.into_iter().flatten().chain(rest).collect()
         });
         let iface_addrs = iface_addrs
@@ -459,9 +460,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             took,
             !health.is_synced(),
         );
-        let counts = desired.no_local_endpoints;
-        metrics.no_local_endpoints[0].store(counts.internal as u64, Ordering::Relaxed);
-        metrics.no_local_endpoints[1].store(counts.external as u64, Ordering::Relaxed);
+        if let Ok(mut n) = metrics.no_local_endpoints.lock() {
+            *n = desired.no_local_endpoints;
+        }
         if !dirty {
             metrics.synced_at(SystemTime::now());
         }

@@ -404,18 +404,17 @@ fn snat_port_range(s: &str) -> Result<datapath::PortRange, String> {
 /// `N` followed by `ms`, `s`, `m` or `h`; a bare `0` is zero.
 fn period(s: &str) -> Result<std::time::Duration, String> {
     let s = s.trim();
+    let bad = || format!("{s:?} is not a period such as 30s, 5m or 1h");
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (n, unit) = s.split_at(split);
-    let n: u64 = n
-        .parse()
-        .map_err(|_| format!("{s:?} is not a period such as 30s, 5m or 1h"))?;
+    let n: u64 = n.parse().map_err(|_| bad())?;
     let unit_ms = match unit {
         "ms" => 1,
         "s" => 1_000,
         "m" => 60_000,
         "h" => 3_600_000,
         "" if n == 0 => 0,
-        _ => return Err(format!("{s:?} is not a period such as 30s, 5m or 1h")),
+        _ => return Err(bad()),
     };
     Ok(std::time::Duration::from_millis(n.saturating_mul(unit_ms)))
 }

@@ -138,8 +138,8 @@ pub struct Metrics {
     /// When the maps were last synced to, or checked against, the desired state (ms since the
     /// Unix epoch; 0 before the first sync).
     pub last_synced_ms: AtomicU64,
-    /// The last sync's [`crate::model::NoLocalEndpoints`]: internal, external.
-    pub no_local_endpoints: [AtomicU64; 2],
+    /// The last sync's.
+    pub no_local_endpoints: Mutex<crate::model::NoLocalEndpoints>,
     pub skipped_objects: AtomicU64,
     pub services: AtomicU64,
     pub backends: AtomicU64,
@@ -222,11 +222,16 @@ impl Metrics {
             "# HELP exposure_sync_errors_total Map writes or limits that failed.\n# TYPE exposure_sync_errors_total counter\nexposure_sync_errors_total {}",
             self.sync_errors.load(Ordering::Relaxed)
         );
+        let no_local = self
+            .no_local_endpoints
+            .lock()
+            .map(|n| *n)
+            .unwrap_or_default();
         let _ = writeln!(
             out,
             "# HELP exposure_no_local_endpoints Service ports with a Local traffic policy whose endpoints are all on other nodes (kube-proxy's sync_proxy_rules_no_local_endpoints_total).\n# TYPE exposure_no_local_endpoints gauge\nexposure_no_local_endpoints{{traffic_policy=\"internal\"}} {}\nexposure_no_local_endpoints{{traffic_policy=\"external\"}} {}",
-            self.no_local_endpoints[0].load(Ordering::Relaxed),
-            self.no_local_endpoints[1].load(Ordering::Relaxed)
+            no_local.internal,
+            no_local.external
         );
         let synced_ms = self.last_synced_ms.load(Ordering::Relaxed);
         gauge(
@@ -359,7 +364,7 @@ mod tests {
             frontend: "198.18.0.10:30600/TCP".into(),
             service: "default/a\"b".into(),
         });
-        m.no_local_endpoints[1].store(2, Ordering::Relaxed);
+        m.no_local_endpoints.lock().unwrap().external = 2;
         let before = m.render(None);
         assert!(before.contains("exposure_sync_last_timestamp_seconds 0\n"));
         m.synced_at(SystemTime::UNIX_EPOCH + Duration::from_millis(1_764_230_400_250));
