@@ -326,12 +326,11 @@ fn refuse(ctx: &XdpContext, p: &Packet, why: Selected) -> Result<u32, ()> {
                 p.daddr,
                 p.dport
             );
-            let refused = if p.v6 {
+            Ok(if p.v6 {
                 reject::port_unreachable6(ctx, p)
             } else {
                 reject::port_unreachable(ctx, p)
-            };
-            refused.or(Ok(xdp_action::XDP_DROP))
+            })
         }
         Selected::SourceDenied => {
             count(Counter::SourceRangeDenied);
@@ -381,12 +380,11 @@ fn too_big(ctx: &XdpContext, p: &Packet, mtu: u32) -> Result<u32, ()> {
         p.daddr,
         p.dport
     );
-    let answered = if p.v6 {
+    Ok(if p.v6 {
         reject::packet_too_big6(ctx, p, mtu)
     } else {
         reject::fragmentation_needed(ctx, p, mtu)
-    };
-    answered.or(Ok(xdp_action::XDP_DROP))
+    })
 }
 
 /// Picks a backend for a new flow, builds both directions' entries in `SCRATCH` and records the

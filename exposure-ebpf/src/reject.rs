@@ -14,8 +14,8 @@ use crate::parse::*;
 
 const IP_ICMP_LEN: usize = 28;
 const ICMP_OFF: usize = ETH_LEN + IPV4_MIN_LEN;
-/// ICMP header + the largest quote (60-byte IP header + 8 bytes), in 16-bit words.
-const MAX_ICMP_WORDS: usize = (8 + 60 + 8) / 2;
+/// ICMP header + the largest quote (60-byte IP header + 8 bytes), in 32-bit words.
+const MAX_ICMP_WORDS: usize = (8 + 60 + 8) / 4;
 
 /// Makes room for a new IP + ICMP header in front of the received packet's own IP header (which
 /// becomes the quote, already in place), trims the frame to `len` bytes, and addresses the Ethernet
@@ -44,23 +44,29 @@ fn reshape(ctx: &XdpContext, headroom: usize, len: usize, ether_type: u16) -> Re
 
 /// Turns the frame into an ICMP port unreachable quoting it, addressed back to its sender.
 #[inline(always)]
-pub fn port_unreachable(ctx: &XdpContext, p: &Packet) -> Result<u32, ()> {
+pub fn port_unreachable(ctx: &XdpContext, p: &Packet) -> u32 {
     // Type 3 (destination unreachable), code 3 (port unreachable).
     icmp_error(ctx, p, [3, 3, 0, 0, 0, 0, 0, 0])
 }
 
 /// Turns the frame into an ICMP fragmentation needed (type 3, code 4) with the next hop's `mtu`.
 #[inline(always)]
-pub fn fragmentation_needed(ctx: &XdpContext, p: &Packet, mtu: u32) -> Result<u32, ()> {
+pub fn fragmentation_needed(ctx: &XdpContext, p: &Packet, mtu: u32) -> u32 {
     let [hi, lo] = (mtu.min(u16::MAX as u32) as u16).to_be_bytes();
     icmp_error(ctx, p, [3, 4, 0, 0, 0, 0, hi, lo])
 }
 
 /// Turns the frame into the ICMP error whose header (checksum zero) is `head`, quoting the frame,
-/// addressed back to its sender.
+/// addressed back to its sender: XDP_TX, or XDP_DROP if the frame could not be reshaped. Returns
+/// the verdict itself, not a `Result`: that would come back through memory, and whatever stack
+/// pointer r0 held at the exit would fail the verifier ("cannot return stack pointer").
 #[inline(never)]
-fn icmp_error(ctx: &XdpContext, p: &Packet, head: [u8; 8]) -> Result<u32, ()> {
-    let ctx = &own_ctx(ctx);
+fn icmp_error(ctx: &XdpContext, p: &Packet, head: [u8; 8]) -> u32 {
+    write_icmp_error(&own_ctx(ctx), p, head).unwrap_or(xdp_action::XDP_DROP)
+}
+
+#[inline(always)]
+fn write_icmp_error(ctx: &XdpContext, p: &Packet, head: [u8; 8]) -> Result<u32, ()> {
     let quoted = p.l4_off - ETH_LEN + 8;
     reshape(ctx, IP_ICMP_LEN, ICMP_OFF + 8 + quoted, ETH_P_IP)?;
 
@@ -97,15 +103,7 @@ fn icmp_error(ctx: &XdpContext, p: &Packet, head: [u8; 8]) -> Result<u32, ()> {
 
     let icmp: *mut [u8; 8] = ptr_at(ctx, ICMP_OFF)?;
     unsafe { icmp.write_unaligned(head) };
-    let icmp_len = 8 + quoted;
-    let mut sum = 0u32;
-    for i in 0..MAX_ICMP_WORDS {
-        if i * 2 >= icmp_len {
-            break;
-        }
-        let w: *const u16 = ptr_at(ctx, ICMP_OFF + i * 2)?;
-        sum += unsafe { w.read_unaligned() } as u32;
-    }
+    let sum = sum_words::<MAX_ICMP_WORDS>(ctx, ICMP_OFF, 8 + quoted)?;
     let check: *mut u16 = ptr_at(ctx, ICMP_OFF + 2)?;
     unsafe { check.write_unaligned(!checksum::fold(sum)) };
     Ok(xdp_action::XDP_TX)
@@ -114,28 +112,35 @@ fn icmp_error(ctx: &XdpContext, p: &Packet, head: [u8; 8]) -> Result<u32, ()> {
 /// IPv6 header + ICMPv6 header.
 const IP6_ICMP6_LEN: usize = IPV6_LEN + 8;
 const ICMP6_OFF: usize = ETH_LEN + IPV6_LEN;
-/// What we quote at least: the fixed IPv6 header + 8 bytes (and a fragment header if there is one).
-const QUOTE6_LEN: usize = IPV6_LEN + 8;
+/// The longest quote: the fixed header, the extension headers and 8 bytes after them, up to this
+/// (cut there: its sender may then not match it to a socket, as with any quote too short).
+const MAX_QUOTE6_LEN: usize = 256;
+/// ICMPv6 header + the longest quote, in 32-bit words.
+const MAX_ICMP6_WORDS: usize = (8 + MAX_QUOTE6_LEN) / 4;
 
 /// [`port_unreachable`] for IPv6: ICMPv6 destination unreachable, code 4 (port unreachable).
 #[inline(always)]
-pub fn port_unreachable6(ctx: &XdpContext, p: &Packet) -> Result<u32, ()> {
+pub fn port_unreachable6(ctx: &XdpContext, p: &Packet) -> u32 {
     icmp6_error(ctx, p, [1, 4, 0, 0, 0, 0, 0, 0])
 }
 
 /// [`fragmentation_needed`] for IPv6: ICMPv6 packet too big (type 2) with the next hop's `mtu`.
 #[inline(always)]
-pub fn packet_too_big6(ctx: &XdpContext, p: &Packet, mtu: u32) -> Result<u32, ()> {
+pub fn packet_too_big6(ctx: &XdpContext, p: &Packet, mtu: u32) -> u32 {
     let [a, b, c, d] = mtu.to_be_bytes();
     icmp6_error(ctx, p, [2, 0, 0, 0, a, b, c, d])
 }
 
 /// [`icmp_error`] for IPv6: the ICMPv6 message whose header (checksum zero) is `head`.
 #[inline(never)]
-fn icmp6_error(ctx: &XdpContext, p: &Packet, head: [u8; 8]) -> Result<u32, ()> {
-    let ctx = &own_ctx(ctx);
-    // Up to the first 8 bytes after the headers: the ports, after a fragment header too.
-    let quoted = p.l4_off - ETH_LEN + 8;
+fn icmp6_error(ctx: &XdpContext, p: &Packet, head: [u8; 8]) -> u32 {
+    write_icmp6_error(&own_ctx(ctx), p, head).unwrap_or(xdp_action::XDP_DROP)
+}
+
+#[inline(always)]
+fn write_icmp6_error(ctx: &XdpContext, p: &Packet, head: [u8; 8]) -> Result<u32, ()> {
+    // Up to the first 8 bytes after the headers: the ports, after extension and fragment headers.
+    let quoted = (p.l4_off - ETH_LEN + 8).min(MAX_QUOTE6_LEN);
     reshape(ctx, IP6_ICMP6_LEN, ICMP6_OFF + 8 + quoted, ETH_P_IPV6)?;
 
     let payload_len = ((8 + quoted) as u16).to_be_bytes();
@@ -161,26 +166,30 @@ fn icmp6_error(ctx: &XdpContext, p: &Packet, head: [u8; 8]) -> Result<u32, ()> {
 
     let icmp: *mut [u8; 8] = ptr_at(ctx, ICMP6_OFF)?;
     unsafe { icmp.write_unaligned(head) };
-    // Pseudo-header (both addresses, the ICMPv6 length and next header), then the message.
-    let mut sum = 0u32;
-    for i in 0..4 {
-        for w in [p.saddr.0[i], p.daddr.0[i]] {
-            sum += (w & 0xffff) + (w >> 16);
-        }
-    }
-    sum += u16::from_ne_bytes(payload_len) as u32;
+    // The pseudo-header's length and next header, then its addresses and the message: both in
+    // the frame, one after the other.
+    let mut sum = u16::from_ne_bytes(payload_len) as u32;
     sum += u16::from_ne_bytes([0, IPPROTO_ICMPV6]) as u32;
-    let msg: *const [u16; (8 + QUOTE6_LEN) / 2] = ptr_at(ctx, ICMP6_OFF)?;
-    for i in 0..(8 + QUOTE6_LEN) / 2 {
-        sum += unsafe { (*msg)[i] } as u32;
-    }
-    if quoted > QUOTE6_LEN {
-        let rest: *const [u16; IPV6_FRAG_HDR_LEN / 2] = ptr_at(ctx, ICMP6_OFF + 8 + QUOTE6_LEN)?;
-        for i in 0..IPV6_FRAG_HDR_LEN / 2 {
-            sum += unsafe { (*rest)[i] } as u32;
-        }
-    }
+    sum += sum_words::<{ 8 + MAX_ICMP6_WORDS }>(ctx, ETH_LEN + IP6_SADDR, 32 + 8 + quoted)?;
     let check: *mut u16 = ptr_at(ctx, ICMP6_OFF + 2)?;
     unsafe { check.write_unaligned(!checksum::fold(sum)) };
     Ok(xdp_action::XDP_TX)
+}
+
+/// The one's complement sum of the `len` bytes (a multiple of 4, at most `MAX_WORDS` 32-bit
+/// words) at `off`, folded to 16 bits. Whole words: half the loads and iterations of 16-bit ones
+/// (the verifier walks each), and the same sum.
+#[inline(always)]
+fn sum_words<const MAX_WORDS: usize>(ctx: &XdpContext, off: usize, len: usize) -> Result<u32, ()> {
+    let mut sum = 0u64;
+    for i in 0..MAX_WORDS {
+        if i * 4 >= len {
+            break;
+        }
+        let w: *const u32 = ptr_at(ctx, off + i * 4)?;
+        sum += unsafe { w.read_unaligned() } as u64;
+    }
+    let sum = (sum & 0xffff_ffff) + (sum >> 32);
+    let sum = (sum & 0xffff_ffff) + (sum >> 32);
+    Ok(checksum::fold(sum as u32) as u32)
 }

@@ -2493,6 +2493,58 @@ fn ipv6_extension_headers_are_skipped_and_kept() {
     });
 }
 
+/// A request with extension headers to a Service without endpoints is refused with a port
+/// unreachable that quotes them and the ports, its checksum over all of it; a quote longer than
+/// 256 bytes is cut there.
+#[test]
+fn refusals_quote_ipv6_extension_headers() {
+    with_datapath(|h| {
+        h.program(&hello6(&[]));
+        let mut sport = 43000;
+        for (chain, quoted) in [
+            (vec![frame::options6(frame::HOPOPTS, 8)], 40 + 8 + 8),
+            (
+                vec![
+                    frame::options6(frame::HOPOPTS, 8),
+                    frame::routing6(0, NODE6),
+                    frame::options6(frame::DSTOPTS, 16),
+                ],
+                40 + 8 + 24 + 16 + 8,
+            ),
+            (
+                vec![
+                    frame::options6(frame::HOPOPTS, 8),
+                    frame::options6(frame::DSTOPTS, 256),
+                ],
+                256,
+            ),
+        ] {
+            for proto in [TCP, UDP] {
+                sport += 1;
+                let mut request = if proto == TCP {
+                    frame::FrameSpec6::tcp((CLIENT6, sport), (NODE6, NODE_PORT), SYN)
+                } else {
+                    frame::FrameSpec6::udp((CLIENT6, sport), (NODE6, NODE_PORT))
+                };
+                request.dst_mac = h.node_mac;
+                let input = frame::with_ext_headers6(&request.build(), &chain);
+                let (verdict, out) = h.xdp(&input);
+                assert_eq!(verdict, XDP_TX);
+                let p = parse6_ok(&out);
+                assert_eq!((p.src, p.dst), (NODE6, CLIENT6));
+                assert_eq!(p.next_header, frame::ICMPV6);
+                assert_eq!(
+                    p.l4[..2],
+                    [1, 4],
+                    "destination unreachable, port unreachable"
+                );
+                assert_eq!(p.l4[8..], input[14..14 + quoted], "the quote");
+            }
+        }
+        assert_eq!(h.counter(Counter::NoBackend), 6);
+    });
+}
+
 /// [`fragmented`] for IPv6: a datagram of 1,000 bytes of payload, in three fragments.
 fn fragmented6(mut spec: frame::FrameSpec6, id: u32) -> Vec<Vec<u8>> {
     spec.payload = (0..1000u32).map(|i| (i * 7) as u8).collect();
@@ -2780,3 +2832,4 @@ fn dual_stack_service_serves_each_family_from_its_own_endpoints() {
         assert_eq!(h.counter(Counter::NewFlows), 2);
     });
 }
+
