@@ -6,7 +6,7 @@ use aya_ebpf::{
 };
 use exposure_common::{Addr, FragmentKey, FragmentPorts, PROTO_TCP, PROTO_UDP};
 
-use crate::maps::FRAGMENTS;
+use crate::{icmp, maps::FRAGMENTS};
 
 pub const ETH_LEN: usize = 14;
 pub const ETH_P_IP: u16 = 0x0800;
@@ -108,9 +108,10 @@ pub struct Packet {
 pub enum Parsed {
     /// Not TCP/UDP/ICMP over IPv4 or IPv6: not ours.
     Other,
-    /// An ICMP message; its header starts at this offset.
+    /// An ICMP message long enough to quote a packet's addresses and ports (by its IP header's
+    /// length, not the frame's: bytes past it are no part of it); its header starts at this offset.
     Icmp(usize),
-    /// An ICMPv6 message; its header starts at this offset.
+    /// [`Parsed::Icmp`] for ICMPv6.
     Icmp6(usize),
     /// A later fragment whose first was not seen (lost, reordered, or before the datapath was
     /// loaded), or an IPv6 fragment of something other than TCP/UDP: passed to the kernel untouched.
@@ -144,6 +145,10 @@ fn parse_v4<C: Frame>(ctx: &C) -> Result<Parsed, ()> {
     // Flags and fragment offset: MF or an offset make a fragment.
     let frag = u16::from_be_bytes([ip[IP_FRAG_OFF], ip[IP_FRAG_OFF + 1]]);
     if proto == IPPROTO_ICMP && frag & 0x3fff == 0 {
+        let len = u16::from_be_bytes([ip[IP_TOT_LEN], ip[IP_TOT_LEN + 1]]) as usize;
+        if len < ihl + icmp::SPAN {
+            return Ok(Parsed::Other);
+        }
         return Ok(Parsed::Icmp(ETH_LEN + ihl));
     }
     if proto != PROTO_TCP && proto != PROTO_UDP {
@@ -223,7 +228,13 @@ fn parse_v6<C: Frame>(ctx: &C) -> Result<Parsed, ()> {
         }
     }
     match proto {
-        IPPROTO_ICMPV6 => return Ok(Parsed::Icmp6(l4_off)),
+        IPPROTO_ICMPV6 => {
+            let end = ETH_LEN + IPV6_LEN + u16::from_be_bytes([lens[0], lens[1]]) as usize;
+            if end < l4_off + icmp::SPAN6 {
+                return Ok(Parsed::Other);
+            }
+            return Ok(Parsed::Icmp6(l4_off));
+        }
         PROTO_TCP | PROTO_UDP => {}
         _ => return Ok(Parsed::Other),
     }

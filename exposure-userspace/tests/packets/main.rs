@@ -2833,3 +2833,4 @@ fn dual_stack_service_serves_each_family_from_its_own_endpoints() {
     });
 }
 
+mod mangled;
