@@ -281,7 +281,8 @@ impl Regions {
         }
     }
 
-    /// Marks a restored table's region as used; gaps before it become free.
+    /// Marks a restored table's region as used; gaps before it become free (so regions are
+    /// reserved in offset order).
     fn reserve(&mut self, offset: u32, size: u32) {
         if size == 0 {
             return;
@@ -493,8 +494,14 @@ impl Reconciler {
             s.live = live;
         }
         let mut regions = Regions::new(limits.maglev_entries);
-        for s in services.values() {
-            regions.reserve(s.service.table_offset, s.service.table_size);
+        // In offset order: `reserve` frees the gap before each region it is given.
+        let mut used: Vec<(u32, u32)> = services
+            .values()
+            .map(|s| (s.service.table_offset, s.service.table_size))
+            .collect();
+        used.sort_unstable();
+        for (offset, size) in used {
+            regions.reserve(offset, size);
         }
         let backend_ids = snapshot
             .backends
@@ -619,6 +626,8 @@ impl Reconciler {
         // Frontend key -> (service id, kind flags).
         let mut wanted_frontends: BTreeMap<FrontendKey, (u32, u16)> = BTreeMap::new();
         let mut live_services: HashSet<u32> = HashSet::with_capacity(desired.services.len());
+        // Frontends of Services whose apply failed: kept as they are, unless wanted elsewhere.
+        let mut kept_frontends: Vec<(FrontendKey, (u32, u16))> = Vec::new();
 
         for (name, want) in &desired.services {
             // Unchanged since it was last applied: nothing to write (the common case per event).
@@ -642,6 +651,19 @@ impl Reconciler {
                     Err(e) => {
                         self.applied.remove(name);
                         report.errors.push(e);
+                        // A Service that was serving goes on as it was: a failed apply leaves its
+                        // entry whole (the old one, or the new one written whole). Only the
+                        // change waits for the next sync.
+                        let serving = self.service_ids.get(name).copied();
+                        if let Some(id) = serving.filter(|id| self.services.contains_key(id)) {
+                            live_services.insert(id);
+                            kept_frontends.extend(
+                                self.frontends
+                                    .iter()
+                                    .filter(|(_, fe)| fe.service_id == id)
+                                    .map(|(key, fe)| (*key, (id, fe.flags))),
+                            );
+                        }
                         continue;
                     }
                 },
@@ -650,6 +672,9 @@ impl Reconciler {
             for (addr, kind) in &want.frontends {
                 wanted_frontends.insert(frontend_key(addr), (id, frontend_flags(*kind)));
             }
+        }
+        for (key, wanted) in kept_frontends {
+            wanted_frontends.entry(key).or_insert(wanted);
         }
         self.applied
             .retain(|name, _| desired.services.contains_key(name));
@@ -984,8 +1009,13 @@ impl Reconciler {
             return Ok(Some(id));
         }
         // Allowed sources go in before the flag that makes them required; stale ones leave after.
+        let mut added = Vec::new();
         for (addr, len) in ranges.difference(&current.ranges) {
-            maps.add_source_range(id, *addr, *len).map_err(write_err)?;
+            if let Err(e) = maps.add_source_range(id, *addr, *len) {
+                self.keep_added_ranges(id, &added, maps);
+                return Err(write_err(e));
+            }
+            added.push((*addr, *len));
             report.writes += 1;
         }
 
@@ -1005,6 +1035,7 @@ impl Reconciler {
             };
             if let Err(e) = maps.write_table(offset, &table) {
                 self.regions.free_now(offset, size);
+                self.keep_added_ranges(id, &added, maps);
                 return Err(write_err(e));
             }
             report.writes += 1;
@@ -1024,6 +1055,7 @@ impl Reconciler {
             {
                 self.regions.free_now(offset, size);
             }
+            self.keep_added_ranges(id, &added, maps);
             return Err(write_err(e));
         }
         report.writes += 1;
@@ -1037,25 +1069,31 @@ impl Reconciler {
             .filter(|b| !ids.contains(*b))
             .copied()
             .collect();
-        // Clients stuck to a backend that left must get a new one on their next flow.
-        if (current.service.affinity_timeout_s != 0 || affinity != 0) && !gone.is_empty() {
-            maps.purge_affinity(id, Some(&gone)).map_err(write_err)?;
-            report.writes += 1;
-        }
-        for (addr, len) in current.ranges.difference(&ranges) {
-            maps.remove_source_range(id, *addr, *len)
-                .map_err(write_err)?;
-            report.writes += 1;
-        }
+        // The new entry is live: recorded now, so a failure below leaves this view the maps'
+        // (the stale ranges listed until each is removed). Recorded later, the old region would
+        // be freed twice when the Service then goes, and handed to two tables.
+        let stale: Vec<(Addr, u8)> = current.ranges.difference(&ranges).copied().collect();
         self.set_slots(
             id,
             Some(ServiceSlots {
                 service,
                 live: ids,
                 table,
-                ranges,
+                ranges: ranges.union(&current.ranges).copied().collect(),
             }),
         );
+        // Clients stuck to a backend that left must get a new one on their next flow.
+        if (current.service.affinity_timeout_s != 0 || affinity != 0) && !gone.is_empty() {
+            maps.purge_affinity(id, Some(&gone)).map_err(write_err)?;
+            report.writes += 1;
+        }
+        for (addr, len) in stale {
+            maps.remove_source_range(id, addr, len).map_err(write_err)?;
+            if let Some(slots) = self.services.get_mut(&id) {
+                slots.ranges.remove(&(addr, len));
+            }
+            report.writes += 1;
+        }
         // UDP flows follow their endpoint out of the service (as kube-proxy clears their
         // conntrack entries). The datapath sees a backend that is gone altogether; one that
         // another service still has is only gone from this one, which the maps must say.
@@ -1073,6 +1111,20 @@ impl Reconciler {
         Ok(Some(id))
     }
 
+    /// After a failed apply: source ranges it added are recorded for a Service already in the
+    /// maps, and taken out again for one that is not (its id may go to another Service).
+    fn keep_added_ranges(&mut self, id: u32, added: &[(Addr, u8)], maps: &mut dyn DatapathMaps) {
+        match self.services.get_mut(&id) {
+            Some(slots) => slots.ranges.extend(added.iter().copied()),
+            None => {
+                for (addr, len) in added {
+                    // Best effort: a failure here leaves the entry, unused until the id is.
+                    let _ = maps.remove_source_range(id, *addr, *len);
+                }
+            }
+        }
+    }
+
     fn remove_service(
         &mut self,
         id: u32,
@@ -1082,8 +1134,9 @@ impl Reconciler {
         let Some(s) = self.services.get(&id).cloned() else {
             return Ok(());
         };
-        maps.write_service(id, &Service::default())?;
-        report.writes += 1;
+        // No frontend leads here any more. What goes with the id goes first, the entry last: a
+        // failure leaves this view the maps' (the ranges listed until each is removed), and the
+        // removal is tried again next sync.
         if s.service.affinity_timeout_s != 0 {
             // The id will be reused by another Service: no stale stickiness may carry over.
             maps.purge_affinity(id, None)?;
@@ -1091,8 +1144,13 @@ impl Reconciler {
         }
         for (addr, len) in &s.ranges {
             maps.remove_source_range(id, *addr, *len)?;
+            if let Some(slots) = self.services.get_mut(&id) {
+                slots.ranges.remove(&(*addr, *len));
+            }
             report.writes += 1;
         }
+        maps.write_service(id, &Service::default())?;
+        report.writes += 1;
         self.regions
             .free_later(s.service.table_offset, s.service.table_size);
         self.set_slots(id, None);
@@ -2045,5 +2103,294 @@ mod tests {
         let second = r.reconcile(&want, &mut maps);
         assert!(second.errors.is_empty(), "{:?}", second.errors);
         assert_eq!(live_backends(&maps, &fe(10, 30001)).len(), 2);
+    }
+
+    /// What a frontend serves, as the datapath reads it: its kind, and its service's backends
+    /// (address, port, flags, from the Maglev table), flags, affinity and source ranges.
+    type Served = (
+        u16,
+        BTreeSet<(Addr, u16, u16)>,
+        u32,
+        u32,
+        BTreeSet<(Addr, u8)>,
+    );
+
+    fn served(maps: &FakeMaps) -> BTreeMap<FrontendKey, Served> {
+        let services = &maps.state.services;
+        maps.state
+            .frontends
+            .iter()
+            .map(|(key, fe)| {
+                let s = services.get(&fe.service_id).copied().unwrap_or_default();
+                let backends = (0..s.table_size)
+                    .map(|i| maps.state.backends[&maps.maglev[&(s.table_offset + i)]])
+                    .map(|b| (b.addr, b.port, b.flags))
+                    .collect();
+                let ranges = maps
+                    .state
+                    .source_ranges
+                    .iter()
+                    .filter(|(id, _, _)| *id == fe.service_id)
+                    .map(|(_, addr, len)| (*addr, *len))
+                    .collect();
+                let served = (fe.flags, backends, s.flags, s.affinity_timeout_s, ranges);
+                (*key, served)
+            })
+            .collect()
+    }
+
+    /// [`served`] as `want` asks for it.
+    fn expected(want: &DesiredState) -> BTreeMap<FrontendKey, Served> {
+        let mut all = BTreeMap::new();
+        for s in want.services.values() {
+            let backends = s
+                .backends
+                .iter()
+                .map(backend_value)
+                .map(|b| (b.addr, b.port, b.flags))
+                .collect::<BTreeSet<_>>();
+            let mut flags = SERVICE_IN_USE;
+            if s.when_empty == WhenEmpty::Drop {
+                flags |= SERVICE_DROP_WHEN_EMPTY;
+            }
+            if s.source_ranges.is_some() {
+                flags |= SERVICE_SOURCE_RANGES;
+            }
+            let ranges = s.source_ranges.iter().flatten();
+            let ranges: BTreeSet<_> = ranges.map(|(n, len)| (Addr::from(*n), *len)).collect();
+            for (fe, kind) in &s.frontends {
+                let served = (
+                    frontend_flags(*kind),
+                    backends.clone(),
+                    flags,
+                    s.affinity_timeout_s,
+                    ranges.clone(),
+                );
+                all.insert(frontend_key(fe), served);
+            }
+        }
+        all
+    }
+
+    /// The services' table regions in the maps, where two overlap.
+    fn overlapping_tables(maps: &FakeMaps) -> Vec<String> {
+        let mut regions: Vec<(u32, u32, u32)> = maps
+            .state
+            .services
+            .iter()
+            .filter(|(_, s)| s.table_size > 0)
+            .map(|(id, s)| (s.table_offset, s.table_offset + s.table_size, *id))
+            .collect();
+        regions.sort();
+        regions
+            .windows(2)
+            .filter(|w| w[1].0 < w[0].1)
+            .map(|w| {
+                format!(
+                    "service {} {:?} overlaps service {} {:?}",
+                    w[0].2,
+                    w[0].0..w[0].1,
+                    w[1].2,
+                    w[1].0..w[1].1
+                )
+            })
+            .collect()
+    }
+
+    /// After churn a Service's id and its table's place need not be in the same order; a restart
+    /// must still count every table's region as used.
+    #[test]
+    fn a_restart_frees_only_the_space_between_tables() {
+        let (mut maps, mut r) = checked_from_scratch();
+        // Tables of 251 (a) and 509 (b) entries, in that order.
+        let b = service(30002, &[(2, false), (3, false), (4, false)]);
+        r.reconcile(
+            &state(&[("a", service(30001, &[(1, true)])), ("b", b.clone())]),
+            &mut maps,
+        );
+        // a's table grows and moves past b's.
+        let many: Vec<(u8, bool)> = (1..=40).map(|i| (i, false)).collect();
+        let a = service(30001, &many);
+        r.reconcile(&state(&[("a", a.clone()), ("b", b.clone())]), &mut maps);
+        let mut r = Reconciler::restore(maps.snapshot().unwrap(), Limits::default());
+        // 509 entries: they fit in the space before a's new table only where b's is.
+        let c = service(30003, &[(50, false), (51, false), (52, false)]);
+        let report = r.reconcile(&state(&[("a", a), ("b", b), ("c", c)]), &mut maps);
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert_eq!(overlapping_tables(&maps), Vec::<String>::new());
+    }
+
+    /// xorshift64*: deterministic, so a failing step reproduces.
+    struct Rng(u64);
+
+    impl Rng {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
+        }
+    }
+
+    /// A random Service port `i` (its own frontends: NodePorts on two node addresses, perhaps an
+    /// LB IP and a twin for the node's sockets) over some of ten shared endpoints.
+    fn random_service(rng: &mut Rng, i: u8) -> DesiredService {
+        let protocol = if i.is_multiple_of(2) {
+            Protocol::Tcp
+        } else {
+            Protocol::Udp
+        };
+        let fe = |ip: [u8; 4], port: u16, scope: Scope| FrontendAddr {
+            ip: IpAddr::from(ip),
+            port,
+            protocol,
+            scope,
+        };
+        let mut s = DesiredService::default();
+        for node in [10, 11] {
+            let node_port = fe([198, 18, 0, node], 30000 + i as u16, Scope::External);
+            s.frontends.insert(node_port, FrontendKind::NodePort);
+        }
+        if rng.below(2) == 0 {
+            let lb = fe([198, 18, 100, i], 80, Scope::External);
+            s.frontends.insert(lb, FrontendKind::LoadBalancer);
+        }
+        if rng.below(4) == 0 {
+            let twin = fe([198, 18, 0, 10], 30000 + i as u16, Scope::NodeSockets);
+            s.frontends.insert(twin, FrontendKind::NodePort);
+        }
+        let mut backends: Vec<BackendAddr> = (1..=10u8)
+            .filter(|_| rng.below(3) == 0)
+            .map(|last| BackendAddr {
+                ip: IpAddr::from([198, 19, 1, last]),
+                port: 8080 + (last % 2) as u16,
+                // Whether an endpoint is on this node is the endpoint's, whichever Service has it.
+                local: last % 3 == 0,
+            })
+            .collect();
+        backends.sort();
+        s.backends = backends;
+        s.affinity_timeout_s = [0, 0, 10800][rng.below(3) as usize];
+        s.when_empty = [WhenEmpty::Reject, WhenEmpty::Drop][rng.below(2) as usize];
+        s.source_ranges = match rng.below(3) {
+            0 => None,
+            1 => Some(vec![(IpAddr::from([198, 18, 0, 0]), 16)]),
+            _ => Some(vec![
+                (IpAddr::from([198, 18, 0, 0]), 24),
+                (IpAddr::from([198, 18, 7, 0]), 24),
+            ]),
+        };
+        s
+    }
+
+    /// Random changes to a dozen Service ports, some syncs with a write failing: after every sync
+    /// without one, the maps serve exactly the desired state, match what the reconciler believes
+    /// it wrote, a second sync writes nothing, and a restart from the maps writes nothing either.
+    /// And after every single write, no frontend leads to a missing table entry or backend.
+    #[test]
+    fn random_changes_and_failed_writes_converge_on_the_desired_state() {
+        let (mut maps, mut r) = checked_from_scratch();
+        let seed = std::env::var("EXPOSURE_RECONCILE_SEED").ok();
+        let mut rng = Rng(seed
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0x9e37_79b9_7f4a_7c15));
+        let mut want = DesiredState::default();
+        let names: Vec<ServicePortName> = (0..12u8)
+            .map(|i| ServicePortName {
+                protocol: if i.is_multiple_of(2) {
+                    Protocol::Tcp
+                } else {
+                    Protocol::Udp
+                },
+                ..name(&format!("svc-{i}"))
+            })
+            .collect();
+        let (mut failed, mut clean) = (0, 0);
+        for step in 0..400 {
+            for _ in 0..1 + rng.below(3) {
+                let i = rng.below(names.len() as u64) as u8;
+                let key = names[i as usize].clone();
+                if rng.below(4) == 0 {
+                    want.services.remove(&key);
+                } else {
+                    let s = random_service(&mut rng, i);
+                    want.services.insert(key, Arc::new(s));
+                }
+            }
+            if rng.below(4) == 0 {
+                maps.fail_at_write = Some(maps.writes + 1 + rng.below(12) as usize);
+                let serving: BTreeSet<FrontendKey> = maps.state.frontends.keys().copied().collect();
+                let report = r.reconcile(&want, &mut maps);
+                maps.fail_at_write = None;
+                // A frontend that served and is still wanted goes on serving through a failed
+                // write (with what it had, if its own change failed).
+                let wanted = expected(&want);
+                let dark: Vec<String> = serving
+                    .iter()
+                    .filter(|k| wanted.contains_key(k) && !maps.state.frontends.contains_key(k))
+                    .map(frontend_display)
+                    .collect();
+                assert_eq!(
+                    dark,
+                    Vec::<String>::new(),
+                    "step {step}: {:?}",
+                    report.errors
+                );
+                assert_eq!(
+                    overlapping_tables(&maps),
+                    Vec::<String>::new(),
+                    "step {step}"
+                );
+                failed += usize::from(!report.errors.is_empty());
+                // What it believes it wrote is what the maps hold, failed write or not.
+                assert_eq!(
+                    drift(&r, &maps),
+                    Vec::<String>::new(),
+                    "step {step}: {:?}",
+                    report.errors
+                );
+                continue;
+            }
+            let report = r.reconcile(&want, &mut maps);
+            assert!(report.errors.is_empty(), "step {step}: {:?}", report.errors);
+            assert_eq!(
+                overlapping_tables(&maps),
+                Vec::<String>::new(),
+                "step {step}"
+            );
+            let (got, wanted) = (served(&maps), expected(&want));
+            let differ: Vec<String> = got
+                .keys()
+                .chain(wanted.keys())
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .filter(|k| got.get(k) != wanted.get(k))
+                .map(|k| {
+                    format!(
+                        "{}: {:?} wanted {:?}",
+                        frontend_display(k),
+                        got.get(k),
+                        wanted.get(k)
+                    )
+                })
+                .collect();
+            assert_eq!(differ, Vec::<String>::new(), "step {step}");
+            assert_eq!(drift(&r, &maps), Vec::<String>::new(), "step {step}");
+            let again = r.reconcile(&want, &mut maps);
+            assert_eq!((again.writes, again.errors.len()), (0, 0), "step {step}");
+            if step % 10 == 0 {
+                let mut restarted =
+                    Reconciler::restore(maps.snapshot().unwrap(), Limits::default());
+                let report = restarted.reconcile(&want, &mut maps);
+                assert_eq!((report.writes, report.errors.len()), (0, 0), "step {step}");
+                // Go on from the restored one: its free space is the maps'.
+                r = restarted;
+            }
+            clean += 1;
+        }
+        assert!(
+            failed > 20 && clean > 200,
+            "{failed} failed syncs, {clean} clean"
+        );
     }
 }
