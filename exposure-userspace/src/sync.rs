@@ -1008,17 +1008,6 @@ impl Reconciler {
         {
             return Ok(Some(id));
         }
-        // Allowed sources go in before the flag that makes them required; stale ones leave after.
-        let mut added = Vec::new();
-        for (addr, len) in ranges.difference(&current.ranges) {
-            if let Err(e) = maps.add_source_range(id, *addr, *len) {
-                self.keep_added_ranges(id, &added, maps);
-                return Err(write_err(e));
-            }
-            added.push((*addr, *len));
-            report.writes += 1;
-        }
-
         // 2. The table into free space, 3. one service update makes it live.
         let (offset, size) = if known && table == current.table {
             (current.service.table_offset, current.service.table_size)
@@ -1035,12 +1024,27 @@ impl Reconciler {
             };
             if let Err(e) = maps.write_table(offset, &table) {
                 self.regions.free_now(offset, size);
-                self.keep_added_ranges(id, &added, maps);
                 return Err(write_err(e));
             }
             report.writes += 1;
             (offset, size)
         };
+        let new_region = (offset, size)
+            != (current.service.table_offset, current.service.table_size)
+            && size > 0;
+        // Allowed sources go in before the flag that makes them required; stale ones leave after.
+        let mut added = Vec::new();
+        for (addr, len) in ranges.difference(&current.ranges) {
+            if let Err(e) = maps.add_source_range(id, *addr, *len) {
+                if new_region {
+                    self.regions.free_now(offset, size);
+                }
+                self.keep_added_ranges(id, &added, maps);
+                return Err(write_err(e));
+            }
+            added.push((*addr, *len));
+            report.writes += 1;
+        }
         let service = Service {
             table_offset: offset,
             table_size: size,
@@ -1050,9 +1054,7 @@ impl Reconciler {
             _pad: 0,
         };
         if let Err(e) = maps.write_service(id, &service) {
-            if (offset, size) != (current.service.table_offset, current.service.table_size)
-                && size > 0
-            {
+            if new_region {
                 self.regions.free_now(offset, size);
             }
             self.keep_added_ranges(id, &added, maps);
@@ -2391,6 +2393,113 @@ mod tests {
         assert!(
             failed > 20 && clean > 200,
             "{failed} failed syncs, {clean} clean"
+        );
+    }
+
+    /// [`random_changes_and_failed_writes_converge_on_the_desired_state`] within tight limits
+    /// (ids, backends per Service, Maglev space), so syncs also fail on them: still no two tables
+    /// share space, the view stays the maps', Services that were serving keep serving, those
+    /// without an error are served exactly; and once all are gone, nothing is left and the whole
+    /// Maglev space is free again.
+    #[test]
+    fn random_changes_within_tight_limits_leave_nothing_behind() {
+        let limits = Limits {
+            maglev_entries: 4093,
+            services: 8,
+            backends: 8,
+            backends_per_service: 6,
+            ..Limits::default()
+        };
+        let mut maps = FakeMaps::checked();
+        let mut r = Reconciler::restore(Snapshot::default(), limits);
+        let seed = std::env::var("EXPOSURE_RECONCILE_SEED").ok();
+        let mut rng = Rng(seed
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0x2545_f491_4f6c_dd1d));
+        let mut want = DesiredState::default();
+        let names: Vec<ServicePortName> = (0..12u8)
+            .map(|i| ServicePortName {
+                protocol: if i.is_multiple_of(2) {
+                    Protocol::Tcp
+                } else {
+                    Protocol::Udp
+                },
+                ..name(&format!("svc-{i}"))
+            })
+            .collect();
+        let mut refused = 0;
+        for step in 0..400 {
+            let i = rng.below(names.len() as u64) as u8;
+            let key = names[i as usize].clone();
+            if rng.below(3) == 0 {
+                want.services.remove(&key);
+            } else {
+                want.services
+                    .insert(key, Arc::new(random_service(&mut rng, i)));
+            }
+            if rng.below(5) == 0 {
+                maps.fail_at_write = Some(maps.writes + 1 + rng.below(12) as usize);
+            }
+            let serving: BTreeSet<FrontendKey> = maps.state.frontends.keys().copied().collect();
+            let report = r.reconcile(&want, &mut maps);
+            maps.fail_at_write = None;
+            let errors: Vec<String> = report.errors.iter().map(|e| e.to_string()).collect();
+            refused += errors.iter().filter(|e| e.contains("raise --max")).count();
+            assert_eq!(
+                overlapping_tables(&maps),
+                Vec::<String>::new(),
+                "step {step}"
+            );
+            assert_eq!(
+                drift(&r, &maps),
+                Vec::<String>::new(),
+                "step {step}: {errors:?}"
+            );
+            let wanted = expected(&want);
+            let got = served(&maps);
+            for k in &serving {
+                assert!(
+                    !wanted.contains_key(k) || got.contains_key(k),
+                    "step {step}: {} went dark: {errors:?}",
+                    frontend_display(k)
+                );
+            }
+            for (name, s) in &want.services {
+                let named = name.to_string();
+                // A Service with an error of its own keeps what it had; after an injected write
+                // failure the frontends' phase may not have run whole.
+                let own = errors.iter().any(|e| e.starts_with(&format!("{named}:")));
+                if own || errors.iter().any(|e| e.contains("injected")) {
+                    continue;
+                }
+                for fe in s.frontends.keys() {
+                    let k = frontend_key(fe);
+                    assert_eq!(
+                        got.get(&k),
+                        wanted.get(&k),
+                        "step {step}: {}",
+                        frontend_display(&k)
+                    );
+                }
+            }
+        }
+        assert!(refused > 20, "{refused} refusals for limits");
+        want.services.clear();
+        for _ in 0..2 {
+            let report = r.reconcile(&want, &mut maps);
+            assert!(report.errors.is_empty(), "{:?}", report.errors);
+        }
+        assert_eq!(maps.state.frontends, BTreeMap::new());
+        assert_eq!(maps.state.services, BTreeMap::new());
+        assert_eq!(maps.state.backends, BTreeMap::new());
+        assert_eq!(maps.state.source_ranges, BTreeSet::new());
+        // All Maglev space is free again, in one piece.
+        let free: Vec<(u32, u32)> = r.regions.free.iter().map(|(o, l)| (*o, *l)).collect();
+        assert!(r.regions.quarantine.is_empty());
+        assert!(
+            r.regions.end == 0 || free == [(0, r.regions.end)],
+            "{free:?} of {}",
+            r.regions.end
         );
     }
 }
