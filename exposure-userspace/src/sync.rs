@@ -2226,6 +2226,12 @@ mod tests {
     struct Rng(u64);
 
     impl Rng {
+        /// `EXPOSURE_RECONCILE_SEED`, to explore, else `default`.
+        fn seeded(default: u64) -> Rng {
+            let seed = std::env::var("EXPOSURE_RECONCILE_SEED").ok();
+            Rng(seed.and_then(|s| s.parse().ok()).unwrap_or(default))
+        }
+
         fn below(&mut self, n: u64) -> u64 {
             self.0 ^= self.0 >> 12;
             self.0 ^= self.0 << 25;
@@ -2236,12 +2242,35 @@ mod tests {
 
     /// A random Service port `i` (its own frontends: NodePorts on two node addresses, perhaps an
     /// LB IP and a twin for the node's sockets) over some of ten shared endpoints.
-    fn random_service(rng: &mut Rng, i: u8) -> DesiredService {
-        let protocol = if i.is_multiple_of(2) {
+    /// Service port `i` of a dozen: even ones TCP, odd ones UDP.
+    fn random_name(i: u8) -> ServicePortName {
+        ServicePortName {
+            protocol: protocol_of(i),
+            ..name(&format!("svc-{i}"))
+        }
+    }
+
+    fn protocol_of(i: u8) -> Protocol {
+        if i.is_multiple_of(2) {
             Protocol::Tcp
         } else {
             Protocol::Udp
-        };
+        }
+    }
+
+    /// One of a dozen Service ports removed (one time in `remove_one_in`) or set anew.
+    fn change_one(rng: &mut Rng, want: &mut DesiredState, remove_one_in: u64) {
+        let i = rng.below(12) as u8;
+        if rng.below(remove_one_in) == 0 {
+            want.services.remove(&random_name(i));
+        } else {
+            let s = random_service(rng, i);
+            want.services.insert(random_name(i), Arc::new(s));
+        }
+    }
+
+    fn random_service(rng: &mut Rng, i: u8) -> DesiredService {
+        let protocol = protocol_of(i);
         let fe = |ip: [u8; 4], port: u16, scope: Scope| FrontendAddr {
             ip: IpAddr::from(ip),
             port,
@@ -2292,32 +2321,12 @@ mod tests {
     #[test]
     fn random_changes_and_failed_writes_converge_on_the_desired_state() {
         let (mut maps, mut r) = checked_from_scratch();
-        let seed = std::env::var("EXPOSURE_RECONCILE_SEED").ok();
-        let mut rng = Rng(seed
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0x9e37_79b9_7f4a_7c15));
+        let mut rng = Rng::seeded(0x9e37_79b9_7f4a_7c15);
         let mut want = DesiredState::default();
-        let names: Vec<ServicePortName> = (0..12u8)
-            .map(|i| ServicePortName {
-                protocol: if i.is_multiple_of(2) {
-                    Protocol::Tcp
-                } else {
-                    Protocol::Udp
-                },
-                ..name(&format!("svc-{i}"))
-            })
-            .collect();
         let (mut failed, mut clean) = (0, 0);
         for step in 0..400 {
             for _ in 0..1 + rng.below(3) {
-                let i = rng.below(names.len() as u64) as u8;
-                let key = names[i as usize].clone();
-                if rng.below(4) == 0 {
-                    want.services.remove(&key);
-                } else {
-                    let s = random_service(&mut rng, i);
-                    want.services.insert(key, Arc::new(s));
-                }
+                change_one(&mut rng, &mut want, 4);
             }
             if rng.below(4) == 0 {
                 maps.fail_at_write = Some(maps.writes + 1 + rng.below(12) as usize);
@@ -2412,31 +2421,11 @@ mod tests {
         };
         let mut maps = FakeMaps::checked();
         let mut r = Reconciler::restore(Snapshot::default(), limits);
-        let seed = std::env::var("EXPOSURE_RECONCILE_SEED").ok();
-        let mut rng = Rng(seed
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0x2545_f491_4f6c_dd1d));
+        let mut rng = Rng::seeded(0x2545_f491_4f6c_dd1d);
         let mut want = DesiredState::default();
-        let names: Vec<ServicePortName> = (0..12u8)
-            .map(|i| ServicePortName {
-                protocol: if i.is_multiple_of(2) {
-                    Protocol::Tcp
-                } else {
-                    Protocol::Udp
-                },
-                ..name(&format!("svc-{i}"))
-            })
-            .collect();
         let mut refused = 0;
         for step in 0..400 {
-            let i = rng.below(names.len() as u64) as u8;
-            let key = names[i as usize].clone();
-            if rng.below(3) == 0 {
-                want.services.remove(&key);
-            } else {
-                want.services
-                    .insert(key, Arc::new(random_service(&mut rng, i)));
-            }
+            change_one(&mut rng, &mut want, 3);
             if rng.below(5) == 0 {
                 maps.fail_at_write = Some(maps.writes + 1 + rng.below(12) as usize);
             }
