@@ -19,6 +19,8 @@ use super::*;
 
 /// A frontend without endpoints (TCP and UDP, both families): its requests are refused with ICMP.
 const EMPTY_PORT: u16 = 30601;
+/// The IPv4 LB IP's `loadBalancerSourceRanges`: a quarter of the clients.
+const ALLOWED: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 0);
 const CASES: usize = 20_000;
 const SEED: u64 = 0x5eed_0fe7_905e_5e5e;
 
@@ -239,6 +241,8 @@ struct Fuzz<'h> {
     round_trips: usize,
     /// Frames passed up with a hand-off to tc (`--redirect-to-pods`).
     handed_off: usize,
+    /// Requests to the LB IP from outside its source ranges (dropped).
+    denied: usize,
 }
 
 const FLAG_CHOICES: [u8; 7] = [SYN, ACK, SYN | ACK, FIN | ACK, RST, RST | ACK, 0x18];
@@ -590,6 +594,16 @@ impl Fuzz<'_> {
             return;
         };
         let what = format!("case {case}: {}", hex(&made.frame));
+        if let (IpAddr::V4(from), IpAddr::V4(to)) = (client.0, frontend.0) {
+            if to == LB && from.octets()[..3] != ALLOWED.octets()[..3] {
+                assert_eq!(
+                    verdict, XDP_DROP,
+                    "a source outside the LB's ranges, {what}"
+                );
+                self.denied += 1;
+                return;
+            }
+        }
         let lay = layout(out).unwrap_or_else(|| panic!("no IP packet sent on, {what}"));
         let (proto, seg) = lay.l4.clone().unwrap_or_else(|| panic!("no L4, {what}"));
         let (src_at, len) = if lay.v6 { (22, 16) } else { (26, 4) };
@@ -679,10 +693,16 @@ fn hex(f: &[u8]) -> String {
     f.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// hello-world over both families with a local and a remote endpoint, and a Service with no
-/// endpoints on [`EMPTY_PORT`].
+/// hello-world over both families with a local and a remote endpoint (IPv4: its LB IP only for
+/// [`ALLOWED`] sources, and client IP affinity), and a Service with no endpoints on
+/// [`EMPTY_PORT`].
 fn services() -> DesiredState {
     let mut state = hello(&[(LOCAL_POD, true), (REMOTE_POD, false)]);
+    for s in state.services.values_mut() {
+        let s = std::sync::Arc::make_mut(s);
+        s.source_ranges = Some(vec![(ALLOWED.into(), 24)]);
+        s.affinity_timeout_s = 60;
+    }
     state
         .services
         .extend(hello6(&[(LOCAL_POD6, true), (REMOTE_POD6, false)]).services);
@@ -746,6 +766,7 @@ fn mangled_frames(mode: RedirectToPods) {
             made_by_program: 0,
             round_trips: 0,
             handed_off: 0,
+            denied: 0,
         };
         for case in 0..CASES {
             let mut made = if !fuzz.sent.is_empty() && fuzz.rng.one_in(4) {
@@ -788,6 +809,7 @@ fn mangled_frames(mode: RedirectToPods) {
         assert!(valid > CASES / 10, "{valid} translated");
         assert!(made > CASES / 100, "{made} made by the programs");
         assert!(trips > CASES / 40, "{trips} round trips");
+        assert!(fuzz.denied > CASES / 200, "{} denied", fuzz.denied);
         if mode != RedirectToPods::Off {
             assert!(fuzz.h.counter(Counter::RedirectedToPod) > 0 || mode == RedirectToPods::AtTc);
             assert!(fuzz.handed_off > 0 || mode == RedirectToPods::AtXdp);
