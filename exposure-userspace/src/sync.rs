@@ -1089,12 +1089,9 @@ impl Reconciler {
             maps.purge_affinity(id, Some(&gone)).map_err(write_err)?;
             report.writes += 1;
         }
-        for (addr, len) in stale {
-            maps.remove_source_range(id, addr, len).map_err(write_err)?;
-            if let Some(slots) = self.services.get_mut(&id) {
-                slots.ranges.remove(&(addr, len));
-            }
-            report.writes += 1;
+        for range in stale {
+            self.remove_range(id, range, maps, report)
+                .map_err(write_err)?;
         }
         // UDP flows follow their endpoint out of the service (as kube-proxy clears their
         // conntrack entries). The datapath sees a backend that is gone altogether; one that
@@ -1127,6 +1124,23 @@ impl Reconciler {
         }
     }
 
+    /// Removes one of a recorded service's source ranges, from the maps and then from its slots
+    /// (so a failure part way leaves the rest listed, as they are in the maps).
+    fn remove_range(
+        &mut self,
+        id: u32,
+        (addr, len): (Addr, u8),
+        maps: &mut dyn DatapathMaps,
+        report: &mut SyncReport,
+    ) -> anyhow::Result<()> {
+        maps.remove_source_range(id, addr, len)?;
+        if let Some(slots) = self.services.get_mut(&id) {
+            slots.ranges.remove(&(addr, len));
+        }
+        report.writes += 1;
+        Ok(())
+    }
+
     fn remove_service(
         &mut self,
         id: u32,
@@ -1144,12 +1158,8 @@ impl Reconciler {
             maps.purge_affinity(id, None)?;
             report.writes += 1;
         }
-        for (addr, len) in &s.ranges {
-            maps.remove_source_range(id, *addr, *len)?;
-            if let Some(slots) = self.services.get_mut(&id) {
-                slots.ranges.remove(&(*addr, *len));
-            }
-            report.writes += 1;
+        for range in &s.ranges {
+            self.remove_range(id, *range, maps, report)?;
         }
         maps.write_service(id, &Service::default())?;
         report.writes += 1;
@@ -2174,6 +2184,21 @@ mod tests {
         all
     }
 
+    /// Frontends in `serving` that `want` still has but the maps no longer do. One that served
+    /// goes on serving through a failed write (with what it had, if its own change failed).
+    fn went_dark(
+        serving: &BTreeSet<FrontendKey>,
+        want: &DesiredState,
+        maps: &FakeMaps,
+    ) -> Vec<String> {
+        let wanted = expected(want);
+        serving
+            .iter()
+            .filter(|k| wanted.contains_key(k) && !maps.state.frontends.contains_key(k))
+            .map(frontend_display)
+            .collect()
+    }
+
     /// The services' table regions in the maps, where two overlap.
     fn overlapping_tables(maps: &FakeMaps) -> Vec<String> {
         let mut regions: Vec<(u32, u32, u32)> = maps
@@ -2333,16 +2358,8 @@ mod tests {
                 let serving: BTreeSet<FrontendKey> = maps.state.frontends.keys().copied().collect();
                 let report = r.reconcile(&want, &mut maps);
                 maps.fail_at_write = None;
-                // A frontend that served and is still wanted goes on serving through a failed
-                // write (with what it had, if its own change failed).
-                let wanted = expected(&want);
-                let dark: Vec<String> = serving
-                    .iter()
-                    .filter(|k| wanted.contains_key(k) && !maps.state.frontends.contains_key(k))
-                    .map(frontend_display)
-                    .collect();
                 assert_eq!(
-                    dark,
+                    went_dark(&serving, &want, &maps),
                     Vec::<String>::new(),
                     "step {step}: {:?}",
                     report.errors
@@ -2444,15 +2461,13 @@ mod tests {
                 Vec::<String>::new(),
                 "step {step}: {errors:?}"
             );
+            assert_eq!(
+                went_dark(&serving, &want, &maps),
+                Vec::<String>::new(),
+                "step {step}: {errors:?}"
+            );
             let wanted = expected(&want);
             let got = served(&maps);
-            for k in &serving {
-                assert!(
-                    !wanted.contains_key(k) || got.contains_key(k),
-                    "step {step}: {} went dark: {errors:?}",
-                    frontend_display(k)
-                );
-            }
             for (name, s) in &want.services {
                 let named = name.to_string();
                 // A Service with an error of its own keeps what it had; after an injected write

@@ -132,6 +132,31 @@ fn checksum_at(proto: u8) -> usize {
     }
 }
 
+/// A TCP/UDP frame's (source, destination) addresses and ports.
+fn ends(f: &[u8], lay: &Layout, seg: &Range<usize>) -> ((IpAddr, u16), (IpAddr, u16)) {
+    let (src, len) = if lay.v6 { (22, 16) } else { (26, 4) };
+    let addr = |at: usize| -> IpAddr {
+        match <[u8; 16]>::try_from(&f[at..at + len]) {
+            Ok(octets) => Ipv6Addr::from(octets).into(),
+            Err(_) => Ipv4Addr::new(f[at], f[at + 1], f[at + 2], f[at + 3]).into(),
+        }
+    };
+    let port = |at: usize| u16::from_be_bytes([f[at], f[at + 1]]);
+    (
+        (addr(src), port(seg.start)),
+        (addr(src + len), port(seg.start + 2)),
+    )
+}
+
+/// Swaps a TCP/UDP frame's source and destination addresses and ports: the answer's ends.
+fn swap_ends(f: &mut [u8], lay: &Layout, seg: &Range<usize>) {
+    let (src, len) = if lay.v6 { (22, 16) } else { (26, 4) };
+    let (a, b) = f[src..src + 2 * len].split_at_mut(len);
+    a.swap_with_slice(b);
+    let (a, b) = f[seg.start..seg.start + 4].split_at_mut(2);
+    a.swap_with_slice(b);
+}
+
 /// The one's complement sum over the segment (and its pseudo-header, but for ICMPv4) with its
 /// checksum in place: 0 when it verifies.
 fn l4_sum(f: &[u8], lay: &Layout, proto: u8, seg: &Range<usize>) -> u16 {
@@ -409,13 +434,8 @@ impl Fuzz<'_> {
         if proto != TCP && proto != UDP {
             return None;
         }
-        let v6 = lay.v6;
-        let (src_at, addr_len) = if v6 { (22, 16) } else { (26, 4) };
-        let to_local_pod = if v6 {
-            out[38..54] == LOCAL_POD6.octets()
-        } else {
-            out[30..34] == LOCAL_POD.octets()
-        };
+        let (from, to) = ends(&out, &lay, &seg);
+        let to_local_pod = [IpAddr::from(LOCAL_POD), LOCAL_POD6.into()].contains(&to.0);
         let hook = if to_local_pod {
             Hook::TcEgress
         } else {
@@ -427,32 +447,28 @@ impl Fuzz<'_> {
             // An ICMP error from the destination about `out` (its start, as routers quote).
             let quote_len = (seg.start - 14 + 8 + self.rng.below(16)).min(out.len() - 14);
             let quote = &out[14..14 + quote_len];
-            f = if v6 {
-                let src = Ipv6Addr::from(<[u8; 16]>::try_from(&out[38..54]).ok()?);
-                let dst = Ipv6Addr::from(<[u8; 16]>::try_from(&out[22..38]).ok()?);
-                let mut body = vec![0; 4];
-                body.extend_from_slice(quote);
-                frame::icmp6(src, dst, 1, 4, &body)
-            } else {
-                let ip = |at: usize| Ipv4Addr::new(out[at], out[at + 1], out[at + 2], out[at + 3]);
-                let mut padded = out[..14 + quote_len.max(28)].to_vec();
-                padded.resize(14 + 28, 0);
-                let mut e = icmp_error(ip(30), ip(26), 3, self.rng.pick(&[3, 4]), &padded);
-                // icmp_error quotes 28 bytes; quote the chosen length instead.
-                e.truncate(14 + 20 + 8);
-                e.extend_from_slice(quote);
-                let total = (e.len() - 14) as u16;
-                e[16..18].copy_from_slice(&total.to_be_bytes());
-                e
+            f = match (to.0, from.0) {
+                (IpAddr::V6(src), IpAddr::V6(dst)) => {
+                    let mut body = vec![0; 4];
+                    body.extend_from_slice(quote);
+                    frame::icmp6(src, dst, 1, 4, &body)
+                }
+                (IpAddr::V4(src), IpAddr::V4(dst)) => {
+                    let mut padded = out[..14 + quote_len.max(28)].to_vec();
+                    padded.resize(14 + 28, 0);
+                    let mut e = icmp_error(src, dst, 3, self.rng.pick(&[3, 4]), &padded);
+                    // icmp_error quotes 28 bytes; quote the chosen length instead.
+                    e.truncate(14 + 20 + 8);
+                    e.extend_from_slice(quote);
+                    let total = (e.len() - 14) as u16;
+                    e[16..18].copy_from_slice(&total.to_be_bytes());
+                    e
+                }
+                _ => return None,
             };
         } else {
             // The answer: addresses, ports and MACs swapped.
-            let (s, d) = (src_at, src_at + addr_len);
-            let (saddr, daddr) = (out[s..d].to_vec(), out[d..d + addr_len].to_vec());
-            f[s..d].copy_from_slice(&daddr);
-            f[d..d + addr_len].copy_from_slice(&saddr);
-            f.copy_within(seg.start..seg.start + 2, seg.start + 2);
-            f[seg.start..seg.start + 2].copy_from_slice(&out[seg.start + 2..seg.start + 4]);
+            swap_ends(&mut f, &lay, &seg);
             if proto == TCP {
                 f[seg.start + 13] = self.flags();
             }
@@ -606,16 +622,7 @@ impl Fuzz<'_> {
         }
         let lay = layout(out).unwrap_or_else(|| panic!("no IP packet sent on, {what}"));
         let (proto, seg) = lay.l4.clone().unwrap_or_else(|| panic!("no L4, {what}"));
-        let (src_at, len) = if lay.v6 { (22, 16) } else { (26, 4) };
-        let addr = |at: usize| -> IpAddr {
-            if lay.v6 {
-                Ipv6Addr::from(<[u8; 16]>::try_from(&out[at..at + 16]).unwrap()).into()
-            } else {
-                Ipv4Addr::new(out[at], out[at + 1], out[at + 2], out[at + 3]).into()
-            }
-        };
-        let port = |at: usize| u16::from_be_bytes([out[at], out[at + 1]]);
-        let backend = (addr(src_at + len), port(seg.start + 2));
+        let (_, backend) = ends(out, &lay, &seg);
         let local = [IpAddr::from(LOCAL_POD), LOCAL_POD6.into()].contains(&backend.0);
         let remote = [IpAddr::from(REMOTE_POD), REMOTE_POD6.into()].contains(&backend.0);
         // Local flows may be redirected to their pod (IPv4 here: the harness's pod interface
@@ -628,10 +635,7 @@ impl Fuzz<'_> {
         );
         // The endpoint answers whoever the request came from (the client, or the node's SNAT).
         let mut answer = out.to_vec();
-        answer[src_at..src_at + len].copy_from_slice(&out[src_at + len..src_at + 2 * len]);
-        answer[src_at + len..src_at + 2 * len].copy_from_slice(&out[src_at..src_at + len]);
-        answer[seg.start..seg.start + 2].copy_from_slice(&out[seg.start + 2..seg.start + 4]);
-        answer[seg.start + 2..seg.start + 4].copy_from_slice(&out[seg.start..seg.start + 2]);
+        swap_ends(&mut answer, &lay, &seg);
         if proto == TCP {
             answer[seg.start + 13] = SYN | ACK;
         }
@@ -644,21 +648,11 @@ impl Fuzz<'_> {
         let lay = layout(&back).unwrap_or_else(|| panic!("answer lost, {what}"));
         let seg = lay
             .l4
+            .as_ref()
             .map(|(_, s)| s)
             .unwrap_or_else(|| panic!("answer lost, {what}"));
-        let back_addr = |at: usize| -> IpAddr {
-            if lay.v6 {
-                Ipv6Addr::from(<[u8; 16]>::try_from(&back[at..at + 16]).unwrap()).into()
-            } else {
-                Ipv4Addr::new(back[at], back[at + 1], back[at + 2], back[at + 3]).into()
-            }
-        };
-        let back_port = |at: usize| u16::from_be_bytes([back[at], back[at + 1]]);
         assert_eq!(
-            (
-                (back_addr(src_at), back_port(seg.start)),
-                (back_addr(src_at + len), back_port(seg.start + 2))
-            ),
+            ends(&back, &lay, seg),
             (frontend, client),
             "answer {}, {what}",
             hex(&back)
