@@ -931,20 +931,26 @@ impl DatapathMaps for KernelMaps {
         )
         .with_context(|| format!("SOURCE_RANGES service {service_id}"))
     }
-    fn purge_affinity(&mut self, service_id: u32, backends: Option<&[u32]>) -> anyhow::Result<()> {
+    fn sweep_affinity(
+        &mut self,
+        live: &std::collections::BTreeMap<u32, std::collections::BTreeSet<u32>>,
+    ) -> anyhow::Result<usize> {
         let stale: Vec<exposure_common::AffinityKey> = self
             .affinity
             .iter()
             .filter_map(Result::ok)
             .filter(|(k, a)| {
-                k.service_id == service_id && backends.is_none_or(|b| b.contains(&a.backend_id))
+                !live
+                    .get(&k.service_id)
+                    .is_some_and(|backends| backends.contains(&a.backend_id))
             })
             .map(|(k, _)| k)
             .collect();
+        let forgotten = stale.len();
         for k in stale {
             let _ = self.affinity.remove(&k); // an LRU may have evicted it meanwhile
         }
-        Ok(())
+        Ok(forgotten)
     }
     fn purge_udp_flows(&mut self, service_id: u32, backends: &[u32]) -> anyhow::Result<()> {
         // The node's own connections' entries belong to no Service.

@@ -160,8 +160,10 @@ pub trait DatapathMaps {
         addr: Addr,
         prefix_len: u8,
     ) -> anyhow::Result<()>;
-    /// Forgets session affinity of a service's clients to `backends` (all of them with `None`).
-    fn purge_affinity(&mut self, service_id: u32, backends: Option<&[u32]>) -> anyhow::Result<()>;
+    /// Forgets every session affinity entry that does not stick a client of a service in `live`
+    /// (the services with affinity, by id, and their backend ids) to one of that service's
+    /// backends; returns how many it forgot.
+    fn sweep_affinity(&mut self, live: &BTreeMap<u32, BTreeSet<u32>>) -> anyhow::Result<usize>;
     /// Forgets a UDP service's flows to `backends`, which left it but serve another service (the
     /// datapath itself moves flows whose backend is gone altogether).
     fn purge_udp_flows(&mut self, service_id: u32, backends: &[u32]) -> anyhow::Result<()>;
@@ -414,6 +416,11 @@ pub struct Reconciler {
     /// `FRONTEND_PORTS` may not match the frontends though none changed: just restored (a pin of
     /// an earlier build may lack it), or a write failed.
     frontend_ports_stale: bool,
+    /// Session affinity may stick clients to a backend that left their service, or hold entries
+    /// of a service that went or turned affinity off: swept before any id they name is reused.
+    affinity_sweep_due: bool,
+    /// Removed services' ids, handed back to the pool once their affinity entries are swept.
+    unswept_service_ids: BTreeSet<u32>,
 }
 
 fn frontend_key(f: &FrontendAddr) -> FrontendKey {
@@ -536,6 +543,9 @@ impl Reconciler {
             maybe_unused,
             frontend_ports: snapshot.frontend_ports,
             frontend_ports_stale: true,
+            // Whatever a previous agent left: it may have stopped before its sweep.
+            affinity_sweep_due: true,
+            unswept_service_ids: BTreeSet::new(),
         }
     }
 
@@ -623,6 +633,8 @@ impl Reconciler {
         let mut report = SyncReport::default();
         // Regions retired by the previous sync: no packet can still be reading them.
         self.regions.release_quarantine();
+        // One that failed last time, before ids are handed out again.
+        self.sweep_affinity(maps, &mut report);
         // Frontend key -> (service id, kind flags).
         let mut wanted_frontends: BTreeMap<FrontendKey, (u32, u16)> = BTreeMap::new();
         let mut live_services: HashSet<u32> = HashSet::with_capacity(desired.services.len());
@@ -765,6 +777,7 @@ impl Reconciler {
                 });
             }
         }
+        self.sweep_affinity(maps, &mut report);
         self.settle_unused_backends(maps, &mut report);
         if report.frontends_changed || self.frontend_ports_stale {
             self.sync_frontend_ports(maps, &mut report);
@@ -816,9 +829,41 @@ impl Reconciler {
         }
     }
 
+    /// Forgets session affinity that no longer holds (see [`DatapathMaps::sweep_affinity`]), when
+    /// a change may have left some; then the ids it named may be reused.
+    fn sweep_affinity(&mut self, maps: &mut dyn DatapathMaps, report: &mut SyncReport) {
+        if !self.affinity_sweep_due {
+            return;
+        }
+        let live: BTreeMap<u32, BTreeSet<u32>> = self
+            .services
+            .iter()
+            .filter(|(_, s)| s.service.affinity_timeout_s != 0)
+            .map(|(id, s)| (*id, s.live.iter().copied().collect()))
+            .collect();
+        match maps.sweep_affinity(&live) {
+            Ok(forgotten) => {
+                report.writes += forgotten;
+                self.affinity_sweep_due = false;
+                for id in std::mem::take(&mut self.unswept_service_ids) {
+                    self.service_pool.release(id);
+                }
+            }
+            Err(source) => report.errors.push(SyncError::Write {
+                service: "session affinity".into(),
+                source,
+            }),
+        }
+    }
+
     /// Clears the backends no service uses any more, and hands back ids given out for backends
-    /// whose write failed. Only the candidates a change produced are looked at.
+    /// whose write failed. Only the candidates a change produced are looked at. Not while
+    /// session affinity may still stick clients to them: they keep the backend they had until
+    /// then, rather than none or another's under a reused id.
     fn settle_unused_backends(&mut self, maps: &mut dyn DatapathMaps, report: &mut SyncReport) {
+        if self.affinity_sweep_due {
+            return;
+        }
         for (id, addr) in std::mem::take(&mut self.maybe_unused) {
             if self.backend_refs.contains_key(&id) {
                 continue;
@@ -1084,10 +1129,10 @@ impl Reconciler {
                 ranges: ranges.union(&current.ranges).copied().collect(),
             }),
         );
-        // Clients stuck to a backend that left must get a new one on their next flow.
-        if (current.service.affinity_timeout_s != 0 || affinity != 0) && !gone.is_empty() {
-            maps.purge_affinity(id, Some(&gone)).map_err(write_err)?;
-            report.writes += 1;
+        // Clients stuck to a backend that left must get a new one on their next flow; with
+        // affinity off, entries kept would stick clients again once it is back on.
+        if current.service.affinity_timeout_s != 0 && (affinity == 0 || !gone.is_empty()) {
+            self.affinity_sweep_due = true;
         }
         for range in stale {
             self.remove_range(id, range, maps, report)
@@ -1153,11 +1198,6 @@ impl Reconciler {
         // No frontend leads here any more. What goes with the id goes first, the entry last: a
         // failure leaves this view the maps' (the ranges listed until each is removed), and the
         // removal is tried again next sync.
-        if s.service.affinity_timeout_s != 0 {
-            // The id will be reused by another Service: no stale stickiness may carry over.
-            maps.purge_affinity(id, None)?;
-            report.writes += 1;
-        }
         for range in &s.ranges {
             self.remove_range(id, *range, maps, report)?;
         }
@@ -1166,7 +1206,13 @@ impl Reconciler {
         self.regions
             .free_later(s.service.table_offset, s.service.table_size);
         self.set_slots(id, None);
-        self.service_pool.release(id);
+        if s.service.affinity_timeout_s != 0 {
+            // The id will be reused by another Service: no stale stickiness may carry over.
+            self.affinity_sweep_due = true;
+            self.unswept_service_ids.insert(id);
+        } else {
+            self.service_pool.release(id);
+        }
         Ok(())
     }
 }
@@ -1180,8 +1226,12 @@ pub struct FakeMaps {
     pub check_every_write: bool,
     /// Fail the write with this number (1-based), to test partial failure.
     pub fail_at_write: Option<usize>,
+    /// Fail every session affinity sweep.
+    pub fail_sweeps: bool,
     pub stats_resets: Vec<u32>,
-    pub affinity_purges: Vec<(u32, Option<Vec<u32>>)>,
+    /// (service id, backend id) pairs session affinity may hold: every backend of a service's
+    /// table once the service is written with affinity (any client may have been given any).
+    pub affinity: BTreeSet<(u32, u32)>,
     pub udp_flow_purges: Vec<(u32, Vec<u32>)>,
     /// The `MAGLEV` array, sparse.
     pub maglev: BTreeMap<u32, u32>,
@@ -1257,6 +1307,11 @@ impl DatapathMaps for FakeMaps {
     }
     fn write_service(&mut self, id: u32, service: &Service) -> anyhow::Result<()> {
         self.write()?;
+        if service.affinity_timeout_s != 0 {
+            let table = service.table_offset..service.table_offset + service.table_size;
+            let backends: Vec<u32> = table.map(|i| self.maglev[&i]).collect();
+            self.affinity.extend(backends.into_iter().map(|b| (id, b)));
+        }
         if *service == Service::default() {
             self.state.services.remove(&id);
         } else {
@@ -1317,11 +1372,15 @@ impl DatapathMaps for FakeMaps {
         self.check();
         Ok(())
     }
-    fn purge_affinity(&mut self, service_id: u32, backends: Option<&[u32]>) -> anyhow::Result<()> {
+    fn sweep_affinity(&mut self, live: &BTreeMap<u32, BTreeSet<u32>>) -> anyhow::Result<usize> {
         self.write()?;
-        self.affinity_purges
-            .push((service_id, backends.map(<[u32]>::to_vec)));
-        Ok(())
+        if self.fail_sweeps {
+            anyhow::bail!("injected sweep failure");
+        }
+        let before = self.affinity.len();
+        self.affinity
+            .retain(|(s, b)| live.get(s).is_some_and(|backends| backends.contains(b)));
+        Ok(before - self.affinity.len())
     }
     fn purge_udp_flows(&mut self, service_id: u32, backends: &[u32]) -> anyhow::Result<()> {
         self.write()?;
@@ -1784,7 +1843,8 @@ mod tests {
         // A failed write is retried at the next sync, though nothing else changed.
         let mut failing = maps;
         failing.state.frontend_ports.clear();
-        failing.fail_at_write = Some(failing.writes + 1);
+        // After the restart's affinity sweep.
+        failing.fail_at_write = Some(failing.writes + 2);
         let mut restarted = Reconciler::restore(failing.snapshot().unwrap(), Limits::default());
         let report = restarted.reconcile(&only_a, &mut failing);
         assert_eq!(report.errors.len(), 1);
@@ -1938,26 +1998,69 @@ mod tests {
             affinity_timeout_s: 60,
             ..service(30001, backends)
         };
+        let id_of =
+            |r: &Reconciler, last: u8| r.backend_ids[&(IpAddr::from([198, 19, 1, last]), 8080)];
         r.reconcile(
             &state(&[("a", sticky(&[(1, false), (2, false)]))]),
             &mut maps,
         );
-        assert_eq!(
-            maps.state
-                .services
-                .values()
-                .next()
-                .unwrap()
-                .affinity_timeout_s,
-            60
-        );
-        assert!(maps.affinity_purges.is_empty());
-        let gone = r.backend_ids[&(IpAddr::from([198, 19, 1, 1]), 8080)];
-        r.reconcile(&state(&[("a", sticky(&[(2, false)]))]), &mut maps);
         let id = maps.state.frontends.values().next().unwrap().service_id;
-        assert_eq!(maps.affinity_purges, [(id, Some(vec![gone]))]);
+        assert_eq!(maps.state.services[&id].affinity_timeout_s, 60);
+        let (one, two) = (id_of(&r, 1), id_of(&r, 2));
+        assert_eq!(maps.affinity, [(id, one), (id, two)].into());
+        // A backend leaves: clients stuck to it are forgotten, and only then is it cleared.
+        r.reconcile(&state(&[("a", sticky(&[(2, false)]))]), &mut maps);
+        assert_eq!(maps.affinity, [(id, two)].into());
+        assert!(!maps.state.backends.contains_key(&one));
+        // Affinity turned off: nothing of it may stick clients once it is back on.
+        r.reconcile(&state(&[("a", service(30001, &[(2, false)]))]), &mut maps);
+        assert_eq!(maps.affinity, BTreeSet::new());
+        r.reconcile(&state(&[("a", sticky(&[(2, false)]))]), &mut maps);
         r.reconcile(&DesiredState::default(), &mut maps);
-        assert_eq!(maps.affinity_purges.last(), Some(&(id, None)));
+        assert_eq!(maps.affinity, BTreeSet::new());
+    }
+
+    /// A sweep that fails keeps what it would have freed: the backend stays (clients stuck to it
+    /// keep it, rather than getting none), and the removed service's id is not reused, until a
+    /// later sync sweeps.
+    #[test]
+    fn a_failed_affinity_sweep_holds_back_the_ids_it_concerns() {
+        let (mut maps, mut r) = checked_from_scratch();
+        let sticky = |port: u16, backends: &[(u8, bool)]| DesiredService {
+            affinity_timeout_s: 60,
+            ..service(port, backends)
+        };
+        r.reconcile(
+            &state(&[("a", sticky(30001, &[(1, false), (2, false)]))]),
+            &mut maps,
+        );
+        let id = maps.state.frontends.values().next().unwrap().service_id;
+        let one = r.backend_ids[&(IpAddr::from([198, 19, 1, 1]), 8080)];
+        maps.fail_sweeps = true;
+        let report = r.reconcile(&DesiredState::default(), &mut maps);
+        assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
+        assert!(report.errors[0].to_string().contains("session affinity"));
+        assert!(
+            maps.state.backends.contains_key(&one),
+            "cleared before the sweep"
+        );
+        assert!(maps.affinity.contains(&(id, one)));
+        // A new service while sweeps still fail gets another id.
+        let b_only = state(&[("b", sticky(30002, &[(3, false)]))]);
+        r.reconcile(&b_only, &mut maps);
+        let b = maps.state.frontends.values().next().unwrap().service_id;
+        assert_ne!(b, id, "id reused before its affinity was swept");
+        assert!(maps.state.backends.contains_key(&one));
+        // The next sweep frees it all.
+        maps.fail_sweeps = false;
+        let report = r.reconcile(&b_only, &mut maps);
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert!(!maps.state.backends.contains_key(&one));
+        assert!(
+            maps.affinity.iter().all(|(s, _)| *s == b),
+            "{:?}",
+            maps.affinity
+        );
     }
 
     #[test]
@@ -2199,6 +2302,22 @@ mod tests {
             .collect()
     }
 
+    /// Session affinity the maps may hold that leads a client elsewhere than a backend of its
+    /// service: to a backend that left it, or of a service it no longer is (its id reused).
+    fn stale_affinity(maps: &FakeMaps) -> Vec<String> {
+        let services = &maps.state.services;
+        maps.affinity
+            .iter()
+            .filter(|(id, backend)| {
+                !services.get(id).is_some_and(|s| {
+                    let mut table = s.table_offset..s.table_offset + s.table_size;
+                    s.affinity_timeout_s != 0 && table.any(|i| maps.maglev[&i] == *backend)
+                })
+            })
+            .map(|(id, backend)| format!("service {id} -> backend {backend}"))
+            .collect()
+    }
+
     /// The services' table regions in the maps, where two overlap.
     fn overlapping_tables(maps: &FakeMaps) -> Vec<String> {
         let mut regions: Vec<(u32, u32, u32)> = maps
@@ -2404,6 +2523,7 @@ mod tests {
                 .collect();
             assert_eq!(differ, Vec::<String>::new(), "step {step}");
             assert_eq!(drift(&r, &maps), Vec::<String>::new(), "step {step}");
+            assert_eq!(stale_affinity(&maps), Vec::<String>::new(), "step {step}");
             let again = r.reconcile(&want, &mut maps);
             assert_eq!((again.writes, again.errors.len()), (0, 0), "step {step}");
             if step % 10 == 0 {
@@ -2466,6 +2586,9 @@ mod tests {
                 Vec::<String>::new(),
                 "step {step}: {errors:?}"
             );
+            if errors.is_empty() {
+                assert_eq!(stale_affinity(&maps), Vec::<String>::new(), "step {step}");
+            }
             let wanted = expected(&want);
             let got = served(&maps);
             for (name, s) in &want.services {
@@ -2497,6 +2620,7 @@ mod tests {
         assert_eq!(maps.state.services, BTreeMap::new());
         assert_eq!(maps.state.backends, BTreeMap::new());
         assert_eq!(maps.state.source_ranges, BTreeSet::new());
+        assert_eq!(maps.affinity, BTreeSet::new());
         // All Maglev space is free again, in one piece.
         let free: Vec<(u32, u32)> = r.regions.free.iter().map(|(o, l)| (*o, *l)).collect();
         assert!(r.regions.quarantine.is_empty());

@@ -1945,6 +1945,26 @@ fn client_ip_affinity_sticks_across_flows_until_the_backend_leaves() {
         let next = dst_of(h, CLIENT, 43100);
         assert_ne!(next, first);
         assert_eq!(dst_of(h, CLIENT, 43101), next);
+        // Affinity turned off forgets it all, so a backend that leaves meanwhile holds no client
+        // once it is back on: the client's next flow gets one that is there (not a refusal).
+        h.program(&hello(
+            &remaining.iter().map(|p| (*p, true)).collect::<Vec<_>>(),
+        ));
+        assert_eq!(h.maps.affinity.keys().count(), 0, "affinity kept while off");
+        let rest: Vec<Ipv4Addr> = remaining.iter().copied().filter(|p| *p != next).collect();
+        h.program(&hello(&rest.iter().map(|p| (*p, true)).collect::<Vec<_>>()));
+        h.program(&sticky(&rest));
+        let (verdict, out) =
+            h.xdp(&FrameSpec::tcp((CLIENT, 43200), (NODE, NODE_PORT), SYN).build());
+        assert_eq!(verdict, XDP_PASS, "{out:02x?}");
+        assert!(rest.contains(&frame::parse(&out).unwrap().dst));
+        // A removed Service's clients are forgotten with it.
+        h.program(&DesiredState::default());
+        assert_eq!(
+            h.maps.affinity.keys().count(),
+            0,
+            "affinity kept for a removed Service"
+        );
     });
 }
 
