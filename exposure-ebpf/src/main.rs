@@ -171,6 +171,20 @@ fn client_key(r: &Reply, proto: u8) -> FlowKey {
     }
 }
 
+/// The client's flow that reply entry `reply`, hit by the backend's packet `p`, belongs to: only
+/// while that flow still goes to this backend (and SNAT port). A client that reused its port after
+/// a connection closed has a new flow, perhaps elsewhere; the old connection's late packets (a
+/// retransmitted FIN, an RST) still reach the client, but must not close the new one.
+#[inline(always)]
+fn flow_of_reply(reply: *const Reply, p: &Packet) -> Option<*mut Flow> {
+    lookup_flow(&client_key(unsafe { &*reply }, p.proto)).filter(|&f| {
+        let f = unsafe { &*f };
+        f.backend_addr == p.saddr
+            && f.backend_port == p.sport
+            && (f.flags & FLOW_REMOTE == 0 || (f.snat_addr == p.daddr && f.snat_port == p.dport))
+    })
+}
+
 /// The key under which the replies of a client's (`addr:port`) flow arrive.
 #[inline(always)]
 fn reply_key(client_addr: &Addr, client_port: u16, proto: u8, flow: &Flow) -> FlowKey {
@@ -657,8 +671,7 @@ fn reply_to_client(ctx: &XdpContext, p: &Packet, reply: *mut Reply) -> Result<u3
     if let Some(mtu) = mtu_exceeded(ctx, r.ifindex) {
         return too_big(ctx, p, mtu);
     }
-    let flow = || lookup_flow(&client_key(unsafe { &*reply }, p.proto));
-    touch(reply, flow, p, false, now);
+    touch(reply, || flow_of_reply(reply, p), p, false, now);
     let to = Tuple {
         saddr: &r.frontend_addr,
         daddr: &r.client_addr,
@@ -859,8 +872,7 @@ fn tc_reply(ctx: &TcContext, p: &Packet) -> Result<i32, ()> {
     if r.flags & (FLOW_REMOTE | FLOW_HOST) != 0 {
         return Ok(TC_ACT_UNSPEC);
     }
-    let flow = || lookup_flow(&client_key(unsafe { &*reply }, p.proto));
-    touch(reply, flow, p, false, now_ns());
+    touch(reply, || flow_of_reply(reply, p), p, false, now_ns());
     if !p.later_fragment {
         tc_reply_ports(ctx, p, &r)?;
     }

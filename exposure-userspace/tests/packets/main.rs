@@ -1166,6 +1166,62 @@ fn a_reset_from_the_backend_closes_the_flow() {
     });
 }
 
+/// A client that reuses its port after a connection closed gets a new flow, perhaps to another
+/// backend. The old backend's late packets (a retransmitted FIN, an RST) still reach the client
+/// as the old connection's, but must not touch the new connection's state: a stray RST marked it
+/// closing, so it ended after a closing connection's lifetime idle (and its next packet was a
+/// new flow with another SNAT port: to its backend, a stranger).
+#[test]
+fn late_packets_of_a_closed_connection_leave_the_new_one_on_its_port_alone() {
+    with_datapath(|h| {
+        let other_remote = Ipv4Addr::new(198, 19, 2, 3);
+        let other_local = Ipv4Addr::new(198, 19, 1, 3);
+        // Remote: the old connection's backend answers at XDP, to its SNAT port.
+        h.program(&hello(&[(REMOTE_POD, false)]));
+        let client = (CLIENT, 40009);
+        let (_, out) = h.xdp(&h.tcp_to_node_port(client, SYN));
+        let old_port = frame::parse(&out).unwrap().sport;
+        h.xdp(&h.tcp_to_node_port(client, RST));
+        h.program(&hello(&[(other_remote, false)]));
+        let (_, out) = h.xdp(&h.tcp_to_node_port(client, SYN));
+        let new = frame::parse(&out).unwrap();
+        assert_eq!(new.dst, other_remote);
+        let late = h.tcp_from_remote_pod(old_port, RST | ACK);
+        let (verdict, out) = h.xdp(&late);
+        assert_eq!(
+            verdict, XDP_TX,
+            "the old connection's packet goes to its client"
+        );
+        assert_eq!(frame::parse(&out).unwrap().dport, client.1);
+        let flow = h.flow(client, (NODE, NODE_PORT), TCP).unwrap();
+        assert_eq!(flow.flags & FLOW_CLOSING, 0, "the new connection closed");
+        // Past a closing connection's lifetime, idle: still the same connection.
+        age_flows(h, 30);
+        let (_, out) = h.xdp(&h.tcp_to_node_port(client, ACK));
+        let later = frame::parse(&out).unwrap();
+        assert_eq!((later.dst, later.sport), (other_remote, new.sport));
+
+        // Local: the old connection's pod answers through tc egress.
+        h.program(&hello(&[(LOCAL_POD, true)]));
+        let client = (CLIENT, 40010);
+        h.xdp(&FrameSpec::tcp(client, (NODE, NODE_PORT), SYN).build());
+        h.xdp(&FrameSpec::tcp(client, (NODE, NODE_PORT), RST).build());
+        h.program(&hello(&[(other_local, true)]));
+        let (_, out) = h.xdp(&FrameSpec::tcp(client, (NODE, NODE_PORT), SYN).build());
+        assert_eq!(frame::parse(&out).unwrap().dst, other_local);
+        let late = FrameSpec::tcp((LOCAL_POD, 50000), client, RST | ACK).build();
+        let (verdict, out) = h.tc(&late);
+        assert_eq!(verdict, TC_ACT_OK);
+        assert_eq!(frame::parse(&out).unwrap().src, NODE, "from the frontend");
+        let flow = h.flow(client, (NODE, NODE_PORT), TCP).unwrap();
+        assert_eq!(
+            flow.flags & FLOW_CLOSING,
+            0,
+            "the new local connection closed"
+        );
+    });
+}
+
 #[test]
 fn snat_ports_of_closed_connections_are_reused_at_once() {
     with_datapath(|h| {
