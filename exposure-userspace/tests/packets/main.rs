@@ -68,6 +68,34 @@ struct Harness {
     peer_netns: String,
 }
 
+/// xorshift64*: small and deterministic.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    fn one_in(&mut self, n: usize) -> bool {
+        self.below(n) == 0
+    }
+
+    fn pick<T: Clone>(&mut self, xs: &[T]) -> T {
+        xs[self.below(xs.len())].clone()
+    }
+
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+}
+
 /// Removes a test's pins, also when loading failed before there was a harness.
 struct PinDir(PathBuf);
 
@@ -2909,4 +2937,5 @@ fn dual_stack_service_serves_each_family_from_its_own_endpoints() {
     });
 }
 
+mod flows;
 mod mangled;

@@ -1,0 +1,515 @@
+//! Flows over time: seeded random sequences of a few dozen clients' TCP and UDP packets to a
+//! NodePort, their backends' answers (also late ones, of flows that have moved on), and changes to
+//! the Service's endpoints, through the XDP and tc egress programs, checked packet by packet
+//! against a model of what kube-proxy's conntrack and NAT would do:
+//!
+//! - a flow keeps its backend and SNAT port until it closes (RST, or FIN both ways) and the
+//!   client's next SYN starts a new one; a UDP flow leaves an endpoint that left;
+//! - a new flow gets a current endpoint, or a refusal when there is none;
+//! - a SNAT port goes to a new flow only if no open flow to that backend holds it (a closed one's
+//!   is taken over at once), and a new flow is dropped for want of one only when all are held;
+//! - every answer goes back, from the frontend, to the client whose flow holds its tuple now,
+//!   and only that flow's state follows it.
+//!
+//! Four SNAT ports per backend, so they run out and are taken over often.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::*;
+
+const STEPS: usize = 6_000;
+const SEED: u64 = 0xf10e_5eed_0dd5_0001;
+const SNAT_FIRST: u16 = 61_000;
+const SNAT_LAST: u16 = 61_003;
+const LOCALS: [Ipv4Addr; 2] = [LOCAL_POD, Ipv4Addr::new(198, 19, 1, 3)];
+const REMOTES: [Ipv4Addr; 3] = [
+    REMOTE_POD,
+    Ipv4Addr::new(198, 19, 2, 3),
+    Ipv4Addr::new(198, 19, 2, 4),
+];
+/// What clients send: mostly the usual, now and then a SYN on a flow that is open.
+const CLIENT_FLAGS: [u8; 7] = [SYN, ACK, 0x18, FIN | ACK, RST, RST | ACK, SYN];
+const BACKEND_FLAGS: [u8; 5] = [SYN | ACK, ACK, 0x18, FIN | ACK, RST | ACK];
+
+/// A client's end of a flow: (protocol, address, port).
+type ClientKey = (u8, Ipv4Addr, u16);
+/// Where a flow's answers arrive: (protocol, backend, the address and port it answers to: the
+/// node's SNAT port for a remote backend, the client's for a local one).
+type ReplyKey = (u8, Ipv4Addr, Ipv4Addr, u16);
+
+/// The connection state both directions' entries carry.
+#[derive(Clone, Copy, Debug, Default)]
+struct Conn {
+    rst: bool,
+    fin_client: bool,
+    fin_backend: bool,
+}
+
+impl Conn {
+    fn closing(&self) -> bool {
+        self.rst || (self.fin_client && self.fin_backend)
+    }
+
+    fn see(&mut self, proto: u8, flags: u8, from_client: bool) {
+        if proto != TCP {
+            return;
+        }
+        if flags & RST != 0 {
+            self.rst = true;
+        } else if flags & FIN != 0 {
+            if from_client {
+                self.fin_client = true;
+            } else {
+                self.fin_backend = true;
+            }
+        }
+    }
+}
+
+/// A client's flow as the datapath keeps it.
+#[derive(Clone, Copy, Debug)]
+struct Flow {
+    backend: Ipv4Addr,
+    /// The node's port towards a remote backend.
+    snat: Option<u16>,
+    /// The backend's generation when the flow chose it: one that left and came back is another.
+    generation: u32,
+    conn: Conn,
+}
+
+impl Flow {
+    fn reply_key(&self, client: ClientKey) -> ReplyKey {
+        match self.snat {
+            Some(port) => (client.0, self.backend, NODE, port),
+            None => (client.0, self.backend, client.1, client.2),
+        }
+    }
+}
+
+/// A reply entry: whose flow it answers, and that connection's state.
+#[derive(Clone, Copy, Debug)]
+struct Reply {
+    client: ClientKey,
+    conn: Conn,
+}
+
+#[derive(Default)]
+struct Model {
+    flows: BTreeMap<ClientKey, Flow>,
+    replies: BTreeMap<ReplyKey, Reply>,
+    endpoints: BTreeSet<Ipv4Addr>,
+    generation: BTreeMap<Ipv4Addr, u32>,
+    /// `sessionAffinity: ClientIP`: the backend each (protocol, client address) sticks to;
+    /// `None` once one was chosen for a flow that was then dropped (so not seen here).
+    sticky: Option<BTreeMap<(u8, Ipv4Addr), Option<Ipv4Addr>>>,
+}
+
+impl Model {
+    /// The reply entry `flow` of `client` is linked to, if it is still that flow's.
+    fn own_reply(&mut self, client: ClientKey) -> Option<&mut Reply> {
+        let key = self.flows.get(&client)?.reply_key(client);
+        self.replies.get_mut(&key).filter(|r| r.client == client)
+    }
+
+    /// The flow reply entry `key` answers, if that flow still leads to it.
+    fn own_flow(&mut self, key: ReplyKey) -> Option<&mut Flow> {
+        let client = self.replies.get(&key)?.client;
+        self.flows
+            .get_mut(&client)
+            .filter(|f| f.reply_key(client) == key)
+    }
+
+    /// Whether a new flow to `backend` may take SNAT `port`: nothing holds it, or a closed
+    /// TCP connection does (UDP flows hold theirs for their lifetime).
+    fn port_free(&self, proto: u8, backend: Ipv4Addr, port: u16) -> bool {
+        self.replies
+            .get(&(proto, backend, NODE, port))
+            .is_none_or(|r| proto == TCP && r.conn.closing())
+    }
+
+    fn is_local(backend: Ipv4Addr) -> bool {
+        LOCALS.contains(&backend)
+    }
+}
+
+/// How often each path was taken, so the test fails if the generator stops reaching one.
+#[derive(Debug, Default)]
+struct Reached {
+    new_flows: usize,
+    kept: usize,
+    reselected_after_close: usize,
+    udp_moved: usize,
+    refused: usize,
+    ports_exhausted: usize,
+    ports_taken_over: usize,
+    answers: usize,
+    late_answers: usize,
+    endpoint_changes: usize,
+    /// New flows that went where their client's affinity said.
+    sticky: usize,
+}
+
+struct Run<'h> {
+    h: &'h mut Harness,
+    rng: Rng,
+    model: Model,
+    reached: Reached,
+    clients: Vec<(Ipv4Addr, u16)>,
+}
+
+impl Run<'_> {
+    fn set_endpoints(&mut self, endpoints: BTreeSet<Ipv4Addr>) {
+        for gone in self.model.endpoints.difference(&endpoints) {
+            *self.model.generation.entry(*gone).or_default() += 1;
+        }
+        let list: Vec<(Ipv4Addr, bool)> = endpoints
+            .iter()
+            .map(|ip| (*ip, Model::is_local(*ip)))
+            .collect();
+        let mut state = hello(&list);
+        if self.model.sticky.is_some() {
+            for s in state.services.values_mut() {
+                std::sync::Arc::make_mut(s).affinity_timeout_s = 600;
+            }
+        }
+        self.h.program(&state);
+        // Clients stuck to an endpoint that left are forgotten.
+        if let Some(sticky) = &mut self.model.sticky {
+            sticky.retain(|_, b| b.is_none_or(|b| endpoints.contains(&b)));
+        }
+        self.model.endpoints = endpoints;
+        self.reached.endpoint_changes += 1;
+    }
+
+    fn random_endpoints(&mut self) -> BTreeSet<Ipv4Addr> {
+        if self.rng.one_in(12) {
+            return BTreeSet::new();
+        }
+        let all = LOCALS.iter().chain(&REMOTES);
+        let mut set: BTreeSet<Ipv4Addr> = all.filter(|_| self.rng.below(5) < 3).copied().collect();
+        if set.is_empty() {
+            set.insert(self.rng.pick(&REMOTES));
+        }
+        set
+    }
+
+    /// A client's packet to the NodePort, and what must come of it.
+    fn client_sends(&mut self, step: usize) {
+        let (ip, port) = self.rng.pick(&self.clients);
+        let proto = self.rng.pick(&[TCP, UDP]);
+        let flags = if proto == TCP {
+            self.rng.pick(&CLIENT_FLAGS)
+        } else {
+            0
+        };
+        let client: ClientKey = (proto, ip, port);
+        let spec = if proto == TCP {
+            FrameSpec::tcp((ip, port), (NODE, NODE_PORT), flags)
+        } else {
+            FrameSpec::udp((ip, port), (NODE, NODE_PORT))
+        };
+        let frame = self.h.client_frame(spec);
+        let (verdict, out) = self.h.xdp(&frame);
+        let what = format!("step {step}: {client:?} flags {flags:#x}");
+        let m = &mut self.model;
+        let new_syn = proto == TCP && flags & (SYN | ACK) == SYN;
+        let existing = m.flows.get(&client).copied().filter(|f| {
+            let there = m.endpoints.contains(&f.backend);
+            let same = m.generation.get(&f.backend).copied().unwrap_or(0) == f.generation;
+            // An endpoint that left and came back may have its old id again: then it is the
+            // same to the flow, or else a new one; both are right.
+            let came_back = there && !same && {
+                let p = frame::parse(&out);
+                let src = f.snat.map_or(port, |snat| snat);
+                p.is_some_and(|p| (p.dst, p.sport) == (f.backend, src))
+            };
+            !(new_syn && f.conn.closing()) && (proto == TCP || (there && same) || came_back)
+        });
+        if let Some(f) = existing {
+            self.expect_translated(&what, verdict, &out, client, f.backend, f.snat);
+            self.reached.kept += 1;
+            let m = &mut self.model;
+            if let Some(r) = m.own_reply(client) {
+                r.conn.see(proto, flags, true);
+            }
+            if let Some(f) = m.flows.get_mut(&client) {
+                f.conn.see(proto, flags, true);
+            }
+            return;
+        }
+        // A new flow.
+        let before = m.flows.get(&client).copied();
+        if m.endpoints.is_empty() {
+            let p = frame::parse(&out).unwrap_or_else(|| panic!("{what}: {out:02x?}"));
+            assert_eq!(
+                (verdict, p.proto, p.l4[0], p.dst),
+                (XDP_TX, frame::ICMP, 3, ip),
+                "{what}: refused with ICMP unreachable"
+            );
+            self.reached.refused += 1;
+            return;
+        }
+        let stuck = m.sticky.as_ref().and_then(|s| s.get(&(proto, ip)).copied());
+        if verdict == XDP_DROP {
+            // Only for want of a SNAT port: a remote endpoint (the client's, if it sticks to
+            // one) whose ports open flows all hold.
+            let exhausted = REMOTES.iter().any(|b| {
+                m.endpoints.contains(b)
+                    && stuck.flatten().is_none_or(|s| s == *b)
+                    && (SNAT_FIRST..=SNAT_LAST).all(|port| !m.port_free(proto, *b, port))
+            });
+            assert!(exhausted, "{what}: dropped with free SNAT ports");
+            if let Some(sticky) = &mut m.sticky {
+                sticky.entry((proto, ip)).or_insert(None);
+            }
+            self.reached.ports_exhausted += 1;
+            return;
+        }
+        let p = frame::parse(&out).unwrap_or_else(|| panic!("{what}: {out:02x?}"));
+        assert_ne!(p.proto, frame::ICMP, "{what}: refused, with endpoints");
+        let backend = p.dst;
+        assert!(
+            m.endpoints.contains(&backend),
+            "{what}: new flow to {backend}, not an endpoint of {:?}",
+            m.endpoints
+        );
+        if let Some(Some(stuck)) = stuck {
+            assert_eq!(backend, stuck, "{what}: left its affinity");
+            self.reached.sticky += 1;
+        }
+        if let Some(sticky) = &mut m.sticky {
+            sticky.insert((proto, ip), Some(backend));
+        }
+        let snat = (!Model::is_local(backend)).then_some(p.sport);
+        if let Some(port) = snat {
+            assert!(
+                m.port_free(proto, backend, port),
+                "{what}: SNAT port {port} to {backend} taken from an open flow {:?}",
+                m.replies.get(&(proto, backend, NODE, port))
+            );
+            if m.replies.contains_key(&(proto, backend, NODE, port)) {
+                self.reached.ports_taken_over += 1;
+            }
+        }
+        self.expect_translated(&what, verdict, &out, client, backend, snat);
+        match before {
+            Some(b) if proto == TCP && b.conn.closing() => self.reached.reselected_after_close += 1,
+            Some(_) if proto == UDP => self.reached.udp_moved += 1,
+            _ => {}
+        }
+        self.reached.new_flows += 1;
+        let m = &mut self.model;
+        let mut conn = Conn::default();
+        conn.see(proto, flags, true);
+        let flow = Flow {
+            backend,
+            snat,
+            generation: m.generation.get(&backend).copied().unwrap_or(0),
+            conn,
+        };
+        m.replies
+            .insert(flow.reply_key(client), Reply { client, conn });
+        m.flows.insert(client, flow);
+    }
+
+    /// Checks a client's packet went on to `backend` (from `snat`, or the client's own address).
+    fn expect_translated(
+        &self,
+        what: &str,
+        verdict: u32,
+        out: &[u8],
+        client: ClientKey,
+        backend: Ipv4Addr,
+        snat: Option<u16>,
+    ) {
+        let p = frame::parse(out).unwrap_or_else(|| panic!("{what}: {out:02x?}"));
+        assert_checksums(&p);
+        let (want_verdict, src) = match snat {
+            Some(port) => (XDP_TX, (NODE, port)),
+            None => (XDP_PASS, (client.1, client.2)),
+        };
+        assert_eq!(
+            (verdict, (p.src, p.sport), (p.dst, p.dport)),
+            (want_verdict, src, (backend, 50000)),
+            "{what}"
+        );
+    }
+
+    /// A backend answers on one of the reply entries: it goes to that entry's client.
+    fn backend_sends(&mut self, step: usize) {
+        let keys: Vec<ReplyKey> = self.model.replies.keys().copied().collect();
+        if keys.is_empty() {
+            return;
+        }
+        let key = self.rng.pick(&keys);
+        let (proto, backend, to, to_port) = key;
+        let flags = if proto == TCP {
+            self.rng.pick(&BACKEND_FLAGS)
+        } else {
+            0
+        };
+        let spec = if proto == TCP {
+            FrameSpec::tcp((backend, 50000), (to, to_port), flags)
+        } else {
+            FrameSpec::udp((backend, 50000), (to, to_port))
+        };
+        let local = Model::is_local(backend);
+        let (verdict, out) = if local {
+            self.h.tc(&spec.build())
+        } else {
+            let frame = self.h.peer_frame(spec);
+            self.h.xdp(&frame)
+        };
+        let reply = self.model.replies[&key];
+        let what = format!("step {step}: answer on {key:?} flags {flags:#x}, for {reply:?}");
+        let p = frame::parse(&out).unwrap_or_else(|| panic!("{what}: {out:02x?}"));
+        assert_checksums(&p);
+        let want_verdict = if local { TC_ACT_OK } else { XDP_TX };
+        assert_eq!(
+            (verdict, (p.src, p.sport), (p.dst, p.dport)),
+            (
+                want_verdict,
+                (NODE, NODE_PORT),
+                (reply.client.1, reply.client.2)
+            ),
+            "{what}"
+        );
+        self.reached.answers += 1;
+        let m = &mut self.model;
+        match m.own_flow(key) {
+            Some(f) => f.conn.see(proto, flags, false),
+            None => self.reached.late_answers += 1,
+        }
+        if let Some(r) = m.replies.get_mut(&key) {
+            r.conn.see(proto, flags, false);
+        }
+    }
+
+    /// The datapath's entries agree with the model's: each flow's backend, SNAT port and
+    /// whether it is closing; each reply entry's client and whether it is closing.
+    fn check_entries(&self, step: usize) {
+        let replies: BTreeMap<ReplyKey, exposure_common::Reply> = self
+            .h
+            .maps
+            .replies4
+            .iter()
+            .filter_map(Result::ok)
+            .filter_map(|(k, r)| {
+                let k = FlowKey::from(k);
+                let (std::net::IpAddr::V4(from), std::net::IpAddr::V4(to)) =
+                    (k.saddr.into(), k.daddr.into())
+                else {
+                    return None;
+                };
+                Some(((k.proto, from, to, exposure_common::port_host(k.dport)), r))
+            })
+            .collect();
+        for (key, want) in &self.model.replies {
+            let got = replies
+                .get(key)
+                .unwrap_or_else(|| panic!("step {step}: no reply entry {key:?}"));
+            let client = (
+                key.0,
+                std::net::IpAddr::from(got.client_addr),
+                exposure_common::port_host(got.client_port),
+            );
+            assert_eq!(
+                (client, exposure_common::flow_closing(got.flags)),
+                (
+                    (want.client.0, want.client.1.into(), want.client.2),
+                    want.conn.closing()
+                ),
+                "step {step}: reply entry {key:?}"
+            );
+        }
+        for (client, f) in &self.model.flows {
+            let got = self
+                .h
+                .flow((client.1, client.2), (NODE, NODE_PORT), client.0)
+                .unwrap_or_else(|| panic!("step {step}: no entry for {client:?}"));
+            let snat =
+                (got.flags & FLOW_REMOTE != 0).then(|| exposure_common::port_host(got.snat_port));
+            assert_eq!(
+                (
+                    std::net::IpAddr::from(got.backend_addr),
+                    snat,
+                    exposure_common::flow_closing(got.flags)
+                ),
+                (std::net::IpAddr::from(f.backend), f.snat, f.conn.closing()),
+                "step {step}: entry of {client:?}"
+            );
+        }
+    }
+}
+
+/// [`SEED`], or `EXPOSURE_FLOWS_SEED` to explore further.
+fn seed() -> u64 {
+    std::env::var("EXPOSURE_FLOWS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(SEED)
+}
+
+#[test]
+fn flows_over_time_keep_their_backends_ports_and_answers_as_conntrack_would() {
+    flows_over_time(false);
+}
+
+/// With `sessionAffinity: ClientIP`: also each client's new flows go to the endpoint it sticks
+/// to, while that one is an endpoint.
+#[test]
+fn flows_over_time_with_client_ip_affinity() {
+    flows_over_time(true);
+}
+
+fn flows_over_time(affinity: bool) {
+    with_snat_ports(SNAT_FIRST, SNAT_LAST, move |h| {
+        let clients = (0..6u16)
+            .flat_map(|i| (0..3u16).map(move |p| (nth_client(1, i), 40_000 + p)))
+            .collect();
+        let mut run = Run {
+            h,
+            rng: Rng(seed()),
+            model: Model {
+                sticky: affinity.then(BTreeMap::new),
+                ..Model::default()
+            },
+            reached: Reached::default(),
+            clients,
+        };
+        run.set_endpoints(LOCALS.iter().chain(&REMOTES).copied().collect());
+        for step in 0..STEPS {
+            match run.rng.below(20) {
+                0 => {
+                    let endpoints = run.random_endpoints();
+                    run.set_endpoints(endpoints);
+                }
+                1..=11 => run.client_sends(step),
+                _ => run.backend_sends(step),
+            }
+            if step % 50 == 0 {
+                run.check_entries(step);
+            }
+        }
+        let r = &run.reached;
+        eprintln!("{r:?}");
+        assert_eq!(
+            run.h.counter(Counter::SnatExhausted) as usize,
+            r.ports_exhausted
+        );
+        for (what, n) in [
+            ("new flows", r.new_flows),
+            ("kept", r.kept),
+            ("reselected after close", r.reselected_after_close),
+            ("UDP flows moved", r.udp_moved),
+            ("refused", r.refused),
+            ("ports exhausted", r.ports_exhausted),
+            ("ports taken over", r.ports_taken_over),
+            ("answers", r.answers),
+            ("late answers", r.late_answers),
+            ("sticky", if affinity { r.sticky } else { 20 }),
+        ] {
+            assert!(n >= 20, "{what}: reached only {n} times ({r:?})");
+        }
+    });
+}
