@@ -17,8 +17,8 @@ mod sock;
 use aya_ebpf::maps::{lpm_trie::Key, LruHashMap};
 use aya_ebpf::{
     bindings::{
-        xdp_action, BPF_ANY, BPF_FIB_LKUP_RET_SUCCESS, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR,
-        BPF_NOEXIST, TC_ACT_OK, TC_ACT_UNSPEC,
+        xdp_action, xdp_md, BPF_ANY, BPF_FIB_LKUP_RET_SUCCESS, BPF_F_MARK_MANGLED_0,
+        BPF_F_PSEUDO_HDR, BPF_NOEXIST, TC_ACT_OK, TC_ACT_UNSPEC,
     },
     helpers::{bpf_ktime_get_coarse_ns, bpf_redirect_peer},
     macros::{classifier, xdp},
@@ -294,7 +294,11 @@ fn to_backend(ctx: &XdpContext, p: &Packet, fe: &Frontend) -> Result<u32, ()> {
                     return Ok(xdp_action::XDP_DROP);
                 };
                 let flow = unsafe { &mut (*s).flow };
-                if redirect_to_pods() && flow.flags & FLOW_REMOTE == 0 {
+                if flow.flags & FLOW_REMOTE != 0 {
+                    if exposure_claim_snat_port(own_ctx(ctx).ctx, now) == 0 {
+                        return Ok(xdp_action::XDP_DROP);
+                    }
+                } else if redirect_to_pods() {
                     to_pod(ctx, p, flow);
                 }
                 // The first packet is translated from the entry as built, not looked up again:
@@ -497,23 +501,8 @@ fn new_flow(ctx: &XdpContext, p: &Packet, fe: &Frontend, now: u64) -> Selected {
         flow.ifindex = hop.ifindex;
         flow.dmac = hop.dmac;
         flow.smac = hop.smac;
+        // Its SNAT port is claimed by the caller (`exposure_claim_snat_port`).
         s.reply.flags |= FLOW_REMOTE;
-        match claim_snat_port(s, now) {
-            Some(port) => s.flow.snat_port = port,
-            None => {
-                count(Counter::SnatExhausted);
-                log_endpoints!(
-                    warn,
-                    ctx,
-                    "no free SNAT port for {:i}:{} towards {:i}:{}",
-                    p.saddr,
-                    p.sport,
-                    backend.addr,
-                    backend.port
-                );
-                return Selected::Drop;
-            }
-        }
     } else {
         s.reply_key = reply_key(&s.key.saddr, s.key.sport, s.key.proto, &s.flow);
         if insert_reply(&s.reply_key, &s.reply, BPF_ANY as u64).is_err() {
@@ -563,6 +552,35 @@ fn to_pod(ctx: &XdpContext, p: &Packet, flow: &mut Flow) {
     flow.dmac = fib.dmac;
     flow.smac = fib.smac;
     flow.flags |= FLOW_TO_POD;
+}
+
+/// Claims a SNAT port for the remote flow being set up in `SCRATCH` (1), or counts and logs that
+/// none is free (0). A global function: the verifier checks its tries once, on their own, rather
+/// than once for every way a packet reaches them (which took most of the XDP program's budget
+/// of verified instructions), at the cost of one more stack frame, next to the XDP program's.
+#[no_mangle]
+#[inline(never)]
+pub extern "C" fn exposure_claim_snat_port(ctx: *mut xdp_md, now: u64) -> i32 {
+    let ctx = &XdpContext::new(ctx);
+    let Some(s) = SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    let s = unsafe { &mut *s };
+    if let Some(port) = claim_snat_port(s, now) {
+        s.flow.snat_port = port;
+        return 1;
+    }
+    count(Counter::SnatExhausted);
+    log_endpoints!(
+        warn,
+        ctx,
+        "no free SNAT port for {:i}:{} towards {:i}:{}",
+        s.key.saddr,
+        s.key.sport,
+        s.flow.backend_addr,
+        s.flow.backend_port
+    );
+    0
 }
 
 /// Finds a free SNAT port for the remote flow being set up in `s` and reserves it by inserting its

@@ -1994,6 +1994,34 @@ fn kernel_log_lines_reach_the_agent_only_when_enabled() {
     }
 }
 
+/// A new flow that finds no free SNAT port is logged (from its own BPF function).
+#[test]
+fn kernel_log_names_a_flow_that_finds_no_snat_port() {
+    let capacity = exposure::datapath::Capacity {
+        bpf_log_level: 3,
+        snat_ports: exposure::datapath::PortRange {
+            first: 61000,
+            last: 61000,
+        },
+        ..Default::default()
+    };
+    with_datapath_config(capacity, |h| {
+        let captured = Captured::default();
+        let mut logger = h.dp.bpf_logger(captured.clone()).unwrap();
+        h.program(&hello(&[(REMOTE_POD, false)]));
+        assert_eq!(h.xdp(&h.tcp_to_node_port((CLIENT, 40011), SYN)).0, XDP_TX);
+        let second = (Ipv4Addr::new(198, 18, 0, 2), 40012);
+        assert_eq!(h.xdp(&h.tcp_to_node_port(second, SYN)).0, XDP_DROP);
+        assert_eq!(h.counter(Counter::SnatExhausted), 1);
+        logger.flush();
+        let lines = captured.0.lock().unwrap().clone();
+        assert_eq!(
+            lines,
+            ["WARN no free SNAT port for 198.18.0.2:40012 towards 198.19.2.2:50000"]
+        );
+    });
+}
+
 #[test]
 fn client_ip_affinity_sticks_across_flows_until_the_backend_leaves() {
     with_datapath(|h| {
@@ -2939,3 +2967,33 @@ fn dual_stack_service_serves_each_family_from_its_own_endpoints() {
 
 mod flows;
 mod mangled;
+
+/// The kernel checks at most 1,000,000 instructions' worth of paths per program; the programs
+/// stay within half of that, with kernel logging on or off: older kernels prune paths less well
+/// than this one, and a change should not find the limit by accident. (The XDP program used
+/// 626,501 while the verifier checked its SNAT port tries once for every path that reached them;
+/// a one-line change then took it past the limit.)
+#[test]
+fn the_programs_verify_well_inside_the_kernels_budget() {
+    for bpf_log_level in [0, 4] {
+        with_datapath_logging(bpf_log_level, move |h| {
+            let verified = |info: aya::programs::ProgramInfo| {
+                info.verified_instruction_count()
+                    .expect("Linux 5.16 or later reports it")
+            };
+            let xdp = verified(h.dp.xdp().unwrap().info().unwrap());
+            let egress = verified(h.dp.tc_program(TC_PROGRAM).unwrap().info().unwrap());
+            eprintln!(
+                "log level {bpf_log_level}: XDP {xdp}, tc egress {egress} instructions verified"
+            );
+            assert!(
+                xdp < 500_000,
+                "XDP: {xdp} of 1,000,000 (log level {bpf_log_level})"
+            );
+            assert!(
+                egress < 500_000,
+                "tc egress: {egress} (log level {bpf_log_level})"
+            );
+        });
+    }
+}
