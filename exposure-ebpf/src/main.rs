@@ -890,7 +890,12 @@ fn tc_reply(ctx: &TcContext, p: &Packet) -> Result<i32, ()> {
     if r.flags & (FLOW_REMOTE | FLOW_HOST) != 0 {
         return Ok(TC_ACT_UNSPEC);
     }
-    touch(reply, || flow_of_reply(reply, p), p, false, now_ns());
+    // A flow that is over owns its tuple no more (as at XDP): the pod's packet is its own.
+    let now = now_ns();
+    if !flow_alive(p.proto, r.flags, r.last_seen_ns, now, &LoadedLifetimes) {
+        return Ok(TC_ACT_UNSPEC);
+    }
+    touch(reply, || flow_of_reply(reply, p), p, false, now);
     if !p.later_fragment {
         tc_reply_ports(ctx, p, &r)?;
     }

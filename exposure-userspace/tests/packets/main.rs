@@ -1806,6 +1806,27 @@ fn replies_on_the_snat_port_of_a_flow_that_is_over_are_the_kernels() {
     });
 }
 
+/// Likewise at tc: a local pod's packet on the tuple of a flow that is over is no answer of the
+/// Service's (conntrack's entry would be gone too): it leaves with the pod's address, untouched.
+/// Within the flow's lifetime it is translated.
+#[test]
+fn a_local_pods_packets_on_the_tuple_of_a_flow_that_is_over_are_left_alone() {
+    with_datapath(|h| {
+        h.program(&hello(&[(LOCAL_POD, true)]));
+        let client = (CLIENT, 40301);
+        h.xdp(&FrameSpec::udp(client, (NODE, NODE_PORT)).build());
+        let answer = FrameSpec::udp((LOCAL_POD, 50000), client).build();
+        let (verdict, out) = h.tc(&answer);
+        assert_eq!(verdict, TC_ACT_OK);
+        assert_eq!(frame::parse(&out).unwrap().src, NODE);
+        // A UDP exchange is over 30 s after its last datagram.
+        age_flows(h, 31);
+        let (verdict, out) = h.tc(&answer);
+        assert_eq!((verdict as i32, out), (TC_ACT_UNSPEC, answer));
+        assert_eq!(h.counter(Counter::RepliesTc), 1);
+    });
+}
+
 #[test]
 fn only_the_nodes_own_connections_from_snat_ports_hold_a_tuple() {
     with_datapath(|h| {
