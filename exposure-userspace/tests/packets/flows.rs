@@ -1,15 +1,19 @@
 //! Flows over time: seeded random sequences of a few dozen clients' TCP and UDP packets to a
-//! NodePort, their backends' answers (also late ones, of flows that have moved on), and changes to
-//! the Service's endpoints, through the XDP and tc egress programs, checked packet by packet
-//! against a model of what kube-proxy's conntrack and NAT would do:
+//! NodePort, their backends' answers (also late ones, of flows that have moved on), changes to the
+//! Service's endpoints, and time passing (the entries aged), through the XDP and tc egress
+//! programs, checked packet by packet against a model of what kube-proxy's conntrack and NAT
+//! would do:
 //!
 //! - a flow keeps its backend and SNAT port until it closes (RST, or FIN both ways) and the
-//!   client's next SYN starts a new one; a UDP flow leaves an endpoint that left;
+//!   client's next SYN starts a new one, or its lifetime passes (by its state: closing, a
+//!   handshake, a UDP exchange or stream); a UDP flow leaves an endpoint that left;
 //! - a new flow gets a current endpoint, or a refusal when there is none;
 //! - a SNAT port goes to a new flow only if no open flow to that backend holds it (a closed one's
 //!   is taken over at once), and a new flow is dropped for want of one only when all are held;
-//! - every answer goes back, from the frontend, to the client whose flow holds its tuple now,
-//!   and only that flow's state follows it.
+//! - every answer goes back, from the frontend, to the client whose flow holds its tuple now, and
+//!   only that flow's state follows it; an answer on the tuple of a flow that is over is the
+//!   kernel's, untouched;
+//! - every entry's connection state is the model's.
 //!
 //! Four SNAT ports per backend, so they run out and are taken over often.
 
@@ -17,7 +21,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::*;
 
-const STEPS: usize = 6_000;
+const STEPS: usize = 8_000;
 const SEED: u64 = 0xf10e_5eed_0dd5_0001;
 const SNAT_FIRST: u16 = 61_000;
 const SNAT_LAST: u16 = 61_003;
@@ -37,32 +41,53 @@ type ClientKey = (u8, Ipv4Addr, u16);
 /// node's SNAT port for a remote backend, the client's for a local one).
 type ReplyKey = (u8, Ipv4Addr, Ipv4Addr, u16);
 
-/// The connection state both directions' entries carry.
-#[derive(Clone, Copy, Debug, Default)]
+/// The state both directions' entries carry: the datapath's connection bits (`FLOW_*`), and how
+/// long ago the entry was last refreshed as far as the test has aged the entries (in steps of
+/// 10 s, as are the lifetimes it meets: the few seconds the test itself runs never tip one).
+#[derive(Clone, Copy, Debug)]
 struct Conn {
-    rst: bool,
-    fin_client: bool,
-    fin_backend: bool,
+    bits: u32,
+    age_s: u64,
 }
 
+/// The bits the datapath keeps track of.
+const CONN_BITS: u32 = FLOW_CLOSING
+    | exposure_common::FLOW_FIN_CLIENT
+    | exposure_common::FLOW_FIN_BACKEND
+    | FLOW_OPENING
+    | FLOW_REPLIED
+    | FLOW_ESTABLISHED;
+
 impl Conn {
-    fn closing(&self) -> bool {
-        self.rst || (self.fin_client && self.fin_backend)
+    /// A new flow's, from its first packet.
+    fn new(proto: u8, flags: u8) -> Conn {
+        Conn {
+            bits: FLOW_OPENING | exposure_common::conn_bits(proto, flags, true, 0),
+            age_s: 0,
+        }
     }
 
-    fn see(&mut self, proto: u8, flags: u8, from_client: bool) {
-        if proto != TCP {
-            return;
-        }
-        if flags & RST != 0 {
-            self.rst = true;
-        } else if flags & FIN != 0 {
-            if from_client {
-                self.fin_client = true;
-            } else {
-                self.fin_backend = true;
-            }
-        }
+    fn closing(&self) -> bool {
+        exposure_common::flow_closing(self.bits)
+    }
+
+    fn alive(&self, proto: u8) -> bool {
+        let phase = exposure_common::flow_phase(proto, self.bits);
+        self.age_s * 1_000_000_000 < exposure_common::FlowLifetimes::DEFAULT.ns[phase as usize]
+    }
+}
+
+/// A packet on entry `seen`, whose other direction's entry is `other` (if still linked): both
+/// take the packet's bits when it brings new ones, or when `seen` is due a refresh (once a
+/// second in the datapath: here, once the test aged it).
+fn touch(seen: &mut Conn, other: Option<&mut Conn>, proto: u8, flags: u8, from_client: bool) {
+    let bits = exposure_common::conn_bits(proto, flags, from_client, seen.bits);
+    if bits & !seen.bits == 0 && seen.age_s == 0 {
+        return;
+    }
+    for conn in std::iter::once(seen).chain(other) {
+        conn.bits |= bits;
+        conn.age_s = 0;
     }
 }
 
@@ -105,26 +130,50 @@ struct Model {
 }
 
 impl Model {
-    /// The reply entry `flow` of `client` is linked to, if it is still that flow's.
-    fn own_reply(&mut self, client: ClientKey) -> Option<&mut Reply> {
-        let key = self.flows.get(&client)?.reply_key(client);
-        self.replies.get_mut(&key).filter(|r| r.client == client)
+    /// A client's packet on its flow: the flow's entry and its reply entry, if still linked.
+    fn client_packet(&mut self, client: ClientKey, flags: u8) {
+        let Some(f) = self.flows.get_mut(&client) else {
+            return;
+        };
+        let other = self
+            .replies
+            .get_mut(&f.reply_key(client))
+            .filter(|r| r.client == client)
+            .map(|r| &mut r.conn);
+        touch(&mut f.conn, other, client.0, flags, true);
     }
 
-    /// The flow reply entry `key` answers, if that flow still leads to it.
-    fn own_flow(&mut self, key: ReplyKey) -> Option<&mut Flow> {
-        let client = self.replies.get(&key)?.client;
-        self.flows
+    /// A backend's answer on reply entry `key`: it and its flow's entry, if the flow still
+    /// leads to it. Whether the answer was late (its flow has moved on).
+    fn backend_packet(&mut self, key: ReplyKey, flags: u8) -> bool {
+        let Some(r) = self.replies.get_mut(&key) else {
+            return false;
+        };
+        let client = r.client;
+        let other = self
+            .flows
             .get_mut(&client)
             .filter(|f| f.reply_key(client) == key)
+            .map(|f| &mut f.conn);
+        let late = other.is_none();
+        touch(&mut r.conn, other, key.0, flags, false);
+        late
     }
 
-    /// Whether a new flow to `backend` may take SNAT `port`: nothing holds it, or a closed
-    /// TCP connection does (UDP flows hold theirs for their lifetime).
+    /// Whether a new flow to `backend` may take SNAT `port`: nothing holds it, its flow is over,
+    /// or it is a closed TCP connection (UDP flows hold theirs for their lifetime).
     fn port_free(&self, proto: u8, backend: Ipv4Addr, port: u16) -> bool {
         self.replies
             .get(&(proto, backend, NODE, port))
-            .is_none_or(|r| proto == TCP && r.conn.closing())
+            .is_none_or(|r| (proto == TCP && r.conn.closing()) || !r.conn.alive(proto))
+    }
+
+    /// Time passes for every entry.
+    fn age(&mut self, secs: u64) {
+        let flows = self.flows.values_mut().map(|f| &mut f.conn);
+        for conn in flows.chain(self.replies.values_mut().map(|r| &mut r.conn)) {
+            conn.age_s += secs;
+        }
     }
 
     fn is_local(backend: Ipv4Addr) -> bool {
@@ -147,6 +196,11 @@ struct Reached {
     endpoint_changes: usize,
     /// New flows that went where their client's affinity said.
     sticky: usize,
+    /// New flows of clients whose flow had outlived its lifetime.
+    renewed_after_lifetime: usize,
+    /// Answers on the tuple of a flow that is over (left to the kernel).
+    answers_after_lifetime: usize,
+    aged: usize,
 }
 
 struct Run<'h> {
@@ -209,7 +263,9 @@ impl Run<'_> {
             FrameSpec::udp((ip, port), (NODE, NODE_PORT))
         };
         let frame = self.h.client_frame(spec);
+        let new_flows = self.h.counter(Counter::NewFlows);
         let (verdict, out) = self.h.xdp(&frame);
+        let made_new = self.h.counter(Counter::NewFlows) > new_flows;
         let what = format!("step {step}: {client:?} flags {flags:#x}");
         let m = &mut self.model;
         let new_syn = proto == TCP && flags & (SYN | ACK) == SYN;
@@ -218,23 +274,24 @@ impl Run<'_> {
             let same = m.generation.get(&f.backend).copied().unwrap_or(0) == f.generation;
             // An endpoint that left and came back may have its old id again: then it is the
             // same to the flow, or else a new one; both are right.
-            let came_back = there && !same && {
+            let came_back = there && !same && !made_new && {
                 let p = frame::parse(&out);
                 let src = f.snat.map_or(port, |snat| snat);
                 p.is_some_and(|p| (p.dst, p.sport) == (f.backend, src))
             };
-            !(new_syn && f.conn.closing()) && (proto == TCP || (there && same) || came_back)
+            f.conn.alive(proto)
+                && !(new_syn && f.conn.closing())
+                && (proto == TCP || (there && same) || came_back)
         });
+        assert!(
+            existing.is_none() || !made_new,
+            "{what}: a new flow, though {:?} holds",
+            existing
+        );
         if let Some(f) = existing {
             self.expect_translated(&what, verdict, &out, client, f.backend, f.snat);
             self.reached.kept += 1;
-            let m = &mut self.model;
-            if let Some(r) = m.own_reply(client) {
-                r.conn.see(proto, flags, true);
-            }
-            if let Some(f) = m.flows.get_mut(&client) {
-                f.conn.see(proto, flags, true);
-            }
+            self.model.client_packet(client, flags);
             return;
         }
         // A new flow.
@@ -267,6 +324,10 @@ impl Run<'_> {
         }
         let p = frame::parse(&out).unwrap_or_else(|| panic!("{what}: {out:02x?}"));
         assert_ne!(p.proto, frame::ICMP, "{what}: refused, with endpoints");
+        assert!(
+            made_new,
+            "{what}: translated as an existing flow, though none holds"
+        );
         let backend = p.dst;
         assert!(
             m.endpoints.contains(&backend),
@@ -293,14 +354,14 @@ impl Run<'_> {
         }
         self.expect_translated(&what, verdict, &out, client, backend, snat);
         match before {
+            Some(b) if !b.conn.alive(proto) => self.reached.renewed_after_lifetime += 1,
             Some(b) if proto == TCP && b.conn.closing() => self.reached.reselected_after_close += 1,
             Some(_) if proto == UDP => self.reached.udp_moved += 1,
             _ => {}
         }
         self.reached.new_flows += 1;
         let m = &mut self.model;
-        let mut conn = Conn::default();
-        conn.see(proto, flags, true);
+        let conn = Conn::new(proto, flags);
         let flow = Flow {
             backend,
             snat,
@@ -337,7 +398,15 @@ impl Run<'_> {
 
     /// A backend answers on one of the reply entries: it goes to that entry's client.
     fn backend_sends(&mut self, step: usize) {
-        let keys: Vec<ReplyKey> = self.model.replies.keys().copied().collect();
+        // Mostly on the tuples of flows that are not over.
+        let any = self.rng.one_in(5);
+        let keys: Vec<ReplyKey> = self
+            .model
+            .replies
+            .iter()
+            .filter(|(k, r)| any || r.conn.alive(k.0))
+            .map(|(k, _)| *k)
+            .collect();
         if keys.is_empty() {
             return;
         }
@@ -354,14 +423,27 @@ impl Run<'_> {
             FrameSpec::udp((backend, 50000), (to, to_port))
         };
         let local = Model::is_local(backend);
+        let spec_frame = spec.clone().build();
+        let peer_frame = self.h.peer_frame(spec);
         let (verdict, out) = if local {
-            self.h.tc(&spec.build())
+            self.h.tc(&spec_frame)
         } else {
-            let frame = self.h.peer_frame(spec);
-            self.h.xdp(&frame)
+            self.h.xdp(&peer_frame)
         };
         let reply = self.model.replies[&key];
         let what = format!("step {step}: answer on {key:?} flags {flags:#x}, for {reply:?}");
+        if !reply.conn.alive(proto) {
+            // Its flow is over: the packet is the kernel's, untouched.
+            let untouched = if local {
+                TC_ACT_UNSPEC as u32
+            } else {
+                XDP_PASS
+            };
+            let sent = if local { spec_frame } else { peer_frame };
+            assert_eq!((verdict, out), (untouched, sent), "{what}");
+            self.reached.answers_after_lifetime += 1;
+            return;
+        }
         let p = frame::parse(&out).unwrap_or_else(|| panic!("{what}: {out:02x?}"));
         assert_checksums(&p);
         let want_verdict = if local { TC_ACT_OK } else { XDP_TX };
@@ -375,13 +457,8 @@ impl Run<'_> {
             "{what}"
         );
         self.reached.answers += 1;
-        let m = &mut self.model;
-        match m.own_flow(key) {
-            Some(f) => f.conn.see(proto, flags, false),
-            None => self.reached.late_answers += 1,
-        }
-        if let Some(r) = m.replies.get_mut(&key) {
-            r.conn.see(proto, flags, false);
+        if self.model.backend_packet(key, flags) {
+            self.reached.late_answers += 1;
         }
     }
 
@@ -414,10 +491,10 @@ impl Run<'_> {
                 exposure_common::port_host(got.client_port),
             );
             assert_eq!(
-                (client, exposure_common::flow_closing(got.flags)),
+                (client, got.flags & CONN_BITS),
                 (
                     (want.client.0, want.client.1.into(), want.client.2),
-                    want.conn.closing()
+                    want.conn.bits
                 ),
                 "step {step}: reply entry {key:?}"
             );
@@ -433,9 +510,9 @@ impl Run<'_> {
                 (
                     std::net::IpAddr::from(got.backend_addr),
                     snat,
-                    exposure_common::flow_closing(got.flags)
+                    got.flags & CONN_BITS
                 ),
-                (std::net::IpAddr::from(f.backend), f.snat, f.conn.closing()),
+                (std::net::IpAddr::from(f.backend), f.snat, f.conn.bits),
                 "step {step}: entry of {client:?}"
             );
         }
@@ -479,12 +556,19 @@ fn flows_over_time(affinity: bool) {
         };
         run.set_endpoints(LOCALS.iter().chain(&REMOTES).copied().collect());
         for step in 0..STEPS {
-            match run.rng.below(20) {
-                0 => {
+            match run.rng.below(80) {
+                0..=3 => {
                     let endpoints = run.random_endpoints();
                     run.set_endpoints(endpoints);
                 }
-                1..=11 => run.client_sends(step),
+                4 => {
+                    // Past a closing connection's lifetime, a UDP exchange's, a handshake's.
+                    let secs = run.rng.pick(&[10, 10, 20, 30, 60]);
+                    run.model.age(secs);
+                    age_flows(run.h, secs);
+                    run.reached.aged += 1;
+                }
+                5..=46 => run.client_sends(step),
                 _ => run.backend_sends(step),
             }
             if step % 50 == 0 {
@@ -508,6 +592,8 @@ fn flows_over_time(affinity: bool) {
             ("answers", r.answers),
             ("late answers", r.late_answers),
             ("sticky", if affinity { r.sticky } else { 20 }),
+            ("renewed after their lifetime", r.renewed_after_lifetime),
+            ("answers after their lifetime", r.answers_after_lifetime),
         ] {
             assert!(n >= 20, "{what}: reached only {n} times ({r:?})");
         }
