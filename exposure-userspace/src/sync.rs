@@ -1410,6 +1410,7 @@ mod tests {
     use super::*;
     use crate::model::Protocol;
     use crate::model::Scope;
+    use exposure_lab::rng::Rng;
 
     fn name(n: &str) -> ServicePortName {
         ServicePortName {
@@ -2366,26 +2367,6 @@ mod tests {
         assert_eq!(overlapping_tables(&maps), Vec::<String>::new());
     }
 
-    /// xorshift64*: deterministic, so a failing step reproduces.
-    struct Rng(u64);
-
-    impl Rng {
-        /// `EXPOSURE_RECONCILE_SEED`, to explore, else `default`.
-        fn seeded(default: u64) -> Rng {
-            let seed = std::env::var("EXPOSURE_RECONCILE_SEED").ok();
-            Rng(seed.and_then(|s| s.parse().ok()).unwrap_or(default))
-        }
-
-        fn below(&mut self, n: u64) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
-        }
-    }
-
-    /// A random Service port `i` (its own frontends: NodePorts on two node addresses, perhaps an
-    /// LB IP and a twin for the node's sockets) over some of ten shared endpoints.
     /// Service port `i` of a dozen: even ones TCP, odd ones UDP.
     fn random_name(i: u8) -> ServicePortName {
         ServicePortName {
@@ -2403,7 +2384,7 @@ mod tests {
     }
 
     /// One of a dozen Service ports removed (one time in `remove_one_in`) or set anew.
-    fn change_one(rng: &mut Rng, want: &mut DesiredState, remove_one_in: u64) {
+    fn change_one(rng: &mut Rng, want: &mut DesiredState, remove_one_in: usize) {
         let i = rng.below(12) as u8;
         if rng.below(remove_one_in) == 0 {
             want.services.remove(&random_name(i));
@@ -2413,6 +2394,8 @@ mod tests {
         }
     }
 
+    /// A random Service port `i` (its own frontends: NodePorts on two node addresses, perhaps an
+    /// LB IP and a twin for the node's sockets) over some of ten shared endpoints.
     fn random_service(rng: &mut Rng, i: u8) -> DesiredService {
         let protocol = protocol_of(i);
         let fe = |ip: [u8; 4], port: u16, scope: Scope| FrontendAddr {
@@ -2445,8 +2428,8 @@ mod tests {
             .collect();
         backends.sort();
         s.backends = backends;
-        s.affinity_timeout_s = [0, 0, 10800][rng.below(3) as usize];
-        s.when_empty = [WhenEmpty::Reject, WhenEmpty::Drop][rng.below(2) as usize];
+        s.affinity_timeout_s = [0, 0, 10800][rng.below(3)];
+        s.when_empty = [WhenEmpty::Reject, WhenEmpty::Drop][rng.below(2)];
         s.source_ranges = match rng.below(3) {
             0 => None,
             1 => Some(vec![(IpAddr::from([198, 18, 0, 0]), 16)]),
@@ -2465,7 +2448,7 @@ mod tests {
     #[test]
     fn random_changes_and_failed_writes_converge_on_the_desired_state() {
         let (mut maps, mut r) = checked_from_scratch();
-        let mut rng = Rng::seeded(0x9e37_79b9_7f4a_7c15);
+        let mut rng = Rng::from_env("EXPOSURE_RECONCILE_SEED", 0x9e37_79b9_7f4a_7c15);
         let mut want = DesiredState::default();
         let (mut failed, mut clean) = (0, 0);
         for step in 0..400 {
@@ -2473,7 +2456,7 @@ mod tests {
                 change_one(&mut rng, &mut want, 4);
             }
             if rng.below(4) == 0 {
-                maps.fail_at_write = Some(maps.writes + 1 + rng.below(12) as usize);
+                maps.fail_at_write = Some(maps.writes + 1 + rng.below(12));
                 let serving: BTreeSet<FrontendKey> = maps.state.frontends.keys().copied().collect();
                 let report = r.reconcile(&want, &mut maps);
                 maps.fail_at_write = None;
@@ -2558,13 +2541,13 @@ mod tests {
         };
         let mut maps = FakeMaps::checked();
         let mut r = Reconciler::restore(Snapshot::default(), limits);
-        let mut rng = Rng::seeded(0x2545_f491_4f6c_dd1d);
+        let mut rng = Rng::from_env("EXPOSURE_RECONCILE_SEED", 0x2545_f491_4f6c_dd1d);
         let mut want = DesiredState::default();
         let mut refused = 0;
         for step in 0..400 {
             change_one(&mut rng, &mut want, 3);
             if rng.below(5) == 0 {
-                maps.fail_at_write = Some(maps.writes + 1 + rng.below(12) as usize);
+                maps.fail_at_write = Some(maps.writes + 1 + rng.below(12));
             }
             let serving: BTreeSet<FrontendKey> = maps.state.frontends.keys().copied().collect();
             let report = r.reconcile(&want, &mut maps);

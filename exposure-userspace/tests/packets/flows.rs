@@ -519,14 +519,6 @@ impl Run<'_> {
     }
 }
 
-/// [`SEED`], or `EXPOSURE_FLOWS_SEED` to explore further.
-fn seed() -> u64 {
-    std::env::var("EXPOSURE_FLOWS_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(SEED)
-}
-
 #[test]
 fn flows_over_time_keep_their_backends_ports_and_answers_as_conntrack_would() {
     flows_over_time(false);
@@ -546,7 +538,7 @@ fn flows_over_time(affinity: bool) {
             .collect();
         let mut run = Run {
             h,
-            rng: Rng(seed()),
+            rng: Rng::from_env("EXPOSURE_FLOWS_SEED", SEED),
             model: Model {
                 sticky: affinity.then(BTreeMap::new),
                 ..Model::default()

@@ -25,6 +25,7 @@ use exposure_common::{
 use exposure_lab::{
     frame::{self, FrameSpec, ACK, FIN, RST, SYN, TCP, UDP},
     netns::{mac_text, unique_prefix, Netns},
+    rng::Rng,
 };
 
 const XDP_DROP: u32 = 1;
@@ -66,34 +67,6 @@ struct Harness {
     pod_iface_mac: [u8; 6],
     /// The namespace at the other end of `eth0`.
     peer_netns: String,
-}
-
-/// xorshift64*: small and deterministic.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    fn one_in(&mut self, n: usize) -> bool {
-        self.below(n) == 0
-    }
-
-    fn pick<T: Clone>(&mut self, xs: &[T]) -> T {
-        xs[self.below(xs.len())].clone()
-    }
-
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
-    }
 }
 
 /// Removes a test's pins, also when loading failed before there was a harness.

@@ -247,7 +247,7 @@ const FLAG_CHOICES: [u8; 7] = [SYN, ACK, SYN | ACK, FIN | ACK, RST, RST | ACK, 0
 impl Fuzz<'_> {
     fn flags(&mut self) -> u8 {
         if self.rng.one_in(8) {
-            self.rng.next() as u8
+            self.rng.next_u64() as u8
         } else {
             self.rng.pick(&FLAG_CHOICES)
         }
@@ -369,7 +369,8 @@ impl Fuzz<'_> {
         let mut f = spec.build();
         let mut translatable = true;
         if self.rng.one_in(8) {
-            let pieces = frame::fragment6(&f, self.rng.next() as u32, 8 * (1 + self.rng.below(4)));
+            let pieces =
+                frame::fragment6(&f, self.rng.next_u64() as u32, 8 * (1 + self.rng.below(4)));
             f = self.rng.pick(&pieces);
             // An atomic fragment (one piece) is a whole datagram.
             translatable = pieces.len() == 1;
@@ -474,7 +475,7 @@ impl Fuzz<'_> {
                     self.rng.pick(&[ip, ip + 2, ip + 3, ip + 6, ip + 9])
                 };
                 if field < f.len() {
-                    f[field] = self.rng.next() as u8;
+                    f[field] = self.rng.next_u64() as u8;
                 }
             }
             _ => {
@@ -482,7 +483,7 @@ impl Fuzz<'_> {
                 if let Some((_, seg)) = layout(f).and_then(|l| l.l4) {
                     let at = seg.start + self.rng.pick(&[4, 5, 12]);
                     if at < f.len() {
-                        f[at] = self.rng.next() as u8;
+                        f[at] = self.rng.next_u64() as u8;
                     }
                 }
             }
@@ -639,14 +640,6 @@ impl Fuzz<'_> {
     }
 }
 
-/// [`SEED`], or `EXPOSURE_MANGLED_SEED` to explore further.
-fn seed() -> u64 {
-    std::env::var("EXPOSURE_MANGLED_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(SEED)
-}
-
 fn frontend_port(node_port: bool) -> u16 {
     if node_port {
         NODE_PORT
@@ -725,7 +718,7 @@ fn mangled_frames(mode: RedirectToPods) {
         }
         let mut fuzz = Fuzz {
             h,
-            rng: Rng(seed()),
+            rng: Rng::from_env("EXPOSURE_MANGLED_SEED", SEED),
             mode,
             sent: Vec::new(),
             translated_valid: 0,
