@@ -201,6 +201,8 @@ struct Reached {
     /// Answers on the tuple of a flow that is over (left to the kernel).
     answers_after_lifetime: usize,
     aged: usize,
+    /// Local flows handed to tc or redirected at XDP, to their pod's interface.
+    to_pod: usize,
 }
 
 struct Run<'h> {
@@ -209,6 +211,7 @@ struct Run<'h> {
     model: Model,
     reached: Reached,
     clients: Vec<(Ipv4Addr, u16)>,
+    mode: RedirectToPods,
 }
 
 impl Run<'_> {
@@ -265,6 +268,10 @@ impl Run<'_> {
         let frame = self.h.client_frame(spec);
         let new_flows = self.h.counter(Counter::NewFlows);
         let (verdict, out) = self.h.xdp(&frame);
+        let out = self.without_handoff(verdict, out, frame.len());
+        if verdict == XDP_REDIRECT {
+            self.reached.to_pod += 1;
+        }
         let made_new = self.h.counter(Counter::NewFlows) > new_flows;
         let what = format!("step {step}: {client:?} flags {flags:#x}");
         let m = &mut self.model;
@@ -387,6 +394,10 @@ impl Run<'_> {
         assert_checksums(&p);
         let (want_verdict, src) = match snat {
             Some(port) => (XDP_TX, (NODE, port)),
+            // Only LOCAL_POD's interface is listed (and routed).
+            None if self.mode == RedirectToPods::AtXdp && backend == LOCAL_POD => {
+                (XDP_REDIRECT, (client.1, client.2))
+            }
             None => (XDP_PASS, (client.1, client.2)),
         };
         assert_eq!(
@@ -394,6 +405,21 @@ impl Run<'_> {
             (want_verdict, src, (backend, 50000)),
             "{what}"
         );
+    }
+
+    /// A frame passed up with a [`PodHandoff`] in front (`--redirect-to-pods`), without it: the
+    /// hand-off names the local pod's interface.
+    fn without_handoff(&mut self, verdict: u32, out: Vec<u8>, input_len: usize) -> Vec<u8> {
+        let meta = std::mem::size_of::<PodHandoff>();
+        if self.mode != RedirectToPods::AtTc || verdict != XDP_PASS || out.len() != input_len + meta
+        {
+            return out;
+        }
+        let word = |i: usize| u32::from_ne_bytes([out[i], out[i + 1], out[i + 2], out[i + 3]]);
+        assert_eq!((word(0), word(4)), (POD_HANDOFF_MAGIC, self.h.pod_ifindex));
+        assert_eq!(frame::parse(&out[meta..]).map(|p| p.dst), Some(LOCAL_POD));
+        self.reached.to_pod += 1;
+        out[meta..].to_vec()
     }
 
     /// A backend answers on one of the reply entries: it goes to that entry's client.
@@ -521,18 +547,41 @@ impl Run<'_> {
 
 #[test]
 fn flows_over_time_keep_their_backends_ports_and_answers_as_conntrack_would() {
-    flows_over_time(false);
+    flows_over_time(false, RedirectToPods::Off);
 }
 
 /// With `sessionAffinity: ClientIP`: also each client's new flows go to the endpoint it sticks
 /// to, while that one is an endpoint.
 #[test]
 fn flows_over_time_with_client_ip_affinity() {
-    flows_over_time(true);
+    flows_over_time(true, RedirectToPods::Off);
 }
 
-fn flows_over_time(affinity: bool) {
-    with_snat_ports(SNAT_FIRST, SNAT_LAST, move |h| {
+/// With `--redirect-to-pods`: the pod's flows leave XDP with its interface in the metadata.
+#[test]
+fn flows_over_time_with_local_flows_handed_to_tc() {
+    flows_over_time(false, RedirectToPods::AtTc);
+}
+
+/// With `--xdp-redirect-to-pods`: the pod's flows are redirected from XDP.
+#[test]
+fn flows_over_time_with_local_flows_redirected_at_xdp() {
+    flows_over_time(false, RedirectToPods::AtXdp);
+}
+
+fn flows_over_time(affinity: bool, mode: RedirectToPods) {
+    let capacity = exposure::datapath::Capacity {
+        snat_ports: exposure::datapath::PortRange {
+            first: SNAT_FIRST,
+            last: SNAT_LAST,
+        },
+        redirect_to_pods: mode,
+        ..Default::default()
+    };
+    with_datapath_config(capacity, move |h| {
+        if mode != RedirectToPods::Off {
+            h.maps.set_pod_ifaces(&[h.pod_ifindex].into()).unwrap();
+        }
         let clients = (0..6u16)
             .flat_map(|i| (0..3u16).map(move |p| (nth_client(1, i), 40_000 + p)))
             .collect();
@@ -545,6 +594,7 @@ fn flows_over_time(affinity: bool) {
             },
             reached: Reached::default(),
             clients,
+            mode,
         };
         run.set_endpoints(LOCALS.iter().chain(&REMOTES).copied().collect());
         for step in 0..STEPS {
@@ -586,6 +636,14 @@ fn flows_over_time(affinity: bool) {
             ("sticky", if affinity { r.sticky } else { 20 }),
             ("renewed after their lifetime", r.renewed_after_lifetime),
             ("answers after their lifetime", r.answers_after_lifetime),
+            (
+                "to the pod",
+                if mode == RedirectToPods::Off {
+                    20
+                } else {
+                    r.to_pod
+                },
+            ),
         ] {
             assert!(n >= 20, "{what}: reached only {n} times ({r:?})");
         }
