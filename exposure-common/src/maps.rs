@@ -550,10 +550,14 @@ pub enum Counter {
     /// Connections and datagrams of those sockets refused at a ClusterIP: it has no endpoints, or
     /// not the port.
     NodeSocketsRefused,
+    /// New flows to a local backend whose tuple there an open flow of the same client (to another
+    /// frontend, from the same port) holds: dropped, as conntrack drops a connection whose reply
+    /// tuple clashes, rather than taking the open one's answers.
+    TupleCollision,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 20;
+    pub const COUNT: u32 = 21;
     pub const ALL: [Counter; Counter::COUNT as usize] = [
         Counter::FrontendPackets,
         Counter::NewFlows,
@@ -575,6 +579,7 @@ impl Counter {
         Counter::TooBig,
         Counter::NodeSockets,
         Counter::NodeSocketsRefused,
+        Counter::TupleCollision,
     ];
 
     pub fn name(self) -> &'static str {
@@ -599,6 +604,7 @@ impl Counter {
             Counter::TooBig => "too_big_for_next_hop",
             Counter::NodeSockets => "node_sockets_translated",
             Counter::NodeSocketsRefused => "node_sockets_refused",
+            Counter::TupleCollision => "dropped_tuple_collision",
         }
     }
 }

@@ -505,6 +505,26 @@ fn new_flow(ctx: &XdpContext, p: &Packet, fe: &Frontend, now: u64) -> Selected {
         s.reply.flags |= FLOW_REMOTE;
     } else {
         s.reply_key = reply_key(&s.key.saddr, s.key.sport, s.key.proto, &s.flow);
+        // The client may reach this backend from the same port through another frontend too:
+        // while that flow is open, the answers are its. Conntrack drops such a clashing new
+        // connection; taking the entry would send the open one's answers from the wrong frontend.
+        if let Some(held) = lookup_reply(&s.reply_key).map(|r| unsafe { &*r }) {
+            let other_frontend = held.frontend_addr != p.daddr || held.frontend_port != p.dport;
+            let closed = p.proto == PROTO_TCP && flow_closing(held.flags);
+            if other_frontend
+                && !closed
+                && flow_alive(
+                    p.proto,
+                    held.flags,
+                    held.last_seen_ns,
+                    now,
+                    &LoadedLifetimes,
+                )
+            {
+                count(Counter::TupleCollision);
+                return Selected::Drop;
+            }
+        }
         if insert_reply(&s.reply_key, &s.reply, BPF_ANY as u64).is_err() {
             return Selected::Drop;
         }

@@ -1223,6 +1223,55 @@ fn late_packets_of_a_closed_connection_leave_the_new_one_on_its_port_alone() {
     });
 }
 
+/// A client that reaches a local pod from one port through two frontends (the NodePort and the
+/// LB IP: a NAT in front of many clients does that) would put both flows on one tuple at the pod.
+/// While the first is open the second is dropped and counted, as conntrack drops a connection
+/// whose reply tuple clashes; the first keeps its answers. Once it is over, the second goes.
+#[test]
+fn a_second_frontend_from_the_same_port_to_a_local_pod_waits_for_the_first_flow() {
+    with_datapath(|h| {
+        h.program(&hello(&[(LOCAL_POD, true)]));
+        let answer_from = |h: &mut Harness, client: (Ipv4Addr, u16), proto: u8| {
+            let answer = if proto == TCP {
+                FrameSpec::tcp((LOCAL_POD, 50000), client, ACK).build()
+            } else {
+                FrameSpec::udp((LOCAL_POD, 50000), client).build()
+            };
+            let (verdict, out) = h.tc(&answer);
+            assert_eq!(verdict, TC_ACT_OK);
+            let p = frame::parse(&out).unwrap();
+            (p.src, p.sport)
+        };
+        for (proto, client) in [(TCP, (CLIENT, 40400)), (UDP, (CLIENT, 40401))] {
+            let to = |dst: (Ipv4Addr, u16), flags: u8| {
+                if proto == TCP {
+                    FrameSpec::tcp(client, dst, flags).build()
+                } else {
+                    FrameSpec::udp(client, dst).build()
+                }
+            };
+            assert_eq!(h.xdp(&to((NODE, NODE_PORT), SYN)).0, XDP_PASS);
+            assert_eq!(answer_from(h, client, proto), (NODE, NODE_PORT));
+            let collisions = h.counter(Counter::TupleCollision);
+            assert_eq!(h.xdp(&to((LB, 60000), SYN)).0, XDP_DROP, "proto {proto}");
+            assert_eq!(h.counter(Counter::TupleCollision), collisions + 1);
+            assert_eq!(
+                answer_from(h, client, proto),
+                (NODE, NODE_PORT),
+                "the first's"
+            );
+            // The first is over (closed, or its lifetime passed): the second takes the tuple.
+            if proto == TCP {
+                h.xdp(&to((NODE, NODE_PORT), RST));
+            } else {
+                age_flows(h, 31);
+            }
+            assert_eq!(h.xdp(&to((LB, 60000), SYN)).0, XDP_PASS, "proto {proto}");
+            assert_eq!(answer_from(h, client, proto), (LB, 60000));
+        }
+    });
+}
+
 #[test]
 fn snat_ports_of_closed_connections_are_reused_at_once() {
     with_datapath(|h| {
