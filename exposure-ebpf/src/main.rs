@@ -277,9 +277,13 @@ fn to_backend(ctx: &XdpContext, p: &Packet, fe: &Frontend) -> Result<u32, ()> {
         Some(f) => {
             let reply = || {
                 let rk = reply_key(&p.saddr, p.sport, p.proto, unsafe { &*f });
-                // Only this flow's own entry: a closed flow's SNAT port may serve a new flow now.
+                // Only this flow's own entry: a closed flow's SNAT port may serve a new flow now,
+                // and a local pod's tuple the same client's flow through another frontend.
                 lookup_reply(&rk).filter(|&r| unsafe {
-                    (*r).client_port == p.sport && (*r).client_addr == p.saddr
+                    (*r).client_port == p.sport
+                        && (*r).client_addr == p.saddr
+                        && (*r).frontend_port == p.dport
+                        && (*r).frontend_addr == p.daddr
                 })
             };
             touch(f, reply, p, true, now);

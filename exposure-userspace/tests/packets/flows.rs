@@ -1,5 +1,5 @@
 //! Flows over time: seeded random sequences of a few dozen clients' TCP and UDP packets to a
-//! NodePort, their backends' answers (also late ones, of flows that have moved on), changes to the
+//! NodePort and an LB IP (each client port to both), their backends' answers (also late ones, of flows that have moved on), changes to the
 //! Service's endpoints, and time passing (the entries aged), through the XDP and tc egress
 //! programs, checked packet by packet against a model of what kube-proxy's conntrack and NAT
 //! would do:
@@ -9,7 +9,9 @@
 //!   handshake, a UDP exchange or stream); a UDP flow leaves an endpoint that left;
 //! - a new flow gets a current endpoint, or a refusal when there is none;
 //! - a SNAT port goes to a new flow only if no open flow to that backend holds it (a closed one's
-//!   is taken over at once), and a new flow is dropped for want of one only when all are held;
+//!   is taken over at once), and a new flow is dropped for want of one only when all are held; a
+//!   new flow to a local pod is dropped only when the client's open flow through the other
+//!   frontend holds the tuple there;
 //! - every answer goes back, from the frontend, to the client whose flow holds its tuple now, and
 //!   only that flow's state follows it; an answer on the tuple of a flow that is over is the
 //!   kernel's, untouched;
@@ -35,8 +37,10 @@ const REMOTES: [Ipv4Addr; 3] = [
 const CLIENT_FLAGS: [u8; 7] = [SYN, ACK, 0x18, FIN | ACK, RST, RST | ACK, SYN];
 const BACKEND_FLAGS: [u8; 5] = [SYN | ACK, ACK, 0x18, FIN | ACK, RST | ACK];
 
-/// A client's end of a flow: (protocol, address, port).
-type ClientKey = (u8, Ipv4Addr, u16);
+/// A client's flow: (protocol, address, port, and the frontend it sends to).
+type ClientKey = (u8, Ipv4Addr, u16, (Ipv4Addr, u16));
+/// The Service's frontends: its NodePort, and its LB IP (a client may reach both from one port).
+const FRONTENDS: [(Ipv4Addr, u16); 2] = [(NODE, NODE_PORT), (LB, 60000)];
 /// Where a flow's answers arrive: (protocol, backend, the address and port it answers to: the
 /// node's SNAT port for a remote backend, the client's for a local one).
 type ReplyKey = (u8, Ipv4Addr, Ipv4Addr, u16);
@@ -160,6 +164,17 @@ impl Model {
         late
     }
 
+    /// Whether a new flow of `client` to local `backend` finds its tuple there held by an open
+    /// flow of the same client port through another frontend (then it is dropped).
+    fn tuple_held(&self, client: ClientKey, backend: Ipv4Addr) -> bool {
+        let (proto, ip, port, frontend) = client;
+        self.replies
+            .get(&(proto, backend, ip, port))
+            .is_some_and(|r| {
+                r.client.3 != frontend && !(proto == TCP && r.conn.closing()) && r.conn.alive(proto)
+            })
+    }
+
     /// Whether a new flow to `backend` may take SNAT `port`: nothing holds it, its flow is over,
     /// or it is a closed TCP connection (UDP flows hold theirs for their lifetime).
     fn port_free(&self, proto: u8, backend: Ipv4Addr, port: u16) -> bool {
@@ -203,6 +218,8 @@ struct Reached {
     aged: usize,
     /// Local flows handed to tc or redirected at XDP, to their pod's interface.
     to_pod: usize,
+    /// New flows dropped because the client's flow through the other frontend holds the tuple.
+    collisions: usize,
 }
 
 struct Run<'h> {
@@ -259,11 +276,12 @@ impl Run<'_> {
         } else {
             0
         };
-        let client: ClientKey = (proto, ip, port);
+        let frontend = self.rng.pick(&FRONTENDS);
+        let client: ClientKey = (proto, ip, port, frontend);
         let spec = if proto == TCP {
-            FrameSpec::tcp((ip, port), (NODE, NODE_PORT), flags)
+            FrameSpec::tcp((ip, port), frontend, flags)
         } else {
-            FrameSpec::udp((ip, port), (NODE, NODE_PORT))
+            FrameSpec::udp((ip, port), frontend)
         };
         let frame = self.h.client_frame(spec);
         let new_flows = self.h.counter(Counter::NewFlows);
@@ -316,17 +334,29 @@ impl Run<'_> {
         let stuck = m.sticky.as_ref().and_then(|s| s.get(&(proto, ip)).copied());
         if verdict == XDP_DROP {
             // Only for want of a SNAT port: a remote endpoint (the client's, if it sticks to
-            // one) whose ports open flows all hold.
-            let exhausted = REMOTES.iter().any(|b| {
-                m.endpoints.contains(b)
-                    && stuck.flatten().is_none_or(|s| s == *b)
-                    && (SNAT_FIRST..=SNAT_LAST).all(|port| !m.port_free(proto, *b, port))
-            });
-            assert!(exhausted, "{what}: dropped with free SNAT ports");
-            if let Some(sticky) = &mut m.sticky {
+            // one) whose ports open flows all hold; or a local one where the client's open flow
+            // through the other frontend holds the tuple.
+            let mine =
+                |b: &Ipv4Addr| m.endpoints.contains(b) && stuck.flatten().is_none_or(|s| s == *b);
+            let exhausted = REMOTES
+                .iter()
+                .filter(|b| mine(b))
+                .any(|b| (SNAT_FIRST..=SNAT_LAST).all(|port| !m.port_free(proto, *b, port)));
+            let collided = LOCALS
+                .iter()
+                .filter(|b| mine(b))
+                .any(|b| m.tuple_held(client, *b));
+            let collisions = self.h.counter(Counter::TupleCollision) as usize;
+            if collisions > self.reached.collisions {
+                assert!(collided, "{what}: dropped for a tuple no open flow holds");
+                self.reached.collisions = collisions;
+            } else {
+                assert!(exhausted, "{what}: dropped with free SNAT ports");
+                self.reached.ports_exhausted += 1;
+            }
+            if let Some(sticky) = &mut self.model.sticky {
                 sticky.entry((proto, ip)).or_insert(None);
             }
-            self.reached.ports_exhausted += 1;
             return;
         }
         let p = frame::parse(&out).unwrap_or_else(|| panic!("{what}: {out:02x?}"));
@@ -340,6 +370,11 @@ impl Run<'_> {
             m.endpoints.contains(&backend),
             "{what}: new flow to {backend}, not an endpoint of {:?}",
             m.endpoints
+        );
+        assert!(
+            !Model::is_local(backend) || !m.tuple_held(client, backend),
+            "{what}: took the tuple an open flow through the other frontend holds: {:?}",
+            m.replies.get(&(proto, backend, ip, port))
         );
         if let Some(Some(stuck)) = stuck {
             assert_eq!(backend, stuck, "{what}: left its affinity");
@@ -477,7 +512,7 @@ impl Run<'_> {
             (verdict, (p.src, p.sport), (p.dst, p.dport)),
             (
                 want_verdict,
-                (NODE, NODE_PORT),
+                reply.client.3,
                 (reply.client.1, reply.client.2)
             ),
             "{what}"
@@ -512,14 +547,16 @@ impl Run<'_> {
                 .get(key)
                 .unwrap_or_else(|| panic!("step {step}: no reply entry {key:?}"));
             let client = (
-                key.0,
                 std::net::IpAddr::from(got.client_addr),
                 exposure_common::port_host(got.client_port),
+                std::net::IpAddr::from(got.frontend_addr),
+                exposure_common::port_host(got.frontend_port),
             );
+            let (_, ip, port, (frontend, frontend_port)) = want.client;
             assert_eq!(
                 (client, got.flags & CONN_BITS),
                 (
-                    (want.client.0, want.client.1.into(), want.client.2),
+                    (ip.into(), port, frontend.into(), frontend_port),
                     want.conn.bits
                 ),
                 "step {step}: reply entry {key:?}"
@@ -528,7 +565,7 @@ impl Run<'_> {
         for (client, f) in &self.model.flows {
             let got = self
                 .h
-                .flow((client.1, client.2), (NODE, NODE_PORT), client.0)
+                .flow((client.1, client.2), client.3, client.0)
                 .unwrap_or_else(|| panic!("step {step}: no entry for {client:?}"));
             let snat =
                 (got.flags & FLOW_REMOTE != 0).then(|| exposure_common::port_host(got.snat_port));
@@ -630,6 +667,7 @@ fn flows_over_time(affinity: bool, mode: RedirectToPods) {
             ("UDP flows moved", r.udp_moved),
             ("refused", r.refused),
             ("ports exhausted", r.ports_exhausted),
+            ("tuple collisions", r.collisions),
             ("ports taken over", r.ports_taken_over),
             ("answers", r.answers),
             ("late answers", r.late_answers),

@@ -1268,6 +1268,21 @@ fn a_second_frontend_from_the_same_port_to_a_local_pod_waits_for_the_first_flow(
             }
             assert_eq!(h.xdp(&to((LB, 60000), SYN)).0, XDP_PASS, "proto {proto}");
             assert_eq!(answer_from(h, client, proto), (LB, 60000));
+            if proto == TCP {
+                // The closed first flow's late FIN reaches the pod, but leaves the second's
+                // state alone.
+                h.xdp(&to((NODE, NODE_PORT), FIN | ACK));
+                let reply = h
+                    .maps
+                    .replies4
+                    .iter()
+                    .filter_map(Result::ok)
+                    .find(|(_, r)| r.client_port == exposure_common::port(client.1))
+                    .map(|(_, r)| r)
+                    .expect("the second flow's reply entry");
+                let fin = exposure_common::FLOW_FIN_CLIENT;
+                assert_eq!(reply.flags & fin, 0, "the second flow closing");
+            }
         }
     });
 }
