@@ -75,6 +75,11 @@ impl Conn {
         exposure_common::flow_closing(self.bits)
     }
 
+    /// Whether its flow still holds its tuple: neither over nor a closed TCP connection.
+    fn holds_tuple(&self, proto: u8) -> bool {
+        !(proto == TCP && self.closing()) && self.alive(proto)
+    }
+
     fn alive(&self, proto: u8) -> bool {
         let phase = exposure_common::flow_phase(proto, self.bits);
         self.age_s * 1_000_000_000 < exposure_common::FlowLifetimes::DEFAULT.ns[phase as usize]
@@ -170,9 +175,7 @@ impl Model {
         let (proto, ip, port, frontend) = client;
         self.replies
             .get(&(proto, backend, ip, port))
-            .is_some_and(|r| {
-                r.client.3 != frontend && !(proto == TCP && r.conn.closing()) && r.conn.alive(proto)
-            })
+            .is_some_and(|r| r.client.3 != frontend && r.conn.holds_tuple(proto))
     }
 
     /// Whether a new flow to `backend` may take SNAT `port`: nothing holds it, its flow is over,
@@ -180,7 +183,7 @@ impl Model {
     fn port_free(&self, proto: u8, backend: Ipv4Addr, port: u16) -> bool {
         self.replies
             .get(&(proto, backend, NODE, port))
-            .is_none_or(|r| (proto == TCP && r.conn.closing()) || !r.conn.alive(proto))
+            .is_none_or(|r| !r.conn.holds_tuple(proto))
     }
 
     /// Time passes for every entry.
