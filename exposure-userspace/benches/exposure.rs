@@ -208,6 +208,8 @@ struct PacketCosts {
     established: f64,
     floor_single: f64,
     new_flow: f64,
+    /// A new flow to a remote backend: FIB lookup, SNAT port claimed, sent back out (XDP_TX).
+    new_flow_remote: f64,
     /// A remote backend's reply, translated at XDP and sent straight back.
     reply_xdp: f64,
     /// A local backend's reply, translated at tc egress.
@@ -221,11 +223,29 @@ struct PacketCosts {
 }
 
 fn xdp_ns(dp: &mut exposure::datapath::Datapath, frame: &[u8], repeat: u32) -> (u32, f64) {
+    xdp_ns_on(dp, None, frame, repeat)
+}
+
+/// [`xdp_ns`] for a frame arriving on interface `ifindex` (else the loopback device).
+fn xdp_ns_on(
+    dp: &mut exposure::datapath::Datapath,
+    ifindex: Option<u32>,
+    frame: &[u8],
+    repeat: u32,
+) -> (u32, f64) {
     use aya::programs::{TestRun, TestRunOptions};
     let mut out = vec![0u8; frame.len() + 256];
+    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
+    let ctx: Option<Vec<u8>> = ifindex.map(|i| {
+        [0, frame.len() as u32, 0, i, 0, 0]
+            .iter()
+            .flat_map(|w| w.to_ne_bytes())
+            .collect()
+    });
     let opts = TestRunOptions {
         data_in: Some(frame),
         data_out: Some(&mut out),
+        ctx_in: ctx.as_deref(),
         repeat,
         ..Default::default()
     };
@@ -284,6 +304,19 @@ fn packet_costs(services: usize, backends: usize, repeat: u32) -> PacketCosts {
     };
     let prefix = unique_prefix("d");
     let ns = exposure_lab::netns::Netns::create(&format!("{prefix}-dp")).unwrap();
+    // The node's interface towards other nodes: remote backends are behind a neighbour on it.
+    for cmd in [
+        "link add eth0 type veth peer name eth0p",
+        "addr add 198.18.0.10/24 dev eth0",
+        "link set eth0 up",
+        "link set eth0p up",
+        "neigh add 198.18.0.20 lladdr 02:00:00:00:00:20 dev eth0 nud permanent",
+        "route add 198.18.250.0/24 via 198.18.0.20",
+    ] {
+        ns.ip(cmd).unwrap();
+    }
+    // bpf_fib_lookup answers "forwarding disabled" otherwise, as the kernel would for routing.
+    ns.sysctl("net.ipv4.ip_forward", "1").unwrap();
     ns.run(move || {
         let pin_dir = std::path::PathBuf::from(format!("/sys/fs/bpf/{prefix}"));
         // Removes the pins even if a measurement panics.
@@ -309,6 +342,9 @@ fn packet_costs(services: usize, backends: usize, repeat: u32) -> PacketCosts {
             maglev_entries: 32 * 1024 * 1024,
             ..Default::default()
         };
+        let eth0 = nix::net::if_::if_nametoindex("eth0").unwrap();
+        maps.set_node_addr(eth0, Ipv4Addr::new(198, 18, 0, 10).into())
+            .unwrap();
         let mut reconciler = Reconciler::restore(maps.snapshot().unwrap(), limits);
         let svc = |name: String, front: (Ipv4Addr, u16), back: Ipv4Addr| {
             let mut d = DesiredService::default();
@@ -377,6 +413,16 @@ fn packet_costs(services: usize, backends: usize, repeat: u32) -> PacketCosts {
             let (key, d) = svc(format!("pong{j}"), pong(j), p);
             state.services.insert(key, d);
         }
+        // A Service whose one backend is on another node: new flows to it are SNATed and sent
+        // back out.
+        let remote_front = Ipv4Addr::new(198, 18, 0, 100);
+        let (remote_key, mut remote) = svc(
+            "remote".into(),
+            (remote_front, 80),
+            Ipv4Addr::new(198, 18, 250, 1),
+        );
+        Arc::make_mut(&mut remote).backends[0].local = false;
+        state.services.insert(remote_key, remote);
         // The same pair in IPv6.
         let (p6, q6): (std::net::Ipv6Addr, std::net::Ipv6Addr) = (
             "2001:2:0:ff::1".parse().unwrap(),
@@ -514,6 +560,21 @@ fn packet_costs(services: usize, backends: usize, repeat: u32) -> PacketCosts {
                     .1 as f64,
             );
         }
+        // New flows to the remote backend, fewer: each holds one of the pair's 4,536 SNAT ports,
+        // and a fuller range would cost more tries per flow.
+        let mut remote_runs = Vec::with_capacity(1_000);
+        for k in 0..n.min(1_000) {
+            let f = frame(
+                (
+                    Ipv4Addr::new(198, 18, 1 + (k / 250) as u8, (k % 250) as u8 + 1),
+                    1024 + k,
+                ),
+                (remote_front, 80),
+            );
+            let (verdict, ns) = xdp_ns_on(&mut dp, Some(eth0), &f, 1);
+            assert_eq!(verdict, 3, "XDP_TX towards the remote backend");
+            remote_runs.push(ns);
+        }
         // The median: a single run that an interrupt or the kernel's background work lands on
         // would otherwise weigh on the mean.
         let median = |mut runs: Vec<f64>| {
@@ -531,6 +592,7 @@ fn packet_costs(services: usize, backends: usize, repeat: u32) -> PacketCosts {
             established,
             floor_single: median(floor_runs),
             new_flow: median(new_runs),
+            new_flow_remote: median(remote_runs),
             reply_xdp,
             reply_tc,
             other_egress_tc,
@@ -606,8 +668,8 @@ fn main() {
             .unwrap_or(200_000);
         let c = packet_costs(services, b.parse().unwrap_or(1).max(1), repeat);
         eprintln!(
-            "floor {:.0} one lookup {:.0} non-service {:.0} established {:.0} (IPv6 {:.0}) reply xdp {:.0} reply tc {:.0} (other egress {:.0}, tc floor {:.0}) new flow {:.0} ns",
-            c.floor, c.one_lookup, c.non_service, c.established, c.established6, c.reply_xdp, c.reply_tc, c.other_egress_tc, c.tc_floor, c.new_flow
+            "floor {:.0} one lookup {:.0} non-service {:.0} established {:.0} (IPv6 {:.0}) reply xdp {:.0} reply tc {:.0} (other egress {:.0}, tc floor {:.0}) new flow {:.0} (remote {:.0}) ns",
+            c.floor, c.one_lookup, c.non_service, c.established, c.established6, c.reply_xdp, c.reply_tc, c.other_egress_tc, c.tc_floor, c.new_flow, c.new_flow_remote
         );
         return;
     }
@@ -689,8 +751,9 @@ fn main() {
     let _ = writeln!(report, "translation (parse, frontend, conntrack hit, rewrite, checksums, counters). New flows are single");
     let _ = writeln!(
         report,
-        "runs (each one new; the median), beside the floor measured the same way. Replies run a reply whose"
+        "runs (each one new; the median), beside the floor measured the same way; to a local pod, and to a"
     );
+    let _ = writeln!(report, "pod on another node (FIB lookup, a SNAT port claimed, sent back out). Replies run a reply whose");
     let _ = writeln!(report, "translation is the identity, so every repeat is a full reply translation; tc's floor is a program that");
     let _ = writeln!(report, "only returns TC_ACT_OK, run the same way (a tc test run builds an skb, hence its higher floor); *other");
     let _ = writeln!(report, "egress*: a packet that is no reply through the same tc program (what every other packet the node sends pays).");
@@ -699,10 +762,10 @@ fn main() {
         report,
         "the least any datapath that keeps per-flow state pays per packet.\n"
     );
-    let _ = writeln!(report, "| Services | floor | one lookup | non-service packet | established flow | established / floor | established IPv6 flow | reply at XDP (remote backend) | reply at tc (local backend; other egress; tc floor) | new flow (floor, single runs) |");
+    let _ = writeln!(report, "| Services | floor | one lookup | non-service packet | established flow | established / floor | established IPv6 flow | reply at XDP (remote backend) | reply at tc (local backend; other egress; tc floor) | new flow (floor, single runs) | new flow, remote backend |");
     let _ = writeln!(
         report,
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     let service_counts: &[usize] = if quick {
         &[1, 1_000]
@@ -731,7 +794,7 @@ fn main() {
         ));
         let _ = writeln!(
             report,
-            "| {} | {:.0} ns | {:.0} ns | {:.0} ns | {:.0} ns | {:.2}x | {:.0} ns | {:.0} ns | {:.0} ns ({:.0} ns; {:.0} ns) | {:.0} ns ({:.0} ns) |",
+            "| {} | {:.0} ns | {:.0} ns | {:.0} ns | {:.0} ns | {:.2}x | {:.0} ns | {:.0} ns | {:.0} ns ({:.0} ns; {:.0} ns) | {:.0} ns ({:.0} ns) | {:.0} ns |",
             c.services,
             c.floor,
             c.one_lookup,
@@ -744,7 +807,8 @@ fn main() {
             c.other_egress_tc,
             c.tc_floor,
             c.new_flow,
-            c.floor_single
+            c.floor_single,
+            c.new_flow_remote
         );
     }
     let (lookup_x, est_x) = relative
