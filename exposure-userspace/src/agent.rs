@@ -18,7 +18,7 @@ use crate::{
     health::{self, Health},
     kube_source::{self, KubeSource},
     local_ports::{self, PortSet, Reservation},
-    manifests::{self, Objects},
+    manifests::{ManifestDir, Objects},
     metrics::{FrontendLabel, Metrics},
     model::{self, NodeContext},
     netdev, sock_diag,
@@ -138,12 +138,11 @@ const TICK: Duration = Duration::from_millis(200);
 /// Events closer together than this are applied as one sync.
 const COALESCE: Duration = Duration::from_millis(5);
 
-type Fingerprint = Vec<(PathBuf, u64, Option<std::time::SystemTime>)>;
-
 enum Source {
     Dir {
-        dir: PathBuf,
-        seen: Option<Fingerprint>,
+        dir: ManifestDir,
+        /// Whether the last poll failed (reported once while that lasts).
+        unreadable: bool,
     },
     Kube(KubeSource),
 }
@@ -157,24 +156,36 @@ impl Source {
         }
     }
 
-    fn dir_changed(&self) -> bool {
+    /// Looks at the manifest directory (on every tick): whether its objects changed. While it
+    /// cannot be read, what it gave keeps serving.
+    fn poll_dir(&mut self) -> bool {
         match self {
-            Source::Dir { dir, seen } => manifests::fingerprint(dir).ok() != *seen,
+            Source::Dir { dir, unreadable } => match dir.poll() {
+                Ok(changed) => {
+                    if std::mem::take(unreadable) {
+                        tracing::info!(dir = %dir.path().display(), "the manifest directory can be read again");
+                    }
+                    changed
+                }
+                Err(e) => {
+                    if !std::mem::replace(unreadable, true) {
+                        tracing::warn!(dir = %dir.path().display(), error = %e, "cannot read the manifest directory; keeping the current state");
+                    }
+                    false
+                }
+            },
             Source::Kube(_) => false,
         }
     }
 
     /// The objects now, and problems found reading them.
-    fn load(&mut self) -> anyhow::Result<(Objects, Vec<String>)> {
+    fn load(&self) -> (Objects, Vec<String>) {
         match self {
-            Source::Dir { dir, seen } => {
-                let fingerprint = manifests::fingerprint(dir).ok();
-                let (objects, errors) = manifests::load_dir(dir)
-                    .with_context(|| format!("reading {}", dir.display()))?;
-                *seen = fingerprint;
-                Ok((objects, errors.iter().map(ToString::to_string).collect()))
+            Source::Dir { dir, .. } => {
+                let (objects, errors) = dir.objects();
+                (objects, errors.iter().map(ToString::to_string).collect())
             }
-            Source::Kube(k) => Ok((k.objects(), Vec::new())),
+            Source::Kube(k) => (k.objects(), Vec::new()),
         }
     }
 }
@@ -258,8 +269,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     tokio::pin!(shutdown);
     let mut source = match (client, &cfg.manifests) {
         (None, Some(dir)) => Source::Dir {
-            dir: dir.clone(),
-            seen: None,
+            dir: ManifestDir::new(dir),
+            unreadable: false,
         },
         (client, _) => {
             let client = client.context("no Kubernetes client")?;
@@ -348,18 +359,16 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             let state = (&maps, &mut reconciler, cfg.limits, &*metrics);
             dirty |= check.tick(ready, syncs, &cfg.pin_dir, state).await;
         }
-        if !dirty && !source.dir_changed() && Some(&iface_addrs) == last_node_addrs.as_ref() {
+        let started = Instant::now();
+        let dir_changed = source.poll_dir();
+        if !dirty && !dir_changed && Some(&iface_addrs) == last_node_addrs.as_ref() {
             continue;
         }
-        let started = Instant::now();
-        let (objects, mut problems) = match source.load() {
-            Ok(r) => r,
-            Err(e) => {
-                // The directory vanished or is unreadable: keep serving what we have.
-                tracing::warn!(error = %format!("{e:#}"), "cannot read the source; keeping the current state");
-                continue;
-            }
-        };
+        if matches!(&source, Source::Dir { dir, .. } if !dir.read_once()) {
+            // Never read (the directory is not there yet): the pinned maps keep serving.
+            continue;
+        }
+        let (objects, mut problems) = source.load();
         let loaded = started.elapsed();
         let node_object_addrs = objects.node_addrs(&cfg.node_name);
         let node_addrs = cfg.node_port_addresses.select(

@@ -1,11 +1,14 @@
 //! The manifest-directory source: Kubernetes YAML/JSON as `kubectl get -o yaml` writes it (single
-//! objects, multi-document files, or `kind: List`). A file or object that is broken is reported and
-//! skipped; everything else keeps working.
+//! objects, multi-document files, or `kind: List`). A file or object that is broken is reported;
+//! what it held before stays in use (as the API server keeps an object whose update it rejects),
+//! and everything else keeps working.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     fmt,
+    os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
+    sync::Arc,
     time::SystemTime,
 };
 
@@ -27,6 +30,13 @@ pub struct Objects {
 }
 
 impl Objects {
+    fn extend(&mut self, other: &Objects) {
+        self.services.extend(other.services.iter().cloned());
+        self.endpoint_slices
+            .extend(other.endpoint_slices.iter().cloned());
+        self.nodes.extend(other.nodes.iter().cloned());
+    }
+
     /// The Node named `node_name`.
     fn node(&self, node_name: &str) -> Option<&Node> {
         self.nodes
@@ -113,76 +123,290 @@ pub fn manifest_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// Cheap change detection: names, sizes and modification times of the manifest files.
-pub fn fingerprint(dir: &Path) -> std::io::Result<Vec<(PathBuf, u64, Option<SystemTime>)>> {
+/// What a manifest file looked like when listed: a file whose stamp changes is read again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Stamp {
+    len: u64,
+    modified: Option<SystemTime>,
+    /// A file replaced by a rename (an atomic write) is another inode.
+    inode: u64,
+}
+
+/// The manifest files in `dir` with their stamps.
+fn stamps(dir: &Path) -> std::io::Result<BTreeMap<PathBuf, Stamp>> {
     Ok(manifest_files(dir)?
         .into_iter()
-        .map(|p| {
-            let meta = std::fs::metadata(&p).ok();
-            let len = meta.as_ref().map_or(0, |m| m.len());
-            let modified = meta.and_then(|m| m.modified().ok());
-            (p, len, modified)
+        .filter_map(|p| {
+            // Gone since the listing: as if it had not been listed.
+            let meta = std::fs::metadata(&p).ok()?;
+            let stamp = Stamp {
+                len: meta.len(),
+                modified: meta.modified().ok(),
+                inode: meta.ino(),
+            };
+            Some((p, stamp))
         })
         .collect())
 }
 
-/// Reads and parses every manifest in `dir`.
-pub fn load_dir(dir: &Path) -> Result<(Objects, Vec<ManifestError>), std::io::Error> {
-    let mut objects = Objects::default();
-    let mut errors = Vec::new();
-    for file in manifest_files(dir)? {
-        match std::fs::read_to_string(&file) {
-            Ok(text) => parse_into(&file, &text, &mut objects, &mut errors),
-            Err(e) => errors.push(ManifestError {
-                file: file.clone(),
-                object: "(file)".into(),
-                reason: format!("cannot read: {e}"),
-            }),
-        }
-    }
-    dedupe(&mut objects, &mut errors);
-    Ok((objects, errors))
+/// One file's contribution: the objects it last gave (or, while it is broken, gave before) and
+/// the problems found.
+#[derive(Clone, Debug)]
+struct LoadedFile {
+    stamp: Stamp,
+    objects: Objects,
+    errors: Vec<ManifestError>,
+    /// The problems of the reading that gave `objects` (while the file is broken, an earlier one).
+    objects_errors: Vec<ManifestError>,
 }
 
-/// Parses one file's documents into `objects`, reporting what can't be used.
-pub fn parse_into(file: &Path, text: &str, objects: &mut Objects, errors: &mut Vec<ManifestError>) {
-    let err = |object: String, reason: String| ManifestError {
-        file: file.to_path_buf(),
-        object,
-        reason,
-    };
+/// The manifest directory as the agent reads it. A changed file is read once it has stayed the same
+/// for one poll, so a file caught half-written (`kubectl get -o yaml > file` truncates it first
+/// and writes once the API server answers) is not taken for its contents. A file that cannot be
+/// read or does not parse keeps giving what it gave before, and an object that became invalid its
+/// last valid version: a broken edit never takes a working Service away.
+#[derive(Debug)]
+pub struct ManifestDir {
+    dir: PathBuf,
+    /// Whether the directory has been read once (its files are read at once the first time).
+    read_once: bool,
+    files: BTreeMap<PathBuf, LoadedFile>,
+    /// Files seen changed at the last poll, as they were then.
+    changing: BTreeMap<PathBuf, Stamp>,
+}
+
+impl ManifestDir {
+    pub fn new(dir: &Path) -> Self {
+        ManifestDir {
+            dir: dir.to_path_buf(),
+            read_once: false,
+            files: BTreeMap::new(),
+            changing: BTreeMap::new(),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Whether the directory has been read (a poll succeeded).
+    pub fn read_once(&self) -> bool {
+        self.read_once
+    }
+
+    /// Looks at the directory: reads the files that changed and have since settled, forgets the
+    /// removed ones. Whether the objects changed. An error (the directory is gone or unreadable)
+    /// changes nothing.
+    pub fn poll(&mut self) -> std::io::Result<bool> {
+        let now = stamps(&self.dir)?;
+        let mut changed = false;
+        self.files.retain(|path, _| {
+            let kept = now.contains_key(path);
+            changed |= !kept;
+            kept
+        });
+        self.changing.retain(|path, _| now.contains_key(path));
+        for (path, stamp) in now {
+            if self.files.get(&path).is_some_and(|f| f.stamp == stamp) {
+                self.changing.remove(&path);
+                continue;
+            }
+            if self.read_once && self.changing.get(&path) != Some(&stamp) {
+                self.changing.insert(path, stamp);
+                continue;
+            }
+            self.changing.remove(&path);
+            let file = self.read(&path, stamp);
+            self.files.insert(path, file);
+            changed = true;
+        }
+        changed |= !self.read_once;
+        self.read_once = true;
+        Ok(changed)
+    }
+
+    /// Everything the directory says now, duplicates removed, and the problems found.
+    pub fn objects(&self) -> (Objects, Vec<ManifestError>) {
+        let mut objects = Objects::default();
+        let mut errors = Vec::new();
+        for file in self.files.values() {
+            objects.extend(&file.objects);
+            errors.extend(file.errors.iter().cloned());
+        }
+        dedupe(&mut objects, &mut errors);
+        (objects, errors)
+    }
+
+    fn read(&self, path: &Path, stamp: Stamp) -> LoadedFile {
+        let before = self.files.get(path);
+        // A file that can't be read, or whose YAML breaks off, gives what it gave before.
+        let as_before = |error: ManifestError| match before {
+            Some(before) => LoadedFile {
+                stamp: stamp.clone(),
+                objects: before.objects.clone(),
+                errors: std::iter::once(ManifestError {
+                    reason: format!("{}; what the file gave before stays in use", error.reason),
+                    ..error
+                })
+                .chain(before.objects_errors.iter().cloned())
+                .collect(),
+                objects_errors: before.objects_errors.clone(),
+            },
+            None => LoadedFile {
+                stamp: stamp.clone(),
+                objects: Objects::default(),
+                errors: vec![error],
+                objects_errors: Vec::new(),
+            },
+        };
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) => {
+                return as_before(ManifestError {
+                    file: path.to_path_buf(),
+                    object: "(file)".into(),
+                    reason: format!("cannot read: {e}"),
+                })
+            }
+        };
+        let mut parsed = parse_file(path, &text);
+        if let Some(at) = parsed.broken_at {
+            if before.is_some() {
+                return as_before(parsed.errors.swap_remove(at));
+            }
+        }
+        for (id, at) in parsed.invalid {
+            if self.carry_over(&id, &mut parsed.objects) {
+                parsed.errors[at]
+                    .reason
+                    .push_str("; its last valid version stays in use");
+            }
+        }
+        LoadedFile {
+            stamp,
+            objects: parsed.objects,
+            objects_errors: parsed.errors.clone(),
+            errors: parsed.errors,
+        }
+    }
+
+    /// Adds the object `id` names, as the directory gave it so far, to `into`: whether there was one.
+    fn carry_over(&self, id: &ObjectId, into: &mut Objects) -> bool {
+        fn find<T: k8s_openapi::Metadata<Ty = ObjectMeta>>(
+            mut all: impl Iterator<Item = Arc<T>>,
+            id: &ObjectId,
+            into: &mut Vec<Arc<T>>,
+        ) -> bool {
+            let found = all.find(|o| {
+                let m = o.metadata();
+                m.name.as_deref() == Some(id.name.as_str())
+                    && m.namespace.as_deref().unwrap_or("") == id.namespace
+            });
+            found.map(|o| into.push(o)).is_some()
+        }
+        let all = || self.files.values().map(|f| &f.objects);
+        match id.kind {
+            Kind::Service => find(
+                all().flat_map(|o| o.services.clone()),
+                id,
+                &mut into.services,
+            ),
+            Kind::EndpointSlice => find(
+                all().flat_map(|o| o.endpoint_slices.clone()),
+                id,
+                &mut into.endpoint_slices,
+            ),
+            Kind::Node => find(all().flat_map(|o| o.nodes.clone()), id, &mut into.nodes),
+        }
+    }
+}
+
+type ObjectMeta = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Service,
+    EndpointSlice,
+    Node,
+}
+
+/// Which object a document meant to be, as far as it says: its last valid version can stand in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct ObjectId {
+    kind: Kind,
+    /// Empty for a Node.
+    namespace: String,
+    name: String,
+}
+
+/// One file's documents, parsed.
+#[derive(Default)]
+struct ParsedFile {
+    objects: Objects,
+    errors: Vec<ManifestError>,
+    /// Named objects that are invalid, each with the index of its error.
+    invalid: Vec<(ObjectId, usize)>,
+    /// The index of the error where the YAML stream broke off (nothing after it could be read).
+    broken_at: Option<usize>,
+}
+
+/// Parses one file's documents, reporting what can't be used.
+fn parse_file(file: &Path, text: &str) -> ParsedFile {
+    let mut parsed = ParsedFile::default();
     for (n, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let value = match serde_yaml::Value::deserialize(doc) {
             Ok(serde_yaml::Value::Null) => continue, // empty document, e.g. a trailing `---`
             Ok(v) => v,
             Err(e) => {
                 // A syntax error ends the stream: nothing after it in this file can be trusted.
-                errors.push(err(
-                    format!("document {}", n + 1),
-                    format!("not valid YAML: {e}"),
-                ));
-                return;
+                parsed.broken_at = Some(parsed.errors.len());
+                parsed.errors.push(ManifestError {
+                    file: file.to_path_buf(),
+                    object: format!("document {}", n + 1),
+                    reason: format!("not valid YAML: {e}"),
+                });
+                break;
             }
         };
+        let ParsedFile {
+            objects,
+            errors,
+            invalid,
+            ..
+        } = &mut parsed;
         add_object(
             value,
             &format!("document {}", n + 1),
             objects,
-            &mut |o, r| errors.push(err(o, r)),
+            &mut |object, reason, id| {
+                if let Some(id) = id {
+                    invalid.push((id, errors.len()));
+                }
+                errors.push(ManifestError {
+                    file: file.to_path_buf(),
+                    object,
+                    reason,
+                });
+            },
         );
     }
+    parsed
 }
+
+/// Reports a problem with an object: its description, the reason, and which object it is when
+/// it says (an invalid object whose last valid version can stand in).
+type Report<'a> = dyn FnMut(String, String, Option<ObjectId>) + 'a;
 
 fn add_object(
     value: serde_yaml::Value,
     position: &str,
     objects: &mut Objects,
-    report: &mut dyn FnMut(String, String),
+    report: &mut Report,
 ) {
     let field = |k: &str| value.get(k).and_then(|v| v.as_str()).map(str::to_owned);
     let api_version = field("apiVersion").unwrap_or_default();
     let Some(kind) = field("kind") else {
-        report(position.to_string(), "has no `kind`".into());
+        report(position.to_string(), "has no `kind`".into(), None);
         return;
     };
     let meta = value.get("metadata");
@@ -202,6 +426,17 @@ fn add_object(
         Some(name) => format!("{kind} {namespace}/{name}"),
         None => format!("{kind} ({position})"),
     };
+    let id = |kind: Kind| {
+        Some(ObjectId {
+            kind,
+            namespace: if kind == Kind::Node {
+                String::new()
+            } else {
+                namespace.to_owned()
+            },
+            name: name.clone()?,
+        })
+    };
 
     match (api_version.as_str(), kind.as_str()) {
         ("v1", "List") => {
@@ -220,30 +455,35 @@ fn add_object(
             }
         }
         ("v1", "Service" | "Node") | ("discovery.k8s.io/v1", "EndpointSlice") if name.is_none() => {
-            report(object, "has no metadata.name".into());
+            report(object, "has no metadata.name".into(), None);
         }
         ("v1", "Service") => match serde_yaml::from_value::<Service>(value) {
             Ok(s) => objects
                 .services
-                .push(std::sync::Arc::new(with_namespace(s, namespace))),
-            Err(e) => report(object, format!("invalid Service: {e}")),
+                .push(Arc::new(with_namespace(s, namespace))),
+            Err(e) => report(object, format!("invalid Service: {e}"), id(Kind::Service)),
         },
         ("discovery.k8s.io/v1", "EndpointSlice") => {
             match serde_yaml::from_value::<EndpointSlice>(value) {
                 Ok(s) => objects
                     .endpoint_slices
-                    .push(std::sync::Arc::new(with_namespace(s, namespace))),
-                Err(e) => report(object, format!("invalid EndpointSlice: {e}")),
+                    .push(Arc::new(with_namespace(s, namespace))),
+                Err(e) => report(
+                    object,
+                    format!("invalid EndpointSlice: {e}"),
+                    id(Kind::EndpointSlice),
+                ),
             }
         }
         ("v1", "Node") => match serde_yaml::from_value::<Node>(value) {
-            Ok(n) => objects.nodes.push(std::sync::Arc::new(n)),
-            Err(e) => report(object, format!("invalid Node: {e}")),
+            Ok(n) => objects.nodes.push(Arc::new(n)),
+            Err(e) => report(object, format!("invalid Node: {e}"), id(Kind::Node)),
         },
         (_, "Service" | "EndpointSlice" | "Node") => {
             report(
                 object,
                 format!("unsupported apiVersion {api_version:?} for {kind}"),
+                None,
             );
         }
         // Deployments and the like often share a file with their Service: not ours, not an error.
@@ -307,10 +547,8 @@ mod tests {
     use super::*;
 
     fn parse(text: &str) -> (Objects, Vec<ManifestError>) {
-        let mut objects = Objects::default();
-        let mut errors = Vec::new();
-        parse_into(Path::new("x.yaml"), text, &mut objects, &mut errors);
-        (objects, errors)
+        let parsed = parse_file(Path::new("x.yaml"), text);
+        (parsed.objects, parsed.errors)
     }
 
     const SVC: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  type: NodePort\n  ports: [{port: 80, nodePort: 30080}]\n";
@@ -409,19 +647,202 @@ mod tests {
         assert_eq!(o.services.len(), 1);
     }
 
+    /// A directory of its own for one test, removed when dropped.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(test: &str) -> Self {
+            let dir = std::env::temp_dir()
+                .join(format!("exposure-manifests-{test}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            TempDir(dir)
+        }
+
+        fn write(&self, name: &str, text: impl AsRef<[u8]>) {
+            std::fs::write(self.0.join(name), text).unwrap();
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// The node ports of the directory's Services, by name.
+    fn node_ports(dir: &ManifestDir) -> BTreeMap<String, i32> {
+        dir.objects()
+            .0
+            .services
+            .iter()
+            .map(|s| {
+                let port = s.spec.as_ref().unwrap().ports.as_ref().unwrap()[0].node_port;
+                (s.metadata.name.clone().unwrap(), port.unwrap_or(0))
+            })
+            .collect()
+    }
+
+    fn web(node_port: u16) -> String {
+        SVC.replace("30080", &node_port.to_string())
+    }
+
     #[test]
     fn directory_loading_dedupes_and_ignores_other_files() {
-        let dir = std::env::temp_dir().join(format!("exposure-manifests-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("a.yaml"), SVC).unwrap();
-        std::fs::write(dir.join("b.yml"), format!("{SVC}---\n{SLICE}")).unwrap();
-        std::fs::write(dir.join("notes.txt"), "not a manifest").unwrap();
-        std::fs::write(dir.join(".hidden.yaml"), "{{{").unwrap();
-        let (o, e) = load_dir(&dir).unwrap();
-        std::fs::remove_dir_all(&dir).unwrap();
+        let tmp = TempDir::new("dedupe");
+        tmp.write("a.yaml", SVC);
+        tmp.write("b.yml", format!("{SVC}---\n{SLICE}"));
+        tmp.write("notes.txt", "not a manifest");
+        tmp.write(".hidden.yaml", "{{{");
+        let mut dir = ManifestDir::new(&tmp.0);
+        assert!(dir.poll().unwrap(), "the first poll reads every file");
+        let (o, e) = dir.objects();
         assert_eq!(o.services.len(), 1);
         assert_eq!(o.endpoint_slices.len(), 1);
         assert_eq!(e.len(), 1);
         assert!(e[0].reason.contains("more than once"));
+        assert!(!dir.poll().unwrap(), "nothing changed");
+    }
+
+    #[test]
+    fn a_changed_file_is_read_once_it_has_settled() {
+        let tmp = TempDir::new("settle");
+        tmp.write("web.yaml", web(30080));
+        let mut dir = ManifestDir::new(&tmp.0);
+        assert!(dir.poll().unwrap());
+        // `kubectl get -o yaml > web.yaml`: the shell empties the file, kubectl writes it later.
+        tmp.write("web.yaml", "");
+        assert!(!dir.poll().unwrap(), "a file just changed is not read yet");
+        assert_eq!(node_ports(&dir), BTreeMap::from([("web".into(), 30080)]));
+        tmp.write("web.yaml", web(30081));
+        assert!(!dir.poll().unwrap(), "changed again since the last poll");
+        assert_eq!(node_ports(&dir), BTreeMap::from([("web".into(), 30080)]));
+        assert!(dir.poll().unwrap(), "the same as at the last poll: read");
+        assert_eq!(node_ports(&dir), BTreeMap::from([("web".into(), 30081)]));
+        // A new file settles the same way; a removed one goes at once.
+        tmp.write("other.yaml", web(30090).replace("name: web", "name: other"));
+        assert!(!dir.poll().unwrap());
+        assert!(dir.poll().unwrap());
+        assert_eq!(node_ports(&dir).get("other"), Some(&30090));
+        std::fs::remove_file(tmp.0.join("web.yaml")).unwrap();
+        assert!(dir.poll().unwrap(), "a removed file's objects go at once");
+        assert_eq!(node_ports(&dir), BTreeMap::from([("other".into(), 30090)]));
+        // An empty file that stays empty is read: its objects are gone.
+        tmp.write("other.yaml", "");
+        assert!(!dir.poll().unwrap());
+        assert!(dir.poll().unwrap());
+        assert!(node_ports(&dir).is_empty());
+    }
+
+    /// Polls until the directory has read its changes.
+    fn settle(dir: &mut ManifestDir) {
+        assert!(!dir.poll().unwrap());
+        assert!(dir.poll().unwrap());
+    }
+
+    #[test]
+    fn a_broken_file_keeps_giving_what_it_gave_before() {
+        let tmp = TempDir::new("broken");
+        tmp.write("web.yaml", format!("{}---\n{SLICE}", web(30080)));
+        let mut dir = ManifestDir::new(&tmp.0);
+        dir.poll().unwrap();
+        for broken in [
+            // Half written: cut inside a document's braces.
+            format!(
+                "{}---\n{}",
+                web(30081),
+                &SLICE[..SLICE.find("labels").unwrap()]
+            )
+            .into_bytes(),
+            b"apiVersion: v1\nkind: Service\nmetadata: {name: [unclosed\n".to_vec(),
+            // Not UTF-8: the file can't be read as text.
+            vec![0xff, 0xfe, b'\n'],
+        ] {
+            tmp.write("web.yaml", &broken);
+            settle(&mut dir);
+            let (o, e) = dir.objects();
+            assert_eq!(node_ports(&dir), BTreeMap::from([("web".into(), 30080)]));
+            assert_eq!(o.endpoint_slices.len(), 1, "the slice stays too");
+            assert_eq!(e.len(), 1, "{e:?}");
+            assert!(
+                e[0].reason
+                    .contains("what the file gave before stays in use")
+                    && (e[0].reason.contains("not valid YAML")
+                        || e[0].reason.contains("cannot read")),
+                "{}",
+                e[0]
+            );
+        }
+        tmp.write("web.yaml", web(30082));
+        settle(&mut dir);
+        let (o, e) = dir.objects();
+        assert!(e.is_empty(), "{e:?}");
+        assert_eq!(node_ports(&dir), BTreeMap::from([("web".into(), 30082)]));
+        assert!(o.endpoint_slices.is_empty(), "the fixed file has no slice");
+        // A file broken from the start gives what parses before the break.
+        tmp.write(
+            "new.yaml",
+            format!(
+                "{}---\n{{{{{{",
+                web(30083).replace("name: web", "name: new")
+            ),
+        );
+        settle(&mut dir);
+        assert_eq!(node_ports(&dir).get("new"), Some(&30083));
+    }
+
+    #[test]
+    fn an_invalid_object_keeps_its_last_valid_version() {
+        let tmp = TempDir::new("invalid");
+        let other = web(30090).replace("name: web", "name: other");
+        tmp.write("web.yaml", format!("{}---\n{other}", web(30080)));
+        let mut dir = ManifestDir::new(&tmp.0);
+        dir.poll().unwrap();
+        let bad = |name: &str| {
+            format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{ports: [{{port: eighty}}]}}\n")
+        };
+        // `web` turns invalid, `other` changes, `fresh` is invalid from the start.
+        tmp.write(
+            "web.yaml",
+            format!(
+                "{}---\n{}---\n{}",
+                bad("web"),
+                other.replace("30090", "30091"),
+                bad("fresh")
+            ),
+        );
+        settle(&mut dir);
+        let (_, e) = dir.objects();
+        assert_eq!(
+            node_ports(&dir),
+            BTreeMap::from([("web".into(), 30080), ("other".into(), 30091)])
+        );
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert!(
+            e[0].object == "Service default/web"
+                && e[0].reason.contains("its last valid version stays in use"),
+            "{}",
+            e[0]
+        );
+        assert!(
+            e[1].object == "Service default/fresh" && !e[1].reason.contains("stays in use"),
+            "{}",
+            e[1]
+        );
+        // Still invalid at the next change: still the last valid version.
+        tmp.write("web.yaml", format!("{}---\n{other}", bad("web")));
+        settle(&mut dir);
+        assert_eq!(
+            node_ports(&dir),
+            BTreeMap::from([("web".into(), 30080), ("other".into(), 30090)])
+        );
+        // Its last valid version is also found in another file it moved from.
+        tmp.write("moved.yaml", bad("other"));
+        tmp.write("web.yaml", web(30080));
+        settle(&mut dir);
+        assert_eq!(
+            node_ports(&dir),
+            BTreeMap::from([("web".into(), 30080), ("other".into(), 30090)])
+        );
     }
 }

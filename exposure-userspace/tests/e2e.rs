@@ -1198,6 +1198,46 @@ fn broken_manifests_are_reported_and_do_not_disturb_the_rest() {
         "the first Service is undisturbed"
     );
 
+    // hello.yaml breaks while a connection through it is open: caught half-written, then with
+    // its Service made invalid. Each is reported, and the Service goes on as it was.
+    let mut held = TcpSession::connect(&c.lab.client, c.node(0, 30600)).unwrap();
+    let pod = parse_answer(&held.ask("hi").unwrap())
+        .unwrap()
+        .0
+        .to_string();
+    let hello = hello_world(&all_pods(&[1, 1]));
+    let half_written = hello[..hello.find("nodePort").unwrap()].to_string();
+    let invalid = hello.replace("port: 60000", "port: sixty");
+    for (broken, reason, kept) in [
+        (
+            half_written,
+            "not valid YAML",
+            "what the file gave before stays in use",
+        ),
+        (
+            invalid,
+            "invalid Service",
+            "its last valid version stays in use",
+        ),
+    ] {
+        c.write("hello.yaml", &broken);
+        let reported = || {
+            let log = c.agents[0].log_text();
+            log.lines()
+                .find(|l| l.contains("hello.yaml") && l.contains(reason))
+                .map(str::to_owned)
+        };
+        c.eventually("the broken hello.yaml is reported", || reported().is_some());
+        let again = held
+            .ask("still there?")
+            .expect("the held connection goes on");
+        assert_eq!(parse_answer(&again).unwrap().0, pod);
+        let (pods, _) = c.tcp_spread(c.node(0, 30600), 20);
+        assert_eq!(pods, pods_named(&["pod-1-1", "pod-2-1"]), "{reason}");
+        let line = reported().unwrap_or_default();
+        assert!(line.contains(kept), "{line}");
+    }
+
     // `exposure status` shows both from the pinned maps.
     let out = std::process::Command::new(BIN)
         .args(["status", "--pin-dir"])
