@@ -17,9 +17,13 @@
 //!   kernel's, untouched;
 //! - every entry's connection state is the model's.
 //!
-//! Four SNAT ports per backend, so they run out and are taken over often.
+//! Four SNAT ports per backend, so they run out and are taken over often. In IPv4, and in IPv6
+//! (whose flows and replies have maps and keys of their own).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
 
 use super::*;
 
@@ -27,23 +31,61 @@ const STEPS: usize = 8_000;
 const SEED: u64 = 0xf10e_5eed_0dd5_0001;
 const SNAT_FIRST: u16 = 61_000;
 const SNAT_LAST: u16 = 61_003;
-const LOCALS: [Ipv4Addr; 2] = [LOCAL_POD, Ipv4Addr::new(198, 19, 1, 3)];
-const REMOTES: [Ipv4Addr; 3] = [
-    REMOTE_POD,
-    Ipv4Addr::new(198, 19, 2, 3),
-    Ipv4Addr::new(198, 19, 2, 4),
-];
 /// What clients send: mostly the usual, now and then a SYN on a flow that is open.
 const CLIENT_FLAGS: [u8; 7] = [SYN, ACK, 0x18, FIN | ACK, RST, RST | ACK, SYN];
 const BACKEND_FLAGS: [u8; 5] = [SYN | ACK, ACK, 0x18, FIN | ACK, RST | ACK];
 
 /// A client's flow: (protocol, address, port, and the frontend it sends to).
-type ClientKey = (u8, Ipv4Addr, u16, (Ipv4Addr, u16));
-/// The Service's frontends: its NodePort, and its LB IP (a client may reach both from one port).
-const FRONTENDS: [(Ipv4Addr, u16); 2] = [(NODE, NODE_PORT), (LB, 60000)];
+type ClientKey = (u8, IpAddr, u16, (IpAddr, u16));
 /// Where a flow's answers arrive: (protocol, backend, the address and port it answers to: the
 /// node's SNAT port for a remote backend, the client's for a local one).
-type ReplyKey = (u8, Ipv4Addr, Ipv4Addr, u16);
+type ReplyKey = (u8, IpAddr, IpAddr, u16);
+
+/// The addresses of one family's run.
+#[derive(Clone)]
+struct Family {
+    node: IpAddr,
+    /// The Service's frontends: its NodePort, and its LB IP (a client may reach both from one port).
+    frontends: [(IpAddr, u16); 2],
+    /// The first is `LOCAL_POD`, whose interface is listed for the redirect modes.
+    locals: [IpAddr; 2],
+    remotes: [IpAddr; 3],
+    clients: Vec<(IpAddr, u16)>,
+}
+
+impl Family {
+    fn v4() -> Family {
+        Family {
+            node: NODE.into(),
+            frontends: [(NODE.into(), NODE_PORT), (LB.into(), 60000)],
+            locals: [LOCAL_POD.into(), Ipv4Addr::new(198, 19, 1, 3).into()],
+            remotes: [
+                REMOTE_POD.into(),
+                Ipv4Addr::new(198, 19, 2, 3).into(),
+                Ipv4Addr::new(198, 19, 2, 4).into(),
+            ],
+            clients: (0..6u16)
+                .flat_map(|i| (0..3u16).map(move |p| (nth_client(1, i).into(), 40_000 + p)))
+                .collect(),
+        }
+    }
+
+    fn v6() -> Family {
+        let pod = |node: u16, n: u16| IpAddr::V6(Ipv6Addr::new(0x2001, 2, 0, node, 0, 0, 0, n));
+        Family {
+            node: NODE6.into(),
+            frontends: [(NODE6.into(), NODE_PORT), (LB6.into(), 60000)],
+            locals: [LOCAL_POD6.into(), pod(1, 3)],
+            remotes: [REMOTE_POD6.into(), pod(2, 3), pod(2, 4)],
+            clients: (0..6u16)
+                .flat_map(|i| {
+                    let ip = Ipv6Addr::new(0x2001, 2, 0, 0x10, 0, 0, 0, 1 + i);
+                    (0..3u16).map(move |p| (ip.into(), 40_000 + p))
+                })
+                .collect(),
+        }
+    }
+}
 
 /// The state both directions' entries carry: the datapath's connection bits (`FLOW_*`), and how
 /// long ago the entry was last refreshed as far as the test has aged the entries (in steps of
@@ -103,7 +145,7 @@ fn touch(seen: &mut Conn, other: Option<&mut Conn>, proto: u8, flags: u8, from_c
 /// A client's flow as the datapath keeps it.
 #[derive(Clone, Copy, Debug)]
 struct Flow {
-    backend: Ipv4Addr,
+    backend: IpAddr,
     /// The node's port towards a remote backend.
     snat: Option<u16>,
     /// The backend's generation when the flow chose it: one that left and came back is another.
@@ -112,9 +154,9 @@ struct Flow {
 }
 
 impl Flow {
-    fn reply_key(&self, client: ClientKey) -> ReplyKey {
+    fn reply_key(&self, client: ClientKey, node: IpAddr) -> ReplyKey {
         match self.snat {
-            Some(port) => (client.0, self.backend, NODE, port),
+            Some(port) => (client.0, self.backend, node, port),
             None => (client.0, self.backend, client.1, client.2),
         }
     }
@@ -127,15 +169,17 @@ struct Reply {
     conn: Conn,
 }
 
-#[derive(Default)]
 struct Model {
+    /// The node's address, SNAT source towards remote backends.
+    node: IpAddr,
+    locals: [IpAddr; 2],
     flows: BTreeMap<ClientKey, Flow>,
     replies: BTreeMap<ReplyKey, Reply>,
-    endpoints: BTreeSet<Ipv4Addr>,
-    generation: BTreeMap<Ipv4Addr, u32>,
+    endpoints: BTreeSet<IpAddr>,
+    generation: BTreeMap<IpAddr, u32>,
     /// `sessionAffinity: ClientIP`: the backend each (protocol, client address) sticks to;
     /// `None` once one was chosen for a flow that was then dropped (so not seen here).
-    sticky: Option<BTreeMap<(u8, Ipv4Addr), Option<Ipv4Addr>>>,
+    sticky: Option<BTreeMap<(u8, IpAddr), Option<IpAddr>>>,
 }
 
 impl Model {
@@ -146,7 +190,7 @@ impl Model {
         };
         let other = self
             .replies
-            .get_mut(&f.reply_key(client))
+            .get_mut(&f.reply_key(client, self.node))
             .filter(|r| r.client == client)
             .map(|r| &mut r.conn);
         touch(&mut f.conn, other, client.0, flags, true);
@@ -162,7 +206,7 @@ impl Model {
         let other = self
             .flows
             .get_mut(&client)
-            .filter(|f| f.reply_key(client) == key)
+            .filter(|f| f.reply_key(client, self.node) == key)
             .map(|f| &mut f.conn);
         let late = other.is_none();
         touch(&mut r.conn, other, key.0, flags, false);
@@ -171,7 +215,7 @@ impl Model {
 
     /// Whether a new flow of `client` to local `backend` finds its tuple there held by an open
     /// flow of the same client port through another frontend (then it is dropped).
-    fn tuple_held(&self, client: ClientKey, backend: Ipv4Addr) -> bool {
+    fn tuple_held(&self, client: ClientKey, backend: IpAddr) -> bool {
         let (proto, ip, port, frontend) = client;
         self.replies
             .get(&(proto, backend, ip, port))
@@ -180,9 +224,9 @@ impl Model {
 
     /// Whether a new flow to `backend` may take SNAT `port`: nothing holds it, its flow is over,
     /// or it is a closed TCP connection (UDP flows hold theirs for their lifetime).
-    fn port_free(&self, proto: u8, backend: Ipv4Addr, port: u16) -> bool {
+    fn port_free(&self, proto: u8, backend: IpAddr, port: u16) -> bool {
         self.replies
-            .get(&(proto, backend, NODE, port))
+            .get(&(proto, backend, self.node, port))
             .is_none_or(|r| !r.conn.holds_tuple(proto))
     }
 
@@ -194,8 +238,8 @@ impl Model {
         }
     }
 
-    fn is_local(backend: Ipv4Addr) -> bool {
-        LOCALS.contains(&backend)
+    fn is_local(&self, backend: IpAddr) -> bool {
+        self.locals.contains(&backend)
     }
 }
 
@@ -230,20 +274,20 @@ struct Run<'h> {
     rng: Rng,
     model: Model,
     reached: Reached,
-    clients: Vec<(Ipv4Addr, u16)>,
+    family: Family,
     mode: RedirectToPods,
 }
 
 impl Run<'_> {
-    fn set_endpoints(&mut self, endpoints: BTreeSet<Ipv4Addr>) {
+    fn set_endpoints(&mut self, endpoints: BTreeSet<IpAddr>) {
         for gone in self.model.endpoints.difference(&endpoints) {
             *self.model.generation.entry(*gone).or_default() += 1;
         }
-        let list: Vec<(Ipv4Addr, bool)> = endpoints
-            .iter()
-            .map(|ip| (*ip, Model::is_local(*ip)))
-            .collect();
-        let mut state = hello(&list);
+        let list = endpoints.iter().map(|ip| (*ip, self.model.is_local(*ip)));
+        let mut state = match self.family.node {
+            IpAddr::V4(_) => hello(&list.map(|(ip, l)| (v4(ip), l)).collect::<Vec<_>>()),
+            IpAddr::V6(_) => hello6(&list.map(|(ip, l)| (v6(ip), l)).collect::<Vec<_>>()),
+        };
         if self.model.sticky.is_some() {
             for s in state.services.values_mut() {
                 std::sync::Arc::make_mut(s).affinity_timeout_s = 600;
@@ -258,35 +302,30 @@ impl Run<'_> {
         self.reached.endpoint_changes += 1;
     }
 
-    fn random_endpoints(&mut self) -> BTreeSet<Ipv4Addr> {
+    fn random_endpoints(&mut self) -> BTreeSet<IpAddr> {
         if self.rng.one_in(12) {
             return BTreeSet::new();
         }
-        let all = LOCALS.iter().chain(&REMOTES);
-        let mut set: BTreeSet<Ipv4Addr> = all.filter(|_| self.rng.below(5) < 3).copied().collect();
+        let all = self.family.locals.iter().chain(&self.family.remotes);
+        let mut set: BTreeSet<IpAddr> = all.filter(|_| self.rng.below(5) < 3).copied().collect();
         if set.is_empty() {
-            set.insert(self.rng.pick(&REMOTES));
+            set.insert(self.rng.pick(&self.family.remotes));
         }
         set
     }
 
     /// A client's packet to the NodePort, and what must come of it.
     fn client_sends(&mut self, step: usize) {
-        let (ip, port) = self.rng.pick(&self.clients);
+        let (ip, port) = self.rng.pick(&self.family.clients);
         let proto = self.rng.pick(&[TCP, UDP]);
         let flags = if proto == TCP {
             self.rng.pick(&CLIENT_FLAGS)
         } else {
             0
         };
-        let frontend = self.rng.pick(&FRONTENDS);
+        let frontend = self.rng.pick(&self.family.frontends);
         let client: ClientKey = (proto, ip, port, frontend);
-        let spec = if proto == TCP {
-            FrameSpec::tcp((ip, port), frontend, flags)
-        } else {
-            FrameSpec::udp((ip, port), frontend)
-        };
-        let frame = self.h.client_frame(spec);
+        let frame = self.frame(Sender::Client, (ip, port), frontend, proto, flags);
         let new_flows = self.h.counter(Counter::NewFlows);
         let (verdict, out) = self.h.xdp(&frame);
         let out = self.without_handoff(verdict, out, frame.len());
@@ -303,9 +342,8 @@ impl Run<'_> {
             // An endpoint that left and came back may have its old id again: then it is the
             // same to the flow, or else a new one; both are right.
             let came_back = there && !same && !made_new && {
-                let p = frame::parse(&out);
                 let src = f.snat.map_or(port, |snat| snat);
-                p.is_some_and(|p| (p.dst, p.sport) == (f.backend, src))
+                seen(&out).is_some_and(|p| (p.dst.0, p.src.1) == (f.backend, src))
             };
             f.conn.alive(proto)
                 && !(new_syn && f.conn.closing())
@@ -325,10 +363,10 @@ impl Run<'_> {
         // A new flow.
         let before = m.flows.get(&client).copied();
         if m.endpoints.is_empty() {
-            let p = frame::parse(&out).unwrap_or_else(|| panic!("{what}: {out:02x?}"));
+            let p = seen(&out).unwrap_or_else(|| panic!("{what}: {out:02x?}"));
             assert_eq!(
-                (verdict, p.proto, p.l4[0], p.dst),
-                (XDP_TX, frame::ICMP, 3, ip),
+                (verdict, p.unreachable, p.dst.0),
+                (XDP_TX, true, ip),
                 "{what}: refused with ICMP unreachable"
             );
             self.reached.refused += 1;
@@ -340,12 +378,16 @@ impl Run<'_> {
             // one) whose ports open flows all hold; or a local one where the client's open flow
             // through the other frontend holds the tuple.
             let mine =
-                |b: &Ipv4Addr| m.endpoints.contains(b) && stuck.flatten().is_none_or(|s| s == *b);
-            let exhausted = REMOTES
+                |b: &IpAddr| m.endpoints.contains(b) && stuck.flatten().is_none_or(|s| s == *b);
+            let exhausted = self
+                .family
+                .remotes
                 .iter()
                 .filter(|b| mine(b))
                 .any(|b| (SNAT_FIRST..=SNAT_LAST).all(|port| !m.port_free(proto, *b, port)));
-            let collided = LOCALS
+            let collided = self
+                .family
+                .locals
                 .iter()
                 .filter(|b| mine(b))
                 .any(|b| m.tuple_held(client, *b));
@@ -362,20 +404,20 @@ impl Run<'_> {
             }
             return;
         }
-        let p = frame::parse(&out).unwrap_or_else(|| panic!("{what}: {out:02x?}"));
-        assert_ne!(p.proto, frame::ICMP, "{what}: refused, with endpoints");
+        let p = seen(&out).unwrap_or_else(|| panic!("{what}: {out:02x?}"));
+        assert!(!p.unreachable, "{what}: refused, with endpoints");
         assert!(
             made_new,
             "{what}: translated as an existing flow, though none holds"
         );
-        let backend = p.dst;
+        let backend = p.dst.0;
         assert!(
             m.endpoints.contains(&backend),
             "{what}: new flow to {backend}, not an endpoint of {:?}",
             m.endpoints
         );
         assert!(
-            !Model::is_local(backend) || !m.tuple_held(client, backend),
+            !m.is_local(backend) || !m.tuple_held(client, backend),
             "{what}: took the tuple an open flow through the other frontend holds: {:?}",
             m.replies.get(&(proto, backend, ip, port))
         );
@@ -386,14 +428,14 @@ impl Run<'_> {
         if let Some(sticky) = &mut m.sticky {
             sticky.insert((proto, ip), Some(backend));
         }
-        let snat = (!Model::is_local(backend)).then_some(p.sport);
+        let snat = (!m.is_local(backend)).then_some(p.src.1);
         if let Some(port) = snat {
             assert!(
                 m.port_free(proto, backend, port),
                 "{what}: SNAT port {port} to {backend} taken from an open flow {:?}",
-                m.replies.get(&(proto, backend, NODE, port))
+                m.replies.get(&(proto, backend, m.node, port))
             );
-            if m.replies.contains_key(&(proto, backend, NODE, port)) {
+            if m.replies.contains_key(&(proto, backend, m.node, port)) {
                 self.reached.ports_taken_over += 1;
             }
         }
@@ -414,7 +456,7 @@ impl Run<'_> {
             conn,
         };
         m.replies
-            .insert(flow.reply_key(client), Reply { client, conn });
+            .insert(flow.reply_key(client, m.node), Reply { client, conn });
         m.flows.insert(client, flow);
     }
 
@@ -425,21 +467,20 @@ impl Run<'_> {
         verdict: u32,
         out: &[u8],
         client: ClientKey,
-        backend: Ipv4Addr,
+        backend: IpAddr,
         snat: Option<u16>,
     ) {
-        let p = frame::parse(out).unwrap_or_else(|| panic!("{what}: {out:02x?}"));
-        assert_checksums(&p);
+        let p = seen(out).unwrap_or_else(|| panic!("{what}: {out:02x?}"));
         let (want_verdict, src) = match snat {
-            Some(port) => (XDP_TX, (NODE, port)),
+            Some(port) => (XDP_TX, (self.family.node, port)),
             // Only LOCAL_POD's interface is listed (and routed).
-            None if self.mode == RedirectToPods::AtXdp && backend == LOCAL_POD => {
+            None if self.mode == RedirectToPods::AtXdp && backend == IpAddr::from(LOCAL_POD) => {
                 (XDP_REDIRECT, (client.1, client.2))
             }
             None => (XDP_PASS, (client.1, client.2)),
         };
         assert_eq!(
-            (verdict, (p.src, p.sport), (p.dst, p.dport)),
+            (verdict, p.src, p.dst),
             (want_verdict, src, (backend, 50000)),
             "{what}"
         );
@@ -481,14 +522,10 @@ impl Run<'_> {
         } else {
             0
         };
-        let spec = if proto == TCP {
-            FrameSpec::tcp((backend, 50000), (to, to_port), flags)
-        } else {
-            FrameSpec::udp((backend, 50000), (to, to_port))
-        };
-        let local = Model::is_local(backend);
-        let spec_frame = spec.clone().build();
-        let peer_frame = self.h.peer_frame(spec);
+        let local = self.model.is_local(backend);
+        let from = ((backend, 50000), (to, to_port));
+        let spec_frame = self.frame(Sender::Pod, from.0, from.1, proto, flags);
+        let peer_frame = self.frame(Sender::PeerNode, from.0, from.1, proto, flags);
         let (verdict, out) = if local {
             self.h.tc(&spec_frame)
         } else {
@@ -508,11 +545,10 @@ impl Run<'_> {
             self.reached.answers_after_lifetime += 1;
             return;
         }
-        let p = frame::parse(&out).unwrap_or_else(|| panic!("{what}: {out:02x?}"));
-        assert_checksums(&p);
+        let p = seen(&out).unwrap_or_else(|| panic!("{what}: {out:02x?}"));
         let want_verdict = if local { TC_ACT_OK } else { XDP_TX };
         assert_eq!(
-            (verdict, (p.src, p.sport), (p.dst, p.dport)),
+            (verdict, p.src, p.dst),
             (
                 want_verdict,
                 reply.client.3,
@@ -529,20 +565,26 @@ impl Run<'_> {
     /// The datapath's entries agree with the model's: each flow's backend, SNAT port and
     /// whether it is closing; each reply entry's client and whether it is closing.
     fn check_entries(&self, step: usize) {
-        let replies: BTreeMap<ReplyKey, exposure_common::Reply> = self
-            .h
-            .maps
-            .replies4
-            .iter()
-            .filter_map(Result::ok)
-            .filter_map(|(k, r)| {
-                let k = FlowKey::from(k);
-                let (std::net::IpAddr::V4(from), std::net::IpAddr::V4(to)) =
-                    (k.saddr.into(), k.daddr.into())
-                else {
-                    return None;
-                };
-                Some(((k.proto, from, to, exposure_common::port_host(k.dport)), r))
+        let maps = &self.h.maps;
+        let replies: Vec<(FlowKey, exposure_common::Reply)> = match self.family.node {
+            IpAddr::V4(_) => maps
+                .replies4
+                .iter()
+                .filter_map(Result::ok)
+                .map(|(k, r)| (k.into(), r))
+                .collect(),
+            IpAddr::V6(_) => maps.replies6.iter().filter_map(Result::ok).collect(),
+        };
+        let replies: BTreeMap<ReplyKey, exposure_common::Reply> = replies
+            .into_iter()
+            .map(|(k, r)| {
+                let key = (
+                    k.proto,
+                    k.saddr.into(),
+                    k.daddr.into(),
+                    exposure_common::port_host(k.dport),
+                );
+                (key, r)
             })
             .collect();
         for (key, want) in &self.model.replies {
@@ -550,66 +592,167 @@ impl Run<'_> {
                 .get(key)
                 .unwrap_or_else(|| panic!("step {step}: no reply entry {key:?}"));
             let client = (
-                std::net::IpAddr::from(got.client_addr),
+                IpAddr::from(got.client_addr),
                 exposure_common::port_host(got.client_port),
-                std::net::IpAddr::from(got.frontend_addr),
+                IpAddr::from(got.frontend_addr),
                 exposure_common::port_host(got.frontend_port),
             );
             let (_, ip, port, (frontend, frontend_port)) = want.client;
             assert_eq!(
                 (client, got.flags & CONN_BITS),
-                (
-                    (ip.into(), port, frontend.into(), frontend_port),
-                    want.conn.bits
-                ),
+                ((ip, port, frontend, frontend_port), want.conn.bits),
                 "step {step}: reply entry {key:?}"
             );
         }
         for (client, f) in &self.model.flows {
-            let got = self
-                .h
-                .flow((client.1, client.2), client.3, client.0)
+            let (proto, ip, port, frontend) = *client;
+            let key = FlowKey {
+                saddr: ip.into(),
+                daddr: frontend.0.into(),
+                sport: exposure_common::port(port),
+                dport: exposure_common::port(frontend.1),
+                proto,
+                _pad: [0; 3],
+            };
+            let got = maps
+                .flow(&key)
                 .unwrap_or_else(|| panic!("step {step}: no entry for {client:?}"));
             let snat =
                 (got.flags & FLOW_REMOTE != 0).then(|| exposure_common::port_host(got.snat_port));
             assert_eq!(
-                (
-                    std::net::IpAddr::from(got.backend_addr),
-                    snat,
-                    got.flags & CONN_BITS
-                ),
-                (std::net::IpAddr::from(f.backend), f.snat, f.conn.bits),
+                (IpAddr::from(got.backend_addr), snat, got.flags & CONN_BITS),
+                (f.backend, f.snat, f.conn.bits),
                 "step {step}: entry of {client:?}"
             );
         }
+    }
+
+    /// A TCP segment (`flags`) or UDP datagram from `src` to `dst`, in the run's family, with the
+    /// MACs its sender gives it.
+    fn frame(
+        &self,
+        sender: Sender,
+        src: (IpAddr, u16),
+        dst: (IpAddr, u16),
+        proto: u8,
+        flags: u8,
+    ) -> Vec<u8> {
+        let node_mac = self.h.node_mac;
+        let macs = match sender {
+            Sender::Client => Some((FrameSpec::tcp((CLIENT, 1), (NODE, 1), 0).src_mac, node_mac)),
+            Sender::PeerNode => Some((self.h.peer_mac, node_mac)),
+            Sender::Pod => None,
+        };
+        match (src.0, dst.0) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                let mut spec = if proto == TCP {
+                    FrameSpec::tcp((s, src.1), (d, dst.1), flags)
+                } else {
+                    FrameSpec::udp((s, src.1), (d, dst.1))
+                };
+                if let Some((src_mac, dst_mac)) = macs {
+                    (spec.src_mac, spec.dst_mac) = (src_mac, dst_mac);
+                }
+                spec.build()
+            }
+            (s, d) => {
+                let (s, d) = (v6(s), v6(d));
+                let mut spec = if proto == TCP {
+                    frame::FrameSpec6::tcp((s, src.1), (d, dst.1), flags)
+                } else {
+                    frame::FrameSpec6::udp((s, src.1), (d, dst.1))
+                };
+                if let Some((src_mac, dst_mac)) = macs {
+                    (spec.src_mac, spec.dst_mac) = (src_mac, dst_mac);
+                }
+                spec.build()
+            }
+        }
+    }
+}
+
+/// Who sends a frame: a client (to the node's MAC), the other node (a remote pod's answer), or a
+/// local pod (its answer, as tc egress sees it).
+#[derive(Clone, Copy)]
+enum Sender {
+    Client,
+    PeerNode,
+    Pod,
+}
+
+/// A frame the programs sent on, its checksums checked.
+struct Seen {
+    src: (IpAddr, u16),
+    dst: (IpAddr, u16),
+    /// An ICMP destination unreachable (ICMPv6 in IPv6).
+    unreachable: bool,
+}
+
+fn seen(out: &[u8]) -> Option<Seen> {
+    if let Some(p) = frame::parse(out) {
+        assert_checksums(&p);
+        return Some(Seen {
+            src: (p.src.into(), p.sport),
+            dst: (p.dst.into(), p.dport),
+            unreachable: p.proto == frame::ICMP && p.l4.first() == Some(&3),
+        });
+    }
+    let p = frame::parse6(out)?;
+    assert!(p.l4_checksum_ok, "L4 checksum wrong: {p:?}");
+    Some(Seen {
+        src: (p.src.into(), p.sport),
+        dst: (p.dst.into(), p.dport),
+        unreachable: p.next_header == ICMPV6 && p.l4.first() == Some(&1),
+    })
+}
+
+const ICMPV6: u8 = 58;
+
+fn v4(ip: IpAddr) -> Ipv4Addr {
+    match ip {
+        IpAddr::V4(ip) => ip,
+        IpAddr::V6(ip) => panic!("{ip} in an IPv4 run"),
+    }
+}
+
+fn v6(ip: IpAddr) -> Ipv6Addr {
+    match ip {
+        IpAddr::V6(ip) => ip,
+        IpAddr::V4(ip) => panic!("{ip} in an IPv6 run"),
     }
 }
 
 #[test]
 fn flows_over_time_keep_their_backends_ports_and_answers_as_conntrack_would() {
-    flows_over_time(false, RedirectToPods::Off);
+    flows_over_time(Family::v4(), false, RedirectToPods::Off);
 }
 
 /// With `sessionAffinity: ClientIP`: also each client's new flows go to the endpoint it sticks
 /// to, while that one is an endpoint.
 #[test]
 fn flows_over_time_with_client_ip_affinity() {
-    flows_over_time(true, RedirectToPods::Off);
+    flows_over_time(Family::v4(), true, RedirectToPods::Off);
 }
 
 /// With `--redirect-to-pods`: the pod's flows leave XDP with its interface in the metadata.
 #[test]
 fn flows_over_time_with_local_flows_handed_to_tc() {
-    flows_over_time(false, RedirectToPods::AtTc);
+    flows_over_time(Family::v4(), false, RedirectToPods::AtTc);
 }
 
 /// With `--xdp-redirect-to-pods`: the pod's flows are redirected from XDP.
 #[test]
 fn flows_over_time_with_local_flows_redirected_at_xdp() {
-    flows_over_time(false, RedirectToPods::AtXdp);
+    flows_over_time(Family::v4(), false, RedirectToPods::AtXdp);
 }
 
-fn flows_over_time(affinity: bool, mode: RedirectToPods) {
+/// In IPv6, with client IP affinity (its /128 in IPv6).
+#[test]
+fn flows_over_time_in_ipv6() {
+    flows_over_time(Family::v6(), true, RedirectToPods::Off);
+}
+
+fn flows_over_time(family: Family, affinity: bool, mode: RedirectToPods) {
     let capacity = exposure::datapath::Capacity {
         snat_ports: exposure::datapath::PortRange {
             first: SNAT_FIRST,
@@ -622,21 +765,24 @@ fn flows_over_time(affinity: bool, mode: RedirectToPods) {
         if mode != RedirectToPods::Off {
             h.maps.set_pod_ifaces(&[h.pod_ifindex].into()).unwrap();
         }
-        let clients = (0..6u16)
-            .flat_map(|i| (0..3u16).map(move |p| (nth_client(1, i), 40_000 + p)))
-            .collect();
         let mut run = Run {
             h,
             rng: Rng::from_env("EXPOSURE_FLOWS_SEED", SEED),
             model: Model {
+                node: family.node,
+                locals: family.locals,
+                flows: BTreeMap::new(),
+                replies: BTreeMap::new(),
+                endpoints: BTreeSet::new(),
+                generation: BTreeMap::new(),
                 sticky: affinity.then(BTreeMap::new),
-                ..Model::default()
             },
             reached: Reached::default(),
-            clients,
+            family: family.clone(),
             mode,
         };
-        run.set_endpoints(LOCALS.iter().chain(&REMOTES).copied().collect());
+        let all = family.locals.iter().chain(&family.remotes);
+        run.set_endpoints(all.copied().collect());
         for step in 0..STEPS {
             match run.rng.below(80) {
                 0..=3 => {

@@ -1373,15 +1373,26 @@ fn open_connections_get_snat_ports_until_the_range_is_nearly_full() {
 /// Every flow entry, both directions and families, made `secs` older.
 fn age_flows(h: &mut Harness, secs: u64) {
     let back = |t: u64| t.wrapping_sub(secs * 1_000_000_000);
-    let flows: Vec<_> = h.maps.flows4.iter().filter_map(Result::ok).collect();
+    let maps = &mut h.maps;
+    let flows: Vec<_> = maps.flows4.iter().filter_map(Result::ok).collect();
     for (k, mut f) in flows {
         f.last_seen_ns = back(f.last_seen_ns);
-        h.maps.flows4.insert(k, f, 0).unwrap();
+        maps.flows4.insert(k, f, 0).unwrap();
     }
-    let replies: Vec<_> = h.maps.replies4.iter().filter_map(Result::ok).collect();
+    let flows: Vec<_> = maps.flows6.iter().filter_map(Result::ok).collect();
+    for (k, mut f) in flows {
+        f.last_seen_ns = back(f.last_seen_ns);
+        maps.flows6.insert(k, f, 0).unwrap();
+    }
+    let replies: Vec<_> = maps.replies4.iter().filter_map(Result::ok).collect();
     for (k, mut r) in replies {
         r.last_seen_ns = back(r.last_seen_ns);
-        h.maps.replies4.insert(k, r, 0).unwrap();
+        maps.replies4.insert(k, r, 0).unwrap();
+    }
+    let replies: Vec<_> = maps.replies6.iter().filter_map(Result::ok).collect();
+    for (k, mut r) in replies {
+        r.last_seen_ns = back(r.last_seen_ns);
+        maps.replies6.insert(k, r, 0).unwrap();
     }
 }
 
