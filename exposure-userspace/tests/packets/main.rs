@@ -1372,27 +1372,38 @@ fn open_connections_get_snat_ports_until_the_range_is_nearly_full() {
 
 /// Every flow entry, both directions and families, made `secs` older.
 fn age_flows(h: &mut Harness, secs: u64) {
-    let back = |t: u64| t.wrapping_sub(secs * 1_000_000_000);
+    fn age<K: aya::Pod, V: aya::Pod + LastSeen>(
+        map: &mut aya::maps::HashMap<aya::maps::MapData, K, V>,
+        secs: u64,
+    ) {
+        let entries: Vec<_> = map.iter().filter_map(Result::ok).collect();
+        for (k, mut v) in entries {
+            let t = v.last_seen();
+            *t = t.wrapping_sub(secs * 1_000_000_000);
+            map.insert(k, v, 0).unwrap();
+        }
+    }
     let maps = &mut h.maps;
-    let flows: Vec<_> = maps.flows4.iter().filter_map(Result::ok).collect();
-    for (k, mut f) in flows {
-        f.last_seen_ns = back(f.last_seen_ns);
-        maps.flows4.insert(k, f, 0).unwrap();
+    age(&mut maps.flows4, secs);
+    age(&mut maps.flows6, secs);
+    age(&mut maps.replies4, secs);
+    age(&mut maps.replies6, secs);
+}
+
+/// The clock reading of a flow or reply entry's last refresh.
+trait LastSeen {
+    fn last_seen(&mut self) -> &mut u64;
+}
+
+impl LastSeen for exposure_common::Flow {
+    fn last_seen(&mut self) -> &mut u64 {
+        &mut self.last_seen_ns
     }
-    let flows: Vec<_> = maps.flows6.iter().filter_map(Result::ok).collect();
-    for (k, mut f) in flows {
-        f.last_seen_ns = back(f.last_seen_ns);
-        maps.flows6.insert(k, f, 0).unwrap();
-    }
-    let replies: Vec<_> = maps.replies4.iter().filter_map(Result::ok).collect();
-    for (k, mut r) in replies {
-        r.last_seen_ns = back(r.last_seen_ns);
-        maps.replies4.insert(k, r, 0).unwrap();
-    }
-    let replies: Vec<_> = maps.replies6.iter().filter_map(Result::ok).collect();
-    for (k, mut r) in replies {
-        r.last_seen_ns = back(r.last_seen_ns);
-        maps.replies6.insert(k, r, 0).unwrap();
+}
+
+impl LastSeen for exposure_common::Reply {
+    fn last_seen(&mut self) -> &mut u64 {
+        &mut self.last_seen_ns
     }
 }
 
