@@ -149,15 +149,15 @@ fn stamps(dir: &Path) -> std::io::Result<BTreeMap<PathBuf, Stamp>> {
         .collect())
 }
 
-/// One file's contribution: the objects it last gave (or, while it is broken, gave before) and
-/// the problems found.
+/// One file's contribution: the objects it last gave (while it is broken, those it gave before)
+/// and the problems found in the reading that gave them.
 #[derive(Clone, Debug)]
 struct LoadedFile {
     stamp: Stamp,
     objects: Objects,
     errors: Vec<ManifestError>,
-    /// The problems of the reading that gave `objects` (while the file is broken, an earlier one).
-    objects_errors: Vec<ManifestError>,
+    /// Why the file as it is now could not be read or parsed.
+    broken: Option<ManifestError>,
 }
 
 /// The manifest directory as the agent reads it. A changed file is read once it has stayed the same
@@ -231,7 +231,7 @@ impl ManifestDir {
         let mut errors = Vec::new();
         for file in self.files.values() {
             objects.extend(&file.objects);
-            errors.extend(file.errors.iter().cloned());
+            errors.extend(file.broken.iter().chain(&file.errors).cloned());
         }
         dedupe(&mut objects, &mut errors);
         (objects, errors)
@@ -243,20 +243,17 @@ impl ManifestDir {
         let as_before = |error: ManifestError| match before {
             Some(before) => LoadedFile {
                 stamp: stamp.clone(),
-                objects: before.objects.clone(),
-                errors: std::iter::once(ManifestError {
+                broken: Some(ManifestError {
                     reason: format!("{}; what the file gave before stays in use", error.reason),
                     ..error
-                })
-                .chain(before.objects_errors.iter().cloned())
-                .collect(),
-                objects_errors: before.objects_errors.clone(),
+                }),
+                ..before.clone()
             },
             None => LoadedFile {
                 stamp: stamp.clone(),
                 objects: Objects::default(),
-                errors: vec![error],
-                objects_errors: Vec::new(),
+                errors: Vec::new(),
+                broken: Some(error),
             },
         };
         let text = match std::fs::read_to_string(path) {
@@ -285,15 +282,15 @@ impl ManifestDir {
         LoadedFile {
             stamp,
             objects: parsed.objects,
-            objects_errors: parsed.errors.clone(),
             errors: parsed.errors,
+            broken: None,
         }
     }
 
     /// Adds the object `id` names, as the directory gave it so far, to `into`: whether there was one.
     fn carry_over(&self, id: &ObjectId, into: &mut Objects) -> bool {
-        fn find<T: k8s_openapi::Metadata<Ty = ObjectMeta>>(
-            mut all: impl Iterator<Item = Arc<T>>,
+        fn find<'a, T: k8s_openapi::Metadata<Ty = ObjectMeta> + 'a>(
+            mut all: impl Iterator<Item = &'a Arc<T>>,
             id: &ObjectId,
             into: &mut Vec<Arc<T>>,
         ) -> bool {
@@ -302,21 +299,17 @@ impl ManifestDir {
                 m.name.as_deref() == Some(id.name.as_str())
                     && m.namespace.as_deref().unwrap_or("") == id.namespace
             });
-            found.map(|o| into.push(o)).is_some()
+            found.map(|o| into.push(o.clone())).is_some()
         }
         let all = || self.files.values().map(|f| &f.objects);
         match id.kind {
-            Kind::Service => find(
-                all().flat_map(|o| o.services.clone()),
-                id,
-                &mut into.services,
-            ),
+            Kind::Service => find(all().flat_map(|o| &o.services), id, &mut into.services),
             Kind::EndpointSlice => find(
-                all().flat_map(|o| o.endpoint_slices.clone()),
+                all().flat_map(|o| &o.endpoint_slices),
                 id,
                 &mut into.endpoint_slices,
             ),
-            Kind::Node => find(all().flat_map(|o| o.nodes.clone()), id, &mut into.nodes),
+            Kind::Node => find(all().flat_map(|o| &o.nodes), id, &mut into.nodes),
         }
     }
 }
