@@ -47,7 +47,7 @@ struct Family {
     node: IpAddr,
     /// The Service's frontends: its NodePort, and its LB IP (a client may reach both from one port).
     frontends: [(IpAddr, u16); 2],
-    /// The first is `LOCAL_POD`, whose interface is listed for the redirect modes.
+    /// The first is the local pod on `lxc1`, the interface listed for the redirect modes.
     locals: [IpAddr; 2],
     remotes: [IpAddr; 3],
     clients: Vec<(IpAddr, u16)>,
@@ -473,8 +473,8 @@ impl Run<'_> {
         let p = seen(out).unwrap_or_else(|| panic!("{what}: {out:02x?}"));
         let (want_verdict, src) = match snat {
             Some(port) => (XDP_TX, (self.family.node, port)),
-            // Only LOCAL_POD's interface is listed (and routed).
-            None if self.mode == RedirectToPods::AtXdp && backend == IpAddr::from(LOCAL_POD) => {
+            // Only the first local pod's interface is listed (and routed).
+            None if self.mode == RedirectToPods::AtXdp && backend == self.family.locals[0] => {
                 (XDP_REDIRECT, (client.1, client.2))
             }
             None => (XDP_PASS, (client.1, client.2)),
@@ -496,7 +496,8 @@ impl Run<'_> {
         }
         let word = |i: usize| u32::from_ne_bytes([out[i], out[i + 1], out[i + 2], out[i + 3]]);
         assert_eq!((word(0), word(4)), (POD_HANDOFF_MAGIC, self.h.pod_ifindex));
-        assert_eq!(frame::parse(&out[meta..]).map(|p| p.dst), Some(LOCAL_POD));
+        let to = seen(&out[meta..]).map(|p| p.dst.0);
+        assert_eq!(to, Some(self.family.locals[0]));
         self.reached.to_pod += 1;
         out[meta..].to_vec()
     }
@@ -750,6 +751,18 @@ fn flows_over_time_with_local_flows_redirected_at_xdp() {
 #[test]
 fn flows_over_time_in_ipv6() {
     flows_over_time(Family::v6(), true, RedirectToPods::Off);
+}
+
+/// In IPv6, with local flows handed to tc.
+#[test]
+fn flows_over_time_in_ipv6_with_local_flows_handed_to_tc() {
+    flows_over_time(Family::v6(), false, RedirectToPods::AtTc);
+}
+
+/// In IPv6, with local flows redirected at XDP.
+#[test]
+fn flows_over_time_in_ipv6_with_local_flows_redirected_at_xdp() {
+    flows_over_time(Family::v6(), false, RedirectToPods::AtXdp);
 }
 
 fn flows_over_time(family: Family, affinity: bool, mode: RedirectToPods) {

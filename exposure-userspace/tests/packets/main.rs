@@ -136,6 +136,13 @@ fn with_datapath_config(
         mac_text(LOCAL_POD_MAC)
     ))
     .unwrap();
+    node.ip(&format!("-6 route add {LOCAL_POD6}/128 dev lxc1"))
+        .unwrap();
+    node.ip(&format!(
+        "-6 neigh add {LOCAL_POD6} lladdr {} dev lxc1 nud permanent",
+        mac_text(LOCAL_POD_MAC)
+    ))
+    .unwrap();
     let pod_iface_mac = node.mac("lxc1").unwrap();
     let node_mac = node.mac("eth0").unwrap();
     let peer_mac = peer.mac("eth0").unwrap();
