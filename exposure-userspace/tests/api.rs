@@ -116,8 +116,9 @@ impl Cluster {
         SocketAddr::from((self.lab.nodes[n].ip, port))
     }
 
+    /// Which pods answer `count` fresh TCP connections (at least [`apps::SPREAD_MIN`]).
     fn pods_answering(&self, to: SocketAddr, count: usize) -> BTreeSet<String> {
-        (0..count)
+        (0..count.max(apps::SPREAD_MIN))
             .map(|_| {
                 let a = apps::tcp_ask(&self.lab.client, to)
                     .unwrap_or_else(|e| panic!("TCP to {to}: {e:#}"));

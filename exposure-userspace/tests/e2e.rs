@@ -107,11 +107,12 @@ impl Cluster {
         SocketAddr::from((self.lab.nodes[n].ip, port))
     }
 
-    /// Which pods answer `count` fresh TCP connections, and the client addresses they saw.
+    /// Which pods answer `count` fresh TCP connections (at least [`apps::SPREAD_MIN`]), and the client
+    /// addresses they saw.
     fn tcp_spread(&self, to: SocketAddr, count: usize) -> (BTreeSet<String>, BTreeSet<IpAddr>) {
         let mut pods = BTreeSet::new();
         let mut seen = BTreeSet::new();
-        for _ in 0..count {
+        for _ in 0..count.max(apps::SPREAD_MIN) {
             let answer = apps::tcp_ask(&self.lab.client, to)
                 .unwrap_or_else(|e| panic!("TCP to {to}: {e:#}"));
             let (pod, peer) = parse_answer(&answer).expect("answer format");
@@ -129,8 +130,9 @@ impl Cluster {
             .collect()
     }
 
+    /// Which pods answer `count` fresh UDP flows (at least [`apps::SPREAD_MIN`]).
     fn udp_spread(&self, to: SocketAddr, count: usize) -> BTreeSet<String> {
-        (0..count)
+        (0..count.max(apps::SPREAD_MIN))
             .map(|_| {
                 let answer = apps::udp_ask(&self.lab.client, to)
                     .unwrap_or_else(|e| panic!("UDP to {to}: {e:#}"));
