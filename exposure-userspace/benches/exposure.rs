@@ -645,12 +645,13 @@ fn main() {
         // For working on the agent: one control-plane size alone.
         let r = control_plane(n.parse().unwrap_or(10_000));
         eprintln!(
-            "{} Services: synced in {}, reconcile {}, change median {}, maps check {}",
+            "{} Services: synced in {}, reconcile {}, change median {}, maps check {}, peak RSS {} MiB",
             r.services,
             ms(r.full_sync),
             ms(r.reconcile),
             ms(r.change_latency[r.change_latency.len() / 2]),
-            ms(r.maps_check)
+            ms(r.maps_check),
+            r.peak_rss_kib / 1024
         );
         return;
     }

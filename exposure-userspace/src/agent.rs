@@ -545,10 +545,13 @@ impl MapsCheck {
             None if ready && Instant::now() >= self.next => {
                 let (services, backends) = reconciler.ids_in_use();
                 let pin_dir = pin_dir.to_path_buf();
+                let maglev = maps.maglev.mapping();
                 let task = tokio::task::spawn_blocking(move || {
                     let started = Instant::now();
-                    let snapshot = KernelMaps::open(&pin_dir)
-                        .and_then(|m| m.snapshot_upto(services, backends));
+                    let snapshot = KernelMaps::open(&pin_dir).and_then(|mut m| {
+                        m.maglev.share_mapping(maglev);
+                        m.snapshot_upto(services, backends)
+                    });
                     MapsRead {
                         snapshot,
                         took: started.elapsed(),

@@ -1048,9 +1048,16 @@ impl KernelMaps {
 pub struct MaglevArray {
     map: MapData,
     entries: u32,
-    /// Mapped on first use: readers of other maps (e.g. `/metrics`) never map it.
-    mapping: std::sync::OnceLock<Mapping>,
+    /// Mapped on first use: readers of other maps (e.g. `/metrics`) never map it. Shared with
+    /// the maps check's reader ([`MaglevArray::share_mapping`]): the kernel maps a BPF array's
+    /// every page at mmap time, so each mapping of its own would cost the whole array again in
+    /// page tables and resident size (96 MB for 12M entries), once a minute.
+    mapping: MaglevMapping,
 }
+
+/// The process's mapping of the `MAGLEV` array, made once and shared.
+#[derive(Clone, Default)]
+pub struct MaglevMapping(std::sync::Arc<std::sync::OnceLock<Mapping>>);
 
 struct Mapping {
     ptr: *mut u32,
@@ -1060,6 +1067,13 @@ struct Mapping {
 // SAFETY: the mapping is owned by this value and only accessed through &self/&mut self.
 unsafe impl Send for Mapping {}
 unsafe impl Sync for Mapping {}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly what `MaglevArray::mapped` mapped, once nothing shares it.
+        unsafe { libc::munmap(self.ptr.cast(), self.bytes) };
+    }
+}
 
 /// Bytes per array element (`value_size` 4 rounded up to 8), and u32 words per element.
 const ELEM_BYTES: usize = 8;
@@ -1071,13 +1085,23 @@ impl MaglevArray {
         Ok(MaglevArray {
             map,
             entries,
-            mapping: std::sync::OnceLock::new(),
+            mapping: MaglevMapping::default(),
         })
+    }
+
+    /// This array's mapping, to share with another handle on the same pinned map.
+    pub fn mapping(&self) -> MaglevMapping {
+        self.mapping.clone()
+    }
+
+    /// Uses `mapping` (another handle's on the same pinned map) instead of a mapping of its own.
+    pub fn share_mapping(&mut self, mapping: MaglevMapping) {
+        self.mapping = mapping;
     }
 
     fn mapped(&self) -> anyhow::Result<*mut u32> {
         use std::os::fd::{AsFd as _, AsRawFd as _};
-        if let Some(m) = self.mapping.get() {
+        if let Some(m) = self.mapping.0.get() {
             return Ok(m.ptr);
         }
         let bytes = (self.entries as usize * ELEM_BYTES).div_ceil(4096) * 4096;
@@ -1100,12 +1124,11 @@ impl MaglevArray {
             ptr: ptr.cast(),
             bytes,
         };
-        if let Err(unused) = self.mapping.set(mapping) {
-            // SAFETY: unmaps the mapping just made, which nobody else saw.
-            unsafe { libc::munmap(unused.ptr.cast(), unused.bytes) };
-        }
+        // Another thread may have mapped it meanwhile: then this one is dropped (unmapped).
+        let _ = self.mapping.0.set(mapping);
         Ok(self
             .mapping
+            .0
             .get()
             .map(|m| m.ptr)
             .unwrap_or(std::ptr::null_mut()))
@@ -1144,15 +1167,6 @@ impl MaglevArray {
             r.map(|i| unsafe { base.add(i * ELEM_WORDS).read_volatile() })
                 .collect(),
         )
-    }
-}
-
-impl Drop for MaglevArray {
-    fn drop(&mut self) {
-        if let Some(m) = self.mapping.get() {
-            // SAFETY: unmaps exactly what `mapped` mapped.
-            unsafe { libc::munmap(m.ptr.cast(), m.bytes) };
-        }
     }
 }
 

@@ -659,6 +659,20 @@ fn service_maps_changed_behind_the_agents_back_are_rewritten() {
         0.0,
         "nothing to repair after traffic and syncs"
     );
+    // The checks (every 100 ms here) read the Maglev tables through the agent's own mapping of
+    // the array: a mapping of their own would add the whole array (32 MiB by default) to the
+    // agent's resident size at every check, as the kernel maps all its pages at once.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", c.agents[0].pid().unwrap()))
+        .expect("the agent's status");
+    let kib = |field: &str| -> u64 {
+        let line = status.lines().find(|l| l.starts_with(field)).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    let (peak, now) = (kib("VmHWM:"), kib("VmRSS:"));
+    assert!(
+        peak < now + 16 * 1024,
+        "peak resident size {peak} KiB against {now} KiB now"
+    );
 
     // Someone deletes node-1's NodePort and points pod-2-1's backend elsewhere.
     let mut maps = KernelMaps::open(&c.agents[0].pin_dir).expect("the pinned maps");
