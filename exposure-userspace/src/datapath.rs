@@ -822,8 +822,7 @@ impl KernelMaps {
     }
 
     pub fn flow_count(&self) -> usize {
-        self.flows4.keys().filter(Result::is_ok).count()
-            + self.flows6.keys().filter(Result::is_ok).count()
+        count_entries(&self.flows4) + count_entries(&self.flows6)
     }
 
     /// Every tracked flow's key, both families.
@@ -1168,6 +1167,65 @@ impl MaglevArray {
                 .collect(),
         )
     }
+}
+
+/// The entries of a hash map, counted `BPF_MAP_LOOKUP_BATCH` at a time (Linux 5.6; earlier
+/// kernels walk the keys): a few thousand per system call, where walking the keys takes one per
+/// entry (0.3 s for a full flow table of 262,144 entries, at every scrape of `/metrics`).
+fn count_entries<K: aya::Pod, V: aya::Pod>(map: &aya::maps::HashMap<MapData, K, V>) -> usize {
+    use aya::maps::IterableMap as _;
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    /// `union bpf_attr`'s member for the batch commands.
+    #[repr(C)]
+    #[derive(Default)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+    const CHUNK: usize = 4096;
+    let fd = map.map().fd().as_fd().as_raw_fd();
+    let mut keys = vec![0u8; CHUNK * std::mem::size_of::<K>()];
+    let mut values = vec![0u8; CHUNK * std::mem::size_of::<V>()];
+    // Where the next batch starts: a hash map's bucket index (4 bytes), room for 8.
+    let (mut next, mut after) = (0u64, 0u64);
+    let mut total = 0;
+    for first in std::iter::once(true).chain(std::iter::repeat(false)) {
+        let mut attr = BatchAttr {
+            in_batch: if first { 0 } else { &next as *const u64 as u64 },
+            out_batch: &mut after as *mut u64 as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: CHUNK as u32,
+            map_fd: fd as u32,
+            ..Default::default()
+        };
+        // SAFETY: the attribute points at buffers of `count` keys and values, and at the tokens.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &mut attr as *mut BatchAttr,
+                std::mem::size_of::<BatchAttr>() as u32,
+            )
+        };
+        let errno = (r != 0).then(|| io::Error::last_os_error().raw_os_error());
+        match errno {
+            None => total += attr.count as usize,
+            // The end: this last batch may still hold entries.
+            Some(Some(libc::ENOENT)) => return total + attr.count as usize,
+            // No batch commands (before 5.6), or a bucket larger than a batch: walk the keys.
+            Some(_) => return map.keys().filter(Result::is_ok).count(),
+        }
+        next = after;
+    }
+    total
 }
 
 /// A removal whose key is already gone (e.g. evicted, or removed by an earlier failed sync) is done.

@@ -3084,3 +3084,42 @@ fn the_programs_verify_well_inside_the_kernels_budget() {
         });
     }
 }
+
+/// `exposure_conntrack_entries` and `exposure status` count both flow tables a batch of entries
+/// per system call: every entry once, across batches.
+#[test]
+fn the_flow_count_is_every_entry_of_both_tables() {
+    with_datapath(|h| {
+        for i in 0..10_000u32 {
+            let key = exposure_common::FlowKey4 {
+                saddr: (0xc612_0000 + i).to_be(),
+                daddr: u32::from(NODE).to_be(),
+                sport: exposure_common::port(40_000),
+                dport: exposure_common::port(NODE_PORT),
+                proto: TCP,
+                _pad: [0; 3],
+            };
+            h.maps
+                .flows4
+                .insert(key, exposure_common::Flow::default(), 0)
+                .unwrap();
+        }
+        for i in 0..5_000u16 {
+            let key = FlowKey {
+                saddr: Ipv6Addr::new(0x2001, 2, 0, 0x10, 0, 0, 0, i).into(),
+                daddr: NODE6.into(),
+                sport: exposure_common::port(40_000),
+                dport: exposure_common::port(NODE_PORT),
+                proto: UDP,
+                _pad: [0; 3],
+            };
+            h.maps
+                .flows6
+                .insert(key, exposure_common::Flow::default(), 0)
+                .unwrap();
+        }
+        let walked = h.maps.flows4.keys().count() + h.maps.flows6.keys().count();
+        assert_eq!(walked, 15_000);
+        assert_eq!(h.maps.flow_count(), 15_000);
+    });
+}
