@@ -3085,24 +3085,29 @@ fn the_programs_verify_well_inside_the_kernels_budget() {
     }
 }
 
-/// `exposure_conntrack_entries` and `exposure status` count both flow tables a batch of entries
-/// per system call: every entry once, across batches.
+/// The agent reads whole flow tables a batch of entries per system call: counting them
+/// (`exposure_conntrack_entries`, `exposure status`) and finding a UDP endpoint's flows to delete
+/// see every entry once, with its value, across batches.
 #[test]
-fn the_flow_count_is_every_entry_of_both_tables() {
+fn whole_flow_tables_are_counted_and_purged_across_batches() {
+    use exposure::sync::DatapathMaps as _;
     with_datapath(|h| {
+        // Service 7's UDP flows, to backends 1 and 2 in turn.
+        let flow = |i: u32| exposure_common::Flow {
+            service_id: 7,
+            backend_id: 1 + i % 2,
+            ..Default::default()
+        };
         for i in 0..10_000u32 {
             let key = exposure_common::FlowKey4 {
                 saddr: (0xc612_0000 + i).to_be(),
                 daddr: u32::from(NODE).to_be(),
                 sport: exposure_common::port(40_000),
                 dport: exposure_common::port(NODE_PORT),
-                proto: TCP,
+                proto: UDP,
                 _pad: [0; 3],
             };
-            h.maps
-                .flows4
-                .insert(key, exposure_common::Flow::default(), 0)
-                .unwrap();
+            h.maps.flows4.insert(key, flow(i), 0).unwrap();
         }
         for i in 0..5_000u16 {
             let key = FlowKey {
@@ -3113,13 +3118,17 @@ fn the_flow_count_is_every_entry_of_both_tables() {
                 proto: UDP,
                 _pad: [0; 3],
             };
-            h.maps
-                .flows6
-                .insert(key, exposure_common::Flow::default(), 0)
-                .unwrap();
+            h.maps.flows6.insert(key, flow(i.into()), 0).unwrap();
         }
         let walked = h.maps.flows4.keys().count() + h.maps.flows6.keys().count();
         assert_eq!(walked, 15_000);
         assert_eq!(h.maps.flow_count(), 15_000);
+        h.maps.purge_udp_flows(7, &[1]).unwrap();
+        assert_eq!(h.maps.flow_count(), 7_500, "backend 1's half gone");
+        let left: std::collections::BTreeSet<u32> = (h.maps.flows4.iter().map(|e| e.unwrap().1))
+            .chain(h.maps.flows6.iter().map(|e| e.unwrap().1))
+            .map(|f| f.backend_id)
+            .collect();
+        assert_eq!(left, std::collections::BTreeSet::from([2]));
     });
 }
