@@ -268,12 +268,12 @@ impl TcpSession {
     }
 }
 
-/// One TCP request on a fresh connection.
 /// The fewest requests a test sends to see which pods a frontend reaches: each new flow's pod is
 /// a hash pick, so with 4 equally likely pods one goes unseen in 20 requests 1.3% of the time
 /// (2 pods in 10: 0.2%, which failed a CI run), in 60 about once in 10 million.
 pub const SPREAD_MIN: usize = 60;
 
+/// One TCP request on a fresh connection.
 pub fn tcp_ask(ns: &Netns, to: SocketAddr) -> anyhow::Result<String> {
     TcpSession::connect(ns, to)?.ask("hello")
 }

@@ -57,6 +57,15 @@ impl FrameSpec {
         }
     }
 
+    /// A TCP segment with `flags` when `proto` is TCP, else a UDP datagram.
+    pub fn of(proto: u8, src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), flags: u8) -> Self {
+        if proto == TCP {
+            Self::tcp(src, dst, flags)
+        } else {
+            Self::udp(src, dst)
+        }
+    }
+
     pub fn build(&self) -> Vec<u8> {
         let l4_len = if self.proto == TCP { 20 } else { 8 } + self.payload.len();
         let ihl = 20 + self.ip_options.len();
@@ -217,6 +226,15 @@ impl FrameSpec6 {
             proto: UDP,
             tcp_flags: 0,
             ..Self::tcp(src, dst, 0)
+        }
+    }
+
+    /// A TCP segment with `flags` when `proto` is TCP, else a UDP datagram.
+    pub fn of(proto: u8, src: (Ipv6Addr, u16), dst: (Ipv6Addr, u16), flags: u8) -> Self {
+        if proto == TCP {
+            Self::tcp(src, dst, flags)
+        } else {
+            Self::udp(src, dst)
         }
     }
 

@@ -545,14 +545,13 @@ fn packet_costs(services: usize, backends: usize, repeat: u32) -> PacketCosts {
         let target = p;
         let mut new_runs = Vec::with_capacity(n as usize);
         let mut floor_runs = Vec::with_capacity(n as usize);
+        // The `k`th new client (address and port) of a run.
+        let new_client = |k: u16| {
+            let ip = Ipv4Addr::new(198, 18, 1 + (k / 250) as u8 % 200, (k % 250) as u8 + 1);
+            (ip, 1024 + k)
+        };
         for k in 0..n {
-            let f = frame(
-                (
-                    Ipv4Addr::new(198, 18, 1 + (k / 250) as u8 % 200, (k % 250) as u8 + 1),
-                    1024 + k,
-                ),
-                (target, 80),
-            );
+            let f = frame(new_client(k), (target, 80));
             new_runs.push(xdp_ns(&mut dp, &f, 1).1);
             floor_runs.push(
                 exposure_lab::xdp_pass::test_run(&floor_prog, &f, 1)
@@ -564,13 +563,7 @@ fn packet_costs(services: usize, backends: usize, repeat: u32) -> PacketCosts {
         // and a fuller range would cost more tries per flow.
         let mut remote_runs = Vec::with_capacity(1_000);
         for k in 0..n.min(1_000) {
-            let f = frame(
-                (
-                    Ipv4Addr::new(198, 18, 1 + (k / 250) as u8, (k % 250) as u8 + 1),
-                    1024 + k,
-                ),
-                (remote_front, 80),
-            );
+            let f = frame(new_client(k), (remote_front, 80));
             let (verdict, ns) = xdp_ns_on(&mut dp, Some(eth0), &f, 1);
             assert_eq!(verdict, 3, "XDP_TX towards the remote backend");
             remote_runs.push(ns);

@@ -827,9 +827,10 @@ impl KernelMaps {
 
     /// Every tracked flow's key, both families.
     pub fn flow_keys(&self) -> Vec<FlowKey> {
-        let v4 = self.flows4.keys().filter_map(Result::ok).map(FlowKey::from);
-        v4.chain(self.flows6.keys().filter_map(Result::ok))
-            .collect()
+        let mut keys = Vec::new();
+        for_each_entry(&self.flows4, |k, _| keys.push(FlowKey::from(k)));
+        for_each_entry(&self.flows6, |k, _| keys.push(k));
+        keys
     }
 
     pub fn flow(&self, key: &FlowKey) -> Option<Flow> {

@@ -629,7 +629,7 @@ impl Run<'_> {
     }
 
     /// A TCP segment (`flags`) or UDP datagram from `src` to `dst`, in the run's family, with the
-    /// MACs its sender gives it.
+    /// MACs its sender gives it (a client's own is the frames' default).
     fn frame(
         &self,
         sender: Sender,
@@ -638,34 +638,22 @@ impl Run<'_> {
         proto: u8,
         flags: u8,
     ) -> Vec<u8> {
-        let node_mac = self.h.node_mac;
-        let macs = match sender {
-            Sender::Client => Some((FrameSpec::tcp((CLIENT, 1), (NODE, 1), 0).src_mac, node_mac)),
-            Sender::PeerNode => Some((self.h.peer_mac, node_mac)),
-            Sender::Pod => None,
+        let (src_mac, dst_mac) = match sender {
+            Sender::Client => (None, Some(self.h.node_mac)),
+            Sender::PeerNode => (Some(self.h.peer_mac), Some(self.h.node_mac)),
+            Sender::Pod => (None, None),
         };
         match (src.0, dst.0) {
             (IpAddr::V4(s), IpAddr::V4(d)) => {
-                let mut spec = if proto == TCP {
-                    FrameSpec::tcp((s, src.1), (d, dst.1), flags)
-                } else {
-                    FrameSpec::udp((s, src.1), (d, dst.1))
-                };
-                if let Some((src_mac, dst_mac)) = macs {
-                    (spec.src_mac, spec.dst_mac) = (src_mac, dst_mac);
-                }
+                let mut spec = FrameSpec::of(proto, (s, src.1), (d, dst.1), flags);
+                spec.src_mac = src_mac.unwrap_or(spec.src_mac);
+                spec.dst_mac = dst_mac.unwrap_or(spec.dst_mac);
                 spec.build()
             }
             (s, d) => {
-                let (s, d) = (v6(s), v6(d));
-                let mut spec = if proto == TCP {
-                    frame::FrameSpec6::tcp((s, src.1), (d, dst.1), flags)
-                } else {
-                    frame::FrameSpec6::udp((s, src.1), (d, dst.1))
-                };
-                if let Some((src_mac, dst_mac)) = macs {
-                    (spec.src_mac, spec.dst_mac) = (src_mac, dst_mac);
-                }
+                let mut spec = frame::FrameSpec6::of(proto, (v6(s), src.1), (v6(d), dst.1), flags);
+                spec.src_mac = src_mac.unwrap_or(spec.src_mac);
+                spec.dst_mac = dst_mac.unwrap_or(spec.dst_mac);
                 spec.build()
             }
         }

@@ -372,6 +372,13 @@ impl Harness {
         }
     }
 
+    /// The IPv4 reply entry of the flow whose client sends from `port`.
+    fn reply_for_client_port(&self, port: u16) -> Option<exposure_common::Reply> {
+        let port = exposure_common::port(port);
+        let mut replies = self.maps.replies4.iter().filter_map(Result::ok);
+        replies.find(|(_, r)| r.client_port == port).map(|(_, r)| r)
+    }
+
     fn flow(
         &self,
         client: (Ipv4Addr, u16),
@@ -1239,24 +1246,15 @@ fn a_second_frontend_from_the_same_port_to_a_local_pod_waits_for_the_first_flow(
     with_datapath(|h| {
         h.program(&hello(&[(LOCAL_POD, true)]));
         let answer_from = |h: &mut Harness, client: (Ipv4Addr, u16), proto: u8| {
-            let answer = if proto == TCP {
-                FrameSpec::tcp((LOCAL_POD, 50000), client, ACK).build()
-            } else {
-                FrameSpec::udp((LOCAL_POD, 50000), client).build()
-            };
+            let answer = FrameSpec::of(proto, (LOCAL_POD, 50000), client, ACK).build();
             let (verdict, out) = h.tc(&answer);
             assert_eq!(verdict, TC_ACT_OK);
             let p = frame::parse(&out).unwrap();
             (p.src, p.sport)
         };
         for (proto, client) in [(TCP, (CLIENT, 40400)), (UDP, (CLIENT, 40401))] {
-            let to = |dst: (Ipv4Addr, u16), flags: u8| {
-                if proto == TCP {
-                    FrameSpec::tcp(client, dst, flags).build()
-                } else {
-                    FrameSpec::udp(client, dst).build()
-                }
-            };
+            let to =
+                |dst: (Ipv4Addr, u16), flags: u8| FrameSpec::of(proto, client, dst, flags).build();
             assert_eq!(h.xdp(&to((NODE, NODE_PORT), SYN)).0, XDP_PASS);
             assert_eq!(answer_from(h, client, proto), (NODE, NODE_PORT));
             let collisions = h.counter(Counter::TupleCollision);
@@ -1280,12 +1278,7 @@ fn a_second_frontend_from_the_same_port_to_a_local_pod_waits_for_the_first_flow(
                 // state alone.
                 h.xdp(&to((NODE, NODE_PORT), FIN | ACK));
                 let reply = h
-                    .maps
-                    .replies4
-                    .iter()
-                    .filter_map(Result::ok)
-                    .find(|(_, r)| r.client_port == exposure_common::port(client.1))
-                    .map(|(_, r)| r)
+                    .reply_for_client_port(client.1)
                     .expect("the second flow's reply entry");
                 let fin = exposure_common::FLOW_FIN_CLIENT;
                 assert_eq!(reply.flags & fin, 0, "the second flow closing");
@@ -1339,12 +1332,7 @@ fn snat_ports_of_closed_connections_are_reused_at_once() {
         std::thread::sleep(std::time::Duration::from_millis(1_100));
         h.xdp(&h.tcp_to_node_port((old_ip, old_client.1), RST));
         let reply_of_fresh = h
-            .maps
-            .replies4
-            .iter()
-            .filter_map(Result::ok)
-            .find(|(_, r)| r.client_port == exposure_common::port(fresh.1))
-            .map(|(_, r)| r)
+            .reply_for_client_port(fresh.1)
             .expect("the new connection's reply entry");
         assert_eq!(reply_of_fresh.flags & FLOW_CLOSING, 0);
         // Open connections keep theirs: with the ports all held, new ones are refused (dropped,
@@ -2567,11 +2555,7 @@ fn ipv6_to_local_backend_is_dnated_and_the_reply_reversed_at_tc() {
     with_datapath(|h| {
         h.program(&hello6(&[(LOCAL_POD6, true)]));
         for (proto, sport) in [(TCP, 40000), (UDP, 40001)] {
-            let spec = if proto == TCP {
-                frame::FrameSpec6::tcp((CLIENT6, sport), (NODE6, NODE_PORT), SYN)
-            } else {
-                frame::FrameSpec6::udp((CLIENT6, sport), (NODE6, NODE_PORT))
-            };
+            let spec = frame::FrameSpec6::of(proto, (CLIENT6, sport), (NODE6, NODE_PORT), SYN);
             let (verdict, out) = h.xdp(&spec.build());
             assert_eq!(verdict, XDP_PASS, "local backend: up to the kernel");
             let p = parse6_ok(&out);
@@ -2579,11 +2563,8 @@ fn ipv6_to_local_backend_is_dnated_and_the_reply_reversed_at_tc() {
             assert_eq!((p.dst, p.dport), (LOCAL_POD6, 50000));
             assert_eq!(p.next_header, proto);
 
-            let reply = if proto == TCP {
-                frame::FrameSpec6::tcp((LOCAL_POD6, 50000), (CLIENT6, sport), SYN | ACK)
-            } else {
-                frame::FrameSpec6::udp((LOCAL_POD6, 50000), (CLIENT6, sport))
-            };
+            let reply =
+                frame::FrameSpec6::of(proto, (LOCAL_POD6, 50000), (CLIENT6, sport), SYN | ACK);
             let (verdict, out) = h.tc(&reply.build());
             assert_eq!(verdict, TC_ACT_OK);
             let r = parse6_ok(&out);

@@ -326,11 +326,7 @@ impl Fuzz<'_> {
         let (src, dst, hook) = self.ends4(role);
         let proto = self.rng.pick(&[TCP, UDP]);
         let flags = self.flags();
-        let mut spec = if proto == TCP {
-            FrameSpec::tcp(src, dst, flags)
-        } else {
-            FrameSpec::udp(src, dst)
-        };
+        let mut spec = FrameSpec::of(proto, src, dst, flags);
         (spec.src_mac, spec.dst_mac) = self.macs(hook, src.0 == REMOTE_POD);
         let payload_len = self.rng.below(48);
         spec.payload = self.rng.bytes(payload_len);
@@ -358,11 +354,7 @@ impl Fuzz<'_> {
         let (src, dst, hook) = self.ends6(role);
         let proto = self.rng.pick(&[TCP, UDP]);
         let flags = self.flags();
-        let mut spec = if proto == TCP {
-            frame::FrameSpec6::tcp(src, dst, flags)
-        } else {
-            frame::FrameSpec6::udp(src, dst)
-        };
+        let mut spec = frame::FrameSpec6::of(proto, src, dst, flags);
         (spec.src_mac, spec.dst_mac) = self.macs(hook, src.0 == REMOTE_POD6);
         let payload_len = self.rng.below(48);
         spec.payload = self.rng.bytes(payload_len);
