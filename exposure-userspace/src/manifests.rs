@@ -114,7 +114,7 @@ fn is_manifest(path: &Path) -> bool {
 }
 
 /// The manifest files in `dir`, sorted (so the first definition of a duplicate wins predictably).
-pub fn manifest_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+fn manifest_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.is_file() && is_manifest(p))
