@@ -297,3 +297,83 @@ pub fn load_one_lookup() -> anyhow::Result<(OwnedFd, OwnedFd)> {
     let prog = load_insns(&p).context("loading the one-lookup program")?;
     Ok((prog, map))
 }
+
+/// What one new flow costs at least: an XDP program that inserts a random 16-byte key (an IPv4
+/// 5-tuple's size) into each of the LRU hash maps it returns, one per value size in `values`,
+/// each of `entries` entries, and returns XDP_PASS (XDP_DROP if an insert fails). Once the maps
+/// are full, every insert evicts, as in a node's full flow tables.
+pub fn load_inserts(values: &[u32], entries: u32) -> anyhow::Result<(OwnedFd, Vec<OwnedFd>)> {
+    const KEY: i16 = 16;
+    const STX_DW: u8 = 0x7b;
+    const ST_DW: u8 = 0x7a;
+    const MOV_REG: u8 = 0xbf;
+    const MOV_IMM: u8 = 0xb7;
+    const ADD_IMM: u8 = 0x07;
+    const LD_IMM64: u8 = 0x18;
+    const PSEUDO_MAP_FD: u8 = 1;
+    const JNE_IMM: u8 = 0x55;
+    const CALL: u8 = 0x85;
+    const EXIT: u8 = 0x95;
+    const BPF_FUNC_MAP_UPDATE_ELEM: i32 = 2;
+    const BPF_FUNC_GET_PRANDOM_U32: i32 = 7;
+    let maps = values
+        .iter()
+        .map(|&value| create_lru_hash(KEY as u32, value, entries, 0))
+        .collect::<anyhow::Result<Vec<_>>>()
+        .context("the insert maps")?;
+    // The value: zeros on the stack below the key.
+    let largest = values.iter().copied().max().unwrap_or(8).div_ceil(8) as i16 * 8;
+    let mut p: Vec<u64> = (0..largest / 8)
+        .map(|i| insn(ST_DW, 10, 0, -KEY - largest + 8 * i, 0))
+        .collect();
+    let inserts = maps.len() as i16;
+    for (i, map) in maps.iter().enumerate() {
+        // Each half of the key a random 32 bits (zero-extended): a new flow each time.
+        p.extend([
+            insn(CALL, 0, 0, 0, BPF_FUNC_GET_PRANDOM_U32),
+            insn(STX_DW, 10, 0, -KEY, 0),
+            insn(CALL, 0, 0, 0, BPF_FUNC_GET_PRANDOM_U32),
+            insn(STX_DW, 10, 0, -KEY + 8, 0),
+            insn(MOV_REG, 2, 10, 0, 0),
+            insn(ADD_IMM, 2, 0, 0, -(KEY as i32)),
+            insn(MOV_REG, 3, 10, 0, 0),
+            insn(ADD_IMM, 3, 0, 0, -((KEY + largest) as i32)),
+            insn(MOV_IMM, 4, 0, 0, 0), // BPF_ANY
+            insn(LD_IMM64, 1, PSEUDO_MAP_FD, 0, map.as_raw_fd()),
+            0,
+            insn(CALL, 0, 0, 0, BPF_FUNC_MAP_UPDATE_ELEM),
+            // Failed: on to the XDP_DROP at the end, past the other inserts' 13 instructions each.
+            insn(JNE_IMM, 0, 0, (inserts - 1 - i as i16) * 13 + 2, 0),
+        ]);
+    }
+    p.extend([
+        insn(MOV_IMM, 0, 0, 0, XDP_PASS as i32),
+        insn(EXIT, 0, 0, 0, 0),
+        insn(MOV_IMM, 0, 0, 0, XDP_DROP as i32),
+        insn(EXIT, 0, 0, 0, 0),
+    ]);
+    let prog = load_insns(&p).context("loading the inserts program")?;
+    Ok((prog, maps))
+}
+
+/// How many entries an LRU hash map holds (by walking its keys).
+pub fn count_keys(map: &OwnedFd, key_size: usize) -> anyhow::Result<usize> {
+    const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+    let (mut key, mut next) = (vec![0u8; key_size], vec![0u8; key_size]);
+    let mut count = 0;
+    let mut first = true;
+    loop {
+        let mut attr = [0u64; 16];
+        attr[0] = map.as_raw_fd() as u64;
+        attr[1] = if first { 0 } else { key.as_ptr() as u64 };
+        attr[2] = next.as_mut_ptr() as u64;
+        match sys_bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(count),
+            Err(e) => return Err(e).context("walking the map's keys"),
+        }
+        first = false;
+        count += 1;
+        std::mem::swap(&mut key, &mut next);
+    }
+}

@@ -50,3 +50,28 @@ fn one_lookup_program_finds_its_entry() {
     let (verdict, _) = xdp_pass::test_run(&prog, &frame, 1000).unwrap();
     assert_eq!(verdict, xdp_pass::XDP_PASS as u32);
 }
+
+#[test]
+fn inserts_program_adds_a_new_entry_to_each_map_per_run() {
+    let (prog, maps) = xdp_pass::load_inserts(&[72, 64], 1024).unwrap();
+    let frame = FrameSpec::udp(
+        (std::net::Ipv4Addr::new(198, 18, 0, 1), 40000),
+        (std::net::Ipv4Addr::new(198, 18, 0, 10), 53),
+    )
+    .build();
+    let (verdict, _) = xdp_pass::test_run(&prog, &frame, 100).unwrap();
+    assert_eq!(verdict, xdp_pass::XDP_PASS as u32, "every insert succeeded");
+    for map in &maps {
+        assert_eq!(
+            xdp_pass::count_keys(map, 16).unwrap(),
+            100,
+            "one new key per run"
+        );
+    }
+    // Past the maps' size, each insert evicts: they stay full.
+    xdp_pass::test_run(&prog, &frame, 3000).unwrap();
+    for map in &maps {
+        let n = xdp_pass::count_keys(map, 16).unwrap();
+        assert!((900..=1024).contains(&n), "{n} entries");
+    }
+}
