@@ -164,6 +164,13 @@ pub const FRONTEND_EXTERNAL_IP: u16 = 4;
 /// A ClusterIP (only the socket hooks look it up): with no endpoints, the connection is refused
 /// at `connect()`, as no node holds the address to refuse it.
 pub const FRONTEND_CLUSTER_IP: u16 = 8;
+/// A TCP frontend no Service has any more, kept while connections made through it go on (as
+/// kube-proxy's conntrack entries keep translating a removed Service's connections): their packets
+/// are translated, any other packet is passed to the kernel as if there were no frontend. The
+/// agent removes it once no live flow uses it. Its `service_id` is [`NO_SERVICE`].
+pub const FRONTEND_DRAINING: u16 = 16;
+/// `Frontend::service_id` of a draining frontend: it selects no backend.
+pub const NO_SERVICE: u32 = u32::MAX;
 /// `FrontendKey::port` of a ClusterIP's frontend for the ports its Service does not have (the
 /// socket hooks look it up when a socket's address is no frontend, and refuse the call).
 pub const OTHER_PORTS: u16 = 0;

@@ -199,6 +199,7 @@ fn to_backend(ctx: &SockAddrContext, v6: bool) -> i32 {
         }
         return PROCEED;
     };
+    // A draining frontend's `NO_SERVICE` has no entry: as if there were no frontend.
     let Some(service) = SERVICES.get(fe.service_id).copied() else {
         return PROCEED;
     };

@@ -137,6 +137,8 @@ fn end_udp_sockets(
 const TICK: Duration = Duration::from_millis(200);
 /// Events closer together than this are applied as one sync.
 const COALESCE: Duration = Duration::from_millis(5);
+/// How often draining frontends are checked for flows still using them.
+const DRAIN_CHECK: Duration = Duration::from_secs(5);
 
 enum Source {
     Dir {
@@ -303,6 +305,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     // Reconciles so far: a check whose read overlapped one cannot tell who changed the maps.
     let mut syncs: u64 = 0;
     let mut ticker = tokio::time::interval(TICK);
+    let mut last_drain_check = Instant::now();
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
@@ -358,6 +361,23 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             let ready = !dirty && health.is_synced();
             let state = (&maps, &mut reconciler, cfg.limits, &*metrics);
             dirty |= check.tick(ready, syncs, &cfg.pin_dir, state).await;
+        }
+        if reconciler.draining() > 0 && last_drain_check.elapsed() >= DRAIN_CHECK {
+            last_drain_check = Instant::now();
+            let in_use = maps.tcp_frontends_in_use(&cfg.capacity.flow_lifetimes);
+            let (ended, errors) = reconciler.end_drains(&in_use, &mut maps);
+            // Map writes: a maps check reading meanwhile must not take them for drift.
+            syncs += u64::from(!ended.is_empty() || !errors.is_empty());
+            for frontend in ended {
+                tracing::info!(frontend, "drained: no connection goes through it any more");
+            }
+            let draining = reconciler.draining() as u64;
+            metrics
+                .frontends_draining
+                .store(draining, Ordering::Relaxed);
+            for e in errors {
+                tracing::error!("sync: {e}");
+            }
         }
         let started = Instant::now();
         let dir_changed = source.poll_dir();
@@ -450,6 +470,12 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         reported = now;
         for e in &report.errors {
             tracing::error!("sync: {e}");
+        }
+        for frontend in &report.draining {
+            tracing::info!(
+                frontend,
+                "left its Service: draining (its TCP connections go on, new ones are not served)"
+            );
         }
         // Retry failed writes on the next tick; limits only change when the objects do.
         dirty = report
@@ -632,6 +658,10 @@ fn record(
     let (services, backends) = reconciler.counts();
     metrics.services.store(services as u64, Ordering::Relaxed);
     metrics.backends.store(backends as u64, Ordering::Relaxed);
+    let draining = reconciler.draining() as u64;
+    metrics
+        .frontends_draining
+        .store(draining, Ordering::Relaxed);
     // Labels only change when frontends do (formatting them is linear in their number).
     let relabel = report.frontends_changed || first;
     if let (true, Ok(mut f)) = (relabel, metrics.frontends.lock()) {

@@ -825,6 +825,27 @@ impl KernelMaps {
         count_entries(&self.flows4) + count_entries(&self.flows6)
     }
 
+    /// The frontends (address, port) of the TCP flows that are still alive under `lifetimes`:
+    /// what draining frontends still serve. The node's own connections' entries go through none.
+    pub fn tcp_frontends_in_use(
+        &self,
+        lifetimes: &exposure_common::FlowLifetimes,
+    ) -> std::collections::BTreeSet<(exposure_common::Addr, u16)> {
+        let now = datapath_clock_ns();
+        let mut in_use = std::collections::BTreeSet::new();
+        let mut visit = |k: FlowKey, f: Flow| {
+            if k.proto == exposure_common::PROTO_TCP
+                && f.flags & exposure_common::FLOW_HOST == 0
+                && exposure_common::flow_alive(k.proto, f.flags, f.last_seen_ns, now, lifetimes)
+            {
+                in_use.insert((k.daddr, k.dport));
+            }
+        };
+        for_each_entry(&self.flows4, |k, f| visit(FlowKey::from(k), f));
+        for_each_entry(&self.flows6, &mut visit);
+        in_use
+    }
+
     /// Every tracked flow's key, both families.
     pub fn flow_keys(&self) -> Vec<FlowKey> {
         let mut keys = Vec::new();
@@ -1167,6 +1188,18 @@ impl MaglevArray {
 /// walk the keys and look each one up): thousands per system call, where the walk takes two per
 /// entry (a full flow table of 262,144 entries: 0.3 s to walk its keys, 83 ms in batches). Entries
 /// that come and go meanwhile may be seen or not, as with the walk.
+/// Now on the datapath's clock (`bpf_ktime_get_coarse_ns`: the monotonic clock, coarse), in
+/// which flows' `last_seen_ns` are written.
+pub fn datapath_clock_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // Cannot fail for this clock with a valid pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 fn for_each_entry<K: aya::Pod, V: aya::Pod>(
     map: &aya::maps::HashMap<MapData, K, V>,
     mut visit: impl FnMut(K, V),

@@ -144,6 +144,8 @@ pub struct Metrics {
     pub services: AtomicU64,
     pub backends: AtomicU64,
     pub frontends: Mutex<Vec<FrontendLabel>>,
+    /// Frontends left by their Services, kept for the connections made through them.
+    pub frontends_draining: AtomicU64,
     pub watch: Mutex<Option<Arc<WatchStats>>>,
 }
 
@@ -185,6 +187,12 @@ impl Metrics {
             "exposure_frontends",
             "Frontends (address:port/protocol) programmed.",
             frontends.len() as u64,
+        );
+        gauge(
+            &mut out,
+            "exposure_frontends_draining",
+            "Frontends their Services no longer have, kept while TCP connections made through them go on.",
+            self.frontends_draining.load(Ordering::Relaxed),
         );
         gauge(
             &mut out,

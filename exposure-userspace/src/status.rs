@@ -6,8 +6,8 @@ use std::{
 };
 
 use exposure_common::{
-    port_host, Counter, BACKEND_LOCAL, FRONTEND_CLUSTER_IP, FRONTEND_EXTERNAL_IP,
-    FRONTEND_LOADBALANCER, SERVICE_DROP_WHEN_EMPTY,
+    port_host, Counter, BACKEND_LOCAL, FRONTEND_CLUSTER_IP, FRONTEND_DRAINING,
+    FRONTEND_EXTERNAL_IP, FRONTEND_LOADBALANCER, NO_SERVICE, SERVICE_DROP_WHEN_EMPTY,
 };
 
 use crate::sync::{frontend_display, Snapshot};
@@ -33,6 +33,8 @@ struct FrontendRow {
     backends: Vec<(SocketAddr, bool)>,
     /// What a connection gets when there are no backends: "refuse" or "drop".
     when_empty: &'static str,
+    /// Left by its Service: serves only the connections made through it.
+    draining: bool,
 }
 
 fn rows(s: &Snapshot) -> Vec<FrontendRow> {
@@ -59,6 +61,7 @@ fn rows(s: &Snapshot) -> Vec<FrontendRow> {
                 } else {
                     "refuse"
                 },
+                draining: fe.flags & FRONTEND_DRAINING != 0,
             }
         })
         .collect()
@@ -92,9 +95,10 @@ pub fn render_json(s: &Snapshot, flows: usize, counters: &[(Counter, u64)]) -> S
                 "protocol": protocol,
                 "scope": scope,
                 "kind": r.kind,
-                "service": r.service_id,
+                "service": (!r.draining).then_some(r.service_id),
                 "backends": backends,
                 "when_empty": r.when_empty,
+                "draining": r.draining,
             })
         })
         .collect();
@@ -117,6 +121,7 @@ fn service_ports(s: &Snapshot) -> usize {
     s.frontends
         .values()
         .map(|f| f.service_id)
+        .filter(|id| *id != NO_SERVICE)
         .collect::<std::collections::BTreeSet<u32>>()
         .len()
 }
@@ -126,7 +131,9 @@ pub fn render(s: &Snapshot, flows: usize, counters: &[(Counter, u64)]) -> String
     let rows: Vec<[String; 4]> = rows(s)
         .into_iter()
         .map(|r| {
-            let backends = if r.backends.is_empty() {
+            let backends = if r.draining {
+                "(draining: its open connections only)".to_string()
+            } else if r.backends.is_empty() {
                 match r.when_empty {
                     "drop" => "(none on this node: drop)",
                     _ => "(none: refuse)",
@@ -143,7 +150,11 @@ pub fn render(s: &Snapshot, flows: usize, counters: &[(Counter, u64)]) -> String
             [
                 frontend_display(&r.key),
                 r.kind.to_string(),
-                r.service_id.to_string(),
+                if r.draining {
+                    "-".to_string()
+                } else {
+                    r.service_id.to_string()
+                },
                 backends,
             ]
         })
@@ -308,5 +319,51 @@ mod tests {
             (&"ClusterIP".into(), &"node-sockets".into())
         );
         assert_eq!(cluster_ip["service"], node_port["service"]);
+        assert_eq!(node_port["draining"], false);
+    }
+
+    #[test]
+    fn a_draining_frontend_shows_as_such() {
+        let mut svc = DesiredService::default();
+        svc.frontends.insert(
+            FrontendAddr {
+                ip: IpAddr::from([198, 18, 0, 10]),
+                port: 30600,
+                protocol: Protocol::Tcp,
+                scope: Scope::External,
+            },
+            FrontendKind::NodePort,
+        );
+        let name = ServicePortName {
+            namespace: "default".into(),
+            name: "hello-world".into(),
+            port: String::new(),
+            protocol: Protocol::Tcp,
+            family: crate::model::IpFamily::V4,
+            scope: Scope::External,
+        };
+        let mut maps = FakeMaps::default();
+        let mut r = Reconciler::restore(Snapshot::default(), Limits::default());
+        let state = DesiredState {
+            services: [(name, std::sync::Arc::new(svc))].into(),
+            ..Default::default()
+        };
+        r.reconcile(&state, &mut maps);
+        r.reconcile(&DesiredState::default(), &mut maps);
+        let out = render(&maps.snapshot().unwrap(), 1, &[]);
+        assert!(
+            out.contains(
+                "198.18.0.10:30600/TCP  NodePort  -        (draining: its open connections only)"
+            ),
+            "{out}"
+        );
+        assert!(out.contains("1 frontends, 0 service ports"), "{out}");
+        let json: serde_json::Value =
+            serde_json::from_str(&render_json(&maps.snapshot().unwrap(), 1, &[])).unwrap();
+        let fe = &json["frontends"][0];
+        assert_eq!(
+            (&fe["draining"], &fe["service"]),
+            (&true.into(), &serde_json::Value::Null)
+        );
     }
 }

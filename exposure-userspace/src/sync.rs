@@ -15,8 +15,8 @@ use std::{
 
 use exposure_common::{
     self as common, Addr, Backend, Frontend, FrontendKey, Service, BACKEND_LOCAL,
-    FRONTEND_CLUSTER_IP, FRONTEND_EXTERNAL_IP, FRONTEND_LOADBALANCER, FRONTEND_NODEPORT,
-    SERVICE_DROP_WHEN_EMPTY, SERVICE_IN_USE, SERVICE_SOURCE_RANGES,
+    FRONTEND_CLUSTER_IP, FRONTEND_DRAINING, FRONTEND_EXTERNAL_IP, FRONTEND_LOADBALANCER,
+    FRONTEND_NODEPORT, NO_SERVICE, SERVICE_DROP_WHEN_EMPTY, SERVICE_IN_USE, SERVICE_SOURCE_RANGES,
 };
 
 use crate::maglev;
@@ -261,6 +261,8 @@ pub struct SyncReport {
     pub errors: Vec<SyncError>,
     /// A frontend was added, changed or removed (what per-frontend metrics labels depend on).
     pub frontends_changed: bool,
+    /// Frontends that left their Service and now drain (as displayed).
+    pub draining: Vec<String>,
 }
 
 /// Free space in the `MAGLEV` array: first fit over free regions, then the untouched tail. Freed
@@ -444,6 +446,11 @@ pub fn frontend_display(key: &FrontendKey) -> String {
     format!("{at}/{proto}{scope}")
 }
 
+/// Whether a frontend is kept only for the connections it has (see [`FRONTEND_DRAINING`]).
+fn draining(fe: &Frontend) -> bool {
+    fe.flags & FRONTEND_DRAINING != 0
+}
+
 fn frontend_flags(kind: FrontendKind) -> u16 {
     match kind {
         FrontendKind::NodePort => FRONTEND_NODEPORT,
@@ -612,7 +619,7 @@ impl Reconciler {
         // Frontends of the socket hooks (twins, localhost NodePorts) see no packets: no series.
         self.frontends
             .iter()
-            .filter(|(k, _)| k.scope == common::SCOPE_EXTERNAL)
+            .filter(|(k, fe)| k.scope == common::SCOPE_EXTERNAL && !draining(fe))
             .map(|(k, fe)| {
                 let frontend = frontend_display(k);
                 let service = names
@@ -725,14 +732,35 @@ impl Reconciler {
                 }),
             }
         }
-        // Deletions after everything new is in place.
-        let stale: Vec<FrontendKey> = self
+        // Deletions after everything new is in place. A TCP frontend packets reach drains first:
+        // its connections go on (draining frontends go in `end_drains`, once they have none).
+        let stale: Vec<(FrontendKey, Frontend)> = self
             .frontends
-            .keys()
-            .filter(|k| !wanted_frontends.contains_key(k))
-            .copied()
+            .iter()
+            .filter(|(k, fe)| !wanted_frontends.contains_key(k) && !draining(fe))
+            .map(|(k, fe)| (*k, *fe))
             .collect();
-        for key in stale {
+        for (key, fe) in stale {
+            if key.scope == common::SCOPE_EXTERNAL && key.proto == common::PROTO_TCP {
+                let drained = Frontend {
+                    service_id: NO_SERVICE,
+                    flags: fe.flags | FRONTEND_DRAINING,
+                    ..fe
+                };
+                match maps.write_frontend(&key, &drained) {
+                    Ok(()) => {
+                        self.frontends.insert(key, drained);
+                        report.writes += 1;
+                        report.frontends_changed = true;
+                        report.draining.push(frontend_display(&key));
+                    }
+                    Err(e) => report.errors.push(SyncError::Write {
+                        service: format!("frontend {}", frontend_display(&key)),
+                        source: e,
+                    }),
+                }
+                continue;
+            }
             match maps.remove_frontend(&key) {
                 Ok(()) => {
                     if let Some(fe) = self.frontends.remove(&key) {
@@ -785,11 +813,51 @@ impl Reconciler {
         report
     }
 
+    /// How many frontends are draining (see [`FRONTEND_DRAINING`]).
+    pub fn draining(&self) -> usize {
+        self.frontends.values().filter(|fe| draining(fe)).count()
+    }
+
+    /// Removes the draining frontends no live flow uses any more: `in_use` holds the (address,
+    /// port) of every live TCP flow's frontend. Returns the frontends removed, as displayed.
+    pub fn end_drains(
+        &mut self,
+        in_use: &BTreeSet<(Addr, u16)>,
+        maps: &mut dyn DatapathMaps,
+    ) -> (Vec<String>, Vec<SyncError>) {
+        let done: Vec<FrontendKey> = self
+            .frontends
+            .iter()
+            .filter(|(k, fe)| draining(fe) && !in_use.contains(&(k.addr, k.port)))
+            .map(|(k, _)| *k)
+            .collect();
+        let (mut ended, mut report) = (Vec::new(), SyncReport::default());
+        for key in done {
+            match maps.remove_frontend(&key) {
+                Ok(()) => {
+                    if let Some(fe) = self.frontends.remove(&key) {
+                        self.frontend_pool.release(fe.id);
+                    }
+                    ended.push(frontend_display(&key));
+                }
+                Err(e) => report.errors.push(SyncError::Write {
+                    service: format!("frontend {}", frontend_display(&key)),
+                    source: e,
+                }),
+            }
+        }
+        if !ended.is_empty() || self.frontend_ports_stale {
+            self.sync_frontend_ports(maps, &mut report);
+        }
+        (ended, report.errors)
+    }
+
     /// Brings `FRONTEND_PORTS` to the ports of the external frontends in the maps (the node's
     /// connections from those ports are looked for among them at tc egress; the node sockets'
     /// frontends, ClusterIPs among them, are never looked for there).
     fn sync_frontend_ports(&mut self, maps: &mut dyn DatapathMaps, report: &mut SyncReport) {
         let mut wanted: BTreeMap<u32, u64> = BTreeMap::new();
+        // Draining frontends' too: XDP still takes their flows' packets.
         for key in self
             .frontends
             .keys()
@@ -1618,6 +1686,17 @@ mod tests {
             &mut maps,
         );
         r.reconcile(&state(&[("b", service(30002, &[(2, false)]))]), &mut maps);
+        // a's frontends drain (TCP: connections through them go on), with no service behind them.
+        let draining: Vec<&Frontend> = maps
+            .state
+            .frontends
+            .values()
+            .filter(|f| draining(f))
+            .collect();
+        assert_eq!(draining.len(), 2);
+        assert!(draining.iter().all(|f| f.service_id == NO_SERVICE));
+        assert_eq!(r.draining(), 2);
+        end_all_drains(&mut r, &mut maps);
         assert_eq!(maps.state.frontends.len(), 2);
         assert_eq!(maps.state.services.len(), 1);
         assert_eq!(
@@ -1631,6 +1710,7 @@ mod tests {
         );
         assert_eq!(maps.state.backends.len(), 1);
         r.reconcile(&DesiredState::default(), &mut maps);
+        end_all_drains(&mut r, &mut maps);
         assert_eq!(maps.state, Snapshot::default());
     }
 
@@ -1651,6 +1731,13 @@ mod tests {
     }
 
     /// How the maps differ from what `r` wrote.
+    /// Ends every drain, as when no flow uses the draining frontends any more.
+    fn end_all_drains(r: &mut Reconciler, maps: &mut FakeMaps) {
+        let (_, errors) = r.end_drains(&BTreeSet::new(), maps);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(r.draining(), 0);
+    }
+
     fn drift(r: &Reconciler, maps: &FakeMaps) -> Vec<String> {
         r.differences(&maps.snapshot().unwrap())
     }
@@ -1717,10 +1804,12 @@ mod tests {
         assert_eq!(live_backends(&maps, &fe(10, 30001)), ips(&[1, 2, 5]));
         assert_eq!(live_backends(&maps, &fe(11, 30001)), ips(&[1, 2, 5]));
         assert_eq!(live_backends(&maps, &fe(10, 30002)), ips(&[3]));
-        assert!(!maps
-            .state
-            .frontends
-            .contains_key(&frontend_key(&fe(12, 30009))));
+        // The extra frontend drains like any other that left: it serves no new flow.
+        let extra = frontend_key(&fe(12, 30009));
+        assert!(draining(&maps.state.frontends[&extra]));
+        end_all_drains(&mut r, &mut maps);
+        assert!(!maps.state.frontends.contains_key(&extra));
+        assert_eq!(drift(&r, &maps), Vec::<String>::new());
     }
 
     #[test]
@@ -1735,6 +1824,7 @@ mod tests {
         let mut restarted = Reconciler::restore(maps.snapshot().unwrap(), Limits::default());
         let report = restarted.reconcile(&new, &mut maps);
         assert!(report.errors.is_empty());
+        end_all_drains(&mut restarted, &mut maps);
         assert_eq!(maps.state.frontends.len(), 2);
         assert_eq!(maps.state.services.len(), 1);
         assert_eq!(maps.state.backends.len(), 2);
@@ -1832,6 +1922,9 @@ mod tests {
             .retain(|f, _| f.ip == IpAddr::from([198, 18, 0, 11]));
         let report = r.reconcile(&state(&[("a", one_node)]), &mut maps);
         assert!(report.errors.is_empty(), "{:?}", report.errors);
+        // Draining frontends keep theirs (XDP still takes their flows' packets) until they go.
+        assert_eq!(frontend_ports(&maps), [443, 30001, 30002]);
+        end_all_drains(&mut r, &mut maps);
         assert_eq!(frontend_ports(&maps), [30001]);
         // Pins of a build without the map: the restarted agent fills it in.
         let only_a = state(&[a]);
@@ -1948,6 +2041,10 @@ mod tests {
             ids_of(&maps, 30003).iter().all(|id| !ids.contains(id)),
             "fresh while a's are still live"
         );
+        // a's frontends drain, keeping their ids (and counters) until no flow uses them.
+        assert_eq!(ids_of(&maps, 30001), a_ids);
+        let (ended, errors) = r.end_drains(&BTreeSet::new(), &mut maps);
+        assert_eq!((ended.len(), errors.len()), (a_ids.len(), 0));
         r.reconcile(
             &state(&[
                 b(),
@@ -2049,7 +2146,13 @@ mod tests {
         // A new service while sweeps still fail gets another id.
         let b_only = state(&[("b", sticky(30002, &[(3, false)]))]);
         r.reconcile(&b_only, &mut maps);
-        let b = maps.state.frontends.values().next().unwrap().service_id;
+        let b = maps
+            .state
+            .frontends
+            .values()
+            .find(|f| !draining(f))
+            .unwrap()
+            .service_id;
         assert_ne!(b, id, "id reused before its affinity was swept");
         assert!(maps.state.backends.contains_key(&one));
         // The next sweep frees it all.
@@ -2236,6 +2339,7 @@ mod tests {
         maps.state
             .frontends
             .iter()
+            .filter(|(_, fe)| !draining(fe))
             .map(|(key, fe)| {
                 let s = services.get(&fe.service_id).copied().unwrap_or_default();
                 let backends = (0..s.table_size)
@@ -2288,17 +2392,72 @@ mod tests {
         all
     }
 
+    /// The frontends that serve new flows.
+    fn serving(maps: &FakeMaps) -> BTreeSet<FrontendKey> {
+        let frontends = maps.state.frontends.iter();
+        frontends
+            .filter(|(_, fe)| !draining(fe))
+            .map(|(k, _)| *k)
+            .collect()
+    }
+
+    /// Draining frontends that should not be: each must be an external TCP one that `want` does
+    /// not have, with no service behind it.
+    fn misdrained(want: &DesiredState, maps: &FakeMaps) -> Vec<String> {
+        let wanted = expected(want);
+        maps.state
+            .frontends
+            .iter()
+            .filter(|(k, fe)| {
+                draining(fe)
+                    && (wanted.contains_key(k)
+                        || fe.service_id != NO_SERVICE
+                        || k.proto != common::PROTO_TCP
+                        || k.scope != common::SCOPE_EXTERNAL)
+            })
+            .map(|(k, _)| frontend_display(k))
+            .collect()
+    }
+
+    /// Ends the drains of a random half of the draining frontends (the others still have live
+    /// flows): exactly those go.
+    fn end_some_drains(rng: &mut Rng, r: &mut Reconciler, maps: &mut FakeMaps, step: usize) {
+        let before: Vec<FrontendKey> = maps
+            .state
+            .frontends
+            .iter()
+            .filter(|(_, fe)| draining(fe))
+            .map(|(k, _)| *k)
+            .collect();
+        let in_use: BTreeSet<(Addr, u16)> = before
+            .iter()
+            .filter(|_| rng.below(2) == 0)
+            .map(|k| (k.addr, k.port))
+            .collect();
+        let (ended, errors) = r.end_drains(&in_use, maps);
+        assert!(errors.is_empty(), "step {step}: {errors:?}");
+        let left: BTreeSet<(Addr, u16)> = maps
+            .state
+            .frontends
+            .iter()
+            .filter(|(_, fe)| draining(fe))
+            .map(|(k, _)| (k.addr, k.port))
+            .collect();
+        assert!(left.is_subset(&in_use), "step {step}");
+        assert_eq!(ended.len() + left.len(), before.len(), "step {step}");
+    }
+
     /// Frontends in `serving` that `want` still has but the maps no longer do. One that served
     /// goes on serving through a failed write (with what it had, if its own change failed).
     fn went_dark(
-        serving: &BTreeSet<FrontendKey>,
+        were_serving: &BTreeSet<FrontendKey>,
         want: &DesiredState,
         maps: &FakeMaps,
     ) -> Vec<String> {
-        let wanted = expected(want);
-        serving
+        let (wanted, now) = (expected(want), serving(maps));
+        were_serving
             .iter()
-            .filter(|k| wanted.contains_key(k) && !maps.state.frontends.contains_key(k))
+            .filter(|k| wanted.contains_key(k) && !now.contains(k))
             .map(frontend_display)
             .collect()
     }
@@ -2444,20 +2603,21 @@ mod tests {
     /// Random changes to a dozen Service ports, some syncs with a write failing: after every sync
     /// without one, the maps serve exactly the desired state, match what the reconciler believes
     /// it wrote, a second sync writes nothing, and a restart from the maps writes nothing either.
-    /// And after every single write, no frontend leads to a missing table entry or backend.
+    /// And after every single write, no frontend leads to a missing table entry or backend. TCP
+    /// frontends that left drain (and only they), and drains end when their flows do.
     #[test]
     fn random_changes_and_failed_writes_converge_on_the_desired_state() {
         let (mut maps, mut r) = checked_from_scratch();
         let mut rng = Rng::from_env("EXPOSURE_RECONCILE_SEED", 0x9e37_79b9_7f4a_7c15);
         let mut want = DesiredState::default();
-        let (mut failed, mut clean) = (0, 0);
+        let (mut failed, mut clean, mut drained) = (0, 0, 0);
         for step in 0..400 {
             for _ in 0..1 + rng.below(3) {
                 change_one(&mut rng, &mut want, 4);
             }
             if rng.below(4) == 0 {
                 maps.fail_at_write = Some(maps.writes + 1 + rng.below(12));
-                let serving: BTreeSet<FrontendKey> = maps.state.frontends.keys().copied().collect();
+                let serving = serving(&maps);
                 let report = r.reconcile(&want, &mut maps);
                 maps.fail_at_write = None;
                 assert_eq!(
@@ -2507,6 +2667,16 @@ mod tests {
             assert_eq!(differ, Vec::<String>::new(), "step {step}");
             assert_eq!(drift(&r, &maps), Vec::<String>::new(), "step {step}");
             assert_eq!(stale_affinity(&maps), Vec::<String>::new(), "step {step}");
+            assert_eq!(
+                misdrained(&want, &maps),
+                Vec::<String>::new(),
+                "step {step}"
+            );
+            drained += r.draining();
+            if rng.below(3) == 0 {
+                end_some_drains(&mut rng, &mut r, &mut maps, step);
+                assert_eq!(drift(&r, &maps), Vec::<String>::new(), "step {step}");
+            }
             let again = r.reconcile(&want, &mut maps);
             assert_eq!((again.writes, again.errors.len()), (0, 0), "step {step}");
             if step % 10 == 0 {
@@ -2520,8 +2690,8 @@ mod tests {
             clean += 1;
         }
         assert!(
-            failed > 20 && clean > 200,
-            "{failed} failed syncs, {clean} clean"
+            failed > 20 && clean > 200 && drained > 100,
+            "{failed} failed syncs, {clean} clean, {drained} frontends seen draining"
         );
     }
 
@@ -2549,7 +2719,7 @@ mod tests {
             if rng.below(5) == 0 {
                 maps.fail_at_write = Some(maps.writes + 1 + rng.below(12));
             }
-            let serving: BTreeSet<FrontendKey> = maps.state.frontends.keys().copied().collect();
+            let serving = serving(&maps);
             let report = r.reconcile(&want, &mut maps);
             maps.fail_at_write = None;
             let errors: Vec<String> = report.errors.iter().map(|e| e.to_string()).collect();
@@ -2571,6 +2741,15 @@ mod tests {
             );
             if errors.is_empty() {
                 assert_eq!(stale_affinity(&maps), Vec::<String>::new(), "step {step}");
+                // (A Service refused for a limit keeps draining what it had before.)
+                assert_eq!(
+                    misdrained(&want, &maps),
+                    Vec::<String>::new(),
+                    "step {step}"
+                );
+            }
+            if rng.below(3) == 0 {
+                end_some_drains(&mut rng, &mut r, &mut maps, step);
             }
             let wanted = expected(&want);
             let got = served(&maps);
@@ -2599,6 +2778,7 @@ mod tests {
             let report = r.reconcile(&want, &mut maps);
             assert!(report.errors.is_empty(), "{:?}", report.errors);
         }
+        end_all_drains(&mut r, &mut maps);
         assert_eq!(maps.state.frontends, BTreeMap::new());
         assert_eq!(maps.state.services, BTreeMap::new());
         assert_eq!(maps.state.backends, BTreeMap::new());

@@ -3,7 +3,7 @@
 //! Addresses are all in 198.18.0.0/15; namespaces, pins and processes are removed even on failure.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     io::ErrorKind,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
@@ -1156,6 +1156,66 @@ fn without(pods: &[(Ipv4Addr, String)], gone: &[String]) -> Vec<(Ipv4Addr, Strin
 fn pod_name(ip: Ipv4Addr) -> String {
     let o = ip.octets();
     format!("pod-{}-{}", o[2], o[3] - 1)
+}
+
+/// A Service removed while connections through it are open: they go on to their pods (as
+/// kube-proxy's conntrack keeps them), new connections are refused by the node as at any port
+/// nothing serves, and once the connections have ended the agent removes the frontend. The
+/// Service, added again, is served again.
+#[test]
+fn connections_through_a_removed_service_go_on_until_they_end() {
+    let hello = hello_world(&all_pods(&[1, 1]));
+    let flags = ["--flow-timeout-tcp-closing", "2s"];
+    let c = Cluster::start_with(&[1, 1], &[("hello.yaml", hello.clone())], &flags);
+    let to = c.node(0, 30600);
+    // One connection to each pod (node-1's own and node-2's), held.
+    let mut held: BTreeMap<String, TcpSession> = BTreeMap::new();
+    for _ in 0..apps::SPREAD_MIN {
+        let mut s = TcpSession::connect(&c.lab.client, to).unwrap();
+        let pod = parse_answer(&s.ask("hi").unwrap()).unwrap().0.to_string();
+        held.entry(pod).or_insert(s);
+        if held.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(held.len(), 2, "a connection to each pod");
+
+    std::fs::remove_file(c.manifests.join("hello.yaml")).unwrap();
+    let frontend = format!("{to}/TCP");
+    let logged = |what: &str| {
+        let log = c.agents[0].log_text();
+        log.lines()
+            .any(|l| l.contains(&frontend) && l.contains(what))
+    };
+    c.eventually("new connections are refused", || {
+        apps::tcp_ask(&c.lab.client, to).is_err()
+    });
+    for (pod, s) in held.iter_mut() {
+        let answer = s.ask("still there?").expect("the held connection goes on");
+        assert_eq!(parse_answer(&answer).unwrap().0, pod);
+    }
+    assert!(logged("draining"), "{}", c.agents[0].log_text());
+    // The NodePort, and the LB address until a check finds no flow through it (TCP: UDP's
+    // frontends go at once).
+    let draining = metric(&c, 0, "exposure_frontends_draining").unwrap_or(0.0);
+    assert!((1.0..=2.0).contains(&draining), "{draining} draining");
+    assert!(
+        !logged("drained"),
+        "drained while connections went through it"
+    );
+    for (_, s) in held {
+        s.finish().expect("closed both ways");
+    }
+    c.eventually("the frontend goes once its connections have", || {
+        logged("drained")
+    });
+    assert_eq!(metric(&c, 0, "exposure_frontends_draining"), Some(0.0));
+    assert!(apps::tcp_ask(&c.lab.client, to).is_err());
+
+    c.write("hello.yaml", &hello);
+    c.eventually("served again", || apps::tcp_ask(&c.lab.client, to).is_ok());
+    let (pods, _) = c.tcp_spread(to, 20);
+    assert_eq!(pods, pods_named(&["pod-1-1", "pod-2-1"]));
 }
 
 #[test]

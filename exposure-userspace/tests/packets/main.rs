@@ -1809,8 +1809,14 @@ fn a_node_connection_from_any_frontends_address_and_port_gets_its_own_replies() 
             );
         }
         assert_eq!(h.counter(Counter::NewFlows), 0);
-        // With those frontends gone, their tuples hold nothing.
+        // With those frontends gone (their drains over: the node's connections are no flows
+        // through them), their tuples hold nothing.
         h.program(&with_more(false));
+        let in_use = h
+            .maps
+            .tcp_frontends_in_use(&exposure_common::FlowLifetimes::DEFAULT);
+        let (ended, errors) = h.reconciler.end_drains(&in_use, &mut h.maps);
+        assert_eq!((ended.len(), errors.len()), (2, 0), "{ended:?} {errors:?}");
         for from in [(NODE, 8443), (second, NODE_PORT)] {
             let own = FrameSpec::tcp(from, (PEER_NODE, 500), SYN).build();
             assert_eq!(h.tc(&own).0 as i32, TC_ACT_UNSPEC);
@@ -3111,5 +3117,102 @@ fn whole_flow_tables_are_counted_and_purged_across_batches() {
             .map(|f| f.backend_id)
             .collect();
         assert_eq!(left, std::collections::BTreeSet::from([2]));
+    });
+}
+
+/// A Service that goes (deleted, or its port or address changed) leaves its TCP frontends
+/// draining, as kube-proxy's conntrack entries keep translating a removed Service's connections:
+/// an established flow goes on to its backend (local or remote), a new one is passed to the
+/// kernel untranslated, as with no frontend. UDP frontends go at once (kube-proxy deletes their
+/// conntrack entries). A drain ends once no live flow goes through the frontend.
+#[test]
+fn a_removed_services_tcp_connections_go_on_until_they_end() {
+    use exposure_common::{FlowLifetimes, FlowPhase};
+    with_datapath(|h| {
+        h.program(&hello(&[(LOCAL_POD, true), (REMOTE_POD, false)]));
+        // Held connections: find a client port for each backend.
+        let mut held = std::collections::BTreeMap::new();
+        for sport in 45000..45100 {
+            let syn = h.client_frame(FrameSpec::tcp((CLIENT, sport), (NODE, NODE_PORT), SYN));
+            let (_, out) = h.xdp(&syn);
+            held.entry(frame::parse(&out).unwrap().dst).or_insert(sport);
+            if held.len() == 2 {
+                break;
+            }
+        }
+        let (local, remote) = (held[&LOCAL_POD], held[&REMOTE_POD]);
+        let udp = |h: &Harness| h.client_frame(FrameSpec::udp((CLIENT, 45200), (NODE, NODE_PORT)));
+        let (_, out) = h.xdp(&udp(h));
+        assert_eq!(frame::parse(&out).unwrap().dport, 50000, "a UDP flow too");
+        let new_flows = h.counter(Counter::NewFlows);
+
+        h.program(&DesiredState::default());
+        assert_eq!(
+            h.reconciler.draining(),
+            2,
+            "the NodePort's and the LB's TCP frontends"
+        );
+        let ack = |h: &Harness, sport| {
+            h.client_frame(FrameSpec::tcp((CLIENT, sport), (NODE, NODE_PORT), ACK))
+        };
+        let (verdict, out) = h.xdp(&ack(h, local));
+        let p = frame::parse(&out).unwrap();
+        assert_eq!((verdict, p.dst, p.dport), (XDP_PASS, LOCAL_POD, 50000));
+        assert_checksums(&p);
+        let (verdict, out) = h.xdp(&ack(h, remote));
+        let p = frame::parse(&out).unwrap();
+        assert_eq!((verdict, p.dst, p.src), (XDP_TX, REMOTE_POD, NODE));
+        assert_checksums(&p);
+        // A new connection, and a SYN on a port no flow holds, reach the node as sent.
+        for sport in [45300, 45301] {
+            let syn = h.client_frame(FrameSpec::tcp((CLIENT, sport), (NODE, NODE_PORT), SYN));
+            let (verdict, out) = h.xdp(&syn);
+            assert_eq!(
+                (verdict, out),
+                (XDP_PASS, syn),
+                "new flow through a draining frontend"
+            );
+        }
+        let to_lb = h.client_frame(FrameSpec::tcp((CLIENT, 45302), (LB, 60000), SYN));
+        assert_eq!(h.xdp(&to_lb), (XDP_PASS, to_lb));
+        assert_eq!(h.counter(Counter::NewFlows), new_flows, "no flow made");
+        // UDP's frontend is gone: its flow's next datagram too.
+        let datagram = udp(h);
+        assert_eq!(h.xdp(&datagram), (XDP_PASS, datagram));
+
+        // The LB's frontend has no flow: its drain ends; the NodePort's flows are alive.
+        let lifetimes = FlowLifetimes::DEFAULT;
+        let in_use = h.maps.tcp_frontends_in_use(&lifetimes);
+        let (ended, errors) = h.reconciler.end_drains(&in_use, &mut h.maps);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(ended, ["198.18.100.1:60000/TCP"]);
+        assert_eq!(h.reconciler.draining(), 1);
+        let (verdict, out) = h.xdp(&ack(h, local));
+        assert_eq!(
+            (verdict, frame::parse(&out).unwrap().dst),
+            (XDP_PASS, LOCAL_POD)
+        );
+        // Its connections close (RST): once their flows are over (no closing time left here),
+        // the drain ends and their packets reach the node as sent.
+        for sport in [local, remote] {
+            let rst = h.client_frame(FrameSpec::tcp((CLIENT, sport), (NODE, NODE_PORT), RST));
+            assert_ne!(h.xdp(&rst).1, rst, "the RST is translated");
+        }
+        // (The SYNs that found the held ports made flows too: theirs are over first.)
+        let mut over = lifetimes;
+        over.ns[FlowPhase::TcpOpening as usize] = 0;
+        let in_use = h.maps.tcp_frontends_in_use(&over);
+        assert_eq!(in_use.len(), 1, "closing, not over");
+        over.ns[FlowPhase::Closing as usize] = 0;
+        let in_use = h.maps.tcp_frontends_in_use(&over);
+        let (ended, _) = h.reconciler.end_drains(&in_use, &mut h.maps);
+        assert_eq!(ended, ["198.18.0.10:30600/TCP"]);
+        assert_eq!(h.reconciler.draining(), 0);
+        let late = ack(h, local);
+        assert_eq!(h.xdp(&late), (XDP_PASS, late));
+        assert_eq!(
+            h.reconciler.differences(&h.maps.snapshot().unwrap()),
+            Vec::<String>::new()
+        );
     });
 }
