@@ -3216,3 +3216,38 @@ fn a_removed_services_tcp_connections_go_on_until_they_end() {
         );
     });
 }
+
+/// [`a_removed_services_tcp_connections_go_on_until_they_end`] over IPv6: a held flow through a
+/// removed Service's NodePort goes on, a new one passes untranslated, and the drain ends once the
+/// flow is over.
+#[test]
+fn a_removed_services_ipv6_connections_go_on_until_they_end() {
+    use exposure_common::{FlowLifetimes, FlowPhase};
+    with_datapath(|h| {
+        h.program(&hello6(&[(LOCAL_POD6, true)]));
+        let to_node_port = |sport, flags| {
+            frame::FrameSpec6::tcp((CLIENT6, sport), (NODE6, NODE_PORT), flags).build()
+        };
+        assert_eq!(
+            parse6_ok(&h.xdp(&to_node_port(46000, SYN)).1).dst,
+            LOCAL_POD6
+        );
+        h.program(&DesiredState::default());
+        assert_eq!(h.reconciler.draining(), 2);
+        let (verdict, out) = h.xdp(&to_node_port(46000, ACK));
+        assert_eq!((verdict, parse6_ok(&out).dst), (XDP_PASS, LOCAL_POD6));
+        let new = to_node_port(46001, SYN);
+        assert_eq!(h.xdp(&new), (XDP_PASS, new.clone()));
+        let in_use = h.maps.tcp_frontends_in_use(&FlowLifetimes::DEFAULT);
+        let (ended, _) = h.reconciler.end_drains(&in_use, &mut h.maps);
+        assert_eq!(ended, ["[2001:2:0:100::1]:60000/TCP"]);
+        h.xdp(&to_node_port(46000, RST));
+        let mut over = FlowLifetimes::DEFAULT;
+        over.ns[FlowPhase::Closing as usize] = 0;
+        let in_use = h.maps.tcp_frontends_in_use(&over);
+        let (ended, _) = h.reconciler.end_drains(&in_use, &mut h.maps);
+        assert_eq!(ended, ["[2001:2::10]:30600/TCP"]);
+        let late = to_node_port(46000, ACK);
+        assert_eq!(h.xdp(&late), (XDP_PASS, late));
+    });
+}
