@@ -52,8 +52,8 @@ pub const XDP_TX: u8 = 3;
 /// `r0 = action; exit`.
 pub fn load_returning(action: u8) -> anyhow::Result<OwnedFd> {
     load_insns(&[
-        u64::from_le_bytes([0xb7, 0, 0, 0, action, 0, 0, 0]),
-        u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0]),
+        insn(MOV_IMM, 0, 0, 0, action as i32),
+        insn(EXIT, 0, 0, 0, 0),
     ])
 }
 
@@ -73,7 +73,7 @@ pub const TC_ACT_SHOT: i32 = 2;
 /// A tc classifier doing `r0 = action; exit`.
 fn load_tc_returning(action: i32) -> anyhow::Result<OwnedFd> {
     const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
-    let insns = [insn(0xb7, 0, 0, 0, action), insn(0x95, 0, 0, 0, 0)];
+    let insns = [insn(MOV_IMM, 0, 0, 0, action), insn(EXIT, 0, 0, 0, 0)];
     load_program(BPF_PROG_TYPE_SCHED_CLS, 0, &insns)
 }
 
@@ -167,26 +167,54 @@ fn attach_loaded(
 }
 
 /// One BPF instruction: opcode, registers, offset, immediate.
-fn insn(op: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
+const fn insn(op: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
     let [o0, o1] = off.to_le_bytes();
     let [i0, i1, i2, i3] = imm.to_le_bytes();
     u64::from_le_bytes([op, dst | src << 4, o0, o1, i0, i1, i2, i3])
 }
 
+/// The opcodes and helper numbers the hand-assembled programs use.
+mod op {
+    pub const LDXW: u8 = 0x61;
+    pub const LDXH: u8 = 0x69;
+    pub const STX_DW: u8 = 0x7b;
+    pub const ST_DW: u8 = 0x7a;
+    pub const MOV_REG: u8 = 0xbf;
+    pub const MOV_IMM: u8 = 0xb7;
+    pub const ADD_IMM: u8 = 0x07;
+    pub const LD_IMM64: u8 = 0x18;
+    pub const JGT_REG: u8 = 0x2d;
+    pub const JEQ_IMM: u8 = 0x15;
+    pub const JNE_IMM: u8 = 0x55;
+    pub const JNE32_IMM: u8 = 0x56;
+    pub const CALL: u8 = 0x85;
+    pub const EXIT: u8 = 0x95;
+    pub const BPF_FUNC_MAP_LOOKUP_ELEM: i32 = 1;
+    pub const BPF_FUNC_MAP_UPDATE_ELEM: i32 = 2;
+    pub const BPF_FUNC_GET_PRANDOM_U32: i32 = 7;
+    pub const BPF_FUNC_REDIRECT: i32 = 23;
+}
+use op::*;
+
+/// `r1 = map` (a 16-byte instruction: the map's fd, for the kernel to resolve at load).
+fn load_map(map: &OwnedFd) -> [u64; 2] {
+    const PSEUDO_MAP_FD: u8 = 1;
+    [insn(LD_IMM64, 1, PSEUDO_MAP_FD, 0, map.as_raw_fd()), 0]
+}
+
+/// The end of a program that jumps past its first two instructions on failure: `XDP_PASS`, or
+/// `XDP_DROP` there.
+const PASS_ELSE_DROP: [u64; 4] = [
+    insn(MOV_IMM, 0, 0, 0, XDP_PASS as i32),
+    insn(EXIT, 0, 0, 0, 0),
+    insn(MOV_IMM, 0, 0, 0, XDP_DROP as i32),
+    insn(EXIT, 0, 0, 0, 0),
+];
+
 /// An L2 switch in XDP: a frame whose destination MAC is one of `ports`' sends it to that
 /// interface with `bpf_redirect` (as XDP frames: no skb); anything else (broadcast, unknown) passes
 /// to the stack, i.e. the bridge.
 pub fn load_switch(ports: &[([u8; 6], u32)]) -> anyhow::Result<OwnedFd> {
-    const LDXW: u8 = 0x61;
-    const LDXH: u8 = 0x69;
-    const MOV_REG: u8 = 0xbf;
-    const MOV_IMM: u8 = 0xb7;
-    const ADD_IMM: u8 = 0x07;
-    const JGT_REG: u8 = 0x2d;
-    const JNE32_IMM: u8 = 0x56;
-    const CALL: u8 = 0x85;
-    const EXIT: u8 = 0x95;
-    const BPF_FUNC_REDIRECT: i32 = 23;
     // Each rule: two compares, three moves/call, exit.
     const RULE: i16 = 6;
     let rules = ports.len() as i16;
@@ -269,31 +297,19 @@ pub fn load_one_lookup() -> anyhow::Result<(OwnedFd, OwnedFd)> {
     attr[1] = key.as_ptr() as u64;
     attr[2] = value.as_ptr() as u64;
     sys_bpf(BPF_MAP_UPDATE_ELEM, &mut attr).context("filling the lookup map")?;
-    const ST_DW: u8 = 0x7a;
-    const MOV_REG: u8 = 0xbf;
-    const MOV_IMM: u8 = 0xb7;
-    const ADD_IMM: u8 = 0x07;
-    const LD_IMM64: u8 = 0x18;
-    const PSEUDO_MAP_FD: u8 = 1;
-    const JEQ_IMM: u8 = 0x15;
-    const CALL: u8 = 0x85;
-    const EXIT: u8 = 0x95;
-    const BPF_FUNC_MAP_LOOKUP_ELEM: i32 = 1;
     let mut p: Vec<u64> = (1..=KEY as i16 / 8)
         .map(|i| insn(ST_DW, 10, 0, -8 * i, 0)) // the key: zeros on the stack
         .collect();
     p.extend([
         insn(MOV_REG, 2, 10, 0, 0),
         insn(ADD_IMM, 2, 0, 0, -(KEY as i32)),
-        insn(LD_IMM64, 1, PSEUDO_MAP_FD, 0, map.as_raw_fd()),
-        0,
-        insn(CALL, 0, 0, 0, BPF_FUNC_MAP_LOOKUP_ELEM),
-        insn(JEQ_IMM, 0, 0, 2, 0),
-        insn(MOV_IMM, 0, 0, 0, XDP_PASS as i32),
-        insn(EXIT, 0, 0, 0, 0),
-        insn(MOV_IMM, 0, 0, 0, XDP_DROP as i32),
-        insn(EXIT, 0, 0, 0, 0),
     ]);
+    p.extend(load_map(&map));
+    p.extend([
+        insn(CALL, 0, 0, 0, BPF_FUNC_MAP_LOOKUP_ELEM),
+        insn(JEQ_IMM, 0, 0, 2, 0), // not found: XDP_DROP
+    ]);
+    p.extend(PASS_ELSE_DROP);
     let prog = load_insns(&p).context("loading the one-lookup program")?;
     Ok((prog, map))
 }
@@ -304,18 +320,6 @@ pub fn load_one_lookup() -> anyhow::Result<(OwnedFd, OwnedFd)> {
 /// are full, every insert evicts, as in a node's full flow tables.
 pub fn load_inserts(values: &[u32], entries: u32) -> anyhow::Result<(OwnedFd, Vec<OwnedFd>)> {
     const KEY: i16 = 16;
-    const STX_DW: u8 = 0x7b;
-    const ST_DW: u8 = 0x7a;
-    const MOV_REG: u8 = 0xbf;
-    const MOV_IMM: u8 = 0xb7;
-    const ADD_IMM: u8 = 0x07;
-    const LD_IMM64: u8 = 0x18;
-    const PSEUDO_MAP_FD: u8 = 1;
-    const JNE_IMM: u8 = 0x55;
-    const CALL: u8 = 0x85;
-    const EXIT: u8 = 0x95;
-    const BPF_FUNC_MAP_UPDATE_ELEM: i32 = 2;
-    const BPF_FUNC_GET_PRANDOM_U32: i32 = 7;
     let maps = values
         .iter()
         .map(|&value| create_lru_hash(KEY as u32, value, entries, 0))
@@ -339,19 +343,15 @@ pub fn load_inserts(values: &[u32], entries: u32) -> anyhow::Result<(OwnedFd, Ve
             insn(MOV_REG, 3, 10, 0, 0),
             insn(ADD_IMM, 3, 0, 0, -((KEY + largest) as i32)),
             insn(MOV_IMM, 4, 0, 0, 0), // BPF_ANY
-            insn(LD_IMM64, 1, PSEUDO_MAP_FD, 0, map.as_raw_fd()),
-            0,
+        ]);
+        p.extend(load_map(map));
+        p.extend([
             insn(CALL, 0, 0, 0, BPF_FUNC_MAP_UPDATE_ELEM),
             // Failed: on to the XDP_DROP at the end, past the other inserts' 13 instructions each.
             insn(JNE_IMM, 0, 0, (inserts - 1 - i as i16) * 13 + 2, 0),
         ]);
     }
-    p.extend([
-        insn(MOV_IMM, 0, 0, 0, XDP_PASS as i32),
-        insn(EXIT, 0, 0, 0, 0),
-        insn(MOV_IMM, 0, 0, 0, XDP_DROP as i32),
-        insn(EXIT, 0, 0, 0, 0),
-    ]);
+    p.extend(PASS_ELSE_DROP);
     let prog = load_insns(&p).context("loading the inserts program")?;
     Ok((prog, maps))
 }

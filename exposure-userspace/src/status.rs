@@ -210,18 +210,31 @@ mod tests {
         sync::{DatapathMaps as _, FakeMaps, Limits, Reconciler},
     };
 
+    /// hello-world's NodePort on the node's address.
+    fn node_port() -> FrontendAddr {
+        FrontendAddr {
+            ip: IpAddr::from([198, 18, 0, 10]),
+            port: 30600,
+            protocol: Protocol::Tcp,
+            scope: Scope::External,
+        }
+    }
+
+    fn hello_world() -> ServicePortName {
+        ServicePortName {
+            namespace: "default".into(),
+            name: "hello-world".into(),
+            port: String::new(),
+            protocol: Protocol::Tcp,
+            family: crate::model::IpFamily::V4,
+            scope: Scope::External,
+        }
+    }
+
     #[test]
     fn table_lists_frontends_with_their_backends() {
         let mut svc = DesiredService::default();
-        svc.frontends.insert(
-            FrontendAddr {
-                ip: IpAddr::from([198, 18, 0, 10]),
-                port: 30600,
-                protocol: Protocol::Tcp,
-                scope: Scope::External,
-            },
-            FrontendKind::NodePort,
-        );
+        svc.frontends.insert(node_port(), FrontendKind::NodePort);
         svc.frontends.insert(
             FrontendAddr {
                 ip: IpAddr::from([198, 18, 50, 10]),
@@ -243,18 +256,10 @@ mod tests {
                 local: false,
             },
         ];
-        let name = ServicePortName {
-            namespace: "default".into(),
-            name: "hello-world".into(),
-            port: String::new(),
-            protocol: Protocol::Tcp,
-            family: crate::model::IpFamily::V4,
-            scope: Scope::External,
-        };
         let mut maps = FakeMaps::default();
         Reconciler::restore(Snapshot::default(), Limits::default()).reconcile(
             &DesiredState {
-                services: [(name, std::sync::Arc::new(svc))].into(),
+                services: [(hello_world(), std::sync::Arc::new(svc))].into(),
                 ..Default::default()
             },
             &mut maps,
@@ -325,27 +330,11 @@ mod tests {
     #[test]
     fn a_draining_frontend_shows_as_such() {
         let mut svc = DesiredService::default();
-        svc.frontends.insert(
-            FrontendAddr {
-                ip: IpAddr::from([198, 18, 0, 10]),
-                port: 30600,
-                protocol: Protocol::Tcp,
-                scope: Scope::External,
-            },
-            FrontendKind::NodePort,
-        );
-        let name = ServicePortName {
-            namespace: "default".into(),
-            name: "hello-world".into(),
-            port: String::new(),
-            protocol: Protocol::Tcp,
-            family: crate::model::IpFamily::V4,
-            scope: Scope::External,
-        };
+        svc.frontends.insert(node_port(), FrontendKind::NodePort);
         let mut maps = FakeMaps::default();
         let mut r = Reconciler::restore(Snapshot::default(), Limits::default());
         let state = DesiredState {
-            services: [(name, std::sync::Arc::new(svc))].into(),
+            services: [(hello_world(), std::sync::Arc::new(svc))].into(),
             ..Default::default()
         };
         r.reconcile(&state, &mut maps);
