@@ -296,7 +296,7 @@ fn tc_ns(dp: &mut exposure::datapath::Datapath, frame: &[u8], repeat: u32) -> (u
 /// from userspace: past the tables' size, each insert evicts, so they are full.
 fn fill_flow_tables(maps: &mut KernelMaps, count: u32) {
     let base = u32::from(Ipv4Addr::new(198, 19, 128, 0));
-    let now = monotonic_ns();
+    let now = exposure::datapath::datapath_clock_ns();
     for i in 0..count {
         let key = exposure_common::FlowKey4 {
             saddr: (base + i / 40_000).to_be(),
@@ -541,7 +541,7 @@ fn packet_costs(services: usize, backends: usize, repeat: u32) -> PacketCosts {
             };
             let reply = exposure_common::Reply {
                 // Seen now, on the programs' clock: a reply of a flow that is over is passed.
-                last_seen_ns: monotonic_ns(),
+                last_seen_ns: exposure::datapath::datapath_clock_ns(),
                 frontend_addr: key.saddr,
                 frontend_port: key.sport,
                 client_addr: key.daddr,
@@ -1404,16 +1404,4 @@ fn flows_label(f: exposure_lab::traffic::Flows) -> &'static str {
         exposure_lab::traffic::Flows::One => "one flow",
         exposure_lab::traffic::Flows::New => "new flows",
     }
-}
-
-/// `CLOCK_MONOTONIC`, the clock `bpf_ktime_get_coarse_ns` reads.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid out-pointer for clock_gettime.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    assert_eq!(rc, 0, "clock_gettime");
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }

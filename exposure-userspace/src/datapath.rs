@@ -1184,10 +1184,6 @@ impl MaglevArray {
     }
 }
 
-/// Every entry of a hash map, read `BPF_MAP_LOOKUP_BATCH` at a time (Linux 5.6; earlier kernels
-/// walk the keys and look each one up): thousands per system call, where the walk takes two per
-/// entry (a full flow table of 262,144 entries: 0.3 s to walk its keys, 83 ms in batches). Entries
-/// that come and go meanwhile may be seen or not, as with the walk.
 /// Now on the datapath's clock (`bpf_ktime_get_coarse_ns`: the monotonic clock, coarse), in
 /// which flows' `last_seen_ns` are written.
 pub fn datapath_clock_ns() -> u64 {
@@ -1200,6 +1196,10 @@ pub fn datapath_clock_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// Every entry of a hash map, read `BPF_MAP_LOOKUP_BATCH` at a time (Linux 5.6; earlier kernels
+/// walk the keys and look each one up): thousands per system call, where the walk takes two per
+/// entry (a full flow table of 262,144 entries: 0.3 s to walk its keys, 83 ms in batches). Entries
+/// that come and go meanwhile may be seen or not, as with the walk.
 fn for_each_entry<K: aya::Pod, V: aya::Pod>(
     map: &aya::maps::HashMap<MapData, K, V>,
     mut visit: impl FnMut(K, V),
