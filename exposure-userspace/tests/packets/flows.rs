@@ -15,14 +15,17 @@
 //! - every answer goes back, from the frontend, to the client whose flow holds its tuple now, and
 //!   only that flow's state follows it; an answer on the tuple of a flow that is over is the
 //!   kernel's, untouched;
-//! - every entry's connection state is the model's.
+//! - every entry's connection state is the model's;
+//! - while the Service is removed, its UDP frontends are gone and its TCP ones drain: only the
+//!   flows that are not over go on (answers too), anything else is the kernel's, untouched; a
+//!   drain ends exactly when no flow through the frontend is left.
 //!
 //! Four SNAT ports per backend, so they run out and are taken over often. In IPv4, and in IPv6
 //! (whose flows and replies have maps and keys of their own).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
 };
 
 use super::*;
@@ -180,6 +183,10 @@ struct Model {
     /// `sessionAffinity: ClientIP`: the backend each (protocol, client address) sticks to;
     /// `None` once one was chosen for a flow that was then dropped (so not seen here).
     sticky: Option<BTreeMap<(u8, IpAddr), Option<IpAddr>>>,
+    /// The Service is removed (its endpoints, kept here, come back with it).
+    removed: bool,
+    /// While it is: its TCP frontends still draining.
+    draining: BTreeSet<(IpAddr, u16)>,
 }
 
 impl Model {
@@ -230,6 +237,12 @@ impl Model {
             .is_none_or(|r| !r.conn.holds_tuple(proto))
     }
 
+    /// Whether a TCP flow that is not over goes through `frontend`.
+    fn tcp_flow_through(&self, frontend: (IpAddr, u16)) -> bool {
+        let mut flows = self.flows.iter();
+        flows.any(|(c, f)| c.0 == TCP && c.3 == frontend && f.conn.alive(TCP))
+    }
+
     /// Time passes for every entry.
     fn age(&mut self, secs: u64) {
         let flows = self.flows.values_mut().map(|f| &mut f.conn);
@@ -267,6 +280,10 @@ struct Reached {
     to_pod: usize,
     /// New flows dropped because the client's flow through the other frontend holds the tuple.
     collisions: usize,
+    /// Flows that went on through a draining frontend, and packets passed for want of a Service.
+    kept_draining: usize,
+    passed_without_service: usize,
+    drains_ended: usize,
 }
 
 struct Run<'h> {
@@ -280,10 +297,36 @@ struct Run<'h> {
 
 impl Run<'_> {
     fn set_endpoints(&mut self, endpoints: BTreeSet<IpAddr>) {
-        for gone in self.model.endpoints.difference(&endpoints) {
+        if !self.model.removed {
+            self.leave(&endpoints);
+        }
+        self.model.endpoints = endpoints;
+        self.program();
+        self.reached.endpoint_changes += 1;
+    }
+
+    /// The endpoints of the datapath's Service become `endpoints` (none while it is removed).
+    fn leave(&mut self, endpoints: &BTreeSet<IpAddr>) {
+        for gone in self.model.endpoints.difference(endpoints) {
             *self.model.generation.entry(*gone).or_default() += 1;
         }
-        let list = endpoints.iter().map(|ip| (*ip, self.model.is_local(*ip)));
+        // Clients stuck to an endpoint that left are forgotten.
+        if let Some(sticky) = &mut self.model.sticky {
+            sticky.retain(|_, b| b.is_none_or(|b| endpoints.contains(&b)));
+        }
+    }
+
+    /// Programs the model's Service (or its absence).
+    fn program(&mut self) {
+        if self.model.removed {
+            self.h.program(&DesiredState::default());
+            return;
+        }
+        let list = self
+            .model
+            .endpoints
+            .iter()
+            .map(|ip| (*ip, self.model.is_local(*ip)));
         let mut state = match self.family.node {
             IpAddr::V4(_) => hello(&list.map(|(ip, l)| (v4(ip), l)).collect::<Vec<_>>()),
             IpAddr::V6(_) => hello6(&list.map(|(ip, l)| (v6(ip), l)).collect::<Vec<_>>()),
@@ -294,12 +337,55 @@ impl Run<'_> {
             }
         }
         self.h.program(&state);
-        // Clients stuck to an endpoint that left are forgotten.
-        if let Some(sticky) = &mut self.model.sticky {
-            sticky.retain(|_, b| b.is_none_or(|b| endpoints.contains(&b)));
+    }
+
+    /// The Service is removed (its TCP frontends drain), or comes back.
+    fn toggle_service(&mut self) {
+        let m = &mut self.model;
+        m.removed = !m.removed;
+        if m.removed {
+            // Its endpoints leave the datapath with it, and its clients' affinity.
+            self.leave(&BTreeSet::new());
+            self.model.draining = self.family.frontends.into_iter().collect();
+        } else {
+            self.model.draining.clear();
         }
-        self.model.endpoints = endpoints;
-        self.reached.endpoint_changes += 1;
+        self.program();
+        let draining = self.h.reconciler.draining();
+        assert_eq!(draining, self.model.draining.len(), "draining frontends");
+    }
+
+    /// Time passes: 10 to 60 s.
+    fn age(&mut self) {
+        let secs = self.rng.pick(&[10, 10, 20, 30, 60]);
+        self.model.age(secs);
+        age_flows(self.h, secs);
+        self.reached.aged += 1;
+    }
+
+    /// The agent's check of draining frontends: exactly those no flow goes through any more end.
+    fn end_drains(&mut self, step: usize) {
+        let lifetimes = exposure_common::FlowLifetimes::DEFAULT;
+        let in_use = self.h.maps.tcp_frontends_in_use(&lifetimes);
+        let (ended, errors) = self.h.reconciler.end_drains(&in_use, &mut self.h.maps);
+        assert!(errors.is_empty(), "step {step}: {errors:?}");
+        let m = &mut self.model;
+        let over: BTreeSet<(IpAddr, u16)> = m
+            .draining
+            .iter()
+            .filter(|fe| !m.tcp_flow_through(**fe))
+            .copied()
+            .collect();
+        let display =
+            |(ip, port): &(IpAddr, u16)| format!("{}/TCP", SocketAddr::from((*ip, *port)));
+        let want: BTreeSet<String> = over.iter().map(display).collect();
+        assert_eq!(
+            ended.into_iter().collect::<BTreeSet<_>>(),
+            want,
+            "step {step}"
+        );
+        m.draining.retain(|fe| !over.contains(fe));
+        self.reached.drains_ended += over.len();
     }
 
     fn random_endpoints(&mut self) -> BTreeSet<IpAddr> {
@@ -354,6 +440,17 @@ impl Run<'_> {
             "{what}: a new flow, though {:?} holds",
             existing
         );
+        if m.removed {
+            // No Service: only a TCP flow through a frontend still draining goes on.
+            let draining = proto == TCP && m.draining.contains(&frontend);
+            if !draining || existing.is_none() {
+                assert_eq!((verdict, &out), (XDP_PASS, &frame), "{what}: the kernel's");
+                assert!(!made_new, "{what}: a new flow without a Service");
+                self.reached.passed_without_service += 1;
+                return;
+            }
+            self.reached.kept_draining += 1;
+        }
         if let Some(f) = existing {
             self.expect_translated(&what, verdict, &out, client, f.backend, f.snat);
             self.reached.kept += 1;
@@ -777,6 +874,8 @@ fn flows_over_time(family: Family, affinity: bool, mode: RedirectToPods) {
                 endpoints: BTreeSet::new(),
                 generation: BTreeMap::new(),
                 sticky: affinity.then(BTreeMap::new),
+                removed: false,
+                draining: BTreeSet::new(),
             },
             reached: Reached::default(),
             family: family.clone(),
@@ -785,18 +884,20 @@ fn flows_over_time(family: Family, affinity: bool, mode: RedirectToPods) {
         let all = family.locals.iter().chain(&family.remotes);
         run.set_endpoints(all.copied().collect());
         for step in 0..STEPS {
+            let removed = run.model.removed;
             match run.rng.below(80) {
                 0..=3 => {
                     let endpoints = run.random_endpoints();
                     run.set_endpoints(endpoints);
                 }
-                4 => {
-                    // Past a closing connection's lifetime, a UDP exchange's, a handshake's.
-                    let secs = run.rng.pick(&[10, 10, 20, 30, 60]);
-                    run.model.age(secs);
-                    age_flows(run.h, secs);
-                    run.reached.aged += 1;
-                }
+                // Past a closing connection's lifetime, a UDP exchange's, a handshake's; more
+                // often while the Service is removed, so that drains end.
+                4 => run.age(),
+                7..=10 if removed => run.age(),
+                // Now and then the Service goes, for about 40 steps.
+                5 | 14 if removed => run.toggle_service(),
+                5 => run.toggle_service(),
+                6 | 11..=13 if removed => run.end_drains(step),
                 5..=46 => run.client_sends(step),
                 _ => run.backend_sends(step),
             }
@@ -824,6 +925,9 @@ fn flows_over_time(family: Family, affinity: bool, mode: RedirectToPods) {
             ("sticky", if affinity { r.sticky } else { 20 }),
             ("renewed after their lifetime", r.renewed_after_lifetime),
             ("answers after their lifetime", r.answers_after_lifetime),
+            ("kept through a draining frontend", r.kept_draining),
+            ("passed without a Service", r.passed_without_service),
+            ("drains ended", r.drains_ended),
             (
                 "to the pod",
                 if mode == RedirectToPods::Off {
