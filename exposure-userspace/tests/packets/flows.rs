@@ -898,7 +898,7 @@ fn flows_over_time(family: Family, affinity: bool, mode: RedirectToPods) {
                 5 | 14 if removed => run.toggle_service(),
                 5 => run.toggle_service(),
                 6 | 11..=13 if removed => run.end_drains(step),
-                5..=46 => run.client_sends(step),
+                6..=46 => run.client_sends(step),
                 _ => run.backend_sends(step),
             }
             if step % 50 == 0 {
