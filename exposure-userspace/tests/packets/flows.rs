@@ -305,12 +305,12 @@ impl Run<'_> {
         self.reached.endpoint_changes += 1;
     }
 
-    /// The endpoints of the datapath's Service become `endpoints` (none while it is removed).
+    /// The model's endpoints not in `endpoints` leave the datapath (a new generation when they
+    /// come back), and the clients stuck to them are forgotten.
     fn leave(&mut self, endpoints: &BTreeSet<IpAddr>) {
         for gone in self.model.endpoints.difference(endpoints) {
             *self.model.generation.entry(*gone).or_default() += 1;
         }
-        // Clients stuck to an endpoint that left are forgotten.
         if let Some(sticky) = &mut self.model.sticky {
             sticky.retain(|_, b| b.is_none_or(|b| endpoints.contains(&b)));
         }
@@ -895,8 +895,8 @@ fn flows_over_time(family: Family, affinity: bool, mode: RedirectToPods) {
                 4 => run.age(),
                 7..=10 if removed => run.age(),
                 // Now and then the Service goes, for about 40 steps.
-                5 | 14 if removed => run.toggle_service(),
                 5 => run.toggle_service(),
+                14 if removed => run.toggle_service(),
                 6 | 11..=13 if removed => run.end_drains(step),
                 6..=46 => run.client_sends(step),
                 _ => run.backend_sends(step),
