@@ -180,10 +180,20 @@ pub fn render(s: &Snapshot, flows: usize, counters: &[(Counter, u64)]) -> String
             w2 = widths[2]
         );
     }
+    let draining = s
+        .frontends
+        .values()
+        .filter(|f| f.flags & FRONTEND_DRAINING != 0)
+        .count();
     let _ = writeln!(
         out,
-        "\n{} frontends, {} service ports, {} backends, {} tracked flows",
+        "\n{} frontends{}, {} service ports, {} backends, {} tracked flows",
         s.frontends.len(),
+        if draining > 0 {
+            format!(" ({draining} draining)")
+        } else {
+            String::new()
+        },
         service_ports(s),
         s.backends.len(),
         flows
@@ -346,7 +356,10 @@ mod tests {
             ),
             "{out}"
         );
-        assert!(out.contains("1 frontends, 0 service ports"), "{out}");
+        assert!(
+            out.contains("1 frontends (1 draining), 0 service ports"),
+            "{out}"
+        );
         let json: serde_json::Value =
             serde_json::from_str(&render_json(&maps.snapshot().unwrap(), 1, &[])).unwrap();
         let fe = &json["frontends"][0];
