@@ -232,6 +232,11 @@ pub struct DesiredService {
     pub frontends: BTreeMap<FrontendAddr, FrontendKind>,
     /// Sorted and deduplicated, so the same inputs give the same slot table on every node.
     pub backends: Vec<BackendAddr>,
+    /// The port's other endpoints that still serve (terminating while others are ready, on
+    /// another node under a Local policy, hinted elsewhere), sorted: no new flow goes to them,
+    /// but UDP flows to them go on, as kube-proxy deletes UDP conntrack entries only for
+    /// endpoints that stop serving or go.
+    pub still_serving: Vec<BackendAddr>,
     pub when_empty: WhenEmpty,
 }
 
@@ -271,13 +276,20 @@ pub fn udp_pairs_left(
             continue;
         }
         let now = after.services.get(key);
-        if now.is_some_and(|now| Arc::ptr_eq(now, was) || now.backends == was.backends) {
+        let same = |now: &DesiredService| {
+            now.backends == was.backends && now.still_serving == was.still_serving
+        };
+        if now.is_some_and(|now| Arc::ptr_eq(now, was) || same(now)) {
             continue;
         }
+        // An endpoint that still serves keeps its sockets, as its UDP flows.
         let staying: BTreeSet<AddrPort> = now
-            .map(|s| s.backends.iter().map(|b| (b.ip, b.port)).collect())
-            .unwrap_or_default();
-        for b in &was.backends {
+            .map(|s| s.backends.iter().chain(&s.still_serving))
+            .into_iter()
+            .flatten()
+            .map(|b| (b.ip, b.port))
+            .collect();
+        for b in was.backends.iter().chain(&was.still_serving) {
             if staying.contains(&(b.ip, b.port)) {
                 continue;
             }
@@ -289,7 +301,8 @@ pub fn udp_pairs_left(
     left
 }
 
-/// Every (frontend, endpoint) pair of the UDP service ports in `state`.
+/// Every (frontend, endpoint) pair of the UDP service ports in `state`, endpoints that still serve
+/// included.
 pub fn udp_pairs(state: &DesiredState) -> BTreeSet<(AddrPort, AddrPort)> {
     let mut pairs = BTreeSet::new();
     for (_, s) in state
@@ -298,7 +311,8 @@ pub fn udp_pairs(state: &DesiredState) -> BTreeSet<(AddrPort, AddrPort)> {
         .filter(|(k, _)| k.protocol == Protocol::Udp)
     {
         for f in s.frontends.keys().filter(|f| is_udp_peer(f)) {
-            pairs.extend(s.backends.iter().map(|b| ((f.ip, f.port), (b.ip, b.port))));
+            let endpoints = s.backends.iter().chain(&s.still_serving);
+            pairs.extend(endpoints.map(|b| ((f.ip, f.port), (b.ip, b.port))));
         }
     }
     pairs
@@ -658,6 +672,17 @@ enum Topology<'a> {
 }
 
 impl Endpoints {
+    /// The serving endpoints not in `backends`, sorted.
+    fn serving_beyond(&self, backends: &[BackendAddr]) -> Vec<BackendAddr> {
+        let taken: BTreeSet<(IpAddr, u16)> = backends.iter().map(|b| (b.ip, b.port)).collect();
+        let serving = self.ready.iter().chain(&self.terminating);
+        let rest: BTreeSet<BackendAddr> = serving
+            .filter(|b| !taken.contains(&(b.ip, b.port)))
+            .copied()
+            .collect();
+        rest.into_iter().collect()
+    }
+
     fn topology<'a>(&self, node: &'a NodeContext) -> Topology<'a> {
         let hints: Vec<&Hints> = self
             .ready
@@ -1066,6 +1091,7 @@ pub fn translate_service(
                     })
                     .collect(),
                 backends: all,
+                still_serving: Vec::new(), // below
                 when_empty: WhenEmpty::Reject,
                 affinity_timeout_s,
                 // Pods' sockets leave a LoadBalancer address with source ranges to the packet
@@ -1112,13 +1138,15 @@ pub fn translate_service(
                 owner.frontends.insert(addr, FrontendKind::ClusterIp);
             }
         }
-        if let Some(entry) = twin.or(own_entry) {
+        if let Some(mut entry) = twin.or(own_entry) {
+            entry.still_serving = endpoints.serving_beyond(&entry.backends);
             let entry_key = ServicePortName {
                 scope: Scope::NodeSockets,
                 ..key.clone()
             };
             out.ports.push((entry_key, Arc::new(entry)));
         }
+        desired.still_serving = endpoints.serving_beyond(&desired.backends);
         out.ports.push((key, Arc::new(desired)));
     }
     if local_only {
@@ -2175,6 +2203,49 @@ spec:
             ["198.19.1.3"],
             "the local terminating endpoint, not remote ready ones"
         );
+    }
+
+    /// The endpoints that still serve but take no new flow are listed, so that UDP flows to them
+    /// go on (kube-proxy deletes UDP conntrack entries only for endpoints that stop serving).
+    #[test]
+    fn endpoints_that_still_serve_are_kept_beside_the_backends() {
+        let with = |conds: &[(&str, &str, &str)]| {
+            let mut eps = String::new();
+            for (ip, c, node) in conds {
+                eps += &format!("- addresses: [{ip}]\n  conditions: {c}\n  nodeName: {node}\n");
+            }
+            slice(&format!(
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: h, namespace: default, labels: {{kubernetes.io/service-name: hello-world}}}}\naddressType: IPv4\nports: [{{name: \"\", protocol: TCP, port: 50000}}]\nendpoints:\n{eps}"
+            ))
+        };
+        let ips =
+            |bs: &[BackendAddr]| -> Vec<String> { bs.iter().map(|b| b.ip.to_string()).collect() };
+        let term = "{ready: false, serving: true, terminating: true}";
+        let gone = "{ready: false, serving: false, terminating: true}";
+        let ready = "{ready: true}";
+        let eps = with(&[
+            ("198.19.1.2", ready, "node-a"),
+            ("198.19.1.3", term, "node-a"),
+            ("198.19.1.4", gone, "node-a"),
+            ("198.19.1.5", ready, "node-z"),
+        ]);
+        let (s, _) = desired_state(&[svc(HELLO)], std::slice::from_ref(&eps), &node());
+        let d = &s.services[&key("hello-world", "", Protocol::Tcp)];
+        assert_eq!(ips(&d.backends), ["198.19.1.2", "198.19.1.5"]);
+        assert_eq!(
+            ips(&d.still_serving),
+            ["198.19.1.3"],
+            "serving, not ready; not the one that stopped"
+        );
+        // Under a Local policy, the other node's ready endpoint still serves too.
+        let local = HELLO.replace(
+            "type: NodePort",
+            "type: NodePort\n  externalTrafficPolicy: Local",
+        );
+        let (s, _) = desired_state(&[svc(&local)], &[eps], &node());
+        let d = &s.services[&key("hello-world", "", Protocol::Tcp)];
+        assert_eq!(ips(&d.backends), ["198.19.1.2"]);
+        assert_eq!(ips(&d.still_serving), ["198.19.1.3", "198.19.1.5"]);
     }
 
     #[test]

@@ -384,6 +384,9 @@ struct ServiceSlots {
     service: Service,
     /// Its backend ids, in address order (the order the Maglev table indexes).
     live: Vec<u32>,
+    /// Ids of its endpoints that still serve but take no new flow (`still_serving`): kept in
+    /// `BACKENDS`, so UDP flows to them go on.
+    kept: Vec<u32>,
     /// Its Maglev table as written.
     table: Vec<u32>,
     /// Its `loadBalancerSourceRanges` entries: (network address, prefix length).
@@ -446,6 +449,14 @@ pub fn frontend_display(key: &FrontendKey) -> String {
     format!("{at}/{proto}{scope}")
 }
 
+/// The backend ids a service's `current` slots have or keep that `live` and `kept` do not.
+fn left_service(current: &ServiceSlots, live: &[u32], kept: &[u32]) -> Vec<u32> {
+    let now: BTreeSet<&u32> = live.iter().chain(kept).collect();
+    let before = current.live.iter().chain(&current.kept);
+    let left: BTreeSet<u32> = before.filter(|b| !now.contains(b)).copied().collect();
+    left.into_iter().collect()
+}
+
 /// Whether a frontend is kept only for the connections it has (see [`FRONTEND_DRAINING`]).
 fn draining(fe: &Frontend) -> bool {
     fe.flags & FRONTEND_DRAINING != 0
@@ -480,6 +491,8 @@ impl Reconciler {
                     ServiceSlots {
                         service: *s,
                         live: Vec::new(),
+                        // Not in the maps: claimed again by the first sync.
+                        kept: Vec::new(),
                         table: snapshot.tables.get(id).cloned().unwrap_or_default(),
                         ranges: snapshot
                             .source_ranges
@@ -957,14 +970,15 @@ impl Reconciler {
 
     /// Records a service's slots (or their removal), keeping the backends' reference counts.
     fn set_slots(&mut self, id: u32, slots: Option<ServiceSlots>) {
-        for bid in slots.iter().flat_map(|s| &s.live) {
+        for bid in slots.iter().flat_map(|s| s.live.iter().chain(&s.kept)) {
             *self.backend_refs.entry(*bid).or_default() += 1;
         }
         let old = match slots {
             Some(slots) => self.services.insert(id, slots),
             None => self.services.remove(&id),
         };
-        for bid in old.map(|s| s.live).unwrap_or_default() {
+        let old_ids = old.map(|s| [s.live, s.kept].concat()).unwrap_or_default();
+        for bid in old_ids {
             let Some(n) = self.backend_refs.get_mut(&bid) else {
                 continue;
             };
@@ -1075,6 +1089,25 @@ impl Reconciler {
             }
             ids.push(bid);
         }
+        // Endpoints that still serve: their entries stay for the flows they have.
+        let mut kept = Vec::with_capacity(want.still_serving.len());
+        for b in &want.still_serving {
+            let Some(bid) = self.backend_id(b) else {
+                return Err(SyncError::BackendLimit {
+                    service: name.clone(),
+                    limit: self.limits.backends,
+                });
+            };
+            let value = backend_value(b);
+            if self.backends.get(&bid) != Some(&value) {
+                maps.write_backend(bid, &value).map_err(write_err)?;
+                self.backends.insert(bid, value);
+                report.writes += 1;
+            }
+            kept.push(bid);
+        }
+        kept.sort_unstable();
+        kept.dedup();
 
         let mut flags = SERVICE_IN_USE;
         if want.when_empty == WhenEmpty::Drop {
@@ -1119,6 +1152,11 @@ impl Reconciler {
             && current.service.affinity_timeout_s == affinity
             && current.ranges == ranges
         {
+            if current.kept != kept {
+                let left = left_service(&current, &ids, &kept);
+                self.set_slots(id, Some(ServiceSlots { kept, ..current }));
+                self.purge_udp_flows_left(name, id, left, maps, report);
+            }
             return Ok(Some(id));
         }
         // 2. The table into free space, 3. one service update makes it live.
@@ -1188,11 +1226,13 @@ impl Reconciler {
         // (the stale ranges listed until each is removed). Recorded later, the old region would
         // be freed twice when the Service then goes, and handed to two tables.
         let stale: Vec<(Addr, u8)> = current.ranges.difference(&ranges).copied().collect();
+        let left = left_service(&current, &ids, &kept);
         self.set_slots(
             id,
             Some(ServiceSlots {
                 service,
                 live: ids,
+                kept,
                 table,
                 ranges: ranges.union(&current.ranges).copied().collect(),
             }),
@@ -1206,10 +1246,23 @@ impl Reconciler {
             self.remove_range(id, range, maps, report)
                 .map_err(write_err)?;
         }
-        // UDP flows follow their endpoint out of the service (as kube-proxy clears their
-        // conntrack entries). The datapath sees a backend that is gone altogether; one that
-        // another service still has is only gone from this one, which the maps must say.
-        let still_elsewhere: Vec<u32> = gone
+        self.purge_udp_flows_left(name, id, left, maps, report);
+        Ok(Some(id))
+    }
+
+    /// UDP flows follow their endpoint out of the service (`left`: ids it neither has nor keeps),
+    /// as kube-proxy clears their conntrack entries once it stops serving. The datapath sees a
+    /// backend that is gone altogether; one that another service still has is only gone from
+    /// this one, which the maps must say.
+    fn purge_udp_flows_left(
+        &mut self,
+        name: &ServicePortName,
+        id: u32,
+        left: Vec<u32>,
+        maps: &mut dyn DatapathMaps,
+        report: &mut SyncReport,
+    ) {
+        let still_elsewhere: Vec<u32> = left
             .into_iter()
             .filter(|b| self.backend_refs.contains_key(b))
             .collect();
@@ -1217,10 +1270,12 @@ impl Reconciler {
             match maps.purge_udp_flows(id, &still_elsewhere) {
                 Ok(()) => report.writes += 1,
                 // Best effort, like an LRU: the flows then end when they go quiet.
-                Err(e) => report.errors.push(write_err(e)),
+                Err(e) => report.errors.push(SyncError::Write {
+                    service: name.to_string(),
+                    source: e,
+                }),
             }
         }
-        Ok(Some(id))
     }
 
     /// After a failed apply: source ranges it added are recorded for a Service already in the
@@ -2256,6 +2311,29 @@ mod tests {
             id_of(&maps, 30001),
             r.backend_ids[&(IpAddr::from([198, 19, 1, 2]), 8080)],
         );
+        // 2 stops taking a's new flows but still serves (terminating): a's flows to it go on,
+        // so its entry stays and nothing is purged; once it stops serving, they go.
+        let (name_a, a_of) = udp("a", 30001, &[(1, false)]);
+        let mut still = (*a_of).clone();
+        still.still_serving = vec![BackendAddr {
+            ip: IpAddr::from([198, 19, 1, 2]),
+            port: 8080,
+            local: false,
+        }];
+        let report = r.reconcile(
+            &udp_state(vec![
+                (name_a, Arc::new(still)),
+                udp("b", 30002, &[(2, false), (3, false)]),
+            ]),
+            &mut maps,
+        );
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert!(
+            maps.udp_flow_purges.is_empty(),
+            "{:?}",
+            maps.udp_flow_purges
+        );
+        assert!(maps.state.backends.contains_key(&shared));
         // 2 leaves a (b keeps it): a's flows to it must go; the datapath can't tell on its own.
         r.reconcile(
             &udp_state(vec![
@@ -2390,6 +2468,18 @@ mod tests {
             }
         }
         all
+    }
+
+    /// Endpoints that still serve (`still_serving`) with no `BACKENDS` entry: UDP flows to them
+    /// would move.
+    fn unkept(want: &DesiredState, maps: &FakeMaps) -> Vec<String> {
+        let held: HashSet<Backend> = maps.state.backends.values().copied().collect();
+        let all = want.services.values().flat_map(|s| &s.still_serving);
+        let missing: BTreeSet<String> = all
+            .filter(|b| !held.contains(&backend_value(b)))
+            .map(|b| format!("{}:{}", b.ip, b.port))
+            .collect();
+        missing.into_iter().collect()
     }
 
     /// The frontends that serve new flows.
@@ -2586,6 +2676,15 @@ mod tests {
             })
             .collect();
         backends.sort();
+        // Some of the others still serve (terminating, or elsewhere under a Local policy).
+        s.still_serving = (1..=10u8)
+            .map(|last| BackendAddr {
+                ip: IpAddr::from([198, 19, 1, last]),
+                port: 8080 + (last % 2) as u16,
+                local: last % 3 == 0,
+            })
+            .filter(|b| !backends.contains(b) && rng.below(4) == 0)
+            .collect();
         s.backends = backends;
         s.affinity_timeout_s = [0, 0, 10800][rng.below(3)];
         s.when_empty = [WhenEmpty::Reject, WhenEmpty::Drop][rng.below(2)];
@@ -2672,6 +2771,7 @@ mod tests {
                 Vec::<String>::new(),
                 "step {step}"
             );
+            assert_eq!(unkept(&want, &maps), Vec::<String>::new(), "step {step}");
             drained += r.draining();
             if rng.below(3) == 0 {
                 end_some_drains(&mut rng, &mut r, &mut maps, step);

@@ -1373,10 +1373,11 @@ fn hello_with_conditions(endpoints: &[(Ipv4Addr, &str, &str)]) -> String {
     for (ip, node, conditions) in endpoints {
         eps += &format!("- addresses: [{ip}]\n  conditions: {conditions}\n  nodeName: {node}\n");
     }
-    service("hello-world", "NodePort", "  - {protocol: TCP, port: 60000, targetPort: 50000, nodePort: 30600}\n", "")
+    let ports = "  - {name: t, protocol: TCP, port: 60000, targetPort: 50000, nodePort: 30600}\n  - {name: u, protocol: UDP, port: 60000, targetPort: 50000, nodePort: 30600}\n";
+    service("hello-world", "NodePort", ports, "")
         + "---\n"
         + &format!(
-            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: hello-world-abcde\n  namespace: default\n  labels:\n    kubernetes.io/service-name: hello-world\naddressType: IPv4\nports:\n- {{name: \"\", protocol: TCP, port: 50000}}\nendpoints:\n{eps}"
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: hello-world-abcde\n  namespace: default\n  labels:\n    kubernetes.io/service-name: hello-world\naddressType: IPv4\nports:\n- {{name: t, protocol: TCP, port: 50000}}\n- {{name: u, protocol: UDP, port: 50000}}\nendpoints:\n{eps}"
         )
 }
 
@@ -1407,6 +1408,14 @@ fn terminating_endpoints_keep_their_flows_and_serve_only_when_nothing_is_ready()
         (b, "pod-1-1")
     };
     let other_ip = if term_ip == a { b } else { a };
+    // A UDP session (a stream: a game, QUIC, a tunnel) with the same pod.
+    let mut udp = (0..apps::SPREAD_MIN)
+        .map(|_| UdpSession::connect(&c.lab.client, c.node(0, 30600)).unwrap())
+        .find_map(|mut s| {
+            let pod = parse_answer(&s.ask("hi").ok()?)?.0.to_string();
+            (pod == held_pod).then_some(s)
+        })
+        .expect("a UDP session with the held connection's pod");
 
     // The held connection's pod starts terminating: its flow goes on, new flows go elsewhere.
     c.write(
@@ -1423,6 +1432,12 @@ fn terminating_endpoints_keep_their_flows_and_serve_only_when_nothing_is_ready()
         parse_answer(&held.ask("still?").unwrap()).unwrap().0,
         held_pod
     );
+    // The UDP session too: its pod still serves (kube-proxy deletes UDP conntrack entries only
+    // for endpoints that stop serving).
+    assert_eq!(
+        parse_answer(&udp.ask("still?").unwrap()).unwrap().0,
+        held_pod
+    );
 
     // Nothing ready any more: the serving terminating endpoint takes new flows (kube-proxy's rule).
     c.write(
@@ -1431,6 +1446,17 @@ fn terminating_endpoints_keep_their_flows_and_serve_only_when_nothing_is_ready()
     );
     c.eventually("falls back to serving terminating endpoints", || {
         c.tcp_spread(c.node(0, 30600), 12).0 == pods_named(&[held_pod.as_str()])
+    });
+    // The UDP session's pod stops serving while the other is ready again: the session moves.
+    c.write(
+        "hello.yaml",
+        &hello_with_conditions(&[(term_ip, "node-1", GONE), (other_ip, "node-1", READY)]),
+    );
+    c.eventually("the UDP session moves once its pod stops serving", || {
+        udp.ask("moved?")
+            .ok()
+            .and_then(|a| Some(parse_answer(&a)?.0 == other_pod))
+            .unwrap_or(false)
     });
     c.agents.truncate(0);
 }

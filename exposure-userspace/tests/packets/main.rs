@@ -3251,3 +3251,43 @@ fn a_removed_services_ipv6_connections_go_on_until_they_end() {
         assert_eq!(h.xdp(&late), (XDP_PASS, late));
     });
 }
+
+/// A UDP flow keeps an endpoint that still serves though it takes no new flows (terminating
+/// while others are ready): kube-proxy deletes UDP conntrack entries only for endpoints that stop
+/// serving. Once it stops, the flow's next datagram goes to one that is there.
+#[test]
+fn a_udp_flow_keeps_an_endpoint_that_still_serves() {
+    with_datapath(|h| {
+        h.program(&hello(&[(LOCAL_POD, true), (REMOTE_POD, false)]));
+        let datagram =
+            |h: &Harness, sport| h.client_frame(FrameSpec::udp((CLIENT, sport), (NODE, NODE_PORT)));
+        let to = |h: &mut Harness, sport| {
+            let (_, out) = h.xdp(&datagram(h, sport));
+            frame::parse(&out).unwrap().dst
+        };
+        let sport = (47000..47100)
+            .find(|p| to(h, *p) == LOCAL_POD)
+            .expect("a flow to the local pod");
+        // The local pod terminates, still serving: new flows go to the remote one only.
+        let mut terminating = hello(&[(REMOTE_POD, false)]);
+        for s in terminating.services.values_mut() {
+            std::sync::Arc::make_mut(s).still_serving = vec![BackendAddr {
+                ip: LOCAL_POD.into(),
+                port: 50000,
+                local: true,
+            }];
+        }
+        h.program(&terminating);
+        assert_eq!(to(h, sport), LOCAL_POD, "the flow keeps its endpoint");
+        for new in 47200..47220 {
+            assert_eq!(
+                to(h, new),
+                REMOTE_POD,
+                "a new flow to a terminating endpoint"
+            );
+        }
+        // It stops serving: the flow moves.
+        h.program(&hello(&[(REMOTE_POD, false)]));
+        assert_eq!(to(h, sport), REMOTE_POD);
+    });
+}
