@@ -1839,6 +1839,24 @@ endpoints:
             ])
         );
         assert!(udp_pairs_left(&after, &after).is_empty());
+        // An endpoint that takes no new flows but still serves keeps its sockets; once it stops
+        // serving, they are left.
+        let dns = key("dns", "", Protocol::Udp);
+        let with = |backends: &[u8], serving: &[u8]| {
+            let mut s = (*service(Protocol::Udp, backends)).clone();
+            s.still_serving = service(Protocol::Udp, serving).backends.clone();
+            DesiredState {
+                services: [(dns.clone(), Arc::new(s))].into(),
+                ..Default::default()
+            }
+        };
+        let (both, terminating, stopped) = (with(&[3, 5], &[]), with(&[5], &[3]), with(&[5], &[]));
+        assert!(udp_pairs_left(&both, &terminating).is_empty());
+        assert!(udp_pairs(&terminating).contains(&pair([198, 18, 0, 10], 3)));
+        assert_eq!(
+            udp_pairs_left(&terminating, &stopped),
+            BTreeSet::from([pair([198, 18, 0, 10], 3), pair([127, 0, 0, 1], 3)])
+        );
     }
 
     #[test]
