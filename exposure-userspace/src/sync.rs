@@ -1089,14 +1089,12 @@ impl Reconciler {
             }
             ids.push(bid);
         }
-        // Endpoints that still serve: their entries stay for the flows they have.
+        // Endpoints that still serve: their entries stay for the flows they have. Best effort:
+        // with no id left for one, its UDP flows move, and the Service's change still applies.
         let mut kept = Vec::with_capacity(want.still_serving.len());
         for b in &want.still_serving {
             let Some(bid) = self.backend_id(b) else {
-                return Err(SyncError::BackendLimit {
-                    service: name.clone(),
-                    limit: self.limits.backends,
-                });
+                continue;
             };
             let value = backend_value(b);
             if self.backends.get(&bid) != Some(&value) {
