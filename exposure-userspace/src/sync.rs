@@ -1081,12 +1081,8 @@ impl Reconciler {
                     limit: self.limits.backends,
                 });
             };
-            let value = backend_value(b);
-            if self.backends.get(&bid) != Some(&value) {
-                maps.write_backend(bid, &value).map_err(write_err)?;
-                self.backends.insert(bid, value);
-                report.writes += 1;
-            }
+            self.write_backend(bid, b, maps, report)
+                .map_err(write_err)?;
             ids.push(bid);
         }
         // Endpoints that still serve: their entries stay for the flows they have. Best effort:
@@ -1096,12 +1092,8 @@ impl Reconciler {
             let Some(bid) = self.backend_id(b) else {
                 continue;
             };
-            let value = backend_value(b);
-            if self.backends.get(&bid) != Some(&value) {
-                maps.write_backend(bid, &value).map_err(write_err)?;
-                self.backends.insert(bid, value);
-                report.writes += 1;
-            }
+            self.write_backend(bid, b, maps, report)
+                .map_err(write_err)?;
             kept.push(bid);
         }
         kept.sort_unstable();
@@ -1246,6 +1238,23 @@ impl Reconciler {
         }
         self.purge_udp_flows_left(name, id, left, maps, report);
         Ok(Some(id))
+    }
+
+    /// Writes backend `bid`'s entry for endpoint `b`, unless it already holds it.
+    fn write_backend(
+        &mut self,
+        bid: u32,
+        b: &BackendAddr,
+        maps: &mut dyn DatapathMaps,
+        report: &mut SyncReport,
+    ) -> anyhow::Result<()> {
+        let value = backend_value(b);
+        if self.backends.get(&bid) != Some(&value) {
+            maps.write_backend(bid, &value)?;
+            self.backends.insert(bid, value);
+            report.writes += 1;
+        }
+        Ok(())
     }
 
     /// UDP flows follow their endpoint out of the service (`left`: ids it neither has nor keeps),
