@@ -6,7 +6,8 @@
 //!
 //! - a flow keeps its backend and SNAT port until it closes (RST, or FIN both ways) and the
 //!   client's next SYN starts a new one, or its lifetime passes (by its state: closing, a
-//!   handshake, a UDP exchange or stream); a UDP flow leaves an endpoint that left;
+//!   handshake, a UDP exchange or stream); a UDP flow leaves an endpoint that left, and stays
+//!   with one that takes no new flows but still serves;
 //! - a new flow gets a current endpoint, or a refusal when there is none;
 //! - a SNAT port goes to a new flow only if no open flow to that backend holds it (a closed one's
 //!   is taken over at once), and a new flow is dropped for want of one only when all are held; a
@@ -183,6 +184,9 @@ struct Model {
     /// `sessionAffinity: ClientIP`: the backend each (protocol, client address) sticks to;
     /// `None` once one was chosen for a flow that was then dropped (so not seen here).
     sticky: Option<BTreeMap<(u8, IpAddr), Option<IpAddr>>>,
+    /// Endpoints that still serve but take no new flows (terminating while others are ready):
+    /// UDP flows to them go on.
+    serving: BTreeSet<IpAddr>,
     /// The Service is removed (its endpoints, kept here, come back with it).
     removed: bool,
     /// While it is: its TCP frontends still draining.
@@ -284,6 +288,8 @@ struct Reached {
     kept_draining: usize,
     passed_without_service: usize,
     drains_ended: usize,
+    /// UDP flows that went on to an endpoint that takes no new flows but still serves.
+    kept_serving: usize,
 }
 
 struct Run<'h> {
@@ -296,20 +302,26 @@ struct Run<'h> {
 }
 
 impl Run<'_> {
-    fn set_endpoints(&mut self, endpoints: BTreeSet<IpAddr>) {
+    /// The Service's endpoints become `endpoints`, and those that still serve `serving`.
+    fn set_endpoints(&mut self, endpoints: BTreeSet<IpAddr>, serving: BTreeSet<IpAddr>) {
         if !self.model.removed {
-            self.leave(&endpoints);
+            self.leave(&endpoints, &serving);
         }
         self.model.endpoints = endpoints;
+        self.model.serving = serving;
         self.program();
         self.reached.endpoint_changes += 1;
     }
 
-    /// The model's endpoints not in `endpoints` leave the datapath (a new generation when they
-    /// come back), and the clients stuck to them are forgotten.
-    fn leave(&mut self, endpoints: &BTreeSet<IpAddr>) {
-        for gone in self.model.endpoints.difference(endpoints) {
-            *self.model.generation.entry(*gone).or_default() += 1;
+    /// The model's endpoints in neither `endpoints` nor `serving` leave the datapath (a new
+    /// generation when they come back), and the clients stuck to any not in `endpoints` are
+    /// forgotten.
+    fn leave(&mut self, endpoints: &BTreeSet<IpAddr>, serving: &BTreeSet<IpAddr>) {
+        let m = &mut self.model;
+        for gone in m.endpoints.union(&m.serving) {
+            if !endpoints.contains(gone) && !serving.contains(gone) {
+                *m.generation.entry(*gone).or_default() += 1;
+            }
         }
         if let Some(sticky) = &mut self.model.sticky {
             sticky.retain(|_, b| b.is_none_or(|b| endpoints.contains(&b)));
@@ -331,6 +343,19 @@ impl Run<'_> {
             IpAddr::V4(_) => hello(&list.map(|(ip, l)| (v4(ip), l)).collect::<Vec<_>>()),
             IpAddr::V6(_) => hello6(&list.map(|(ip, l)| (v6(ip), l)).collect::<Vec<_>>()),
         };
+        let serving: Vec<BackendAddr> = self
+            .model
+            .serving
+            .iter()
+            .map(|ip| BackendAddr {
+                ip: *ip,
+                port: 50000,
+                local: self.model.is_local(*ip),
+            })
+            .collect();
+        for s in state.services.values_mut() {
+            std::sync::Arc::make_mut(s).still_serving = serving.clone();
+        }
         if self.model.sticky.is_some() {
             for s in state.services.values_mut() {
                 std::sync::Arc::make_mut(s).affinity_timeout_s = 600;
@@ -345,7 +370,7 @@ impl Run<'_> {
         m.removed = !m.removed;
         if m.removed {
             // Its endpoints leave the datapath with it, and its clients' affinity.
-            self.leave(&BTreeSet::new());
+            self.leave(&BTreeSet::new(), &BTreeSet::new());
             self.model.draining = self.family.frontends.into_iter().collect();
         } else {
             self.model.draining.clear();
@@ -400,6 +425,17 @@ impl Run<'_> {
         set
     }
 
+    /// Which of the others still serve (terminating while `endpoints` are ready): none when no
+    /// endpoint is ready, as then they would be the endpoints.
+    fn random_serving(&mut self, endpoints: &BTreeSet<IpAddr>) -> BTreeSet<IpAddr> {
+        if endpoints.is_empty() {
+            return BTreeSet::new();
+        }
+        let all = self.family.locals.iter().chain(&self.family.remotes);
+        let others = all.filter(|ip| !endpoints.contains(*ip));
+        others.filter(|_| self.rng.below(3) < 2).copied().collect()
+    }
+
     /// A client's packet to the NodePort, and what must come of it.
     fn client_sends(&mut self, step: usize) {
         let (ip, port) = self.rng.pick(&self.family.clients);
@@ -423,7 +459,8 @@ impl Run<'_> {
         let m = &mut self.model;
         let new_syn = proto == TCP && flags & (SYN | ACK) == SYN;
         let existing = m.flows.get(&client).copied().filter(|f| {
-            let there = m.endpoints.contains(&f.backend);
+            // A UDP flow keeps an endpoint that still serves.
+            let there = m.endpoints.contains(&f.backend) || m.serving.contains(&f.backend);
             let same = m.generation.get(&f.backend).copied().unwrap_or(0) == f.generation;
             // An endpoint that left and came back may have its old id again: then it is the
             // same to the flow, or else a new one; both are right.
@@ -454,6 +491,9 @@ impl Run<'_> {
         if let Some(f) = existing {
             self.expect_translated(&what, verdict, &out, client, f.backend, f.snat);
             self.reached.kept += 1;
+            if proto == UDP && !self.model.endpoints.contains(&f.backend) {
+                self.reached.kept_serving += 1;
+            }
             self.model.client_packet(client, flags);
             return;
         }
@@ -874,6 +914,7 @@ fn flows_over_time(family: Family, affinity: bool, mode: RedirectToPods) {
                 endpoints: BTreeSet::new(),
                 generation: BTreeMap::new(),
                 sticky: affinity.then(BTreeMap::new),
+                serving: BTreeSet::new(),
                 removed: false,
                 draining: BTreeSet::new(),
             },
@@ -882,22 +923,23 @@ fn flows_over_time(family: Family, affinity: bool, mode: RedirectToPods) {
             mode,
         };
         let all = family.locals.iter().chain(&family.remotes);
-        run.set_endpoints(all.copied().collect());
+        run.set_endpoints(all.copied().collect(), BTreeSet::new());
         for step in 0..STEPS {
             let removed = run.model.removed;
             match run.rng.below(80) {
                 0..=3 => {
                     let endpoints = run.random_endpoints();
-                    run.set_endpoints(endpoints);
+                    let serving = run.random_serving(&endpoints);
+                    run.set_endpoints(endpoints, serving);
                 }
                 // Past a closing connection's lifetime, a UDP exchange's, a handshake's; more
                 // often while the Service is removed, so that drains end.
                 4 => run.age(),
-                7..=10 if removed => run.age(),
+                7..=11 if removed => run.age(),
                 // Now and then the Service goes, for about 40 steps.
                 5 => run.toggle_service(),
-                14 if removed => run.toggle_service(),
-                6 | 11..=13 if removed => run.end_drains(step),
+                15 if removed => run.toggle_service(),
+                6 | 12..=14 if removed => run.end_drains(step),
                 6..=46 => run.client_sends(step),
                 _ => run.backend_sends(step),
             }
@@ -928,6 +970,7 @@ fn flows_over_time(family: Family, affinity: bool, mode: RedirectToPods) {
             ("kept through a draining frontend", r.kept_draining),
             ("passed without a Service", r.passed_without_service),
             ("drains ended", r.drains_ended),
+            ("UDP flows kept by a still-serving endpoint", r.kept_serving),
             (
                 "to the pod",
                 if mode == RedirectToPods::Off {
