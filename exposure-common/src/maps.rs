@@ -187,6 +187,14 @@ pub struct Frontend {
     pub _pad: u16,
 }
 
+impl Frontend {
+    /// Whether it only serves the connections made through it (see [`FRONTEND_DRAINING`]).
+    #[inline(always)]
+    pub fn is_draining(&self) -> bool {
+        self.flags & FRONTEND_DRAINING != 0
+    }
+}
+
 /// Per-frontend traffic (per CPU), for metrics.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -295,7 +295,7 @@ fn to_backend(ctx: &XdpContext, p: &Packet, fe: &Frontend) -> Result<u32, ()> {
             f
         }
         // A frontend whose Service is gone serves only the connections it has.
-        None if fe.flags & FRONTEND_DRAINING != 0 => return Ok(xdp_action::XDP_PASS),
+        None if fe.is_draining() => return Ok(xdp_action::XDP_PASS),
         // The rest of a datagram whose first fragment started no flow (refused, or dropped):
         // that fragment was counted, and only it may be answered with an ICMP error.
         None if p.later_fragment => return Ok(xdp_action::XDP_DROP),

@@ -6,8 +6,8 @@ use std::{
 };
 
 use exposure_common::{
-    port_host, Counter, BACKEND_LOCAL, FRONTEND_CLUSTER_IP, FRONTEND_DRAINING,
-    FRONTEND_EXTERNAL_IP, FRONTEND_LOADBALANCER, NO_SERVICE, SERVICE_DROP_WHEN_EMPTY,
+    port_host, Counter, BACKEND_LOCAL, FRONTEND_CLUSTER_IP, FRONTEND_EXTERNAL_IP,
+    FRONTEND_LOADBALANCER, NO_SERVICE, SERVICE_DROP_WHEN_EMPTY,
 };
 
 use crate::sync::{frontend_display, Snapshot};
@@ -61,7 +61,7 @@ fn rows(s: &Snapshot) -> Vec<FrontendRow> {
                 } else {
                     "refuse"
                 },
-                draining: fe.flags & FRONTEND_DRAINING != 0,
+                draining: fe.is_draining(),
             }
         })
         .collect()
@@ -180,11 +180,7 @@ pub fn render(s: &Snapshot, flows: usize, counters: &[(Counter, u64)]) -> String
             w2 = widths[2]
         );
     }
-    let draining = s
-        .frontends
-        .values()
-        .filter(|f| f.flags & FRONTEND_DRAINING != 0)
-        .count();
+    let draining = s.frontends.values().filter(|f| f.is_draining()).count();
     let _ = writeln!(
         out,
         "\n{} frontends{}, {} service ports, {} backends, {} tracked flows",

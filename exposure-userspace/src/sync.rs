@@ -457,11 +457,6 @@ fn left_service(current: &ServiceSlots, live: &[u32], kept: &[u32]) -> Vec<u32> 
     left.into_iter().collect()
 }
 
-/// Whether a frontend is kept only for the connections it has (see [`FRONTEND_DRAINING`]).
-fn draining(fe: &Frontend) -> bool {
-    fe.flags & FRONTEND_DRAINING != 0
-}
-
 fn frontend_flags(kind: FrontendKind) -> u16 {
     match kind {
         FrontendKind::NodePort => FRONTEND_NODEPORT,
@@ -632,7 +627,7 @@ impl Reconciler {
         // Frontends of the socket hooks (twins, localhost NodePorts) see no packets: no series.
         self.frontends
             .iter()
-            .filter(|(k, fe)| k.scope == common::SCOPE_EXTERNAL && !draining(fe))
+            .filter(|(k, fe)| k.scope == common::SCOPE_EXTERNAL && !fe.is_draining())
             .map(|(k, fe)| {
                 let frontend = frontend_display(k);
                 let service = names
@@ -750,7 +745,7 @@ impl Reconciler {
         let stale: Vec<(FrontendKey, Frontend)> = self
             .frontends
             .iter()
-            .filter(|(k, fe)| !wanted_frontends.contains_key(k) && !draining(fe))
+            .filter(|(k, fe)| !wanted_frontends.contains_key(k) && !fe.is_draining())
             .map(|(k, fe)| (*k, *fe))
             .collect();
         for (key, fe) in stale {
@@ -828,7 +823,10 @@ impl Reconciler {
 
     /// How many frontends are draining (see [`FRONTEND_DRAINING`]).
     pub fn draining(&self) -> usize {
-        self.frontends.values().filter(|fe| draining(fe)).count()
+        self.frontends
+            .values()
+            .filter(|fe| fe.is_draining())
+            .count()
     }
 
     /// Removes the draining frontends no live flow uses any more: `in_use` holds the (address,
@@ -841,7 +839,7 @@ impl Reconciler {
         let done: Vec<FrontendKey> = self
             .frontends
             .iter()
-            .filter(|(k, fe)| draining(fe) && !in_use.contains(&(k.addr, k.port)))
+            .filter(|(k, fe)| fe.is_draining() && !in_use.contains(&(k.addr, k.port)))
             .map(|(k, _)| *k)
             .collect();
         let (mut ended, mut report) = (Vec::new(), SyncReport::default());
@@ -1753,7 +1751,7 @@ mod tests {
             .state
             .frontends
             .values()
-            .filter(|f| draining(f))
+            .filter(|f| f.is_draining())
             .collect();
         assert_eq!(draining.len(), 2);
         assert!(draining.iter().all(|f| f.service_id == NO_SERVICE));
@@ -1868,7 +1866,7 @@ mod tests {
         assert_eq!(live_backends(&maps, &fe(10, 30002)), ips(&[3]));
         // The extra frontend drains like any other that left: it serves no new flow.
         let extra = frontend_key(&fe(12, 30009));
-        assert!(draining(&maps.state.frontends[&extra]));
+        assert!(maps.state.frontends[&extra].is_draining());
         end_all_drains(&mut r, &mut maps);
         assert!(!maps.state.frontends.contains_key(&extra));
         assert_eq!(drift(&r, &maps), Vec::<String>::new());
@@ -2212,7 +2210,7 @@ mod tests {
             .state
             .frontends
             .values()
-            .find(|f| !draining(f))
+            .find(|f| !f.is_draining())
             .unwrap()
             .service_id;
         assert_ne!(b, id, "id reused before its affinity was swept");
@@ -2424,7 +2422,7 @@ mod tests {
         maps.state
             .frontends
             .iter()
-            .filter(|(_, fe)| !draining(fe))
+            .filter(|(_, fe)| !fe.is_draining())
             .map(|(key, fe)| {
                 let s = services.get(&fe.service_id).copied().unwrap_or_default();
                 let backends = (0..s.table_size)
@@ -2493,7 +2491,7 @@ mod tests {
     fn serving(maps: &FakeMaps) -> BTreeSet<FrontendKey> {
         let frontends = maps.state.frontends.iter();
         frontends
-            .filter(|(_, fe)| !draining(fe))
+            .filter(|(_, fe)| !fe.is_draining())
             .map(|(k, _)| *k)
             .collect()
     }
@@ -2506,7 +2504,7 @@ mod tests {
             .frontends
             .iter()
             .filter(|(k, fe)| {
-                draining(fe)
+                fe.is_draining()
                     && (wanted.contains_key(k)
                         || fe.service_id != NO_SERVICE
                         || k.proto != common::PROTO_TCP
@@ -2519,27 +2517,20 @@ mod tests {
     /// Ends the drains of a random half of the draining frontends (the others still have live
     /// flows): exactly those go.
     fn end_some_drains(rng: &mut Rng, r: &mut Reconciler, maps: &mut FakeMaps, step: usize) {
-        let before: Vec<FrontendKey> = maps
-            .state
-            .frontends
-            .iter()
-            .filter(|(_, fe)| draining(fe))
-            .map(|(k, _)| *k)
-            .collect();
+        let draining = |maps: &FakeMaps| -> BTreeSet<(Addr, u16)> {
+            let frontends = maps.state.frontends.iter();
+            let keys = frontends.filter(|(_, fe)| fe.is_draining());
+            keys.map(|(k, _)| (k.addr, k.port)).collect()
+        };
+        let before = draining(maps);
         let in_use: BTreeSet<(Addr, u16)> = before
             .iter()
             .filter(|_| rng.below(2) == 0)
-            .map(|k| (k.addr, k.port))
+            .copied()
             .collect();
         let (ended, errors) = r.end_drains(&in_use, maps);
         assert!(errors.is_empty(), "step {step}: {errors:?}");
-        let left: BTreeSet<(Addr, u16)> = maps
-            .state
-            .frontends
-            .iter()
-            .filter(|(_, fe)| draining(fe))
-            .map(|(k, _)| (k.addr, k.port))
-            .collect();
+        let left = draining(maps);
         assert!(left.is_subset(&in_use), "step {step}");
         assert_eq!(ended.len() + left.len(), before.len(), "step {step}");
     }
