@@ -362,7 +362,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             let state = (&maps, &mut reconciler, cfg.limits, &*metrics);
             dirty |= check.tick(ready, syncs, &cfg.pin_dir, state).await;
         }
-        if reconciler.draining() > 0 && last_drain_check.elapsed() >= DRAIN_CHECK {
+        // (The clock first: counting the draining frontends walks them all.)
+        if last_drain_check.elapsed() >= DRAIN_CHECK && reconciler.draining() > 0 {
             last_drain_check = Instant::now();
             let in_use = maps.tcp_frontends_in_use(&cfg.capacity.flow_lifetimes);
             let (ended, errors) = reconciler.end_drains(&in_use, &mut maps);
