@@ -1391,6 +1391,23 @@ mod tests {
         serde_yaml::from_str(yaml).expect("test EndpointSlice parses")
     }
 
+    /// hello-world's slice (TCP port 50000) with these endpoint entries (YAML list items).
+    fn hello_slice_with(endpoints: &str) -> EndpointSlice {
+        slice(&format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: h, namespace: default, labels: {{kubernetes.io/service-name: hello-world}}}}\naddressType: IPv4\nports: [{{name: \"\", protocol: TCP, port: 50000}}]\nendpoints:\n{endpoints}"
+        ))
+    }
+
+    /// [`hello_slice_with`] endpoints given as (address, conditions, node).
+    fn hello_slice_of(endpoints: &[(&str, &str, &str)]) -> EndpointSlice {
+        let mut eps = String::new();
+        for (ip, conditions, node) in endpoints {
+            eps +=
+                &format!("- addresses: [{ip}]\n  conditions: {conditions}\n  nodeName: {node}\n");
+        }
+        hello_slice_with(&eps)
+    }
+
     const NO_SLICES: &[EndpointSlice] = &[];
 
     fn node() -> NodeContext {
@@ -2176,13 +2193,9 @@ spec:
     #[test]
     fn terminating_endpoints_take_new_flows_only_when_none_is_ready() {
         let with = |conds: &[(&str, &str)]| {
-            let mut eps = String::new();
-            for (ip, c) in conds {
-                eps += &format!("- addresses: [{ip}]\n  conditions: {c}\n  nodeName: node-a\n");
-            }
-            slice(&format!(
-                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: h, namespace: default, labels: {{kubernetes.io/service-name: hello-world}}}}\naddressType: IPv4\nports: [{{name: \"\", protocol: TCP, port: 50000}}]\nendpoints:\n{eps}"
-            ))
+            let on_a: Vec<(&str, &str, &str)> =
+                conds.iter().map(|(ip, c)| (*ip, *c, "node-a")).collect();
+            hello_slice_of(&on_a)
         };
         let ips = |state: &DesiredState| -> Vec<String> {
             state.services[&key("hello-world", "", Protocol::Tcp)]
@@ -2227,21 +2240,12 @@ spec:
     /// go on (kube-proxy deletes UDP conntrack entries only for endpoints that stop serving).
     #[test]
     fn endpoints_that_still_serve_are_kept_beside_the_backends() {
-        let with = |conds: &[(&str, &str, &str)]| {
-            let mut eps = String::new();
-            for (ip, c, node) in conds {
-                eps += &format!("- addresses: [{ip}]\n  conditions: {c}\n  nodeName: {node}\n");
-            }
-            slice(&format!(
-                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: h, namespace: default, labels: {{kubernetes.io/service-name: hello-world}}}}\naddressType: IPv4\nports: [{{name: \"\", protocol: TCP, port: 50000}}]\nendpoints:\n{eps}"
-            ))
-        };
         let ips =
             |bs: &[BackendAddr]| -> Vec<String> { bs.iter().map(|b| b.ip.to_string()).collect() };
         let term = "{ready: false, serving: true, terminating: true}";
         let gone = "{ready: false, serving: false, terminating: true}";
         let ready = "{ready: true}";
-        let eps = with(&[
+        let eps = hello_slice_of(&[
             ("198.19.1.2", ready, "node-a"),
             ("198.19.1.3", term, "node-a"),
             ("198.19.1.4", gone, "node-a"),
@@ -2287,9 +2291,7 @@ spec:
                     );
                 }
             }
-            slice(&format!(
-                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: h, namespace: default, labels: {{kubernetes.io/service-name: hello-world}}}}\naddressType: IPv4\nports: [{{name: \"\", protocol: TCP, port: 50000}}]\nendpoints:\n{text}"
-            ))
+            hello_slice_with(&text)
         };
         let in_zone = |zone: Option<&str>| NodeContext {
             zone: zone.map(str::to_owned),
