@@ -82,6 +82,11 @@ impl Agent {
             pods.join(",")
         };
         let own_namespaces = !extra.contains(&"--socket-namespaces");
+        // The node's lab interface, unless the test says which interfaces.
+        let iface = (!extra
+            .iter()
+            .any(|f| *f == "--iface" || f.starts_with("--iface=")))
+        .then_some(["--iface", node.iface]);
         let log = log_dir.join(format!("agent-{}.log", node.name));
         let log_file = std::fs::OpenOptions::new()
             .create(true)
@@ -90,7 +95,8 @@ impl Agent {
         let child = node
             .ns
             .command(bin)?
-            .args(["agent", "--iface", node.iface, "--node-name", &node.name])
+            .args(["agent", "--node-name", &node.name])
+            .args(iface.iter().flatten())
             .args(match source {
                 Source::Manifests(dir) => ["--manifests".as_ref(), dir.as_os_str()],
                 Source::Kubeconfig(file) => ["--kubeconfig".as_ref(), file.as_os_str()],

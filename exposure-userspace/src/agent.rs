@@ -2,7 +2,7 @@
 //! Both sources — a manifest directory and the Kubernetes API — go through the same model and sync.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeSet, HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     sync::{atomic::Ordering, Arc},
@@ -26,7 +26,8 @@ use crate::{
 };
 
 pub struct AgentConfig {
-    pub ifaces: Vec<String>,
+    /// `--iface`: the interfaces the datapath is attached to.
+    pub ifaces: netdev::IfaceSelector,
     pub manifests: Option<PathBuf>,
     pub kubeconfig: Option<PathBuf>,
     pub node_name: String,
@@ -204,7 +205,15 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         None => Some(kube_source::client(cfg.kubeconfig.as_deref()).await?),
     };
     datapath::check_privileges()?;
-    let ifaces = netdev::interfaces(&cfg.ifaces)?;
+    // Each named interface must be there (a typo should not silently expose nothing).
+    netdev::interfaces(&cfg.ifaces.names)?;
+    let ifaces = netdev::present_interfaces(&selected_interfaces(&cfg, &HashMap::new(), true)?)?;
+    if ifaces.is_empty() {
+        tracing::warn!(
+            iface = %cfg.ifaces,
+            "selects no interface (yet): nothing from outside is served until one is found (looked for every 200 ms)"
+        );
+    }
     warn_if_not_forwarding(&ifaces);
     if let Some(ports) = &cfg.reserve_local_ports {
         reserve_local_ports(ports);
@@ -242,9 +251,37 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     // against them at the first sync.
     let mut restored_udp_pairs = cfg.node_sockets.is_some().then(|| snapshot.udp_pairs());
     let mut reconciler = Reconciler::restore(snapshot, cfg.limits);
-    for iface in &ifaces {
-        dp.attach(&iface.name, cfg.xdp_mode)?;
+    let names: Vec<String> = ifaces.iter().map(|i| i.name.clone()).collect();
+    for iface in dp.detach_other_interfaces(&names) {
+        tracing::info!(
+            iface,
+            "detached: an earlier run attached the datapath here, and --iface does not select it now"
+        );
     }
+    // Which interface each name was attached to: one deleted and made again (a hot-plugged NIC,
+    // a rebuilt bond) is a new interface, with no programs on it.
+    let mut attached: HashMap<String, u32> = HashMap::new();
+    // Interfaces (name, index) whose attach failed, reported once; tried again on every tick.
+    let mut attach_failed: HashSet<(String, u32)> = HashSet::new();
+    for iface in &ifaces {
+        if cfg.ifaces.names.contains(&iface.name) {
+            dp.attach(&iface.name, cfg.xdp_mode)?;
+            attached.insert(iface.name.clone(), iface.index);
+        }
+    }
+    // Those a prefix or `auto` found: one that cannot be attached must not stop the others.
+    let found: Vec<netdev::Interface> = ifaces
+        .iter()
+        .filter(|i| !attached.contains_key(&i.name))
+        .cloned()
+        .collect();
+    attach_to_new_interfaces(
+        &mut dp,
+        cfg.xdp_mode,
+        &mut attached,
+        &mut attach_failed,
+        &found,
+    );
     match &cfg.node_sockets {
         Some(sockets) => {
             let cgroup = match &sockets.cgroup {
@@ -258,10 +295,6 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         }
         None => dp.detach_node_sockets(),
     }
-    // Which interface each name was attached to: one deleted and made again (a hot-plugged NIC,
-    // a rebuilt bond) is a new interface, with no programs on it.
-    let mut attached: HashMap<String, u32> =
-        ifaces.iter().map(|i| (i.name.clone(), i.index)).collect();
     serve_metrics(metrics_listener, metrics.clone(), cfg.pin_dir.clone());
     if cfg.capacity.bpf_log_level > 0 {
         forward_bpf_logs(dp.bpf_logger(log::logger())?)?;
@@ -321,7 +354,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         }
         if !cfg.pod_iface_prefixes.is_empty() {
             // Pods come and go: their interfaces are looked up again on every tick.
-            let pods = netdev::pod_interfaces(&cfg.pod_iface_prefixes, &cfg.ifaces);
+            let node_ifaces: Vec<String> = attached.keys().cloned().collect();
+            let pods = netdev::pod_interfaces(&cfg.pod_iface_prefixes, &node_ifaces);
             for name in &pods.not_veth {
                 if not_veth.insert(name.clone()) {
                     tracing::warn!(
@@ -340,9 +374,17 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 }
             }
         }
-        let ifaces_now = netdev::present_interfaces(&cfg.ifaces).ok();
+        let ifaces_now = selected_interfaces(&cfg, &attached, false)
+            .and_then(|names| netdev::present_interfaces(&names))
+            .ok();
         if let Some(ifs) = &ifaces_now {
-            attach_to_new_interfaces(&mut dp, cfg.xdp_mode, &mut attached, ifs);
+            attach_to_new_interfaces(
+                &mut dp,
+                cfg.xdp_mode,
+                &mut attached,
+                &mut attach_failed,
+                ifs,
+            );
             update_snat_sources(&mut maps, &mut snat_sources, netdev::snat_sources(ifs));
         }
         // The interfaces' addresses, their own (SNAT source) ones first: the fallback for
@@ -696,28 +738,69 @@ fn serve_metrics(listener: tokio::net::TcpListener, metrics: Arc<Metrics>, pin_d
     tokio::spawn(health::serve(listener, route));
 }
 
+/// The names of the interfaces `--iface` selects now. A selection sticks while the interface
+/// lasts (`attached`: name -> ifindex), so one that loses its address for a moment, or its default
+/// route, keeps its programs and its flows. `explain`: log why each other interface is not taken.
+fn selected_interfaces(
+    cfg: &AgentConfig,
+    attached: &HashMap<String, u32>,
+    explain: bool,
+) -> anyhow::Result<Vec<String>> {
+    if cfg.ifaces.is_static() {
+        return Ok(cfg.ifaces.names.clone());
+    }
+    let links = netdev::links()?;
+    let mut names = cfg.ifaces.select(&links, &cfg.pod_iface_prefixes);
+    for link in &links {
+        if attached.get(&link.name) == Some(&link.index) && !names.contains(&link.name) {
+            names.push(link.name.clone());
+        }
+    }
+    if explain {
+        for link in links.iter().filter(|l| !names.contains(&l.name)) {
+            if let Err(why) = cfg.ifaces.selects(link, &cfg.pod_iface_prefixes) {
+                tracing::debug!(iface = link.name, why, "not selected by --iface");
+            }
+        }
+    }
+    Ok(names)
+}
+
 /// Attaches the programs to each interface that is not the one its name had (`attached`: name ->
-/// ifindex): it was deleted and made again. A failed attach is tried again at the next tick.
+/// ifindex): newly selected, or deleted and made again. A failed attach is reported once and
+/// tried again at the next tick.
 fn attach_to_new_interfaces(
     dp: &mut Datapath,
     mode: XdpMode,
     attached: &mut HashMap<String, u32>,
+    failed: &mut HashSet<(String, u32)>,
     ifaces: &[netdev::Interface],
 ) {
     for iface in ifaces {
-        if attached.get(&iface.name) == Some(&iface.index) {
+        let known = attached.get(&iface.name).copied();
+        if known == Some(iface.index) {
             continue;
         }
+        let why = if known.is_some() {
+            "attached again: the interface is new"
+        } else {
+            "attached: newly selected by --iface"
+        };
         match dp.attach(&iface.name, mode) {
             Ok(()) => {
-                tracing::info!(iface = iface.name, "attached again: the interface is new");
+                tracing::info!(iface = iface.name, "{why}");
                 attached.insert(iface.name.clone(), iface.index);
+                failed.remove(&(iface.name.clone(), iface.index));
             }
-            Err(e) => tracing::warn!(
-                iface = iface.name,
-                error = %format!("{e:#}"),
-                "cannot attach to the interface made anew; trying again"
-            ),
+            Err(e) => {
+                if failed.insert((iface.name.clone(), iface.index)) {
+                    tracing::warn!(
+                        iface = iface.name,
+                        error = %format!("{e:#}"),
+                        "cannot attach ({why}); trying again"
+                    )
+                }
+            }
         }
     }
 }

@@ -608,6 +608,37 @@ impl Datapath {
         Ok(())
     }
 
+    /// Detaches the programs an earlier run attached to interfaces other than `keep` (an
+    /// interface `--iface` no longer selects); returns those interfaces' names.
+    pub fn detach_other_interfaces(&self, keep: &[String]) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(self.pin_dir.join("links")) else {
+            return Vec::new();
+        };
+        let mut detached = std::collections::BTreeSet::new();
+        for entry in entries.flatten() {
+            let file = entry.file_name().to_string_lossy().into_owned();
+            // `tc-ingress-eth0` is eth0's ingress link, or the egress link of `ingress-eth0`.
+            let ifaces: Vec<&str> = [
+                file.strip_prefix("xdp-"),
+                file.strip_prefix("tc-ingress-"),
+                file.strip_prefix("tc-"),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
+            let Some(iface) = ifaces.first() else {
+                continue;
+            };
+            if ifaces.iter().any(|i| keep.iter().any(|k| k == i)) {
+                continue;
+            }
+            if std::fs::remove_file(entry.path()).is_ok() {
+                detached.insert(iface.to_string());
+            }
+        }
+        detached.into_iter().collect()
+    }
+
     /// Detaches an earlier run's node socket hooks (`--translate-node-sockets false`).
     pub fn detach_node_sockets(&self) {
         for name in NODE_SOCKET_PROGRAMS.iter().chain([&SOCKET_RELEASE_PROGRAM]) {

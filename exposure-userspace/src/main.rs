@@ -56,9 +56,12 @@ enum Mode {
 enum Command {
     /// Run the agent: attach the datapath to the interfaces and keep the maps in sync.
     Agent {
-        /// Interface(s) to serve NodePorts/LoadBalancer IPs on (repeatable).
-        #[arg(long = "iface", required = true)]
-        ifaces: Vec<String>,
+        /// Interface(s) to serve NodePorts/LoadBalancer IPs on (repeatable, or comma-separated):
+        /// a name, a name prefix (`eth+`), or `auto` (Cilium's device detection: up Ethernet
+        /// devices with a global address, no bridges, tunnels or ports of one; veths only with a
+        /// default route). Prefixes and `auto` are looked at again every 200 ms.
+        #[arg(long = "iface", required = true, value_delimiter = ',')]
+        ifaces: Vec<exposure::netdev::IfaceSpec>,
         /// Directory of Service and EndpointSlice manifests (YAML/JSON), watched for changes; a
         /// Node named like this node gives its zone. Without it the agent watches the Kubernetes API.
         #[arg(long)]
@@ -303,7 +306,7 @@ fn main() -> anyhow::Result<()> {
                     _ => (datapath::RedirectToPods::Off, Vec::new()),
                 };
             let cfg = agent::AgentConfig {
-                ifaces,
+                ifaces: exposure::netdev::IfaceSelector::new(ifaces),
                 manifests,
                 kubeconfig,
                 metrics: metrics_bind_address,

@@ -92,23 +92,12 @@ pub fn interfaces(names: &[String]) -> anyhow::Result<Vec<Interface>> {
 /// the others are still followed meanwhile.
 pub fn present_interfaces(names: &[String]) -> anyhow::Result<Vec<Interface>> {
     let mut addrs: BTreeMap<String, Vec<IpAddr>> = BTreeMap::new();
-    for ifa in nix::ifaddrs::getifaddrs().context("listing interface addresses")? {
-        let Some(a) = ifa.address.as_ref() else {
+    for (name, ip) in addresses()? {
+        // Link-local addresses are per link, not a node's address for clients.
+        if matches!(ip, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80) {
             continue;
-        };
-        let ip = if let Some(sin) = a.as_sockaddr_in() {
-            IpAddr::V4(sin.ip())
-        } else if let Some(sin6) = a.as_sockaddr_in6() {
-            let ip = sin6.ip();
-            // Link-local addresses are per link, not a node's address for clients.
-            if ip.segments()[0] & 0xffc0 == 0xfe80 {
-                continue;
-            }
-            IpAddr::V6(ip)
-        } else {
-            continue;
-        };
-        let of_iface = addrs.entry(ifa.interface_name.clone()).or_default();
+        }
+        let of_iface = addrs.entry(name).or_default();
         if !of_iface.contains(&ip) {
             of_iface.push(ip);
         }
@@ -132,6 +121,412 @@ pub fn present_interfaces(names: &[String]) -> anyhow::Result<Vec<Interface>> {
             })
         })
         .collect())
+}
+
+/// One `--iface` value: an interface's name, a name prefix (`eth+`: every interface whose name
+/// starts with `eth`, as in Cilium's `--devices` and iptables' `-i`), or `auto`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IfaceSpec {
+    Name(String),
+    Prefix(String),
+    Auto,
+}
+
+impl std::str::FromStr for IfaceSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        // IFNAMSIZ is 16 with the terminating NUL.
+        let valid = |name: &str| {
+            !name.is_empty()
+                && name.len() < 16
+                && !name.contains(|c: char| "/,+".contains(c) || c.is_whitespace())
+        };
+        match s {
+            "auto" => Ok(IfaceSpec::Auto),
+            "+" => Err(
+                "`+` alone matches every interface, the loopback and the pods' ones too: \
+                        give a prefix (`eth+`) or `auto`"
+                    .into(),
+            ),
+            _ => match s.strip_suffix('+') {
+                Some(prefix) if valid(prefix) => Ok(IfaceSpec::Prefix(prefix.into())),
+                None if valid(s) => Ok(IfaceSpec::Name(s.into())),
+                _ => Err(format!(
+                    "`{s}` is no interface name (1-15 characters, no `/`, `,`, `+` or spaces), \
+                     prefix (`eth+`) or `auto`"
+                )),
+            },
+        }
+    }
+}
+
+/// What the `--iface` values select together.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IfaceSelector {
+    /// Named ones: each must exist when the agent starts (a typo should not silently expose
+    /// nothing), and is taken whatever it is.
+    pub names: Vec<String>,
+    pub prefixes: Vec<String>,
+    /// `auto`: the interfaces [`detected`] picks.
+    pub auto: bool,
+}
+
+impl IfaceSelector {
+    pub fn new(specs: impl IntoIterator<Item = IfaceSpec>) -> Self {
+        let mut s = IfaceSelector::default();
+        for spec in specs {
+            match spec {
+                IfaceSpec::Name(n) if !s.names.contains(&n) => s.names.push(n),
+                IfaceSpec::Prefix(p) if !s.prefixes.contains(&p) => s.prefixes.push(p),
+                IfaceSpec::Auto => s.auto = true,
+                _ => {}
+            }
+        }
+        s
+    }
+
+    /// Only names: nothing to detect, the set never changes.
+    pub fn is_static(&self) -> bool {
+        self.prefixes.is_empty() && !self.auto
+    }
+
+    /// Whether `link` is selected, and if not why (for the log).
+    pub fn selects(&self, link: &Link, pod_prefixes: &[String]) -> Result<(), &'static str> {
+        if self.names.contains(&link.name) {
+            return Ok(());
+        }
+        if self
+            .prefixes
+            .iter()
+            .any(|p| link.name.starts_with(p.as_str()))
+        {
+            return if link.loopback() {
+                Err("the loopback")
+            } else {
+                Ok(())
+            };
+        }
+        if !self.auto {
+            return Err("not named by --iface");
+        }
+        if pod_prefixes
+            .iter()
+            .any(|p| link.name.starts_with(p.as_str()))
+        {
+            return Err("a pod interface (--redirect-to-pods)");
+        }
+        detected(link)
+    }
+
+    /// The names of the interfaces in `links` it selects, in the kernel's order.
+    pub fn select(&self, links: &[Link], pod_prefixes: &[String]) -> Vec<String> {
+        links
+            .iter()
+            .filter(|l| self.selects(l, pod_prefixes).is_ok())
+            .map(|l| l.name.clone())
+            .collect()
+    }
+}
+
+impl std::fmt::Display for IfaceSelector {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        let specs: Vec<String> = (self.names.iter().cloned())
+            .chain(self.prefixes.iter().map(|p| format!("{p}+")))
+            .chain(self.auto.then(|| "auto".to_string()))
+            .collect();
+        f.write_str(&specs.join(","))
+    }
+}
+
+/// Name prefixes `auto` never takes: other datapaths' and container runtimes' devices (Cilium's
+/// list).
+const NOT_DETECTED_PREFIXES: [&str; 5] = ["cilium_", "lo", "lxc", "cni", "docker"];
+
+/// Link kinds `auto` never takes: bridges (the node's uplink is their port, or they join pods),
+/// Ethernet tunnels between nodes (another CNI's overlay: the Services' clients are not behind
+/// it) and dummies (`kube-ipvs0` and `nodelocaldns` hold Service addresses, not a network).
+const NOT_DETECTED_KINDS: [&str; 9] = [
+    "bridge",
+    "openvswitch",
+    "vxlan",
+    "geneve",
+    "gretap",
+    "ip6gretap",
+    "erspan",
+    "dummy",
+    "tun",
+];
+
+/// Cilium's device detection, which `--iface auto` follows: an interface that is up, an Ethernet
+/// device (the datapath parses Ethernet frames) that is no bridge's or bond's port, has a global
+/// unicast address, and is not of a kind or name another datapath uses
+/// ([`NOT_DETECTED_KINDS`], [`NOT_DETECTED_PREFIXES`]); a veth only with a default route (a
+/// node in a container, as with kind), since pods' veths and other CNIs' leftovers are veths too.
+pub fn detected(link: &Link) -> Result<(), &'static str> {
+    const IFF_UP: u32 = libc::IFF_UP as u32;
+    const IFF_SLAVE: u32 = libc::IFF_SLAVE as u32;
+    const ARPHRD_ETHER: u16 = 1;
+    if link.loopback() {
+        return Err("the loopback");
+    }
+    if link.flags & IFF_UP == 0 {
+        return Err("down");
+    }
+    if link.master || link.flags & IFF_SLAVE != 0 {
+        return Err("a bridge's or bond's port");
+    }
+    if link.link_type != ARPHRD_ETHER {
+        return Err("no Ethernet device");
+    }
+    if NOT_DETECTED_PREFIXES
+        .iter()
+        .any(|p| link.name.starts_with(p))
+    {
+        return Err("named like another datapath's device");
+    }
+    match link.kind.as_deref() {
+        Some(kind) if NOT_DETECTED_KINDS.contains(&kind) => {
+            return Err("a bridge, tunnel, dummy or tap device")
+        }
+        Some("veth") if !link.default_route => return Err("a veth without a default route"),
+        _ => {}
+    }
+    if !link.global_addr {
+        return Err("no global unicast address");
+    }
+    Ok(())
+}
+
+/// An interface as device detection sees it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Link {
+    pub name: String,
+    pub index: u32,
+    /// `IFF_*`.
+    pub flags: u32,
+    /// `ARPHRD_*`.
+    pub link_type: u16,
+    /// A bridge's or bond's port (`IFLA_MASTER`).
+    pub master: bool,
+    /// `IFLA_INFO_KIND` (`veth`, `bridge`, `bond`, ...); none for a physical device.
+    pub kind: Option<String>,
+    /// Holds an address a client may use: IPv4 other than loopback and link-local, global IPv6.
+    pub global_addr: bool,
+    /// Carries a default route (IPv4 or IPv6).
+    pub default_route: bool,
+}
+
+impl Link {
+    fn loopback(&self) -> bool {
+        self.flags & libc::IFF_LOOPBACK as u32 != 0
+    }
+}
+
+/// This thread's network namespace's interfaces, for device detection: rtnetlink's link dump
+/// (sysfs shows the namespace it was mounted in, not necessarily this one), the addresses and
+/// the default routes.
+pub fn links() -> anyhow::Result<Vec<Link>> {
+    let mut links = rtnetlink_links().context("listing interfaces (RTM_GETLINK)")?;
+    let global: HashSet<String> = addresses()?
+        .into_iter()
+        .filter(|(_, ip)| is_global_unicast(*ip))
+        .map(|(name, _)| name)
+        .collect();
+    let read = |file: &str| std::fs::read_to_string(format!("/proc/thread-self/net/{file}"));
+    let defaults = default_route_devices(
+        &read("route").unwrap_or_default(),
+        &read("ipv6_route").unwrap_or_default(),
+    );
+    for link in &mut links {
+        link.global_addr = global.contains(&link.name);
+        link.default_route = defaults.contains(&link.name);
+    }
+    Ok(links)
+}
+
+/// An address clients may reach the node on (Go's `IsGlobalUnicast`, which Cilium's detection
+/// uses).
+fn is_global_unicast(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            !(v4.is_loopback()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_multicast()
+                || v4.is_broadcast())
+        }
+        IpAddr::V6(v6) => {
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || v6.segments()[0] & 0xffc0 == 0xfe80)
+        }
+    }
+}
+
+/// The devices that carry a default route, from `/proc/net/route` (IPv4: destination and mask
+/// 0) and `/proc/net/ipv6_route` (`::/0`, not an unreachable route, which sits on `lo`).
+fn default_route_devices(route: &str, ipv6_route: &str) -> HashSet<String> {
+    const RTF_REJECT: u32 = 0x200;
+    let v4 = route.lines().skip(1).filter_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        (f.len() > 7 && f[1] == "00000000" && f[7] == "00000000").then(|| f[0].to_string())
+    });
+    let v6 = ipv6_route.lines().filter_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let flags = u32::from_str_radix(f.get(8)?, 16).ok()?;
+        (f.len() > 9
+            && f[0].bytes().all(|b| b == b'0')
+            && f[1] == "00"
+            && flags & RTF_REJECT == 0
+            && f[9] != "lo")
+            .then(|| f[9].to_string())
+    });
+    v4.chain(v6).collect()
+}
+
+/// `RTM_GETLINK` dump over rtnetlink.
+fn rtnetlink_links() -> anyhow::Result<Vec<Link>> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    const RTM_GETLINK: u16 = 18;
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("netlink socket");
+    }
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // nlmsghdr (16 bytes), then ifinfomsg (16 bytes, all zero: every family).
+    let mut req = [0u8; 32];
+    req[0..4].copy_from_slice(&32u32.to_ne_bytes());
+    req[4..6].copy_from_slice(&RTM_GETLINK.to_ne_bytes());
+    let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
+    req[6..8].copy_from_slice(&flags.to_ne_bytes());
+    req[8..12].copy_from_slice(&1u32.to_ne_bytes());
+    if unsafe { libc::send(fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
+        return Err(std::io::Error::last_os_error()).context("netlink send");
+    }
+    let mut links = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err).context("netlink recv");
+        }
+        if parse_link_dump(&buf[..n as usize], &mut links)? {
+            return Ok(links);
+        }
+    }
+}
+
+/// Parses one datagram of an `RTM_GETLINK` dump into `links`; true once the dump is done.
+fn parse_link_dump(mut buf: &[u8], links: &mut Vec<Link>) -> anyhow::Result<bool> {
+    const NLMSG_ERROR: u16 = 2;
+    const NLMSG_DONE: u16 = 3;
+    const RTM_NEWLINK: u16 = 16;
+    const IFLA_IFNAME: u16 = 3;
+    const IFLA_MASTER: u16 = 10;
+    const IFLA_LINKINFO: u16 = 18;
+    const IFLA_INFO_KIND: u16 = 1;
+    let u16_at = |b: &[u8], i: usize| u16::from_ne_bytes([b[i], b[i + 1]]);
+    let u32_at = |b: &[u8], i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    let c_string = |b: &[u8]| {
+        let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+        String::from_utf8_lossy(&b[..end]).into_owned()
+    };
+    while buf.len() >= 16 {
+        let len = u32_at(buf, 0) as usize;
+        if len < 16 || len > buf.len() {
+            anyhow::bail!("netlink message of {len} bytes in {}", buf.len());
+        }
+        let (msg, rest) = buf.split_at(len);
+        buf = rest.get(align4(len) - len..).unwrap_or_default();
+        match u16_at(msg, 4) {
+            NLMSG_DONE => return Ok(true),
+            NLMSG_ERROR => {
+                let errno = if msg.len() >= 20 {
+                    u32_at(msg, 16) as i32
+                } else {
+                    0
+                };
+                return Err(std::io::Error::from_raw_os_error(-errno)).context("netlink dump");
+            }
+            RTM_NEWLINK if msg.len() >= 32 => {
+                let mut link = Link {
+                    link_type: u16_at(msg, 18),
+                    index: u32_at(msg, 20),
+                    flags: u32_at(msg, 24),
+                    ..Link::default()
+                };
+                for (kind, value) in attributes(&msg[32..]) {
+                    match kind {
+                        IFLA_IFNAME => link.name = c_string(value),
+                        IFLA_MASTER => link.master = value.len() >= 4 && u32_at(value, 0) != 0,
+                        IFLA_LINKINFO => {
+                            link.kind = attributes(value)
+                                .find(|(k, _)| *k == IFLA_INFO_KIND)
+                                .map(|(_, v)| c_string(v))
+                        }
+                        _ => {}
+                    }
+                }
+                links.push(link);
+            }
+            _ => {}
+        }
+    }
+    Ok(false)
+}
+
+fn align4(n: usize) -> usize {
+    (n + 3) & !3
+}
+
+/// A netlink message's attributes (`rtattr`: length, type, value, padded to 4 bytes); the type
+/// without its nested/byte-order flags.
+fn attributes(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    std::iter::from_fn(move || {
+        if buf.len() < 4 {
+            return None;
+        }
+        let len = u16::from_ne_bytes([buf[0], buf[1]]) as usize;
+        if len < 4 || len > buf.len() {
+            return None;
+        }
+        let kind = u16::from_ne_bytes([buf[2], buf[3]]) & 0x3fff;
+        let value = &buf[4..len];
+        buf = buf.get(align4(len)..).unwrap_or_default();
+        Some((kind, value))
+    })
+}
+
+/// Every IPv4 and IPv6 address of this thread's network namespace, by interface name, in the
+/// kernel's order.
+fn addresses() -> anyhow::Result<Vec<(String, IpAddr)>> {
+    let mut out = Vec::new();
+    for ifa in nix::ifaddrs::getifaddrs().context("listing interface addresses")? {
+        let Some(a) = ifa.address.as_ref() else {
+            continue;
+        };
+        let ip = if let Some(sin) = a.as_sockaddr_in() {
+            IpAddr::V4(sin.ip())
+        } else if let Some(sin6) = a.as_sockaddr_in6() {
+            IpAddr::V6(sin6.ip())
+        } else {
+            continue;
+        };
+        out.push((ifa.interface_name, ip));
+    }
+    Ok(out)
 }
 
 /// Pods' interfaces: the ones `--redirect-to-pods` / `--xdp-redirect-to-pods` name by prefix.
@@ -359,5 +754,275 @@ not an address line
         assert_eq!(driver_of("vp1").as_deref(), Some("veth"));
         assert_eq!(driver_of("vpbr0").as_deref(), Some("bridge"));
         assert_eq!(driver_of("no-such-if0"), None);
+    }
+
+    #[test]
+    fn iface_values_are_names_prefixes_or_auto_and_anything_else_is_refused() {
+        let spec = |s: &str| s.parse::<IfaceSpec>();
+        assert_eq!(spec("eth0"), Ok(IfaceSpec::Name("eth0".into())));
+        assert_eq!(spec("en+"), Ok(IfaceSpec::Prefix("en".into())));
+        assert_eq!(spec("auto"), Ok(IfaceSpec::Auto));
+        for bad in ["", "+", "a/b", "eth 0", "a-name-that-is-too-long", "++"] {
+            let err = spec(bad).expect_err(bad);
+            assert!(err.contains("auto"), "{bad}: {err}");
+        }
+        assert!(spec("+").unwrap_err().contains("every interface"));
+        let sel =
+            IfaceSelector::new(["eth0", "en+", "auto", "eth0", "en+"].map(|s| spec(s).unwrap()));
+        assert_eq!(sel.to_string(), "eth0,en+,auto", "each once");
+        assert!(!sel.is_static());
+        assert!(IfaceSelector::new([IfaceSpec::Name("eth0".into())]).is_static());
+    }
+
+    /// A link as rtnetlink and the address and route tables show it: up, Ethernet, a global
+    /// address; `kind` none for a physical device.
+    fn link(name: &str, kind: Option<&str>) -> Link {
+        Link {
+            name: name.into(),
+            index: 7,
+            flags: libc::IFF_UP as u32,
+            link_type: 1,
+            master: false,
+            kind: kind.map(Into::into),
+            global_addr: true,
+            default_route: false,
+        }
+    }
+
+    #[test]
+    fn auto_takes_what_ciliums_device_detection_takes() {
+        let taken = |l: &Link| detected(l).is_ok();
+        // Physical NICs, bonds, VLANs, macvlans: the node's own networks.
+        for kind in [
+            None,
+            Some("bond"),
+            Some("vlan"),
+            Some("macvlan"),
+            Some("ipvlan"),
+        ] {
+            assert!(taken(&link("uplink", kind)), "{kind:?}");
+        }
+        // A veth only with a default route (a node in a container).
+        let veth = link("eth0", Some("veth"));
+        assert_eq!(detected(&veth), Err("a veth without a default route"));
+        assert!(taken(&Link {
+            default_route: true,
+            ..veth
+        }));
+        // Bridges, tunnels, dummies (kube-ipvs0), taps: never.
+        for kind in ["bridge", "openvswitch", "vxlan", "geneve", "dummy", "tun"] {
+            assert!(!taken(&link("x", Some(kind))), "{kind}");
+        }
+        // Down, a port of a bond or bridge, no Ethernet (wireguard, tun), the loopback.
+        let nic = link("eth1", None);
+        for (l, why) in [
+            (
+                Link {
+                    flags: 0,
+                    ..nic.clone()
+                },
+                "down",
+            ),
+            (
+                Link {
+                    master: true,
+                    ..nic.clone()
+                },
+                "a bridge's or bond's port",
+            ),
+            (
+                Link {
+                    flags: (libc::IFF_UP | libc::IFF_SLAVE) as u32,
+                    ..nic.clone()
+                },
+                "a bridge's or bond's port",
+            ),
+            (
+                Link {
+                    link_type: 65534,
+                    ..nic.clone()
+                },
+                "no Ethernet device",
+            ),
+            (
+                Link {
+                    global_addr: false,
+                    ..nic.clone()
+                },
+                "no global unicast address",
+            ),
+            (
+                Link {
+                    flags: (libc::IFF_UP | libc::IFF_LOOPBACK) as u32,
+                    ..nic.clone()
+                },
+                "the loopback",
+            ),
+        ] {
+            assert_eq!(detected(&l), Err(why), "{l:?}");
+        }
+        // Other datapaths' and runtimes' devices, by name.
+        for name in ["cilium_host", "lxc1234", "cni0", "docker0", "lo1"] {
+            assert!(!taken(&link(name, None)), "{name}");
+        }
+    }
+
+    #[test]
+    fn names_and_prefixes_select_what_they_name_and_auto_adds_the_detected() {
+        let links = [
+            link("lo", None),
+            link("eth0", None),
+            link("eth1", Some("veth")),
+            link("ens5", None),
+            link("br0", Some("bridge")),
+            link("vp12", Some("veth")),
+        ];
+        let links = {
+            let mut l = links;
+            l[0].flags |= libc::IFF_LOOPBACK as u32;
+            l[5].default_route = true;
+            l
+        };
+        let select = |specs: &[&str], pods: &[&str]| {
+            let sel = IfaceSelector::new(specs.iter().map(|s| s.parse().unwrap()));
+            let pods: Vec<String> = pods.iter().map(|p| p.to_string()).collect();
+            sel.select(&links, &pods)
+        };
+        // A name takes its interface whatever it is (a bridge, a veth).
+        assert_eq!(select(&["br0", "eth1"], &[]), ["eth1", "br0"]);
+        // A prefix takes every interface it names, but the loopback.
+        assert_eq!(select(&["eth+", "l+"], &[]), ["eth0", "eth1"]);
+        // Auto: ens5, eth0, and a veth with a default route, unless a redirect names it a pod's.
+        assert_eq!(select(&["auto"], &[]), ["eth0", "ens5", "vp12"]);
+        assert_eq!(select(&["auto"], &["vp"]), ["eth0", "ens5"]);
+        assert_eq!(select(&["auto", "br0"], &["vp"]), ["eth0", "ens5", "br0"]);
+    }
+
+    #[test]
+    fn default_routes_are_read_from_both_route_tables() {
+        let route = "\
+Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT
+eth0\t00000000\t0100A8C0\t0003\t0\t0\t100\t00000000\t0\t0\t0
+eth1\t0000A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0
+";
+        let ipv6_route = "\
+00000000000000000000000000000000 00 00000000000000000000000000000000 00 fe800000000000000000000000000001 00000400 00000001 00000000 00000003     ens5
+00000000000000000000000000000000 00 00000000000000000000000000000000 00 00000000000000000000000000000000 ffffffff 00000001 00000000 00200200       lo
+20010002000000000000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000100 00000001 00000000 00000001     eth1
+";
+        let mut found: Vec<String> = default_route_devices(route, ipv6_route)
+            .into_iter()
+            .collect();
+        found.sort();
+        assert_eq!(found, ["ens5", "eth0"]);
+    }
+
+    #[test]
+    fn a_link_dump_is_parsed_from_rtnetlinks_messages() {
+        // RTM_NEWLINK for index 5 "uplink" (up, Ethernet), enslaved (IFLA_MASTER 3), kind "veth"
+        // nested in IFLA_LINKINFO; then NLMSG_DONE.
+        let attr = |kind: u16, value: &[u8]| {
+            let mut a = Vec::new();
+            a.extend_from_slice(&((4 + value.len()) as u16).to_ne_bytes());
+            a.extend_from_slice(&kind.to_ne_bytes());
+            a.extend_from_slice(value);
+            a.resize(align4(a.len()), 0);
+            a
+        };
+        let mut body = vec![0u8, 0];
+        body.extend_from_slice(&1u16.to_ne_bytes());
+        body.extend_from_slice(&5u32.to_ne_bytes());
+        body.extend_from_slice(&(libc::IFF_UP as u32).to_ne_bytes());
+        body.extend_from_slice(&0u32.to_ne_bytes());
+        body.extend(attr(3, b"uplink\0"));
+        body.extend(attr(10, &3u32.to_ne_bytes()));
+        body.extend(attr(18 | 0x8000, &attr(1, b"veth\0")));
+        let message = |kind: u16, body: &[u8]| {
+            let mut m = Vec::new();
+            m.extend_from_slice(&((16 + body.len()) as u32).to_ne_bytes());
+            m.extend_from_slice(&kind.to_ne_bytes());
+            m.extend_from_slice(&[0; 10]);
+            m.extend_from_slice(body);
+            m
+        };
+        let mut links = Vec::new();
+        let dump = message(16, &body);
+        assert!(!parse_link_dump(&dump, &mut links).unwrap(), "not done yet");
+        assert!(parse_link_dump(&message(3, &[0; 4]), &mut links).unwrap());
+        let want = Link {
+            name: "uplink".into(),
+            index: 5,
+            flags: libc::IFF_UP as u32,
+            link_type: 1,
+            master: true,
+            kind: Some("veth".into()),
+            ..Link::default()
+        };
+        assert_eq!(links, [want]);
+        // A truncated message is an error, not a wrong link.
+        let err = parse_link_dump(&dump[..dump.len() - 8], &mut links).unwrap_err();
+        assert!(format!("{err:#}").contains("netlink message"), "{err:#}");
+        // The kernel's error answer is reported with its errno.
+        let mut nack = (-libc::EPERM).to_ne_bytes().to_vec();
+        nack.extend_from_slice(&[0; 16]);
+        let err = parse_link_dump(&message(2, &nack), &mut links).unwrap_err();
+        assert!(format!("{err:#}").contains("not permitted"), "{err:#}");
+    }
+
+    #[test]
+    fn a_namespaces_links_are_listed_with_their_kind_port_addresses_and_default_routes() {
+        use exposure_lab::netns::{unique_prefix, Netns};
+        let node = Netns::create(&unique_prefix("dl")).unwrap();
+        for cmd in [
+            "link add uplink type veth peer name peer0",
+            "link add mv0 link peer0 type macvlan",
+            "link add br0 type bridge",
+            "link add port0 type veth peer name port1",
+            "link set port0 master br0",
+            "addr add 198.18.0.10/24 dev uplink",
+            "addr add 198.18.1.10/24 dev mv0",
+            "addr add 169.254.0.10/16 dev peer0",
+            "addr add 198.18.2.10/24 dev br0",
+        ] {
+            node.ip(cmd).unwrap();
+        }
+        for l in ["uplink", "peer0", "mv0", "br0", "port0", "port1", "lo"] {
+            node.ip(&format!("link set {l} up")).unwrap();
+        }
+        let detect = || {
+            node.run(|| {
+                let links = links().unwrap();
+                let found: BTreeMap<String, Link> =
+                    links.into_iter().map(|l| (l.name.clone(), l)).collect();
+                found
+            })
+            .unwrap()
+        };
+        let found = detect();
+        let kind = |n: &str| found[n].kind.clone();
+        assert_eq!(kind("uplink").as_deref(), Some("veth"));
+        assert_eq!(kind("mv0").as_deref(), Some("macvlan"));
+        assert_eq!(kind("br0").as_deref(), Some("bridge"));
+        assert!(found["port0"].master && !found["port1"].master);
+        assert!(found["uplink"].global_addr && found["br0"].global_addr);
+        assert!(!found["peer0"].global_addr, "link-local only");
+        assert!(found["lo"].loopback() && !found["lo"].global_addr);
+        let detected: Vec<&str> = found
+            .values()
+            .filter(|l| super::detected(l).is_ok())
+            .map(|l| l.name.as_str())
+            .collect();
+        assert_eq!(detected, ["mv0"], "the veth has no default route yet");
+        // A default route through a neighbour inside this namespace's own network.
+        node.ip("route add default via 198.18.0.1 dev uplink")
+            .unwrap();
+        let found = detect();
+        assert!(found["uplink"].default_route && !found["mv0"].default_route);
+        let detected: Vec<&str> = found
+            .values()
+            .filter(|l| super::detected(l).is_ok())
+            .map(|l| l.name.as_str())
+            .collect();
+        assert_eq!(detected, ["mv0", "uplink"]);
     }
 }

@@ -199,3 +199,18 @@ fn a_bad_snat_port_range_is_refused_before_touching_anything() {
         assert_nothing_pinned(pin_dir);
     }
 }
+
+#[test]
+fn bad_iface_values_are_refused_before_touching_anything() {
+    bad_values_are_refused_before_touching_anything(
+        "/sys/fs/bpf/exposure-cli-test12",
+        "--iface",
+        &[
+            ("+", "matches every interface"),
+            ("eth0,", "`` is no interface name"),
+            ("eth/0", "no interface name"),
+            ("interface-name-too-long", "1-15 characters"),
+            ("e+th+", "prefix (`eth+`) or `auto`"),
+        ],
+    );
+}

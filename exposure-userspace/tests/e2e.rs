@@ -784,7 +784,7 @@ fn an_interface_made_anew_gets_the_datapath_again() {
         .contains("attached again: the interface is new"));
 }
 
-/// A node on two networks (`--iface eth0 --iface eth1`): a client on the second one reaches the
+/// A node on two networks (`--iface eth+`: eth0 and eth1): a client on the second one reaches the
 /// NodePort on that network's address. A local pod is served through eth1 (replies at eth1's tc);
 /// a remote pod's flow leaves through eth0, SNATed to eth0's address, and its replies go back out
 /// of eth1 (XDP redirect between the interfaces). Too big packets get the MTU back; while eth1 is
@@ -796,7 +796,7 @@ fn a_node_on_two_networks_serves_clients_on_each() {
     let front = exposure_lab::netns::Netns::create(&format!("{}-front", c.lab.prefix)).unwrap();
     let _front_xdp = plug_second_network(&c.lab.nodes[0].ns, &front);
     c.agents[0].stop();
-    c.agent_flags = vec!["--iface".into(), "eth1".into()];
+    c.agent_flags = vec!["--iface".into(), "eth+".into()];
     c.start_agent(0);
 
     let to = SocketAddr::from(([198, 18, 200, 10], 30600));
@@ -912,6 +912,122 @@ fn plug_second_network(
         .exec("ping", &["-c", "1", "-W", "2", "198.18.200.10"])
         .unwrap();
     xdp
+}
+
+/// The interfaces of namespace `ns` that have an XDP program attached.
+fn with_xdp(ns: &str) -> BTreeSet<String> {
+    let out =
+        exposure_lab::netns::run("ip", &["-n", ns, "-j", "link", "show"]).expect("ip -j link show");
+    let links: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("ip's JSON");
+    links
+        .iter()
+        .filter(|l| l.get("xdp").is_some())
+        .filter_map(|l| Some(l.get("ifname")?.as_str()?.to_string()))
+        .collect()
+}
+
+/// `--iface auto` attaches where Cilium's device detection would: to the node's network (here a
+/// macvlan on a second link, as on a host whose NIC carries macvlans), not to a bridge, a VXLAN
+/// tunnel, a tap or a veth without a default route (the lab's own eth0 is one, so an earlier
+/// run's programs there are detached). A network that appears later is served within a tick, and
+/// `auto` goes with names.
+#[test]
+fn auto_attaches_to_the_nodes_networks_and_follows_new_ones() {
+    let mut c = Cluster::start(&[2], &[("hello.yaml", hello_world(&all_pods(&[2])))]);
+    let everyone = pods_named(&["pod-1-1", "pod-1-2"]);
+    let ns = c.lab.nodes[0].ns.name().to_string();
+    let node = |cmd: &str| {
+        let mut args = vec!["-n", ns.as_str()];
+        args.extend(cmd.split_whitespace());
+        exposure_lab::netns::run("ip", &args).map(drop)
+    };
+    let front = exposure_lab::netns::Netns::create(&format!("{}-front", c.lab.prefix)).unwrap();
+    node(&format!(
+        "link add lan1 type veth peer name eth0 netns {}",
+        front.name()
+    ))
+    .unwrap();
+    for cmd in [
+        "link add mv1 link lan1 type macvlan mode bridge",
+        "addr add 198.18.200.10/24 dev mv1",
+        // Decoys, each with an address of its own network.
+        "link add br9 type bridge",
+        "addr add 198.18.201.10/24 dev br9",
+        "link add vx9 type vxlan id 9 dstport 4789 dev lan1",
+        "addr add 198.18.202.10/24 dev vx9",
+        "link add vt9 type veth peer name vt9p",
+        "addr add 198.18.203.10/24 dev vt9",
+        "tuntap add tp9 mode tap",
+        "addr add 198.18.204.10/24 dev tp9",
+    ] {
+        node(cmd).unwrap();
+    }
+    // lan1 holds no address: only the macvlans answer ARP for theirs (by default any interface
+    // answers for all the node's addresses, and the client's frames would go to lan1's MAC).
+    c.lab.nodes[0]
+        .ns
+        .exec("sysctl", &["-qw", "net.ipv4.conf.lan1.arp_ignore=1"])
+        .unwrap();
+    for l in ["lan1", "mv1", "br9", "vx9", "vt9", "vt9p", "tp9"] {
+        node(&format!("link set {l} up")).unwrap();
+    }
+    // As from a NIC: with checksums filled in (a veth hands a local sender's partial ones on).
+    front.exec("ethtool", &["-K", "eth0", "tx", "off"]).unwrap();
+    front.ip("addr add 198.18.200.1/24 dev eth0").unwrap();
+    front.ip("link set eth0 up").unwrap();
+    let ifaces =
+        |names: &[&str]| -> BTreeSet<String> { names.iter().map(|n| n.to_string()).collect() };
+    assert_eq!(with_xdp(&ns), ifaces(&["eth0"]), "--iface eth0 first");
+
+    c.agents[0].stop();
+    c.agent_flags = vec!["--iface".into(), "auto".into()];
+    c.start_agent(0);
+    assert_eq!(with_xdp(&ns), ifaces(&["mv1"]));
+    assert!(c.agents[0]
+        .log_text()
+        .contains("--iface does not select it now"));
+    let front_spread = |to: SocketAddr, client: &str| {
+        let mut pods = BTreeSet::new();
+        for _ in 0..apps::SPREAD_MIN {
+            let answer = apps::tcp_ask(&front, to).ok()?;
+            let (pod, peer) = parse_answer(&answer)?;
+            assert_eq!(peer.ip().to_string(), client, "the client's address");
+            pods.insert(pod.to_string());
+        }
+        Some(pods)
+    };
+    let nodeport_on_mv1 = SocketAddr::from(([198, 18, 200, 10], 30600));
+    assert_eq!(
+        front_spread(nodeport_on_mv1, "198.18.200.1"),
+        Some(everyone.clone())
+    );
+    // eth0 has no programs now: its NodePort reaches the node's stack, which has no listener.
+    assert_refused(&apps::tcp_ask(&c.lab.client, c.node(0, 30600)).unwrap_err());
+
+    // A network that comes later.
+    node("link add mv2 link lan1 type macvlan mode bridge").unwrap();
+    node("addr add 198.18.205.10/24 dev mv2").unwrap();
+    node("link set mv2 up").unwrap();
+    front.ip("addr add 198.18.205.1/24 dev eth0").unwrap();
+    let nodeport_on_mv2 = SocketAddr::from(([198, 18, 205, 10], 30600));
+    c.eventually("mv2 attached and its NodePort served", || {
+        with_xdp(&ns).contains("mv2") && front_spread(nodeport_on_mv2, "198.18.205.1").is_some()
+    });
+    assert!(c.agents[0]
+        .log_text()
+        .lines()
+        .any(|l| l.contains("newly selected by --iface") && l.contains("\"mv2\"")));
+
+    // `auto` and a name: eth0 again, beside the detected ones.
+    c.agents[0].stop();
+    c.agent_flags = vec!["--iface".into(), "auto,eth0".into()];
+    c.start_agent(0);
+    assert_eq!(with_xdp(&ns), ifaces(&["eth0", "mv1", "mv2"]));
+    assert_eq!(c.tcp_spread(c.node(0, 30600), 0).0, everyone);
+    assert_eq!(
+        front_spread(nodeport_on_mv1, "198.18.200.1"),
+        Some(everyone.clone())
+    );
 }
 
 #[test]
