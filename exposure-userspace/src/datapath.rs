@@ -611,29 +611,13 @@ impl Datapath {
     /// Detaches the programs an earlier run attached to interfaces other than `keep` (an
     /// interface `--iface` no longer selects); returns those interfaces' names.
     pub fn detach_other_interfaces(&self, keep: &[String]) -> Vec<String> {
-        let Ok(entries) = std::fs::read_dir(self.pin_dir.join("links")) else {
-            return Vec::new();
-        };
         let mut detached = std::collections::BTreeSet::new();
-        for entry in entries.flatten() {
-            let file = entry.file_name().to_string_lossy().into_owned();
-            // `tc-ingress-eth0` is eth0's ingress link, or the egress link of `ingress-eth0`.
-            let ifaces: Vec<&str> = [
-                file.strip_prefix("xdp-"),
-                file.strip_prefix("tc-ingress-"),
-                file.strip_prefix("tc-"),
-            ]
-            .into_iter()
-            .flatten()
-            .collect();
-            let Some(iface) = ifaces.first() else {
-                continue;
-            };
-            if ifaces.iter().any(|i| keep.iter().any(|k| k == i)) {
+        for (pin, ifaces) in interface_links(&self.pin_dir) {
+            if ifaces.iter().any(|i| keep.contains(i)) {
                 continue;
             }
-            if std::fs::remove_file(entry.path()).is_ok() {
-                detached.insert(iface.to_string());
+            if std::fs::remove_file(pin).is_ok() {
+                detached.insert(ifaces[0].clone());
             }
         }
         detached.into_iter().collect()
@@ -645,6 +629,42 @@ impl Datapath {
             let _ = std::fs::remove_file(node_socket_pin(&self.pin_dir, name));
         }
     }
+}
+
+/// The pinned links of the interfaces' programs, each with the interface(s) its name may be of:
+/// `tc-ingress-eth0` is eth0's ingress link, or the egress link of an `ingress-eth0`.
+fn interface_links(pin_dir: &Path) -> Vec<(PathBuf, Vec<String>)> {
+    let Ok(entries) = std::fs::read_dir(pin_dir.join("links")) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let file = entry.file_name().to_string_lossy().into_owned();
+            let ifaces: Vec<String> = ["xdp-", "tc-ingress-", "tc-"]
+                .iter()
+                .filter_map(|prefix| file.strip_prefix(prefix))
+                .map(String::from)
+                .collect();
+            (!ifaces.is_empty()).then(|| (entry.path(), ifaces))
+        })
+        .collect()
+}
+
+/// The interfaces of this network namespace the XDP program is attached to (by the pins under
+/// `pin_dir`; a deleted interface's pin stays until the agent attaches there again), sorted.
+pub fn attached_interfaces(pin_dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = interface_links(pin_dir)
+        .into_iter()
+        .filter(|(pin, _)| {
+            pin.file_name()
+                .is_some_and(|f| f.to_string_lossy().starts_with("xdp-"))
+        })
+        .map(|(_, ifaces)| ifaces[0].clone())
+        .filter(|name| nix::net::if_::if_nametoindex(name.as_str()).is_ok())
+        .collect();
+    names.sort();
+    names
 }
 
 fn node_socket_pin(pin_dir: &Path, program: &str) -> PathBuf {

@@ -383,7 +383,12 @@ fn main() -> anyhow::Result<()> {
             };
             print!(
                 "{}",
-                render(&snapshot, maps.flow_count(), &maps.counters()?)
+                render(
+                    &snapshot,
+                    maps.flow_count(),
+                    &maps.counters()?,
+                    &datapath::attached_interfaces(&pin_dir)
+                )
             );
             Ok(())
         }

@@ -68,8 +68,13 @@ fn rows(s: &Snapshot) -> Vec<FrontendRow> {
 }
 
 /// The same as [`render`], as one JSON object (for scripts): `frontends` (each with its
-/// `backends`), `service_ports`, `backends`, `flows` and every counter.
-pub fn render_json(s: &Snapshot, flows: usize, counters: &[(Counter, u64)]) -> String {
+/// `backends`), `service_ports`, `backends`, `flows`, every counter and the `interfaces`.
+pub fn render_json(
+    s: &Snapshot,
+    flows: usize,
+    counters: &[(Counter, u64)],
+    interfaces: &[String],
+) -> String {
     let frontends: Vec<serde_json::Value> = rows(s)
         .into_iter()
         .map(|r| {
@@ -112,6 +117,7 @@ pub fn render_json(s: &Snapshot, flows: usize, counters: &[(Counter, u64)]) -> S
         "backends": s.backends.len(),
         "flows": flows,
         "counters": counters,
+        "interfaces": interfaces,
     });
     format!("{out:#}\n")
 }
@@ -126,8 +132,14 @@ fn service_ports(s: &Snapshot) -> usize {
         .len()
 }
 
-/// Renders the frontends -> backends table, then flow and counter totals.
-pub fn render(s: &Snapshot, flows: usize, counters: &[(Counter, u64)]) -> String {
+/// Renders the frontends -> backends table, then flow and counter totals, and the interfaces the
+/// datapath is attached to.
+pub fn render(
+    s: &Snapshot,
+    flows: usize,
+    counters: &[(Counter, u64)],
+    interfaces: &[String],
+) -> String {
     let rows: Vec<[String; 4]> = rows(s)
         .into_iter()
         .map(|r| {
@@ -202,6 +214,15 @@ pub fn render(s: &Snapshot, flows: usize, counters: &[(Counter, u64)]) -> String
     if !nonzero.is_empty() {
         let _ = writeln!(out, "counters: {}", nonzero.join(" "));
     }
+    let _ = writeln!(
+        out,
+        "interfaces: {}",
+        if interfaces.is_empty() {
+            "none".to_string()
+        } else {
+            interfaces.join(" ")
+        }
+    );
     out
 }
 
@@ -270,7 +291,12 @@ mod tests {
             },
             &mut maps,
         );
-        let out = render(&maps.snapshot().unwrap(), 3, &[(Counter::NewFlows, 3)]);
+        let out = render(
+            &maps.snapshot().unwrap(),
+            3,
+            &[(Counter::NewFlows, 3)],
+            &["eth0".into(), "mv1".into()],
+        );
         assert!(
             out.contains("198.18.0.10:30600/TCP                  NodePort"),
             "{out}"
@@ -288,14 +314,17 @@ mod tests {
             "{out}"
         );
         assert!(out.contains("new_flows=3"));
+        assert!(out.ends_with("\ninterfaces: eth0 mv1\n"), "{out}");
 
         let json: serde_json::Value = serde_json::from_str(&render_json(
             &maps.snapshot().unwrap(),
             3,
             &[(Counter::NewFlows, 3), (Counter::NoBackend, 0)],
+            &["eth0".into()],
         ))
         .expect("JSON");
         assert_eq!(json["flows"], 3);
+        assert_eq!(json["interfaces"], serde_json::json!(["eth0"]));
         assert_eq!(json["service_ports"], 1);
         assert_eq!(json["backends"], 2);
         assert_eq!(json["counters"]["new_flows"], 3);
@@ -345,7 +374,7 @@ mod tests {
         };
         r.reconcile(&state, &mut maps);
         r.reconcile(&DesiredState::default(), &mut maps);
-        let out = render(&maps.snapshot().unwrap(), 1, &[]);
+        let out = render(&maps.snapshot().unwrap(), 1, &[], &[]);
         assert!(
             out.contains(
                 "198.18.0.10:30600/TCP  NodePort  -        (draining: its open connections only)"
@@ -357,7 +386,7 @@ mod tests {
             "{out}"
         );
         let json: serde_json::Value =
-            serde_json::from_str(&render_json(&maps.snapshot().unwrap(), 1, &[])).unwrap();
+            serde_json::from_str(&render_json(&maps.snapshot().unwrap(), 1, &[], &[])).unwrap();
         let fe = &json["frontends"][0];
         assert_eq!(
             (&fe["draining"], &fe["service"]),

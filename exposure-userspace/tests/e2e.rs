@@ -983,6 +983,17 @@ fn auto_attaches_to_the_nodes_networks_and_follows_new_ones() {
     c.agent_flags = vec!["--iface".into(), "auto".into()];
     c.start_agent(0);
     assert_eq!(with_xdp(&ns), ifaces(&["mv1"]));
+    let pin_dir = c.agents[0].pin_dir.display().to_string();
+    // In the node's namespace (where the interfaces are), with the pins in sight.
+    let status = c.lab.nodes[0]
+        .ns
+        .command(BIN)
+        .unwrap()
+        .args(["status", "--pin-dir", &pin_dir, "-o", "json"])
+        .output()
+        .unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["interfaces"], serde_json::json!(["mv1"]), "{status}");
     assert!(c.agents[0]
         .log_text()
         .contains("--iface does not select it now"));
