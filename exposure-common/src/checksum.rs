@@ -98,6 +98,12 @@ impl Delta {
         Delta(self.0 + (!old) as u64 + new as u64)
     }
 
+    /// Both sets of changes.
+    #[inline(always)]
+    pub fn with(self, other: Delta) -> Delta {
+        Delta(self.0 + other.0)
+    }
+
     /// Adds a 16-byte field's change (an IPv6 address).
     #[inline(always)]
     pub fn words(self, old: &[u32; 4], new: &[u32; 4]) -> Delta {
@@ -115,6 +121,13 @@ impl Delta {
         let sum = (self.0 & 0xffff_ffff) + (self.0 >> 32);
         let sum = (sum & 0xffff_ffff) + (sum >> 32);
         sum as u32
+    }
+
+    /// A partial sum (what an offloading sender leaves in the field: the pseudo-header's sum, not
+    /// inverted) after all the changes: only the addresses' belong there.
+    #[inline(always)]
+    pub fn apply_partial(self, partial: u16) -> u16 {
+        !self.apply(!partial)
     }
 
     /// The checksum after all the changes.
@@ -139,6 +152,57 @@ impl Delta {
             c => c,
         }
     }
+}
+
+/// The IPv4 pseudo-header's sum, folded and not inverted, for a segment of `len` bytes between
+/// `saddr` and `daddr` (as loaded): what a sender that offloads its checksum (Linux's
+/// `CHECKSUM_PARTIAL`) leaves in the TCP/UDP checksum field for the device to complete.
+#[inline(always)]
+pub fn pseudo_header4(saddr: u32, daddr: u32, proto: u8, len: u16) -> u16 {
+    let sum = add32(add32(0, saddr), daddr);
+    fold(sum + u16::from_ne_bytes([0, proto]) as u32 + u16::from_ne_bytes(len.to_be_bytes()) as u32)
+}
+
+/// [`pseudo_header4`] for IPv6.
+#[inline(always)]
+pub fn pseudo_header6(saddr: &[u32; 4], daddr: &[u32; 4], proto: u8, len: u16) -> u16 {
+    // Word by word (an iterator's loads of the copied addresses trip the verifier's stack checks).
+    let sum = add32(
+        add32(add32(add32(0, saddr[0]), saddr[1]), saddr[2]),
+        saddr[3],
+    );
+    let sum = add32(
+        add32(add32(add32(sum, daddr[0]), daddr[1]), daddr[2]),
+        daddr[3],
+    );
+    fold(sum + u16::from_ne_bytes([0, proto]) as u32 + u16::from_ne_bytes(len.to_be_bytes()) as u32)
+}
+
+/// Whether a TCP/UDP checksum field `field` holds a sender's partial sum ([`pseudo_header4`] /
+/// [`pseudo_header6`] of the packet: `pseudo`) rather than a full checksum. A full checksum
+/// equals it once in 65,536 packets, so `segment` (the one's-complement sum of the whole segment
+/// as it is, field included) decides then: a full checksum sums, with the pseudo-header, to
+/// 0xffff.
+#[inline(always)]
+pub fn is_partial(field: u16, pseudo: u16, segment: u32) -> bool {
+    field == pseudo && fold64(segment as u64 + pseudo as u64) != 0xffff
+}
+
+/// The full checksum of a segment that summed to `segment` (field included) with the partial
+/// sum `field` in its checksum field, once `changes` (its ports) are made and its pseudo-header
+/// is `pseudo` (the new addresses'): for a frame sent from XDP, where no device completes it.
+#[inline(always)]
+pub fn complete(segment: u32, field: u16, changes: Delta, pseudo: u16) -> u16 {
+    let sum = segment as u64 + (!field) as u64 + changes.wsum() as u64 + pseudo as u64;
+    !fold64(sum)
+}
+
+/// Folds a 64-bit one's-complement accumulator into 16 bits.
+#[inline(always)]
+pub fn fold64(sum: u64) -> u16 {
+    let sum = (sum & 0xffff_ffff) + (sum >> 32);
+    let sum = (sum & 0xffff_ffff) + (sum >> 32);
+    fold(sum as u32)
 }
 
 /// One's-complement sum of `data` (odd trailing byte padded with zero), not yet inverted.
@@ -482,5 +546,144 @@ mod tests {
     #[test]
     fn odd_length_padding() {
         assert_eq!(sum_bytes(&[0xab], 0), u16::from_ne_bytes([0xab, 0]) as u32);
+    }
+
+    /// A TCP or UDP segment (header and `payload`) between two IPv4 or IPv6 addresses, with its
+    /// checksum field as an offloading Linux sender leaves it (`~tcp_v4_check(len, s, d, 0)`).
+    fn partial_segment(
+        proto: u8,
+        payload: &[u8],
+        v6: bool,
+    ) -> (Vec<u8>, usize, [u32; 4], [u32; 4]) {
+        let header = if proto == 6 { 20 } else { 8 };
+        let mut seg = vec![0u8; header];
+        seg[0..4].copy_from_slice(&[0xc3, 0x51, 0x77, 0x88]);
+        if proto == 6 {
+            seg[12] = 0x50;
+            seg[13] = 0x02;
+        } else {
+            let len = (header + payload.len()) as u16;
+            seg[4..6].copy_from_slice(&len.to_be_bytes());
+        }
+        seg.extend_from_slice(payload);
+        let check_at = if proto == 6 { 16 } else { 6 };
+        let (s, d) = if v6 {
+            (
+                [0x2001_0002u32.to_be(), 0, 0, 0x20u32.to_be()],
+                [0x2001_0002u32.to_be(), 0, 7, 0x10u32.to_be()],
+            )
+        } else {
+            (
+                [0xc612_c801u32.to_be(), 0, 0, 0],
+                [0xc612_c80au32.to_be(), 0, 0, 0],
+            )
+        };
+        let len = seg.len() as u16;
+        let partial = if v6 {
+            pseudo_header6(&s, &d, proto, len)
+        } else {
+            pseudo_header4(s[0], d[0], proto, len)
+        };
+        // The kernel's value, from the full checksum of an empty segment of that length.
+        let octets = |w: &[u32; 4]| -> [u8; 16] {
+            let mut o = [0u8; 16];
+            for (i, x) in w.iter().enumerate() {
+                o[i * 4..i * 4 + 4].copy_from_slice(&x.to_ne_bytes());
+            }
+            o
+        };
+        let zeros = vec![0u8; seg.len()];
+        let empty = if v6 {
+            l4_checksum6(octets(&s), octets(&d), proto, &zeros)
+        } else {
+            let (a, b) = (octets(&s), octets(&d));
+            l4_checksum(
+                a[..4].try_into().unwrap(),
+                b[..4].try_into().unwrap(),
+                proto,
+                &zeros,
+            )
+        };
+        assert_eq!(
+            partial, !empty,
+            "the pseudo-header's sum, as Linux leaves it"
+        );
+        seg[check_at..check_at + 2].copy_from_slice(&partial.to_ne_bytes());
+        (seg, check_at, s, d)
+    }
+
+    #[test]
+    fn a_partial_checksum_is_told_apart_and_completed_after_a_translation() {
+        for (proto, v6, payload) in [
+            (6u8, false, &b"GET / HTTP/1.1\r\n\r\n"[..]),
+            (17, false, &b"hello"[..]),
+            (6, true, &b"x"[..]),
+            (17, true, &[0xffu8; 301][..]),
+        ] {
+            let (mut seg, at, s, d) = partial_segment(proto, payload, v6);
+            let field = u16::from_ne_bytes([seg[at], seg[at + 1]]);
+            let len = seg.len() as u16;
+            let pseudo = |s: &[u32; 4], d: &[u32; 4]| {
+                if v6 {
+                    pseudo_header6(s, d, proto, len)
+                } else {
+                    pseudo_header4(s[0], d[0], proto, len)
+                }
+            };
+            let sum = sum_bytes(&seg, 0);
+            assert!(is_partial(field, pseudo(&s, &d), sum), "{proto} {v6}");
+            // DNAT to a pod and its port, as XDP does.
+            let pod = if v6 {
+                [0x2001_0002u32.to_be(), 0, 1, 2u32.to_be()]
+            } else {
+                [0xc613_0102u32.to_be(), 0, 0, 0]
+            };
+            let old_port = u16::from_ne_bytes([seg[2], seg[3]]);
+            let new_port = 50000u16.to_be();
+            let ports = Delta::default().port(old_port, new_port);
+            let addrs = if v6 {
+                Delta::default().words(&d, &pod)
+            } else {
+                Delta::default().word(d[0], pod[0])
+            };
+            // Kept partial (the kernel completes it): the new pseudo-header's sum.
+            assert_eq!(addrs.apply_partial(field), pseudo(&s, &pod));
+            // Completed (sent from XDP): the full checksum of the new segment.
+            let full = complete(sum, field, ports, pseudo(&s, &pod));
+            seg[2..4].copy_from_slice(&new_port.to_ne_bytes());
+            seg[at..at + 2].copy_from_slice(&[0, 0]);
+            let octets =
+                |w: &[u32; 4]| -> Vec<u8> { w.iter().flat_map(|x| x.to_ne_bytes()).collect() };
+            let want = if v6 {
+                l4_checksum6(
+                    octets(&s).try_into().unwrap(),
+                    octets(&pod).try_into().unwrap(),
+                    proto,
+                    &seg,
+                )
+            } else {
+                l4_checksum(
+                    octets(&s)[..4].try_into().unwrap(),
+                    octets(&pod)[..4].try_into().unwrap(),
+                    proto,
+                    &seg,
+                )
+            };
+            assert_eq!(full, want, "{proto} {v6}");
+            // A full checksum is no partial one, also when it happens to equal the pseudo-header's
+            // sum: a payload word chosen to make it so.
+            seg[at..at + 2].copy_from_slice(&want.to_ne_bytes());
+            let p = pseudo(&s, &pod);
+            assert!(!is_partial(want, p, sum_bytes(&seg, 0)));
+            let w = seg.len() - 2 - (seg.len() % 2);
+            seg[w..w + 2].copy_from_slice(&[0, 0]);
+            seg[at..at + 2].copy_from_slice(&[0, 0]);
+            let x = fold(p as u32 + sum_bytes(&seg, 0));
+            seg[w..w + 2].copy_from_slice(&fold(!p as u32 + !x as u32).to_ne_bytes());
+            seg[at..at + 2].copy_from_slice(&p.to_ne_bytes());
+            let valid = fold(p as u32 + sum_bytes(&seg, 0));
+            assert_eq!(valid, 0xffff, "a valid checksum equal to it");
+            assert!(!is_partial(p, p, sum_bytes(&seg, 0)), "{proto} {v6}");
+        }
     }
 }

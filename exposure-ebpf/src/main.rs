@@ -31,7 +31,7 @@ use crate::{
     forward::{fib_query, hand_to_tc, mtu_exceeded, mtu_fits, next_hop, transmit},
     host::host_connection,
     maps::*,
-    nat::{rewrite, set_macs, Tuple},
+    nat::{rewrite, set_macs, Leaves, Tuple},
     parse::*,
     select::{select_backend, sticky_backend},
 };
@@ -666,7 +666,7 @@ fn translate_to_backend(ctx: &XdpContext, p: &Packet, flow: &Flow) -> Result<u32
             sport: flow.snat_port,
             dport: flow.backend_port,
         };
-        rewrite(ctx, p, &to)?;
+        rewrite(ctx, p, &to, Leaves::FromXdp)?;
         set_macs(ctx, &flow.dmac, &flow.smac)?;
         count(Counter::ToRemote);
         Ok(transmit(ctx, flow.ifindex))
@@ -678,7 +678,13 @@ fn translate_to_backend(ctx: &XdpContext, p: &Packet, flow: &Flow) -> Result<u32
             sport: p.sport,
             dport: flow.backend_port,
         };
-        rewrite(ctx, p, &to)?;
+        // Redirected from XDP into the pod, or handed to the kernel (also for the tc redirect).
+        let leaves = if flow.flags & FLOW_TO_POD != 0 && !redirect_at_tc() {
+            Leaves::FromXdp
+        } else {
+            Leaves::ToKernel
+        };
+        rewrite(ctx, p, &to, leaves)?;
         count(Counter::ToLocal);
         if flow.flags & FLOW_TO_POD != 0 {
             // Both fall back to the stack if the agent has since taken the interface out.
@@ -726,7 +732,7 @@ fn reply_to_client(ctx: &XdpContext, p: &Packet, reply: *mut Reply) -> Result<u3
         sport: r.frontend_port,
         dport: r.client_port,
     };
-    rewrite(ctx, p, &to)?;
+    rewrite(ctx, p, &to, Leaves::FromXdp)?;
     set_macs(ctx, &r.client_mac, &r.node_mac)?;
     count(Counter::RepliesXdp);
     Ok(transmit(ctx, r.ifindex))

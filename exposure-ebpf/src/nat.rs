@@ -1,7 +1,11 @@
 //! Address/port translation with incremental IPv4/IPv6 and TCP/UDP checksum updates.
 
 use aya_ebpf::programs::XdpContext;
-use exposure_common::{checksum::Delta, Addr, PROTO_TCP};
+use aya_ebpf::{bindings::xdp_md, helpers::bpf_csum_diff};
+use exposure_common::{
+    checksum::{complete, fold64, is_partial, pseudo_header4, pseudo_header6, Delta},
+    Addr, PROTO_TCP,
+};
 
 use crate::parse::*;
 
@@ -25,11 +29,25 @@ fn store<T>(p: *mut T, v: T) {
     unsafe { p.write_unaligned(v) }
 }
 
+/// Where a rewritten packet goes next.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Leaves {
+    /// To the kernel (XDP_PASS): its skb, and whatever the sender left to a device, go on.
+    ToKernel,
+    /// Sent from XDP (XDP_TX, XDP_REDIRECT): a bare frame, whose checksums must be whole.
+    FromXdp,
+}
+
 /// Rewrites the packet's addresses and ports to `to`, updating checksums incrementally. Not inlined:
 /// the checksum arithmetic keeps many values live, and its spills would otherwise sit in the frame
 /// of every caller, beside whatever else that caller calls.
+///
+/// A sender on this host that offloads its checksum (through a veth: a node in a container, as
+/// with kind, reached from its host) leaves only the pseudo-header's sum in the field, which a
+/// device completes. Such a sum gets the new addresses' for the kernel, and is made a whole
+/// checksum (the segment summed) for a frame sent from XDP.
 #[inline(never)]
-pub fn rewrite(ctx: &XdpContext, p: &Packet, to: &Tuple<'_>) -> Result<(), ()> {
+pub fn rewrite(ctx: &XdpContext, p: &Packet, to: &Tuple<'_>, leaves: Leaves) -> Result<(), ()> {
     let ctx = &own_ctx(ctx);
     // Every field's change is summed first and folded once per checksum.
     let addrs = if p.v6 {
@@ -65,16 +83,127 @@ pub fn rewrite(ctx: &XdpContext, p: &Packet, to: &Tuple<'_>) -> Result<(), ()> {
     } else {
         ptr_at(ctx, p.l4_off + UDP_CHECK)?
     };
-    let l4 = addrs.port(p.sport, to.sport).port(p.dport, to.dport);
     let c = load(l4_check);
-    let c = if p.proto == PROTO_TCP {
-        l4.apply(c)
-    } else {
-        l4.apply_udp(c)
+    let port_changes = Delta::default()
+        .port(p.sport, to.sport)
+        .port(p.dport, to.dport);
+    let c = match partial_sum(ctx, p, c) {
+        // The kernel keeps the skb and what it knows: the device completes the checksum.
+        Some(_) if leaves == Leaves::ToKernel => addrs.apply_partial(c),
+        Some(segment) => {
+            let l4_len = l4_len(p);
+            let pseudo = if p.v6 {
+                pseudo_header6(&to.saddr.0, &to.daddr.0, p.proto, l4_len)
+            } else {
+                pseudo_header4(to.saddr.v4_raw(), to.daddr.v4_raw(), p.proto, l4_len)
+            };
+            match complete(segment, c, port_changes, pseudo) {
+                0 if p.proto != PROTO_TCP => 0xffff,
+                full => full,
+            }
+        }
+        None => {
+            let l4 = addrs.with(port_changes);
+            if p.proto == PROTO_TCP {
+                l4.apply(c)
+            } else {
+                l4.apply_udp(c)
+            }
+        }
     };
     store(l4_check, c);
     store(ports, [to.sport, to.dport]);
     Ok(())
+}
+
+/// The TCP/UDP segment's length, from the IP header (a short frame's padding is no part of it).
+#[inline(always)]
+fn l4_len(p: &Packet) -> u16 {
+    p.ip_len.wrapping_sub((p.l4_off - ETH_LEN) as u16)
+}
+
+/// The longest segment whose partial checksum is completed (a 9,000-byte jumbo frame's).
+const SEGMENT_MAX: usize = CHUNKS * CHUNK + 255;
+const CHUNK: usize = 256;
+const CHUNKS: usize = 36;
+/// Where a segment may start at the latest (Ethernet, IPv6 and its extension headers), and a mask
+/// over every offset into the segments summed.
+const HEADERS_MAX: usize = 1024;
+const OFFSET_MASK: usize = 0x3fff;
+const _: () = assert!(HEADERS_MAX + SEGMENT_MAX <= OFFSET_MASK);
+
+/// The one's-complement sum of the packet's segment (checksum field `check` included) when `check`
+/// is a sender's partial sum ([`is_partial`]); `None` for a whole checksum, the usual case, which
+/// costs one comparison.
+#[inline(always)]
+fn partial_sum(ctx: &XdpContext, p: &Packet, check: u16) -> Option<u32> {
+    let len = l4_len(p);
+    let pseudo = if p.v6 {
+        pseudo_header6(&p.saddr.0, &p.daddr.0, p.proto, len)
+    } else {
+        pseudo_header4(p.saddr.v4_raw(), p.daddr.v4_raw(), p.proto, len)
+    };
+    if check != pseudo {
+        return None;
+    }
+    let segment = exposure_sum_segment(ctx.ctx, p.l4_off as u64, len as u64);
+    let segment = u32::try_from(segment).ok()?;
+    is_partial(check, pseudo, segment).then_some(segment)
+}
+
+/// The one's-complement sum of `len` bytes at `off` (at most [`SEGMENT_MAX`]; `u64::MAX` when it
+/// cannot be read): 256-byte chunks through `bpf_csum_diff`, then 4-byte words, then the last
+/// bytes. A global function, like `exposure_claim_snat_port`: the verifier checks its loops once,
+/// on their own, not once for every way a packet reaches a rewrite. Its sum folds after each
+/// addition, branch-free, so the same bounds hold after one addition as after many.
+#[no_mangle]
+#[inline(never)]
+pub extern "C" fn exposure_sum_segment(ctx: *mut xdp_md, off: u64, len: u64) -> u64 {
+    sum_segment(&XdpContext::new(ctx), off as usize, len as usize).map_or(u64::MAX, u64::from)
+}
+
+#[inline(always)]
+fn sum_segment(ctx: &XdpContext, off: usize, len: usize) -> Result<u32, ()> {
+    // Bounds the verifier can see (a global function knows nothing of its arguments).
+    if len > SEGMENT_MAX || len < 8 || off > HEADERS_MAX {
+        return Err(());
+    }
+    // Each loop compares its counter with a count of its own, never with `len`: what a loop
+    // learns about its count stays with that count, which is not used after it.
+    let mut sum: u64 = 0;
+    let chunks = len / CHUNK;
+    for i in 0..CHUNKS {
+        if i >= chunks {
+            break;
+        }
+        let chunk: *mut [u32; CHUNK / 4] = ptr_at(ctx, off + i * CHUNK)?;
+        let s = unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, chunk.cast(), CHUNK as u32, 0) };
+        sum = add_folded(sum, s as u32);
+    }
+    let words_at = off + (len & !(CHUNK - 1));
+    let words = (len & (CHUNK - 1)) / 4;
+    for i in 0..CHUNK / 4 {
+        if i >= words {
+            break;
+        }
+        // (Opaque to the compiler, which would otherwise fold the bounds check into a form
+        // the verifier refuses: arithmetic on the packet's end; masked, so the verifier still
+        // knows its bounds.)
+        let word: *mut u32 = ptr_at(ctx, core::hint::black_box(words_at + i * 4) & OFFSET_MASK)?;
+        sum = add_folded(sum, load(word));
+    }
+    // The last 1-3 bytes: the segment's last four, shifted down to them (a segment has at least
+    // its 8-byte UDP header), as they would stand at the start of a word of their own.
+    let last: *mut u32 = ptr_at(ctx, (off + len - 4) & OFFSET_MASK)?;
+    let last = (load(last) as u64 >> (8 * (4 - (len & 3)))) as u32;
+    Ok(fold64(add_folded(sum, last)) as u32)
+}
+
+/// Adds a 32-bit word to a one's-complement sum and folds the carries back in.
+#[inline(always)]
+fn add_folded(sum: u64, v: u32) -> u64 {
+    let sum = sum + v as u64;
+    (sum & 0xffff_ffff) + (sum >> 32)
 }
 
 /// Sets the Ethernet addresses for a frame we transmit ourselves.

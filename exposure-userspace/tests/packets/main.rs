@@ -3291,3 +3291,106 @@ fn a_udp_flow_keeps_an_endpoint_that_still_serves() {
         assert_eq!(to(h, sport), REMOTE_POD);
     });
 }
+
+/// `frame` as a sender that leaves its checksum to the device sends it (Linux's `CHECKSUM_PARTIAL`
+/// through a veth: a node in a container, as with kind, reached from its host): the TCP/UDP
+/// checksum field holds only the pseudo-header's sum.
+fn partial(mut frame: Vec<u8>) -> Vec<u8> {
+    use exposure_common::checksum::{pseudo_header4, pseudo_header6};
+    let word = |f: &[u8], at: usize| u32::from_ne_bytes(f[at..at + 4].try_into().unwrap());
+    let words = |f: &[u8], at: usize| [0, 4, 8, 12].map(|i| word(f, at + i));
+    let (l4, proto, sum) = if frame[12..14] == [0x86, 0xdd] {
+        let len = u16::from_be_bytes([frame[18], frame[19]]);
+        let proto = frame[20];
+        (
+            54,
+            proto,
+            pseudo_header6(&words(&frame, 22), &words(&frame, 38), proto, len),
+        )
+    } else {
+        let ihl = (frame[14] & 0xf) as usize * 4;
+        let len = u16::from_be_bytes([frame[16], frame[17]]) - ihl as u16;
+        let proto = frame[23];
+        (
+            14 + ihl,
+            proto,
+            pseudo_header4(word(&frame, 26), word(&frame, 30), proto, len),
+        )
+    };
+    let at = l4 + if proto == TCP { 16 } else { 6 };
+    frame[at..at + 2].copy_from_slice(&sum.to_ne_bytes());
+    frame
+}
+
+/// Whether the frame's TCP/UDP checksum field holds its pseudo-header's sum (is still partial).
+fn is_partial(frame: &[u8]) -> bool {
+    partial(frame.to_vec()) == frame
+}
+
+/// A client on this host that leaves its checksums to the device (their fields hold only the
+/// pseudo-header's sum): to a local pod the sum is kept partial, with the new addresses', for
+/// the device that completes it; a frame sent from XDP (to a remote pod, the reply back) gets
+/// its whole checksum, over segments of every size (256-byte chunks, words and a last byte).
+#[test]
+fn partial_checksums_stay_partial_for_the_kernel_and_are_completed_when_sent_from_xdp() {
+    with_datapath(|h| {
+        h.program(&hello(&[(LOCAL_POD, true)]));
+        for proto in [TCP, UDP] {
+            let spec = match proto {
+                TCP => FrameSpec::tcp((CLIENT, 41000), (NODE, NODE_PORT), SYN),
+                _ => FrameSpec::udp((CLIENT, 41000), (NODE, NODE_PORT)),
+            };
+            let (verdict, out) = h.xdp(&partial(h.client_frame(spec)));
+            assert_eq!(verdict, XDP_PASS);
+            let p = frame::parse(&out).unwrap();
+            assert_eq!((p.dst, p.dport), (LOCAL_POD, 50000));
+            assert!(p.ip_checksum_ok);
+            assert!(is_partial(&out), "{proto}: partial, with the pod's address");
+        }
+
+        h.program(&hello(&[(REMOTE_POD, false)]));
+        for (i, size) in [0usize, 1, 3, 255, 256, 1000, 1301, 1452]
+            .into_iter()
+            .enumerate()
+        {
+            for proto in [TCP, UDP] {
+                let client = (CLIENT, 42000 + i as u16);
+                let mut spec = match proto {
+                    TCP => FrameSpec::tcp(client, (NODE, NODE_PORT), SYN),
+                    _ => FrameSpec::udp(client, (NODE, NODE_PORT)),
+                };
+                spec.payload = (0..size).map(|b| (b * 7 + 3) as u8).collect();
+                let (verdict, out) = h.xdp(&partial(h.client_frame(spec)));
+                assert_eq!(verdict, XDP_TX, "{proto} {size}");
+                let p = frame::parse(&out).unwrap();
+                assert_eq!((p.dst, p.src), (REMOTE_POD, NODE));
+                assert_checksums(&p);
+                // The remote pod's answer, partial too (its node forwards what its pod left).
+                let mut answer = match proto {
+                    TCP => FrameSpec::tcp((REMOTE_POD, 50000), (NODE, p.sport), SYN | ACK),
+                    _ => FrameSpec::udp((REMOTE_POD, 50000), (NODE, p.sport)),
+                };
+                answer.payload = vec![0xa5; size];
+                let (verdict, out) = h.xdp(&partial(h.peer_frame(answer)));
+                assert_eq!(verdict, XDP_TX, "{proto} {size}: the answer");
+                let r = frame::parse(&out).unwrap();
+                assert_eq!((r.src, r.dst), (NODE, CLIENT));
+                assert_checksums(&r);
+            }
+        }
+
+        h.program(&hello6(&[(REMOTE_POD6, false)]));
+        for proto in [TCP, UDP] {
+            let mut spec = match proto {
+                TCP => frame::FrameSpec6::tcp((CLIENT6, 43000), (LB6, 60000), SYN),
+                _ => frame::FrameSpec6::udp((CLIENT6, 43000), (LB6, 60000)),
+            };
+            spec.dst_mac = h.node_mac;
+            spec.payload = vec![0x5a; 517];
+            let (verdict, out) = h.xdp(&partial(spec.build()));
+            assert_eq!(verdict, XDP_TX);
+            let p = parse6_ok(&out);
+            assert_eq!(p.dst, REMOTE_POD6);
+        }
+    });
+}
