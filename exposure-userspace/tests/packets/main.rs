@@ -456,7 +456,7 @@ fn local_flows_to_a_listed_pod_interface(mode: RedirectToPods) {
         (XDP_REDIRECT, 0)
     };
     // Counted where it leaves for the pod: at XDP, or at tc (which these runs do not reach).
-    let redirected = if at_tc { 0 } else { 2 };
+    let redirected = if at_tc { 0 } else { 3 };
     with_datapath_config(capacity, move |h| {
         h.program(&hello(&[(LOCAL_POD, true)]));
         // lxc1 not listed yet: the kernel routes the flow, as without the option.
@@ -488,13 +488,25 @@ fn local_flows_to_a_listed_pod_interface(mode: RedirectToPods) {
             assert_eq!(out[..6], LOCAL_POD_MAC, "to the pod's MAC");
             assert_eq!(out[6..12], h.pod_iface_mac, "from the pod interface's MAC");
         }
+        // A checksum left partial by a local sender: made whole for the frame XDP redirects, kept
+        // partial for the skb the kernel hands to tc.
+        let input = partial(FrameSpec::tcp((CLIENT, 40009), (NODE, NODE_PORT), SYN).build());
+        let (verdict, out) = h.xdp(&input);
+        assert_eq!(verdict, sent);
+        let out = &out[meta..];
+        assert_eq!(frame::parse(out).unwrap().dst, LOCAL_POD);
+        if at_tc {
+            assert!(is_partial(out), "partial, with the pod's address");
+        } else {
+            assert_checksums(&frame::parse(out).unwrap());
+        }
         let flow = h
             .flow((CLIENT, 40001), (NODE, NODE_PORT), TCP)
             .expect("flow tracked");
         assert_ne!(flow.flags & FLOW_TO_POD, 0);
         assert_eq!(flow.ifindex, h.pod_ifindex);
         assert_eq!(h.counter(Counter::RedirectedToPod), redirected);
-        assert_eq!(h.counter(Counter::ToLocal), 3);
+        assert_eq!(h.counter(Counter::ToLocal), 4);
 
         // The flow that started before lxc1 was listed stays with the kernel's routing.
         let input = FrameSpec::tcp((CLIENT, 40000), (NODE, NODE_PORT), ACK).build();
