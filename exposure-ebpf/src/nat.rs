@@ -91,12 +91,7 @@ pub fn rewrite(ctx: &XdpContext, p: &Packet, to: &Tuple<'_>, leaves: Leaves) -> 
         // The kernel keeps the skb and what it knows: the device completes the checksum.
         Some(_) if leaves == Leaves::ToKernel => addrs.apply_partial(c),
         Some(segment) => {
-            let l4_len = l4_len(p);
-            let pseudo = if p.v6 {
-                pseudo_header6(&to.saddr.0, &to.daddr.0, p.proto, l4_len)
-            } else {
-                pseudo_header4(to.saddr.v4_raw(), to.daddr.v4_raw(), p.proto, l4_len)
-            };
+            let pseudo = pseudo_header(p, to.saddr, to.daddr);
             match complete(segment, c, port_changes, pseudo) {
                 0 if p.proto != PROTO_TCP => 0xffff,
                 full => full,
@@ -122,6 +117,16 @@ fn l4_len(p: &Packet) -> u16 {
     p.ip_len.wrapping_sub((p.l4_off - ETH_LEN) as u16)
 }
 
+/// The pseudo-header's sum of packet `p`'s segment between `saddr` and `daddr`.
+#[inline(always)]
+fn pseudo_header(p: &Packet, saddr: &Addr, daddr: &Addr) -> u16 {
+    if p.v6 {
+        pseudo_header6(&saddr.0, &daddr.0, p.proto, l4_len(p))
+    } else {
+        pseudo_header4(saddr.v4_raw(), daddr.v4_raw(), p.proto, l4_len(p))
+    }
+}
+
 /// The longest segment whose partial checksum is completed (a 9,000-byte jumbo frame's).
 const SEGMENT_MAX: usize = CHUNKS * CHUNK + 255;
 const CHUNK: usize = 256;
@@ -137,16 +142,11 @@ const _: () = assert!(HEADERS_MAX + SEGMENT_MAX <= OFFSET_MASK);
 /// costs one comparison.
 #[inline(always)]
 fn partial_sum(ctx: &XdpContext, p: &Packet, check: u16) -> Option<u32> {
-    let len = l4_len(p);
-    let pseudo = if p.v6 {
-        pseudo_header6(&p.saddr.0, &p.daddr.0, p.proto, len)
-    } else {
-        pseudo_header4(p.saddr.v4_raw(), p.daddr.v4_raw(), p.proto, len)
-    };
+    let pseudo = pseudo_header(p, &p.saddr, &p.daddr);
     if check != pseudo {
         return None;
     }
-    let segment = exposure_sum_segment(ctx.ctx, p.l4_off as u64, len as u64);
+    let segment = exposure_sum_segment(ctx.ctx, p.l4_off as u64, l4_len(p) as u64);
     let segment = u32::try_from(segment).ok()?;
     is_partial(check, pseudo, segment).then_some(segment)
 }
@@ -192,8 +192,8 @@ fn sum_segment(ctx: &XdpContext, off: usize, len: usize) -> Result<u32, ()> {
         let word: *mut u32 = ptr_at(ctx, core::hint::black_box(words_at + i * 4) & OFFSET_MASK)?;
         sum = add_folded(sum, load(word));
     }
-    // The last 1-3 bytes: the segment's last four, shifted down to them (a segment has at least
-    // its 8-byte UDP header), as they would stand at the start of a word of their own.
+    // The last 1-3 bytes: the segment's last four (a segment has at least its 8-byte UDP header),
+    // shifted down (little-endian, as `bpfel` is) to where they would stand in a word of their own.
     let last: *mut u32 = ptr_at(ctx, (off + len - 4) & OFFSET_MASK)?;
     let last = (load(last) as u64 >> (8 * (4 - (len & 3)))) as u32;
     Ok(fold64(add_folded(sum, last)) as u32)
