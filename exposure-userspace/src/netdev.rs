@@ -94,7 +94,7 @@ pub fn present_interfaces(names: &[String]) -> anyhow::Result<Vec<Interface>> {
     let mut addrs: BTreeMap<String, Vec<IpAddr>> = BTreeMap::new();
     for (name, ip) in addresses()? {
         // Link-local addresses are per link, not a node's address for clients.
-        if matches!(ip, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80) {
+        if matches!(ip, IpAddr::V6(v6) if v6.is_unicast_link_local()) {
             continue;
         }
         let of_iface = addrs.entry(name).or_default();
@@ -360,7 +360,7 @@ fn is_global_unicast(ip: IpAddr) -> bool {
             !(v6.is_loopback()
                 || v6.is_unspecified()
                 || v6.is_multicast()
-                || v6.segments()[0] & 0xffc0 == 0xfe80)
+                || v6.is_unicast_link_local())
         }
     }
 }
