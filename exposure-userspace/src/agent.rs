@@ -207,7 +207,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     datapath::check_privileges()?;
     // Each named interface must be there (a typo should not silently expose nothing).
     netdev::interfaces(&cfg.ifaces.names)?;
-    let ifaces = netdev::present_interfaces(&selected_interfaces(&cfg, &HashMap::new(), true)?)?;
+    let ifaces = selected_interfaces(&cfg, &HashMap::new(), true)?;
     if ifaces.is_empty() {
         tracing::warn!(
             iface = %cfg.ifaces,
@@ -374,9 +374,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 }
             }
         }
-        let ifaces_now = selected_interfaces(&cfg, &attached, false)
-            .and_then(|names| netdev::present_interfaces(&names))
-            .ok();
+        let ifaces_now = selected_interfaces(&cfg, &attached, false).ok();
         if let Some(ifs) = &ifaces_now {
             attach_to_new_interfaces(
                 &mut dp,
@@ -738,18 +736,20 @@ fn serve_metrics(listener: tokio::net::TcpListener, metrics: Arc<Metrics>, pin_d
     tokio::spawn(health::serve(listener, route));
 }
 
-/// The names of the interfaces `--iface` selects now. A selection sticks while the interface
-/// lasts (`attached`: name -> ifindex), so one that loses its address for a moment, or its default
-/// route, keeps its programs and its flows. `explain`: log why each other interface is not taken.
+/// The interfaces `--iface` selects now (those that exist), with their addresses, read once. A
+/// selection sticks while the interface lasts (`attached`: name -> ifindex), so one that loses its
+/// address for a moment, or its default route, keeps its programs and its flows. `explain`: log
+/// why each other interface is not taken.
 fn selected_interfaces(
     cfg: &AgentConfig,
     attached: &HashMap<String, u32>,
     explain: bool,
-) -> anyhow::Result<Vec<String>> {
+) -> anyhow::Result<Vec<netdev::Interface>> {
+    let addrs = netdev::addresses()?;
     if cfg.ifaces.is_static() {
-        return Ok(cfg.ifaces.names.clone());
+        return Ok(netdev::present_interfaces_among(&cfg.ifaces.names, &addrs));
     }
-    let links = netdev::links()?;
+    let links = netdev::links(&addrs)?;
     let mut names = cfg.ifaces.select(&links, &cfg.pod_iface_prefixes);
     for link in &links {
         if attached.get(&link.name) == Some(&link.index) && !names.contains(&link.name) {
@@ -763,7 +763,7 @@ fn selected_interfaces(
             }
         }
     }
-    Ok(names)
+    Ok(netdev::present_interfaces_among(&names, &addrs))
 }
 
 /// Attaches the programs to each interface that is not the one its name had (`attached`: name ->

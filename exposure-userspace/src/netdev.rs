@@ -91,8 +91,13 @@ pub fn interfaces(names: &[String]) -> anyhow::Result<Vec<Interface>> {
 /// The named interfaces that exist now: one deleted (and not yet made again) is left out, and
 /// the others are still followed meanwhile.
 pub fn present_interfaces(names: &[String]) -> anyhow::Result<Vec<Interface>> {
+    Ok(present_interfaces_among(names, &addresses()?))
+}
+
+/// [`present_interfaces`] with the namespace's [`addresses`] already read.
+pub fn present_interfaces_among(names: &[String], all: &[(String, IpAddr)]) -> Vec<Interface> {
     let mut addrs: BTreeMap<String, Vec<IpAddr>> = BTreeMap::new();
-    for (name, ip) in addresses()? {
+    for (name, ip) in all.iter().cloned() {
         // Link-local addresses are per link, not a node's address for clients.
         if matches!(ip, IpAddr::V6(v6) if v6.is_unicast_link_local()) {
             continue;
@@ -103,7 +108,7 @@ pub fn present_interfaces(names: &[String]) -> anyhow::Result<Vec<Interface>> {
         }
     }
     let unpreferred = unpreferred_ipv6();
-    Ok(names
+    names
         .iter()
         .filter_map(|name| {
             let index = nix::net::if_::if_nametoindex(name.as_str()).ok()?;
@@ -120,7 +125,7 @@ pub fn present_interfaces(names: &[String]) -> anyhow::Result<Vec<Interface>> {
                 unpreferred,
             })
         })
-        .collect())
+        .collect()
 }
 
 /// One `--iface` value: an interface's name, a name prefix (`eth+`: every interface whose name
@@ -324,14 +329,14 @@ impl Link {
 }
 
 /// This thread's network namespace's interfaces, for device detection: rtnetlink's link dump
-/// (sysfs shows the namespace it was mounted in, not necessarily this one), the addresses and
-/// the default routes.
-pub fn links() -> anyhow::Result<Vec<Link>> {
+/// (sysfs shows the namespace it was mounted in, not necessarily this one), with `addrs` (its
+/// [`addresses`]) and the default routes.
+pub fn links(addrs: &[(String, IpAddr)]) -> anyhow::Result<Vec<Link>> {
     let mut links = rtnetlink_links().context("listing interfaces (RTM_GETLINK)")?;
-    let global: HashSet<String> = addresses()?
-        .into_iter()
+    let global: HashSet<&str> = addrs
+        .iter()
         .filter(|(_, ip)| is_global_unicast(*ip))
-        .map(|(name, _)| name)
+        .map(|(name, _)| name.as_str())
         .collect();
     let read = |file: &str| std::fs::read_to_string(format!("/proc/thread-self/net/{file}"));
     let defaults = default_route_devices(
@@ -339,7 +344,7 @@ pub fn links() -> anyhow::Result<Vec<Link>> {
         &read("ipv6_route").unwrap_or_default(),
     );
     for link in &mut links {
-        link.global_addr = global.contains(&link.name);
+        link.global_addr = global.contains(link.name.as_str());
         link.default_route = defaults.contains(&link.name);
     }
     Ok(links)
@@ -401,9 +406,15 @@ fn rtnetlink_links() -> anyhow::Result<Vec<Link>> {
         return Err(std::io::Error::last_os_error()).context("netlink socket");
     }
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // nlmsghdr (16 bytes), then ifinfomsg (16 bytes, all zero: every family).
-    let mut req = [0u8; 32];
-    req[0..4].copy_from_slice(&32u32.to_ne_bytes());
+    // nlmsghdr (16 bytes), ifinfomsg (16 bytes, all zero: every family), then IFLA_EXT_MASK
+    // asking to leave the statistics out (the agent looks every 200 ms; a node has many veths).
+    const IFLA_EXT_MASK: u16 = 29;
+    const RTEXT_FILTER_SKIP_STATS: u32 = 1 << 3;
+    let mut req = [0u8; 40];
+    req[0..4].copy_from_slice(&40u32.to_ne_bytes());
+    req[32..34].copy_from_slice(&8u16.to_ne_bytes());
+    req[34..36].copy_from_slice(&IFLA_EXT_MASK.to_ne_bytes());
+    req[36..40].copy_from_slice(&RTEXT_FILTER_SKIP_STATS.to_ne_bytes());
     req[4..6].copy_from_slice(&RTM_GETLINK.to_ne_bytes());
     let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
     req[6..8].copy_from_slice(&flags.to_ne_bytes());
@@ -511,7 +522,7 @@ fn attributes(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
 
 /// Every IPv4 and IPv6 address of this thread's network namespace, by interface name, in the
 /// kernel's order.
-fn addresses() -> anyhow::Result<Vec<(String, IpAddr)>> {
+pub fn addresses() -> anyhow::Result<Vec<(String, IpAddr)>> {
     let mut out = Vec::new();
     for ifa in nix::ifaddrs::getifaddrs().context("listing interface addresses")? {
         let Some(a) = ifa.address.as_ref() else {
@@ -991,7 +1002,7 @@ eth1\t0000A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0
         }
         let detect = || {
             node.run(|| {
-                let links = links().unwrap();
+                let links = links(&addresses().unwrap()).unwrap();
                 let found: BTreeMap<String, Link> =
                     links.into_iter().map(|l| (l.name.clone(), l)).collect();
                 found
