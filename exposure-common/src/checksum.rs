@@ -160,6 +160,12 @@ impl Delta {
 #[inline(always)]
 pub fn pseudo_header4(saddr: u32, daddr: u32, proto: u8, len: u16) -> u16 {
     let sum = add32(add32(0, saddr), daddr);
+    with_proto_and_len(sum, proto, len)
+}
+
+/// The addresses' sum `sum` with the pseudo-header's protocol and length added, folded.
+#[inline(always)]
+fn with_proto_and_len(sum: u32, proto: u8, len: u16) -> u16 {
     fold(sum + u16::from_ne_bytes([0, proto]) as u32 + u16::from_ne_bytes(len.to_be_bytes()) as u32)
 }
 
@@ -175,7 +181,7 @@ pub fn pseudo_header6(saddr: &[u32; 4], daddr: &[u32; 4], proto: u8, len: u16) -
         add32(add32(add32(sum, daddr[0]), daddr[1]), daddr[2]),
         daddr[3],
     );
-    fold(sum + u16::from_ne_bytes([0, proto]) as u32 + u16::from_ne_bytes(len.to_be_bytes()) as u32)
+    with_proto_and_len(sum, proto, len)
 }
 
 /// Whether a TCP/UDP checksum field `field` holds a sender's partial sum ([`pseudo_header4`] /

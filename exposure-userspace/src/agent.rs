@@ -205,9 +205,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         None => Some(kube_source::client(cfg.kubeconfig.as_deref()).await?),
     };
     datapath::check_privileges()?;
-    // Each named interface must be there (a typo should not silently expose nothing).
-    netdev::interfaces(&cfg.ifaces.names)?;
     let ifaces = selected_interfaces(&cfg, &HashMap::new(), true)?;
+    // Each named interface must be there (a typo should not silently expose nothing).
+    netdev::require_named(&cfg.ifaces.names, &ifaces)?;
     if ifaces.is_empty() {
         tracing::warn!(
             iface = %cfg.ifaces,
@@ -412,10 +412,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             for frontend in ended {
                 tracing::info!(frontend, "drained: no connection goes through it any more");
             }
-            let draining = reconciler.draining() as u64;
-            metrics
-                .frontends_draining
-                .store(draining, Ordering::Relaxed);
+            report_draining(&reconciler, &metrics);
             for e in errors {
                 tracing::error!("sync: {e}");
             }
@@ -699,10 +696,7 @@ fn record(
     let (services, backends) = reconciler.counts();
     metrics.services.store(services as u64, Ordering::Relaxed);
     metrics.backends.store(backends as u64, Ordering::Relaxed);
-    let draining = reconciler.draining() as u64;
-    metrics
-        .frontends_draining
-        .store(draining, Ordering::Relaxed);
+    report_draining(reconciler, metrics);
     // Labels only change when frontends do (formatting them is linear in their number).
     let relabel = report.frontends_changed || first;
     if let (true, Ok(mut f)) = (relabel, metrics.frontends.lock()) {
@@ -734,6 +728,13 @@ fn serve_metrics(listener: tokio::net::TcpListener, metrics: Arc<Metrics>, pin_d
             _ => health::Response::new(404, "text/plain", "not found\n"),
         });
     tokio::spawn(health::serve(listener, route));
+}
+
+/// The gauge of draining frontends, after a sync or a drain check changed them.
+fn report_draining(reconciler: &Reconciler, metrics: &Metrics) {
+    metrics
+        .frontends_draining
+        .store(reconciler.draining() as u64, Ordering::Relaxed);
 }
 
 /// The interfaces `--iface` selects now (those that exist), with their addresses, read once. A

@@ -82,10 +82,16 @@ fn parse_unpreferred_ipv6(text: &str) -> HashSet<IpAddr> {
 /// Looks up each named interface; a missing one is an error (a typo should not silently expose nothing).
 pub fn interfaces(names: &[String]) -> anyhow::Result<Vec<Interface>> {
     let found = present_interfaces(names)?;
-    if let Some(missing) = names.iter().find(|n| !found.iter().any(|i| &i.name == *n)) {
-        anyhow::bail!("interface {missing} not found");
-    }
+    require_named(names, &found)?;
     Ok(found)
+}
+
+/// An error naming the first of `names` that is not among `found`.
+pub fn require_named(names: &[String], found: &[Interface]) -> anyhow::Result<()> {
+    match names.iter().find(|n| !found.iter().any(|i| &i.name == *n)) {
+        Some(missing) => anyhow::bail!("interface {missing} not found"),
+        None => Ok(()),
+    }
 }
 
 /// The named interfaces that exist now: one deleted (and not yet made again) is left out, and
