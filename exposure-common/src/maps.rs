@@ -407,7 +407,8 @@ pub const FLOW_REMOTE: u32 = 2;
 pub const FLOW_FIN_CLIENT: u32 = 4;
 pub const FLOW_FIN_BACKEND: u32 = 8;
 /// A local flow sent straight to the pod's interface (`ifindex`, MACs from the FIB), not through
-/// the node's stack (`--redirect-to-pods`, `--xdp-redirect-to-pods`).
+/// the node's stack (`--redirect-to-pods`, `--xdp-redirect-to-pods`); its replies go back past the
+/// stack too (from the pod's interface to the reply entry's `ifindex`).
 pub const FLOW_TO_POD: u32 = 16;
 /// A flow whose first packet made its entries (every flow since these bits exist): a TCP flow lives
 /// `CT_LIFETIME_SYN_NS` until `FLOW_ESTABLISHED`, a UDP flow `CT_LIFETIME_UDP_NS` until then.
@@ -477,7 +478,8 @@ pub struct Reply {
     pub frontend_port: u16,
     pub client_port: u16,
     pub flags: u32,
-    /// Where the client's packets came in, and the MACs to send replies with (remote backends).
+    /// Where the client's packets came in, and the MACs to send replies with (remote backends,
+    /// and local ones with `FLOW_TO_POD`).
     pub ifindex: u32,
     pub client_mac: [u8; 6],
     pub node_mac: [u8; 6],
@@ -569,10 +571,13 @@ pub enum Counter {
     /// frontend, from the same port) holds: dropped, as conntrack drops a connection whose reply
     /// tuple clashes, rather than taking the open one's answers.
     TupleCollision,
+    /// Replies of flows sent straight to their pod, sent back the same way (from the pod's
+    /// interface to the one the client's packets came in on, past the node's stack).
+    RepliesFromPod,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 21;
+    pub const COUNT: u32 = 22;
     pub const ALL: [Counter; Counter::COUNT as usize] = [
         Counter::FrontendPackets,
         Counter::NewFlows,
@@ -595,6 +600,7 @@ impl Counter {
         Counter::NodeSockets,
         Counter::NodeSocketsRefused,
         Counter::TupleCollision,
+        Counter::RepliesFromPod,
     ];
 
     pub fn name(self) -> &'static str {
@@ -620,6 +626,7 @@ impl Counter {
             Counter::NodeSockets => "node_sockets_translated",
             Counter::NodeSocketsRefused => "node_sockets_refused",
             Counter::TupleCollision => "dropped_tuple_collision",
+            Counter::RepliesFromPod => "replies_from_pod_redirected",
         }
     }
 }

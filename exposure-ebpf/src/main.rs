@@ -20,7 +20,7 @@ use aya_ebpf::{
         xdp_action, xdp_md, BPF_ANY, BPF_FIB_LKUP_RET_SUCCESS, BPF_F_MARK_MANGLED_0,
         BPF_F_PSEUDO_HDR, BPF_NOEXIST, TC_ACT_OK, TC_ACT_UNSPEC,
     },
-    helpers::{bpf_ktime_get_coarse_ns, bpf_redirect_peer},
+    helpers::{bpf_ktime_get_coarse_ns, bpf_redirect, bpf_redirect_peer},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
@@ -309,8 +309,14 @@ fn to_backend(ctx: &XdpContext, p: &Packet, fe: &Frontend) -> Result<u32, ()> {
                     if exposure_claim_snat_port(own_ctx(ctx).ctx, now) == 0 {
                         return Ok(xdp_action::XDP_DROP);
                     }
-                } else if redirect_to_pods() {
-                    to_pod(ctx, p, flow);
+                } else {
+                    if redirect_to_pods() {
+                        to_pod(ctx, p, flow);
+                    }
+                    let (key, reply) = unsafe { (&(*s).reply_key, &(*s).reply) };
+                    if insert_reply(key, reply, BPF_ANY as u64).is_err() {
+                        return Ok(xdp_action::XDP_DROP);
+                    }
                 }
                 // The first packet is translated from the entry as built, not looked up again:
                 // a lookup would also mark the entry used, and flows that never see a second
@@ -535,9 +541,7 @@ fn new_flow(ctx: &XdpContext, p: &Packet, fe: &Frontend, now: u64) -> Selected {
                 return Selected::Drop;
             }
         }
-        if insert_reply(&s.reply_key, &s.reply, BPF_ANY as u64).is_err() {
-            return Selected::Drop;
-        }
+        // Its reply entry is written by the caller, once it knows whether the flow goes to the pod.
     }
     log_endpoints!(
         debug,
@@ -553,7 +557,8 @@ fn new_flow(ctx: &XdpContext, p: &Packet, fe: &Frontend, now: u64) -> Selected {
 
 /// A new local flow (being built in `SCRATCH`) whose pod sits behind one of `POD_IFACES`: record
 /// that interface and the MACs the FIB gives, so this and later packets skip the node's stack (as
-/// the FIB would route them, but without a second pass through the stack). Otherwise the flow
+/// the FIB would route them, but without a second pass through the stack), and so do the pod's
+/// replies ([`exposure_tc_from_pod`]). Otherwise the flow
 /// stays with the kernel's routing. Not inlined, and a sibling of `new_flow` rather than its
 /// callee: the stack budget.
 #[inline(never)]
@@ -582,6 +587,7 @@ fn to_pod(ctx: &XdpContext, p: &Packet, flow: &mut Flow) {
     flow.dmac = fib.dmac;
     flow.smac = fib.smac;
     flow.flags |= FLOW_TO_POD;
+    unsafe { (*s).reply.flags |= FLOW_TO_POD };
 }
 
 /// Claims a SNAT port for the remote flow being set up in `SCRATCH` (1), or counts and logs that
@@ -877,6 +883,38 @@ fn try_tc_ingress(ctx: &TcContext) -> Result<i32, ()> {
     Ok(unsafe { bpf_redirect_peer(handoff.ifindex, 0) } as i32)
 }
 
+/// `--redirect-to-pods` / `--xdp-redirect-to-pods`, on the pods' interfaces (tc ingress): the
+/// replies of a flow sent straight to its pod go back past the node's stack as its packets came,
+/// to the interface the client's packets came in on and the MAC they came from, where tc egress
+/// translates them as any local backend's reply. Through the stack they would meet netfilter as a
+/// connection it never saw the start of, and a CNI's masquerade of pod egress (flannel's, Calico's
+/// `natOutgoing`) would take them for new connections of the pod's and SNAT them. Everything else
+/// (other pods' traffic, flows through the stack, ICMP errors) goes on untouched.
+#[classifier]
+pub fn exposure_tc_from_pod(ctx: TcContext) -> i32 {
+    try_tc_from_pod(&ctx).unwrap_or(TC_ACT_UNSPEC)
+}
+
+#[inline(always)]
+fn try_tc_from_pod(ctx: &TcContext) -> Result<i32, ()> {
+    let Parsed::Packet(p) = parse_skb(ctx)? else {
+        return Ok(TC_ACT_UNSPEC);
+    };
+    let Some(reply) = lookup_reply(&flow_key(&p)) else {
+        return Ok(TC_ACT_UNSPEC);
+    };
+    let r = unsafe { &*reply };
+    if r.flags & (FLOW_TO_POD | FLOW_REMOTE | FLOW_HOST) != FLOW_TO_POD
+        || !flow_alive(p.proto, r.flags, r.last_seen_ns, now_ns(), &LoadedLifetimes)
+    {
+        return Ok(TC_ACT_UNSPEC);
+    }
+    let eth: *mut [[u8; 6]; 2] = ptr_at(ctx, 0)?;
+    unsafe { eth.write_unaligned([r.client_mac, r.node_mac]) };
+    count(Counter::RepliesFromPod);
+    Ok(unsafe { bpf_redirect(r.ifindex, 0) } as i32)
+}
+
 /// Replies from local backends leave through the node's stack: restore the frontend as source.
 #[classifier]
 pub fn exposure_tc_egress(ctx: TcContext) -> i32 {
@@ -886,21 +924,25 @@ pub fn exposure_tc_egress(ctx: TcContext) -> i32 {
 /// The most of an egress packet's headers the reply path reads: Ethernet, IPv4 with options, TCP.
 const TC_HEADERS: u32 = (ETH_LEN + 60 + 20) as u32;
 
+/// An skb's headers, read in place as at XDP (helper calls per field cost more than the
+/// translation). An skb whose headers are not all in its linear part gets them pulled in (a
+/// malformed one is pulled for nothing, and still fails). Writing in place makes the verifier
+/// un-share a cloned skb's linear part on entry: nothing to copy for TCP's clones when the payload
+/// is in pages (devices with scatter-gather), a copy of the linear part otherwise.
 #[inline(always)]
-fn try_tc_egress(ctx: &TcContext) -> Result<i32, ()> {
-    // Headers are read and written in place, as at XDP (helper calls per field cost more than
-    // the translation). An skb whose headers are not all in its linear part gets them pulled in
-    // (a malformed one is pulled for nothing, and still fails). Writing in place makes the
-    // verifier un-share a cloned skb's linear part on entry: nothing to copy for TCP's clones when
-    // the payload is in pages (devices with scatter-gather), a copy of the linear part otherwise.
-    let parsed = match parse(ctx) {
-        Ok(parsed) => parsed,
+fn parse_skb(ctx: &TcContext) -> Result<Parsed, ()> {
+    match parse(ctx) {
+        Ok(parsed) => Ok(parsed),
         Err(()) => {
             ctx.pull_data(ctx.len().min(TC_HEADERS)).map_err(|_| ())?;
-            parse(ctx)?
+            parse(ctx)
         }
-    };
-    match parsed {
+    }
+}
+
+#[inline(always)]
+fn try_tc_egress(ctx: &TcContext) -> Result<i32, ()> {
+    match parse_skb(ctx)? {
         Parsed::Packet(p) => tc_reply(ctx, &p),
         Parsed::Icmp(l4_off) => tc_icmp_error(ctx, l4_off),
         Parsed::Icmp6(l4_off) => tc_icmp6_error(ctx, l4_off),

@@ -242,9 +242,11 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let mut snat_sources = maps.snat_sources()?;
     update_snat_sources(&mut maps, &mut snat_sources, netdev::snat_sources(&ifaces));
     if cfg.pod_iface_prefixes.is_empty() {
-        // Without a redirect flag, flows an earlier run redirected go back to the stack.
+        // Without a redirect flag, flows an earlier run redirected go back to the stack, and so
+        // do their replies.
         maps.set_pod_ifaces(&Default::default())
             .context("clearing the pod interfaces")?;
+        dp.link_pod_interfaces(&Default::default());
     }
     let snapshot = maps.snapshot().context("reading pinned maps")?;
     // The UDP pairs an earlier run programmed: endpoints that left while no agent ran are found
@@ -331,6 +333,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let mut dirty = true;
     // Interfaces already reported as not veths (each is reported once).
     let mut not_veth: BTreeSet<String> = BTreeSet::new();
+    // Pod interfaces the replies' program could not be attached to, reported once while that lasts.
+    let mut unlinked: BTreeSet<String> = BTreeSet::new();
     // healthCheckNodePorts that could not be bound, reported once while that lasts (kube-proxy,
     // when kept for ClusterIPs, serves the same ports with the same answers).
     let mut unbound: BTreeSet<String> = BTreeSet::new();
@@ -364,10 +368,24 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     );
                 }
             }
-            match maps.set_pod_ifaces(&pods.indexes) {
+            // Their replies' program first: only an interface that has it takes redirected flows.
+            let (linked, failed) = dp.link_pod_interfaces(&pods.veths);
+            let mut failing = BTreeSet::new();
+            for (name, e) in failed {
+                if !unlinked.contains(&name) {
+                    tracing::warn!(
+                        iface = name,
+                        error = %format!("{e:#}"),
+                        "cannot attach the pod replies' tc program: this pod's flows stay with the stack (tried again every 200 ms)"
+                    );
+                }
+                failing.insert(name);
+            }
+            unlinked = failing;
+            match maps.set_pod_ifaces(&linked) {
                 Ok(0) => {}
                 Ok(_) => {
-                    tracing::info!(count = pods.indexes.len(), "pod interfaces for redirect")
+                    tracing::info!(count = linked.len(), "pod interfaces for redirect")
                 }
                 Err(e) => {
                     tracing::warn!(error = %format!("{e:#}"), "cannot update the pod interfaces")

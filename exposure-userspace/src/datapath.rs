@@ -33,6 +33,9 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 pub const XDP_PROGRAM: &str = "exposure_xdp";
 pub const TC_PROGRAM: &str = "exposure_tc_egress";
 pub const TC_INGRESS_PROGRAM: &str = "exposure_tc_ingress";
+/// On the pods' interfaces the redirect flags list: their replies go back past the node's stack
+/// (each link pinned as `links/pod-<ifindex>`).
+pub const TC_FROM_POD_PROGRAM: &str = "exposure_tc_from_pod";
 /// The cgroup hooks for the sockets of the node and its pods (`exposure-ebpf/src/sock.rs`),
 /// each pinned as `links/sock-<hook>`.
 pub const NODE_SOCKET_PROGRAMS: [&str; 8] = [
@@ -388,6 +391,8 @@ pub struct Datapath {
     ebpf: Ebpf,
     pin_dir: PathBuf,
     redirect_to_pods: RedirectToPods,
+    /// The pod interfaces (by index) whose links run this run's [`TC_FROM_POD_PROGRAM`].
+    pod_links: std::collections::BTreeSet<u32>,
 }
 
 impl Datapath {
@@ -434,7 +439,7 @@ impl Datapath {
             .context("loading the eBPF object")?;
         let xdp: &mut Xdp = program(&mut ebpf, XDP_PROGRAM)?.try_into()?;
         load_program(|| xdp.load()).context("verifying the XDP program")?;
-        for name in [TC_PROGRAM, TC_INGRESS_PROGRAM] {
+        for name in [TC_PROGRAM, TC_INGRESS_PROGRAM, TC_FROM_POD_PROGRAM] {
             let tc: &mut SchedClassifier = program(&mut ebpf, name)?.try_into()?;
             load_program(|| tc.load())
                 .with_context(|| format!("verifying the tc program {name}"))?;
@@ -443,6 +448,7 @@ impl Datapath {
             ebpf,
             pin_dir: pin_dir.to_path_buf(),
             redirect_to_pods: capacity.redirect_to_pods,
+            pod_links: Default::default(),
         })
     }
 
@@ -507,10 +513,56 @@ impl Datapath {
         Ok(())
     }
 
+    /// The replies program ([`TC_FROM_POD_PROGRAM`]) at tc ingress of each pod interface in `pods`
+    /// (index → name), before XDP may send a flow there: one redirected while its replies went
+    /// through the stack would meet netfilter's NAT as a connection it never saw begin. Attached once
+    /// per run (an earlier run's pinned link gets this run's program); the links of interfaces
+    /// no longer in `pods` are unpinned. Returns the interfaces that have it, and the errors of
+    /// those it could not be attached to.
+    pub fn link_pod_interfaces(
+        &mut self,
+        pods: &std::collections::BTreeMap<u32, String>,
+    ) -> (
+        std::collections::BTreeSet<u32>,
+        Vec<(String, anyhow::Error)>,
+    ) {
+        let mut failed = Vec::new();
+        self.pod_links.retain(|ifindex| pods.contains_key(ifindex));
+        for (&ifindex, name) in pods {
+            if self.pod_links.contains(&ifindex) {
+                continue;
+            }
+            let pin = pod_pin(&self.pin_dir, ifindex);
+            match self.attach_tc_pinned(name, TC_FROM_POD_PROGRAM, TcAttachType::Ingress, &pin) {
+                Ok(()) => {
+                    self.pod_links.insert(ifindex);
+                }
+                Err(e) => failed.push((name.clone(), e)),
+            }
+        }
+        // A deleted pod's interface took its program with it; its pin is all that is left.
+        for (pin, ifindex) in pod_link_pins(&self.pin_dir) {
+            if !pods.contains_key(&ifindex) {
+                let _ = std::fs::remove_file(pin);
+            }
+        }
+        (self.pod_links.clone(), failed)
+    }
+
     fn attach_tc(&mut self, iface: &str, name: &str, at: TcAttachType) -> anyhow::Result<()> {
         let pin = tc_pin(&self.pin_dir, iface, at);
+        self.attach_tc_pinned(iface, name, at, &pin)
+    }
+
+    fn attach_tc_pinned(
+        &mut self,
+        iface: &str,
+        name: &str,
+        at: TcAttachType,
+        pin: &Path,
+    ) -> anyhow::Result<()> {
         let tc = self.tc_program(name)?;
-        let replaced = match PinnedLink::from_pin(&pin) {
+        let replaced = match PinnedLink::from_pin(pin) {
             Ok(old) => match aya::programs::tc::SchedClassifierLink::try_from(FdLink::from(old)) {
                 Ok(link) => tc.attach_to_link(link).is_ok(),
                 Err(_) => false,
@@ -519,7 +571,7 @@ impl Datapath {
             Err(e) => return Err(e).with_context(|| format!("opening {}", pin.display())),
         };
         if !replaced {
-            let _ = std::fs::remove_file(&pin);
+            let _ = std::fs::remove_file(pin);
             if aya::util::KernelVersion::current()
                 .is_ok_and(|v| v < aya::util::KernelVersion::new(6, 6, 0))
             {
@@ -532,7 +584,7 @@ impl Datapath {
             let link = tc.take_link(id)?;
             match FdLink::try_from(link) {
                 Ok(link) => {
-                    link.pin(&pin)
+                    link.pin(pin)
                         .with_context(|| format!("pinning {}", pin.display()))?;
                 }
                 // Netlink tc attachments (old kernels) live on the qdisc; nothing to pin.
@@ -679,6 +731,27 @@ fn tc_pin(pin_dir: &Path, iface: &str, at: TcAttachType) -> PathBuf {
         _ => format!("tc-{iface}"),
     };
     pin_dir.join("links").join(name)
+}
+
+/// Where the link of the replies program on pod interface `ifindex` is pinned: by index, as a
+/// new pod's interface may take a deleted one's name.
+fn pod_pin(pin_dir: &Path, ifindex: u32) -> PathBuf {
+    pin_dir.join("links").join(format!("pod-{ifindex}"))
+}
+
+/// The pinned links of the replies program, each with its pod interface's index.
+fn pod_link_pins(pin_dir: &Path) -> Vec<(PathBuf, u32)> {
+    let Ok(entries) = std::fs::read_dir(pin_dir.join("links")) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let file = entry.file_name();
+            let ifindex = file.to_str()?.strip_prefix("pod-")?.parse().ok()?;
+            Some((entry.path(), ifindex))
+        })
+        .collect()
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::programs::Program> {

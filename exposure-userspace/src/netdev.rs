@@ -549,7 +549,8 @@ pub fn addresses() -> anyhow::Result<Vec<(String, IpAddr)>> {
 /// Pods' interfaces: the ones `--redirect-to-pods` / `--xdp-redirect-to-pods` name by prefix.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PodInterfaces {
-    pub indexes: std::collections::BTreeSet<u32>,
+    /// The veths (and netkit devices) by index, with their names.
+    pub veths: std::collections::BTreeMap<u32, String>,
     /// Named by a prefix but not a veth (or netkit): a bridge, say, which neither redirect can
     /// deliver through. Left out, so their pods' flows stay with the stack.
     pub not_veth: Vec<String>,
@@ -575,7 +576,7 @@ pub fn pod_interfaces(prefixes: &[String], exclude: &[String]) -> PodInterfaces 
             continue;
         }
         if driver(name).is_some_and(|d| POD_DRIVERS.contains(&d.as_str())) {
-            found.indexes.insert(i.index());
+            found.veths.insert(i.index(), name.to_string());
         } else {
             found.not_veth.push(name.to_string());
         }
@@ -763,10 +764,10 @@ not an address line
             .unwrap()
         };
         let (vp1, found) = in_node(&[]);
-        assert_eq!(found.indexes, [vp1].into());
+        assert_eq!(found.veths, [(vp1, "vp1".to_string())].into());
         assert_eq!(found.not_veth, ["vpbr0"]);
         let (_, found) = in_node(&["vp1"]);
-        assert!(found.indexes.is_empty(), "{found:?}");
+        assert!(found.veths.is_empty(), "{found:?}");
         let driver_of = |name: &'static str| node.run(move || driver(name)).unwrap();
         assert_eq!(driver_of("vp1").as_deref(), Some("veth"));
         assert_eq!(driver_of("vpbr0").as_deref(), Some("bridge"));

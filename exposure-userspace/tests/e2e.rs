@@ -1832,7 +1832,23 @@ fn rule_packets(c: &Cluster, table: &str, chain: &str, matching: &str) -> u64 {
 
 /// Packets node-1's netfilter forwarded to its pods' veths so far (a counting rule in FORWARD).
 fn forwarded_to_pods(c: &Cluster) -> u64 {
-    rule_packets(c, "filter", "FORWARD", "vp+")
+    rule_packets(c, "filter", "FORWARD", "to-pods")
+}
+
+/// Packets node-1's netfilter forwarded from its pods' veths so far.
+fn forwarded_from_pods(c: &Cluster) -> u64 {
+    rule_packets(c, "filter", "FORWARD", "from-pods")
+}
+
+/// The pinned links of the pod replies' program under agent `n`'s pin directory.
+fn pod_reply_links(c: &Cluster, n: usize) -> usize {
+    std::fs::read_dir(c.agents[n].pin_dir.join("links"))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("pod-"))
+                .count()
+        })
+        .unwrap_or(0)
 }
 
 #[test]
@@ -1865,10 +1881,45 @@ fn redirect_to_pods_serves_local_pods(flags: &[&str], pod_gro: bool) {
             .exec("ethtool", &["-K", "eth0", "gro", gro])
             .expect("ethtool");
     }
-    c.lab.nodes[0]
-        .ns
-        .exec("iptables", &["-w", "-A", "FORWARD", "-o", "vp+"])
+    let node = &c.lab.nodes[0].ns;
+    for (dir, name) in [("-o", "to-pods"), ("-i", "from-pods")] {
+        node.exec(
+            "iptables",
+            &[
+                "-w",
+                "-A",
+                "FORWARD",
+                dir,
+                "vp+",
+                "-m",
+                "comment",
+                "--comment",
+                name,
+            ],
+        )
         .expect("a counting rule");
+    }
+    // The masquerade of pods' traffic leaving the pod network that flannel (`--ip-masq`) and
+    // Calico (`natOutgoing`) install: the pods' replies to a flow the node's netfilter never saw
+    // begin would be taken for new connections of theirs and SNATed to the node's address.
+    node.exec(
+        "iptables",
+        &[
+            "-w",
+            "-t",
+            "nat",
+            "-A",
+            "POSTROUTING",
+            "-s",
+            "198.19.0.0/16",
+            "!",
+            "-d",
+            "198.19.0.0/16",
+            "-j",
+            "MASQUERADE",
+        ],
+    )
+    .expect("a masquerade rule");
     let everyone = pods_named(&["pod-1-1", "pod-1-2", "pod-2-1"]);
     let (tcp, seen) = c.tcp_spread(c.node(0, 30700), 60);
     assert_eq!(tcp, everyone);
@@ -1907,7 +1958,9 @@ fn redirect_to_pods_serves_local_pods(flags: &[&str], pod_gro: bool) {
         })
         .expect("a connection to a local pod");
     let before = agent_counter(&c, "to_local_backend_redirected");
+    let replies_before = agent_counter(&c, "replies_from_pod_redirected");
     let forwarded = forwarded_to_pods(&c);
+    let forwarded_back = forwarded_from_pods(&c);
     for _ in 0..5 {
         held.0.ask("redirected").expect("held connection answers");
     }
@@ -1917,6 +1970,24 @@ fn redirect_to_pods_serves_local_pods(flags: &[&str], pod_gro: bool) {
         forwarded,
         "redirected packets went through FORWARD"
     );
+    // ... and its replies go back the same way, past the masquerade.
+    assert!(agent_counter(&c, "replies_from_pod_redirected") >= replies_before + 5.0);
+    assert_eq!(
+        forwarded_from_pods(&c),
+        forwarded_back,
+        "replies went through FORWARD"
+    );
+    // Each local pod's interface has the replies' program, pinned for the agent's restarts; a new
+    // pod's interface gets it, and a deleted one's pin goes.
+    assert_eq!(pod_reply_links(&c, 0), 2);
+    node.ip("link add vp9 type veth peer name other9").unwrap();
+    c.eventually("a new pod interface gets the replies' program", || {
+        pod_reply_links(&c, 0) == 3
+    });
+    node.ip("link del vp9").unwrap();
+    c.eventually("a deleted pod interface's link unpinned", || {
+        pod_reply_links(&c, 0) == 2
+    });
 
     // ... and it keeps working, through the stack, once the agent runs without it; so does
     // everything else.
@@ -1933,6 +2004,7 @@ fn redirect_to_pods_serves_local_pods(flags: &[&str], pod_gro: bool) {
     assert_eq!(c.tcp_spread(c.node(0, 30700), 30).0, everyone);
     assert_eq!(agent_counter(&c, "to_local_backend_redirected"), before);
     assert!(!ingress_link.exists(), "tc ingress detached again");
+    assert_eq!(pod_reply_links(&c, 0), 0, "the pods' programs detached");
 }
 
 #[test]

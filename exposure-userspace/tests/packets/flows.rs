@@ -282,6 +282,8 @@ struct Reached {
     aged: usize,
     /// Local flows handed to tc or redirected at XDP, to their pod's interface.
     to_pod: usize,
+    /// Their pod's answers, sent back from its interface to eth0.
+    replies_from_pod: usize,
     /// New flows dropped because the client's flow through the other frontend holds the tuple.
     collisions: usize,
     /// Flows that went on through a draining frontend, and packets passed for want of a Service.
@@ -664,13 +666,29 @@ impl Run<'_> {
         let from = ((backend, 50000), (to, to_port));
         let spec_frame = self.frame(Sender::Pod, from.0, from.1, proto, flags);
         let peer_frame = self.frame(Sender::PeerNode, from.0, from.1, proto, flags);
+        let reply = self.model.replies[&key];
+        let what = format!("step {step}: answer on {key:?} flags {flags:#x}, for {reply:?}");
+        if local && self.mode != RedirectToPods::Off {
+            // From the pod's interface: the replies of flows sent to the pod go back the same
+            // way, to eth0, where tc egress translates them; everything else is the stack's.
+            let (verdict, out) = self.h.tc_from_pod(&spec_frame);
+            if backend == self.family.locals[0] && reply.conn.alive(proto) {
+                assert_eq!(verdict, TC_ACT_REDIRECT, "{what}: from the pod");
+                assert_eq!(out[12..], spec_frame[12..], "{what}: from the pod");
+                self.reached.replies_from_pod += 1;
+            } else {
+                assert_eq!(
+                    (verdict, &out),
+                    (TC_ACT_UNSPEC as u32, &spec_frame),
+                    "{what}: from the pod"
+                );
+            }
+        }
         let (verdict, out) = if local {
             self.h.tc(&spec_frame)
         } else {
             self.h.xdp(&peer_frame)
         };
-        let reply = self.model.replies[&key];
-        let what = format!("step {step}: answer on {key:?} flags {flags:#x}, for {reply:?}");
         if !reply.conn.alive(proto) {
             // Its flow is over: the packet is the kernel's, untouched.
             let untouched = if local {
@@ -977,6 +995,14 @@ fn flows_over_time(family: Family, affinity: bool, mode: RedirectToPods) {
                     20
                 } else {
                     r.to_pod
+                },
+            ),
+            (
+                "answers from the pod",
+                if mode == RedirectToPods::Off {
+                    20
+                } else {
+                    r.replies_from_pod
                 },
             ),
         ] {

@@ -11,7 +11,9 @@ use std::{
 
 use aya::programs::{TestRun, TestRunOptions};
 use exposure::{
-    datapath::{Datapath, KernelMaps, RedirectToPods, TC_INGRESS_PROGRAM, TC_PROGRAM},
+    datapath::{
+        Datapath, KernelMaps, RedirectToPods, TC_FROM_POD_PROGRAM, TC_INGRESS_PROGRAM, TC_PROGRAM,
+    },
     model::{
         BackendAddr, DesiredService, DesiredState, FrontendAddr, FrontendKind, Protocol,
         ServicePortName, WhenEmpty,
@@ -34,6 +36,7 @@ const XDP_TX: u32 = 3;
 const XDP_REDIRECT: u32 = 4;
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
 const TC_ACT_UNSPEC: i32 = -1;
 
 const NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
@@ -308,6 +311,11 @@ impl Harness {
         self.tc_run(TC_INGRESS_PROGRAM, frame)
     }
 
+    /// A frame from a pod, at tc ingress of its interface.
+    fn tc_from_pod(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        self.tc_run(TC_FROM_POD_PROGRAM, frame)
+    }
+
     fn tc_run(&mut self, program: &str, frame: &[u8]) -> (u32, Vec<u8>) {
         // struct __sk_buff up to `cb`, with the device the packet is on: eth0, where tc is.
         let mut ctx = [0u32; 12];
@@ -540,6 +548,115 @@ fn local_flows_to_a_listed_pod_interface(mode: RedirectToPods) {
                 assert_eq!(out[..12], input[..12], "MACs untouched");
             }
         }
+    });
+}
+
+#[test]
+fn replies_of_flows_sent_to_a_pod_go_back_past_the_stack() {
+    for mode in [RedirectToPods::AtXdp, RedirectToPods::AtTc] {
+        replies_of_flows_sent_to_a_pod(mode);
+    }
+}
+
+/// The client's router, as the frames of these tests come from it.
+const ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+
+fn replies_of_flows_sent_to_a_pod(mode: RedirectToPods) {
+    let capacity = exposure::datapath::Capacity {
+        redirect_to_pods: mode,
+        ..Default::default()
+    };
+    with_datapath_config(capacity, move |h| {
+        let mut both = hello(&[(LOCAL_POD, true)]);
+        both.services.extend(hello6(&[(LOCAL_POD6, true)]).services);
+        h.program(&both);
+        let from_router = |h: &Harness, mut spec: FrameSpec| {
+            spec.src_mac = ROUTER_MAC;
+            spec.dst_mac = h.node_mac;
+            spec.build()
+        };
+        // A flow that started before lxc1 was listed goes through the stack both ways.
+        h.xdp(&from_router(
+            h,
+            FrameSpec::tcp((CLIENT, 41000), (NODE, NODE_PORT), SYN),
+        ));
+        h.maps.set_pod_ifaces(&[h.pod_ifindex].into()).unwrap();
+        let tcp = |sport, flags| FrameSpec::tcp((CLIENT, sport), (NODE, NODE_PORT), flags);
+        h.xdp(&from_router(h, tcp(41001, SYN)));
+        h.xdp(&from_router(
+            h,
+            FrameSpec::udp((CLIENT, 41002), (LB, 60000)),
+        ));
+        let mut spec6 = frame::FrameSpec6::tcp((CLIENT6, 41003), (NODE6, NODE_PORT), SYN);
+        spec6.src_mac = ROUTER_MAC;
+        spec6.dst_mac = h.node_mac;
+        h.xdp(&spec6.build());
+
+        // Their replies, as the pod sends them (to its interface's MAC, from the pod's address):
+        // back to the client's router from the interface its packets came in on, untranslated
+        // (tc egress there translates, as for any local reply).
+        let pod_iface_mac = h.pod_iface_mac;
+        let from_pod = |mut spec: FrameSpec| {
+            spec.src_mac = LOCAL_POD_MAC;
+            spec.dst_mac = pod_iface_mac;
+            spec.build()
+        };
+        for reply in [
+            from_pod(FrameSpec::tcp(
+                (LOCAL_POD, 50000),
+                (CLIENT, 41001),
+                SYN | ACK,
+            )),
+            from_pod(FrameSpec::udp((LOCAL_POD, 50000), (CLIENT, 41002))),
+        ] {
+            let (verdict, out) = h.tc_from_pod(&reply);
+            assert_eq!(verdict, TC_ACT_REDIRECT);
+            assert_eq!(out[..6], ROUTER_MAC, "to the client's router");
+            assert_eq!(out[6..12], h.node_mac, "from the node's interface");
+            assert_eq!(out[12..], reply[12..], "the packet itself untouched");
+        }
+        let mut reply6 = frame::FrameSpec6::tcp((LOCAL_POD6, 50000), (CLIENT6, 41003), SYN | ACK);
+        reply6.src_mac = LOCAL_POD_MAC;
+        reply6.dst_mac = h.pod_iface_mac;
+        let reply6 = reply6.build();
+        let (verdict, out) = h.tc_from_pod(&reply6);
+        assert_eq!(verdict, TC_ACT_REDIRECT, "IPv6");
+        assert_eq!(out[..12], [ROUTER_MAC, h.node_mac].concat());
+        assert_eq!(out[12..], reply6[12..]);
+        assert_eq!(h.counter(Counter::RepliesFromPod), 3);
+        // tc egress on eth0, where they arrive, translates them.
+        let (verdict, out) = h.tc(&out);
+        assert_eq!(verdict, TC_ACT_OK);
+        let p = parse6_ok(&out);
+        assert_eq!((p.src, p.sport), (NODE6, NODE_PORT));
+
+        // Left to the stack: the replies of the flow it routes, the pod's other traffic, and
+        // the replies of a flow that is over.
+        let rst = from_pod(FrameSpec::tcp((LOCAL_POD, 50000), (CLIENT, 41001), RST));
+        for other in [
+            from_pod(FrameSpec::tcp(
+                (LOCAL_POD, 50000),
+                (CLIENT, 41000),
+                SYN | ACK,
+            )),
+            from_pod(FrameSpec::udp((LOCAL_POD, 50000), (CLIENT, 41009))),
+            from_pod(FrameSpec::tcp((LOCAL_POD, 40000), (PEER_NODE, 443), SYN)),
+        ] {
+            let (verdict, out) = h.tc_from_pod(&other);
+            assert_eq!(verdict as i32, TC_ACT_UNSPEC);
+            assert_eq!(out, other);
+        }
+        // The pod resets its connection: the reset goes the same way, and ends the flow there.
+        assert_eq!(h.tc_from_pod(&rst).0, TC_ACT_REDIRECT);
+        assert_eq!(h.tc(&rst).0, TC_ACT_OK);
+        age_flows(h, 11);
+        let (verdict, out) = h.tc_from_pod(&rst);
+        assert_eq!(
+            (verdict as i32, out),
+            (TC_ACT_UNSPEC, rst),
+            "a flow that is over"
+        );
+        assert_eq!(h.counter(Counter::RepliesFromPod), 4);
     });
 }
 
@@ -3069,8 +3186,18 @@ fn the_programs_verify_well_inside_the_kernels_budget() {
             };
             let xdp = verified(h.dp.xdp().unwrap().info().unwrap());
             let egress = verified(h.dp.tc_program(TC_PROGRAM).unwrap().info().unwrap());
+            let from_pod = verified(
+                h.dp.tc_program(TC_FROM_POD_PROGRAM)
+                    .unwrap()
+                    .info()
+                    .unwrap(),
+            );
             eprintln!(
-                "log level {bpf_log_level}: XDP {xdp}, tc egress {egress} instructions verified"
+                "log level {bpf_log_level}: XDP {xdp}, tc egress {egress}, tc from pods {from_pod} instructions verified"
+            );
+            assert!(
+                from_pod < 500_000,
+                "tc from pods: {from_pod} (log level {bpf_log_level})"
             );
             assert!(
                 xdp < 500_000,

@@ -238,6 +238,8 @@ struct Fuzz<'h> {
     round_trips: usize,
     /// Frames passed up with a hand-off to tc (`--redirect-to-pods`).
     handed_off: usize,
+    /// The local pod's answers sent from its interface to eth0 (either redirect mode).
+    replies_from_pod: usize,
     /// Requests to the LB IP from outside its source ranges (dropped).
     denied: usize,
 }
@@ -488,6 +490,23 @@ impl Fuzz<'_> {
     fn run(&mut self, hook: Hook, f: &[u8]) -> (u32, Vec<u8>) {
         match hook {
             Hook::Xdp => self.h.xdp(f),
+            Hook::TcEgress if self.mode != RedirectToPods::Off => {
+                // A local pod's packet meets the program on its interface first: it sends a
+                // redirected flow's answers, and only those, to eth0 (new MACs, nothing else).
+                let (verdict, out) = self.h.tc_from_pod(f);
+                if verdict == TC_ACT_REDIRECT {
+                    assert_eq!(out[12..], f[12..], "from the pod: {}", hex(f));
+                    self.replies_from_pod += 1;
+                } else {
+                    assert_eq!(
+                        (verdict as i32, &out[..]),
+                        (TC_ACT_UNSPEC, f),
+                        "from the pod: {}",
+                        hex(f)
+                    );
+                }
+                self.h.tc(&out)
+            }
             Hook::TcEgress => self.h.tc(f),
         }
     }
@@ -717,6 +736,7 @@ fn mangled_frames(mode: RedirectToPods) {
             made_by_program: 0,
             round_trips: 0,
             handed_off: 0,
+            replies_from_pod: 0,
             denied: 0,
         };
         for case in 0..CASES {
@@ -764,6 +784,15 @@ fn mangled_frames(mode: RedirectToPods) {
         if mode != RedirectToPods::Off {
             assert!(fuzz.h.counter(Counter::RedirectedToPod) > 0 || mode == RedirectToPods::AtTc);
             assert!(fuzz.handed_off > 0 || mode == RedirectToPods::AtXdp);
+            assert!(
+                fuzz.replies_from_pod > CASES / 100,
+                "{}",
+                fuzz.replies_from_pod
+            );
+            assert_eq!(
+                fuzz.h.counter(Counter::RepliesFromPod),
+                fuzz.replies_from_pod as u64
+            );
         }
         for counter in [
             Counter::RepliesXdp,
