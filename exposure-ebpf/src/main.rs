@@ -889,7 +889,7 @@ fn try_tc_ingress(ctx: &TcContext) -> Result<i32, ()> {
 /// translates them as any local backend's reply. Through the stack they would meet netfilter as a
 /// connection it never saw the start of, and a CNI's masquerade of pod egress (flannel's, Calico's
 /// `natOutgoing`) would take them for new connections of the pod's and SNAT them. Everything else
-/// (other pods' traffic, flows through the stack, ICMP errors) goes on untouched.
+/// (other pods' traffic, flows through the stack) goes on untouched.
 #[classifier]
 pub fn exposure_tc_from_pod(ctx: TcContext) -> i32 {
     try_tc_from_pod(&ctx).unwrap_or(TC_ACT_UNSPEC)
@@ -897,17 +897,39 @@ pub fn exposure_tc_from_pod(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn try_tc_from_pod(ctx: &TcContext) -> Result<i32, ()> {
-    let Parsed::Packet(p) = parse_skb(ctx)? else {
-        return Ok(TC_ACT_UNSPEC);
+    let (key, alive) = match parse_skb(ctx)? {
+        Parsed::Packet(p) => (flow_key(&p), Some(p.proto)),
+        // An ICMP error about such a flow (a closed port, a smaller MTU) too: conntrack finds no
+        // connection for it, and netfilter's rules against INVALID packets (kube-proxy's,
+        // Calico's) would drop it.
+        Parsed::Icmp(l4_off) => {
+            let b: [u8; icmp::SPAN] = ctx.load(l4_off).map_err(|_| ())?;
+            match icmp::quoted_flow(&b).filter(|_| icmp::is_error(b[0])) {
+                Some(key) => (key, None),
+                None => return Ok(TC_ACT_UNSPEC),
+            }
+        }
+        Parsed::Icmp6(l4_off) => {
+            let b: [u8; icmp::SPAN6] = ctx.load(l4_off).map_err(|_| ())?;
+            match icmp::quoted_flow6(&b).filter(|_| icmp::is_error6(b[0])) {
+                Some(key) => (key, None),
+                None => return Ok(TC_ACT_UNSPEC),
+            }
+        }
+        Parsed::Fragment | Parsed::Other => return Ok(TC_ACT_UNSPEC),
     };
-    let Some(reply) = lookup_reply(&flow_key(&p)) else {
+    let Some(reply) = lookup_reply(&key) else {
         return Ok(TC_ACT_UNSPEC);
     };
     let r = unsafe { &*reply };
-    if r.flags & (FLOW_TO_POD | FLOW_REMOTE | FLOW_HOST) != FLOW_TO_POD
-        || !flow_alive(p.proto, r.flags, r.last_seen_ns, now_ns(), &LoadedLifetimes)
-    {
+    if r.flags & (FLOW_TO_POD | FLOW_REMOTE | FLOW_HOST) != FLOW_TO_POD {
         return Ok(TC_ACT_UNSPEC);
+    }
+    // A flow that is over owns its tuple no more (as at tc egress): the pod's packet is its own.
+    if let Some(proto) = alive {
+        if !flow_alive(proto, r.flags, r.last_seen_ns, now_ns(), &LoadedLifetimes) {
+            return Ok(TC_ACT_UNSPEC);
+        }
     }
     let eth: *mut [[u8; 6]; 2] = ptr_at(ctx, 0)?;
     unsafe { eth.write_unaligned([r.client_mac, r.node_mac]) };

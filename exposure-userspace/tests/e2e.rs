@@ -1989,9 +1989,29 @@ fn redirect_to_pods_serves_local_pods(flags: &[&str], pod_gro: bool) {
         pod_reply_links(&c, 0) == 2
     });
 
+    // While no agent runs (an upgrade), the pinned programs go on both ways; a new agent with the
+    // flag takes them over.
+    let mut c = c;
+    c.agents[0].stop();
+    let forwarded_back = forwarded_from_pods(&c);
+    let answer = held.0.ask("agent away").expect("held connection answers");
+    assert_eq!(parse_answer(&answer).unwrap().0, held.1);
+    assert_eq!(
+        forwarded_from_pods(&c),
+        forwarded_back,
+        "replies past the stack"
+    );
+    c.start_agent(0);
+    held.0.ask("agent back").expect("held connection answers");
+    assert_eq!(
+        forwarded_from_pods(&c),
+        forwarded_back,
+        "replies past the stack"
+    );
+    assert_eq!(pod_reply_links(&c, 0), 2);
+
     // ... and it keeps working, through the stack, once the agent runs without it; so does
     // everything else.
-    let mut c = c;
     c.agents[0].stop();
     c.agent_flags.clear();
     c.start_agent(0);
@@ -2009,8 +2029,49 @@ fn redirect_to_pods_serves_local_pods(flags: &[&str], pod_gro: bool) {
 
 #[test]
 fn icmp_errors_from_backends_reach_the_client() {
-    // The pod is ready but nothing listens on the target port: it answers ICMP port unreachable,
-    // which must reach the client translated (via node-1 the pod is local, via node-2 remote).
+    let c = nolisten_cluster(&[]);
+    for n in 0..2 {
+        assert_udp_refused(&c, c.node(n, 30053), &format!("via node-{}", n + 1));
+    }
+}
+
+#[test]
+fn icmp_errors_from_redirected_pods_reach_the_client_past_netfilter() {
+    // Past the node's stack, conntrack never sees the flow, so it would find no connection for
+    // the pod's error: rules that drop such INVALID packets (kube-proxy's, Calico's) would drop
+    // it. It goes back the way the flow came.
+    let c = nolisten_cluster(&["--redirect-to-pods", "vp"]);
+    c.lab.nodes[0]
+        .ns
+        .exec(
+            "iptables",
+            &[
+                "-w",
+                "-A",
+                "FORWARD",
+                "-m",
+                "conntrack",
+                "--ctstate",
+                "INVALID",
+                "-j",
+                "DROP",
+            ],
+        )
+        .expect("an INVALID rule");
+    // The first flows may go through the stack while the node learns the pod's neighbour.
+    c.eventually("an error sent back from the pod's interface", || {
+        assert_udp_refused(&c, c.node(0, 30053), "via node-1");
+        agent_counter(&c, "replies_from_pod_redirected") >= 1.0
+    });
+    for _ in 0..3 {
+        assert_udp_refused(&c, c.node(0, 30053), "via node-1, redirected");
+    }
+}
+
+/// A UDP NodePort (30053) whose one endpoint, node-1's pod, is ready but has nothing listening on
+/// the target port: it answers ICMP port unreachable, which must reach the client translated
+/// (via node-1 the pod is local, via node-2 remote).
+fn nolisten_cluster(flags: &[&str]) -> Cluster {
     let manifest = service(
         "nolisten",
         "NodePort",
@@ -2022,25 +2083,22 @@ fn icmp_errors_from_backends_reach_the_client() {
             "- {name: u, protocol: UDP, port: 50001}\n",
             &[(exposure_lab::lab::pod_ip(0, 0), "node-1")],
         );
-    let c = Cluster::start(&[1, 0], &[("nolisten.yaml", manifest)]);
-    for n in 0..2 {
-        let started = Instant::now();
-        let err = apps::udp_ask(&c.lab.client, c.node(n, 30053)).expect_err("nothing listens");
-        let kind = err
-            .root_cause()
-            .downcast_ref::<std::io::Error>()
-            .map(|e| e.kind());
-        assert_eq!(
-            kind,
-            Some(ErrorKind::ConnectionRefused),
-            "via node-{}: {err:#}",
-            n + 1
-        );
-        assert!(
-            started.elapsed() < apps::IO_TIMEOUT,
-            "refused, not timed out"
-        );
-    }
+    Cluster::start_with(&[1, 0], &[("nolisten.yaml", manifest)], flags)
+}
+
+/// A UDP query to `to` is refused promptly (the client's socket gets the ICMP error).
+fn assert_udp_refused(c: &Cluster, to: SocketAddr, what: &str) {
+    let started = Instant::now();
+    let err = apps::udp_ask(&c.lab.client, to).expect_err("nothing listens");
+    let kind = err
+        .root_cause()
+        .downcast_ref::<std::io::Error>()
+        .map(|e| e.kind());
+    assert_eq!(kind, Some(ErrorKind::ConnectionRefused), "{what}: {err:#}");
+    assert!(
+        started.elapsed() < apps::IO_TIMEOUT,
+        "{what}: refused, not timed out"
+    );
 }
 
 /// Packets kube-proxy's NodePort rules on node-1 have matched so far.

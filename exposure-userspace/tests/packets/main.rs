@@ -623,17 +623,39 @@ fn replies_of_flows_sent_to_a_pod(mode: RedirectToPods) {
         assert_eq!(verdict, TC_ACT_REDIRECT, "IPv6");
         assert_eq!(out[..12], [ROUTER_MAC, h.node_mac].concat());
         assert_eq!(out[12..], reply6[12..]);
-        assert_eq!(h.counter(Counter::RepliesFromPod), 3);
         // tc egress on eth0, where they arrive, translates them.
         let (verdict, out) = h.tc(&out);
         assert_eq!(verdict, TC_ACT_OK);
         let p = parse6_ok(&out);
         assert_eq!((p.src, p.sport), (NODE6, NODE_PORT));
+        // So do the pod's ICMP errors about such flows (conntrack would find no connection).
+        let macs = [ROUTER_MAC, h.node_mac].concat();
+        let with_pod_macs = |mut f: Vec<u8>| {
+            f[..12].copy_from_slice(&[pod_iface_mac, LOCAL_POD_MAC].concat());
+            f
+        };
+        let got = FrameSpec::udp((CLIENT, 41002), (LOCAL_POD, 50000)).build();
+        let error = with_pod_macs(icmp_error(LOCAL_POD, CLIENT, 3, 3, &got));
+        let (verdict, out) = h.tc_from_pod(&error);
+        assert_eq!((verdict, &out[..12]), (TC_ACT_REDIRECT, &macs[..]));
+        let (verdict, out) = h.tc(&out);
+        assert_eq!(verdict, TC_ACT_OK);
+        assert_icmp_quote(&out, (LB, CLIENT), (CLIENT, 41002), (LB, 60000));
+        let got6 = frame::FrameSpec6::tcp((CLIENT6, 41003), (LOCAL_POD6, 50000), SYN).build();
+        let error6 = with_pod_macs(icmp6_error(LOCAL_POD6, CLIENT6, 1, 4, &got6));
+        let (verdict, out) = h.tc_from_pod(&error6);
+        assert_eq!((verdict, &out[..12]), (TC_ACT_REDIRECT, &macs[..]));
+        let (verdict, out) = h.tc(&out);
+        assert_eq!(verdict, TC_ACT_OK);
+        assert_icmp6_quote(&out, (NODE6, CLIENT6), (CLIENT6, 41003), (NODE6, NODE_PORT));
+        assert_eq!(h.counter(Counter::RepliesFromPod), 5);
 
         // Left to the stack: the replies of the flow it routes, the pod's other traffic, and
         // the replies of a flow that is over.
         let rst = from_pod(FrameSpec::tcp((LOCAL_POD, 50000), (CLIENT, 41001), RST));
+        let stack_flow = FrameSpec::tcp((CLIENT, 41000), (LOCAL_POD, 50000), SYN).build();
         for other in [
+            with_pod_macs(icmp_error(LOCAL_POD, CLIENT, 3, 3, &stack_flow)),
             from_pod(FrameSpec::tcp(
                 (LOCAL_POD, 50000),
                 (CLIENT, 41000),
@@ -656,7 +678,7 @@ fn replies_of_flows_sent_to_a_pod(mode: RedirectToPods) {
             (TC_ACT_UNSPEC, rst),
             "a flow that is over"
         );
-        assert_eq!(h.counter(Counter::RepliesFromPod), 4);
+        assert_eq!(h.counter(Counter::RepliesFromPod), 6);
     });
 }
 
