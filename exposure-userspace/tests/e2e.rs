@@ -1938,6 +1938,16 @@ fn redirect_to_pods_serves_local_pods(flags: &[&str], pod_gro: bool) {
     assert!(c.agents[0]
         .log_text()
         .contains("pod interfaces for redirect"));
+    // Large answers sent back from the pods' interfaces: a TCP stream leaves a pod as GSO,
+    // checksum-partial packets; a 60,000-byte datagram as 41 fragments.
+    let replies_before = agent_counter(&c, "replies_from_pod_redirected");
+    for _ in 0..4 {
+        apps::tcp_fetch_bulk(&c.lab.client, c.node(0, 30700), 4 << 20).expect("a TCP stream");
+        let mut s = UdpSession::connect(&c.lab.client, c.node(0, 30700)).unwrap();
+        let answer = s.ask_big(60_000).expect("a 60,000-byte datagram");
+        assert!(parse_answer(&answer).is_some(), "{answer}");
+    }
+    assert!(agent_counter(&c, "replies_from_pod_redirected") >= replies_before + 41.0);
     // A bridge the prefix also names is left out, and said so: no redirect delivers through one.
     c.lab.nodes[0].ns.ip("link add vpbr0 type bridge").unwrap();
     c.eventually("a bridge named like a pod interface reported", || {
