@@ -225,6 +225,11 @@ struct PacketCosts {
     other_egress_tc: f64,
     /// A tc program that returns `TC_ACT_OK`, on the same reply (tc's own floor: an skb per run).
     tc_floor: f64,
+    /// The redirect modes' program on a pod's interface: a redirected flow's reply, sent on to the
+    /// client's interface (translated there at tc egress, as `reply_tc`).
+    reply_from_pod: f64,
+    /// The same program on any other packet a pod sends (what the redirect modes add to it).
+    other_pod_egress: f64,
     /// An established IPv6 flow.
     established6: f64,
 }
@@ -276,6 +281,15 @@ fn xdp_out(dp: &mut exposure::datapath::Datapath, frame: &[u8]) -> Vec<u8> {
 }
 
 fn tc_ns(dp: &mut exposure::datapath::Datapath, frame: &[u8], repeat: u32) -> (u32, f64) {
+    tc_program_ns(dp, exposure::datapath::TC_PROGRAM, frame, repeat)
+}
+
+fn tc_program_ns(
+    dp: &mut exposure::datapath::Datapath,
+    program: &str,
+    frame: &[u8],
+    repeat: u32,
+) -> (u32, f64) {
     use aya::programs::{TestRun, TestRunOptions};
     let mut out = vec![0u8; frame.len() + 256];
     let opts = TestRunOptions {
@@ -285,7 +299,7 @@ fn tc_ns(dp: &mut exposure::datapath::Datapath, frame: &[u8], repeat: u32) -> (u
         ..Default::default()
     };
     let r = dp
-        .tc()
+        .tc_program(program)
         .unwrap()
         .test_run(opts)
         .expect("BPF_PROG_TEST_RUN (tc)");
@@ -569,6 +583,18 @@ fn packet_costs(services: usize, backends: usize, repeat: u32) -> PacketCosts {
         let other_egress = frame((node, 22), (client, 40009));
         let (verdict, other_egress_tc) = tc_ns(&mut dp, &other_egress, repeat);
         assert_eq!(verdict as i32, -1, "TC_ACT_UNSPEC: not a reply");
+        // The same reply from a pod whose flow was sent to it (redirect modes), and any other
+        // packet from the pod.
+        let (key, mut reply) = reply_to(client, 40002, false);
+        reply.flags |= exposure_common::FLOW_TO_POD;
+        maps.insert_reply(&key, &reply).unwrap();
+        let from_pod = exposure::datapath::TC_FROM_POD_PROGRAM;
+        let pod_reply = frame((backend, 8080), (client, 40002));
+        let (verdict, reply_from_pod) = tc_program_ns(&mut dp, from_pod, &pod_reply, repeat);
+        assert_eq!(verdict, 7, "TC_ACT_REDIRECT to the client's interface");
+        let pod_other = frame((backend, 40000), (client, 443));
+        let (verdict, other_pod_egress) = tc_program_ns(&mut dp, from_pod, &pod_other, repeat);
+        assert_eq!(verdict as i32, -1, "TC_ACT_UNSPEC: not a reply");
         let tc_floor_prog = exposure_lab::xdp_pass::load_tc_ok().unwrap();
         let (verdict, tc_floor) =
             exposure_lab::xdp_pass::test_run(&tc_floor_prog, &local_reply, repeat).unwrap();
@@ -678,6 +704,8 @@ fn packet_costs(services: usize, backends: usize, repeat: u32) -> PacketCosts {
             reply_tc,
             other_egress_tc,
             tc_floor: tc_floor as f64,
+            reply_from_pod,
+            other_pod_egress,
             established6,
         }
     })
@@ -750,8 +778,8 @@ fn main() {
             .unwrap_or(200_000);
         let c = packet_costs(services, b.parse().unwrap_or(1).max(1), repeat);
         eprintln!(
-            "floor {:.0} one lookup {:.0} non-service {:.0} established {:.0} (IPv6 {:.0}) reply xdp {:.0} reply tc {:.0} (other egress {:.0}, tc floor {:.0}) new flow {:.0} (remote {:.0}; two inserts {:.0}) ns; tables full: new flow {:.0}, two inserts {:.0} ns",
-            c.floor, c.one_lookup, c.non_service, c.established, c.established6, c.reply_xdp, c.reply_tc, c.other_egress_tc, c.tc_floor, c.new_flow, c.new_flow_remote, c.two_inserts, c.new_flow_full, c.two_inserts_full
+            "floor {:.0} one lookup {:.0} non-service {:.0} established {:.0} (IPv6 {:.0}) reply xdp {:.0} reply tc {:.0} (other egress {:.0}, tc floor {:.0}) from pod: reply {:.0}, other {:.0}; new flow {:.0} (remote {:.0}; two inserts {:.0}) ns; tables full: new flow {:.0}, two inserts {:.0} ns",
+            c.floor, c.one_lookup, c.non_service, c.established, c.established6, c.reply_xdp, c.reply_tc, c.other_egress_tc, c.tc_floor, c.reply_from_pod, c.other_pod_egress, c.new_flow, c.new_flow_remote, c.two_inserts, c.new_flow_full, c.two_inserts_full
         );
         return;
     }
@@ -857,6 +885,7 @@ fn main() {
     let mut per_packet = Vec::new();
     let mut relative = Vec::new();
     let mut new_flows = Vec::new();
+    let mut from_pods = Vec::new();
     for &n in service_counts {
         eprintln!("datapath: {n} Services ...");
         let c = packet_costs(n, 1, repeat);
@@ -903,6 +932,14 @@ fn main() {
             c.new_flow_full,
             c.new_flow_full - c.two_inserts_full,
         ));
+        from_pods.push(format!(
+            "| {} | {:.0} ns | {:.0} ns | {:.0} ns | {:.0} ns |",
+            c.services,
+            c.tc_floor,
+            c.reply_from_pod,
+            c.reply_from_pod + c.reply_tc,
+            c.other_pod_egress,
+        ));
     }
     let (lookup_x, est_x) = relative
         .iter()
@@ -927,6 +964,18 @@ fn main() {
     let _ = writeln!(report, "| Services | floor (single runs) | two inserts | new flow | two inserts, tables full | new flow, tables full | new flow − two inserts, full |");
     let _ = writeln!(report, "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for row in &new_flows {
+        let _ = writeln!(report, "{row}");
+    }
+    let _ = writeln!(report, "\nThe redirect modes' program on the pods' interfaces (tc ingress), run the same way: a reply of a");
+    let _ = writeln!(report, "flow sent to its pod, sent on to the interface its client's packets came in on (where tc egress then");
+    let _ = writeln!(report, "translates it: *with tc egress* adds the reply at tc above), and any other packet a pod sends (what");
+    let _ = writeln!(report, "the redirect modes add to it).\n");
+    let _ = writeln!(
+        report,
+        "| Services | tc floor | reply from a pod | with tc egress | other packet from a pod |"
+    );
+    let _ = writeln!(report, "| ---: | ---: | ---: | ---: | ---: |");
+    for row in &from_pods {
         let _ = writeln!(report, "{row}");
     }
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/results");
