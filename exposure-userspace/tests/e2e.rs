@@ -2038,6 +2038,64 @@ fn redirect_to_pods_serves_local_pods(flags: &[&str], pod_gro: bool) {
 }
 
 #[test]
+fn redirected_ipv6_flows_and_their_replies_pass_a_masquerading_node() {
+    use exposure_lab::lab::CLIENT_IP6;
+    // IPv6 pods on node-1 behind an IPv6 masquerade of their egress (as a dual-stack CNI sets
+    // it up): redirected flows' replies must go back past it, as in IPv4.
+    let c = Cluster::start_with(
+        &[2, 1],
+        &[("hello.yaml", hello_dual_stack(&[2, 1]))],
+        &["--redirect-to-pods", "vp"],
+    );
+    let node = &c.lab.nodes[0].ns;
+    for rule in [
+        "-t nat -A POSTROUTING -s 2001:2:0:1::/64 ! -d 2001:2:0:1::/64 -j MASQUERADE",
+        "-A FORWARD -i vp+ -m comment --comment from-pods",
+    ] {
+        let args: Vec<&str> = std::iter::once("-w").chain(rule.split(' ')).collect();
+        node.exec("ip6tables", &args).expect("an ip6tables rule");
+    }
+    let forwarded_back = || {
+        let out = node
+            .exec("ip6tables", &["-w", "-L", "FORWARD", "-v", "-x", "-n"])
+            .expect("ip6tables -L");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains("from-pods"))
+            .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+            .sum::<u64>()
+    };
+    let node6 = SocketAddr::from((c.lab.nodes[0].ip6, 30600));
+    let everyone = pods_named(&["pod-1-1", "pod-1-2", "pod-2-1"]);
+    // The first flows may go through the stack while the node learns the pods' neighbours.
+    c.eventually("IPv6 replies sent back from the pods' interfaces", || {
+        c.udp_spread(node6, 10);
+        agent_counter(&c, "replies_from_pod_redirected") >= 1.0
+    });
+    let (pods, seen) = c.tcp_spread(node6, 60);
+    assert_eq!(pods, everyone);
+    assert!(seen.contains(&IpAddr::V6(CLIENT_IP6)), "{seen:?}");
+    assert_eq!(c.udp_spread(node6, 40), everyone);
+    // A held connection to a local pod: its replies skip FORWARD (and the masquerade).
+    let mut held = (0..40)
+        .find_map(|_| {
+            let mut s = TcpSession::connect(&c.lab.client, node6).ok()?;
+            let pod = parse_answer(&s.ask("hi").ok()?)?.0.to_string();
+            pod.starts_with("pod-1-").then_some(s)
+        })
+        .expect("a connection to a local pod");
+    let (replies, back) = (
+        agent_counter(&c, "replies_from_pod_redirected"),
+        forwarded_back(),
+    );
+    for _ in 0..5 {
+        held.ask("redirected").expect("held connection answers");
+    }
+    assert!(agent_counter(&c, "replies_from_pod_redirected") >= replies + 5.0);
+    assert_eq!(forwarded_back(), back, "replies went through FORWARD");
+}
+
+#[test]
 fn icmp_errors_from_backends_reach_the_client() {
     let c = nolisten_cluster(&[]);
     for n in 0..2 {
