@@ -719,6 +719,18 @@ pub fn attached_interfaces(pin_dir: &Path) -> Vec<String> {
     names
 }
 
+/// The pod interfaces of this network namespace the replies program is attached to (by the pins
+/// under `pin_dir`), sorted.
+pub fn linked_pod_interfaces(pin_dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = pod_link_pins(pin_dir)
+        .into_iter()
+        .filter_map(|(_, ifindex)| nix::net::if_::if_indextoname(ifindex).ok())
+        .filter_map(|name| name.into_string().ok())
+        .collect();
+    names.sort();
+    names
+}
+
 fn node_socket_pin(pin_dir: &Path, program: &str) -> PathBuf {
     let hook = program.trim_start_matches("exposure_");
     pin_dir.join("links").join(format!("sock-{hook}"))

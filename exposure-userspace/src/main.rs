@@ -387,7 +387,10 @@ fn main() -> anyhow::Result<()> {
                     &snapshot,
                     maps.flow_count(),
                     &maps.counters()?,
-                    &datapath::attached_interfaces(&pin_dir)
+                    &status::Interfaces {
+                        node: datapath::attached_interfaces(&pin_dir),
+                        pods: datapath::linked_pod_interfaces(&pin_dir),
+                    }
                 )
             );
             Ok(())

@@ -68,12 +68,13 @@ fn rows(s: &Snapshot) -> Vec<FrontendRow> {
 }
 
 /// The same as [`render`], as one JSON object (for scripts): `frontends` (each with its
-/// `backends`), `service_ports`, `backends`, `flows`, every counter and the `interfaces`.
+/// `backends`), `service_ports`, `backends`, `flows`, every counter, the `interfaces` and the
+/// `pod_interfaces`.
 pub fn render_json(
     s: &Snapshot,
     flows: usize,
     counters: &[(Counter, u64)],
-    interfaces: &[String],
+    interfaces: &Interfaces,
 ) -> String {
     let frontends: Vec<serde_json::Value> = rows(s)
         .into_iter()
@@ -117,7 +118,8 @@ pub fn render_json(
         "backends": s.backends.len(),
         "flows": flows,
         "counters": counters,
-        "interfaces": interfaces,
+        "interfaces": interfaces.node,
+        "pod_interfaces": interfaces.pods,
     });
     format!("{out:#}\n")
 }
@@ -138,7 +140,7 @@ pub fn render(
     s: &Snapshot,
     flows: usize,
     counters: &[(Counter, u64)],
-    interfaces: &[String],
+    interfaces: &Interfaces,
 ) -> String {
     let rows: Vec<[String; 4]> = rows(s)
         .into_iter()
@@ -217,13 +219,28 @@ pub fn render(
     let _ = writeln!(
         out,
         "interfaces: {}",
-        if interfaces.is_empty() {
+        if interfaces.node.is_empty() {
             "none".to_string()
         } else {
-            interfaces.join(" ")
+            interfaces.node.join(" ")
         }
     );
+    if !interfaces.pods.is_empty() {
+        let _ = writeln!(
+            out,
+            "pod interfaces (replies sent back past the stack): {}",
+            interfaces.pods.join(" ")
+        );
+    }
     out
+}
+
+/// Where the programs are attached: the node's interfaces (XDP, tc), and the pods' interfaces
+/// whose replies go back past the stack (`--redirect-to-pods`, `--xdp-redirect-to-pods`).
+#[derive(Clone, Debug, Default)]
+pub struct Interfaces {
+    pub node: Vec<String>,
+    pub pods: Vec<String>,
 }
 
 #[cfg(test)]
@@ -295,7 +312,10 @@ mod tests {
             &maps.snapshot().unwrap(),
             3,
             &[(Counter::NewFlows, 3)],
-            &["eth0".into(), "mv1".into()],
+            &Interfaces {
+                node: vec!["eth0".into(), "mv1".into()],
+                pods: Vec::new(),
+            },
         );
         assert!(
             out.contains("198.18.0.10:30600/TCP                  NodePort"),
@@ -315,16 +335,35 @@ mod tests {
         );
         assert!(out.contains("new_flows=3"));
         assert!(out.ends_with("\ninterfaces: eth0 mv1\n"), "{out}");
+        let with_pods = render(
+            &maps.snapshot().unwrap(),
+            3,
+            &[],
+            &Interfaces {
+                node: vec!["eth0".into()],
+                pods: vec!["lxc1".into(), "lxc2".into()],
+            },
+        );
+        assert!(
+            with_pods.ends_with(
+                "\ninterfaces: eth0\npod interfaces (replies sent back past the stack): lxc1 lxc2\n"
+            ),
+            "{with_pods}"
+        );
 
         let json: serde_json::Value = serde_json::from_str(&render_json(
             &maps.snapshot().unwrap(),
             3,
             &[(Counter::NewFlows, 3), (Counter::NoBackend, 0)],
-            &["eth0".into()],
+            &Interfaces {
+                node: vec!["eth0".into()],
+                pods: vec!["lxc1".into()],
+            },
         ))
         .expect("JSON");
         assert_eq!(json["flows"], 3);
         assert_eq!(json["interfaces"], serde_json::json!(["eth0"]));
+        assert_eq!(json["pod_interfaces"], serde_json::json!(["lxc1"]));
         assert_eq!(json["service_ports"], 1);
         assert_eq!(json["backends"], 2);
         assert_eq!(json["counters"]["new_flows"], 3);
@@ -374,7 +413,7 @@ mod tests {
         };
         r.reconcile(&state, &mut maps);
         r.reconcile(&DesiredState::default(), &mut maps);
-        let out = render(&maps.snapshot().unwrap(), 1, &[], &[]);
+        let out = render(&maps.snapshot().unwrap(), 1, &[], &Interfaces::default());
         assert!(
             out.contains(
                 "198.18.0.10:30600/TCP  NodePort  -        (draining: its open connections only)"
@@ -385,8 +424,13 @@ mod tests {
             out.contains("1 frontends (1 draining), 0 service ports"),
             "{out}"
         );
-        let json: serde_json::Value =
-            serde_json::from_str(&render_json(&maps.snapshot().unwrap(), 1, &[], &[])).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&render_json(
+            &maps.snapshot().unwrap(),
+            1,
+            &[],
+            &Interfaces::default(),
+        ))
+        .unwrap();
         let fe = &json["frontends"][0];
         assert_eq!(
             (&fe["draining"], &fe["service"]),

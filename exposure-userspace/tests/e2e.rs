@@ -1987,9 +1987,22 @@ fn redirect_to_pods_serves_local_pods(flags: &[&str], pod_gro: bool) {
         forwarded_back,
         "replies went through FORWARD"
     );
-    // Each local pod's interface has the replies' program, pinned for the agent's restarts; a new
-    // pod's interface gets it, and a deleted one's pin goes.
+    // Each local pod's interface has the replies' program, pinned for the agent's restarts (and
+    // `exposure status` names them); a new pod's interface gets it, and a deleted one's pin goes.
     assert_eq!(pod_reply_links(&c, 0), 2);
+    let pin_dir = c.agents[0].pin_dir.display().to_string();
+    let status = node
+        .command(BIN)
+        .unwrap()
+        .args(["status", "--pin-dir", &pin_dir, "-o", "json"])
+        .output()
+        .unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(
+        status["pod_interfaces"],
+        serde_json::json!(["vp1", "vp2"]),
+        "{status}"
+    );
     node.ip("link add vp9 type veth peer name other9").unwrap();
     c.eventually("a new pod interface gets the replies' program", || {
         pod_reply_links(&c, 0) == 3
