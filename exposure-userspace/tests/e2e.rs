@@ -986,16 +986,7 @@ fn auto_attaches_to_the_nodes_networks_and_follows_new_ones() {
     c.agent_flags = vec!["--iface".into(), "auto".into()];
     c.start_agent(0);
     assert_eq!(with_xdp(&ns), ifaces(&["mv1"]));
-    let pin_dir = c.agents[0].pin_dir.display().to_string();
-    // In the node's namespace (where the interfaces are), with the pins in sight.
-    let status = c.lab.nodes[0]
-        .ns
-        .command(BIN)
-        .unwrap()
-        .args(["status", "--pin-dir", &pin_dir, "-o", "json"])
-        .output()
-        .unwrap();
-    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let status = status_json(&c, 0);
     assert_eq!(status["interfaces"], serde_json::json!(["mv1"]), "{status}");
     assert!(c.agents[0]
         .log_text()
@@ -1816,13 +1807,15 @@ fn agent_counter(c: &Cluster, event: &str) -> f64 {
 /// Packets that node-1's rules in `table`/`chain` whose listing line contains `matching` have
 /// counted so far.
 fn rule_packets(c: &Cluster, table: &str, chain: &str, matching: &str) -> u64 {
+    rule_packets_of(c, "iptables", table, chain, matching)
+}
+
+/// [`rule_packets`] of `tool`'s rules (`iptables`, `ip6tables`).
+fn rule_packets_of(c: &Cluster, tool: &str, table: &str, chain: &str, matching: &str) -> u64 {
     let out = c.lab.nodes[0]
         .ns
-        .exec(
-            "iptables",
-            &["-w", "-t", table, "-L", chain, "-v", "-x", "-n"],
-        )
-        .expect("iptables -L");
+        .exec(tool, &["-w", "-t", table, "-L", chain, "-v", "-x", "-n"])
+        .unwrap_or_else(|e| panic!("{tool} -L: {e:#}"));
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter(|l| l.contains(matching))
@@ -1838,6 +1831,20 @@ fn forwarded_to_pods(c: &Cluster) -> u64 {
 /// Packets node-1's netfilter forwarded from its pods' veths so far.
 fn forwarded_from_pods(c: &Cluster) -> u64 {
     rule_packets(c, "filter", "FORWARD", "from-pods")
+}
+
+/// `exposure status -o json` of node `n`'s agent, run in the node's namespace (where the
+/// interfaces are), with the pins in sight.
+fn status_json(c: &Cluster, n: usize) -> serde_json::Value {
+    let pin_dir = c.agents[n].pin_dir.display().to_string();
+    let out = c.lab.nodes[n]
+        .ns
+        .command(BIN)
+        .unwrap()
+        .args(["status", "--pin-dir", &pin_dir, "-o", "json"])
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout).expect("status JSON")
 }
 
 /// The pinned links of the pod replies' program under agent `n`'s pin directory.
@@ -1990,14 +1997,7 @@ fn redirect_to_pods_serves_local_pods(flags: &[&str], pod_gro: bool) {
     // Each local pod's interface has the replies' program, pinned for the agent's restarts (and
     // `exposure status` names them); a new pod's interface gets it, and a deleted one's pin goes.
     assert_eq!(pod_reply_links(&c, 0), 2);
-    let pin_dir = c.agents[0].pin_dir.display().to_string();
-    let status = node
-        .command(BIN)
-        .unwrap()
-        .args(["status", "--pin-dir", &pin_dir, "-o", "json"])
-        .output()
-        .unwrap();
-    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let status = status_json(&c, 0);
     assert_eq!(
         status["pod_interfaces"],
         serde_json::json!(["vp1", "vp2"]),
@@ -2068,16 +2068,7 @@ fn redirected_ipv6_flows_and_their_replies_pass_a_masquerading_node() {
         let args: Vec<&str> = std::iter::once("-w").chain(rule.split(' ')).collect();
         node.exec("ip6tables", &args).expect("an ip6tables rule");
     }
-    let forwarded_back = || {
-        let out = node
-            .exec("ip6tables", &["-w", "-L", "FORWARD", "-v", "-x", "-n"])
-            .expect("ip6tables -L");
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter(|l| l.contains("from-pods"))
-            .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
-            .sum::<u64>()
-    };
+    let forwarded_back = || rule_packets_of(&c, "ip6tables", "filter", "FORWARD", "from-pods");
     let node6 = SocketAddr::from((c.lab.nodes[0].ip6, 30600));
     let everyone = pods_named(&["pod-1-1", "pod-1-2", "pod-2-1"]);
     // The first flows may go through the stack while the node learns the pods' neighbours.
