@@ -76,11 +76,12 @@ pub mod names {
     pub const AFFINITY: &str = "AFFINITY";
     pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
     pub const POD_IFACES: &str = "POD_IFACES";
+    pub const GENERIC_XDP_IFACES: &str = "GENERIC_XDP_IFACES";
     pub const FRONTEND_PORTS: &str = "FRONTEND_PORTS";
     pub const SOCKET_PEERS: &str = "SOCKET_PEERS";
     /// Not pinned: filled at each start from `--socket-namespaces`.
     pub const SOCKET_NETNS: &str = "SOCKET_NETNS";
-    pub const ALL: [&str; 18] = [
+    pub const ALL: [&str; 19] = [
         FRONTENDS4,
         FRONTENDS6,
         SERVICES,
@@ -97,6 +98,7 @@ pub mod names {
         AFFINITY,
         SOURCE_RANGES,
         POD_IFACES,
+        GENERIC_XDP_IFACES,
         FRONTEND_PORTS,
         SOCKET_PEERS,
     ];
@@ -226,6 +228,8 @@ pub const SERVICE_IN_USE: u32 = 1 << 31;
 pub const MAX_SOURCE_RANGES: u32 = 65_536;
 /// Pod interfaces XDP may redirect to (`POD_IFACES`).
 pub const MAX_POD_IFACES: u32 = 4_096;
+/// Interfaces whose XDP program runs in generic mode (`GENERIC_XDP_IFACES`).
+pub const MAX_GENERIC_XDP_IFACES: u32 = 256;
 
 /// `loadBalancerSourceRanges` entry data, after the LPM prefix length: the service id (always wholly
 /// inside the prefix) then the source address in wire order, so a prefix is a network prefix.

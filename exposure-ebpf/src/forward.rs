@@ -11,7 +11,10 @@ use aya_ebpf::{
 
 use exposure_common::{Addr, Counter, Flow, PodHandoff, POD_HANDOFF_MAGIC};
 
-use crate::maps::{count, NEIGH_MISSES};
+use crate::{
+    maps::{count, NEIGH_MISSES},
+    parse::ETH_LEN,
+};
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
@@ -103,6 +106,18 @@ pub fn mtu_exceeded(ctx: &XdpContext, ifindex: u32) -> Option<u32> {
     let mut mtu = 0u32;
     let rc = unsafe { bpf_check_mtu(ctx.as_ptr(), ifindex, &mut mtu, 0, 0) };
     (rc == MTU_CHK_RET_FRAG_NEEDED).then_some(mtu)
+}
+
+/// Whether the frame is longer than interface `ifindex` takes. Only an skb's GSO packet is (generic
+/// XDP sees GRO's merged packets and a local sender's GSO ones), which the kernel's generic
+/// redirect drops and its forwarding segments. A frame of Ethernet's usual size asks nothing.
+#[inline(always)]
+pub fn longer_than_mtu(ctx: &XdpContext, ifindex: u32) -> bool {
+    if ctx.data_end() - ctx.data() <= ETH_LEN + 1500 {
+        return false;
+    }
+    let mut mtu = 0u32;
+    unsafe { bpf_check_mtu(ctx.as_ptr(), ifindex, &mut mtu, 0, 0) == MTU_CHK_RET_FRAG_NEEDED }
 }
 
 /// Whether every frame that interface `ifindex` may send fits interface `to` (its MTU is at least

@@ -28,7 +28,7 @@ use aya_log_ebpf::{debug, warn};
 use exposure_common::*;
 
 use crate::{
-    forward::{fib_query, hand_to_tc, mtu_exceeded, mtu_fits, next_hop, transmit},
+    forward::{fib_query, hand_to_tc, longer_than_mtu, mtu_exceeded, mtu_fits, next_hop, transmit},
     host::host_connection,
     maps::*,
     nat::{rewrite, set_macs, Leaves, Tuple},
@@ -684,8 +684,12 @@ fn translate_to_backend(ctx: &XdpContext, p: &Packet, flow: &Flow) -> Result<u32
             sport: p.sport,
             dport: flow.backend_port,
         };
-        // Redirected from XDP into the pod, or handed to the kernel (also for the tc redirect).
-        let leaves = if flow.flags & FLOW_TO_POD != 0 && !redirect_at_tc() {
+        // Redirected from XDP into the pod, or handed to the kernel (also for the tc redirect,
+        // and a GSO packet, which only the kernel's forwarding takes whole).
+        let from_xdp = flow.flags & FLOW_TO_POD != 0
+            && !redirect_at_tc()
+            && !longer_than_mtu(ctx, flow.ifindex);
+        let leaves = if from_xdp {
             Leaves::FromXdp
         } else {
             Leaves::ToKernel
@@ -699,6 +703,9 @@ fn translate_to_backend(ctx: &XdpContext, p: &Packet, flow: &Flow) -> Result<u32
                 if POD_IFACES.get_ifindex(flow.ifindex).is_some() && hand_to_tc(ctx, flow).is_ok() {
                     set_macs(ctx, &flow.dmac, &flow.smac)?;
                 }
+                return Ok(xdp_action::XDP_PASS);
+            }
+            if !from_xdp {
                 return Ok(xdp_action::XDP_PASS);
             }
             if let Ok(action) = POD_IFACES.redirect(flow.ifindex, xdp_action::XDP_PASS as u64) {

@@ -7,7 +7,7 @@ use exposure_common::{
     Addr, PROTO_TCP,
 };
 
-use crate::parse::*;
+use crate::{maps::GENERIC_XDP_IFACES, parse::*};
 
 /// The 4-tuple a packet should carry after translation (same family as the packet). Addresses by
 /// reference, usually into a map value: copies would cost stack, of which BPF has 512 bytes.
@@ -34,7 +34,8 @@ fn store<T>(p: *mut T, v: T) {
 pub enum Leaves {
     /// To the kernel (XDP_PASS): its skb, and whatever the sender left to a device, go on.
     ToKernel,
-    /// Sent from XDP (XDP_TX, XDP_REDIRECT): a bare frame, whose checksums must be whole.
+    /// Sent from XDP (XDP_TX, XDP_REDIRECT): a bare frame, whose checksums must be whole (but
+    /// in generic mode, where the skb goes on).
     FromXdp,
 }
 
@@ -44,8 +45,9 @@ pub enum Leaves {
 ///
 /// A sender on this host that offloads its checksum (through a veth: a node in a container, as
 /// with kind, reached from its host) leaves only the pseudo-header's sum in the field, which a
-/// device completes. Such a sum gets the new addresses' for the kernel, and is made a whole
-/// checksum (the segment summed) for a frame sent from XDP.
+/// device completes; so does GRO, for the packets it merges. Such a sum gets the new addresses'
+/// while an skb goes on (to the kernel, or anywhere from generic XDP), and is made a whole
+/// checksum (the segment summed) for a bare frame sent from XDP.
 #[inline(never)]
 pub fn rewrite(ctx: &XdpContext, p: &Packet, to: &Tuple<'_>, leaves: Leaves) -> Result<(), ()> {
     let ctx = &own_ctx(ctx);
@@ -87,17 +89,8 @@ pub fn rewrite(ctx: &XdpContext, p: &Packet, to: &Tuple<'_>, leaves: Leaves) -> 
     let port_changes = Delta::default()
         .port(p.sport, to.sport)
         .port(p.dport, to.dport);
-    let c = match partial_sum(ctx, p, c) {
-        // The kernel keeps the skb and what it knows: the device completes the checksum.
-        Some(_) if leaves == Leaves::ToKernel => addrs.apply_partial(c),
-        Some(segment) => {
-            let pseudo = pseudo_header(p, to.saddr, to.daddr);
-            match complete(segment, c, port_changes, pseudo) {
-                0 if p.proto != PROTO_TCP => 0xffff,
-                full => full,
-            }
-        }
-        None => {
+    let c = match checksum_kind(ctx, p, c) {
+        Checksum::Whole => {
             let l4 = addrs.with(port_changes);
             if p.proto == PROTO_TCP {
                 l4.apply(c)
@@ -105,6 +98,17 @@ pub fn rewrite(ctx: &XdpContext, p: &Packet, to: &Tuple<'_>, leaves: Leaves) -> 
                 l4.apply_udp(c)
             }
         }
+        // A bare frame from XDP: no device will complete it.
+        Checksum::Partial(Some(segment)) if leaves == Leaves::FromXdp && !on_skb(ctx) => {
+            let pseudo = pseudo_header(p, to.saddr, to.daddr);
+            match complete(segment, c, port_changes, pseudo) {
+                0 if p.proto != PROTO_TCP => 0xffff,
+                full => full,
+            }
+        }
+        // The skb goes on, whatever the verdict, and with it what the kernel knows: the device
+        // (or the kernel, at segmentation) completes the checksum.
+        Checksum::Partial(_) => addrs.apply_partial(c),
     };
     store(l4_check, c);
     store(ports, [to.sport, to.dport]);
@@ -127,7 +131,8 @@ fn pseudo_header(p: &Packet, saddr: &Addr, daddr: &Addr) -> u16 {
     }
 }
 
-/// The longest segment whose partial checksum is completed (a 9,000-byte jumbo frame's).
+/// The longest segment whose partial checksum is completed (a 9,000-byte jumbo frame's); longer
+/// ones come only with an skb.
 const SEGMENT_MAX: usize = CHUNKS * CHUNK + 255;
 const CHUNK: usize = 256;
 const CHUNKS: usize = 36;
@@ -137,18 +142,40 @@ const HEADERS_MAX: usize = 1024;
 const OFFSET_MASK: usize = 0x3fff;
 const _: () = assert!(HEADERS_MAX + SEGMENT_MAX <= OFFSET_MASK);
 
-/// The one's-complement sum of the packet's segment (checksum field `check` included) when `check`
-/// is a sender's partial sum ([`is_partial`]); `None` for a whole checksum, the usual case, which
-/// costs one comparison.
+/// What a packet's TCP/UDP checksum field holds.
+enum Checksum {
+    /// A whole checksum: the usual case.
+    Whole,
+    /// A sender's partial sum ([`is_partial`]), which a device completes, with the one's-complement
+    /// sum of the segment (field included) when it was summed.
+    Partial(Option<u32>),
+}
+
+/// Whether `check` is a whole checksum or a partial sum; the usual whole one costs one comparison.
+/// A segment longer than [`SEGMENT_MAX`] is not summed: only an skb carries one that long (generic
+/// XDP sees GRO's merged packets and a local sender's GSO ones), and its field is partial then.
 #[inline(always)]
-fn partial_sum(ctx: &XdpContext, p: &Packet, check: u16) -> Option<u32> {
+fn checksum_kind(ctx: &XdpContext, p: &Packet, check: u16) -> Checksum {
     let pseudo = pseudo_header(p, &p.saddr, &p.daddr);
     if check != pseudo {
-        return None;
+        return Checksum::Whole;
     }
-    let segment = exposure_sum_segment(ctx.ctx, p.l4_off as u64, l4_len(p) as u64);
-    let segment = u32::try_from(segment).ok()?;
-    is_partial(check, pseudo, segment).then_some(segment)
+    let len = l4_len(p) as usize;
+    if len > SEGMENT_MAX {
+        return Checksum::Partial(None);
+    }
+    match u32::try_from(exposure_sum_segment(ctx.ctx, p.l4_off as u64, len as u64)) {
+        Ok(segment) if is_partial(check, pseudo, segment) => Checksum::Partial(Some(segment)),
+        _ => Checksum::Whole,
+    }
+}
+
+/// Whether this packet came in by an interface whose XDP runs on the kernel's skb (generic mode):
+/// then the skb goes on whatever the verdict, XDP_TX and XDP_REDIRECT included.
+#[inline(always)]
+fn on_skb(ctx: &XdpContext) -> bool {
+    let ifindex = ctx.ingress_ifindex() as u32;
+    unsafe { GENERIC_XDP_IFACES.get(&ifindex) }.is_some()
 }
 
 /// The one's-complement sum of `len` bytes at `off` (at most [`SEGMENT_MAX`]; `u64::MAX` when it

@@ -2,7 +2,7 @@
 //! and clients run on threads inside namespaces; every wait is bounded.
 
 use std::{
-    io::{BufRead as _, BufReader, Read as _, Write},
+    io::{BufRead as _, BufReader, Read, Write},
     net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -138,12 +138,24 @@ fn serve_conn(stream: TcpStream, peer: SocketAddr, ident: &str, stop: &AtomicBoo
         match reader.read_line(&mut line) {
             Ok(0) => return,
             Ok(_) => {
-                let written = match line.trim().strip_prefix("bulk ") {
-                    Some(n) => match n.parse::<usize>() {
+                let request = line.trim();
+                let written = if let Some(n) = request.strip_prefix("bulk ") {
+                    match n.parse::<usize>() {
                         Ok(n) if n <= BULK_MAX => write_bulk(&mut writer, n),
                         _ => return,
-                    },
-                    None => writer.write_all(answer(ident, peer).as_bytes()),
+                    }
+                } else if let Some(n) = request.strip_prefix("upload ") {
+                    match n.parse::<usize>() {
+                        Ok(n) if n <= BULK_MAX => match read_bulk(&mut reader, n) {
+                            Ok(verdict) => {
+                                writer.write_all(format!("{ident} {verdict}\n").as_bytes())
+                            }
+                            Err(_) => return,
+                        },
+                        _ => return,
+                    }
+                } else {
+                    writer.write_all(answer(ident, peer).as_bytes())
                 };
                 if written.is_err() {
                     return;
@@ -181,6 +193,51 @@ fn write_bulk(w: &mut impl Write, n: usize) -> std::io::Result<()> {
         sent += len;
     }
     Ok(())
+}
+
+/// Reads `n` bytes of the bulk pattern: "received N", or where the first wrong byte was.
+fn read_bulk(r: &mut impl Read, n: usize) -> std::io::Result<String> {
+    let mut buf = vec![0u8; 64 << 10];
+    let mut got = 0;
+    let mut wrong = None;
+    while got < n {
+        let len = buf.len().min(n - got);
+        let read = r.read(&mut buf[..len])?;
+        if read == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        if wrong.is_none() {
+            wrong = (0..read)
+                .find(|&j| buf[j] != bulk_byte(got + j))
+                .map(|j| got + j);
+        }
+        got += read;
+    }
+    Ok(match wrong {
+        Some(at) => format!("byte {at} is wrong"),
+        None => format!("received {n}"),
+    })
+}
+
+/// Sends a [`serve`] server `bytes` bytes on a fresh connection, which it checks one by one;
+/// returns the server's name. Large requests leave a client that offloads as GSO packets with
+/// partial checksums.
+pub fn tcp_send_bulk(ns: &Netns, to: SocketAddr, bytes: usize) -> anyhow::Result<String> {
+    anyhow::ensure!(bytes <= BULK_MAX, "at most {BULK_MAX} bytes");
+    let mut session = TcpSession::connect(ns, to)?;
+    session
+        .writer
+        .write_all(format!("upload {bytes}\n").as_bytes())?;
+    write_bulk(&mut session.writer, bytes).with_context(|| format!("sending {bytes} bytes"))?;
+    let mut verdict = String::new();
+    session
+        .reader
+        .read_line(&mut verdict)
+        .context("reading the server's verdict")?;
+    match verdict.trim().split_once(' ') {
+        Some((server, said)) if said == format!("received {bytes}") => Ok(server.to_string()),
+        _ => anyhow::bail!("the server says: {verdict:?}"),
+    }
 }
 
 /// Asks a [`serve`] server for `bytes` bytes on a fresh connection and checks every one of them:

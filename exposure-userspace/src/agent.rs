@@ -284,6 +284,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         &mut attach_failed,
         &found,
     );
+    unmark_detached(&mut dp, &attached);
     match &cfg.node_sockets {
         Some(sockets) => {
             let cgroup = match &sockets.cgroup {
@@ -810,6 +811,7 @@ fn attach_to_new_interfaces(
                 tracing::info!(iface = iface.name, "{why}");
                 attached.insert(iface.name.clone(), iface.index);
                 failed.remove(&(iface.name.clone(), iface.index));
+                unmark_detached(dp, attached);
             }
             Err(e) => {
                 if failed.insert((iface.name.clone(), iface.index)) {
@@ -821,6 +823,15 @@ fn attach_to_new_interfaces(
                 }
             }
         }
+    }
+}
+
+/// Keeps `GENERIC_XDP_IFACES` to the interfaces attached now (`attached`: name -> ifindex): an
+/// interface that is gone, or no longer selected, leaves it.
+fn unmark_detached(dp: &mut Datapath, attached: &HashMap<String, u32>) {
+    let now: std::collections::BTreeSet<u32> = attached.values().copied().collect();
+    if let Err(e) = dp.unmark_generic_xdp_except(&now) {
+        tracing::warn!(error = %format!("{e:#}"), "cannot update GENERIC_XDP_IFACES");
     }
 }
 

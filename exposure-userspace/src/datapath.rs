@@ -283,6 +283,7 @@ fn expected_layout(name: &str) -> Option<(u32, u32, u32)> {
         names::FRONTEND_STATS => sz(4, size_of::<Traffic>()),
         // Key and `struct bpf_devmap_val` (ifindex, program).
         names::POD_IFACES => with_flags(4, 8, BPF_F_RDONLY_PROG),
+        names::GENERIC_XDP_IFACES => sz(4, 1),
         names::FRONTEND_PORTS => sz(4, 8),
         names::SOCKET_PEERS => sz(
             size_of::<exposure_common::SocketPeerKey>(),
@@ -488,13 +489,18 @@ impl Datapath {
             Err(e) if is_not_found(&e) => false,
             Err(e) => return Err(e).context("opening the pinned XDP link"),
         };
-        if !replaced {
+        let ifindex =
+            nix::net::if_::if_nametoindex(iface).with_context(|| format!("interface {iface}"))?;
+        if replaced {
+            // The earlier run's link keeps the mode that run attached it in.
+            let generic = crate::netdev::has_generic_xdp(ifindex)?;
+            self.mark_generic_xdp(ifindex, generic)?;
+        } else {
             // Missing, or left behind by an interface that no longer exists.
             let _ = std::fs::remove_file(&xdp_pin);
-            let id = xdp
-                .attach(iface, mode)
-                .with_context(|| format!("attaching XDP to {iface}"))?;
-            let link: FdLink = xdp
+            let id = self.attach_xdp(iface, ifindex, mode)?;
+            let link: FdLink = self
+                .xdp()?
                 .take_link(id)?
                 .try_into()
                 .context("XDP link is not a bpf_link")?;
@@ -511,6 +517,90 @@ impl Datapath {
         }
         tracing::info!(iface, "datapath attached (XDP ingress, tc egress)");
         Ok(())
+    }
+
+    /// Attaches XDP to `iface` in `mode`; `Default` is native XDP, else generic where the driver has
+    /// none or refuses it (an MTU too large for its XDP, as ENA's 9001 on AWS; offloads a virtio
+    /// host will not turn off), as libxdp falls back. The interface is marked in
+    /// `GENERIC_XDP_IFACES` before its program sees a packet.
+    fn attach_xdp(
+        &mut self,
+        iface: &str,
+        ifindex: u32,
+        mode: XdpMode,
+    ) -> anyhow::Result<aya::programs::xdp::XdpLinkId> {
+        let native_refused = if mode == XdpMode::Skb {
+            None
+        } else {
+            self.mark_generic_xdp(ifindex, false)?;
+            let native = if mode == XdpMode::Default {
+                XdpMode::Driver
+            } else {
+                mode
+            };
+            match self.xdp()?.attach(iface, native) {
+                Ok(id) => return Ok(id),
+                Err(e) if mode == XdpMode::Default => Some(anyhow::Error::from(e)),
+                Err(e) => return Err(e).with_context(|| format!("attaching XDP to {iface}")),
+            }
+        };
+        self.mark_generic_xdp(ifindex, true)?;
+        let id =
+            self.xdp()?
+                .attach(iface, XdpMode::Skb)
+                .with_context(|| match &native_refused {
+                    Some(native) => {
+                        format!("attaching XDP to {iface} (native: {native:#}; generic)")
+                    }
+                    None => format!("attaching XDP to {iface}"),
+                })?;
+        if let Some(native) = native_refused {
+            tracing::warn!(
+                iface,
+                native = %format!("{native:#}"),
+                "native XDP unavailable here: attached in generic mode, which costs more per packet"
+            );
+        }
+        Ok(id)
+    }
+
+    /// Marks interface `ifindex` in `GENERIC_XDP_IFACES` as running generic XDP, or not.
+    fn mark_generic_xdp(&mut self, ifindex: u32, generic: bool) -> anyhow::Result<()> {
+        let mut marked = self.generic_xdp_ifaces()?;
+        if generic {
+            marked.insert(ifindex, 1, 0)
+        } else {
+            already_gone(marked.remove(&ifindex))
+        }
+        .with_context(|| format!("GENERIC_XDP_IFACES[{ifindex}]"))
+    }
+
+    /// Unmarks in `GENERIC_XDP_IFACES` every interface but those in `attached` (ifindexes).
+    pub fn unmark_generic_xdp_except(
+        &mut self,
+        attached: &std::collections::BTreeSet<u32>,
+    ) -> anyhow::Result<()> {
+        let mut marked = self.generic_xdp_ifaces()?;
+        let gone: Vec<u32> = marked
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|i| !attached.contains(i))
+            .collect();
+        for ifindex in gone {
+            already_gone(marked.remove(&ifindex))
+                .with_context(|| format!("GENERIC_XDP_IFACES[{ifindex}]"))?;
+        }
+        Ok(())
+    }
+
+    fn generic_xdp_ifaces(
+        &mut self,
+    ) -> anyhow::Result<aya::maps::HashMap<&mut aya::maps::MapData, u32, u8>> {
+        let map = self
+            .ebpf
+            .map_mut(names::GENERIC_XDP_IFACES)
+            .context("no GENERIC_XDP_IFACES map")?;
+        Ok(aya::maps::HashMap::try_from(map)?)
     }
 
     /// The replies program ([`TC_FROM_POD_PROGRAM`]) at tc ingress of each pod interface in `pods`
@@ -714,6 +804,25 @@ pub fn attached_interfaces(pin_dir: &Path) -> Vec<String> {
         })
         .map(|(_, ifaces)| ifaces[0].clone())
         .filter(|name| nix::net::if_::if_nametoindex(name.as_str()).is_ok())
+        .collect();
+    names.sort();
+    names
+}
+
+/// The interfaces of this network namespace marked as running generic XDP (`GENERIC_XDP_IFACES`),
+/// sorted; none when the map cannot be read.
+pub fn generic_xdp_interfaces(pin_dir: &Path) -> Vec<String> {
+    let Ok(map) = open_map(pin_dir, names::GENERIC_XDP_IFACES) else {
+        return Vec::new();
+    };
+    let Ok(map) = aya::maps::HashMap::<_, u32, u8>::try_from(Map::HashMap(map)) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = map
+        .keys()
+        .filter_map(Result::ok)
+        .filter_map(|ifindex| nix::net::if_::if_indextoname(ifindex).ok())
+        .filter_map(|name| name.into_string().ok())
         .collect();
     names.sort();
     names
@@ -1420,9 +1529,15 @@ fn count_entries<K: aya::Pod, V: aya::Pod>(map: &aya::maps::HashMap<MapData, K, 
 }
 
 /// A removal whose key is already gone (e.g. evicted, or removed by an earlier failed sync) is done.
+/// (aya reports a hash map's missing key on removal as the syscall's ENOENT.)
 fn already_gone(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
     match r {
         Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
         other => other,
     }
 }

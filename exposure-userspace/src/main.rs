@@ -389,6 +389,7 @@ fn main() -> anyhow::Result<()> {
                     &maps.counters()?,
                     &status::Interfaces {
                         node: datapath::attached_interfaces(&pin_dir),
+                        generic_xdp: datapath::generic_xdp_interfaces(&pin_dir),
                         pods: datapath::linked_pod_interfaces(&pin_dir),
                     }
                 )

@@ -326,6 +326,8 @@ pub struct Link {
     pub global_addr: bool,
     /// Carries a default route (IPv4 or IPv6).
     pub default_route: bool,
+    /// Has an XDP program in generic mode, on the kernel's skb (`IFLA_XDP_ATTACHED`).
+    pub generic_xdp: bool,
 }
 
 impl Link {
@@ -354,6 +356,13 @@ pub fn links(addrs: &[(String, IpAddr)]) -> anyhow::Result<Vec<Link>> {
         link.default_route = defaults.contains(&link.name);
     }
     Ok(links)
+}
+
+/// Whether interface `ifindex` has an XDP program in generic mode (one attached by an earlier run,
+/// whose mode this run did not choose).
+pub fn has_generic_xdp(ifindex: u32) -> anyhow::Result<bool> {
+    let links = rtnetlink_links().context("listing interfaces (RTM_GETLINK)")?;
+    Ok(links.iter().any(|l| l.index == ifindex && l.generic_xdp))
 }
 
 /// An address clients may reach the node on (Go's `IsGlobalUnicast`, which Cilium's detection
@@ -454,6 +463,9 @@ fn parse_link_dump(mut buf: &[u8], links: &mut Vec<Link>) -> anyhow::Result<bool
     const IFLA_MASTER: u16 = 10;
     const IFLA_LINKINFO: u16 = 18;
     const IFLA_INFO_KIND: u16 = 1;
+    const IFLA_XDP: u16 = 43;
+    const IFLA_XDP_ATTACHED: u16 = 2;
+    const XDP_ATTACHED_SKB: u8 = 2;
     let u16_at = |b: &[u8], i: usize| u16::from_ne_bytes([b[i], b[i + 1]]);
     let u32_at = |b: &[u8], i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
     let c_string = |b: &[u8]| {
@@ -492,6 +504,11 @@ fn parse_link_dump(mut buf: &[u8], links: &mut Vec<Link>) -> anyhow::Result<bool
                             link.kind = attributes(value)
                                 .find(|(k, _)| *k == IFLA_INFO_KIND)
                                 .map(|(_, v)| c_string(v))
+                        }
+                        IFLA_XDP => {
+                            link.generic_xdp = attributes(value).any(|(k, v)| {
+                                k == IFLA_XDP_ATTACHED && v.first() == Some(&XDP_ATTACHED_SKB)
+                            })
                         }
                         _ => {}
                     }
@@ -771,6 +788,7 @@ not an address line
             kind: kind.map(Into::into),
             global_addr: true,
             default_route: false,
+            generic_xdp: false,
         }
     }
 
@@ -905,7 +923,8 @@ eth1\t0000A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0
     #[test]
     fn a_link_dump_is_parsed_from_rtnetlinks_messages() {
         // RTM_NEWLINK for index 5 "uplink" (up, Ethernet), enslaved (IFLA_MASTER 3), kind "veth"
-        // nested in IFLA_LINKINFO; then NLMSG_DONE.
+        // nested in IFLA_LINKINFO, XDP attached in generic mode (IFLA_XDP_ATTACHED 2, after
+        // IFLA_XDP_FD) nested in IFLA_XDP; then NLMSG_DONE.
         let attr = |kind: u16, value: &[u8]| {
             let mut a = Vec::new();
             a.extend_from_slice(&((4 + value.len()) as u16).to_ne_bytes());
@@ -922,6 +941,9 @@ eth1\t0000A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0
         body.extend(attr(3, b"uplink\0"));
         body.extend(attr(10, &3u32.to_ne_bytes()));
         body.extend(attr(18 | 0x8000, &attr(1, b"veth\0")));
+        let mut xdp = attr(1, &(-1i32).to_ne_bytes());
+        xdp.extend(attr(2, &[2]));
+        body.extend(attr(43 | 0x8000, &xdp));
         let message = |kind: u16, body: &[u8]| {
             let mut m = Vec::new();
             m.extend_from_slice(&((16 + body.len()) as u32).to_ne_bytes());
@@ -941,6 +963,7 @@ eth1\t0000A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0
             link_type: 1,
             master: true,
             kind: Some("veth".into()),
+            generic_xdp: true,
             ..Link::default()
         };
         assert_eq!(links, [want]);

@@ -68,8 +68,8 @@ fn rows(s: &Snapshot) -> Vec<FrontendRow> {
 }
 
 /// The same as [`render`], as one JSON object (for scripts): `frontends` (each with its
-/// `backends`), `service_ports`, `backends`, `flows`, every counter, the `interfaces` and the
-/// `pod_interfaces`.
+/// `backends`), `service_ports`, `backends`, `flows`, every counter, the `interfaces` (those in
+/// generic XDP also in `generic_xdp_interfaces`) and the `pod_interfaces`.
 pub fn render_json(
     s: &Snapshot,
     flows: usize,
@@ -119,6 +119,7 @@ pub fn render_json(
         "flows": flows,
         "counters": counters,
         "interfaces": interfaces.node,
+        "generic_xdp_interfaces": interfaces.generic_xdp,
         "pod_interfaces": interfaces.pods,
     });
     format!("{out:#}\n")
@@ -222,7 +223,16 @@ pub fn render(
         if interfaces.node.is_empty() {
             "none".to_string()
         } else {
-            interfaces.node.join(" ")
+            let named = |i: &String| match interfaces.generic_xdp.contains(i) {
+                true => format!("{i} (generic XDP)"),
+                false => i.clone(),
+            };
+            interfaces
+                .node
+                .iter()
+                .map(named)
+                .collect::<Vec<_>>()
+                .join(" ")
         }
     );
     if !interfaces.pods.is_empty() {
@@ -240,6 +250,8 @@ pub fn render(
 #[derive(Clone, Debug, Default)]
 pub struct Interfaces {
     pub node: Vec<String>,
+    /// Those of `node` whose XDP program runs in generic mode.
+    pub generic_xdp: Vec<String>,
     pub pods: Vec<String>,
 }
 
@@ -314,6 +326,7 @@ mod tests {
             &[(Counter::NewFlows, 3)],
             &Interfaces {
                 node: vec!["eth0".into(), "mv1".into()],
+                generic_xdp: vec!["mv1".into()],
                 pods: Vec::new(),
             },
         );
@@ -334,7 +347,10 @@ mod tests {
             "{out}"
         );
         assert!(out.contains("new_flows=3"));
-        assert!(out.ends_with("\ninterfaces: eth0 mv1\n"), "{out}");
+        assert!(
+            out.ends_with("\ninterfaces: eth0 mv1 (generic XDP)\n"),
+            "{out}"
+        );
         let with_pods = render(
             &maps.snapshot().unwrap(),
             3,
@@ -342,6 +358,7 @@ mod tests {
             &Interfaces {
                 node: vec!["eth0".into()],
                 pods: vec!["lxc1".into(), "lxc2".into()],
+                ..Default::default()
             },
         );
         assert!(
@@ -356,13 +373,15 @@ mod tests {
             3,
             &[(Counter::NewFlows, 3), (Counter::NoBackend, 0)],
             &Interfaces {
-                node: vec!["eth0".into()],
+                node: vec!["eth0".into(), "mv1".into()],
+                generic_xdp: vec!["mv1".into()],
                 pods: vec!["lxc1".into()],
             },
         ))
         .expect("JSON");
         assert_eq!(json["flows"], 3);
-        assert_eq!(json["interfaces"], serde_json::json!(["eth0"]));
+        assert_eq!(json["interfaces"], serde_json::json!(["eth0", "mv1"]));
+        assert_eq!(json["generic_xdp_interfaces"], serde_json::json!(["mv1"]));
         assert_eq!(json["pod_interfaces"], serde_json::json!(["lxc1"]));
         assert_eq!(json["service_ports"], 1);
         assert_eq!(json["backends"], 2);

@@ -47,8 +47,19 @@ impl Cluster {
 
     /// [`Cluster::start`] with extra flags for every agent.
     fn start_with(pods: &[usize], files: &[(&str, String)], agent_flags: &[&str]) -> Cluster {
+        Self::start_prepared(pods, files, agent_flags, |_| {})
+    }
+
+    /// [`Cluster::start_with`], with `prepare` run on the lab before the agents start.
+    fn start_prepared(
+        pods: &[usize],
+        files: &[(&str, String)],
+        agent_flags: &[&str],
+        prepare: impl FnOnce(&Lab),
+    ) -> Cluster {
         let prefix = unique_prefix("e");
         let lab = Lab::new(&prefix, pods).expect("lab");
+        prepare(&lab);
         let servers = lab
             .pods()
             .map(|(_, p)| apps::serve(&p.ns, 50000, &p.name).expect("server"))
@@ -2291,6 +2302,87 @@ fn bulk_answers_arrive_intact_from_local_and_remote_pods() {
     }
     // Big answers from the local pod went through tc egress, not around it.
     assert!(agent_counter(&c, "replies_tc") > 100.0);
+}
+
+#[test]
+fn a_nic_that_refuses_native_xdp_gets_generic_xdp_and_serves_offloading_clients() {
+    generic_xdp_serves_offloading_clients(&[]);
+}
+
+#[test]
+fn generic_xdp_redirects_to_pods_and_leaves_gso_packets_to_the_kernel() {
+    generic_xdp_serves_offloading_clients(&["--xdp-redirect-to-pods", "vp"]);
+}
+
+fn generic_xdp_serves_offloading_clients(flags: &[&str]) {
+    // node-1's NIC may be sent 9,000-byte frames (its peer's MTU, on the LAN): too large for a
+    // veth's native XDP, as ENA's 9001-byte MTU on AWS is for its driver's. The client offloads
+    // (as one on the same host does; GRO makes the same of a NIC's packets): its TCP leaves as
+    // GSO packets of up to 64 KiB with partial checksums, which the LAN passes on whole and
+    // generic XDP sees as they are.
+    let offload = ["tx", "on", "tso", "on", "gso", "on"];
+    let files = [("hello.yaml", hello_dual_stack(&[1, 1]))];
+    let c = Cluster::start_prepared(&[1, 1], &files, flags, |lab| {
+        lab.lan.ip("link set n1 mtu 9000").unwrap();
+        lab.nodes[0]
+            .ns
+            .exec("ethtool", &["-K", "eth0", "gro", "on"])
+            .unwrap();
+        lab.client
+            .exec("ethtool", &[&["-K", "eth0"][..], &offload].concat())
+            .unwrap();
+        for port in ["c0", "n1"] {
+            lab.lan
+                .exec("ethtool", &[&["-K", port][..], &offload].concat())
+                .unwrap();
+        }
+    });
+    let log = c.agents[0].log_text();
+    assert!(
+        log.contains("native XDP unavailable here: attached in generic mode"),
+        "{log}"
+    );
+    let link = c.lab.nodes[0]
+        .ns
+        .exec("ip", &["-d", "link", "show", "eth0"])
+        .unwrap();
+    let link = String::from_utf8_lossy(&link.stdout);
+    assert!(link.contains("xdpgeneric"), "{link}");
+    let status = status_json(&c, 0);
+    assert_eq!(
+        status["generic_xdp_interfaces"],
+        serde_json::json!(["eth0"])
+    );
+    let all = pods_named(&["pod-1-1", "pod-2-1"]);
+    for to in [
+        c.node(0, 30600),
+        SocketAddr::from((c.lab.nodes[0].ip6, 30600)),
+    ] {
+        assert_eq!(c.tcp_spread(to, 0).0, all, "TCP via {to}");
+        assert_eq!(c.udp_spread(to, 0), all, "UDP via {to}");
+        // Until both pods had one (a new flow's pod is a hash pick), both ways.
+        let mut sent_to = BTreeSet::new();
+        for _ in 0..apps::SPREAD_MIN {
+            if sent_to == all {
+                break;
+            }
+            let before = agent_counter(&c, "frontend_packets");
+            let pod = apps::tcp_send_bulk(&c.lab.client, to, 16 << 20)
+                .unwrap_or_else(|e| panic!("16 MiB to a pod via {to}: {e:#}"));
+            // As packets of many segments: 16 MiB is 11,586 full-sized ones.
+            let packets = agent_counter(&c, "frontend_packets") - before;
+            assert!(packets < 3000.0, "16 MiB to {pod} in {packets} packets");
+            sent_to.insert(pod);
+            apps::tcp_fetch_bulk(&c.lab.client, to, 8 << 20)
+                .unwrap_or_else(|e| panic!("8 MiB from a pod via {to}: {e:#}"));
+        }
+        assert_eq!(sent_to, all, "16 MiB uploads via {to}");
+    }
+    if !flags.is_empty() {
+        // Packets of one segment went to the local pod past the stack; GSO ones through it,
+        // as the kernel's generic redirect drops a packet longer than the MTU.
+        assert!(agent_counter(&c, "to_local_backend_redirected") > 0.0);
+    }
 }
 
 /// hello-world's IPv6 ClusterIP in [`hello_dual_stack`].

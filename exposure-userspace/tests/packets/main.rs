@@ -3555,3 +3555,60 @@ fn partial_checksums_stay_partial_for_the_kernel_and_are_completed_when_sent_fro
         }
     });
 }
+
+/// In generic XDP the skb goes on whatever the verdict, so a partial sum stays partial also when
+/// the packet is sent from XDP, both ways: the device completes it, or the kernel when it
+/// segments a GSO packet (a completed sum would be summed again, and the pod drop the packet).
+#[test]
+fn partial_checksums_stay_partial_on_an_interface_in_generic_xdp() {
+    with_datapath(|h| {
+        let marks = aya::maps::MapData::from_pin(h.pin_dir.join("GENERIC_XDP_IFACES")).unwrap();
+        let mut marks: aya::maps::HashMap<_, u32, u8> =
+            aya::maps::Map::HashMap(marks).try_into().unwrap();
+        marks.insert(h.ifindex, 1, 0).unwrap();
+        h.program(&hello(&[(REMOTE_POD, false)]));
+        for (i, size) in [0usize, 1, 3, 1000, 1452].into_iter().enumerate() {
+            for proto in [TCP, UDP] {
+                let client = (CLIENT, 42000 + i as u16);
+                let mut spec = match proto {
+                    TCP => FrameSpec::tcp(client, (NODE, NODE_PORT), SYN),
+                    _ => FrameSpec::udp(client, (NODE, NODE_PORT)),
+                };
+                spec.payload = (0..size).map(|b| (b * 7 + 3) as u8).collect();
+                let (verdict, out) = h.xdp(&partial(h.client_frame(spec)));
+                assert_eq!(verdict, XDP_TX, "{proto} {size}");
+                let p = frame::parse(&out).unwrap();
+                assert_eq!((p.dst, p.dport, p.src), (REMOTE_POD, 50000, NODE));
+                assert!(p.ip_checksum_ok);
+                assert!(
+                    is_partial(&out),
+                    "{proto} {size}: partial, with the new addresses"
+                );
+                let mut answer = match proto {
+                    TCP => FrameSpec::tcp((REMOTE_POD, 50000), (NODE, p.sport), SYN | ACK),
+                    _ => FrameSpec::udp((REMOTE_POD, 50000), (NODE, p.sport)),
+                };
+                answer.payload = vec![0xa5; size];
+                let (verdict, out) = h.xdp(&partial(h.peer_frame(answer)));
+                assert_eq!(verdict, XDP_TX, "{proto} {size}: the answer");
+                let r = frame::parse(&out).unwrap();
+                assert_eq!((r.src, r.sport, r.dst), (NODE, NODE_PORT, CLIENT));
+                assert!(is_partial(&out), "{proto} {size}: the answer stays partial");
+            }
+        }
+        h.program(&hello6(&[(REMOTE_POD6, false)]));
+        let mut spec = frame::FrameSpec6::tcp((CLIENT6, 43000), (LB6, 60000), SYN);
+        spec.dst_mac = h.node_mac;
+        spec.payload = vec![0x5a; 517];
+        let (verdict, out) = h.xdp(&partial(spec.build()));
+        assert_eq!(verdict, XDP_TX);
+        assert_eq!(frame::parse6(&out).unwrap().dst, REMOTE_POD6);
+        assert!(is_partial(&out), "IPv6: partial");
+        // Whole checksums are updated as anywhere else.
+        h.program(&hello(&[(REMOTE_POD, false)]));
+        let (verdict, out) =
+            h.xdp(&h.client_frame(FrameSpec::tcp((CLIENT, 44000), (NODE, NODE_PORT), SYN)));
+        assert_eq!(verdict, XDP_TX);
+        assert_checksums(&frame::parse(&out).unwrap());
+    });
+}
