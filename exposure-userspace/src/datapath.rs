@@ -1588,6 +1588,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn removing_a_key_that_is_gone_is_done_and_other_errors_stay() {
+        let syscall = |errno| {
+            Err(aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                call: "bpf_map_delete_elem",
+                io_error: std::io::Error::from_raw_os_error(errno),
+            }))
+        };
+        assert!(already_gone(syscall(libc::ENOENT)).is_ok());
+        assert!(already_gone(Err(aya::maps::MapError::KeyNotFound)).is_ok());
+        assert!(already_gone(syscall(libc::EPERM)).is_err());
+    }
+
+    #[test]
     fn socket_namespaces_are_all_host_or_absolute_paths() {
         use SocketNamespaces::*;
         assert_eq!("all".parse(), Ok(All));

@@ -999,6 +999,8 @@ fn auto_attaches_to_the_nodes_networks_and_follows_new_ones() {
     assert_eq!(with_xdp(&ns), ifaces(&["mv1"]));
     let status = status_json(&c, 0);
     assert_eq!(status["interfaces"], serde_json::json!(["mv1"]), "{status}");
+    // A macvlan has no native XDP.
+    assert_eq!(status["generic_xdp_interfaces"], serde_json::json!(["mv1"]));
     assert!(c.agents[0]
         .log_text()
         .contains("--iface does not select it now"));
@@ -1034,11 +1036,30 @@ fn auto_attaches_to_the_nodes_networks_and_follows_new_ones() {
         .lines()
         .any(|l| l.contains("newly selected by --iface") && l.contains("\"mv2\"")));
 
-    // `auto` and a name: eth0 again, beside the detected ones.
+    assert_eq!(
+        status_json(&c, 0)["generic_xdp_interfaces"],
+        serde_json::json!(["mv1", "mv2"])
+    );
+
+    // `auto` and a name: eth0 again (native), beside the detected ones; mv2, deleted while no
+    // agent ran, is no longer marked.
     c.agents[0].stop();
+    node("link del mv2").unwrap();
     c.agent_flags = vec!["--iface".into(), "auto,eth0".into()];
     c.start_agent(0);
-    assert_eq!(with_xdp(&ns), ifaces(&["eth0", "mv1", "mv2"]));
+    assert_eq!(with_xdp(&ns), ifaces(&["eth0", "mv1"]));
+    let mv1 = c.lab.nodes[0]
+        .ns
+        .run(|| nix::net::if_::if_nametoindex("mv1"))
+        .unwrap()
+        .unwrap();
+    let marks = aya::maps::MapData::from_pin(
+        pin_dir(&c.lab.prefix, &c.lab.nodes[0]).join("GENERIC_XDP_IFACES"),
+    )
+    .unwrap();
+    let marks: aya::maps::HashMap<_, u32, u8> = aya::maps::Map::HashMap(marks).try_into().unwrap();
+    let marked: BTreeSet<u32> = marks.keys().map(Result::unwrap).collect();
+    assert_eq!(marked, BTreeSet::from([mv1]));
     assert_eq!(c.tcp_spread(c.node(0, 30600), 0).0, everyone);
     assert_eq!(
         front_spread(nodeport_on_mv1, "198.18.200.1"),
