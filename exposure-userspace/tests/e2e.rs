@@ -2335,6 +2335,11 @@ fn generic_xdp_redirects_to_pods_and_leaves_gso_packets_to_the_kernel() {
     generic_xdp_serves_offloading_clients(&["--xdp-redirect-to-pods", "vp"]);
 }
 
+#[test]
+fn generic_xdp_hands_flows_to_pods_at_tc() {
+    generic_xdp_serves_offloading_clients(&["--redirect-to-pods", "vp"]);
+}
+
 fn generic_xdp_serves_offloading_clients(flags: &[&str]) {
     // node-1's NIC may be sent 9,000-byte frames (its peer's MTU, on the LAN): too large for a
     // veth's native XDP, as ENA's 9001-byte MTU on AWS is for its driver's. The client offloads
@@ -2400,8 +2405,8 @@ fn generic_xdp_serves_offloading_clients(flags: &[&str]) {
         assert_eq!(sent_to, all, "16 MiB uploads via {to}");
     }
     if !flags.is_empty() {
-        // Packets of one segment went to the local pod past the stack; GSO ones through it,
-        // as the kernel's generic redirect drops a packet longer than the MTU.
+        // The local pod's packets went past the stack (with the XDP redirect, GSO ones through
+        // it: the kernel's generic redirect drops a packet longer than the MTU).
         assert!(agent_counter(&c, "to_local_backend_redirected") > 0.0);
     }
 }
