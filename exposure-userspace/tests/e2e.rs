@@ -2347,7 +2347,16 @@ fn generic_xdp_serves_offloading_clients(flags: &[&str]) {
     // GSO packets of up to 64 KiB with partial checksums, which the LAN passes on whole and
     // generic XDP sees as they are.
     let offload = ["tx", "on", "tso", "on", "gso", "on"];
-    let files = [("hello.yaml", hello_dual_stack(&[1, 1]))];
+    let empty = service(
+        "empty",
+        "NodePort",
+        "  - {name: t, protocol: TCP, port: 80, targetPort: 50000, nodePort: 30800}\n  - {name: u, protocol: UDP, port: 80, targetPort: 50000, nodePort: 30800}\n",
+        "",
+    );
+    let files = [
+        ("hello.yaml", hello_dual_stack(&[1, 1])),
+        ("empty.yaml", empty),
+    ];
     let c = Cluster::start_prepared(&[1, 1], &files, flags, |lab| {
         lab.lan.ip("link set n1 mtu 9000").unwrap();
         lab.nodes[0]
@@ -2379,6 +2388,9 @@ fn generic_xdp_serves_offloading_clients(flags: &[&str]) {
         status["generic_xdp_interfaces"],
         serde_json::json!(["eth0"])
     );
+    // Refusals are built in the packet and sent back from generic XDP too.
+    assert_refused(&apps::tcp_ask(&c.lab.client, c.node(0, 30800)).unwrap_err());
+    assert_refused(&apps::udp_ask(&c.lab.client, c.node(0, 30800)).unwrap_err());
     let all = pods_named(&["pod-1-1", "pod-2-1"]);
     for to in [
         c.node(0, 30600),
