@@ -480,20 +480,35 @@ impl Datapath {
             self.attach_tc(iface, TC_INGRESS_PROGRAM, TcAttachType::Ingress)?;
         }
         let xdp_pin = self.pin_dir.join("links").join(format!("xdp-{iface}"));
-        let xdp = self.xdp()?;
-        let replaced = match PinnedLink::from_pin(&xdp_pin) {
-            Ok(old) => match aya::programs::xdp::XdpLink::try_from(FdLink::from(old)) {
-                Ok(link) => xdp.attach_to_link(link).is_ok(),
-                Err(_) => false,
-            },
-            Err(e) if is_not_found(&e) => false,
-            Err(e) => return Err(e).context("opening the pinned XDP link"),
-        };
         let ifindex =
             nix::net::if_::if_nametoindex(iface).with_context(|| format!("interface {iface}"))?;
+        let pinned = match PinnedLink::from_pin(&xdp_pin) {
+            Ok(old) => Some(old),
+            Err(e) if is_not_found(&e) => None,
+            Err(e) => return Err(e).context("opening the pinned XDP link"),
+        };
+        // An earlier run's link keeps the mode that run attached it in, unless `mode` names the
+        // other one: then it goes, and a new one is attached.
+        let generic = crate::netdev::has_generic_xdp(ifindex)?;
+        let other_mode = match mode {
+            XdpMode::Driver => generic,
+            XdpMode::Skb => !generic,
+            _ => false,
+        };
+        let replaced = match pinned {
+            Some(_) if other_mode => {
+                // Detached now: unpinned, the kernel would only free it later, and an interface
+                // takes one XDP program.
+                detach_pinned_link(&xdp_pin).context("detaching the earlier run's XDP link")?;
+                false
+            }
+            Some(old) => match aya::programs::xdp::XdpLink::try_from(FdLink::from(old)) {
+                Ok(link) => self.xdp()?.attach_to_link(link).is_ok(),
+                Err(_) => false,
+            },
+            None => false,
+        };
         if replaced {
-            // The earlier run's link keeps the mode that run attached it in.
-            let generic = crate::netdev::has_generic_xdp(ifindex)?;
             self.mark_generic_xdp(ifindex, generic)?;
         } else {
             // Missing, or left behind by an interface that no longer exists.
@@ -1526,6 +1541,41 @@ fn count_entries<K: aya::Pod, V: aya::Pod>(map: &aya::maps::HashMap<MapData, K, 
     let mut n = 0;
     for_each_entry(map, |_, _| n += 1);
     n
+}
+
+/// Detaches the BPF link pinned at `pin` from its hook at once (`BPF_LINK_DETACH`, Linux 5.9),
+/// whoever holds it.
+fn detach_pinned_link(pin: &Path) -> io::Result<()> {
+    use std::os::{
+        fd::{AsRawFd as _, FromRawFd as _},
+        unix::ffi::OsStrExt as _,
+    };
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    let bpf = |cmd: libc::c_long, attr: &mut [u64; 2]| {
+        // SAFETY: `attr` is a zeroed, large enough `union bpf_attr` for both commands.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                cmd,
+                attr.as_mut_ptr(),
+                std::mem::size_of_val(attr) as u32,
+            )
+        };
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(r)
+        }
+    };
+    let path = std::ffi::CString::new(pin.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // `obj_get`: the path, then the fd and flags (zero).
+    let fd = bpf(BPF_OBJ_GET, &mut [path.as_ptr() as u64, 0])?;
+    // SAFETY: BPF_OBJ_GET returned a new fd, owned from here on.
+    let link = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+    // `link_detach`: the link's fd.
+    bpf(BPF_LINK_DETACH, &mut [link.as_raw_fd() as u64, 0]).map(drop)
 }
 
 /// A removal whose key is already gone (e.g. evicted, or removed by an earlier failed sync) is done.

@@ -929,16 +929,67 @@ fn plug_second_network(
     xdp
 }
 
-/// The interfaces of namespace `ns` that have an XDP program attached.
-fn with_xdp(ns: &str) -> BTreeSet<String> {
+#[test]
+fn an_xdp_mode_named_replaces_an_earlier_runs_link_of_the_other_mode() {
+    let files = [("hello.yaml", hello_world(&all_pods(&[1, 1])))];
+    let mut c = Cluster::start_with(&[1, 1], &files, &["--xdp-mode", "generic"]);
+    let ns = c.lab.nodes[0].ns.name().to_string();
+    let all = pods_named(&["pod-1-1", "pod-2-1"]);
+    assert_eq!(xdp_modes(&ns)["eth0"], XDP_ATTACHED_SKB);
+    assert_eq!(
+        status_json(&c, 0)["generic_xdp_interfaces"],
+        serde_json::json!(["eth0"])
+    );
+    assert_eq!(c.tcp_spread(c.node(0, 30600), 0).0, all);
+    for (flags, want, generic) in [
+        (
+            &["--xdp-mode", "native"][..],
+            XDP_ATTACHED_DRV,
+            serde_json::json!([]),
+        ),
+        // `auto` keeps the link it finds, in its mode.
+        (&[][..], XDP_ATTACHED_DRV, serde_json::json!([])),
+        (
+            &["--xdp-mode", "generic"][..],
+            XDP_ATTACHED_SKB,
+            serde_json::json!(["eth0"]),
+        ),
+        (&[][..], XDP_ATTACHED_SKB, serde_json::json!(["eth0"])),
+    ] {
+        c.agents[0].stop();
+        c.agent_flags = flags.iter().map(|f| f.to_string()).collect();
+        c.start_agent(0);
+        assert_eq!(xdp_modes(&ns)["eth0"], want, "{flags:?}");
+        assert_eq!(
+            status_json(&c, 0)["generic_xdp_interfaces"],
+            generic,
+            "{flags:?}"
+        );
+        assert_eq!(c.tcp_spread(c.node(0, 30600), 0).0, all, "{flags:?}");
+    }
+}
+
+/// `IFLA_XDP_ATTACHED`'s modes, as `ip -j link` shows them.
+const XDP_ATTACHED_DRV: u64 = 1;
+const XDP_ATTACHED_SKB: u64 = 2;
+
+/// The XDP mode of each interface of namespace `ns` that has an XDP program.
+fn xdp_modes(ns: &str) -> BTreeMap<String, u64> {
     let out =
         exposure_lab::netns::run("ip", &["-n", ns, "-j", "link", "show"]).expect("ip -j link show");
     let links: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("ip's JSON");
     links
         .iter()
-        .filter(|l| l.get("xdp").is_some())
-        .filter_map(|l| Some(l.get("ifname")?.as_str()?.to_string()))
+        .filter_map(|l| {
+            let mode = l.get("xdp")?.get("mode")?.as_u64()?;
+            Some((l.get("ifname")?.as_str()?.to_string(), mode))
+        })
         .collect()
+}
+
+/// The interfaces of namespace `ns` that have an XDP program attached.
+fn with_xdp(ns: &str) -> BTreeSet<String> {
+    xdp_modes(ns).into_keys().collect()
 }
 
 /// `--iface auto` attaches where Cilium's device detection would: to the node's network (here a
