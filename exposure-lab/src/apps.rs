@@ -195,6 +195,18 @@ fn write_bulk(w: &mut impl Write, n: usize) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Runs a socket call again when a signal interrupted it (EINTR: a concurrent test's child
+/// exiting; a call with a timeout is never restarted by the kernel), at most 100 times.
+fn retry_interrupted<T>(mut call: impl FnMut() -> std::io::Result<T>) -> std::io::Result<T> {
+    for _ in 0..100 {
+        match call() {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            done => return done,
+        }
+    }
+    call()
+}
+
 /// Reads `n` bytes of the bulk pattern: "received N", or where the first wrong byte was.
 fn read_bulk(r: &mut impl Read, n: usize) -> std::io::Result<String> {
     let mut buf = vec![0u8; 64 << 10];
@@ -202,7 +214,7 @@ fn read_bulk(r: &mut impl Read, n: usize) -> std::io::Result<String> {
     let mut wrong = None;
     while got < n {
         let len = buf.len().min(n - got);
-        let read = r.read(&mut buf[..len])?;
+        let read = retry_interrupted(|| r.read(&mut buf[..len]))?;
         if read == 0 {
             return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
@@ -252,9 +264,7 @@ pub fn tcp_fetch_bulk(ns: &Netns, to: SocketAddr, bytes: usize) -> anyhow::Resul
     let mut got = 0;
     while got < bytes {
         let want = buf.len().min(bytes - got);
-        let n = session
-            .reader
-            .read(&mut buf[..want])
+        let n = retry_interrupted(|| session.reader.read(&mut buf[..want]))
             .with_context(|| format!("reading byte {got} of {bytes}"))?;
         anyhow::ensure!(n > 0, "connection closed after {got} of {bytes} bytes");
         if let Some(j) = (0..n).find(|&j| buf[j] != bulk_byte(got + j)) {
@@ -362,10 +372,8 @@ impl UdpSession {
     pub fn ask(&mut self, text: &str) -> anyhow::Result<String> {
         self.sock.send(text.as_bytes())?;
         let mut buf = [0u8; 1500];
-        let n = self
-            .sock
-            .recv(&mut buf)
-            .context("waiting for the UDP answer")?;
+        let n =
+            retry_interrupted(|| self.sock.recv(&mut buf)).context("waiting for the UDP answer")?;
         Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string())
     }
 
@@ -378,9 +386,7 @@ impl UdpSession {
         request.extend((request.len()..bytes).map(bulk_byte));
         self.sock.send(&request)?;
         let mut buf = vec![0u8; 64 << 10];
-        let n = self
-            .sock
-            .recv(&mut buf)
+        let n = retry_interrupted(|| self.sock.recv(&mut buf))
             .context("waiting for the large UDP answer")?;
         anyhow::ensure!(n == bytes, "answered with {n} bytes, not {bytes}");
         let line_end = buf[..n]
@@ -409,9 +415,8 @@ pub fn udp_ask_unconnected(ns: &Netns, to: SocketAddr) -> anyhow::Result<(String
     sock.set_read_timeout(Some(IO_TIMEOUT))?;
     sock.send_to(b"hello", to)?;
     let mut buf = [0u8; 1500];
-    let (n, from) = sock
-        .recv_from(&mut buf)
-        .context("waiting for the UDP answer")?;
+    let (n, from) =
+        retry_interrupted(|| sock.recv_from(&mut buf)).context("waiting for the UDP answer")?;
     Ok((String::from_utf8_lossy(&buf[..n]).trim().to_string(), from))
 }
 
