@@ -3515,26 +3515,11 @@ fn partial_checksums_stay_partial_for_the_kernel_and_are_completed_when_sent_fro
             .enumerate()
         {
             for proto in [TCP, UDP] {
-                let client = (CLIENT, 42000 + i as u16);
-                let mut spec = match proto {
-                    TCP => FrameSpec::tcp(client, (NODE, NODE_PORT), SYN),
-                    _ => FrameSpec::udp(client, (NODE, NODE_PORT)),
-                };
-                spec.payload = (0..size).map(|b| (b * 7 + 3) as u8).collect();
-                let (verdict, out) = h.xdp(&partial(h.client_frame(spec)));
-                assert_eq!(verdict, XDP_TX, "{proto} {size}");
+                let (out, back) = remote_partial_round_trip(h, i, size, proto);
                 let p = frame::parse(&out).unwrap();
                 assert_eq!((p.dst, p.src), (REMOTE_POD, NODE));
                 assert_checksums(&p);
-                // The remote pod's answer, partial too (its node forwards what its pod left).
-                let mut answer = match proto {
-                    TCP => FrameSpec::tcp((REMOTE_POD, 50000), (NODE, p.sport), SYN | ACK),
-                    _ => FrameSpec::udp((REMOTE_POD, 50000), (NODE, p.sport)),
-                };
-                answer.payload = vec![0xa5; size];
-                let (verdict, out) = h.xdp(&partial(h.peer_frame(answer)));
-                assert_eq!(verdict, XDP_TX, "{proto} {size}: the answer");
-                let r = frame::parse(&out).unwrap();
+                let r = frame::parse(&back).unwrap();
                 assert_eq!((r.src, r.dst), (NODE, CLIENT));
                 assert_checksums(&r);
             }
@@ -3556,6 +3541,34 @@ fn partial_checksums_stay_partial_for_the_kernel_and_are_completed_when_sent_fro
     });
 }
 
+/// A request with a partial checksum from the client (source port 42000 + `i`, `size` bytes of
+/// payload) through XDP to the remote pod, then the pod's answer, partial too (its node forwards
+/// what its pod left): the frames XDP sent on with XDP_TX, the request's and the answer's.
+fn remote_partial_round_trip(
+    h: &mut Harness,
+    i: usize,
+    size: usize,
+    proto: u8,
+) -> (Vec<u8>, Vec<u8>) {
+    let client = (CLIENT, 42000 + i as u16);
+    let mut spec = match proto {
+        TCP => FrameSpec::tcp(client, (NODE, NODE_PORT), SYN),
+        _ => FrameSpec::udp(client, (NODE, NODE_PORT)),
+    };
+    spec.payload = (0..size).map(|b| (b * 7 + 3) as u8).collect();
+    let (verdict, out) = h.xdp(&partial(h.client_frame(spec)));
+    assert_eq!(verdict, XDP_TX, "{proto} {size}");
+    let snat_port = frame::parse(&out).unwrap().sport;
+    let mut answer = match proto {
+        TCP => FrameSpec::tcp((REMOTE_POD, 50000), (NODE, snat_port), SYN | ACK),
+        _ => FrameSpec::udp((REMOTE_POD, 50000), (NODE, snat_port)),
+    };
+    answer.payload = vec![0xa5; size];
+    let (verdict, back) = h.xdp(&partial(h.peer_frame(answer)));
+    assert_eq!(verdict, XDP_TX, "{proto} {size}: the answer");
+    (out, back)
+}
+
 /// In generic XDP the skb goes on whatever the verdict, so a partial sum stays partial also when
 /// the packet is sent from XDP, both ways: the device completes it, or the kernel when it
 /// segments a GSO packet (a completed sum would be summed again, and the pod drop the packet).
@@ -3569,14 +3582,7 @@ fn partial_checksums_stay_partial_on_an_interface_in_generic_xdp() {
         h.program(&hello(&[(REMOTE_POD, false)]));
         for (i, size) in [0usize, 1, 3, 1000, 1452].into_iter().enumerate() {
             for proto in [TCP, UDP] {
-                let client = (CLIENT, 42000 + i as u16);
-                let mut spec = match proto {
-                    TCP => FrameSpec::tcp(client, (NODE, NODE_PORT), SYN),
-                    _ => FrameSpec::udp(client, (NODE, NODE_PORT)),
-                };
-                spec.payload = (0..size).map(|b| (b * 7 + 3) as u8).collect();
-                let (verdict, out) = h.xdp(&partial(h.client_frame(spec)));
-                assert_eq!(verdict, XDP_TX, "{proto} {size}");
+                let (out, back) = remote_partial_round_trip(h, i, size, proto);
                 let p = frame::parse(&out).unwrap();
                 assert_eq!((p.dst, p.dport, p.src), (REMOTE_POD, 50000, NODE));
                 assert!(p.ip_checksum_ok);
@@ -3584,16 +3590,12 @@ fn partial_checksums_stay_partial_on_an_interface_in_generic_xdp() {
                     is_partial(&out),
                     "{proto} {size}: partial, with the new addresses"
                 );
-                let mut answer = match proto {
-                    TCP => FrameSpec::tcp((REMOTE_POD, 50000), (NODE, p.sport), SYN | ACK),
-                    _ => FrameSpec::udp((REMOTE_POD, 50000), (NODE, p.sport)),
-                };
-                answer.payload = vec![0xa5; size];
-                let (verdict, out) = h.xdp(&partial(h.peer_frame(answer)));
-                assert_eq!(verdict, XDP_TX, "{proto} {size}: the answer");
-                let r = frame::parse(&out).unwrap();
+                let r = frame::parse(&back).unwrap();
                 assert_eq!((r.src, r.sport, r.dst), (NODE, NODE_PORT, CLIENT));
-                assert!(is_partial(&out), "{proto} {size}: the answer stays partial");
+                assert!(
+                    is_partial(&back),
+                    "{proto} {size}: the answer stays partial"
+                );
             }
         }
         h.program(&hello6(&[(REMOTE_POD6, false)]));
