@@ -684,12 +684,8 @@ fn translate_to_backend(ctx: &XdpContext, p: &Packet, flow: &Flow) -> Result<u32
             sport: p.sport,
             dport: flow.backend_port,
         };
-        // Redirected from XDP into the pod, or handed to the kernel (also for the tc redirect,
-        // and a GSO packet, which only the kernel's forwarding takes whole).
-        let from_xdp = flow.flags & FLOW_TO_POD != 0
-            && !redirect_at_tc()
-            && !longer_than_mtu(ctx, flow.ifindex);
-        let leaves = if from_xdp {
+        // Redirected from XDP into the pod, or handed to the kernel (also for the tc redirect).
+        let leaves = if flow.flags & FLOW_TO_POD != 0 && !redirect_at_tc() {
             Leaves::FromXdp
         } else {
             Leaves::ToKernel
@@ -705,7 +701,10 @@ fn translate_to_backend(ctx: &XdpContext, p: &Packet, flow: &Flow) -> Result<u32
                 }
                 return Ok(xdp_action::XDP_PASS);
             }
-            if !from_xdp {
+            // A GSO packet (generic XDP) goes through the stack, which takes it whole: the
+            // kernel's generic redirect drops a packet longer than the MTU. Its checksum was
+            // rewritten as for the kernel all the same (see `rewrite`: an skb goes on).
+            if longer_than_mtu(ctx, flow.ifindex) {
                 return Ok(xdp_action::XDP_PASS);
             }
             if let Ok(action) = POD_IFACES.redirect(flow.ifindex, xdp_action::XDP_PASS as u64) {
