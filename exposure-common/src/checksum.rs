@@ -203,6 +203,17 @@ pub fn complete(segment: u32, field: u16, changes: Delta, pseudo: u16) -> u16 {
     !fold64(sum)
 }
 
+/// The value of a checksum field that a device asked to complete it leaves as it is: for a region
+/// whose other bytes sum (one's complement, folded) to `rest`, the `f` with `!fold(rest + f) == f`
+/// (a device writes the complement of the region's sum, field included, into the field). As
+/// 2 x 32768 = 1 modulo 65535, `f` is half of `-rest` there. There is none for a `rest` of 0, the
+/// sum of nothing but zeros, which a TCP or UDP header (its ports) never is.
+#[inline(always)]
+pub fn self_completing(rest: u16) -> u16 {
+    let minus_rest = (0xffff - rest as u32) % 0xffff;
+    ((minus_rest * 0x8000) % 0xffff) as u16
+}
+
 /// Folds a 64-bit one's-complement accumulator into 16 bits.
 #[inline(always)]
 pub fn fold64(sum: u64) -> u16 {
@@ -255,6 +266,14 @@ pub fn l4_checksum6(src: [u8; 16], dst: [u8; 16], next_header: u8, segment: &[u8
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_self_completing_field_is_what_a_device_would_write_there_for_every_rest() {
+        for rest in 1..=u16::MAX {
+            let f = self_completing(rest);
+            assert_eq!(!fold(rest as u32 + f as u32), f, "rest {rest:#06x}");
+        }
+    }
 
     fn header() -> [u8; 20] {
         [

@@ -4,18 +4,70 @@
 //! not fit the interface they are to leave by.
 
 use aya_ebpf::{
-    bindings::xdp_action,
+    bindings::{xdp_action, xdp_md},
     helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
-use exposure_common::checksum;
+use exposure_common::{checksum, PROTO_TCP};
 
-use crate::parse::*;
+use crate::{nat::left_to_device, parse::*};
 
 const IP_ICMP_LEN: usize = 28;
 const ICMP_OFF: usize = ETH_LEN + IPV4_MIN_LEN;
-/// ICMP header + the largest quote (60-byte IP header + 8 bytes), in 32-bit words.
-const MAX_ICMP_WORDS: usize = (8 + 60 + 8) / 4;
+/// ICMP header + the largest quote (60-byte IP header + a 20-byte TCP header), in 32-bit words.
+const MAX_ICMP_WORDS: usize = (8 + 60 + 20) / 4;
+
+/// How much of the L4 header a quote holds: 8 bytes (the ports), as RFC 792 asks; when the skb
+/// asks for its checksum to be completed (generic XDP, a sender on this host: see
+/// [`settle_quoted_check`]), up to and with the checksum field (the whole 20-byte TCP header; UDP's
+/// 8 bytes hold it). Branch-free, so the verifier walks what follows once, with a range.
+#[inline(always)]
+fn l4_quote_len(settles: bool, p: &Packet) -> usize {
+    8 + 12 * (settles & (p.proto == PROTO_TCP)) as usize
+}
+
+/// In generic XDP the skb of a sender on this host keeps asking for its checksum to be completed
+/// at its L4 header, which is now inside the quote: the device (or the kernel) will sum from there
+/// to the end and write the result into the checksum field. The field gets the value that sum
+/// writes back ([`checksum::self_completing`]), so the message stays as sent and its own
+/// checksum right. `off`: the quoted L4 header, which ends the frame ([`l4_quote_len`] bytes).
+#[inline(always)]
+fn settle_quoted_check(ctx: &XdpContext, settles: bool, off: usize, tcp: bool) {
+    // Called either way, the choice made inside: a branch here would double what follows.
+    exposure_settle_quoted_check(ctx.ctx, settles as u64, off as u64, tcp as u64);
+}
+
+/// [`settle_quoted_check`] as a global function: the verifier checks it once, on its own, not
+/// for every way a packet reaches a refusal.
+#[no_mangle]
+#[inline(never)]
+pub extern "C" fn exposure_settle_quoted_check(
+    ctx: *mut xdp_md,
+    settles: u64,
+    off: u64,
+    tcp: u64,
+) -> i32 {
+    if settles == 0 {
+        return 0;
+    }
+    let ctx = &XdpContext::new(ctx);
+    // A bound the verifier can see (a global function knows nothing of its arguments).
+    let off = off as usize & 0x1ff;
+    let (field, len) = if tcp != 0 {
+        (TCP_CHECK, 20)
+    } else {
+        (UDP_CHECK, 8)
+    };
+    let Ok(check) = ptr_at::<u16, _>(ctx, off + field) else {
+        return 0;
+    };
+    unsafe { check.write_unaligned(0) };
+    let Ok(rest) = sum_words::<{ 20 / 4 }>(ctx, off, len) else {
+        return 0;
+    };
+    unsafe { check.write_unaligned(checksum::self_completing(rest as u16)) };
+    1
+}
 
 /// Makes room for a new IP + ICMP header in front of the received packet's own IP header (which
 /// becomes the quote, already in place), trims the frame to `len` bytes, and addresses the Ethernet
@@ -67,7 +119,9 @@ fn icmp_error(ctx: &XdpContext, p: &Packet, head: [u8; 8]) -> u32 {
 
 #[inline(always)]
 fn write_icmp_error(ctx: &XdpContext, p: &Packet, head: [u8; 8]) -> Result<u32, ()> {
-    let quoted = p.l4_off - ETH_LEN + 8;
+    let settles = left_to_device(ctx, p);
+    let l4_len = l4_quote_len(settles, p);
+    let quoted = p.l4_off - ETH_LEN + l4_len;
     reshape(ctx, IP_ICMP_LEN, ICMP_OFF + 8 + quoted, ETH_P_IP)?;
 
     let tot_len = ((IPV4_MIN_LEN + 8 + quoted) as u16).to_be_bytes();
@@ -103,6 +157,8 @@ fn write_icmp_error(ctx: &XdpContext, p: &Packet, head: [u8; 8]) -> Result<u32, 
 
     let icmp: *mut [u8; 8] = ptr_at(ctx, ICMP_OFF)?;
     unsafe { icmp.write_unaligned(head) };
+    let l4_at = ICMP_OFF + 8 + (p.l4_off - ETH_LEN);
+    settle_quoted_check(ctx, settles, l4_at, p.proto == PROTO_TCP);
     let sum = sum_words::<MAX_ICMP_WORDS>(ctx, ICMP_OFF, 8 + quoted)?;
     let check: *mut u16 = ptr_at(ctx, ICMP_OFF + 2)?;
     unsafe { check.write_unaligned(!checksum::fold(sum)) };
@@ -140,7 +196,9 @@ fn icmp6_error(ctx: &XdpContext, p: &Packet, head: [u8; 8]) -> u32 {
 #[inline(always)]
 fn write_icmp6_error(ctx: &XdpContext, p: &Packet, head: [u8; 8]) -> Result<u32, ()> {
     // Up to the first 8 bytes after the headers: the ports, after extension and fragment headers.
-    let quoted = (p.l4_off - ETH_LEN + 8).min(MAX_QUOTE6_LEN);
+    let settles = left_to_device(ctx, p);
+    let l4_len = l4_quote_len(settles, p);
+    let quoted = (p.l4_off - ETH_LEN + l4_len).min(MAX_QUOTE6_LEN);
     reshape(ctx, IP6_ICMP6_LEN, ICMP6_OFF + 8 + quoted, ETH_P_IPV6)?;
 
     let payload_len = ((8 + quoted) as u16).to_be_bytes();
@@ -166,6 +224,10 @@ fn write_icmp6_error(ctx: &XdpContext, p: &Packet, head: [u8; 8]) -> Result<u32,
 
     let icmp: *mut [u8; 8] = ptr_at(ctx, ICMP6_OFF)?;
     unsafe { icmp.write_unaligned(head) };
+    // A quote cut before the L4 header's end leaves the field to the kernel (which drops it).
+    let whole = p.l4_off - ETH_LEN + l4_len <= MAX_QUOTE6_LEN;
+    let l4_at = ICMP6_OFF + 8 + (p.l4_off - ETH_LEN);
+    settle_quoted_check(ctx, settles & whole, l4_at, p.proto == PROTO_TCP);
     // The pseudo-header's length and next header, then its addresses and the message: both in
     // the frame, one after the other.
     let mut sum = u16::from_ne_bytes(payload_len) as u32;

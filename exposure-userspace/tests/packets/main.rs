@@ -3541,6 +3541,70 @@ fn partial_checksums_stay_partial_for_the_kernel_and_are_completed_when_sent_fro
     });
 }
 
+/// In generic XDP a refusal of a packet whose skb asks for its checksum to be completed (a sender
+/// on this host) keeps asking, at the L4 header now in the quote: the quote holds the whole TCP
+/// header, and the field the value a device would write there, so the message stays as sent.
+/// Whole checksums, and native XDP, get the usual 8 bytes.
+#[test]
+fn refusals_of_partial_sums_in_generic_xdp_quote_a_field_the_device_leaves_alone() {
+    use exposure_common::checksum::{fold, sum_bytes};
+    with_datapath(|h| {
+        h.program(&hello(&[]));
+        let tcp = || FrameSpec::tcp((CLIENT, 40010), (NODE, NODE_PORT), SYN);
+        let udp = || FrameSpec::udp((CLIENT, 40011), (NODE, NODE_PORT));
+        // Native: 8 bytes of TCP, partial or not.
+        let (_, out) = h.xdp(&partial(h.client_frame(tcp())));
+        assert_eq!(frame::parse(&out).unwrap().l4.len(), 8 + 20 + 8);
+        mark_generic_xdp(h);
+        for (spec, l4_len, field) in [(tcp(), 20, 16), (udp(), 8, 6)] {
+            let input = partial(h.client_frame(spec));
+            let (verdict, out) = h.xdp(&input);
+            assert_eq!(verdict, XDP_TX);
+            let p = frame::parse(&out).unwrap();
+            assert_eq!(p.proto, frame::ICMP);
+            assert!(p.ip_checksum_ok && p.l4_checksum_ok, "ICMP checksum");
+            assert_eq!(
+                p.l4.len(),
+                8 + 20 + l4_len,
+                "quotes the L4 header to its checksum"
+            );
+            let quoted = &p.l4[28..];
+            assert_eq!(&quoted[..field], &input[34..34 + field], "as sent");
+            // What a device completing the checksum from the L4 header would write: the same.
+            let f = u16::from_ne_bytes([quoted[field], quoted[field + 1]]);
+            assert_eq!(
+                !fold(sum_bytes(quoted, 0)),
+                f,
+                "a field the device leaves alone"
+            );
+        }
+        // A whole checksum: the usual 8 bytes.
+        let (_, out) = h.xdp(&h.client_frame(tcp()));
+        assert_eq!(frame::parse(&out).unwrap().l4.len(), 8 + 20 + 8);
+        // IPv6: the quote after the 40-byte header.
+        h.program(&hello6(&[]));
+        let mut spec = frame::FrameSpec6::tcp((CLIENT6, 40012), (NODE6, NODE_PORT), SYN);
+        spec.dst_mac = h.node_mac;
+        let input = partial(spec.build());
+        let (verdict, out) = h.xdp(&input);
+        assert_eq!(verdict, XDP_TX);
+        let p = parse6_ok(&out);
+        assert_eq!(p.l4.len(), 8 + 40 + 20);
+        let quoted = &p.l4[48..];
+        assert_eq!(&quoted[..16], &input[54..70]);
+        let f = u16::from_ne_bytes([quoted[16], quoted[17]]);
+        assert_eq!(!fold(sum_bytes(quoted, 0)), f);
+    });
+}
+
+/// Marks the harness's interface as running generic XDP (`GENERIC_XDP_IFACES`).
+fn mark_generic_xdp(h: &Harness) {
+    let marks = aya::maps::MapData::from_pin(h.pin_dir.join("GENERIC_XDP_IFACES")).unwrap();
+    let mut marks: aya::maps::HashMap<_, u32, u8> =
+        aya::maps::Map::HashMap(marks).try_into().unwrap();
+    marks.insert(h.ifindex, 1, 0).unwrap();
+}
+
 /// A request with a partial checksum from the client (source port 42000 + `i`, `size` bytes of
 /// payload) through XDP to the remote pod, then the pod's answer, partial too (its node forwards
 /// what its pod left): the frames XDP sent on with XDP_TX, the request's and the answer's.
@@ -3575,10 +3639,7 @@ fn remote_partial_round_trip(
 #[test]
 fn partial_checksums_stay_partial_on_an_interface_in_generic_xdp() {
     with_datapath(|h| {
-        let marks = aya::maps::MapData::from_pin(h.pin_dir.join("GENERIC_XDP_IFACES")).unwrap();
-        let mut marks: aya::maps::HashMap<_, u32, u8> =
-            aya::maps::Map::HashMap(marks).try_into().unwrap();
-        marks.insert(h.ifindex, 1, 0).unwrap();
+        mark_generic_xdp(h);
         h.program(&hello(&[(REMOTE_POD, false)]));
         for (i, size) in [0usize, 1, 3, 1000, 1452].into_iter().enumerate() {
             for proto in [TCP, UDP] {
