@@ -796,6 +796,7 @@ fn attach_to_new_interfaces(
     failed: &mut HashSet<(String, u32)>,
     ifaces: &[netdev::Interface],
 ) {
+    let mut newly_attached = false;
     for iface in ifaces {
         let known = attached.get(&iface.name).copied();
         if known == Some(iface.index) {
@@ -811,7 +812,7 @@ fn attach_to_new_interfaces(
                 tracing::info!(iface = iface.name, "{why}");
                 attached.insert(iface.name.clone(), iface.index);
                 failed.remove(&(iface.name.clone(), iface.index));
-                unmark_detached(dp, attached);
+                newly_attached = true;
             }
             Err(e) => {
                 if failed.insert((iface.name.clone(), iface.index)) {
@@ -823,6 +824,10 @@ fn attach_to_new_interfaces(
                 }
             }
         }
+    }
+    if newly_attached {
+        // An interface made anew leaves its old index's mark behind.
+        unmark_detached(dp, attached);
     }
 }
 

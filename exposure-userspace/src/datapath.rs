@@ -833,22 +833,24 @@ pub fn generic_xdp_interfaces(pin_dir: &Path) -> Vec<String> {
     let Ok(map) = aya::maps::HashMap::<_, u32, u8>::try_from(Map::HashMap(map)) else {
         return Vec::new();
     };
-    let mut names: Vec<String> = map
-        .keys()
-        .filter_map(Result::ok)
-        .filter_map(|ifindex| nix::net::if_::if_indextoname(ifindex).ok())
-        .filter_map(|name| name.into_string().ok())
-        .collect();
-    names.sort();
-    names
+    sorted_names(map.keys().filter_map(Result::ok))
 }
 
 /// The pod interfaces of this network namespace the replies program is attached to (by the pins
 /// under `pin_dir`), sorted.
 pub fn linked_pod_interfaces(pin_dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = pod_link_pins(pin_dir)
-        .into_iter()
-        .filter_map(|(_, ifindex)| nix::net::if_::if_indextoname(ifindex).ok())
+    sorted_names(
+        pod_link_pins(pin_dir)
+            .into_iter()
+            .map(|(_, ifindex)| ifindex),
+    )
+}
+
+/// The names of the interfaces of this network namespace among `ifindexes`, sorted (those gone
+/// left out).
+fn sorted_names(ifindexes: impl Iterator<Item = u32>) -> Vec<String> {
+    let mut names: Vec<String> = ifindexes
+        .filter_map(|ifindex| nix::net::if_::if_indextoname(ifindex).ok())
         .filter_map(|name| name.into_string().ok())
         .collect();
     names.sort();
