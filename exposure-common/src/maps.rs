@@ -76,7 +76,7 @@ pub mod names {
     pub const AFFINITY: &str = "AFFINITY";
     pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
     pub const POD_IFACES: &str = "POD_IFACES";
-    pub const GENERIC_XDP_IFACES: &str = "GENERIC_XDP_IFACES";
+    pub const XDP_IFACES: &str = "XDP_IFACES";
     pub const FRONTEND_PORTS: &str = "FRONTEND_PORTS";
     pub const SOCKET_PEERS: &str = "SOCKET_PEERS";
     /// Not pinned: filled at each start from `--socket-namespaces`.
@@ -98,12 +98,13 @@ pub mod names {
         AFFINITY,
         SOURCE_RANGES,
         POD_IFACES,
-        GENERIC_XDP_IFACES,
+        XDP_IFACES,
         FRONTEND_PORTS,
         SOCKET_PEERS,
     ];
-    /// Maps of earlier builds (one map for both families), unpinned when found.
-    pub const RETIRED: [&str; 3] = ["FRONTENDS", "FLOWS", "REPLIES"];
+    /// Maps of earlier builds, unpinned when found: one map for both families; the generic-XDP
+    /// interfaces alone (now in `XDP_IFACES` with the native ones).
+    pub const RETIRED: [&str; 4] = ["FRONTENDS", "FLOWS", "REPLIES", "GENERIC_XDP_IFACES"];
 }
 
 /// A translated address: node IP:nodePort, LoadBalancer IP:port or external IP:port.
@@ -228,8 +229,13 @@ pub const SERVICE_IN_USE: u32 = 1 << 31;
 pub const MAX_SOURCE_RANGES: u32 = 65_536;
 /// Pod interfaces XDP may redirect to (`POD_IFACES`).
 pub const MAX_POD_IFACES: u32 = 4_096;
-/// Interfaces whose XDP program runs in generic mode (`GENERIC_XDP_IFACES`).
-pub const MAX_GENERIC_XDP_IFACES: u32 = 256;
+/// Interfaces the agent attached XDP to, by the mode it runs in (`XDP_IFACES`: ifindex -> one of
+/// the two below).
+pub const MAX_XDP_IFACES: u32 = 256;
+/// In the driver: the interface also takes frames other interfaces' XDP programs redirect to it.
+pub const XDP_MODE_NATIVE: u8 = 1;
+/// On the kernel's skb, which goes on whatever the verdict (with its checksum requests).
+pub const XDP_MODE_GENERIC: u8 = 2;
 
 /// `loadBalancerSourceRanges` entry data, after the LPM prefix length: the service id (always wholly
 /// inside the prefix) then the source address in wire order, so a prefix is a network prefix.
@@ -430,6 +436,11 @@ pub const FLOW_ESTABLISHED: u32 = 128;
 /// frontend's port on the node's address (a flow entry: its replies are not a new flow). Its
 /// packets are the kernel's at XDP while it lives.
 pub const FLOW_HOST: u32 = 256;
+/// A remote flow whose next hop's interface takes no frames from XDP (not one the agent attached
+/// native XDP to: a VXLAN, Geneve, IPIP or WireGuard tunnel, an interface in generic XDP), or that
+/// arrives in generic XDP (GSO packets): XDP translates its packets and hands them to tc ingress
+/// ([`HANDOFF_OUT`]), which sends them out there as skbs.
+pub const FLOW_OUT_AT_TC: u32 = 512;
 
 /// How local flows reach pods (`REDIRECT_TO_PODS`, set at load time): through the node's stack;
 /// from tc ingress into the pod's namespace (`bpf_redirect_peer`, `--redirect-to-pods`); or from
@@ -438,19 +449,24 @@ pub const REDIRECT_OFF: u8 = 0;
 pub const REDIRECT_AT_TC: u8 = 1;
 pub const REDIRECT_AT_XDP: u8 = 2;
 
-/// What XDP leaves in a packet's metadata for tc ingress (`--redirect-to-pods`): the packet is
-/// translated, addressed to the pod's MAC, and goes to the pod behind `ifindex` (a host-side veth).
-/// XDP cannot move a packet into another namespace and tc runs only once the skb exists, so the
-/// work is split between them as Cilium splits it between its XDP and tc programs.
+/// What XDP leaves in a translated packet's metadata for tc ingress, where the skb exists: where
+/// the packet goes. XDP can neither move a packet into another namespace nor send it through a
+/// device without XDP, so the work is split between them as Cilium splits it between its XDP and
+/// tc programs.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PodHandoff {
-    /// [`POD_HANDOFF_MAGIC`]: metadata some other program left is not ours.
+pub struct TcHandoff {
+    /// [`HANDOFF_TO_POD`] or [`HANDOFF_OUT`]; metadata some other program left is neither.
     pub magic: u32,
     pub ifindex: u32,
 }
 
-pub const POD_HANDOFF_MAGIC: u32 = 0x6578_706f;
+/// `--redirect-to-pods`: addressed to the pod's MAC, into the pod behind `ifindex` (a host-side
+/// veth).
+pub const HANDOFF_TO_POD: u32 = 0x6578_706f;
+/// A [`FLOW_OUT_AT_TC`] flow's packet, SNATed: out of interface `ifindex`, the kernel filling in
+/// the link layer (`bpf_redirect_neigh`).
+pub const HANDOFF_OUT: u32 = 0x6578_6f75;
 
 /// Forward direction (client -> frontend), keyed by the client's [`FlowKey`].
 #[repr(C)]
@@ -578,10 +594,12 @@ pub enum Counter {
     /// Replies of flows sent straight to their pod, sent back the same way (from the pod's
     /// interface to the one the client's packets came in on, past the node's stack).
     RepliesFromPod,
+    /// Packets of remote flows sent from tc ingress ([`FLOW_OUT_AT_TC`]).
+    ToRemoteFromTc,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 22;
+    pub const COUNT: u32 = 23;
     pub const ALL: [Counter; Counter::COUNT as usize] = [
         Counter::FrontendPackets,
         Counter::NewFlows,
@@ -605,6 +623,7 @@ impl Counter {
         Counter::NodeSocketsRefused,
         Counter::TupleCollision,
         Counter::RepliesFromPod,
+        Counter::ToRemoteFromTc,
     ];
 
     pub fn name(self) -> &'static str {
@@ -631,6 +650,7 @@ impl Counter {
             Counter::NodeSocketsRefused => "node_sockets_refused",
             Counter::TupleCollision => "dropped_tuple_collision",
             Counter::RepliesFromPod => "replies_from_pod_redirected",
+            Counter::ToRemoteFromTc => "to_remote_backend_from_tc",
         }
     }
 }

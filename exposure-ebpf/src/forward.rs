@@ -2,17 +2,19 @@
 
 use aya_ebpf::{
     bindings::{
-        bpf_fib_lookup, xdp_action, BPF_ANY, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        bpf_fib_lookup, xdp_action, xdp_md, BPF_ANY, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_SUCCESS,
     },
     helpers::{bpf_check_mtu, bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_xdp_adjust_meta},
     programs::XdpContext,
     EbpfContext,
 };
 
-use exposure_common::{Addr, Counter, Flow, PodHandoff, POD_HANDOFF_MAGIC};
+use exposure_common::{Addr, Counter, TcHandoff};
 
 use crate::{
     maps::{count, NEIGH_MISSES},
+    nat::on_skb,
     parse::ETH_LEN,
 };
 
@@ -120,6 +122,17 @@ pub fn longer_than_mtu(ctx: &XdpContext, ifindex: u32) -> bool {
     unsafe { bpf_check_mtu(ctx.as_ptr(), ifindex, &mut mtu, 0, 0) == MTU_CHK_RET_FRAG_NEEDED }
 }
 
+/// 1 when the frame is longer than Ethernet's and came in by generic XDP: then it may be a GSO
+/// packet, whose segments the kernel sizes when it sends them (so it is not measured whole against
+/// an MTU); else 0. A global function: the verifier checks it once, and its callers get a value,
+/// not two paths.
+#[no_mangle]
+#[inline(never)]
+pub extern "C" fn exposure_unmeasured(ctx: *mut xdp_md) -> i32 {
+    let ctx = &XdpContext::new(ctx);
+    (ctx.data_end() - ctx.data() > ETH_LEN + 1500 && on_skb(ctx)) as i32
+}
+
 /// Whether every frame that interface `ifindex` may send fits interface `to` (its MTU is at least
 /// as large). An error reads as "no".
 #[inline(always)]
@@ -143,11 +156,12 @@ pub fn transmit(ctx: &XdpContext, ifindex: u32) -> u32 {
     }
 }
 
-/// Leaves `flow`'s pod interface in the frame's metadata for tc ingress to act on
-/// (`--redirect-to-pods`). Err: no room for metadata (the frame then goes through the stack).
+/// Leaves where the frame goes in its metadata for tc ingress to act on (a [`TcHandoff`]): into
+/// the pod behind `ifindex` ([`HANDOFF_TO_POD`]), or out of `ifindex` ([`HANDOFF_OUT`]). Err: the
+/// driver keeps no metadata, or has no room for it.
 #[inline(always)]
-pub fn hand_to_tc(ctx: &XdpContext, flow: &Flow) -> Result<(), ()> {
-    const LEN: usize = core::mem::size_of::<PodHandoff>();
+pub fn hand_to_tc(ctx: &XdpContext, magic: u32, ifindex: u32) -> Result<(), ()> {
+    const LEN: usize = core::mem::size_of::<TcHandoff>();
     if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -(LEN as i32)) } != 0 {
         return Err(());
     }
@@ -155,12 +169,7 @@ pub fn hand_to_tc(ctx: &XdpContext, flow: &Flow) -> Result<(), ()> {
     if meta + LEN > ctx.data() {
         return Err(());
     }
-    let handoff = meta as *mut PodHandoff;
-    unsafe {
-        handoff.write_unaligned(PodHandoff {
-            magic: POD_HANDOFF_MAGIC,
-            ifindex: flow.ifindex,
-        })
-    };
+    let handoff = meta as *mut TcHandoff;
+    unsafe { handoff.write_unaligned(TcHandoff { magic, ifindex }) };
     Ok(())
 }

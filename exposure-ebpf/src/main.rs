@@ -20,7 +20,7 @@ use aya_ebpf::{
         xdp_action, xdp_md, BPF_ANY, BPF_FIB_LKUP_RET_SUCCESS, BPF_F_MARK_MANGLED_0,
         BPF_F_PSEUDO_HDR, BPF_NOEXIST, TC_ACT_OK, TC_ACT_UNSPEC,
     },
-    helpers::{bpf_ktime_get_coarse_ns, bpf_redirect, bpf_redirect_peer},
+    helpers::{bpf_ktime_get_coarse_ns, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
@@ -28,7 +28,10 @@ use aya_log_ebpf::{debug, warn};
 use exposure_common::*;
 
 use crate::{
-    forward::{fib_query, hand_to_tc, longer_than_mtu, mtu_exceeded, mtu_fits, next_hop, transmit},
+    forward::{
+        exposure_unmeasured, fib_query, hand_to_tc, longer_than_mtu, mtu_exceeded, mtu_fits,
+        next_hop, transmit,
+    },
     host::host_connection,
     maps::*,
     nat::{rewrite, set_macs, Leaves, Tuple},
@@ -514,6 +517,15 @@ fn new_flow(ctx: &XdpContext, p: &Packet, fe: &Frontend, now: u64) -> Selected {
         };
         let flow = &mut s.flow;
         flow.flags |= FLOW_REMOTE;
+        // XDP sends a frame out of another interface only where the agent's native XDP runs (a
+        // driver takes redirected frames only then; a tunnel never does), and only from native
+        // XDP (generic XDP's redirect drops GSO packets). Else tc ingress sends it, as an skb.
+        // (Branch-free: the rest of the setup is walked once by the verifier.)
+        let ingress = s.reply.ifindex;
+        let elsewhere = (hop.ifindex != ingress) as u32;
+        let no_xdp_there = (xdp_mode(hop.ifindex) != XDP_MODE_NATIVE) as u32;
+        let generic_here = (xdp_mode(ingress) == XDP_MODE_GENERIC) as u32;
+        flow.flags |= (elsewhere & (no_xdp_there | generic_here)) * FLOW_OUT_AT_TC;
         flow.snat_addr = *snat_addr;
         flow.ifindex = hop.ifindex;
         flow.dmac = hop.dmac;
@@ -663,8 +675,15 @@ fn claim_snat_port(s: &mut Scratch, now: u64) -> Option<u16> {
 #[inline(always)]
 fn translate_to_backend(ctx: &XdpContext, p: &Packet, flow: &Flow) -> Result<u32, ()> {
     if flow.flags & FLOW_REMOTE != 0 {
-        if let Some(mtu) = mtu_exceeded(ctx, flow.ifindex) {
-            return too_big(ctx, p, mtu);
+        // Branch-free up to the rewrite: one path for the verifier to walk, whichever way the
+        // flow leaves.
+        let at_tc = (flow.flags / FLOW_OUT_AT_TC) & 1;
+        // Sent from tc, a GSO packet is segmented by the kernel: not measured whole.
+        let unmeasured = at_tc & exposure_unmeasured(ctx.ctx) as u32;
+        if unmeasured == 0 {
+            if let Some(mtu) = mtu_exceeded(ctx, flow.ifindex) {
+                return too_big(ctx, p, mtu);
+            }
         }
         let to = Tuple {
             saddr: &flow.snat_addr,
@@ -672,9 +691,13 @@ fn translate_to_backend(ctx: &XdpContext, p: &Packet, flow: &Flow) -> Result<u32
             sport: flow.snat_port,
             dport: flow.backend_port,
         };
-        rewrite(ctx, p, &to, Leaves::FromXdp)?;
-        set_macs(ctx, &flow.dmac, &flow.smac)?;
+        rewrite(ctx, p, &to, Leaves::to_kernel_if(at_tc))?;
         count(Counter::ToRemote);
+        // Still addressed to this node, so the stack takes it up to tc ingress.
+        if at_tc != 0 && hand_to_tc(ctx, HANDOFF_OUT, flow.ifindex).is_ok() {
+            return Ok(xdp_action::XDP_PASS);
+        }
+        set_macs(ctx, &flow.dmac, &flow.smac)?;
         Ok(transmit(ctx, flow.ifindex))
     } else {
         // DNAT only: the pod sees the client's address; the kernel routes it to the pod.
@@ -696,7 +719,9 @@ fn translate_to_backend(ctx: &XdpContext, p: &Packet, flow: &Flow) -> Result<u32
             // Both fall back to the stack if the agent has since taken the interface out.
             if redirect_at_tc() {
                 // The pod's MAC only once the hand-off is sure: the stack drops frames to others.
-                if POD_IFACES.get_ifindex(flow.ifindex).is_some() && hand_to_tc(ctx, flow).is_ok() {
+                if POD_IFACES.get_ifindex(flow.ifindex).is_some()
+                    && hand_to_tc(ctx, HANDOFF_TO_POD, flow.ifindex).is_ok()
+                {
                     set_macs(ctx, &flow.dmac, &flow.smac)?;
                 }
                 return Ok(xdp_action::XDP_PASS);
@@ -876,17 +901,25 @@ pub fn exposure_tc_ingress(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn try_tc_ingress(ctx: &TcContext) -> Result<i32, ()> {
-    const LEN: usize = core::mem::size_of::<PodHandoff>();
+    const LEN: usize = core::mem::size_of::<TcHandoff>();
     let meta = unsafe { (*ctx.skb.skb).data_meta } as usize;
     if meta + LEN > ctx.data() {
         return Ok(TC_ACT_UNSPEC);
     }
-    let handoff = unsafe { (meta as *const PodHandoff).read_unaligned() };
-    if handoff.magic != POD_HANDOFF_MAGIC {
-        return Ok(TC_ACT_UNSPEC);
+    let handoff = unsafe { (meta as *const TcHandoff).read_unaligned() };
+    match handoff.magic {
+        HANDOFF_TO_POD => {
+            count(Counter::RedirectedToPod);
+            Ok(unsafe { bpf_redirect_peer(handoff.ifindex, 0) } as i32)
+        }
+        HANDOFF_OUT => {
+            count(Counter::ToRemoteFromTc);
+            // The kernel routes it out of that interface and fills in the link layer (none on a
+            // WireGuard or IPIP device), resolving the neighbour if need be.
+            Ok(unsafe { bpf_redirect_neigh(handoff.ifindex, core::ptr::null_mut(), 0, 0) } as i32)
+        }
+        _ => Ok(TC_ACT_UNSPEC),
     }
-    count(Counter::RedirectedToPod);
-    Ok(unsafe { bpf_redirect_peer(handoff.ifindex, 0) } as i32)
 }
 
 /// `--redirect-to-pods` / `--xdp-redirect-to-pods`, on the pods' interfaces (tc ingress): the

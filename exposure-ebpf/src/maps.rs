@@ -52,11 +52,17 @@ pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(Counter::COUNT, 0);
 /// filled by the agent from `--redirect-to-pods` / `--xdp-redirect-to-pods` name prefixes, else empty.
 #[map]
 pub static POD_IFACES: DevMapHash = DevMapHash::pinned(MAX_POD_IFACES, 0);
-/// Interfaces (ifindex -> 1) whose XDP program runs in generic mode, on the kernel's skb (a driver
-/// without XDP, or one that refused it): filled by the agent before it attaches there. A packet
-/// sent on from there keeps its skb, and with it a checksum its sender left to the device.
+/// Interfaces the agent attached XDP to (ifindex -> `XDP_MODE_*`). Generic ones are marked before
+/// their program runs: a packet sent on from there keeps its skb, and with it a checksum its sender
+/// left to the device. Native ones once it runs: only then may frames be redirected there.
 #[map]
-pub static GENERIC_XDP_IFACES: HashMap<u32, u8> = HashMap::pinned(MAX_GENERIC_XDP_IFACES, 0);
+pub static XDP_IFACES: HashMap<u32, u8> = HashMap::pinned(MAX_XDP_IFACES, 0);
+
+/// The mode the agent attached XDP to interface `ifindex` in (`XDP_MODE_*`), 0 if it did not.
+#[inline(always)]
+pub fn xdp_mode(ifindex: u32) -> u8 {
+    unsafe { XDP_IFACES.get(&ifindex) }.copied().unwrap_or(0)
+}
 /// One bit for each port some frontend is on ([`port_bit`]): the node's own connections from these
 /// ports are looked for among the frontends at tc egress.
 #[map]

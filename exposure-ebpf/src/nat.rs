@@ -4,10 +4,10 @@ use aya_ebpf::programs::XdpContext;
 use aya_ebpf::{bindings::xdp_md, helpers::bpf_csum_diff};
 use exposure_common::{
     checksum::{complete, fold64, is_partial, pseudo_header4, pseudo_header6, Delta},
-    Addr, PROTO_TCP, PROTO_UDP,
+    Addr, PROTO_TCP, PROTO_UDP, XDP_MODE_GENERIC,
 };
 
-use crate::{maps::GENERIC_XDP_IFACES, parse::*};
+use crate::{maps::xdp_mode, parse::*};
 
 /// The 4-tuple a packet should carry after translation (same family as the packet). Addresses by
 /// reference, usually into a map value: copies would cost stack, of which BPF has 512 bytes.
@@ -31,12 +31,23 @@ fn store<T>(p: *mut T, v: T) {
 
 /// Where a rewritten packet goes next.
 #[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 pub enum Leaves {
-    /// To the kernel (XDP_PASS): its skb, and whatever the sender left to a device, go on.
-    ToKernel,
     /// Sent from XDP (XDP_TX, XDP_REDIRECT): a bare frame, whose checksums must be whole (but
     /// in generic mode, where the skb goes on).
-    FromXdp,
+    FromXdp = 0,
+    /// To the kernel (XDP_PASS): its skb, and whatever the sender left to a device, go on.
+    ToKernel = 1,
+}
+
+impl Leaves {
+    /// `ToKernel` when `bit` (0 or 1) is set, without a branch: the verifier then walks one path
+    /// into [`rewrite`], not one for each.
+    #[inline(always)]
+    pub fn to_kernel_if(bit: u32) -> Leaves {
+        // SAFETY: `bit & 1` is one of the two discriminants.
+        unsafe { core::mem::transmute::<u8, Leaves>((bit & 1) as u8) }
+    }
 }
 
 /// Rewrites the packet's addresses and ports to `to`, updating checksums incrementally. Not inlined:
@@ -228,9 +239,8 @@ pub extern "C" fn exposure_left_to_device(
 /// Whether this packet came in by an interface whose XDP runs on the kernel's skb (generic mode):
 /// then the skb goes on whatever the verdict, XDP_TX and XDP_REDIRECT included.
 #[inline(always)]
-fn on_skb(ctx: &XdpContext) -> bool {
-    let ifindex = ctx.ingress_ifindex() as u32;
-    unsafe { GENERIC_XDP_IFACES.get(&ifindex) }.is_some()
+pub fn on_skb(ctx: &XdpContext) -> bool {
+    xdp_mode(ctx.ingress_ifindex() as u32) == XDP_MODE_GENERIC
 }
 
 /// The one's-complement sum of `len` bytes at `off` (at most [`SEGMENT_MAX`]; `u64::MAX` when it

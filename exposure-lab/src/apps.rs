@@ -207,14 +207,26 @@ fn retry_interrupted<T>(mut call: impl FnMut() -> std::io::Result<T>) -> std::io
     call()
 }
 
-/// Reads `n` bytes of the bulk pattern: "received N", or where the first wrong byte was.
+/// Reads `n` bytes of the bulk pattern: "received N", or where the first wrong byte was. The
+/// connection's short read timeout (the server's poll) is waited out for up to [`IO_TIMEOUT`]
+/// without a byte: a lost segment's retransmission timer (200 ms at least) stalls a stream.
 fn read_bulk(r: &mut impl Read, n: usize) -> std::io::Result<String> {
     let mut buf = vec![0u8; 64 << 10];
     let mut got = 0;
     let mut wrong = None;
     while got < n {
         let len = buf.len().min(n - got);
-        let read = retry_interrupted(|| r.read(&mut buf[..len]))?;
+        let since = std::time::Instant::now();
+        let read = loop {
+            match retry_interrupted(|| r.read(&mut buf[..len])) {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) && since.elapsed() < IO_TIMEOUT => {}
+                read => break read?,
+            }
+        };
         if read == 0 {
             return Err(std::io::ErrorKind::UnexpectedEof.into());
         }

@@ -239,6 +239,70 @@ impl Lab {
         self.warm_neighbours()
     }
 
+    /// Moves the nodes' pod networks onto a VXLAN overlay, as flannel's default backend (and
+    /// Calico's VXLAN mode) lays it out: each node's `flannel.1` (VNI 1, UDP 8472 over its
+    /// `eth0`, MTU 1450, rp_filter loose as systemd sets it) holds its pod network's `.0` (and
+    /// `::`), and the other nodes' pod networks are routed through it onlink via theirs, with the
+    /// permanent neighbour and forwarding entries flanneld writes (no learning); pods get the
+    /// tunnel's MTU. The LAN then carries pod traffic between nodes only inside VXLAN.
+    pub fn vxlan_overlay(&self) -> anyhow::Result<()> {
+        const DEV: &str = "flannel.1";
+        let mut macs = Vec::new();
+        for (n, node) in self.nodes.iter().enumerate() {
+            let ns = &node.ns;
+            for pod in &node.pods {
+                pod.ns.ip("link set eth0 mtu 1450")?;
+            }
+            ns.ip(&format!(
+                "link add {DEV} type vxlan id 1 local {} dev eth0 dstport 8472 nolearning",
+                node.ip
+            ))?;
+            ns.sysctl("net.ipv4.conf.flannel/1.rp_filter", "2")?;
+            ns.ip(&format!("link set {DEV} mtu 1450 up"))?;
+            ns.ip(&format!("addr add 198.19.{}.0/32 dev {DEV}", n + 1))?;
+            ns.ip(&format!(
+                "addr add 2001:2:0:{}::/128 dev {DEV} nodad",
+                n + 1
+            ))?;
+            macs.push(crate::netns::mac_text(ns.mac(DEV)?));
+        }
+        for (n, node) in self.nodes.iter().enumerate() {
+            let ns = &node.ns;
+            for (m, other) in self.nodes.iter().enumerate().filter(|(m, _)| *m != n) {
+                let net = m + 1;
+                let mac = &macs[m];
+                ns.ip(&format!(
+                    "route replace 198.19.{net}.0/24 via 198.19.{net}.0 dev {DEV} onlink"
+                ))?;
+                ns.ip(&format!(
+                    "neigh replace 198.19.{net}.0 lladdr {mac} dev {DEV} nud permanent"
+                ))?;
+                // Deleted first: an onlink IPv6 gateway the old route reaches through eth0 is
+                // refused as a device mismatch.
+                ns.ip(&format!("-6 route del 2001:2:0:{net}::/64"))?;
+                ns.ip(&format!(
+                    "-6 route add 2001:2:0:{net}::/64 via 2001:2:0:{net}:: dev {DEV} onlink"
+                ))?;
+                ns.ip(&format!(
+                    "-6 neigh replace 2001:2:0:{net}:: lladdr {mac} dev {DEV} nud permanent"
+                ))?;
+                ns.exec(
+                    "bridge",
+                    &[
+                        "fdb",
+                        "append",
+                        mac,
+                        "dev",
+                        DEV,
+                        "dst",
+                        &other.ip.to_string(),
+                    ],
+                )?;
+            }
+        }
+        Ok(())
+    }
+
     /// Resolves ARP and IPv6 neighbours between all LAN hosts up front: the XDP fast path uses the
     /// kernel's neighbour table (bpf_fib_lookup) and does not resolve on its own.
     pub fn warm_neighbours(&self) -> anyhow::Result<()> {

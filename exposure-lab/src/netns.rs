@@ -24,6 +24,17 @@ pub fn unique_prefix(tag: &str) -> String {
 
 /// Runs a command, failing with its stderr when it fails.
 /// A MAC address as `ip` writes and reads it (`02:00:00:00:00:42`).
+/// A sysctl(8) key as a path under /proc/sys: dots and slashes swap.
+fn sysctl_path(key: &str) -> String {
+    key.chars()
+        .map(|c| match c {
+            '.' => '/',
+            '/' => '.',
+            c => c,
+        })
+        .collect()
+}
+
 pub fn mac_text(mac: [u8; 6]) -> String {
     mac.iter()
         .map(|b| format!("{b:02x}"))
@@ -121,15 +132,17 @@ impl Netns {
             .map_err(|_| anyhow::anyhow!("MAC of {dev}: {text:?}"))
     }
 
+    /// Sets a sysctl, its key written as sysctl(8) takes it: `/` for a dot in an interface's
+    /// name (`net.ipv4.conf.flannel/1.rp_filter`).
     pub fn sysctl(&self, key: &str, value: &str) -> anyhow::Result<()> {
-        let path = format!("/proc/sys/{}", key.replace('.', "/"));
+        let path = format!("/proc/sys/{}", sysctl_path(key));
         self.exec("sh", &["-c", &format!("echo {value} > {path}")])?;
         Ok(())
     }
 
     /// A sysctl's value as this namespace sees it (`net.ipv4.ip_forward`), trimmed.
     pub fn sysctl_value(&self, key: &str) -> anyhow::Result<String> {
-        let path = format!("/proc/sys/{}", key.replace('.', "/"));
+        let path = format!("/proc/sys/{}", sysctl_path(key));
         let value = self
             .run(move || std::fs::read_to_string(&path))?
             .with_context(|| format!("reading {key} in netns {}", self.name))?;

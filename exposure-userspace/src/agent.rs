@@ -831,12 +831,12 @@ fn attach_to_new_interfaces(
     }
 }
 
-/// Keeps `GENERIC_XDP_IFACES` to the interfaces attached now (`attached`: name -> ifindex): an
+/// Keeps `XDP_IFACES` to the interfaces attached now (`attached`: name -> ifindex): an
 /// interface that is gone, or no longer selected, leaves it.
 fn unmark_detached(dp: &mut Datapath, attached: &HashMap<String, u32>) {
     let now: std::collections::BTreeSet<u32> = attached.values().copied().collect();
-    if let Err(e) = dp.unmark_generic_xdp_except(&now) {
-        tracing::warn!(error = %format!("{e:#}"), "cannot update GENERIC_XDP_IFACES");
+    if let Err(e) = dp.unmark_xdp_except(&now) {
+        tracing::warn!(error = %format!("{e:#}"), "cannot update XDP_IFACES");
     }
 }
 

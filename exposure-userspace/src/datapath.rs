@@ -22,7 +22,7 @@ use aya::{
 };
 use exposure_common::{
     names, Addr, Backend, Counter, Flow, FlowKey, FlowKey4, Frontend, FrontendKey, FrontendKey4,
-    NodeAddrKey, Reply, Service,
+    NodeAddrKey, Reply, Service, XDP_MODE_GENERIC, XDP_MODE_NATIVE,
 };
 
 use crate::sync::{DatapathMaps, Snapshot};
@@ -283,7 +283,7 @@ fn expected_layout(name: &str) -> Option<(u32, u32, u32)> {
         names::FRONTEND_STATS => sz(4, size_of::<Traffic>()),
         // Key and `struct bpf_devmap_val` (ifindex, program).
         names::POD_IFACES => with_flags(4, 8, BPF_F_RDONLY_PROG),
-        names::GENERIC_XDP_IFACES => sz(4, 1),
+        names::XDP_IFACES => sz(4, 1),
         names::FRONTEND_PORTS => sz(4, 8),
         names::SOCKET_PEERS => sz(
             size_of::<exposure_common::SocketPeerKey>(),
@@ -391,7 +391,6 @@ impl Capacity {
 pub struct Datapath {
     ebpf: Ebpf,
     pin_dir: PathBuf,
-    redirect_to_pods: RedirectToPods,
     /// The pod interfaces (by index) whose links run this run's [`TC_FROM_POD_PROGRAM`].
     pod_links: std::collections::BTreeSet<u32>,
 }
@@ -448,7 +447,6 @@ impl Datapath {
         Ok(Datapath {
             ebpf,
             pin_dir: pin_dir.to_path_buf(),
-            redirect_to_pods: capacity.redirect_to_pods,
             pod_links: Default::default(),
         })
     }
@@ -471,14 +469,12 @@ impl Datapath {
         Ok(program(&mut self.ebpf, name)?.try_into()?)
     }
 
-    /// XDP on ingress and tc on egress of `iface` (and tc on ingress with `--redirect-to-pods`);
-    /// replaces our own earlier programs atomically.
+    /// XDP on ingress and tc on ingress and egress of `iface`; replaces our own earlier programs
+    /// atomically.
     pub fn attach(&mut self, iface: &str, mode: XdpMode) -> anyhow::Result<()> {
-        let ingress_pin = tc_pin(&self.pin_dir, iface, TcAttachType::Ingress);
-        if self.redirect_to_pods == RedirectToPods::AtTc {
-            // Before XDP starts handing packets over: without it they would be lost.
-            self.attach_tc(iface, TC_INGRESS_PROGRAM, TcAttachType::Ingress)?;
-        }
+        // Before XDP starts handing packets over (remote flows through a tunnel, say, and pods'
+        // with `--redirect-to-pods`): without it they would be lost.
+        self.attach_tc(iface, TC_INGRESS_PROGRAM, TcAttachType::Ingress)?;
         let xdp_pin = self.pin_dir.join("links").join(format!("xdp-{iface}"));
         let ifindex =
             nix::net::if_::if_nametoindex(iface).with_context(|| format!("interface {iface}"))?;
@@ -509,7 +505,12 @@ impl Datapath {
             None => false,
         };
         if replaced {
-            self.mark_generic_xdp(ifindex, generic)?;
+            let mode = if generic {
+                XDP_MODE_GENERIC
+            } else {
+                XDP_MODE_NATIVE
+            };
+            self.mark_xdp(ifindex, Some(mode))?;
         } else {
             // Missing, or left behind by an interface that no longer exists.
             let _ = std::fs::remove_file(&xdp_pin);
@@ -523,21 +524,15 @@ impl Datapath {
                 .with_context(|| format!("pinning {}", xdp_pin.display()))?;
         }
         self.attach_tc(iface, TC_PROGRAM, TcAttachType::Egress)?;
-        if self.redirect_to_pods != RedirectToPods::AtTc {
-            if let Ok(link) = PinnedLink::from_pin(&ingress_pin) {
-                // An earlier run's --redirect-to-pods, now that XDP no longer hands packets over:
-                // its program would cost every packet for nothing.
-                drop(link.unpin());
-            }
-        }
-        tracing::info!(iface, "datapath attached (XDP ingress, tc egress)");
+        tracing::info!(iface, "datapath attached (XDP and tc ingress, tc egress)");
         Ok(())
     }
 
     /// Attaches XDP to `iface` in `mode`; `Default` is native XDP, else generic where the driver has
     /// none or refuses it (an MTU too large for its XDP, as ENA's 9001 on AWS; offloads a virtio
-    /// host will not turn off), as libxdp falls back. The interface is marked in
-    /// `GENERIC_XDP_IFACES` before its program sees a packet.
+    /// host will not turn off), as libxdp falls back. The interface is marked in `XDP_IFACES`: as
+    /// generic before its program sees a packet, as native once the program runs (only then may
+    /// frames be redirected there).
     fn attach_xdp(
         &mut self,
         iface: &str,
@@ -547,19 +542,22 @@ impl Datapath {
         let native_refused = if mode == XdpMode::Skb {
             None
         } else {
-            self.mark_generic_xdp(ifindex, false)?;
+            self.mark_xdp(ifindex, None)?;
             let native = if mode == XdpMode::Default {
                 XdpMode::Driver
             } else {
                 mode
             };
             match self.xdp()?.attach(iface, native) {
-                Ok(id) => return Ok(id),
+                Ok(id) => {
+                    self.mark_xdp(ifindex, Some(XDP_MODE_NATIVE))?;
+                    return Ok(id);
+                }
                 Err(e) if mode == XdpMode::Default => Some(anyhow::Error::from(e)),
                 Err(e) => return Err(e).with_context(|| format!("attaching XDP to {iface}")),
             }
         };
-        self.mark_generic_xdp(ifindex, true)?;
+        self.mark_xdp(ifindex, Some(XDP_MODE_GENERIC))?;
         let id =
             self.xdp()?
                 .attach(iface, XdpMode::Skb)
@@ -579,23 +577,22 @@ impl Datapath {
         Ok(id)
     }
 
-    /// Marks interface `ifindex` in `GENERIC_XDP_IFACES` as running generic XDP, or not.
-    fn mark_generic_xdp(&mut self, ifindex: u32, generic: bool) -> anyhow::Result<()> {
-        let mut marked = self.generic_xdp_ifaces()?;
-        if generic {
-            marked.insert(ifindex, 1, 0)
-        } else {
-            already_gone(marked.remove(&ifindex))
+    /// Marks interface `ifindex` in `XDP_IFACES` as running XDP in `mode` (`XDP_MODE_*`), or not.
+    fn mark_xdp(&mut self, ifindex: u32, mode: Option<u8>) -> anyhow::Result<()> {
+        let mut marked = self.xdp_ifaces()?;
+        match mode {
+            Some(mode) => marked.insert(ifindex, mode, 0),
+            None => already_gone(marked.remove(&ifindex)),
         }
-        .with_context(|| format!("GENERIC_XDP_IFACES[{ifindex}]"))
+        .with_context(|| format!("XDP_IFACES[{ifindex}]"))
     }
 
-    /// Unmarks in `GENERIC_XDP_IFACES` every interface but those in `attached` (ifindexes).
-    pub fn unmark_generic_xdp_except(
+    /// Unmarks in `XDP_IFACES` every interface but those in `attached` (ifindexes).
+    pub fn unmark_xdp_except(
         &mut self,
         attached: &std::collections::BTreeSet<u32>,
     ) -> anyhow::Result<()> {
-        let mut marked = self.generic_xdp_ifaces()?;
+        let mut marked = self.xdp_ifaces()?;
         let gone: Vec<u32> = marked
             .keys()
             .filter_map(Result::ok)
@@ -603,18 +600,18 @@ impl Datapath {
             .collect();
         for ifindex in gone {
             already_gone(marked.remove(&ifindex))
-                .with_context(|| format!("GENERIC_XDP_IFACES[{ifindex}]"))?;
+                .with_context(|| format!("XDP_IFACES[{ifindex}]"))?;
         }
         Ok(())
     }
 
-    fn generic_xdp_ifaces(
+    fn xdp_ifaces(
         &mut self,
     ) -> anyhow::Result<aya::maps::HashMap<&mut aya::maps::MapData, u32, u8>> {
         let map = self
             .ebpf
-            .map_mut(names::GENERIC_XDP_IFACES)
-            .context("no GENERIC_XDP_IFACES map")?;
+            .map_mut(names::XDP_IFACES)
+            .context("no XDP_IFACES map")?;
         Ok(aya::maps::HashMap::try_from(map)?)
     }
 
@@ -824,16 +821,21 @@ pub fn attached_interfaces(pin_dir: &Path) -> Vec<String> {
     names
 }
 
-/// The interfaces of this network namespace marked as running generic XDP (`GENERIC_XDP_IFACES`),
+/// The interfaces of this network namespace marked as running generic XDP (in `XDP_IFACES`),
 /// sorted; none when the map cannot be read.
 pub fn generic_xdp_interfaces(pin_dir: &Path) -> Vec<String> {
-    let Ok(map) = open_map(pin_dir, names::GENERIC_XDP_IFACES) else {
+    let Ok(map) = open_map(pin_dir, names::XDP_IFACES) else {
         return Vec::new();
     };
     let Ok(map) = aya::maps::HashMap::<_, u32, u8>::try_from(Map::HashMap(map)) else {
         return Vec::new();
     };
-    sorted_names(map.keys().filter_map(Result::ok))
+    sorted_names(
+        map.iter()
+            .filter_map(Result::ok)
+            .filter(|(_, mode)| *mode == XDP_MODE_GENERIC)
+            .map(|(ifindex, _)| ifindex),
+    )
 }
 
 /// The pod interfaces of this network namespace the replies program is attached to (by the pins

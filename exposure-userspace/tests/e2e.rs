@@ -1099,18 +1099,25 @@ fn auto_attaches_to_the_nodes_networks_and_follows_new_ones() {
     c.agent_flags = vec!["--iface".into(), "auto,eth0".into()];
     c.start_agent(0);
     assert_eq!(with_xdp(&ns), ifaces(&["eth0", "mv1"]));
-    let mv1 = c.lab.nodes[0]
-        .ns
-        .run(|| nix::net::if_::if_nametoindex("mv1"))
-        .unwrap()
-        .unwrap();
-    let marks = aya::maps::MapData::from_pin(
-        pin_dir(&c.lab.prefix, &c.lab.nodes[0]).join("GENERIC_XDP_IFACES"),
-    )
-    .unwrap();
+    let [eth0, mv1] = ["eth0", "mv1"].map(|name| {
+        c.lab.nodes[0]
+            .ns
+            .run(move || nix::net::if_::if_nametoindex(name))
+            .unwrap()
+            .unwrap()
+    });
+    let marks =
+        aya::maps::MapData::from_pin(pin_dir(&c.lab.prefix, &c.lab.nodes[0]).join("XDP_IFACES"))
+            .unwrap();
     let marks: aya::maps::HashMap<_, u32, u8> = aya::maps::Map::HashMap(marks).try_into().unwrap();
-    let marked: BTreeSet<u32> = marks.keys().map(Result::unwrap).collect();
-    assert_eq!(marked, BTreeSet::from([mv1]));
+    let marked: BTreeMap<u32, u8> = marks.iter().map(Result::unwrap).collect();
+    assert_eq!(
+        marked,
+        BTreeMap::from([
+            (eth0, exposure_common::XDP_MODE_NATIVE),
+            (mv1, exposure_common::XDP_MODE_GENERIC)
+        ])
+    );
     assert_eq!(c.tcp_spread(c.node(0, 30600), 0).0, everyone);
     assert_eq!(
         front_spread(nodeport_on_mv1, "198.18.200.1"),
@@ -2044,9 +2051,10 @@ fn redirect_to_pods_serves_local_pods(flags: &[&str], pod_gro: bool) {
         let log = c.agents[0].log_text();
         log.contains("not a veth") && log.contains("vpbr0")
     });
-    // tc ingress has a program only when XDP hands packets over to it.
+    // tc ingress has its program (XDP hands packets over to it with `--redirect-to-pods`, and
+    // remote flows through a tunnel in any mode).
     let ingress_link = c.agents[0].pin_dir.join("links/tc-ingress-eth0");
-    assert_eq!(ingress_link.exists(), flags[0] == "--redirect-to-pods");
+    assert!(ingress_link.exists());
 
     // A connection to a local pod, redirected while the option is on: its packets pass neither
     // the node's routing nor its netfilter ...
@@ -2129,7 +2137,7 @@ fn redirect_to_pods_serves_local_pods(flags: &[&str], pod_gro: bool) {
     assert_eq!(c.udp_spread(c.node(0, 30700), 40), everyone);
     assert_eq!(c.tcp_spread(c.node(0, 30700), 30).0, everyone);
     assert_eq!(agent_counter(&c, "to_local_backend_redirected"), before);
-    assert!(!ingress_link.exists(), "tc ingress detached again");
+    assert!(ingress_link.exists(), "tc ingress kept");
     assert_eq!(pod_reply_links(&c, 0), 0, "the pods' programs detached");
 }
 
@@ -2479,29 +2487,124 @@ fn generic_xdp_serves_offloading_clients(flags: &[&str]) {
     ] {
         assert_eq!(c.tcp_spread(to, 0).0, all, "TCP via {to}");
         assert_eq!(c.udp_spread(to, 0), all, "UDP via {to}");
-        // Until both pods had one (a new flow's pod is a hash pick), both ways.
-        let mut sent_to = BTreeSet::new();
-        for _ in 0..apps::SPREAD_MIN {
-            if sent_to == all {
-                break;
-            }
-            let before = agent_counter(&c, "frontend_packets");
-            let pod = apps::tcp_send_bulk(&c.lab.client, to, 16 << 20)
-                .unwrap_or_else(|e| panic!("16 MiB to a pod via {to}: {e:#}"));
-            // As packets of many segments: 16 MiB is 11,586 full-sized ones.
-            let packets = agent_counter(&c, "frontend_packets") - before;
-            assert!(packets < 3000.0, "16 MiB to {pod} in {packets} packets");
-            sent_to.insert(pod);
-            apps::tcp_fetch_bulk(&c.lab.client, to, 8 << 20)
-                .unwrap_or_else(|e| panic!("8 MiB from a pod via {to}: {e:#}"));
-        }
-        assert_eq!(sent_to, all, "16 MiB uploads via {to}");
+        // As packets of many segments: 16 MiB is 11,586 full-sized ones.
+        bulk_to_and_from_every_pod(&c, to, &all, Some(3000.0));
     }
     if !flags.is_empty() {
         // The local pod's packets went past the stack (with the XDP redirect, GSO ones through
         // it: the kernel's generic redirect drops a packet longer than the MTU).
         assert!(agent_counter(&c, "to_local_backend_redirected") > 0.0);
     }
+}
+
+/// Sends 16 MiB to and fetches 8 MiB from the pods behind `to`, until each of `pods` had an upload
+/// (a new flow's pod is a hash pick), every byte checked; with `max_packets`, each upload must
+/// reach node-1's XDP in fewer packets (GSO packets of many segments).
+fn bulk_to_and_from_every_pod(
+    c: &Cluster,
+    to: SocketAddr,
+    pods: &BTreeSet<String>,
+    max_packets: Option<f64>,
+) {
+    let mut sent_to = BTreeSet::new();
+    for _ in 0..apps::SPREAD_MIN {
+        if sent_to == *pods {
+            break;
+        }
+        let before = agent_counter(c, "frontend_packets");
+        let pod = apps::tcp_send_bulk(&c.lab.client, to, 16 << 20)
+            .unwrap_or_else(|e| panic!("16 MiB to a pod via {to}: {e:#}"));
+        let packets = agent_counter(c, "frontend_packets") - before;
+        if let Some(max) = max_packets {
+            assert!(packets < max, "16 MiB to {pod} in {packets} packets");
+        }
+        sent_to.insert(pod);
+        apps::tcp_fetch_bulk(&c.lab.client, to, 8 << 20)
+            .unwrap_or_else(|e| panic!("8 MiB from a pod via {to}: {e:#}"));
+    }
+    assert_eq!(sent_to, *pods, "16 MiB uploads via {to}");
+}
+
+#[test]
+fn remote_pods_behind_a_vxlan_overlay_are_reached_through_the_tunnel() {
+    overlay_serves_remote_pods(&[]);
+}
+
+#[test]
+fn generic_xdp_sends_remote_flows_into_a_vxlan_overlay_from_tc() {
+    overlay_serves_remote_pods(&["--xdp-mode", "generic"]);
+}
+
+/// The nodes' pods on a flannel-style VXLAN overlay ([`Lab::vxlan_overlay`]): a remote pod's route
+/// leaves by `flannel.1`, a device XDP cannot send frames through. Its flows are SNATed in XDP
+/// and sent from tc ingress (the kernel encapsulates them); the pod answers the node's address
+/// over the LAN, where XDP translates its replies as ever. In generic XDP the client offloads, so
+/// its uploads reach XDP as GSO packets of up to 64 KiB.
+fn overlay_serves_remote_pods(flags: &[&str]) {
+    let generic = !flags.is_empty();
+    let pods = [1, 1];
+    let remote_only = {
+        let ports =
+            "  - {name: udp, protocol: UDP, port: 53, targetPort: 50000, nodePort: 30702}\n";
+        let endpoint = "- {name: udp, protocol: UDP, port: 50000}\n";
+        service("remote-only", "NodePort", ports, "")
+            + "---\n"
+            + &slice("remote-only", endpoint, &all_pods(&pods)[1..])
+    };
+    let files = [
+        ("hello.yaml", hello_dual_stack(&pods)),
+        ("remote-only.yaml", remote_only),
+    ];
+    let c = Cluster::start_prepared(&pods, &files, flags, |lab| {
+        lab.vxlan_overlay().expect("VXLAN overlay");
+        if generic {
+            let offload = ["tx", "on", "tso", "on", "gso", "on"];
+            lab.client
+                .exec("ethtool", &[&["-K", "eth0"][..], &offload].concat())
+                .unwrap();
+            lab.lan
+                .exec("ethtool", &[&["-K", "n1"][..], &offload].concat())
+                .unwrap();
+        }
+    });
+    let all = pods_named(&["pod-1-1", "pod-2-1"]);
+    for n in 0..2 {
+        // The remote pod sees the address of the interface the flow came in by (where its
+        // answers go back), not the tunnel's.
+        let (spread, seen) = c.tcp_spread(c.node(n, 30600), 0);
+        assert_eq!(spread, all, "TCP via node-{}", n + 1);
+        let node = IpAddr::V4(c.lab.nodes[n].ip);
+        assert_eq!(seen, BTreeSet::from([CLIENT, node]), "via node-{}", n + 1);
+    }
+    for to in [
+        c.node(0, 30600),
+        SocketAddr::from((c.lab.nodes[0].ip6, 30600)),
+    ] {
+        assert_eq!(c.tcp_spread(to, 0).0, all, "TCP via {to}");
+        assert_eq!(c.udp_spread(to, 0), all, "UDP via {to}");
+        bulk_to_and_from_every_pod(&c, to, &all, generic.then_some(3000.0));
+    }
+    // A datagram of 1,500 bytes fits the LAN but not the tunnel: the client is told the tunnel's
+    // MTU (its first try fails with EMSGSIZE), and its next try goes in fragments that fit.
+    let to = c.node(0, 30702);
+    c.lab.client.ip("route flush cache").unwrap();
+    let mut s = UdpSession::connect(&c.lab.client, to).unwrap();
+    let first = s
+        .ask_big(1472)
+        .expect_err("a packet above the tunnel's MTU");
+    let io = first.root_cause().downcast_ref::<std::io::Error>();
+    assert_eq!(
+        io.and_then(|e| e.raw_os_error()),
+        Some(libc::EMSGSIZE),
+        "{first:#}"
+    );
+    let answer = s
+        .ask_big(1472)
+        .unwrap_or_else(|e| panic!("once the client knows the MTU: {e:#}"));
+    assert_eq!(parse_answer(&answer).unwrap().0, "pod-2-1");
+    assert!(agent_counter(&c, "too_big_for_next_hop") >= 1.0);
+    // Sent from tc ingress, by the kernel through the tunnel.
+    assert!(agent_counter(&c, "to_remote_backend_from_tc") > 100.0);
 }
 
 /// hello-world's IPv6 ClusterIP in [`hello_dual_stack`].

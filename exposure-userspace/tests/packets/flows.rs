@@ -625,16 +625,16 @@ impl Run<'_> {
         );
     }
 
-    /// A frame passed up with a [`PodHandoff`] in front (`--redirect-to-pods`), without it: the
+    /// A frame passed up with a [`TcHandoff`] in front (`--redirect-to-pods`), without it: the
     /// hand-off names the local pod's interface.
     fn without_handoff(&mut self, verdict: u32, out: Vec<u8>, input_len: usize) -> Vec<u8> {
-        let meta = std::mem::size_of::<PodHandoff>();
+        let meta = std::mem::size_of::<TcHandoff>();
         if self.mode != RedirectToPods::AtTc || verdict != XDP_PASS || out.len() != input_len + meta
         {
             return out;
         }
         let word = |i: usize| u32::from_ne_bytes([out[i], out[i + 1], out[i + 2], out[i + 3]]);
-        assert_eq!((word(0), word(4)), (POD_HANDOFF_MAGIC, self.h.pod_ifindex));
+        assert_eq!((word(0), word(4)), (HANDOFF_TO_POD, self.h.pod_ifindex));
         let to = seen(&out[meta..]).map(|p| p.dst.0);
         assert_eq!(to, Some(self.family.locals[0]));
         self.reached.to_pod += 1;

@@ -21,8 +21,9 @@ use exposure::{
     sync::{DatapathMaps as _, Limits, Reconciler},
 };
 use exposure_common::{
-    Counter, FlowKey, PodHandoff, FLOW_CLOSING, FLOW_ESTABLISHED, FLOW_OPENING, FLOW_REMOTE,
-    FLOW_REPLIED, FLOW_TO_POD, POD_HANDOFF_MAGIC, SNAT_PORT_MAX, SNAT_PORT_MIN,
+    Counter, FlowKey, TcHandoff, FLOW_CLOSING, FLOW_ESTABLISHED, FLOW_OPENING, FLOW_OUT_AT_TC,
+    FLOW_REMOTE, FLOW_REPLIED, FLOW_TO_POD, HANDOFF_OUT, HANDOFF_TO_POD, SNAT_PORT_MAX,
+    SNAT_PORT_MIN,
 };
 use exposure_lab::{
     frame::{self, FrameSpec, ACK, FIN, RST, SYN, TCP, UDP},
@@ -459,7 +460,7 @@ fn local_flows_to_a_listed_pod_interface(mode: RedirectToPods) {
     // XDP redirects the frame itself; for tc it passes the frame up with the pod's interface in
     // its metadata (a test run's output starts at the metadata).
     let (sent, meta) = if at_tc {
-        (XDP_PASS, std::mem::size_of::<PodHandoff>())
+        (XDP_PASS, std::mem::size_of::<TcHandoff>())
     } else {
         (XDP_REDIRECT, 0)
     };
@@ -482,7 +483,7 @@ fn local_flows_to_a_listed_pod_interface(mode: RedirectToPods) {
             assert_eq!(out.len(), meta + input.len());
             if at_tc {
                 let word = |i: usize| u32::from_ne_bytes(out[i..i + 4].try_into().unwrap());
-                assert_eq!((word(0), word(4)), (POD_HANDOFF_MAGIC, h.pod_ifindex));
+                assert_eq!((word(0), word(4)), (HANDOFF_TO_POD, h.pod_ifindex));
             }
             let out = &out[meta..];
             let p = frame::parse(out).unwrap();
@@ -2085,6 +2086,8 @@ fn packets_too_big_for_the_interface_they_leave_by_are_answered_with_its_mtu() {
         ip("neigh add 198.18.9.20 lladdr 02:00:00:00:00:99 dev eth9 nud permanent");
         ip("-6 neigh add 2001:2:9::20 lladdr 02:00:00:00:00:99 dev eth9 nud permanent");
         let eth9 = nix::net::if_::if_nametoindex("eth9").unwrap();
+        // Attached in native XDP (so XDP may send frames there), as the agent marks it.
+        mark_xdp(h, eth9, exposure_common::XDP_MODE_NATIVE);
         let (node9, node9_6): (Ipv4Addr, Ipv6Addr) = (
             "198.18.9.10".parse().unwrap(),
             "2001:2:9::10".parse().unwrap(),
@@ -2162,6 +2165,115 @@ fn packets_too_big_for_the_interface_they_leave_by_are_answered_with_its_mtu() {
         assert_eq!(icmp.l4[8..36], big_reply[14..42]);
         assert_eq!(h.counter(Counter::TooBig), 4);
         assert_eq!(h.counter(Counter::RepliesXdp), 1);
+    });
+}
+
+/// Remote pods behind a VXLAN tunnel (`vx9`, as flannel's `flannel.1`), a device XDP cannot send
+/// frames through: their flows are SNATed in XDP and passed up with the tunnel in the metadata,
+/// for tc ingress to send there (`bpf_redirect_neigh`). So are a flow that arrives in generic
+/// XDP (the kernel's generic redirect drops GSO packets) and, while it is not attached in native
+/// XDP, one to another interface.
+#[test]
+fn remote_flows_through_a_device_xdp_cannot_send_on_are_handed_to_tc() {
+    with_datapath(|h| {
+        ip("link add vx9 type vxlan id 9 dstport 8472 nolearning");
+        ip("link set vx9 mtu 1450 up");
+        ip("route add 198.19.9.0/24 via 198.19.9.0 dev vx9 onlink");
+        ip("neigh add 198.19.9.0 lladdr 02:00:00:00:00:99 dev vx9 nud permanent");
+        ip("-6 route add 2001:2:0:9::/64 via 2001:2:0:9:: dev vx9 onlink");
+        ip("-6 neigh add 2001:2:0:9:: lladdr 02:00:00:00:00:99 dev vx9 nud permanent");
+        let vx9 = nix::net::if_::if_nametoindex("vx9").unwrap();
+        let (pod, pod6): (Ipv4Addr, Ipv6Addr) = (
+            "198.19.9.2".parse().unwrap(),
+            "2001:2:0:9::2".parse().unwrap(),
+        );
+        let mut state = hello(&[(pod, false)]);
+        state.services.extend(hello6(&[(pod6, false)]).services);
+        h.program(&state);
+        let meta = std::mem::size_of::<TcHandoff>();
+        // The tunnel in the metadata, then the frame SNATed to the address of the interface the
+        // flow came in by (where the pod's answers come back), still addressed to this node.
+        let handed = |out: &[u8], input: &[u8]| {
+            assert_eq!(out.len(), meta + input.len());
+            let word = |i: usize| u32::from_ne_bytes(out[i..i + 4].try_into().unwrap());
+            assert_eq!((word(0), word(4)), (HANDOFF_OUT, vx9));
+            assert_eq!(out[meta..meta + 12], input[..12], "MACs untouched");
+            out[meta..].to_vec()
+        };
+        let mut snat_port = 0;
+        for flags in [SYN, ACK] {
+            let input = FrameSpec::tcp((CLIENT, 40400), (NODE, NODE_PORT), flags).build();
+            let (verdict, out) = h.xdp(&input);
+            assert_eq!(verdict, XDP_PASS, "flags {flags:#x}");
+            let p = frame::parse(&handed(&out, &input)).unwrap();
+            assert_eq!((p.src, p.dst, p.dport), (NODE, pod, 50000));
+            assert!((SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&p.sport));
+            assert_checksums(&p);
+            snat_port = p.sport;
+        }
+        let flow = h
+            .flow((CLIENT, 40400), (NODE, NODE_PORT), TCP)
+            .expect("flow tracked");
+        assert_eq!(flow.flags & FLOW_OUT_AT_TC, FLOW_OUT_AT_TC);
+        assert_eq!(flow.ifindex, vx9);
+        // The pod's answer comes back over the LAN to that address, and goes back from XDP.
+        let answer = FrameSpec::tcp((pod, 50000), (NODE, snat_port), SYN | ACK).build();
+        let (verdict, out) = h.xdp(&answer);
+        assert_eq!(verdict, XDP_TX);
+        let r = frame::parse(&out).unwrap();
+        assert_eq!(
+            (r.src, r.sport, r.dst, r.dport),
+            (NODE, NODE_PORT, CLIENT, 40400)
+        );
+
+        // A checksum a local sender left partial stays partial: the skb goes on, through tc.
+        let input = partial(FrameSpec::tcp((CLIENT, 40401), (NODE, NODE_PORT), SYN).build());
+        let (verdict, out) = h.xdp(&input);
+        assert_eq!(verdict, XDP_PASS);
+        let out = handed(&out, &input);
+        assert_eq!(frame::parse(&out).unwrap().dst, pod);
+        assert!(is_partial(&out), "partial, with the new addresses");
+
+        // Too big for the tunnel: answered with its MTU, as the kernel would when it forwards.
+        let big = sized(FrameSpec::udp((CLIENT, 40402), (NODE, NODE_PORT)), 1440);
+        let (verdict, out) = h.xdp(&big);
+        assert_eq!(verdict, XDP_TX);
+        let icmp = frame::parse(&out).unwrap();
+        assert_eq!(icmp.l4[..2], [3, 4], "fragmentation needed");
+        assert_eq!(icmp.l4[6..8], 1450u16.to_be_bytes(), "the tunnel's MTU");
+        assert_eq!(h.counter(Counter::TooBig), 1);
+
+        // IPv6 the same.
+        let input = frame::FrameSpec6::tcp((CLIENT6, 40403), (NODE6, NODE_PORT), SYN).build();
+        let (verdict, out) = h.xdp(&input);
+        assert_eq!(verdict, XDP_PASS);
+        let p6 = parse6_ok(&handed(&out, &input));
+        assert_eq!((p6.src, p6.dst, p6.dport), (NODE6, pod6, 50000));
+
+        // In generic XDP a frame longer than Ethernet's may be a GSO packet: not measured whole
+        // (the kernel segments it to sizes that fit), but handed on.
+        mark_generic_xdp(h);
+        let long = sized(FrameSpec::udp((CLIENT, 40402), (NODE, NODE_PORT)), 4000);
+        let (verdict, out) = h.xdp(&long);
+        assert_eq!(verdict, XDP_PASS);
+        assert_eq!(frame::parse(&handed(&out, &long)).unwrap().dst, pod);
+        // A frame of Ethernet's size is still measured.
+        assert_eq!(h.xdp(&big).0, XDP_TX);
+        assert_eq!(h.counter(Counter::TooBig), 2);
+
+        // Through an interface attached in native XDP: from XDP, but not from generic XDP.
+        mark_xdp(h, vx9, exposure_common::XDP_MODE_NATIVE);
+        let input = FrameSpec::tcp((CLIENT, 40404), (NODE, NODE_PORT), SYN).build();
+        let (verdict, out) = h.xdp(&input);
+        assert_eq!(verdict, XDP_PASS);
+        handed(&out, &input);
+        mark_xdp(h, h.ifindex, exposure_common::XDP_MODE_NATIVE);
+        let input = FrameSpec::tcp((CLIENT, 40405), (NODE, NODE_PORT), SYN).build();
+        let (verdict, out) = h.xdp(&input);
+        assert_eq!(verdict, XDP_REDIRECT);
+        assert_eq!(out.len(), input.len(), "no metadata");
+        assert_eq!(out[..6], [2, 0, 0, 0, 0, 0x99], "to the next hop's MAC");
+        assert_eq!(h.counter(Counter::ToRemote), 7);
     });
 }
 
@@ -3597,12 +3709,18 @@ fn refusals_of_partial_sums_in_generic_xdp_quote_a_field_the_device_leaves_alone
     });
 }
 
-/// Marks the harness's interface as running generic XDP (`GENERIC_XDP_IFACES`).
+/// Marks the harness's interface as running generic XDP.
 fn mark_generic_xdp(h: &Harness) {
-    let marks = aya::maps::MapData::from_pin(h.pin_dir.join("GENERIC_XDP_IFACES")).unwrap();
+    mark_xdp(h, h.ifindex, exposure_common::XDP_MODE_GENERIC);
+}
+
+/// Marks interface `ifindex` in `XDP_IFACES` as the agent does once it attached XDP there in
+/// `mode` (`XDP_MODE_*`).
+fn mark_xdp(h: &Harness, ifindex: u32, mode: u8) {
+    let marks = aya::maps::MapData::from_pin(h.pin_dir.join("XDP_IFACES")).unwrap();
     let mut marks: aya::maps::HashMap<_, u32, u8> =
         aya::maps::Map::HashMap(marks).try_into().unwrap();
-    marks.insert(h.ifindex, 1, 0).unwrap();
+    marks.insert(ifindex, mode, 0).unwrap();
 }
 
 /// A request with a partial checksum from the client (source port 42000 + `i`, `size` bytes of

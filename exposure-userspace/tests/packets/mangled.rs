@@ -570,17 +570,17 @@ impl Fuzz<'_> {
         (verdict, out)
     }
 
-    /// A frame passed up with a [`PodHandoff`] in front (`--redirect-to-pods`), without it: the
+    /// A frame passed up with a [`TcHandoff`] in front (`--redirect-to-pods`), without it: the
     /// hand-off names the local pod's interface.
     fn without_handoff(&mut self, out: Vec<u8>, input_len: usize) -> Vec<u8> {
-        let meta = std::mem::size_of::<PodHandoff>();
+        let meta = std::mem::size_of::<TcHandoff>();
         if self.mode != RedirectToPods::AtTc || out.len() != input_len + meta {
             return out;
         }
         let word = |i: usize| u32::from_ne_bytes([out[i], out[i + 1], out[i + 2], out[i + 3]]);
         assert_eq!(
             (word(0), word(4)),
-            (POD_HANDOFF_MAGIC, self.h.pod_ifindex),
+            (HANDOFF_TO_POD, self.h.pod_ifindex),
             "metadata {}",
             hex(&out)
         );
