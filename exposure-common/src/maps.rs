@@ -436,11 +436,6 @@ pub const FLOW_ESTABLISHED: u32 = 128;
 /// frontend's port on the node's address (a flow entry: its replies are not a new flow). Its
 /// packets are the kernel's at XDP while it lives.
 pub const FLOW_HOST: u32 = 256;
-/// A remote flow whose next hop's interface takes no frames from XDP (not one the agent attached
-/// native XDP to: a VXLAN, Geneve, IPIP or WireGuard tunnel, an interface in generic XDP), or that
-/// arrives in generic XDP (GSO packets): XDP translates its packets and hands them to tc ingress
-/// ([`HANDOFF_OUT`]), which sends them out there as skbs.
-pub const FLOW_OUT_AT_TC: u32 = 512;
 
 /// How local flows reach pods (`REDIRECT_TO_PODS`, set at load time): through the node's stack;
 /// from tc ingress into the pod's namespace (`bpf_redirect_peer`, `--redirect-to-pods`); or from
@@ -456,7 +451,8 @@ pub const REDIRECT_AT_XDP: u8 = 2;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TcHandoff {
-    /// [`HANDOFF_TO_POD`] or [`HANDOFF_OUT`]; metadata some other program left is neither.
+    /// [`HANDOFF_TO_POD`], [`HANDOFF_OUT`] or [`HANDOFF_AS_IS`]; metadata some other program
+    /// left is none of them.
     pub magic: u32,
     pub ifindex: u32,
 }
@@ -464,9 +460,12 @@ pub struct TcHandoff {
 /// `--redirect-to-pods`: addressed to the pod's MAC, into the pod behind `ifindex` (a host-side
 /// veth).
 pub const HANDOFF_TO_POD: u32 = 0x6578_706f;
-/// A [`FLOW_OUT_AT_TC`] flow's packet, SNATed: out of interface `ifindex`, the kernel filling in
-/// the link layer (`bpf_redirect_neigh`).
+/// A packet XDP cannot send out of interface `ifindex` (a tunnel, an interface without native
+/// XDP, a GSO packet in generic XDP), translated for a remote backend: out of there, the kernel
+/// routing it and filling in the link layer, if any (`bpf_redirect_neigh`).
 pub const HANDOFF_OUT: u32 = 0x6578_6f75;
+/// The same for a reply to a client, whose MACs XDP has set: out of `ifindex` as it is.
+pub const HANDOFF_AS_IS: u32 = 0x6578_6173;
 
 /// Forward direction (client -> frontend), keyed by the client's [`FlowKey`].
 #[repr(C)]
@@ -594,8 +593,9 @@ pub enum Counter {
     /// Replies of flows sent straight to their pod, sent back the same way (from the pod's
     /// interface to the one the client's packets came in on, past the node's stack).
     RepliesFromPod,
-    /// Packets of remote flows sent from tc ingress ([`FLOW_OUT_AT_TC`]).
-    ToRemoteFromTc,
+    /// Translated packets XDP handed to tc ingress to send out of another interface (to remote
+    /// backends, and their replies to clients): [`HANDOFF_OUT`], [`HANDOFF_AS_IS`].
+    SentFromTc,
 }
 
 impl Counter {
@@ -623,7 +623,7 @@ impl Counter {
         Counter::NodeSocketsRefused,
         Counter::TupleCollision,
         Counter::RepliesFromPod,
-        Counter::ToRemoteFromTc,
+        Counter::SentFromTc,
     ];
 
     pub fn name(self) -> &'static str {
@@ -650,7 +650,7 @@ impl Counter {
             Counter::NodeSocketsRefused => "node_sockets_refused",
             Counter::TupleCollision => "dropped_tuple_collision",
             Counter::RepliesFromPod => "replies_from_pod_redirected",
-            Counter::ToRemoteFromTc => "to_remote_backend_from_tc",
+            Counter::SentFromTc => "sent_from_tc",
         }
     }
 }

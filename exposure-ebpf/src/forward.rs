@@ -10,10 +10,10 @@ use aya_ebpf::{
     EbpfContext,
 };
 
-use exposure_common::{Addr, Counter, TcHandoff};
+use exposure_common::{Addr, Counter, TcHandoff, XDP_MODE_NATIVE};
 
 use crate::{
-    maps::{count, NEIGH_MISSES},
+    maps::{count, xdp_mode, NEIGH_MISSES},
     nat::on_skb,
     parse::ETH_LEN,
 };
@@ -122,15 +122,31 @@ pub fn longer_than_mtu(ctx: &XdpContext, ifindex: u32) -> bool {
     unsafe { bpf_check_mtu(ctx.as_ptr(), ifindex, &mut mtu, 0, 0) == MTU_CHK_RET_FRAG_NEEDED }
 }
 
-/// 1 when the frame is longer than Ethernet's and came in by generic XDP: then it may be a GSO
-/// packet, whose segments the kernel sizes when it sends them (so it is not measured whole against
-/// an MTU); else 0. A global function: the verifier checks it once, and its callers get a value,
-/// not two paths.
+/// [`exposure_send_by`]: XDP hands the frame to tc ingress, which sends it as an skb.
+pub const BY_TC: u32 = 1;
+/// [`exposure_send_by`]: the frame may be a GSO packet, whose segments the kernel sizes when it
+/// sends them: not measured whole against an MTU.
+pub const UNMEASURED: u32 = 2;
+
+/// How a translated frame leaves by interface `out` (bits): 0 when XDP sends it (XDP_TX back
+/// where it came in; XDP_REDIRECT from native XDP to an interface the agent runs native XDP on, as
+/// a driver takes redirected frames only then). Else [`BY_TC`]: to any other interface (a tunnel
+/// device never takes them), and from generic XDP to another interface (its redirect drops GSO
+/// packets, and a flow's packets keep one path), with [`UNMEASURED`] for a frame longer than
+/// Ethernet's there. A global function: the verifier checks it once, and its callers get a value,
+/// not paths.
 #[no_mangle]
 #[inline(never)]
-pub extern "C" fn exposure_unmeasured(ctx: *mut xdp_md) -> i32 {
+pub extern "C" fn exposure_send_by(ctx: *mut xdp_md, out: u32) -> u32 {
     let ctx = &XdpContext::new(ctx);
-    (ctx.data_end() - ctx.data() > ETH_LEN + 1500 && on_skb(ctx)) as i32
+    if out == ctx.ingress_ifindex() as u32 {
+        return 0;
+    }
+    if on_skb(ctx) {
+        let long = ctx.data_end() - ctx.data() > ETH_LEN + 1500;
+        return BY_TC | if long { UNMEASURED } else { 0 };
+    }
+    (xdp_mode(out) != XDP_MODE_NATIVE) as u32 * BY_TC
 }
 
 /// Whether every frame that interface `ifindex` may send fits interface `to` (its MTU is at least
@@ -157,7 +173,8 @@ pub fn transmit(ctx: &XdpContext, ifindex: u32) -> u32 {
 }
 
 /// Leaves where the frame goes in its metadata for tc ingress to act on (a [`TcHandoff`]): into
-/// the pod behind `ifindex` ([`HANDOFF_TO_POD`]), or out of `ifindex` ([`HANDOFF_OUT`]). Err: the
+/// the pod behind `ifindex` (`HANDOFF_TO_POD`), or out of `ifindex` (`HANDOFF_OUT`,
+/// `HANDOFF_AS_IS`). Err: the
 /// driver keeps no metadata, or has no room for it.
 #[inline(always)]
 pub fn hand_to_tc(ctx: &XdpContext, magic: u32, ifindex: u32) -> Result<(), ()> {

@@ -38,8 +38,9 @@ pub fn host_connection(ctx: &TcContext, p: &Packet) -> Result<i32, ()> {
         _pad: [0; 3],
     };
     let now = now_ns();
+    let came_in_by = unsafe { (*ctx.skb.skb).ingress_ifindex };
     let held = if snat {
-        hold_for_host(p, lookup_reply(&key), now, |taken| {
+        hold_for_host(p, lookup_reply(&key), came_in_by, now, |taken| {
             // The closing flow whose reply entry this was goes too (unless its client has
             // started another since): its client's stragglers start a new flow rather than reach
             // the peer as part of this connection.
@@ -54,7 +55,7 @@ pub fn host_connection(ctx: &TcContext, p: &Packet) -> Result<i32, ()> {
             insert_reply(&key, &host_entry::<Reply>(p, now), BPF_ANY as u64)
         })
     } else {
-        hold_for_host(p, lookup_flow(&key), now, |taken| {
+        hold_for_host(p, lookup_flow(&key), came_in_by, now, |taken| {
             // Likewise its backend's stragglers, unless its SNAT port serves another flow now.
             if let Some(flow) = taken {
                 let rk = reply_key(&key.saddr, key.sport, p.proto, flow);
@@ -76,14 +77,24 @@ pub fn host_connection(ctx: &TcContext, p: &Packet) -> Result<i32, ()> {
 
 /// Holds the tuple of `held` (the entry there, if any) for the node's connection that `p` is a
 /// packet of; `take` writes the host's entry, given the flow's entry it replaces, if any. False
-/// when an open flow holds the tuple.
+/// when an open flow holds the tuple. A packet that came in (`came_in_by`; the node's own came
+/// in by none) by the interface the flow's own packets come in by is the flow's, translated by
+/// XDP and sent by tc ingress (a remote flow through a tunnel, a reply from generic XDP): it goes
+/// on, and holds nothing.
 #[inline(always)]
 fn hold_for_host<E: ConnState + Default>(
     p: &Packet,
     held: Option<*mut E>,
+    came_in_by: u32,
     now: u64,
     take: impl FnOnce(Option<&E>) -> Result<(), ()>,
 ) -> bool {
+    if let Some(e) = held.map(|e| unsafe { &mut *e }) {
+        let flow = *e.state().0 & FLOW_HOST == 0;
+        if flow && came_in_by != 0 && e.comes_in_by() == came_in_by {
+            return true;
+        }
+    }
     let state = held.map(|e| {
         let (flags, last_seen) = unsafe { (*e).state() };
         (*flags, *last_seen)

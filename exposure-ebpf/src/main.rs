@@ -29,8 +29,8 @@ use exposure_common::*;
 
 use crate::{
     forward::{
-        exposure_unmeasured, fib_query, hand_to_tc, longer_than_mtu, mtu_exceeded, mtu_fits,
-        next_hop, transmit,
+        exposure_send_by, fib_query, hand_to_tc, longer_than_mtu, mtu_exceeded, mtu_fits, next_hop,
+        transmit, BY_TC, UNMEASURED,
     },
     host::host_connection,
     maps::*,
@@ -81,11 +81,15 @@ pub fn exposure_xdp(ctx: XdpContext) -> u32 {
 fn try_xdp(ctx: &XdpContext) -> Result<u32, ()> {
     let p = match parse(ctx)? {
         Parsed::Other => return Ok(xdp_action::XDP_PASS),
+        // Sent from here: the error functions' frames and the send's would not fit in BPF's
+        // 512 bytes of stack together.
         Parsed::Icmp(off) => {
-            return Ok(icmp_error_to_client(ctx, off).unwrap_or(xdp_action::XDP_PASS))
+            return Ok(icmp_error_to_client(ctx, off)
+                .map_or(xdp_action::XDP_PASS, |ifindex| send_to_client(ctx, ifindex)))
         }
         Parsed::Icmp6(off) => {
-            return Ok(icmp6_error_to_client(ctx, off).unwrap_or(xdp_action::XDP_PASS))
+            return Ok(icmp6_error_to_client(ctx, off)
+                .map_or(xdp_action::XDP_PASS, |ifindex| send_to_client(ctx, ifindex)))
         }
         Parsed::Fragment => {
             count(Counter::Fragments);
@@ -219,6 +223,9 @@ fn reply_key(client_addr: &Addr, client_port: u16, proto: u8, flow: &Flow) -> Fl
 /// The connection state both directions' entries carry.
 trait ConnState {
     fn state(&mut self) -> (&mut u32, &mut u64);
+    /// The interface the entry's own packets come in by: a remote flow's replies, for its flow
+    /// entry; the client's packets, for its reply entry.
+    fn comes_in_by(&self) -> u32;
 }
 
 impl ConnState for Flow {
@@ -226,12 +233,20 @@ impl ConnState for Flow {
     fn state(&mut self) -> (&mut u32, &mut u64) {
         (&mut self.flags, &mut self.last_seen_ns)
     }
+    #[inline(always)]
+    fn comes_in_by(&self) -> u32 {
+        self.ifindex
+    }
 }
 
 impl ConnState for Reply {
     #[inline(always)]
     fn state(&mut self) -> (&mut u32, &mut u64) {
         (&mut self.flags, &mut self.last_seen_ns)
+    }
+    #[inline(always)]
+    fn comes_in_by(&self) -> u32 {
+        self.ifindex
     }
 }
 
@@ -517,15 +532,6 @@ fn new_flow(ctx: &XdpContext, p: &Packet, fe: &Frontend, now: u64) -> Selected {
         };
         let flow = &mut s.flow;
         flow.flags |= FLOW_REMOTE;
-        // XDP sends a frame out of another interface only where the agent's native XDP runs (a
-        // driver takes redirected frames only then; a tunnel never does), and only from native
-        // XDP (generic XDP's redirect drops GSO packets). Else tc ingress sends it, as an skb.
-        // (Branch-free: the rest of the setup is walked once by the verifier.)
-        let ingress = s.reply.ifindex;
-        let elsewhere = (hop.ifindex != ingress) as u32;
-        let no_xdp_there = (xdp_mode(hop.ifindex) != XDP_MODE_NATIVE) as u32;
-        let generic_here = (xdp_mode(ingress) == XDP_MODE_GENERIC) as u32;
-        flow.flags |= (elsewhere & (no_xdp_there | generic_here)) * FLOW_OUT_AT_TC;
         flow.snat_addr = *snat_addr;
         flow.ifindex = hop.ifindex;
         flow.dmac = hop.dmac;
@@ -676,11 +682,9 @@ fn claim_snat_port(s: &mut Scratch, now: u64) -> Option<u16> {
 fn translate_to_backend(ctx: &XdpContext, p: &Packet, flow: &Flow) -> Result<u32, ()> {
     if flow.flags & FLOW_REMOTE != 0 {
         // Branch-free up to the rewrite: one path for the verifier to walk, whichever way the
-        // flow leaves.
-        let at_tc = (flow.flags / FLOW_OUT_AT_TC) & 1;
-        // Sent from tc, a GSO packet is segmented by the kernel: not measured whole.
-        let unmeasured = at_tc & exposure_unmeasured(ctx.ctx) as u32;
-        if unmeasured == 0 {
+        // frame leaves.
+        let by = exposure_send_by(ctx.ctx, flow.ifindex);
+        if by & UNMEASURED == 0 {
             if let Some(mtu) = mtu_exceeded(ctx, flow.ifindex) {
                 return too_big(ctx, p, mtu);
             }
@@ -691,10 +695,10 @@ fn translate_to_backend(ctx: &XdpContext, p: &Packet, flow: &Flow) -> Result<u32
             sport: flow.snat_port,
             dport: flow.backend_port,
         };
-        rewrite(ctx, p, &to, Leaves::to_kernel_if(at_tc))?;
+        rewrite(ctx, p, &to, Leaves::to_kernel_if(by & BY_TC))?;
         count(Counter::ToRemote);
         // Still addressed to this node, so the stack takes it up to tc ingress.
-        if at_tc != 0 && hand_to_tc(ctx, HANDOFF_OUT, flow.ifindex).is_ok() {
+        if by & BY_TC != 0 && hand_to_tc(ctx, HANDOFF_OUT, flow.ifindex).is_ok() {
             return Ok(xdp_action::XDP_PASS);
         }
         set_macs(ctx, &flow.dmac, &flow.smac)?;
@@ -759,8 +763,11 @@ fn reply_to_client(ctx: &XdpContext, p: &Packet, reply: *mut Reply) -> Result<u3
     if !flow_alive(p.proto, r.flags, r.last_seen_ns, now, &LoadedLifetimes) {
         return Ok(xdp_action::XDP_PASS);
     }
-    if let Some(mtu) = mtu_exceeded(ctx, r.ifindex) {
-        return too_big(ctx, p, mtu);
+    let by = exposure_send_by(ctx.ctx, r.ifindex);
+    if by & UNMEASURED == 0 {
+        if let Some(mtu) = mtu_exceeded(ctx, r.ifindex) {
+            return too_big(ctx, p, mtu);
+        }
     }
     touch(reply, || flow_of_reply(reply, p), p, false, now);
     let to = Tuple {
@@ -769,14 +776,31 @@ fn reply_to_client(ctx: &XdpContext, p: &Packet, reply: *mut Reply) -> Result<u3
         sport: r.frontend_port,
         dport: r.client_port,
     };
-    rewrite(ctx, p, &to, Leaves::FromXdp)?;
+    rewrite(ctx, p, &to, Leaves::to_kernel_if(by & BY_TC))?;
     set_macs(ctx, &r.client_mac, &r.node_mac)?;
     count(Counter::RepliesXdp);
+    // To the client's MAC, but the stack takes it up to tc ingress all the same.
+    if by & BY_TC != 0 && hand_to_tc(ctx, HANDOFF_AS_IS, r.ifindex).is_ok() {
+        return Ok(xdp_action::XDP_PASS);
+    }
     Ok(transmit(ctx, r.ifindex))
 }
 
+/// Sends a frame translated for a client (its MACs set) out of `ifindex`, where the client's
+/// packets came in: from XDP, or handed to tc where XDP cannot send it ([`exposure_send_by`]).
+#[inline(always)]
+fn send_to_client(ctx: &XdpContext, ifindex: u32) -> u32 {
+    if exposure_send_by(ctx.ctx, ifindex) & BY_TC != 0
+        && hand_to_tc(ctx, HANDOFF_AS_IS, ifindex).is_ok()
+    {
+        return xdp_action::XDP_PASS;
+    }
+    transmit(ctx, ifindex)
+}
+
 /// An ICMP error about a SNATed flow (from its backend, or a router on the way): translate it like the
-/// flow's replies and send it to the client. Anything else ICMP is the kernel's.
+/// flow's replies, for the client; the interface to send it out of. Anything else ICMP is the
+/// kernel's (Err).
 #[inline(never)]
 fn icmp_error_to_client(ctx: &XdpContext, off: usize) -> Result<u32, ()> {
     let ctx = &own_ctx(ctx);
@@ -808,7 +832,7 @@ fn icmp_error_to_client(ctx: &XdpContext, off: usize) -> Result<u32, ()> {
     }
     set_macs(ctx, &r.client_mac, &r.node_mac)?;
     count(Counter::IcmpErrorsTranslated);
-    Ok(transmit(ctx, r.ifindex))
+    Ok(r.ifindex)
 }
 
 /// [`icmp_error_to_client`] for ICMPv6; neighbour discovery and echo are never touched.
@@ -839,7 +863,7 @@ fn icmp6_error_to_client(ctx: &XdpContext, off: usize) -> Result<u32, ()> {
     }
     set_macs(ctx, &r.client_mac, &r.node_mac)?;
     count(Counter::IcmpErrorsTranslated);
-    Ok(transmit(ctx, r.ifindex))
+    Ok(r.ifindex)
 }
 
 /// The `REPLIES4`/`REPLIES6` entry of a local backend's flow that a quoted packet belongs to.
@@ -913,10 +937,14 @@ fn try_tc_ingress(ctx: &TcContext) -> Result<i32, ()> {
             Ok(unsafe { bpf_redirect_peer(handoff.ifindex, 0) } as i32)
         }
         HANDOFF_OUT => {
-            count(Counter::ToRemoteFromTc);
+            count(Counter::SentFromTc);
             // The kernel routes it out of that interface and fills in the link layer (none on a
             // WireGuard or IPIP device), resolving the neighbour if need be.
             Ok(unsafe { bpf_redirect_neigh(handoff.ifindex, core::ptr::null_mut(), 0, 0) } as i32)
+        }
+        HANDOFF_AS_IS => {
+            count(Counter::SentFromTc);
+            Ok(unsafe { bpf_redirect(handoff.ifindex, 0) } as i32)
         }
         _ => Ok(TC_ACT_UNSPEC),
     }

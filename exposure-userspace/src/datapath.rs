@@ -475,7 +475,10 @@ impl Datapath {
         // Before XDP starts handing packets over (remote flows through a tunnel, say, and pods'
         // with `--redirect-to-pods`): without it they would be lost.
         self.attach_tc(iface, TC_INGRESS_PROGRAM, TcAttachType::Ingress)?;
-        let xdp_pin = self.pin_dir.join("links").join(format!("xdp-{iface}"));
+        let xdp_pin = self
+            .pin_dir
+            .join("links")
+            .join(format!("xdp-{}", pin_name(iface)));
         let ifindex =
             nix::net::if_::if_nametoindex(iface).with_context(|| format!("interface {iface}"))?;
         let pinned = match PinnedLink::from_pin(&xdp_pin) {
@@ -798,7 +801,7 @@ fn interface_links(pin_dir: &Path) -> Vec<(PathBuf, Vec<String>)> {
             let ifaces: Vec<String> = ["xdp-", "tc-ingress-", "tc-"]
                 .iter()
                 .filter_map(|prefix| file.strip_prefix(prefix))
-                .map(String::from)
+                .map(iface_of_pin_name)
                 .collect();
             (!ifaces.is_empty()).then(|| (entry.path(), ifaces))
         })
@@ -867,10 +870,38 @@ fn node_socket_pin(pin_dir: &Path, program: &str) -> PathBuf {
 /// Where the link of a tc program on `iface` is pinned (egress keeps its original name).
 fn tc_pin(pin_dir: &Path, iface: &str, at: TcAttachType) -> PathBuf {
     let name = match at {
-        TcAttachType::Ingress => format!("tc-ingress-{iface}"),
-        _ => format!("tc-{iface}"),
+        TcAttachType::Ingress => format!("tc-ingress-{}", pin_name(iface)),
+        _ => format!("tc-{}", pin_name(iface)),
     };
     pin_dir.join("links").join(name)
+}
+
+/// `iface` as it goes into a pin's name: bpffs refuses names with a dot (reserved), which VLANs
+/// (`eth0.100`) and flannel's `flannel.1` have; so `.` is written `%2e`, and `%` itself `%25`.
+fn pin_name(iface: &str) -> String {
+    iface.replace('%', "%25").replace('.', "%2e")
+}
+
+/// The interface name in a pin's name ([`pin_name`] undone).
+fn iface_of_pin_name(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    let mut rest = name;
+    while let Some(at) = rest.find('%') {
+        out.push_str(&rest[..at]);
+        let code = &rest[at..];
+        if let Some(after) = code.strip_prefix("%2e") {
+            out.push('.');
+            rest = after;
+        } else if let Some(after) = code.strip_prefix("%25") {
+            out.push('%');
+            rest = after;
+        } else {
+            out.push('%');
+            rest = &code[1..];
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Where the link of the replies program on pod interface `ifindex` is pinned: by index, as a
@@ -1640,6 +1671,24 @@ pub fn check_privileges() -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn interface_names_in_pins_have_no_dot_and_come_back_whole() {
+        for (iface, pin) in [
+            ("eth0", "eth0"),
+            ("eth0.100", "eth0%2e100"),
+            ("flannel.1", "flannel%2e1"),
+            ("a%2eb", "a%252eb"),
+            ("x.%.y", "x%2e%25%2ey"),
+        ] {
+            assert_eq!(pin_name(iface), pin);
+            assert!(!pin_name(iface).contains('.'));
+            assert_eq!(iface_of_pin_name(pin), iface);
+        }
+        // Pins of earlier builds (names without a dot or percent) read as they are.
+        assert_eq!(iface_of_pin_name("bond0"), "bond0");
+        assert_eq!(iface_of_pin_name("odd%zz"), "odd%zz");
+    }
 
     #[test]
     fn removing_a_key_that_is_gone_is_done_and_other_errors_stay() {

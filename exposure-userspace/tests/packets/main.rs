@@ -21,8 +21,8 @@ use exposure::{
     sync::{DatapathMaps as _, Limits, Reconciler},
 };
 use exposure_common::{
-    Counter, FlowKey, TcHandoff, FLOW_CLOSING, FLOW_ESTABLISHED, FLOW_OPENING, FLOW_OUT_AT_TC,
-    FLOW_REMOTE, FLOW_REPLIED, FLOW_TO_POD, HANDOFF_OUT, HANDOFF_TO_POD, SNAT_PORT_MAX,
+    Counter, FlowKey, TcHandoff, FLOW_CLOSING, FLOW_ESTABLISHED, FLOW_OPENING, FLOW_REMOTE,
+    FLOW_REPLIED, FLOW_TO_POD, HANDOFF_AS_IS, HANDOFF_OUT, HANDOFF_TO_POD, SNAT_PORT_MAX,
     SNAT_PORT_MIN,
 };
 use exposure_lab::{
@@ -317,9 +317,20 @@ impl Harness {
         self.tc_run(TC_FROM_POD_PROGRAM, frame)
     }
 
+    /// [`Harness::tc`] for a packet that came in by interface `ingress_ifindex` (one XDP handed
+    /// to tc ingress, which sent it on here), not from the node itself.
+    fn tc_came_in_by(&mut self, ingress_ifindex: u32, frame: &[u8]) -> (u32, Vec<u8>) {
+        self.tc_run_from(TC_PROGRAM, ingress_ifindex, frame)
+    }
+
     fn tc_run(&mut self, program: &str, frame: &[u8]) -> (u32, Vec<u8>) {
+        self.tc_run_from(program, 0, frame)
+    }
+
+    fn tc_run_from(&mut self, program: &str, ingress_ifindex: u32, frame: &[u8]) -> (u32, Vec<u8>) {
         // struct __sk_buff up to `cb`, with the device the packet is on: eth0, where tc is.
         let mut ctx = [0u32; 12];
+        ctx[9] = ingress_ifindex;
         ctx[10] = self.ifindex; // ifindex
         let ctx: Vec<u8> = ctx.iter().flat_map(|w| w.to_ne_bytes()).collect();
         let mut out = vec![0u8; frame.len() + 512];
@@ -2086,8 +2097,9 @@ fn packets_too_big_for_the_interface_they_leave_by_are_answered_with_its_mtu() {
         ip("neigh add 198.18.9.20 lladdr 02:00:00:00:00:99 dev eth9 nud permanent");
         ip("-6 neigh add 2001:2:9::20 lladdr 02:00:00:00:00:99 dev eth9 nud permanent");
         let eth9 = nix::net::if_::if_nametoindex("eth9").unwrap();
-        // Attached in native XDP (so XDP may send frames there), as the agent marks it.
+        // Both attached in native XDP (so XDP may send frames there), as the agent marks them.
         mark_xdp(h, eth9, exposure_common::XDP_MODE_NATIVE);
+        mark_xdp(h, h.ifindex, exposure_common::XDP_MODE_NATIVE);
         let (node9, node9_6): (Ipv4Addr, Ipv6Addr) = (
             "198.18.9.10".parse().unwrap(),
             "2001:2:9::10".parse().unwrap(),
@@ -2214,8 +2226,21 @@ fn remote_flows_through_a_device_xdp_cannot_send_on_are_handed_to_tc() {
         let flow = h
             .flow((CLIENT, 40400), (NODE, NODE_PORT), TCP)
             .expect("flow tracked");
-        assert_eq!(flow.flags & FLOW_OUT_AT_TC, FLOW_OUT_AT_TC);
         assert_eq!(flow.ifindex, vx9);
+        // tc sends it on, and if it meets tc egress (the tunnel's, where it is selected too) it
+        // is the flow's own packet, not the node's colliding with the flow: it came in by the
+        // client's interface, the node's own come in by none.
+        let input = FrameSpec::tcp((CLIENT, 40400), (NODE, NODE_PORT), ACK).build();
+        let forward = handed(&h.xdp(&input).1, &input);
+        let (verdict, out) = h.tc_came_in_by(h.ifindex, &forward);
+        assert_eq!((verdict as i32, &out), (TC_ACT_UNSPEC, &forward));
+        assert_eq!(h.counter(Counter::HostCollision), 0);
+        let (verdict, _) = h.tc(&forward);
+        assert_eq!(
+            verdict, TC_ACT_SHOT,
+            "the node's own, on the open flow's tuple"
+        );
+        assert_eq!(h.counter(Counter::HostCollision), 1);
         // The pod's answer comes back over the LAN to that address, and goes back from XDP.
         let answer = FrameSpec::tcp((pod, 50000), (NODE, snat_port), SYN | ACK).build();
         let (verdict, out) = h.xdp(&answer);
@@ -2242,6 +2267,27 @@ fn remote_flows_through_a_device_xdp_cannot_send_on_are_handed_to_tc() {
         assert_eq!(icmp.l4[..2], [3, 4], "fragmentation needed");
         assert_eq!(icmp.l4[6..8], 1450u16.to_be_bytes(), "the tunnel's MTU");
         assert_eq!(h.counter(Counter::TooBig), 1);
+
+        // An answer that comes in by another interface than the client's (the tunnel here: a node
+        // whose pods answer through it) goes back from tc too while the client's interface runs
+        // no native XDP: as it is, to the client's MAC.
+        let answer = FrameSpec::tcp((pod, 50000), (NODE, snat_port), ACK).build();
+        let (verdict, out) = h.xdp_on(vx9, &answer);
+        assert_eq!(verdict, XDP_PASS);
+        let word = |i: usize| u32::from_ne_bytes(out[i..i + 4].try_into().unwrap());
+        assert_eq!((word(0), word(4)), (HANDOFF_AS_IS, h.ifindex));
+        let r = frame::parse(&out[meta..]).unwrap();
+        assert_eq!((r.src, r.dst, r.dport), (NODE, CLIENT, 40400));
+        assert_eq!(
+            r.dst_mac,
+            FrameSpec::tcp((CLIENT, 1), (NODE, 1), SYN).src_mac
+        );
+        assert_checksums(&r);
+        // At the client's interface's tc egress, from the frontend's port: the flow's reply,
+        // which came in by the interface its replies come in by, not the node's connection.
+        let (verdict, sent) = h.tc_came_in_by(vx9, &out[meta..]);
+        assert_eq!((verdict as i32, &sent[..]), (TC_ACT_UNSPEC, &out[meta..]));
+        assert_eq!(h.counter(Counter::HostCollision), 1);
 
         // IPv6 the same.
         let input = frame::FrameSpec6::tcp((CLIENT6, 40403), (NODE6, NODE_PORT), SYN).build();
@@ -2273,7 +2319,21 @@ fn remote_flows_through_a_device_xdp_cannot_send_on_are_handed_to_tc() {
         assert_eq!(verdict, XDP_REDIRECT);
         assert_eq!(out.len(), input.len(), "no metadata");
         assert_eq!(out[..6], [2, 0, 0, 0, 0, 0x99], "to the next hop's MAC");
-        assert_eq!(h.counter(Counter::ToRemote), 7);
+        assert_eq!(h.counter(Counter::ToRemote), 8);
+        // The answer the same: redirected from native XDP to native XDP, handed to tc from
+        // generic XDP, a long one (GRO's, say) unmeasured, though longer than eth0's MTU.
+        let (verdict, out) = h.xdp_on(vx9, &answer);
+        assert_eq!((verdict, out.len()), (XDP_REDIRECT, answer.len()));
+        mark_xdp(h, vx9, exposure_common::XDP_MODE_GENERIC);
+        let long = sized(FrameSpec::tcp((pod, 50000), (NODE, snat_port), ACK), 4000);
+        for answer in [&answer, &long] {
+            let (verdict, out) = h.xdp_on(vx9, answer);
+            assert_eq!(verdict, XDP_PASS);
+            assert_eq!((word(0), word(4)), (HANDOFF_AS_IS, h.ifindex));
+            assert_eq!(frame::parse(&out[meta..]).unwrap().dst, CLIENT);
+        }
+        assert_eq!(h.counter(Counter::TooBig), 2);
+        assert_eq!(h.counter(Counter::RepliesXdp), 5);
     });
 }
 
