@@ -861,20 +861,7 @@ fn a_node_on_two_networks_serves_clients_on_each() {
         c.eventually("the Service is served", || {
             apps::udp_ask(&front, to).is_ok()
         });
-        // Forget what the client learned of the path so far.
-        front.ip("route flush cache").unwrap();
-        let mut s = UdpSession::connect(&front, to).unwrap();
-        let first = s.ask_big(2900).expect_err("a packet above the path's MTU");
-        let io = first.root_cause().downcast_ref::<std::io::Error>();
-        assert_eq!(
-            io.and_then(|e| e.raw_os_error()),
-            Some(libc::EMSGSIZE),
-            "told the MTU, not left to time out, via {to} to {pod_name}: {first:#}"
-        );
-        let answer = s
-            .ask_big(2900)
-            .unwrap_or_else(|e| panic!("once the client knows the MTU, via {to}: {e:#}"));
-        assert_eq!(parse_answer(&answer).unwrap().0, pod_name);
+        assert_told_the_mtu_then_fragments(&front, to, 2900, pod_name);
     }
     assert!(agent_counter(&c, "too_big_for_next_hop") >= 1.0);
 
@@ -895,6 +882,32 @@ fn a_node_on_two_networks_serves_clients_on_each() {
     assert!(c.agents[0]
         .log_text()
         .contains("attached again: the interface is new"));
+}
+
+/// A UDP datagram of `payload` bytes from `ns` to `to`, above the path's MTU (what `ns` learned of
+/// it forgotten first): the first try fails with EMSGSIZE (told the MTU, not left to time out),
+/// and the next goes in fragments that fit, answered by `pod`.
+fn assert_told_the_mtu_then_fragments(
+    ns: &exposure_lab::netns::Netns,
+    to: SocketAddr,
+    payload: usize,
+    pod: &str,
+) {
+    ns.ip("route flush cache").unwrap();
+    let mut s = UdpSession::connect(ns, to).unwrap();
+    let first = s
+        .ask_big(payload)
+        .expect_err("a packet above the path's MTU");
+    let io = first.root_cause().downcast_ref::<std::io::Error>();
+    assert_eq!(
+        io.and_then(|e| e.raw_os_error()),
+        Some(libc::EMSGSIZE),
+        "told the MTU, not left to time out, via {to} to {pod}: {first:#}"
+    );
+    let answer = s
+        .ask_big(payload)
+        .unwrap_or_else(|e| panic!("once the client knows the MTU, via {to}: {e:#}"));
+    assert_eq!(parse_answer(&answer).unwrap().0, pod);
 }
 
 /// `eth1` on `node`, to `front`'s `eth0`: 198.18.200.10 and .1 on 198.18.200.0/24. The client's
@@ -2619,22 +2632,7 @@ fn overlay_serves_remote_pods(variant: Overlay) {
     }
     // A datagram of 1,500 bytes fits the LAN but not the tunnel: the client is told the tunnel's
     // MTU (its first try fails with EMSGSIZE), and its next try goes in fragments that fit.
-    let to = c.node(0, 30702);
-    c.lab.client.ip("route flush cache").unwrap();
-    let mut s = UdpSession::connect(&c.lab.client, to).unwrap();
-    let first = s
-        .ask_big(1472)
-        .expect_err("a packet above the tunnel's MTU");
-    let io = first.root_cause().downcast_ref::<std::io::Error>();
-    assert_eq!(
-        io.and_then(|e| e.raw_os_error()),
-        Some(libc::EMSGSIZE),
-        "{first:#}"
-    );
-    let answer = s
-        .ask_big(1472)
-        .unwrap_or_else(|e| panic!("once the client knows the MTU: {e:#}"));
-    assert_eq!(parse_answer(&answer).unwrap().0, "pod-2-1");
+    assert_told_the_mtu_then_fragments(&c.lab.client, c.node(0, 30702), 1472, "pod-2-1");
     assert!(agent_counter(&c, "too_big_for_next_hop") >= 1.0);
     // Sent from tc ingress, by the kernel through the tunnel (and back to the client).
     assert!(agent_counter(&c, "sent_from_tc") > 100.0);

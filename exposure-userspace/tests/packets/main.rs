@@ -2075,6 +2075,19 @@ fn ip(args: &str) {
     assert!(status.success(), "ip {args}");
 }
 
+/// Programs hello-world in both families with one remote pod, 198.19.9.2 and 2001:2:0:9::2 (the
+/// test routes 198.19.9.0/24 and 2001:2:0:9::/64 through an interface of its own); its addresses.
+fn program_pod_behind_9(h: &mut Harness) -> (Ipv4Addr, Ipv6Addr) {
+    let (pod, pod6): (Ipv4Addr, Ipv6Addr) = (
+        "198.19.9.2".parse().unwrap(),
+        "2001:2:0:9::2".parse().unwrap(),
+    );
+    let mut state = hello(&[(pod, false)]);
+    state.services.extend(hello6(&[(pod6, false)]).services);
+    h.program(&state);
+    (pod, pod6)
+}
+
 /// A frame of `spec` with `len` bytes of payload.
 fn sized(mut spec: FrameSpec, len: usize) -> Vec<u8> {
     spec.payload = vec![7; len];
@@ -2106,13 +2119,7 @@ fn packets_too_big_for_the_interface_they_leave_by_are_answered_with_its_mtu() {
         );
         h.maps.set_node_addr(eth9, node9.into()).unwrap();
         h.maps.set_node_addr(eth9, node9_6.into()).unwrap();
-        let (pod, pod6): (Ipv4Addr, Ipv6Addr) = (
-            "198.19.9.2".parse().unwrap(),
-            "2001:2:0:9::2".parse().unwrap(),
-        );
-        let mut state = hello(&[(pod, false)]);
-        state.services.extend(hello6(&[(pod6, false)]).services);
-        h.program(&state);
+        let (pod, _) = program_pod_behind_9(h);
 
         // Fits: SNATed to eth9's address and sent there.
         let fits = sized(FrameSpec::udp((CLIENT, 40300), (NODE, NODE_PORT)), 1200);
@@ -2195,13 +2202,7 @@ fn remote_flows_through_a_device_xdp_cannot_send_on_are_handed_to_tc() {
         ip("-6 route add 2001:2:0:9::/64 via 2001:2:0:9:: dev vx9 onlink");
         ip("-6 neigh add 2001:2:0:9:: lladdr 02:00:00:00:00:99 dev vx9 nud permanent");
         let vx9 = nix::net::if_::if_nametoindex("vx9").unwrap();
-        let (pod, pod6): (Ipv4Addr, Ipv6Addr) = (
-            "198.19.9.2".parse().unwrap(),
-            "2001:2:0:9::2".parse().unwrap(),
-        );
-        let mut state = hello(&[(pod, false)]);
-        state.services.extend(hello6(&[(pod6, false)]).services);
-        h.program(&state);
+        let (pod, pod6) = program_pod_behind_9(h);
         let meta = std::mem::size_of::<TcHandoff>();
         // The tunnel in the metadata, then the frame SNATed to the address of the interface the
         // flow came in by (where the pod's answers come back), still addressed to this node.
