@@ -174,8 +174,7 @@ pub fn transmit(ctx: &XdpContext, ifindex: u32) -> u32 {
 
 /// Leaves where the frame goes in its metadata for tc ingress to act on (a [`TcHandoff`]): into
 /// the pod behind `ifindex` (`HANDOFF_TO_POD`), or out of `ifindex` (`HANDOFF_OUT`,
-/// `HANDOFF_AS_IS`). Err: the
-/// driver keeps no metadata, or has no room for it.
+/// `HANDOFF_AS_IS`). Err: the driver keeps no metadata, or has no room for it.
 #[inline(always)]
 pub fn hand_to_tc(ctx: &XdpContext, magic: u32, ifindex: u32) -> Result<(), ()> {
     const LEN: usize = core::mem::size_of::<TcHandoff>();

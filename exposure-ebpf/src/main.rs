@@ -84,12 +84,18 @@ fn try_xdp(ctx: &XdpContext) -> Result<u32, ()> {
         // Sent from here: the error functions' frames and the send's would not fit in BPF's
         // 512 bytes of stack together.
         Parsed::Icmp(off) => {
-            return Ok(icmp_error_to_client(ctx, off)
-                .map_or(xdp_action::XDP_PASS, |ifindex| send_to_client(ctx, ifindex)))
+            return Ok(
+                icmp_error_to_client(ctx, off).map_or(xdp_action::XDP_PASS, |ifindex| {
+                    send_to_client(ctx, ifindex, exposure_send_by(ctx.ctx, ifindex))
+                }),
+            )
         }
         Parsed::Icmp6(off) => {
-            return Ok(icmp6_error_to_client(ctx, off)
-                .map_or(xdp_action::XDP_PASS, |ifindex| send_to_client(ctx, ifindex)))
+            return Ok(
+                icmp6_error_to_client(ctx, off).map_or(xdp_action::XDP_PASS, |ifindex| {
+                    send_to_client(ctx, ifindex, exposure_send_by(ctx.ctx, ifindex))
+                }),
+            )
         }
         Parsed::Fragment => {
             count(Counter::Fragments);
@@ -681,8 +687,8 @@ fn claim_snat_port(s: &mut Scratch, now: u64) -> Option<u16> {
 #[inline(always)]
 fn translate_to_backend(ctx: &XdpContext, p: &Packet, flow: &Flow) -> Result<u32, ()> {
     if flow.flags & FLOW_REMOTE != 0 {
-        // Branch-free up to the rewrite: one path for the verifier to walk, whichever way the
-        // frame leaves.
+        // Which way the frame leaves is a value (a global function's): the verifier walks the
+        // rewrite once for both.
         let by = exposure_send_by(ctx.ctx, flow.ifindex);
         if by & UNMEASURED == 0 {
             if let Some(mtu) = mtu_exceeded(ctx, flow.ifindex) {
@@ -779,20 +785,15 @@ fn reply_to_client(ctx: &XdpContext, p: &Packet, reply: *mut Reply) -> Result<u3
     rewrite(ctx, p, &to, Leaves::to_kernel_if(by & BY_TC))?;
     set_macs(ctx, &r.client_mac, &r.node_mac)?;
     count(Counter::RepliesXdp);
-    // To the client's MAC, but the stack takes it up to tc ingress all the same.
-    if by & BY_TC != 0 && hand_to_tc(ctx, HANDOFF_AS_IS, r.ifindex).is_ok() {
-        return Ok(xdp_action::XDP_PASS);
-    }
-    Ok(transmit(ctx, r.ifindex))
+    Ok(send_to_client(ctx, r.ifindex, by))
 }
 
 /// Sends a frame translated for a client (its MACs set) out of `ifindex`, where the client's
-/// packets came in: from XDP, or handed to tc where XDP cannot send it ([`exposure_send_by`]).
+/// packets came in: from XDP, or handed to tc where XDP cannot send it (`by`, from
+/// [`exposure_send_by`]). Addressed to the client's MAC, it is still taken up to tc ingress.
 #[inline(always)]
-fn send_to_client(ctx: &XdpContext, ifindex: u32) -> u32 {
-    if exposure_send_by(ctx.ctx, ifindex) & BY_TC != 0
-        && hand_to_tc(ctx, HANDOFF_AS_IS, ifindex).is_ok()
-    {
+fn send_to_client(ctx: &XdpContext, ifindex: u32, by: u32) -> u32 {
+    if by & BY_TC != 0 && hand_to_tc(ctx, HANDOFF_AS_IS, ifindex).is_ok() {
         return xdp_action::XDP_PASS;
     }
     transmit(ctx, ifindex)
