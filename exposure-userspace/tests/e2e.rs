@@ -2419,7 +2419,6 @@ fn generic_xdp_serves_offloading_clients(flags: &[&str]) {
     // GSO packets of up to 64 KiB with partial checksums, which the LAN passes on whole and
     // generic XDP sees as they are. The client's own port on the LAN completes checksums in
     // software, so the client checks every one it is sent.
-    let offload = ["tx", "on", "tso", "on", "gso", "on"];
     let empty = service(
         "empty",
         "NodePort",
@@ -2439,12 +2438,7 @@ fn generic_xdp_serves_offloading_clients(flags: &[&str]) {
             .ns
             .exec("ethtool", &["-K", "eth0", "gro", "on"])
             .unwrap();
-        lab.client
-            .exec("ethtool", &[&["-K", "eth0"][..], &offload].concat())
-            .unwrap();
-        lab.lan
-            .exec("ethtool", &[&["-K", "n1"][..], &offload].concat())
-            .unwrap();
+        client_offloads_to_node_1(lab);
     });
     let log = c.agents[0].log_text();
     assert!(
@@ -2508,6 +2502,20 @@ fn generic_xdp_serves_offloading_clients(flags: &[&str]) {
         // it: the kernel's generic redirect drops a packet longer than the MTU).
         assert!(agent_counter(&c, "to_local_backend_redirected") > 0.0);
     }
+}
+
+/// The client leaves checksums and segmentation to its device, and node-1's LAN port passes its
+/// GSO packets on whole: its TCP reaches node-1 in packets of up to 64 KiB with partial checksums.
+/// (The client's own LAN port still completes checksums in software, so the client checks every
+/// one it is sent.)
+fn client_offloads_to_node_1(lab: &Lab) {
+    let offload = ["tx", "on", "tso", "on", "gso", "on"];
+    lab.client
+        .exec("ethtool", &[&["-K", "eth0"][..], &offload].concat())
+        .unwrap();
+    lab.lan
+        .exec("ethtool", &[&["-K", "n1"][..], &offload].concat())
+        .unwrap();
 }
 
 /// Sends 16 MiB to and fetches 8 MiB from the pods behind `to`, until each of `pods` had an upload
@@ -2601,13 +2609,7 @@ fn overlay_serves_remote_pods(variant: Overlay) {
             }
         }
         if generic {
-            let offload = ["tx", "on", "tso", "on", "gso", "on"];
-            lab.client
-                .exec("ethtool", &[&["-K", "eth0"][..], &offload].concat())
-                .unwrap();
-            lab.lan
-                .exec("ethtool", &[&["-K", "n1"][..], &offload].concat())
-                .unwrap();
+            client_offloads_to_node_1(lab);
         }
     });
     let all = pods_named(&["pod-1-1", "pod-2-1"]);
