@@ -344,6 +344,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let mut syncs: u64 = 0;
     let mut ticker = tokio::time::interval(TICK);
     let mut last_drain_check = Instant::now();
+    let mut rp_filter_check = RpFilterCheck::default();
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
@@ -393,6 +394,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 }
             }
         }
+        rp_filter_check.tick(&attached);
         let ifaces_now = selected_interfaces(&cfg, &attached, false).ok();
         if let Some(ifs) = &ifaces_now {
             attach_to_new_interfaces(
@@ -909,6 +911,58 @@ fn warn_if_not_forwarding(ifaces: &[netdev::Interface]) {
     let has_v6 = ifaces.iter().any(|i| i.addrs.iter().any(IpAddr::is_ipv6));
     if has_v6 && off("/proc/sys/net/ipv6/conf/all/forwarding") {
         tracing::warn!("net.ipv6.conf.all.forwarding is off: IPv6 traffic to local backends is DNATed but the kernel will not route it to the pods");
+    }
+}
+
+/// How often the overlay tunnels' rp_filter is looked at: a CNI makes its tunnel when it starts,
+/// which may be after the agent.
+const RP_FILTER_CHECK: Duration = Duration::from_secs(2);
+
+/// Warns of overlay tunnels whose strict rp_filter drops the flows other nodes send to this
+/// node's pods ([`netdev::tunnels_dropping_other_nodes_flows`]), once each, and says when one
+/// no longer does (loosened, selected or gone): otherwise those flows only time out.
+#[derive(Default)]
+struct RpFilterCheck {
+    last: Option<Instant>,
+    /// Tunnels warned about (name, ifindex).
+    warned: BTreeSet<(String, u32)>,
+}
+
+impl RpFilterCheck {
+    fn tick(&mut self, attached: &HashMap<String, u32>) {
+        if self.last.is_some_and(|t| t.elapsed() < RP_FILTER_CHECK) {
+            return;
+        }
+        self.last = Some(Instant::now());
+        let Ok(links) = netdev::bare_links() else {
+            return;
+        };
+        let selected: Vec<String> = attached.keys().cloned().collect();
+        let now: BTreeSet<(String, u32)> =
+            netdev::tunnels_dropping_other_nodes_flows(&links, &selected, netdev::rp_filter)
+                .into_iter()
+                .map(|l| (l.name.clone(), l.index))
+                .collect();
+        for (iface, _) in now.difference(&self.warned) {
+            tracing::warn!(
+                iface,
+                "strict rp_filter on this tunnel, which --iface does not select: if it is the \
+                 overlay to other nodes' pods, their agents SNAT the flows they send through it \
+                 to this node's pods to their own LAN address, which this node routes by another \
+                 interface, so the kernel drops them here. Select the tunnel on every node \
+                 (--iface ...,{iface}), or make its rp_filter loose \
+                 (net.ipv4.conf.{}.rp_filter=2)",
+                iface.replace('.', "/")
+            );
+        }
+        for (iface, _) in self.warned.difference(&now) {
+            tracing::info!(
+                iface,
+                "rp_filter on this tunnel no longer drops other nodes' flows (loose, off, down, \
+                 selected or gone)"
+            );
+        }
+        self.warned = now;
     }
 }
 

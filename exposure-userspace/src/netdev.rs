@@ -309,6 +309,54 @@ pub fn detected(link: &Link) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// Link kinds of the tunnels overlays carry pods' packets between nodes through: flannel's and
+/// Calico's VXLAN, Calico's IPIP, GRE, Geneve (OVN, Antrea), WireGuard (flannel's, Calico's).
+const OVERLAY_TUNNEL_KINDS: [&str; 6] = ["vxlan", "geneve", "ipip", "gre", "gretap", "wireguard"];
+
+/// IPv4 reverse-path filtering in strict mode (`rp_filter` 1).
+const RP_FILTER_STRICT: u8 = 1;
+
+/// The tunnels here whose strict rp_filter drops the flows other nodes' agents send to this
+/// node's pods if an overlay reaches them through it: tunnels that are up and that `selected`
+/// does not name. Another node's agent, configured alike,
+/// SNATs a flow it sends through such a tunnel to the address of the interface the flow came in
+/// by (its LAN address), which this node routes by another interface, so strict reverse-path
+/// filtering drops the flow here. `rp_filter`: an interface's own setting by name, `all` for
+/// `net.ipv4.conf.all`; the kernel takes the larger of the two.
+pub fn tunnels_dropping_other_nodes_flows<'a>(
+    links: &'a [Link],
+    selected: &[String],
+    rp_filter: impl Fn(&str) -> Option<u8>,
+) -> Vec<&'a Link> {
+    let all = rp_filter("all").unwrap_or(0);
+    links
+        .iter()
+        .filter(|l| {
+            l.kind
+                .as_deref()
+                .is_some_and(|k| OVERLAY_TUNNEL_KINDS.contains(&k))
+        })
+        // Down: not in use (the kernel's fallback devices, `tunl0` and `gre0`, are made down
+        // when their module loads).
+        .filter(|l| l.flags & libc::IFF_UP as u32 != 0)
+        .filter(|l| !selected.contains(&l.name))
+        .filter(|l| rp_filter(&l.name).is_some_and(|own| own.max(all) == RP_FILTER_STRICT))
+        .collect()
+}
+
+/// An interface's IPv4 `rp_filter` in this thread's network namespace (`all` for the setting of
+/// all), if it has one.
+pub fn rp_filter(iface: &str) -> Option<u8> {
+    let path = format!("/proc/sys/net/ipv4/conf/{iface}/rp_filter");
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// The interfaces of this thread's network namespace, as [`links`] gives them but without
+/// addresses and routes.
+pub fn bare_links() -> anyhow::Result<Vec<Link>> {
+    rtnetlink_links().context("listing interfaces (RTM_GETLINK)")
+}
+
 /// An interface as device detection sees it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Link {
@@ -340,7 +388,7 @@ impl Link {
 /// (sysfs shows the namespace it was mounted in, not necessarily this one), with `addrs` (its
 /// [`addresses`]) and the default routes.
 pub fn links(addrs: &[(String, IpAddr)]) -> anyhow::Result<Vec<Link>> {
-    let mut links = rtnetlink_links().context("listing interfaces (RTM_GETLINK)")?;
+    let mut links = bare_links()?;
     let global: HashSet<&str> = addrs
         .iter()
         .filter(|(_, ip)| is_global_unicast(*ip))
@@ -361,8 +409,9 @@ pub fn links(addrs: &[(String, IpAddr)]) -> anyhow::Result<Vec<Link>> {
 /// Whether interface `ifindex` has an XDP program in generic mode (one attached by an earlier run,
 /// whose mode this run did not choose).
 pub fn has_generic_xdp(ifindex: u32) -> anyhow::Result<bool> {
-    let links = rtnetlink_links().context("listing interfaces (RTM_GETLINK)")?;
-    Ok(links.iter().any(|l| l.index == ifindex && l.generic_xdp))
+    Ok(bare_links()?
+        .iter()
+        .any(|l| l.index == ifindex && l.generic_xdp))
 }
 
 /// An address clients may reach the node on (Go's `IsGlobalUnicast`, which Cilium's detection
@@ -868,6 +917,69 @@ not an address line
         for name in ["cilium_host", "lxc1234", "cni0", "docker0", "lo1"] {
             assert!(!taken(&link(name, None)), "{name}");
         }
+    }
+
+    #[test]
+    fn unselected_tunnels_that_are_up_with_strict_rp_filter_drop_other_nodes_flows() {
+        let links = [
+            link("flannel.1", Some("vxlan")),
+            link("tunl0", Some("ipip")),
+            link("flannel-wg", Some("wireguard")),
+            link("genev_sys_6081", Some("geneve")),
+            link("gre1", Some("gre")),
+            // The kernel's fallback device, made down.
+            Link {
+                flags: 0,
+                ..link("gre0", Some("gre"))
+            },
+            // Not tunnels.
+            link("eth0", None),
+            link("eth0.100", Some("vlan")),
+            link("cni0", Some("bridge")),
+        ];
+        let names = |found: Vec<&Link>| -> Vec<String> {
+            found.into_iter().map(|l| l.name.clone()).collect()
+        };
+        // Strict on every interface: every unselected tunnel that is up.
+        let strict = |_: &str| Some(1);
+        let none: &[String] = &[];
+        assert_eq!(
+            names(tunnels_dropping_other_nodes_flows(&links, none, strict)),
+            ["flannel.1", "tunl0", "flannel-wg", "genev_sys_6081", "gre1"]
+        );
+        // A selected tunnel is SNATed to its own address, which passes.
+        let selected = ["eth0".to_string(), "flannel.1".to_string()];
+        assert_eq!(
+            names(tunnels_dropping_other_nodes_flows(
+                &links, &selected, strict
+            )),
+            ["tunl0", "flannel-wg", "genev_sys_6081", "gre1"]
+        );
+        // The kernel takes the larger of `all` and the interface's own: loose (2) in either
+        // passes, strict in either with the other off drops (the other tunnels are loose).
+        for (all, own, drops) in [
+            (0, 0, false),
+            (0, 1, true),
+            (1, 0, true),
+            (1, 1, true),
+            (1, 2, false),
+            (2, 1, false),
+            (2, 2, false),
+        ] {
+            let rp = |iface: &str| match iface {
+                "all" => Some(all),
+                "flannel.1" => Some(own),
+                _ => Some(2),
+            };
+            assert_eq!(
+                names(tunnels_dropping_other_nodes_flows(&links, none, rp)),
+                if drops { vec!["flannel.1"] } else { vec![] },
+                "all {all}, own {own}"
+            );
+        }
+        // An interface without the setting (gone meanwhile) is left out.
+        let gone = |iface: &str| (iface == "all").then_some(1);
+        assert!(tunnels_dropping_other_nodes_flows(&links, none, gone).is_empty());
     }
 
     #[test]

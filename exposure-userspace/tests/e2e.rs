@@ -2561,6 +2561,54 @@ fn a_selected_tunnel_takes_remote_flows_with_its_own_address_past_strict_rp_filt
     overlay_serves_remote_pods(Overlay::TunnelSelected);
 }
 
+/// Strict rp_filter on a tunnel `--iface` does not select drops the flows other nodes' agents
+/// send through it (SNATed to their LAN address): each agent says so, naming the tunnel and the
+/// remedies, and says again when its rp_filter is loosened, after which those flows get through.
+#[test]
+fn strict_rp_filter_on_an_unselected_tunnel_is_reported_until_loosened() {
+    let pods = [0, 1];
+    let c = Cluster::start_prepared(
+        &pods,
+        &[("hello.yaml", hello_dual_stack(&pods))],
+        &[],
+        |lab| {
+            lab.vxlan_overlay().expect("VXLAN overlay");
+            for node in &lab.nodes {
+                node.ns
+                    .sysctl("net.ipv4.conf.flannel/1.rp_filter", "1")
+                    .unwrap();
+            }
+        },
+    );
+    const WARNING: &str = "strict rp_filter on this tunnel, which --iface does not select";
+    let said = |n: usize, what: &str| {
+        let log = c.agents[n].log_text();
+        log.lines()
+            .any(|l| l.contains(what) && l.contains("flannel.1"))
+    };
+    for n in 0..2 {
+        c.eventually("the warning", || said(n, WARNING));
+        assert!(
+            said(n, "--iface ...,flannel.1") && said(n, "net.ipv4.conf.flannel/1.rp_filter=2"),
+            "the remedies: {}",
+            c.agents[n].log_text()
+        );
+    }
+    // As it says: node-2 drops what node-1 sends its pod through the tunnel.
+    let to = c.node(0, 30600);
+    assert!(apps::udp_ask(&c.lab.client, to).is_err(), "UDP via node-1");
+    for node in &c.lab.nodes {
+        node.ns
+            .sysctl("net.ipv4.conf.flannel/1.rp_filter", "2")
+            .unwrap();
+    }
+    for n in 0..2 {
+        c.eventually("loosened", || said(n, "no longer drops other nodes' flows"));
+    }
+    assert_eq!(c.udp_spread(to, 0), pods_named(&["pod-2-1"]));
+    assert_eq!(c.tcp_spread(to, 0).0, pods_named(&["pod-2-1"]));
+}
+
 #[derive(Clone, Copy, PartialEq)]
 enum Overlay {
     /// `--iface eth0`, native XDP.
@@ -2641,6 +2689,10 @@ fn overlay_serves_remote_pods(variant: Overlay) {
     if variant == Overlay::TunnelSelected {
         // No packet of the flows taken for the node's own at tc egress, where tc sends them.
         assert_eq!(agent_counter(&c, "dropped_host_collision"), 0.0);
+        // Selected, its strict rp_filter drops nothing: no warning.
+        for agent in &c.agents {
+            assert!(!agent.log_text().contains("strict rp_filter"));
+        }
     }
 }
 
