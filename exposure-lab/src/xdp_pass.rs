@@ -127,8 +127,17 @@ pub fn attach(ns: &Netns, ifname: &str) -> anyhow::Result<OwnedFd> {
 
 /// Attaches `r0 = action; exit` to `ifname` in `ns` (XDP_DROP: a sink that costs next to nothing).
 pub fn attach_returning(ns: &Netns, ifname: &str, action: u8) -> anyhow::Result<OwnedFd> {
-    attach_loaded(ns, ifname, BPF_XDP, move || load_returning(action))
+    attach_loaded(ns, ifname, BPF_XDP, 0, move || load_returning(action))
         .with_context(|| format!("XDP returning {action}"))
+}
+
+/// [`attach_returning`] in generic XDP, on the kernel's skb.
+pub fn attach_generic_returning(ns: &Netns, ifname: &str, action: u8) -> anyhow::Result<OwnedFd> {
+    const XDP_FLAGS_SKB_MODE: u32 = 1 << 1;
+    attach_loaded(ns, ifname, BPF_XDP, XDP_FLAGS_SKB_MODE, move || {
+        load_returning(action)
+    })
+    .with_context(|| format!("generic XDP returning {action}"))
 }
 
 /// Attaches a tc program returning `action` (e.g. `TC_ACT_SHOT`: a sink for packets that never
@@ -140,18 +149,19 @@ pub fn attach_tc_ingress_returning(
     action: i32,
 ) -> anyhow::Result<OwnedFd> {
     const BPF_TCX_INGRESS: u32 = 46;
-    attach_loaded(ns, ifname, BPF_TCX_INGRESS, move || {
+    attach_loaded(ns, ifname, BPF_TCX_INGRESS, 0, move || {
         load_tc_returning(action)
     })
     .with_context(|| format!("tc returning {action}"))
 }
 
-/// Loads a program with `load` inside `ns` and links it to `ifname` there as `attach_type`;
-/// detached when the returned link fd is dropped.
+/// Loads a program with `load` inside `ns` and links it to `ifname` there as `attach_type`, with
+/// the link's `flags`; detached when the returned link fd is dropped.
 fn attach_loaded(
     ns: &Netns,
     ifname: &str,
     attach_type: u32,
+    flags: u32,
     load: impl FnOnce() -> anyhow::Result<OwnedFd> + Send + 'static,
 ) -> anyhow::Result<OwnedFd> {
     let ifname = ifname.to_string();
@@ -161,7 +171,7 @@ fn attach_loaded(
             .with_context(|| format!("no interface {ifname}"))?;
         let mut attr = [0u64; 16];
         attr[0] = prog.as_raw_fd() as u64 | (ifindex as u64) << 32;
-        attr[1] = attach_type as u64;
+        attr[1] = attach_type as u64 | (flags as u64) << 32;
         bpf(BPF_LINK_CREATE, &mut attr).with_context(|| format!("attaching to {ifname}"))
     })?
 }
@@ -253,7 +263,7 @@ pub fn attach_switch(
     ports: &[([u8; 6], u32)],
 ) -> anyhow::Result<OwnedFd> {
     let ports = ports.to_vec();
-    attach_loaded(ns, ifname, BPF_XDP, move || load_switch(&ports))
+    attach_loaded(ns, ifname, BPF_XDP, 0, move || load_switch(&ports))
 }
 
 const BPF_MAP_CREATE: libc::c_long = 0;

@@ -7,7 +7,8 @@
 //!
 //! Datapath: per-packet cost through BPF_PROG_TEST_RUN beside a no-op floor and a one-lookup
 //! reference. End to end (`exposure/forwarding.rs`): packets/s, TCP connections/s and throughput
-//! through a lab node for Exposure (also with `--redirect-to-pods` and `--xdp-redirect-to-pods`),
+//! through a lab node for Exposure (also with `--redirect-to-pods` and `--xdp-redirect-to-pods`,
+//! and in generic XDP),
 //! kube-proxy's iptables and nftables layouts, and plain forwarding without and with a no-op XDP
 //! program on the nodes (the end-to-end floor).
 //!
@@ -15,8 +16,8 @@
 //! small sizes only. While working on one part: `EXPOSURE_BENCH_CONTROL_PLANE_ONLY=<Services>`,
 //! `EXPOSURE_BENCH_DATAPATH_ONLY=<backends>` (per-packet costs at 1,000 Services, or
 //! `EXPOSURE_BENCH_SERVICES`; `EXPOSURE_BENCH_REPEAT` runs per measurement, long enough for
-//! `perf record`) or `EXPOSURE_BENCH_E2E_ONLY=<0..6>` (one end-to-end variant at 10 Services, in
-//! the order of `forwarding::Variant::ALL`; `EXPOSURE_BENCH_PACKETS` per run, 300,000 by default;
+//! `perf record`) or `EXPOSURE_BENCH_E2E_ONLY=<0..8>` (one end-to-end variant at 10 Services, in
+//! the order of `forwarding::Variant::ALL` then `GENERIC`; `EXPOSURE_BENCH_PACKETS` per run, 300,000 by default;
 //! `EXPOSURE_BENCH_NODE_CONNTRACK=1` with a NAT rule on the nodes, so they track connections).
 
 use std::{
@@ -785,8 +786,11 @@ fn main() {
     }
     if let Ok(v) = std::env::var("EXPOSURE_BENCH_E2E_ONLY") {
         // For working on the end-to-end part alone: `EXPOSURE_BENCH_E2E_ONLY=<variant number>`.
-        let variant = forwarding::Variant::ALL
-            [v.parse::<usize>().unwrap_or(1) % forwarding::Variant::ALL.len()];
+        let every: Vec<_> = forwarding::Variant::ALL
+            .into_iter()
+            .chain(forwarding::Variant::GENERIC)
+            .collect();
+        let variant = every[v.parse::<usize>().unwrap_or(1) % every.len()];
         let packets = std::env::var("EXPOSURE_BENCH_PACKETS")
             .ok()
             .and_then(|p| p.parse().ok())
@@ -1094,6 +1098,22 @@ fn end_to_end(report: &mut String, quick: bool, dir: &Path, stem: &str) {
         );
         conntrack_runs.extend(r);
     }
+    // Generic XDP (a NIC whose driver has none, or refuses it), at the same one size.
+    let mut generic_runs = Vec::new();
+    for v in Variant::GENERIC {
+        eprintln!(
+            "end to end: {} with {conntrack_size} Services ...",
+            v.name()
+        );
+        let (r, _) = forwarding::measure(
+            v,
+            NodeNetfilter::Bare,
+            conntrack_size,
+            packets,
+            Path::new(BIN),
+        );
+        generic_runs.extend(r);
+    }
     let _ = writeln!(report, "\n## End to end: packets/s through a node\n");
     let _ = writeln!(report, "64-byte UDP packets from the lab's client to a NodePort on node-1, by an XDP live-frames generator");
     let _ = writeln!(
@@ -1303,6 +1323,36 @@ fn end_to_end(report: &mut String, quick: bool, dir: &Path, stem: &str) {
             ratio(Variant::Exposure),
             ratio(Variant::ExposureTcRedirect),
             ratio(Variant::ExposureRedirect),
+        );
+    }
+    let _ = writeln!(report, "\nIn generic XDP (`--xdp-mode generic`, as `auto` falls back to where the driver has no native XDP");
+    let _ = writeln!(report, "or refuses it): the program runs on the skb the kernel has already built, after GRO. The same");
+    let _ = writeln!(report, "runs at {conntrack_size} Services, beside plain forwarding behind a generic no-op XDP program (this");
+    let _ = writeln!(report, "mode's floor) and the runs above. On the lab's veths the kernel builds an skb for every frame");
+    let _ = writeln!(report, "it passes in either mode (a veth's native XDP runs on the frames the switch redirected to it,");
+    let _ = writeln!(report, "and builds the skb after it), so here generic differs from native less than on a NIC, whose");
+    let _ = writeln!(report, "native XDP runs before any skb exists: read generic against its own floor and against iptables.");
+    let _ = writeln!(report, "Thousands of packets/s.\n");
+    let _ = writeln!(report, "| backend | flows | plain forwarding, generic no-op XDP | Exposure, generic XDP | Exposure (above) | kube-proxy iptables (above) | generic ÷ iptables | generic ÷ its floor (cost per packet) |");
+    let _ = writeln!(
+        report,
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
+    for (n, t, f) in scenarios(&[conntrack_size]) {
+        let generic = |v: Variant| find_run(&generic_runs, v, n, t, f);
+        let pps = |r: Option<&forwarding::Run>| r.map_or(0.0, |r| r.pps);
+        let ours = pps(generic(Variant::ExposureGenericXdp));
+        let _ = writeln!(
+            report,
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            t.label(),
+            flows_label(f),
+            cell(generic(Variant::NoopGenericXdp)),
+            cell(generic(Variant::ExposureGenericXdp)),
+            cell(find(Variant::Exposure, n, t, f)),
+            cell(find(Variant::Iptables, n, t, f)),
+            times(ours, pps(find(Variant::Iptables, n, t, f))),
+            times(pps(generic(Variant::NoopGenericXdp)), ours),
         );
     }
     let _ = writeln!(report, "\nTCP through the same node, after the UDP runs (pods now answering): new connections per second");

@@ -36,6 +36,11 @@ pub enum Variant {
     ExposureRedirect,
     Iptables,
     Nftables,
+    /// [`Variant::NoopXdp`] in generic XDP: the floor of the path with an XDP program on the
+    /// kernel's skb (as on a NIC whose driver has no native XDP, or refuses it).
+    NoopGenericXdp,
+    /// Exposure with `--xdp-mode generic`.
+    ExposureGenericXdp,
 }
 
 impl Variant {
@@ -49,6 +54,9 @@ impl Variant {
         Variant::Nftables,
     ];
 
+    /// Generic XDP's pair, measured at one size beside the main table.
+    pub const GENERIC: [Variant; 2] = [Variant::NoopGenericXdp, Variant::ExposureGenericXdp];
+
     pub fn name(self) -> &'static str {
         match self {
             Variant::Plain => "plain forwarding",
@@ -58,6 +66,8 @@ impl Variant {
             Variant::ExposureRedirect => "Exposure, XDP redirect to pods",
             Variant::Iptables => "kube-proxy iptables",
             Variant::Nftables => "kube-proxy nftables",
+            Variant::NoopGenericXdp => "plain forwarding, generic no-op XDP",
+            Variant::ExposureGenericXdp => "Exposure, generic XDP",
         }
     }
 }
@@ -239,20 +249,34 @@ fn set_up(
             .map_or_else(String::new, |(n, _)| n.name.clone())
     };
     match variant {
-        Variant::Plain | Variant::NoopXdp => {
+        Variant::Plain | Variant::NoopXdp | Variant::NoopGenericXdp => {
             lab.client
                 .ip(&format!("route add 198.19.0.0/16 via {}", lab.nodes[0].ip))
                 .unwrap();
-            if variant == Variant::NoopXdp {
-                for node in &lab.nodes {
-                    let prog = xdp_pass::attach_returning(&node.ns, "eth0", xdp_pass::XDP_PASS);
-                    setup.node_programs.push(prog.unwrap());
-                }
+            for node in &lab.nodes {
+                let prog = match variant {
+                    Variant::NoopXdp => {
+                        xdp_pass::attach_returning(&node.ns, "eth0", xdp_pass::XDP_PASS)
+                    }
+                    Variant::NoopGenericXdp => {
+                        xdp_pass::attach_generic_returning(&node.ns, "eth0", xdp_pass::XDP_PASS)
+                    }
+                    _ => continue,
+                };
+                setup.node_programs.push(prog.unwrap());
             }
         }
-        Variant::Exposure | Variant::ExposureTcRedirect | Variant::ExposureRedirect => {
-            let redirect = variant != Variant::Exposure;
-            let flags: &[&str] = if variant == Variant::ExposureTcRedirect {
+        Variant::Exposure
+        | Variant::ExposureTcRedirect
+        | Variant::ExposureRedirect
+        | Variant::ExposureGenericXdp => {
+            let redirect = matches!(
+                variant,
+                Variant::ExposureTcRedirect | Variant::ExposureRedirect
+            );
+            let flags: &[&str] = if variant == Variant::ExposureGenericXdp {
+                &["--xdp-mode", "generic"]
+            } else if variant == Variant::ExposureTcRedirect {
                 &["--redirect-to-pods", "vp"]
             } else if redirect {
                 // The mode's requirement: the pod side runs NAPI also once the sinks are gone.
@@ -343,7 +367,9 @@ fn destination(lab: &Lab, variant: Variant, target: Target) -> (usize, (Ipv4Addr
         Target::Remote => 1,
     };
     let to = match variant {
-        Variant::Plain | Variant::NoopXdp => (lab.nodes[node].pods[0].ip, 50000),
+        Variant::Plain | Variant::NoopXdp | Variant::NoopGenericXdp => {
+            (lab.nodes[node].pods[0].ip, 50000)
+        }
         _ => (lab.nodes[0].ip, 30600 + node as u16),
     };
     (node, to)
