@@ -318,11 +318,11 @@ const RP_FILTER_STRICT: u8 = 1;
 
 /// The tunnels here whose strict rp_filter drops the flows other nodes' agents send to this
 /// node's pods if an overlay reaches them through it: tunnels that are up and that `selected`
-/// does not name. Another node's agent, configured alike,
-/// SNATs a flow it sends through such a tunnel to the address of the interface the flow came in
-/// by (its LAN address), which this node routes by another interface, so strict reverse-path
-/// filtering drops the flow here. `rp_filter`: an interface's own setting by name, `all` for
-/// `net.ipv4.conf.all`; the kernel takes the larger of the two.
+/// does not name. Another node's agent, configured alike, SNATs a flow it sends through such a
+/// tunnel to the address of the interface the flow came in by (its LAN address), which this node
+/// routes by another interface, so strict reverse-path filtering drops the flow here.
+/// `rp_filter`: an interface's own setting by name, `all` for `net.ipv4.conf.all`; the kernel
+/// takes the larger of the two.
 pub fn tunnels_dropping_other_nodes_flows<'a>(
     links: &'a [Link],
     selected: &[String],
