@@ -596,10 +596,13 @@ pub enum Counter {
     /// Translated packets XDP handed to tc ingress to send out of another interface (to remote
     /// backends, and their replies to clients): [`HANDOFF_OUT`], [`HANDOFF_AS_IS`].
     SentFromTc,
+    /// Of those, packets XDP passed without metadata (the driver keeps none), which tc ingress
+    /// knew by their tuple.
+    SentFromTcByTuple,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 23;
+    pub const COUNT: u32 = 24;
     pub const ALL: [Counter; Counter::COUNT as usize] = [
         Counter::FrontendPackets,
         Counter::NewFlows,
@@ -624,6 +627,7 @@ impl Counter {
         Counter::TupleCollision,
         Counter::RepliesFromPod,
         Counter::SentFromTc,
+        Counter::SentFromTcByTuple,
     ];
 
     pub fn name(self) -> &'static str {
@@ -651,6 +655,7 @@ impl Counter {
             Counter::TupleCollision => "dropped_tuple_collision",
             Counter::RepliesFromPod => "replies_from_pod_redirected",
             Counter::SentFromTc => "sent_from_tc",
+            Counter::SentFromTcByTuple => "sent_from_tc_without_metadata",
         }
     }
 }

@@ -13,7 +13,7 @@ use aya_ebpf::{
 use exposure_common::{Addr, Counter, TcHandoff, XDP_MODE_NATIVE};
 
 use crate::{
-    maps::{count, xdp_mode, NEIGH_MISSES},
+    maps::{count, xdp_metadata, xdp_mode, NEIGH_MISSES},
     nat::on_skb,
     parse::ETH_LEN,
 };
@@ -178,6 +178,9 @@ pub fn transmit(ctx: &XdpContext, ifindex: u32) -> u32 {
 #[inline(always)]
 pub fn hand_to_tc(ctx: &XdpContext, magic: u32, ifindex: u32) -> Result<(), ()> {
     const LEN: usize = core::mem::size_of::<TcHandoff>();
+    if !xdp_metadata() {
+        return Err(());
+    }
     if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -(LEN as i32)) } != 0 {
         return Err(());
     }

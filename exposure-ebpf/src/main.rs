@@ -703,8 +703,13 @@ fn translate_to_backend(ctx: &XdpContext, p: &Packet, flow: &Flow) -> Result<u32
         };
         rewrite(ctx, p, &to, Leaves::to_kernel_if(by & BY_TC))?;
         count(Counter::ToRemote);
-        // Still addressed to this node, so the stack takes it up to tc ingress.
-        if by & BY_TC != 0 && hand_to_tc(ctx, HANDOFF_OUT, flow.ifindex).is_ok() {
+        // Still addressed to this node, so the stack takes it up to tc ingress. XDP could only
+        // send it where tc would not, so without metadata (the driver keeps none) tc ingress
+        // knows it by its tuple.
+        if by & BY_TC != 0 {
+            if hand_to_tc(ctx, HANDOFF_OUT, flow.ifindex).is_err() {
+                hand_off_by_tuple();
+            }
             return Ok(xdp_action::XDP_PASS);
         }
         set_macs(ctx, &flow.dmac, &flow.smac)?;
@@ -929,6 +934,9 @@ fn try_tc_ingress(ctx: &TcContext) -> Result<i32, ()> {
     const LEN: usize = core::mem::size_of::<TcHandoff>();
     let meta = unsafe { (*ctx.skb.skb).data_meta } as usize;
     if meta + LEN > ctx.data() {
+        if handoffs_by_tuple() {
+            return tc_out_by_tuple(ctx);
+        }
         return Ok(TC_ACT_UNSPEC);
     }
     let handoff = unsafe { (meta as *const TcHandoff).read_unaligned() };
@@ -949,6 +957,50 @@ fn try_tc_ingress(ctx: &TcContext) -> Result<i32, ()> {
         }
         _ => Ok(TC_ACT_UNSPEC),
     }
+}
+
+/// A remote flow's packet that XDP translated and passed without metadata (its driver keeps
+/// none), known by its tuple: from a SNAT port of the node's, to the backend, the reverse of a
+/// reply entry's key whose flow is SNATed to just that. Only this node's translation makes such a
+/// packet arrive (the kernel drops one from its own address). Sent out as [`HANDOFF_OUT`] does.
+#[inline(never)]
+fn tc_out_by_tuple(ctx: &TcContext) -> Result<i32, ()> {
+    let Parsed::Packet(p) = parse_skb(ctx)? else {
+        return Ok(TC_ACT_UNSPEC);
+    };
+    if !is_snat_port(port_host(p.sport)) {
+        return Ok(TC_ACT_UNSPEC);
+    }
+    let reply_key = FlowKey {
+        saddr: p.daddr,
+        daddr: p.saddr,
+        sport: p.dport,
+        dport: p.sport,
+        proto: p.proto,
+        _pad: [0; 3],
+    };
+    let Some(reply) = lookup_reply(&reply_key) else {
+        return Ok(TC_ACT_UNSPEC);
+    };
+    let r = unsafe { &*reply };
+    if r.flags & (FLOW_REMOTE | FLOW_HOST) != FLOW_REMOTE {
+        return Ok(TC_ACT_UNSPEC);
+    }
+    let Some(flow) = lookup_flow(&client_key(r, p.proto)) else {
+        return Ok(TC_ACT_UNSPEC);
+    };
+    let f = unsafe { &*flow };
+    if f.flags & FLOW_REMOTE == 0
+        || f.snat_port != p.sport
+        || f.backend_port != p.dport
+        || f.snat_addr != p.saddr
+        || f.backend_addr != p.daddr
+    {
+        return Ok(TC_ACT_UNSPEC);
+    }
+    count(Counter::SentFromTc);
+    count(Counter::SentFromTcByTuple);
+    Ok(unsafe { bpf_redirect_neigh(f.ifindex, core::ptr::null_mut(), 0, 0) } as i32)
 }
 
 /// `--redirect-to-pods` / `--xdp-redirect-to-pods`, on the pods' interfaces (tc ingress): the

@@ -179,6 +179,43 @@ pub fn redirect_at_tc() -> bool {
     redirect_mode() == REDIRECT_AT_TC
 }
 
+/// Set at load time: 0 makes XDP act as on a driver that keeps no XDP metadata (tests of the
+/// path such drivers take).
+#[no_mangle]
+static XDP_METADATA: u8 = 1;
+
+/// Whether XDP may leave metadata for tc (else as if the driver kept none).
+#[inline(always)]
+pub fn xdp_metadata() -> bool {
+    unsafe { core::ptr::read_volatile(&XDP_METADATA) != 0 }
+}
+
+/// Entry 0 non-zero once XDP passed a remote flow's packet to the stack for tc ingress to send
+/// without metadata (the driver keeps none): tc ingress then knows such packets by their tuple.
+/// Other nodes' tc ingress pays nothing for it. Not pinned: XDP sets it before the packet it
+/// passes, also after a restart.
+#[map]
+pub static HANDOFF_BY_TUPLE: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Notes that a packet is passed to tc ingress without metadata.
+#[inline(always)]
+pub fn hand_off_by_tuple() {
+    if let Some(flag) = HANDOFF_BY_TUPLE.get_ptr_mut(0) {
+        // Read first: one write per node, not a shared cache line written per packet.
+        unsafe {
+            if *flag == 0 {
+                *flag = 1;
+            }
+        }
+    }
+}
+
+/// Whether tc ingress must look for packets XDP passed without metadata.
+#[inline(always)]
+pub fn handoffs_by_tuple() -> bool {
+    HANDOFF_BY_TUPLE.get(0).is_some_and(|flag| *flag != 0)
+}
+
 /// Working space for setting up a new flow: the entries being built and the FIB query. BPF gives a
 /// program 512 bytes of stack for its whole call chain, and IPv6-sized entries don't fit there
 /// beside the per-packet path (Cilium keeps such buffers in per-CPU maps too). One packet runs at a

@@ -67,6 +67,19 @@ impl Agent {
         log_dir: &Path,
         extra: &[&str],
     ) -> anyhow::Result<Self> {
+        Self::spawn_with_env(bin, lab_prefix, node, source, log_dir, extra, &[])
+    }
+
+    /// [`Agent::spawn_with`] with `env` added to the agent's environment.
+    pub fn spawn_with_env(
+        bin: &Path,
+        lab_prefix: &str,
+        node: &Node,
+        source: &Source,
+        log_dir: &Path,
+        extra: &[&str],
+        env: &[(String, String)],
+    ) -> anyhow::Result<Self> {
         let pin_dir = pin_dir(lab_prefix, node);
         // One kernel plays every machine of the lab: the socket hooks must take the sockets of
         // this node and its pods only, not the client's or other nodes' (a real node's are all
@@ -112,6 +125,7 @@ impl Agent {
             )
             .args(extra)
             .env("RUST_LOG", "info")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file)

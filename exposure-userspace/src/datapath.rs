@@ -314,6 +314,9 @@ pub struct Capacity {
     pub sockets_of_every_netns: bool,
     /// How long flows live after their last packet (`--flow-timeout-*`).
     pub flow_lifetimes: exposure_common::FlowLifetimes,
+    /// Whether XDP leaves metadata for tc; false makes it act as on a driver that keeps none
+    /// (for tests: `EXPOSURE_TEST_NO_XDP_METADATA=1` in the agent's environment).
+    pub xdp_metadata: bool,
 }
 
 /// An inclusive range of ports.
@@ -366,6 +369,7 @@ impl Default for Capacity {
             snat_ports: PortRange::SNAT_DEFAULT,
             sockets_of_every_netns: true,
             flow_lifetimes: exposure_common::FlowLifetimes::DEFAULT,
+            xdp_metadata: true,
         }
     }
 }
@@ -429,6 +433,8 @@ impl Datapath {
             .is_ok_and(|v| v >= aya::util::KernelVersion::new(5, 18, 0))
             as u8;
         loader.override_global("SET_RETVAL", &set_retval, true);
+        let xdp_metadata = capacity.xdp_metadata as u8;
+        loader.override_global("XDP_METADATA", &xdp_metadata, true);
         for name in names::ALL {
             if let Some(n) = capacity.of(name) {
                 loader.map_max_entries(name, n);

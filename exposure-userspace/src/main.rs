@@ -334,6 +334,9 @@ fn main() -> anyhow::Result<()> {
                         }
                         l
                     },
+                    // Tests of the path taken on drivers that keep no XDP metadata.
+                    xdp_metadata: std::env::var_os("EXPOSURE_TEST_NO_XDP_METADATA")
+                        .is_none_or(|v| v != "1"),
                 },
                 pod_iface_prefixes,
                 reserve_local_ports: reserve_local_ports

@@ -24,6 +24,8 @@ struct Cluster {
     agents: Vec<Agent>,
     /// Extra flags for every agent.
     agent_flags: Vec<String>,
+    /// Added to every agent's environment.
+    agent_env: Vec<(String, String)>,
     _servers: Vec<Server>,
     manifests: PathBuf,
     log_dir: PathBuf,
@@ -57,6 +59,17 @@ impl Cluster {
         agent_flags: &[&str],
         prepare: impl FnOnce(&Lab),
     ) -> Cluster {
+        Self::start_prepared_env(pods, files, agent_flags, &[], prepare)
+    }
+
+    /// [`Cluster::start_prepared`], with `agent_env` in every agent's environment.
+    fn start_prepared_env(
+        pods: &[usize],
+        files: &[(&str, String)],
+        agent_flags: &[&str],
+        agent_env: &[(&str, &str)],
+        prepare: impl FnOnce(&Lab),
+    ) -> Cluster {
         let prefix = unique_prefix("e");
         let lab = Lab::new(&prefix, pods).expect("lab");
         prepare(&lab);
@@ -73,6 +86,10 @@ impl Cluster {
         let mut cluster = Cluster {
             agents: Vec::new(),
             agent_flags: agent_flags.iter().map(|f| f.to_string()).collect(),
+            agent_env: agent_env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             _servers: servers,
             manifests,
             log_dir: base,
@@ -88,13 +105,14 @@ impl Cluster {
         let source = Source::Manifests(&self.manifests);
         let flags: Vec<&str> = self.agent_flags.iter().map(String::as_str).collect();
         let node = &self.lab.nodes[n];
-        let mut agent = Agent::spawn_with(
+        let mut agent = Agent::spawn_with_env(
             Path::new(BIN),
             &self.lab.prefix,
             node,
             &source,
             &self.log_dir,
             &flags,
+            &self.agent_env,
         )
         .expect("agent starts");
         agent
@@ -2561,6 +2579,11 @@ fn a_selected_tunnel_takes_remote_flows_with_its_own_address_past_strict_rp_filt
     overlay_serves_remote_pods(Overlay::TunnelSelected);
 }
 
+#[test]
+fn without_xdp_metadata_remote_flows_still_go_into_a_vxlan_overlay_from_tc() {
+    overlay_serves_remote_pods(Overlay::NoMetadata);
+}
+
 /// Strict rp_filter on a tunnel `--iface` does not select drops the flows other nodes' agents
 /// send through it (SNATed to their LAN address): each agent says so, naming the tunnel and the
 /// remedies, and says again when its rp_filter is loosened, after which those flows get through.
@@ -2617,6 +2640,8 @@ enum Overlay {
     Generic,
     /// `--iface eth0,flannel.1`, on nodes whose tunnel has strict rp_filter.
     TunnelSelected,
+    /// Native XDP as on a driver that keeps no XDP metadata (`EXPOSURE_TEST_NO_XDP_METADATA`).
+    NoMetadata,
 }
 
 /// The nodes' pods on a flannel-style VXLAN overlay ([`Lab::vxlan_overlay`]): a remote pod's route
@@ -2633,6 +2658,11 @@ fn overlay_serves_remote_pods(variant: Overlay) {
         Overlay::Native => &[],
         Overlay::Generic => &["--xdp-mode", "generic"],
         Overlay::TunnelSelected => &["--iface", "eth0,flannel.1"],
+        Overlay::NoMetadata => &[],
+    };
+    let env: &[(&str, &str)] = match variant {
+        Overlay::NoMetadata => &[("EXPOSURE_TEST_NO_XDP_METADATA", "1")],
+        _ => &[],
     };
     let pods = [1, 1];
     let remote_only = {
@@ -2647,7 +2677,7 @@ fn overlay_serves_remote_pods(variant: Overlay) {
         ("hello.yaml", hello_dual_stack(&pods)),
         ("remote-only.yaml", remote_only),
     ];
-    let c = Cluster::start_prepared(&pods, &files, flags, |lab| {
+    let c = Cluster::start_prepared_env(&pods, &files, flags, env, |lab| {
         lab.vxlan_overlay().expect("VXLAN overlay");
         if variant == Overlay::TunnelSelected {
             for node in &lab.nodes {
@@ -2686,6 +2716,12 @@ fn overlay_serves_remote_pods(variant: Overlay) {
     assert!(agent_counter(&c, "too_big_for_next_hop") >= 1.0);
     // Sent from tc ingress, by the kernel through the tunnel (and back to the client).
     assert!(agent_counter(&c, "sent_from_tc") > 100.0);
+    // Known there by their tuple where XDP could leave no metadata.
+    let by_tuple = agent_counter(&c, "sent_from_tc_without_metadata");
+    match variant {
+        Overlay::NoMetadata => assert!(by_tuple > 100.0, "{by_tuple}"),
+        _ => assert_eq!(by_tuple, 0.0),
+    }
     if variant == Overlay::TunnelSelected {
         // No packet of the flows taken for the node's own at tc egress, where tc sends them.
         assert_eq!(agent_counter(&c, "dropped_host_collision"), 0.0);

@@ -2187,6 +2187,103 @@ fn packets_too_big_for_the_interface_they_leave_by_are_answered_with_its_mtu() {
     });
 }
 
+/// A flannel-style VXLAN device `vx9` (MTU 1450) to the pods behind 198.19.9.0/24 and
+/// 2001:2:0:9::/64 ([`program_pod_behind_9`]); its index.
+fn tunnel_to_pods_behind_9() -> u32 {
+    ip("link add vx9 type vxlan id 9 dstport 8472 nolearning");
+    ip("link set vx9 mtu 1450 up");
+    ip("route add 198.19.9.0/24 via 198.19.9.0 dev vx9 onlink");
+    ip("neigh add 198.19.9.0 lladdr 02:00:00:00:00:99 dev vx9 nud permanent");
+    ip("-6 route add 2001:2:0:9::/64 via 2001:2:0:9:: dev vx9 onlink");
+    ip("-6 neigh add 2001:2:0:9:: lladdr 02:00:00:00:00:99 dev vx9 nud permanent");
+    nix::net::if_::if_nametoindex("vx9").unwrap()
+}
+
+/// On a driver that keeps no XDP metadata (ENA, gVNIC and netvsc among them), XDP cannot hand a
+/// remote flow's packet to tc in it: it passes the packet translated, and tc ingress knows it by
+/// its tuple (from a SNAT port of the node's to the backend, a flow's own) and sends it out of the
+/// tunnel. Anything else from a SNAT port is left alone.
+#[test]
+fn without_xdp_metadata_tc_ingress_knows_remote_flows_by_their_tuple() {
+    let capacity = exposure::datapath::Capacity {
+        xdp_metadata: false,
+        ..Default::default()
+    };
+    with_datapath_config(capacity, |h| {
+        let vx9 = tunnel_to_pods_behind_9();
+        let (pod, pod6) = program_pod_behind_9(h);
+        let mut forwards = Vec::new();
+        for (i, input) in [
+            FrameSpec::tcp((CLIENT, 40400), (NODE, NODE_PORT), SYN).build(),
+            FrameSpec::tcp((CLIENT, 40400), (NODE, NODE_PORT), ACK).build(),
+            partial(FrameSpec::tcp((CLIENT, 40401), (NODE, NODE_PORT), SYN).build()),
+            FrameSpec::udp((CLIENT, 40402), (NODE, NODE_PORT)).build(),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let (verdict, out) = h.xdp(&input);
+            assert_eq!(
+                (verdict, out.len()),
+                (XDP_PASS, input.len()),
+                "no metadata ({i})"
+            );
+            assert_eq!(
+                out[..12],
+                input[..12],
+                "MACs untouched: addressed to this node"
+            );
+            let p = frame::parse(&out).unwrap();
+            assert_eq!((p.src, p.dst, p.dport), (NODE, pod, 50000));
+            assert!((SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&p.sport));
+            if i == 2 {
+                assert!(is_partial(&out), "partial, with the new addresses");
+            } else {
+                assert_checksums(&p);
+            }
+            forwards.push(out);
+        }
+        let input = frame::FrameSpec6::tcp((CLIENT6, 40403), (NODE6, NODE_PORT), SYN).build();
+        let (verdict, out) = h.xdp(&input);
+        assert_eq!((verdict, out.len()), (XDP_PASS, input.len()));
+        let p6 = parse6_ok(&out);
+        assert_eq!((p6.src, p6.dst, p6.dport), (NODE6, pod6, 50000));
+        forwards.push(out);
+        assert_eq!(
+            h.flow((CLIENT, 40400), (NODE, NODE_PORT), TCP)
+                .unwrap()
+                .ifindex,
+            vx9
+        );
+        // tc ingress sends each out of the tunnel, untouched.
+        for forward in &forwards {
+            let (verdict, out) = h.tc_ingress(forward);
+            assert_eq!((verdict, &out), (TC_ACT_REDIRECT, forward));
+        }
+        assert_eq!(h.counter(Counter::SentFromTcByTuple), forwards.len() as u64);
+        assert_eq!(h.counter(Counter::SentFromTc), forwards.len() as u64);
+        // Not a flow's: another SNAT port, another backend port, not from a SNAT port (a client
+        // to a NodePort, the pod's answer), left to the kernel.
+        let p = frame::parse(&forwards[0]).unwrap();
+        for other in [
+            FrameSpec::tcp((NODE, p.sport + 1), (pod, 50000), ACK).build(),
+            FrameSpec::tcp((NODE, p.sport), (pod, 50001), ACK).build(),
+            FrameSpec::tcp((CLIENT, 40400), (NODE, NODE_PORT), ACK).build(),
+            FrameSpec::tcp((pod, 50000), (NODE, p.sport), ACK).build(),
+        ] {
+            let (verdict, out) = h.tc_ingress(&other);
+            assert_eq!((verdict as i32, &out), (TC_ACT_UNSPEC, &other));
+        }
+        assert_eq!(h.counter(Counter::SentFromTcByTuple), forwards.len() as u64);
+        // The pod's answer comes back over the LAN and goes back from XDP, as with metadata.
+        let answer = FrameSpec::tcp((pod, 50000), (NODE, p.sport), SYN | ACK).build();
+        let (verdict, out) = h.xdp(&answer);
+        assert_eq!(verdict, XDP_TX);
+        let r = frame::parse(&out).unwrap();
+        assert_eq!((r.src, r.dst, r.dport), (NODE, CLIENT, 40400));
+    });
+}
+
 /// Remote pods behind a VXLAN tunnel (`vx9`, as flannel's `flannel.1`), a device XDP cannot send
 /// frames through: their flows are SNATed in XDP and passed up with the tunnel in the metadata,
 /// for tc ingress to send there (`bpf_redirect_neigh`). So are a flow that arrives in generic
@@ -2195,13 +2292,7 @@ fn packets_too_big_for_the_interface_they_leave_by_are_answered_with_its_mtu() {
 #[test]
 fn remote_flows_through_a_device_xdp_cannot_send_on_are_handed_to_tc() {
     with_datapath(|h| {
-        ip("link add vx9 type vxlan id 9 dstport 8472 nolearning");
-        ip("link set vx9 mtu 1450 up");
-        ip("route add 198.19.9.0/24 via 198.19.9.0 dev vx9 onlink");
-        ip("neigh add 198.19.9.0 lladdr 02:00:00:00:00:99 dev vx9 nud permanent");
-        ip("-6 route add 2001:2:0:9::/64 via 2001:2:0:9:: dev vx9 onlink");
-        ip("-6 neigh add 2001:2:0:9:: lladdr 02:00:00:00:00:99 dev vx9 nud permanent");
-        let vx9 = nix::net::if_::if_nametoindex("vx9").unwrap();
+        let vx9 = tunnel_to_pods_behind_9();
         let (pod, pod6) = program_pod_behind_9(h);
         let meta = std::mem::size_of::<TcHandoff>();
         // The tunnel in the metadata, then the frame SNATed to the address of the interface the
@@ -2236,6 +2327,10 @@ fn remote_flows_through_a_device_xdp_cannot_send_on_are_handed_to_tc() {
         let (verdict, out) = h.tc_came_in_by(h.ifindex, &forward);
         assert_eq!((verdict as i32, &out), (TC_ACT_UNSPEC, &forward));
         assert_eq!(h.counter(Counter::HostCollision), 0);
+        // With metadata, tc ingress never looks for such packets by their tuple (a test run's
+        // skb has no metadata).
+        assert_eq!(h.tc_ingress(&forward).0 as i32, TC_ACT_UNSPEC);
+        assert_eq!(h.counter(Counter::SentFromTcByTuple), 0);
         let (verdict, _) = h.tc(&forward);
         assert_eq!(
             verdict, TC_ACT_SHOT,
@@ -3387,12 +3482,13 @@ fn the_programs_verify_well_inside_the_kernels_budget() {
                     .info()
                     .unwrap(),
             );
+            let ingress = verified(h.dp.tc_program(TC_INGRESS_PROGRAM).unwrap().info().unwrap());
             eprintln!(
-                "log level {bpf_log_level}: XDP {xdp}, tc egress {egress}, tc from pods {from_pod} instructions verified"
+                "log level {bpf_log_level}: XDP {xdp}, tc egress {egress}, tc ingress {ingress}, tc from pods {from_pod} instructions verified"
             );
             assert!(
-                from_pod < 500_000,
-                "tc from pods: {from_pod} (log level {bpf_log_level})"
+                from_pod < 500_000 && ingress < 500_000,
+                "tc from pods: {from_pod}, tc ingress {ingress} (log level {bpf_log_level})"
             );
             assert!(
                 xdp < 500_000,
