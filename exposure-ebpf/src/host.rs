@@ -7,7 +7,9 @@ use aya_ebpf::{
 };
 use exposure_common::*;
 
-use crate::{client_key, maps::*, now_ns, parse::Packet, reply_key, touch, ConnState};
+use crate::{
+    client_key, maps::*, now_ns, parse::Packet, reply_key, reversed_key, touch, ConnState,
+};
 
 /// A packet of the node's own connection (a socket bound there, or a connection the kernel NATed
 /// there: kube-proxy's masquerade picks source ports at random) leaving from a tuple whose
@@ -29,14 +31,7 @@ pub fn host_connection(ctx: &TcContext, p: &Packet) -> Result<i32, ()> {
     {
         return Ok(TC_ACT_UNSPEC);
     }
-    let key = FlowKey {
-        saddr: p.daddr,
-        daddr: p.saddr,
-        sport: p.dport,
-        dport: p.sport,
-        proto: p.proto,
-        _pad: [0; 3],
-    };
+    let key = reversed_key(p);
     let now = now_ns();
     let came_in_by = unsafe { (*ctx.skb.skb).ingress_ifindex };
     let held = if snat {

@@ -164,6 +164,19 @@ fn flow_key(p: &Packet) -> FlowKey {
     }
 }
 
+/// The key of the packet going the other way on `p`'s connection.
+#[inline(always)]
+fn reversed_key(p: &Packet) -> FlowKey {
+    FlowKey {
+        saddr: p.daddr,
+        daddr: p.saddr,
+        sport: p.dport,
+        dport: p.sport,
+        proto: p.proto,
+        _pad: [0; 3],
+    }
+}
+
 /// Conntrack time: the coarse clock (jiffies resolution) is plenty for lifetimes of seconds and
 /// much cheaper per packet than `bpf_ktime_get_ns`.
 #[inline(always)]
@@ -971,15 +984,7 @@ fn tc_out_by_tuple(ctx: &TcContext) -> Result<i32, ()> {
     if !is_snat_port(port_host(p.sport)) {
         return Ok(TC_ACT_UNSPEC);
     }
-    let reply_key = FlowKey {
-        saddr: p.daddr,
-        daddr: p.saddr,
-        sport: p.dport,
-        dport: p.sport,
-        proto: p.proto,
-        _pad: [0; 3],
-    };
-    let Some(reply) = lookup_reply(&reply_key) else {
+    let Some(reply) = lookup_reply(&reversed_key(&p)) else {
         return Ok(TC_ACT_UNSPEC);
     };
     let r = unsafe { &*reply };
@@ -1095,14 +1100,7 @@ fn try_tc_egress(ctx: &TcContext) -> Result<i32, ()> {
 /// A local backend's reply on its way out: frontend address and port as source again.
 #[inline(always)]
 fn tc_reply(ctx: &TcContext, p: &Packet) -> Result<i32, ()> {
-    let key = FlowKey {
-        saddr: p.saddr,
-        daddr: p.daddr,
-        sport: p.sport,
-        dport: p.dport,
-        proto: p.proto,
-        _pad: [0; 3],
-    };
+    let key = flow_key(p);
     let Some(reply) = lookup_reply(&key) else {
         return host_connection(ctx, p);
     };
