@@ -345,6 +345,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let mut ticker = tokio::time::interval(TICK);
     let mut last_drain_check = Instant::now();
     let mut rp_filter_check = RpFilterCheck::default();
+    // Logged once: XDP passed a packet to tc without metadata.
+    let mut without_metadata_seen = false;
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
@@ -395,6 +397,15 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             }
         }
         rp_filter_check.tick(&attached);
+        if !without_metadata_seen && dp.handed_off_by_tuple().unwrap_or(false) {
+            without_metadata_seen = true;
+            tracing::warn!(
+                "a driver here keeps no XDP metadata: flows to remote pods through an interface \
+                 XDP cannot send on (a tunnel) are known at tc ingress by their tuple instead \
+                 (sent_from_tc_without_metadata); replies XDP cannot send to their client, and \
+                 --redirect-to-pods, need metadata and do not work where it is missing"
+            );
+        }
         let ifaces_now = selected_interfaces(&cfg, &attached, false).ok();
         if let Some(ifs) = &ifaces_now {
             attach_to_new_interfaces(

@@ -614,6 +614,17 @@ impl Datapath {
         Ok(())
     }
 
+    /// Whether XDP has passed a packet to tc without metadata (`HANDOFF_BY_TUPLE`): a driver here
+    /// keeps none.
+    pub fn handed_off_by_tuple(&self) -> anyhow::Result<bool> {
+        let map = self
+            .ebpf
+            .map("HANDOFF_BY_TUPLE")
+            .context("no HANDOFF_BY_TUPLE map")?;
+        let flag: aya::maps::Array<&aya::maps::MapData, u32> = aya::maps::Array::try_from(map)?;
+        Ok(flag.get(&0, 0)? != 0)
+    }
+
     fn xdp_ifaces(
         &mut self,
     ) -> anyhow::Result<aya::maps::HashMap<&mut aya::maps::MapData, u32, u8>> {
