@@ -1083,37 +1083,26 @@ fn end_to_end(report: &mut String, quick: bool, dir: &Path, stem: &str) {
         Variant::ExposureTcRedirect,
         Variant::ExposureRedirect,
     ];
-    let mut conntrack_runs = Vec::new();
-    for v in conntrack_variants {
-        eprintln!(
-            "end to end: {} with {conntrack_size} Services, conntrack on the nodes ...",
-            v.name()
-        );
-        let (r, _) = forwarding::measure(
-            v,
-            NodeNetfilter::Conntrack,
-            conntrack_size,
-            packets,
-            Path::new(BIN),
-        );
-        conntrack_runs.extend(r);
-    }
-    // Generic XDP (a NIC whose driver has none, or refuses it), at the same one size.
-    let mut generic_runs = Vec::new();
-    for v in Variant::GENERIC {
-        eprintln!(
-            "end to end: {} with {conntrack_size} Services ...",
-            v.name()
-        );
-        let (r, _) = forwarding::measure(
-            v,
-            NodeNetfilter::Bare,
-            conntrack_size,
-            packets,
-            Path::new(BIN),
-        );
-        generic_runs.extend(r);
-    }
+    // The UDP runs of some variants at that one size, beside the main table.
+    let runs_at_one_size = |variants: &[Variant], netfilter: NodeNetfilter, what: &str| {
+        let mut runs = Vec::new();
+        for &v in variants {
+            eprintln!(
+                "end to end: {} with {conntrack_size} Services{what} ...",
+                v.name()
+            );
+            let (r, _) = forwarding::measure(v, netfilter, conntrack_size, packets, Path::new(BIN));
+            runs.extend(r);
+        }
+        runs
+    };
+    let conntrack_runs = runs_at_one_size(
+        &conntrack_variants,
+        NodeNetfilter::Conntrack,
+        ", conntrack on the nodes",
+    );
+    // Generic XDP (a NIC whose driver has none, or refuses it).
+    let generic_runs = runs_at_one_size(&Variant::GENERIC, NodeNetfilter::Bare, "");
     let _ = writeln!(report, "\n## End to end: packets/s through a node\n");
     let _ = writeln!(report, "64-byte UDP packets from the lab's client to a NodePort on node-1, by an XDP live-frames generator");
     let _ = writeln!(
