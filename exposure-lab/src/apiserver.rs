@@ -4,12 +4,15 @@
 //! - chunked watch streams from a resourceVersion: replayed history, then live events, periodic
 //!   BOOKMARKs (`allowWatchBookmarks`), ending after `timeoutSeconds`;
 //! - `410 Gone` ("too old resource version") once history before the requested version is compacted;
+//! - `labelSelector` (`key`, `!key`, `key=value`, `key!=value`) and the agent's `fieldSelector` on
+//!   lists and watches; in a watch, an object that stops matching is DELETED and one that starts
+//!   matching is ADDED, as the API server's watch cache sends them;
 //! - faults on demand: an outage (connections dropped), HTTP 500s, slow responses, dropped watches.
 //!
 //! One global resourceVersion counter orders every change, as etcd does.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
     sync::{Arc, Mutex},
     time::Duration,
@@ -69,6 +72,8 @@ struct Change {
     kind: Kind,
     event: &'static str,
     object: Value,
+    /// The object before this change (a MODIFIED's or DELETED's), for selectors.
+    prev: Option<Value>,
 }
 
 #[derive(Default)]
@@ -82,6 +87,8 @@ struct State {
     fail_next: u32,
     delay: Duration,
     watches_started: u64,
+    /// Every `labelSelector` asked for, per kind ("" for none).
+    label_selectors: BTreeMap<Kind, BTreeSet<String>>,
 }
 
 /// Handle to control a running test API server.
@@ -149,16 +156,14 @@ impl ApiServer {
             obj["metadata"]["namespace"] = json!("default");
         }
         let key = key_of(kind, &obj);
-        let event = if st.objects.insert(key, obj.clone()).is_some() {
-            "MODIFIED"
-        } else {
-            "ADDED"
-        };
+        let prev = st.objects.insert(key, obj.clone());
+        let event = if prev.is_some() { "MODIFIED" } else { "ADDED" };
         let change = Change {
             rv,
             kind,
             event,
             object: obj,
+            prev,
         };
         st.history.push(change.clone());
         let _ = self.events.send(change);
@@ -180,7 +185,8 @@ impl ApiServer {
             rv,
             kind,
             event: "DELETED",
-            object: obj,
+            object: obj.clone(),
+            prev: Some(obj),
         };
         st.history.push(change.clone());
         let _ = self.events.send(change);
@@ -219,6 +225,12 @@ impl ApiServer {
 
     pub fn watches_started(&self) -> u64 {
         self.state.lock().unwrap().watches_started
+    }
+
+    /// The label selectors lists and watches of this kind have asked for ("" for none).
+    pub fn label_selectors(&self, kind: Kind) -> BTreeSet<String> {
+        let st = self.state.lock().unwrap();
+        st.label_selectors.get(&kind).cloned().unwrap_or_default()
     }
 
     async fn handle(&self, mut stream: TcpStream) {
@@ -274,6 +286,18 @@ impl ApiServer {
             .await;
             return;
         };
+        let selector = params.get("labelSelector").cloned().unwrap_or_default();
+        (self.state.lock().unwrap().label_selectors)
+            .entry(kind)
+            .or_default()
+            .insert(selector);
+        if let Some(Err(e)) = params
+            .get("labelSelector")
+            .map(|s| labels_match(s, &Value::Null))
+        {
+            let _ = respond(&mut stream, 400, &status(400, "BadRequest", &e)).await;
+            return;
+        }
         if params.get("watch").is_some_and(|w| w == "true" || w == "1") {
             self.watch(stream, kind, &params).await;
         } else {
@@ -284,13 +308,39 @@ impl ApiServer {
 
     fn matches(kind: Kind, obj: &Value, params: &BTreeMap<String, String>) -> bool {
         // The agent asks for its own Node with fieldSelector=metadata.name=NAME.
-        match params
+        let fields = match params
             .get("fieldSelector")
             .and_then(|f| f.strip_prefix("metadata.name="))
         {
             Some(name) if kind == Kind::Node => obj["metadata"]["name"].as_str() == Some(name),
             _ => true,
-        }
+        };
+        fields
+            && params
+                .get("labelSelector")
+                .is_none_or(|s| labels_match(s, &obj["metadata"]["labels"]) == Ok(true))
+    }
+
+    /// A change as a watch with these selectors sees it, as the API server's watch cache sends it:
+    /// the event for an object that matched before or matches now, none for one that did neither.
+    fn seen_by(kind: Kind, c: &Change, params: &BTreeMap<String, String>) -> Option<Value> {
+        let now = c.event != "DELETED" && Self::matches(kind, &c.object, params);
+        let before = c
+            .prev
+            .as_ref()
+            .is_some_and(|p| Self::matches(kind, p, params));
+        let (event, object) = match (before, now) {
+            (false, false) => return None,
+            (false, true) => ("ADDED", c.object.clone()),
+            (true, true) => ("MODIFIED", c.object.clone()),
+            // The object as it was, at this change's version.
+            (true, false) => {
+                let mut prev = c.prev.clone().unwrap_or_default();
+                prev["metadata"]["resourceVersion"] = json!(c.rv.to_string());
+                ("DELETED", prev)
+            }
+        };
+        Some(json!({"type": event, "object": object}))
     }
 
     fn list(&self, kind: Kind, params: &BTreeMap<String, String>) -> Value {
@@ -362,6 +412,7 @@ impl ApiServer {
                         kind,
                         event: "ADDED",
                         object: o.clone(),
+                        prev: None,
                     })
                     .collect()
             } else {
@@ -384,14 +435,8 @@ impl ApiServer {
             return;
         }
         let mut last = from.max(current);
-        for c in replay
-            .iter()
-            .filter(|c| Self::matches(kind, &c.object, params))
-        {
-            if chunk(&mut stream, &json!({"type": c.event, "object": c.object}))
-                .await
-                .is_err()
-            {
+        for event in replay.iter().filter_map(|c| Self::seen_by(kind, c, params)) {
+            if chunk(&mut stream, &event).await.is_err() {
                 return;
             }
         }
@@ -410,9 +455,10 @@ impl ApiServer {
                     if chunk(&mut stream, &ev).await.is_err() { return; }
                 }
                 change = live.recv() => match change {
-                    Ok(c) if c.kind == kind && c.rv > last && Self::matches(kind, &c.object, params) => {
+                    Ok(c) if c.kind == kind && c.rv > last => {
                         last = c.rv;
-                        if chunk(&mut stream, &json!({"type": c.event, "object": c.object})).await.is_err() { return; }
+                        let Some(event) = Self::seen_by(kind, &c, params) else { continue };
+                        if chunk(&mut stream, &event).await.is_err() { return; }
                     }
                     Ok(_) => {}
                     Err(broadcast::error::RecvError::Lagged(_)) => return,
@@ -424,6 +470,34 @@ impl ApiServer {
     }
 }
 
+/// Whether `labels` (an object's `metadata.labels`) satisfy a label selector of comma-separated
+/// requirements, each `key`, `!key`, `key=value`, `key==value` or `key!=value`; set-based ones
+/// (`in`, `notin`) are not served.
+fn labels_match(selector: &str, labels: &Value) -> Result<bool, String> {
+    let mut all = true;
+    for requirement in selector.split(',').map(str::trim).filter(|r| !r.is_empty()) {
+        let label = |key: &str| labels.get(key.trim()).and_then(Value::as_str);
+        let holds = if let Some((key, value)) = requirement.split_once("!=") {
+            label(key) != Some(value.trim())
+        } else if let Some((key, value)) = requirement
+            .split_once("==")
+            .or_else(|| requirement.split_once('='))
+        {
+            label(key) == Some(value.trim())
+        } else if requirement.contains(' ') || requirement.contains('(') {
+            return Err(format!(
+                "unsupported label selector requirement {requirement:?}"
+            ));
+        } else if let Some(key) = requirement.strip_prefix('!') {
+            labels.get(key.trim()).is_none()
+        } else {
+            labels.get(requirement).is_some()
+        };
+        all &= holds;
+    }
+    Ok(all)
+}
+
 fn status(code: u16, reason: &str, message: &str) -> Value {
     json!({"apiVersion": "v1", "kind": "Status", "metadata": {}, "status": "Failure", "message": message, "reason": reason, "code": code})
 }
@@ -432,6 +506,7 @@ async fn respond(stream: &mut TcpStream, code: u16, body: &Value) -> std::io::Re
     let body = body.to_string();
     let reason = match code {
         200 => "OK",
+        400 => "Bad Request",
         404 => "Not Found",
         _ => "Internal Server Error",
     };
@@ -564,5 +639,81 @@ mod protocol_tests {
         assert!(w.contains("\"code\":410"), "{w}");
         let w = get(api.addr, "/api/v1/services?watch=true&resourceVersion=4&timeoutSeconds=1&allowWatchBookmarks=true");
         assert!(w.contains("\"BOOKMARK\""), "{w}");
+    }
+
+    #[test]
+    fn label_selectors_filter_lists_and_turn_watch_events_into_entering_and_leaving() {
+        assert_eq!(labels_match("!a,b=1", &json!({"b": "1"})), Ok(true));
+        assert_eq!(
+            labels_match("!a,b=1", &json!({"a": "", "b": "1"})),
+            Ok(false)
+        );
+        assert_eq!(labels_match("b==1,c!=2", &json!({"b": "1"})), Ok(true));
+        assert_eq!(labels_match("b!=1", &json!({"b": "1"})), Ok(false));
+        assert_eq!(labels_match("a", &json!({})), Ok(false));
+        assert!(labels_match("a in (x)", &Value::Null).is_err());
+
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let api = ApiServer::start(rt.handle(), "127.0.0.1:0".parse().unwrap()).unwrap();
+        let labelled = |name: &str, labels: Value| {
+            let mut s = svc(name);
+            s["metadata"]["labels"] = labels;
+            s
+        };
+        api.apply(svc("plain"));
+        api.apply(labelled("other", json!({"proxy": "x"})));
+        let selector = "labelSelector=%21proxy";
+        let list = get(api.addr, &format!("/api/v1/services?{selector}"));
+        assert!(
+            list.contains("\"plain\"") && !list.contains("\"other\""),
+            "{list}"
+        );
+        assert_eq!(
+            api.label_selectors(Kind::Service),
+            BTreeSet::from(["!proxy".into()])
+        );
+        assert!(get(api.addr, "/api/v1/services?labelSelector=a%20in%20(b)")
+            .starts_with("HTTP/1.1 400"));
+
+        api.apply(labelled("plain", json!({"proxy": "x"}))); // leaves the selection
+        api.apply(labelled("plain", json!({"proxy": "x", "more": "1"}))); // unseen
+        api.apply(labelled("other", json!({}))); // enters it
+        api.apply(labelled("other", json!({"more": "1"})));
+        api.delete(Kind::Service, "default", "plain"); // unseen: it did not match
+        api.delete(Kind::Service, "default", "other");
+        let w = get(
+            api.addr,
+            &format!("/api/v1/services?watch=true&resourceVersion=2&timeoutSeconds=1&{selector}"),
+        );
+        let events: Vec<Value> = w
+            .lines()
+            .filter(|l| l.starts_with('{'))
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let seen: Vec<(&str, &str, &str)> = events
+            .iter()
+            .map(|e| {
+                let meta = &e["object"]["metadata"];
+                (
+                    e["type"].as_str().unwrap(),
+                    meta["name"].as_str().unwrap(),
+                    meta["resourceVersion"].as_str().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("DELETED", "plain", "3"),
+                ("ADDED", "other", "5"),
+                ("MODIFIED", "other", "6"),
+                ("DELETED", "other", "8"),
+            ]
+        );
+        assert!(
+            events[0]["object"]["metadata"]["labels"].is_null(),
+            "a leaving object is sent as it was: {}",
+            events[0]
+        );
     }
 }

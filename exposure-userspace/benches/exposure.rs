@@ -828,7 +828,12 @@ fn main() {
     let _ = writeln!(report, "The release agent in the namespace lab, watching the test API server (real list/watch over HTTP,");
     let _ = writeln!(
         report,
-        "500-object pages) with N LoadBalancer Services of {PER_SERVICE} ready endpoints each.\n"
+        "500-object pages) with N LoadBalancer Services of {PER_SERVICE} ready endpoints each, the objects"
+    );
+    let _ = writeln!(report, "as a real API server holds them (managedFields, kubectl's last-applied annotation, slices as the");
+    let _ = writeln!(
+        report,
+        "EndpointSlice controller writes them, with pods as targets).\n"
     );
     let _ = writeln!(report, "| Services | Endpoints | agent start → synced | reconcile (translate + map writes) | peak RSS | EndpointSlice change → datapath (median / p90 / max of {CHANGES}) | maps check |");
     let _ = writeln!(report, "| ---: | ---: | ---: | ---: | ---: | --- | ---: |");

@@ -4,6 +4,11 @@
 //! While the API server is away the stores keep their last contents and the datapath is not touched;
 //! the watchers reconnect with backoff and re-list after 410 Gone, and a re-list replaces a store
 //! atomically when it completes, so the model never sees a half-listed cluster.
+//!
+//! As kube-proxy, the agent asks the API server only for Services and EndpointSlices without the
+//! `service-proxy-name` and `headless` labels, and it stores objects without what it never reads
+//! (`trim_*`): in a real cluster an object's managedFields and kubectl's last-applied copy of it
+//! take more memory than the rest of it.
 
 use std::{
     path::Path,
@@ -29,7 +34,13 @@ use kube::{
 };
 use tokio::sync::Notify;
 
-use crate::manifests::Objects;
+use crate::{
+    manifests::Objects,
+    model::{HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL},
+};
+
+/// kubectl's client-side apply keeps the whole applied object in this annotation.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
 /// Watch health, for metrics and logs.
 #[derive(Debug, Default)]
@@ -63,9 +74,50 @@ pub async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<Client> {
     Client::try_from(config).context("building the Kubernetes client")
 }
 
+/// kube-proxy's selection: Services (and their slices) that another proxy owns, and headless
+/// Services' slices, are not this proxy's to hold (the model ignores them too, as the manifest
+/// directory has no server to ask).
+fn proxied_objects() -> watcher::Config {
+    watcher::Config::default().labels(&format!("!{SERVICE_PROXY_NAME_LABEL},!{HEADLESS_LABEL}"))
+}
+
+/// Drops the metadata the agent never reads: the writers' managedFields, kubectl's last-applied
+/// copy and the owners. Labels and the other annotations stay (the model and the metrics read some).
+fn trim_metadata<K: Resource>(obj: &mut K) {
+    let meta = obj.meta_mut();
+    meta.managed_fields = None;
+    meta.owner_references = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.remove(LAST_APPLIED);
+    }
+}
+
+fn trim_service(svc: &mut Service) {
+    trim_metadata(svc);
+}
+
+/// The endpoints' pods (`targetRef`) are not read either.
+fn trim_endpoint_slice(slice: &mut EndpointSlice) {
+    trim_metadata(slice);
+    for ep in slice.endpoints.iter_mut().flatten() {
+        ep.target_ref = None;
+    }
+}
+
+/// A Node's images and volumes are not read (only its labels, taints and addresses).
+fn trim_node(node: &mut Node) {
+    trim_metadata(node);
+    if let Some(status) = node.status.as_mut() {
+        status.images = None;
+        status.volumes_attached = None;
+        status.volumes_in_use = None;
+    }
+}
+
 fn watch<K>(
     api: Api<K>,
     config: watcher::Config,
+    trim: fn(&mut K),
     changed: Arc<Notify>,
     stats: Arc<WatchStats>,
 ) -> Store<K>
@@ -77,6 +129,7 @@ where
     let kind = K::kind(&Default::default()).to_string();
     let stream = watcher::watcher(api, config)
         .default_backoff()
+        .modify(trim)
         .reflect(writer);
     tokio::spawn(async move {
         let mut lists = 0u64;
@@ -111,19 +164,22 @@ impl KubeSource {
         KubeSource {
             services: watch(
                 Api::all(client.clone()),
-                watcher::Config::default(),
+                proxied_objects(),
+                trim_service,
                 changed.clone(),
                 stats.clone(),
             ),
             slices: watch(
                 Api::all(client.clone()),
-                watcher::Config::default(),
+                proxied_objects(),
+                trim_endpoint_slice,
                 changed.clone(),
                 stats.clone(),
             ),
             nodes: watch(
                 Api::all(client),
                 node_config,
+                trim_node,
                 changed.clone(),
                 stats.clone(),
             ),
@@ -160,5 +216,112 @@ impl KubeSource {
             endpoint_slices: self.slices.state(),
             nodes: self.nodes.state(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use serde_json::{json, Value};
+
+    use super::*;
+    use crate::{
+        metrics::LAST_CHANGE_TRIGGER_TIME,
+        model::{desired_state, NodeContext},
+    };
+
+    fn of_kind<K: serde::de::DeserializeOwned>(objects: &[Value], kind: &str) -> Vec<K> {
+        objects
+            .iter()
+            .filter(|o| o["kind"] == kind)
+            .map(|o| serde_json::from_value(o.clone()).expect("a valid object"))
+            .collect()
+    }
+
+    fn json_bytes<K: serde::Serialize>(objects: &[K]) -> usize {
+        objects
+            .iter()
+            .map(|o| serde_json::to_vec(o).map_or(0, |v| v.len()))
+            .sum()
+    }
+
+    #[test]
+    fn trimmed_objects_translate_as_before_and_lose_most_of_their_size() {
+        // As the API server holds them: kubectl's and the controllers' metadata, pods as targets.
+        let objects = exposure_lab::scale::objects(3, 150, "node-a");
+        let services: Vec<Service> = of_kind(&objects, "Service");
+        let slices: Vec<EndpointSlice> = of_kind(&objects, "EndpointSlice");
+        let (mut trimmed_services, mut trimmed_slices) = (services.clone(), slices.clone());
+        trimmed_services.iter_mut().for_each(trim_service);
+        trimmed_slices.iter_mut().for_each(trim_endpoint_slice);
+
+        let node = NodeContext {
+            node_name: "node-a".into(),
+            node_addrs: vec!["198.18.0.10".parse().unwrap()],
+            zone: None,
+            node_sockets: true,
+            localhost_node_ports: true,
+            cluster_ips: true,
+            external_cluster_ips: false,
+        };
+        let before = desired_state(&services, &slices, &node);
+        assert_eq!(before.0.services.len(), 3);
+        assert_eq!(
+            before,
+            desired_state(&trimmed_services, &trimmed_slices, &node)
+        );
+
+        assert!(services[0].metadata.managed_fields.is_some());
+        for svc in &trimmed_services {
+            assert_eq!(svc.metadata.managed_fields, None);
+            let annotations = svc.metadata.annotations.as_ref();
+            assert!(annotations.is_some_and(|a| !a.contains_key(LAST_APPLIED)));
+        }
+        for slice in &trimmed_slices {
+            let meta = &slice.metadata;
+            assert_eq!(
+                (&meta.managed_fields, &meta.owner_references),
+                (&None, &None)
+            );
+            assert!(meta
+                .annotations
+                .as_ref()
+                .is_some_and(|a| a.contains_key(LAST_CHANGE_TRIGGER_TIME)));
+            let endpoints = slice.endpoints.iter().flatten();
+            assert!(endpoints.clone().count() > 0);
+            assert!(endpoints.clone().all(|ep| ep.target_ref.is_none()));
+        }
+        let (full, trimmed) = (
+            json_bytes(&services) + json_bytes(&slices),
+            json_bytes(&trimmed_services) + json_bytes(&trimmed_slices),
+        );
+        assert!(trimmed * 2 < full, "{trimmed} of {full} bytes");
+    }
+
+    #[test]
+    fn a_trimmed_node_keeps_its_zone_addresses_and_taints() {
+        let node: Node = serde_json::from_value(json!({"apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": "node-a", "labels": {"topology.kubernetes.io/zone": "zone-1"},
+                "managedFields": [{"manager": "kubelet", "operation": "Update", "fieldsType": "FieldsV1", "fieldsV1": {"f:status": {}}}]},
+            "spec": {"taints": [{"key": "ToBeDeletedByClusterAutoscaler", "effect": "NoSchedule"}]},
+            "status": {"addresses": [{"type": "InternalIP", "address": "198.18.0.10"}],
+                "images": [{"names": ["registry.example/app@sha256:0123", "registry.example/app:1.0"], "sizeBytes": 1000}],
+                "volumesInUse": ["kubernetes.io/csi/driver^vol-1"]}}))
+        .unwrap();
+        let mut trimmed = node.clone();
+        trim_node(&mut trimmed);
+        let status = trimmed.status.as_ref().unwrap();
+        assert_eq!((&status.images, &status.volumes_in_use), (&None, &None));
+        assert_eq!(trimmed.metadata.managed_fields, None);
+        let objects = |node: Node| Objects {
+            nodes: vec![Arc::new(node)],
+            ..Objects::default()
+        };
+        let (full, trimmed) = (objects(node), objects(trimmed));
+        assert_eq!(trimmed.zone_of("node-a").as_deref(), Some("zone-1"));
+        assert_eq!(trimmed.node_addrs("node-a"), full.node_addrs("node-a"));
+        assert!(!trimmed.node_addrs("node-a").is_empty());
+        assert!(trimmed.node_draining("node-a"));
     }
 }

@@ -17,6 +17,9 @@ use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
 /// Label kube-proxy honours: another proxy owns Services that carry it.
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// Set by the EndpointSlice controller on a headless Service's slices (which the controller also
+/// gives its Service's labels, the one above included); kube-proxy ignores slices with either.
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
 /// Kubernetes' default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours).
 pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 /// Label that ties an EndpointSlice to its Service.
@@ -1198,8 +1201,13 @@ fn service_families(spec: &k8s_openapi::api::core::v1::ServiceSpec) -> Vec<IpFam
     families
 }
 
+/// The Service a slice belongs to, unless kube-proxy would ignore the slice.
 fn slice_owner(slice: &EndpointSlice) -> Option<(&str, &str)> {
-    let svc = slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
+    let labels = slice.metadata.labels.as_ref()?;
+    if labels.contains_key(SERVICE_PROXY_NAME_LABEL) || labels.contains_key(HEADLESS_LABEL) {
+        return None;
+    }
+    let svc = labels.get(SERVICE_NAME_LABEL)?;
     Some((
         slice.metadata.namespace.as_deref().unwrap_or("default"),
         svc.as_str(),
@@ -2021,6 +2029,29 @@ endpoints:
             let (state, errors) = desired_state(&[svc(&yaml)], &[slice(HELLO_SLICE)], &node());
             assert!(state.services.is_empty(), "{yaml}");
             assert!(errors.is_empty());
+        }
+        // Slices labelled for another proxy or as a headless Service's: not the Service's endpoints.
+        let backends = |slices: &[EndpointSlice]| {
+            let (state, _) = desired_state(&[svc(HELLO)], slices, &node());
+            let all: BTreeSet<_> = state
+                .services
+                .values()
+                .flat_map(|s| s.backends.iter().map(|b| b.ip))
+                .collect();
+            all
+        };
+        let ours = backends(&[slice(HELLO_SLICE)]);
+        let another = HELLO_SLICE
+            .replace("hello-world-abc", "hello-world-def")
+            .replace("198.19.1.2", "198.19.1.3");
+        assert!(backends(&[slice(HELLO_SLICE), slice(&another)]).len() > ours.len());
+        for label in [SERVICE_PROXY_NAME_LABEL, HEADLESS_LABEL] {
+            let theirs = another.replace("hello-world}", &format!("hello-world, {label}: x}}"));
+            assert_eq!(
+                backends(&[slice(HELLO_SLICE), slice(&theirs)]),
+                ours,
+                "{label}"
+            );
         }
     }
 

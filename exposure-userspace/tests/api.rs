@@ -12,6 +12,7 @@ use std::{
 
 use exposure_lab::{
     agent::{self, Agent, Source},
+    apiserver::Kind,
     apps::{self, parse_answer, Server},
     control_plane::ControlPlane,
     lab::{lb_ip, pod_ip, Lab, CLIENT_IP},
@@ -120,8 +121,9 @@ impl Cluster {
     fn pods_answering(&self, to: SocketAddr, count: usize) -> BTreeSet<String> {
         (0..count.max(apps::SPREAD_MIN))
             .map(|_| {
-                let a = apps::tcp_ask(&self.lab.client, to)
-                    .unwrap_or_else(|e| panic!("TCP to {to}: {e:#}"));
+                let a = apps::tcp_ask(&self.lab.client, to).unwrap_or_else(|e| {
+                    panic!("TCP to {to}: {e:#}\n{}", self.agents[0].log_text())
+                });
                 parse_answer(&a).expect("answer").0.to_string()
             })
             .collect()
@@ -433,4 +435,62 @@ fn agent_restarted_while_the_api_is_down_keeps_serving_from_the_pinned_maps() {
         parse_answer(&held.ask("and now?").unwrap()).unwrap().0,
         held_pod
     );
+}
+
+#[test]
+fn services_and_slices_of_another_proxy_or_headless_are_left_out_as_kube_proxy_leaves_them() {
+    let pods = [2, 2];
+    let ours = hello_slice(&everyone(&[2]));
+    // Slices kube-proxy's informers never see: one labelled for another proxy, one a headless
+    // Service's. Both name hello-world, and each holds one of node-2's pods.
+    let foreign = |n: usize, label: Value| {
+        let mut slice = hello_slice(&[(pod_ip(1, n), "node-2".to_string())]);
+        slice["metadata"]["name"] = json!(format!("hello-world-foreign{n}"));
+        slice["metadata"]["labels"] = label;
+        slice
+    };
+    let mut their_service = hello_world();
+    their_service["metadata"]["labels"] =
+        json!({"service.kubernetes.io/service-proxy-name": "other"});
+    let c = Cluster::start(
+        &pods,
+        vec![
+            hello_world(),
+            ours,
+            foreign(
+                0,
+                json!({"kubernetes.io/service-name": "hello-world",
+                "service.kubernetes.io/service-proxy-name": "other"}),
+            ),
+            foreign(
+                1,
+                json!({"kubernetes.io/service-name": "hello-world",
+                "service.kubernetes.io/headless": ""}),
+            ),
+        ],
+    );
+    let node_1_pods = names(&["pod-1-1", "pod-1-2"]);
+    assert_eq!(c.pods_answering(c.node(0, 30600), 40), node_1_pods);
+    // As kube-proxy's informers, the agents do not even ask for them.
+    for kind in [Kind::Service, Kind::EndpointSlice] {
+        assert_eq!(
+            c.cp.api.label_selectors(kind),
+            BTreeSet::from([
+                "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless".into()
+            ]),
+            "{kind:?}"
+        );
+    }
+
+    // The Service handed to another proxy leaves the agents' watch (a DELETED event), and
+    // comes back when the label goes.
+    c.cp.api.apply(their_service);
+    c.eventually("the other proxy's Service is withdrawn", || {
+        apps::tcp_ask(&c.lab.client, c.node(0, 30600)).is_err()
+    });
+    c.cp.api.apply(hello_world());
+    c.eventually("served again once ours", || {
+        apps::tcp_ask(&c.lab.client, c.node(0, 30600)).is_ok()
+    });
+    assert_eq!(c.pods_answering(c.node(0, 30600), 40), node_1_pods);
 }
