@@ -11,8 +11,19 @@ pub const PROTO_UDP: u8 = 17;
 pub const MAX_FRONTENDS: u32 = 65_536;
 pub const MAX_SERVICES: u32 = 65_536;
 pub const MAX_BACKENDS: u32 = 262_144;
-/// Entries of the shared Maglev array holding every service's table (8 bytes each in the kernel).
+/// Entries (backend ids) of the shared Maglev array holding every service's table.
 pub const MAX_MAGLEV_ENTRIES: u32 = 4 * 1024 * 1024;
+/// Maglev entries per element of the `MAGLEV` array: the kernel stores an array's values in 8-byte
+/// slots, so one u64 holds two 4-byte backend ids (4 bytes per entry, not 8). Entry `e` is
+/// element `e / 2`, in its low half when `e` is even: the little-endian layout the agent's mapping
+/// of the array sees as consecutive u32 words, so entry `e` is word `e` there.
+pub const MAGLEV_ENTRIES_PER_ELEMENT: u32 = 2;
+
+/// The backend id of Maglev entry `entry`, out of its element (see [`MAGLEV_ENTRIES_PER_ELEMENT`]).
+#[inline(always)]
+pub fn maglev_entry(element: u64, entry: u32) -> u32 {
+    (element >> ((entry & 1) * 32)) as u32
+}
 /// `BPF_F_MMAPABLE`: the agent writes Maglev tables as memory, not one syscall per entry.
 pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 pub const MAX_FLOWS: u32 = 262_144;
@@ -699,6 +710,19 @@ mod tests {
     use core::mem::size_of;
 
     use super::*;
+
+    #[test]
+    fn maglev_entries_are_the_words_of_their_element_in_memory_order() {
+        // What the agent's mapping of the array holds: entry e is u32 word e.
+        let words: [u32; 4] = [7, 9, 0, 65_535];
+        for (entry, word) in words.iter().enumerate() {
+            let element = entry / MAGLEV_ENTRIES_PER_ELEMENT as usize;
+            let pair = &words[element * 2..element * 2 + 2];
+            let bytes: Vec<u8> = pair.iter().flat_map(|w| w.to_ne_bytes()).collect();
+            let element = u64::from_ne_bytes(bytes.try_into().unwrap());
+            assert_eq!(maglev_entry(element, entry as u32), *word, "entry {entry}");
+        }
+    }
 
     #[test]
     fn layouts_have_no_implicit_padding() {

@@ -14,9 +14,13 @@ pub static FRONTENDS4: HashMap<FrontendKey4, Frontend> = HashMap::pinned(MAX_FRO
 pub static FRONTENDS6: HashMap<FrontendKey, Frontend> = HashMap::pinned(MAX_FRONTENDS, 0);
 #[map]
 pub static SERVICES: Array<Service> = Array::pinned(MAX_SERVICES, 0);
-/// Every service's Maglev table (backend ids), in regions the agent allocates.
+/// Every service's Maglev table (backend ids), in regions the agent allocates; two entries per
+/// element ([`MAGLEV_ENTRIES_PER_ELEMENT`]).
 #[map]
-pub static MAGLEV: Array<u32> = Array::pinned(MAX_MAGLEV_ENTRIES, BPF_F_MMAPABLE);
+pub static MAGLEV: Array<u64> = Array::pinned(
+    MAX_MAGLEV_ENTRIES / MAGLEV_ENTRIES_PER_ELEMENT,
+    BPF_F_MMAPABLE,
+);
 #[map]
 pub static BACKENDS: Array<Backend> = Array::pinned(MAX_BACKENDS, 0);
 /// Flows by the client's 5-tuple ([`lookup_flow`], [`insert_flow`] pick the family's map).

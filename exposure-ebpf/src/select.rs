@@ -12,9 +12,9 @@ pub fn select_backend(service: &Service, hash: u32) -> Option<u32> {
     if service.backend_count == 0 || service.table_size == 0 {
         return None;
     }
-    let id = MAGLEV
-        .get(service.table_offset.wrapping_add(hash % service.table_size))
-        .copied()?;
+    let entry = service.table_offset.wrapping_add(hash % service.table_size);
+    let element = MAGLEV.get(entry / MAGLEV_ENTRIES_PER_ELEMENT).copied()?;
+    let id = maglev_entry(element, entry);
     (id != 0).then_some(id)
 }
 

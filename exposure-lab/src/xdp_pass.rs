@@ -269,6 +269,7 @@ pub fn attach_switch(
 const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_MAP_TYPE_ARRAY: u32 = 2;
 const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
 
 /// Creates an LRU hash map with these sizes and map flags.
@@ -283,6 +284,25 @@ pub fn create_lru_hash(
     attr[1] = value as u64 | (max_entries as u64) << 32;
     attr[2] = flags as u64;
     bpf(BPF_MAP_CREATE, &mut attr).context("creating an LRU hash map")
+}
+
+/// Creates an array map (4-byte keys) of `value`-byte values.
+pub fn create_array(value: u32, max_entries: u32, flags: u32) -> anyhow::Result<OwnedFd> {
+    let mut attr = [0u64; 16];
+    attr[0] = BPF_MAP_TYPE_ARRAY as u64 | 4 << 32; // map_type, key_size
+    attr[1] = value as u64 | (max_entries as u64) << 32;
+    attr[2] = flags as u64;
+    bpf(BPF_MAP_CREATE, &mut attr).context("creating an array map")
+}
+
+/// Writes one element of a map (`BPF_ANY`).
+pub fn update_elem(map: &OwnedFd, key: &[u8], value: &[u8]) -> anyhow::Result<()> {
+    let mut attr = [0u64; 16];
+    attr[0] = map.as_raw_fd() as u64;
+    attr[1] = key.as_ptr() as u64;
+    attr[2] = value.as_ptr() as u64;
+    sys_bpf(BPF_MAP_UPDATE_ELEM, &mut attr).context("writing a map element")?;
+    Ok(())
 }
 
 /// Pins a map or program at `path` (on a bpffs).
@@ -301,12 +321,7 @@ pub fn pin(fd: &OwnedFd, path: &std::path::Path) -> anyhow::Result<()> {
 pub fn load_one_lookup() -> anyhow::Result<(OwnedFd, OwnedFd)> {
     const KEY: usize = 16;
     let map = create_lru_hash(KEY as u32, 8, 1, 0).context("the lookup map")?;
-    let (key, value) = ([0u8; KEY], [0u8; 8]);
-    let mut attr = [0u64; 16];
-    attr[0] = map.as_raw_fd() as u64;
-    attr[1] = key.as_ptr() as u64;
-    attr[2] = value.as_ptr() as u64;
-    sys_bpf(BPF_MAP_UPDATE_ELEM, &mut attr).context("filling the lookup map")?;
+    update_elem(&map, &[0u8; KEY], &[0u8; 8]).context("filling the lookup map")?;
     let mut p: Vec<u64> = (1..=KEY as i16 / 8)
         .map(|i| insn(ST_DW, 10, 0, -8 * i, 0)) // the key: zeros on the stack
         .collect();

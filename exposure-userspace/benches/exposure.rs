@@ -379,7 +379,7 @@ fn packet_costs(services: usize, backends: usize, repeat: u32) -> PacketCosts {
         let capacity = Capacity {
             frontends: 131_072,
             services: 131_072,
-            // 100,000 tables of 251 entries (8 bytes each in the kernel: 256 MiB).
+            // 100,000 tables of 251 entries (4 bytes each in the kernel: 128 MiB).
             maglev_entries: 32 * 1024 * 1024,
             ..Default::default()
         };
@@ -855,7 +855,7 @@ fn main() {
             ms(r.maps_check),
         );
     }
-    let _ = writeln!(report, "\n*Maps check*: the agent's first `--maps-check-period` check (reading the Service maps back and comparing them with what it wrote; every 60 s by default, between syncs). Change latency includes the API server's watch delivery and the agent's 5 ms burst coalescing. Peak RSS includes the Maglev array the agent maps to write tables (here `--max-maglev-entries 12000000`: 96 MB of kernel memory, mapped once).");
+    let _ = writeln!(report, "\n*Maps check*: the agent's first `--maps-check-period` check (reading the Service maps back and comparing them with what it wrote; every 60 s by default, between syncs). Change latency includes the API server's watch delivery and the agent's 5 ms burst coalescing. Peak RSS includes the Maglev array the agent maps to write tables (here `--max-maglev-entries 12000000`: 48 MB of kernel memory, mapped once).");
 
     published_control_plane(&mut report);
 

@@ -267,7 +267,9 @@ fn expected_layout(name: &str) -> Option<(u32, u32, u32)> {
         names::FRONTENDS4 => sz(size_of::<FrontendKey4>(), size_of::<Frontend>()),
         names::FRONTENDS6 => sz(size_of::<FrontendKey>(), size_of::<Frontend>()),
         names::SERVICES => sz(4, size_of::<Service>()),
-        names::MAGLEV => with_flags(4, 4, exposure_common::BPF_F_MMAPABLE),
+        // Two entries per 8-byte element; earlier builds' one per element (4-byte values) is
+        // carried over (`carry_maglev_over`).
+        names::MAGLEV => with_flags(4, 8, exposure_common::BPF_F_MMAPABLE),
         names::BACKENDS => sz(4, size_of::<Backend>()),
         // One LRU list for all CPUs: earlier builds' per-CPU lists (`BPF_F_NO_COMMON_LRU`) split
         // the capacity among the CPUs.
@@ -381,7 +383,10 @@ impl Capacity {
             names::FRONTENDS4 | names::FRONTENDS6 | names::FRONTEND_STATS => Some(self.frontends),
             names::SERVICES => Some(self.services),
             names::BACKENDS => Some(self.backends),
-            names::MAGLEV => Some(self.maglev_entries),
+            names::MAGLEV => Some(
+                self.maglev_entries
+                    .div_ceil(exposure_common::MAGLEV_ENTRIES_PER_ELEMENT),
+            ),
             names::FLOWS4 | names::FLOWS6 | names::REPLIES4 | names::REPLIES6 | names::AFFINITY => {
                 Some(self.flows)
             }
@@ -410,6 +415,7 @@ impl Datapath {
         raise_memlock();
         std::fs::create_dir_all(pin_dir.join("links"))
             .with_context(|| format!("creating pin directory {}", pin_dir.display()))?;
+        let earlier_maglev = earlier_maglev_tables(pin_dir);
         drop_incompatible_pins(pin_dir, &capacity);
         let mut loader = EbpfLoader::new();
         loader.default_map_pin_directory(pin_dir);
@@ -449,6 +455,9 @@ impl Datapath {
             let tc: &mut SchedClassifier = program(&mut ebpf, name)?.try_into()?;
             load_program(|| tc.load())
                 .with_context(|| format!("verifying the tc program {name}"))?;
+        }
+        if let Some(tables) = earlier_maglev {
+            carry_maglev_over(pin_dir, &tables);
         }
         Ok(Datapath {
             ebpf,
@@ -947,6 +956,43 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::pr
         .with_context(|| format!("program {name} missing from the eBPF object"))
 }
 
+/// The entries of an earlier build's `MAGLEV` array (one entry per element), up to its last one in
+/// use, before [`drop_incompatible_pins`] replaces it: the pinned services point into it, and a
+/// fresh array would leave them without backends until the first sync (longer with the API
+/// server away).
+fn earlier_maglev_tables(pin_dir: &Path) -> Option<Vec<u32>> {
+    let path = pin_dir.join(names::MAGLEV);
+    let info = MapInfo::from_pin(&path).ok()?;
+    if info.value_size() != 4 {
+        return None;
+    }
+    let earlier = MaglevArray::open(MapData::from_pin(&path).ok()?).ok()?;
+    let mut entries = earlier.read(0, earlier.entries).ok()?;
+    entries.truncate(entries.iter().rposition(|id| *id != 0).map_or(0, |i| i + 1));
+    Some(entries)
+}
+
+/// Writes an earlier build's Maglev entries into this build's array, at the same offsets.
+fn carry_maglev_over(pin_dir: &Path, entries: &[u32]) {
+    let carried = open_map(pin_dir, names::MAGLEV)
+        .and_then(MaglevArray::open)
+        .and_then(|mut maglev| {
+            let fits = entries.len().min(maglev.entries as usize);
+            maglev.write(0, &entries[..fits])?;
+            Ok(fits)
+        });
+    match carried {
+        Ok(n) => tracing::info!(
+            entries = n,
+            "Maglev tables carried over from an earlier build's array (half the size per entry now)"
+        ),
+        Err(e) => tracing::warn!(
+            error = %format!("{e:#}"),
+            "could not carry the Maglev tables over; rewritten at the first sync"
+        ),
+    }
+}
+
 /// A pinned map from an older, incompatible build would be silently misread: unpin it (losing only
 /// that map's state) so a fresh one is created.
 fn drop_incompatible_pins(pin_dir: &Path, capacity: &Capacity) {
@@ -1374,10 +1420,13 @@ impl KernelMaps {
 pub struct MaglevArray {
     map: MapData,
     entries: u32,
+    /// u32 words per entry in the mapping: 1 (two entries per element), or 2 in an earlier build's
+    /// array (one entry per element, its value rounded up to 8 bytes).
+    stride: usize,
     /// Mapped on first use: readers of other maps (e.g. `/metrics`) never map it. Shared with
     /// the maps check's reader ([`MaglevArray::share_mapping`]): the kernel maps a BPF array's
     /// every page at mmap time, so each mapping of its own would cost the whole array again in
-    /// page tables and resident size (96 MB for 12M entries), once a minute.
+    /// page tables and resident size (48 MB for 12M entries), once a minute.
     mapping: MaglevMapping,
 }
 
@@ -1401,16 +1450,24 @@ impl Drop for Mapping {
     }
 }
 
-/// Bytes per array element (`value_size` 4 rounded up to 8), and u32 words per element.
+/// Bytes per array element: two entries of 4 ([`exposure_common::MAGLEV_ENTRIES_PER_ELEMENT`]), so
+/// that entry `e` is the mapping's u32 word `e` (an earlier build's array: one entry of 4).
 const ELEM_BYTES: usize = 8;
-const ELEM_WORDS: usize = ELEM_BYTES / 4;
 
 impl MaglevArray {
     fn open(map: MapData) -> anyhow::Result<Self> {
-        let entries = map.info().context("MAGLEV map info")?.max_entries();
+        let info = map.info().context("MAGLEV map info")?;
+        let (elements, one_per_element) = (info.max_entries(), info.value_size() == 4);
+        let (entries, stride) = if one_per_element {
+            (elements, 2)
+        } else {
+            let per_element = exposure_common::MAGLEV_ENTRIES_PER_ELEMENT;
+            (elements.saturating_mul(per_element), 1)
+        };
         Ok(MaglevArray {
             map,
             entries,
+            stride,
             mapping: MaglevMapping::default(),
         })
     }
@@ -1430,7 +1487,8 @@ impl MaglevArray {
         if let Some(m) = self.mapping.0.get() {
             return Ok(m.ptr);
         }
-        let bytes = (self.entries as usize * ELEM_BYTES).div_ceil(4096) * 4096;
+        let elements = self.entries as usize * self.stride / 2;
+        let bytes = (elements * ELEM_BYTES).div_ceil(4096) * 4096;
         let fd = self.map.fd().as_fd().as_raw_fd();
         // SAFETY: a shared mapping of the map's own memory, sized to the map.
         let ptr = unsafe {
@@ -1478,7 +1536,7 @@ impl MaglevArray {
         let base = self.mapped()?;
         for (i, id) in r.zip(entries) {
             // SAFETY: element i is inside the mapping (range checked above).
-            unsafe { base.add(i * ELEM_WORDS).write_volatile(*id) };
+            unsafe { base.add(i * self.stride).write_volatile(*id) };
         }
         // Orders the table before the service-entry update (a syscall) that makes it live.
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
@@ -1490,7 +1548,7 @@ impl MaglevArray {
         let base = self.mapped()?;
         // SAFETY: every element in range is inside the mapping.
         Ok(
-            r.map(|i| unsafe { base.add(i * ELEM_WORDS).read_volatile() })
+            r.map(|i| unsafe { base.add(i * self.stride).read_volatile() })
                 .collect(),
         )
     }

@@ -689,7 +689,7 @@ fn service_maps_changed_behind_the_agents_back_are_rewritten() {
         "nothing to repair after traffic and syncs"
     );
     // The checks (every 100 ms here) read the Maglev tables through the agent's own mapping of
-    // the array: a mapping of their own would add the whole array (32 MiB by default) to the
+    // the array: a mapping of their own would add the whole array (16 MiB by default) to the
     // agent's resident size at every check, as the kernel maps all its pages at once.
     let status = std::fs::read_to_string(format!("/proc/{}/status", c.agents[0].pid().unwrap()))
         .expect("the agent's status");
@@ -699,7 +699,7 @@ fn service_maps_changed_behind_the_agents_back_are_rewritten() {
     };
     let (peak, now) = (kib("VmHWM:"), kib("VmRSS:"));
     assert!(
-        peak < now + 16 * 1024,
+        peak < now + 8 * 1024,
         "peak resident size {peak} KiB against {now} KiB now"
     );
 

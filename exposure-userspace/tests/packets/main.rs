@@ -2753,6 +2753,82 @@ fn maps_of_earlier_builds_are_unpinned_at_load() {
     });
 }
 
+#[test]
+fn maglev_tables_of_an_earlier_build_are_carried_over_at_load() {
+    with_datapath(|h| {
+        let pods = [
+            LOCAL_POD,
+            Ipv4Addr::new(198, 19, 1, 3),
+            Ipv4Addr::new(198, 19, 1, 4),
+        ];
+        h.program(&hello(&pods.map(|p| (p, true))));
+        let before = h.maps.snapshot().unwrap();
+        let path = h.pin_dir.join("MAGLEV");
+        let value_size = || aya::maps::MapInfo::from_pin(&path).unwrap().value_size();
+        assert_eq!(value_size(), 8, "two 4-byte entries per element");
+        // An earlier build's array, one entry per element, as an upgrade finds it (the pinned
+        // services point into it).
+        let earlier = exposure_lab::xdp_pass::create_array(
+            4,
+            exposure_common::MAX_MAGLEV_ENTRIES,
+            exposure_common::BPF_F_MMAPABLE,
+        )
+        .unwrap();
+        for (id, service) in &before.services {
+            for (i, backend) in before.tables[id].iter().enumerate() {
+                let entry = service.table_offset + i as u32;
+                exposure_lab::xdp_pass::update_elem(
+                    &earlier,
+                    &entry.to_ne_bytes(),
+                    &backend.to_ne_bytes(),
+                )
+                .unwrap();
+            }
+        }
+        std::fs::remove_file(&path).unwrap();
+        exposure_lab::xdp_pass::pin(&earlier, &path).unwrap();
+
+        // This build loads over it; no sync follows.
+        h.dp = Datapath::load(&h.pin_dir).unwrap();
+        h.maps = KernelMaps::open(&h.pin_dir).unwrap();
+        assert_eq!(value_size(), 8, "this build's array");
+        let after = h.maps.snapshot().unwrap();
+        assert_eq!(after.tables, before.tables, "every table carried over");
+        for table in after.tables.values() {
+            let named: std::collections::BTreeSet<_> = table.iter().collect();
+            assert_eq!(named.len(), pods.len(), "each table names every pod");
+        }
+        // New flows pick their backends from the carried tables, by this build's lookup.
+        let (_, tcp) = (after.frontends.iter())
+            .find(|(k, _)| {
+                (k.addr, k.port, k.proto) == (NODE.into(), exposure_common::port(NODE_PORT), TCP)
+            })
+            .expect("the TCP NodePort");
+        let (service, table) = (
+            &after.services[&tcp.service_id],
+            &after.tables[&tcp.service_id],
+        );
+        let mut picked = std::collections::BTreeSet::new();
+        for sport in 41000..41060 {
+            let syn = FrameSpec::tcp((CLIENT, sport), (NODE, NODE_PORT), SYN).build();
+            let (verdict, out) = h.xdp(&syn);
+            assert_eq!(verdict, XDP_PASS);
+            let p = frame::parse(&out).unwrap();
+            let hash = exposure_common::hash::flow_hash(
+                &CLIENT.into(),
+                &NODE.into(),
+                exposure_common::port(sport),
+                exposure_common::port(NODE_PORT),
+                TCP,
+            );
+            let id = table[(hash % service.table_size) as usize];
+            assert_eq!(std::net::IpAddr::from(after.backends[&id].addr), p.dst);
+            picked.insert(p.dst);
+        }
+        assert_eq!(picked.len(), pods.len(), "{picked:?}");
+    });
+}
+
 const BPF_F_NO_COMMON_LRU: u32 = 2;
 
 /// Creates an LRU hash map shaped as `like` but with `flags`, and pins it at `path`.
