@@ -287,14 +287,12 @@ impl ApiServer {
             return;
         };
         let selector = params.get("labelSelector").cloned().unwrap_or_default();
+        let valid = labels_match(&selector, &Value::Null);
         (self.state.lock().unwrap().label_selectors)
             .entry(kind)
             .or_default()
             .insert(selector);
-        if let Some(Err(e)) = params
-            .get("labelSelector")
-            .map(|s| labels_match(s, &Value::Null))
-        {
+        if let Err(e) = valid {
             let _ = respond(&mut stream, 400, &status(400, "BadRequest", &e)).await;
             return;
         }
