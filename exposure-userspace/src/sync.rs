@@ -1869,7 +1869,10 @@ mod tests {
             ..ServiceSlots::default()
         };
         assert!(TableIds(&slots) == ids.to_vec());
-        assert!(TableIds(&slots) != vec![7, 7, 99, 40, 99, 40], "an entry changed");
+        assert!(
+            TableIds(&slots) != vec![7, 7, 99, 40, 99, 40],
+            "an entry changed"
+        );
         assert!(TableIds(&slots) != ids[..5].to_vec(), "one entry short");
         // More ids than 16 bits can number: only a table the agent did not write.
         let many: Vec<u32> = (0..70_000).collect();
