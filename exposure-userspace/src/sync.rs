@@ -107,8 +107,8 @@ impl<V: PartialEq> PartialEq<V> for Same<'_, V> {
 }
 
 /// A Maglev table as written: each entry the position of its backend id in the service's `live`
-/// ids. A table has at most 65,521 entries (`maglev::TABLE_SIZES`), so a position fits 16 bits:
-/// half the memory of the ids (at 10,000 Services of 1,021 entries, 20 MB instead of 41).
+/// ids. A Service has at most 65,535 backends (`--max-backends-per-service`), so a position fits
+/// 16 bits: half the memory of the ids (at 10,000 Services of 1,021 entries, 20 MB instead of 41).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Table(Vec<u16>);
 
