@@ -279,20 +279,27 @@ pub fn create_lru_hash(
     max_entries: u32,
     flags: u32,
 ) -> anyhow::Result<OwnedFd> {
-    let mut attr = [0u64; 16];
-    attr[0] = BPF_MAP_TYPE_LRU_HASH as u64 | (key as u64) << 32; // map_type, key_size
-    attr[1] = value as u64 | (max_entries as u64) << 32;
-    attr[2] = flags as u64;
-    bpf(BPF_MAP_CREATE, &mut attr).context("creating an LRU hash map")
+    create_map(BPF_MAP_TYPE_LRU_HASH, key, value, max_entries, flags)
+        .context("creating an LRU hash map")
 }
 
 /// Creates an array map (4-byte keys) of `value`-byte values.
 pub fn create_array(value: u32, max_entries: u32, flags: u32) -> anyhow::Result<OwnedFd> {
+    create_map(BPF_MAP_TYPE_ARRAY, 4, value, max_entries, flags).context("creating an array map")
+}
+
+fn create_map(
+    map_type: u32,
+    key: u32,
+    value: u32,
+    max_entries: u32,
+    flags: u32,
+) -> std::io::Result<OwnedFd> {
     let mut attr = [0u64; 16];
-    attr[0] = BPF_MAP_TYPE_ARRAY as u64 | 4 << 32; // map_type, key_size
+    attr[0] = map_type as u64 | (key as u64) << 32; // map_type, key_size
     attr[1] = value as u64 | (max_entries as u64) << 32;
     attr[2] = flags as u64;
-    bpf(BPF_MAP_CREATE, &mut attr).context("creating an array map")
+    bpf(BPF_MAP_CREATE, &mut attr)
 }
 
 /// Writes one element of a map (`BPF_ANY`).

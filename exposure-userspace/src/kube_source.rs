@@ -92,10 +92,6 @@ fn trim_metadata<K: Resource>(obj: &mut K) {
     }
 }
 
-fn trim_service(svc: &mut Service) {
-    trim_metadata(svc);
-}
-
 /// The endpoints' pods (`targetRef`) are not read either.
 fn trim_endpoint_slice(slice: &mut EndpointSlice) {
     trim_metadata(slice);
@@ -165,7 +161,7 @@ impl KubeSource {
             services: watch(
                 Api::all(client.clone()),
                 proxied_objects(),
-                trim_service,
+                trim_metadata,
                 changed.clone(),
                 stats.clone(),
             ),
@@ -253,7 +249,7 @@ mod tests {
         let services: Vec<Service> = of_kind(&objects, "Service");
         let slices: Vec<EndpointSlice> = of_kind(&objects, "EndpointSlice");
         let (mut trimmed_services, mut trimmed_slices) = (services.clone(), slices.clone());
-        trimmed_services.iter_mut().for_each(trim_service);
+        trimmed_services.iter_mut().for_each(trim_metadata);
         trimmed_slices.iter_mut().for_each(trim_endpoint_slice);
 
         let node = NodeContext {
