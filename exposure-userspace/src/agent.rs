@@ -326,7 +326,6 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
 
     let mut last_node_addrs: Option<Vec<IpAddr>> = None;
     // What the last sync programmed: UDP endpoints that leave are found against it.
-    let mut last_desired: Option<model::DesiredState> = None;
     let mut programming = crate::metrics::ProgrammingLatency::new(SystemTime::now());
     let mut reported: BTreeSet<String> = BTreeSet::new();
     let mut translator = model::Translator::default();
@@ -502,25 +501,23 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             cluster_ips: cfg.node_sockets.as_ref().is_some_and(|s| s.cluster_ips),
             external_cluster_ips: cfg.external_cluster_ips,
         };
-        let (desired, model_errors) =
-            translator.desired_state(&objects.services, &objects.endpoint_slices, &node);
+        let changed = translator.update(&objects.services, &objects.endpoint_slices, &node);
+        let desired = translator.state();
         let translated = started.elapsed();
-        let report = reconciler.reconcile(&desired, &mut maps);
+        let report = reconciler.reconcile_changed(desired, &changed, &mut maps);
         syncs += 1;
         if let Some(sockets) = &cfg.node_sockets {
-            let left = match (&last_desired, restored_udp_pairs.take()) {
-                (Some(before), _) => model::udp_pairs_left(before, &desired),
-                (None, Some(restored)) => restored
-                    .difference(&model::udp_pairs(&desired))
+            let left = match restored_udp_pairs.take() {
+                Some(restored) => restored
+                    .difference(&model::udp_pairs(desired))
                     .copied()
                     .collect(),
-                (None, None) => BTreeSet::new(),
+                None => model::udp_pairs_left(&changed, desired),
             };
             if !left.is_empty() {
                 end_udp_sockets(&cfg.pin_dir, &left, sockets);
             }
         }
-        last_desired = Some(desired.clone());
         let now_unbound: BTreeSet<String> = health_checks
             .apply(&desired.health_checks, health_checks_on.as_deref())
             .await
@@ -532,7 +529,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         unbound = now_unbound;
         let took = started.elapsed();
 
-        problems.extend(model_errors.iter().map(ToString::to_string));
+        problems.extend(translator.errors().map(ToString::to_string));
         let now: BTreeSet<String> = problems.into_iter().collect();
         for e in now.difference(&reported) {
             tracing::warn!("skipped: {e}");
@@ -580,6 +577,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             load_us = loaded.as_micros() as u64,
             model_us = (translated - loaded).as_micros() as u64,
             retranslated = translator.retranslated,
+            reassembled = translator.reassembled,
             "synced"
         );
         if !health.is_synced() {

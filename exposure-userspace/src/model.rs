@@ -266,15 +266,15 @@ pub struct NoLocalEndpoints {
 /// An address and port: a frontend's or an endpoint's.
 pub type AddrPort = (IpAddr, u16);
 
-/// The (frontend, endpoint) pairs of UDP service ports in `before` whose endpoint `after` no
-/// longer has behind that frontend: a connected UDP socket the socket hooks sent over such a pair
-/// would go on sending to an endpoint that left (see `sock_diag`).
-pub fn udp_pairs_left(
-    before: &DesiredState,
-    after: &DesiredState,
-) -> BTreeSet<(AddrPort, AddrPort)> {
+/// The (frontend, endpoint) pairs of UDP service ports as they were before `changed` whose
+/// endpoint `after` no longer has behind that frontend: a connected UDP socket the socket hooks
+/// sent over such a pair would go on sending to an endpoint that left (see `sock_diag`).
+pub fn udp_pairs_left(changed: &Changed, after: &DesiredState) -> BTreeSet<(AddrPort, AddrPort)> {
     let mut left = BTreeSet::new();
-    for (key, was) in &before.services {
+    for (key, was) in changed
+        .iter()
+        .filter_map(|(k, was)| Some((k, was.as_ref()?)))
+    {
         if key.protocol != Protocol::Udp {
             continue;
         }
@@ -1222,15 +1222,16 @@ fn service_id(svc: &Service) -> (&str, &str) {
 }
 
 /// Puts translated Services together. Sorted by namespace/name, so which of two Services claiming
-/// the same frontend wins is the same on every node and every run.
+/// the same frontend wins is the same on every node and every run. Each Service's problems come
+/// out apart (its own, then its conflicts with earlier Services), in the order given.
 fn assemble<'a>(
     translated: impl Iterator<Item = &'a Translated>,
-) -> (DesiredState, Vec<ModelError>) {
-    let mut errors = Vec::new();
+) -> (DesiredState, Vec<Vec<ModelError>>) {
+    let mut problems = Vec::new();
     let mut state = DesiredState::default();
     let mut owners: BTreeMap<FrontendAddr, &ServicePortName> = BTreeMap::new();
     for t in translated {
-        errors.extend(t.errors.iter().cloned());
+        let mut errors = t.errors.clone();
         state.no_local_endpoints.internal += t.no_local_endpoints.internal;
         state.no_local_endpoints.external += t.no_local_endpoints.external;
         if let Some((port, hc)) = &t.health_check {
@@ -1273,8 +1274,9 @@ fn assemble<'a>(
             }
             state.services.insert(key.clone(), desired);
         }
+        problems.push(errors);
     }
-    (state, errors)
+    (state, problems)
 }
 
 fn group_slices<E: std::borrow::Borrow<EndpointSlice>>(
@@ -1311,80 +1313,339 @@ pub fn desired_state<S: std::borrow::Borrow<Service>, E: std::borrow::Borrow<End
             translate_service(svc, &slices, node)
         })
         .collect();
-    assemble(translated.iter())
+    let (state, problems) = assemble(translated.iter());
+    (state, problems.into_iter().flatten().collect())
 }
 
-/// [`desired_state`] that re-translates only Services whose inputs changed since the last call: the
-/// API source's stores keep an unchanged object's `Arc`, so identity tells what changed, and a sync
-/// after one EndpointSlice update costs one Service's translation, not the cluster's.
+/// A Service's namespace and name, as its EndpointSlices name it.
+type ServiceId = (String, String);
+
+fn owned((namespace, name): (&str, &str)) -> ServiceId {
+    (namespace.to_owned(), name.to_owned())
+}
+
+/// The service ports whose entry in [`DesiredState::services`] an update may have changed, with
+/// the entry each had before (`None`: it had none). Every other entry is as it was (mostly the
+/// same `Arc`).
+pub type Changed = BTreeMap<ServicePortName, Option<Arc<DesiredService>>>;
+
+/// [`desired_state`], kept up to date from one call to the next at the cost of what changed: the
+/// API source's stores keep an unchanged object's `Arc`, so identity tells which objects came,
+/// went or were replaced; only their Services are translated again, and when those claim the same
+/// frontends and health check port as before (an endpoint change), their entries are replaced in
+/// place, without assembling the whole state. Otherwise (a Service added or removed, frontends
+/// moved, the node changed) the state is assembled again from every Service's translation.
 #[derive(Default)]
 pub struct Translator {
-    memo: HashMap<usize, Memo>,
     node: Option<NodeContext>,
+    /// The objects of the last call, sorted by identity (held, so no address is reused).
+    services: Vec<Arc<Service>>,
+    slices: Vec<Arc<EndpointSlice>>,
+    /// Each Service's object, its slices (by identity) and translation, in assembly order.
+    by_id: BTreeMap<ServiceId, Memo>,
+    /// Slices whose Service is not there (yet).
+    orphans: HashMap<ServiceId, Vec<Arc<EndpointSlice>>>,
+    state: DesiredState,
+    /// Each Service's problems as [`assemble`] gives them; only Services that have some.
+    problems: BTreeMap<ServiceId, Vec<ModelError>>,
     /// How many Services the last call translated afresh (the rest came from the memo).
     pub retranslated: usize,
+    /// Whether the last call assembled the state anew (rather than replacing entries in place).
+    pub reassembled: bool,
 }
 
 struct Memo {
-    /// Held, not read: keeps the object (and so the address the memo is keyed by) alive.
-    _service: Arc<Service>,
+    service: Arc<Service>,
     slices: Vec<Arc<EndpointSlice>>,
     out: Arc<Translated>,
 }
 
+/// The frontends and health check port a translation claims: when a Service's stay the same, the
+/// outcome of every conflict between Services does too.
+fn same_claims(a: &Translated, b: &Translated) -> bool {
+    a.ports.len() == b.ports.len()
+        && a.ports
+            .iter()
+            .zip(&b.ports)
+            .all(|((ka, wa), (kb, wb))| ka == kb && wa.frontends.keys().eq(wb.frontends.keys()))
+        && a.health_check.as_ref().map(|(p, _)| p) == b.health_check.as_ref().map(|(p, _)| p)
+}
+
+/// Objects in identity order, and what one list of them adds to and removes from another.
+struct ByIdentity<T> {
+    sorted: Vec<Arc<T>>,
+    added: Vec<Arc<T>>,
+    removed: Vec<Arc<T>>,
+}
+
+/// `now` sorted by identity, and what it adds to and removes from `before` (sorted the same way).
+fn by_identity<T>(before: &[Arc<T>], now: &[Arc<T>]) -> ByIdentity<T> {
+    let mut sorted = now.to_vec();
+    sorted.sort_unstable_by_key(|o| Arc::as_ptr(o) as usize);
+    sorted.dedup_by(|a, b| Arc::ptr_eq(a, b));
+    let (mut added, mut removed) = (Vec::new(), Vec::new());
+    let (mut i, mut j) = (0, 0);
+    while i < before.len() || j < sorted.len() {
+        let b = before.get(i).map(|o| Arc::as_ptr(o) as usize);
+        let n = sorted.get(j).map(|o| Arc::as_ptr(o) as usize);
+        match (b, n) {
+            (Some(b), Some(n)) if b == n => (i, j) = (i + 1, j + 1),
+            (Some(b), n) if n.is_none_or(|n| b < n) => {
+                removed.push(Arc::clone(&before[i]));
+                i += 1;
+            }
+            _ => {
+                added.push(Arc::clone(&sorted[j]));
+                j += 1;
+            }
+        }
+    }
+    ByIdentity {
+        sorted,
+        added,
+        removed,
+    }
+}
+
 impl Translator {
+    /// The desired state as of the last [`Translator::update`].
+    pub fn state(&self) -> &DesiredState {
+        &self.state
+    }
+
+    /// The problems found by the last [`Translator::update`], as [`desired_state`] lists them.
+    pub fn errors(&self) -> impl Iterator<Item = &ModelError> {
+        self.problems.values().flatten()
+    }
+
+    /// Brings the state to [`desired_state`] of these objects; returns what changed.
+    pub fn update(
+        &mut self,
+        objects: &[Arc<Service>],
+        slices: &[Arc<EndpointSlice>],
+        node: &NodeContext,
+    ) -> Changed {
+        self.retranslated = 0;
+        self.reassembled = false;
+        if self.node.as_ref() != Some(node) {
+            // Everything depends on the node: start over.
+            let before = std::mem::take(&mut self.state);
+            *self = Translator {
+                node: Some(node.clone()),
+                state: before,
+                ..Translator::default()
+            };
+        }
+        let services = by_identity(&self.services, objects);
+        let slices_now = by_identity(&self.slices, slices);
+        let (added_services, removed_services) = (services.added, services.removed);
+        let (added_slices, removed_slices) = (slices_now.added, slices_now.removed);
+        self.services = services.sorted;
+        self.slices = slices_now.sorted;
+
+        let mut dirty: BTreeSet<ServiceId> = BTreeSet::new();
+        let mut rebuild = self.by_id.is_empty();
+        for slice in &removed_slices {
+            let Some(owner) = slice_owner(slice).map(owned) else {
+                continue;
+            };
+            let list = match self.by_id.get_mut(&owner) {
+                Some(memo) => &mut memo.slices,
+                None => self.orphans.entry(owner.clone()).or_default(),
+            };
+            list.retain(|s| !Arc::ptr_eq(s, slice));
+            if self.orphans.get(&owner).is_some_and(Vec::is_empty) {
+                self.orphans.remove(&owner);
+            }
+            dirty.insert(owner);
+        }
+        let mut added: BTreeMap<ServiceId, Arc<Service>> = BTreeMap::new();
+        for service in &added_services {
+            if added
+                .insert(owned(service_id(service)), Arc::clone(service))
+                .is_some()
+            {
+                // Two objects under one name (not from a store): the plain model decides.
+                return self.replace_state(desired_state(objects, slices, node));
+            }
+        }
+        for service in &removed_services {
+            let id = owned(service_id(service));
+            match (added.remove(&id), self.by_id.get_mut(&id)) {
+                // Updated: a new object in the same place.
+                (Some(new), Some(memo)) => memo.service = new,
+                (new, _) => {
+                    // Gone: its slices wait for a Service of that name.
+                    if let Some(memo) = self.by_id.remove(&id) {
+                        if !memo.slices.is_empty() {
+                            self.orphans.insert(id.clone(), memo.slices);
+                        }
+                    }
+                    if let Some(new) = new {
+                        added.insert(id.clone(), new);
+                    }
+                    rebuild = true;
+                }
+            }
+            dirty.insert(id);
+        }
+        for (id, service) in added {
+            if self.by_id.contains_key(&id) {
+                return self.replace_state(desired_state(objects, slices, node));
+            }
+            let slices = self.orphans.remove(&id).unwrap_or_default();
+            let out = Arc::new(Translated::default());
+            self.by_id.insert(
+                id.clone(),
+                Memo {
+                    service,
+                    slices,
+                    out,
+                },
+            );
+            dirty.insert(id);
+            rebuild = true;
+        }
+        for slice in &added_slices {
+            let Some(owner) = slice_owner(slice).map(owned) else {
+                continue;
+            };
+            let list = match self.by_id.get_mut(&owner) {
+                Some(memo) => &mut memo.slices,
+                None => self.orphans.entry(owner.clone()).or_default(),
+            };
+            let at = list.partition_point(|s| Arc::as_ptr(s) < Arc::as_ptr(slice));
+            list.insert(at, Arc::clone(slice));
+            dirty.insert(owner);
+        }
+
+        // Translate the Services whose inputs changed; keep the translations they had.
+        let mut before: Vec<(ServiceId, Arc<Translated>)> = Vec::new();
+        for id in &dirty {
+            let Some(memo) = self.by_id.get_mut(id) else {
+                continue;
+            };
+            self.retranslated += 1;
+            let refs: Vec<&EndpointSlice> = memo.slices.iter().map(|s| s.as_ref()).collect();
+            let out = Arc::new(translate_service(&memo.service, &refs, node));
+            before.push((id.clone(), std::mem::replace(&mut memo.out, out)));
+        }
+        let in_place = !rebuild
+            && before
+                .iter()
+                .all(|(id, was)| same_claims(was, &self.by_id[id].out));
+        if !in_place {
+            self.reassembled = true;
+            let (state, problems) = assemble(self.by_id.values().map(|m| m.out.as_ref()));
+            self.problems = self
+                .by_id
+                .keys()
+                .zip(problems)
+                .filter(|(_, p)| !p.is_empty())
+                .map(|(id, p)| (id.clone(), p))
+                .collect();
+            let old = std::mem::replace(&mut self.state, state);
+            return changed_between(&old, &self.state);
+        }
+        let mut changed = Changed::new();
+        for (id, was) in before {
+            let now = Arc::clone(&self.by_id[&id].out);
+            self.replace_in_place(&id, &was, &now, &mut changed);
+        }
+        changed
+    }
+
+    /// Swaps one Service's translation for another that claims the same (see [`same_claims`]):
+    /// each port keeps the frontends it had (the ones no earlier Service took), the health check
+    /// port stays with whoever had it, and the conflicts found stay as they were.
+    fn replace_in_place(
+        &mut self,
+        id: &ServiceId,
+        was: &Translated,
+        now: &Translated,
+        changed: &mut Changed,
+    ) {
+        let state = &mut self.state;
+        state.no_local_endpoints.internal -= was.no_local_endpoints.internal;
+        state.no_local_endpoints.external -= was.no_local_endpoints.external;
+        state.no_local_endpoints.internal += now.no_local_endpoints.internal;
+        state.no_local_endpoints.external += now.no_local_endpoints.external;
+        if let Some((port, hc)) = &now.health_check {
+            if let Some(owner) = state.health_checks.get_mut(port) {
+                if (owner.namespace.as_str(), owner.name.as_str()) == (id.0.as_str(), id.1.as_str())
+                {
+                    *owner = hc.clone();
+                }
+            }
+        }
+        for (key, want) in &now.ports {
+            let Some(placed) = state.services.get(key) else {
+                // Every frontend of it went to earlier Services (or it has none): still so.
+                continue;
+            };
+            let desired = if placed.frontends.keys().eq(want.frontends.keys()) {
+                Arc::clone(want)
+            } else {
+                let mut mine = (**want).clone();
+                mine.frontends
+                    .retain(|addr, _| placed.frontends.contains_key(addr));
+                Arc::new(mine)
+            };
+            let old = state.services.insert(key.clone(), desired);
+            changed.entry(key.clone()).or_insert(old);
+        }
+        // Its own problems, then its conflicts (the same as before).
+        let problems = self.problems.remove(id).unwrap_or_default();
+        let conflicts = problems.into_iter().skip(was.errors.len());
+        let mine: Vec<ModelError> = now.errors.iter().cloned().chain(conflicts).collect();
+        if !mine.is_empty() {
+            self.problems.insert(id.clone(), mine);
+        }
+    }
+
+    /// Takes a state the plain model computed (and forgets what it knew of the objects).
+    fn replace_state(&mut self, (state, errors): (DesiredState, Vec<ModelError>)) -> Changed {
+        let node = self.node.take();
+        let old = std::mem::take(&mut self.state);
+        *self = Translator {
+            node,
+            state,
+            reassembled: true,
+            problems: BTreeMap::from([(ServiceId::default(), errors)]),
+            ..Translator::default()
+        };
+        changed_between(&old, &self.state)
+    }
+
+    /// [`Translator::update`], returning a copy of the state and problems (for tests).
     pub fn desired_state(
         &mut self,
         services: &[Arc<Service>],
         slices: &[Arc<EndpointSlice>],
         node: &NodeContext,
     ) -> (DesiredState, Vec<ModelError>) {
-        if self.node.as_ref() != Some(node) {
-            self.memo.clear();
-            self.node = Some(node.clone());
-        }
-        let by_service = group_slices(slices);
-        let mut sorted: Vec<&Arc<Service>> = services.iter().collect();
-        sorted.sort_by_key(|s| service_id(s));
-        let mut next = HashMap::with_capacity(sorted.len());
-        let mut outs = Vec::with_capacity(sorted.len());
-        self.retranslated = 0;
-        for svc in &sorted {
-            let (ns, name) = service_id(svc);
-            let mut mine: Vec<Arc<EndpointSlice>> = by_service
-                .get(&(ns, name))
-                .into_iter()
-                .flatten()
-                .map(|s| Arc::clone(s))
-                .collect();
-            // The store's iteration order is not stable; identity order is.
-            mine.sort_by_key(|s| Arc::as_ptr(s) as usize);
-            // Keyed by the Service object's identity: the memo holds the Arc, so the address
-            // cannot be reused by another object while the entry exists.
-            let key = Arc::as_ptr(svc) as usize;
-            let memo = match self.memo.remove(&key) {
-                Some(m)
-                    if m.slices.len() == mine.len()
-                        && m.slices.iter().zip(&mine).all(|(a, b)| Arc::ptr_eq(a, b)) =>
-                {
-                    m
-                }
-                _ => {
-                    self.retranslated += 1;
-                    let refs: Vec<&EndpointSlice> = mine.iter().map(|s| s.as_ref()).collect();
-                    Memo {
-                        _service: Arc::clone(svc),
-                        out: Arc::new(translate_service(svc, &refs, node)),
-                        slices: mine,
-                    }
-                }
-            };
-            outs.push(Arc::clone(&memo.out));
-            next.insert(key, memo);
-        }
-        self.memo = next;
-        assemble(outs.iter().map(|t| t.as_ref()))
+        self.update(services, slices, node);
+        (self.state.clone(), self.errors().cloned().collect())
     }
+}
+
+/// The entries that differ between two states (by identity or value), with `before`'s.
+pub fn changed_between(before: &DesiredState, after: &DesiredState) -> Changed {
+    let mut changed = Changed::new();
+    for (key, was) in &before.services {
+        match after.services.get(key) {
+            Some(now) if Arc::ptr_eq(now, was) || now == was => {}
+            _ => {
+                changed.insert(key.clone(), Some(Arc::clone(was)));
+            }
+        }
+    }
+    for key in after.services.keys() {
+        if !before.services.contains_key(key) {
+            changed.insert(key.clone(), None);
+        }
+    }
+    changed
 }
 
 #[cfg(test)]
@@ -1854,7 +2115,7 @@ endpoints:
         };
         let pair = |f: [u8; 4], b: u8| ((IpAddr::from(f), 30600), (ip(b), 50000));
         assert_eq!(
-            udp_pairs_left(&before, &after),
+            udp_pairs_left(&changed_between(&before, &after), &after),
             BTreeSet::from([
                 pair([198, 18, 0, 10], 2),
                 pair([127, 0, 0, 1], 2),
@@ -1863,7 +2124,7 @@ endpoints:
                 pair([127, 0, 0, 1], 4),
             ])
         );
-        assert!(udp_pairs_left(&after, &after).is_empty());
+        assert!(udp_pairs_left(&changed_between(&after, &after), &after).is_empty());
         // An endpoint that takes no new flows but still serves keeps its sockets; once it stops
         // serving, they are left.
         let dns = key("dns", "", Protocol::Udp);
@@ -1876,10 +2137,10 @@ endpoints:
             }
         };
         let (both, terminating, stopped) = (with(&[3, 5], &[]), with(&[5], &[3]), with(&[5], &[]));
-        assert!(udp_pairs_left(&both, &terminating).is_empty());
+        assert!(udp_pairs_left(&changed_between(&both, &terminating), &terminating).is_empty());
         assert!(udp_pairs(&terminating).contains(&pair([198, 18, 0, 10], 3)));
         assert_eq!(
-            udp_pairs_left(&terminating, &stopped),
+            udp_pairs_left(&changed_between(&terminating, &stopped), &stopped),
             BTreeSet::from([pair([198, 18, 0, 10], 3), pair([127, 0, 0, 1], 3)])
         );
     }
@@ -2219,6 +2480,162 @@ spec:
         // A removed Service disappears.
         let (state, _) = t.desired_state(&[other], &slices, &moved);
         assert_eq!(state.services.len(), 1);
+    }
+
+    /// A random Service of a few names, ports and addresses, so Services often claim the same
+    /// frontends and health check ports.
+    fn random_service(rng: &mut exposure_lab::rng::Rng, name: &str) -> Arc<Service> {
+        let kind = rng.pick(&["NodePort", "LoadBalancer", "ClusterIP"]);
+        let mut ports = Vec::new();
+        for p in 0..1 + rng.below(2) {
+            let protocol = rng.pick(&["TCP", "UDP"]);
+            let node_port = 30000 + rng.below(3);
+            ports.push(
+                serde_json::json!({"name": format!("p{p}"), "protocol": protocol,
+                "port": 80 + p, "targetPort": 8080 + p, "nodePort": node_port}),
+            );
+        }
+        let mut spec = serde_json::json!({"type": kind, "ports": ports,
+            "externalIPs": [format!("198.18.9.{}", rng.below(3))]});
+        if kind != "ClusterIP" && rng.one_in(2) {
+            spec["externalTrafficPolicy"] = "Local".into();
+            spec["healthCheckNodePort"] = (32000 + rng.below(2)).into();
+        }
+        let ingress = serde_json::json!([{"ip": format!("198.18.8.{}", rng.below(3))}]);
+        Arc::new(
+            serde_json::from_value(serde_json::json!({"apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": name, "namespace": "default"}, "spec": spec,
+                "status": {"loadBalancer": {"ingress": ingress}}}))
+            .expect("random Service parses"),
+        )
+    }
+
+    /// A random EndpointSlice of Service `name`: endpoints here and elsewhere, ready or not,
+    /// now and then one kube-proxy ignores.
+    fn random_slice(rng: &mut exposure_lab::rng::Rng, name: &str) -> Arc<EndpointSlice> {
+        let mut labels = serde_json::json!({SERVICE_NAME_LABEL: name});
+        if rng.one_in(10) {
+            labels[HEADLESS_LABEL] = "".into();
+        }
+        let endpoints: Vec<_> = (0..rng.below(4))
+            .map(|_| {
+                serde_json::json!({"addresses": [format!("198.19.1.{}", rng.below(8))],
+                    "conditions": {"ready": !rng.one_in(4), "serving": true},
+                    "nodeName": rng.pick(&["node-a", "node-b"])})
+            })
+            .collect();
+        let ports: Vec<_> = (0..2)
+            .map(|p| serde_json::json!({"name": format!("p{p}"), "protocol": rng.pick(&["TCP", "UDP"]), "port": 8080 + p}))
+            .collect();
+        Arc::new(
+            serde_json::from_value(serde_json::json!({"apiVersion": "discovery.k8s.io/v1",
+                "kind": "EndpointSlice", "metadata": {"name": format!("{name}-{}", rng.below(1000)),
+                "namespace": "default", "labels": labels}, "addressType": "IPv4",
+                "endpoints": endpoints, "ports": ports}))
+            .expect("random slice parses"),
+        )
+    }
+
+    #[test]
+    fn translator_updates_give_the_plain_models_state_and_name_every_change() {
+        let mut rng = exposure_lab::rng::Rng::from_env("EXPOSURE_TEST_SEED", 7);
+        let names: Vec<String> = (0..6).map(|i| format!("s{i}")).collect();
+        let mut services: Vec<Arc<Service>> = Vec::new();
+        let mut slices: Vec<Arc<EndpointSlice>> = Vec::new();
+        let mut t = Translator::default();
+        let mut node = node();
+        let (mut in_place, mut rebuilt) = (0, 0);
+        for step in 0..3000 {
+            match rng.below(20) {
+                // Endpoint changes are the common case.
+                0..=9 if !slices.is_empty() => {
+                    let i = rng.below(slices.len());
+                    let owner =
+                        slices[i].metadata.labels.as_ref().unwrap()[SERVICE_NAME_LABEL].clone();
+                    slices[i] = random_slice(&mut rng, &owner);
+                }
+                10..=11 => {
+                    let name = rng.pick(&names);
+                    slices.push(random_slice(&mut rng, &name));
+                }
+                12 if !slices.is_empty() => {
+                    slices.swap_remove(rng.below(slices.len()));
+                }
+                13..=14 => {
+                    let name = rng.pick(&names);
+                    let new = random_service(&mut rng, &name);
+                    match services
+                        .iter()
+                        .position(|s| s.metadata.name.as_deref() == Some(&name))
+                    {
+                        Some(i) => services[i] = new,
+                        None => services.push(new),
+                    }
+                }
+                15 if !services.is_empty() => {
+                    services.swap_remove(rng.below(services.len()));
+                }
+                16 if rng.one_in(5) => {
+                    node.node_addrs = vec![IpAddr::from([198, 18, 0, 10 + rng.below(2) as u8])];
+                }
+                17 if rng.one_in(10) && !services.is_empty() => {
+                    // Two objects under one name, for a while.
+                    let twin = Arc::new((*services[0]).clone());
+                    services.push(twin);
+                }
+                18 => {
+                    // Nothing changed (a store's order may).
+                    services.reverse();
+                }
+                _ => {}
+            }
+            if step % 50 == 49 {
+                let name = |s: &Arc<Service>| s.metadata.name.clone();
+                let mut seen = BTreeSet::new();
+                services.retain(|s| seen.insert(name(s)));
+            }
+            let before = t.state().clone();
+            let changed = t.update(&services, &slices, &node);
+            let (plain, errors) = desired_state(&services, &slices, &node);
+            assert_eq!(
+                t.state(),
+                &plain,
+                "step {step}: the state is the plain model's"
+            );
+            assert_eq!(
+                t.errors().cloned().collect::<Vec<_>>(),
+                errors,
+                "step {step}"
+            );
+            let keys: BTreeSet<&ServicePortName> = before
+                .services
+                .keys()
+                .chain(plain.services.keys())
+                .collect();
+            for key in keys {
+                let (was, now) = (before.services.get(key), plain.services.get(key));
+                match changed.get(key) {
+                    Some(recorded) => assert_eq!(recorded.as_ref(), was, "step {step}: {key}"),
+                    None => assert!(
+                        match (was, t.state().services.get(key)) {
+                            (Some(a), Some(b)) => a == b,
+                            (a, b) => a.is_none() && b.is_none(),
+                        },
+                        "step {step}: {key} changed unnamed ({was:?} -> {now:?})"
+                    ),
+                }
+            }
+            match (t.retranslated, t.reassembled) {
+                (_, true) => rebuilt += 1,
+                (1.., false) => in_place += 1,
+                _ => {}
+            }
+        }
+        // Both ways of updating were exercised.
+        assert!(
+            in_place > 500 && rebuilt > 100,
+            "in place {in_place}, rebuilt {rebuilt}"
+        );
     }
 
     #[test]

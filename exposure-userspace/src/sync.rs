@@ -21,8 +21,8 @@ use exposure_common::{
 
 use crate::maglev;
 use crate::model::{
-    AddrPort, BackendAddr, DesiredService, DesiredState, FrontendAddr, FrontendKind, Protocol,
-    Scope, ServicePortName, WhenEmpty,
+    AddrPort, BackendAddr, Changed, DesiredService, DesiredState, FrontendAddr, FrontendKind,
+    Protocol, Scope, ServicePortName, WhenEmpty,
 };
 
 /// Everything the datapath maps hold that the reconciler owns.
@@ -445,6 +445,8 @@ pub struct Reconciler {
     backend_ids: HashMap<(IpAddr, u16), u32>,
     service_pool: IdPool,
     frontend_pool: IdPool,
+    /// The ids in `frontends`, for O(1) "is this id taken".
+    frontend_ids: HashSet<u32>,
     /// The ids in `service_ids`, for O(1) "is this id taken".
     claimed: HashSet<u32>,
     /// What each Service port was last successfully programmed with.
@@ -472,6 +474,11 @@ pub struct Reconciler {
     affinity_sweep_due: bool,
     /// Removed services' ids, handed back to the pool once their affinity entries are swept.
     unswept_service_ids: BTreeSet<u32>,
+    /// How many service ports of the last desired state want each `FRONTENDS` key.
+    claims: HashMap<FrontendKey, u32>,
+    /// The last reconcile looked at every service port or at all that changed, and wrote all
+    /// it had to: `applied` is the desired state it was given, every port is programmed.
+    clean: bool,
 }
 
 fn frontend_key(f: &FrontendAddr) -> FrontendKey {
@@ -598,6 +605,7 @@ impl Reconciler {
             claimed: HashSet::new(),
             applied: HashMap::new(),
             frontend_pool: IdPool::new(limits.frontends),
+            frontend_ids: snapshot.frontends.values().map(|fe| fe.id).collect(),
             frontends: snapshot.frontends,
             regions,
             services,
@@ -609,6 +617,8 @@ impl Reconciler {
             // Whatever a previous agent left: it may have stopped before its sweep.
             affinity_sweep_due: true,
             unswept_service_ids: BTreeSet::new(),
+            claims: HashMap::new(),
+            clean: false,
         }
     }
 
@@ -693,6 +703,54 @@ impl Reconciler {
 
     /// Brings the maps to `desired` with the fewest writes.
     pub fn reconcile(&mut self, desired: &DesiredState, maps: &mut dyn DatapathMaps) -> SyncReport {
+        self.reconcile_in(desired, None, maps)
+    }
+
+    /// [`Reconciler::reconcile`], given what changed since the state of the previous call (see
+    /// [`Changed`]): it then looks at those service ports only, so a change costs what it
+    /// changes, not the cluster's size. Every port is looked at when the last call did not end
+    /// cleanly (a failure is retried), and when a changed port's frontends share map entries with
+    /// others' (an IPv4-mapped address, see [`Addr`]).
+    pub fn reconcile_changed(
+        &mut self,
+        desired: &DesiredState,
+        changed: &Changed,
+        maps: &mut dyn DatapathMaps,
+    ) -> SyncReport {
+        let mut mine: HashMap<FrontendKey, u32> = HashMap::new();
+        for (name, was) in changed {
+            for key in was
+                .iter()
+                .flat_map(|s| s.frontends.keys().map(frontend_key))
+            {
+                if let Some(n) = self.claims.get_mut(&key) {
+                    *n -= 1;
+                }
+                *mine.entry(key).or_default() += 0;
+            }
+            let now = desired.services.get(name).into_iter();
+            for key in now.flat_map(|s| s.frontends.keys().map(frontend_key)) {
+                *self.claims.entry(key).or_default() += 1;
+                *mine.entry(key).or_default() += 1;
+            }
+        }
+        // A map entry another port also wants (an IPv4-mapped address) needs every port's look.
+        let their_own = mine
+            .iter()
+            .all(|(key, n)| self.claims.get(key).copied().unwrap_or(0) == *n);
+        self.claims.retain(|_, n| *n > 0);
+        let only_changed = self.clean && their_own;
+        self.reconcile_in(desired, only_changed.then_some(changed), maps)
+    }
+
+    /// Reconciles every service port, or only those in `changed` (see
+    /// [`Reconciler::reconcile_changed`]).
+    fn reconcile_in(
+        &mut self,
+        desired: &DesiredState,
+        changed: Option<&Changed>,
+        maps: &mut dyn DatapathMaps,
+    ) -> SyncReport {
         let mut report = SyncReport::default();
         // Regions retired by the previous sync: no packet can still be reading them.
         self.regions.release_quarantine();
@@ -703,8 +761,36 @@ impl Reconciler {
         let mut live_services: HashSet<u32> = HashSet::with_capacity(desired.services.len());
         // Frontends of Services whose apply failed: kept as they are, unless wanted elsewhere.
         let mut kept_frontends: Vec<(FrontendKey, (u32, u16))> = Vec::new();
+        // The changed ports' frontends as they were: what may have gone stale.
+        let mut had_frontends: Vec<FrontendKey> = Vec::new();
+        let names: Box<dyn Iterator<Item = (&ServicePortName, &Arc<DesiredService>)>> =
+            match changed {
+                None => {
+                    self.claims.clear();
+                    let all = desired.services.values().flat_map(|s| s.frontends.keys());
+                    for key in all.map(frontend_key) {
+                        *self.claims.entry(key).or_default() += 1;
+                    }
+                    Box::new(desired.services.iter())
+                }
+                Some(changed) => {
+                    for name in changed.keys() {
+                        let had = self.applied.get(name).into_iter();
+                        had_frontends
+                            .extend(had.flat_map(|s| s.frontends.keys().map(frontend_key)));
+                    }
+                    // In the maps' order, as a look at every port writes them.
+                    had_frontends.sort_unstable();
+                    had_frontends.dedup();
+                    Box::new(
+                        changed
+                            .keys()
+                            .filter_map(|k| desired.services.get_key_value(k)),
+                    )
+                }
+            };
 
-        for (name, want) in &desired.services {
+        for (name, want) in names {
             // Unchanged since it was last applied: nothing to write (the common case per event).
             let unchanged = match (self.service_ids.get(name), self.applied.get(name)) {
                 (Some(id), Some(prev))
@@ -751,8 +837,19 @@ impl Reconciler {
         for (key, wanted) in kept_frontends {
             wanted_frontends.entry(key).or_insert(wanted);
         }
-        self.applied
-            .retain(|name, _| desired.services.contains_key(name));
+        match changed {
+            None => self
+                .applied
+                .retain(|name, _| desired.services.contains_key(name)),
+            Some(changed) => {
+                for name in changed
+                    .keys()
+                    .filter(|k| !desired.services.contains_key(*k))
+                {
+                    self.applied.remove(name);
+                }
+            }
+        }
 
         // Frontends last on the way in: their service is complete by now.
         for (key, (service_id, flags)) in &wanted_frontends {
@@ -779,6 +876,7 @@ impl Reconciler {
             match maps.write_frontend(key, &fe) {
                 Ok(()) => {
                     self.frontends.insert(*key, fe);
+                    self.frontend_ids.insert(fe.id);
                     report.writes += 1;
                     report.frontends_changed = true;
                 }
@@ -790,12 +888,19 @@ impl Reconciler {
         }
         // Deletions after everything new is in place. A TCP frontend packets reach drains first:
         // its connections go on (draining frontends go in `end_drains`, once they have none).
-        let stale: Vec<(FrontendKey, Frontend)> = self
-            .frontends
-            .iter()
-            .filter(|(k, fe)| !wanted_frontends.contains_key(k) && !fe.is_draining())
-            .map(|(k, fe)| (*k, *fe))
-            .collect();
+        let stale: Vec<(FrontendKey, Frontend)> = match changed {
+            None => self
+                .frontends
+                .iter()
+                .filter(|(k, fe)| !wanted_frontends.contains_key(k) && !fe.is_draining())
+                .map(|(k, fe)| (*k, *fe))
+                .collect(),
+            Some(_) => had_frontends
+                .iter()
+                .filter_map(|k| self.frontends.get(k).map(|fe| (*k, *fe)))
+                .filter(|(k, fe)| !wanted_frontends.contains_key(k) && !fe.is_draining())
+                .collect(),
+        };
         for (key, fe) in stale {
             if key.scope == common::SCOPE_EXTERNAL && key.proto == common::PROTO_TCP {
                 let drained = Frontend {
@@ -820,6 +925,7 @@ impl Reconciler {
             match maps.remove_frontend(&key) {
                 Ok(()) => {
                     if let Some(fe) = self.frontends.remove(&key) {
+                        self.frontend_ids.remove(&fe.id);
                         self.frontend_pool.release(fe.id);
                     }
                     report.writes += 1;
@@ -831,27 +937,61 @@ impl Reconciler {
                 }),
             }
         }
-        let dropped: Vec<u32> = self
-            .service_ids
-            .values()
+        // Ids held by changed ports (new ones' too, claimed above) may go; only theirs.
+        let dropped: Vec<u32> = match changed {
+            None => self.service_ids.values().copied().collect(),
+            Some(changed) => changed
+                .keys()
+                .filter_map(|name| self.service_ids.get(name).copied())
+                .collect(),
+        };
+        let dropped: Vec<u32> = dropped
+            .into_iter()
             .filter(|id| !live_services.contains(id))
-            .copied()
             .collect();
-        self.service_ids.retain(|_, id| live_services.contains(id));
-        for id in dropped {
+        match changed {
+            None => self.service_ids.retain(|_, id| live_services.contains(id)),
+            Some(changed) => {
+                for name in changed.keys() {
+                    if self
+                        .service_ids
+                        .get(name)
+                        .is_some_and(|id| !live_services.contains(id))
+                    {
+                        self.service_ids.remove(name);
+                    }
+                }
+            }
+        }
+        for &id in &dropped {
             self.claimed.remove(&id);
             // Claimed but never written (its apply failed): hand the id back.
             if !self.services.contains_key(&id) {
                 self.service_pool.release(id);
             }
         }
-        let referenced: std::collections::HashSet<u32> =
-            self.frontends.values().map(|f| f.service_id).collect();
-        let unused: Vec<u32> = self
-            .services
-            .keys()
-            .filter(|id| !live_services.contains(id) && !referenced.contains(id))
-            .copied()
+        // Every service not live is a candidate; with only the changed ports looked at, the others
+        // are live (the last call ended cleanly), so the candidates are the ids they dropped.
+        let candidates: Vec<u32> = match changed {
+            None => self.services.keys().copied().collect(),
+            Some(_) => {
+                let mut ids = dropped;
+                ids.sort_unstable();
+                ids
+            }
+        };
+        let referenced: HashSet<u32> = if candidates.is_empty() {
+            HashSet::new()
+        } else {
+            self.frontends.values().map(|f| f.service_id).collect()
+        };
+        let unused: Vec<u32> = candidates
+            .into_iter()
+            .filter(|id| {
+                self.services.contains_key(id)
+                    && !live_services.contains(id)
+                    && !referenced.contains(id)
+            })
             .collect();
         for id in unused {
             if let Err(e) = self.remove_service(id, maps, &mut report) {
@@ -866,6 +1006,7 @@ impl Reconciler {
         if report.frontends_changed || self.frontend_ports_stale {
             self.sync_frontend_ports(maps, &mut report);
         }
+        self.clean = report.errors.is_empty();
         report
     }
 
@@ -895,6 +1036,7 @@ impl Reconciler {
             match maps.remove_frontend(&key) {
                 Ok(()) => {
                     if let Some(fe) = self.frontends.remove(&key) {
+                        self.frontend_ids.remove(&fe.id);
                         self.frontend_pool.release(fe.id);
                     }
                     ended.push(frontend_display(&key));
@@ -1069,10 +1211,10 @@ impl Reconciler {
         &mut self,
         maps: &mut dyn DatapathMaps,
     ) -> Result<u32, Option<anyhow::Error>> {
-        let frontends = &self.frontends;
+        let taken = &self.frontend_ids;
         let id = self
             .frontend_pool
-            .alloc(|id| frontends.values().any(|f| f.id == id))
+            .alloc(|id| taken.contains(&id))
             .ok_or(None)?;
         if let Err(e) = maps.reset_frontend_stats(id) {
             self.frontend_pool.release(id);
@@ -2867,6 +3009,107 @@ mod tests {
         assert!(
             failed > 20 && clean > 200 && drained > 100,
             "{failed} failed syncs, {clean} clean, {drained} frontends seen draining"
+        );
+    }
+
+    /// One Service port's frontend goes to another (as when Services that claimed the same one
+    /// change), or, one time in three, the other also gets the frontend's IPv4-mapped IPv6 twin,
+    /// which is the same key in the maps. Whether anything moved.
+    fn move_a_frontend(rng: &mut Rng, want: &mut DesiredState) -> bool {
+        let names: Vec<ServicePortName> = want.services.keys().cloned().collect();
+        if names.len() < 2 {
+            return false;
+        }
+        let (from, to) = (rng.pick(&names), rng.pick(&names));
+        if from == to {
+            return false;
+        }
+        let mut giver = (*want.services[&from]).clone();
+        let mut taker = (*want.services[&to]).clone();
+        let addrs: Vec<FrontendAddr> = giver.frontends.keys().copied().collect();
+        let addr = rng.pick(&addrs);
+        let kind = giver.frontends[&addr];
+        if let (0, IpAddr::V4(v4)) = (rng.below(3), addr.ip) {
+            let twin = IpAddr::V6(v4.to_ipv6_mapped());
+            taker
+                .frontends
+                .insert(FrontendAddr { ip: twin, ..addr }, kind);
+        } else {
+            giver.frontends.remove(&addr);
+            taker.frontends.insert(addr, kind);
+        }
+        if giver.frontends.is_empty() {
+            want.services.remove(&from);
+        } else {
+            want.services.insert(from, Arc::new(giver));
+        }
+        want.services.insert(to, Arc::new(taker));
+        true
+    }
+
+    /// Reconciling only what changed does exactly what a look at every Service port does: the
+    /// same writes (so a write fails at the same point), reports and maps, through random changes,
+    /// failed writes (after which every port is looked at again), tight limits and ended drains.
+    #[test]
+    fn reconciling_what_changed_writes_what_a_full_look_writes() {
+        // Tight enough that a change now and then finds no room for its table, or no id.
+        let limits = Limits {
+            maglev_entries: 7_000,
+            services: 12,
+            backends: 11,
+            ..Limits::default()
+        };
+        let mut rng = Rng::from_env("EXPOSURE_RECONCILE_SEED", 0x6a09_e667_f3bc_c908);
+        let (mut full_maps, mut changed_maps) = (FakeMaps::default(), FakeMaps::default());
+        let mut full = Reconciler::restore(Snapshot::default(), limits);
+        let mut by_change = Reconciler::restore(Snapshot::default(), limits);
+        let mut want = DesiredState::default();
+        let (mut only_changed, mut refused, mut moved) = (0, 0, 0);
+        for step in 0..600 {
+            let before = want.clone();
+            for _ in 0..1 + rng.below(3) {
+                change_one(&mut rng, &mut want, 3);
+            }
+            if rng.below(4) == 0 {
+                moved += usize::from(move_a_frontend(&mut rng, &mut want));
+            }
+            if rng.below(6) == 0 {
+                let at = full_maps.writes + 1 + rng.below(12);
+                full_maps.fail_at_write = Some(at);
+                changed_maps.fail_at_write = Some(at - full_maps.writes + changed_maps.writes);
+            }
+            let changed = crate::model::changed_between(&before, &want);
+            only_changed += usize::from(by_change.clean);
+            let a = full.reconcile(&want, &mut full_maps);
+            let b = by_change.reconcile_changed(&want, &changed, &mut changed_maps);
+            (full_maps.fail_at_write, changed_maps.fail_at_write) = (None, None);
+            let text = |r: &SyncReport| -> Vec<String> {
+                r.errors.iter().map(ToString::to_string).collect()
+            };
+            assert_eq!((a.writes, text(&a)), (b.writes, text(&b)), "step {step}");
+            refused += text(&a)
+                .iter()
+                .filter(|e| e.contains("raise --max"))
+                .count();
+            assert_eq!(full_maps.state, changed_maps.state, "step {step}");
+            assert_eq!(full_maps.writes, changed_maps.writes, "step {step}");
+            assert_eq!(
+                drift(&by_change, &changed_maps),
+                Vec::<String>::new(),
+                "step {step}"
+            );
+            if rng.below(4) == 0 {
+                let in_use = BTreeSet::new();
+                assert_eq!(
+                    full.end_drains(&in_use, &mut full_maps).0.len(),
+                    by_change.end_drains(&in_use, &mut changed_maps).0.len(),
+                    "step {step}"
+                );
+            }
+        }
+        assert!(
+            only_changed > 300 && refused > 20 && moved > 50,
+            "{only_changed} syncs of only what changed, {refused} refusals, {moved} moves"
         );
     }
 
