@@ -550,7 +550,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             .iter()
             .any(|e| matches!(e, SyncError::Write { .. }));
         last_node_addrs = Some(iface_addrs);
-        let programmed = programming.programmed(&objects.endpoint_slices, SystemTime::now());
+        let (came, went) = translator.slices_changed();
+        let programmed = programming.programmed(came, went, SystemTime::now());
         if let Ok(mut h) = metrics.network_programming.lock() {
             programmed.into_iter().for_each(|d| h.observe(d));
         }

@@ -53,16 +53,21 @@ pub struct FrontendLabel {
 /// (a Pod or Service change), RFC 3339.
 pub const LAST_CHANGE_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
+/// A slice's namespace and name.
+fn slice_id(slice: &EndpointSlice) -> (&str, &str) {
+    let meta = &slice.metadata;
+    let namespace = meta.namespace.as_deref().unwrap_or_default();
+    (namespace, meta.name.as_deref().unwrap_or_default())
+}
+
 /// Network programming latency, as kube-proxy measures it
 /// (`network_programming_duration_seconds`): from the trigger time an EndpointSlice carries to the
 /// sync that programmed it. Each trigger time counts once, and only those after the agent started
 /// (the first list brings old ones).
 pub struct ProgrammingLatency {
     started: SystemTime,
-    /// Namespace -> slice name -> (the trigger time last seen on it, the call that last saw it).
-    /// Looked up by `&str`: an unchanged slice costs no allocation (a sync sees every slice).
-    seen: HashMap<String, HashMap<String, (String, u64)>>,
-    calls: u64,
+    /// Namespace -> slice name -> the trigger time last seen on it.
+    seen: HashMap<String, HashMap<String, String>>,
 }
 
 impl ProgrammingLatency {
@@ -70,53 +75,60 @@ impl ProgrammingLatency {
         ProgrammingLatency {
             started,
             seen: HashMap::new(),
-            calls: 0,
         }
     }
 
-    /// The latencies of the trigger times in `slices` not seen before, programmed at `now`.
-    /// Slices that are gone are forgotten.
+    /// The latencies of the trigger times not seen before on the slice objects that came
+    /// (`added`: new, or a new version of one), programmed at `now`. Slices that went (`removed`,
+    /// and not back under the same name) are forgotten. Only changed slices are looked at.
     pub fn programmed<E: std::borrow::Borrow<EndpointSlice>>(
         &mut self,
-        slices: &[E],
+        added: &[E],
+        removed: &[E],
         now: SystemTime,
     ) -> Vec<Duration> {
-        self.calls += 1;
-        let call = self.calls;
         let mut latencies = Vec::new();
-        for slice in slices {
-            let meta = &slice.borrow().metadata;
-            let Some(trigger) = meta
+        let mut here = std::collections::HashSet::new();
+        for slice in added {
+            let (namespace, name) = slice_id(slice.borrow());
+            here.insert((namespace, name));
+            let trigger = slice
+                .borrow()
+                .metadata
                 .annotations
                 .as_ref()
-                .and_then(|a| a.get(LAST_CHANGE_TRIGGER_TIME))
-            else {
+                .and_then(|a| a.get(LAST_CHANGE_TRIGGER_TIME));
+            let Some(trigger) = trigger else {
+                self.forget(namespace, name);
                 continue;
             };
-            let namespace = meta.namespace.as_deref().unwrap_or_default();
-            let name = meta.name.as_deref().unwrap_or_default();
-            match self.seen.get_mut(namespace).and_then(|m| m.get_mut(name)) {
-                Some((seen, last_call)) => {
-                    *last_call = call;
-                    if seen == trigger {
-                        continue;
-                    }
-                    seen.clone_from(trigger);
-                }
+            let names = self.seen.entry(namespace.to_string()).or_default();
+            match names.get_mut(name) {
+                Some(seen) if seen == trigger => continue,
+                Some(seen) => seen.clone_from(trigger),
                 None => {
-                    let names = self.seen.entry(namespace.to_string()).or_default();
-                    names.insert(name.to_string(), (trigger.clone(), call));
+                    names.insert(name.to_string(), trigger.clone());
                 }
             }
             if let Some(at) = parse_time(trigger).filter(|at| *at > self.started) {
                 latencies.push(now.duration_since(at).unwrap_or_default());
             }
         }
-        self.seen.retain(|_, names| {
-            names.retain(|_, (_, last_call)| *last_call == call);
-            !names.is_empty()
-        });
+        for (namespace, name) in removed.iter().map(|s| slice_id(s.borrow())) {
+            if !here.contains(&(namespace, name)) {
+                self.forget(namespace, name);
+            }
+        }
         latencies
+    }
+
+    fn forget(&mut self, namespace: &str, name: &str) {
+        if let Some(names) = self.seen.get_mut(namespace) {
+            names.remove(name);
+            if names.is_empty() {
+                self.seen.remove(namespace);
+            }
+        }
     }
 }
 
@@ -337,21 +349,35 @@ mod tests {
             slice("new", Some("2026-11-27T10:00:03.5Z")),
         ];
         assert_eq!(
-            latency.programmed(&slices, now),
+            latency.programmed(&slices, &[], now),
             [Duration::from_millis(1500)]
         );
-        // Nothing changed: nothing counted again.
-        assert!(latency.programmed(&slices, now).is_empty());
+        // Nothing changed, or a new version of a slice with the same trigger time (a label
+        // changed): nothing counted again.
+        assert!(latency
+            .programmed::<EndpointSlice>(&[], &[], now)
+            .is_empty());
+        let relabelled = [slice("new", Some("2026-11-27T10:00:03.5Z"))];
+        assert!(latency
+            .programmed(&relabelled, &slices[3..], now)
+            .is_empty());
         // "old" changes, "new" goes and comes back with the same time: both count.
-        let changed = [
-            slice("old", Some("2026-11-27T10:00:04Z")),
-            slice("none", None),
-        ];
-        assert_eq!(latency.programmed(&changed, now), [Duration::from_secs(1)]);
-        let back = [slice("new", Some("2026-11-27T10:00:03.5Z"))];
+        let changed = [slice("old", Some("2026-11-27T10:00:04Z"))];
+        let gone = [slices[0].clone(), relabelled[0].clone()];
         assert_eq!(
-            latency.programmed(&back, now),
+            latency.programmed(&changed, &gone, now),
+            [Duration::from_secs(1)]
+        );
+        assert_eq!(
+            latency.programmed(&relabelled, &[], now),
             [Duration::from_millis(1500)]
+        );
+        // A slice that loses its trigger time and gets the same one back counts again.
+        let untriggered = [slice("old", None)];
+        assert!(latency.programmed(&untriggered, &changed, now).is_empty());
+        assert_eq!(
+            latency.programmed(&changed, &untriggered, now),
+            [Duration::from_secs(1)]
         );
     }
 

@@ -1352,6 +1352,9 @@ pub struct Translator {
     pub retranslated: usize,
     /// Whether the last call assembled the state anew (rather than replacing entries in place).
     pub reassembled: bool,
+    /// The slice objects the last call found new and gone.
+    slices_added: Vec<Arc<EndpointSlice>>,
+    slices_removed: Vec<Arc<EndpointSlice>>,
 }
 
 struct Memo {
@@ -1413,6 +1416,12 @@ impl Translator {
         &self.state
     }
 
+    /// The slice objects the last [`Translator::update`] found new (new slices, and new versions)
+    /// and gone (old versions too).
+    pub fn slices_changed(&self) -> (&[Arc<EndpointSlice>], &[Arc<EndpointSlice>]) {
+        (&self.slices_added, &self.slices_removed)
+    }
+
     /// The problems found by the last [`Translator::update`], as [`desired_state`] lists them.
     pub fn errors(&self) -> impl Iterator<Item = &ModelError> {
         self.problems.values().flatten()
@@ -1442,6 +1451,8 @@ impl Translator {
         let (added_slices, removed_slices) = (slices_now.added, slices_now.removed);
         self.services = services.sorted;
         self.slices = slices_now.sorted;
+        self.slices_added.clone_from(&added_slices);
+        self.slices_removed.clone_from(&removed_slices);
 
         let mut dirty: BTreeSet<ServiceId> = BTreeSet::new();
         let mut rebuild = self.by_id.is_empty();
@@ -1611,6 +1622,8 @@ impl Translator {
             node,
             state,
             reassembled: true,
+            slices_added: std::mem::take(&mut self.slices_added),
+            slices_removed: std::mem::take(&mut self.slices_removed),
             problems: BTreeMap::from([(ServiceId::default(), errors)]),
             ..Translator::default()
         };
