@@ -1460,11 +1460,7 @@ impl Translator {
             let Some(owner) = slice_owner(slice).map(owned) else {
                 continue;
             };
-            let list = match self.by_id.get_mut(&owner) {
-                Some(memo) => &mut memo.slices,
-                None => self.orphans.entry(owner.clone()).or_default(),
-            };
-            list.retain(|s| !Arc::ptr_eq(s, slice));
+            self.slices_of(&owner).retain(|s| !Arc::ptr_eq(s, slice));
             if self.orphans.get(&owner).is_some_and(Vec::is_empty) {
                 self.orphans.remove(&owner);
             }
@@ -1521,10 +1517,7 @@ impl Translator {
             let Some(owner) = slice_owner(slice).map(owned) else {
                 continue;
             };
-            let list = match self.by_id.get_mut(&owner) {
-                Some(memo) => &mut memo.slices,
-                None => self.orphans.entry(owner.clone()).or_default(),
-            };
+            let list = self.slices_of(&owner);
             let at = list.partition_point(|s| Arc::as_ptr(s) < Arc::as_ptr(slice));
             list.insert(at, Arc::clone(slice));
             dirty.insert(owner);
@@ -1564,6 +1557,14 @@ impl Translator {
             self.replace_in_place(&id, &was, &now, &mut changed);
         }
         changed
+    }
+
+    /// The slices of Service `id` (kept aside while there is no such Service), by identity.
+    fn slices_of(&mut self, id: &ServiceId) -> &mut Vec<Arc<EndpointSlice>> {
+        match self.by_id.get_mut(id) {
+            Some(memo) => &mut memo.slices,
+            None => self.orphans.entry(id.clone()).or_default(),
+        }
     }
 
     /// Swaps one Service's translation for another that claims the same (see [`same_claims`]):

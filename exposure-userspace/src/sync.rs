@@ -724,7 +724,7 @@ impl Reconciler {
                 .flat_map(|s| s.frontends.keys().map(frontend_key))
             {
                 if let Some(n) = self.claims.get_mut(&key) {
-                    *n -= 1;
+                    *n = n.saturating_sub(1);
                 }
                 *mine.entry(key).or_default() += 0;
             }
