@@ -1631,7 +1631,8 @@ impl Translator {
         changed_between(&old, &self.state)
     }
 
-    /// [`Translator::update`], returning a copy of the state and problems (for tests).
+    /// [`Translator::update`], returning a copy of the state and problems.
+    #[cfg(test)]
     pub fn desired_state(
         &mut self,
         services: &[Arc<Service>],

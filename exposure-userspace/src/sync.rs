@@ -726,7 +726,7 @@ impl Reconciler {
                 if let Some(n) = self.claims.get_mut(&key) {
                     *n = n.saturating_sub(1);
                 }
-                *mine.entry(key).or_default() += 0;
+                mine.entry(key).or_default();
             }
             let now = desired.services.get(name).into_iter();
             for key in now.flat_map(|s| s.frontends.keys().map(frontend_key)) {
