@@ -1331,10 +1331,12 @@ pub type Changed = BTreeMap<ServicePortName, Option<Arc<DesiredService>>>;
 
 /// [`desired_state`], kept up to date from one call to the next at the cost of what changed: the
 /// API source's stores keep an unchanged object's `Arc`, so identity tells which objects came,
-/// went or were replaced; only their Services are translated again, and when those claim the same
+/// went or were replaced; only their Services are translated again. When those claim the same
 /// frontends and health check port as before (an endpoint change), their entries are replaced in
-/// place, without assembling the whole state. Otherwise (a Service added or removed, frontends
-/// moved, the node changed) the state is assembled again from every Service's translation.
+/// place; when nobody else claims what they claimed or claim (a Service added or removed, as a
+/// rule), their entries are swapped whole: either way without assembling the whole state.
+/// Otherwise (a contested frontend or health check port involved, the node changed) the state is
+/// assembled again from every Service's translation.
 #[derive(Default)]
 pub struct Translator {
     node: Option<NodeContext>,
@@ -1348,10 +1350,15 @@ pub struct Translator {
     state: DesiredState,
     /// Each Service's problems as [`assemble`] gives them; only Services that have some.
     problems: BTreeMap<ServiceId, Vec<ModelError>>,
+    /// The claims of every translation in `by_id`.
+    claims: Claims,
     /// How many Services the last call translated afresh (the rest came from the memo).
     pub retranslated: usize,
     /// Whether the last call assembled the state anew (rather than replacing entries in place).
     pub reassembled: bool,
+    /// How many Services the last call placed, replaced or removed whole without assembling,
+    /// because what they claimed and claim is theirs alone (a Service added or removed, say).
+    pub swapped_alone: usize,
     /// The slice objects the last call found new and gone.
     slices_added: Vec<Arc<EndpointSlice>>,
     slices_removed: Vec<Arc<EndpointSlice>>,
@@ -1372,6 +1379,51 @@ fn same_claims(a: &Translated, b: &Translated) -> bool {
             .zip(&b.ports)
             .all(|((ka, wa), (kb, wb))| ka == kb && wa.frontends.keys().eq(wb.frontends.keys()))
         && a.health_check.as_ref().map(|(p, _)| p) == b.health_check.as_ref().map(|(p, _)| p)
+}
+
+/// How many claims there are on each frontend (one per service port that wants it) and each
+/// health check port (one per Service), over every Service's translation.
+#[derive(Default)]
+struct Claims {
+    frontends: HashMap<FrontendAddr, u32>,
+    health_checks: HashMap<u16, u32>,
+}
+
+impl Claims {
+    /// Counts a translation's claims in (`true`) or out.
+    fn count(&mut self, t: &Translated, add: bool) {
+        fn step<K: std::hash::Hash + Eq>(counts: &mut HashMap<K, u32>, key: K, add: bool) {
+            if add {
+                *counts.entry(key).or_default() += 1;
+            } else if let std::collections::hash_map::Entry::Occupied(mut e) = counts.entry(key) {
+                *e.get_mut() -= 1;
+                if *e.get() == 0 {
+                    e.remove();
+                }
+            }
+        }
+        for (_, want) in &t.ports {
+            for addr in want.frontends.keys() {
+                step(&mut self.frontends, *addr, add);
+            }
+        }
+        if let Some((port, _)) = &t.health_check {
+            step(&mut self.health_checks, *port, add);
+        }
+    }
+
+    /// Whether each of a translation's claims is the only one on what it claims (the
+    /// translation's own claims counted in).
+    fn alone(&self, t: &Translated) -> bool {
+        t.ports.iter().all(|(_, want)| {
+            want.frontends
+                .keys()
+                .all(|addr| self.frontends.get(addr).is_none_or(|n| *n <= 1))
+        }) && t
+            .health_check
+            .as_ref()
+            .is_none_or(|(port, _)| self.health_checks.get(port).is_none_or(|n| *n <= 1))
+    }
 }
 
 /// Objects in identity order, and what one list of them adds to and removes from another.
@@ -1436,6 +1488,7 @@ impl Translator {
     ) -> Changed {
         self.retranslated = 0;
         self.reassembled = false;
+        self.swapped_alone = 0;
         if self.node.as_ref() != Some(node) {
             // Everything depends on the node: start over.
             let before = std::mem::take(&mut self.state);
@@ -1455,7 +1508,9 @@ impl Translator {
         self.slices_removed.clone_from(&removed_slices);
 
         let mut dirty: BTreeSet<ServiceId> = BTreeSet::new();
-        let mut rebuild = self.by_id.is_empty();
+        let first = self.by_id.is_empty();
+        // The translations of Services gone in this call.
+        let mut gone: Vec<(ServiceId, Arc<Translated>)> = Vec::new();
         for slice in &removed_slices {
             let Some(owner) = slice_owner(slice).map(owned) else {
                 continue;
@@ -1487,11 +1542,11 @@ impl Translator {
                         if !memo.slices.is_empty() {
                             self.orphans.insert(id.clone(), memo.slices);
                         }
+                        gone.push((id.clone(), memo.out));
                     }
                     if let Some(new) = new {
                         added.insert(id.clone(), new);
                     }
-                    rebuild = true;
                 }
             }
             dirty.insert(id);
@@ -1501,6 +1556,7 @@ impl Translator {
                 return self.replace_state(desired_state(objects, slices, node));
             }
             let slices = self.orphans.remove(&id).unwrap_or_default();
+            // A new Service had no translation: it claimed nothing.
             let out = Arc::new(Translated::default());
             self.by_id.insert(
                 id.clone(),
@@ -1511,7 +1567,6 @@ impl Translator {
                 },
             );
             dirty.insert(id);
-            rebuild = true;
         }
         for slice in &added_slices {
             let Some(owner) = slice_owner(slice).map(owned) else {
@@ -1524,7 +1579,7 @@ impl Translator {
         }
 
         // Translate the Services whose inputs changed; keep the translations they had.
-        let mut before: Vec<(ServiceId, Arc<Translated>)> = Vec::new();
+        let mut swaps: Vec<(ServiceId, Arc<Translated>, Arc<Translated>)> = Vec::new();
         for id in &dirty {
             let Some(memo) = self.by_id.get_mut(id) else {
                 continue;
@@ -1532,13 +1587,32 @@ impl Translator {
             self.retranslated += 1;
             let refs: Vec<&EndpointSlice> = memo.slices.iter().map(|s| s.as_ref()).collect();
             let out = Arc::new(translate_service(&memo.service, &refs, node));
-            before.push((id.clone(), std::mem::replace(&mut memo.out, out)));
+            let was = std::mem::replace(&mut memo.out, Arc::clone(&out));
+            swaps.push((id.clone(), was, out));
         }
-        let in_place = !rebuild
-            && before
-                .iter()
-                .all(|(id, was)| same_claims(was, &self.by_id[id].out));
-        if !in_place {
+        let nothing = Arc::new(Translated::default());
+        swaps.extend(
+            gone.into_iter()
+                .map(|(id, was)| (id, was, Arc::clone(&nothing))),
+        );
+
+        // Entries can be swapped without looking at other Services when their claims stay the
+        // same, or when nobody else claims what they claimed or claim (before and after).
+        let moved =
+            |(_, was, now): &&(ServiceId, Arc<Translated>, Arc<Translated>)| !same_claims(was, now);
+        let alone_before = swaps
+            .iter()
+            .filter(moved)
+            .all(|(_, was, _)| self.claims.alone(was));
+        for (_, was, now) in swaps.iter().filter(moved) {
+            self.claims.count(was, false);
+            self.claims.count(now, true);
+        }
+        let alone_after = swaps
+            .iter()
+            .filter(moved)
+            .all(|(_, _, now)| self.claims.alone(now));
+        if first || !alone_before || !alone_after {
             self.reassembled = true;
             let (state, problems) = assemble(self.by_id.values().map(|m| m.out.as_ref()));
             self.problems = self
@@ -1552,9 +1626,13 @@ impl Translator {
             return changed_between(&old, &self.state);
         }
         let mut changed = Changed::new();
-        for (id, was) in before {
-            let now = Arc::clone(&self.by_id[&id].out);
-            self.replace_in_place(&id, &was, &now, &mut changed);
+        for (id, was, now) in swaps {
+            if same_claims(&was, &now) {
+                self.replace_in_place(&id, &was, &now, &mut changed);
+            } else {
+                self.swapped_alone += 1;
+                self.replace_alone(&id, &was, &now, &mut changed);
+            }
         }
         changed
     }
@@ -1612,6 +1690,44 @@ impl Translator {
         let mine: Vec<ModelError> = now.errors.iter().cloned().chain(conflicts).collect();
         if !mine.is_empty() {
             self.problems.insert(id.clone(), mine);
+        }
+    }
+
+    /// Swaps one Service's translation for another when nobody else claims what either claims
+    /// (see [`Claims::alone`]): so no conflict involves it, before or after, and its ports get
+    /// every frontend they want.
+    fn replace_alone(
+        &mut self,
+        id: &ServiceId,
+        was: &Translated,
+        now: &Translated,
+        changed: &mut Changed,
+    ) {
+        let state = &mut self.state;
+        state.no_local_endpoints.internal -= was.no_local_endpoints.internal;
+        state.no_local_endpoints.external -= was.no_local_endpoints.external;
+        state.no_local_endpoints.internal += now.no_local_endpoints.internal;
+        state.no_local_endpoints.external += now.no_local_endpoints.external;
+        if let Some((port, _)) = &was.health_check {
+            state.health_checks.remove(port);
+        }
+        if let Some((port, hc)) = &now.health_check {
+            state.health_checks.insert(*port, hc.clone());
+        }
+        for (key, _) in &was.ports {
+            if let Some(old) = state.services.remove(key) {
+                changed.entry(key.clone()).or_insert(Some(old));
+            }
+        }
+        for (key, want) in &now.ports {
+            if !want.frontends.is_empty() {
+                let old = state.services.insert(key.clone(), Arc::clone(want));
+                changed.entry(key.clone()).or_insert(old);
+            }
+        }
+        self.problems.remove(id);
+        if !now.errors.is_empty() {
+            self.problems.insert(id.clone(), now.errors.clone());
         }
     }
 
@@ -2501,22 +2617,28 @@ spec:
     /// frontends and health check ports.
     fn random_service(rng: &mut exposure_lab::rng::Rng, name: &str) -> Arc<Service> {
         let kind = rng.pick(&["NodePort", "LoadBalancer", "ClusterIP"]);
+        // Half the time from few addresses and ports (conflicts), else from many (mostly none).
+        let spread = if rng.one_in(2) { 3 } else { 50 };
         let mut ports = Vec::new();
         for p in 0..1 + rng.below(2) {
-            let protocol = rng.pick(&["TCP", "UDP"]);
-            let node_port = 30000 + rng.below(3);
+            // Now and then a port that is reported and not served.
+            let protocol = match rng.below(10) {
+                0 => "SCTP",
+                n => ["TCP", "UDP"][n % 2],
+            };
+            let node_port = 30000 + rng.below(spread);
             ports.push(
                 serde_json::json!({"name": format!("p{p}"), "protocol": protocol,
                 "port": 80 + p, "targetPort": 8080 + p, "nodePort": node_port}),
             );
         }
         let mut spec = serde_json::json!({"type": kind, "ports": ports,
-            "externalIPs": [format!("198.18.9.{}", rng.below(3))]});
+            "externalIPs": [format!("198.18.9.{}", rng.below(spread))]});
         if kind != "ClusterIP" && rng.one_in(2) {
             spec["externalTrafficPolicy"] = "Local".into();
-            spec["healthCheckNodePort"] = (32000 + rng.below(2)).into();
+            spec["healthCheckNodePort"] = (32000 + rng.below(spread - 1)).into();
         }
-        let ingress = serde_json::json!([{"ip": format!("198.18.8.{}", rng.below(3))}]);
+        let ingress = serde_json::json!([{"ip": format!("198.18.8.{}", rng.below(spread))}]);
         Arc::new(
             serde_json::from_value(serde_json::json!({"apiVersion": "v1", "kind": "Service",
                 "metadata": {"name": name, "namespace": "default"}, "spec": spec,
@@ -2559,7 +2681,7 @@ spec:
         let mut slices: Vec<Arc<EndpointSlice>> = Vec::new();
         let mut t = Translator::default();
         let mut node = node();
-        let (mut in_place, mut rebuilt) = (0, 0);
+        let (mut in_place, mut rebuilt, mut alone) = (0, 0, 0);
         for step in 0..3000 {
             match rng.below(20) {
                 // Endpoint changes are the common case.
@@ -2640,16 +2762,17 @@ spec:
                     ),
                 }
             }
-            match (t.retranslated, t.reassembled) {
-                (_, true) => rebuilt += 1,
-                (1.., false) => in_place += 1,
+            match (t.retranslated, t.reassembled, t.swapped_alone) {
+                (_, true, _) => rebuilt += 1,
+                (_, false, 1..) => alone += 1,
+                (1.., false, 0) => in_place += 1,
                 _ => {}
             }
         }
-        // Both ways of updating were exercised.
+        // Every way of updating was exercised.
         assert!(
-            in_place > 500 && rebuilt > 100,
-            "in place {in_place}, rebuilt {rebuilt}"
+            in_place > 500 && rebuilt > 100 && alone > 100,
+            "in place {in_place}, rebuilt {rebuilt}, swapped alone {alone}"
         );
     }
 
