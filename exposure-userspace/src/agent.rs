@@ -19,7 +19,7 @@ use crate::{
     kube_source::{self, KubeSource},
     local_ports::{self, PortSet, Reservation},
     manifests::{ManifestDir, Objects},
-    metrics::{FrontendLabel, Metrics},
+    metrics::Metrics,
     model::{self, NodeContext},
     netdev, sock_diag,
     sync::{DatapathMaps as _, Limits, Reconciler, SyncError},
@@ -555,14 +555,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         if let Ok(mut h) = metrics.network_programming.lock() {
             programmed.into_iter().for_each(|d| h.observe(d));
         }
-        record(
-            &metrics,
-            &reconciler,
-            &report,
-            reported.len(),
-            took,
-            !health.is_synced(),
-        );
+        record(&metrics, &mut reconciler, &report, reported.len(), took);
         if let Ok(mut n) = metrics.no_local_endpoints.lock() {
             *n = desired.no_local_endpoints;
         }
@@ -708,11 +701,10 @@ fn check_maps(
 
 fn record(
     metrics: &Metrics,
-    reconciler: &Reconciler,
+    reconciler: &mut Reconciler,
     report: &crate::sync::SyncReport,
     skipped: usize,
     took: Duration,
-    first: bool,
 ) {
     let errors = &report.errors;
     if let Ok(mut h) = metrics.sync_duration.lock() {
@@ -728,18 +720,8 @@ fn record(
     metrics.services.store(services as u64, Ordering::Relaxed);
     metrics.backends.store(backends as u64, Ordering::Relaxed);
     report_draining(reconciler, metrics);
-    // Labels only change when frontends do (formatting them is linear in their number).
-    let relabel = report.frontends_changed || first;
-    if let (true, Ok(mut f)) = (relabel, metrics.frontends.lock()) {
-        *f = reconciler
-            .frontend_labels()
-            .into_iter()
-            .map(|(id, frontend, service)| FrontendLabel {
-                id,
-                frontend,
-                service,
-            })
-            .collect();
+    if let Ok(mut labels) = metrics.frontends.lock() {
+        reconciler.update_frontend_labels(&mut labels);
     }
 }
 

@@ -3,7 +3,7 @@
 //! duration histogram and errors, API watch restarts, and the datapath's event counters.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     fmt::Write as _,
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -12,6 +12,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use exposure_common::FrontendKey;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use crate::{datapath::KernelMaps, kube_source::WatchStats};
@@ -42,7 +43,7 @@ impl Histogram {
 }
 
 /// A frontend's labels, by its counter index.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FrontendLabel {
     pub id: u32,
     pub frontend: String,
@@ -155,7 +156,7 @@ pub struct Metrics {
     pub skipped_objects: AtomicU64,
     pub services: AtomicU64,
     pub backends: AtomicU64,
-    pub frontends: Mutex<Vec<FrontendLabel>>,
+    pub frontends: Mutex<BTreeMap<FrontendKey, FrontendLabel>>,
     /// Frontends left by their Services, kept for the connections made through them.
     pub frontends_draining: AtomicU64,
     pub watch: Mutex<Option<Arc<WatchStats>>>,
@@ -293,7 +294,7 @@ impl Metrics {
         );
         let _ = writeln!(out, "# HELP exposure_frontend_packets_total Packets received for a frontend.\n# TYPE exposure_frontend_packets_total counter");
         let mut bytes = String::new();
-        for f in &frontends {
+        for f in frontends.values() {
             let Ok(per_cpu) = maps.frontend_stats.get(&f.id, 0) else {
                 continue;
             };
@@ -393,11 +394,14 @@ mod tests {
             .lock()
             .unwrap()
             .observe(Duration::from_secs(1));
-        m.frontends.lock().unwrap().push(FrontendLabel {
-            id: 1,
-            frontend: "198.18.0.10:30600/TCP".into(),
-            service: "default/a\"b".into(),
-        });
+        m.frontends.lock().unwrap().insert(
+            FrontendKey::default(),
+            FrontendLabel {
+                id: 1,
+                frontend: "198.18.0.10:30600/TCP".into(),
+                service: "default/a\"b".into(),
+            },
+        );
         m.no_local_endpoints.lock().unwrap().external = 2;
         let before = m.render(None);
         assert!(before.contains("exposure_sync_last_timestamp_seconds 0\n"));

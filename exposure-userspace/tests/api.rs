@@ -343,6 +343,17 @@ fn an_api_outage_never_touches_traffic_and_changes_made_meanwhile_converge() {
         metric(&m, "exposure_api_watch_errors_total ").is_some_and(|n| n >= 1.0),
         "{m}"
     );
+    // The new Service's frontend has its own series (labels kept up to date by change), beside
+    // the earlier one's.
+    for (port, service) in [(30680, "late"), (30600, "hello-world")] {
+        let series = format!(
+            "exposure_frontend_packets_total{{frontend=\"198.18.0.10:{port}/TCP\",service=\"default/{service}/TCP\"}}"
+        );
+        assert!(
+            metric(&m, &series).is_some_and(|p| p >= 1.0),
+            "{series}: {m}"
+        );
+    }
 }
 
 #[test]
