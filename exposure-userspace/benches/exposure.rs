@@ -31,6 +31,7 @@ use exposure::datapath::KernelMaps;
 use exposure_common::{port, Addr, FrontendKey, MAX_FLOWS, PROTO_TCP, SCOPE_EXTERNAL};
 use exposure_lab::{
     agent::{Agent, Source},
+    apiserver::Kind,
     control_plane::ControlPlane,
     lab::Lab,
     netns::unique_prefix,
@@ -53,6 +54,10 @@ struct ControlPlaneResult {
     reconcile: Duration,
     peak_rss_kib: u64,
     change_latency: Vec<Duration>,
+    /// A new Service (and its slice) applied → the datapath selects all its endpoints.
+    add_latency: Vec<Duration>,
+    /// That Service deleted → the datapath selects none of them.
+    delete_latency: Vec<Duration>,
     /// The agent's first check of its maps (`exposure_maps_check_duration_seconds`).
     maps_check: Duration,
 }
@@ -114,7 +119,14 @@ fn control_plane(services: usize) -> ControlPlaneResult {
     let node = &lab.nodes[0];
     let dir = std::env::temp_dir().join(&prefix);
     let cp = ControlPlane::start(&lab, &dir).unwrap();
-    let objects: Vec<Value> = scale::objects(services, PER_SERVICE, &node.name);
+    // The objects of CHANGES more Services, created and deleted once synced.
+    let mut objects: Vec<Value> = scale::objects(services + CHANGES, PER_SERVICE, &node.name);
+    let first_extra = format!("svc-{services:05}");
+    let split = objects
+        .iter()
+        .position(|o| o["metadata"]["name"] == first_extra.as_str())
+        .unwrap();
+    let extra = objects.split_off(split);
     cp.apply_all(objects.iter().cloned());
     let (api, kubeconfig) = (&cp.api, cp.kubeconfig.clone());
 
@@ -181,17 +193,59 @@ fn control_plane(services: usize) -> ControlPlaneResult {
         change_latency.push(t.elapsed());
         api.apply(slice);
     }
+
+    // Create Services one at a time, each with its slice, and time until the datapath selects
+    // all their endpoints; then delete each and time until it selects none.
+    let (mut add_latency, mut delete_latency) = (Vec::new(), Vec::new());
+    for k in 0..CHANGES {
+        let i = services + k;
+        let name = format!("svc-{i:05}");
+        let mine = extra.iter().filter(|o| {
+            o["metadata"]["name"] == name.as_str()
+                || o["metadata"]["labels"]["kubernetes.io/service-name"] == name.as_str()
+        });
+        let t = Instant::now();
+        for o in mine {
+            api.apply(o.clone());
+        }
+        while live_backends(&maps, i).len() < PER_SERVICE {
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "new Service {name} never reached the datapath"
+            );
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        add_latency.push(t.elapsed());
+    }
+    for k in 0..CHANGES {
+        let i = services + k;
+        let name = format!("svc-{i:05}");
+        let t = Instant::now();
+        assert!(api.delete(Kind::Service, "scale", &name));
+        while !live_backends(&maps, i).is_empty() {
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "deleted Service {name} is still in the datapath"
+            );
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        delete_latency.push(t.elapsed());
+    }
     let peak_rss_kib = agent.pid().map(peak_rss_kib).unwrap_or(0);
     drop(agent);
     drop(lab);
     let _ = std::fs::remove_dir_all(&dir);
     change_latency.sort();
+    add_latency.sort();
+    delete_latency.sort();
     ControlPlaneResult {
         services,
         full_sync,
         reconcile,
         peak_rss_kib,
         change_latency,
+        add_latency,
+        delete_latency,
         maps_check,
     }
 }
@@ -755,11 +809,15 @@ fn main() {
         // For working on the agent: one control-plane size alone.
         let r = control_plane(n.parse().unwrap_or(10_000));
         eprintln!(
-            "{} Services: synced in {}, reconcile {}, change median {}, maps check {}, peak RSS {} MiB",
+            "{} Services: synced in {}, reconcile {}, change median {}, created median {} max {}, deleted median {} max {}, maps check {}, peak RSS {} MiB",
             r.services,
             ms(r.full_sync),
             ms(r.reconcile),
             ms(r.change_latency[r.change_latency.len() / 2]),
+            ms(r.add_latency[CHANGES / 2]),
+            ms(r.add_latency[CHANGES - 1]),
+            ms(r.delete_latency[CHANGES / 2]),
+            ms(r.delete_latency[CHANGES - 1]),
             ms(r.maps_check),
             r.peak_rss_kib / 1024
         );
@@ -835,15 +893,18 @@ fn main() {
         report,
         "EndpointSlice controller writes them, with pods as targets).\n"
     );
-    let _ = writeln!(report, "| Services | Endpoints | agent start → synced | reconcile (translate + map writes) | peak RSS | EndpointSlice change → datapath (median / p90 / max of {CHANGES}) | maps check |");
-    let _ = writeln!(report, "| ---: | ---: | ---: | ---: | ---: | --- | ---: |");
+    let _ = writeln!(report, "| Services | Endpoints | agent start → synced | reconcile (translate + map writes) | peak RSS | EndpointSlice change → datapath (median / p90 / max of {CHANGES}) | Service created → datapath (median / max) | Service deleted → datapath (median / max) | maps check |");
+    let _ = writeln!(
+        report,
+        "| ---: | ---: | ---: | ---: | ---: | --- | --- | --- | ---: |"
+    );
     for &n in sizes {
         eprintln!("control plane: {n} Services ...");
         let r = control_plane(n);
         let l = &r.change_latency;
         let _ = writeln!(
             report,
-            "| {} | {} | {} | {} | {:.0} MiB | {} / {} / {} | {} |",
+            "| {} | {} | {} | {} | {:.0} MiB | {} / {} / {} | {} / {} | {} / {} | {} |",
             r.services,
             r.services * PER_SERVICE,
             ms(r.full_sync),
@@ -852,10 +913,14 @@ fn main() {
             ms(l[l.len() / 2]),
             ms(l[l.len() * 9 / 10]),
             ms(l[l.len() - 1]),
+            ms(r.add_latency[CHANGES / 2]),
+            ms(r.add_latency[CHANGES - 1]),
+            ms(r.delete_latency[CHANGES / 2]),
+            ms(r.delete_latency[CHANGES - 1]),
             ms(r.maps_check),
         );
     }
-    let _ = writeln!(report, "\n*Maps check*: the agent's first `--maps-check-period` check (reading the Service maps back and comparing them with what it wrote; every 60 s by default, between syncs). Change latency includes the API server's watch delivery and the agent's 5 ms burst coalescing. Peak RSS includes the Maglev array the agent maps to write tables (here `--max-maglev-entries 12000000`: 48 MB of kernel memory, mapped once).");
+    let _ = writeln!(report, "\n*Maps check*: the agent's first `--maps-check-period` check (reading the Service maps back and comparing them with what it wrote; every 60 s by default, between syncs). Created: the Service and its slice applied, until the datapath selects all its endpoints; deleted: the Service deleted, until it selects none. Change latency includes the API server's watch delivery and the agent's 5 ms burst coalescing. Peak RSS includes the Maglev array the agent maps to write tables (here `--max-maglev-entries 12000000`: 48 MB of kernel memory, mapped once).");
 
     published_control_plane(&mut report);
 
