@@ -638,7 +638,7 @@ impl MapsCheck {
                     let started = Instant::now();
                     let snapshot = KernelMaps::open(&pin_dir).and_then(|mut m| {
                         m.maglev.share_mapping(maglev);
-                        m.snapshot_upto(services, backends)
+                        m.check_snapshot(services, backends)
                     });
                     MapsRead {
                         snapshot,

@@ -25,7 +25,7 @@ use exposure_common::{
     NodeAddrKey, Reply, Service, XDP_MODE_GENERIC, XDP_MODE_NATIVE,
 };
 
-use crate::sync::{DatapathMaps, Snapshot};
+use crate::sync::{DatapathMaps, Snapshot, TableRead};
 
 /// The eBPF object built by build.rs.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/exposure"));
@@ -1364,14 +1364,24 @@ impl DatapathMaps for KernelMaps {
             .with_context(|| format!("FRONTEND_STATS[{id}]"))
     }
     fn snapshot(&self) -> anyhow::Result<Snapshot> {
-        self.snapshot_upto(u32::MAX, u32::MAX)
+        self.read_snapshot(u32::MAX, u32::MAX, false)
     }
 }
 
 impl KernelMaps {
-    /// [`DatapathMaps::snapshot`], reading only the first `services` and `backends` entries of
-    /// those arrays (a check of what the reconciler wrote needs no more, and each is a syscall).
-    pub fn snapshot_upto(&self, services: u32, backends: u32) -> anyhow::Result<Snapshot> {
+    /// What a check of what the reconciler wrote ([`crate::sync::Reconciler::differences`])
+    /// needs: [`DatapathMaps::snapshot`] with only the first `services` and `backends` entries
+    /// of those arrays (each is a syscall), and the Maglev tables' digests, not their entries.
+    pub fn check_snapshot(&self, services: u32, backends: u32) -> anyhow::Result<Snapshot> {
+        self.read_snapshot(services, backends, true)
+    }
+
+    fn read_snapshot(
+        &self,
+        services: u32,
+        backends: u32,
+        digests: bool,
+    ) -> anyhow::Result<Snapshot> {
         let mut s = Snapshot::default();
         for key in self.source_ranges.keys() {
             let key = key?;
@@ -1395,8 +1405,12 @@ impl KernelMaps {
             let v = item?;
             if v != Service::default() {
                 s.services.insert(id as u32, v);
-                s.tables
-                    .insert(id as u32, self.maglev.read(v.table_offset, v.table_size)?);
+                let ids = self.maglev.read(v.table_offset, v.table_size)?;
+                let table = match digests {
+                    true => TableRead::Digest(TableRead::digest_of(ids.into_iter())),
+                    false => TableRead::Entries(ids),
+                };
+                s.tables.insert(id as u32, table);
             }
         }
         for (id, item) in self.backends.iter().take(backends as usize).enumerate() {

@@ -32,8 +32,8 @@ pub struct Snapshot {
     pub frontends: BTreeMap<FrontendKey, Frontend>,
     /// Only ids in use (non-default entries).
     pub services: BTreeMap<u32, Service>,
-    /// Each service's Maglev table (backend ids), read from its region.
-    pub tables: BTreeMap<u32, Vec<u32>>,
+    /// Each service's Maglev table, read from its region.
+    pub tables: BTreeMap<u32, TableRead>,
     /// Only ids in use (non-zero address).
     pub backends: BTreeMap<u32, Backend>,
     /// `loadBalancerSourceRanges` entries: (service id, network address, prefix length).
@@ -42,12 +42,43 @@ pub struct Snapshot {
     pub frontend_ports: BTreeMap<u32, u64>,
 }
 
+/// A Maglev table as read from the maps: its entries (backend ids), or only their digest, which
+/// is all a maps check needs to compare them (the entries of 10,000 tables take 41 MB).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TableRead {
+    Entries(Vec<u32>),
+    Digest(u64),
+}
+
+impl TableRead {
+    /// The entries (none for a digest).
+    pub fn entries(&self) -> &[u32] {
+        match self {
+            TableRead::Entries(ids) => ids,
+            TableRead::Digest(_) => &[],
+        }
+    }
+
+    /// A digest of `ids`: the same for the same entries in the same order, and different for
+    /// any others but by a chance of about one in 2^64.
+    pub fn digest_of(ids: impl Iterator<Item = u32>) -> u64 {
+        // A 64-bit multiply-xorshift mix per entry (so each entry, of id 0 too, changes it):
+        // cheap next to reading them.
+        ids.fold(0x243f_6a88_85a3_08d3, |h: u64, id| {
+            let h = (h ^ u64::from(id)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            h ^ (h >> 29)
+        })
+    }
+}
+
 impl Snapshot {
-    /// The distinct backends a service's Maglev table selects from.
+    /// The distinct backends a service's Maglev table selects from (none when only its digest
+    /// was read).
     pub fn backends_of(&self, service_id: u32) -> Vec<&Backend> {
         let ids: BTreeSet<u32> = self
             .tables
             .get(&service_id)
+            .map(TableRead::entries)
             .into_iter()
             .flatten()
             .copied()
@@ -136,11 +167,16 @@ impl Table {
 /// A service's table as ids, compared with the ids the maps hold without building a copy.
 struct TableIds<'a>(&'a ServiceSlots);
 
-impl PartialEq<Vec<u32>> for TableIds<'_> {
-    fn eq(&self, actual: &Vec<u32>) -> bool {
+impl PartialEq<TableRead> for TableIds<'_> {
+    fn eq(&self, actual: &TableRead) -> bool {
         let slots = self.0;
-        slots.table.0.len() == actual.len()
-            && slots.table.ids(&slots.live).eq(actual.iter().copied())
+        let ids = slots.table.ids(&slots.live);
+        match actual {
+            TableRead::Entries(actual) => {
+                slots.table.0.len() == actual.len() && ids.eq(actual.iter().copied())
+            }
+            TableRead::Digest(digest) => TableRead::digest_of(ids) == *digest,
+        }
     }
 }
 
@@ -565,7 +601,8 @@ impl Reconciler {
             })
             .collect();
         for (id, s) in services.iter_mut() {
-            let table: &[u32] = snapshot.tables.get(id).map_or(&[], |t| t.as_slice());
+            // (A check's read, with digests only, never restores.)
+            let table: &[u32] = snapshot.tables.get(id).map_or(&[], TableRead::entries);
             let mut live: Vec<u32> = table
                 .iter()
                 .copied()
@@ -1785,9 +1822,11 @@ impl DatapathMaps for FakeMaps {
             .map(|(id, svc)| {
                 (
                     *id,
-                    (0..svc.table_size)
-                        .map(|i| self.maglev[&(svc.table_offset + i)])
-                        .collect(),
+                    TableRead::Entries(
+                        (0..svc.table_size)
+                            .map(|i| self.maglev[&(svc.table_offset + i)])
+                            .collect(),
+                    ),
                 )
             })
             .collect();
@@ -2064,8 +2103,16 @@ mod tests {
         assert_eq!(r.draining(), 0);
     }
 
+    /// How the maps differ from what `r` wrote; the same read with table digests only (as the
+    /// agent's checks read) must give the same.
     fn drift(r: &Reconciler, maps: &FakeMaps) -> Vec<String> {
-        r.differences(&maps.snapshot().unwrap())
+        let mut read = maps.snapshot().unwrap();
+        let found = r.differences(&read);
+        for table in read.tables.values_mut() {
+            *table = TableRead::Digest(TableRead::digest_of(table.entries().iter().copied()));
+        }
+        assert_eq!(r.differences(&read), found, "with digests");
+        found
     }
 
     #[test]
@@ -2080,12 +2127,26 @@ mod tests {
             table,
             ..ServiceSlots::default()
         };
-        assert!(TableIds(&slots) == ids.to_vec());
-        assert!(
-            TableIds(&slots) != vec![7, 7, 99, 40, 99, 40],
-            "an entry changed"
-        );
-        assert!(TableIds(&slots) != ids[..5].to_vec(), "one entry short");
+        // Compared with the entries read, or with their digest.
+        let read = |ids: &[u32]| {
+            let digest = TableRead::digest_of(ids.iter().copied());
+            [TableRead::Entries(ids.to_vec()), TableRead::Digest(digest)]
+        };
+        for same in read(&ids) {
+            assert!(TableIds(&slots) == same);
+        }
+        for changed in read(&[7, 7, 99, 40, 99, 40]) {
+            assert!(TableIds(&slots) != changed, "an entry changed");
+        }
+        for short in read(&ids[..5]) {
+            assert!(TableIds(&slots) != short, "one entry short");
+        }
+        for swapped in read(&[7, 99, 7, 40, 99, 7]) {
+            assert!(TableIds(&slots) != swapped, "two entries swapped");
+        }
+        for longer in read(&[ids.as_slice(), &[0]].concat()) {
+            assert!(TableIds(&slots) != longer, "an entry more (of id 0)");
+        }
         // More ids than 16 bits can number: only a table the agent did not write.
         let many: Vec<u32> = (0..70_000).collect();
         assert_eq!(Table::of(&many, &many), None);

@@ -728,6 +728,16 @@ fn service_maps_changed_behind_the_agents_back_are_rewritten() {
         ..*backend
     };
     maps.write_backend(*id, &elsewhere).unwrap();
+    // And one entry of the NodePort's Maglev table names another of its backends (the checks
+    // compare each table by a digest of its entries).
+    let tampered = actual.frontends[key].service_id;
+    let service = actual.services[&tampered];
+    let table = actual.tables[&tampered].entries();
+    let other = *table
+        .iter()
+        .find(|b| **b != table[0])
+        .expect("two backends");
+    maps.maglev.write(service.table_offset, &[other]).unwrap();
     c.eventually("both pods answer through node-1 again", || {
         c.tcp_spread_if_served(c.node(0, 30600), 20) == Some(everyone.clone())
     });
@@ -739,8 +749,25 @@ fn service_maps_changed_behind_the_agents_back_are_rewritten() {
                 "frontends: 1 missing ({}:30600/TCP)",
                 c.lab.nodes[0].ip
             ))
-            && log.contains(&format!("backends: 1 changed (id {id})")),
+            && log.contains(&format!("backends: 1 changed (id {id})"))
+            && log.contains(&format!("Maglev tables: 1 changed (id {tampered})")),
         "{log}"
+    );
+    // The table selects as before (backend ids may have changed with the repair).
+    let repaired = KernelMaps::open(&c.agents[0].pin_dir)
+        .unwrap()
+        .snapshot()
+        .unwrap();
+    let addrs = |read: &exposure::sync::Snapshot, ids: &[u32]| -> Vec<IpAddr> {
+        ids.iter()
+            .map(|id| IpAddr::from(read.backends[id].addr))
+            .collect()
+    };
+    let now = repaired.frontends[key].service_id;
+    assert_eq!(
+        addrs(&repaired, repaired.tables[&now].entries()),
+        addrs(&actual, table),
+        "the table is rewritten"
     );
 }
 

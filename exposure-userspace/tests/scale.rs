@@ -54,7 +54,7 @@ fn ten_thousand_services_with_a_hundred_thousand_endpoints_sync_completely() {
     for fe in s.frontends.values() {
         let svc = s.services[&fe.service_id];
         assert_eq!(svc.backend_count as usize, PER_SERVICE);
-        let table = &s.tables[&fe.service_id];
+        let table = s.tables[&fe.service_id].entries();
         assert_eq!(table.len(), 1021, "Maglev: a prime >= 100 x backends");
         let distinct: BTreeSet<u32> = table.iter().copied().collect();
         assert_eq!(distinct.len(), PER_SERVICE, "every backend owns entries");

@@ -2775,7 +2775,7 @@ fn maglev_tables_of_an_earlier_build_are_carried_over_at_load() {
         )
         .unwrap();
         for (id, service) in &before.services {
-            for (i, backend) in before.tables[id].iter().enumerate() {
+            for (i, backend) in before.tables[id].entries().iter().enumerate() {
                 let entry = service.table_offset + i as u32;
                 exposure_lab::xdp_pass::update_elem(
                     &earlier,
@@ -2795,7 +2795,7 @@ fn maglev_tables_of_an_earlier_build_are_carried_over_at_load() {
         let after = h.maps.snapshot().unwrap();
         assert_eq!(after.tables, before.tables, "every table carried over");
         for table in after.tables.values() {
-            let named: std::collections::BTreeSet<_> = table.iter().collect();
+            let named: std::collections::BTreeSet<_> = table.entries().iter().collect();
             assert_eq!(named.len(), pods.len(), "each table names every pod");
         }
         // New flows pick their backends from the carried tables, by this build's lookup.
@@ -2806,7 +2806,7 @@ fn maglev_tables_of_an_earlier_build_are_carried_over_at_load() {
             .expect("the TCP NodePort");
         let (service, table) = (
             &after.services[&tcp.service_id],
-            &after.tables[&tcp.service_id],
+            after.tables[&tcp.service_id].entries(),
         );
         let mut picked = std::collections::BTreeSet::new();
         for sport in 41000..41060 {
