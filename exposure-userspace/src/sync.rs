@@ -138,46 +138,30 @@ impl<V: PartialEq> PartialEq<V> for Same<'_, V> {
     }
 }
 
-/// A Maglev table as written: each entry the position of its backend id in the service's `live`
-/// ids. A Service has at most 65,535 backends (`--max-backends-per-service`), so a position fits
-/// 16 bits: half the memory of the ids (at 10,000 Services of 1,021 entries, 20 MB instead of 41).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-struct Table(Vec<u16>);
-
-impl Table {
-    /// `ids` as positions into `live`, which holds each of them; `None` when a position does not
-    /// fit (only a table the agent did not write can be that large).
-    fn of(ids: &[u32], live: &[u32]) -> Option<Table> {
-        let position: HashMap<u32, u16> = (live.iter().enumerate())
-            .map(|(i, id)| Some((*id, u16::try_from(i).ok()?)))
-            .collect::<Option<_>>()?;
-        ids.iter()
-            .map(|id| position.get(id).copied())
-            .collect::<Option<_>>()
-            .map(Table)
-    }
-
-    fn ids<'a>(&'a self, live: &'a [u32]) -> impl Iterator<Item = u32> + 'a {
-        self.0
-            .iter()
-            .map(|p| live.get(*p as usize).copied().unwrap_or(0))
-    }
-}
-
-/// A service's table as ids, compared with the ids the maps hold without building a copy.
+/// A service's table (the digest of its ids), compared with a table read from the maps.
 struct TableIds<'a>(&'a ServiceSlots);
 
 impl PartialEq<TableRead> for TableIds<'_> {
     fn eq(&self, actual: &TableRead) -> bool {
-        let slots = self.0;
-        let ids = slots.table.ids(&slots.live);
-        match actual {
-            TableRead::Entries(actual) => {
-                slots.table.0.len() == actual.len() && ids.eq(actual.iter().copied())
-            }
-            TableRead::Digest(digest) => TableRead::digest_of(ids) == *digest,
-        }
+        let digest = match actual {
+            TableRead::Entries(ids) => TableRead::digest_of(ids.iter().copied()),
+            TableRead::Digest(digest) => *digest,
+        };
+        self.0.table == digest
     }
+}
+
+/// The ids of the Maglev table this build writes for backends `live` (ids in address order,
+/// `addrs` their addresses in the same order).
+fn maglev_ids(live: &[u32], addrs: &[(IpAddr, u16)], max_size: u32) -> Vec<u32> {
+    if live.is_empty() {
+        return Vec::new();
+    }
+    let m = maglev::table_size(live.len(), max_size);
+    maglev::build(addrs, m)
+        .into_iter()
+        .map(|i| live[i as usize])
+        .collect()
 }
 
 /// Appends to `out` how `actual` differs from what `expected` gives for each of `keys` (all it
@@ -470,8 +454,13 @@ struct ServiceSlots {
     /// Ids of its endpoints that still serve but take no new flow (`still_serving`): kept in
     /// `BACKENDS`, so UDP flows to them go on.
     kept: Vec<u32>,
-    /// Its Maglev table as written (positions into `live`).
-    table: Table,
+    /// The digest of its Maglev table's ids as the maps hold it ([`TableRead::digest_of`]): what
+    /// a maps check compares. The table itself is a function of `live`'s addresses, built again
+    /// only when they change (at 10,000 Services of 1,021 entries the tables would take 20 MB).
+    table: u64,
+    /// Restored from maps whose table is not the one this build writes for `live` (an earlier
+    /// build's, or changed by something else): written anew at the Service's next apply.
+    foreign_table: bool,
     /// Its `loadBalancerSourceRanges` entries: (network address, prefix length).
     ranges: BTreeSet<(Addr, u8)>,
 }
@@ -589,7 +578,8 @@ impl Reconciler {
                         live: Vec::new(),
                         // Not in the maps: claimed again by the first sync.
                         kept: Vec::new(),
-                        table: Table::default(),
+                        table: TableRead::digest_of(std::iter::empty()),
+                        foreign_table: false,
                         ranges: snapshot
                             .source_ranges
                             .iter()
@@ -609,14 +599,21 @@ impl Reconciler {
                 .collect::<BTreeSet<u32>>()
                 .into_iter()
                 .collect();
-            live.sort_by_key(|id| {
+            let addr_of = |id: &u32| {
                 snapshot
                     .backends
                     .get(id)
                     .map(|b| (IpAddr::from(b.addr), common::port_host(b.port)))
+            };
+            live.sort_by_key(addr_of);
+            // Kept only if it is the table this build writes (so a restart rewrites nothing);
+            // else written anew, as after a change of its backends.
+            let addrs: Option<Vec<(IpAddr, u16)>> = live.iter().map(addr_of).collect();
+            s.foreign_table = addrs.is_none_or(|addrs| {
+                let ours = maglev_ids(&live, &addrs, limits.maglev_table_max);
+                ours != table
             });
-            // A table too large to be the agent's is left out: it differs, and is rewritten.
-            s.table = Table::of(table, &live).unwrap_or_default();
+            s.table = TableRead::digest_of(table.iter().copied());
             s.live = live;
         }
         let mut regions = Regions::new(limits.maglev_entries);
@@ -1416,23 +1413,7 @@ impl Reconciler {
         let known = self.services.contains_key(&id);
         let affinity = want.affinity_timeout_s;
         // The Maglev table: a function of the backends' addresses only, so every node agrees.
-        let table = if ids.is_empty() {
-            Table::default()
-        } else if current.live == ids && known {
-            current.table.clone()
-        } else {
-            let m = maglev::table_size(ids.len(), self.limits.maglev_table_max);
-            // Positions into `ids` (in address order, as `addrs`): fewer than 65,536 of them, as
-            // `backends_per_service` (at most 65,535) was checked above.
-            Table(
-                maglev::build(&addrs, m)
-                    .into_iter()
-                    .map(|i| i as u16)
-                    .collect(),
-            )
-        };
-        // The same positions into the same ids: the same table.
-        let same_table = known && current.live == ids && current.table == table;
+        let same_table = known && current.live == ids && !current.foreign_table;
         if same_table
             && current.service.flags == flags
             && current.service.affinity_timeout_s == affinity
@@ -1446,12 +1427,20 @@ impl Reconciler {
             return Ok(Some(id));
         }
         // 2. The table into free space, 3. one service update makes it live.
+        let entries = match same_table {
+            true => Vec::new(),
+            false => maglev_ids(&ids, &addrs, self.limits.maglev_table_max),
+        };
+        let table = match same_table {
+            true => current.table,
+            false => TableRead::digest_of(entries.iter().copied()),
+        };
         let (offset, size) = if same_table {
             (current.service.table_offset, current.service.table_size)
-        } else if table.0.is_empty() {
+        } else if entries.is_empty() {
             (0, 0)
         } else {
-            let size = table.0.len() as u32;
+            let size = entries.len() as u32;
             let Some(offset) = self.regions.alloc(size) else {
                 return Err(SyncError::MaglevCapacity {
                     service: name.clone(),
@@ -1459,7 +1448,6 @@ impl Reconciler {
                     capacity: self.limits.maglev_entries,
                 });
             };
-            let entries: Vec<u32> = table.ids(&ids).collect();
             if let Err(e) = maps.write_table(offset, &entries) {
                 self.regions.free_now(offset, size);
                 return Err(write_err(e));
@@ -1521,6 +1509,7 @@ impl Reconciler {
                 live: ids,
                 kept,
                 table,
+                foreign_table: false,
                 ranges: ranges.union(&current.ranges).copied().collect(),
             }),
         );
@@ -2116,18 +2105,12 @@ mod tests {
     }
 
     #[test]
-    fn tables_are_kept_as_positions_into_their_ids_and_compare_as_ids() {
-        let live = [40, 7, 99];
+    fn tables_are_kept_as_digests_and_compare_with_the_entries_or_the_digest_read() {
         let ids = [7, 7, 99, 40, 99, 7];
-        let table = Table::of(&ids, &live).unwrap();
-        assert_eq!(table.0, [1, 1, 2, 0, 2, 1]);
-        assert!(table.ids(&live).eq(ids));
         let slots = ServiceSlots {
-            live: live.to_vec(),
-            table,
+            table: TableRead::digest_of(ids.iter().copied()),
             ..ServiceSlots::default()
         };
-        // Compared with the entries read, or with their digest.
         let read = |ids: &[u32]| {
             let digest = TableRead::digest_of(ids.iter().copied());
             [TableRead::Entries(ids.to_vec()), TableRead::Digest(digest)]
@@ -2147,9 +2130,57 @@ mod tests {
         for longer in read(&[ids.as_slice(), &[0]].concat()) {
             assert!(TableIds(&slots) != longer, "an entry more (of id 0)");
         }
-        // More ids than 16 bits can number: only a table the agent did not write.
-        let many: Vec<u32> = (0..70_000).collect();
-        assert_eq!(Table::of(&many, &many), None);
+        assert_ne!(
+            TableRead::digest_of([0].into_iter()),
+            TableRead::digest_of(std::iter::empty()),
+            "an entry of id 0 against none"
+        );
+    }
+
+    /// The backend addresses of a frontend's Maglev table, entry by entry.
+    fn table_addrs(maps: &FakeMaps, fe: &FrontendAddr) -> Vec<IpAddr> {
+        let fe = maps.state.frontends[&frontend_key(fe)];
+        let s = maps.state.services[&fe.service_id];
+        (0..s.table_size)
+            .map(|i| maps.maglev[&(s.table_offset + i)])
+            .map(|id| IpAddr::from(maps.state.backends[&id].addr))
+            .collect()
+    }
+
+    #[test]
+    fn a_table_this_build_would_not_write_is_written_anew_after_a_restore() {
+        let (mut maps, mut r) = checked_from_scratch();
+        let want = state(&[("a", service(30001, &[(1, true), (2, false), (3, false)]))]);
+        r.reconcile(&want, &mut maps);
+        let fe = fe(10, 30001);
+        let written = table_addrs(&maps, &fe);
+        // One entry now names another of the service's own backends: the same backends, another
+        // table (as something else, or another build, might have written it).
+        let id = maps.state.frontends[&frontend_key(&fe)].service_id;
+        let svc = maps.state.services[&id];
+        let first = maps.maglev[&svc.table_offset];
+        let other = (0..svc.table_size)
+            .map(|i| maps.maglev[&(svc.table_offset + i)])
+            .find(|b| *b != first)
+            .unwrap();
+        maps.maglev.insert(svc.table_offset, other);
+        assert_eq!(
+            drift(&r, &maps),
+            vec![format!("Maglev tables: 1 changed (id {id})")]
+        );
+        // Restored from those maps, the reconciler writes the table anew at its next sync.
+        let mut r = Reconciler::restore(maps.snapshot().unwrap(), Limits::default());
+        let report = r.reconcile(&want, &mut maps);
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert_eq!(
+            report.writes, 2,
+            "the table, then the service pointing at it"
+        );
+        assert_eq!(table_addrs(&maps, &fe), written);
+        assert_eq!(drift(&r, &maps), Vec::<String>::new());
+        // The table this build writes is kept: a restart now writes nothing.
+        let mut again = Reconciler::restore(maps.snapshot().unwrap(), Limits::default());
+        assert_eq!(again.reconcile(&want, &mut maps).writes, 0);
     }
 
     #[test]
