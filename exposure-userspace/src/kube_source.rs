@@ -11,6 +11,7 @@
 //! take more memory than the rest of it.
 
 use std::{
+    collections::BTreeMap,
     path::Path,
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -36,7 +37,8 @@ use tokio::sync::Notify;
 
 use crate::{
     manifests::Objects,
-    model::{HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL},
+    metrics::LAST_CHANGE_TRIGGER_TIME,
+    model::{HEADLESS_LABEL, SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL},
 };
 
 /// kubectl's client-side apply keeps the whole applied object in this annotation.
@@ -92,9 +94,35 @@ fn trim_metadata<K: Resource>(obj: &mut K) {
     }
 }
 
-/// The endpoints' pods (`targetRef`) are not read either.
+/// Keeps only the entries of `map` under `keys` (none left: no map).
+fn keep_only(map: &mut Option<BTreeMap<String, String>>, keys: &[&str]) {
+    if let Some(m) = map.as_mut() {
+        m.retain(|k, _| keys.contains(&k.as_str()));
+        if m.is_empty() {
+            *map = None;
+        }
+    }
+}
+
+/// Of a Service's labels only kube-proxy's skip label is read; its annotations and selector
+/// (pods are found through its slices) are not.
+fn trim_service(svc: &mut Service) {
+    trim_metadata(svc);
+    keep_only(&mut svc.metadata.labels, &[SERVICE_PROXY_NAME_LABEL]);
+    svc.metadata.annotations = None;
+    if let Some(spec) = svc.spec.as_mut() {
+        spec.selector = None;
+    }
+}
+
+/// Of a slice's labels only its Service's name and kube-proxy's skip labels are read, of its
+/// annotations only the trigger time (for the network programming metric); its endpoints'
+/// pods (`targetRef`) are not read either.
 fn trim_endpoint_slice(slice: &mut EndpointSlice) {
     trim_metadata(slice);
+    let labels = [SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL, HEADLESS_LABEL];
+    keep_only(&mut slice.metadata.labels, &labels);
+    keep_only(&mut slice.metadata.annotations, &[LAST_CHANGE_TRIGGER_TIME]);
     for ep in slice.endpoints.iter_mut().flatten() {
         ep.target_ref = None;
     }
@@ -161,7 +189,7 @@ impl KubeSource {
             services: watch(
                 Api::all(client.clone()),
                 proxied_objects(),
-                trim_metadata,
+                trim_service,
                 changed.clone(),
                 stats.clone(),
             ),
@@ -249,7 +277,7 @@ mod tests {
         let services: Vec<Service> = of_kind(&objects, "Service");
         let slices: Vec<EndpointSlice> = of_kind(&objects, "EndpointSlice");
         let (mut trimmed_services, mut trimmed_slices) = (services.clone(), slices.clone());
-        trimmed_services.iter_mut().for_each(trim_metadata);
+        trimmed_services.iter_mut().for_each(trim_service);
         trimmed_slices.iter_mut().for_each(trim_endpoint_slice);
 
         let node = NodeContext {
@@ -268,11 +296,20 @@ mod tests {
             desired_state(&trimmed_services, &trimmed_slices, &node)
         );
 
+        let kept = |m: &Option<BTreeMap<String, String>>| -> Vec<String> {
+            m.iter().flat_map(|m| m.keys().cloned()).collect()
+        };
         assert!(services[0].metadata.managed_fields.is_some());
+        assert!(
+            services[0].metadata.labels.is_some() && services[0].metadata.annotations.is_some()
+        );
         for svc in &trimmed_services {
-            assert_eq!(svc.metadata.managed_fields, None);
-            let annotations = svc.metadata.annotations.as_ref();
-            assert!(annotations.is_some_and(|a| !a.contains_key(LAST_APPLIED)));
+            let meta = &svc.metadata;
+            assert_eq!(
+                (&meta.managed_fields, &meta.labels, &meta.annotations),
+                (&None, &None, &None)
+            );
+            assert_eq!(svc.spec.as_ref().unwrap().selector, None);
         }
         for slice in &trimmed_slices {
             let meta = &slice.metadata;
@@ -280,14 +317,34 @@ mod tests {
                 (&meta.managed_fields, &meta.owner_references),
                 (&None, &None)
             );
-            assert!(meta
-                .annotations
-                .as_ref()
-                .is_some_and(|a| a.contains_key(LAST_CHANGE_TRIGGER_TIME)));
+            assert_eq!(kept(&meta.annotations), [LAST_CHANGE_TRIGGER_TIME]);
+            assert_eq!(kept(&meta.labels), [SERVICE_NAME_LABEL]);
             let endpoints = slice.endpoints.iter().flatten();
             assert!(endpoints.clone().count() > 0);
             assert!(endpoints.clone().all(|ep| ep.target_ref.is_none()));
         }
+        // The labels the model skips objects by stay.
+        let (mut other_proxy, mut headless) = (services[0].clone(), slices[0].clone());
+        let label = |meta: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+                     key: &str| {
+            meta.labels
+                .get_or_insert_default()
+                .insert(key.into(), "x".into());
+        };
+        label(&mut other_proxy.metadata, SERVICE_PROXY_NAME_LABEL);
+        label(&mut headless.metadata, HEADLESS_LABEL);
+        label(&mut headless.metadata, SERVICE_PROXY_NAME_LABEL);
+        trim_service(&mut other_proxy);
+        trim_endpoint_slice(&mut headless);
+        assert_eq!(
+            kept(&other_proxy.metadata.labels),
+            [SERVICE_PROXY_NAME_LABEL]
+        );
+        assert_eq!(
+            kept(&headless.metadata.labels),
+            [SERVICE_NAME_LABEL, HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL],
+            "(sorted)"
+        );
         let (full, trimmed) = (
             json_bytes(&services) + json_bytes(&slices),
             json_bytes(&trimmed_services) + json_bytes(&trimmed_slices),
