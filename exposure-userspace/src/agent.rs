@@ -572,6 +572,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             model_us = (translated - loaded).as_micros() as u64,
             retranslated = translator.retranslated,
             reassembled = translator.reassembled,
+            swapped_alone = translator.swapped_alone,
             "synced"
         );
         if !health.is_synced() {
