@@ -1406,9 +1406,10 @@ impl KernelMaps {
             if v != Service::default() {
                 s.services.insert(id as u32, v);
                 let ids = self.maglev.read(v.table_offset, v.table_size)?;
-                let table = match digests {
-                    true => TableRead::Digest(TableRead::digest_of(ids.into_iter())),
-                    false => TableRead::Entries(ids),
+                let table = if digests {
+                    TableRead::Digest(TableRead::digest_of(ids.into_iter()))
+                } else {
+                    TableRead::Entries(ids)
                 };
                 s.tables.insert(id as u32, table);
             }

@@ -263,6 +263,14 @@ pub struct NoLocalEndpoints {
     pub external: usize,
 }
 
+impl NoLocalEndpoints {
+    /// Takes one Service's counts out and another's in.
+    fn swap(&mut self, was: &NoLocalEndpoints, now: &NoLocalEndpoints) {
+        self.internal = self.internal - was.internal + now.internal;
+        self.external = self.external - was.external + now.external;
+    }
+}
+
 /// An address and port: a frontend's or an endpoint's.
 pub type AddrPort = (IpAddr, u16);
 
@@ -1656,10 +1664,7 @@ impl Translator {
         changed: &mut Changed,
     ) {
         let state = &mut self.state;
-        state.no_local_endpoints.internal -= was.no_local_endpoints.internal;
-        state.no_local_endpoints.external -= was.no_local_endpoints.external;
-        state.no_local_endpoints.internal += now.no_local_endpoints.internal;
-        state.no_local_endpoints.external += now.no_local_endpoints.external;
+        (state.no_local_endpoints).swap(&was.no_local_endpoints, &now.no_local_endpoints);
         if let Some((port, hc)) = &now.health_check {
             if let Some(owner) = state.health_checks.get_mut(port) {
                 if (owner.namespace.as_str(), owner.name.as_str()) == (id.0.as_str(), id.1.as_str())
@@ -1704,10 +1709,7 @@ impl Translator {
         changed: &mut Changed,
     ) {
         let state = &mut self.state;
-        state.no_local_endpoints.internal -= was.no_local_endpoints.internal;
-        state.no_local_endpoints.external -= was.no_local_endpoints.external;
-        state.no_local_endpoints.internal += now.no_local_endpoints.internal;
-        state.no_local_endpoints.external += now.no_local_endpoints.external;
+        (state.no_local_endpoints).swap(&was.no_local_endpoints, &now.no_local_endpoints);
         if let Some((port, _)) = &was.health_check {
             state.health_checks.remove(port);
         }

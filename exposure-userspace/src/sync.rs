@@ -786,6 +786,13 @@ impl Reconciler {
         }
     }
 
+    /// Notes a service id given to a Service port or taken from one, likewise.
+    fn relabel_service_later(&mut self, id: u32) {
+        if let Some(r) = &mut self.relabel {
+            r.service_ids.insert(id);
+        }
+    }
+
     /// Service ports and backends currently programmed.
     pub fn counts(&self) -> (usize, usize) {
         (self.services.len(), self.backends.len())
@@ -1058,9 +1065,7 @@ impl Reconciler {
         }
         for &id in &dropped {
             self.claimed.remove(&id);
-            if let Some(r) = &mut self.relabel {
-                r.service_ids.insert(id);
-            }
+            self.relabel_service_later(id);
             // Claimed but never written (its apply failed): hand the id back.
             if !self.services.contains_key(&id) {
                 self.service_pool.release(id);
@@ -1300,9 +1305,7 @@ impl Reconciler {
         };
         self.service_ids.insert(name.clone(), id);
         self.claimed.insert(id, name.clone());
-        if let Some(r) = &mut self.relabel {
-            r.service_ids.insert(id);
-        }
+        self.relabel_service_later(id);
         Some(id)
     }
 
@@ -1427,13 +1430,12 @@ impl Reconciler {
             return Ok(Some(id));
         }
         // 2. The table into free space, 3. one service update makes it live.
-        let entries = match same_table {
-            true => Vec::new(),
-            false => maglev_ids(&ids, &addrs, self.limits.maglev_table_max),
-        };
-        let table = match same_table {
-            true => current.table,
-            false => TableRead::digest_of(entries.iter().copied()),
+        let (entries, table) = if same_table {
+            (Vec::new(), current.table)
+        } else {
+            let entries = maglev_ids(&ids, &addrs, self.limits.maglev_table_max);
+            let digest = TableRead::digest_of(entries.iter().copied());
+            (entries, digest)
         };
         let (offset, size) = if same_table {
             (current.service.table_offset, current.service.table_size)
