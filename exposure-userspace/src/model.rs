@@ -1635,6 +1635,8 @@ impl Translator {
         }
         let mut changed = Changed::new();
         for (id, was, now) in swaps {
+            let gauges = &mut self.state.no_local_endpoints;
+            gauges.swap(&was.no_local_endpoints, &now.no_local_endpoints);
             if same_claims(&was, &now) {
                 self.replace_in_place(&id, &was, &now, &mut changed);
             } else {
@@ -1664,7 +1666,6 @@ impl Translator {
         changed: &mut Changed,
     ) {
         let state = &mut self.state;
-        (state.no_local_endpoints).swap(&was.no_local_endpoints, &now.no_local_endpoints);
         if let Some((port, hc)) = &now.health_check {
             if let Some(owner) = state.health_checks.get_mut(port) {
                 if (owner.namespace.as_str(), owner.name.as_str()) == (id.0.as_str(), id.1.as_str())
@@ -1709,7 +1710,6 @@ impl Translator {
         changed: &mut Changed,
     ) {
         let state = &mut self.state;
-        (state.no_local_endpoints).swap(&was.no_local_endpoints, &now.no_local_endpoints);
         if let Some((port, _)) = &was.health_check {
             state.health_checks.remove(port);
         }
