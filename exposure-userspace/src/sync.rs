@@ -326,7 +326,7 @@ impl FrontendIdError for Option<anyhow::Error> {
 pub struct SyncReport {
     pub writes: usize,
     pub errors: Vec<SyncError>,
-    /// A frontend was added, changed or removed (what per-frontend metrics labels depend on).
+    /// A frontend was added, changed or removed (then `FRONTEND_PORTS` is brought up to date).
     pub frontends_changed: bool,
     /// Frontends that left their Service and now drain (as displayed).
     pub draining: Vec<String>,
@@ -2526,7 +2526,7 @@ mod tests {
         // The new backend, s7's new table, the service flip, the old backend.
         assert_eq!(report.writes, 4, "only s7's entries");
         assert_eq!(maps.writes - before, 4);
-        assert!(!report.frontends_changed, "metrics labels need no rebuild");
+        assert!(!report.frontends_changed, "FRONTEND_PORTS need no look");
         changed.pop();
         let report = r.reconcile(&as_state(&changed), &mut maps);
         assert!(report.frontends_changed, "a Service's frontends went");
