@@ -51,32 +51,40 @@ pub fn build(backends: &[(IpAddr, u16)], m: u32) -> Vec<u32> {
     if n == 0 {
         return Vec::new();
     }
-    let perms: Vec<(usize, usize)> = sorted
+    // Each backend walks its own permutation of the entries, offset, offset + skip, … (mod m):
+    // `next` holds where its walk stands. Adding skip and wrapping once is the same walk as
+    // computing (offset + j × skip) mod m afresh, without a division per probe.
+    let (mut next, skips): (Vec<usize>, Vec<usize>) = sorted
         .iter()
         .map(|(ip, port)| {
-            let mut id = match ip {
-                IpAddr::V4(v4) => v4.octets().to_vec(),
-                IpAddr::V6(v6) => v6.octets().to_vec(),
+            let mut id = [0u8; 18];
+            let len = match ip {
+                IpAddr::V4(v4) => {
+                    id[..4].copy_from_slice(&v4.octets());
+                    4
+                }
+                IpAddr::V6(v6) => {
+                    id[..16].copy_from_slice(&v6.octets());
+                    16
+                }
             };
-            id.extend_from_slice(&port.to_be_bytes());
-            let offset = (fnv(0x6d61_676c, &id) % m as u64) as usize;
-            let skip = (fnv(0x6576_2121, &id) % (m as u64 - 1)) as usize + 1;
+            id[len..len + 2].copy_from_slice(&port.to_be_bytes());
+            let id = &id[..len + 2];
+            let offset = (fnv(0x6d61_676c, id) % m as u64) as usize;
+            let skip = (fnv(0x6576_2121, id) % (m as u64 - 1)) as usize + 1;
             (offset, skip)
         })
-        .collect();
-    let mut next = vec![0usize; n];
+        .unzip();
     let mut table = vec![u32::MAX; m];
     let mut filled = 0;
     'fill: loop {
-        for (i, (offset, skip)) in perms.iter().enumerate() {
+        for (i, (c, &skip)) in next.iter_mut().zip(&skips).enumerate() {
             // Each backend takes its next preferred free entry, in turn.
-            let mut c = (offset + next[i] * skip) % m;
-            while table[c] != u32::MAX {
-                next[i] += 1;
-                c = (offset + next[i] * skip) % m;
+            while table[*c] != u32::MAX {
+                *c = step(*c, skip, m);
             }
-            table[c] = i as u32;
-            next[i] += 1;
+            table[*c] = i as u32;
+            *c = step(*c, skip, m);
             filled += 1;
             if filled == m {
                 break 'fill;
@@ -84,6 +92,17 @@ pub fn build(backends: &[(IpAddr, u16)], m: u32) -> Vec<u32> {
         }
     }
     table
+}
+
+/// The entry after `c` in a walk of step `skip` through `m` entries (both below `m`).
+#[inline(always)]
+fn step(c: usize, skip: usize, m: usize) -> usize {
+    let c = c + skip;
+    if c >= m {
+        c - m
+    } else {
+        c
+    }
 }
 
 /// Backends in the order `build` indexes them.
@@ -116,6 +135,76 @@ mod tests {
             .into_iter()
             .map(|i| sorted[i as usize])
             .collect()
+    }
+
+    /// The table as the paper writes it down (and as earlier builds made it): entry j of backend
+    /// i's permutation computed as (offset + j × skip) mod m.
+    fn build_by_formula(backends: &[(IpAddr, u16)], m: u32) -> Vec<u32> {
+        let sorted = order(backends);
+        let m = m as usize;
+        let perms: Vec<(usize, usize)> = sorted
+            .iter()
+            .map(|(ip, port)| {
+                let mut id = match ip {
+                    IpAddr::V4(v4) => v4.octets().to_vec(),
+                    IpAddr::V6(v6) => v6.octets().to_vec(),
+                };
+                id.extend_from_slice(&port.to_be_bytes());
+                let offset = (fnv(0x6d61_676c, &id) % m as u64) as usize;
+                let skip = (fnv(0x6576_2121, &id) % (m as u64 - 1)) as usize + 1;
+                (offset, skip)
+            })
+            .collect();
+        let mut next = vec![0usize; perms.len()];
+        let mut table = vec![u32::MAX; m];
+        let mut filled = 0;
+        'fill: loop {
+            for (i, (offset, skip)) in perms.iter().enumerate() {
+                let mut c = (offset + next[i] * skip) % m;
+                while table[c] != u32::MAX {
+                    next[i] += 1;
+                    c = (offset + next[i] * skip) % m;
+                }
+                table[c] = i as u32;
+                next[i] += 1;
+                filled += 1;
+                if filled == m {
+                    break 'fill;
+                }
+            }
+        }
+        table
+    }
+
+    /// Tables already in the maps were written by earlier builds: a restarted agent must make the
+    /// same ones, or it would rewrite (and move flows of) every Service.
+    #[test]
+    fn tables_are_those_of_the_formula_for_both_families_and_every_size() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut random = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for m in TABLE_SIZES {
+            for n in [1usize, 2, 3, 10, 57, 300] {
+                let b: Vec<(IpAddr, u16)> = (0..n)
+                    .map(|_| {
+                        let r = random();
+                        let ip = if r & 1 == 0 {
+                            IpAddr::from(std::net::Ipv4Addr::from(r as u32))
+                        } else {
+                            IpAddr::from(std::net::Ipv6Addr::from(
+                                (r as u128) << 64 | random() as u128,
+                            ))
+                        };
+                        (ip, (r >> 40) as u16)
+                    })
+                    .collect();
+                assert_eq!(build(&b, m), build_by_formula(&b, m), "m={m} n={n}");
+            }
+        }
     }
 
     #[test]
