@@ -14,6 +14,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
+    ops::Bound,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -348,36 +349,40 @@ impl ApiServer {
             .and_then(|l| l.parse().ok())
             .filter(|l| *l > 0)
             .unwrap_or(usize::MAX);
-        let offset: usize = params
+        // As a real API server's, the token names the last key listed: the next page starts
+        // after it, so a full list costs its objects once, not once per page.
+        let after: Option<(Kind, String, String)> = params
             .get("continue")
             .and_then(|c| c.split_once(':'))
-            .and_then(|(_, o)| o.parse().ok())
-            .unwrap_or(0);
-        let all: Vec<&Value> = st
+            .and_then(|(_, key)| key.split_once('/'))
+            .map(|(ns, name)| (kind, ns.to_string(), name.to_string()));
+        let from = match after {
+            Some(key) => Bound::Excluded(key),
+            None => Bound::Included((kind, String::new(), String::new())),
+        };
+        let mut matching = st
             .objects
-            .iter()
-            .filter(|((k, _, _), o)| *k == kind && Self::matches(kind, o, params))
-            .map(|(_, o)| o)
-            .collect();
-        let page: Vec<Value> = all
-            .iter()
-            .skip(offset)
+            .range((from, Bound::Unbounded))
+            .take_while(|((k, _, _), _)| *k == kind)
+            .filter(|(_, o)| Self::matches(kind, o, params));
+        let page: Vec<(&(Kind, String, String), Value)> = matching
+            .by_ref()
             .take(limit)
-            .map(|o| {
+            .map(|(key, o)| {
                 // Real list items carry no apiVersion/kind.
-                let mut o = (*o).clone();
+                let mut o = o.clone();
                 if let Some(m) = o.as_object_mut() {
                     m.remove("apiVersion");
                     m.remove("kind");
                 }
-                o
+                (key, o)
             })
             .collect();
-        let next = offset + page.len();
         let mut meta = json!({"resourceVersion": st.rv.to_string()});
-        if next < all.len() {
-            meta["continue"] = json!(format!("{}:{next}", st.rv));
+        if let (Some(((_, ns, name), _)), Some(_)) = (page.last(), matching.next()) {
+            meta["continue"] = json!(format!("{}:{ns}/{name}", st.rv));
         }
+        let page: Vec<Value> = page.into_iter().map(|(_, o)| o).collect();
         let (api_version, list_kind) = kind.list_kind();
         json!({"apiVersion": api_version, "kind": list_kind, "metadata": meta, "items": page})
     }
@@ -590,12 +595,17 @@ mod protocol_tests {
         assert_eq!(body["items"].as_array().unwrap().len(), 2);
         assert_eq!(body["metadata"]["resourceVersion"], "3");
         let token = body["metadata"]["continue"].as_str().unwrap().to_string();
+        // A listed object deleted meanwhile moves nothing: the token names where the page ended.
+        assert!(api.delete(Kind::Service, "default", "a"));
+        api.apply(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n"}}));
         let rest = get(
             api.addr,
             &format!("/api/v1/services?limit=2&continue={token}"),
         );
         let body: Value = serde_json::from_str(rest.split_once("\r\n\r\n").unwrap().1).unwrap();
         assert_eq!(body["items"][0]["metadata"]["name"], "c");
+        assert_eq!(body["items"].as_array().unwrap().len(), 1, "no Node");
+        assert!(body["metadata"].get("continue").is_none(), "the last page");
         assert!(
             body["items"][0].get("kind").is_none(),
             "list items carry no kind"
