@@ -227,6 +227,13 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     ));
     let metrics_listener = health::bind(cfg.metrics).await.context("metrics address")?;
 
+    // The first list (seconds at 10,000 Services) runs on the runtime's workers while this thread
+    // loads the programs (the verifier takes most of a second) and restores the maps.
+    let kube = client.map(|client| {
+        let kube = KubeSource::start(client, &cfg.node_name);
+        *metrics.watch.lock().unwrap_or_else(|e| e.into_inner()) = Some(kube.stats.clone());
+        kube
+    });
     let mut dp = Datapath::load_with(&cfg.pin_dir, cfg.capacity)?;
     let mut maps = KernelMaps::open(&cfg.pin_dir)?;
     for iface in ifaces
@@ -305,15 +312,13 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
 
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
-    let mut source = match (client, &cfg.manifests) {
+    let mut source = match (kube, &cfg.manifests) {
         (None, Some(dir)) => Source::Dir {
             dir: ManifestDir::new(dir),
             unreadable: false,
         },
-        (client, _) => {
-            let client = client.context("no Kubernetes client")?;
-            let kube = KubeSource::start(client, &cfg.node_name);
-            *metrics.watch.lock().unwrap_or_else(|e| e.into_inner()) = Some(kube.stats.clone());
+        (kube, _) => {
+            let kube = kube.context("no Kubernetes client")?;
             tracing::info!("waiting for the first full list from the API server; the pinned datapath keeps serving meanwhile");
             tokio::select! {
                 _ = &mut shutdown => return Ok(()),
