@@ -1401,25 +1401,27 @@ impl KernelMaps {
             s.frontends.insert(k, v);
         }
         // Arrays hold every index; only ids in use matter. Ids 0.. are dense, so scan the used prefix.
-        for (id, item) in self.services.iter().take(services as usize).enumerate() {
-            let v = item?;
+        let mut services_in_use = Vec::new();
+        for_each_element(&self.services, services as usize, |id, v| {
             if v != Service::default() {
-                s.services.insert(id as u32, v);
-                let ids = self.maglev.read(v.table_offset, v.table_size)?;
-                let table = if digests {
-                    TableRead::Digest(TableRead::digest_of(ids.into_iter()))
-                } else {
-                    TableRead::Entries(ids)
-                };
-                s.tables.insert(id as u32, table);
+                services_in_use.push((id, v));
             }
+        })?;
+        for (id, v) in services_in_use {
+            s.services.insert(id, v);
+            let ids = self.maglev.read(v.table_offset, v.table_size)?;
+            let table = if digests {
+                TableRead::Digest(TableRead::digest_of(ids.into_iter()))
+            } else {
+                TableRead::Entries(ids)
+            };
+            s.tables.insert(id, table);
         }
-        for (id, item) in self.backends.iter().take(backends as usize).enumerate() {
-            let v = item?;
+        for_each_element(&self.backends, backends as usize, |id, v| {
             if v.addr != Addr::default() {
-                s.backends.insert(id as u32, v);
+                s.backends.insert(id, v);
             }
-        }
+        })?;
         for (word, item) in self.frontend_ports.iter().enumerate() {
             let bits = item?;
             if bits != 0 {
@@ -1590,6 +1592,37 @@ fn for_each_entry<K: aya::Pod, V: aya::Pod>(
     mut visit: impl FnMut(K, V),
 ) {
     use aya::maps::IterableMap as _;
+    if lookup_batches(map.map(), usize::MAX, &mut visit).is_err() {
+        map.iter()
+            .filter_map(Result::ok)
+            .for_each(|(k, v)| visit(k, v));
+    }
+}
+
+/// The first `limit` elements of an array, in index order, as [`for_each_entry`] reads a hash
+/// map's (an array of 65,536 Services: 65,536 system calls one by one, 16 in batches).
+fn for_each_element<V: aya::Pod>(
+    array: &Array<MapData, V>,
+    limit: usize,
+    mut visit: impl FnMut(u32, V),
+) -> Result<(), aya::maps::MapError> {
+    use aya::maps::IterableMap as _;
+    if lookup_batches(array.map(), limit, &mut visit).is_err() {
+        for (i, v) in array.iter().take(limit).enumerate() {
+            visit(i as u32, v?);
+        }
+    }
+    Ok(())
+}
+
+/// Reads `map`'s entries with `BPF_MAP_LOOKUP_BATCH` (hash maps and arrays alike: a token names
+/// where the next batch starts) until `limit` are visited. Err: the kernel has no batches for this
+/// map, and nothing was visited.
+fn lookup_batches<K: aya::Pod, V: aya::Pod>(
+    map: &MapData,
+    limit: usize,
+    visit: &mut impl FnMut(K, V),
+) -> Result<(), ()> {
     use std::os::fd::{AsFd as _, AsRawFd as _};
     /// `union bpf_attr`'s member for the batch commands.
     #[repr(C)]
@@ -1607,18 +1640,23 @@ fn for_each_entry<K: aya::Pod, V: aya::Pod>(
     const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
     const CHUNK: usize = 4096;
     let (key_size, value_size) = (std::mem::size_of::<K>(), std::mem::size_of::<V>());
-    let fd = map.map().fd().as_fd().as_raw_fd();
+    let fd = map.fd().as_fd().as_raw_fd();
     let mut keys = vec![0u8; CHUNK * key_size];
     let mut values = vec![0u8; CHUNK * value_size];
-    // Where the next batch starts: a hash map's bucket index (4 bytes), room for 8.
+    // Where the next batch starts: a hash map's bucket index or an array's last index (4 bytes),
+    // room for 8.
     let (mut next, mut after) = (0u64, 0u64);
+    let mut left = limit;
     for first in std::iter::once(true).chain(std::iter::repeat(false)) {
+        if left == 0 {
+            return Ok(());
+        }
         let mut attr = BatchAttr {
             in_batch: if first { 0 } else { &next as *const u64 as u64 },
             out_batch: &mut after as *mut u64 as u64,
             keys: keys.as_mut_ptr() as u64,
             values: values.as_mut_ptr() as u64,
-            count: CHUNK as u32,
+            count: CHUNK.min(left) as u32,
             map_fd: fd as u32,
             ..Default::default()
         };
@@ -1633,16 +1671,12 @@ fn for_each_entry<K: aya::Pod, V: aya::Pod>(
         };
         let errno = (r != 0).then(|| io::Error::last_os_error().raw_os_error());
         if errno.is_some() && errno != Some(Some(libc::ENOENT)) {
-            // No batch commands (before 5.6), or a bucket larger than a batch: walk the keys
-            // (only on the first call: a later failure would visit entries twice).
-            if first {
-                map.iter()
-                    .filter_map(Result::ok)
-                    .for_each(|(k, v)| visit(k, v));
-            }
-            return;
+            // No batch commands (before 5.6), or a bucket larger than a batch: the caller walks
+            // the keys (only on the first call: a later failure would visit entries twice).
+            return if first { Err(()) } else { Ok(()) };
         }
-        for i in 0..(attr.count as usize).min(CHUNK) {
+        let got = (attr.count as usize).min(CHUNK).min(left);
+        for i in 0..got {
             // SAFETY: the kernel wrote `count` keys and values of these sizes; `Pod` types
             // have no invalid bit patterns.
             let (k, v) = unsafe {
@@ -1653,12 +1687,14 @@ fn for_each_entry<K: aya::Pod, V: aya::Pod>(
             };
             visit(k, v);
         }
+        left -= got;
         // ENOENT: that was the last batch.
         if errno.is_some() {
-            return;
+            return Ok(());
         }
         next = after;
     }
+    Ok(())
 }
 
 /// The number of entries of a hash map (see [`for_each_entry`]).

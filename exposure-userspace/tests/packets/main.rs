@@ -4026,3 +4026,57 @@ fn partial_checksums_stay_partial_on_an_interface_in_generic_xdp() {
         assert_checksums(&frame::parse(&out).unwrap());
     });
 }
+
+/// A restart restores what the arrays hold wherever its ids lie (ids freed by churn leave gaps),
+/// read in batches: across a batch's end, up to the last element; the maps check reads only the
+/// ids below its limits.
+#[test]
+fn the_service_and_backend_arrays_are_read_back_wherever_their_ids_lie() {
+    with_datapath(|h| {
+        let last_service = h.maps.services.len() - 1;
+        let last_backend = h.maps.backends.len() - 1;
+        let service_ids = [0, 4095, 4096, 4097, 9000, last_service];
+        let backend_ids = [1, 4095, 4096, 8192, 70_000, last_backend];
+        for (n, id) in service_ids.iter().enumerate() {
+            let service = exposure_common::Service {
+                backend_count: n as u32,
+                flags: exposure_common::SERVICE_IN_USE,
+                ..Default::default()
+            };
+            h.maps.services.set(*id, service, 0).unwrap();
+        }
+        for (n, id) in backend_ids.iter().enumerate() {
+            let backend = exposure_common::Backend {
+                addr: Ipv4Addr::new(198, 19, 7, n as u8 + 1).into(),
+                port: 8080,
+                flags: 0,
+            };
+            h.maps.backends.set(*id, backend, 0).unwrap();
+        }
+        let all = h.maps.snapshot().unwrap();
+        assert_eq!(
+            all.services.keys().copied().collect::<Vec<_>>(),
+            service_ids
+        );
+        for (n, id) in service_ids.iter().enumerate() {
+            assert_eq!(all.services[id].backend_count, n as u32, "service {id}");
+        }
+        assert_eq!(
+            all.backends.keys().copied().collect::<Vec<_>>(),
+            backend_ids
+        );
+        for (n, id) in backend_ids.iter().enumerate() {
+            let want: exposure_common::Addr = Ipv4Addr::new(198, 19, 7, n as u8 + 1).into();
+            assert_eq!(all.backends[id].addr, want, "backend {id}");
+        }
+        let below = h.maps.check_snapshot(4097, 8193).unwrap();
+        assert_eq!(
+            below.services.keys().copied().collect::<Vec<_>>(),
+            [0, 4095, 4096]
+        );
+        assert_eq!(
+            below.backends.keys().copied().collect::<Vec<_>>(),
+            [1, 4095, 4096, 8192]
+        );
+    });
+}
