@@ -2166,16 +2166,11 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn a_table_this_build_would_not_write_is_written_anew_after_a_restore() {
-        let (mut maps, mut r) = checked_from_scratch();
-        let want = state(&[("a", service(30001, &[(1, true), (2, false), (3, false)]))]);
-        r.reconcile(&want, &mut maps);
-        let fe = fe(10, 30001);
-        let written = table_addrs(&maps, &fe);
-        // One entry now names another of the service's own backends: the same backends, another
-        // table (as something else, or another build, might have written it).
-        let id = maps.state.frontends[&frontend_key(&fe)].service_id;
+    /// Makes the first entry of `fe`'s table name another of its Service's own backends: the same
+    /// backends, another table (as something else, or another build, might have written it).
+    /// Returns the Service's id.
+    fn retable(maps: &mut FakeMaps, fe: &FrontendAddr) -> u32 {
+        let id = maps.state.frontends[&frontend_key(fe)].service_id;
         let svc = maps.state.services[&id];
         let first = maps.maglev[&svc.table_offset];
         let other = (0..svc.table_size)
@@ -2183,6 +2178,17 @@ mod tests {
             .find(|b| *b != first)
             .unwrap();
         maps.maglev.insert(svc.table_offset, other);
+        id
+    }
+
+    #[test]
+    fn a_table_this_build_would_not_write_is_written_anew_after_a_restore() {
+        let (mut maps, mut r) = checked_from_scratch();
+        let want = state(&[("a", service(30001, &[(1, true), (2, false), (3, false)]))]);
+        r.reconcile(&want, &mut maps);
+        let fe = fe(10, 30001);
+        let written = table_addrs(&maps, &fe);
+        let id = retable(&mut maps, &fe);
         assert_eq!(
             drift(&r, &maps),
             vec![format!("Maglev tables: 1 changed (id {id})")]
@@ -2224,14 +2230,7 @@ mod tests {
         // Tables changed in the first, middle and last Services, each to other entries of its own.
         let tampered = [30000, 30000 + count / 2, 30000 + count - 1];
         for port in tampered {
-            let id = maps.state.frontends[&frontend_key(&fe(10, port))].service_id;
-            let svc = maps.state.services[&id];
-            let first = maps.maglev[&svc.table_offset];
-            let other = (0..svc.table_size)
-                .map(|i| maps.maglev[&(svc.table_offset + i)])
-                .find(|b| *b != first)
-                .unwrap();
-            maps.maglev.insert(svc.table_offset, other);
+            retable(&mut maps, &fe(10, port));
         }
         let written: Vec<Vec<IpAddr>> = (0..count)
             .map(|i| table_addrs(&maps, &fe(10, 30000 + i)))
