@@ -1422,12 +1422,11 @@ impl KernelMaps {
                 s.backends.insert(id, v);
             }
         })?;
-        for (word, item) in self.frontend_ports.iter().enumerate() {
-            let bits = item?;
+        for_each_element(&self.frontend_ports, usize::MAX, |word, bits| {
             if bits != 0 {
-                s.frontend_ports.insert(word as u32, bits);
+                s.frontend_ports.insert(word, bits);
             }
-        }
+        })?;
         Ok(s)
     }
 }
