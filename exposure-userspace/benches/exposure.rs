@@ -47,6 +47,12 @@ mod forwarding;
 const BIN: &str = env!("CARGO_BIN_EXE_exposure");
 const PER_SERVICE: usize = 10;
 const CHANGES: usize = 25;
+/// Rounds of the per-packet measurements: each round runs every program once with a fifth of
+/// the repeats, and each cost is the least of its rounds. Another tenant of the host or an
+/// interrupt only ever adds time, and a round takes a fraction of a second, so one quiet round
+/// in five suffices; a single run of the whole count on a host that got busy partway measured
+/// an established flow 20-100% over its cost.
+const ROUNDS: u32 = 5;
 
 struct ControlPlaneResult {
     services: usize,
@@ -114,6 +120,7 @@ fn live_backends(maps: &KernelMaps, i: usize) -> Vec<(Addr, u16)> {
 }
 
 fn control_plane(services: usize) -> ControlPlaneResult {
+    forwarding::wait_for_quiet();
     let prefix = unique_prefix("b");
     let lab = Lab::new(&prefix, &[0]).expect("lab");
     let node = &lab.nodes[0];
@@ -405,6 +412,9 @@ fn packet_costs(services: usize, backends: usize, repeat: u32) -> PacketCosts {
         },
         sync::{DatapathMaps as _, Limits, Reconciler},
     };
+    // The previous stage's lab and maps (up to 128 MiB of Maglev array) are freed by kernel
+    // workers after the fact: measured over them, an established flow cost 10-40% more.
+    forwarding::wait_for_quiet();
     let prefix = unique_prefix("d");
     let ns = exposure_lab::netns::Netns::create(&format!("{prefix}-dp")).unwrap();
     // The node's interface towards other nodes: remote backends are behind a neighbour on it.
@@ -566,20 +576,11 @@ fn packet_costs(services: usize, backends: usize, repeat: u32) -> PacketCosts {
         let floor_prog = exposure_lab::xdp_pass::load().unwrap();
         let client = Ipv4Addr::new(198, 18, 0, 1);
         let other = frame((client, 40000), (Ipv4Addr::new(198, 18, 0, 10), 22));
-        let floor = exposure_lab::xdp_pass::test_run(&floor_prog, &other, repeat)
-            .unwrap()
-            .1 as f64;
-        let non_service = xdp_ns(&mut dp, &other, repeat).1;
         let (lookup_prog, _lookup_map) = exposure_lab::xdp_pass::load_one_lookup().unwrap();
-        let (verdict, one_lookup) =
-            exposure_lab::xdp_pass::test_run(&lookup_prog, &other, repeat).unwrap();
-        assert_eq!(verdict, 2, "the lookup finds its entry");
         let ping = frame((client, 40000), (p, 80));
         // The first run picks ping's backend; the second makes the pong flow it leads to.
         let out = xdp_out(&mut dp, &ping);
         xdp_ns(&mut dp, &out, 1);
-        let (verdict, established) = xdp_ns(&mut dp, &ping, repeat);
-        assert_eq!(verdict, 2, "XDP_PASS after DNAT to a local backend");
         let frame6 = |dst| {
             exposure_lab::frame::FrameSpec6::tcp(
                 ("2001:2::1".parse().unwrap(), 40000),
@@ -591,8 +592,6 @@ fn packet_costs(services: usize, backends: usize, repeat: u32) -> PacketCosts {
         let ping6 = frame6(p6);
         xdp_ns(&mut dp, &ping6, 1);
         xdp_ns(&mut dp, &frame6(q6), 1);
-        let (verdict, established6) = xdp_ns(&mut dp, &ping6, repeat);
-        assert_eq!(verdict, 2, "XDP_PASS after DNAT to a local IPv6 backend");
         // Replies. An entry whose translation is the identity keeps the buffer a reply on every
         // repeat, so each run is a full reply translation (lookup, rewrite, checksums, send).
         let (backend, node) = (
@@ -628,16 +627,10 @@ fn packet_costs(services: usize, backends: usize, repeat: u32) -> PacketCosts {
         let (key, reply) = reply_to(node, 61_000, true);
         maps.insert_reply(&key, &reply).unwrap();
         let remote_reply = frame((backend, 8080), (node, 61_000));
-        let (verdict, reply_xdp) = xdp_ns(&mut dp, &remote_reply, repeat);
-        assert_eq!(verdict, 3, "XDP_TX back towards the client");
         let (key, reply) = reply_to(client, 40001, false);
         maps.insert_reply(&key, &reply).unwrap();
         let local_reply = frame((backend, 8080), (client, 40001));
-        let (verdict, reply_tc) = tc_ns(&mut dp, &local_reply, repeat);
-        assert_eq!(verdict, 0, "TC_ACT_OK after restoring the frontend");
         let other_egress = frame((node, 22), (client, 40009));
-        let (verdict, other_egress_tc) = tc_ns(&mut dp, &other_egress, repeat);
-        assert_eq!(verdict as i32, -1, "TC_ACT_UNSPEC: not a reply");
         // The same reply from a pod whose flow was sent to it (redirect modes), and any other
         // packet from the pod.
         let (key, mut reply) = reply_to(client, 40002, false);
@@ -645,46 +638,63 @@ fn packet_costs(services: usize, backends: usize, repeat: u32) -> PacketCosts {
         maps.insert_reply(&key, &reply).unwrap();
         let from_pod = exposure::datapath::TC_FROM_POD_PROGRAM;
         let pod_reply = frame((backend, 8080), (client, 40002));
-        let (verdict, reply_from_pod) = tc_program_ns(&mut dp, from_pod, &pod_reply, repeat);
-        assert_eq!(verdict, 7, "TC_ACT_REDIRECT to the client's interface");
         let pod_other = frame((backend, 40000), (client, 443));
-        let (verdict, other_pod_egress) = tc_program_ns(&mut dp, from_pod, &pod_other, repeat);
-        assert_eq!(verdict as i32, -1, "TC_ACT_UNSPEC: not a reply");
         let tc_floor_prog = exposure_lab::xdp_pass::load_tc_ok().unwrap();
-        let (verdict, tc_floor) =
-            exposure_lab::xdp_pass::test_run(&tc_floor_prog, &local_reply, repeat).unwrap();
-        assert_eq!(verdict, 0, "the tc floor returns TC_ACT_OK");
+
+        // Each repeated measurement in ROUNDS rounds of repeat / ROUNDS, all of them in each
+        // round, keeping each one's least.
+        let mut least = [f64::INFINITY; 11];
+        let mut keep = |slot: usize, ns: f64| least[slot] = least[slot].min(ns);
+        let r = (repeat / ROUNDS).max(1);
+        let floor_run = |f: &[u8], repeat: u32| -> (u32, f64) {
+            let (verdict, ns) = exposure_lab::xdp_pass::test_run(&floor_prog, f, repeat).unwrap();
+            (verdict, ns as f64)
+        };
+        for _ in 0..ROUNDS {
+            keep(0, floor_run(&other, r).1);
+            keep(1, xdp_ns(&mut dp, &other, r).1);
+            let (verdict, ns) = exposure_lab::xdp_pass::test_run(&lookup_prog, &other, r).unwrap();
+            assert_eq!(verdict, 2, "the lookup finds its entry");
+            keep(2, ns as f64);
+            let (verdict, ns) = xdp_ns(&mut dp, &ping, r);
+            assert_eq!(verdict, 2, "XDP_PASS after DNAT to a local backend");
+            keep(3, ns);
+            let (verdict, ns) = xdp_ns(&mut dp, &ping6, r);
+            assert_eq!(verdict, 2, "XDP_PASS after DNAT to a local IPv6 backend");
+            keep(4, ns);
+            let (verdict, ns) = xdp_ns(&mut dp, &remote_reply, r);
+            assert_eq!(verdict, 3, "XDP_TX back towards the client");
+            keep(5, ns);
+            let (verdict, ns) = tc_ns(&mut dp, &local_reply, r);
+            assert_eq!(verdict, 0, "TC_ACT_OK after restoring the frontend");
+            keep(6, ns);
+            let (verdict, ns) = tc_ns(&mut dp, &other_egress, r);
+            assert_eq!(verdict as i32, -1, "TC_ACT_UNSPEC: not a reply");
+            keep(7, ns);
+            let (verdict, ns) = tc_program_ns(&mut dp, from_pod, &pod_reply, r);
+            assert_eq!(verdict, 7, "TC_ACT_REDIRECT to the client's interface");
+            keep(8, ns);
+            let (verdict, ns) = tc_program_ns(&mut dp, from_pod, &pod_other, r);
+            assert_eq!(verdict as i32, -1, "TC_ACT_UNSPEC: not a reply");
+            keep(9, ns);
+            let (verdict, ns) =
+                exposure_lab::xdp_pass::test_run(&tc_floor_prog, &local_reply, r).unwrap();
+            assert_eq!(verdict, 0, "the tc floor returns TC_ACT_OK");
+            keep(10, ns as f64);
+        }
+        let [floor, non_service, one_lookup, established, established6, reply_xdp, reply_tc, other_egress_tc, reply_from_pod, other_pod_egress, tc_floor] =
+            least;
         // New flows: one run each (so each is new); the floor measured the same way alongside.
+        // Rounds as above: each round's median, and the least of the rounds' medians.
         let n = (repeat / 50).clamp(1_000, 20_000) as u16;
+        let per_round = n / ROUNDS as u16;
         // To ping: with one backend it is like any other Service; with more, the Maglev pick.
         let target = p;
-        let mut new_runs = Vec::with_capacity(n as usize);
-        let mut floor_runs = Vec::with_capacity(n as usize);
         // The `k`th new client (address and port) of a run.
         let new_client = |k: u16| {
             let ip = Ipv4Addr::new(198, 18, 1 + (k / 250) as u8 % 200, (k % 250) as u8 + 1);
             (ip, 1024 + k)
         };
-        for k in 0..n {
-            let f = frame(new_client(k), (target, 80));
-            new_runs.push(xdp_ns(&mut dp, &f, 1).1);
-            floor_runs.push(
-                exposure_lab::xdp_pass::test_run(&floor_prog, &f, 1)
-                    .unwrap()
-                    .1 as f64,
-            );
-        }
-        // New flows to the remote backend, fewer: each holds one of the pair's 4,536 SNAT ports,
-        // and a fuller range would cost more tries per flow.
-        let mut remote_runs = Vec::with_capacity(1_000);
-        for k in 0..n.min(1_000) {
-            let f = frame(new_client(k), (remote_front, 80));
-            let (verdict, ns) = xdp_ns_on(&mut dp, Some(eth0), &f, 1);
-            assert_eq!(verdict, 3, "XDP_TX towards the remote backend");
-            remote_runs.push(ns);
-        }
-        // The median: a single run that an interrupt or the kernel's background work lands on
-        // would otherwise weigh on the mean.
         let median = |mut runs: Vec<f64>| {
             runs.sort_by(f64::total_cmp);
             runs[runs.len() / 2]
@@ -710,7 +720,32 @@ fn packet_costs(services: usize, backends: usize, repeat: u32) -> PacketCosts {
                 })
                 .collect()
         };
-        let two_inserts = median(insert_runs(n));
+        // New flows to the remote backend, fewer: each holds one of the pair's 4,536 SNAT ports,
+        // and a fuller range would cost more tries per flow.
+        let remote_per_round = n.min(1_000) / ROUNDS as u16;
+        let mut least = [f64::INFINITY; 4];
+        let mut keep = |slot: usize, runs: Vec<f64>| least[slot] = least[slot].min(median(runs));
+        for round in 0..ROUNDS as u16 {
+            let (mut new_runs, mut floor_runs) = (Vec::new(), Vec::new());
+            for k in round * per_round..(round + 1) * per_round {
+                let f = frame(new_client(k), (target, 80));
+                new_runs.push(xdp_ns(&mut dp, &f, 1).1);
+                floor_runs.push(floor_run(&f, 1).1);
+            }
+            keep(0, new_runs);
+            keep(1, floor_runs);
+            let remote_runs = (round * remote_per_round..(round + 1) * remote_per_round)
+                .map(|k| {
+                    let f = frame(new_client(k), (remote_front, 80));
+                    let (verdict, ns) = xdp_ns_on(&mut dp, Some(eth0), &f, 1);
+                    assert_eq!(verdict, 3, "XDP_TX towards the remote backend");
+                    ns
+                })
+                .collect();
+            keep(2, remote_runs);
+            keep(3, insert_runs(per_round));
+        }
+        let [new_flow, floor_single, new_flow_remote, two_inserts] = least;
         let (verdict, _) = exposure_lab::xdp_pass::test_run(
             &inserts_prog,
             &new_flow_frame,
@@ -718,7 +753,6 @@ fn packet_costs(services: usize, backends: usize, repeat: u32) -> PacketCosts {
         )
         .unwrap();
         assert_eq!(verdict, 2, "inserts into full tables succeed");
-        let two_inserts_full = median(insert_runs(n));
         for map in &insert_maps {
             let held = exposure_lab::xdp_pass::count_keys(map, 16).unwrap();
             assert!(
@@ -727,14 +761,21 @@ fn packet_costs(services: usize, backends: usize, repeat: u32) -> PacketCosts {
             );
         }
         fill_flow_tables(&mut maps, MAX_FLOWS + MAX_FLOWS / 8);
-        let new_full_runs: Vec<f64> = (n..2 * n)
-            .map(|k| {
-                let f = frame(new_client(k), (target, 80));
-                let (verdict, ns) = xdp_ns(&mut dp, &f, 1);
-                assert_eq!(verdict, 2, "XDP_PASS after DNAT to a local backend");
-                ns
-            })
-            .collect();
+        let mut least = [f64::INFINITY; 2];
+        let mut keep = |slot: usize, runs: Vec<f64>| least[slot] = least[slot].min(median(runs));
+        for round in 0..ROUNDS as u16 {
+            keep(0, insert_runs(per_round));
+            let new_full_runs = (n + round * per_round..n + (round + 1) * per_round)
+                .map(|k| {
+                    let f = frame(new_client(k), (target, 80));
+                    let (verdict, ns) = xdp_ns(&mut dp, &f, 1);
+                    assert_eq!(verdict, 2, "XDP_PASS after DNAT to a local backend");
+                    ns
+                })
+                .collect();
+            keep(1, new_full_runs);
+        }
+        let [two_inserts_full, new_flow_full] = least;
         let held = maps.flow_count();
         assert!(
             held as u32 > MAX_FLOWS / 10 * 9,
@@ -746,19 +787,19 @@ fn packet_costs(services: usize, backends: usize, repeat: u32) -> PacketCosts {
             services,
             backends,
             floor,
-            one_lookup: one_lookup as f64,
+            one_lookup,
             non_service,
             established,
-            floor_single: median(floor_runs),
-            new_flow: median(new_runs),
-            new_flow_remote: median(remote_runs),
+            floor_single,
+            new_flow,
+            new_flow_remote,
             two_inserts,
             two_inserts_full,
-            new_flow_full: median(new_full_runs),
+            new_flow_full,
             reply_xdp,
             reply_tc,
             other_egress_tc,
-            tc_floor: tc_floor as f64,
+            tc_floor,
             reply_from_pod,
             other_pod_egress,
             established6,
@@ -929,13 +970,14 @@ fn main() {
         report,
         "\n## Datapath: per-packet cost (BPF_PROG_TEST_RUN)\n"
     );
-    let _ = writeln!(report, "Mean ns per packet as the kernel measures it, {repeat} repeats, beside a two-instruction XDP_PASS");
-    let _ = writeln!(report, "program measured in the same run (the floor: what any XDP program costs). \"Established\" runs one");
+    let _ = writeln!(report, "Mean ns per packet as the kernel measures it over {} repeats, the least of {ROUNDS} rounds (each round runs every", repeat / ROUNDS);
+    let _ = writeln!(report, "program below once: the host's other work only adds time), beside a two-instruction XDP_PASS");
+    let _ = writeln!(report, "program measured in the same rounds (the floor: what any XDP program costs). \"Established\" runs one");
     let _ = writeln!(report, "buffer through two frontends that DNAT into each other, so every run is a full established-flow");
     let _ = writeln!(report, "translation (parse, frontend, conntrack hit, rewrite, checksums, counters). New flows are single");
     let _ = writeln!(
         report,
-        "runs (each one new; the median), beside the floor measured the same way; to a local pod, and to a"
+        "runs (each one new; the least of the rounds' medians), beside the floor measured the same way; to a local pod, and to a"
     );
     let _ = writeln!(report, "pod on another node (FIB lookup, a SNAT port claimed, sent back out). Replies run a reply whose");
     let _ = writeln!(report, "translation is the identity, so every repeat is a full reply translation; tc's floor is a program that");
@@ -1032,7 +1074,7 @@ fn main() {
     let _ = writeln!(report, "its reply's translation, each in an LRU hash table of {MAX_FLOWS} entries (the default `--max-flows`).");
     let _ = writeln!(report, "*Two inserts*: a program that only inserts a new 16-byte key into each of two such tables (values of");
     let _ = writeln!(report, "the flow and reply entries' sizes), the least any datapath that keeps both directions' state pays");
-    let _ = writeln!(report, "per new flow. Single runs (the median), first into tables that hold few entries, then into full");
+    let _ = writeln!(report, "per new flow. Single runs (the least of the rounds' medians), first into tables that hold few entries, then into full");
     let _ = writeln!(report, "tables (each insert evicts the least recently used entry: a busy node's steady state, reached");
     let _ = writeln!(report, "after as many new flows as the table holds), Exposure's filled from userspace the same way.\n");
     let _ = writeln!(report, "| Services | floor (single runs) | two inserts | new flow | two inserts, tables full | new flow, tables full | new flow − two inserts, full |");

@@ -377,7 +377,7 @@ fn destination(lab: &Lab, variant: Variant, target: Target) -> (usize, (Ipv4Addr
 
 /// Waits (up to 30 s) until the CPUs have been at least 90% idle for a quarter second: the
 /// previous lab's teardown, or anything else the machine was doing, done before measuring.
-fn wait_for_quiet() {
+pub fn wait_for_quiet() {
     // Busy and total jiffies of all CPUs (/proc/stat's first line).
     let times = || -> Option<(u64, u64)> {
         let stat = std::fs::read_to_string("/proc/stat").ok()?;
