@@ -34,7 +34,7 @@ use crate::{
     },
     host::host_connection,
     maps::*,
-    nat::{rewrite, set_macs, Leaves, Tuple},
+    nat::{rewrite, set_macs, store_addr6, Leaves, Tuple},
     parse::*,
     select::{select_backend, sticky_backend},
 };
@@ -149,6 +149,15 @@ fn packet_entry<T>(
         let found = v4.get_ptr_mut(as_key(&key));
         own_call_site();
         found
+    }
+}
+
+/// Copies an address between two map values a word at a time: LLVM cannot tell the two apart, so
+/// a plain assignment becomes a call of `memmove`, which copies a byte per loop.
+#[inline(always)]
+fn copy_addr(to: &mut Addr, from: &Addr) {
+    for (t, f) in to.0.iter_mut().zip(from.0) {
+        *t = f;
     }
 }
 
@@ -512,7 +521,7 @@ fn new_flow(ctx: &XdpContext, p: &Packet, fe: &Frontend, now: u64) -> Selected {
     s.key = flow_key(p);
     let flow = &mut s.flow;
     flow.last_seen_ns = now;
-    flow.backend_addr = backend.addr;
+    copy_addr(&mut flow.backend_addr, &backend.addr);
     flow.backend_port = backend.port;
     flow.backend_id = backend_id;
     flow.service_id = service_id;
@@ -551,7 +560,7 @@ fn new_flow(ctx: &XdpContext, p: &Packet, fe: &Frontend, now: u64) -> Selected {
         };
         let flow = &mut s.flow;
         flow.flags |= FLOW_REMOTE;
-        flow.snat_addr = *snat_addr;
+        copy_addr(&mut flow.snat_addr, snat_addr);
         flow.ifindex = hop.ifindex;
         flow.dmac = hop.dmac;
         flow.smac = hop.smac;
@@ -872,14 +881,13 @@ fn icmp6_error_to_client(ctx: &XdpContext, off: usize) -> Result<u32, ()> {
         return Err(());
     }
     icmp::translate_quote6(b, r);
-    let saddr: *mut Addr = ptr_at(ctx, ETH_LEN + IP6_SADDR)?;
-    let daddr: *mut Addr = ptr_at(ctx, ETH_LEN + IP6_DADDR)?;
-    unsafe {
-        icmp::outer_address_changed6(b, &*saddr, &r.frontend_addr);
-        icmp::outer_address_changed6(b, &*daddr, &r.client_addr);
-        *saddr = r.frontend_addr;
-        *daddr = r.client_addr;
-    }
+    let saddr: *mut [u32; 4] = ptr_at(ctx, ETH_LEN + IP6_SADDR)?;
+    let daddr: *mut [u32; 4] = ptr_at(ctx, ETH_LEN + IP6_DADDR)?;
+    let (old_s, old_d) = unsafe { (Addr(saddr.read_unaligned()), Addr(daddr.read_unaligned())) };
+    icmp::outer_address_changed6(b, &old_s, &r.frontend_addr);
+    icmp::outer_address_changed6(b, &old_d, &r.client_addr);
+    store_addr6(saddr, &r.frontend_addr.0);
+    store_addr6(daddr, &r.client_addr.0);
     set_macs(ctx, &r.client_mac, &r.node_mac)?;
     count(Counter::IcmpErrorsTranslated);
     Ok(r.ifindex)
@@ -1119,7 +1127,7 @@ fn tc_reply(ctx: &TcContext, p: &Packet) -> Result<i32, ()> {
     }
     if p.v6 {
         let saddr: *mut [u32; 4] = ptr_at(ctx, ETH_LEN + IP6_SADDR)?;
-        unsafe { saddr.write_unaligned(r.frontend_addr.0) };
+        store_addr6(saddr, &r.frontend_addr.0);
     } else {
         // The IPv4 header's checksum is never offloaded: an incremental update.
         let check: *mut u16 = ptr_at(ctx, ETH_LEN + IP_CHECK)?;

@@ -29,6 +29,17 @@ fn store<T>(p: *mut T, v: T) {
     unsafe { p.write_unaligned(v) }
 }
 
+/// Writes an IPv6 address into the frame a word at a time. One 16-byte unaligned write of an
+/// address read from elsewhere becomes a call of `memmove` (LLVM cannot tell the two apart),
+/// which copies a byte per loop: two of them were about a seventh of an IPv6 packet's time.
+#[inline(always)]
+pub fn store_addr6(p: *mut [u32; 4], a: &[u32; 4]) {
+    let p = p as *mut u32;
+    for (i, w) in a.iter().enumerate() {
+        store(unsafe { p.add(i) }, *w);
+    }
+}
+
 /// Where a rewritten packet goes next.
 #[derive(Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -67,8 +78,8 @@ pub fn rewrite(ctx: &XdpContext, p: &Packet, to: &Tuple<'_>, leaves: Leaves) -> 
         // No IP header checksum in IPv6; the pseudo-header's addresses are in the L4 checksum.
         let saddr: *mut [u32; 4] = ptr_at(ctx, ETH_LEN + IP6_SADDR)?;
         let daddr: *mut [u32; 4] = ptr_at(ctx, ETH_LEN + IP6_DADDR)?;
-        store(saddr, to.saddr.0);
-        store(daddr, to.daddr.0);
+        store_addr6(saddr, &to.saddr.0);
+        store_addr6(daddr, &to.daddr.0);
         Delta::default()
             .words(&p.saddr.0, &to.saddr.0)
             .words(&p.daddr.0, &to.daddr.0)

@@ -10,7 +10,10 @@ use aya_ebpf::{
 };
 use exposure_common::{checksum, PROTO_TCP};
 
-use crate::{nat::left_to_device, parse::*};
+use crate::{
+    nat::{left_to_device, store_addr6},
+    parse::*,
+};
 
 const IP_ICMP_LEN: usize = 28;
 const ICMP_OFF: usize = ETH_LEN + IPV4_MIN_LEN;
@@ -217,10 +220,8 @@ fn write_icmp6_error(ctx: &XdpContext, p: &Packet, head: [u8; 8]) -> Result<u32,
     };
     let saddr: *mut [u32; 4] = ptr_at(ctx, ETH_LEN + IP6_SADDR)?;
     let daddr: *mut [u32; 4] = ptr_at(ctx, ETH_LEN + IP6_DADDR)?;
-    unsafe {
-        saddr.write_unaligned(p.daddr.0);
-        daddr.write_unaligned(p.saddr.0);
-    }
+    store_addr6(saddr, &p.daddr.0);
+    store_addr6(daddr, &p.saddr.0);
 
     let icmp: *mut [u8; 8] = ptr_at(ctx, ICMP6_OFF)?;
     unsafe { icmp.write_unaligned(head) };
