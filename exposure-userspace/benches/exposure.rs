@@ -644,43 +644,40 @@ fn packet_costs(services: usize, backends: usize, repeat: u32) -> PacketCosts {
         // Each repeated measurement in ROUNDS rounds of repeat / ROUNDS, all of them in each
         // round, keeping each one's least.
         let mut least = [f64::INFINITY; 11];
-        let mut keep = |slot: usize, ns: f64| least[slot] = least[slot].min(ns);
+        // Keeps a slot's least, each run checked for the verdict it must give.
+        let mut keep = |slot: usize, (verdict, ns): (u32, f64), want: i32, what: &str| {
+            assert_eq!(verdict as i32, want, "{what}");
+            least[slot] = least[slot].min(ns);
+        };
         let r = (repeat / ROUNDS).max(1);
-        let floor_run = |f: &[u8], repeat: u32| -> (u32, f64) {
-            let (verdict, ns) = exposure_lab::xdp_pass::test_run(&floor_prog, f, repeat).unwrap();
+        // A run of one of the lab's reference programs.
+        let lab_run = |prog: &std::os::fd::OwnedFd, f: &[u8], repeat: u32| -> (u32, f64) {
+            let (verdict, ns) = exposure_lab::xdp_pass::test_run(prog, f, repeat).unwrap();
             (verdict, ns as f64)
         };
+        let floor_run = |f: &[u8], repeat: u32| lab_run(&floor_prog, f, repeat);
+        let (pass, tx, ok, unspec, redirect) = (2, 3, 0, -1, 7);
         for _ in 0..ROUNDS {
-            keep(0, floor_run(&other, r).1);
-            keep(1, xdp_ns(&mut dp, &other, r).1);
-            let (verdict, ns) = exposure_lab::xdp_pass::test_run(&lookup_prog, &other, r).unwrap();
-            assert_eq!(verdict, 2, "the lookup finds its entry");
-            keep(2, ns as f64);
-            let (verdict, ns) = xdp_ns(&mut dp, &ping, r);
-            assert_eq!(verdict, 2, "XDP_PASS after DNAT to a local backend");
-            keep(3, ns);
-            let (verdict, ns) = xdp_ns(&mut dp, &ping6, r);
-            assert_eq!(verdict, 2, "XDP_PASS after DNAT to a local IPv6 backend");
-            keep(4, ns);
-            let (verdict, ns) = xdp_ns(&mut dp, &remote_reply, r);
-            assert_eq!(verdict, 3, "XDP_TX back towards the client");
-            keep(5, ns);
-            let (verdict, ns) = tc_ns(&mut dp, &local_reply, r);
-            assert_eq!(verdict, 0, "TC_ACT_OK after restoring the frontend");
-            keep(6, ns);
-            let (verdict, ns) = tc_ns(&mut dp, &other_egress, r);
-            assert_eq!(verdict as i32, -1, "TC_ACT_UNSPEC: not a reply");
-            keep(7, ns);
-            let (verdict, ns) = tc_program_ns(&mut dp, from_pod, &pod_reply, r);
-            assert_eq!(verdict, 7, "TC_ACT_REDIRECT to the client's interface");
-            keep(8, ns);
-            let (verdict, ns) = tc_program_ns(&mut dp, from_pod, &pod_other, r);
-            assert_eq!(verdict as i32, -1, "TC_ACT_UNSPEC: not a reply");
-            keep(9, ns);
-            let (verdict, ns) =
-                exposure_lab::xdp_pass::test_run(&tc_floor_prog, &local_reply, r).unwrap();
-            assert_eq!(verdict, 0, "the tc floor returns TC_ACT_OK");
-            keep(10, ns as f64);
+            keep(0, floor_run(&other, r), pass, "the floor passes");
+            keep(1, xdp_ns(&mut dp, &other, r), pass, "XDP_PASS: no Service");
+            let lookup = lab_run(&lookup_prog, &other, r);
+            keep(2, lookup, pass, "the lookup finds its entry");
+            let established = xdp_ns(&mut dp, &ping, r);
+            keep(3, established, pass, "XDP_PASS after DNAT to a local backend");
+            let established6 = xdp_ns(&mut dp, &ping6, r);
+            keep(4, established6, pass, "XDP_PASS after DNAT to a local IPv6 backend");
+            let reply = xdp_ns(&mut dp, &remote_reply, r);
+            keep(5, reply, tx, "XDP_TX back towards the client");
+            let reply = tc_ns(&mut dp, &local_reply, r);
+            keep(6, reply, ok, "TC_ACT_OK after restoring the frontend");
+            let other = tc_ns(&mut dp, &other_egress, r);
+            keep(7, other, unspec, "TC_ACT_UNSPEC: not a reply");
+            let reply = tc_program_ns(&mut dp, from_pod, &pod_reply, r);
+            keep(8, reply, redirect, "TC_ACT_REDIRECT to the client's interface");
+            let other = tc_program_ns(&mut dp, from_pod, &pod_other, r);
+            keep(9, other, unspec, "TC_ACT_UNSPEC: not a reply");
+            let floor = lab_run(&tc_floor_prog, &local_reply, r);
+            keep(10, floor, ok, "the tc floor returns TC_ACT_OK");
         }
         let [floor, non_service, one_lookup, established, established6, reply_xdp, reply_tc, other_egress_tc, reply_from_pod, other_pod_egress, tc_floor] =
             least;
