@@ -54,6 +54,24 @@ const CHANGES: usize = 25;
 /// an established flow 20-100% over its cost.
 const ROUNDS: u32 = 5;
 
+/// Runs `round` [`ROUNDS`] times, with the round's number, and gives each slot's least of what
+/// the rounds reported for it through `keep(slot, ns)`.
+fn least_of_rounds<const N: usize>(
+    mut round: impl FnMut(u16, &mut dyn FnMut(usize, f64)),
+) -> [f64; N] {
+    let mut least = [f64::INFINITY; N];
+    for r in 0..ROUNDS as u16 {
+        round(r, &mut |slot, ns| least[slot] = least[slot].min(ns));
+    }
+    least
+}
+
+/// A run's time, once it gave the verdict it must.
+fn checked((verdict, ns): (u32, f64), want: i32, what: &str) -> f64 {
+    assert_eq!(verdict as i32, want, "{what}");
+    ns
+}
+
 struct ControlPlaneResult {
     services: usize,
     full_sync: Duration,
@@ -413,7 +431,7 @@ fn packet_costs(services: usize, backends: usize, repeat: u32) -> PacketCosts {
         sync::{DatapathMaps as _, Limits, Reconciler},
     };
     // The previous stage's lab and maps (up to 128 MiB of Maglev array) are freed by kernel
-    // workers after the fact: measured over them, an established flow cost 10-40% more.
+    // workers after the fact: measure once that is done.
     forwarding::wait_for_quiet();
     let prefix = unique_prefix("d");
     let ns = exposure_lab::netns::Netns::create(&format!("{prefix}-dp")).unwrap();
@@ -643,12 +661,6 @@ fn packet_costs(services: usize, backends: usize, repeat: u32) -> PacketCosts {
 
         // Each repeated measurement in ROUNDS rounds of repeat / ROUNDS, all of them in each
         // round, keeping each one's least.
-        let mut least = [f64::INFINITY; 11];
-        // Keeps a slot's least, each run checked for the verdict it must give.
-        let mut keep = |slot: usize, (verdict, ns): (u32, f64), want: i32, what: &str| {
-            assert_eq!(verdict as i32, want, "{what}");
-            least[slot] = least[slot].min(ns);
-        };
         let r = (repeat / ROUNDS).max(1);
         // A run of one of the lab's reference programs.
         let lab_run = |prog: &std::os::fd::OwnedFd, f: &[u8], repeat: u32| -> (u32, f64) {
@@ -657,30 +669,29 @@ fn packet_costs(services: usize, backends: usize, repeat: u32) -> PacketCosts {
         };
         let floor_run = |f: &[u8], repeat: u32| lab_run(&floor_prog, f, repeat);
         let (pass, tx, ok, unspec, redirect) = (2, 3, 0, -1, 7);
-        for _ in 0..ROUNDS {
-            keep(0, floor_run(&other, r), pass, "the floor passes");
-            keep(1, xdp_ns(&mut dp, &other, r), pass, "XDP_PASS: no Service");
-            let lookup = lab_run(&lookup_prog, &other, r);
-            keep(2, lookup, pass, "the lookup finds its entry");
-            let established = xdp_ns(&mut dp, &ping, r);
-            keep(3, established, pass, "XDP_PASS after DNAT to a local backend");
-            let established6 = xdp_ns(&mut dp, &ping6, r);
-            keep(4, established6, pass, "XDP_PASS after DNAT to a local IPv6 backend");
-            let reply = xdp_ns(&mut dp, &remote_reply, r);
-            keep(5, reply, tx, "XDP_TX back towards the client");
-            let reply = tc_ns(&mut dp, &local_reply, r);
-            keep(6, reply, ok, "TC_ACT_OK after restoring the frontend");
-            let other = tc_ns(&mut dp, &other_egress, r);
-            keep(7, other, unspec, "TC_ACT_UNSPEC: not a reply");
-            let reply = tc_program_ns(&mut dp, from_pod, &pod_reply, r);
-            keep(8, reply, redirect, "TC_ACT_REDIRECT to the client's interface");
-            let other = tc_program_ns(&mut dp, from_pod, &pod_other, r);
-            keep(9, other, unspec, "TC_ACT_UNSPEC: not a reply");
-            let floor = lab_run(&tc_floor_prog, &local_reply, r);
-            keep(10, floor, ok, "the tc floor returns TC_ACT_OK");
-        }
         let [floor, non_service, one_lookup, established, established6, reply_xdp, reply_tc, other_egress_tc, reply_from_pod, other_pod_egress, tc_floor] =
-            least;
+            least_of_rounds(|_, keep| {
+                keep(0, checked(floor_run(&other, r), pass, "the floor passes"));
+                keep(1, checked(xdp_ns(&mut dp, &other, r), pass, "XDP_PASS: no Service"));
+                let lookup = lab_run(&lookup_prog, &other, r);
+                keep(2, checked(lookup, pass, "the lookup finds its entry"));
+                let established = xdp_ns(&mut dp, &ping, r);
+                keep(3, checked(established, pass, "XDP_PASS after DNAT to a local backend"));
+                let established6 = xdp_ns(&mut dp, &ping6, r);
+                keep(4, checked(established6, pass, "XDP_PASS after DNAT to a local IPv6 backend"));
+                let reply = xdp_ns(&mut dp, &remote_reply, r);
+                keep(5, checked(reply, tx, "XDP_TX back towards the client"));
+                let reply = tc_ns(&mut dp, &local_reply, r);
+                keep(6, checked(reply, ok, "TC_ACT_OK after restoring the frontend"));
+                let other = tc_ns(&mut dp, &other_egress, r);
+                keep(7, checked(other, unspec, "TC_ACT_UNSPEC: not a reply"));
+                let reply = tc_program_ns(&mut dp, from_pod, &pod_reply, r);
+                keep(8, checked(reply, redirect, "TC_ACT_REDIRECT to the client's interface"));
+                let other = tc_program_ns(&mut dp, from_pod, &pod_other, r);
+                keep(9, checked(other, unspec, "TC_ACT_UNSPEC: not a reply"));
+                let floor = lab_run(&tc_floor_prog, &local_reply, r);
+                keep(10, checked(floor, ok, "the tc floor returns TC_ACT_OK"));
+            });
         // New flows: one run each (so each is new); the floor measured the same way alongside.
         // Rounds as above: each round's median, and the least of the rounds' medians.
         let n = (repeat / 50).clamp(1_000, 20_000) as u16;
@@ -720,29 +731,25 @@ fn packet_costs(services: usize, backends: usize, repeat: u32) -> PacketCosts {
         // New flows to the remote backend, fewer: each holds one of the pair's 4,536 SNAT ports,
         // and a fuller range would cost more tries per flow.
         let remote_per_round = n.min(1_000) / ROUNDS as u16;
-        let mut least = [f64::INFINITY; 4];
-        let mut keep = |slot: usize, runs: Vec<f64>| least[slot] = least[slot].min(median(runs));
-        for round in 0..ROUNDS as u16 {
+        let [new_flow, floor_single, new_flow_remote, two_inserts] = least_of_rounds(|round, keep| {
             let (mut new_runs, mut floor_runs) = (Vec::new(), Vec::new());
             for k in round * per_round..(round + 1) * per_round {
                 let f = frame(new_client(k), (target, 80));
                 new_runs.push(xdp_ns(&mut dp, &f, 1).1);
                 floor_runs.push(floor_run(&f, 1).1);
             }
-            keep(0, new_runs);
-            keep(1, floor_runs);
+            keep(0, median(new_runs));
+            keep(1, median(floor_runs));
             let remote_runs = (round * remote_per_round..(round + 1) * remote_per_round)
                 .map(|k| {
                     let f = frame(new_client(k), (remote_front, 80));
-                    let (verdict, ns) = xdp_ns_on(&mut dp, Some(eth0), &f, 1);
-                    assert_eq!(verdict, 3, "XDP_TX towards the remote backend");
-                    ns
+                    let run = xdp_ns_on(&mut dp, Some(eth0), &f, 1);
+                    checked(run, tx, "XDP_TX towards the remote backend")
                 })
                 .collect();
-            keep(2, remote_runs);
-            keep(3, insert_runs(per_round));
-        }
-        let [new_flow, floor_single, new_flow_remote, two_inserts] = least;
+            keep(2, median(remote_runs));
+            keep(3, median(insert_runs(per_round)));
+        });
         let (verdict, _) = exposure_lab::xdp_pass::test_run(
             &inserts_prog,
             &new_flow_frame,
@@ -758,21 +765,17 @@ fn packet_costs(services: usize, backends: usize, repeat: u32) -> PacketCosts {
             );
         }
         fill_flow_tables(&mut maps, MAX_FLOWS + MAX_FLOWS / 8);
-        let mut least = [f64::INFINITY; 2];
-        let mut keep = |slot: usize, runs: Vec<f64>| least[slot] = least[slot].min(median(runs));
-        for round in 0..ROUNDS as u16 {
-            keep(0, insert_runs(per_round));
+        let [two_inserts_full, new_flow_full] = least_of_rounds(|round, keep| {
+            keep(0, median(insert_runs(per_round)));
             let new_full_runs = (n + round * per_round..n + (round + 1) * per_round)
                 .map(|k| {
                     let f = frame(new_client(k), (target, 80));
-                    let (verdict, ns) = xdp_ns(&mut dp, &f, 1);
-                    assert_eq!(verdict, 2, "XDP_PASS after DNAT to a local backend");
-                    ns
+                    let run = xdp_ns(&mut dp, &f, 1);
+                    checked(run, pass, "XDP_PASS after DNAT to a local backend")
                 })
                 .collect();
-            keep(1, new_full_runs);
-        }
-        let [two_inserts_full, new_flow_full] = least;
+            keep(1, median(new_full_runs));
+        });
         let held = maps.flow_count();
         assert!(
             held as u32 > MAX_FLOWS / 10 * 9,
