@@ -109,6 +109,11 @@ fn try_xdp(ctx: &XdpContext) -> Result<u32, ()> {
             return reply_to_client(ctx, &p, reply);
         }
     }
+    // Most of what a node receives is for no frontend's port (its own connections, its pods'
+    // replies, the overlay): one array read rather than a hash lookup passes it on.
+    if !is_frontend_port(port_host(p.dport)) {
+        return Ok(xdp_action::XDP_PASS);
+    }
     let frontend = if p.v6 {
         let key = key_words::frontend6(&p.daddr, p.dport, p.proto, SCOPE_EXTERNAL);
         unsafe { FRONTENDS6.get(as_key(&key)) }

@@ -67,8 +67,8 @@ pub static XDP_IFACES: HashMap<u32, u8> = HashMap::pinned(MAX_XDP_IFACES, 0);
 pub fn xdp_mode(ifindex: u32) -> u8 {
     unsafe { XDP_IFACES.get(&ifindex) }.copied().unwrap_or(0)
 }
-/// One bit for each port some frontend is on ([`port_bit`]): the node's own connections from these
-/// ports are looked for among the frontends at tc egress.
+/// One bit for each port some external frontend is on ([`port_bit`]): XDP looks up the frontends
+/// only for packets to these ports, and tc egress the node's own connections only from them.
 #[map]
 pub static FRONTEND_PORTS: Array<u64> = Array::pinned(FRONTEND_PORT_WORDS, 0);
 

@@ -1172,9 +1172,11 @@ impl Reconciler {
         (ended, report.errors)
     }
 
-    /// Brings `FRONTEND_PORTS` to the ports of the external frontends in the maps (the node's
-    /// connections from those ports are looked for among them at tc egress; the node sockets'
-    /// frontends, ClusterIPs among them, are never looked for there).
+    /// Brings `FRONTEND_PORTS` to the ports of the external frontends in the maps (XDP looks up a
+    /// frontend only for a packet to one of those ports, and tc egress the node's connections
+    /// only from one; the node sockets' frontends, ClusterIPs among them, are never looked for
+    /// there). Called after the frontends are written and removed: a port's bit is set only once
+    /// its first frontend is there, and cleared only once its last is gone.
     fn sync_frontend_ports(&mut self, maps: &mut dyn DatapathMaps, report: &mut SyncReport) {
         let mut wanted: BTreeMap<u32, u64> = BTreeMap::new();
         // Draining frontends' too: XDP still takes their flows' packets.
