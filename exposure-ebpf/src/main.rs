@@ -109,8 +109,8 @@ fn try_xdp(ctx: &XdpContext) -> Result<u32, ()> {
             return reply_to_client(ctx, &p, reply);
         }
     }
-    // Most of what a node receives is for no frontend's port (its own connections, its pods'
-    // replies, the overlay): one array read rather than a hash lookup passes it on.
+    // Most of what a node receives is for no frontend's port (the answers to its own and its
+    // pods' connections, the overlay's): one array read rather than a hash lookup passes it on.
     if !is_frontend_port(port_host(p.dport)) {
         return Ok(xdp_action::XDP_PASS);
     }
