@@ -196,6 +196,24 @@ pub fn median_run(
     samples[samples.len() / 2]
 }
 
+/// How far apart measurements of one thing came out in one run: the highest over the lowest,
+/// less one (0.25: the highest is 25% above the lowest); `None` with fewer than two positive
+/// rates. Plain forwarding does the same work at every Service count, so its spread across a
+/// bench run shows how much the host's other work moved the figures.
+pub fn spread(rates: &[f64]) -> Option<f64> {
+    let positive = || rates.iter().copied().filter(|r| *r > 0.0);
+    if positive().count() < 2 {
+        return None;
+    }
+    let low = positive().fold(f64::INFINITY, f64::min);
+    let high = positive().fold(0.0, f64::max);
+    Some(high / low - 1.0)
+}
+
+/// The most `spread` a quiet host gave plain forwarding across a full bench run (up to 12%); busy
+/// runs gave 25-40%.
+pub const STEADY_SPREAD: f64 = 0.20;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -250,5 +268,28 @@ mod tests {
         );
         assert_eq!(picked, (1000, Duration::from_millis(30)));
         assert_eq!(taken, 6, "at most `again` more");
+    }
+
+    #[test]
+    fn spread_is_the_highest_over_the_lowest() {
+        let s = spread(&[2188.0, 2101.0, 2188.0]).unwrap();
+        assert!((s - (2188.0 / 2101.0 - 1.0)).abs() < 1e-12, "{s}");
+        assert!(s < STEADY_SPREAD);
+        // A busy run's plain forwarding (thousands of packets/s at 10, 1,000, 10,000 Services).
+        let busy = spread(&[1471.0, 1282.0, 1799.0]).unwrap();
+        assert!((busy - (1799.0 / 1282.0 - 1.0)).abs() < 1e-12, "{busy}");
+        assert!(busy > STEADY_SPREAD);
+    }
+
+    #[test]
+    fn spread_needs_two_measured_rates() {
+        assert_eq!(spread(&[]), None);
+        assert_eq!(spread(&[1000.0]), None);
+        // A missing run (rate 0) is no measurement, not an infinite spread.
+        assert_eq!(spread(&[1000.0, 0.0]), None);
+        assert_eq!(
+            spread(&[1000.0, 0.0, 1100.0]).map(|s| (s * 100.0).round()),
+            Some(10.0)
+        );
     }
 }

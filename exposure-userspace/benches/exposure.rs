@@ -1284,6 +1284,7 @@ fn end_to_end(report: &mut String, quick: bool, dir: &Path, stem: &str) {
             ratio(Variant::Exposure, Variant::Nftables),
         );
     }
+    host_steadiness(report, &runs, sizes);
     let _ = writeln!(report, "\nGetting the Services into node-1's datapath, in the same runs: `iptables-restore` / `nft -f` of");
     let _ = writeln!(report, "the whole generated ruleset (what a full kube-proxy sync hands the kernel; kube-proxy's own");
     let _ = writeln!(report, "processing comes on top), and for Exposure the agent's start until healthy (process start, BPF");
@@ -1563,6 +1564,47 @@ fn end_to_end(report: &mut String, quick: bool, dir: &Path, stem: &str) {
     let name = format!("{stem}-end-to-end.svg");
     let _ = std::fs::write(dir.join(&name), svg);
     let _ = writeln!(report, "\n![packets/s by variant]({name})");
+}
+
+/// Whether the host stayed quiet through the end-to-end runs: plain forwarding, with and without a
+/// no-op XDP program, does the same work at every Service count, so its established-flow rates
+/// at the different sizes (measured minutes apart) differ only by what else the host did.
+fn host_steadiness(report: &mut String, runs: &[forwarding::Run], sizes: &[usize]) {
+    use exposure_lab::traffic::{spread, Flows, STEADY_SPREAD};
+    use forwarding::{Target, Variant};
+    let mut widest: Option<(f64, String)> = None;
+    for v in [Variant::Plain, Variant::NoopXdp] {
+        for t in [Target::Local, Target::Remote] {
+            let rates: Vec<f64> = sizes
+                .iter()
+                .map(|&n| find_run(runs, v, n, t, Flows::One).map_or(0.0, |r| r.pps))
+                .collect();
+            let Some(s) = spread(&rates) else { continue };
+            if widest.as_ref().is_none_or(|(w, _)| s > *w) {
+                widest = Some((s, format!("{}, {}", v.name(), t.label())));
+            }
+        }
+    }
+    let Some((s, which)) = widest else { return };
+    let pct = s * 100.0;
+    let limit = STEADY_SPREAD * 100.0;
+    let quiet = s <= STEADY_SPREAD;
+    let _ = writeln!(report, "\nHost steadiness: plain forwarding does the same work at every Service count. Its one-flow rates");
+    let _ = writeln!(report, "across the sizes differ by up to {pct:.0}% ({which}), {} the {limit:.0}% a quiet host keeps{}", if quiet { "within" } else { "above" }, if quiet { "," } else { ":" });
+    if quiet {
+        let _ = writeln!(report, "so rows compare with each other too.");
+    } else {
+        let _ = writeln!(report, "the host was busy during part of this run, so compare the variants within a row (measured");
+        let _ = writeln!(report, "minutes apart) rather than across rows.");
+    }
+    eprintln!(
+        "end to end: plain forwarding's rates differ by up to {pct:.0}% across sizes ({which}); {}",
+        if quiet {
+            "the host was steady"
+        } else {
+            "the host was busy: this run's figures are noisy"
+        }
+    );
 }
 
 /// `num ÷ den` as a table cell ("1.23x"), or "-" without a denominator.
