@@ -1594,8 +1594,11 @@ fn host_steadiness(report: &mut String, runs: &[forwarding::Run], sizes: &[usize
     if quiet {
         let _ = writeln!(report, "so rows compare with each other too.");
     } else {
-        let _ = writeln!(report, "the host was busy during part of this run, so compare the variants within a row (measured");
-        let _ = writeln!(report, "minutes apart) rather than across rows.");
+        let _ = writeln!(report, "the host was busy during part of this run, so compare the variants within a row (measured one");
+        let _ = writeln!(
+            report,
+            "after another) rather than across rows (minutes apart)."
+        );
     }
     eprintln!(
         "end to end: plain forwarding's rates differ by up to {pct:.0}% across sizes ({which}); {}",
