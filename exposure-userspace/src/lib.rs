@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod datapath;
+pub mod endpoint_slice;
 pub mod health;
 pub mod health_check;
 pub mod kube_source;

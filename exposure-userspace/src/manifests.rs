@@ -12,11 +12,10 @@ use std::{
     time::SystemTime,
 };
 
-use k8s_openapi::api::{
-    core::v1::{Node, Service},
-    discovery::v1::EndpointSlice,
-};
+use k8s_openapi::api::core::v1::{Node, Service};
 use serde::Deserialize;
+
+use crate::endpoint_slice::EndpointSlice;
 
 /// Everything the directory currently says.
 #[derive(Clone, Debug, Default)]

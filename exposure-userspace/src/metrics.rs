@@ -13,9 +13,8 @@ use std::{
 };
 
 use exposure_common::FrontendKey;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-use crate::{datapath::KernelMaps, kube_source::WatchStats};
+use crate::{datapath::KernelMaps, endpoint_slice::EndpointSlice, kube_source::WatchStats};
 
 /// Upper bounds (seconds) of the histograms (a sync, and a change's way from the API to the maps).
 const SYNC_BUCKETS: [f64; 12] = [
